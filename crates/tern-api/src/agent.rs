@@ -1,0 +1,43 @@
+//! A host agent's API (`/v1`), called by the center only, with the agent's token.
+//!
+//! | method | path | body → answer |
+//! | --- | --- | --- |
+//! | GET | /v1/facts | → [`HostFacts`] |
+//! | GET | /v1/load | → [`HostLoad`] |
+//! | GET | /v1/vms | → `Vec<VmRuntime>` |
+//! | GET | /v1/vms/{id} | → [`VmRuntime`] |
+//! | PUT | /v1/vms/{id} | [`StartVm`] → [`VmRuntime`] (starts it; idempotent if running with the same spec) |
+//! | POST | /v1/vms/{id}/stop | [`crate::center::StopVm`] → [`VmRuntime`] |
+//! | POST | /v1/vms/{id}/pause, /resume | → [`VmRuntime`] |
+//! | DELETE | /v1/vms/{id} | → `()` (kills if running, removes its runtime files) |
+//! | GET | /v1/vms/{id}/console | `?bytes=N` → text/plain |
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub use crate::spec::{HostFacts, HostLoad};
+use crate::spec::{Accelerator, PowerState, VmSpec};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StartVm {
+    pub spec: VmSpec,
+    /// Ownership generation the center grants this host for the VM.
+    pub generation: u64,
+}
+
+/// A VM as its host sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmRuntime {
+    pub id: Uuid,
+    pub spec: VmSpec,
+    pub generation: u64,
+    pub state: PowerState,
+    pub pid: Option<u32>,
+    pub accelerator: Accelerator,
+    /// Why the process ended, when it did on its own.
+    pub exit_reason: Option<String>,
+    /// Host-side path of the serial console log.
+    pub console_log: String,
+    pub taps: Vec<String>,
+}

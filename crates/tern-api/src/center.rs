@@ -1,0 +1,202 @@
+//! The center's REST API (`/api/v1`): inventory, tasks, events, host enrolment.
+//!
+//! Paths (all need `Authorization: Bearer <token>`; the admin token for users, the enrolment
+//! token for `hosts/register`, the host's own token for its heartbeats):
+//!
+//! | method | path | body → answer |
+//! | --- | --- | --- |
+//! | POST | /api/v1/clusters | [`CreateCluster`] → [`Cluster`] |
+//! | GET | /api/v1/clusters | → `Vec<Cluster>` |
+//! | GET | /api/v1/clusters/{name} | → [`Cluster`] |
+//! | POST | /api/v1/hosts/register | [`RegisterHost`] → [`Registered`] |
+//! | POST | /api/v1/hosts/{id}/heartbeat | [`Heartbeat`] → `()` |
+//! | GET | /api/v1/hosts | → `Vec<Host>` |
+//! | GET | /api/v1/hosts/{name} | → [`Host`] |
+//! | POST | /api/v1/vms | [`CreateVm`] → [`Vm`] |
+//! | GET | /api/v1/vms | → `Vec<Vm>` |
+//! | GET | /api/v1/vms/{name} | → [`Vm`] |
+//! | POST | /api/v1/vms/{name}/start | → [`Task`] |
+//! | POST | /api/v1/vms/{name}/stop | [`StopVm`] → [`Task`] |
+//! | DELETE | /api/v1/vms/{name} | → `()` (VM must be stopped) |
+//! | GET | /api/v1/vms/{name}/console | `?bytes=N` → text/plain, the serial log's tail |
+//! | GET | /api/v1/tasks | → `Vec<Task>` |
+//! | GET | /api/v1/tasks/{id} | → [`Task`] |
+//! | POST | /api/v1/tasks/{id}/cancel | → [`Task`] |
+//! | GET | /api/v1/events | `?limit=N&vm=NAME&host=NAME` → `Vec<Event>` |
+//! | GET | /openapi.json | the OpenAPI document (no token needed) |
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::spec::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
+
+pub const API_PREFIX: &str = "/api/v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateCluster {
+    pub name: String,
+    /// EVC baseline (CPU model name); `None` = no baseline.
+    #[serde(default)]
+    pub evc_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Cluster {
+    pub id: Uuid,
+    pub name: String,
+    pub evc_mode: Option<String>,
+    pub hosts: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Sent by an agent when it starts (every start: registration is idempotent by host name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterHost {
+    pub name: String,
+    pub cluster: String,
+    /// `http://IP:PORT` the center reaches the agent's API at.
+    pub agent_url: String,
+    /// Token the center must present to the agent.
+    pub agent_token: String,
+    pub facts: HostFacts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Registered {
+    pub host_id: Uuid,
+    /// Token the agent presents with its heartbeats.
+    pub host_token: String,
+    /// How often the center expects a heartbeat.
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Heartbeat {
+    pub facts: HostFacts,
+    pub load: HostLoad,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: Uuid,
+    pub name: String,
+    pub cluster: String,
+    pub state: HostState,
+    pub agent_url: String,
+    pub facts: HostFacts,
+    pub load: Option<HostLoad>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Names of the VMs the center places on this host.
+    pub vms: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateVm {
+    pub spec: VmSpec,
+    pub cluster: String,
+    /// Host to run on; `None` lets the center place it.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: Uuid,
+    pub spec: VmSpec,
+    pub cluster: String,
+    /// Host that owns the VM (runs it, or would start it).
+    pub host: Option<String>,
+    pub desired_state: PowerState,
+    pub actual_state: PowerState,
+    /// Ownership generation: bumped every time the owning host changes (migration hand-over).
+    pub generation: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StopVm {
+    /// Kill at once instead of asking the guest to power off.
+    #[serde(default)]
+    pub force: bool,
+    /// Grace time for a graceful stop before the process is killed (default 30 s).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    VmStart,
+    VmStop,
+    VmMigrate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub id: Uuid,
+    pub kind: TaskKind,
+    pub vm: Option<String>,
+    pub host: Option<String>,
+    pub state: TaskState,
+    /// 0–100.
+    pub progress: u8,
+    /// Short human text of the current phase.
+    pub phase: String,
+    /// Kind-specific result record (e.g. a migration's figures).
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventLevel {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub id: i64,
+    pub time: DateTime<Utc>,
+    pub level: EventLevel,
+    pub message: String,
+    pub vm: Option<String>,
+    pub host: Option<String>,
+    pub task: Option<Uuid>,
+}

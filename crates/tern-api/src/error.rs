@@ -1,0 +1,35 @@
+//! The error body every API answers with, and the client-side error.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// JSON body of every 4xx/5xx answer: what went wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The server answered with an error status.
+    #[error("{message} (HTTP {status})")]
+    Status { status: u16, message: String },
+    #[error("cannot reach {endpoint}: {source}")]
+    Transport {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from {endpoint}: {detail}")]
+    Decode { endpoint: String, detail: String },
+}
+
+impl ApiError {
+    /// HTTP status of an error answer, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The types every tern process exchanges, and the HTTP clients that carry them.
+//!
+//! Two APIs meet here:
+//! - the center's REST API (`/api/v1/...`), used by the CLI, the host agents (registration and
+//!   heartbeats) and later the web UI — see [`center`];
+//! - each host agent's API (`/v1/...`), used by the center only — see [`agent`].
+//!
+//! Units live in field names (`memory_mib`, `cpu_mhz`, `_ms`), and states are enums.
+
+pub mod agent;
+pub mod center;
+pub mod client;
+pub mod error;
+pub mod spec;
+
+pub use client::{ApiClient, Endpoint};
+pub use error::{ApiError, ErrorBody};
+pub use spec::*;
+
+/// Header carrying the bearer token on every call (`Authorization: Bearer <token>`).
+pub const AUTH_HEADER: &str = "authorization";
+
+/// Default TCP port of `tern center`'s REST API.
+pub const CENTER_PORT: u16 = 8700;
+/// Default TCP port of a `tern host` agent's API.
+pub const AGENT_PORT: u16 = 8701;

@@ -1,0 +1,253 @@
+//! VM specs, host facts and load figures: the plain data shared by center, agents and CLI.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// What a VM is: everything needed to start the same guest on any host.
+///
+/// The same spec is used to start a VM and to prepare a migration destination, so it must not
+/// contain anything host-specific (tap names, sockets and pids belong to the agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    /// Unique name within the center, `[a-z0-9][a-z0-9-]{0,31}`.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// QEMU CPU model name (`qemu64`, `x86-64-v2`, `Haswell`, `max`, `host`…); `None` = the
+    /// cluster's baseline, or the agent's default when the cluster has none.
+    #[serde(default)]
+    pub cpu_model: Option<String>,
+    pub boot: BootSource,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BootSource {
+    /// Direct kernel boot: paths are on the host (normally on shared storage).
+    Kernel {
+        kernel: String,
+        initrd: Option<String>,
+        #[serde(default)]
+        cmdline: String,
+    },
+    /// Boot from the first disk.
+    Disk,
+}
+
+/// A virtio-blk disk backed by an image file on shared storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskSpec {
+    /// Absolute path of the image, on the cluster's shared storage.
+    pub path: String,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+/// A virtio-net NIC attached to the host's VM bridge through a tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NicSpec {
+    /// Unicast MAC `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+}
+
+/// Accelerator a host runs guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Accelerator {
+    Kvm,
+    Tcg,
+}
+
+impl std::fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        })
+    }
+}
+
+/// Power state of a VM, desired (set by users) or actual (reported by its host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Stopped,
+    Running,
+    Paused,
+    /// The QEMU process exited without being asked to.
+    Crashed,
+    /// Not known: its host is disconnected.
+    Unknown,
+}
+
+impl std::fmt::Display for PowerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PowerState::Stopped => "stopped",
+            PowerState::Running => "running",
+            PowerState::Paused => "paused",
+            PowerState::Crashed => "crashed",
+            PowerState::Unknown => "unknown",
+        })
+    }
+}
+
+/// Connection state of a host as the center sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Connected,
+    Disconnected,
+    Maintenance,
+}
+
+impl std::fmt::Display for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostState::Connected => "connected",
+            HostState::Disconnected => "disconnected",
+            HostState::Maintenance => "maintenance",
+        })
+    }
+}
+
+/// What a host is: reported by its agent at registration and with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub cores: u32,
+    pub memory_mib: u64,
+    /// Nominal MHz of one core (from /proc/cpuinfo; 0 if unknown).
+    pub cpu_mhz: u32,
+    pub cpu_model_name: String,
+    /// /proc/cpuinfo flags of the physical CPU.
+    pub cpu_flags: Vec<String>,
+    /// e.g. "10.0.2".
+    pub qemu_version: String,
+    pub accelerator: Accelerator,
+    /// Address (IP) the host receives migrations on.
+    pub migration_address: String,
+    /// Shared storage root this host sees.
+    pub shared_storage: String,
+    /// Feature names the host can give a guest (filled once EVC is wired; may be empty).
+    #[serde(default)]
+    pub cpu_capability: Vec<String>,
+    /// `--cpu-ceiling` configured on the agent, if any.
+    #[serde(default)]
+    pub cpu_ceiling: Option<String>,
+    pub agent_version: String,
+}
+
+/// Load of one VM on a host, sampled by the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmLoad {
+    pub vm_id: Uuid,
+    pub name: String,
+    pub state: PowerState,
+    /// CPU used by the QEMU process over the last sample, in percent of one core.
+    pub cpu_percent: f64,
+    pub rss_mib: u64,
+}
+
+/// Load of a host, sent with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostLoad {
+    /// Host CPU busy over the last sample, percent of all cores (0–100).
+    pub cpu_percent: f64,
+    pub memory_used_mib: u64,
+    pub memory_total_mib: u64,
+    pub vms: Vec<VmLoad>,
+}
+
+/// Checks a VM name: `[a-z0-9][a-z0-9-]{0,31}`.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// Parses a MAC `xx:xx:xx:xx:xx:xx`; rejects multicast and all-zero addresses.
+pub fn parse_unicast_mac(mac: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut out = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        out[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    if out[0] & 1 == 1 || out == [0; 6] {
+        return None;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web-1"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("Web"));
+        assert!(!valid_name(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_unicast_mac("52:54:00:12:34:56"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+        assert!(parse_unicast_mac("01:00:5e:00:00:01").is_none());
+        assert!(parse_unicast_mac("00:00:00:00:00:00").is_none());
+        assert!(parse_unicast_mac("52:54:00:12:34").is_none());
+        assert!(parse_unicast_mac("52:54:00:12:34:zz").is_none());
+    }
+
+    #[test]
+    fn spec_roundtrip() {
+        let spec = VmSpec {
+            name: "a".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            cpu_model: None,
+            boot: BootSource::Kernel {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            disks: vec![],
+            nics: vec![NicSpec {
+                mac: "52:54:00:00:00:01".into(),
+            }],
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), spec);
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what tern's demo, tests and benchmarks need on a fresh Debian 12 machine (root).
+# Idempotent: a second run only checks.
+set -euo pipefail
+
+need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (it installs Debian packages)" >&2; exit 1; }; }
+
+backports=/etc/apt/sources.list.d/tern-bookworm-backports.sources
+pkgs=(qemu-system-x86 linux-image-cloud-amd64 busybox-static iproute2 iputils-ping cpio zstd xz-utils kmod bridge-utils)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ] && command -v qemu-system-x86_64 >/dev/null; then
+  exit 0
+fi
+need_root
+export DEBIAN_FRONTEND=noninteractive
+# QEMU must come from bookworm-backports: the machine's qemu-utils 10 conflicts with bookworm's 7.2.
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  cat > "$backports" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+apt-get update -q
+apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86
+apt-get install -y -q --no-install-recommends "${pkgs[@]}"
