@@ -11,6 +11,7 @@
 //! | POST | /v1/vms/{id}/pause, /resume | → [`VmRuntime`] |
 //! | DELETE | /v1/vms/{id} | → `()` (kills if running, removes its runtime files) |
 //! | GET | /v1/vms/{id}/console | `?bytes=N` → text/plain |
+//! | POST | /v1/check-paths | [`CheckPaths`] → [`PathsReport`] (the center validates a VM's files before accepting it) |
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -40,4 +41,18 @@ pub struct VmRuntime {
     /// Host-side path of the serial console log.
     pub console_log: String,
     pub taps: Vec<String>,
+}
+
+/// Asks an agent whether files a VM spec names exist on that host and lie on its shared storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CheckPaths {
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PathsReport {
+    /// Paths that do not exist (or are not regular files) on the host.
+    pub missing: Vec<String>,
+    /// Paths that exist but are not under the host's shared storage.
+    pub outside_shared_storage: Vec<String>,
 }
