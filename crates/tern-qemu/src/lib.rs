@@ -1,1 +1,34 @@
-//! tern-qemu
+//! The QEMU driver: command line from a VM spec, async QMP client, lifecycle, migration
+//! control and statistics.
+//!
+//! - [`detect_accelerator`] picks KVM or TCG for the host.
+//! - [`build_command`] turns a [`LaunchConfig`] (VM spec + host choices) into QEMU's argv:
+//!   pure, tested without QEMU.
+//! - [`QemuVm`] is one QEMU process: [`QemuVm::launch`] starts it daemonized (it outlives
+//!   the agent), [`QemuVm::adopt`] takes it back after an agent restart, and the lifecycle
+//!   (status, pause/resume, shutdown, kill, exit reason, /proc stats) and migration control
+//!   (capabilities, parameters, incoming/outgoing, progress, dirty rate, announce) run over
+//!   its [`Qmp`] connection.
+//! - [`probe_cpu`] tells what this host's QEMU offers (version, CPU models, host CPU
+//!   features) without a VM, for host facts and EVC.
+
+pub mod accel;
+pub mod command;
+pub mod error;
+pub mod migration;
+pub mod probe;
+pub mod process;
+pub mod qmp;
+pub mod vm;
+
+pub use accel::{detect_accelerator, AccelChoice};
+pub use command::{build_command, Incoming, LaunchConfig, RunPaths, MACHINE_TYPE};
+pub use error::{Error, QmpErrorClass, Result};
+pub use migration::{
+    AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,
+};
+pub use probe::{probe_cpu, CpuModelInfo, CpuProbe, QemuProbe};
+pub use process::VmStats;
+pub use qmp::{wait_event, QemuVersion, Qmp, QmpEvent, QmpGreeting};
+pub use tern_api::Accelerator;
+pub use vm::{ExitReason, QemuVm, RunState};

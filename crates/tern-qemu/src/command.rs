@@ -1,0 +1,559 @@
+//! The QEMU command line of a VM, built from its spec in one pure function.
+//!
+//! Choices that matter for live migration:
+//! - Machine type is the fixed, versioned [`MACHINE_TYPE`] (never the `q35` alias, which
+//!   moves with QEMU upgrades), so source and destination build the same virtual hardware.
+//! - CPU model is always given with `enforce`: QEMU refuses to start rather than silently
+//!   dropping a feature the host lacks, so a guest never sees a CPU that differs between hosts.
+//! - Disks use `cache=none` (O_DIRECT, `cache.direct=on`) with `aio=native` and image locking
+//!   on. With a shared image, the destination reads the disk from storage while the source
+//!   has been writing it; O_DIRECT keeps the source's writes out of its host page cache so
+//!   nothing the destination needs is left behind in a cache it cannot see (libvirt refuses
+//!   migration on shared storage for other cache modes for this reason). The guest still
+//!   sees a write-back cache and flushes it; QEMU flushes and inactivates the image on the
+//!   source before the destination activates it and takes the write lock.
+//! - NICs have no option ROM (`romfile=""`): tern boots from a kernel or a disk, and ROM
+//!   sizes would otherwise have to match between hosts' QEMU packages.
+//! - Fixed topology (`sockets=1,cores=N,threads=1`) so it never depends on QEMU defaults.
+//!
+//! Process hygiene: `-nodefaults -no-user-config`, no display, serial console to a file, QMP
+//! on a unix socket, `-daemonize` with a pidfile so QEMU outlives the agent that started it,
+//! and `-D qemu.log`, which (with `-daemonize`) keeps QEMU's later error messages in a file
+//! instead of /dev/null.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use tern_api::{Accelerator, BootSource, DiskFormat, VmSpec};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// Versioned q35 machine type every tern VM uses (QEMU ≥ 10.0 on every host).
+pub const MACHINE_TYPE: &str = "pc-q35-10.0";
+
+/// How a destination QEMU waits for an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// `-incoming defer`: the URI is given later with `migrate-incoming`, after migration
+    /// capabilities and parameters are set (the way every migration in tern starts).
+    Defer,
+    /// `-incoming URI`: listen at once (e.g. `tcp:10.77.0.12:49152`).
+    Uri(String),
+}
+
+/// Everything needed to start one VM's QEMU on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub id: Uuid,
+    pub spec: VmSpec,
+    /// Absolute directory holding this VM's runtime files (see [`RunPaths`]).
+    pub run_dir: PathBuf,
+    /// One tap per NIC of the spec, in order, already created by the agent.
+    pub taps: Vec<String>,
+    pub accel: Accelerator,
+    /// `qemu-system-x86_64` or a path to it.
+    pub qemu_binary: PathBuf,
+    /// CPU model when the spec has none (`qemu64`, a cluster baseline, `host`…).
+    pub default_cpu_model: String,
+    /// Start as a migration destination.
+    pub incoming: Option<Incoming>,
+    /// `-S`: stay paused until `cont` (also keeps a migration destination paused after the
+    /// migration completes, until tern decides the hand-over).
+    pub start_paused: bool,
+}
+
+/// The runtime files of one VM inside its run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPaths {
+    pub run_dir: PathBuf,
+    /// QMP control socket.
+    pub qmp_socket: PathBuf,
+    /// Written by QEMU with the pid of the daemonized process.
+    pub pidfile: PathBuf,
+    /// Guest serial console (appended to across starts).
+    pub console_log: PathBuf,
+    /// QEMU's own messages after it daemonized (`-D`).
+    pub qemu_log: PathBuf,
+    /// QEMU's stdout/stderr while starting (the reason a launch failed).
+    pub start_log: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(run_dir: &Path) -> Self {
+        RunPaths {
+            run_dir: run_dir.to_path_buf(),
+            qmp_socket: run_dir.join("qmp.sock"),
+            pidfile: run_dir.join("qemu.pid"),
+            console_log: run_dir.join("console.log"),
+            qemu_log: run_dir.join("qemu.log"),
+            start_log: run_dir.join("qemu-start.log"),
+        }
+    }
+}
+
+impl LaunchConfig {
+    pub fn paths(&self) -> RunPaths {
+        RunPaths::new(&self.run_dir)
+    }
+
+    /// The CPU model QEMU is given.
+    pub fn cpu_model(&self) -> &str {
+        self.spec
+            .cpu_model
+            .as_deref()
+            .unwrap_or(&self.default_cpu_model)
+    }
+
+    /// Checks what [`build_command`] cannot express (no file system access).
+    pub fn validate(&self) -> Result<()> {
+        let spec = &self.spec;
+        if !tern_api::valid_name(&spec.name) {
+            return Err(Error::Config(format!(
+                "VM name `{}` is not [a-z0-9][a-z0-9-]{{0,31}}",
+                spec.name
+            )));
+        }
+        if spec.vcpus == 0 || spec.vcpus > 1024 {
+            return Err(Error::Config(format!(
+                "vcpus {} out of range 1..=1024",
+                spec.vcpus
+            )));
+        }
+        if spec.memory_mib < 16 {
+            return Err(Error::Config(format!(
+                "memory_mib {} is below 16",
+                spec.memory_mib
+            )));
+        }
+        if !self.run_dir.is_absolute() {
+            return Err(Error::Config(format!(
+                "run_dir {} must be absolute (QEMU changes to / when it daemonizes)",
+                self.run_dir.display()
+            )));
+        }
+        // sun_path holds 108 bytes with the terminating NUL.
+        let socket = self.paths().qmp_socket;
+        if socket.as_os_str().len() > 107 {
+            return Err(Error::Config(format!(
+                "QMP socket path {} is longer than a unix socket allows (107 bytes): use a \
+                 shorter state dir",
+                socket.display()
+            )));
+        }
+        let model = self.cpu_model();
+        if model.is_empty() || model.contains([',', ' ', '=']) {
+            return Err(Error::Config(format!(
+                "CPU model `{model}` is not a model name"
+            )));
+        }
+        if self.taps.len() != spec.nics.len() {
+            return Err(Error::Config(format!(
+                "{} NICs but {} taps given",
+                spec.nics.len(),
+                self.taps.len()
+            )));
+        }
+        for (nic, tap) in spec.nics.iter().zip(&self.taps) {
+            if tern_api::parse_unicast_mac(&nic.mac).is_none() {
+                return Err(Error::Config(format!("MAC `{}` is not unicast", nic.mac)));
+            }
+            if tap.is_empty() || tap.len() > 15 || tap.contains(['/', ' ', ',']) {
+                return Err(Error::Config(format!(
+                    "tap name `{tap}` is not an interface name"
+                )));
+            }
+        }
+        let mut files: Vec<&str> = spec.disks.iter().map(|d| d.path.as_str()).collect();
+        if let BootSource::Kernel { kernel, initrd, .. } = &spec.boot {
+            files.push(kernel);
+            files.extend(initrd.as_deref());
+        }
+        if let Some(f) = files.iter().find(|f| !Path::new(f).is_absolute()) {
+            return Err(Error::Config(format!("path `{f}` must be absolute")));
+        }
+        if matches!(spec.boot, BootSource::Disk) && spec.disks.is_empty() {
+            return Err(Error::Config("disk boot needs at least one disk".into()));
+        }
+        Ok(())
+    }
+}
+
+/// QEMU option values separate with `,`: a literal comma is written twice.
+fn escape_opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_opt(path: &Path) -> String {
+    escape_opt(&path.to_string_lossy())
+}
+
+/// The full argv (program first) that starts the VM; no shell is involved.
+///
+/// Pure: reads no file and checks nothing (see [`LaunchConfig::validate`]).
+pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
+    let spec = &cfg.spec;
+    let paths = cfg.paths();
+    let mut a: Vec<String> = vec![cfg.qemu_binary.to_string_lossy().into_owned()];
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+
+    push(&[
+        "-name",
+        &format!("guest={},debug-threads=on", escape_opt(&spec.name)),
+    ]);
+    push(&["-uuid", &cfg.id.to_string()]);
+    push(&["-machine", MACHINE_TYPE]);
+    push(&[
+        "-accel",
+        match cfg.accel {
+            Accelerator::Kvm => "kvm",
+            // One host thread per vCPU instead of one for all.
+            Accelerator::Tcg => "tcg,thread=multi",
+        },
+    ]);
+    push(&["-cpu", &format!("{},enforce", cfg.cpu_model())]);
+    push(&[
+        "-smp",
+        &format!("{0},sockets=1,cores={0},threads=1", spec.vcpus),
+    ]);
+    push(&["-m", &format!("{}M", spec.memory_mib)]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // Seccomp filter of obsolete system calls. Stricter groups break -daemonize:
+    // elevateprivileges denies setsid() and spawn denies fork().
+    push(&["-sandbox", "on,obsolete=deny"]);
+    push(&["-msg", "timestamp=on"]);
+
+    match &spec.boot {
+        BootSource::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            push(&["-kernel", kernel]);
+            if let Some(initrd) = initrd {
+                push(&["-initrd", initrd]);
+            }
+            if !cmdline.is_empty() {
+                push(&["-append", cmdline]);
+            }
+        }
+        BootSource::Disk => {}
+    }
+
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let cache = json!({"direct": true, "no-flush": false});
+        let file = json!({
+            "driver": "file",
+            "node-name": format!("file{i}"),
+            "filename": disk.path,
+            "cache": cache,
+            "aio": "native",
+            "locking": "on",
+            "read-only": disk.readonly,
+        });
+        let format = json!({
+            "driver": match disk.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            },
+            "node-name": format!("disk{i}"),
+            "file": format!("file{i}"),
+            "cache": cache,
+            "read-only": disk.readonly,
+        });
+        let mut device = json!({
+            "driver": "virtio-blk-pci",
+            "id": format!("vdisk{i}"),
+            "drive": format!("disk{i}"),
+        });
+        if i == 0 && matches!(spec.boot, BootSource::Disk) {
+            device["bootindex"] = json!(1);
+        }
+        push(&["-blockdev", &file.to_string()]);
+        push(&["-blockdev", &format.to_string()]);
+        push(&["-device", &device.to_string()]);
+    }
+
+    for (i, (nic, tap)) in spec.nics.iter().zip(&cfg.taps).enumerate() {
+        let netdev = json!({
+            "type": "tap",
+            "id": format!("net{i}"),
+            "ifname": tap,
+            "script": "no",
+            "downscript": "no",
+        });
+        let device = json!({
+            "driver": "virtio-net-pci",
+            "id": format!("nic{i}"),
+            "netdev": format!("net{i}"),
+            "mac": nic.mac,
+            "romfile": "",
+        });
+        push(&["-netdev", &netdev.to_string()]);
+        push(&["-device", &device.to_string()]);
+    }
+
+    // Guests block at boot waiting for entropy without one.
+    push(&["-device", r#"{"driver":"virtio-rng-pci","id":"rng0"}"#]);
+
+    push(&[
+        "-chardev",
+        &format!(
+            "file,id=serial0,path={},append=on",
+            path_opt(&paths.console_log)
+        ),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            path_opt(&paths.qmp_socket)
+        ),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    push(&["-pidfile", &paths.pidfile.to_string_lossy()]);
+    push(&["-D", &paths.qemu_log.to_string_lossy()]);
+    push(&["-daemonize"]);
+
+    if cfg.start_paused {
+        push(&["-S"]);
+    }
+    match &cfg.incoming {
+        Some(Incoming::Defer) => push(&["-incoming", "defer"]),
+        Some(Incoming::Uri(uri)) => push(&["-incoming", uri]),
+        None => {}
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_api::{DiskSpec, NicSpec};
+
+    fn config() -> LaunchConfig {
+        LaunchConfig {
+            id: Uuid::parse_str("6b0c5f4e-6a8e-4f57-9d57-3d0f1f3b2a10").unwrap(),
+            spec: VmSpec {
+                name: "web-1".into(),
+                vcpus: 2,
+                memory_mib: 768,
+                cpu_model: None,
+                boot: BootSource::Kernel {
+                    kernel: "/shared/vmlinuz".into(),
+                    initrd: Some("/shared/initramfs.img".into()),
+                    cmdline: "console=ttyS0 tern.ip=10.78.0.100/24".into(),
+                },
+                disks: vec![],
+                nics: vec![],
+            },
+            run_dir: PathBuf::from("/var/lib/tern/vms/x"),
+            taps: vec![],
+            accel: Accelerator::Tcg,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            default_cpu_model: "qemu64".into(),
+            incoming: None,
+            start_paused: false,
+        }
+    }
+
+    /// The value following the first occurrence of `flag` (panics if absent).
+    fn value<'a>(argv: &'a [String], flag: &str) -> &'a str {
+        let i = argv
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} missing in {argv:?}"));
+        &argv[i + 1]
+    }
+
+    fn values<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn basic_fields() {
+        let cfg = config();
+        cfg.validate().unwrap();
+        let argv = build_command(&cfg);
+        assert_eq!(argv[0], "qemu-system-x86_64");
+        assert_eq!(value(&argv, "-name"), "guest=web-1,debug-threads=on");
+        assert_eq!(
+            value(&argv, "-uuid"),
+            "6b0c5f4e-6a8e-4f57-9d57-3d0f1f3b2a10"
+        );
+        assert_eq!(value(&argv, "-machine"), "pc-q35-10.0");
+        assert_eq!(value(&argv, "-accel"), "tcg,thread=multi");
+        assert_eq!(value(&argv, "-cpu"), "qemu64,enforce");
+        assert_eq!(value(&argv, "-smp"), "2,sockets=1,cores=2,threads=1");
+        assert_eq!(value(&argv, "-m"), "768M");
+        assert_eq!(value(&argv, "-kernel"), "/shared/vmlinuz");
+        assert_eq!(value(&argv, "-initrd"), "/shared/initramfs.img");
+        // The whole cmdline is one argv element: no shell splitting.
+        assert_eq!(
+            value(&argv, "-append"),
+            "console=ttyS0 tern.ip=10.78.0.100/24"
+        );
+        assert_eq!(value(&argv, "-pidfile"), "/var/lib/tern/vms/x/qemu.pid");
+        assert_eq!(value(&argv, "-D"), "/var/lib/tern/vms/x/qemu.log");
+        assert_eq!(value(&argv, "-mon"), "chardev=qmp,mode=control");
+        let chardevs = values(&argv, "-chardev");
+        assert!(
+            chardevs.contains(&"file,id=serial0,path=/var/lib/tern/vms/x/console.log,append=on")
+        );
+        assert!(chardevs
+            .contains(&"socket,id=qmp,path=/var/lib/tern/vms/x/qmp.sock,server=on,wait=off"));
+        for flag in ["-daemonize", "-nodefaults", "-no-user-config"] {
+            assert!(argv.iter().any(|a| a == flag), "{flag} missing");
+        }
+        for absent in ["-S", "-incoming", "-netdev", "-blockdev", "-nographic"] {
+            assert!(!argv.iter().any(|a| a == absent), "{absent} present");
+        }
+    }
+
+    #[test]
+    fn kvm_cpu_model_and_empty_cmdline() {
+        let mut cfg = config();
+        cfg.accel = Accelerator::Kvm;
+        cfg.spec.cpu_model = Some("Haswell".into());
+        cfg.spec.boot = BootSource::Kernel {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let argv = build_command(&cfg);
+        assert_eq!(value(&argv, "-accel"), "kvm");
+        assert_eq!(value(&argv, "-cpu"), "Haswell,enforce");
+        assert!(!argv.iter().any(|a| a == "-initrd" || a == "-append"));
+    }
+
+    #[test]
+    fn paused_and_incoming() {
+        let mut cfg = config();
+        cfg.start_paused = true;
+        cfg.incoming = Some(Incoming::Defer);
+        let argv = build_command(&cfg);
+        assert!(argv.iter().any(|a| a == "-S"));
+        assert_eq!(value(&argv, "-incoming"), "defer");
+        cfg.incoming = Some(Incoming::Uri("tcp:10.77.0.12:4444".into()));
+        assert_eq!(
+            value(&build_command(&cfg), "-incoming"),
+            "tcp:10.77.0.12:4444"
+        );
+    }
+
+    #[test]
+    fn disks_and_nics() {
+        let mut cfg = config();
+        cfg.spec.boot = BootSource::Disk;
+        cfg.spec.disks = vec![
+            DiskSpec {
+                path: "/shared/a,b.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                readonly: false,
+            },
+            DiskSpec {
+                path: "/shared/data.raw".into(),
+                format: DiskFormat::Raw,
+                readonly: true,
+            },
+        ];
+        cfg.spec.nics = vec![
+            NicSpec {
+                mac: "52:54:00:00:00:01".into(),
+            },
+            NicSpec {
+                mac: "52:54:00:00:00:02".into(),
+            },
+        ];
+        cfg.taps = vec!["tt-a1".into(), "tt-a2".into()];
+        cfg.validate().unwrap();
+        let argv = build_command(&cfg);
+        let blockdevs: Vec<serde_json::Value> = values(&argv, "-blockdev")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        assert_eq!(blockdevs.len(), 4);
+        // A comma in a path needs no escaping in JSON syntax.
+        assert_eq!(blockdevs[0]["filename"], "/shared/a,b.qcow2");
+        assert_eq!(blockdevs[0]["cache"]["direct"], true);
+        assert_eq!(blockdevs[0]["aio"], "native");
+        assert_eq!(blockdevs[0]["locking"], "on");
+        assert_eq!(blockdevs[1]["driver"], "qcow2");
+        assert_eq!(blockdevs[1]["file"], "file0");
+        assert_eq!(blockdevs[3]["driver"], "raw");
+        assert_eq!(blockdevs[3]["read-only"], true);
+        assert_eq!(blockdevs[2]["read-only"], true);
+        let devices: Vec<serde_json::Value> = values(&argv, "-device")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        let blk: Vec<_> = devices
+            .iter()
+            .filter(|d| d["driver"] == "virtio-blk-pci")
+            .collect();
+        assert_eq!(blk.len(), 2);
+        assert_eq!(blk[0]["bootindex"], 1);
+        assert!(blk[1].get("bootindex").is_none());
+        let nics: Vec<_> = devices
+            .iter()
+            .filter(|d| d["driver"] == "virtio-net-pci")
+            .collect();
+        assert_eq!(nics.len(), 2);
+        assert_eq!(nics[1]["mac"], "52:54:00:00:00:02");
+        assert_eq!(nics[1]["netdev"], "net1");
+        let netdevs: Vec<serde_json::Value> = values(&argv, "-netdev")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        assert_eq!(netdevs[0]["ifname"], "tt-a1");
+        assert_eq!(netdevs[1]["ifname"], "tt-a2");
+        assert_eq!(netdevs[1]["id"], "net1");
+        assert_eq!(netdevs[0]["script"], "no");
+        assert!(!argv.iter().any(|a| a == "-kernel"));
+    }
+
+    #[test]
+    fn run_dir_with_comma_is_escaped() {
+        let mut cfg = config();
+        cfg.run_dir = PathBuf::from("/tmp/a,b");
+        let argv = build_command(&cfg);
+        assert!(values(&argv, "-chardev")
+            .contains(&"socket,id=qmp,path=/tmp/a,,b/qmp.sock,server=on,wait=off"));
+        // -pidfile takes a plain path, not an option string.
+        assert_eq!(value(&argv, "-pidfile"), "/tmp/a,b/qemu.pid");
+    }
+
+    #[test]
+    fn validation() {
+        let mut cfg = config();
+        cfg.spec.nics = vec![NicSpec {
+            mac: "52:54:00:00:00:01".into(),
+        }];
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("taps")));
+        cfg.taps = vec!["t0".into()];
+        cfg.validate().unwrap();
+        cfg.spec.nics[0].mac = "01:00:5e:00:00:01".into();
+        assert!(cfg.validate().is_err());
+        let mut cfg = config();
+        cfg.run_dir = PathBuf::from("relative");
+        assert!(cfg.validate().is_err());
+        let mut cfg = config();
+        cfg.spec.cpu_model = Some("qemu64,+avx".into());
+        assert!(cfg.validate().is_err());
+        let mut cfg = config();
+        cfg.spec.boot = BootSource::Disk;
+        assert!(cfg.validate().is_err());
+        let mut cfg = config();
+        cfg.spec.vcpus = 0;
+        assert!(cfg.validate().is_err());
+        let mut cfg = config();
+        cfg.run_dir = PathBuf::from(format!("/{}", "d".repeat(100)));
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("unix socket")));
+    }
+}

@@ -1,0 +1,468 @@
+//! Migration control and statistics over QMP: the data path tern's live migration drives.
+//!
+//! A migration in tern: the destination starts with the same spec and `-incoming defer`;
+//! both sides get the same capabilities and parameters; the destination listens
+//! ([`QemuVm::migrate_incoming`]); the source sends ([`QemuVm::migrate`]) and is polled with
+//! [`QemuVm::query_migrate`] (or watched through `MIGRATION`/`MIGRATION_PASS` events when the
+//! `events` capability is on). A destination started with `-S` stays paused after the
+//! memory is in, until `cont`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::vm::QemuVm;
+
+/// Status of a migration (QMP `MigrationStatus`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum MigrationStatus {
+    /// No migration has started.
+    None,
+    Setup,
+    Cancelling,
+    Cancelled,
+    /// Pre-copy in progress.
+    Active,
+    PostcopyActive,
+    PostcopyPaused,
+    PostcopyRecoverSetup,
+    PostcopyRecover,
+    Completed,
+    Failed,
+    Colo,
+    /// Paused before switchover (capability `pause-before-switchover`), waiting for
+    /// `migrate-continue`.
+    PreSwitchover,
+    /// Migrating device state after RAM.
+    Device,
+    WaitUnplug,
+    /// A status this crate does not know.
+    Other(String),
+}
+
+impl From<String> for MigrationStatus {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "none" => Self::None,
+            "setup" => Self::Setup,
+            "cancelling" => Self::Cancelling,
+            "cancelled" => Self::Cancelled,
+            "active" => Self::Active,
+            "postcopy-active" => Self::PostcopyActive,
+            "postcopy-paused" => Self::PostcopyPaused,
+            "postcopy-recover-setup" => Self::PostcopyRecoverSetup,
+            "postcopy-recover" => Self::PostcopyRecover,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "colo" => Self::Colo,
+            "pre-switchover" => Self::PreSwitchover,
+            "device" => Self::Device,
+            "wait-unplug" => Self::WaitUnplug,
+            _ => Self::Other(s),
+        }
+    }
+}
+
+impl From<MigrationStatus> for String {
+    fn from(s: MigrationStatus) -> String {
+        s.as_str().to_string()
+    }
+}
+
+impl MigrationStatus {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Active => "active",
+            Self::PostcopyActive => "postcopy-active",
+            Self::PostcopyPaused => "postcopy-paused",
+            Self::PostcopyRecoverSetup => "postcopy-recover-setup",
+            Self::PostcopyRecover => "postcopy-recover",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Colo => "colo",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::WaitUnplug => "wait-unplug",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// True when the migration has ended, well or not.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A snapshot of a migration (QMP `query-migrate`), on either side.
+///
+/// Byte counts are RAM only. Time fields are `None` until QEMU reports them (e.g.
+/// `downtime_ms` only once completed, `expected_downtime_ms` only while active).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStats {
+    pub status: MigrationStatus,
+    pub total_bytes: u64,
+    pub remaining_bytes: u64,
+    pub transferred_bytes: u64,
+    /// Guest pages dirtied per second, as measured during the last pass.
+    pub dirty_pages_rate: u64,
+    pub page_size_bytes: u64,
+    /// Throughput of the migration stream, megabits per second.
+    pub mbps: f64,
+    /// Number of dirty-bitmap syncs: 1 + the number of RAM passes done.
+    pub dirty_sync_count: u64,
+    pub expected_downtime_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub total_time_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    /// Auto-converge throttle applied to the guest's vCPUs.
+    pub cpu_throttle_percent: Option<u64>,
+    pub precopy_bytes: u64,
+    pub postcopy_bytes: u64,
+    pub downtime_bytes: u64,
+    pub multifd_bytes: u64,
+    /// Why the migration failed, when it did.
+    pub error: Option<String>,
+    /// Where an incoming migration listens (`tcp:127.0.0.1:4444`): with port 0 in the URI,
+    /// this is how the chosen port is learnt.
+    pub socket_addresses: Vec<String>,
+}
+
+impl MigrationStats {
+    /// Decodes a `query-migrate` answer; missing fields read as zero/none.
+    pub fn from_qmp(v: &Value) -> MigrationStats {
+        let ram = &v["ram"];
+        let u = |x: &Value| x.as_u64().unwrap_or(0);
+        let opt = |x: &Value| x.as_u64();
+        MigrationStats {
+            status: v["status"]
+                .as_str()
+                .map(|s| MigrationStatus::from(s.to_string()))
+                .unwrap_or(MigrationStatus::None),
+            total_bytes: u(&ram["total"]),
+            remaining_bytes: u(&ram["remaining"]),
+            transferred_bytes: u(&ram["transferred"]),
+            dirty_pages_rate: u(&ram["dirty-pages-rate"]),
+            page_size_bytes: u(&ram["page-size"]),
+            mbps: ram["mbps"].as_f64().unwrap_or(0.0),
+            dirty_sync_count: u(&ram["dirty-sync-count"]),
+            expected_downtime_ms: opt(&v["expected-downtime"]),
+            downtime_ms: opt(&v["downtime"]),
+            total_time_ms: opt(&v["total-time"]),
+            setup_time_ms: opt(&v["setup-time"]),
+            cpu_throttle_percent: opt(&v["cpu-throttle-percentage"]),
+            precopy_bytes: u(&ram["precopy-bytes"]),
+            postcopy_bytes: u(&ram["postcopy-bytes"]),
+            downtime_bytes: u(&ram["downtime-bytes"]),
+            multifd_bytes: u(&ram["multifd-bytes"]),
+            error: v["error-desc"].as_str().map(str::to_string),
+            socket_addresses: v["socket-address"]
+                .as_array()
+                .map(|a| a.iter().filter_map(socket_address_uri).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// QAPI `SocketAddress` → migration URI.
+fn socket_address_uri(a: &Value) -> Option<String> {
+    match a["type"].as_str()? {
+        "inet" => {
+            let host = a["host"].as_str()?;
+            let port = a["port"].as_str()?;
+            if host.contains(':') {
+                Some(format!("tcp:[{host}]:{port}"))
+            } else {
+                Some(format!("tcp:{host}:{port}"))
+            }
+        }
+        "unix" => Some(format!("unix:{}", a["path"].as_str()?)),
+        "fd" => Some(format!("fd:{}", a["str"].as_str()?)),
+        _ => None,
+    }
+}
+
+/// State of a dirty-rate measurement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyRateStatus {
+    Unstarted,
+    Measuring,
+    Measured,
+}
+
+/// Result of `calc-dirty-rate` (QMP `query-dirty-rate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirtyRate {
+    pub status: DirtyRateStatus,
+    /// Guest memory dirtied per second (QEMU calls the unit "MB/s"; it counts MiB). Set once
+    /// measured.
+    pub dirty_rate_mib_per_s: Option<u64>,
+    pub calc_time_s: u64,
+    /// `page-sampling`, `dirty-bitmap` or `dirty-ring`.
+    pub mode: String,
+}
+
+/// Parameters of `announce-self`: self-announcements (RARP / gratuitous ARP and the virtio
+/// guest announce) sent so the LAN learns the VM's new switch port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceParams {
+    /// Delay before the first round.
+    pub initial_ms: u64,
+    /// Longest delay between rounds.
+    pub max_ms: u64,
+    pub rounds: u64,
+    /// Increase of the delay after each round.
+    pub step_ms: u64,
+}
+
+impl Default for AnnounceParams {
+    /// QEMU's own defaults.
+    fn default() -> Self {
+        AnnounceParams {
+            initial_ms: 50,
+            max_ms: 550,
+            rounds: 5,
+            step_ms: 100,
+        }
+    }
+}
+
+/// Kind of CPU model expansion (QMP `CpuModelExpansionType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuExpansion {
+    /// A migration-safe base model plus every property that differs from it.
+    Static,
+    /// The model with every property it has, as on this host and accelerator.
+    Full,
+}
+
+impl QemuVm {
+    /// Turns migration capabilities on or off (`migrate-set-capabilities`), e.g.
+    /// `[("events", true), ("multifd", true)]`. Both sides need the same set.
+    pub async fn set_migration_capabilities(&self, caps: &[(&str, bool)]) -> Result<()> {
+        let list: Vec<Value> = caps
+            .iter()
+            .map(|(name, on)| json!({"capability": name, "state": on}))
+            .collect();
+        self.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": list })),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// The capabilities and whether each is on (`query-migrate-capabilities`).
+    pub async fn migration_capabilities(&self) -> Result<Vec<(String, bool)>> {
+        let v = self
+            .qmp()
+            .execute("query-migrate-capabilities", None)
+            .await?;
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| {
+                        Some((c["capability"].as_str()?.to_string(), c["state"].as_bool()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Sets migration parameters (`migrate-set-parameters`) from a JSON object in QEMU's
+    /// names, e.g. `{"max-bandwidth": 125000000, "downtime-limit": 300, "multifd-channels": 4}`.
+    pub async fn set_migration_parameters(&self, params: Value) -> Result<()> {
+        self.qmp()
+            .execute("migrate-set-parameters", Some(params))
+            .await
+            .map(drop)
+    }
+
+    /// The current migration parameters (`query-migrate-parameters`), in QEMU's names.
+    pub async fn migration_parameters(&self) -> Result<Value> {
+        self.qmp().execute("query-migrate-parameters", None).await
+    }
+
+    /// Makes a `-incoming defer` destination listen on `uri` (`tcp:IP:PORT`; port 0 picks
+    /// one, read it from [`MigrationStats::socket_addresses`]).
+    pub async fn migrate_incoming(&self, uri: &str) -> Result<()> {
+        self.qmp()
+            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// Starts sending this VM to a listening destination. Returns at once; poll
+    /// [`QemuVm::query_migrate`] for progress.
+    pub async fn migrate(&self, uri: &str) -> Result<()> {
+        self.qmp()
+            .execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// Progress of the current or last migration.
+    pub async fn query_migrate(&self) -> Result<MigrationStats> {
+        let v = self.qmp().execute("query-migrate", None).await?;
+        Ok(MigrationStats::from_qmp(&v))
+    }
+
+    /// Cancels an outgoing migration; the source keeps running.
+    pub async fn migrate_cancel(&self) -> Result<()> {
+        self.qmp().execute("migrate_cancel", None).await.map(drop)
+    }
+
+    /// Lets a migration paused in `pre-switchover` proceed to switchover.
+    pub async fn migrate_continue(&self) -> Result<()> {
+        self.qmp()
+            .execute(
+                "migrate-continue",
+                Some(json!({ "state": "pre-switchover" })),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Starts measuring the guest's dirty rate over `seconds` (page sampling).
+    pub async fn calc_dirty_rate(&self, seconds: u32) -> Result<()> {
+        if seconds == 0 || seconds > 60 {
+            return Err(Error::Config(format!(
+                "dirty rate measurement of {seconds} s: use 1..=60"
+            )));
+        }
+        self.qmp()
+            .execute("calc-dirty-rate", Some(json!({ "calc-time": seconds })))
+            .await
+            .map(drop)
+    }
+
+    /// The result of the last [`QemuVm::calc_dirty_rate`].
+    pub async fn query_dirty_rate(&self) -> Result<DirtyRate> {
+        let v = self.qmp().execute("query-dirty-rate", None).await?;
+        let status = match v["status"].as_str() {
+            Some("measuring") => DirtyRateStatus::Measuring,
+            Some("measured") => DirtyRateStatus::Measured,
+            _ => DirtyRateStatus::Unstarted,
+        };
+        Ok(DirtyRate {
+            status,
+            dirty_rate_mib_per_s: v["dirty-rate"].as_i64().map(|r| r.max(0) as u64),
+            calc_time_s: v["calc-time"].as_u64().unwrap_or(0),
+            mode: v["mode"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Measures the dirty rate over `seconds` and waits for the result.
+    pub async fn measure_dirty_rate(&self, seconds: u32) -> Result<DirtyRate> {
+        self.calc_dirty_rate(seconds).await?;
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(seconds as u64 + 10);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let rate = self.query_dirty_rate().await?;
+            if rate.status == DirtyRateStatus::Measured {
+                return Ok(rate);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "the dirty rate measurement".into(),
+                    timeout_ms: (seconds as u64 + 10) * 1000,
+                });
+            }
+        }
+    }
+
+    /// Sends self-announcements from every NIC (`announce-self`).
+    pub async fn announce_self(&self, params: &AnnounceParams) -> Result<()> {
+        self.qmp()
+            .execute(
+                "announce-self",
+                Some(json!({
+                    "initial": params.initial_ms,
+                    "max": params.max_ms,
+                    "rounds": params.rounds,
+                    "step": params.step_ms,
+                })),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Expands a CPU model into its properties as this QEMU (host, accelerator) sees it
+    /// (`query-cpu-model-expansion`); answers `{"model": {"name": ..., "props": {...}}}`.
+    pub async fn query_cpu_model_expansion(
+        &self,
+        model: &str,
+        expansion: CpuExpansion,
+    ) -> Result<Value> {
+        self.qmp()
+            .execute(
+                "query-cpu-model-expansion",
+                Some(json!({ "type": expansion, "model": { "name": model } })),
+            )
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_decode() {
+        let v = json!({
+            "status": "active",
+            "expected-downtime": 300,
+            "total-time": 1234,
+            "setup-time": 5,
+            "ram": {"total": 268435456u64, "remaining": 1000, "transferred": 2000,
+                    "dirty-pages-rate": 7, "page-size": 4096, "mbps": 812.5,
+                    "dirty-sync-count": 3, "precopy-bytes": 1900}
+        });
+        let s = MigrationStats::from_qmp(&v);
+        assert_eq!(s.status, MigrationStatus::Active);
+        assert_eq!(s.total_bytes, 268435456);
+        assert_eq!(s.remaining_bytes, 1000);
+        assert_eq!(s.transferred_bytes, 2000);
+        assert_eq!(s.dirty_pages_rate, 7);
+        assert_eq!(s.mbps, 812.5);
+        assert_eq!(s.dirty_sync_count, 3);
+        assert_eq!(s.expected_downtime_ms, Some(300));
+        assert_eq!(s.downtime_ms, None);
+        assert_eq!(s.precopy_bytes, 1900);
+
+        let empty = MigrationStats::from_qmp(&json!({}));
+        assert_eq!(empty.status, MigrationStatus::None);
+        assert_eq!(empty.total_bytes, 0);
+
+        let inc = MigrationStats::from_qmp(&json!({
+            "status": "setup",
+            "socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "40123"},
+                               {"type": "inet", "host": "::1", "port": "40124"}]
+        }));
+        assert_eq!(
+            inc.socket_addresses,
+            vec!["tcp:127.0.0.1:40123", "tcp:[::1]:40124"]
+        );
+        let failed = MigrationStats::from_qmp(&json!({"status": "failed", "error-desc": "boom"}));
+        assert!(failed.status.is_finished());
+        assert_eq!(failed.error.as_deref(), Some("boom"));
+        assert_eq!(
+            MigrationStatus::from("brand-new".to_string()),
+            MigrationStatus::Other("brand-new".into())
+        );
+    }
+}

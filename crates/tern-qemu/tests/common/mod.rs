@@ -1,0 +1,266 @@
+//! Helpers shared by the QEMU tests: a bootable test guest, launch configs, a kill guard.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tern_api::{Accelerator, BootSource, VmSpec};
+use tern_qemu::{Incoming, LaunchConfig, RunPaths};
+use uuid::Uuid;
+
+/// The /init of the tiny test initramfs: prints a tick a second (so a test can see the
+/// guest run and carry on after a migration), or powers off when asked on the cmdline.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+echo TERN-TEST-READY
+if /bin/busybox grep -q test.poweroff /proc/cmdline; then
+    /bin/busybox poweroff -f
+fi
+i=0
+while true; do
+    echo "tick $i"
+    i=$((i+1))
+    /bin/busybox sleep 1
+done
+"#;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tern_qemu=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The guest kernel: the project's guest image when built, else the host's cloud kernel.
+pub fn kernel() -> PathBuf {
+    let built = workspace_root().join("target/guest/vmlinuz");
+    if built.exists() {
+        return std::path::absolute(built).expect("absolute path");
+    }
+    let boot = std::fs::read_dir("/boot")
+        .expect("read /boot")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("vmlinuz-") && name.ends_with("-cloud-amd64")
+        });
+    boot.expect("no guest kernel: run guest/build.sh or install linux-image-cloud-amd64")
+}
+
+/// Appends one newc cpio entry.
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+    let header = format!(
+        "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len(),
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        name.len() + 1,
+        0
+    );
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// Writes the tiny test initramfs (static busybox + [`INIT`]) into `dir`.
+pub fn tiny_initramfs(dir: &Path) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("the tests need a static /bin/busybox (apt-get install busybox-static)");
+    let mut out = Vec::new();
+    cpio_entry(&mut out, 1, "bin", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut out, 2, "dev", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut out, 3, "proc", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut out, 4, "dev/console", 0o020600, (5, 1), &[]);
+    cpio_entry(&mut out, 5, "bin/busybox", 0o100755, (0, 0), &busybox);
+    cpio_entry(&mut out, 6, "init", 0o100755, (0, 0), INIT.as_bytes());
+    cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    let path = dir.join("initramfs-test.cpio");
+    std::fs::write(&path, out).expect("write the test initramfs");
+    path
+}
+
+/// A launch config for a TCG guest booting the tiny initramfs in `dir/<name>`.
+pub fn config(dir: &Path, name: &str, extra_cmdline: &str) -> LaunchConfig {
+    let initrd = dir.join("initramfs-test.cpio");
+    if !initrd.exists() {
+        tiny_initramfs(dir);
+    }
+    LaunchConfig {
+        id: Uuid::new_v4(),
+        spec: VmSpec {
+            name: name.to_string(),
+            vcpus: 1,
+            memory_mib: 192,
+            cpu_model: None,
+            boot: BootSource::Kernel {
+                kernel: kernel().to_string_lossy().into_owned(),
+                initrd: Some(initrd.to_string_lossy().into_owned()),
+                cmdline: format!("console=ttyS0 quiet panic=-1 {extra_cmdline}"),
+            },
+            disks: vec![],
+            nics: vec![],
+        },
+        run_dir: dir.join(name),
+        taps: vec![],
+        accel: Accelerator::Tcg,
+        qemu_binary: PathBuf::from("qemu-system-x86_64"),
+        default_cpu_model: "qemu64".into(),
+        incoming: None,
+        start_paused: false,
+    }
+}
+
+/// A destination config: same spec and id as `src`, its own run dir, `-incoming defer`.
+pub fn destination(src: &LaunchConfig, dir: &Path, name: &str, start_paused: bool) -> LaunchConfig {
+    let mut cfg = src.clone();
+    cfg.run_dir = dir.join(name);
+    cfg.incoming = Some(Incoming::Defer);
+    cfg.start_paused = start_paused;
+    cfg
+}
+
+/// Kills the QEMU of a run dir when dropped, so a failing test leaves no process behind.
+pub struct KillGuard(pub PathBuf);
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        let paths = RunPaths::new(&self.0);
+        let Ok(text) = std::fs::read_to_string(&paths.pidfile) else {
+            return;
+        };
+        let Ok(pid) = text.trim().parse::<i32>() else {
+            return;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let want = paths.pidfile.to_string_lossy().into_owned();
+        if String::from_utf8_lossy(&cmdline).contains(want.as_str()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn console(run_dir: &Path) -> String {
+    std::fs::read_to_string(RunPaths::new(run_dir).console_log).unwrap_or_default()
+}
+
+/// The highest `tick N` the guest printed on a console, if any.
+pub fn last_tick(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+}
+
+/// Waits until the guest's console shows tick `n` or higher.
+pub async fn wait_tick(run_dir: &Path, n: u64, timeout: Duration) -> u64 {
+    wait_for(
+        &format!("tick {n} on {}", run_dir.display()),
+        timeout,
+        || last_tick(&console(run_dir)).filter(|t| *t >= n),
+    )
+    .await
+}
+
+/// A throwaway network namespace, deleted on drop.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn create(tag: &str) -> NetNs {
+        let name = format!("tq-{}-{tag}", std::process::id());
+        run(&["ip", "netns", "add", &name]);
+        NetNs(name)
+    }
+
+    /// Runs `ip -n NS ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", self.0.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// A script that runs QEMU inside this namespace (used as `qemu_binary`).
+    pub fn qemu_wrapper(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("qemu-in-{}", self.0));
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n",
+                self.0
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Runs a command, panicking with its stderr when it fails.
+pub fn run(argv: &[&str]) -> String {
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("run {argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `(vmlinuz, initramfs.img)` of the project's guest image, when built.
+pub fn guest_image() -> Option<(PathBuf, PathBuf)> {
+    let dir = std::path::absolute(workspace_root().join("target/guest")).ok()?;
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.img"));
+    (k.exists() && i.exists()).then_some((k, i))
+}

@@ -1,0 +1,154 @@
+//! Disks and NICs of the command builder, checked against a real QEMU: the images are opened
+//! as asked, the tap is opened with the spec's MAC, and a shared disk survives a migration
+//! between two QEMUs holding image locks.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tern_api::{DiskFormat, DiskSpec, NicSpec};
+use tern_qemu::{MigrationStatus, QemuVm, RunState};
+
+fn disks(dir: &std::path::Path) -> Vec<DiskSpec> {
+    let raw = dir.join("data.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let qcow = dir.join("base,1.qcow2");
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        qcow.to_str().unwrap(),
+        "64M",
+    ]);
+    vec![
+        DiskSpec {
+            path: raw.to_string_lossy().into_owned(),
+            format: DiskFormat::Raw,
+            readonly: false,
+        },
+        DiskSpec {
+            path: qcow.to_string_lossy().into_owned(),
+            format: DiskFormat::Qcow2,
+            readonly: true,
+        },
+    ]
+}
+
+/// True when `qemu-io` cannot write the image because another process holds its lock.
+fn second_writer_refused(path: &str) -> bool {
+    let write = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", path])
+        .output()
+        .expect("run qemu-io (from qemu-utils)");
+    let out = String::from_utf8_lossy(&write.stderr).to_string()
+        + &String::from_utf8_lossy(&write.stdout);
+    if write.status.success() && !out.contains("lock") {
+        return false;
+    }
+    assert!(out.contains("lock"), "qemu-io failed otherwise: {out}");
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_open_as_specified() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "disks", "");
+    cfg.spec.disks = disks(dir.path());
+    let _guard = KillGuard(cfg.run_dir.clone());
+    let vm = QemuVm::launch(cfg.clone()).await.unwrap();
+    let blocks = vm.qmp().execute("query-block", None).await.unwrap();
+    let blocks = blocks.as_array().unwrap();
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    let find = |path: &str| {
+        blocks
+            .iter()
+            .find(|b| b["inserted"]["file"].as_str() == Some(path))
+            .unwrap_or_else(|| panic!("{path} not open: {blocks:?}"))
+    };
+    let raw = find(&cfg.spec.disks[0].path);
+    assert_eq!(raw["inserted"]["ro"], false);
+    assert_eq!(raw["inserted"]["drv"], "raw");
+    assert_eq!(raw["inserted"]["cache"]["direct"], true);
+    let qcow = find(&cfg.spec.disks[1].path);
+    assert_eq!(qcow["inserted"]["ro"], true);
+    assert_eq!(qcow["inserted"]["drv"], "qcow2");
+
+    // The image lock keeps a second writer out.
+    assert!(second_writer_refused(&cfg.spec.disks[0].path));
+    vm.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nic_opens_its_tap_with_the_spec_mac() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::create("nic");
+    ns.ip(&["tuntap", "add", "dev", "tqtap0", "mode", "tap"]);
+    ns.ip(&["link", "set", "tqtap0", "up"]);
+    let mut cfg = config(dir.path(), "nic", "");
+    cfg.spec.nics = vec![NicSpec {
+        mac: "52:54:00:12:34:56".into(),
+    }];
+    cfg.taps = vec!["tqtap0".into()];
+    cfg.qemu_binary = ns.qemu_wrapper(dir.path());
+    let _guard = KillGuard(cfg.run_dir.clone());
+    let vm = QemuVm::launch(cfg).await.unwrap();
+    let filters = vm
+        .qmp()
+        .execute("query-rx-filter", Some(serde_json::json!({"name": "nic0"})))
+        .await
+        .unwrap();
+    assert_eq!(filters[0]["main-mac"], "52:54:00:12:34:56", "{filters}");
+    // A tap has carrier only while QEMU holds it open.
+    let link = ns.ip(&["link", "show", "tqtap0"]);
+    assert!(!link.contains("NO-CARRIER"), "{link}");
+    vm.kill().await.unwrap();
+    let link = wait_for("tap carrier to drop", Duration::from_secs(10), || {
+        let l = ns.ip(&["link", "show", "tqtap0"]);
+        l.contains("NO-CARRIER").then_some(l)
+    })
+    .await;
+    assert!(link.contains("tqtap0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_disk_changes_owner_during_migration() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut src_cfg = config(dir.path(), "src", "");
+    src_cfg.spec.disks = disks(dir.path());
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst", false);
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let src = QemuVm::launch(src_cfg.clone()).await.unwrap();
+    // The destination opens the same images while the source holds their locks.
+    let dst = QemuVm::launch(dst_cfg).await.unwrap();
+    dst.migrate_incoming("tcp:127.0.0.1:0").await.unwrap();
+    let uri = dst.query_migrate().await.unwrap().socket_addresses[0].clone();
+    src.migrate(&uri).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let stats = loop {
+        let s = src.query_migrate().await.unwrap();
+        if s.status.is_finished() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stats.status, MigrationStatus::Completed, "{stats:?}");
+    dst.wait_status(|s| *s == RunState::Running, Duration::from_secs(30))
+        .await
+        .unwrap();
+    src.shutdown(Duration::from_secs(1)).await.unwrap();
+    // The destination activated the image and holds its write lock now.
+    assert!(second_writer_refused(&src_cfg.spec.disks[0].path));
+    dst.kill().await.unwrap();
+    assert!(!second_writer_refused(&src_cfg.spec.disks[0].path));
+}
