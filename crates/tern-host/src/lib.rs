@@ -1,16 +1,218 @@
 //! `tern host agent`: the per-host agent that runs QEMU processes for the center.
+//!
+//! The agent owns this host's QEMU processes (started daemonized, so they outlive it), their
+//! taps on the VM bridge, the host's facts and load figures, and its registration with the
+//! center. Its API (`/v1`, see `tern_api::agent`) is called by the center only, with the
+//! token the agent keeps in `STATE_DIR/agent.token`.
+//!
+//! Modules: [`config`] (flags and TOML), [`facts`] and [`load`] (/proc figures), [`tap`]
+//! (tap devices), [`store`] (state dir layout), [`vms`] (VM lifecycle and supervision),
+//! [`api`] (HTTP), [`enrol`] (registration and heartbeats), [`paths`] (file checks).
 
-use std::path::PathBuf;
+pub mod api;
+pub mod config;
+pub mod enrol;
+pub mod error;
+pub mod facts;
+pub mod load;
+pub mod paths;
+pub mod store;
+pub mod tap;
+pub mod vms;
 
-/// Flags of `tern host agent` (each may also come from the config file).
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {
-    /// TOML config file; flags given on the command line win over it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tern_api::{HostFacts, HostLoad, VmLoad};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentArgs, AgentConfig};
+
+use load::{HostFigures, LoadSampler, ProcLoad};
+use vms::{VmHostConfig, VmManager};
+
+/// Figures younger than this are served again rather than sampled over a tiny interval.
+const LOAD_MIN_PERIOD: Duration = Duration::from_millis(500);
+
+/// The last load sample.
+#[derive(Default)]
+struct LoadCache {
+    sampler: LoadSampler,
+    last: Option<(
+        Instant,
+        HostFigures,
+        std::collections::HashMap<u32, ProcLoad>,
+    )>,
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
-pub async fn run(_args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tern host agent: not built yet")
+/// The running agent's shared state.
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub facts: HostFacts,
+    /// Bearer token the center presents on every agent API call.
+    pub token: String,
+    pub vms: Arc<VmManager>,
+    load: tokio::sync::Mutex<LoadCache>,
+}
+
+impl Agent {
+    /// Host and per-VM load: CPU over the time since the previous sample, memory now.
+    pub async fn load(&self) -> HostLoad {
+        let procs = self.vms.procs();
+        let pids: Vec<u32> = procs.iter().filter_map(|p| p.pid).collect();
+        let mut cache = self.load.lock().await;
+        let fresh = cache.last.as_ref().is_some_and(|(at, _, per_pid)| {
+            at.elapsed() < LOAD_MIN_PERIOD && pids.iter().all(|p| per_pid.contains_key(p))
+        });
+        if !fresh {
+            let host = cache.sampler.sample_host();
+            let per_pid = cache.sampler.sample_procs(&pids);
+            cache.last = Some((Instant::now(), host, per_pid));
+        }
+        let Some((_, host, per_pid)) = cache.last.as_ref() else {
+            return HostLoad {
+                cpu_percent: 0.0,
+                memory_used_mib: 0,
+                memory_total_mib: 0,
+                vms: Vec::new(),
+            };
+        };
+        let mut vms: Vec<VmLoad> = procs
+            .iter()
+            .map(|p| {
+                let l = p
+                    .pid
+                    .and_then(|pid| per_pid.get(&pid).copied())
+                    .unwrap_or_default();
+                VmLoad {
+                    vm_id: p.id,
+                    name: p.name.clone(),
+                    state: p.state,
+                    cpu_percent: l.cpu_percent,
+                    rss_mib: l.rss_mib,
+                }
+            })
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        HostLoad {
+            cpu_percent: host.cpu_percent,
+            memory_used_mib: host.memory_used_mib,
+            memory_total_mib: host.memory_total_mib,
+            vms,
+        }
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. VMs keep running after it stops.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    serve(cfg, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping the agent (VMs keep running)"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping the agent (VMs keep running)"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers; stop the agent with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+/// Starts the agent with a resolved config and serves until `shutdown` resolves: loads and
+/// re-adopts the VMs of the state dir, serves the API, registers with the center and
+/// heartbeats. QEMU processes are left running when it returns.
+pub async fn serve(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = store::StateDir::open(&cfg.state_dir)?;
+    let _lock = store.lock()?;
+    let token = store.agent_token()?;
+    let (accelerator, warning) = tern_qemu::detect_accelerator(cfg.accel)
+        .context("choosing the accelerator (see --accel)")?;
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
+    let facts = facts::gather(&cfg, accelerator).await?;
+    tracing::info!(
+        name = %cfg.name,
+        %accelerator,
+        qemu = %facts.qemu_version,
+        cores = facts.cores,
+        memory_mib = facts.memory_mib,
+        state_dir = %store.root.display(),
+        "tern host agent starting"
+    );
+    if let Some(b) = &cfg.bridge {
+        if !tap::exists(b) {
+            tracing::warn!(bridge = %b, "the VM bridge does not exist (yet): VMs with NICs will fail to start");
+        }
+    }
+    let vms = VmManager::new(VmHostConfig {
+        store: store.clone(),
+        accelerator,
+        bridge: cfg.bridge.clone(),
+        qemu: cfg.qemu.clone(),
+        default_cpu_model: cfg.default_cpu_model.clone(),
+    });
+    vms.recover()
+        .await
+        .context("loading the VMs of the state dir")?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {} (see --listen)", cfg.listen))?;
+    let bound: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    let agent_url = cfg.agent_url(bound);
+    tracing::info!(listen = %bound, %agent_url, "agent API listening");
+
+    let agent = Arc::new(Agent {
+        cfg,
+        facts,
+        token,
+        vms: vms.clone(),
+        load: tokio::sync::Mutex::new(LoadCache::default()),
+    });
+    let stop = CancellationToken::new();
+    let link = match agent.cfg.center.clone() {
+        Some(link) => Some(tokio::spawn(enrol::run(
+            agent.clone(),
+            link,
+            agent_url,
+            stop.clone(),
+        ))),
+        None => {
+            tracing::info!("no --center: running alone (API only, no registration)");
+            None
+        }
+    };
+    let stop2 = stop.clone();
+    let server =
+        axum::serve(listener, api::router(agent.clone())).with_graceful_shutdown(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop2.cancelled() => {}
+            }
+        });
+    let result = server.await.context("serving the agent API");
+    stop.cancel();
+    if let Some(task) = link {
+        let _ = task.await;
+    }
+    vms.release();
+    tracing::info!("agent stopped; VMs left running");
+    result
 }

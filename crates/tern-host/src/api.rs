@@ -1,0 +1,187 @@
+//! The agent's HTTP API (`/v1`, see `tern_api::agent`): routing, the bearer-token check, and
+//! JSON in and out.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
+use tern_api::center::StopVm;
+use tern_api::{ErrorBody, HostFacts, HostLoad};
+use uuid::Uuid;
+
+use crate::error::AgentError;
+use crate::Agent;
+
+/// Default and largest console tail served.
+const CONSOLE_DEFAULT_BYTES: u64 = 16 * 1024;
+const CONSOLE_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The router of the agent API, every route behind the token check.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/facts", get(facts))
+        .route("/v1/load", get(load))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{id}", get(get_vm).put(start_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/stop", post(stop_vm))
+        .route("/v1/vms/{id}/pause", post(pause_vm))
+        .route("/v1/vms/{id}/resume", post(resume_vm))
+        .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/check-paths", post(check_paths))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            require_token,
+        ))
+        .with_state(agent)
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if same_secret(t.as_bytes(), agent.token.as_bytes()) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            Json(ErrorBody {
+                error: "missing or wrong agent token: send `Authorization: Bearer <token>` with \
+                        the token of the agent's STATE_DIR/agent.token"
+                    .to_string(),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn not_found() -> AgentError {
+    AgentError::NotFound("no such agent API path (see tern_api::agent)".to_string())
+}
+
+fn vm_id(raw: &str) -> Result<Uuid, AgentError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| AgentError::BadRequest(format!("{raw:?} is not a VM id (UUID)")))
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AgentError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| AgentError::BadRequest(format!("bad request body: {}", e.body_text())))
+}
+
+async fn facts(State(agent): State<Arc<Agent>>) -> Json<HostFacts> {
+    Json(agent.facts.clone())
+}
+
+async fn load(State(agent): State<Arc<Agent>>) -> Json<HostLoad> {
+    Json(agent.load().await)
+}
+
+async fn list_vms(State(agent): State<Arc<Agent>>) -> Json<Vec<VmRuntime>> {
+    Json(agent.vms.list())
+}
+
+async fn get_vm(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmRuntime>, AgentError> {
+    agent.vms.get(vm_id(&id)?).map(Json)
+}
+
+async fn start_vm(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<StartVm>, JsonRejection>,
+) -> Result<Json<VmRuntime>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.vms.clone().start(id, req).await.map(Json)
+}
+
+async fn stop_vm(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<StopVm>, JsonRejection>,
+) -> Result<Json<VmRuntime>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.vms.stop(id, req).await.map(Json)
+}
+
+async fn pause_vm(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmRuntime>, AgentError> {
+    agent.vms.pause(vm_id(&id)?).await.map(Json)
+}
+
+async fn resume_vm(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmRuntime>, AgentError> {
+    agent.vms.resume(vm_id(&id)?).await.map(Json)
+}
+
+async fn delete_vm(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<()>, AgentError> {
+    agent.vms.delete(vm_id(&id)?).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+struct ConsoleQuery {
+    bytes: Option<u64>,
+}
+
+async fn console(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Response, AgentError> {
+    let bytes = q
+        .bytes
+        .unwrap_or(CONSOLE_DEFAULT_BYTES)
+        .min(CONSOLE_MAX_BYTES);
+    let text = agent.vms.console_tail(vm_id(&id)?, bytes).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+async fn check_paths(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<CheckPaths>, JsonRejection>,
+) -> Result<Json<PathsReport>, AgentError> {
+    let req = body(req)?;
+    let shared = agent.cfg.shared_storage.clone();
+    let report =
+        tokio::task::spawn_blocking(move || crate::paths::check(&req.paths, shared.as_deref()))
+            .await
+            .map_err(|e| AgentError::Internal(anyhow::anyhow!("path check task failed: {e}")))?;
+    Ok(Json(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,385 @@
+//! The agent's settings: command-line flags, the TOML config file, defaults, and their merge.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+pub use tern_qemu::AccelChoice;
+
+/// Default directory of the agent's state (token, per-VM run dirs).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tern/host";
+/// Default address of the agent API.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8701";
+/// Default QEMU binary.
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+/// Default heartbeat period.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 2000;
+/// CPU model given to VMs whose spec names none: every x86-64 host offers it, so VMs started
+/// with it can migrate anywhere.
+pub const DEFAULT_CPU_MODEL: &str = "qemu64";
+
+/// Flags of `tern host agent` (each may also come from the config file).
+///
+/// Every flag is also a key of the TOML file given with `--config` (same name, `-` written
+/// `_`, e.g. `state_dir = "/srv/tern"`); a flag on the command line wins over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(after_long_help = AFTER_HELP)]
+pub struct AgentArgs {
+    /// TOML config file; flags given on the command line win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Name of this host in the center [default: the machine's hostname].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Cluster to join (it must exist in the center) [default: default].
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// Center to register with, `http://IP:PORT`. Without it the agent runs alone, serving
+    /// its API only.
+    #[arg(long, value_name = "URL")]
+    pub center: Option<String>,
+    /// File holding the center's enrolment token (one line); needed with --center.
+    #[arg(long, value_name = "FILE")]
+    pub enrol_token_file: Option<PathBuf>,
+    /// Address of the agent API [default: 0.0.0.0:8701].
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// URL the center calls this agent at [default: from --listen, or from
+    /// --migration-address when listening on every address].
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+    /// Directory of the agent's state: agent.token and vms/<uuid>/ run dirs
+    /// [default: /var/lib/tern/host].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Bridge the VMs' taps are attached to (needed for VMs with NICs).
+    #[arg(long, value_name = "BRIDGE")]
+    pub bridge: Option<String>,
+    /// Root of the shared storage this host sees (VM kernels and disks live under it).
+    #[arg(long, value_name = "DIR")]
+    pub shared_storage: Option<PathBuf>,
+    /// IP this host receives migrations on [default: the --listen IP].
+    #[arg(long, value_name = "IP")]
+    pub migration_address: Option<IpAddr>,
+    /// Accelerator: auto (KVM when the CPU has vmx/svm and /dev/kvm opens, else TCG with a
+    /// warning), kvm (or refuse to start), tcg [default: auto].
+    #[arg(long, value_name = "auto|kvm|tcg")]
+    pub accel: Option<AccelChoice>,
+    /// Most capable CPU model this host may offer guests (EVC ceiling), e.g. `Haswell`.
+    #[arg(long, value_name = "MODEL")]
+    pub cpu_ceiling: Option<String>,
+    /// CPU model for VMs whose spec names none [default: qemu64].
+    #[arg(long, value_name = "MODEL")]
+    pub default_cpu_model: Option<String>,
+    /// QEMU binary [default: qemu-system-x86_64].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// Heartbeat period in milliseconds [default: 2000].
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+}
+
+const AFTER_HELP: &str = "\
+Example (one host of a cluster):
+  tern host agent --name h1 --cluster prod --center http://10.0.0.2:8700 \\
+      --enrol-token-file /etc/tern/enrol.token --listen 10.0.0.11:8701 \\
+      --bridge br0 --shared-storage /srv/shared
+
+The same as a config file (tern host agent --config /etc/tern/host.toml):
+  name = \"h1\"
+  cluster = \"prod\"
+  center = \"http://10.0.0.2:8700\"
+  enrol_token_file = \"/etc/tern/enrol.token\"
+  listen = \"10.0.0.11:8701\"
+  bridge = \"br0\"
+  shared_storage = \"/srv/shared\"
+
+QEMU processes outlive the agent: stopping or restarting it leaves VMs running, and the next
+start adopts them again from the state dir. The center authenticates with the token the agent
+keeps in STATE_DIR/agent.token.";
+
+/// The config file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    cluster: Option<String>,
+    center: Option<String>,
+    enrol_token_file: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    advertise_url: Option<String>,
+    state_dir: Option<PathBuf>,
+    bridge: Option<String>,
+    shared_storage: Option<PathBuf>,
+    migration_address: Option<IpAddr>,
+    accel: Option<AccelChoice>,
+    cpu_ceiling: Option<String>,
+    default_cpu_model: Option<String>,
+    qemu: Option<PathBuf>,
+    heartbeat_ms: Option<u64>,
+}
+
+/// Where and how to reach the center.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CenterLink {
+    /// `http://IP:PORT`, no trailing slash.
+    pub url: String,
+    pub enrol_token_file: PathBuf,
+}
+
+/// The agent's settings once flags, file and defaults are merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub name: String,
+    pub cluster: String,
+    /// `None`: run alone (API only, no registration).
+    pub center: Option<CenterLink>,
+    pub listen: SocketAddr,
+    /// `None`: derived from the address actually bound (see [`AgentConfig::agent_url`]).
+    pub advertise_url: Option<String>,
+    pub state_dir: PathBuf,
+    pub bridge: Option<String>,
+    pub shared_storage: Option<PathBuf>,
+    pub migration_address: IpAddr,
+    pub accel: AccelChoice,
+    pub cpu_ceiling: Option<String>,
+    pub default_cpu_model: String,
+    pub qemu: PathBuf,
+    pub heartbeat_ms: u64,
+}
+
+impl AgentArgs {
+    /// Merges flags over the config file over defaults, and checks the result.
+    pub fn resolve(&self) -> anyhow::Result<AgentConfig> {
+        let file = match &self.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let name = match self.name.clone().or(file.name) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .context("reading the hostname (give --name)")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        if name.is_empty() {
+            bail!("the host name is empty: give --name");
+        }
+        let listen = match self.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN.parse().context("default listen address")?,
+        };
+        let center_url = self.center.clone().or(file.center);
+        let enrol_token_file = self.enrol_token_file.clone().or(file.enrol_token_file);
+        let center = match center_url {
+            Some(url) => {
+                let url = url.trim_end_matches('/').to_string();
+                if !url.starts_with("http://") {
+                    bail!("--center must be an http://IP:PORT URL, not {url:?}");
+                }
+                let Some(enrol_token_file) = enrol_token_file else {
+                    bail!("--center needs --enrol-token-file (the file the center wrote its enrolment token to)");
+                };
+                Some(CenterLink {
+                    url,
+                    enrol_token_file,
+                })
+            }
+            None => None,
+        };
+        let advertise_url = self
+            .advertise_url
+            .clone()
+            .or(file.advertise_url)
+            .map(|u| u.trim_end_matches('/').to_string());
+        if let Some(u) = &advertise_url {
+            if !u.starts_with("http://") {
+                bail!("--advertise-url must be an http://IP:PORT URL, not {u:?}");
+            }
+        }
+        let migration_address = match self.migration_address.or(file.migration_address) {
+            Some(a) => a,
+            None if !listen.ip().is_unspecified() => listen.ip(),
+            None => IpAddr::from([127, 0, 0, 1]),
+        };
+        let heartbeat_ms = self
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(DEFAULT_HEARTBEAT_MS);
+        if heartbeat_ms < 100 {
+            bail!("--heartbeat-ms {heartbeat_ms} is too short (at least 100)");
+        }
+        let bridge = self.bridge.clone().or(file.bridge);
+        if let Some(b) = &bridge {
+            if b.is_empty() || b.len() > 15 {
+                bail!("--bridge {b:?} is not an interface name (1 to 15 characters)");
+            }
+        }
+        Ok(AgentConfig {
+            name,
+            cluster: self
+                .cluster
+                .clone()
+                .or(file.cluster)
+                .unwrap_or_else(|| "default".to_string()),
+            center,
+            listen,
+            advertise_url,
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            bridge,
+            shared_storage: self.shared_storage.clone().or(file.shared_storage),
+            migration_address,
+            accel: self.accel.or(file.accel).unwrap_or_default(),
+            cpu_ceiling: self.cpu_ceiling.clone().or(file.cpu_ceiling),
+            default_cpu_model: self
+                .default_cpu_model
+                .clone()
+                .or(file.default_cpu_model)
+                .unwrap_or_else(|| DEFAULT_CPU_MODEL.to_string()),
+            qemu: self
+                .qemu
+                .clone()
+                .or(file.qemu)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)),
+            heartbeat_ms,
+        })
+    }
+}
+
+impl AgentConfig {
+    /// URL the center calls this agent at, given the address the API actually bound.
+    pub fn agent_url(&self, bound: SocketAddr) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.clone();
+        }
+        let ip = if bound.ip().is_unspecified() {
+            self.migration_address
+        } else {
+            bound.ip()
+        };
+        match ip {
+            IpAddr::V4(v4) => format!("http://{v4}:{}", bound.port()),
+            IpAddr::V6(v6) => format!("http://[{v6}]:{}", bound.port()),
+        }
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing the config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn parse(argv: &[&str]) -> AgentArgs {
+        let mut v = vec!["agent"];
+        v.extend_from_slice(argv);
+        Cli::try_parse_from(v).expect("flags parse").args
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--name", "h1"]).resolve().expect("resolves");
+        assert_eq!(c.name, "h1");
+        assert_eq!(c.cluster, "default");
+        assert_eq!(c.center, None);
+        assert_eq!(c.listen, "0.0.0.0:8701".parse().expect("addr"));
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.accel, AccelChoice::Auto);
+        assert_eq!(c.heartbeat_ms, 2000);
+        assert_eq!(c.default_cpu_model, "qemu64");
+        assert_eq!(c.migration_address, IpAddr::from([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("host.toml");
+        std::fs::write(
+            &file,
+            "name = \"from-file\"\ncluster = \"lab\"\nlisten = \"10.0.0.5:9000\"\n\
+             accel = \"tcg\"\nheartbeat_ms = 500\nbridge = \"br9\"\n",
+        )
+        .expect("write config");
+        let c = parse(&[
+            "--config",
+            file.to_str().expect("utf-8 path"),
+            "--name",
+            "h2",
+            "--heartbeat-ms",
+            "700",
+        ])
+        .resolve()
+        .expect("resolves");
+        assert_eq!(c.name, "h2");
+        assert_eq!(c.cluster, "lab");
+        assert_eq!(c.accel, AccelChoice::Tcg);
+        assert_eq!(c.heartbeat_ms, 700);
+        assert_eq!(c.bridge.as_deref(), Some("br9"));
+        // The migration address follows a specific listen address.
+        assert_eq!(c.migration_address, IpAddr::from([10, 0, 0, 5]));
+        assert_eq!(
+            c.agent_url("10.0.0.5:9000".parse().expect("addr")),
+            "http://10.0.0.5:9000"
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("host.toml");
+        std::fs::write(&file, "nmae = \"typo\"\n").expect("write config");
+        let err = parse(&["--config", file.to_str().expect("utf-8 path")])
+            .resolve()
+            .expect_err("typo refused");
+        assert!(format!("{err:#}").contains("nmae"), "{err:#}");
+    }
+
+    #[test]
+    fn center_needs_enrol_token() {
+        let err = parse(&["--name", "h", "--center", "http://10.0.0.2:8700"])
+            .resolve()
+            .expect_err("refused");
+        assert!(format!("{err}").contains("--enrol-token-file"));
+        let c = parse(&[
+            "--name",
+            "h",
+            "--center",
+            "http://10.0.0.2:8700/",
+            "--enrol-token-file",
+            "/tmp/t",
+        ])
+        .resolve()
+        .expect("resolves");
+        assert_eq!(
+            c.center.map(|l| l.url).as_deref(),
+            Some("http://10.0.0.2:8700")
+        );
+    }
+
+    #[test]
+    fn agent_url_from_unspecified_listen() {
+        let c = parse(&["--name", "h", "--migration-address", "10.77.0.11"])
+            .resolve()
+            .expect("resolves");
+        assert_eq!(
+            c.agent_url("0.0.0.0:8701".parse().expect("addr")),
+            "http://10.77.0.11:8701"
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! The agent's link to the center: registration with the enrolment token (retried with
+//! back-off), then heartbeats carrying facts and load; registers again when the center forgets
+//! the host.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_api::center::{Heartbeat, RegisterHost, Registered, API_PREFIX};
+use tern_api::{ApiClient, ApiError, Endpoint};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CenterLink;
+use crate::Agent;
+
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a registration attempt failed, in words that tell the operator what to do.
+fn explain_register_error(e: &ApiError, link: &CenterLink, cluster: &str) -> String {
+    match e {
+        ApiError::Transport { .. } => format!("center unreachable at {}: {e}", link.url),
+        ApiError::Status {
+            status: 401 | 403,
+            message,
+        } => format!(
+            "the center refused the enrolment token from {} ({message}); copy the center's \
+             enrolment token there",
+            link.enrol_token_file.display()
+        ),
+        ApiError::Status {
+            status: 404,
+            message,
+        } if message.contains("tern cluster create") => {
+            format!("cluster {cluster:?} is missing in the center: {message}")
+        }
+        ApiError::Status {
+            status: 404,
+            message,
+        } => format!(
+            "cluster {cluster:?} is missing in the center ({message}); create it with \
+             `tern cluster create {cluster}`"
+        ),
+        other => format!("registration refused: {other}"),
+    }
+}
+
+fn read_enrol_token(link: &CenterLink) -> Result<String, String> {
+    match std::fs::read_to_string(&link.enrol_token_file) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!(
+            "the enrolment token file {} is empty",
+            link.enrol_token_file.display()
+        )),
+        Err(e) => Err(format!(
+            "cannot read the enrolment token file {}: {e}",
+            link.enrol_token_file.display()
+        )),
+    }
+}
+
+async fn register_once(
+    agent: &Agent,
+    link: &CenterLink,
+    agent_url: &str,
+) -> Result<Registered, String> {
+    let token = read_enrol_token(link)?;
+    let client = ApiClient::with_timeout(Endpoint::Tcp(link.url.clone()), token, CALL_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let body = RegisterHost {
+        name: agent.cfg.name.clone(),
+        cluster: agent.cfg.cluster.clone(),
+        agent_url: agent_url.to_string(),
+        agent_token: agent.token.clone(),
+        facts: agent.facts.clone(),
+    };
+    client
+        .post(&format!("{API_PREFIX}/hosts/register"), &body)
+        .await
+        .map_err(|e| explain_register_error(&e, link, &agent.cfg.cluster))
+}
+
+/// Registers, retrying with back-off until it works or `shutdown` fires.
+async fn register(
+    agent: &Agent,
+    link: &CenterLink,
+    agent_url: &str,
+    shutdown: &CancellationToken,
+) -> Option<Registered> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match register_once(agent, link, agent_url).await {
+            Ok(r) => {
+                tracing::info!(
+                    center = %link.url,
+                    host_id = %r.host_id,
+                    cluster = %agent.cfg.cluster,
+                    %agent_url,
+                    "registered with the center"
+                );
+                return Some(r);
+            }
+            Err(why) => {
+                tracing::warn!(
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot register: {why}"
+                );
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// What ended a run of heartbeats.
+enum HeartbeatEnd {
+    Shutdown,
+    /// The center no longer knows this host (or its token): register again.
+    Forgotten(String),
+}
+
+async fn heartbeats(
+    agent: &Agent,
+    link: &CenterLink,
+    reg: &Registered,
+    shutdown: &CancellationToken,
+) -> HeartbeatEnd {
+    let period = Duration::from_millis(agent.cfg.heartbeat_ms);
+    if reg.heartbeat_interval_ms > 0 && reg.heartbeat_interval_ms < agent.cfg.heartbeat_ms {
+        tracing::warn!(
+            center_expects_ms = reg.heartbeat_interval_ms,
+            heartbeat_ms = agent.cfg.heartbeat_ms,
+            "the center expects heartbeats more often than configured"
+        );
+    }
+    let client = match ApiClient::with_timeout(
+        Endpoint::Tcp(link.url.clone()),
+        reg.host_token.clone(),
+        CALL_TIMEOUT,
+    ) {
+        Ok(c) => c,
+        Err(e) => return HeartbeatEnd::Forgotten(e.to_string()),
+    };
+    let path = format!("{API_PREFIX}/hosts/{}/heartbeat", reg.host_id);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return HeartbeatEnd::Shutdown,
+            _ = tick.tick() => {}
+        }
+        let body = Heartbeat {
+            facts: agent.facts.clone(),
+            load: agent.load().await,
+        };
+        match client.post::<_, serde_json::Value>(&path, &body).await {
+            Ok(_) => {
+                if failing {
+                    tracing::info!(center = %link.url, "heartbeats reach the center again");
+                    failing = false;
+                }
+            }
+            Err(ApiError::Status {
+                status: status @ (401 | 404),
+                message,
+            }) => {
+                return HeartbeatEnd::Forgotten(format!("HTTP {status}: {message}"));
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(center = %link.url, error = %e, "heartbeat failed; still trying");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the host registered and heartbeating until `shutdown` fires.
+pub async fn run(
+    agent: Arc<Agent>,
+    link: CenterLink,
+    agent_url: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let Some(reg) = register(&agent, &link, &agent_url, &shutdown).await else {
+            return;
+        };
+        match heartbeats(&agent, &link, &reg, &shutdown).await {
+            HeartbeatEnd::Shutdown => return,
+            HeartbeatEnd::Forgotten(why) => {
+                tracing::warn!(
+                    "the center does not know this host any more ({why}); registering again"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_errors_say_what_to_do() {
+        let link = CenterLink {
+            url: "http://10.0.0.2:8700".into(),
+            enrol_token_file: "/etc/tern/enrol.token".into(),
+        };
+        let refused = ApiError::Status {
+            status: 401,
+            message: "bad token".into(),
+        };
+        let m = explain_register_error(&refused, &link, "lab");
+        assert!(
+            m.contains("/etc/tern/enrol.token") && m.contains("bad token"),
+            "{m}"
+        );
+        let missing = ApiError::Status {
+            status: 404,
+            message: "no such cluster".into(),
+        };
+        let m = explain_register_error(&missing, &link, "lab");
+        assert!(m.contains("tern cluster create lab"), "{m}");
+        let conflict = ApiError::Status {
+            status: 409,
+            message: "host has VMs elsewhere".into(),
+        };
+        let m = explain_register_error(&conflict, &link, "lab");
+        assert!(m.contains("host has VMs elsewhere"), "{m}");
+    }
+}

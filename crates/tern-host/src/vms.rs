@@ -1,0 +1,847 @@
+//! The VMs of this host: start, stop, pause, resume, delete, re-adoption after an agent
+//! restart, and one supervisor task per QEMU process that records how it ended.
+//!
+//! Every lifecycle operation on a VM holds that VM's operation lock, so operations on one VM
+//! run one at a time while different VMs proceed in parallel. The in-memory state of a VM is
+//! mirrored to its run dir (`state.json`) before and after each step, so a restarted agent
+//! can tell a VM that was stopped on purpose from one that crashed while it was away.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tern_api::agent::{StartVm, VmRuntime};
+use tern_api::center::StopVm;
+use tern_api::{Accelerator, BootSource, PowerState, VmSpec};
+use tern_qemu::{ExitReason, LaunchConfig, QemuVm, RunState};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::AgentError;
+use crate::store::{RunDir, RunRecord, StateDir};
+use crate::tap;
+
+/// Grace time of a graceful stop when the request gives none.
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a fresh QEMU may take to report `running`.
+const START_RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
+/// Period of new attempts to adopt a live QEMU that did not answer at agent start.
+const ADOPT_RETRY: Duration = Duration::from_secs(5);
+/// How long the supervisor may take to record an exit QEMU already reported.
+const EXIT_RECORD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Host settings the VM manager needs.
+#[derive(Debug, Clone)]
+pub struct VmHostConfig {
+    pub store: StateDir,
+    pub accelerator: Accelerator,
+    pub bridge: Option<String>,
+    pub qemu: std::path::PathBuf,
+    pub default_cpu_model: String,
+}
+
+/// A QEMU process the agent controls.
+struct Live {
+    vm: Arc<QemuVm>,
+    pid: u32,
+    /// Turns true once the supervisor has recorded the process's end.
+    recorded: watch::Receiver<bool>,
+}
+
+struct VmState {
+    spec: VmSpec,
+    generation: u64,
+    power: PowerState,
+    accelerator: Accelerator,
+    exit_reason: Option<String>,
+    taps: Vec<String>,
+    stop_requested: bool,
+    live: Option<Live>,
+    /// Set once deleted: an operation that waited for the lock must not resurrect it.
+    deleted: bool,
+}
+
+impl VmState {
+    fn record(&self) -> RunRecord {
+        RunRecord {
+            state: self.power,
+            accelerator: self.accelerator,
+            stop_requested: self.stop_requested,
+            exit_reason: self.exit_reason.clone(),
+        }
+    }
+}
+
+struct Slot {
+    run: RunDir,
+    /// Serialises lifecycle operations on this VM.
+    op: tokio::sync::Mutex<()>,
+    st: Mutex<VmState>,
+}
+
+impl Slot {
+    fn st(&self) -> MutexGuard<'_, VmState> {
+        // A panic inside a short critical section leaves the state usable.
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn runtime(&self) -> VmRuntime {
+        let st = self.st();
+        VmRuntime {
+            id: self.run.id,
+            spec: st.spec.clone(),
+            generation: st.generation,
+            state: st.power,
+            pid: st.live.as_ref().map(|l| l.pid),
+            accelerator: st.accelerator,
+            exit_reason: st.exit_reason.clone(),
+            console_log: self.run.paths().console_log.display().to_string(),
+            taps: st.taps.clone(),
+        }
+    }
+
+    fn persist(&self) {
+        let rec = self.st().record();
+        if let Err(e) = self.run.write_record(&rec) {
+            tracing::warn!(vm = %self.run.id, error = %format!("{e:#}"), "cannot record the VM state");
+        }
+    }
+}
+
+/// The VMs of this host.
+pub struct VmManager {
+    host: VmHostConfig,
+    slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
+    /// Stops the supervisors when the agent shuts down (QEMU processes keep running).
+    shutdown: CancellationToken,
+}
+
+/// One VM's pid and identity, for load sampling.
+#[derive(Debug, Clone)]
+pub struct VmProc {
+    pub id: Uuid,
+    pub name: String,
+    pub state: PowerState,
+    pub pid: Option<u32>,
+}
+
+fn tap_names(id: Uuid, spec: &VmSpec) -> Vec<String> {
+    (0..spec.nics.len()).map(|i| tap::tap_name(id, i)).collect()
+}
+
+/// State and reason recorded when a QEMU process has ended.
+fn classify_exit(stop_requested: bool, reason: &ExitReason) -> (PowerState, Option<String>) {
+    match reason {
+        _ if stop_requested => (PowerState::Stopped, None),
+        ExitReason::Shutdown { reason: r, .. } if r == "guest-panic" => {
+            (PowerState::Crashed, Some(reason.to_string()))
+        }
+        // The guest powered off, or someone asked QEMU to quit: a clean end.
+        ExitReason::Shutdown { .. } => (PowerState::Stopped, Some(reason.to_string())),
+        ExitReason::Killed => (
+            PowerState::Crashed,
+            Some("killed without a stop request".to_string()),
+        ),
+        ExitReason::Crashed { reason } => (PowerState::Crashed, Some(reason.clone())),
+    }
+}
+
+fn qemu_error(e: tern_qemu::Error) -> AgentError {
+    use tern_qemu::Error as E;
+    match e {
+        E::Config(_) | E::MissingFile { .. } | E::KvmUnavailable(_) => {
+            AgentError::BadRequest(e.to_string())
+        }
+        E::AlreadyRunning { .. } => AgentError::Conflict(e.to_string()),
+        other => AgentError::Qemu(other.to_string()),
+    }
+}
+
+/// Checks what the agent itself relies on before QEMU sees the spec.
+fn validate(spec: &VmSpec, bridge: Option<&str>) -> Result<(), AgentError> {
+    if !tern_api::valid_name(&spec.name) {
+        return Err(AgentError::BadRequest(format!(
+            "VM name {:?} is not [a-z0-9][a-z0-9-]{{0,31}}",
+            spec.name
+        )));
+    }
+    if spec.nics.len() > tap::MAX_NICS {
+        return Err(AgentError::BadRequest(format!(
+            "{} NICs: at most {} are supported",
+            spec.nics.len(),
+            tap::MAX_NICS
+        )));
+    }
+    for nic in &spec.nics {
+        if tern_api::parse_unicast_mac(&nic.mac).is_none() {
+            return Err(AgentError::BadRequest(format!(
+                "NIC MAC {:?} is not a unicast xx:xx:xx:xx:xx:xx address",
+                nic.mac
+            )));
+        }
+    }
+    if !spec.nics.is_empty() && bridge.is_none() {
+        return Err(AgentError::BadRequest(
+            "the VM has NICs but this host has no VM bridge: start the agent with --bridge"
+                .to_string(),
+        ));
+    }
+    if let BootSource::Kernel { kernel, initrd, .. } = &spec.boot {
+        for (what, path) in
+            std::iter::once(("kernel", kernel)).chain(initrd.iter().map(|i| ("initrd", i)))
+        {
+            if !std::path::Path::new(path).is_file() {
+                return Err(AgentError::BadRequest(format!(
+                    "{what} {path} is not a file on this host"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl VmManager {
+    pub fn new(host: VmHostConfig) -> Arc<VmManager> {
+        Arc::new(VmManager {
+            host,
+            slots: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, id: Uuid) -> Result<Arc<Slot>, AgentError> {
+        self.slots()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no VM {id} on this host")))
+    }
+
+    pub fn list(&self) -> Vec<VmRuntime> {
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let mut out: Vec<VmRuntime> = slots.iter().map(|s| s.runtime()).collect();
+        out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    pub fn get(&self, id: Uuid) -> Result<VmRuntime, AgentError> {
+        Ok(self.slot(id)?.runtime())
+    }
+
+    /// Pids and states of every VM, for the load sampler.
+    pub fn procs(&self) -> Vec<VmProc> {
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        slots
+            .iter()
+            .map(|s| {
+                let st = s.st();
+                VmProc {
+                    id: s.run.id,
+                    name: st.spec.name.clone(),
+                    state: st.power,
+                    pid: st.live.as_ref().map(|l| l.pid),
+                }
+            })
+            .collect()
+    }
+
+    /// Starts the VM, or answers at once when it already runs with the same spec.
+    pub async fn start(self: Arc<Self>, id: Uuid, req: StartVm) -> Result<VmRuntime, AgentError> {
+        validate(&req.spec, self.host.bridge.as_deref())?;
+        let (slot, created) = {
+            let mut slots = self.slots();
+            match slots.get(&id) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s = Arc::new(Slot {
+                        run: self.host.store.vm(id),
+                        op: tokio::sync::Mutex::new(()),
+                        st: Mutex::new(VmState {
+                            spec: req.spec.clone(),
+                            generation: req.generation,
+                            power: PowerState::Stopped,
+                            accelerator: self.host.accelerator,
+                            exit_reason: None,
+                            taps: tap_names(id, &req.spec),
+                            stop_requested: false,
+                            live: None,
+                            deleted: false,
+                        }),
+                    });
+                    slots.insert(id, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        let _op = slot.op.lock().await;
+        {
+            let mut st = slot.st();
+            if st.deleted {
+                return Err(AgentError::Conflict(format!(
+                    "VM {id} was deleted while this start waited; start it again"
+                )));
+            }
+            if st.live.is_some() {
+                if st.spec != req.spec {
+                    return Err(AgentError::Conflict(format!(
+                        "VM {} already runs here with a different spec; stop it first",
+                        st.spec.name
+                    )));
+                }
+                let regenerated = st.generation != req.generation;
+                st.generation = req.generation;
+                drop(st);
+                if regenerated {
+                    slot.run
+                        .write_spec(&req.spec, req.generation)
+                        .map_err(AgentError::Internal)?;
+                }
+                return Ok(slot.runtime());
+            }
+        }
+        Self::refuse_uncontrolled(&slot)?;
+        let result = self.launch(&slot, &req).await;
+        if result.is_err() && created {
+            // A VM that never ran leaves nothing behind.
+            slot.st().deleted = true;
+            self.slots().remove(&id);
+            if let Err(e) = std::fs::remove_dir_all(&slot.run.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(vm = %id, error = %e, "cannot remove the run dir of a failed start");
+                }
+            }
+        }
+        result
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        req: &StartVm,
+    ) -> Result<VmRuntime, AgentError> {
+        let id = slot.run.id;
+        let taps = tap_names(id, &req.spec);
+        slot.run.create().map_err(AgentError::Internal)?;
+        slot.run
+            .write_spec(&req.spec, req.generation)
+            .map_err(AgentError::Internal)?;
+        {
+            let mut st = slot.st();
+            st.spec = req.spec.clone();
+            st.generation = req.generation;
+            st.accelerator = self.host.accelerator;
+            st.taps = taps.clone();
+            st.stop_requested = false;
+        }
+        slot.persist();
+        if let Some(bridge) = &self.host.bridge {
+            for t in &taps {
+                if let Err(e) = tap::ensure_tap(t, bridge) {
+                    remove_taps(&taps);
+                    return Err(match e {
+                        tap::TapError::NoBridge(_) | tap::TapError::NotATap(_) => {
+                            AgentError::BadRequest(e.to_string())
+                        }
+                        _ => AgentError::Internal(anyhow::anyhow!("creating tap {t}: {e}")),
+                    });
+                }
+            }
+        }
+        let cfg = LaunchConfig {
+            id,
+            spec: req.spec.clone(),
+            run_dir: slot.run.dir.clone(),
+            taps: taps.clone(),
+            accel: self.host.accelerator,
+            qemu_binary: self.host.qemu.clone(),
+            default_cpu_model: self.host.default_cpu_model.clone(),
+            incoming: None,
+            start_paused: false,
+        };
+        let vm = match QemuVm::launch(cfg).await {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                remove_taps(&taps);
+                tracing::warn!(vm = %req.spec.name, %id, error = %e, "QEMU did not start");
+                return Err(qemu_error(e));
+            }
+        };
+        if let Err(e) = vm
+            .wait_status(|s| *s == RunState::Running, START_RUNNING_TIMEOUT)
+            .await
+        {
+            let _ = vm.kill().await;
+            drop(vm);
+            remove_taps(&taps);
+            if let Err(e) = QemuVm::cleanup(&slot.run.dir) {
+                tracing::warn!(vm = %req.spec.name, error = %e, "cannot clean the run dir");
+            }
+            return Err(AgentError::Qemu(format!(
+                "QEMU started but did not report running: {e}"
+            )));
+        }
+        self.adopt_live(slot, vm, PowerState::Running);
+        tracing::info!(vm = %req.spec.name, %id, generation = req.generation, "VM running");
+        Ok(slot.runtime())
+    }
+
+    /// Records a live QEMU in the slot and starts its supervisor.
+    fn adopt_live(self: &Arc<Self>, slot: &Arc<Slot>, vm: Arc<QemuVm>, power: PowerState) {
+        let (tx, rx) = watch::channel(false);
+        {
+            let mut st = slot.st();
+            st.live = Some(Live {
+                vm: vm.clone(),
+                pid: vm.pid(),
+                recorded: rx,
+            });
+            st.power = power;
+            st.exit_reason = None;
+        }
+        slot.persist();
+        let this = self.clone();
+        let slot = slot.clone();
+        tokio::spawn(async move { this.supervise(slot, vm, tx).await });
+    }
+
+    /// Follows one QEMU process: pause/resume events, then its end.
+    async fn supervise(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        vm: Arc<QemuVm>,
+        recorded: watch::Sender<bool>,
+    ) {
+        let mut events = vm.qmp().events();
+        let mut events_open = true;
+        let reason = loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                r = vm.wait_exit() => break r,
+                ev = events.recv(), if events_open => match ev {
+                    Ok(ev) => {
+                        let power = match ev.name.as_str() {
+                            "STOP" => Some(PowerState::Paused),
+                            "RESUME" => Some(PowerState::Running),
+                            _ => None,
+                        };
+                        if let Some(p) = power {
+                            let mut st = slot.st();
+                            if st.live.as_ref().map(|l| l.pid) == Some(vm.pid()) {
+                                st.power = p;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => events_open = false,
+                },
+            }
+        };
+        self.record_exit(&slot, vm.pid(), &reason);
+        recorded.send_replace(true);
+    }
+
+    fn record_exit(&self, slot: &Slot, pid: u32, reason: &ExitReason) {
+        let (name, power, why, taps) = {
+            let mut st = slot.st();
+            if st.live.as_ref().map(|l| l.pid) != Some(pid) {
+                return;
+            }
+            st.live = None;
+            let (power, why) = classify_exit(st.stop_requested, reason);
+            st.power = power;
+            st.exit_reason = why.clone();
+            (st.spec.name.clone(), power, why, st.taps.clone())
+        };
+        remove_taps(&taps);
+        if let Err(e) = QemuVm::cleanup(&slot.run.dir) {
+            tracing::warn!(vm = %name, error = %e, "cannot clean the run dir");
+        }
+        slot.persist();
+        match power {
+            PowerState::Crashed => tracing::warn!(
+                vm = %name, id = %slot.run.id, pid, reason = why.as_deref().unwrap_or(""),
+                "VM crashed"
+            ),
+            _ => tracing::info!(
+                vm = %name, id = %slot.run.id, pid, reason = why.as_deref().unwrap_or("stop requested"),
+                "VM stopped"
+            ),
+        }
+    }
+
+    /// The live QEMU of a VM, for an operation that needs one.
+    fn live(slot: &Slot) -> Result<(Arc<QemuVm>, watch::Receiver<bool>), AgentError> {
+        let st = slot.st();
+        match &st.live {
+            Some(l) => Ok((l.vm.clone(), l.recorded.clone())),
+            None => Err(AgentError::Conflict(format!(
+                "VM {} is {}, not running",
+                st.spec.name, st.power
+            ))),
+        }
+    }
+
+    /// Refuses operations on a VM whose live QEMU could not be adopted.
+    fn refuse_uncontrolled(slot: &Slot) -> Result<(), AgentError> {
+        let st = slot.st();
+        if st.live.is_none() && st.power == PowerState::Unknown {
+            return Err(AgentError::Conflict(format!(
+                "VM {} has a QEMU process the agent cannot control yet ({}); the agent keeps \
+                 trying to adopt it",
+                st.spec.name,
+                st.exit_reason.clone().unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn wait_recorded(mut rx: watch::Receiver<bool>) -> Result<(), AgentError> {
+        match tokio::time::timeout(EXIT_RECORD_TIMEOUT, rx.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(()),
+            // Sender gone: the supervisor stopped (agent shutting down).
+            Ok(Err(_)) => Ok(()),
+            Err(_) => Err(AgentError::Internal(anyhow::anyhow!(
+                "QEMU exited but its end was not recorded within {} s",
+                EXIT_RECORD_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Stops the VM: ACPI power button, then quit, then kill (or kill at once with `force`).
+    /// A VM that is not running is answered as it is.
+    pub async fn stop(&self, id: Uuid, req: StopVm) -> Result<VmRuntime, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        Self::refuse_uncontrolled(&slot)?;
+        let (vm, recorded) = match Self::live(&slot) {
+            Ok(l) => l,
+            Err(_) => return Ok(slot.runtime()),
+        };
+        slot.st().stop_requested = true;
+        slot.persist();
+        let name = slot.st().spec.name.clone();
+        let result = if req.force {
+            tracing::info!(vm = %name, %id, "killing VM (forced stop)");
+            vm.kill().await
+        } else {
+            let timeout = req
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_STOP_TIMEOUT);
+            tracing::info!(vm = %name, %id, timeout_ms = timeout.as_millis() as u64, "stopping VM");
+            vm.shutdown(timeout).await
+        };
+        if let Err(e) = result {
+            return Err(AgentError::Qemu(format!("stopping VM {name}: {e}")));
+        }
+        Self::wait_recorded(recorded).await?;
+        Ok(slot.runtime())
+    }
+
+    pub async fn pause(&self, id: Uuid) -> Result<VmRuntime, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let (vm, _) = Self::live(&slot)?;
+        vm.pause().await.map_err(qemu_error)?;
+        slot.st().power = PowerState::Paused;
+        slot.persist();
+        Ok(slot.runtime())
+    }
+
+    pub async fn resume(&self, id: Uuid) -> Result<VmRuntime, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let (vm, _) = Self::live(&slot)?;
+        vm.resume().await.map_err(qemu_error)?;
+        slot.st().power = PowerState::Running;
+        slot.persist();
+        Ok(slot.runtime())
+    }
+
+    /// Kills the VM if it runs, removes its taps and its run dir.
+    pub async fn delete(&self, id: Uuid) -> Result<(), AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        Self::refuse_uncontrolled(&slot)?;
+        if let Ok((vm, recorded)) = Self::live(&slot) {
+            slot.st().stop_requested = true;
+            slot.persist();
+            vm.kill()
+                .await
+                .map_err(|e| AgentError::Qemu(format!("killing VM {id}: {e}")))?;
+            Self::wait_recorded(recorded).await?;
+        }
+        let (taps, name) = {
+            let mut st = slot.st();
+            st.deleted = true;
+            (st.taps.clone(), st.spec.name.clone())
+        };
+        remove_taps(&taps);
+        self.slots().remove(&id);
+        if let Err(e) = std::fs::remove_dir_all(&slot.run.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(AgentError::Internal(anyhow::anyhow!(
+                    "removing {}: {e}",
+                    slot.run.dir.display()
+                )));
+            }
+        }
+        tracing::info!(vm = %name, %id, "VM deleted");
+        Ok(())
+    }
+
+    /// The last `bytes` of the VM's serial console log.
+    pub async fn console_tail(&self, id: Uuid, bytes: u64) -> Result<String, AgentError> {
+        let slot = self.slot(id)?;
+        let path = slot.run.paths().console_log;
+        tokio::task::spawn_blocking(move || read_tail(&path, bytes))
+            .await
+            .map_err(|e| AgentError::Internal(anyhow::anyhow!("console read task failed: {e}")))?
+            .map_err(AgentError::Internal)
+    }
+
+    /// Loads every run dir: re-adopts VMs whose QEMU still runs (without touching them) and
+    /// records how the others ended.
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        for run in self.host.store.list_vms()? {
+            let id = run.id;
+            let (spec, generation) = match run.read_spec() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %format!("{e:#}"), "run dir without a readable spec; ignored");
+                    continue;
+                }
+            };
+            let rec = run.read_record();
+            let slot = Arc::new(Slot {
+                run: run.clone(),
+                op: tokio::sync::Mutex::new(()),
+                st: Mutex::new(VmState {
+                    taps: tap_names(id, &spec),
+                    spec,
+                    generation,
+                    power: PowerState::Stopped,
+                    accelerator: rec
+                        .as_ref()
+                        .map_or(self.host.accelerator, |r| r.accelerator),
+                    exit_reason: rec.as_ref().and_then(|r| r.exit_reason.clone()),
+                    stop_requested: rec.as_ref().is_some_and(|r| r.stop_requested),
+                    live: None,
+                    deleted: false,
+                }),
+            });
+            self.slots().insert(id, slot.clone());
+            let name = slot.st().spec.name.clone();
+            match QemuVm::adopt(&run.dir).await {
+                Ok(vm) => {
+                    let vm = Arc::new(vm);
+                    let power = match vm.status().await {
+                        Ok(s) => s.power_state(),
+                        Err(e) => {
+                            tracing::warn!(vm = %name, error = %e, "adopted QEMU does not answer query-status");
+                            PowerState::Unknown
+                        }
+                    };
+                    tracing::info!(vm = %name, %id, pid = vm.pid(), state = %power, "re-adopted running VM");
+                    self.adopt_live(&slot, vm, power);
+                }
+                Err(tern_qemu::Error::NotRunning { detail, .. }) => {
+                    let (power, why) = match &rec {
+                        Some(r) if r.stop_requested => (PowerState::Stopped, None),
+                        Some(r) if matches!(r.state, PowerState::Stopped | PowerState::Crashed) => {
+                            (r.state, r.exit_reason.clone())
+                        }
+                        Some(r) => (
+                            PowerState::Crashed,
+                            Some(format!(
+                                "QEMU ended while the agent was not running (it was {}; {detail})",
+                                r.state
+                            )),
+                        ),
+                        None => (PowerState::Stopped, None),
+                    };
+                    self.record_gone(&slot, power, why);
+                }
+                Err(e) => {
+                    // Alive but not answering: leave the process alone, say so, retry later.
+                    tracing::error!(vm = %name, %id, error = %e, "cannot adopt the VM's QEMU; leaving it untouched and retrying");
+                    {
+                        let mut st = slot.st();
+                        st.power = PowerState::Unknown;
+                        st.exit_reason = Some(format!("cannot adopt its QEMU: {e}"));
+                    }
+                    let this = self.clone();
+                    tokio::spawn(async move { this.retry_adopt(slot).await });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a VM whose QEMU is gone (found at agent start): state, taps, stale files.
+    fn record_gone(&self, slot: &Slot, power: PowerState, why: Option<String>) {
+        let (name, taps) = {
+            let mut st = slot.st();
+            st.power = power;
+            st.exit_reason = why;
+            (st.spec.name.clone(), st.taps.clone())
+        };
+        remove_taps(&taps);
+        if let Err(e) = QemuVm::cleanup(&slot.run.dir) {
+            tracing::warn!(vm = %name, error = %e, "cannot clean the run dir");
+        }
+        slot.persist();
+        tracing::info!(vm = %name, id = %slot.run.id, state = %power, "VM not running");
+    }
+
+    /// Tries again to adopt a live QEMU that did not answer, until it does or is gone.
+    async fn retry_adopt(self: Arc<Self>, slot: Arc<Slot>) {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(ADOPT_RETRY) => {}
+            }
+            let _op = slot.op.lock().await;
+            if slot.st().deleted {
+                return;
+            }
+            match QemuVm::adopt(&slot.run.dir).await {
+                Ok(vm) => {
+                    let vm = Arc::new(vm);
+                    let power = match vm.status().await {
+                        Ok(s) => s.power_state(),
+                        Err(_) => PowerState::Unknown,
+                    };
+                    tracing::info!(vm = %slot.st().spec.name, pid = vm.pid(), state = %power, "adopted the VM's QEMU at last");
+                    self.adopt_live(&slot, vm, power);
+                    return;
+                }
+                Err(tern_qemu::Error::NotRunning { detail, .. }) => {
+                    self.record_gone(
+                        &slot,
+                        PowerState::Crashed,
+                        Some(format!(
+                            "QEMU ended before the agent could adopt it ({detail})"
+                        )),
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %slot.run.id, error = %e, "still cannot adopt");
+                }
+            }
+        }
+    }
+
+    /// Stops supervising (agent shutdown); QEMU processes keep running.
+    pub fn release(&self) {
+        self.shutdown.cancel();
+        let slots: Vec<Arc<Slot>> = self.slots().drain().map(|(_, s)| s).collect();
+        for s in slots {
+            // Dropping the QemuVm closes its QMP connection; the process lives on.
+            s.st().live = None;
+        }
+    }
+}
+
+fn remove_taps(taps: &[String]) {
+    for t in taps {
+        if let Err(e) = tap::remove_tap(t) {
+            tracing::warn!(tap = %t, error = %e, "cannot remove tap");
+        }
+    }
+}
+
+fn read_tail(path: &std::path::Path, bytes: u64) -> anyhow::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(anyhow::anyhow!("opening {}: {e}", path.display())),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
+    let mut buf = Vec::new();
+    f.take(bytes).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits() {
+        let crash = ExitReason::Crashed {
+            reason: "signal 9".into(),
+        };
+        assert_eq!(
+            classify_exit(false, &crash),
+            (PowerState::Crashed, Some("signal 9".into()))
+        );
+        assert_eq!(classify_exit(true, &crash), (PowerState::Stopped, None));
+        let guest_off = ExitReason::Shutdown {
+            guest: true,
+            reason: "guest-shutdown".into(),
+        };
+        assert_eq!(classify_exit(false, &guest_off).0, PowerState::Stopped);
+        let panic = ExitReason::Shutdown {
+            guest: true,
+            reason: "guest-panic".into(),
+        };
+        assert_eq!(classify_exit(false, &panic).0, PowerState::Crashed);
+        assert_eq!(
+            classify_exit(true, &ExitReason::Killed).0,
+            PowerState::Stopped
+        );
+    }
+
+    #[test]
+    fn tails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("console.log");
+        assert_eq!(read_tail(&p, 10).expect("missing is empty"), "");
+        std::fs::write(&p, "hello world\n").expect("write");
+        assert_eq!(read_tail(&p, 6).expect("tail"), "world\n");
+        assert_eq!(read_tail(&p, 1000).expect("all"), "hello world\n");
+    }
+
+    #[test]
+    fn specs_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("write");
+        let mut spec = VmSpec {
+            name: "ok".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            cpu_model: None,
+            boot: BootSource::Kernel {
+                kernel: kernel.display().to_string(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            disks: vec![],
+            nics: vec![],
+        };
+        assert!(validate(&spec, None).is_ok());
+        spec.nics.push(tern_api::NicSpec {
+            mac: "52:54:00:00:00:01".into(),
+        });
+        let e = validate(&spec, None).expect_err("no bridge");
+        assert!(e.to_string().contains("--bridge"), "{e}");
+        assert!(validate(&spec, Some("br0")).is_ok());
+        spec.boot = BootSource::Kernel {
+            kernel: "/nonexistent/vmlinuz".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let e = validate(&spec, Some("br0")).expect_err("missing kernel");
+        assert!(matches!(e, AgentError::BadRequest(_)));
+        assert!(e.to_string().contains("/nonexistent/vmlinuz"), "{e}");
+    }
+}
