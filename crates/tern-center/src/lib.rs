@@ -1,16 +1,38 @@
 //! `tern center`: inventory, tasks, events, the scheduler loop and the REST API.
+//!
+//! Layout: [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) →
+//! [`api`] (routes, auth, OpenAPI) → [`inventory`] and [`tasks`] (the rules) → [`store`] (SQLite,
+//! the only place SQL lives); [`agent`] holds the calls to host agents.
 
-use std::path::PathBuf;
+pub mod agent;
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod inventory;
+pub mod server;
+pub mod store;
+pub mod tasks;
+pub mod vmcheck;
 
-/// Flags of `tern center` (each may also come from the config file).
-#[derive(Debug, Clone, clap::Args)]
-pub struct CenterArgs {
-    /// TOML config file; flags given on the command line win over it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
+pub use config::{CenterArgs, CenterConfig};
+pub use server::{serve, RunningCenter};
 
 /// Runs the center until SIGINT/SIGTERM.
-pub async fn run(_args: CenterArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tern center: not built yet")
+pub async fn run(args: CenterArgs) -> anyhow::Result<()> {
+    let config = CenterConfig::from_args(&args)?;
+    let mut center = serve(config).await?;
+    tracing::info!(
+        url = center.url(),
+        admin_token_file = %center.config.admin_token_file.display(),
+        enrol_token_file = %center.config.enrol_token_file.display(),
+        "ready"
+    );
+    tokio::select! {
+        sig = server::termination_signal() => {
+            tracing::info!("{}: shutting down", sig?);
+            center.shutdown().await
+        }
+        r = center.stopped() => r,
+    }
 }

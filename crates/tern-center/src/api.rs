@@ -1,0 +1,630 @@
+//! The REST API: routes under `/api/v1`, bearer-token checks, extractors that answer with
+//! [`ErrorBody`], and the OpenAPI document generated from the handlers.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use uuid::Uuid;
+
+use tern_api::center::{
+    Cluster, CreateCluster, CreateVm, Event, EventLevel, Heartbeat, Host, RegisterHost, Registered,
+    StopVm, Task, TaskKind, TaskState, Vm,
+};
+use tern_api::ErrorBody;
+
+use crate::app::App;
+use crate::error::ApiErr;
+use crate::inventory;
+use crate::store::EventFilter;
+use crate::tasks;
+
+type AppState = State<Arc<App>>;
+
+/// JSON body; a rejection answers 400 (415 without a JSON content type) with an ErrorBody.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiErr))]
+pub struct Body<T>(pub T);
+
+/// Path parameters; a bad value answers 400 with an ErrorBody.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiErr))]
+pub struct PathArg<T>(pub T);
+
+/// Query string; a bad value answers 400 with an ErrorBody.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiErr))]
+pub struct QueryArg<T>(pub T);
+
+type Json<T> = axum::Json<T>;
+type ApiResult<T> = Result<T, ApiErr>;
+
+/// Compares tokens in time independent of where they differ.
+pub fn token_eq(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The bearer token of a request, if it carries one.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+async fn require_admin(State(app): AppState, req: Request, next: Next) -> Response {
+    match bearer(req.headers()) {
+        Some(t) if token_eq(&t, &app.admin_token) => next.run(req).await,
+        Some(_) => ApiErr::unauthorized(format!(
+            "wrong token: present the admin token (on the center host in {})",
+            app.config.admin_token_file.display()
+        ))
+        .into_response(),
+        None => ApiErr::unauthorized(format!(
+            "missing Authorization: Bearer <token>: set TERN_TOKEN or --token to the admin \
+             token (on the center host in {})",
+            app.config.admin_token_file.display()
+        ))
+        .into_response(),
+    }
+}
+
+async fn require_enrol(State(app): AppState, req: Request, next: Next) -> Response {
+    match bearer(req.headers()) {
+        Some(t) if token_eq(&t, &app.enrol_token) => next.run(req).await,
+        _ => ApiErr::unauthorized(format!(
+            "registering a host needs Authorization: Bearer <enrolment token>: give the agent \
+             --enrol-token-file with the token from {} on the center host",
+            app.config.enrol_token_file.display()
+        ))
+        .into_response(),
+    }
+}
+
+/// The API router (state attached), ready to serve on any listener.
+pub fn router(app: Arc<App>) -> Router {
+    let admin = Router::new()
+        .route("/clusters", post(create_cluster).get(list_clusters))
+        .route("/clusters/{name}", get(get_cluster))
+        .route("/hosts", get(list_hosts))
+        .route("/hosts/{name}", get(get_host))
+        .route("/vms", post(create_vm).get(list_vms))
+        .route("/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/vms/{name}/start", post(start_vm))
+        .route("/vms/{name}/stop", post(stop_vm))
+        .route("/vms/{name}/console", get(vm_console))
+        .route("/tasks", get(list_tasks))
+        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/events", get(list_events))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
+    let enrol = Router::new()
+        .route("/hosts/register", post(register_host))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_enrol));
+    // Heartbeats carry the host's own token, checked against the store by the handler.
+    let heartbeats = Router::new().route("/hosts/{id}/heartbeat", post(heartbeat));
+    let api = admin.merge(enrol).merge(heartbeats);
+    Router::new()
+        .nest(tern_api::center::API_PREFIX, api)
+        .route("/openapi.json", get(openapi_json))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(middleware::from_fn(log_request))
+        .with_state(app)
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    resp
+}
+
+async fn no_route() -> ApiErr {
+    ApiErr::not_found("no such API path: see GET /openapi.json for the paths")
+}
+
+async fn no_method() -> ApiErr {
+    ApiErr::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this path does not take that method: see GET /openapi.json",
+    )
+}
+
+// ---- clusters ----
+
+#[utoipa::path(post, path = "/api/v1/clusters", tag = "clusters",
+    request_body = CreateCluster,
+    responses(
+        (status = 201, description = "Cluster created", body = Cluster),
+        (status = 400, description = "Invalid name or body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "Name taken", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn create_cluster(
+    State(app): AppState,
+    Body(req): Body<CreateCluster>,
+) -> ApiResult<(StatusCode, Json<Cluster>)> {
+    let c = inventory::create_cluster(&app, req).await?;
+    Ok((StatusCode::CREATED, axum::Json(c)))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters", tag = "clusters",
+    responses(
+        (status = 200, description = "All clusters", body = Vec<Cluster>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_clusters(State(app): AppState) -> ApiResult<Json<Vec<Cluster>>> {
+    Ok(axum::Json(app.db.read(|tx| tx.clusters()).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster", body = Cluster),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_cluster(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<Cluster>> {
+    let c = app
+        .db
+        .read(move |tx| {
+            tx.cluster(&name)?.ok_or_else(|| {
+                ApiErr::not_found(format!(
+                    "cluster {name} does not exist: see tern cluster list"
+                ))
+            })
+        })
+        .await?;
+    Ok(axum::Json(c))
+}
+
+// ---- hosts ----
+
+#[utoipa::path(post, path = "/api/v1/hosts/register", tag = "hosts",
+    request_body = RegisterHost,
+    responses(
+        (status = 200, description = "Registered (again); heartbeat with the host token", body = Registered),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong enrolment token", body = ErrorBody),
+        (status = 404, description = "No such cluster (the agent retries)", body = ErrorBody),
+        (status = 409, description = "Host has VMs in another cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn register_host(
+    State(app): AppState,
+    Body(req): Body<RegisterHost>,
+) -> ApiResult<Json<Registered>> {
+    Ok(axum::Json(inventory::register_host(&app, req).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/hosts/{id}/heartbeat", tag = "hosts",
+    params(("id" = Uuid, Path, description = "Host id from the registration")),
+    request_body = Heartbeat,
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong host token (register again)", body = ErrorBody),
+        (status = 404, description = "Unknown host (register again)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn heartbeat(
+    State(app): AppState,
+    PathArg(id): PathArg<Uuid>,
+    headers: HeaderMap,
+    Body(hb): Body<Heartbeat>,
+) -> ApiResult<StatusCode> {
+    inventory::heartbeat(&app, id, bearer(&headers), hb).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
+    responses(
+        (status = 200, description = "All hosts", body = Vec<Host>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_hosts(State(app): AppState) -> ApiResult<Json<Vec<Host>>> {
+    let hosts = app
+        .db
+        .read(|tx| {
+            tx.hosts()?
+                .iter()
+                .map(|h| tx.host_view(h))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    Ok(axum::Json(hosts))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "The host", body = Host),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_host(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResult<Json<Host>> {
+    let h = app
+        .db
+        .read(move |tx| {
+            let h = tx.host_by_name(&name)?.ok_or_else(|| {
+                ApiErr::not_found(format!("host {name} is not registered: see tern host list"))
+            })?;
+            Ok::<_, ApiErr>(tx.host_view(&h)?)
+        })
+        .await?;
+    Ok(axum::Json(h))
+}
+
+// ---- VMs ----
+
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms",
+    request_body = CreateVm,
+    responses(
+        (status = 201, description = "VM created (stopped)", body = Vm),
+        (status = 400, description = "Invalid spec", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster or host", body = ErrorBody),
+        (status = 409, description = "Name or MAC taken, host unusable, no host to ask", body = ErrorBody),
+        (status = 422, description = "Does not fit the host, or files missing on its shared storage", body = ErrorBody),
+        (status = 502, description = "The host's agent could not be asked", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn create_vm(
+    State(app): AppState,
+    Body(req): Body<CreateVm>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    let vm = inventory::create_vm(&app, req).await?;
+    Ok((StatusCode::CREATED, axum::Json(vm)))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    responses(
+        (status = 200, description = "All VMs", body = Vec<Vm>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_vms(State(app): AppState) -> ApiResult<Json<Vec<Vm>>> {
+    let vms = app
+        .db
+        .read(|tx| Ok::<_, ApiErr>(tx.vms()?.iter().map(|v| v.to_api()).collect()))
+        .await?;
+    Ok(axum::Json(vms))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses(
+        (status = 200, description = "The VM", body = Vm),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResult<Json<Vm>> {
+    let vm = app
+        .db
+        .read(move |tx| {
+            tx.vm_by_name(&name)?
+                .map(|v| v.to_api())
+                .ok_or_else(|| inventory::vm_not_found(&name))
+        })
+        .await?;
+    Ok(axum::Json(vm))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "VM running, state unknown, or a task is acting on it", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn delete_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResult<StatusCode> {
+    inventory::delete_vm(&app, name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/start", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses(
+        (status = 202, description = "Start task queued; follow it with GET /api/v1/tasks/{id}", body = Task),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "Host unusable, or a task is acting on the VM", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn start_vm(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    let t = tasks::start_vm(&app, name).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(t)))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/stop", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    request_body(content = StopVm, description = "Optional; an empty body is a graceful stop"),
+    responses(
+        (status = 202, description = "Stop task queued; follow it with GET /api/v1/tasks/{id}", body = Task),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "Host disconnected, or a task is acting on the VM", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn stop_vm(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    let req: StopVm = if body.iter().all(u8::is_ascii_whitespace) {
+        StopVm::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiErr::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let t = tasks::stop_vm(&app, name, req).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(t)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// How many bytes of the log's end to return (default: the agent's).
+    pub bytes: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), ConsoleQuery),
+    responses(
+        (status = 200, description = "The tail of the serial console log", body = String, content_type = "text/plain"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM, or it never ran", body = ErrorBody),
+        (status = 502, description = "The host's agent could not be asked", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn vm_console(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    QueryArg(q): QueryArg<ConsoleQuery>,
+) -> ApiResult<Response> {
+    let text = inventory::console(&app, name, q.bytes).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+// ---- tasks and events ----
+
+/// Most tasks or events one list call returns.
+const MAX_LIST: u32 = 10_000;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TaskQuery {
+    /// Newest N tasks (default 1000).
+    pub limit: Option<u32>,
+    /// Only this VM's tasks.
+    pub vm: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks",
+    params(TaskQuery),
+    responses(
+        (status = 200, description = "Tasks, newest last", body = Vec<Task>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_tasks(
+    State(app): AppState,
+    QueryArg(q): QueryArg<TaskQuery>,
+) -> ApiResult<Json<Vec<Task>>> {
+    let limit = q.limit.unwrap_or(1000).min(MAX_LIST);
+    let tasks = app
+        .db
+        .read(move |tx| tx.tasks(limit, q.vm.as_deref()))
+        .await?;
+    Ok(axum::Json(tasks))
+}
+
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks",
+    params(("id" = Uuid, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 400, description = "Not a task id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_task(State(app): AppState, PathArg(id): PathArg<Uuid>) -> ApiResult<Json<Task>> {
+    let t = app
+        .db
+        .read(move |tx| {
+            tx.task(id)?.map(|t| t.task).ok_or_else(|| {
+                ApiErr::not_found(format!("task {id} does not exist: see tern task list"))
+            })
+        })
+        .await?;
+    Ok(axum::Json(t))
+}
+
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = Uuid, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task, cancelled", body = Task),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The task has already ended", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn cancel_task(State(app): AppState, PathArg(id): PathArg<Uuid>) -> ApiResult<Json<Task>> {
+    Ok(axum::Json(tasks::cancel(&app, id).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Newest N events (default 100).
+    pub limit: Option<u32>,
+    /// Only events about this VM.
+    pub vm: Option<String>,
+    /// Only events about this host.
+    pub host: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 200, description = "Events, newest last", body = Vec<Event>),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_events(
+    State(app): AppState,
+    QueryArg(q): QueryArg<EventQuery>,
+) -> ApiResult<Json<Vec<Event>>> {
+    let filter = EventFilter {
+        limit: q.limit.unwrap_or(100).min(MAX_LIST),
+        vm: q.vm,
+        host: q.host,
+    };
+    Ok(axum::Json(app.db.read(move |tx| tx.events(&filter)).await?))
+}
+
+// ---- OpenAPI ----
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The OpenAPI document of the center's REST API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tern center API",
+        description = "Inventory (clusters, hosts, VMs), tasks and events of a tern center. \
+            Every call needs `Authorization: Bearer <token>`: the admin token for users, the \
+            enrolment token for host registration, the host's own token for its heartbeats. \
+            Errors answer `{\"error\": \"what to fix\"}`."
+    ),
+    paths(
+        create_cluster, list_clusters, get_cluster,
+        register_host, heartbeat, list_hosts, get_host,
+        create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console,
+        list_tasks, get_task, cancel_task, list_events,
+    ),
+    components(schemas(ErrorBody, TaskKind, TaskState, EventLevel)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "clusters", description = "Clusters of hosts"),
+        (name = "hosts", description = "Host agents: enrolment, heartbeats, inventory"),
+        (name = "vms", description = "Virtual machines"),
+        (name = "tasks", description = "Long-running operations"),
+        (name = "events", description = "History of state changes"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as JSON text (built once).
+pub fn openapi_text() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"building the OpenAPI document: {e}\"}}"))
+    })
+}
+
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_text()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare() {
+        assert!(token_eq("abc", "abc"));
+        assert!(!token_eq("abd", "abc"));
+        assert!(!token_eq("ab", "abc"));
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer  tok ".parse().unwrap());
+        assert_eq!(bearer(&h).as_deref(), Some("tok"));
+        h.insert(header::AUTHORIZATION, "Basic tok".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+
+    /// Every path of tern-api's table is documented, with the same methods.
+    #[test]
+    fn openapi_lists_every_path() {
+        let doc: serde_json::Value = serde_json::from_str(openapi_text()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let expected = [
+            ("post", "/api/v1/clusters"),
+            ("get", "/api/v1/clusters"),
+            ("get", "/api/v1/clusters/{name}"),
+            ("post", "/api/v1/hosts/register"),
+            ("post", "/api/v1/hosts/{id}/heartbeat"),
+            ("get", "/api/v1/hosts"),
+            ("get", "/api/v1/hosts/{name}"),
+            ("post", "/api/v1/vms"),
+            ("get", "/api/v1/vms"),
+            ("get", "/api/v1/vms/{name}"),
+            ("post", "/api/v1/vms/{name}/start"),
+            ("post", "/api/v1/vms/{name}/stop"),
+            ("delete", "/api/v1/vms/{name}"),
+            ("get", "/api/v1/vms/{name}/console"),
+            ("get", "/api/v1/tasks"),
+            ("get", "/api/v1/tasks/{id}"),
+            ("post", "/api/v1/tasks/{id}/cancel"),
+            ("get", "/api/v1/events"),
+        ];
+        for (method, path) in expected {
+            assert!(
+                paths.get(path).and_then(|p| p.get(method)).is_some(),
+                "{method} {path} missing from the OpenAPI document"
+            );
+        }
+        let n: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(n, expected.len());
+        assert!(doc["components"]["schemas"].get("VmSpec").is_some());
+        assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
+    }
+}

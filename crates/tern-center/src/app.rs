@@ -1,0 +1,120 @@
+//! The center's shared state: store, settings, tokens, host liveness, running task drivers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::config::CenterConfig;
+use crate::store::Db;
+
+/// Everything request handlers, task drivers and the monitor share.
+pub struct App {
+    pub db: Db,
+    pub config: CenterConfig,
+    pub admin_token: String,
+    pub enrol_token: String,
+    /// When each host's last heartbeat (or registration) arrived, on the monotonic clock.
+    /// Only touched inside store transactions, so it changes in step with the hosts table.
+    pub liveness: Mutex<HashMap<Uuid, Instant>>,
+    /// When a task last ended on each VM: heartbeats sampled before that moment may arrive
+    /// after it, so for a short while they do not overrule the task's outcome.
+    settled: Mutex<HashMap<Uuid, Instant>>,
+    /// Wakes the driver of a task when a user cancels it.
+    cancels: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Task drivers and other background work, awaited (briefly) at shutdown.
+    workers: Mutex<JoinSet<()>>,
+}
+
+impl App {
+    pub fn new(db: Db, config: CenterConfig, admin_token: String, enrol_token: String) -> App {
+        App {
+            db,
+            config,
+            admin_token,
+            enrol_token,
+            liveness: Mutex::new(HashMap::new()),
+            settled: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+            workers: Mutex::new(JoinSet::new()),
+        }
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.heartbeat_timeout_ms)
+    }
+
+    /// Records that a host was heard from now.
+    pub fn mark_alive(&self, host: Uuid) {
+        lock(&self.liveness).insert(host, Instant::now());
+    }
+
+    /// Time since a host was last heard from; a host never heard from by this process counts
+    /// from `now` (a restarted center gives every host a full timeout to call in).
+    pub fn silence(&self, host: Uuid) -> Duration {
+        let mut map = lock(&self.liveness);
+        map.entry(host).or_insert_with(Instant::now).elapsed()
+    }
+
+    /// Records that a task on `vm` just ended.
+    pub fn settle(&self, vm: Uuid) {
+        lock(&self.settled).insert(vm, Instant::now());
+    }
+
+    /// Whether a task ended on `vm` too recently for heartbeats to be trusted about it: two
+    /// heartbeat periods, the age of a heartbeat's figures at worst.
+    pub fn settling(&self, vm: Uuid) -> bool {
+        let grace = Duration::from_millis(self.config.heartbeat_interval_ms.saturating_mul(2));
+        let mut map = lock(&self.settled);
+        map.retain(|_, t| t.elapsed() < grace);
+        map.contains_key(&vm)
+    }
+
+    /// Runs background work the center waits for (a little) at shutdown.
+    pub fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let mut set = lock(&self.workers);
+        while set.try_join_next().is_some() {}
+        set.spawn(fut);
+    }
+
+    /// Waits up to `grace` for background work, then aborts what is left; returns how many
+    /// were aborted.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let mut set = std::mem::take(&mut *lock(&self.workers));
+        let deadline = tokio::time::Instant::now() + grace;
+        while !set.is_empty() {
+            match tokio::time::timeout_at(deadline, set.join_next()).await {
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let left = set.len();
+        set.shutdown().await;
+        left
+    }
+
+    /// Registers the cancel signal of a task about to be driven.
+    pub fn cancel_signal(&self, task: Uuid) -> Arc<Notify> {
+        lock(&self.cancels).entry(task).or_default().clone()
+    }
+
+    pub fn forget_cancel_signal(&self, task: Uuid) {
+        lock(&self.cancels).remove(&task);
+    }
+
+    /// Wakes a task's driver, if one runs; the permit is kept if it is not waiting yet.
+    pub fn signal_cancel(&self, task: Uuid) {
+        if let Some(n) = lock(&self.cancels).get(&task) {
+            n.notify_one();
+        }
+    }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked (plain maps).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

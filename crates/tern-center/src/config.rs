@@ -1,0 +1,286 @@
+//! The center's configuration: command-line flags, the TOML config file, defaults, tokens.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Default data directory (SQLite store, tokens, unix socket).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/tern/center";
+/// Default TCP address of the REST API.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8700";
+/// Default time without a heartbeat after which a host counts as disconnected.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 10_000;
+/// Default heartbeat period the center asks agents for.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
+
+const AFTER_HELP: &str = "\
+Every flag can also be set in the TOML file given with --config, under the same name with '_'
+instead of '-'; a flag given on the command line wins over the file. Example:
+
+    data_dir = \"/var/lib/tern/center\"
+    listen = \"10.77.0.2:8700\"
+    socket = \"/run/tern/center.sock\"
+    heartbeat_timeout_ms = 10000
+
+Tokens: users present the admin token (--admin-token-file), host agents the enrolment token
+(--enrol-token-file) when they register. A missing token file is created with a random token;
+read it on the center host to configure the CLI (TERN_TOKEN) and the agents.
+
+The API listens on TCP and on the unix socket at the same time; its OpenAPI document is at
+GET /openapi.json (no token needed).";
+
+/// Flags of `tern center` (each may also come from the config file).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[command(
+    about = "Run the cluster manager: inventory, tasks, events and the REST API",
+    after_long_help = AFTER_HELP
+)]
+#[serde(deny_unknown_fields)]
+pub struct CenterArgs {
+    /// TOML config file; flags given on the command line win over it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Directory of the store (center.db), the tokens and the socket
+    /// [default: /var/lib/tern/center].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// TCP address of the REST API, used by host agents and remote users
+    /// [default: 0.0.0.0:8700].
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<SocketAddr>,
+
+    /// Unix socket of the REST API (mode 0600), for the local CLI
+    /// [default: DATA_DIR/center.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// File holding the admin token users present (created if missing)
+    /// [default: DATA_DIR/admin.token].
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// File holding the token host agents present to register (created if missing)
+    /// [default: DATA_DIR/enrol.token].
+    #[arg(long, value_name = "FILE")]
+    pub enrol_token_file: Option<PathBuf>,
+
+    /// A host that sent no heartbeat for this long is marked disconnected [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+
+    /// Heartbeat period the center asks agents for at registration [default: 2000].
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+/// The center's settings, every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CenterConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub socket: PathBuf,
+    pub admin_token_file: PathBuf,
+    pub enrol_token_file: PathBuf,
+    pub heartbeat_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl CenterConfig {
+    /// Defaults for a data directory: everything lives inside it.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> CenterConfig {
+        let data_dir = data_dir.into();
+        CenterConfig {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], tern_api::CENTER_PORT))),
+            socket: data_dir.join("center.sock"),
+            admin_token_file: data_dir.join("admin.token"),
+            enrol_token_file: data_dir.join("enrol.token"),
+            heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            data_dir,
+        }
+    }
+
+    /// Merges flags over the config file (if any) over the defaults.
+    pub fn from_args(args: &CenterArgs) -> anyhow::Result<CenterConfig> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => CenterArgs::default(),
+        };
+        let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or(file.clone());
+        let data_dir =
+            pick(&args.data_dir, &file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut cfg = CenterConfig::with_data_dir(data_dir);
+        if let Some(listen) = args.listen.or(file.listen) {
+            cfg.listen = listen;
+        }
+        if let Some(p) = pick(&args.socket, &file.socket) {
+            cfg.socket = p;
+        }
+        if let Some(p) = pick(&args.admin_token_file, &file.admin_token_file) {
+            cfg.admin_token_file = p;
+        }
+        if let Some(p) = pick(&args.enrol_token_file, &file.enrol_token_file) {
+            cfg.enrol_token_file = p;
+        }
+        if let Some(ms) = args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms) {
+            cfg.heartbeat_timeout_ms = ms;
+        }
+        if let Some(ms) = args.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
+            cfg.heartbeat_interval_ms = ms;
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Refuses settings the center cannot work with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.heartbeat_interval_ms == 0 {
+            bail!("heartbeat_interval_ms must be more than 0 (default {DEFAULT_HEARTBEAT_INTERVAL_MS})");
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            bail!(
+                "heartbeat_timeout_ms ({}) must be more than heartbeat_interval_ms ({}); \
+                 a few intervals is usual (default {DEFAULT_HEARTBEAT_TIMEOUT_MS})",
+                self.heartbeat_timeout_ms,
+                self.heartbeat_interval_ms
+            );
+        }
+        Ok(())
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<CenterArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| {
+        format!(
+            "config file {} is not valid (keys are the flag names with '_', see tern center --help)",
+            path.display()
+        )
+    })
+}
+
+/// Reads a token file, or creates it (mode 0600) with a new random token when it is missing.
+pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim().to_string();
+            if token.is_empty() {
+                bail!(
+                    "token file {} is empty: write a token in it, or delete it and the center \
+                     creates one",
+                    path.display()
+                );
+            }
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                create_private_dir(dir)?;
+            }
+            let token = new_token();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating token file {}", path.display()))?;
+            writeln!(f, "{token}").with_context(|| format!("writing {}", path.display()))?;
+            tracing::info!(file = %path.display(), "created a new token");
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading token file {}", path.display())),
+    }
+}
+
+/// Creates a directory (and parents) readable by its owner only, if it does not exist yet.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// A random 256-bit token, hex encoded.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_live_in_the_data_dir() {
+        let cfg = CenterConfig::from_args(&CenterArgs::default()).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(
+            cfg.socket,
+            PathBuf::from(DEFAULT_DATA_DIR).join("center.sock")
+        );
+        assert_eq!(cfg.listen.port(), 8700);
+        assert_eq!(cfg.heartbeat_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("center.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/c\"\nlisten = \"127.0.0.1:9000\"\nheartbeat_timeout_ms = 5000\n",
+        )
+        .unwrap();
+        let args = CenterArgs {
+            config: Some(file.clone()),
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            ..Default::default()
+        };
+        let cfg = CenterConfig::from_args(&args).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/c"));
+        assert_eq!(cfg.socket, PathBuf::from("/srv/c/center.sock"));
+        assert_eq!(cfg.listen, "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(cfg.heartbeat_timeout_ms, 5000);
+
+        std::fs::write(&file, "listn = \"127.0.0.1:9000\"\n").unwrap();
+        let err = CenterConfig::from_args(&args).unwrap_err();
+        assert!(format!("{err:#}").contains("listn"), "{err:#}");
+    }
+
+    #[test]
+    fn timeout_must_exceed_interval() {
+        let args = CenterArgs {
+            heartbeat_timeout_ms: Some(1000),
+            heartbeat_interval_ms: Some(2000),
+            ..Default::default()
+        };
+        assert!(CenterConfig::from_args(&args).is_err());
+    }
+
+    #[test]
+    fn tokens_are_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/admin.token");
+        let t1 = load_or_create_token(&path).unwrap();
+        assert_eq!(t1.len(), 64);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_or_create_token(&path).unwrap(), t1);
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(load_or_create_token(&path).is_err());
+    }
+}

@@ -1,0 +1,705 @@
+//! The inventory's rules: clusters, host registration and heartbeats, the liveness monitor,
+//! VM creation (checks and placement), deletion and console.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tern_api::center::{Cluster, CreateCluster, CreateVm, Heartbeat, RegisterHost, Registered, Vm};
+use tern_api::{valid_name, HostState, PowerState};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::agent::Agent;
+use crate::app::App;
+use crate::config::new_token;
+use crate::error::ApiErr;
+use crate::store::{HostRecord, Link, NewEvent, StoreError, Tx, VmRecord};
+use crate::vmcheck::{self, Candidate};
+
+pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, ApiErr> {
+    if !valid_name(&req.name) {
+        return Err(ApiErr::bad_request(format!(
+            "cluster name {:?} is not valid: use 1 to 32 characters of a-z, 0-9 and '-', \
+             starting with a letter or digit",
+            req.name
+        )));
+    }
+    let evc = req.evc_mode.filter(|m| !m.trim().is_empty());
+    if let Some(m) = &evc {
+        if m.len() > 64 || m.chars().any(char::is_whitespace) {
+            return Err(ApiErr::bad_request(format!(
+                "evc_mode {m:?} is not a CPU model name (e.g. x86-64-v2, Haswell)"
+            )));
+        }
+    }
+    app.db
+        .write(move |tx| {
+            let now = Utc::now();
+            let c = tx.insert_cluster(&req.name, evc.as_deref(), now)?;
+            let baseline = evc
+                .map(|m| format!(" with CPU baseline {m}"))
+                .unwrap_or_default();
+            tx.add_event(
+                NewEvent::info(format!("cluster {} created{baseline}", c.name)),
+                now,
+            )?;
+            Ok(c)
+        })
+        .await
+}
+
+/// Host names: what an agent may call itself (hostnames included), and not a path word.
+fn valid_host_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+        && name != "register"
+}
+
+/// Checks that `url` is an `http://HOST:PORT` the center can call (not a wildcard address).
+fn check_agent_url(url: &str) -> Result<(), ApiErr> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
+    match authority {
+        Some(a) if !a.is_empty() => {
+            let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
+            if matches!(host, "0.0.0.0" | "[::]" | "") {
+                return Err(ApiErr::bad_request(format!(
+                    "agent_url {url} is a wildcard address the center cannot call: start the \
+                     agent with --advertise-url http://IP:PORT"
+                )));
+            }
+            Ok(())
+        }
+        _ => Err(ApiErr::bad_request(format!(
+            "agent_url {url:?} must look like http://IP:PORT"
+        ))),
+    }
+}
+
+pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Registered, ApiErr> {
+    if !valid_host_name(&req.name) {
+        return Err(ApiErr::bad_request(format!(
+            "host name {:?} is not valid: use 1 to 63 characters of letters, digits, '-', '.' \
+             and '_' (and not \"register\")",
+            req.name
+        )));
+    }
+    check_agent_url(&req.agent_url)?;
+    if req.agent_token.trim().is_empty() {
+        return Err(ApiErr::bad_request(
+            "agent_token is empty: the agent must give the token the center presents to it",
+        ));
+    }
+    if req.facts.cores == 0 || req.facts.memory_mib == 0 {
+        return Err(ApiErr::bad_request(
+            "facts report 0 cores or 0 MiB of memory: the agent could not read the host's \
+             facts",
+        ));
+    }
+    let app2 = app.clone();
+    let interval = app.config.heartbeat_interval_ms;
+    app.db
+        .write(move |tx| {
+            let now = Utc::now();
+            let cluster_id = tx.cluster_id(&req.cluster)?.ok_or_else(|| {
+                ApiErr::not_found(format!(
+                    "cluster {c} does not exist: create it with: tern cluster create {c}",
+                    c = req.cluster
+                ))
+            })?;
+            let host_token = new_token();
+            let summary = format!(
+                "{} cores, {} MiB, {} {}",
+                req.facts.cores,
+                req.facts.memory_mib,
+                req.facts.accelerator,
+                req.facts.cpu_model_name
+            );
+            let id = match tx.host_by_name(&req.name)? {
+                Some(mut h) => {
+                    let was = h.state();
+                    if h.cluster_id != cluster_id {
+                        let vms: Vec<String> = tx
+                            .vms_on_host(h.id)?
+                            .iter()
+                            .map(|v| v.name().to_string())
+                            .collect();
+                        if !vms.is_empty() {
+                            return Err(ApiErr::conflict(format!(
+                                "host {} is in cluster {} with VMs ({}); it cannot join cluster \
+                                 {}: delete its VMs first, or start the agent with --cluster {}",
+                                h.name,
+                                h.cluster,
+                                vms.join(", "),
+                                req.cluster,
+                                h.cluster
+                            )));
+                        }
+                        tx.add_event(
+                            NewEvent::warning(format!(
+                                "host {} moves from cluster {} to {}",
+                                h.name, h.cluster, req.cluster
+                            ))
+                            .host(Some(&h.name)),
+                            now,
+                        )?;
+                    }
+                    h.cluster_id = cluster_id;
+                    h.link = Link::Connected;
+                    h.agent_url = req.agent_url.clone();
+                    h.agent_token = req.agent_token.clone();
+                    h.host_token = host_token.clone();
+                    h.facts = req.facts.clone();
+                    h.last_heartbeat = Some(now);
+                    tx.update_host_registration(&h)?;
+                    tx.add_event(
+                        NewEvent::info(format!(
+                            "host {} registered again (agent at {}; {summary}); was {was}",
+                            h.name, h.agent_url
+                        ))
+                        .host(Some(&h.name)),
+                        now,
+                    )?;
+                    h.id
+                }
+                None => {
+                    let h = HostRecord {
+                        id: Uuid::new_v4(),
+                        name: req.name.clone(),
+                        cluster_id,
+                        cluster: req.cluster.clone(),
+                        link: Link::Connected,
+                        maintenance: false,
+                        agent_url: req.agent_url.clone(),
+                        agent_token: req.agent_token.clone(),
+                        host_token: host_token.clone(),
+                        facts: req.facts.clone(),
+                        load: None,
+                        last_heartbeat: Some(now),
+                    };
+                    tx.insert_host(&h, now)?;
+                    tx.add_event(
+                        NewEvent::info(format!(
+                            "host {} joined cluster {} (agent at {}; {summary})",
+                            h.name, h.cluster, h.agent_url
+                        ))
+                        .host(Some(&h.name)),
+                        now,
+                    )?;
+                    h.id
+                }
+            };
+            app2.mark_alive(id);
+            Ok(Registered {
+                host_id: id,
+                host_token,
+                heartbeat_interval_ms: interval,
+            })
+        })
+        .await
+}
+
+/// What a VM's actual state becomes after a heartbeat of its host: what the host reports,
+/// or — when the host does not list it — stopped if it was meant to be (or already was)
+/// stopped, crashed otherwise.
+pub fn next_actual(
+    desired: PowerState,
+    actual: PowerState,
+    reported: Option<PowerState>,
+) -> PowerState {
+    match reported {
+        Some(s) => s,
+        None if actual == PowerState::Stopped || desired == PowerState::Stopped => {
+            PowerState::Stopped
+        }
+        None => PowerState::Crashed,
+    }
+}
+
+fn transition_event(vm: &VmRecord, host: &str, next: PowerState, reported: bool) -> NewEvent {
+    let ev = match (next, reported) {
+        (PowerState::Crashed, true) => NewEvent::error(format!(
+            "VM {} crashed on host {host} (was {})",
+            vm.name(),
+            vm.actual
+        )),
+        (PowerState::Crashed, false) => NewEvent::error(format!(
+            "VM {} is no longer running on host {host} although it should (was {}): marked \
+             crashed",
+            vm.name(),
+            vm.actual
+        )),
+        _ => NewEvent::info(format!(
+            "VM {} is {next} on host {host} (was {})",
+            vm.name(),
+            vm.actual
+        )),
+    };
+    ev.vm(vm.name()).host(Some(host))
+}
+
+/// Applies an agent's heartbeat: the host's facts and load, its connection, its VMs' states.
+pub async fn heartbeat(
+    app: &Arc<App>,
+    host_id: Uuid,
+    token: Option<String>,
+    hb: Heartbeat,
+) -> Result<(), ApiErr> {
+    let app2 = app.clone();
+    app.db
+        .write(move |tx| {
+            let now = Utc::now();
+            let host = tx.host_by_id(host_id)?.ok_or_else(|| {
+                ApiErr::not_found(format!(
+                    "host {host_id} is not registered with this center: register again"
+                ))
+            })?;
+            let Some(token) = token else {
+                return Err(ApiErr::unauthorized(
+                    "missing Authorization: Bearer <host token> (the token registration gave)",
+                ));
+            };
+            if !crate::api::token_eq(&token, &host.host_token) {
+                return Err(ApiErr::unauthorized(format!(
+                    "wrong token for host {}: register again to get a new host token",
+                    host.name
+                )));
+            }
+            tx.record_heartbeat(host.id, &hb.facts, &hb.load, now)?;
+            app2.mark_alive(host.id);
+            if host.link == Link::Disconnected {
+                tx.set_host_link(host.id, Link::Connected)?;
+                tx.add_event(
+                    NewEvent::info(format!("host {} is connected again", host.name))
+                        .host(Some(&host.name)),
+                    now,
+                )?;
+            }
+            apply_vm_reports(&app2, tx, &host, &hb, now)?;
+            Ok(())
+        })
+        .await
+}
+
+fn apply_vm_reports(
+    app: &App,
+    tx: &Tx,
+    host: &HostRecord,
+    hb: &Heartbeat,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), StoreError> {
+    // A VM a task is starting or stopping belongs to that task until it ends.
+    let busy = tx.vms_with_active_tasks()?;
+    let reports: HashMap<Uuid, PowerState> =
+        hb.load.vms.iter().map(|l| (l.vm_id, l.state)).collect();
+    let placed = tx.vms_on_host(host.id)?;
+    for l in &hb.load.vms {
+        if !placed.iter().any(|v| v.id == l.vm_id) {
+            tracing::debug!(
+                host = host.name,
+                vm = l.name,
+                "host runs a VM the center does not place there"
+            );
+        }
+    }
+    for vm in placed {
+        if busy.contains(&vm.id) || app.settling(vm.id) {
+            continue;
+        }
+        let reported = reports.get(&vm.id).copied();
+        let next = next_actual(vm.desired, vm.actual, reported);
+        if next != vm.actual {
+            tx.set_vm_actual(vm.id, next)?;
+            tx.add_event(
+                transition_event(&vm, &host.name, next, reported.is_some()),
+                now,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Marks hosts disconnected when their heartbeats stop, until `shutdown` turns true.
+pub async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let timeout = app.heartbeat_timeout();
+    let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let app2 = app.clone();
+        let r = app
+            .db
+            .write(move |tx| check_liveness(&app2, tx, timeout))
+            .await;
+        if let Err(e) = r {
+            tracing::error!("host monitor: {e}");
+        }
+    }
+}
+
+fn check_liveness(app: &App, tx: &Tx, timeout: Duration) -> Result<(), StoreError> {
+    let now = Utc::now();
+    for host in tx.hosts()? {
+        if host.link != Link::Connected {
+            continue;
+        }
+        let silent = app.silence(host.id);
+        if silent <= timeout {
+            continue;
+        }
+        tx.set_host_link(host.id, Link::Disconnected)?;
+        tx.add_event(
+            NewEvent::warning(format!(
+                "host {} disconnected: no heartbeat for {:.1} s; its VMs keep running, their \
+                 state is unknown until it reconnects",
+                host.name,
+                silent.as_secs_f64()
+            ))
+            .host(Some(&host.name)),
+            now,
+        )?;
+        for vm in tx.vms_on_host(host.id)? {
+            if matches!(vm.actual, PowerState::Stopped | PowerState::Unknown) {
+                continue;
+            }
+            tx.set_vm_actual(vm.id, PowerState::Unknown)?;
+            tx.add_event(
+                NewEvent::warning(format!(
+                    "VM {} state unknown: host {} is disconnected (was {})",
+                    vm.name(),
+                    host.name,
+                    vm.actual
+                ))
+                .vm(vm.name())
+                .host(Some(&host.name)),
+                now,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+struct CreateSnapshot {
+    cluster_id: Uuid,
+    hosts: Vec<(HostRecord, Candidate)>,
+}
+
+fn candidate(tx: &Tx, h: &HostRecord) -> Result<Candidate, StoreError> {
+    let placed = tx
+        .vms_on_host(h.id)?
+        .iter()
+        .fold(0u64, |sum, v| sum.saturating_add(v.spec.memory_mib));
+    Ok(Candidate {
+        id: h.id,
+        name: h.name.clone(),
+        cluster: h.cluster.clone(),
+        state: h.state(),
+        cores: h.facts.cores,
+        memory_mib: h.facts.memory_mib,
+        placed_memory_mib: placed,
+    })
+}
+
+pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
+    let CreateVm {
+        mut spec,
+        cluster,
+        host,
+    } = req;
+    vmcheck::check_spec(&mut spec)?;
+
+    // 1. Read and check against a snapshot.
+    let (spec2, cluster2, host2) = (spec.clone(), cluster.clone(), host.clone());
+    let snap = app
+        .db
+        .read(move |tx| {
+            let cluster_id = tx.cluster_id(&cluster2)?.ok_or_else(|| {
+                ApiErr::not_found(format!(
+                    "cluster {c} does not exist: create it with: tern cluster create {c}",
+                    c = cluster2
+                ))
+            })?;
+            if tx.vm_by_name(&spec2.name)?.is_some() {
+                return Err(ApiErr::conflict(format!(
+                    "a VM named {} already exists; choose another name",
+                    spec2.name
+                )));
+            }
+            for nic in &spec2.nics {
+                if let Some(other) = tx.vm_with_mac(&nic.mac)? {
+                    return Err(ApiErr::conflict(format!(
+                        "MAC {} is already used by VM {other}; every NIC needs its own MAC",
+                        nic.mac
+                    )));
+                }
+            }
+            if let Some(h) = &host2 {
+                if tx.host_by_name(h)?.is_none() {
+                    return Err(ApiErr::not_found(format!(
+                        "host {h} is not registered: see tern host list"
+                    )));
+                }
+            }
+            let mut hosts = Vec::new();
+            for h in tx.hosts()? {
+                let c = candidate(tx, &h)?;
+                hosts.push((h, c));
+            }
+            Ok(CreateSnapshot { cluster_id, hosts })
+        })
+        .await?;
+
+    // 2. Choose the host.
+    let placed_by_center = host.is_none();
+    let idx = match &host {
+        Some(name) => {
+            let idx = snap
+                .hosts
+                .iter()
+                .position(|(h, _)| &h.name == name)
+                .ok_or_else(|| ApiErr::not_found(format!("host {name} is not registered")))?;
+            vmcheck::check_host(&snap.hosts[idx].1, &cluster, &spec)?;
+            idx
+        }
+        None => {
+            let cands: Vec<Candidate> = snap.hosts.iter().map(|(_, c)| c.clone()).collect();
+            vmcheck::place(&cands, &cluster, &spec)?
+        }
+    };
+    let (target, target_cand) = snap.hosts[idx].clone();
+
+    // 3. Ask the host whether it sees the VM's files on its shared storage.
+    let files: Vec<String> = vmcheck::spec_files(&spec)
+        .into_iter()
+        .map(|(_, p)| p.to_string())
+        .collect();
+    if !files.is_empty() {
+        let report = Agent::of(&target)
+            .check_paths(files)
+            .await
+            .map_err(|e| ApiErr::bad_gateway(format!("could not check the VM's files: {e}")))?;
+        let shared = &target.facts.shared_storage;
+        if !report.missing.is_empty() {
+            return Err(ApiErr::unprocessable(format!(
+                "host {} does not have these files: {}; copy them to the shared storage \
+                 (which {} sees at {shared})",
+                target.name,
+                report.missing.join(", "),
+                target.name
+            )));
+        }
+        if !report.outside_shared_storage.is_empty() {
+            return Err(ApiErr::unprocessable(format!(
+                "these files are not on host {}'s shared storage ({shared}): {}; a VM's files \
+                 must live there so every host of the cluster can run it",
+                target.name,
+                report.outside_shared_storage.join(", ")
+            )));
+        }
+    }
+
+    // 4. Record, checking again what may have changed meanwhile.
+    let cluster_id = snap.cluster_id;
+    app.db
+        .write(move |tx| {
+            let now = Utc::now();
+            let host = tx
+                .host_by_id(target.id)?
+                .filter(|h| h.cluster_id == cluster_id && h.state() == HostState::Connected)
+                .ok_or_else(|| {
+                    ApiErr::conflict(format!(
+                        "host {} changed state while the VM was being created; try again",
+                        target.name
+                    ))
+                })?;
+            if placed_by_center {
+                let now_cand = candidate(tx, &host)?;
+                if now_cand.free_memory_mib() < i128::from(spec.memory_mib) {
+                    return Err(ApiErr::conflict(format!(
+                        "host {} filled up while the VM was being created; try again",
+                        host.name
+                    )));
+                }
+            }
+            let vm = VmRecord {
+                id: Uuid::new_v4(),
+                cluster_id,
+                cluster: cluster.clone(),
+                host_id: Some(host.id),
+                host: Some(host.name.clone()),
+                spec,
+                desired: PowerState::Stopped,
+                actual: PowerState::Stopped,
+                generation: 1,
+                created_at: now,
+            };
+            tx.insert_vm(&vm)?;
+            if placed_by_center {
+                tx.add_event(
+                    NewEvent::info(format!(
+                        "placed VM {} on host {}: most free memory in cluster {} ({} MiB free \
+                         before, {} MiB after)",
+                        vm.name(),
+                        host.name,
+                        cluster,
+                        target_cand.free_memory_mib(),
+                        target_cand.free_memory_mib() - i128::from(vm.spec.memory_mib)
+                    ))
+                    .vm(vm.name())
+                    .host(Some(&host.name)),
+                    now,
+                )?;
+            }
+            tx.add_event(
+                NewEvent::info(format!(
+                    "VM {} created in cluster {} on host {} ({} vcpus, {} MiB)",
+                    vm.name(),
+                    cluster,
+                    host.name,
+                    vm.spec.vcpus,
+                    vm.spec.memory_mib
+                ))
+                .vm(vm.name())
+                .host(Some(&host.name)),
+                now,
+            )?;
+            Ok(vm.to_api())
+        })
+        .await
+}
+
+pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), ApiErr> {
+    let (vm, host) = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
+                return Err(ApiErr::conflict(format!(
+                    "task {} is still {} on VM {name}: wait for it, or cancel it with: tern task \
+                     cancel {}",
+                    t.task.id, t.task.state, t.task.id
+                )));
+            }
+            let on = vm.host.clone().unwrap_or_else(|| "its host".into());
+            match vm.actual {
+                PowerState::Running | PowerState::Paused => {
+                    return Err(ApiErr::conflict(format!(
+                        "VM {name} is {} on {on}: stop it first with: tern vm stop {name}",
+                        vm.actual
+                    )))
+                }
+                PowerState::Unknown => {
+                    return Err(ApiErr::conflict(format!(
+                        "VM {name}'s state is unknown ({on} is disconnected) and it may be \
+                         running: wait for the host to reconnect, then stop it"
+                    )))
+                }
+                PowerState::Stopped | PowerState::Crashed => {}
+            }
+            let host = vm.host_id.map(|h| tx.host_by_id(h)).transpose()?.flatten();
+            tx.delete_vm(vm.id)?;
+            tx.add_event(
+                NewEvent::info(format!("VM {name} deleted"))
+                    .vm(&name)
+                    .host(vm.host.as_deref()),
+                now,
+            )?;
+            Ok((vm, host))
+        })
+        .await?;
+    // Remove its runtime files on the host; the inventory no longer has it either way.
+    if let Some(h) = host.filter(|h| h.link == Link::Connected) {
+        if let Err(e) = Agent::of(&h).delete(vm.id).await {
+            let name = vm.name().to_string();
+            let msg = format!(
+                "VM {name}: could not remove its files on host {}: {e}",
+                h.name
+            );
+            app.db
+                .write(move |tx| {
+                    tx.add_event(
+                        NewEvent::warning(msg).vm(name).host(Some(&h.name)),
+                        Utc::now(),
+                    )
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn console(app: &Arc<App>, name: String, bytes: Option<u64>) -> Result<String, ApiErr> {
+    let (vm, host) = app
+        .db
+        .read(move |tx| {
+            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let host = vm
+                .host_id
+                .map(|h| tx.host_by_id(h))
+                .transpose()?
+                .flatten()
+                .ok_or_else(|| ApiErr::conflict(format!("VM {name} has no host")))?;
+            Ok::<_, ApiErr>((vm, host))
+        })
+        .await?;
+    Agent::of(&host)
+        .console(vm.id, bytes)
+        .await
+        .map_err(|e| match e.status() {
+            Some(404) => ApiErr::not_found(format!(
+                "VM {} has no console log on host {} yet: start it first",
+                vm.name(),
+                host.name
+            )),
+            _ => ApiErr::bad_gateway(format!(
+                "could not read the console of VM {}: {e}",
+                vm.name()
+            )),
+        })
+}
+
+pub fn vm_not_found(name: &str) -> ApiErr {
+    ApiErr::not_found(format!("VM {name} does not exist: see tern vm list"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actual_state_after_a_heartbeat() {
+        use PowerState::*;
+        assert_eq!(next_actual(Running, Stopped, Some(Running)), Running);
+        assert_eq!(next_actual(Running, Running, None), Crashed);
+        assert_eq!(next_actual(Running, Unknown, None), Crashed);
+        assert_eq!(next_actual(Stopped, Running, None), Stopped);
+        assert_eq!(next_actual(Running, Stopped, None), Stopped);
+        assert_eq!(next_actual(Stopped, Unknown, Some(Running)), Running);
+    }
+
+    #[test]
+    fn agent_urls() {
+        assert!(check_agent_url("http://10.77.0.11:8701").is_ok());
+        assert!(check_agent_url("http://0.0.0.0:8701").is_err());
+        assert!(check_agent_url("10.0.0.1:8701").is_err());
+        assert!(check_agent_url("http://").is_err());
+        assert!(valid_host_name("h1"));
+        assert!(valid_host_name("node-3.example"));
+        assert!(!valid_host_name("register"));
+        assert!(!valid_host_name("-x"));
+    }
+}

@@ -1,0 +1,261 @@
+//! Starting and stopping a center: data directory lock, store, tokens, recovery, the TCP and
+//! unix-socket listeners, the host monitor, graceful shutdown.
+
+use std::fs::File;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::App;
+use crate::config::{create_private_dir, load_or_create_token, CenterConfig};
+use crate::store::{Db, Store};
+use crate::{api, inventory, tasks};
+
+/// How long shutdown waits for open connections and for task drivers.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A center serving in the background of this process.
+pub struct RunningCenter {
+    /// Bound TCP address (the real port when the config asked for port 0).
+    pub tcp_addr: SocketAddr,
+    pub socket_path: PathBuf,
+    pub admin_token: String,
+    pub enrol_token: String,
+    pub config: CenterConfig,
+    shutdown: watch::Sender<bool>,
+    done: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningCenter {
+    /// `http://IP:PORT` of the TCP listener (0.0.0.0 is given as 127.0.0.1).
+    pub fn url(&self) -> String {
+        let mut addr = self.tcp_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    }
+
+    /// Waits until the center stops on its own (an error), or forever.
+    pub async fn stopped(&mut self) -> anyhow::Result<()> {
+        match self.done.as_mut() {
+            Some(h) => {
+                let r = h.await.context("center task panicked")?;
+                self.done = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops serving, waits (briefly) for running work, closes the store, removes the socket.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        match self.done.take() {
+            Some(h) => h.await.context("center task panicked")?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts a center: returns once it listens on both the TCP address and the unix socket.
+pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
+    config.check()?;
+    create_private_dir(&config.data_dir)?;
+    let lock = lock_data_dir(&config.data_dir)?;
+    let admin_token = load_or_create_token(&config.admin_token_file)?;
+    let enrol_token = load_or_create_token(&config.enrol_token_file)?;
+
+    let db_path = config.data_dir.join("center.db");
+    // The store holds host and agent tokens: owner only. SQLite gives its -wal and -shm files
+    // the database file's mode, and takes an empty file as a new database.
+    if !db_path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&db_path)
+            .with_context(|| format!("creating {}", db_path.display()))?;
+    }
+    let store = tokio::task::spawn_blocking({
+        let p = db_path.clone();
+        move || Store::open(&p)
+    })
+    .await
+    .context("store worker")?
+    .with_context(|| format!("opening the store {}", db_path.display()))?;
+
+    let app = Arc::new(App::new(
+        Db::new(store),
+        config.clone(),
+        admin_token.clone(),
+        enrol_token.clone(),
+    ));
+    let recovered = tasks::recover(&app)
+        .await
+        .map_err(|e| anyhow::anyhow!("recovering tasks: {}", e.message))?;
+    if recovered > 0 {
+        tracing::warn!(
+            tasks = recovered,
+            "tasks left going by the previous center were marked failed"
+        );
+    }
+
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", config.listen))?;
+    let tcp_addr = tcp.local_addr()?;
+    let unix = bind_unix(&config.socket)?;
+    tracing::info!(
+        tcp = %tcp_addr,
+        socket = %config.socket.display(),
+        data_dir = %config.data_dir.display(),
+        "tern center serving"
+    );
+
+    let (tx, rx) = watch::channel(false);
+    let done = tokio::spawn(supervise(app, tcp, unix, config.socket.clone(), lock, rx));
+    Ok(RunningCenter {
+        tcp_addr,
+        socket_path: config.socket.clone(),
+        admin_token,
+        enrol_token,
+        config,
+        shutdown: tx,
+        done: Some(done),
+    })
+}
+
+async fn until_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+async fn supervise(
+    app: Arc<App>,
+    tcp: tokio::net::TcpListener,
+    unix: tokio::net::UnixListener,
+    socket: PathBuf,
+    lock: Flock<File>,
+    rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let router = api::router(app.clone());
+    let mut tcp_srv = tokio::spawn(
+        axum::serve(tcp, router.clone())
+            .with_graceful_shutdown(until_true(rx.clone()))
+            .into_future(),
+    );
+    let mut unix_srv = tokio::spawn(
+        axum::serve(unix, router)
+            .with_graceful_shutdown(until_true(rx.clone()))
+            .into_future(),
+    );
+    let monitor = tokio::spawn(inventory::monitor(app.clone(), rx.clone()));
+
+    // Serve until asked to stop, or until a listener fails. Shutdown is checked first: the
+    // listeners also end when it is asked for, and that is no failure.
+    let (failure, still_serving) = tokio::select! {
+        biased;
+        _ = until_true(rx.clone()) => (None, vec![tcp_srv, unix_srv]),
+        r = &mut tcp_srv => (Some(format!("the TCP listener stopped: {r:?}")), vec![unix_srv]),
+        r = &mut unix_srv => (Some(format!("the unix socket listener stopped: {r:?}")), vec![tcp_srv]),
+    };
+    tracing::info!("tern center stopping");
+    for srv in still_serving {
+        if failure.is_some() {
+            srv.abort();
+            continue;
+        }
+        let abort = srv.abort_handle();
+        if tokio::time::timeout(SHUTDOWN_GRACE, srv).await.is_err() {
+            tracing::warn!("closing connections still open after the grace time");
+            abort.abort();
+        }
+    }
+    monitor.abort();
+    let left = app.drain(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            "stopped with work still going; the next start marks those tasks failed"
+        );
+    }
+    drop(app);
+    if let Err(e) = std::fs::remove_file(&socket) {
+        tracing::debug!("removing {}: {e}", socket.display());
+    }
+    drop(lock);
+    match failure {
+        Some(f) => bail!(f),
+        None => Ok(()),
+    }
+}
+
+/// Holds `DATA_DIR/center.lock` so two centers never share one store.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = dir.join("center.lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "another tern center uses {} (its lock {} is held: {errno}); stop it, or give this \
+             one another --data-dir",
+            dir.display(),
+            path.display()
+        )
+    })
+}
+
+/// Binds the unix socket (mode 0600), replacing a stale socket file left by a crash.
+fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_private_dir(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "something already listens on {} (another center?); stop it or choose \
+                     another --socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "removed a stale socket");
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket: remove it or choose another --socket",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("listening on {} (--socket)", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(l)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn termination_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    })
+}

@@ -1,0 +1,1292 @@
+//! The center's store: the SQLite schema, its migrations and the typed API over it (the only
+//! place SQL lives).
+//!
+//! Access model: one connection behind a mutex, used from `spawn_blocking` ([`Db`]). SQLite
+//! serialises writers anyway, so a pool would buy nothing for writes; one connection lets every
+//! API call run its checks and changes (and the events that record them) in one transaction
+//! written as a plain closure over [`Tx`], which makes "bad input never changes the store" and
+//! "no duplicate name or MAC" hold under concurrent calls. Inventory queries are small, so the
+//! lock is held for well under a millisecond in practice.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use tern_api::center::{Cluster, Event, EventLevel, Host, StopVm, Task, TaskState, Vm};
+use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
+
+/// Ordered schema migrations; `PRAGMA user_version` counts how many have been applied.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the inventory, tasks and events.
+    r#"
+    CREATE TABLE clusters (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        evc_mode    TEXT,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE hosts (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        cluster_id      TEXT NOT NULL REFERENCES clusters(id),
+        link            TEXT NOT NULL,          -- connected | disconnected
+        maintenance     INTEGER NOT NULL DEFAULT 0,
+        agent_url       TEXT NOT NULL,
+        agent_token     TEXT NOT NULL,
+        host_token      TEXT NOT NULL,
+        facts           TEXT NOT NULL,          -- HostFacts JSON
+        load            TEXT,                   -- HostLoad JSON
+        last_heartbeat  TEXT,
+        registered_at   TEXT NOT NULL
+    );
+    CREATE TABLE vms (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        cluster_id      TEXT NOT NULL REFERENCES clusters(id),
+        host_id         TEXT REFERENCES hosts(id),
+        spec            TEXT NOT NULL,          -- VmSpec JSON
+        desired_state   TEXT NOT NULL,
+        actual_state    TEXT NOT NULL,
+        generation      INTEGER NOT NULL,
+        created_at      TEXT NOT NULL
+    );
+    CREATE INDEX vms_host ON vms(host_id);
+    -- One row per NIC: the primary key keeps MACs unique across all VMs.
+    CREATE TABLE vm_macs (
+        mac     TEXT PRIMARY KEY,
+        vm_id   TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE
+    );
+    CREATE TABLE tasks (
+        id          TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        vm_id       TEXT,                       -- kept after the VM is deleted (history)
+        vm_name     TEXT,
+        host_name   TEXT,
+        state       TEXT NOT NULL,
+        progress    INTEGER NOT NULL,
+        phase       TEXT NOT NULL,
+        intent      TEXT NOT NULL,              -- TaskIntent JSON: what to undo on failure
+        result      TEXT,
+        error       TEXT,
+        created_at  TEXT NOT NULL,
+        finished_at TEXT
+    );
+    CREATE INDEX tasks_vm ON tasks(vm_id);
+    CREATE INDEX tasks_state ON tasks(state);
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        time    TEXT NOT NULL,
+        level   TEXT NOT NULL,
+        message TEXT NOT NULL,
+        vm      TEXT,
+        host    TEXT,
+        task    TEXT
+    );
+    CREATE INDEX events_vm ON events(vm);
+    CREATE INDEX events_host ON events(host);
+    "#,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store holds a bad record ({0}); the database may have been edited by hand")]
+    Corrupt(String),
+    #[error(
+        "the store {path} has schema version {found}, newer than this tern knows ({known}); \
+         run a newer tern"
+    )]
+    TooNew {
+        path: String,
+        found: u32,
+        known: u32,
+    },
+    #[error("store worker failed: {0}")]
+    Worker(String),
+}
+
+/// Connection state of a host (maintenance is a separate flag, so it survives a disconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    Connected,
+    Disconnected,
+}
+
+/// A host as stored, secrets included (never sent to users as is: see [`HostRecord::to_api`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub cluster_id: Uuid,
+    pub cluster: String,
+    pub link: Link,
+    pub maintenance: bool,
+    pub agent_url: String,
+    pub agent_token: String,
+    pub host_token: String,
+    pub facts: HostFacts,
+    pub load: Option<HostLoad>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+}
+
+impl HostRecord {
+    pub fn state(&self) -> HostState {
+        match (self.link, self.maintenance) {
+            (Link::Disconnected, _) => HostState::Disconnected,
+            (Link::Connected, true) => HostState::Maintenance,
+            (Link::Connected, false) => HostState::Connected,
+        }
+    }
+
+    /// Connected and not in maintenance: may receive new VMs and start them.
+    pub fn usable(&self) -> bool {
+        self.state() == HostState::Connected
+    }
+
+    pub fn to_api(&self, vms: Vec<String>) -> Host {
+        Host {
+            id: self.id,
+            name: self.name.clone(),
+            cluster: self.cluster.clone(),
+            state: self.state(),
+            agent_url: self.agent_url.clone(),
+            facts: self.facts.clone(),
+            load: self.load.clone(),
+            last_heartbeat: self.last_heartbeat,
+            vms,
+        }
+    }
+}
+
+/// A VM as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub id: Uuid,
+    pub cluster_id: Uuid,
+    pub cluster: String,
+    pub host_id: Option<Uuid>,
+    pub host: Option<String>,
+    pub spec: VmSpec,
+    pub desired: PowerState,
+    pub actual: PowerState,
+    pub generation: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl VmRecord {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn to_api(&self) -> Vm {
+        Vm {
+            id: self.id,
+            spec: self.spec.clone(),
+            cluster: self.cluster.clone(),
+            host: self.host.clone(),
+            desired_state: self.desired,
+            actual_state: self.actual,
+            generation: self.generation,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// What a task set out to do, recorded before it acts, so whoever ends it (its driver, a
+/// cancel, a restarted center) knows what to undo.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskIntent {
+    /// The VM's desired state before the task changed it.
+    pub previous_desired: Option<PowerState>,
+    /// Arguments of a stop.
+    pub stop: Option<StopVm>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub task: Task,
+    pub vm_id: Option<Uuid>,
+    pub intent: TaskIntent,
+}
+
+/// An event to record; `Tx::add_event` stamps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub level: EventLevel,
+    pub message: String,
+    pub vm: Option<String>,
+    pub host: Option<String>,
+    pub task: Option<Uuid>,
+}
+
+impl NewEvent {
+    pub fn new(level: EventLevel, message: impl Into<String>) -> NewEvent {
+        NewEvent {
+            level,
+            message: message.into(),
+            vm: None,
+            host: None,
+            task: None,
+        }
+    }
+    pub fn info(message: impl Into<String>) -> NewEvent {
+        NewEvent::new(EventLevel::Info, message)
+    }
+    pub fn warning(message: impl Into<String>) -> NewEvent {
+        NewEvent::new(EventLevel::Warning, message)
+    }
+    pub fn error(message: impl Into<String>) -> NewEvent {
+        NewEvent::new(EventLevel::Error, message)
+    }
+    pub fn vm(mut self, name: impl Into<String>) -> NewEvent {
+        self.vm = Some(name.into());
+        self
+    }
+    pub fn host(mut self, name: Option<impl Into<String>>) -> NewEvent {
+        self.host = name.map(Into::into);
+        self
+    }
+    pub fn task(mut self, id: Uuid) -> NewEvent {
+        self.task = Some(id);
+        self
+    }
+}
+
+/// Which events to list: the newest `limit` matching ones, returned oldest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFilter {
+    pub limit: u32,
+    pub vm: Option<String>,
+    pub host: Option<String>,
+}
+
+/// The SQLite store (synchronous; see [`Db`] for the async handle).
+pub struct Store {
+    conn: rusqlite::Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = rusqlite::Connection::open(path)?;
+        // WAL: readers never block the writer and commits are one fsync of the log.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(mode, "SQLite refused WAL mode; continuing");
+        }
+        Self::setup(conn, &path.display().to_string())
+    }
+
+    /// A store in memory (tests).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::setup(rusqlite::Connection::open_in_memory()?, ":memory:")
+    }
+
+    fn setup(conn: rusqlite::Connection, name: &str) -> Result<Store, StoreError> {
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+        )?;
+        let mut store = Store { conn };
+        store.migrate(name)?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self, name: &str) -> Result<(), StoreError> {
+        let version = self.schema_version()?;
+        let known = MIGRATIONS.len() as u32;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: name.to_string(),
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Exclusive)?;
+            tx.execute_batch(sql)?;
+            // user_version cannot take a bound parameter; the value is our own integer.
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+            tx.commit()?;
+            tracing::info!(store = name, version = i + 1, "applied store migration");
+        }
+        Ok(())
+    }
+
+    /// Number of migrations applied.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Runs `f` in a read transaction (a consistent snapshot).
+    pub fn read<R, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&Tx) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(StoreError::from)?;
+        f(&Tx { tx })
+    }
+
+    /// Runs `f` in a write transaction, committed if `f` returns `Ok`, rolled back otherwise.
+    pub fn write<R, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&Tx) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let tx = Tx { tx };
+        let out = f(&tx)?;
+        tx.tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+}
+
+/// Async handle on the store: runs closures over a [`Tx`] on the blocking pool.
+#[derive(Clone)]
+pub struct Db {
+    store: Arc<Mutex<Store>>,
+}
+
+impl Db {
+    pub fn new(store: Store) -> Db {
+        Db {
+            store: Arc::new(Mutex::new(store)),
+        }
+    }
+
+    pub async fn read<R, E>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<R, E> + Send + 'static,
+    ) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.run(move |s| s.read(f)).await
+    }
+
+    pub async fn write<R, E>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<R, E> + Send + 'static,
+    ) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.run(move |s| s.write(f)).await
+    }
+
+    async fn run<R, E>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<R, E> + Send + 'static,
+    ) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic inside a closure rolled its transaction back when it unwound, so the
+            // connection behind a poisoned lock is still sound.
+            let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| E::from(StoreError::Worker(e.to_string())))?
+    }
+}
+
+/// One transaction: every query and change of the store.
+pub struct Tx<'c> {
+    tx: rusqlite::Transaction<'c>,
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("time {s:?}: {e}")))
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("id {s:?}: {e}")))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Text of a unit enum as serde names it (`"running"`), which is what the columns hold.
+fn enum_text<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+fn parse_enum<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| StoreError::Corrupt(format!("{what} {s:?}")))
+}
+
+const HOST_COLUMNS: &str = "h.id, h.name, h.cluster_id, c.name, h.link, h.maintenance, \
+     h.agent_url, h.agent_token, h.host_token, h.facts, h.load, h.last_heartbeat";
+
+const VM_COLUMNS: &str = "v.id, v.cluster_id, c.name, v.host_id, h.name, v.spec, \
+     v.desired_state, v.actual_state, v.generation, v.created_at";
+
+const TASK_COLUMNS: &str = "id, kind, vm_id, vm_name, host_name, state, progress, phase, \
+     intent, result, error, created_at, finished_at";
+
+/// Raw text columns of one row, decoded outside rusqlite's error type.
+struct HostRow([Option<String>; 12]);
+struct VmRow([Option<String>; 10]);
+struct TaskRow([Option<String>; 13]);
+
+fn text_cols<const N: usize>(r: &Row) -> rusqlite::Result<[Option<String>; N]> {
+    let mut out: [Option<String>; N] = std::array::from_fn(|_| None);
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = match r.get_ref(i)? {
+            rusqlite::types::ValueRef::Null => None,
+            rusqlite::types::ValueRef::Integer(n) => Some(n.to_string()),
+            rusqlite::types::ValueRef::Real(f) => Some(f.to_string()),
+            rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                Some(String::from_utf8_lossy(t).into_owned())
+            }
+        };
+    }
+    Ok(out)
+}
+
+fn need<'a>(col: &'a Option<String>, what: &str) -> Result<&'a str, StoreError> {
+    col.as_deref()
+        .ok_or_else(|| StoreError::Corrupt(format!("{what} is missing")))
+}
+
+impl HostRow {
+    fn decode(self) -> Result<HostRecord, StoreError> {
+        let c = &self.0;
+        Ok(HostRecord {
+            id: parse_uuid(need(&c[0], "host id")?)?,
+            name: need(&c[1], "host name")?.to_string(),
+            cluster_id: parse_uuid(need(&c[2], "host cluster")?)?,
+            cluster: need(&c[3], "host cluster name")?.to_string(),
+            link: parse_enum("host link", need(&c[4], "host link")?)?,
+            maintenance: need(&c[5], "maintenance")? != "0",
+            agent_url: need(&c[6], "agent url")?.to_string(),
+            agent_token: need(&c[7], "agent token")?.to_string(),
+            host_token: need(&c[8], "host token")?.to_string(),
+            facts: from_json("host facts", need(&c[9], "host facts")?)?,
+            load: c[10]
+                .as_deref()
+                .map(|s| from_json("host load", s))
+                .transpose()?,
+            last_heartbeat: c[11].as_deref().map(parse_ts).transpose()?,
+        })
+    }
+}
+
+impl VmRow {
+    fn decode(self) -> Result<VmRecord, StoreError> {
+        let c = &self.0;
+        let generation = need(&c[8], "generation")?;
+        Ok(VmRecord {
+            id: parse_uuid(need(&c[0], "vm id")?)?,
+            cluster_id: parse_uuid(need(&c[1], "vm cluster")?)?,
+            cluster: need(&c[2], "vm cluster name")?.to_string(),
+            host_id: c[3].as_deref().map(parse_uuid).transpose()?,
+            host: c[4].clone(),
+            spec: from_json("vm spec", need(&c[5], "vm spec")?)?,
+            desired: parse_enum("desired state", need(&c[6], "desired state")?)?,
+            actual: parse_enum("actual state", need(&c[7], "actual state")?)?,
+            generation: generation
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("generation {generation:?}")))?,
+            created_at: parse_ts(need(&c[9], "vm created_at")?)?,
+        })
+    }
+}
+
+impl TaskRow {
+    fn decode(self) -> Result<TaskRecord, StoreError> {
+        let c = &self.0;
+        let progress = need(&c[6], "progress")?;
+        let task = Task {
+            id: parse_uuid(need(&c[0], "task id")?)?,
+            kind: parse_enum("task kind", need(&c[1], "task kind")?)?,
+            vm: c[3].clone(),
+            host: c[4].clone(),
+            state: parse_enum("task state", need(&c[5], "task state")?)?,
+            progress: progress
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("progress {progress:?}")))?,
+            phase: need(&c[7], "phase")?.to_string(),
+            result: c[9]
+                .as_deref()
+                .map(|s| from_json("task result", s))
+                .transpose()?,
+            error: c[10].clone(),
+            created_at: parse_ts(need(&c[11], "task created_at")?)?,
+            finished_at: c[12].as_deref().map(parse_ts).transpose()?,
+        };
+        Ok(TaskRecord {
+            task,
+            vm_id: c[2].as_deref().map(parse_uuid).transpose()?,
+            intent: from_json("task intent", need(&c[8], "task intent")?)?,
+        })
+    }
+}
+
+/// States a task is still going in.
+const ACTIVE_TASK_STATES: &str = "('queued', 'running')";
+
+impl Tx<'_> {
+    fn query_rows<T, const N: usize>(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+        wrap: impl Fn([Option<String>; N]) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.tx.prepare_cached(sql)?;
+        let rows = stmt.query_map(args, text_cols::<N>)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(wrap(row?));
+        }
+        Ok(out)
+    }
+
+    // ---- clusters ----
+
+    pub fn insert_cluster(
+        &self,
+        name: &str,
+        evc_mode: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Cluster, StoreError> {
+        if self.cluster_id(name)?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "a cluster named {name} already exists; choose another name"
+            )));
+        }
+        let id = Uuid::new_v4();
+        self.tx.execute(
+            "INSERT INTO clusters (id, name, evc_mode, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id.to_string(), name, evc_mode, ts(now)],
+        )?;
+        Ok(Cluster {
+            id,
+            name: name.to_string(),
+            evc_mode: evc_mode.map(str::to_string),
+            hosts: vec![],
+            created_at: now,
+        })
+    }
+
+    pub fn cluster_id(&self, name: &str) -> Result<Option<Uuid>, StoreError> {
+        let id: Option<String> = self
+            .tx
+            .query_row("SELECT id FROM clusters WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        id.as_deref().map(parse_uuid).transpose()
+    }
+
+    pub fn clusters(&self) -> Result<Vec<Cluster>, StoreError> {
+        let rows: Vec<[Option<String>; 4]> = self.query_rows(
+            "SELECT id, name, evc_mode, created_at FROM clusters ORDER BY name",
+            [],
+            |c| c,
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for c in rows {
+            let id = parse_uuid(need(&c[0], "cluster id")?)?;
+            let hosts = self.query_rows(
+                "SELECT name FROM hosts WHERE cluster_id = ?1 ORDER BY name",
+                [id.to_string()],
+                |[n]: [Option<String>; 1]| n.unwrap_or_default(),
+            )?;
+            out.push(Cluster {
+                id,
+                name: need(&c[1], "cluster name")?.to_string(),
+                evc_mode: c[2].clone(),
+                hosts,
+                created_at: parse_ts(need(&c[3], "cluster created_at")?)?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn cluster(&self, name: &str) -> Result<Option<Cluster>, StoreError> {
+        Ok(self.clusters()?.into_iter().find(|c| c.name == name))
+    }
+
+    // ---- hosts ----
+
+    fn hosts_where(&self, cond: &str, arg: &str) -> Result<Vec<HostRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {HOST_COLUMNS} FROM hosts h JOIN clusters c ON c.id = h.cluster_id \
+             WHERE {cond} ORDER BY h.name"
+        );
+        self.query_rows(&sql, [arg], HostRow)?
+            .into_iter()
+            .map(HostRow::decode)
+            .collect()
+    }
+
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        // A condition that is always true but still takes the one parameter `hosts_where` binds.
+        self.hosts_where("?1 = ?1", "")
+    }
+
+    pub fn host_by_name(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
+        Ok(self.hosts_where("h.name = ?1", name)?.into_iter().next())
+    }
+
+    pub fn host_by_id(&self, id: Uuid) -> Result<Option<HostRecord>, StoreError> {
+        Ok(self
+            .hosts_where("h.id = ?1", &id.to_string())?
+            .into_iter()
+            .next())
+    }
+
+    pub fn hosts_in_cluster(&self, cluster_id: Uuid) -> Result<Vec<HostRecord>, StoreError> {
+        self.hosts_where("h.cluster_id = ?1", &cluster_id.to_string())
+    }
+
+    /// The API view of a host: the record without secrets, plus its VMs' names.
+    pub fn host_view(&self, host: &HostRecord) -> Result<Host, StoreError> {
+        let vms = self.query_rows(
+            "SELECT name FROM vms WHERE host_id = ?1 ORDER BY name",
+            [host.id.to_string()],
+            |[n]: [Option<String>; 1]| n.unwrap_or_default(),
+        )?;
+        Ok(host.to_api(vms))
+    }
+
+    pub fn insert_host(
+        &self,
+        host: &HostRecord,
+        registered_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO hosts (id, name, cluster_id, link, maintenance, agent_url, agent_token, \
+             host_token, facts, load, last_heartbeat, registered_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                host.id.to_string(),
+                host.name,
+                host.cluster_id.to_string(),
+                enum_text(&host.link),
+                host.maintenance,
+                host.agent_url,
+                host.agent_token,
+                host.host_token,
+                to_json(&host.facts)?,
+                host.load.as_ref().map(to_json).transpose()?,
+                host.last_heartbeat.map(ts),
+                ts(registered_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Rewrites what a (re-)registration changes; the id, maintenance flag and VMs stay.
+    pub fn update_host_registration(&self, host: &HostRecord) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE hosts SET cluster_id = ?2, link = ?3, agent_url = ?4, agent_token = ?5, \
+             host_token = ?6, facts = ?7, last_heartbeat = ?8 WHERE id = ?1",
+            params![
+                host.id.to_string(),
+                host.cluster_id.to_string(),
+                enum_text(&host.link),
+                host.agent_url,
+                host.agent_token,
+                host.host_token,
+                to_json(&host.facts)?,
+                host.last_heartbeat.map(ts),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn record_heartbeat(
+        &self,
+        id: Uuid,
+        facts: &HostFacts,
+        load: &HostLoad,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE hosts SET facts = ?2, load = ?3, last_heartbeat = ?4 WHERE id = ?1",
+            params![id.to_string(), to_json(facts)?, to_json(load)?, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_host_link(&self, id: Uuid, link: Link) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE hosts SET link = ?2 WHERE id = ?1",
+            params![id.to_string(), enum_text(&link)],
+        )?;
+        Ok(())
+    }
+
+    // ---- VMs ----
+
+    fn vms_where(&self, cond: &str, arg: &str) -> Result<Vec<VmRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {VM_COLUMNS} FROM vms v JOIN clusters c ON c.id = v.cluster_id \
+             LEFT JOIN hosts h ON h.id = v.host_id WHERE {cond} ORDER BY v.name"
+        );
+        self.query_rows(&sql, [arg], VmRow)?
+            .into_iter()
+            .map(VmRow::decode)
+            .collect()
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        // Always true; see `hosts`.
+        self.vms_where("?1 = ?1", "")
+    }
+
+    pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        Ok(self.vms_where("v.name = ?1", name)?.into_iter().next())
+    }
+
+    pub fn vm_by_id(&self, id: Uuid) -> Result<Option<VmRecord>, StoreError> {
+        Ok(self
+            .vms_where("v.id = ?1", &id.to_string())?
+            .into_iter()
+            .next())
+    }
+
+    pub fn vms_on_host(&self, host_id: Uuid) -> Result<Vec<VmRecord>, StoreError> {
+        self.vms_where("v.host_id = ?1", &host_id.to_string())
+    }
+
+    /// Name of the VM that has a NIC with this MAC (lower case), if any.
+    pub fn vm_with_mac(&self, mac: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT v.name FROM vm_macs m JOIN vms v ON v.id = m.vm_id WHERE m.mac = ?1",
+                [mac],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Inserts a VM; refuses a taken name or MAC with a conflict.
+    pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        if self.vm_by_name(vm.name())?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "a VM named {} already exists; choose another name",
+                vm.name()
+            )));
+        }
+        for nic in &vm.spec.nics {
+            let mac = nic.mac.to_ascii_lowercase();
+            if let Some(other) = self.vm_with_mac(&mac)? {
+                return Err(StoreError::Conflict(format!(
+                    "MAC {mac} is already used by VM {other}; every NIC needs its own MAC"
+                )));
+            }
+        }
+        self.tx.execute(
+            "INSERT INTO vms (id, name, cluster_id, host_id, spec, desired_state, actual_state, \
+             generation, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                vm.id.to_string(),
+                vm.name(),
+                vm.cluster_id.to_string(),
+                vm.host_id.map(|h| h.to_string()),
+                to_json(&vm.spec)?,
+                enum_text(&vm.desired),
+                enum_text(&vm.actual),
+                vm.generation as i64,
+                ts(vm.created_at),
+            ],
+        )?;
+        for nic in &vm.spec.nics {
+            self.tx.execute(
+                "INSERT INTO vm_macs (mac, vm_id) VALUES (?1, ?2)",
+                params![nic.mac.to_ascii_lowercase(), vm.id.to_string()],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn set_vm_desired(&self, id: Uuid, state: PowerState) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE vms SET desired_state = ?2 WHERE id = ?1",
+            params![id.to_string(), enum_text(&state)],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_vm_actual(&self, id: Uuid, state: PowerState) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE vms SET actual_state = ?2 WHERE id = ?1",
+            params![id.to_string(), enum_text(&state)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_vm(&self, id: Uuid) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM vms WHERE id = ?1", [id.to_string()])?;
+        Ok(())
+    }
+
+    // ---- tasks ----
+
+    pub fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+        let task = &t.task;
+        self.tx.execute(
+            &format!(
+                "INSERT INTO tasks ({TASK_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ),
+            params![
+                task.id.to_string(),
+                enum_text(&task.kind),
+                t.vm_id.map(|v| v.to_string()),
+                task.vm,
+                task.host,
+                enum_text(&task.state),
+                task.progress,
+                task.phase,
+                to_json(&t.intent)?,
+                task.result.as_ref().map(to_json).transpose()?,
+                task.error,
+                ts(task.created_at),
+                task.finished_at.map(ts),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn task(&self, id: Uuid) -> Result<Option<TaskRecord>, StoreError> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1");
+        self.query_rows(&sql, [id.to_string()], TaskRow)?
+            .into_iter()
+            .next()
+            .map(TaskRow::decode)
+            .transpose()
+    }
+
+    /// The newest `limit` tasks (of one VM, by name, if given), oldest first.
+    pub fn tasks(&self, limit: u32, vm: Option<&str>) -> Result<Vec<Task>, StoreError> {
+        let sql = format!(
+            "SELECT * FROM (SELECT {TASK_COLUMNS}, rowid AS seq FROM tasks \
+             WHERE (?1 IS NULL OR vm_name = ?1) ORDER BY seq DESC LIMIT ?2) ORDER BY seq ASC"
+        );
+        let mut stmt = self.tx.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![vm, limit], text_cols::<13>)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(TaskRow(row?).decode()?.task);
+        }
+        Ok(out)
+    }
+
+    /// Tasks still queued or running (all of them, or of one VM).
+    pub fn active_tasks(&self, vm_id: Option<Uuid>) -> Result<Vec<TaskRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN {ACTIVE_TASK_STATES} \
+             AND (?1 IS NULL OR vm_id = ?1) ORDER BY rowid"
+        );
+        self.query_rows(&sql, [vm_id.map(|v| v.to_string())], TaskRow)?
+            .into_iter()
+            .map(TaskRow::decode)
+            .collect()
+    }
+
+    /// Ids of the VMs a queued or running task is acting on.
+    pub fn vms_with_active_tasks(&self) -> Result<HashSet<Uuid>, StoreError> {
+        Ok(self
+            .active_tasks(None)?
+            .into_iter()
+            .filter_map(|t| t.vm_id)
+            .collect())
+    }
+
+    /// Moves a task still going to `state` with progress; false if it had already ended
+    /// (cancelled meanwhile), in which case nothing changes.
+    pub fn update_task_progress(
+        &self,
+        id: Uuid,
+        state: TaskState,
+        progress: u8,
+        phase: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self.tx.execute(
+            &format!(
+                "UPDATE tasks SET state = ?2, progress = ?3, phase = ?4 \
+                 WHERE id = ?1 AND state IN {ACTIVE_TASK_STATES}"
+            ),
+            params![id.to_string(), enum_text(&state), progress, phase],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Ends a task still going; false if it had already ended, in which case nothing changes.
+    pub fn finish_task(
+        &self,
+        id: Uuid,
+        state: TaskState,
+        phase: &str,
+        result: Option<&serde_json::Value>,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let progress: u8 = if state == TaskState::Succeeded {
+            100
+        } else {
+            0
+        };
+        let n = self.tx.execute(
+            &format!(
+                "UPDATE tasks SET state = ?2, phase = ?3, result = ?4, error = ?5, \
+                 finished_at = ?6, progress = CASE WHEN ?7 = 100 THEN 100 ELSE progress END \
+                 WHERE id = ?1 AND state IN {ACTIVE_TASK_STATES}"
+            ),
+            params![
+                id.to_string(),
+                enum_text(&state),
+                phase,
+                result.map(to_json).transpose()?,
+                error,
+                ts(now),
+                progress,
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    // ---- events ----
+
+    /// Records an event (and logs it).
+    pub fn add_event(&self, ev: NewEvent, now: DateTime<Utc>) -> Result<i64, StoreError> {
+        match ev.level {
+            EventLevel::Info => tracing::info!(target: "tern_center::event", "{}", ev.message),
+            EventLevel::Warning => tracing::warn!(target: "tern_center::event", "{}", ev.message),
+            EventLevel::Error => tracing::error!(target: "tern_center::event", "{}", ev.message),
+        }
+        self.tx.execute(
+            "INSERT INTO events (time, level, message, vm, host, task) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                ts(now),
+                enum_text(&ev.level),
+                ev.message,
+                ev.vm,
+                ev.host,
+                ev.task.map(|t| t.to_string()),
+            ],
+        )?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let sql = "SELECT * FROM (SELECT id, time, level, message, vm, host, task FROM events \
+                   WHERE (?1 IS NULL OR vm = ?1) AND (?2 IS NULL OR host = ?2) \
+                   ORDER BY id DESC LIMIT ?3) ORDER BY id ASC";
+        let rows: Vec<[Option<String>; 7]> =
+            self.query_rows(sql, params![filter.vm, filter.host, filter.limit], |c| c)?;
+        rows.into_iter()
+            .map(|c| {
+                let id = need(&c[0], "event id")?;
+                Ok(Event {
+                    id: id
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("event id {id:?}")))?,
+                    time: parse_ts(need(&c[1], "event time")?)?,
+                    level: parse_enum("event level", need(&c[2], "event level")?)?,
+                    message: need(&c[3], "event message")?.to_string(),
+                    vm: c[4].clone(),
+                    host: c[5].clone(),
+                    task: c[6].as_deref().map(parse_uuid).transpose()?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_api::center::TaskKind;
+    use tern_api::{Accelerator, BootSource, NicSpec};
+
+    pub(crate) fn facts(cores: u32, memory_mib: u64) -> HostFacts {
+        HostFacts {
+            hostname: "h".into(),
+            cores,
+            memory_mib,
+            cpu_mhz: 2000,
+            cpu_model_name: "test".into(),
+            cpu_flags: vec![],
+            qemu_version: "10.0.0".into(),
+            accelerator: Accelerator::Tcg,
+            migration_address: "10.0.0.1".into(),
+            shared_storage: "/shared".into(),
+            cpu_capability: vec![],
+            cpu_ceiling: None,
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    fn spec(name: &str, mac: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 128,
+            cpu_model: None,
+            boot: BootSource::Disk,
+            disks: vec![],
+            nics: vec![NicSpec { mac: mac.into() }],
+        }
+    }
+
+    fn fill(store: &mut Store) -> (Uuid, Uuid) {
+        store
+            .write(|tx| {
+                let now = Utc::now();
+                let c = tx.insert_cluster("lab", None, now)?;
+                let host = HostRecord {
+                    id: Uuid::new_v4(),
+                    name: "h1".into(),
+                    cluster_id: c.id,
+                    cluster: c.name.clone(),
+                    link: Link::Connected,
+                    maintenance: false,
+                    agent_url: "http://127.0.0.1:1".into(),
+                    agent_token: "a".into(),
+                    host_token: "h".into(),
+                    facts: facts(4, 4096),
+                    load: None,
+                    last_heartbeat: Some(now),
+                };
+                tx.insert_host(&host, now)?;
+                let vm = VmRecord {
+                    id: Uuid::new_v4(),
+                    cluster_id: c.id,
+                    cluster: c.name,
+                    host_id: Some(host.id),
+                    host: Some(host.name.clone()),
+                    spec: spec("web-1", "52:54:00:00:00:01"),
+                    desired: PowerState::Stopped,
+                    actual: PowerState::Stopped,
+                    generation: 1,
+                    created_at: now,
+                };
+                tx.insert_vm(&vm)?;
+                tx.add_event(NewEvent::info("hello").vm("web-1"), now)?;
+                Ok::<_, StoreError>((host.id, vm.id))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn migrates_from_empty() {
+        let mut store = Store::open_in_memory().unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        let n = store
+            .read(|tx| Ok::<_, StoreError>(tx.clusters()?.len()))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn reopen_keeps_the_inventory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("center.db");
+        let (host_id, vm_id) = {
+            let mut store = Store::open(&path).unwrap();
+            fill(&mut store)
+        };
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        store
+            .read(|tx| {
+                let c = tx.cluster("lab")?.expect("cluster kept");
+                assert_eq!(c.hosts, vec!["h1".to_string()]);
+                let h = tx.host_by_id(host_id)?.expect("host kept");
+                assert_eq!(h.facts.memory_mib, 4096);
+                assert_eq!(h.state(), HostState::Connected);
+                let vm = tx.vm_by_id(vm_id)?.expect("vm kept");
+                assert_eq!(vm.name(), "web-1");
+                assert_eq!(vm.host.as_deref(), Some("h1"));
+                assert_eq!(
+                    tx.vm_with_mac("52:54:00:00:00:01")?.as_deref(),
+                    Some("web-1")
+                );
+                let ev = tx.events(&EventFilter {
+                    limit: 10,
+                    vm: Some("web-1".into()),
+                    host: None,
+                })?;
+                assert_eq!(ev.len(), 1);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("center.db");
+        drop(Store::open(&path).unwrap());
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch("PRAGMA user_version = 999").unwrap();
+        }
+        match Store::open(&path) {
+            Err(StoreError::TooNew { found: 999, .. }) => {}
+            other => panic!("expected TooNew, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn failed_write_changes_nothing() {
+        let mut store = Store::open_in_memory().unwrap();
+        fill(&mut store);
+        let r = store.write(|tx| {
+            tx.insert_cluster("other", None, Utc::now())?;
+            // Same MAC as web-1, in upper case: refused, and the cluster above rolls back.
+            let mut vm = tx.vm_by_name("web-1")?.unwrap();
+            vm.id = Uuid::new_v4();
+            vm.spec = spec("web-2", "52:54:00:00:00:01".to_uppercase().as_str());
+            tx.insert_vm(&vm)
+        });
+        assert!(matches!(r, Err(StoreError::Conflict(m)) if m.contains("web-1")));
+        store
+            .read(|tx| {
+                assert!(tx.cluster("other")?.is_none());
+                assert!(tx.vm_by_name("web-2")?.is_none());
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn tasks_end_once() {
+        let mut store = Store::open_in_memory().unwrap();
+        let (_, vm_id) = fill(&mut store);
+        let id = Uuid::new_v4();
+        store
+            .write(|tx| {
+                tx.insert_task(&TaskRecord {
+                    task: Task {
+                        id,
+                        kind: TaskKind::VmStart,
+                        vm: Some("web-1".into()),
+                        host: Some("h1".into()),
+                        state: TaskState::Queued,
+                        progress: 0,
+                        phase: "queued".into(),
+                        result: None,
+                        error: None,
+                        created_at: Utc::now(),
+                        finished_at: None,
+                    },
+                    vm_id: Some(vm_id),
+                    intent: TaskIntent {
+                        previous_desired: Some(PowerState::Stopped),
+                        stop: None,
+                    },
+                })?;
+                assert!(tx.vms_with_active_tasks()?.contains(&vm_id));
+                assert!(tx.update_task_progress(id, TaskState::Running, 10, "going")?);
+                assert!(tx.finish_task(
+                    id,
+                    TaskState::Cancelled,
+                    "cancelled",
+                    None,
+                    Some("cancelled by user"),
+                    Utc::now()
+                )?);
+                // The driver's late outcome does not overwrite the cancel.
+                assert!(!tx.finish_task(
+                    id,
+                    TaskState::Succeeded,
+                    "done",
+                    None,
+                    None,
+                    Utc::now()
+                )?);
+                let t = tx.task(id)?.unwrap();
+                assert_eq!(t.task.state, TaskState::Cancelled);
+                assert_eq!(t.task.progress, 10);
+                assert_eq!(t.intent.previous_desired, Some(PowerState::Stopped));
+                assert!(tx.active_tasks(None)?.is_empty());
+                assert_eq!(tx.tasks(10, Some("web-1"))?.len(), 1);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn events_newest_last_with_limit() {
+        let mut store = Store::open_in_memory().unwrap();
+        store
+            .write(|tx| {
+                for i in 0..5 {
+                    let ev = NewEvent::info(format!("e{i}")).host(Some(if i % 2 == 0 {
+                        "h1"
+                    } else {
+                        "h2"
+                    }));
+                    tx.add_event(ev, Utc::now())?;
+                }
+                let all = tx.events(&EventFilter {
+                    limit: 3,
+                    ..Default::default()
+                })?;
+                let msgs: Vec<_> = all.iter().map(|e| e.message.as_str()).collect();
+                assert_eq!(msgs, ["e2", "e3", "e4"]);
+                let h1 = tx.events(&EventFilter {
+                    limit: 10,
+                    host: Some("h1".into()),
+                    vm: None,
+                })?;
+                let msgs: Vec<_> = h1.iter().map(|e| e.message.as_str()).collect();
+                assert_eq!(msgs, ["e0", "e2", "e4"]);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+}

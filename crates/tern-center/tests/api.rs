@@ -1,0 +1,1099 @@
+//! The center through its real listeners (TCP on 127.0.0.1 and the unix socket), with a fake
+//! host agent (an axum server answering the agent API) where the center calls one.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as AxPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
+use tern_api::center::{
+    Cluster, CreateCluster, CreateVm, Event, Heartbeat, Host, RegisterHost, Registered, StopVm,
+    Task, TaskState, Vm,
+};
+use tern_api::{
+    Accelerator, ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostLoad,
+    HostState, NicSpec, PowerState, VmLoad, VmSpec,
+};
+use tern_center::{serve, CenterConfig, RunningCenter};
+use uuid::Uuid;
+
+const AGENT_TOKEN: &str = "agent-secret";
+
+// ---------- fake agent ----------
+
+#[derive(Default)]
+struct FakeState {
+    vms: HashMap<Uuid, VmRuntime>,
+    /// Paths check-paths reports missing / outside shared storage.
+    missing: HashSet<String>,
+    outside: HashSet<String>,
+    /// Starts never answer (the center must not hang on them).
+    hang_starts: bool,
+    calls: Vec<String>,
+}
+
+#[derive(Clone)]
+struct FakeAgent {
+    addr: SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+}
+
+type Fake = State<Arc<Mutex<FakeState>>>;
+
+fn agent_auth(h: &HeaderMap) -> Result<(), (StatusCode, Json<ErrorBody>)> {
+    let ok = h
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {AGENT_TOKEN}"));
+    if ok {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            Json(ErrorBody {
+                error: "bad agent token".into(),
+            }),
+        ))
+    }
+}
+
+type R<T> = Result<T, (StatusCode, Json<ErrorBody>)>;
+
+fn not_found() -> (StatusCode, Json<ErrorBody>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: "no such VM".into(),
+        }),
+    )
+}
+
+async fn fake_check(
+    State(s): Fake,
+    h: HeaderMap,
+    Json(req): Json<CheckPaths>,
+) -> R<Json<PathsReport>> {
+    agent_auth(&h)?;
+    let s = s.lock().unwrap();
+    Ok(Json(PathsReport {
+        missing: req
+            .paths
+            .iter()
+            .filter(|p| s.missing.contains(*p))
+            .cloned()
+            .collect(),
+        outside_shared_storage: req
+            .paths
+            .iter()
+            .filter(|p| s.outside.contains(*p))
+            .cloned()
+            .collect(),
+    }))
+}
+
+async fn fake_start(
+    State(s): Fake,
+    h: HeaderMap,
+    AxPath(id): AxPath<Uuid>,
+    Json(req): Json<StartVm>,
+) -> R<Json<VmRuntime>> {
+    agent_auth(&h)?;
+    let (rt, hang) = {
+        let mut s = s.lock().unwrap();
+        s.calls.push(format!("start {id} gen {}", req.generation));
+        let rt = VmRuntime {
+            id,
+            spec: req.spec,
+            generation: req.generation,
+            state: PowerState::Running,
+            pid: Some(4242),
+            accelerator: Accelerator::Tcg,
+            exit_reason: None,
+            console_log: "/tmp/console.log".into(),
+            taps: vec!["tap0".into()],
+        };
+        s.vms.insert(id, rt.clone());
+        (rt, s.hang_starts)
+    };
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    Ok(Json(rt))
+}
+
+async fn fake_stop(
+    State(s): Fake,
+    h: HeaderMap,
+    AxPath(id): AxPath<Uuid>,
+    Json(req): Json<StopVm>,
+) -> R<Json<VmRuntime>> {
+    agent_auth(&h)?;
+    let mut s = s.lock().unwrap();
+    s.calls.push(format!("stop {id} force {}", req.force));
+    let mut rt = s.vms.remove(&id).ok_or_else(not_found)?;
+    rt.state = PowerState::Stopped;
+    rt.pid = None;
+    s.vms.insert(id, rt.clone());
+    Ok(Json(rt))
+}
+
+async fn fake_get(State(s): Fake, h: HeaderMap, AxPath(id): AxPath<Uuid>) -> R<Json<VmRuntime>> {
+    agent_auth(&h)?;
+    let s = s.lock().unwrap();
+    s.vms.get(&id).cloned().map(Json).ok_or_else(not_found)
+}
+
+async fn fake_delete(State(s): Fake, h: HeaderMap, AxPath(id): AxPath<Uuid>) -> R<StatusCode> {
+    agent_auth(&h)?;
+    let mut s = s.lock().unwrap();
+    s.calls.push(format!("delete {id}"));
+    s.vms.remove(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn fake_console(State(s): Fake, h: HeaderMap, AxPath(id): AxPath<Uuid>) -> R<String> {
+    agent_auth(&h)?;
+    let s = s.lock().unwrap();
+    s.vms
+        .get(&id)
+        .map(|_| "TERN-GUEST-READY uptime_ms=1\n".to_string())
+        .ok_or_else(not_found)
+}
+
+impl FakeAgent {
+    async fn start() -> FakeAgent {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let app = Router::new()
+            .route("/v1/check-paths", post(fake_check))
+            .route(
+                "/v1/vms/{id}",
+                get(fake_get).put(fake_start).delete(fake_delete),
+            )
+            .route("/v1/vms/{id}/stop", post(fake_stop))
+            .route("/v1/vms/{id}/console", get(fake_console))
+            .with_state(state.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        FakeAgent { addr, state }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// What the agent would report in a heartbeat.
+    fn load(&self) -> HostLoad {
+        let s = self.state.lock().unwrap();
+        HostLoad {
+            cpu_percent: 1.0,
+            memory_used_mib: 100,
+            memory_total_mib: 8192,
+            vms: s
+                .vms
+                .values()
+                .map(|rt| VmLoad {
+                    vm_id: rt.id,
+                    name: rt.spec.name.clone(),
+                    state: rt.state,
+                    cpu_percent: 0.5,
+                    rss_mib: 64,
+                })
+                .collect(),
+        }
+    }
+}
+
+// ---------- helpers ----------
+
+fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
+    let mut c = CenterConfig::with_data_dir(dir.join("center"));
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.heartbeat_timeout_ms = heartbeat_timeout_ms;
+    c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
+    c
+}
+
+fn admin(c: &RunningCenter) -> ApiClient {
+    ApiClient::new(Endpoint::Tcp(c.url()), &c.admin_token).unwrap()
+}
+
+fn client(c: &RunningCenter, token: &str) -> ApiClient {
+    ApiClient::new(Endpoint::Tcp(c.url()), token).unwrap()
+}
+
+fn raw() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+fn facts(cores: u32, memory_mib: u64) -> HostFacts {
+    HostFacts {
+        hostname: "fake".into(),
+        cores,
+        memory_mib,
+        cpu_mhz: 2000,
+        cpu_model_name: "Fake CPU".into(),
+        cpu_flags: vec!["sse2".into()],
+        qemu_version: "10.0.0".into(),
+        accelerator: Accelerator::Tcg,
+        migration_address: "127.0.0.1".into(),
+        shared_storage: "/shared".into(),
+        cpu_capability: vec![],
+        cpu_ceiling: None,
+        agent_version: "test".into(),
+    }
+}
+
+fn spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib,
+        cpu_model: None,
+        boot: BootSource::Kernel {
+            kernel: "/shared/vmlinuz".into(),
+            initrd: Some("/shared/initramfs.img".into()),
+            cmdline: "console=ttyS0".into(),
+        },
+        disks: vec![],
+        nics: vec![NicSpec { mac: mac.into() }],
+    }
+}
+
+fn status(e: ApiError) -> (u16, String) {
+    match e {
+        ApiError::Status { status, message } => (status, message),
+        other => panic!("expected an HTTP error status, got {other}"),
+    }
+}
+
+async fn expect_status<T: std::fmt::Debug>(
+    r: Result<T, ApiError>,
+    want: u16,
+    contains: &str,
+) -> String {
+    let (got, msg) = status(r.expect_err("call should fail"));
+    assert_eq!(got, want, "status for: {msg}");
+    assert!(
+        msg.contains(contains),
+        "message {msg:?} should contain {contains:?}"
+    );
+    msg
+}
+
+/// Polls `f` until it returns Some, or panics after `secs`.
+async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn register(c: &RunningCenter, name: &str, agent: &FakeAgent, f: HostFacts) -> Registered {
+    client(c, &c.enrol_token)
+        .post(
+            "/api/v1/hosts/register",
+            &RegisterHost {
+                name: name.into(),
+                cluster: "lab".into(),
+                agent_url: agent.url(),
+                agent_token: AGENT_TOKEN.into(),
+                facts: f,
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn heartbeat(c: &RunningCenter, reg: &Registered, load: HostLoad) -> Result<(), ApiError> {
+    client(c, &reg.host_token)
+        .post(
+            &format!("/api/v1/hosts/{}/heartbeat", reg.host_id),
+            &Heartbeat {
+                facts: facts(4, 8192),
+                load,
+            },
+        )
+        .await
+}
+
+async fn create_cluster(c: &RunningCenter, name: &str) -> Cluster {
+    admin(c)
+        .post(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: name.into(),
+                evc_mode: None,
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn wait_task(c: &RunningCenter, id: Uuid) -> Task {
+    let api = admin(c);
+    wait_for("the task to end", 20, || {
+        let api = api.clone();
+        async move {
+            let t: Task = api.get(&format!("/api/v1/tasks/{id}")).await.unwrap();
+            t.state.is_done().then_some(t)
+        }
+    })
+    .await
+}
+
+async fn get_vm(c: &RunningCenter, name: &str) -> Vm {
+    admin(c).get(&format!("/api/v1/vms/{name}")).await.unwrap()
+}
+
+async fn events(c: &RunningCenter, query: &str) -> Vec<Event> {
+    admin(c)
+        .get(&format!("/api/v1/events?{query}"))
+        .await
+        .unwrap()
+}
+
+// ---------- tests ----------
+
+#[tokio::test]
+async fn tokens_are_required_and_nothing_changes_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+
+    let body = CreateCluster {
+        name: "lab".into(),
+        evc_mode: None,
+    };
+    // No token.
+    let resp = raw()
+        .post(format!("{}/api/v1/clusters", c.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let err: ErrorBody = resp.json().await.unwrap();
+    assert!(err.error.contains("Bearer"), "{}", err.error);
+    // Wrong token; the enrolment token is not an admin token either.
+    for token in ["nope", c.enrol_token.as_str()] {
+        let r: Result<Cluster, _> = client(&c, token).post("/api/v1/clusters", &body).await;
+        expect_status(r, 401, "admin token").await;
+    }
+    // The admin token cannot register hosts.
+    let agent = FakeAgent::start().await;
+    let r: Result<Registered, _> = admin(&c)
+        .post(
+            "/api/v1/hosts/register",
+            &RegisterHost {
+                name: "h1".into(),
+                cluster: "lab".into(),
+                agent_url: agent.url(),
+                agent_token: AGENT_TOKEN.into(),
+                facts: facts(4, 8192),
+            },
+        )
+        .await;
+    expect_status(r, 401, "enrolment token").await;
+    let r: Result<Vec<Vm>, _> = client(&c, "nope").get("/api/v1/vms").await;
+    expect_status(r, 401, "").await;
+
+    let clusters: Vec<Cluster> = admin(&c).get("/api/v1/clusters").await.unwrap();
+    assert!(clusters.is_empty(), "refused calls changed the store");
+    let hosts: Vec<Host> = admin(&c).get("/api/v1/hosts").await.unwrap();
+    assert!(hosts.is_empty());
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_requests_answer_400_with_an_error_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let http = raw();
+    let cases: [(&str, &str); 3] = [
+        ("/api/v1/clusters", "{not json"),
+        ("/api/v1/clusters", "{\"nme\": \"lab\"}"),
+        (
+            "/api/v1/vms",
+            "{\"cluster\": \"lab\", \"spec\": {\"name\": 3}}",
+        ),
+    ];
+    for (path, body) in cases {
+        let resp = http
+            .post(format!("{}{path}", c.url()))
+            .bearer_auth(&c.admin_token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path} {body}");
+        let err: ErrorBody = resp.json().await.unwrap();
+        assert!(err.error.contains("invalid JSON"), "{}", err.error);
+    }
+    // Not a task id.
+    let resp = http
+        .get(format!("{}/api/v1/tasks/not-a-uuid", c.url()))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let _: ErrorBody = resp.json().await.unwrap();
+    // Bad cluster name.
+    let r: Result<Cluster, _> = admin(&c)
+        .post(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: "Bad Name".into(),
+                evc_mode: None,
+            },
+        )
+        .await;
+    expect_status(r, 400, "not valid").await;
+    // Unknown path.
+    let resp = http
+        .get(format!("{}/api/v1/nothing", c.url()))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let _: ErrorBody = resp.json().await.unwrap();
+    let clusters: Vec<Cluster> = admin(&c).get("/api/v1/clusters").await.unwrap();
+    assert!(clusters.is_empty());
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn openapi_is_served_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let resp = raw()
+        .get(format!("{}/openapi.json", c.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let doc: serde_json::Value = resp.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for p in [
+        "/api/v1/clusters",
+        "/api/v1/hosts/register",
+        "/api/v1/hosts/{id}/heartbeat",
+        "/api/v1/vms/{name}/start",
+        "/api/v1/tasks/{id}/cancel",
+        "/api/v1/events",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "{p} missing");
+    }
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unix_socket_serves_the_same_api() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stale socket file left by a crashed center is replaced.
+    let cfg = config(dir.path(), 10_000);
+    std::fs::create_dir_all(cfg.socket.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&cfg.socket).unwrap());
+    let c = serve(cfg).await.unwrap();
+
+    use std::os::unix::fs::PermissionsExt;
+    for f in [c.socket_path.clone(), c.config.data_dir.join("center.db")] {
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+    }
+
+    let unix = ApiClient::new(Endpoint::Unix(c.socket_path.clone()), &c.admin_token).unwrap();
+    let _: Cluster = unix
+        .post(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: "lab".into(),
+                evc_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    // Seen over TCP too.
+    let clusters: Vec<Cluster> = admin(&c).get("/api/v1/clusters").await.unwrap();
+    assert_eq!(clusters.len(), 1);
+    let wrong = ApiClient::new(Endpoint::Unix(c.socket_path.clone()), "wrong").unwrap();
+    let r: Result<Vec<Cluster>, _> = wrong.get("/api/v1/clusters").await;
+    expect_status(r, 401, "").await;
+
+    // A second center on the same data directory is refused.
+    let second = serve(config(dir.path(), 10_000)).await;
+    let err = format!("{:#}", second.err().expect("second center must be refused"));
+    assert!(err.contains("another tern center"), "{err}");
+
+    let path = c.socket_path.clone();
+    c.shutdown().await.unwrap();
+    assert!(!path.exists(), "socket removed at shutdown");
+}
+
+#[tokio::test]
+async fn registration_and_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    let req = RegisterHost {
+        name: "h1".into(),
+        cluster: "lab".into(),
+        agent_url: agent.url(),
+        agent_token: AGENT_TOKEN.into(),
+        facts: facts(4, 8192),
+    };
+    // The cluster does not exist yet: 404 with the command to create it.
+    let r: Result<Registered, _> = client(&c, &c.enrol_token)
+        .post("/api/v1/hosts/register", &req)
+        .await;
+    expect_status(r, 404, "tern cluster create lab").await;
+
+    create_cluster(&c, "lab").await;
+    let reg: Registered = client(&c, &c.enrol_token)
+        .post("/api/v1/hosts/register", &req)
+        .await
+        .unwrap();
+    assert_eq!(reg.heartbeat_interval_ms, c.config.heartbeat_interval_ms);
+    let host: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
+    assert_eq!(host.state, HostState::Connected);
+    assert_eq!(host.cluster, "lab");
+    let cluster: Cluster = admin(&c).get("/api/v1/clusters/lab").await.unwrap();
+    assert_eq!(cluster.hosts, vec!["h1".to_string()]);
+
+    // Heartbeats need the host's own token.
+    for token in ["wrong", c.enrol_token.as_str(), c.admin_token.as_str()] {
+        let r: Result<(), _> = client(&c, token)
+            .post(
+                &format!("/api/v1/hosts/{}/heartbeat", reg.host_id),
+                &Heartbeat {
+                    facts: facts(4, 8192),
+                    load: agent.load(),
+                },
+            )
+            .await;
+        expect_status(r, 401, "register again").await;
+    }
+    let r = client(&c, &reg.host_token)
+        .post::<_, ()>(
+            &format!("/api/v1/hosts/{}/heartbeat", Uuid::new_v4()),
+            &Heartbeat {
+                facts: facts(4, 8192),
+                load: agent.load(),
+            },
+        )
+        .await;
+    expect_status(r, 404, "register again").await;
+    heartbeat(&c, &reg, agent.load()).await.unwrap();
+    let host: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
+    assert!(host.last_heartbeat.is_some());
+    assert_eq!(host.load.as_ref().map(|l| l.memory_total_mib), Some(8192));
+
+    // Registering again keeps the id and replaces the token.
+    let again: Registered = client(&c, &c.enrol_token)
+        .post("/api/v1/hosts/register", &req)
+        .await
+        .unwrap();
+    assert_eq!(again.host_id, reg.host_id);
+    assert_ne!(again.host_token, reg.host_token);
+    expect_status(heartbeat(&c, &reg, agent.load()).await, 401, "").await;
+    heartbeat(&c, &again, agent.load()).await.unwrap();
+
+    // A wildcard agent URL is refused with advice.
+    let mut bad = req.clone();
+    bad.agent_url = "http://0.0.0.0:8701".into();
+    let r: Result<Registered, _> = client(&c, &c.enrol_token)
+        .post("/api/v1/hosts/register", &bad)
+        .await;
+    expect_status(r, 400, "--advertise-url").await;
+
+    let r: Result<Host, _> = admin(&c).get("/api/v1/hosts/h9").await;
+    expect_status(r, 404, "h9").await;
+    let ev = events(&c, "host=h1").await;
+    assert!(
+        ev.iter().any(|e| e.message.contains("joined cluster lab")),
+        "{ev:?}"
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn silent_hosts_are_marked_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 400)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    create_cluster(&c, "lab").await;
+    let reg = register(&c, "h1", &agent, facts(4, 8192)).await;
+    let vm: Vm = admin(&c)
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                spec: spec("web-1", "52:54:00:00:00:01", 256),
+                cluster: "lab".into(),
+                host: None,
+            },
+        )
+        .await
+        .unwrap();
+    let t: Task = admin(&c)
+        .post("/api/v1/vms/web-1/start", &())
+        .await
+        .unwrap();
+    assert_eq!(wait_task(&c, t.id).await.state, TaskState::Succeeded);
+
+    let api = admin(&c);
+    wait_for("h1 disconnected", 10, || {
+        let api = api.clone();
+        async move {
+            let h: Host = api.get("/api/v1/hosts/h1").await.unwrap();
+            (h.state == HostState::Disconnected).then_some(())
+        }
+    })
+    .await;
+    // Its VM keeps running as far as anyone knows: unknown, not restarted elsewhere.
+    let v = get_vm(&c, "web-1").await;
+    assert_eq!(v.actual_state, PowerState::Unknown);
+    assert_eq!(v.desired_state, PowerState::Running);
+    assert_eq!(v.host.as_deref(), Some("h1"));
+    assert_eq!(
+        agent
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .count(),
+        1
+    );
+    let ev = events(&c, "host=h1").await;
+    assert!(
+        ev.iter().any(|e| e.message.contains("disconnected")),
+        "{ev:?}"
+    );
+
+    // The next heartbeat reconnects it and brings the VM's state back.
+    heartbeat(&c, &reg, agent.load()).await.unwrap();
+    let h: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
+    assert_eq!(h.state, HostState::Connected);
+    wait_for("the VM's state back", 10, || async {
+        heartbeat(&c, &reg, agent.load()).await.unwrap();
+        (get_vm(&c, "web-1").await.actual_state == PowerState::Running).then_some(())
+    })
+    .await;
+    let ev = events(&c, "host=h1").await;
+    assert!(
+        ev.iter().any(|e| e.message.contains("connected again")),
+        "{ev:?}"
+    );
+    assert_eq!(vm.generation, 1);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn vm_creation_checks_everything_before_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let a1 = FakeAgent::start().await;
+    let a2 = FakeAgent::start().await;
+    create_cluster(&c, "lab").await;
+    create_cluster(&c, "other").await;
+    register(&c, "h1", &a1, facts(4, 8192)).await;
+    register(&c, "h2", &a2, facts(2, 4096)).await;
+    let api = admin(&c);
+    let create = |spec: VmSpec, cluster: &str, host: Option<&str>| {
+        let api = api.clone();
+        let req = CreateVm {
+            spec,
+            cluster: cluster.into(),
+            host: host.map(str::to_string),
+        };
+        async move { api.post::<_, Vm>("/api/v1/vms", &req).await }
+    };
+
+    // Placed on the host with the most free memory.
+    let vm = create(spec("web-1", "52:54:00:00:00:01", 1024), "lab", None)
+        .await
+        .unwrap();
+    assert_eq!(vm.host.as_deref(), Some("h1"));
+    assert_eq!(vm.desired_state, PowerState::Stopped);
+    assert_eq!(vm.actual_state, PowerState::Stopped);
+    let ev = events(&c, "vm=web-1").await;
+    assert!(
+        ev.iter()
+            .any(|e| e.message.contains("placed VM web-1 on host h1")),
+        "{ev:?}"
+    );
+    // h1 now has 7168 MiB free, h2 4096: 7000 goes to h1, 3500 to h2 then.
+    let vm = create(spec("web-2", "52:54:00:00:00:02", 7000), "lab", None)
+        .await
+        .unwrap();
+    assert_eq!(vm.host.as_deref(), Some("h1"));
+    let vm = create(spec("web-3", "52:54:00:00:00:03", 3500), "lab", None)
+        .await
+        .unwrap();
+    assert_eq!(vm.host.as_deref(), Some("h2"));
+    // A named host.
+    let vm = create(spec("db-1", "52:54:00:00:00:0a", 512), "lab", Some("h2"))
+        .await
+        .unwrap();
+    assert_eq!(vm.host.as_deref(), Some("h2"));
+
+    // Refusals.
+    expect_status(
+        create(spec("web-1", "52:54:00:00:01:01", 256), "lab", None).await,
+        409,
+        "already exists",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:00:01", 256), "lab", None).await,
+        409,
+        "web-1",
+    )
+    .await;
+    // Upper case of a taken MAC is the same MAC.
+    expect_status(
+        create(spec("web-9", "52:54:00:00:00:0A", 256), "lab", None).await,
+        409,
+        "db-1",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 0), "lab", None).await,
+        400,
+        "at least 16",
+    )
+    .await;
+    expect_status(
+        create(
+            spec("web-9", "52:54:00:00:09:09", 1 << 30),
+            "lab",
+            Some("h1"),
+        )
+        .await,
+        422,
+        "more than host h1",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 1 << 30), "lab", None).await,
+        422,
+        "big enough",
+    )
+    .await;
+    let mut s = spec("web-9", "52:54:00:00:09:09", 256);
+    s.vcpus = 64;
+    expect_status(create(s, "lab", Some("h1")).await, 422, "cores").await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 256), "nope", None).await,
+        404,
+        "tern cluster create nope",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 256), "lab", Some("h9")).await,
+        404,
+        "h9",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "01:00:5e:00:00:01", 256), "lab", None).await,
+        400,
+        "unicast",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 256), "other", Some("h1")).await,
+        422,
+        "cluster lab",
+    )
+    .await;
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 256), "other", None).await,
+        409,
+        "no connected host",
+    )
+    .await;
+    let mut s = spec("web-9", "52:54:00:00:09:09", 256);
+    s.boot = BootSource::Kernel {
+        kernel: "vmlinuz".into(),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    expect_status(create(s, "lab", None).await, 400, "absolute").await;
+    // Files the host does not have, or not on its shared storage.
+    a1.state
+        .lock()
+        .unwrap()
+        .missing
+        .insert("/shared/initramfs.img".into());
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 256), "lab", Some("h1")).await,
+        422,
+        "/shared/initramfs.img",
+    )
+    .await;
+    a1.state.lock().unwrap().missing.clear();
+    a1.state
+        .lock()
+        .unwrap()
+        .outside
+        .insert("/shared/vmlinuz".into());
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 256), "lab", Some("h1")).await,
+        422,
+        "shared storage",
+    )
+    .await;
+
+    let vms: Vec<Vm> = api.get("/api/v1/vms").await.unwrap();
+    let names: Vec<&str> = vms.iter().map(|v| v.spec.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["db-1", "web-1", "web-2", "web-3"],
+        "refused creations left no trace"
+    );
+    let h1: Host = api.get("/api/v1/hosts/h1").await.unwrap();
+    assert_eq!(h1.vms, vec!["web-1".to_string(), "web-2".to_string()]);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn start_stop_delete_through_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    create_cluster(&c, "lab").await;
+    let reg = register(&c, "h1", &agent, facts(4, 8192)).await;
+    let api = admin(&c);
+    let vm: Vm = api
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                spec: spec("web-1", "52:54:00:00:00:01", 256),
+                cluster: "lab".into(),
+                host: None,
+            },
+        )
+        .await
+        .unwrap();
+
+    let t: Task = api.post("/api/v1/vms/web-1/start", &()).await.unwrap();
+    assert_eq!(t.vm.as_deref(), Some("web-1"));
+    assert!(matches!(t.state, TaskState::Queued | TaskState::Running));
+    let done = wait_task(&c, t.id).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(done.progress, 100);
+    assert!(done.finished_at.is_some());
+    assert_eq!(done.result.as_ref().unwrap()["pid"], 4242);
+    assert_eq!(agent.calls(), vec![format!("start {} gen 1", vm.id)]);
+    let v = get_vm(&c, "web-1").await;
+    assert_eq!(
+        (v.desired_state, v.actual_state),
+        (PowerState::Running, PowerState::Running)
+    );
+
+    // Running: cannot be deleted.
+    let r = api.delete("/api/v1/vms/web-1").await;
+    expect_status(r, 409, "tern vm stop web-1").await;
+
+    // The console comes from the agent.
+    let text = api
+        .get_text("/api/v1/vms/web-1/console?bytes=100")
+        .await
+        .unwrap();
+    assert!(text.contains("TERN-GUEST-READY"));
+
+    // Heartbeats that no longer list it: crashed, with an event (once the task's outcome is
+    // older than the heartbeats' figures can be).
+    let saved = agent.state.lock().unwrap().vms.remove(&vm.id).unwrap();
+    wait_for("the VM marked crashed", 10, || async {
+        heartbeat(&c, &reg, agent.load()).await.unwrap();
+        (get_vm(&c, "web-1").await.actual_state == PowerState::Crashed).then_some(())
+    })
+    .await;
+    let ev = events(&c, "vm=web-1").await;
+    assert!(
+        ev.iter().any(|e| e.message.contains("marked crashed")),
+        "{ev:?}"
+    );
+    // Listed again as running.
+    agent.state.lock().unwrap().vms.insert(vm.id, saved);
+    heartbeat(&c, &reg, agent.load()).await.unwrap();
+    assert_eq!(get_vm(&c, "web-1").await.actual_state, PowerState::Running);
+
+    let t: Task = api
+        .post(
+            "/api/v1/vms/web-1/stop",
+            &StopVm {
+                force: true,
+                timeout_ms: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(wait_task(&c, t.id).await.state, TaskState::Succeeded);
+    let v = get_vm(&c, "web-1").await;
+    assert_eq!(
+        (v.desired_state, v.actual_state),
+        (PowerState::Stopped, PowerState::Stopped)
+    );
+    assert!(agent
+        .calls()
+        .contains(&format!("stop {} force true", vm.id)));
+    // A stopped VM missing from heartbeats stays stopped, quietly (watched for longer than
+    // the settling time after the task).
+    agent.state.lock().unwrap().vms.clear();
+    let watch_until = tokio::time::Instant::now()
+        + Duration::from_millis(c.config.heartbeat_interval_ms * 2 + 300);
+    while tokio::time::Instant::now() < watch_until {
+        heartbeat(&c, &reg, agent.load()).await.unwrap();
+        assert_eq!(get_vm(&c, "web-1").await.actual_state, PowerState::Stopped);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    api.delete("/api/v1/vms/web-1").await.unwrap();
+    expect_status(api.get::<Vm>("/api/v1/vms/web-1").await, 404, "web-1").await;
+    assert!(agent.calls().contains(&format!("delete {}", vm.id)));
+    let tasks: Vec<Task> = api.get("/api/v1/tasks").await.unwrap();
+    assert_eq!(tasks.len(), 2);
+    let ev = events(&c, "vm=web-1&limit=1").await;
+    assert_eq!(ev.len(), 1);
+    assert!(ev[0].message.contains("deleted"), "{ev:?}");
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_can_be_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    agent.state.lock().unwrap().hang_starts = true;
+    create_cluster(&c, "lab").await;
+    register(&c, "h1", &agent, facts(4, 8192)).await;
+    let api = admin(&c);
+    let _: Vm = api
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                spec: spec("web-1", "52:54:00:00:00:01", 256),
+                cluster: "lab".into(),
+                host: None,
+            },
+        )
+        .await
+        .unwrap();
+    let t: Task = api.post("/api/v1/vms/web-1/start", &()).await.unwrap();
+    // A second task on the same VM waits its turn.
+    let r = api
+        .post::<_, Task>("/api/v1/vms/web-1/stop", &StopVm::default())
+        .await;
+    expect_status(r, 409, "tern task cancel").await;
+    let cancelled: Task = api
+        .post(&format!("/api/v1/tasks/{}/cancel", t.id), &())
+        .await
+        .unwrap();
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+    assert_eq!(cancelled.error.as_deref(), Some("cancelled by user"));
+    let again = api
+        .post::<_, Task>(&format!("/api/v1/tasks/{}/cancel", t.id), &())
+        .await;
+    expect_status(again, 409, "cancelled").await;
+    expect_status(
+        api.post::<_, Task>(&format!("/api/v1/tasks/{}/cancel", Uuid::new_v4()), &())
+            .await,
+        404,
+        "tern task list",
+    )
+    .await;
+    // The desired state is back to what it was; the task stays cancelled.
+    assert_eq!(get_vm(&c, "web-1").await.desired_state, PowerState::Stopped);
+    let t2: Task = api.get(&format!("/api/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(t2.state, TaskState::Cancelled);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_center_keeps_its_inventory_and_ends_orphaned_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    agent.state.lock().unwrap().hang_starts = true;
+    create_cluster(&c, "lab").await;
+    let reg = register(&c, "h1", &agent, facts(4, 8192)).await;
+    let vm: Vm = admin(&c)
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                spec: spec("web-1", "52:54:00:00:00:01", 256),
+                cluster: "lab".into(),
+                host: None,
+            },
+        )
+        .await
+        .unwrap();
+    let t: Task = admin(&c)
+        .post("/api/v1/vms/web-1/start", &())
+        .await
+        .unwrap();
+    let api = admin(&c);
+    wait_for("the start to reach the agent", 10, || {
+        let agent = agent.clone();
+        async move { (!agent.calls().is_empty()).then_some(()) }
+    })
+    .await;
+    let t_running: Task = api.get(&format!("/api/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(t_running.state, TaskState::Running);
+    let (admin_token, enrol_token) = (c.admin_token.clone(), c.enrol_token.clone());
+    c.shutdown().await.unwrap();
+
+    // The agent did start the VM (its answer was lost with the center).
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    assert_eq!(c.admin_token, admin_token);
+    assert_eq!(c.enrol_token, enrol_token);
+    let t: Task = admin(&c)
+        .get(&format!("/api/v1/tasks/{}", t.id))
+        .await
+        .unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert_eq!(t.error.as_deref(), Some("center restarted during the task"));
+    let h: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
+    assert_eq!(h.id, reg.host_id);
+    assert_eq!(h.vms, vec!["web-1".to_string()]);
+    // The VM's state is read back from its agent.
+    let api = admin(&c);
+    let v = wait_for("the VM's state re-read", 10, || {
+        let api = api.clone();
+        async move {
+            let v: Vm = api.get("/api/v1/vms/web-1").await.unwrap();
+            (v.actual_state == PowerState::Running).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(v.id, vm.id);
+    assert_eq!(v.desired_state, PowerState::Running);
+    // The host token issued before the restart still works.
+    heartbeat(&c, &reg, agent.load()).await.unwrap();
+    c.shutdown().await.unwrap();
+}
