@@ -1,53 +1,163 @@
 //! The `tern` binary: command line parsing and output only; the daemons and engines live in
-//! their crates.
+//! their crates, the lab in `lab`.
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod error;
+mod lab;
+
+use cmd::connect::{ConnectArgs, LabDirArgs};
+use cmd::output::Format;
+use error::CliError;
+
+const LONG_ABOUT: &str = "\
+Live migration and cluster scheduling for QEMU/KVM.
+
+The CLI talks to `tern center` over its REST API. It finds the center with --center /
+TERN_CENTER (unix:/path or http://IP:PORT) and --token / TERN_TOKEN; when neither is given
+and a lab is up (`tern lab up`), it uses the lab's.
+
+Exit codes:
+  0  success
+  1  the operation failed (a task failed or timed out, or the center failed: HTTP 5xx)
+  2  usage error (bad command line)
+  3  not found (the VM, host, cluster or task named does not exist: HTTP 404)
+  4  refused by the center (bad request, conflict, missing token: HTTP 4xx other than 404)
+  5  cannot reach the center";
 
 #[derive(Debug, Parser)]
-#[command(name = "tern", version, about = "Live migration and cluster scheduling for QEMU/KVM")]
+#[command(
+    name = "tern",
+    version,
+    about = "Live migration and cluster scheduling for QEMU/KVM",
+    long_about = LONG_ABOUT
+)]
 struct Cli {
+    /// Output format of listings and shows: aligned tables, or the API's JSON objects.
+    #[arg(short = 'o', long, value_enum, global = true, default_value_t = Format::Table)]
+    output: Format,
     #[command(subcommand)]
     command: Command,
 }
 
+/// A command group that talks to the center: connection flags, then the subcommand.
+macro_rules! client_group {
+    ($name:ident, $sub:ty) => {
+        client_group!($name, $sub, ConnectArgs);
+    };
+    ($name:ident, $sub:ty, $connect:ty) => {
+        #[derive(Debug, clap::Args)]
+        struct $name {
+            #[command(flatten)]
+            connect: $connect,
+            #[command(subcommand)]
+            cmd: $sub,
+        }
+    };
+}
+
+client_group!(ClusterArgs, cmd::cluster::ClusterCommand);
+client_group!(VmArgs, cmd::vm::VmCommand);
+client_group!(TaskArgs, cmd::task::TaskCommand);
+client_group!(EventArgs, cmd::event::EventCommand);
+client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the cluster manager daemon.
-    Center(tern_center::CenterArgs),
+    Center(Box<tern_center::CenterArgs>),
     /// Hosts: run the agent, or list and show them.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Clusters: create, list, show.
+    Cluster(ClusterArgs),
+    /// Virtual machines: create, start, stop, list, show, console, delete.
+    Vm(VmArgs),
+    /// Tasks (long operations): list, show, wait, cancel.
+    Task(TaskArgs),
+    /// The event history.
+    Event(EventArgs),
+    /// A cluster on this machine from network namespaces, for tests and demos.
+    Lab(LabArgs),
     /// Run the DRS engine offline: simulate a cluster over time, explain recommendations.
     #[command(subcommand)]
     Drs(cmd::drs::DrsCommand),
 }
 
+// The daemons take their own flags (the agent has its own --center), so the CLI's
+// connection flags live in each client command, not on `tern` itself.
 #[derive(Debug, Subcommand)]
 enum HostCommand {
     /// Run the host agent daemon (one per host).
-    Agent(tern_host::AgentArgs),
+    Agent(Box<tern_host::AgentArgs>),
+    /// List hosts.
+    List {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show one host.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let daemon = matches!(
+        cli.command,
+        Command::Center(_) | Command::Host(HostCommand::Agent(_))
+    );
+    // Daemons log at info; the CLI only says more when asked (RUST_LOG).
+    let default_filter = if daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Command::Drs(c) = cli.command {
-        return cmd::drs::run(c);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            if let Some(h) = &e.hint {
+                eprintln!("hint: {h}");
+            }
+            ExitCode::from(e.kind.code())
+        }
     }
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        match cli.command {
-            Command::Center(a) => tern_center::run(a).await,
-            Command::Host(HostCommand::Agent(a)) => tern_host::run(a).await,
-            Command::Drs(_) => unreachable!("handled above"),
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let Cli { output, command } = cli;
+    if let Command::Drs(c) = command {
+        return cmd::drs::run(c).map_err(CliError::from);
+    }
+    let rt = tokio::runtime::Runtime::new()
+        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        match command {
+            Command::Center(a) => tern_center::run(*a).await.map_err(CliError::from),
+            Command::Host(HostCommand::Agent(a)) => {
+                tern_host::run(*a).await.map_err(CliError::from)
+            }
+            Command::Host(HostCommand::List { connect }) => {
+                cmd::host::list(&connect.client()?, output).await
+            }
+            Command::Host(HostCommand::Show { name, connect }) => {
+                cmd::host::show(&connect.client()?, &name, output).await
+            }
+            Command::Cluster(g) => cmd::cluster::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Vm(g) => cmd::vm::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Task(g) => cmd::task::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Event(g) => cmd::event::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
+            Command::Drs(c) => cmd::drs::run(c).map_err(CliError::from),
         }
     })
 }

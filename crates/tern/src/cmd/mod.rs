@@ -1,3 +1,11 @@
 //! One module per command group; each parses its arguments and prints, nothing more.
 
+pub mod cluster;
+pub mod connect;
 pub mod drs;
+pub mod event;
+pub mod host;
+pub mod lab;
+pub mod output;
+pub mod task;
+pub mod vm;

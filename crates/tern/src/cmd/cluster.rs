@@ -1,0 +1,92 @@
+//! `tern cluster create|list|show`.
+
+use tern_api::center::{Cluster, CreateCluster};
+use tern_api::ApiClient;
+
+use super::connect::seg;
+use super::output::{opt, print_json, time, Format, Sheet, Table};
+use crate::error::{ApiResultExt, CliError};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Create a cluster.
+    Create {
+        name: String,
+        /// EVC baseline: the CPU model every VM of the cluster sees (e.g. x86-64-v2, Haswell).
+        #[arg(long = "evc", value_name = "MODE")]
+        evc_mode: Option<String>,
+    },
+    /// List clusters.
+    List,
+    /// Show one cluster.
+    Show { name: String },
+}
+
+pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+    match cmd {
+        ClusterCommand::Create { name, evc_mode } => {
+            let body = CreateCluster { name, evc_mode };
+            let c: Cluster = api
+                .post("/api/v1/clusters", &body)
+                .await
+                .or_list("tern cluster list")?;
+            match fmt {
+                Format::Json => print_json(&c),
+                Format::Table => {
+                    println!("created cluster {} (evc: {})", c.name, opt(&c.evc_mode));
+                    Ok(())
+                }
+            }
+        }
+        ClusterCommand::List => {
+            let list: Vec<Cluster> = api
+                .get("/api/v1/clusters")
+                .await
+                .or_list("tern cluster list")?;
+            match fmt {
+                Format::Json => print_json(&list),
+                Format::Table => {
+                    let mut t = Table::new(&["NAME", "EVC", "HOSTS", "CREATED"]);
+                    for c in &list {
+                        t.row(vec![
+                            c.name.clone(),
+                            opt(&c.evc_mode),
+                            c.hosts.len().to_string(),
+                            time(&c.created_at),
+                        ]);
+                    }
+                    t.print();
+                    Ok(())
+                }
+            }
+        }
+        ClusterCommand::Show { name } => {
+            let c: Cluster = api
+                .get(&format!("/api/v1/clusters/{}", seg(&name)?))
+                .await
+                .or_list("tern cluster list")?;
+            match fmt {
+                Format::Json => print_json(&c),
+                Format::Table => {
+                    let mut s = Sheet::new();
+                    s.add("name", &c.name)
+                        .add("id", c.id)
+                        .add("evc", opt(&c.evc_mode))
+                        .add("hosts", join_or_dash(&c.hosts))
+                        .add("created", time(&c.created_at));
+                    s.print();
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// `a, b, c`, or `-` when empty.
+pub fn join_or_dash(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}

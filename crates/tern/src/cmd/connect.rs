@@ -1,0 +1,140 @@
+//! Finds the center and its token: flags, then environment, then the running lab's record.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tern_api::{ApiClient, Endpoint};
+
+use crate::error::{CliError, ExitKind};
+use crate::lab::state::LabState;
+
+/// Default directory of the lab (and of its `lab.json`).
+pub const DEFAULT_LAB_DIR: &str = "/var/tmp/tern-lab";
+
+/// Connection flags shared by every command that talks to the center.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Center endpoint: `unix:/path/center.sock` or `http://IP:PORT` [default: the lab's]
+    #[arg(long, env = "TERN_CENTER", global = true)]
+    pub center: Option<String>,
+    /// Admin token (not shown in logs) [default: the lab's admin.token]
+    #[arg(long, env = "TERN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub lab: LabDirArgs,
+}
+
+/// Where a lab lives: `tern lab` keeps its lab there, and the other commands use that lab's
+/// center when --center is not given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabDirArgs {
+    /// Lab directory: where `tern lab` keeps its lab, and whose center the other commands
+    /// use when --center is not given [default: /var/tmp/tern-lab]
+    #[arg(
+        long = "lab-dir",
+        visible_alias = "dir",
+        env = "TERN_LAB_DIR",
+        global = true
+    )]
+    pub lab_dir: Option<PathBuf>,
+}
+
+impl LabDirArgs {
+    /// The lab directory (flag, env, or the default).
+    pub fn lab_dir(&self) -> PathBuf {
+        self.lab_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_LAB_DIR))
+    }
+}
+
+impl ConnectArgs {
+    /// Builds the API client (no request is made yet).
+    pub fn client(&self) -> Result<ApiClient, CliError> {
+        let lab_dir = self.lab.lab_dir();
+        let lab = LabState::load(&lab_dir).map_err(|e| {
+            CliError::failed(format!("{e:#}"))
+                .hint("remove the stale lab with `tern lab down`, or pass --center")
+        })?;
+        let (endpoint, lab_token) = match (&self.center, &lab) {
+            (Some(c), lab) => {
+                let ep = Endpoint::parse(c);
+                // The lab's token is offered only to the lab's own center.
+                let token = lab
+                    .as_ref()
+                    .filter(|l| lab_matches(l, &ep))
+                    .map(|l| l.admin_token());
+                (ep, token)
+            }
+            (None, Some(l)) => (Endpoint::Unix(l.socket.clone()), Some(l.admin_token())),
+            (None, None) => {
+                return Err(CliError::new(
+                    ExitKind::Unreachable,
+                    format!("no center given, and no lab in {}", lab_dir.display()),
+                )
+                .hint(
+                    "pass --center unix:/path/center.sock or http://IP:PORT (or set \
+                     TERN_CENTER), or start a lab: `tern lab up --hosts 2`",
+                ))
+            }
+        };
+        let token = match (&self.token, lab_token) {
+            (Some(t), _) => t.clone(),
+            (None, Some(Ok(t))) => t,
+            (None, Some(Err(e))) => {
+                return Err(CliError::failed(format!("{e:#}"))
+                    .hint("pass --token or TERN_TOKEN, or recreate the lab"))
+            }
+            // No token: the center answers 401, whose hint says what to do.
+            (None, None) => String::new(),
+        };
+        ApiClient::with_timeout(endpoint, token, Duration::from_secs(60))
+            .map_err(|e| CliError::from_api(e, "tern lab status"))
+    }
+}
+
+fn lab_matches(lab: &LabState, ep: &Endpoint) -> bool {
+    match ep {
+        Endpoint::Unix(p) => *p == lab.socket,
+        Endpoint::Tcp(u) => *u == lab.center_url,
+    }
+}
+
+/// Percent-encodes one path segment (names are checked by the center; this keeps odd input
+/// from changing the path). `.` and `..` are refused: URL parsers fold them away.
+pub fn seg(s: &str) -> Result<String, CliError> {
+    if s.is_empty() || s == "." || s == ".." {
+        return Err(CliError::usage(format!("`{s}` is not a valid name")));
+    }
+    Ok(encode(s))
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Encodes a query value (same rules as a segment).
+pub fn query_value(s: &str) -> String {
+    encode(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(seg("web-1").unwrap(), "web-1");
+        assert_eq!(seg("../x y").unwrap(), "..%2Fx%20y");
+        assert!(seg("..").is_err());
+        assert!(seg("").is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! `tern lab up|down|status|client|link|restart|stop|start`: arguments and output; the lab
+//! itself lives in `crate::lab`.
+
+use std::path::{Path, PathBuf};
+
+use super::output::{opt, print_json, Format, Table};
+use crate::error::{CliError, ExitKind};
+use crate::lab::{self, Accel, LinkFault, UpOptions};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build a lab: namespaces, bridges, a center, N host agents, cluster `lab`.
+    Up {
+        /// Number of hosts (h1 … hN).
+        #[arg(long)]
+        hosts: u32,
+        /// Prefix of the lab's namespace names (<prefix>-fab, -center, -client, -h<i>).
+        #[arg(long, default_value = "tern")]
+        prefix: String,
+        /// Accelerator the agents run guests with.
+        #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+        accel: Accel,
+        /// Guest image to copy into shared storage [default: target/guest if it exists]
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Build only the network, directories and tokens (no center, no agents).
+        #[arg(long)]
+        network_only: bool,
+    },
+    /// Remove the lab: its processes (QEMU included), namespaces, links and directory.
+    Down {
+        /// Also remove namespaces of this prefix [default: the recorded lab's]
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Show the lab's namespaces, processes and hosts.
+    Status,
+    /// Run a command in the client namespace (the VMs' users); exits with its exit code.
+    Client {
+        /// Prefix of the lab [default: the recorded lab's]
+        #[arg(long)]
+        prefix: Option<String>,
+        /// The command, after `--`.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Shape, cut or restore a host's management/migration link.
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Restart the center or a host agent (`center`, `h1`…) the way `lab up` starts it.
+    Restart {
+        name: String,
+        /// SIGKILL instead of SIGTERM (a crash).
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Stop the center or a host agent.
+    Stop {
+        name: String,
+        /// SIGKILL instead of SIGTERM (a crash).
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start a stopped center or host agent and wait until it is ready.
+    Start { name: String },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LinkCommand {
+    /// Limit bandwidth and add delay (each direction).
+    Shape {
+        host: String,
+        #[arg(long)]
+        rate_mbit: u32,
+        /// One-way delay.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
+    },
+    /// Remove shaping.
+    Unshape { host: String },
+    /// Take the link down.
+    Cut { host: String },
+    /// Bring a cut link back up.
+    Restore { host: String },
+}
+
+pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliError> {
+    match cmd {
+        LabCommand::Up {
+            hosts,
+            prefix,
+            accel,
+            guest_dir,
+            network_only,
+        } => {
+            let o = UpOptions {
+                hosts,
+                prefix,
+                dir: dir.to_path_buf(),
+                accel,
+                guest_dir,
+                network_only,
+            };
+            let st = lab::up(&o).await.map_err(|e| {
+                CliError::from(e).hint(format!(
+                    "the partial lab is left for inspection (logs in {}/logs); \
+                     remove it with `tern lab down --dir {}`",
+                    dir.display(),
+                    dir.display()
+                ))
+            })?;
+            if fmt == Format::Json {
+                return print_json(&st);
+            }
+            println!(
+                "lab `{}` is up: {} hosts in cluster lab, center at unix:{}",
+                st.prefix,
+                st.hosts.len(),
+                st.socket.display()
+            );
+            let mut t = Table::new(&["NAME", "NAMESPACE", "ADDRESS", "PID", "LOG"]);
+            if let Some(c) = &st.center {
+                t.row(vec![
+                    c.name.clone(),
+                    c.namespace.clone(),
+                    lab::plan::CENTER_IP.into(),
+                    opt(&c.pid),
+                    c.log.display().to_string(),
+                ]);
+            }
+            for h in &st.hosts {
+                t.row(vec![
+                    h.name.clone(),
+                    h.namespace.clone(),
+                    h.mgmt_ip.clone(),
+                    opt(&h.agent.pid),
+                    h.agent.log.display().to_string(),
+                ]);
+            }
+            t.row(vec![
+                "client".into(),
+                st.client_namespace.clone(),
+                lab::plan::CLIENT_IP.into(),
+                "-".into(),
+                "-".into(),
+            ]);
+            t.print();
+            if let Some(g) = &st.guest {
+                println!("guest image: {} {}", g.kernel.display(), g.initrd.display());
+            }
+            println!(
+                "`tern` finds this lab by itself; from elsewhere: TERN_CENTER=unix:{} \
+                 TERN_TOKEN=$(cat {})",
+                st.socket.display(),
+                st.admin_token_file.display()
+            );
+            Ok(())
+        }
+        LabCommand::Down { prefix } => {
+            let prefixes: Vec<String> = prefix.into_iter().collect();
+            for p in &prefixes {
+                lab::plan::check_prefix(p).map_err(|e| CliError::usage(format!("{e:#}")))?;
+            }
+            let removed = lab::teardown(dir, &prefixes)?;
+            match fmt {
+                Format::Json => print_json(&removed),
+                Format::Table => {
+                    if removed.is_empty() {
+                        println!("no lab to remove");
+                    } else {
+                        println!("removed {}", removed.summary());
+                    }
+                    Ok(())
+                }
+            }
+        }
+        LabCommand::Status => {
+            let s = lab::status(dir)
+                .await
+                .map_err(|e| CliError::new(ExitKind::NotFound, format!("{e:#}")))?;
+            if fmt == Format::Json {
+                return print_json(&s);
+            }
+            println!(
+                "lab `{}` in {} (created {})",
+                s.lab.prefix,
+                s.lab.dir.display(),
+                super::output::time(&s.lab.created_at)
+            );
+            let mut t = Table::new(&["PROCESS", "NAMESPACE", "PID", "RUNNING", "HOST_STATE"]);
+            for p in &s.processes {
+                let host_state = s
+                    .hosts
+                    .as_ref()
+                    .and_then(|hs| hs.iter().find(|h| h.name == p.name))
+                    .map(|h| h.state.to_string())
+                    .unwrap_or_else(|| "-".into());
+                t.row(vec![
+                    p.name.clone(),
+                    p.namespace.clone(),
+                    opt(&p.pid),
+                    if p.running { "yes" } else { "no" }.into(),
+                    host_state,
+                ]);
+            }
+            t.print();
+            if !s.missing_namespaces.is_empty() {
+                println!("missing namespaces: {}", s.missing_namespaces.join(", "));
+            }
+            if let Some(e) = &s.center_error {
+                println!("center: not answering ({e})");
+            }
+            Ok(())
+        }
+        LabCommand::Client { prefix, cmd } => {
+            let ns = lab::client_namespace(dir, prefix.as_deref())?;
+            // Only returns on failure: on success this process becomes the command.
+            Err(lab::exec_client(&ns, &cmd).into())
+        }
+        LabCommand::Link(l) => {
+            let (host, fault, what) = match l {
+                LinkCommand::Shape {
+                    host,
+                    rate_mbit,
+                    delay_ms,
+                } => (
+                    host,
+                    LinkFault::Shape {
+                        rate_mbit,
+                        delay_ms,
+                    },
+                    format!("shaped to {rate_mbit} Mbit/s, {delay_ms} ms each way"),
+                ),
+                LinkCommand::Unshape { host } => (host, LinkFault::Unshape, "unshaped".into()),
+                LinkCommand::Cut { host } => (host, LinkFault::Cut, "cut".into()),
+                LinkCommand::Restore { host } => (host, LinkFault::Restore, "restored".into()),
+            };
+            lab::link(dir, &host, fault)?;
+            if fmt == Format::Table {
+                println!("link of {host} {what}");
+            }
+            Ok(())
+        }
+        LabCommand::Restart { name, kill } => {
+            let (old, new) = lab::restart(dir, &name, kill).await?;
+            if fmt == Format::Table {
+                println!("{name} restarted (pid {} → {new})", opt(&old));
+            }
+            Ok(())
+        }
+        LabCommand::Stop { name, kill } => {
+            let old = lab::stop(dir, &name, kill)?;
+            if fmt == Format::Table {
+                match old {
+                    Some(pid) => println!("{name} stopped (pid {pid})"),
+                    None => println!("{name} was not running"),
+                }
+            }
+            Ok(())
+        }
+        LabCommand::Start { name } => {
+            let pid = lab::start(dir, &name).await?;
+            if fmt == Format::Table {
+                println!("{name} started (pid {pid})");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! `tern vm create|start|stop|list|show|console|delete`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tern_api::center::{CreateVm, StopVm, Task, Vm};
+use tern_api::{ApiClient, ApiError, BootSource, DiskFormat, DiskSpec, NicSpec, VmSpec};
+
+use super::connect::seg;
+use super::output::{opt, print_json, short_id, time, Format, Sheet, Table};
+use super::task::{parse_duration, print_task, wait};
+use crate::error::{ApiResultExt, CliError};
+
+const LIST: &str = "tern vm list";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum VmCommand {
+    /// Define a VM (it starts stopped).
+    Create(CreateArgs),
+    /// Start a VM and wait until it runs.
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Stop a VM (guest power-off, then kill after the grace time) and wait.
+    Stop {
+        name: String,
+        /// Kill the QEMU process at once instead of asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Grace time for the guest to power off before it is killed [center default: 30000]
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Print the tail of a VM's serial console.
+    Console {
+        name: String,
+        /// How many bytes of the tail to print.
+        #[arg(long, default_value_t = 16384)]
+        bytes: u64,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Delete a stopped VM.
+    Delete { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WaitArgs {
+    /// Print the task id and return at once instead of waiting.
+    #[arg(long)]
+    detach: bool,
+    /// Stop waiting after this long (`90`, `30s`, `5m`); the task keeps running.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    wait_timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("boot").required(true).args(["kernel", "boot_disk"])))]
+pub struct CreateArgs {
+    /// VM name: `[a-z0-9][a-z0-9-]{0,31}`.
+    name: String,
+    /// Cluster the VM belongs to.
+    #[arg(long)]
+    cluster: String,
+    /// Host to run on [default: the center places it]
+    #[arg(long)]
+    host: Option<String>,
+    /// Virtual CPUs.
+    #[arg(long)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: u64,
+    /// QEMU CPU model [default: the cluster's EVC baseline, else the host's default]
+    #[arg(long)]
+    cpu_model: Option<String>,
+    /// Kernel to boot directly (a path every host sees, normally on shared storage).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(
+        long,
+        value_name = "STR",
+        requires = "kernel",
+        allow_hyphen_values = true
+    )]
+    cmdline: Option<String>,
+    /// Boot from the first --disk.
+    #[arg(long, requires = "disk")]
+    boot_disk: bool,
+    /// Disk image on shared storage: `PATH[,format=raw|qcow2][,readonly]` (repeatable).
+    #[arg(long, value_name = "PATH[,format=qcow2]", value_parser = parse_disk)]
+    disk: Vec<DiskSpec>,
+    /// NIC MAC address (repeatable; one NIC each) [default: one NIC, random 52:54:00 MAC]
+    #[arg(long, value_parser = parse_mac)]
+    mac: Vec<String>,
+    /// Create the VM without any NIC.
+    #[arg(long, conflicts_with = "mac")]
+    no_nic: bool,
+}
+
+pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+    match cmd {
+        VmCommand::Create(a) => create(api, a, fmt).await,
+        VmCommand::Start { name, wait } => {
+            let task: Task = api
+                .post(&format!("/api/v1/vms/{}/start", seg(&name)?), &())
+                .await
+                .or_list(LIST)?;
+            follow_task(api, task, &wait, fmt, &format!("vm {name} is running")).await
+        }
+        VmCommand::Stop {
+            name,
+            force,
+            timeout_ms,
+            wait,
+        } => {
+            let body = StopVm { force, timeout_ms };
+            let task: Task = api
+                .post(&format!("/api/v1/vms/{}/stop", seg(&name)?), &body)
+                .await
+                .or_list(LIST)?;
+            follow_task(api, task, &wait, fmt, &format!("vm {name} is stopped")).await
+        }
+        VmCommand::List => list(api, fmt).await,
+        VmCommand::Show { name } => {
+            let vm: Vm = api
+                .get(&format!("/api/v1/vms/{}", seg(&name)?))
+                .await
+                .or_list(LIST)?;
+            show(&vm, fmt)
+        }
+        VmCommand::Console {
+            name,
+            bytes,
+            follow,
+        } => console(api, &name, bytes, follow).await,
+        VmCommand::Delete { name } => {
+            api.delete(&format!("/api/v1/vms/{}", seg(&name)?))
+                .await
+                .map_err(|e| {
+                    let conflict = e.status() == Some(409);
+                    let err = CliError::from_api(e, LIST);
+                    if conflict {
+                        err.hint_unless_told(format!("stop it first: `tern vm stop {name}`"))
+                    } else {
+                        err
+                    }
+                })?;
+            if fmt == Format::Table {
+                println!("deleted vm {name}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn follow_task(
+    api: &ApiClient,
+    task: Task,
+    w: &WaitArgs,
+    fmt: Format,
+    done: &str,
+) -> Result<(), CliError> {
+    if w.detach {
+        return match fmt {
+            Format::Json => print_json(&task),
+            Format::Table => {
+                println!("{}", task.id);
+                Ok(())
+            }
+        };
+    }
+    let started = std::time::Instant::now();
+    let task = wait(api, task.id, Some(w.wait_timeout), fmt).await?;
+    match fmt {
+        Format::Json => print_task(&task, fmt),
+        Format::Table => {
+            let on = task
+                .host
+                .as_ref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default();
+            println!(
+                "{done}{on} (task {}, {:.1} s)",
+                short_id(&task.id),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn create(api: &ApiClient, a: CreateArgs, fmt: Format) -> Result<(), CliError> {
+    let boot = match &a.kernel {
+        Some(k) => BootSource::Kernel {
+            kernel: absolute(k)?,
+            initrd: a.initrd.as_deref().map(absolute).transpose()?,
+            cmdline: a.cmdline.clone().unwrap_or_default(),
+        },
+        None => BootSource::Disk,
+    };
+    let mut disks = a.disk.clone();
+    for d in &mut disks {
+        d.path = absolute(Path::new(&d.path))?;
+    }
+    let nics = if a.no_nic {
+        Vec::new()
+    } else if a.mac.is_empty() {
+        vec![NicSpec { mac: random_mac() }]
+    } else {
+        a.mac.iter().map(|m| NicSpec { mac: m.clone() }).collect()
+    };
+    let body = CreateVm {
+        spec: VmSpec {
+            name: a.name.clone(),
+            vcpus: a.vcpus,
+            memory_mib: a.memory_mib,
+            cpu_model: a.cpu_model.clone(),
+            boot,
+            disks,
+            nics,
+        },
+        cluster: a.cluster.clone(),
+        host: a.host.clone(),
+    };
+    let vm: Vm = api.post("/api/v1/vms", &body).await.map_err(|e| {
+        let nf = e.status() == Some(404);
+        let err = CliError::from_api(e, LIST);
+        if nf {
+            err.hint_unless_told(
+                "check the cluster and host names: `tern cluster list`, `tern host list`",
+            )
+        } else {
+            err
+        }
+    })?;
+    match fmt {
+        Format::Json => print_json(&vm),
+        Format::Table => {
+            let macs: Vec<&str> = vm.spec.nics.iter().map(|n| n.mac.as_str()).collect();
+            println!(
+                "created vm {} in cluster {} (host {}, mac {}); start it with `tern vm start {}`",
+                vm.spec.name,
+                vm.cluster,
+                opt(&vm.host),
+                if macs.is_empty() {
+                    "none".into()
+                } else {
+                    macs.join(",")
+                },
+                vm.spec.name
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+    let vms: Vec<Vm> = api.get("/api/v1/vms").await.or_list(LIST)?;
+    if fmt == Format::Json {
+        return print_json(&vms);
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "CLUSTER",
+        "HOST",
+        "STATE",
+        "DESIRED",
+        "VCPUS",
+        "MEMORY_MIB",
+        "GEN",
+    ]);
+    for v in &vms {
+        t.row(vec![
+            v.spec.name.clone(),
+            v.cluster.clone(),
+            opt(&v.host),
+            v.actual_state.to_string(),
+            v.desired_state.to_string(),
+            v.spec.vcpus.to_string(),
+            v.spec.memory_mib.to_string(),
+            v.generation.to_string(),
+        ]);
+    }
+    t.print();
+    Ok(())
+}
+
+fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
+    if fmt == Format::Json {
+        return print_json(vm);
+    }
+    let s_ = &vm.spec;
+    let mut s = Sheet::new();
+    s.add("name", &s_.name)
+        .add("id", vm.id)
+        .add("cluster", &vm.cluster)
+        .add("host", opt(&vm.host))
+        .add("state", vm.actual_state)
+        .add("desired_state", vm.desired_state)
+        .add("generation", vm.generation)
+        .add("vcpus", s_.vcpus)
+        .add("memory_mib", s_.memory_mib)
+        .add("cpu_model", opt(&s_.cpu_model));
+    match &s_.boot {
+        BootSource::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            s.add("boot", "kernel")
+                .add("kernel", kernel)
+                .add("initrd", opt(initrd))
+                .add("cmdline", cmdline);
+        }
+        BootSource::Disk => {
+            s.add("boot", "disk");
+        }
+    }
+    for (i, d) in s_.disks.iter().enumerate() {
+        let fmt_name = match d.format {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        };
+        let ro = if d.readonly { ",readonly" } else { "" };
+        s.add(
+            &format!("disk{i}"),
+            format!("{} (format={fmt_name}{ro})", d.path),
+        );
+    }
+    for (i, n) in s_.nics.iter().enumerate() {
+        s.add(&format!("nic{i}"), &n.mac);
+    }
+    s.add("created", time(&vm.created_at));
+    s.print();
+    Ok(())
+}
+
+async fn console(api: &ApiClient, name: &str, bytes: u64, follow: bool) -> Result<(), CliError> {
+    let path = format!("/api/v1/vms/{}/console", seg(name)?);
+    let text = api
+        .get_text(&format!("{path}?bytes={bytes}"))
+        .await
+        .or_list(LIST)?;
+    print!("{text}");
+    if !follow {
+        return Ok(());
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // The API gives the log's tail; new output is what follows the last text already printed.
+    let mut seen = text;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tail = match api.get_text(&format!("{path}?bytes=65536")).await {
+            Ok(t) => t,
+            Err(e @ ApiError::Transport { .. }) => {
+                tracing::debug!("console poll: {e}");
+                continue;
+            }
+            Err(e) => return Err(CliError::from_api(e, LIST)),
+        };
+        let new = new_output(&seen, &tail);
+        if !new.is_empty() {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
+        }
+        seen = tail;
+    }
+}
+
+/// The part of `tail` that follows the end of `seen`, both windows onto the end of the same
+/// growing log: their overlap is the longest suffix of `seen` that starts `tail`; with no
+/// overlap (the log grew past the window, or was replaced) all of `tail` is new.
+fn new_output<'a>(seen: &str, tail: &'a str) -> &'a str {
+    let max = seen.len().min(tail.len());
+    for k in (1..=max).rev() {
+        if tail.is_char_boundary(k) && seen.ends_with(&tail[..k]) {
+            return &tail[k..];
+        }
+    }
+    tail
+}
+
+fn absolute(p: &Path) -> Result<String, CliError> {
+    let abs = std::path::absolute(p)
+        .map_err(|e| CliError::usage(format!("bad path {}: {e}", p.display())))?;
+    abs.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| CliError::usage(format!("path {} is not UTF-8", abs.display())))
+}
+
+/// `PATH[,format=raw|qcow2][,readonly]`.
+fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let mut parts = s.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    let mut d = DiskSpec {
+        path: path.to_string(),
+        format: DiskFormat::Raw,
+        readonly: false,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("format", "raw")) => d.format = DiskFormat::Raw,
+            Some(("format", "qcow2")) => d.format = DiskFormat::Qcow2,
+            Some(("format", f)) => return Err(format!("unknown disk format `{f}` (raw, qcow2)")),
+            None if opt == "readonly" => d.readonly = true,
+            _ => return Err(format!("unknown disk option `{opt}` (format=…, readonly)")),
+        }
+    }
+    Ok(d)
+}
+
+fn parse_mac(s: &str) -> Result<String, String> {
+    tern_api::parse_unicast_mac(s)
+        .map(|_| s.to_ascii_lowercase())
+        .ok_or_else(|| format!("`{s}` is not a unicast MAC (xx:xx:xx:xx:xx:xx)"))
+}
+
+/// A random MAC in QEMU's 52:54:00 range.
+fn random_mac() -> String {
+    let b: [u8; 3] = rand::random();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_parse() {
+        let d = parse_disk("/s/a.qcow2,format=qcow2,readonly").unwrap();
+        assert_eq!(d.format, DiskFormat::Qcow2);
+        assert!(d.readonly);
+        assert_eq!(parse_disk("/s/a.raw").unwrap().format, DiskFormat::Raw);
+        assert!(parse_disk("/s/a,format=vmdk").is_err());
+        assert!(parse_disk(",format=raw").is_err());
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(parse_mac("52:54:00:AA:00:01").unwrap(), "52:54:00:aa:00:01");
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert!(parse_unicast_ok(&random_mac()));
+    }
+
+    fn parse_unicast_ok(m: &str) -> bool {
+        tern_api::parse_unicast_mac(m).is_some()
+    }
+
+    #[test]
+    fn console_follow_finds_new_output() {
+        assert_eq!(new_output("", "abc"), "abc");
+        assert_eq!(new_output("line1\nline2\n", "line2\nline3\n"), "line3\n");
+        assert_eq!(new_output("old", "entirely new"), "entirely new");
+        assert_eq!(new_output("same\n", "same\n"), "");
+    }
+}

@@ -1,0 +1,235 @@
+//! The lab's daemons: how `tern center` and each `tern host agent` are started (the same way
+//! by `lab up` and `lab start|restart`), stopped, and waited for until ready.
+
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use tern_api::center::{Cluster, Host};
+use tern_api::{ApiClient, Endpoint, HostState};
+
+use super::plan::{self, CLUSTER};
+use super::state::{LabHost, LabProcess, LabState};
+use super::{absolute, load, procs};
+
+const CENTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const HOSTS_READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub(super) fn api_client(st: &LabState, timeout: Duration) -> anyhow::Result<ApiClient> {
+    let token = st.admin_token()?;
+    Ok(ApiClient::with_timeout(
+        Endpoint::Unix(st.socket.clone()),
+        token,
+        timeout,
+    )?)
+}
+
+pub(super) fn center_args(st: &LabState) -> Vec<String> {
+    let d = &st.dir;
+    vec![
+        "center".into(),
+        "--data-dir".into(),
+        d.join("center").display().to_string(),
+        "--listen".into(),
+        format!("{}:{}", plan::CENTER_IP, plan::CENTER_PORT),
+        "--socket".into(),
+        st.socket.display().to_string(),
+        "--admin-token-file".into(),
+        st.admin_token_file.display().to_string(),
+        "--enrol-token-file".into(),
+        st.enrol_token_file.display().to_string(),
+    ]
+}
+
+pub(super) fn agent_args(st: &LabState, h: &LabHost) -> Vec<String> {
+    vec![
+        "host".into(),
+        "agent".into(),
+        "--name".into(),
+        h.name.clone(),
+        "--cluster".into(),
+        CLUSTER.into(),
+        "--center".into(),
+        st.center_url.clone(),
+        "--enrol-token-file".into(),
+        st.enrol_token_file.display().to_string(),
+        "--listen".into(),
+        format!("{}:{}", h.mgmt_ip, tern_api::AGENT_PORT),
+        "--advertise-url".into(),
+        h.agent_url.clone(),
+        "--migration-address".into(),
+        h.mgmt_ip.clone(),
+        "--bridge".into(),
+        plan::HOST_BRIDGE.into(),
+        "--state-dir".into(),
+        h.state_dir.display().to_string(),
+        "--shared-storage".into(),
+        st.shared_dir.display().to_string(),
+        "--accel".into(),
+        st.accel.clone(),
+    ]
+}
+
+fn process_mut<'a>(st: &'a mut LabState, name: &str) -> anyhow::Result<&'a mut LabProcess> {
+    if name == "center" {
+        return st.center.as_mut().context("the lab has no center");
+    }
+    let names: Vec<String> = st.hosts.iter().map(|h| h.name.clone()).collect();
+    st.hosts
+        .iter_mut()
+        .find(|h| h.name == name)
+        .map(|h| &mut h.agent)
+        .with_context(|| {
+            format!(
+                "the lab has no process `{name}` (it has: center, {})",
+                names.join(", ")
+            )
+        })
+}
+
+/// Spawns the named process and records its pid.
+pub(super) fn start_process(st: &mut LabState, name: &str) -> anyhow::Result<Child> {
+    let exe = st.exe.clone();
+    let p = process_mut(st, name)?;
+    let child = procs::spawn(&exe, p)?;
+    p.pid = Some(child.id());
+    st.save()?;
+    Ok(child)
+}
+
+fn exited(child: &mut Child, p: Option<&LabProcess>) -> anyhow::Result<()> {
+    if let Some(status) = child.try_wait()? {
+        let (name, tail) = match p {
+            Some(p) => (p.name.clone(), procs::log_tail(&p.log, 30)),
+            None => ("process".into(), String::new()),
+        };
+        bail!("{name} exited during start-up ({status})\n{tail}");
+    }
+    Ok(())
+}
+
+/// Waits until the center answers on its socket.
+pub(super) async fn wait_center(st: &LabState, child: &mut Child) -> anyhow::Result<ApiClient> {
+    let api = api_client(st, Duration::from_secs(3))?;
+    let deadline = Instant::now() + CENTER_READY_TIMEOUT;
+    loop {
+        exited(child, st.center.as_ref())?;
+        let err = match api.get::<Vec<Cluster>>("/api/v1/clusters").await {
+            Ok(_) => return api_client(st, Duration::from_secs(30)),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            let tail = st
+                .center
+                .as_ref()
+                .map(|p| procs::log_tail(&p.log, 30))
+                .unwrap_or_default();
+            bail!(
+                "the center did not answer on {} within {} s: {err}\n{tail}",
+                st.socket.display(),
+                CENTER_READY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until each named host is connected with a heartbeat newer than `since`.
+pub(super) async fn wait_hosts(
+    st: &LabState,
+    api: &ApiClient,
+    children: &mut [(String, Child)],
+    since: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + HOSTS_READY_TIMEOUT;
+    loop {
+        for (name, child) in children.iter_mut() {
+            exited(child, st.host(name).map(|h| &h.agent))?;
+        }
+        let hosts: Vec<Host> = match api.get("/api/v1/hosts").await {
+            Ok(h) => h,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("listing hosts: {e}");
+                Vec::new()
+            }
+            Err(e) => return Err(e).context("listing hosts"),
+        };
+        let mut pending = Vec::new();
+        for (name, _) in children.iter() {
+            match hosts.iter().find(|h| &h.name == name) {
+                Some(h)
+                    if h.state == HostState::Connected
+                        && h.last_heartbeat.is_some_and(|t| t >= since) => {}
+                Some(h) => pending.push(format!("{name} ({})", h.state)),
+                None => pending.push(format!("{name} (not registered)")),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let mut tails = String::new();
+            for (name, _) in children.iter() {
+                if let Some(h) = st.host(name) {
+                    tails.push_str(&procs::log_tail(&h.agent.log, 15));
+                }
+            }
+            bail!(
+                "hosts not connected after {} s: {}\n{tails}",
+                HOSTS_READY_TIMEOUT.as_secs(),
+                pending.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops a lab process (`center` or `h<i>`): TERM with a grace time, or KILL at once.
+pub fn stop(dir: &Path, name: &str, kill: bool) -> anyhow::Result<Option<u32>> {
+    let mut st = load(&absolute(dir)?)?;
+    let lab_dir = st.dir.clone();
+    let p = process_mut(&mut st, name)?;
+    let pid = p.pid.filter(|pid| procs::is_ours(*pid, &lab_dir));
+    if let Some(pid) = pid {
+        if kill {
+            procs::kill_now(&[pid])?;
+        } else {
+            procs::terminate(&[pid], STOP_GRACE)?;
+        }
+    }
+    p.pid = None;
+    st.save()?;
+    Ok(pid)
+}
+
+/// Starts a stopped lab process the way `lab up` did and waits until it is ready (the
+/// center answers; an agent's host heartbeats again). Returns the new pid.
+pub async fn start(dir: &Path, name: &str) -> anyhow::Result<u32> {
+    let mut st = load(&absolute(dir)?)?;
+    let lab_dir = st.dir.clone();
+    let p = process_mut(&mut st, name)?;
+    if let Some(pid) = p.pid.filter(|pid| procs::is_ours(*pid, &lab_dir)) {
+        bail!("{name} is already running (pid {pid}); use `tern lab restart {name}`");
+    }
+    let since = Utc::now();
+    let mut child = start_process(&mut st, name)?;
+    let pid = child.id();
+    if name == "center" {
+        wait_center(&st, &mut child).await?;
+    } else {
+        let api = api_client(&st, Duration::from_secs(10))?;
+        let mut children = [(name.to_string(), child)];
+        wait_hosts(&st, &api, &mut children, since).await?;
+    }
+    Ok(pid)
+}
+
+/// `stop` then `start`.
+pub async fn restart(dir: &Path, name: &str, kill: bool) -> anyhow::Result<(Option<u32>, u32)> {
+    let old = stop(dir, name, kill)?;
+    let new = start(dir, name).await?;
+    Ok((old, new))
+}

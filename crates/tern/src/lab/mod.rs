@@ -1,0 +1,363 @@
+//! `tern lab`: a whole cluster on one machine, built from network namespaces, and removed
+//! without a trace.
+//!
+//! The lab is a test fixture that must mirror what an operator would type on real hosts, so
+//! it drives the stock tools — `ip`, `tc`, `sysctl`, `ip netns exec` — through
+//! `std::process` rather than netlink: every step it takes can be read in its logs and
+//! replayed by hand. Topology (see DESIGN.md, "The lab"):
+//!
+//! - `<p>-fab`: bridges `sw0` (VM LAN switch) and `mg0` (management + migration), no IPs;
+//! - `<p>-center`: `mgmt0` 10.77.0.2/24 on mg0; runs `tern center`;
+//! - `<p>-h<i>`: VM bridge `br0` uplinked to sw0, `mgmt0` 10.77.0.<10+i>/24 on mg0; runs
+//!   `tern host agent`;
+//! - `<p>-client`: `eth0` 10.78.0.2/24 on sw0, plays the VMs' users.
+//!
+//! Everything made is recorded in `<dir>/lab.json` as it is made, so `lab down` (or the next
+//! `lab up`) removes a crashed lab too.
+
+pub mod plan;
+pub mod state;
+
+mod daemons;
+mod faults;
+mod net;
+mod procs;
+mod teardown;
+mod topology;
+
+pub use daemons::{restart, start, stop};
+pub use faults::{link, LinkFault};
+pub use teardown::teardown;
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use serde::Serialize;
+use tern_api::center::{Cluster, CreateCluster, Host};
+
+use daemons::{agent_args, api_client, center_args, start_process, wait_center, wait_hosts};
+use plan::{Plan, CLUSTER};
+use state::{LabGuest, LabHost, LabProcess, LabState};
+
+/// Accelerator the lab's agents run guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// Software emulation: works everywhere (the default, see DESIGN.md).
+    Tcg,
+    Kvm,
+    /// The agent picks KVM when the CPU has hardware virtualization.
+    Auto,
+}
+
+impl Accel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+            Accel::Auto => "auto",
+        }
+    }
+}
+
+/// What `lab up` builds.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub hosts: u32,
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub accel: Accel,
+    /// Guest image to copy into shared storage; `None` = `target/guest` when it exists.
+    pub guest_dir: Option<PathBuf>,
+    /// Build the network and directories only: no center, no agents.
+    pub network_only: bool,
+}
+
+const DEFAULT_GUEST_DIR: &str = "target/guest";
+
+fn say(msg: &str) {
+    eprintln!("lab: {msg}");
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+}
+
+/// The running executable, also when it was rebuilt since it started.
+fn current_exe() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the tern executable")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let s = exe.to_string_lossy();
+    match s.strip_suffix(" (deleted)") {
+        Some(orig) if Path::new(orig).exists() => Ok(PathBuf::from(orig)),
+        _ => bail!("the tern executable {} is gone", exe.display()),
+    }
+}
+
+/// A fresh random token (hex), written to a 0600 file.
+fn write_token(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let bytes: [u8; 24] = rand::random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(())
+}
+
+/// Builds a lab: cleans a previous one with the same prefix or dir, creates the network,
+/// starts the center, creates cluster `lab`, starts the agents and waits until every host is
+/// connected. On failure the partial lab is left for inspection (`lab down` removes it).
+pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
+    require_root()?;
+    let plan = Plan::new(&o.prefix, o.hosts)?;
+    let dir = absolute(&o.dir)?;
+    let exe = current_exe()?;
+    let guest_src = match &o.guest_dir {
+        Some(g) if !g.is_dir() => bail!("guest image dir {} does not exist", g.display()),
+        Some(g) => Some(absolute(g)?),
+        None => Some(absolute(Path::new(DEFAULT_GUEST_DIR))?).filter(|g| g.is_dir()),
+    };
+
+    let removed = teardown(&dir, std::slice::from_ref(&o.prefix))?;
+    if !removed.is_empty() {
+        say(&format!("removed a previous lab: {}", removed.summary()));
+    }
+    for sub in ["logs", "center", "hosts", "shared"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    let mut st = LabState {
+        prefix: plan.prefix.clone(),
+        dir: dir.clone(),
+        exe: exe.clone(),
+        accel: o.accel.as_str().into(),
+        namespaces: Vec::new(),
+        fabric_namespace: plan.fabric.clone(),
+        center_namespace: plan.center.clone(),
+        client_namespace: plan.client.clone(),
+        center_url: plan.center_url(),
+        socket: dir.join("center/center.sock"),
+        admin_token_file: dir.join("admin.token"),
+        enrol_token_file: dir.join("enrol.token"),
+        shared_dir: dir.join("shared"),
+        guest: None,
+        center: None,
+        hosts: Vec::new(),
+        created_at: Utc::now(),
+    };
+    st.save()?;
+    write_token(&st.admin_token_file)?;
+    write_token(&st.enrol_token_file)?;
+
+    say(&format!(
+        "creating {} namespaces and their links",
+        plan.namespaces().len()
+    ));
+    for ns in plan.namespaces() {
+        st.namespaces.push(ns.clone());
+        st.save()?;
+        topology::add_namespace(&ns)?;
+    }
+    for h in &plan.hosts {
+        let state_dir = dir.join("hosts").join(&h.name);
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let mut host = LabHost {
+            name: h.name.clone(),
+            namespace: h.namespace.clone(),
+            mgmt_ip: h.mgmt_ip.clone(),
+            agent_url: format!("http://{}:{}", h.mgmt_ip, tern_api::AGENT_PORT),
+            state_dir,
+            fabric_mgmt_link: h.fabric_mgmt_link.clone(),
+            agent: LabProcess {
+                name: h.name.clone(),
+                namespace: h.namespace.clone(),
+                args: Vec::new(),
+                log: dir.join(format!("logs/{}.log", h.name)),
+                pid: None,
+            },
+        };
+        host.agent.args = agent_args(&st, &host);
+        st.hosts.push(host);
+    }
+    st.save()?;
+    topology::build_links(&plan)?;
+
+    if let Some(src) = guest_src {
+        st.guest = copy_guest(&src, &st.shared_dir.join("guest"))?;
+        st.save()?;
+    }
+    if o.network_only {
+        return Ok(st);
+    }
+
+    say("starting the center");
+    let center = LabProcess {
+        name: "center".into(),
+        namespace: plan.center.clone(),
+        args: center_args(&st),
+        log: dir.join("logs/center.log"),
+        pid: None,
+    };
+    st.center = Some(center);
+    let mut child = start_process(&mut st, "center")?;
+    let api = wait_center(&st, &mut child).await?;
+    match api
+        .post::<_, Cluster>(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: CLUSTER.into(),
+                evc_mode: None,
+            },
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.status() == Some(409) => {}
+        Err(e) => return Err(e).context("creating cluster `lab`"),
+    }
+
+    say(&format!("starting {} host agents", st.hosts.len()));
+    let since = Utc::now();
+    let mut children = Vec::new();
+    for name in st.hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>() {
+        children.push((name.clone(), start_process(&mut st, &name)?));
+    }
+    wait_hosts(&st, &api, &mut children, since).await?;
+    Ok(st)
+}
+
+/// Copies vmlinuz, initramfs.img (and tern-guest when present) into shared storage.
+fn copy_guest(src: &Path, dst: &Path) -> anyhow::Result<Option<LabGuest>> {
+    let (k, i) = (src.join("vmlinuz"), src.join("initramfs.img"));
+    if !k.is_file() || !i.is_file() {
+        say(&format!(
+            "no guest image in {} (build it with guest/build.sh); skipping",
+            src.display()
+        ));
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dst)?;
+    for name in ["vmlinuz", "initramfs.img", "tern-guest", "MANIFEST"] {
+        let from = src.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, dst.join(name))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    Ok(Some(LabGuest {
+        kernel: dst.join("vmlinuz"),
+        initrd: dst.join("initramfs.img"),
+    }))
+}
+
+/// Loads the lab record, or says how to make one.
+pub fn load(dir: &Path) -> anyhow::Result<LabState> {
+    LabState::load(dir)?.with_context(|| {
+        format!(
+            "no lab in {} (no lab.json): start one with `tern lab up --hosts 2`",
+            dir.display()
+        )
+    })
+}
+
+/// Live view of a lab for `lab status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub lab: LabState,
+    /// Recorded namespaces that no longer exist.
+    pub missing_namespaces: Vec<String>,
+    pub processes: Vec<ProcessStatus>,
+    /// Hosts as the center sees them (`None` when it does not answer).
+    pub hosts: Option<Vec<Host>>,
+    pub center_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessStatus {
+    pub name: String,
+    pub namespace: String,
+    pub pid: Option<u32>,
+    pub running: bool,
+    pub log: PathBuf,
+}
+
+pub async fn status(dir: &Path) -> anyhow::Result<Status> {
+    let lab = load(&absolute(dir)?)?;
+    let existing = net::list_namespaces()?;
+    let missing_namespaces = lab
+        .namespaces
+        .iter()
+        .filter(|n| !existing.contains(n))
+        .cloned()
+        .collect();
+    let processes = lab
+        .processes()
+        .map(|p| ProcessStatus {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            pid: p.pid,
+            running: p.pid.is_some_and(|pid| procs::is_ours(pid, &lab.dir)),
+            log: p.log.clone(),
+        })
+        .collect();
+    let (hosts, center_error) = match api_client(&lab, Duration::from_secs(3)) {
+        Ok(api) => match api.get::<Vec<Host>>("/api/v1/hosts").await {
+            Ok(h) => (Some(h), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    Ok(Status {
+        lab,
+        missing_namespaces,
+        processes,
+        hosts,
+        center_error,
+    })
+}
+
+/// Namespace of the lab's client: `--prefix`, else the lab record's, else the default's.
+pub fn client_namespace(dir: &Path, prefix: Option<&str>) -> anyhow::Result<String> {
+    let ns = match prefix {
+        Some(p) => {
+            plan::check_prefix(p)?;
+            format!("{p}-client")
+        }
+        None => match LabState::load(&absolute(dir)?)? {
+            Some(s) => s.client_namespace,
+            None => "tern-client".to_string(),
+        },
+    };
+    if !net::list_namespaces()?.contains(&ns) {
+        bail!("namespace {ns} does not exist: is the lab up? (`tern lab status`)");
+    }
+    Ok(ns)
+}
+
+/// Runs a command in the client namespace in place of this process (its exit code is ours).
+pub fn exec_client(ns: &str, cmd: &[String]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .exec();
+    anyhow::Error::new(err).context("cannot run `ip netns exec`")
+}

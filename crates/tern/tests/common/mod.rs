@@ -1,0 +1,505 @@
+//! Test support for the system tests: a `Lab` guard that brings a whole tern lab up (real
+//! center, agents, QEMU under TCG) with a unique prefix and directory, and takes it down on
+//! drop (also after a panic); helpers that run the built `tern` binary against it, wait for
+//! console lines and run `tern-guest client` in the client namespace.
+//!
+//! One lab at a time, machine-wide: labs take a file lock (tests of one binary run on
+//! parallel threads, and several test binaries may run at once).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The `tern` binary under test.
+pub fn tern_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tern"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// The guest image (`target/guest`), built with guest/build.sh when missing (it caches).
+pub fn guest_dir() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = repo_root();
+            let dir = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"))
+                .join("guest");
+            let ready = ["vmlinuz", "initramfs.img", "tern-guest"]
+                .iter()
+                .all(|f| dir.join(f).is_file());
+            if !ready {
+                eprintln!("building the guest image into {}", dir.display());
+                let out = Command::new("bash")
+                    .arg(root.join("guest/build.sh"))
+                    .arg(&dir)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run guest/build.sh");
+                assert!(
+                    out.status.success(),
+                    "guest/build.sh failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            dir
+        })
+        .clone()
+}
+
+/// Holds the machine-wide lab lock: a process-wide mutex plus a file lock.
+pub struct LabLock {
+    _file: Flock<File>,
+    _guard: MutexGuard<'static, ()>,
+}
+
+pub fn lab_lock() -> LabLock {
+    static MUTEX: Mutex<()> = Mutex::new(());
+    // A test that panicked while holding the lock has already cleaned up (its Lab dropped).
+    let guard = MUTEX.lock().unwrap_or_else(|e| e.into_inner());
+    let file = File::create("/var/tmp/tern-lab-tests.lock").expect("create lock file");
+    let file = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the lab lock file");
+    LabLock {
+        _file: file,
+        _guard: guard,
+    }
+}
+
+/// A unique, short prefix for this test's lab.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{tag}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Output of a command as text, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A running lab; `Drop` runs `tern lab down`.
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub hosts: u32,
+    /// lab.json as written by `lab up`.
+    pub state: Value,
+    down: bool,
+    _lock: LabLock,
+}
+
+impl Lab {
+    /// Brings up a lab with `hosts` hosts and the guest image in shared storage.
+    pub fn up(tag: &str, hosts: u32) -> Lab {
+        Self::up_with(tag, hosts, &[])
+    }
+
+    pub fn up_with(tag: &str, hosts: u32, extra: &[&str]) -> Lab {
+        let guest = guest_dir();
+        let lock = lab_lock();
+        let prefix = unique_prefix(tag);
+        let dir = PathBuf::from(format!("/var/tmp/tern-test-{prefix}"));
+        let mut lab = Lab {
+            prefix,
+            dir,
+            hosts,
+            state: Value::Null,
+            down: false,
+            _lock: lock,
+        };
+        let started = Instant::now();
+        let hosts_s = hosts.to_string();
+        let guest_s = guest.display().to_string();
+        let mut args = vec!["lab", "up", "--hosts", &hosts_s, "--guest-dir", &guest_s];
+        args.extend_from_slice(extra);
+        let out = lab.lab_cmd(&args);
+        assert!(out.status.success(), "lab up failed:\n{}", text(&out));
+        eprintln!("lab {} up in {:.1?}", lab.prefix, started.elapsed());
+        lab.reload_state();
+        lab
+    }
+
+    pub fn reload_state(&mut self) {
+        let raw = std::fs::read_to_string(self.dir.join("lab.json")).expect("read lab.json");
+        self.state = serde_json::from_str(&raw).expect("parse lab.json");
+    }
+
+    /// `tern lab --dir D SUB [--prefix P] REST...` (args start with "lab"; the prefix is added
+    /// to the subcommands that take one).
+    pub fn lab_cmd(&self, args: &[&str]) -> Output {
+        assert_eq!(args.first(), Some(&"lab"), "lab_cmd runs lab commands");
+        let dir = self.dir.display().to_string();
+        let mut full: Vec<&str> = vec!["lab", "--dir", &dir];
+        full.extend_from_slice(&args[1..]);
+        if matches!(args.get(1), Some(&"up") | Some(&"down") | Some(&"client")) {
+            full.splice(4..4, ["--prefix", self.prefix.as_str()]);
+        }
+        Command::new(tern_exe())
+            .args(&full)
+            .env_remove("TERN_CENTER")
+            .env_remove("TERN_TOKEN")
+            .env("TERN_LAB_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tern")
+    }
+
+    /// Runs `tern ARGS` against this lab's center (found through lab.json).
+    pub fn tern(&self, args: &[&str]) -> Output {
+        Command::new(tern_exe())
+            .args(args)
+            .env_remove("TERN_CENTER")
+            .env_remove("TERN_TOKEN")
+            .env("TERN_LAB_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tern")
+    }
+
+    /// Runs `tern ARGS`, asserting success; returns stdout.
+    pub fn tern_ok(&self, args: &[&str]) -> String {
+        let out = self.tern(args);
+        assert!(
+            out.status.success(),
+            "tern {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `tern ARGS -o json`, asserting success, and decodes stdout.
+    pub fn tern_json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["-o", "json"]);
+        let out = self.tern_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("tern {a:?}: bad JSON ({e}): {out}"))
+    }
+
+    /// The admin token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_string()
+    }
+
+    /// The center's unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("center/center.sock")
+    }
+
+    pub fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    pub fn guest_kernel(&self) -> String {
+        self.shared().join("guest/vmlinuz").display().to_string()
+    }
+
+    pub fn guest_initrd(&self) -> String {
+        self.shared()
+            .join("guest/initramfs.img")
+            .display()
+            .to_string()
+    }
+
+    /// Pid of a lab process (`center`, `h1`…) from lab.json.
+    pub fn pid(&mut self, name: &str) -> u32 {
+        self.reload_state();
+        let p = if name == "center" {
+            &self.state["center"]
+        } else {
+            self.state["hosts"]
+                .as_array()
+                .and_then(|hs| hs.iter().find(|h| h["name"] == name))
+                .map(|h| &h["agent"])
+                .unwrap_or(&Value::Null)
+        };
+        p["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or_else(|| panic!("no pid for {name} in lab.json"))
+    }
+
+    /// Waits until a VM's console has a line containing `needle`; returns that line.
+    pub fn wait_console(&self, vm: &str, needle: &str, timeout: Duration) -> String {
+        self.wait_console_nth(vm, needle, 1, timeout)
+    }
+
+    /// How many console lines of a VM contain `needle` now (the log spans every boot).
+    pub fn console_count(&self, vm: &str, needle: &str) -> usize {
+        let out = self.tern(&["vm", "console", vm, "--bytes", "1048576"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until the console holds `n` lines containing `needle`; returns the n-th.
+    pub fn wait_console_nth(&self, vm: &str, needle: &str, n: usize, timeout: Duration) -> String {
+        let mut last = String::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.tern(&["vm", "console", vm, "--bytes", "1048576"]);
+            if out.status.success() {
+                last = String::from_utf8_lossy(&out.stdout).into_owned();
+                if let Some(line) = last.lines().filter(|l| l.contains(needle)).nth(n - 1) {
+                    return line.trim().to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` (#{n}) on {vm}'s console after {timeout:?}; console tail:\n{}",
+                tail(&last, 40)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Runs a command in the client namespace through `tern lab client`.
+    pub fn client(&self, cmd: &[&str]) -> Output {
+        let mut args = vec!["lab", "client", "--"];
+        args.extend_from_slice(cmd);
+        self.lab_cmd(&args)
+    }
+
+    /// Runs `tern-guest client ARGS --json` in the client namespace and decodes its report.
+    pub fn guest_client(&self, args: &[&str]) -> (Output, Option<Value>) {
+        let exe = guest_dir().join("tern-guest").display().to_string();
+        let mut cmd = vec![exe.as_str(), "client"];
+        cmd.extend_from_slice(args);
+        let out = self.client(&cmd);
+        let json = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok());
+        (out, json)
+    }
+
+    /// Streams from the guest for `ms` and returns the report (asserting it parsed).
+    pub fn stream_report(&self, addr: &str, ms: u64) -> Value {
+        let ms = ms.to_string();
+        let (out, json) = self.guest_client(&["--addr", addr, "--duration-ms", &ms, "--json"]);
+        json.unwrap_or_else(|| panic!("tern-guest client gave no JSON report:\n{}", text(&out)))
+    }
+
+    /// The guest's stats JSON (`tern-guest client --stats`).
+    pub fn guest_stats(&self, addr: &str) -> Value {
+        let (out, json) = self.guest_client(&["--addr", addr, "--stats"]);
+        json.unwrap_or_else(|| panic!("tern-guest client --stats gave no JSON:\n{}", text(&out)))
+    }
+
+    /// Takes the lab down now (Drop does it otherwise); asserts it succeeded.
+    pub fn down(mut self) {
+        self.down = true;
+        let out = self.lab_cmd(&["lab", "down"]);
+        assert!(out.status.success(), "lab down failed:\n{}", text(&out));
+    }
+
+    /// Shows the logs of the lab's daemons (for a failing test).
+    pub fn dump_logs(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("logs")) {
+            for e in rd.flatten() {
+                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                eprintln!("=== {}\n{}", e.path().display(), tail(&t, 60));
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.down {
+            return;
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let out = self.lab_cmd(&["lab", "down"]);
+        if !out.status.success() {
+            eprintln!("lab down failed:\n{}", text(&out));
+        }
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Parses `key=value` words of a line (e.g. the guest's ready line).
+pub fn kv(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
+/// A raw HTTP/1.1 request over the center's unix socket: (status, body). Used for requests
+/// the typed client cannot make (malformed JSON, no token).
+pub fn raw_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect center socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" || method == "PUT" {
+        req.push_str("Content-Type: application/json\r\n");
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).expect("send request");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read response");
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {resp:?}"));
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+/// Undoes chunked transfer encoding if the body looks chunked.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size_line, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else {
+            return body.to_string();
+        };
+        if size == 0 {
+            return out;
+        }
+        if after.len() < size {
+            return body.to_string();
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
+
+/// Namespaces that exist now.
+pub fn namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Link names in the root namespace.
+pub fn root_links() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let name = l.split(':').nth(1)?.trim();
+            Some(name.split('@').next()?.to_string())
+        })
+        .collect()
+}
+
+/// Pids of live (non-zombie) processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+            == Some('Z');
+        if zombie {
+            continue;
+        }
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            v.push((pid, cmd));
+        }
+    }
+    v
+}
+
+/// Is the process alive (exists, not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat.rfind(')') {
+        Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | None),
+        None => false,
+    }
+}
