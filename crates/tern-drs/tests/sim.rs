@@ -1,0 +1,81 @@
+//! The simulator: deterministic for a seed, and tern against the baselines on a small
+//! synthetic cluster.
+
+use tern_drs::sim::{simulate, synthetic, trace, Policy, SimOptions, SimReport, SyntheticSpec};
+use tern_drs::Threshold;
+
+fn without_times(mut r: SimReport) -> SimReport {
+    r.pass_ms_mean = 0.0;
+    r.pass_ms_max = 0.0;
+    r
+}
+
+#[test]
+fn simulations_are_deterministic_for_a_seed() {
+    let spec = SyntheticSpec::new(6, 150, 72, 3);
+    let opts = SimOptions::default();
+    for p in [Policy::Greedy, Policy::Tern(Threshold::DEFAULT)] {
+        let a = without_times(simulate(&synthetic(&spec), p, &opts));
+        let b = without_times(simulate(&synthetic(&spec), p, &opts));
+        assert_eq!(a, b);
+    }
+    let other = without_times(simulate(
+        &synthetic(&SyntheticSpec::new(6, 150, 72, 4)),
+        Policy::Tern(Threshold::DEFAULT),
+        &opts,
+    ));
+    let first = without_times(simulate(
+        &synthetic(&spec),
+        Policy::Tern(Threshold::DEFAULT),
+        &opts,
+    ));
+    assert_ne!(other.imbalance_mean, first.imbalance_mean);
+}
+
+#[test]
+fn tern_balances_with_few_migrations_and_no_rule_violations() {
+    let w = synthetic(&SyntheticSpec::new(8, 240, 144, 7));
+    let opts = SimOptions::default();
+    let none = simulate(&w, Policy::NoBalancing, &opts);
+    let greedy = simulate(&w, Policy::Greedy, &opts);
+    let tern = simulate(&w, Policy::Tern(Threshold::DEFAULT), &opts);
+    assert_eq!(none.migrations, 0);
+    assert!(
+        tern.imbalance_mean < 0.8 * none.imbalance_mean,
+        "{tern:?}\n{none:?}"
+    );
+    assert!(
+        tern.migrations > 0 && tern.migrations < greedy.migrations,
+        "{tern:?}\n{greedy:?}"
+    );
+    assert_eq!(tern.violations, 0, "{tern:?}");
+    assert_eq!(tern.placement_failures, 0, "{tern:?}");
+    assert_eq!(tern.ping_pongs, 0);
+    assert!(
+        greedy.violations > 0,
+        "baselines are rule-blind: {greedy:?}"
+    );
+    assert!(tern.moved_gib > 0.0 && tern.passes == w.steps);
+}
+
+#[test]
+fn a_written_trace_replays_like_the_workload() {
+    let w = synthetic(&SyntheticSpec::new(4, 60, 48, 9));
+    let files = trace::write(&w);
+    let r = trace::read(
+        Some(files.hosts_csv.as_bytes()),
+        files.vms_csv.as_bytes(),
+        files.demand_csv.as_bytes(),
+        None,
+    )
+    .unwrap();
+    let opts = SimOptions::default();
+    let a = simulate(&w, Policy::NoBalancing, &opts);
+    let b = simulate(&r, Policy::NoBalancing, &opts);
+    // Demand is written rounded to whole MHz/MiB: the same to three decimals.
+    assert!(
+        (a.imbalance_mean - b.imbalance_mean).abs() < 1e-3,
+        "{a:?}\n{b:?}"
+    );
+    assert_eq!(a.vms, b.vms);
+}
