@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use crate::spec::{HostFacts, HostLoad};
 use crate::spec::{Accelerator, PowerState, VmSpec};
+pub use crate::spec::{HostFacts, HostLoad};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StartVm {

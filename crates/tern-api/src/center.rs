@@ -24,6 +24,8 @@
 //! | POST | /api/v1/tasks/{id}/cancel | → [`Task`] |
 //! | GET | /api/v1/events | `?limit=N&vm=NAME&host=NAME` → `Vec<Event>` |
 //! | GET | /openapi.json | the OpenAPI document (no token needed) |
+//!
+//! EVC paths (cluster CPU modes, migration dry run): see [`crate::evc`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -113,6 +115,9 @@ pub struct Vm {
     /// Ownership generation: bumped every time the owning host changes (migration hand-over).
     pub generation: u64,
     pub created_at: DateTime<Utc>,
+    /// The CPU the VM runs with (see [`crate::evc`]); `None` until the center resolved it.
+    #[serde(default)]
+    pub cpu: Option<crate::evc::VmCpuRecord>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]

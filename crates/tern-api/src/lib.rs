@@ -11,6 +11,7 @@ pub mod agent;
 pub mod center;
 pub mod client;
 pub mod error;
+pub mod evc;
 pub mod migration;
 pub mod spec;
 

@@ -14,11 +14,16 @@
 //! | POST | /v1/migrations/{vm}/incoming | [`PrepareIncoming`] → [`IncomingReady`] (destination: QEMU `-incoming defer`, paused, listening on the migration address for this migration only) |
 //! | POST | /v1/migrations/{vm}/outgoing | [`StartOutgoing`] → `()` (source: start streaming; stops paused at pre-switchover) |
 //! | GET | /v1/migrations/{vm} | → [`AgentMigrationStatus`] |
-//! | POST | /v1/migrations/{vm}/switchover | → `()` (source: send the final state; the guest stays paused on both sides) |
+//! | POST | /v1/migrations/{vm}/measure | [`MeasureDirtyRate`] → [`DirtyRateReport`] (source: the guest's dirty rate, QMP `calc-dirty-rate`) |
+//! | POST | /v1/migrations/{vm}/switchover | → [`AgentMigrationStatus`] (source: send the final state and answer once all is sent; the guest stays paused on both sides) |
 //! | POST | /v1/migrations/{vm}/commit | [`Commit`] → `()` (destination: the center recorded it as owner — run the guest, announce its MAC) |
 //! | POST | /v1/migrations/{vm}/abort | → `()` (source: cancel and resume the guest; destination: kill the incoming QEMU) |
 //! | POST | /v1/migrations/{vm}/finish | → `()` (source, after commit: quit the paused QEMU and clean up; never resumes) |
+//! | POST | /v1/bandwidth-sink | → [`BandwidthSink`] (destination: accept one probe connection on the migration address) |
 //! | POST | /v1/bandwidth-probe | [`BandwidthProbe`] → [`BandwidthReport`] (source agent sends to the destination's probe port) |
+//!
+//! `GET /v1/migrations/{vm}?wait_ms=N` answers as soon as the state differs from
+//! `?state=S` (or after N ms), so the center learns of pre-switchover without polling fast.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -61,9 +66,11 @@ pub struct Measurements {
 /// The settings tern chose, each with the reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationSettings {
+    /// Parallel multifd channels; 0 = a single migration stream (multifd off).
     pub multifd_channels: u32,
     /// `None` = unlimited.
     pub max_bandwidth_mib_s: Option<u64>,
+    /// Downtime limit the migration starts with.
     pub downtime_limit_ms: u64,
     /// `multifd-compression`: "none" or "zstd".
     pub compression: String,
@@ -72,6 +79,44 @@ pub struct MigrationSettings {
     pub deadline_ms: u64,
     /// One line per decision: what and why.
     pub reasons: Vec<String>,
+    /// Largest downtime limit the migration may be raised to when pre-copy stalls (the
+    /// request's budget); 0 = no raise beyond `downtime_limit_ms`.
+    #[serde(default)]
+    pub downtime_budget_ms: u64,
+    /// `zero-page-detection`: "multifd" (in the sender threads), "legacy" (main thread) or
+    /// "none".
+    #[serde(default = "default_zero_page_detection")]
+    pub zero_page_detection: String,
+    /// How auto-converge throttles the guest's vCPUs.
+    #[serde(default)]
+    pub throttle: ThrottlePlan,
+}
+
+fn default_zero_page_detection() -> String {
+    "legacy".into()
+}
+
+/// Auto-converge parameters: QEMU slows the vCPUs when, over two bitmap syncs, the guest
+/// dirtied more than `trigger_threshold_pct` % of what was sent, starting at `initial_pct`
+/// and adding `increment_pct` each time it happens again, up to `max_pct`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ThrottlePlan {
+    pub trigger_threshold_pct: u8,
+    pub initial_pct: u8,
+    pub increment_pct: u8,
+    pub max_pct: u8,
+}
+
+impl Default for ThrottlePlan {
+    /// QEMU's defaults.
+    fn default() -> Self {
+        ThrottlePlan {
+            trigger_threshold_pct: 50,
+            initial_pct: 20,
+            increment_pct: 10,
+            max_pct: 99,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -103,6 +148,12 @@ pub struct MigrationProgress {
     pub dirty_rate_mib_s: f64,
     pub expected_downtime_ms: u64,
     pub elapsed_ms: u64,
+    /// vCPU throttle auto-converge applies now (0 = none).
+    #[serde(default)]
+    pub cpu_throttle_pct: u64,
+    /// Downtime limit in force now.
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -132,6 +183,10 @@ pub struct MigrationResult {
     pub measurements: Measurements,
     /// Why it rolled back, if it did.
     pub error: Option<String>,
+    /// Guest pause from the source stopping at pre-switchover until the destination was told
+    /// to run it, as the center measured it (includes the commit).
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
 }
 
 /// Destination: prepare an incoming QEMU for this VM.
@@ -185,6 +240,33 @@ pub struct AgentMigrationStatus {
     pub error: Option<String>,
     /// Decisions taken while running (escalations), each with its reason.
     pub events: Vec<String>,
+    /// Bytes sent (source, once completed).
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// Dirty-bitmap syncs (source, once completed).
+    #[serde(default)]
+    pub passes: Option<u64>,
+    /// Source: how long the guest waited paused at pre-switchover until all was sent.
+    #[serde(default)]
+    pub paused_ms: Option<u64>,
+}
+
+/// Source: measure the guest's dirty rate over `seconds` (1..=60).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MeasureDirtyRate {
+    pub seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DirtyRateReport {
+    pub dirty_rate_mib_s: f64,
+    pub seconds: u32,
+}
+
+/// Destination: where the bandwidth probe must send (`IP:PORT` on the migration address).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BandwidthSink {
+    pub address: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -194,8 +276,9 @@ pub struct Commit {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BandwidthProbe {
-    /// Destination agent URL whose probe port to send to.
+    /// The destination's probe sink, `IP:PORT` ([`BandwidthSink::address`]).
     pub to_migration_address: String,
+    /// Most bytes to send (the probe also stops after about a second).
     pub bytes: u64,
 }
 

@@ -145,12 +145,17 @@ pub struct HostFacts {
     pub migration_address: String,
     /// Shared storage root this host sees.
     pub shared_storage: String,
-    /// Feature names the host can give a guest (filled once EVC is wired; may be empty).
+    /// Feature names (QEMU's) the host can give a guest, after its `--cpu-ceiling`; empty when
+    /// the agent could not probe QEMU.
     #[serde(default)]
     pub cpu_capability: Vec<String>,
     /// `--cpu-ceiling` configured on the agent, if any.
     #[serde(default)]
     pub cpu_ceiling: Option<String>,
+    /// What QEMU's `host`/`max` model gives guests here (vendor, identity, features before
+    /// the ceiling, supported baselines); `None` when the agent could not probe QEMU.
+    #[serde(default)]
+    pub cpu: Option<crate::evc::HostCpu>,
     pub agent_version: String,
 }
 
@@ -181,8 +186,7 @@ pub fn valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 32
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
+use tern_api::migration::{
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
+    Commit, DirtyRateReport, IncomingReady, MeasureDirtyRate, PrepareIncoming, StartOutgoing,
+};
 use tern_api::{ApiClient, ApiError, Endpoint};
 use uuid::Uuid;
 
@@ -16,6 +20,10 @@ const QUICK: Duration = Duration::from_secs(15);
 const START: Duration = Duration::from_secs(120);
 /// Margin over a stop's own grace time.
 const STOP_MARGIN: Duration = Duration::from_secs(20);
+/// Time allowed for a switchover (the final copy, at the migration's bandwidth).
+const SWITCHOVER: Duration = Duration::from_secs(120);
+/// Time allowed for the bandwidth probe (about a second of sending, plus connecting).
+const PROBE: Duration = Duration::from_secs(60);
 /// Grace time of a graceful stop when the caller gives none (as the agent API documents).
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -142,6 +150,128 @@ impl Agent {
             Err(e) if e.status() == Some(404) => Ok(()),
             Err(e) => Err(self.error(e)),
         }
+    }
+
+    /// Every VM the agent knows.
+    pub async fn vms(&self) -> Result<Vec<VmRuntime>, AgentError> {
+        self.client(QUICK)?
+            .get("/v1/vms")
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn resume(&self, id: Uuid) -> Result<VmRuntime, AgentError> {
+        self.client(QUICK)?
+            .post(&format!("/v1/vms/{id}/resume"), &())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    // ---- migrations (tern_api::migration) ----
+
+    pub async fn migration_incoming(
+        &self,
+        id: Uuid,
+        req: &PrepareIncoming,
+    ) -> Result<IncomingReady, AgentError> {
+        self.client(START)?
+            .post(&format!("/v1/migrations/{id}/incoming"), req)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_outgoing(
+        &self,
+        id: Uuid,
+        req: &StartOutgoing,
+    ) -> Result<(), AgentError> {
+        self.client(QUICK)?
+            .post(&format!("/v1/migrations/{id}/outgoing"), req)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// The migration's state; waits up to `wait` for it to leave `unless`.
+    pub async fn migration_status(
+        &self,
+        id: Uuid,
+        unless: Option<AgentMigrationState>,
+        wait: Duration,
+    ) -> Result<AgentMigrationStatus, AgentError> {
+        let mut path = format!("/v1/migrations/{id}?wait_ms={}", wait.as_millis());
+        if let Some(s) = unless {
+            let name = serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            path.push_str(&format!("&state={name}"));
+        }
+        self.client(QUICK + wait)?
+            .get(&path)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_measure(
+        &self,
+        id: Uuid,
+        seconds: u32,
+    ) -> Result<DirtyRateReport, AgentError> {
+        self.client(QUICK + Duration::from_secs(u64::from(seconds)))?
+            .post(
+                &format!("/v1/migrations/{id}/measure"),
+                &MeasureDirtyRate { seconds },
+            )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_switchover(&self, id: Uuid) -> Result<AgentMigrationStatus, AgentError> {
+        self.client(SWITCHOVER)?
+            .post(&format!("/v1/migrations/{id}/switchover"), &())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_commit(&self, id: Uuid, generation: u64) -> Result<(), AgentError> {
+        self.client(QUICK)?
+            .post(
+                &format!("/v1/migrations/{id}/commit"),
+                &Commit { generation },
+            )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_abort(&self, id: Uuid) -> Result<(), AgentError> {
+        self.client(START)?
+            .post(&format!("/v1/migrations/{id}/abort"), &())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_finish(&self, id: Uuid) -> Result<(), AgentError> {
+        self.client(QUICK + STOP_MARGIN)?
+            .post(&format!("/v1/migrations/{id}/finish"), &())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn bandwidth_sink(&self) -> Result<BandwidthSink, AgentError> {
+        self.client(QUICK)?
+            .post("/v1/bandwidth-sink", &())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn bandwidth_probe(
+        &self,
+        req: &BandwidthProbe,
+    ) -> Result<BandwidthReport, AgentError> {
+        self.client(PROBE)?
+            .post("/v1/bandwidth-probe", req)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     pub async fn console(&self, id: Uuid, bytes: Option<u64>) -> Result<String, AgentError> {

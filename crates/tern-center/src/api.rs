@@ -18,6 +18,7 @@ use tern_api::center::{
     Cluster, CreateCluster, CreateVm, Event, EventLevel, Heartbeat, Host, RegisterHost, Registered,
     StopVm, Task, TaskKind, TaskState, Vm,
 };
+use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::ErrorBody;
 
 use crate::app::App;
@@ -98,6 +99,8 @@ pub fn router(app: Arc<App>) -> Router {
     let admin = Router::new()
         .route("/clusters", post(create_cluster).get(list_clusters))
         .route("/clusters/{name}", get(get_cluster))
+        .route("/clusters/{name}/evc", post(set_evc))
+        .route("/clusters/{name}/evc-modes", get(evc_modes))
         .route("/hosts", get(list_hosts))
         .route("/hosts/{name}", get(get_host))
         .route("/vms", post(create_vm).get(list_vms))
@@ -105,6 +108,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms/{name}/start", post(start_vm))
         .route("/vms/{name}/stop", post(stop_vm))
         .route("/vms/{name}/console", get(vm_console))
+        .route("/vms/{name}/can-migrate", get(can_migrate))
         .route("/tasks", get(list_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/tasks/{id}/cancel", post(cancel_task))
@@ -202,6 +206,45 @@ async fn get_cluster(
         })
         .await?;
     Ok(axum::Json(c))
+}
+
+#[utoipa::path(post, path = "/api/v1/clusters/{name}/evc", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    request_body = SetEvcMode,
+    responses(
+        (status = 200, description = "Mode changed (or unchanged); says what it means for running VMs", body = EvcModeChange),
+        (status = 400, description = "Unknown CPU model", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+        (status = 409, description = "Powered-on VMs use features above the new mode (named)", body = ErrorBody),
+        (status = 422, description = "Hosts lack features of the new mode (named)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn set_evc(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Body(req): Body<SetEvcMode>,
+) -> ApiResult<Json<EvcModeChange>> {
+    Ok(axum::Json(crate::evc::set_evc(&app, name, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/evc-modes", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "Modes every host supports, the best one, each host's view", body = EvcModes),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn evc_modes(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<EvcModes>> {
+    Ok(axum::Json(
+        app.db
+            .read(move |tx| crate::evc::evc_modes(tx, &name))
+            .await?,
+    ))
 }
 
 // ---- hosts ----
@@ -314,7 +357,12 @@ async fn create_vm(
 async fn list_vms(State(app): AppState) -> ApiResult<Json<Vec<Vm>>> {
     let vms = app
         .db
-        .read(|tx| Ok::<_, ApiErr>(tx.vms()?.iter().map(|v| v.to_api()).collect()))
+        .read(|tx| {
+            tx.vms()?
+                .iter()
+                .map(|v| crate::evc::vm_view(tx, v))
+                .collect::<Result<Vec<_>, _>>()
+        })
         .await?;
     Ok(axum::Json(vms))
 }
@@ -331,9 +379,10 @@ async fn get_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResu
     let vm = app
         .db
         .read(move |tx| {
-            tx.vm_by_name(&name)?
-                .map(|v| v.to_api())
-                .ok_or_else(|| inventory::vm_not_found(&name))
+            let vm = tx
+                .vm_by_name(&name)?
+                .ok_or_else(|| inventory::vm_not_found(&name))?;
+            Ok::<_, ApiErr>(crate::evc::vm_view(tx, &vm)?)
         })
         .await?;
     Ok(axum::Json(vm))
@@ -419,6 +468,30 @@ async fn vm_console(
 ) -> ApiResult<Response> {
     let text = inventory::console(&app, name, q.bytes).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CanMigrateQuery {
+    /// Destination host.
+    pub to: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}/can-migrate", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), CanMigrateQuery),
+    responses(
+        (status = 200, description = "Every migration pre-check with its result (a dry run: nothing moves)", body = MigrationCheckReport),
+        (status = 400, description = "No destination given", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM or host", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn can_migrate(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    QueryArg(q): QueryArg<CanMigrateQuery>,
+) -> ApiResult<Json<MigrationCheckReport>> {
+    Ok(axum::Json(crate::evc::can_migrate(&app, name, q.to).await?))
 }
 
 // ---- tasks and events ----
@@ -544,9 +617,9 @@ impl Modify for BearerAuth {
             Errors answer `{\"error\": \"what to fix\"}`."
     ),
     paths(
-        create_cluster, list_clusters, get_cluster,
+        create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
         register_host, heartbeat, list_hosts, get_host,
-        create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console,
+        create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
         list_tasks, get_task, cancel_task, list_events,
     ),
     components(schemas(ErrorBody, TaskKind, TaskState, EventLevel)),
@@ -600,6 +673,9 @@ mod tests {
             ("post", "/api/v1/clusters"),
             ("get", "/api/v1/clusters"),
             ("get", "/api/v1/clusters/{name}"),
+            ("post", "/api/v1/clusters/{name}/evc"),
+            ("get", "/api/v1/clusters/{name}/evc-modes"),
+            ("get", "/api/v1/vms/{name}/can-migrate"),
             ("post", "/api/v1/hosts/register"),
             ("post", "/api/v1/hosts/{id}/heartbeat"),
             ("get", "/api/v1/hosts"),

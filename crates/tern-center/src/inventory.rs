@@ -34,6 +34,8 @@ pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, Ap
             )));
         }
     }
+    // A catalogue baseline, in its canonical spelling.
+    let evc = crate::evc::creation_mode(evc.as_deref())?;
     app.db
         .write(move |tx| {
             let now = Utc::now();
@@ -104,6 +106,16 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
              facts",
         ));
     }
+    // EVC: a host that cannot offer the cluster's mode is refused, and the refusal recorded.
+    let (name, cluster, facts) = (req.name.clone(), req.cluster.clone(), req.facts.clone());
+    let refusal = app
+        .db
+        .read(move |tx| crate::evc::join_refusal(tx, &name, &cluster, &facts))
+        .await?;
+    if let Some(why) = refusal {
+        crate::evc::record_join_refusal(app, req.name.clone(), why.clone()).await?;
+        return Err(ApiErr::unprocessable(why));
+    }
     let app2 = app.clone();
     let interval = app.config.heartbeat_interval_ms;
     app.db
@@ -115,6 +127,9 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
                     c = req.cluster
                 ))
             })?;
+            if let Some(why) = crate::evc::join_refusal(tx, &req.name, &req.cluster, &req.facts)? {
+                return Err(ApiErr::unprocessable(why));
+            }
             let host_token = new_token();
             let summary = format!(
                 "{} cores, {} MiB, {} {}",
@@ -394,6 +409,8 @@ fn check_liveness(app: &App, tx: &Tx, timeout: Duration) -> Result<(), StoreErro
 
 struct CreateSnapshot {
     cluster_id: Uuid,
+    /// The cluster's EVC mode.
+    evc_mode: Option<String>,
     hosts: Vec<(HostRecord, Candidate)>,
 }
 
@@ -458,7 +475,12 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 let c = candidate(tx, &h)?;
                 hosts.push((h, c));
             }
-            Ok(CreateSnapshot { cluster_id, hosts })
+            let evc_mode = tx.cluster(&cluster2)?.and_then(|c| c.evc_mode);
+            Ok(CreateSnapshot {
+                cluster_id,
+                evc_mode,
+                hosts,
+            })
         })
         .await?;
 
@@ -475,11 +497,42 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
             idx
         }
         None => {
-            let cands: Vec<Candidate> = snap.hosts.iter().map(|(_, c)| c.clone()).collect();
-            vmcheck::place(&cands, &cluster, &spec)?
+            // Only hosts that can run the VM's CPU (EVC) are candidates.
+            let fits_cpu: Vec<usize> = (0..snap.hosts.len())
+                .filter(|&i| {
+                    let h = &snap.hosts[i].0;
+                    h.cluster != cluster
+                        || crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h).is_ok()
+                })
+                .collect();
+            let cands: Vec<Candidate> = fits_cpu.iter().map(|&i| snap.hosts[i].1.clone()).collect();
+            match vmcheck::place(&cands, &cluster, &spec) {
+                Ok(i) => fits_cpu[i],
+                Err(e) => {
+                    let refusals: Vec<String> = snap
+                        .hosts
+                        .iter()
+                        .filter(|(h, _)| h.cluster == cluster && h.usable())
+                        .filter_map(|(h, _)| {
+                            crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h).err()
+                        })
+                        .collect();
+                    if refusals.is_empty() {
+                        return Err(e);
+                    }
+                    return Err(ApiErr::unprocessable(format!(
+                        "no host of cluster {cluster} can run VM {}'s CPU: {}",
+                        spec.name,
+                        refusals.join("; ")
+                    )));
+                }
+            }
         }
     };
     let (target, target_cand) = snap.hosts[idx].clone();
+    // EVC: the CPU the VM gets on that host (checked again, and recorded, at each power-on).
+    let cpu = crate::evc::resolve(&spec, snap.evc_mode.as_deref(), &target)
+        .map_err(|e| ApiErr::unprocessable(format!("VM {}: {e}", spec.name)))?;
 
     // 3. Ask the host whether it sees the VM's files on its shared storage.
     let files: Vec<String> = vmcheck::spec_files(&spec)
@@ -547,6 +600,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 created_at: now,
             };
             tx.insert_vm(&vm)?;
+            tx.set_vm_cpu(vm.id, &crate::evc::creation_row(cpu, &host.name), now)?;
             if placed_by_center {
                 tx.add_event(
                     NewEvent::info(format!(
@@ -576,7 +630,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 .host(Some(&host.name)),
                 now,
             )?;
-            Ok(vm.to_api())
+            Ok(crate::evc::vm_view(tx, &vm)?)
         })
         .await
 }

@@ -2,14 +2,17 @@
 //!
 //! Layout: [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) →
 //! [`api`] (routes, auth, OpenAPI) → [`inventory`] and [`tasks`] (the rules) → [`store`] (SQLite,
-//! the only place SQL lives); [`agent`] holds the calls to host agents.
+//! the only place SQL lives); [`agent`] holds the calls to host agents; [`migrate`] drives live
+//! migrations (pre-checks, settings, the ownership record and its commit rule, recovery).
 
 pub mod agent;
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod evc;
 pub mod inventory;
+pub mod migrate;
 pub mod server;
 pub mod store;
 pub mod tasks;

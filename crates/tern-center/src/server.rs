@@ -99,6 +99,16 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
         admin_token.clone(),
         enrol_token.clone(),
     ));
+    // Migrations first: their ownership records decide which way each one ends.
+    let migrations = crate::migrate::recover(&app)
+        .await
+        .map_err(|e| anyhow::anyhow!("recovering migrations: {}", e.message))?;
+    if migrations > 0 {
+        tracing::warn!(
+            migrations,
+            "migrations left going by the previous center are being settled"
+        );
+    }
     let recovered = tasks::recover(&app)
         .await
         .map_err(|e| anyhow::anyhow!("recovering tasks: {}", e.message))?;

@@ -92,6 +92,33 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_vm ON events(vm);
     CREATE INDEX events_host ON events(host);
     "#,
+    // 2: EVC: the CPU each VM was resolved to (at creation) and last powered on with.
+    r#"
+    CREATE TABLE vm_cpus (
+        vm_id       TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        cpu         TEXT NOT NULL,              -- tern_cpu::VmCpu JSON
+        host        TEXT NOT NULL,              -- host it was resolved on
+        powered_on  INTEGER NOT NULL,           -- 1 once the VM was started with it
+        updated_at  TEXT NOT NULL
+    );
+    "#,
+    // 3: live migrations: the ownership record of each hand-over (intent first, outcome last).
+    r#"
+    CREATE TABLE migrations (
+        task_id         TEXT PRIMARY KEY,
+        vm_id           TEXT NOT NULL,
+        vm_name         TEXT NOT NULL,
+        source_host_id  TEXT NOT NULL,
+        dest_host_id    TEXT NOT NULL,
+        generation_from INTEGER NOT NULL,
+        generation_to   INTEGER NOT NULL,
+        state           TEXT NOT NULL,          -- preparing | switching | committed | done | rolled_back
+        detail          TEXT,                   -- JSON: settings and measurements
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL
+    );
+    CREATE INDEX migrations_state ON migrations(state);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -203,8 +230,19 @@ impl VmRecord {
             actual_state: self.actual,
             generation: self.generation,
             created_at: self.created_at,
+            cpu: None,
         }
     }
+}
+
+/// The CPU a VM was resolved to (EVC): at creation, then again at each power-on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmCpuRow {
+    pub cpu: tern_cpu::VmCpu,
+    /// Host it was resolved on.
+    pub host: String,
+    /// True once the VM was started with it.
+    pub powered_on: bool,
 }
 
 /// What a task set out to do, recorded before it acts, so whoever ends it (its driver, a
@@ -870,6 +908,60 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Records the CPU a VM was resolved to (replacing the previous record).
+    pub fn set_vm_cpu(
+        &self,
+        vm_id: Uuid,
+        row: &VmCpuRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO vm_cpus (vm_id, cpu, host, powered_on, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(vm_id) DO UPDATE SET cpu = ?2, host = ?3, \
+             powered_on = ?4, updated_at = ?5",
+            params![
+                vm_id.to_string(),
+                to_json(&row.cpu)?,
+                row.host,
+                row.powered_on,
+                ts(now)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The CPU a VM was last resolved to, if any.
+    pub fn vm_cpu(&self, vm_id: Uuid) -> Result<Option<VmCpuRow>, StoreError> {
+        let rows: Vec<[Option<String>; 3]> = self.query_rows(
+            "SELECT cpu, host, powered_on FROM vm_cpus WHERE vm_id = ?1",
+            [vm_id.to_string()],
+            |c| c,
+        )?;
+        rows.into_iter()
+            .next()
+            .map(|c| {
+                Ok(VmCpuRow {
+                    cpu: from_json("vm cpu", need(&c[0], "vm cpu")?)?,
+                    host: need(&c[1], "vm cpu host")?.to_string(),
+                    powered_on: need(&c[2], "vm cpu powered_on")? != "0",
+                })
+            })
+            .transpose()
+    }
+
+    pub fn set_cluster_evc_mode(&self, name: &str, mode: Option<&str>) -> Result<(), StoreError> {
+        let n = self.tx.execute(
+            "UPDATE clusters SET evc_mode = ?2 WHERE name = ?1",
+            params![name, mode],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!(
+                "cluster {name} does not exist: see tern cluster list"
+            )));
+        }
+        Ok(())
+    }
+
     // ---- tasks ----
 
     pub fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
@@ -1045,6 +1137,182 @@ impl Tx<'_> {
     }
 }
 
+/// Where a migration's hand-over stands: the ownership record the commit rule reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationRecordState {
+    /// Intent recorded: the destination may be prepared, the source owns the VM.
+    Preparing,
+    /// The source was told to send its final state; the source still owns the VM.
+    Switching,
+    /// The destination owns the VM (the VM's host and generation changed in the same
+    /// transaction); the source must never run it again.
+    Committed,
+    /// Committed and both hosts cleaned up.
+    Done,
+    /// Not committed; the VM runs on the source, the destination is cleaned up.
+    RolledBack,
+}
+
+impl MigrationRecordState {
+    /// States recovery must finish (forward if committed, backward otherwise).
+    pub fn unfinished(self) -> bool {
+        matches!(self, Self::Preparing | Self::Switching | Self::Committed)
+    }
+}
+
+/// One migration's ownership record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationRow {
+    pub task_id: Uuid,
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub source_host_id: Uuid,
+    pub dest_host_id: Uuid,
+    pub generation_from: u64,
+    pub generation_to: u64,
+    pub state: MigrationRecordState,
+    pub detail: Option<serde_json::Value>,
+}
+
+const MIGRATION_COLUMNS: &str = "task_id, vm_id, vm_name, source_host_id, dest_host_id, \
+                                 generation_from, generation_to, state, detail";
+
+fn decode_migration(c: [Option<String>; 9]) -> Result<MigrationRow, StoreError> {
+    let num = |i: usize, what: &str| -> Result<u64, StoreError> {
+        need(&c[i], what)?
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("migration {what}: {e}")))
+    };
+    Ok(MigrationRow {
+        task_id: parse_uuid(need(&c[0], "migration task")?)?,
+        vm_id: parse_uuid(need(&c[1], "migration vm")?)?,
+        vm_name: need(&c[2], "migration vm name")?.to_string(),
+        source_host_id: parse_uuid(need(&c[3], "migration source")?)?,
+        dest_host_id: parse_uuid(need(&c[4], "migration destination")?)?,
+        generation_from: num(5, "generation_from")?,
+        generation_to: num(6, "generation_to")?,
+        state: parse_enum("migration state", need(&c[7], "migration state")?)?,
+        detail: c[8]
+            .as_deref()
+            .map(|d| from_json("migration detail", d))
+            .transpose()?,
+    })
+}
+
+impl Tx<'_> {
+    /// Records a migration's intent (state `preparing`).
+    pub fn insert_migration(&self, m: &MigrationRow, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.tx.execute(
+            &format!(
+                "INSERT INTO migrations ({MIGRATION_COLUMNS}, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)"
+            ),
+            params![
+                m.task_id.to_string(),
+                m.vm_id.to_string(),
+                m.vm_name,
+                m.source_host_id.to_string(),
+                m.dest_host_id.to_string(),
+                m.generation_from as i64,
+                m.generation_to as i64,
+                enum_text(&m.state),
+                m.detail.as_ref().map(to_json).transpose()?,
+                ts(now),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn migration(&self, task_id: Uuid) -> Result<Option<MigrationRow>, StoreError> {
+        let sql = format!("SELECT {MIGRATION_COLUMNS} FROM migrations WHERE task_id = ?1");
+        self.query_rows(&sql, [task_id.to_string()], |c| c)?
+            .into_iter()
+            .next()
+            .map(decode_migration)
+            .transpose()
+    }
+
+    /// Migrations recovery must finish, oldest first.
+    pub fn unfinished_migrations(&self) -> Result<Vec<MigrationRow>, StoreError> {
+        let sql = format!(
+            "SELECT {MIGRATION_COLUMNS} FROM migrations \
+             WHERE state IN ('preparing', 'switching', 'committed') ORDER BY rowid"
+        );
+        self.query_rows(&sql, [], |c| c)?
+            .into_iter()
+            .map(decode_migration)
+            .collect()
+    }
+
+    /// Moves a migration from one of `from` to `to`; false (nothing changed) if it was in
+    /// none of them.
+    pub fn set_migration_state(
+        &self,
+        task_id: Uuid,
+        from: &[MigrationRecordState],
+        to: MigrationRecordState,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut changed = 0;
+        for f in from {
+            changed += self.tx.execute(
+                "UPDATE migrations SET state = ?3, updated_at = ?4 \
+                 WHERE task_id = ?1 AND state = ?2",
+                params![task_id.to_string(), enum_text(f), enum_text(&to), ts(now)],
+            )?;
+        }
+        Ok(changed == 1)
+    }
+
+    /// Sets the result of a task (one that ended before its driver could record it).
+    pub fn set_task_result(&self, id: Uuid, result: &serde_json::Value) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE tasks SET result = ?2 WHERE id = ?1",
+            params![id.to_string(), to_json(result)?],
+        )?;
+        Ok(())
+    }
+
+    /// The commit point of a migration: in one transaction the record turns `committed` and
+    /// the VM's host and generation become the destination's. Refuses (changing nothing) if
+    /// the record is not `preparing`/`switching` or the VM's generation moved meanwhile.
+    pub fn commit_migration(&self, task_id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let m = self.migration(task_id)?.ok_or_else(|| {
+            StoreError::NotFound(format!("no migration record for task {task_id}"))
+        })?;
+        if !matches!(
+            m.state,
+            MigrationRecordState::Preparing | MigrationRecordState::Switching
+        ) {
+            return Err(StoreError::Conflict(format!(
+                "migration of VM {} is {:?}: it cannot commit",
+                m.vm_name, m.state
+            )));
+        }
+        let n = self.tx.execute(
+            "UPDATE vms SET host_id = ?2, generation = ?3 WHERE id = ?1 AND generation = ?4",
+            params![
+                m.vm_id.to_string(),
+                m.dest_host_id.to_string(),
+                m.generation_to as i64,
+                m.generation_from as i64
+            ],
+        )?;
+        if n != 1 {
+            return Err(StoreError::Conflict(format!(
+                "VM {} is no longer at generation {}: the migration cannot commit",
+                m.vm_name, m.generation_from
+            )));
+        }
+        self.tx.execute(
+            "UPDATE migrations SET state = 'committed', updated_at = ?2 WHERE task_id = ?1",
+            params![task_id.to_string(), ts(now)],
+        )?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1065,6 +1333,7 @@ mod tests {
             shared_storage: "/shared".into(),
             cpu_capability: vec![],
             cpu_ceiling: None,
+            cpu: None,
             agent_version: "0.1.0".into(),
         }
     }

@@ -220,8 +220,14 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
     let agent = Agent::of(&host);
     match t.task.kind {
         TaskKind::VmStart => {
+            // EVC: the CPU is resolved under the cluster's mode now, recorded, and given to
+            // QEMU as an exact `-cpu` argument with `enforce`.
+            let cpu = match crate::evc::prepare_start(app, &vm, &host).await {
+                Ok(cpu) => cpu,
+                Err(e) => return Outcome::Failed(format!("VM {}: {e}", vm.name())),
+            };
             let req = StartVm {
-                spec: vm.spec.clone(),
+                spec: crate::evc::launch_spec(&vm.spec, &cpu),
                 generation: vm.generation,
             };
             match agent.start(vm.id, &req).await {
@@ -358,6 +364,9 @@ pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, ApiErr> {
                     "task {id} has already {}; there is nothing to cancel",
                     t.task.state
                 )));
+            }
+            if let Some(why) = crate::migrate::cancel_refusal(tx, id)? {
+                return Err(ApiErr::conflict(why));
             }
             if let Some(vm) = t.vm_id {
                 app2.settle(vm);

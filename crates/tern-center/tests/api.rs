@@ -251,6 +251,7 @@ fn facts(cores: u32, memory_mib: u64) -> HostFacts {
         shared_storage: "/shared".into(),
         cpu_capability: vec![],
         cpu_ceiling: None,
+        cpu: None,
         agent_version: "test".into(),
     }
 }

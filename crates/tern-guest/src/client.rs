@@ -274,7 +274,7 @@ pub fn run(options: &ClientOptions) -> io::Result<ClientReport> {
                                 report.longest_echo_rtt_ms.max(rtt as f64 / 1000.0);
                         }
                     }
-                    ServerLine::Stats(_) | ServerLine::Unknown(_) => {}
+                    ServerLine::Stats(_) | ServerLine::Cpuinfo(_) | ServerLine::Unknown(_) => {}
                 }
             }
             Read::Broken => {
@@ -297,29 +297,51 @@ pub fn run(options: &ClientOptions) -> io::Result<ClientReport> {
 
 /// Asks the guest for its stats; returns the JSON object text.
 pub fn fetch_stats(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    ask(addr, timeout, b"STATS\n", "stats", |l| match l {
+        ServerLine::Stats(json) => Some(json),
+        _ => None,
+    })
+}
+
+/// Asks the guest for its /proc/cpuinfo; returns the text.
+pub fn fetch_cpuinfo(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    ask(addr, timeout, b"CPUINFO\n", "cpuinfo", |l| match l {
+        ServerLine::Cpuinfo(text) => Some(text),
+        _ => None,
+    })
+}
+
+/// Sends one request line and waits for the reply `pick` accepts (records stream meanwhile).
+fn ask(
+    addr: SocketAddr,
+    timeout: Duration,
+    request: &[u8],
+    what: &str,
+    pick: impl Fn(ServerLine) -> Option<String>,
+) -> io::Result<String> {
     let deadline = Instant::now() + timeout;
     let mut conn = Conn::new(connect_until(addr, deadline)?)?;
-    conn.writer.write_all(b"STATS\n")?;
+    conn.writer.write_all(request)?;
     while Instant::now() < deadline {
         match read_line(&mut conn) {
             Read::Line(line) => {
-                if let ServerLine::Stats(json) = parse_server_line(&line) {
+                if let Some(reply) = pick(parse_server_line(&line)) {
                     let _ = conn.writer.write_all(b"QUIT\n");
-                    return Ok(json);
+                    return Ok(reply);
                 }
             }
             Read::Nothing => {}
             Read::Broken => {
                 return Err(io::Error::new(
                     ErrorKind::ConnectionReset,
-                    format!("{addr} closed before the stats reply"),
+                    format!("{addr} closed before the {what} reply"),
                 ))
             }
         }
     }
     Err(io::Error::new(
         ErrorKind::TimedOut,
-        format!("no stats reply from {addr} within {timeout:?}"),
+        format!("no {what} reply from {addr} within {timeout:?}"),
     ))
 }
 
@@ -344,6 +366,11 @@ mod tests {
         let stats = fetch_stats(addr, Duration::from_secs(5)).expect("stats");
         assert!(stats.starts_with("{\"boot_id\":"), "{stats}");
         assert!(stats.contains("\"streams\":{\"open\":"), "{stats}");
+        let cpuinfo = fetch_cpuinfo(addr, Duration::from_secs(5)).expect("cpuinfo");
+        assert_eq!(
+            cpuinfo,
+            std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo")
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ usage: tern-guest <command> [options]
   client --addr IP:PORT --duration-ms N [--json] [--connect-timeout-ms N]
                                     read the stream; exit 1 if it broke
   client --addr IP:PORT --stats     print the guest's stats JSON
+  client --addr IP:PORT --cpuinfo   print the guest's /proc/cpuinfo
 ";
 
 /// `--key value` / `--key=value` options; flags without a value map to "".
@@ -163,6 +164,12 @@ fn cmd_client(o: &Opts) -> Result<ExitCode, String> {
         println!("{json}");
         return Ok(ExitCode::SUCCESS);
     }
+    if o.flag("cpuinfo") {
+        let text = client::fetch_cpuinfo(addr, connect_timeout.max(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut options = ClientOptions::new(addr, Duration::from_millis(o.need("duration-ms")?));
     options.connect_timeout = connect_timeout;
     let report = client::run(&options).map_err(|e| e.to_string())?;
@@ -201,7 +208,7 @@ fn main() -> ExitCode {
         "burn" => Opts::parse(rest, &[], &["percent"]).and_then(|o| cmd_burn(&o)),
         "client" => Opts::parse(
             rest,
-            &["json", "stats"],
+            &["json", "stats", "cpuinfo"],
             &["addr", "duration-ms", "connect-timeout-ms"],
         )
         .and_then(|o| cmd_client(&o)),

@@ -8,9 +8,11 @@
 //!   `sum` is FNV-1a 32 of the line text before ` <sum>`.
 //! - `E <line>` echoes each line the client sent that is not a command.
 //! - `S <json>` answers `STATS` with the guest's counters (see [`crate::services::Services`]).
+//! - `C <text>` answers `CPUINFO` with the guest's /proc/cpuinfo, `\` and line ends escaped
+//!   ([`escape_text`]), so tests see the CPU features the guest kernel found.
 //!
-//! Client to server: `STATS`, `QUIT` (server closes), anything else is echoed (the client sends
-//! `PING <n> <client_us>` and times the echo).
+//! Client to server: `STATS`, `CPUINFO`, `QUIT` (server closes), anything else is echoed (the
+//! client sends `PING <n> <client_us>` and times the echo).
 
 /// The serve port tern's tests and lab use.
 pub const DEFAULT_PORT: u16 = 7000;
@@ -87,7 +89,42 @@ pub enum ServerLine {
     Corrupt(String),
     Echo(String),
     Stats(String),
+    /// The guest's /proc/cpuinfo, unescaped.
+    Cpuinfo(String),
     Unknown(String),
+}
+
+/// Escapes text onto one protocol line: `\` → `\\`, newline → `\n`, CR → `\r`.
+pub fn escape_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 16);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Undoes [`escape_text`].
+pub fn unescape_text(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// Classifies one received line (without its `\n`).
@@ -100,6 +137,9 @@ pub fn parse_server_line(line: &str) -> ServerLine {
     }
     if let Some(rest) = line.strip_prefix("S ") {
         return ServerLine::Stats(rest.to_string());
+    }
+    if let Some(rest) = line.strip_prefix("C ") {
+        return ServerLine::Cpuinfo(unescape_text(rest));
     }
     if line.starts_with("H ") {
         if let Some(h) = parse_hello(line) {
@@ -186,6 +226,13 @@ mod tests {
             ServerLine::Echo("PING 1 2".into())
         );
         assert_eq!(parse_server_line("S {}"), ServerLine::Stats("{}".into()));
+        let cpuinfo = "processor\t: 0\nflags\t\t: fpu sse4_2\n\\odd\r\n";
+        let line = format!("C {}", escape_text(cpuinfo));
+        assert!(!line.contains('\n'));
+        assert_eq!(
+            parse_server_line(&line),
+            ServerLine::Cpuinfo(cpuinfo.into())
+        );
         assert_eq!(
             parse_server_line("what"),
             ServerLine::Unknown("what".into())

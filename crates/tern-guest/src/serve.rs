@@ -1,5 +1,5 @@
 //! The serve port: streams sequence-numbered records to each client, echoes its lines and
-//! answers `STATS` (protocol in [`crate::proto`]).
+//! answers `STATS` and `CPUINFO` (protocol in [`crate::proto`]).
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -116,6 +116,10 @@ fn read_requests(reader: TcpStream, writer: &Mutex<TcpStream>, services: &Servic
         let reply = match request {
             "QUIT" => return,
             "STATS" => format!("S {}\n", services.stats_json()),
+            "CPUINFO" => match std::fs::read_to_string("/proc/cpuinfo") {
+                Ok(text) => format!("C {}\n", crate::proto::escape_text(&text)),
+                Err(e) => format!("C {}\n", crate::proto::escape_text(&format!("error: {e}"))),
+            },
             other => format!("E {other}\n"),
         };
         if send(writer, reply.as_bytes()).is_err() {

@@ -13,6 +13,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
+use tern_api::migration::{
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
+    Commit, DirtyRateReport, IncomingReady, MeasureDirtyRate, PrepareIncoming, StartOutgoing,
+};
 use tern_api::{ErrorBody, HostFacts, HostLoad};
 use uuid::Uuid;
 
@@ -35,6 +39,16 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{id}/resume", post(resume_vm))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/check-paths", post(check_paths))
+        .route("/v1/migrations/{id}", get(migration_status))
+        .route("/v1/migrations/{id}/incoming", post(migration_incoming))
+        .route("/v1/migrations/{id}/outgoing", post(migration_outgoing))
+        .route("/v1/migrations/{id}/measure", post(migration_measure))
+        .route("/v1/migrations/{id}/switchover", post(migration_switchover))
+        .route("/v1/migrations/{id}/commit", post(migration_commit))
+        .route("/v1/migrations/{id}/abort", post(migration_abort))
+        .route("/v1/migrations/{id}/finish", post(migration_finish))
+        .route("/v1/bandwidth-sink", post(bandwidth_sink))
+        .route("/v1/bandwidth-probe", post(bandwidth_probe))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -172,6 +186,104 @@ async fn check_paths(
             .await
             .map_err(|e| AgentError::Internal(anyhow::anyhow!("path check task failed: {e}")))?;
     Ok(Json(report))
+}
+
+// ---- migrations (tern_api::migration) ----
+
+#[derive(Debug, Deserialize)]
+struct MigrationQuery {
+    /// Answer once the state differs from this one...
+    state: Option<AgentMigrationState>,
+    /// ...or after this long.
+    wait_ms: Option<u64>,
+}
+
+async fn migration_status(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Query(q): Query<MigrationQuery>,
+) -> Result<Json<AgentMigrationStatus>, AgentError> {
+    let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0));
+    agent
+        .migrations
+        .status(vm_id(&id)?, q.state, wait)
+        .await
+        .map(Json)
+}
+
+async fn migration_incoming(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<PrepareIncoming>, JsonRejection>,
+) -> Result<Json<IncomingReady>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.migrations.incoming(id, req).await.map(Json)
+}
+
+async fn migration_outgoing(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<StartOutgoing>, JsonRejection>,
+) -> Result<Json<()>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.migrations.outgoing(id, req).await.map(Json)
+}
+
+async fn migration_measure(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<MeasureDirtyRate>, JsonRejection>,
+) -> Result<Json<DirtyRateReport>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.migrations.measure(id, req.seconds).await.map(Json)
+}
+
+async fn migration_switchover(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentMigrationStatus>, AgentError> {
+    agent.migrations.switchover(vm_id(&id)?).await.map(Json)
+}
+
+async fn migration_commit(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<Commit>, JsonRejection>,
+) -> Result<Json<()>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.migrations.commit(id, req).await.map(Json)
+}
+
+async fn migration_abort(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<()>, AgentError> {
+    agent.migrations.abort(vm_id(&id)?).await.map(Json)
+}
+
+async fn migration_finish(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<()>, AgentError> {
+    agent.migrations.finish(vm_id(&id)?).await.map(Json)
+}
+
+async fn bandwidth_sink(
+    State(agent): State<Arc<Agent>>,
+) -> Result<Json<BandwidthSink>, AgentError> {
+    agent.migrations.sink().await.map(Json)
+}
+
+async fn bandwidth_probe(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<BandwidthProbe>, JsonRejection>,
+) -> Result<Json<BandwidthReport>, AgentError> {
+    let req = body(req)?;
+    agent.migrations.probe(req).await.map(Json)
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
-//! What this host is: CPU, memory and QEMU figures read from /proc and the QEMU binary.
+//! What this host is: CPU, memory and QEMU figures read from /proc and the QEMU binary, and
+//! the CPU capability it offers guests (EVC), probed from QEMU once at start.
 
 use std::path::Path;
 
 use anyhow::Context;
+use tern_api::evc::HostCpu;
 use tern_api::{Accelerator, HostFacts};
+use tern_cpu::{Accel, CpuModelExpansion, HostCapability};
 
 use crate::config::AgentConfig;
 
@@ -108,7 +111,54 @@ pub async fn qemu_version(qemu: &Path) -> anyhow::Result<String> {
     })
 }
 
+/// QEMU's `host` (KVM) or `max` (TCG) CPU model expanded: what guests can be given here
+/// before any ceiling. A `-machine none` QEMU answers `query-cpu-model-expansion`.
+pub async fn probe_expansion(
+    qemu: &Path,
+    accelerator: Accelerator,
+) -> anyhow::Result<CpuModelExpansion> {
+    let probe = tern_qemu::QemuProbe::start(qemu, accelerator)
+        .await
+        .with_context(|| format!("starting {} -machine none", qemu.display()))?;
+    let model = accel_of(accelerator).passthrough_model();
+    let answer = probe
+        .expand_cpu_model(model, tern_qemu::CpuExpansion::Full)
+        .await;
+    probe.stop().await;
+    let answer = answer.with_context(|| format!("expanding QEMU's `{model}` CPU model"))?;
+    Ok(tern_cpu::expansion::expansion_from_value(&answer)?)
+}
+
+pub fn accel_of(accelerator: Accelerator) -> Accel {
+    match accelerator {
+        Accelerator::Kvm => Accel::Kvm,
+        Accelerator::Tcg => Accel::Tcg,
+    }
+}
+
+/// The facts' view of a capability.
+pub fn host_cpu(cap: &HostCapability) -> HostCpu {
+    HostCpu {
+        vendor: cap.identity.vendor.as_ref().map(|v| v.cpuid().to_string()),
+        family: cap.identity.family,
+        model: cap.identity.model,
+        stepping: cap.identity.stepping,
+        model_id: cap.identity.model_id.clone(),
+        uncapped: cap.uncapped.to_vec(),
+        supported_baselines: cap
+            .supported_baselines()
+            .iter()
+            .map(|b| b.name.clone())
+            .collect(),
+        best_baseline: cap.best_baseline().map(|b| b.name.clone()),
+    }
+}
+
 /// Collects the facts the agent reports, once at start (none of them changes while it runs).
+///
+/// A `--cpu-ceiling` that is no catalogue model (or, under KVM, of the other vendor) fails the
+/// start; a QEMU that cannot be probed leaves the CPU capability empty (the center then
+/// refuses the host in a cluster with an EVC mode) with a warning.
 pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Result<HostFacts> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").context("reading /proc/cpuinfo")?;
     let cpu = parse_cpuinfo(&cpuinfo);
@@ -118,6 +168,30 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
         std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
     };
     let mem = read_meminfo()?;
+    let ceiling = cfg.cpu_ceiling.as_deref().filter(|c| !c.trim().is_empty());
+    if let Some(c) = ceiling {
+        tern_cpu::catalogue().require(c).context("--cpu-ceiling")?;
+    }
+    let capability = match probe_expansion(&cfg.qemu, accelerator).await {
+        Ok(exp) => {
+            let cap = HostCapability::from_expansion(&exp, accel_of(accelerator), ceiling)
+                .context("--cpu-ceiling")?;
+            tracing::info!(
+                ceiling = ceiling.unwrap_or("-"),
+                best_baseline = cap.best_baseline().map_or("-", |b| b.name.as_str()),
+                features = cap.features.len(),
+                "CPU capability probed"
+            );
+            Some(cap)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot probe the CPU capability ({e:#}); clusters with an EVC mode will \
+                 refuse this host"
+            );
+            None
+        }
+    };
     Ok(HostFacts {
         hostname: cfg.name.clone(),
         cores,
@@ -133,8 +207,12 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        cpu_capability: Vec::new(),
-        cpu_ceiling: cfg.cpu_ceiling.clone(),
+        cpu_capability: capability
+            .as_ref()
+            .map(|c| c.features.to_vec())
+            .unwrap_or_default(),
+        cpu_ceiling: ceiling.map(str::to_string),
+        cpu: capability.as_ref().map(host_cpu),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     })
 }
@@ -178,6 +256,23 @@ cpu MHz\t\t: 2400.000\nflags\t\t: fpu vme sse2 lm\n";
             Some("7.2.15".to_string())
         );
         assert_eq!(parse_qemu_version("something else"), None);
+    }
+
+    /// The real QEMU under TCG: `max` has AVX2; a Westmere ceiling takes AVX away.
+    #[tokio::test]
+    async fn probes_qemu_tcg_capability() {
+        let exp = probe_expansion(Path::new("qemu-system-x86_64"), Accelerator::Tcg)
+            .await
+            .expect("probe QEMU");
+        assert_eq!(exp.model_name, "max");
+        let cap = HostCapability::from_expansion(&exp, Accel::Tcg, None).unwrap();
+        assert!(cap.features.contains("avx2"), "{:?}", cap.features);
+        let cpu = host_cpu(&cap);
+        assert!(cpu.supported_baselines.iter().any(|b| b == "x86-64-v3"));
+        let capped = HostCapability::from_expansion(&exp, Accel::Tcg, Some("Westmere")).unwrap();
+        assert!(!capped.features.contains("avx") && capped.features.contains("sse4.2"));
+        assert_eq!(host_cpu(&capped).best_baseline.as_deref(), Some("Westmere"));
+        assert!(HostCapability::from_expansion(&exp, Accel::Tcg, Some("Pentium9")).is_err());
     }
 
     #[test]

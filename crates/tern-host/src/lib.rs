@@ -7,7 +7,8 @@
 //!
 //! Modules: [`config`] (flags and TOML), [`facts`] and [`load`] (/proc figures), [`tap`]
 //! (tap devices), [`store`] (state dir layout), [`vms`] (VM lifecycle and supervision),
-//! [`api`] (HTTP), [`enrol`] (registration and heartbeats), [`paths`] (file checks).
+//! [`migrations`] (this host's end of live migrations, bandwidth probe), [`api`] (HTTP),
+//! [`enrol`] (registration and heartbeats), [`paths`] (file checks).
 
 pub mod api;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod enrol;
 pub mod error;
 pub mod facts;
 pub mod load;
+pub mod migrations;
 pub mod paths;
 pub mod store;
 pub mod tap;
@@ -55,6 +57,8 @@ pub struct Agent {
     /// Bearer token the center presents on every agent API call.
     pub token: String,
     pub vms: Arc<VmManager>,
+    /// This host's side of live migrations.
+    pub migrations: Arc<migrations::Migrations>,
     load: tokio::sync::Mutex<LoadCache>,
 }
 
@@ -179,11 +183,13 @@ pub async fn serve(
     let agent_url = cfg.agent_url(bound);
     tracing::info!(listen = %bound, %agent_url, "agent API listening");
 
+    let migrations = migrations::Migrations::new(vms.clone(), cfg.migration_address);
     let agent = Arc::new(Agent {
         cfg,
         facts,
         token,
         vms: vms.clone(),
+        migrations,
         load: tokio::sync::Mutex::new(LoadCache::default()),
     });
     let stop = CancellationToken::new();

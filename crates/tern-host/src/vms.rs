@@ -7,13 +7,15 @@
 //! can tell a VM that was stopped on purpose from one that crashed while it was away.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tern_api::agent::{StartVm, VmRuntime};
 use tern_api::center::StopVm;
+use tern_api::migration::MigrationSettings;
 use tern_api::{Accelerator, BootSource, PowerState, VmSpec};
-use tern_qemu::{ExitReason, LaunchConfig, QemuVm, RunState};
+use tern_qemu::{ExitReason, IncomingMigration, LaunchConfig, QemuVm, RunState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -647,7 +649,8 @@ impl VmManager {
                         }
                     };
                     tracing::info!(vm = %name, %id, pid = vm.pid(), state = %power, "re-adopted running VM");
-                    self.adopt_live(&slot, vm, power);
+                    self.adopt_live(&slot, vm.clone(), power);
+                    tokio::spawn(async move { cancel_orphan_migration(&vm, &name).await });
                 }
                 Err(tern_qemu::Error::NotRunning { detail, .. }) => {
                     let (power, why) = match &rec {
@@ -737,6 +740,143 @@ impl VmManager {
         }
     }
 
+    /// The live QEMU of a VM (a migration's source, a dirty-rate measurement).
+    pub fn live_qemu(&self, id: Uuid) -> Result<Arc<QemuVm>, AgentError> {
+        let slot = self.slot(id)?;
+        Self::live(&slot).map(|(vm, _)| vm)
+    }
+
+    /// Starts the destination end of a migration: a paused QEMU with the VM's spec, listening
+    /// on `listen` for this VM's stream only. The VM is then listed here (paused) and
+    /// supervised like any other; it runs only once the migration is committed.
+    pub async fn prepare_incoming(
+        self: &Arc<Self>,
+        id: Uuid,
+        spec: VmSpec,
+        generation: u64,
+        settings: &MigrationSettings,
+        listen: IpAddr,
+    ) -> Result<IncomingMigration, AgentError> {
+        validate(&spec, self.host.bridge.as_deref())?;
+        let slot = {
+            let mut slots = self.slots();
+            if let Some(s) = slots.get(&id) {
+                let st = s.st();
+                return Err(AgentError::Conflict(format!(
+                    "VM {} is already known on this host ({}): delete it here before migrating \
+                     it in",
+                    st.spec.name, st.power
+                )));
+            }
+            let s = Arc::new(Slot {
+                run: self.host.store.vm(id),
+                op: tokio::sync::Mutex::new(()),
+                st: Mutex::new(VmState {
+                    spec: spec.clone(),
+                    generation,
+                    power: PowerState::Stopped,
+                    accelerator: self.host.accelerator,
+                    exit_reason: None,
+                    taps: tap_names(id, &spec),
+                    stop_requested: false,
+                    live: None,
+                    deleted: false,
+                }),
+            });
+            slots.insert(id, s.clone());
+            s
+        };
+        let _op = slot.op.lock().await;
+        let result = self
+            .launch_incoming(&slot, spec, generation, settings, listen)
+            .await;
+        if result.is_err() {
+            slot.st().deleted = true;
+            self.slots().remove(&id);
+            if let Err(e) = std::fs::remove_dir_all(&slot.run.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(vm = %id, error = %e, "cannot remove the run dir of a failed incoming migration");
+                }
+            }
+        }
+        result
+    }
+
+    async fn launch_incoming(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        spec: VmSpec,
+        generation: u64,
+        settings: &MigrationSettings,
+        listen: IpAddr,
+    ) -> Result<IncomingMigration, AgentError> {
+        let id = slot.run.id;
+        let taps = tap_names(id, &spec);
+        slot.run.create().map_err(AgentError::Internal)?;
+        slot.run
+            .write_spec(&spec, generation)
+            .map_err(AgentError::Internal)?;
+        slot.persist();
+        if let Some(bridge) = &self.host.bridge {
+            for t in &taps {
+                if let Err(e) = tap::ensure_tap(t, bridge) {
+                    remove_taps(&taps);
+                    return Err(AgentError::Internal(anyhow::anyhow!(
+                        "creating tap {t}: {e}"
+                    )));
+                }
+            }
+        }
+        let cfg = LaunchConfig {
+            id,
+            spec: spec.clone(),
+            run_dir: slot.run.dir.clone(),
+            taps: taps.clone(),
+            accel: self.host.accelerator,
+            qemu_binary: self.host.qemu.clone(),
+            default_cpu_model: self.host.default_cpu_model.clone(),
+            incoming: Some(tern_qemu::Incoming::Defer),
+            start_paused: true,
+        };
+        let incoming = match IncomingMigration::prepare(cfg, settings, listen).await {
+            Ok(i) => i,
+            Err(e) => {
+                remove_taps(&taps);
+                tracing::warn!(vm = %spec.name, %id, error = %e, "incoming QEMU did not start");
+                return Err(qemu_error(e));
+            }
+        };
+        self.adopt_live(slot, incoming.vm().clone(), PowerState::Paused);
+        tracing::info!(vm = %spec.name, %id, uri = incoming.uri(), "migration destination ready");
+        Ok(incoming)
+    }
+
+    /// Records the ownership generation the center granted (a committed destination).
+    pub fn set_generation(&self, id: Uuid, generation: u64) -> Result<(), AgentError> {
+        let slot = self.slot(id)?;
+        let spec = {
+            let mut st = slot.st();
+            st.generation = generation;
+            st.spec.clone()
+        };
+        slot.run
+            .write_spec(&spec, generation)
+            .map_err(AgentError::Internal)
+    }
+
+    /// Removes a VM whose guest must not be running here (a migrated-away source, an
+    /// aborted destination): kills its QEMU and removes its files. Refuses a running guest.
+    pub async fn remove_idle(&self, id: Uuid) -> Result<(), AgentError> {
+        if let Ok(vm) = self.live_qemu(id) {
+            if matches!(vm.status().await, Ok(RunState::Running)) {
+                return Err(AgentError::Conflict(format!(
+                    "VM {id} runs its guest on this host: refusing to remove it"
+                )));
+            }
+        }
+        self.delete(id).await
+    }
+
     /// Stops supervising (agent shutdown); QEMU processes keep running.
     pub fn release(&self) {
         self.shutdown.cancel();
@@ -744,6 +884,46 @@ impl VmManager {
         for s in slots {
             // Dropping the QemuVm closes its QMP connection; the process lives on.
             s.st().live = None;
+        }
+    }
+}
+
+/// After an agent restart: an outgoing migration still going in QEMU lost its driver and
+/// would leave the guest paused at pre-switchover for good. Nothing can have been committed
+/// before the switchover, so cancelling it (and running the guest again) is always safe. An
+/// incoming migration, or a completed outgoing one, waits for the center's decision.
+async fn cancel_orphan_migration(vm: &QemuVm, name: &str) {
+    use tern_qemu::MigrationStatus as M;
+    let (Ok(m), Ok(run)) = (vm.query_migrate().await, vm.status().await) else {
+        return;
+    };
+    let outgoing_unfinished = matches!(
+        m.status,
+        M::Setup | M::Active | M::PreSwitchover | M::Device | M::Cancelling
+    ) && run != RunState::InMigrate;
+    if !outgoing_unfinished {
+        return;
+    }
+    tracing::warn!(vm = name, status = %m.status, "an outgoing migration lost its driver (agent restart): cancelling it");
+    if let Err(e) = vm.migrate_cancel().await {
+        tracing::error!(vm = name, error = %e, "cannot cancel the orphaned migration");
+        return;
+    }
+    for _ in 0..300 {
+        match vm.query_migrate().await {
+            Ok(m) if m.status.is_finished() => break,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => return,
+        }
+    }
+    // QEMU restarts the guest itself after a cancel; make sure.
+    if vm
+        .wait_status(|s| *s == RunState::Running, Duration::from_secs(2))
+        .await
+        .is_err()
+    {
+        if let Err(e) = vm.resume().await {
+            tracing::error!(vm = name, error = %e, "cannot resume the guest after cancelling");
         }
     }
 }

@@ -97,12 +97,23 @@ impl LaunchConfig {
         RunPaths::new(&self.run_dir)
     }
 
-    /// The CPU model QEMU is given.
+    /// The CPU model QEMU is given: a model name, or a full `-cpu` value with feature flags
+    /// (`qemu64-v1,+avx,-svm,enforce`) as the center resolves it for EVC.
     pub fn cpu_model(&self) -> &str {
         self.spec
             .cpu_model
             .as_deref()
             .unwrap_or(&self.default_cpu_model)
+    }
+
+    /// The `-cpu` value: [`Self::cpu_model`] with `enforce` added unless it has it already.
+    pub fn cpu_arg(&self) -> String {
+        let model = self.cpu_model();
+        if model.split(',').skip(1).any(|p| p == "enforce") {
+            model.to_string()
+        } else {
+            format!("{model},enforce")
+        }
     }
 
     /// Checks what [`build_command`] cannot express (no file system access).
@@ -142,9 +153,10 @@ impl LaunchConfig {
             )));
         }
         let model = self.cpu_model();
-        if model.is_empty() || model.contains([',', ' ', '=']) {
+        if !valid_cpu_arg(model) {
             return Err(Error::Config(format!(
-                "CPU model `{model}` is not a model name"
+                "CPU model `{model}` is not a model name, optionally followed by feature flags \
+                 (`,+feat`, `,-feat`, `,feat=on|off`, `,enforce`)"
             )));
         }
         if self.taps.len() != spec.nics.len() {
@@ -179,6 +191,23 @@ impl LaunchConfig {
     }
 }
 
+/// A CPU model name, then only feature switches: nothing else (no `model-id=…`, no file
+/// paths) can reach QEMU's `-cpu` through a spec.
+fn valid_cpu_arg(arg: &str) -> bool {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let mut parts = arg.split(',');
+    let model_ok = parts.next().is_some_and(word);
+    model_ok
+        && parts.all(|p| match p.split_once('=') {
+            Some((f, v)) => word(f) && matches!(v, "on" | "off"),
+            None => p == "enforce" || p.strip_prefix(['+', '-']).is_some_and(word),
+        })
+}
+
 /// QEMU option values separate with `,`: a literal comma is written twice.
 fn escape_opt(value: &str) -> String {
     value.replace(',', ",,")
@@ -211,7 +240,7 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
             Accelerator::Tcg => "tcg,thread=multi",
         },
     ]);
-    push(&["-cpu", &format!("{},enforce", cfg.cpu_model())]);
+    push(&["-cpu", &cfg.cpu_arg()]);
     push(&[
         "-smp",
         &format!("{0},sockets=1,cores={0},threads=1", spec.vcpus),
@@ -433,6 +462,23 @@ mod tests {
     }
 
     #[test]
+    fn resolved_cpu_arguments_pass_through_with_one_enforce() {
+        let mut cfg = config();
+        cfg.spec.cpu_model = Some("qemu64-v1,+avx,-svm,enforce".into());
+        cfg.validate().unwrap();
+        assert_eq!(
+            value(&build_command(&cfg), "-cpu"),
+            "qemu64-v1,+avx,-svm,enforce"
+        );
+        cfg.spec.cpu_model = Some("max,-avx2,pmu=off".into());
+        cfg.validate().unwrap();
+        assert_eq!(
+            value(&build_command(&cfg), "-cpu"),
+            "max,-avx2,pmu=off,enforce"
+        );
+    }
+
+    #[test]
     fn paused_and_incoming() {
         let mut cfg = config();
         cfg.start_paused = true;
@@ -543,9 +589,17 @@ mod tests {
         let mut cfg = config();
         cfg.run_dir = PathBuf::from("relative");
         assert!(cfg.validate().is_err());
-        let mut cfg = config();
-        cfg.spec.cpu_model = Some("qemu64,+avx".into());
-        assert!(cfg.validate().is_err());
+        for bad in [
+            "qemu64,model-id=x",
+            "qemu64,+a v x",
+            "qemu64,,+avx",
+            ",+avx",
+            "qemu64,avx=maybe",
+        ] {
+            let mut cfg = config();
+            cfg.spec.cpu_model = Some(bad.into());
+            assert!(cfg.validate().is_err(), "{bad}");
+        }
         let mut cfg = config();
         cfg.spec.boot = BootSource::Disk;
         assert!(cfg.validate().is_err());

@@ -81,6 +81,9 @@ pub enum Error {
     /// QEMU sent something that is not QMP.
     #[error("QMP protocol error: {0}")]
     Protocol(String),
+    /// A migration failed, was cancelled, or cannot do what was asked in its state.
+    #[error("migration: {0}")]
+    Migration(String),
     #[error("timed out after {timeout_ms} ms waiting for {what}")]
     Timeout { what: String, timeout_ms: u64 },
     #[error("{context}: {source}")]

@@ -336,6 +336,15 @@ impl QemuVm {
             .map(drop)
     }
 
+    /// Switches a running pre-copy migration (with capability `postcopy-ram` on both sides) to
+    /// post-copy: the destination takes over and fetches the remaining pages on demand.
+    pub async fn migrate_start_postcopy(&self) -> Result<()> {
+        self.qmp()
+            .execute("migrate-start-postcopy", None)
+            .await
+            .map(drop)
+    }
+
     /// Starts measuring the guest's dirty rate over `seconds` (page sampling).
     pub async fn calc_dirty_rate(&self, seconds: u32) -> Result<()> {
         if seconds == 0 || seconds > 60 {

@@ -1,4 +1,4 @@
-//! `tern cluster create|list|show`.
+//! `tern cluster create|list|show|set-evc|evc-modes`.
 
 use tern_api::center::{Cluster, CreateCluster};
 use tern_api::ApiClient;
@@ -20,6 +20,14 @@ pub enum ClusterCommand {
     List,
     /// Show one cluster.
     Show { name: String },
+    /// Set the cluster's EVC mode (a CPU baseline every host offers); `none` clears it.
+    SetEvc {
+        name: String,
+        /// Baseline name (see `tern cluster evc-modes NAME`), or `none`.
+        mode: String,
+    },
+    /// The EVC modes every host of the cluster supports, and the best one.
+    EvcModes { name: String },
 }
 
 pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
@@ -60,6 +68,8 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
                 }
             }
         }
+        ClusterCommand::SetEvc { name, mode } => super::evc::set_evc(api, &name, &mode, fmt).await,
+        ClusterCommand::EvcModes { name } => super::evc::evc_modes(api, &name, fmt).await,
         ClusterCommand::Show { name } => {
             let c: Cluster = api
                 .get(&format!("/api/v1/clusters/{}", seg(&name)?))

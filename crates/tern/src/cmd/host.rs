@@ -73,8 +73,9 @@ pub async fn show(api: &ApiClient, name: &str, fmt: Format) -> Result<(), CliErr
             "cpu",
             format!("{} cores, {} MHz, {}", f.cores, f.cpu_mhz, f.cpu_model_name),
         )
-        .add("cpu_ceiling", opt(&f.cpu_ceiling))
-        .add("memory_mib", f.memory_mib)
+        .add("cpu_ceiling", opt(&f.cpu_ceiling));
+    super::evc::host_cpu_lines(&h, &mut s);
+    s.add("memory_mib", f.memory_mib)
         .add("accelerator", f.accelerator)
         .add("qemu", &f.qemu_version)
         .add("agent_version", &f.agent_version)

@@ -26,6 +26,10 @@ pub enum LabCommand {
         /// Build only the network, directories and tokens (no center, no agents).
         #[arg(long)]
         network_only: bool,
+        /// Cap a host's CPU capability at a model, `HOST=MODEL` (repeatable), e.g.
+        /// `h2=Westmere`: the hosts share one CPU, so this makes one stand for an older one.
+        #[arg(long, value_name = "HOST=MODEL", value_parser = lab::parse_host_ceiling)]
+        cpu_ceiling: Vec<(String, String)>,
     },
     /// Remove the lab: its processes (QEMU included), namespaces, links and directory.
     Down {
@@ -53,6 +57,8 @@ pub enum LabCommand {
         /// SIGKILL instead of SIGTERM (a crash).
         #[arg(long)]
         kill: bool,
+        #[command(flatten)]
+        start: StartArgs,
     },
     /// Stop the center or a host agent.
     Stop {
@@ -62,7 +68,33 @@ pub enum LabCommand {
         kill: bool,
     },
     /// Start a stopped center or host agent and wait until it is ready.
-    Start { name: String },
+    Start {
+        name: String,
+        #[command(flatten)]
+        start: StartArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// Host agents: set the `--cpu-ceiling` it starts with from now on (`none` removes it).
+    #[arg(long, value_name = "MODEL")]
+    cpu_ceiling: Option<String>,
+    /// Return once the process is spawned, without waiting until it is ready.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+impl StartArgs {
+    fn options(&self) -> lab::StartOptions {
+        lab::StartOptions {
+            cpu_ceiling: self
+                .cpu_ceiling
+                .as_deref()
+                .map(|c| (!c.is_empty() && !c.eq_ignore_ascii_case("none")).then(|| c.to_string())),
+            no_wait: self.no_wait,
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -92,6 +124,7 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             accel,
             guest_dir,
             network_only,
+            cpu_ceiling,
         } => {
             let o = UpOptions {
                 hosts,
@@ -100,6 +133,7 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
                 accel,
                 guest_dir,
                 network_only,
+                cpu_ceilings: cpu_ceiling,
             };
             let st = lab::up(&o).await.map_err(|e| {
                 CliError::from(e).hint(format!(
@@ -241,8 +275,8 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             }
             Ok(())
         }
-        LabCommand::Restart { name, kill } => {
-            let (old, new) = lab::restart(dir, &name, kill).await?;
+        LabCommand::Restart { name, kill, start } => {
+            let (old, new) = lab::restart(dir, &name, kill, &start.options()).await?;
             if fmt == Format::Table {
                 println!("{name} restarted (pid {} → {new})", opt(&old));
             }
@@ -258,8 +292,8 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             }
             Ok(())
         }
-        LabCommand::Start { name } => {
-            let pid = lab::start(dir, &name).await?;
+        LabCommand::Start { name, start } => {
+            let pid = lab::start(dir, &name, &start.options()).await?;
             if fmt == Format::Table {
                 println!("{name} started (pid {pid})");
             }

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod connect;
 pub mod drs;
+pub mod evc;
 pub mod event;
 pub mod host;
 pub mod lab;

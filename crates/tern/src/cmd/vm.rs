@@ -51,6 +51,14 @@ pub enum VmCommand {
     },
     /// Delete a stopped VM.
     Delete { name: String },
+    /// Run every migration pre-check (CPU, memory, storage, state) as a dry run; exit 4 if one
+    /// fails.
+    CanMigrate {
+        name: String,
+        /// Destination host.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,7 +88,8 @@ pub struct CreateArgs {
     /// Guest memory in MiB.
     #[arg(long)]
     memory_mib: u64,
-    /// QEMU CPU model [default: the cluster's EVC baseline, else the host's default]
+    /// CPU model: a baseline (x86-64-v2, Haswell…; it must fit the cluster's EVC mode) or
+    /// host-passthrough [default: the cluster's EVC mode, else x86-64-v2]
     #[arg(long)]
     cpu_model: Option<String>,
     /// Kernel to boot directly (a path every host sees, normally on shared storage).
@@ -147,6 +156,7 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
             bytes,
             follow,
         } => console(api, &name, bytes, follow).await,
+        VmCommand::CanMigrate { name, to } => super::evc::can_migrate(api, &name, &to, fmt).await,
         VmCommand::Delete { name } => {
             api.delete(&format!("/api/v1/vms/{}", seg(&name)?))
                 .await
@@ -315,6 +325,7 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
         .add("vcpus", s_.vcpus)
         .add("memory_mib", s_.memory_mib)
         .add("cpu_model", opt(&s_.cpu_model));
+    super::evc::vm_cpu_lines(vm, &mut s);
     match &s_.boot {
         BootSource::Kernel {
             kernel,

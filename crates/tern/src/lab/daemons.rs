@@ -205,18 +205,59 @@ pub fn stop(dir: &Path, name: &str, kill: bool) -> anyhow::Result<Option<u32>> {
     Ok(pid)
 }
 
+/// How `lab start|restart` starts a process.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// For a host agent: `Some(Some(model))` sets its `--cpu-ceiling` (recorded, so later
+    /// starts keep it), `Some(None)` removes it, `None` keeps what was recorded.
+    pub cpu_ceiling: Option<Option<String>>,
+    /// Return once the process is spawned instead of waiting until it is ready (e.g. an agent
+    /// the center is expected to refuse).
+    pub no_wait: bool,
+}
+
+/// The agent arguments with `--cpu-ceiling` replaced by `ceiling` (or removed).
+pub(super) fn with_cpu_ceiling(args: &[String], ceiling: Option<&str>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 2);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--cpu-ceiling" {
+            it.next();
+        } else if !a.starts_with("--cpu-ceiling=") {
+            out.push(a.clone());
+        }
+    }
+    if let Some(c) = ceiling {
+        out.push("--cpu-ceiling".into());
+        out.push(c.to_string());
+    }
+    out
+}
+
 /// Starts a stopped lab process the way `lab up` did and waits until it is ready (the
-/// center answers; an agent's host heartbeats again). Returns the new pid.
-pub async fn start(dir: &Path, name: &str) -> anyhow::Result<u32> {
+/// center answers; an agent's host heartbeats again), unless `o.no_wait`. Returns the new pid.
+pub async fn start(dir: &Path, name: &str, o: &StartOptions) -> anyhow::Result<u32> {
     let mut st = load(&absolute(dir)?)?;
     let lab_dir = st.dir.clone();
     let p = process_mut(&mut st, name)?;
     if let Some(pid) = p.pid.filter(|pid| procs::is_ours(*pid, &lab_dir)) {
         bail!("{name} is already running (pid {pid}); use `tern lab restart {name}`");
     }
+    if let Some(ceiling) = &o.cpu_ceiling {
+        if name == "center" {
+            bail!("--cpu-ceiling applies to host agents, not the center");
+        }
+        p.args = with_cpu_ceiling(&p.args, ceiling.as_deref());
+        st.save()?;
+    }
     let since = Utc::now();
     let mut child = start_process(&mut st, name)?;
     let pid = child.id();
+    if o.no_wait {
+        // The child is not reaped here: the lab owns its processes by pid (lab.json).
+        drop(child);
+        return Ok(pid);
+    }
     if name == "center" {
         wait_center(&st, &mut child).await?;
     } else {
@@ -228,8 +269,47 @@ pub async fn start(dir: &Path, name: &str) -> anyhow::Result<u32> {
 }
 
 /// `stop` then `start`.
-pub async fn restart(dir: &Path, name: &str, kill: bool) -> anyhow::Result<(Option<u32>, u32)> {
+pub async fn restart(
+    dir: &Path,
+    name: &str,
+    kill: bool,
+    o: &StartOptions,
+) -> anyhow::Result<(Option<u32>, u32)> {
     let old = stop(dir, name, kill)?;
-    let new = start(dir, name).await?;
+    let new = start(dir, name, o).await?;
     Ok((old, new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ceiling_args_are_replaced() {
+        let args: Vec<String> = [
+            "host",
+            "agent",
+            "--cpu-ceiling",
+            "Haswell",
+            "--accel",
+            "tcg",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            with_cpu_ceiling(&args, Some("Westmere")),
+            [
+                "host",
+                "agent",
+                "--accel",
+                "tcg",
+                "--cpu-ceiling",
+                "Westmere"
+            ]
+        );
+        assert_eq!(
+            with_cpu_ceiling(&args, None),
+            ["host", "agent", "--accel", "tcg"]
+        );
+    }
 }

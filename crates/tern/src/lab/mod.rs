@@ -25,7 +25,7 @@ mod procs;
 mod teardown;
 mod topology;
 
-pub use daemons::{restart, start, stop};
+pub use daemons::{restart, start, stop, StartOptions};
 pub use faults::{link, LinkFault};
 pub use teardown::teardown;
 
@@ -73,6 +73,19 @@ pub struct UpOptions {
     pub guest_dir: Option<PathBuf>,
     /// Build the network and directories only: no center, no agents.
     pub network_only: bool,
+    /// `--cpu-ceiling` per host (`h2` → `Westmere`): lab hosts share one physical CPU, so a
+    /// ceiling makes one stand for an older machine (EVC tests).
+    pub cpu_ceilings: Vec<(String, String)>,
+}
+
+/// Parses `HOST=MODEL` (a `lab up --cpu-ceiling` value).
+pub fn parse_host_ceiling(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((h, m)) if !h.trim().is_empty() && !m.trim().is_empty() => {
+            Ok((h.trim().to_string(), m.trim().to_string()))
+        }
+        _ => Err(format!("`{s}` is not HOST=MODEL (e.g. h2=Westmere)")),
+    }
 }
 
 const DEFAULT_GUEST_DIR: &str = "target/guest";
@@ -135,6 +148,16 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         None => Some(absolute(Path::new(DEFAULT_GUEST_DIR))?).filter(|g| g.is_dir()),
     };
 
+    if let Some((h, _)) = o
+        .cpu_ceilings
+        .iter()
+        .find(|(h, _)| !plan.hosts.iter().any(|p| &p.name == h))
+    {
+        bail!(
+            "--cpu-ceiling names host {h}, which a lab of {} hosts does not have",
+            o.hosts
+        );
+    }
     let removed = teardown(&dir, std::slice::from_ref(&o.prefix))?;
     if !removed.is_empty() {
         say(&format!("removed a previous lab: {}", removed.summary()));
@@ -195,6 +218,9 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
             },
         };
         host.agent.args = agent_args(&st, &host);
+        if let Some((_, model)) = o.cpu_ceilings.iter().find(|(n, _)| n == &h.name) {
+            host.agent.args = daemons::with_cpu_ceiling(&host.agent.args, Some(model));
+        }
         st.hosts.push(host);
     }
     st.save()?;

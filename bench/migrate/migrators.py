@@ -1,0 +1,318 @@
+"""Migrators: each boots a VM its own way and moves it from one lab host to the other, returning
+the same record, so the harness can put them side by side.
+
+A migrator has `name`, `boot(case) -> vm`, `migrate(vm, dst_host, deadline_s, variant) ->
+record` and `shutdown(vm)`. The vm object has `.host` (1 or 2, where it runs now), `.ip`,
+`.mac`, `.console` (serial log path of the QEMU running it). The record has (None when the
+migrator cannot know): converged, e2e_s, qemu_total_ms, qemu_downtime_ms, qemu_setup_ms,
+pause_ms (guest stopped on the source → running on the destination, from QMP STOP/RESUME),
+wire_bytes, passes, mbps, t_cmd / t_stop / t_resume / t_done (CLOCK_MONOTONIC s), error.
+
+`baseline` is plain QEMU as a libvirt or Proxmox user gets it: default capabilities and
+parameters, `migrate` to a destination started with `-incoming tcp:IP:PORT`. A `tern`
+migrator (`tern vm create/start`, `tern vm migrate` through the CLI) goes next to it once
+`tern vm migrate` exists; see README.md.
+"""
+
+import os
+import subprocess
+import time
+
+from lab import CLEANUP, BenchError, Proc, log, sh
+from qmp import Qmp, QmpError
+
+BASE_PORT = 49152
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def cmdline(case, ip):
+    c = f"console=ttyS0 quiet ipv6.disable=1 tern.ip={ip}/24 tern.serve=7000"
+    if case["working_set_mib"]:
+        c += f" tern.mem={case['working_set_mib']} tern.dirty={case['dirty_mib_s']}"
+    return c
+
+
+class QemuVm:
+    """One guest, run by one plain QEMU process at a time (source, then destination)."""
+
+    def __init__(self, lab, case, ip, mac, rundir, vcpus):
+        self.lab, self.case, self.ip, self.mac, self.rundir = lab, case, ip, mac, rundir
+        self.vcpus = vcpus
+        self.host = None
+        self.proc = None
+        self.qmp = None
+        self.tap_token = None
+        self.console = None
+        self.seq = 0
+
+    def argv(self, tag, incoming=None):
+        """The command line, identical on both sides but for the incoming URI and the paths."""
+        a = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35",
+             "-m", str(self.case["memory_mib"]), "-smp", str(self.vcpus),
+             "-kernel", self.lab.kernel, "-initrd", self.lab.initrd,
+             "-append", cmdline(self.case, self.ip),
+             "-netdev", "tap,id=n0,ifname=vmtap0,script=no,downscript=no",
+             "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
+             "-serial", f"file:{self.rundir}/{tag}.console",
+             "-qmp", f"unix:{self.rundir}/{tag}.qmp,server=on,wait=off",
+             "-display", "none", "-nodefaults", "-no-user-config"]
+        if incoming:
+            a += ["-incoming", incoming]
+        return a
+
+    def start(self, host, incoming=None):
+        """Starts a QEMU for this VM in host's namespace; returns (proc, qmp, tap token)."""
+        self.seq += 1
+        tag = f"q{self.seq}-h{host}"
+        tap = self.lab.tap_add(host, "vmtap0")
+        proc = Proc(self.lab.h[host], self.argv(tag, incoming),
+                    stdout=f"{self.rundir}/{tag}.log", name=f"qemu {tag}")
+        try:
+            q = Qmp(f"{self.rundir}/{tag}.qmp")
+        except QmpError:
+            proc.stop()
+            CLEANUP.run_one(tap)
+            raise
+        return proc, q, tap, f"{self.rundir}/{tag}.console"
+
+    def stop_qemu(self, proc, q, tap):
+        try:
+            q.cmd("quit", timeout_s=5)
+        except (QmpError, OSError):
+            pass
+        q.close()
+        proc.stop(grace_s=5)
+        CLEANUP.run_one(tap)
+
+
+def wait_ready(console, timeout_s=180.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(console, "rb") as f:
+                text = f.read()
+            if b"TERN-GUEST-READY" in text:
+                return
+            if b"TERN-GUEST-ERROR" in text:
+                raise BenchError(f"guest failed to start: see {console}")
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise BenchError(f"no TERN-GUEST-READY within {timeout_s}s (console: {console})")
+
+
+class Baseline:
+    """Plain QEMU migration with QEMU's defaults."""
+
+    name = "baseline"
+
+    def __init__(self, lab, rundir, vcpus=1):
+        self.lab, self.rundir, self.vcpus = lab, rundir, vcpus
+        self.defaults = None
+
+    def boot(self, case, ip, mac):
+        d = os.path.join(self.rundir, f"vm-{case['id']}")
+        os.makedirs(d, exist_ok=True)
+        vm = QemuVm(self.lab, case, ip, mac, d, self.vcpus)
+        vm.proc, vm.qmp, vm.tap_token, vm.console = vm.start(1)
+        vm.host = 1
+        wait_ready(vm.console)
+        if self.defaults is None:
+            self.defaults = {
+                "parameters": vm.qmp.cmd("query-migrate-parameters"),
+                "capabilities": {c["capability"]: c["state"]
+                                 for c in vm.qmp.cmd("query-migrate-capabilities")},
+            }
+        return vm
+
+    def shutdown(self, vm):
+        if vm.proc is not None:
+            vm.stop_qemu(vm.proc, vm.qmp, vm.tap_token)
+            vm.proc = None
+
+    def migrate(self, vm, dst, deadline_s, variant="default", on_pre_switchover=None):
+        """Moves vm to host dst. variant `default`: plain `migrate`; `pbs`: capability
+        pause-before-switchover (and events), `on_pre_switchover(dst, dst_qmp)` runs while the
+        source is paused at pre-switchover (returns the monotonic time it acted), then
+        `migrate-continue`."""
+        src = vm.host
+        port = BASE_PORT + vm.seq + 1
+        uri = f"tcp:{self.lab.mgmt_ip[dst]}:{port}"
+        dproc, dq, dtap, dconsole = vm.start(dst, incoming=uri)
+        sq = vm.qmp
+        rec = {"variant": variant, "from": f"h{src}", "to": f"h{dst}", "converged": False,
+               "error": None}
+        try:
+            if variant == "pbs":
+                sq.cmd("migrate-set-capabilities", capabilities=[
+                    {"capability": "pause-before-switchover", "state": True},
+                    {"capability": "events", "state": True}])
+            # The destination listens once its QMP answers (-incoming binds before the monitor).
+            if dq.cmd("query-status")["status"] != "inmigrate":
+                raise BenchError("destination is not waiting for an incoming migration")
+            ev0 = len(sq.events)
+            t_cmd = time.monotonic()
+            sq.cmd("migrate", uri=uri)
+            rec["t_cmd"] = t_cmd
+            deadline = t_cmd + deadline_s
+            info, last_active = {}, {}
+            while True:
+                got = sq.wait_event(
+                    lambda e: e.get("event") == "MIGRATION"
+                    and e["data"]["status"] in ("pre-switchover",) + TERMINAL,
+                    timeout_s=0.05, since_index=ev0)
+                if got and got[1]["data"]["status"] == "pre-switchover":
+                    ev0 = sq.events.index(got) + 1
+                    rec["t_pre_switchover"] = got[0]
+                    if on_pre_switchover:
+                        rec["t_hook"] = on_pre_switchover(dst, dq)
+                    sq.cmd("migrate-continue", state="pre-switchover")
+                    rec["t_continue"] = time.monotonic()
+                info = sq.cmd("query-migrate")
+                status = info.get("status")
+                if status in TERMINAL:
+                    break
+                if "ram" in info:
+                    last_active = info
+                if time.monotonic() > deadline:
+                    log(f"deadline {deadline_s:.0f}s reached: migrate_cancel")
+                    sq.cmd("migrate_cancel")
+                    t_end = time.monotonic() + 30
+                    while sq.cmd("query-migrate").get("status") not in TERMINAL:
+                        if time.monotonic() > t_end:
+                            raise BenchError("migrate_cancel did not finish in 30s")
+                        time.sleep(0.05)
+                    # A cancelled migration reports no figures: keep the last ones it had.
+                    info = dict(last_active, status=sq.cmd("query-migrate").get("status"))
+                    rec["error"] = f"not converged within {deadline_s:.0f}s (cancelled)"
+                    break
+            rec["t_done"] = time.monotonic()
+            ram = info.get("ram", {})
+            rec.update(qemu_status=info.get("status"), qemu_total_ms=info.get("total-time"),
+                       qemu_downtime_ms=info.get("downtime"),
+                       qemu_setup_ms=info.get("setup-time"), wire_bytes=ram.get("transferred"),
+                       passes=ram.get("dirty-sync-count"), mbps=ram.get("mbps"),
+                       remaining_bytes=ram.get("remaining"),
+                       expected_downtime_ms=info.get("expected-downtime"),
+                       query_migrate=info)
+            if info.get("status") == "completed":
+                got = dq.wait_event(lambda e: e.get("event") == "RESUME", timeout_s=60)
+                if got is None:
+                    raise BenchError("destination did not resume within 60s")
+                rec["t_resume"] = got[0]
+                stop = sq.first_event("STOP", since_s=t_cmd)
+                rec["t_stop"] = stop[0] if stop else None
+                rec["converged"] = True
+                rec["e2e_s"] = rec["t_resume"] - t_cmd
+                rec["pause_ms"] = ((rec["t_resume"] - rec["t_stop"]) * 1000
+                                   if rec["t_stop"] else None)
+                # As libvirt does once the destination runs: the paused source goes away.
+                vm.stop_qemu(vm.proc, sq, vm.tap_token)
+                vm.proc, vm.qmp, vm.tap_token, vm.console = dproc, dq, dtap, dconsole
+                vm.host = dst
+            else:
+                if rec["error"] is None:
+                    rec["error"] = f"migration {info.get('status')}: {info.get('error-desc')}"
+                if sq.cmd("query-status")["status"] != "running":
+                    sq.cmd("cont")
+                vm.stop_qemu(dproc, dq, dtap)
+            if variant == "pbs":
+                sq_now = vm.qmp
+                sq_now.cmd("migrate-set-capabilities", capabilities=[
+                    {"capability": "pause-before-switchover", "state": False},
+                    {"capability": "events", "state": False}])
+            return rec
+        except BaseException:
+            if vm.proc is not dproc:
+                vm.stop_qemu(dproc, dq, dtap)
+            raise
+
+
+class Tern:
+    """tern's own migration, driven through the CLI in a full lab (center + agents).
+
+    Boot: `tern vm create` + `tern vm start` on h1. Move: `tern vm migrate NAME --to hN
+    --detach -o json` (a `vm_migrate` task), then `tern task wait ID -o json`; the task's
+    `result` is tern_api::migration::MigrationResult. The agent owns QEMU's QMP socket, so the
+    guest's pause (STOP→RESUME) and the frame analysis are not available here: the client-side
+    columns are the comparison. Written against the CLI shape above before `tern vm migrate`
+    existed: adjust `migrate()` when it lands.
+    """
+
+    name = "tern"
+    needs_full_lab = True
+
+    def __init__(self, lab, rundir, vcpus=1):
+        self.lab, self.rundir, self.vcpus = lab, rundir, vcpus
+        self.defaults = None
+
+    @classmethod
+    def check(cls):
+        """Raises BenchError when this tern cannot migrate yet (before any lab is built)."""
+        r = subprocess.run([cls._tern(), "vm", "migrate", "--help"], capture_output=True)
+        if r.returncode != 0:
+            raise BenchError("`tern vm migrate` does not exist yet: run --migrators baseline")
+
+    @staticmethod
+    def _tern():
+        from lab import TERN
+        return TERN
+
+    def cli(self, *args, timeout=600):
+        return sh(self._tern(), "--lab-dir", self.lab.dir, *args, timeout=timeout)
+
+    def boot(self, case, ip, mac):
+        import json
+        name = f"bench-{case['id']}"
+
+        class Vm:
+            pass
+
+        vm = Vm()
+        vm.name, vm.ip, vm.mac, vm.host, vm.qmp = name, ip, mac, 1, None
+        self.cli("vm", "create", name, "--cluster", "lab", "--host", "h1", "--vcpus",
+                 str(self.vcpus), "--memory-mib", str(case["memory_mib"]), "--kernel",
+                 self.lab.kernel, "--initrd", self.lab.initrd, "--cmdline", cmdline(case, ip),
+                 "--mac", mac)
+        CLEANUP.push(f"tern vm {name}", lambda: self._delete(name))
+        vm.id = json.loads(self.cli("vm", "show", name, "-o", "json"))["id"]
+        self.cli("vm", "start", name)
+        vm.console = self._console(vm)
+        wait_ready(vm.console)
+        return vm
+
+    def _console(self, vm):
+        return os.path.join(self.lab.dir, "hosts", f"h{vm.host}", "vms", vm.id, "console.log")
+
+    def _delete(self, name):
+        sh(self._tern(), "--lab-dir", self.lab.dir, "vm", "stop", "--force", name, check=False)
+        sh(self._tern(), "--lab-dir", self.lab.dir, "vm", "delete", name, check=False)
+
+    def shutdown(self, vm):
+        self._delete(vm.name)
+
+    def migrate(self, vm, dst, deadline_s, variant="default", on_pre_switchover=None):
+        import json
+        if variant != "default" or on_pre_switchover is not None:
+            raise BenchError("the tern migrator has no experiment variants")
+        rec = {"variant": "tern", "from": f"h{vm.host}", "to": f"h{dst}", "converged": False,
+               "error": None}
+        rec["t_cmd"] = time.monotonic()
+        task = json.loads(self.cli("vm", "migrate", vm.name, "--to", f"h{dst}",
+                                   "--deadline-ms", str(int(deadline_s * 1000)), "--detach",
+                                   "-o", "json"))
+        task = json.loads(self.cli("task", "wait", task["id"], "-o", "json",
+                                   timeout=deadline_s + 120))
+        rec["t_done"] = time.monotonic()
+        res = task.get("result") or {}
+        rec.update(qemu_total_ms=res.get("total_ms"), qemu_downtime_ms=res.get("downtime_ms"),
+                   qemu_setup_ms=res.get("setup_ms"), wire_bytes=res.get("bytes"),
+                   passes=res.get("passes"), tern_result=res, pause_ms=None)
+        if res.get("status") == "completed":
+            rec["converged"] = True
+            rec["e2e_s"] = rec["t_done"] - rec["t_cmd"]
+            vm.host = dst
+            vm.console = self._console(vm)
+        else:
+            rec["error"] = task.get("error") or res.get("error") or "rolled back"
+        return rec

@@ -1,0 +1,1349 @@
+//! Live migration tasks (`POST /api/v1/vms/{name}/migrate`): pre-checks, measurements and the
+//! settings chosen from them, the ownership record, the hand-over and its commit rule,
+//! rollback, and recovery after a center restart.
+//!
+//! The commit rule. A VM belongs to the host its record names, under the record's
+//! generation. A migration records its intent (`preparing`, generation N → N+1) before the
+//! destination is prepared. The destination runs the guest only after the center has
+//! committed — migration record `committed`, the VM's host and generation changed, in one
+//! transaction, which also re-checks that nobody cancelled the task — and the source never
+//! resumes after that. Whoever finds a migration unfinished (its driver after a failure, a
+//! restarted center) reads the record: `committed` is finished forward (the destination runs,
+//! the source is removed), anything else backward (the source runs, the destination is
+//! removed). Every step is idempotent and retried until the agent answers, so the end state
+//! is exactly one running copy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
+use tern_api::evc::{MigrationCheck, MigrationCheckReport};
+use tern_api::migration::{
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Measurements, MigrateVm,
+    MigrationOutcome, MigrationResult, MigrationSettings, PrepareIncoming, StartOutgoing,
+};
+use tern_api::{HostState, PowerState};
+use tern_qemu::policy::{choose_settings, HostBudget};
+use tern_qemu::QemuVersion;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::agent::{Agent, AgentError};
+use crate::app::App;
+use crate::error::ApiErr;
+use crate::inventory::vm_not_found;
+use crate::store::{
+    HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
+    TaskRecord, VmRecord,
+};
+
+/// How long the guest's dirty rate is measured.
+const DIRTY_RATE_SECONDS: u32 = 1;
+/// Most bytes the bandwidth probe sends (it also stops after about a second).
+const PROBE_BYTES: u64 = 1 << 30;
+/// How long a status call waits for the source's state to change.
+const STATUS_WAIT: Duration = Duration::from_millis(500);
+/// How long an agent may stay unreachable during pre-copy before the migration rolls back.
+const UNREACHABLE_LIMIT: Duration = Duration::from_secs(20);
+/// Beyond the migration's own deadline (which the source enforces), when the center gives
+/// up waiting.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// How long the destination may take to report all state received after the switchover.
+const RECEIVE_WAIT: Duration = Duration::from_secs(10);
+/// Retry period of a convergence step whose agent did not answer.
+const RETRY: Duration = Duration::from_secs(2);
+/// Attempts a driver makes at a step after the commit before leaving it to the background.
+const DRIVER_ATTEMPTS: u32 = 15;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn ev(task: Uuid, vm: &str, host: &str, level: EventLevel, msg: String) -> NewEvent {
+    NewEvent::new(level, format!("task {task}: {msg}"))
+        .task(task)
+        .vm(vm)
+        .host(Some(host))
+}
+
+/// Queues a migration of VM `name` and drives it in the background.
+pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<Task, ApiErr> {
+    if req.bandwidth_mbit == Some(0) {
+        return Err(ApiErr::bad_request(
+            "bandwidth_mbit 0 would never send anything: give a cap above 0, or none",
+        ));
+    }
+    if req.deadline_ms == Some(0) {
+        return Err(ApiErr::bad_request("deadline_ms must be above 0"));
+    }
+    let to = req.to.clone();
+    let rec = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let dest = tx.host_by_name(&to)?.ok_or_else(|| {
+                ApiErr::not_found(format!("host {to} is not registered: see tern host list"))
+            })?;
+            let source = vm
+                .host_id
+                .map(|h| tx.host_by_id(h))
+                .transpose()?
+                .flatten()
+                .ok_or_else(|| ApiErr::conflict(format!("VM {name} has no host")))?;
+            if source.id == dest.id {
+                return Err(ApiErr::conflict(format!(
+                    "VM {name} already runs on host {to}"
+                )));
+            }
+            if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
+                return Err(ApiErr::conflict(format!(
+                    "task {} is still {} on VM {name}: wait for it, or cancel it with: tern \
+                     task cancel {}",
+                    t.task.id, t.task.state, t.task.id
+                )));
+            }
+            let task = Task {
+                id: Uuid::new_v4(),
+                kind: TaskKind::VmMigrate,
+                vm: Some(name.clone()),
+                host: Some(source.name.clone()),
+                state: TaskState::Queued,
+                progress: 0,
+                phase: "queued".into(),
+                result: None,
+                error: None,
+                created_at: now,
+                finished_at: None,
+            };
+            let rec = TaskRecord {
+                task,
+                vm_id: Some(vm.id),
+                intent: TaskIntent {
+                    previous_desired: Some(vm.desired),
+                    stop: None,
+                },
+            };
+            tx.insert_task(&rec)?;
+            tx.add_event(
+                ev(
+                    rec.task.id,
+                    &name,
+                    &source.name,
+                    EventLevel::Info,
+                    format!(
+                        "{}migration of VM {name} from {} to {} queued",
+                        if req.dry_run { "dry run of the " } else { "" },
+                        source.name,
+                        dest.name
+                    ),
+                ),
+                now,
+            )?;
+            Ok::<_, ApiErr>((rec, vm, source, dest, req))
+        })
+        .await?;
+    let (rec, vm, source, dest, req) = rec;
+    let cancel = app.cancel_signal(rec.task.id);
+    let (tx, cancelled) = watch::channel(false);
+    let waiter = tokio::spawn(async move {
+        cancel.notified().await;
+        let _ = tx.send(true);
+    });
+    let m = Mig {
+        app: app.clone(),
+        task: rec.task.id,
+        req,
+        vm,
+        source,
+        dest,
+        cancelled,
+        started: Instant::now(),
+        row: None,
+        settings: None,
+        measurements: None,
+        incoming_attempted: false,
+        outgoing_attempted: false,
+        pause_started: None,
+    };
+    let app2 = app.clone();
+    app.spawn(async move {
+        let task = m.task;
+        m.drive().await;
+        waiter.abort();
+        app2.forget_cancel_signal(task);
+    });
+    Ok(rec.task)
+}
+
+/// One migration being driven.
+struct Mig {
+    app: Arc<App>,
+    task: Uuid,
+    req: MigrateVm,
+    vm: VmRecord,
+    source: HostRecord,
+    dest: HostRecord,
+    cancelled: watch::Receiver<bool>,
+    started: Instant,
+    row: Option<MigrationRow>,
+    settings: Option<MigrationSettings>,
+    measurements: Option<Measurements>,
+    incoming_attempted: bool,
+    outgoing_attempted: bool,
+    pause_started: Option<Instant>,
+}
+
+/// How a driver's forward run ended.
+enum Finished {
+    DryRun(MigrationCheckReport),
+    /// Committed, with the source's final status.
+    Committed(AgentMigrationStatus),
+}
+
+impl Mig {
+    fn name(&self) -> &str {
+        self.vm.name()
+    }
+
+    async fn event(&self, level: EventLevel, msg: String) {
+        let e = ev(self.task, self.name(), &self.source.name, level, msg);
+        if let Err(err) = self
+            .app
+            .db
+            .write(move |tx| tx.add_event(e, Utc::now()))
+            .await
+        {
+            tracing::error!(task = %self.task, "cannot record an event: {err}");
+        }
+    }
+
+    /// Records progress; an error when the task has ended meanwhile (cancelled).
+    async fn phase(&self, progress: u8, phase: String) -> Result<(), String> {
+        let id = self.task;
+        let still = self
+            .app
+            .db
+            .write(move |tx| tx.update_task_progress(id, TaskState::Running, progress, &phase))
+            .await
+            .map_err(|e| format!("center store: {e}"))?;
+        if still {
+            Ok(())
+        } else {
+            Err("cancelled by user".into())
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), String> {
+        if *self.cancelled.borrow() {
+            Err("cancelled by user".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn drive(mut self) {
+        let outcome = self.run().await;
+        match outcome {
+            Ok(Finished::DryRun(report)) => {
+                let result = serde_json::to_value(&report).unwrap_or_default();
+                self.finish_task(
+                    TaskState::Succeeded,
+                    "pre-checks passed; dry run, nothing moved".into(),
+                    Some(result),
+                    None,
+                    format!(
+                        "dry run: VM {} can migrate from {} to {}",
+                        self.name(),
+                        self.source.name,
+                        self.dest.name
+                    ),
+                )
+                .await;
+            }
+            Ok(Finished::Committed(status)) => self.forward(status).await,
+            Err(why) => self.rollback(&why).await,
+        }
+    }
+
+    /// Everything up to and including the commit.
+    async fn run(&mut self) -> Result<Finished, String> {
+        // Pre-checks: nothing moves before they all pass.
+        self.phase(2, "pre-checks".into()).await?;
+        let report = self.prechecks().await?;
+        for c in &report.checks {
+            self.event(
+                if c.ok {
+                    EventLevel::Info
+                } else {
+                    EventLevel::Error
+                },
+                format!(
+                    "pre-check {}: {} — {}",
+                    c.check,
+                    if c.ok { "ok" } else { "FAILED" },
+                    c.detail
+                ),
+            )
+            .await;
+        }
+        if !report.ok {
+            let failed: Vec<String> = report
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.check, c.detail))
+                .collect();
+            return Err(format!("pre-checks failed: {}", failed.join("; ")));
+        }
+        if self.req.dry_run {
+            return Ok(Finished::DryRun(report));
+        }
+        self.check_cancel()?;
+
+        // Measurements, and the settings chosen from them.
+        self.phase(5, "measuring dirty rate and link".into()).await?;
+        let (settings, m) = self.measure().await?;
+        for r in &settings.reasons {
+            self.event(EventLevel::Info, format!("setting: {r}")).await;
+        }
+        self.settings = Some(settings.clone());
+        self.measurements = Some(m.clone());
+        self.check_cancel()?;
+
+        // Intent: the ownership record, before the destination exists.
+        self.phase(8, "recording the ownership intent".into())
+            .await?;
+        let row = self.record_intent(&settings, &m).await?;
+        self.event(
+            EventLevel::Info,
+            format!(
+                "ownership intent recorded: VM {} stays on {} (generation {}) until the \
+                 center commits it to {} (generation {})",
+                self.name(),
+                self.source.name,
+                row.generation_from,
+                self.dest.name,
+                row.generation_to
+            ),
+        )
+        .await;
+        self.row = Some(row.clone());
+
+        // Destination: same spec as the source runs, paused, for this VM only.
+        self.phase(10, format!("preparing {}", self.dest.name))
+            .await?;
+        let src = Agent::of(&self.source);
+        let dst = Agent::of(&self.dest);
+        let rt = src
+            .vm(self.vm.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("host {} does not run VM {}", self.source.name, self.name()))?;
+        if rt.state != PowerState::Running {
+            return Err(format!(
+                "VM {} is {} on {}, not running",
+                self.name(),
+                rt.state,
+                self.source.name
+            ));
+        }
+        self.incoming_attempted = true;
+        let ready = dst
+            .migration_incoming(
+                self.vm.id,
+                &PrepareIncoming {
+                    spec: rt.spec.clone(),
+                    generation: row.generation_to,
+                    settings: settings.clone(),
+                },
+            )
+            .await
+            .map_err(|e| format!("preparing the destination: {e}"))?;
+        self.event(
+            EventLevel::Info,
+            format!(
+                "destination {} ready: paused QEMU listening on {} for this VM only",
+                self.dest.name, ready.uri
+            ),
+        )
+        .await;
+        self.check_cancel()?;
+
+        // Pre-copy.
+        self.phase(12, "starting pre-copy".into()).await?;
+        self.outgoing_attempted = true;
+        src.migration_outgoing(
+            self.vm.id,
+            &StartOutgoing {
+                uri: ready.uri.clone(),
+                settings: settings.clone(),
+            },
+        )
+        .await
+        .map_err(|e| format!("starting the migration on {}: {e}", self.source.name))?;
+        let at_switch = self.watch_precopy(&src, &settings).await?;
+
+        // Switchover: last checks while the guest is paused at the source.
+        self.pause_started = Some(Instant::now());
+        self.check_cancel()?;
+        let dest_state = dst
+            .migration_status(self.vm.id, None, Duration::ZERO)
+            .await
+            .map_err(|e| format!("destination check before switchover: {e}"))?;
+        if dest_state.state != AgentMigrationState::Listening {
+            return Err(format!(
+                "destination {} is {:?} before switchover: {}",
+                self.dest.name,
+                dest_state.state,
+                dest_state.error.unwrap_or_default()
+            ));
+        }
+        self.set_record(&[Rec::Preparing], Rec::Switching).await?;
+        self.phase(
+            90,
+            format!(
+                "switchover: final {:.1} MiB",
+                at_switch
+                    .progress
+                    .as_ref()
+                    .map(|p| p.remaining_bytes as f64 / MIB)
+                    .unwrap_or(0.0)
+            ),
+        )
+        .await?;
+        let done = src
+            .migration_switchover(self.vm.id)
+            .await
+            .map_err(|e| format!("switchover: {e}"))?;
+        self.record_agent_events(&done, &mut 0).await;
+        if done.state != AgentMigrationState::Completed {
+            return Err(format!(
+                "switchover ended {:?}: {}",
+                done.state,
+                done.error.clone().unwrap_or_default()
+            ));
+        }
+        let received = dst
+            .migration_status(
+                self.vm.id,
+                Some(AgentMigrationState::Listening),
+                RECEIVE_WAIT,
+            )
+            .await
+            .map_err(|e| format!("destination after switchover: {e}"))?;
+        if received.state != AgentMigrationState::Completed {
+            return Err(format!(
+                "destination {} is {:?} after switchover, not holding the paused guest: {}",
+                self.dest.name,
+                received.state,
+                received.error.unwrap_or_default()
+            ));
+        }
+
+        // The commit point.
+        self.phase(95, format!("committing to {}", self.dest.name))
+            .await?;
+        self.commit().await?;
+        Ok(Finished::Committed(done))
+    }
+
+    /// The pre-checks of the EVC dry run, plus: source connected, MAC not live elsewhere,
+    /// destination QEMU able to load the source's stream.
+    async fn prechecks(&self) -> Result<MigrationCheckReport, String> {
+        let mut report =
+            crate::evc::can_migrate(&self.app, self.name().to_string(), self.dest.name.clone())
+                .await
+                .map_err(|e| e.message)?;
+        let mut add = |check: &str, r: Result<String, String>| {
+            let (ok, detail) = match r {
+                Ok(d) => (true, d),
+                Err(d) => (false, d),
+            };
+            report.checks.push(MigrationCheck {
+                check: check.into(),
+                ok,
+                detail,
+            });
+        };
+        add(
+            "source",
+            match self.source.state() {
+                HostState::Disconnected => Err(format!(
+                    "source host {} is disconnected: wait for its agent",
+                    self.source.name
+                )),
+                s => Ok(format!("source host {} is {s}", self.source.name)),
+            },
+        );
+        add("qemu", qemu_check(&self.source, &self.dest));
+        add("mac", self.mac_check().await);
+        report.ok = report.checks.iter().all(|c| c.ok);
+        Ok(report)
+    }
+
+    /// No other VM with one of this VM's MACs is live on any connected host of the cluster;
+    /// a stopped leftover of this VM on the destination is removed.
+    async fn mac_check(&self) -> Result<String, String> {
+        let macs: Vec<String> = self
+            .vm
+            .spec
+            .nics
+            .iter()
+            .map(|n| n.mac.to_ascii_lowercase())
+            .collect();
+        let cluster = self.vm.cluster_id;
+        let hosts = self
+            .app
+            .db
+            .read(move |tx| tx.hosts_in_cluster(cluster))
+            .await
+            .map_err(|e| format!("center store: {e}"))?;
+        let mut asked = 0;
+        for h in hosts.iter().filter(|h| h.state() != HostState::Disconnected) {
+            let list = match Agent::of(h).vms().await {
+                Ok(l) => l,
+                Err(e) if h.id == self.dest.id => {
+                    return Err(format!("cannot ask the destination: {e}"))
+                }
+                Err(_) => continue,
+            };
+            asked += 1;
+            for rt in list {
+                let live = matches!(rt.state, PowerState::Running | PowerState::Paused);
+                if rt.id == self.vm.id {
+                    if h.id == self.dest.id {
+                        if live {
+                            return Err(format!(
+                                "VM {} already has a live QEMU on {} ({}): two copies must \
+                                 never run; investigate before migrating",
+                                self.name(),
+                                h.name,
+                                rt.state
+                            ));
+                        }
+                        Agent::of(h)
+                            .delete(rt.id)
+                            .await
+                            .map_err(|e| format!("removing a leftover on {}: {e}", h.name))?;
+                    }
+                    continue;
+                }
+                if let Some(mac) = rt
+                    .spec
+                    .nics
+                    .iter()
+                    .map(|n| n.mac.to_ascii_lowercase())
+                    .find(|m| live && macs.contains(m))
+                {
+                    return Err(format!(
+                        "MAC {mac} is live on host {} (VM {}): the LAN would see it twice",
+                        h.name, rt.spec.name
+                    ));
+                }
+            }
+        }
+        Ok(if macs.is_empty() {
+            "the VM has no NIC".into()
+        } else {
+            format!(
+                "{} not live on any other VM ({asked} host(s) asked)",
+                macs.join(", ")
+            )
+        })
+    }
+
+    async fn measure(&self) -> Result<(MigrationSettings, Measurements), String> {
+        let src = Agent::of(&self.source);
+        let dst = Agent::of(&self.dest);
+        let dirty = src
+            .migration_measure(self.vm.id, DIRTY_RATE_SECONDS)
+            .await
+            .map_err(|e| format!("measuring the dirty rate: {e}"))?;
+        let link = match dst.bandwidth_sink().await {
+            Ok(sink) => src
+                .bandwidth_probe(&BandwidthProbe {
+                    to_migration_address: sink.address.clone(),
+                    bytes: PROBE_BYTES,
+                })
+                .await
+                .map(|r| (sink.address, r)),
+            Err(e) => Err(e),
+        };
+        let link_mbit = match link {
+            Ok((addr, r)) => {
+                self.event(
+                    EventLevel::Info,
+                    format!(
+                        "measured: link {} → {addr}: {:.0} Mbit/s ({:.1} MiB in {} ms); guest \
+                         dirties {:.1} MiB/s",
+                        self.source.name,
+                        r.mbit_s,
+                        r.bytes as f64 / MIB,
+                        r.elapsed_ms,
+                        dirty.dirty_rate_mib_s
+                    ),
+                )
+                .await;
+                r.mbit_s
+            }
+            Err(e) => {
+                self.event(
+                    EventLevel::Warning,
+                    format!("bandwidth probe failed ({e}); the settings assume a link speed"),
+                )
+                .await;
+                f64::NAN
+            }
+        };
+        let m = Measurements {
+            memory_mib: self.vm.spec.memory_mib,
+            dirty_rate_mib_s: dirty.dirty_rate_mib_s,
+            link_mbit,
+        };
+        let budget = HostBudget {
+            spare_cores: spare_cores(&self.source).min(spare_cores(&self.dest)),
+            qemu: parse_version(&self.source.facts.qemu_version)
+                .min(parse_version(&self.dest.facts.qemu_version))
+                .unwrap_or(QemuVersion {
+                    major: 0,
+                    minor: 0,
+                    micro: 0,
+                }),
+        };
+        Ok((choose_settings(&self.req, &m, &budget), m))
+    }
+
+    async fn record_intent(
+        &self,
+        settings: &MigrationSettings,
+        m: &Measurements,
+    ) -> Result<MigrationRow, String> {
+        let (task, vm_id, source, dest) = (self.task, self.vm.id, self.source.id, self.dest.id);
+        let detail = json!({ "settings": settings, "measurements": m });
+        self.app
+            .db
+            .write(move |tx| -> Result<Result<MigrationRow, String>, StoreError> {
+                let Some(vm) = tx.vm_by_id(vm_id)? else {
+                    return Ok(Err("the VM was deleted".into()));
+                };
+                if vm.host_id != Some(source) {
+                    return Ok(Err("the VM changed host meanwhile".into()));
+                }
+                let row = MigrationRow {
+                    task_id: task,
+                    vm_id,
+                    vm_name: vm.name().to_string(),
+                    source_host_id: source,
+                    dest_host_id: dest,
+                    generation_from: vm.generation,
+                    generation_to: vm.generation + 1,
+                    state: Rec::Preparing,
+                    detail: Some(detail),
+                };
+                tx.insert_migration(&row, Utc::now())?;
+                Ok(Ok(row))
+            })
+            .await
+            .map_err(|e| format!("center store: {e}"))?
+    }
+
+    async fn set_record(&self, from: &[Rec], to: Rec) -> Result<(), String> {
+        let task = self.task;
+        let from = from.to_vec();
+        self.app
+            .db
+            .write(move |tx| tx.set_migration_state(task, &from, to, Utc::now()))
+            .await
+            .map(drop)
+            .map_err(|e| format!("center store: {e}"))
+    }
+
+    /// Records the source's decisions (with their reasons) not recorded yet.
+    async fn record_agent_events(&self, s: &AgentMigrationStatus, seen: &mut usize) {
+        if s.events.len() <= *seen {
+            return;
+        }
+        let new: Vec<String> = s.events[*seen..].to_vec();
+        *seen = s.events.len();
+        let (task, vm, host) = (self.task, self.name().to_string(), self.source.name.clone());
+        let r = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                for line in new {
+                    tx.add_event(
+                        ev(
+                            task,
+                            &vm,
+                            &host,
+                            EventLevel::Info,
+                            format!("source {host}: {line}"),
+                        ),
+                        now,
+                    )?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(task = %self.task, "cannot record agent events: {e}");
+        }
+    }
+
+    /// Follows pre-copy until the source pauses at pre-switchover.
+    async fn watch_precopy(
+        &mut self,
+        src: &Agent,
+        settings: &MigrationSettings,
+    ) -> Result<AgentMigrationStatus, String> {
+        let mut seen = 0;
+        let mut unreachable_since: Option<Instant> = None;
+        let backstop = Duration::from_millis(settings.deadline_ms) + DEADLINE_MARGIN;
+        let mut cancelled = self.cancelled.clone();
+        loop {
+            self.check_cancel()?;
+            if self.started.elapsed() > backstop {
+                return Err(format!(
+                    "the {} s deadline passed and the source did not end the migration",
+                    settings.deadline_ms / 1000
+                ));
+            }
+            let answer = tokio::select! {
+                r = src.migration_status(self.vm.id, Some(AgentMigrationState::Active), STATUS_WAIT) => r,
+                _ = cancelled.changed() => continue,
+            };
+            let s = match answer {
+                Ok(s) => {
+                    unreachable_since = None;
+                    s
+                }
+                Err(e) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > UNREACHABLE_LIMIT || matches!(e, AgentError::Refused { .. }) {
+                        return Err(format!("lost the source's migration: {e}"));
+                    }
+                    tokio::time::sleep(STATUS_WAIT).await;
+                    continue;
+                }
+            };
+            self.record_agent_events(&s, &mut seen).await;
+            match s.state {
+                AgentMigrationState::Active => {
+                    if let Some(p) = &s.progress {
+                        let sent = p.transferred_bytes as f64;
+                        let left = p.remaining_bytes as f64;
+                        let share = if sent + left > 0.0 {
+                            sent / (sent + left)
+                        } else {
+                            0.0
+                        };
+                        let progress = 12 + (share * 76.0) as u8;
+                        self.phase(
+                            progress.min(88),
+                            format!(
+                                "pre-copy pass {}: {:.1} MiB left at {:.0} Mbit/s, guest dirties \
+                                 {:.1} MiB/s, throttle {}%, expected downtime {} ms",
+                                p.pass,
+                                left / MIB,
+                                p.mbit_s,
+                                p.dirty_rate_mib_s,
+                                p.cpu_throttle_pct,
+                                p.expected_downtime_ms
+                            ),
+                        )
+                        .await?;
+                    }
+                }
+                AgentMigrationState::PreSwitchover => return Ok(s),
+                other => {
+                    return Err(format!(
+                        "the source's migration ended {other:?}: {}",
+                        s.error.unwrap_or_default()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The commit point: one transaction that re-checks the task was not cancelled and moves
+    /// the VM's ownership to the destination.
+    async fn commit(&self) -> Result<(), String> {
+        let (task, vm, dest) = (self.task, self.name().to_string(), self.dest.name.clone());
+        let source = self.source.name.clone();
+        self.app
+            .db
+            .write(move |tx| -> Result<Result<(), String>, StoreError> {
+                let running = tx
+                    .task(task)?
+                    .is_some_and(|t| t.task.state == TaskState::Running);
+                if !running {
+                    return Ok(Err("cancelled by user".into()));
+                }
+                if let Err(e) = tx.commit_migration(task, Utc::now()) {
+                    return Ok(Err(format!("commit refused: {e}")));
+                }
+                let gen = tx.migration(task)?.map(|m| m.generation_to).unwrap_or(0);
+                tx.add_event(
+                    ev(
+                        task,
+                        &vm,
+                        &source,
+                        EventLevel::Info,
+                        format!(
+                            "committed: VM {vm} is owned by host {dest} under generation {gen}; \
+                             the source will never run it again"
+                        ),
+                    ),
+                    Utc::now(),
+                )?;
+                Ok(Ok(()))
+            })
+            .await
+            .map_err(|e| format!("center store (not committed): {e}"))?
+    }
+
+    /// After the commit: run the guest on the destination, remove it from the source, record
+    /// the result. Steps that cannot be done now are left to a background convergence.
+    async fn forward(&self, done: AgentMigrationStatus) {
+        let Some(row) = self.row.clone() else {
+            return;
+        };
+        let dst = Agent::of(&self.dest);
+        let mut committed = Err(String::new());
+        for attempt in 0..DRIVER_ATTEMPTS {
+            committed = dst
+                .migration_commit(self.vm.id, row.generation_to)
+                .await
+                .map_err(|e| e.to_string());
+            if committed.is_ok() {
+                break;
+            }
+            if attempt == 0 {
+                self.event(
+                    EventLevel::Warning,
+                    format!(
+                        "destination {} did not run the guest yet ({}); retrying",
+                        self.dest.name,
+                        committed.as_ref().err().cloned().unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        let pause_ms = self
+            .pause_started
+            .map(|t| t.elapsed().as_millis() as u64);
+        if let Err(e) = committed {
+            self.finish_task(
+                TaskState::Failed,
+                "committed; destination not confirmed".into(),
+                None,
+                Some(format!(
+                    "the hand-over is committed to {} but it did not confirm running the guest \
+                     ({e}); the center keeps trying",
+                    self.dest.name
+                )),
+                format!("VM {} committed to {}, not yet running there", self.name(), self.dest.name),
+            )
+            .await;
+            self.app.spawn(converge(self.app.clone(), row));
+            return;
+        }
+        self.event(
+            EventLevel::Info,
+            format!(
+                "destination {} runs the guest and announced its MAC; guest paused about {} ms",
+                self.dest.name,
+                pause_ms.unwrap_or(0)
+            ),
+        )
+        .await;
+        let src = Agent::of(&self.source);
+        let mut finished = false;
+        for _ in 0..DRIVER_ATTEMPTS {
+            match src.migration_finish(self.vm.id).await {
+                Ok(()) => {
+                    finished = true;
+                    break;
+                }
+                Err(e) if e.status() == Some(404) => match src.delete(self.vm.id).await {
+                    Ok(()) => {
+                        finished = true;
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(RETRY).await,
+                },
+                Err(_) => tokio::time::sleep(RETRY).await,
+            }
+        }
+        if !finished {
+            self.event(
+                EventLevel::Warning,
+                format!(
+                    "could not remove the migrated source QEMU from {} yet (it stays paused and \
+                     never resumes); the center keeps trying",
+                    self.source.name
+                ),
+            )
+            .await;
+            self.app.spawn(converge(self.app.clone(), row.clone()));
+        } else {
+            let _ = self.set_record(&[Rec::Committed], Rec::Done).await;
+        }
+        let total_ms = self.started.elapsed().as_millis() as u64;
+        let result = MigrationResult {
+            task: self.task,
+            vm: self.name().to_string(),
+            from: self.source.name.clone(),
+            to: self.dest.name.clone(),
+            status: MigrationOutcome::Completed,
+            total_ms,
+            downtime_ms: done.downtime_ms.unwrap_or(0),
+            setup_ms: done.setup_ms.unwrap_or(0),
+            bytes: done.bytes.unwrap_or(0),
+            passes: done.passes.unwrap_or(0),
+            settings: self.settings.clone().unwrap_or_else(empty_settings),
+            measurements: self.measurements.clone().unwrap_or_else(|| Measurements {
+                memory_mib: self.vm.spec.memory_mib,
+                dirty_rate_mib_s: 0.0,
+                link_mbit: 0.0,
+            }),
+            error: None,
+            pause_ms,
+        };
+        self.finish_task(
+            TaskState::Succeeded,
+            format!("running on {}", self.dest.name),
+            serde_json::to_value(&result).ok(),
+            None,
+            format!(
+                "migration of VM {} to {} done: QEMU downtime {} ms, guest paused {} ms, {:.1} \
+                 MiB in {} passes, {} ms in all",
+                self.name(),
+                self.dest.name,
+                result.downtime_ms,
+                pause_ms.unwrap_or(0),
+                result.bytes as f64 / MIB,
+                result.passes,
+                total_ms
+            ),
+        )
+        .await;
+    }
+
+    /// Before the commit: cancel on the source (the guest runs there as before), remove the
+    /// destination, record why.
+    async fn rollback(&self, why: &str) {
+        let touched = self.incoming_attempted || self.outgoing_attempted;
+        if touched {
+            self.event(
+                EventLevel::Warning,
+                format!("rolling back: {why}"),
+            )
+            .await;
+        }
+        let mut ok = true;
+        if self.outgoing_attempted {
+            if let Err(e) = undo_source(&self.source, self.vm.id).await {
+                ok = false;
+                self.event(
+                    EventLevel::Error,
+                    format!("could not make {} run the guest again yet: {e}", self.source.name),
+                )
+                .await;
+            }
+        }
+        if self.incoming_attempted {
+            if let Err(e) = undo_destination(&self.dest, self.vm.id).await {
+                ok = false;
+                self.event(
+                    EventLevel::Error,
+                    format!("could not remove the destination QEMU on {} yet: {e}", self.dest.name),
+                )
+                .await;
+            }
+        }
+        if let Some(row) = &self.row {
+            if ok {
+                let _ = self
+                    .set_record(&[Rec::Preparing, Rec::Switching], Rec::RolledBack)
+                    .await;
+            } else {
+                self.app.spawn(converge(self.app.clone(), row.clone()));
+            }
+        }
+        let result = self.settings.clone().map(|settings| MigrationResult {
+            task: self.task,
+            vm: self.name().to_string(),
+            from: self.source.name.clone(),
+            to: self.dest.name.clone(),
+            status: MigrationOutcome::RolledBack,
+            total_ms: self.started.elapsed().as_millis() as u64,
+            downtime_ms: 0,
+            setup_ms: 0,
+            bytes: 0,
+            passes: 0,
+            settings,
+            measurements: self.measurements.clone().unwrap_or(Measurements {
+                memory_mib: self.vm.spec.memory_mib,
+                dirty_rate_mib_s: 0.0,
+                link_mbit: 0.0,
+            }),
+            error: Some(why.to_string()),
+            pause_ms: None,
+        });
+        let state = if why == "cancelled by user" {
+            TaskState::Cancelled
+        } else {
+            TaskState::Failed
+        };
+        let summary = if touched {
+            format!(
+                "migration of VM {} to {} rolled back: {why}; the VM runs on {} as before",
+                self.name(),
+                self.dest.name,
+                self.source.name
+            )
+        } else {
+            format!(
+                "migration of VM {} to {} did not start: {why}",
+                self.name(),
+                self.dest.name
+            )
+        };
+        self.finish_task(
+            state,
+            if touched { "rolled back" } else { "failed" }.into(),
+            result.and_then(|r| serde_json::to_value(&r).ok()),
+            Some(why.to_string()),
+            summary,
+        )
+        .await;
+    }
+
+    async fn finish_task(
+        &self,
+        state: TaskState,
+        phase: String,
+        result: Option<serde_json::Value>,
+        error: Option<String>,
+        summary: String,
+    ) {
+        let (task, vm_id) = (self.task, self.vm.id);
+        let (vm, host) = (self.name().to_string(), self.source.name.clone());
+        let app = self.app.clone();
+        let r = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                app.settle(vm_id);
+                // A task the user cancelled stays cancelled; its outcome is still recorded.
+                let ended = tx.finish_task(
+                    task,
+                    state,
+                    &phase,
+                    result.as_ref(),
+                    error.as_deref(),
+                    now,
+                )?;
+                if !ended {
+                    if let Some(r) = &result {
+                        tx.set_task_result(task, r)?;
+                    }
+                }
+                if state == TaskState::Succeeded {
+                    tx.set_vm_actual(vm_id, PowerState::Running)?;
+                }
+                tx.add_event(
+                    ev(
+                        task,
+                        &vm,
+                        &host,
+                        if state == TaskState::Succeeded {
+                            EventLevel::Info
+                        } else {
+                            EventLevel::Warning
+                        },
+                        summary,
+                    ),
+                    now,
+                )?;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(task = %self.task, "cannot record the migration's outcome: {e}");
+        }
+    }
+}
+
+/// Source side of a rollback: cancel and resume (or, if the agent no longer knows the
+/// migration, resume a paused guest).
+async fn undo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = Agent::of(host);
+    match a.migration_abort(vm).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.status() == Some(404) => match a.vm(vm).await.map_err(|e| e.to_string())? {
+            Some(rt) if rt.state == PowerState::Paused => a.resume(vm).await.map(drop).map_err(|e| e.to_string()),
+            Some(_) => Ok(()),
+            None => Err(format!("host {} no longer has VM {vm}", host.name)),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Destination side of a rollback: kill and remove the incoming QEMU.
+async fn undo_destination(host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = Agent::of(host);
+    match a.migration_abort(vm).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.status() == Some(404) => a.delete(vm).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Destination side after the commit: run the guest (idempotent).
+async fn redo_destination(host: &HostRecord, vm: Uuid, generation: u64) -> Result<(), String> {
+    Agent::of(host)
+        .migration_commit(vm, generation)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Source side after the commit: quit and remove the paused QEMU.
+async fn redo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = Agent::of(host);
+    match a.migration_finish(vm).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.status() == Some(404) => a.delete(vm).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Brings both hosts in line with a migration's record — forward if committed, backward
+/// otherwise — retrying until both agents have done their part, then records the end.
+pub async fn converge(app: Arc<App>, row: MigrationRow) {
+    let hosts = {
+        let (s, d) = (row.source_host_id, row.dest_host_id);
+        app.db
+            .read(move |tx| Ok::<_, StoreError>((tx.host_by_id(s)?, tx.host_by_id(d)?)))
+            .await
+    };
+    let (Ok((Some(source), Some(dest))),) = (hosts,) else {
+        tracing::error!(task = %row.task_id, "a host of the migration is gone; nothing to converge");
+        return;
+    };
+    let forward = row.state == Rec::Committed;
+    let mut warned = false;
+    loop {
+        // The host records may have new agent URLs (re-registration): read them again.
+        let (s, d) = (source.id, dest.id);
+        let fresh = app
+            .db
+            .read(move |tx| Ok::<_, StoreError>((tx.host_by_id(s)?, tx.host_by_id(d)?)))
+            .await;
+        let (src, dst) = match fresh {
+            Ok((Some(a), Some(b))) => (a, b),
+            _ => (source.clone(), dest.clone()),
+        };
+        let r = if forward {
+            match redo_destination(&dst, row.vm_id, row.generation_to).await {
+                Ok(()) => redo_source(&src, row.vm_id).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            match undo_destination(&dst, row.vm_id).await {
+                Ok(()) => undo_source(&src, row.vm_id).await,
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Ok(()) => break,
+            Err(e) => {
+                if !warned {
+                    warned = true;
+                    let msg = format!(
+                        "migration of VM {}: waiting for the hosts to {} ({e}); retrying",
+                        row.vm_name,
+                        if forward {
+                            format!("run it on {} and remove it from {}", dst.name, src.name)
+                        } else {
+                            format!("run it on {} and remove it from {}", src.name, dst.name)
+                        }
+                    );
+                    let e = NewEvent::warning(msg)
+                        .task(row.task_id)
+                        .vm(&row.vm_name)
+                        .host(Some(&src.name));
+                    let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+    let (task, vm) = (row.task_id, row.vm_name.clone());
+    let host = if forward { dest.name } else { source.name };
+    let _ = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let to = if forward { Rec::Done } else { Rec::RolledBack };
+            tx.set_migration_state(
+                task,
+                &[Rec::Preparing, Rec::Switching, Rec::Committed],
+                to,
+                now,
+            )?;
+            tx.add_event(
+                NewEvent::info(format!(
+                    "migration of VM {vm} settled: it runs on {host} only"
+                ))
+                .task(task)
+                .vm(&vm)
+                .host(Some(&host)),
+                now,
+            )
+        })
+        .await;
+}
+
+/// At center start, before tasks are recovered: ends the migrations a previous center left
+/// going by the ownership rule (committed → forward, else backward), in the background.
+pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
+    let rows = app
+        .db
+        .write(|tx| {
+            let now = Utc::now();
+            let rows = tx.unfinished_migrations()?;
+            for row in &rows {
+                let (state, phase, msg) = if row.state == Rec::Committed {
+                    (
+                        TaskState::Succeeded,
+                        "committed before the center restarted; completing",
+                        format!(
+                            "migration of VM {} was committed before the center restarted: \
+                             completing it (the destination runs it, the source is removed)",
+                            row.vm_name
+                        ),
+                    )
+                } else {
+                    (
+                        TaskState::Failed,
+                        "rolled back after a center restart",
+                        format!(
+                            "migration of VM {} was not committed when the center restarted: \
+                             rolling it back (the source runs it, the destination is removed)",
+                            row.vm_name
+                        ),
+                    )
+                };
+                let error = (state == TaskState::Failed).then_some(crate::tasks::RESTART_ERROR);
+                tx.finish_task(row.task_id, state, phase, None, error, now)?;
+                tx.add_event(
+                    NewEvent::warning(msg)
+                        .task(row.task_id)
+                        .vm(&row.vm_name),
+                    now,
+                )?;
+            }
+            Ok::<_, ApiErr>(rows)
+        })
+        .await?;
+    let n = rows.len();
+    for row in rows {
+        app.spawn(converge(app.clone(), row));
+    }
+    Ok(n)
+}
+
+/// A migration task may be cancelled until its hand-over is committed.
+pub fn cancel_refusal(tx: &crate::store::Tx, task: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(tx.migration(task)?.and_then(|m| {
+        matches!(m.state, Rec::Committed | Rec::Done).then(|| {
+            format!(
+                "the migration of VM {} is committed (the destination owns it): it can no \
+                 longer be cancelled; move it back with another migration",
+                m.vm_name
+            )
+        })
+    }))
+}
+
+fn qemu_check(source: &HostRecord, dest: &HostRecord) -> Result<String, String> {
+    match (
+        parse_version(&source.facts.qemu_version),
+        parse_version(&dest.facts.qemu_version),
+    ) {
+        (Some(s), Some(d)) if d >= s => Ok(format!(
+            "QEMU {d} on {} loads streams of QEMU {s} on {} (same machine type {})",
+            dest.name,
+            source.name,
+            tern_qemu::MACHINE_TYPE
+        )),
+        (Some(s), Some(d)) => Err(format!(
+            "QEMU {d} on {} is older than QEMU {s} on {}: an older QEMU cannot be relied on to \
+             load a newer one's stream; upgrade {}",
+            dest.name, source.name, dest.name
+        )),
+        _ => Err(format!(
+            "unknown QEMU version on {} ({:?}) or {} ({:?})",
+            source.name, source.facts.qemu_version, dest.name, dest.facts.qemu_version
+        )),
+    }
+}
+
+/// `10.0.2` (or `10.0.2 (Debian ...)`) → version.
+pub fn parse_version(text: &str) -> Option<QemuVersion> {
+    let v = text.split_whitespace().next()?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>());
+    Some(QemuVersion {
+        major: parts.next()?.ok()?,
+        minor: parts.next().unwrap_or(Ok(0)).ok()?,
+        micro: parts.next().unwrap_or(Ok(0)).ok()?,
+    })
+}
+
+/// Cores a host can spare for migration threads, from its last load figures.
+fn spare_cores(h: &HostRecord) -> u32 {
+    let busy = h
+        .load
+        .as_ref()
+        .map(|l| l.cpu_percent.clamp(0.0, 100.0))
+        .unwrap_or(50.0);
+    (f64::from(h.facts.cores) * (100.0 - busy) / 100.0).floor() as u32
+}
+
+fn empty_settings() -> MigrationSettings {
+    MigrationSettings {
+        multifd_channels: 0,
+        max_bandwidth_mib_s: None,
+        downtime_limit_ms: 0,
+        compression: "none".into(),
+        auto_converge: false,
+        postcopy_allowed: false,
+        deadline_ms: 0,
+        reasons: Vec::new(),
+        downtime_budget_ms: 0,
+        zero_page_detection: "legacy".into(),
+        throttle: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        let v = parse_version("10.0.2").unwrap();
+        assert_eq!((v.major, v.minor, v.micro), (10, 0, 2));
+        assert_eq!(parse_version("9.2"), Some(QemuVersion { major: 9, minor: 2, micro: 0 }));
+        assert!(parse_version("10.1.0 (Debian)").unwrap() > v);
+        assert_eq!(parse_version("garbage"), None);
+        assert_eq!(parse_version(""), None);
+    }
+}

@@ -1,0 +1,396 @@
+//! This host's side of live migrations (`/v1/migrations/...`): the source's
+//! [`Outgoing`] or the destination's [`IncomingMigration`] of each VM being moved, the guest
+//! dirty-rate measurement, and the bandwidth probe between two agents.
+//!
+//! The agent obeys the center and decides nothing about ownership: it switches over, commits,
+//! aborts and finishes only when told. The one thing it does alone is what `tern_qemu`'s
+//! drivers do (a source paused at pre-switchover with nobody deciding resumes itself). At most
+//! one migration per VM; each VM's calls run one at a time.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_api::migration::{
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
+    Commit, DirtyRateReport, IncomingReady, PrepareIncoming, StartOutgoing,
+};
+use tern_qemu::{IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, COMMIT_ANNOUNCE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::error::AgentError;
+use crate::vms::VmManager;
+
+/// Longest a status call waits for a state change.
+const MAX_WAIT: Duration = Duration::from_secs(10);
+/// How long a bandwidth sink waits for its one connection.
+const SINK_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the probe sends at most.
+const PROBE_TIME: Duration = Duration::from_millis(1000);
+/// Chunk the probe writes.
+const PROBE_CHUNK: usize = 1 << 20;
+
+enum Role {
+    Source(Outgoing),
+    Destination(IncomingMigration),
+}
+
+struct Slot {
+    role: Role,
+    /// Serialises the calls on this VM's migration.
+    op: tokio::sync::Mutex<()>,
+}
+
+/// The migrations of this host.
+pub struct Migrations {
+    vms: Arc<VmManager>,
+    migration_address: IpAddr,
+    slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn qemu(e: tern_qemu::Error) -> AgentError {
+    match e {
+        tern_qemu::Error::Migration(m) => AgentError::Conflict(m),
+        other => AgentError::Qemu(other.to_string()),
+    }
+}
+
+fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
+    AgentMigrationStatus {
+        vm: id,
+        state: s.state,
+        progress: Some(s.progress.clone()),
+        downtime_ms: s.report.as_ref().map(|r| r.downtime_ms),
+        setup_ms: s.report.as_ref().map(|r| r.setup_ms),
+        total_ms: s.report.as_ref().map(|r| r.total_ms),
+        error: s.error.clone(),
+        events: s.events.clone(),
+        bytes: s.report.as_ref().map(|r| r.bytes),
+        passes: s.report.as_ref().map(|r| r.passes),
+        paused_ms: s.report.as_ref().map(|r| r.paused_ms),
+    }
+}
+
+impl Migrations {
+    pub fn new(vms: Arc<VmManager>, migration_address: IpAddr) -> Arc<Migrations> {
+        Arc::new(Migrations {
+            vms,
+            migration_address,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slot(&self, id: Uuid) -> Result<Arc<Slot>, AgentError> {
+        lock(&self.slots)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no migration of VM {id} on this host")))
+    }
+
+    /// Refuses a second migration of a VM while one is going; a finished one is forgotten.
+    async fn make_room(&self, id: Uuid) -> Result<(), AgentError> {
+        let Ok(slot) = self.slot(id) else {
+            return Ok(());
+        };
+        let busy = match &slot.role {
+            Role::Source(o) => !matches!(
+                o.status().state,
+                AgentMigrationState::Failed | AgentMigrationState::Cancelled
+            ),
+            Role::Destination(i) => !matches!(
+                i.status().await.state,
+                AgentMigrationState::Failed | AgentMigrationState::Cancelled
+            ),
+        };
+        if busy {
+            return Err(AgentError::Conflict(format!(
+                "VM {id} is already being migrated on this host: abort that migration first"
+            )));
+        }
+        lock(&self.slots).remove(&id);
+        Ok(())
+    }
+
+    /// Destination: starts the paused QEMU and listens for this VM's stream.
+    pub async fn incoming(
+        &self,
+        id: Uuid,
+        req: PrepareIncoming,
+    ) -> Result<IncomingReady, AgentError> {
+        self.make_room(id).await?;
+        let incoming = self
+            .vms
+            .prepare_incoming(
+                id,
+                req.spec,
+                req.generation,
+                &req.settings,
+                self.migration_address,
+            )
+            .await?;
+        let uri = incoming.uri().to_string();
+        lock(&self.slots).insert(
+            id,
+            Arc::new(Slot {
+                role: Role::Destination(incoming),
+                op: tokio::sync::Mutex::new(()),
+            }),
+        );
+        Ok(IncomingReady { uri })
+    }
+
+    /// Source: starts sending the running VM to `req.uri`.
+    pub async fn outgoing(&self, id: Uuid, req: StartOutgoing) -> Result<(), AgentError> {
+        self.make_room(id).await?;
+        let vm = self.vms.live_qemu(id)?;
+        let out = Outgoing::start(vm, &req.uri, &req.settings, OutgoingOptions::default())
+            .await
+            .map_err(qemu)?;
+        lock(&self.slots).insert(
+            id,
+            Arc::new(Slot {
+                role: Role::Source(out),
+                op: tokio::sync::Mutex::new(()),
+            }),
+        );
+        Ok(())
+    }
+
+    /// The migration's state; with `wait`, answers as soon as the state differs from
+    /// `unless` (or when `wait` is over).
+    pub async fn status(
+        &self,
+        id: Uuid,
+        unless: Option<AgentMigrationState>,
+        wait: Duration,
+    ) -> Result<AgentMigrationStatus, AgentError> {
+        let slot = self.slot(id)?;
+        let wait = wait.min(MAX_WAIT);
+        match &slot.role {
+            Role::Source(out) => {
+                if let Some(unless) = unless {
+                    let mut rx = out.watch();
+                    let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.state != unless)).await;
+                }
+                Ok(source_status(id, &out.status()))
+            }
+            Role::Destination(inc) => {
+                let deadline = Instant::now() + wait;
+                loop {
+                    let s = inc.status().await;
+                    if unless.is_none_or(|u| u != s.state) || Instant::now() >= deadline {
+                        return Ok(AgentMigrationStatus {
+                            vm: id,
+                            state: s.state,
+                            progress: None,
+                            downtime_ms: None,
+                            setup_ms: None,
+                            total_ms: None,
+                            error: s.error,
+                            events: Vec::new(),
+                            bytes: None,
+                            passes: None,
+                            paused_ms: None,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// Source: the guest's dirty rate, measured by QEMU over `seconds`.
+    pub async fn measure(&self, id: Uuid, seconds: u32) -> Result<DirtyRateReport, AgentError> {
+        let vm = self.vms.live_qemu(id)?;
+        let rate = vm.measure_dirty_rate(seconds).await.map_err(|e| match e {
+            tern_qemu::Error::Config(m) => AgentError::BadRequest(m),
+            other => AgentError::Qemu(other.to_string()),
+        })?;
+        Ok(DirtyRateReport {
+            dirty_rate_mib_s: rate.dirty_rate_mib_per_s.unwrap_or(0) as f64,
+            seconds,
+        })
+    }
+
+    /// Source: sends the final state; answers once everything is sent (or it failed).
+    pub async fn switchover(&self, id: Uuid) -> Result<AgentMigrationStatus, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let Role::Source(out) = &slot.role else {
+            return Err(AgentError::Conflict(format!(
+                "this host is the destination of VM {id}'s migration: switch over at the source"
+            )));
+        };
+        out.switchover().await.map_err(qemu)?;
+        Ok(source_status(id, &out.status()))
+    }
+
+    /// Destination: the center recorded this host as the owner: announce and run the guest.
+    /// Idempotent.
+    pub async fn commit(&self, id: Uuid, req: Commit) -> Result<(), AgentError> {
+        let slot = match self.slot(id) {
+            Ok(s) => s,
+            // Already committed (and forgotten), or the agent restarted: a running VM here with
+            // this generation is a done commit.
+            Err(e) => {
+                let rt = self.vms.get(id)?;
+                if rt.generation == req.generation && rt.state == tern_api::PowerState::Running {
+                    return Ok(());
+                }
+                let vm = self.vms.live_qemu(id).map_err(|_| e)?;
+                vm.announce_self(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
+                vm.resume().await.map_err(qemu)?;
+                self.vms.set_generation(id, req.generation)?;
+                return Ok(());
+            }
+        };
+        let _op = slot.op.lock().await;
+        let Role::Destination(inc) = &slot.role else {
+            return Err(AgentError::Conflict(format!(
+                "this host is the source of VM {id}'s migration: commit at the destination"
+            )));
+        };
+        inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
+        self.vms.set_generation(id, req.generation)?;
+        lock(&self.slots).remove(&id);
+        tracing::info!(vm = %id, generation = req.generation, "migration committed: the VM runs here");
+        Ok(())
+    }
+
+    /// Source: cancel and run the guest again. Destination: kill the incoming QEMU.
+    pub async fn abort(&self, id: Uuid) -> Result<(), AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        match &slot.role {
+            Role::Source(out) => {
+                out.abort("the center aborted the migration")
+                    .await
+                    .map_err(qemu)?;
+            }
+            Role::Destination(_) => match self.vms.remove_idle(id).await {
+                Ok(()) => {}
+                Err(AgentError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            },
+        }
+        lock(&self.slots).remove(&id);
+        tracing::info!(vm = %id, "migration aborted");
+        Ok(())
+    }
+
+    /// Source, after the commit: quits the paused QEMU and removes the VM from this host.
+    pub async fn finish(&self, id: Uuid) -> Result<(), AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let Role::Source(out) = &slot.role else {
+            return Err(AgentError::Conflict(format!(
+                "this host is the destination of VM {id}'s migration: finish at the source"
+            )));
+        };
+        if out.status().state != AgentMigrationState::Completed {
+            return Err(AgentError::Conflict(format!(
+                "VM {id}'s migration is {:?}, not completed: nothing to finish",
+                out.status().state
+            )));
+        }
+        out.finish().await.map_err(qemu)?;
+        match self.vms.remove_idle(id).await {
+            Ok(()) | Err(AgentError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        lock(&self.slots).remove(&id);
+        tracing::info!(vm = %id, "migrated away: removed from this host");
+        Ok(())
+    }
+
+    /// Destination: listens once on the migration address for the bandwidth probe.
+    pub async fn sink(&self) -> Result<BandwidthSink, AgentError> {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(self.migration_address, 0))
+            .await
+            .map_err(|e| {
+                AgentError::Internal(anyhow::anyhow!(
+                    "listening for the bandwidth probe on {}: {e}",
+                    self.migration_address
+                ))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| AgentError::Internal(anyhow::anyhow!("probe sink address: {e}")))?;
+        tokio::spawn(async move {
+            let Ok(Ok((mut conn, peer))) =
+                tokio::time::timeout(SINK_ACCEPT_TIMEOUT, listener.accept()).await
+            else {
+                tracing::warn!(%addr, "nobody came to the bandwidth probe sink");
+                return;
+            };
+            let mut buf = vec![0u8; PROBE_CHUNK];
+            let mut n: u64 = 0;
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(k) => n += k as u64,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "bandwidth probe broke");
+                        return;
+                    }
+                }
+            }
+            let _ = conn.write_all(&n.to_be_bytes()).await;
+        });
+        Ok(BandwidthSink {
+            address: addr.to_string(),
+        })
+    }
+
+    /// Source: sends to a destination's sink for about a second (or `bytes`) and reports
+    /// what arrived.
+    pub async fn probe(&self, req: BandwidthProbe) -> Result<BandwidthReport, AgentError> {
+        let to: SocketAddr = req.to_migration_address.parse().map_err(|_| {
+            AgentError::BadRequest(format!(
+                "{:?} is not an IP:PORT probe address",
+                req.to_migration_address
+            ))
+        })?;
+        let fail = |what: &str, e: std::io::Error| {
+            AgentError::Internal(anyhow::anyhow!("bandwidth probe to {to}: {what}: {e}"))
+        };
+        let start = Instant::now();
+        let mut conn =
+            tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(to))
+                .await
+                .map_err(|_| {
+                    AgentError::Internal(anyhow::anyhow!(
+                        "bandwidth probe: connecting to {to} timed out"
+                    ))
+                })?
+                .map_err(|e| fail("connect", e))?;
+        let chunk = vec![0xa5u8; PROBE_CHUNK];
+        let mut sent: u64 = 0;
+        while sent < req.bytes.max(PROBE_CHUNK as u64) && start.elapsed() < PROBE_TIME {
+            conn.write_all(&chunk).await.map_err(|e| fail("send", e))?;
+            sent += PROBE_CHUNK as u64;
+        }
+        conn.shutdown().await.map_err(|e| fail("shutdown", e))?;
+        let mut count = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(30), conn.read_exact(&mut count))
+            .await
+            .map_err(|_| {
+                AgentError::Internal(anyhow::anyhow!("bandwidth probe: no receipt from {to}"))
+            })?
+            .map_err(|e| fail("receipt", e))?;
+        let received = u64::from_be_bytes(count);
+        let elapsed = start.elapsed();
+        let elapsed_ms = elapsed.as_millis().max(1) as u64;
+        Ok(BandwidthReport {
+            bytes: received,
+            elapsed_ms,
+            mbit_s: received as f64 * 8.0 / elapsed.as_secs_f64().max(1e-6) / 1e6,
+        })
+    }
+}

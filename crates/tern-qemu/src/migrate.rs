@@ -1,0 +1,1007 @@
+//! The two ends of one live migration over QMP: [`Outgoing`] drives the source QEMU,
+//! [`Incoming`] prepares and hands over the destination QEMU.
+//!
+//! The rules these ends keep so that the hand-over is a transaction (the center decides; these
+//! obey and never decide ownership themselves):
+//! - The source stops at `pre-switchover` with its guest paused and waits for an explicit
+//!   [`Outgoing::switchover`] or [`Outgoing::abort`]. If neither comes within
+//!   [`OutgoingOptions::switchover_wait`] it aborts on its own: a guest must not stay paused
+//!   for a center that is gone, and nothing can have been committed before switchover.
+//! - Until the source has sent everything, any failure (destination gone, deadline, cancel)
+//!   leaves the source running as before: QEMU restarts a guest whose migration failed, and
+//!   the driver checks and `cont`s it if needed.
+//! - After completion the source stays paused (`postmigrate`). Only an explicit
+//!   [`Outgoing::abort`] — the center's word that the destination never ran — resumes it;
+//!   [`Outgoing::finish`] quits it once the destination is committed.
+//! - The destination starts with `-S` and `late-block-activate`: it runs no guest code and
+//!   takes no disk write lock before [`Incoming::commit`]. QEMU's own announce at the end of
+//!   loading is turned off (`announce-rounds` 0) so the LAN learns the new port only when the
+//!   destination is committed, never while the source may still be resumed.
+//! - `validate-uuid` makes the destination refuse a stream from any VM but the one it was
+//!   started for; `return-path` makes the source's `completed` mean the destination loaded
+//!   everything.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tern_api::migration::{
+    AgentMigrationState, MigrationPhase, MigrationProgress, MigrationSettings,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::command::{Incoming as IncomingMode, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::migration::{AnnounceParams, MigrationStats, MigrationStatus};
+use crate::policy::{Action, ConvergenceWatcher, Decision};
+use crate::vm::{QemuVm, RunState};
+
+/// How often the source is sampled (`query-migrate`); `MIGRATION` events wake it sooner.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the source waits paused at pre-switchover for a decision before resuming itself.
+pub const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
+/// How long a cancelled migration may take to end, and a source guest to run again.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a committed destination may take to report `running`.
+const RUN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Announce rounds after the hand-over: the first goes at once, then seven more within about
+/// 1.5 s. A switch learns the new port from the first frame; the repeats cover frames lost
+/// while a busy LAN drops some, and re-teach a switch that saw the old port since.
+pub const COMMIT_ANNOUNCE: AnnounceParams = AnnounceParams {
+    initial_ms: 20,
+    max_ms: 400,
+    rounds: 8,
+    step_ms: 50,
+};
+
+/// Which end of a migration a QEMU is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// Migration capabilities tern sets, explicitly on or off (a previous attempt's leftovers
+/// must not leak in). Both ends get the same set except the two one-sided ones.
+pub fn capabilities(settings: &MigrationSettings, side: Side) -> Vec<(&'static str, bool)> {
+    let multifd = settings.multifd_channels > 0 || settings.compression != "none";
+    vec![
+        ("events", true),
+        ("return-path", true),
+        ("validate-uuid", true),
+        ("multifd", multifd),
+        ("postcopy-ram", settings.postcopy_allowed),
+        ("auto-converge", settings.auto_converge),
+        ("pause-before-switchover", side == Side::Source),
+        ("late-block-activate", side == Side::Destination),
+    ]
+}
+
+/// Migration parameters, in QEMU's names.
+pub fn parameters(settings: &MigrationSettings, side: Side) -> Value {
+    let mib = 1024 * 1024;
+    let mut p = json!({
+        // 0 is unlimited (QEMU >= 8.1).
+        "max-bandwidth": settings.max_bandwidth_mib_s.map(|m| m * mib).unwrap_or(0),
+        "downtime-limit": settings.downtime_limit_ms,
+        "multifd-compression": settings.compression,
+        "zero-page-detection": settings.zero_page_detection,
+        "throttle-trigger-threshold": settings.throttle.trigger_threshold_pct,
+        "cpu-throttle-initial": settings.throttle.initial_pct,
+        "cpu-throttle-increment": settings.throttle.increment_pct,
+        "max-cpu-throttle": settings.throttle.max_pct,
+    });
+    if settings.multifd_channels > 0 || settings.compression != "none" {
+        p["multifd-channels"] = json!(settings.multifd_channels.max(1));
+    }
+    if side == Side::Destination {
+        p["announce-rounds"] = json!(0);
+    }
+    p
+}
+
+async fn configure(vm: &QemuVm, settings: &MigrationSettings, side: Side) -> Result<()> {
+    vm.set_migration_capabilities(&capabilities(settings, side))
+        .await?;
+    vm.set_migration_parameters(parameters(settings, side))
+        .await
+}
+
+/// Figures of a finished (or post-copy switched) outgoing migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Guest pause as QEMU measured it (source).
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub setup_ms: u64,
+    /// Bytes sent (RAM).
+    pub bytes: u64,
+    /// Dirty-bitmap syncs (1 + RAM passes).
+    pub passes: u64,
+    /// From the source pausing at pre-switchover until it had sent everything.
+    pub paused_ms: u64,
+    /// From `switchover()` until the source had sent everything.
+    pub switchover_ms: u64,
+    /// True when the migration went post-copy: the destination must run for it to complete.
+    pub postcopy: bool,
+}
+
+/// What the source end reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingStatus {
+    pub state: AgentMigrationState,
+    pub progress: MigrationProgress,
+    /// Decisions taken while running, each with its reason, oldest first.
+    pub events: Vec<String>,
+    pub report: Option<MigrationReport>,
+    pub error: Option<String>,
+}
+
+/// Tuning of [`Outgoing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingOptions {
+    pub sample_interval: Duration,
+    /// Longest pause at pre-switchover waiting for [`Outgoing::switchover`].
+    pub switchover_wait: Duration,
+}
+
+impl Default for OutgoingOptions {
+    fn default() -> Self {
+        OutgoingOptions {
+            sample_interval: SAMPLE_INTERVAL,
+            switchover_wait: SWITCHOVER_WAIT,
+        }
+    }
+}
+
+enum Control {
+    Switchover(oneshot::Sender<Result<MigrationReport>>),
+    Abort(String, oneshot::Sender<Result<()>>),
+}
+
+/// The source end of a migration: configures QEMU, starts `migrate`, samples progress, applies
+/// the [`ConvergenceWatcher`]'s escalations, and stops paused at pre-switchover for the
+/// hand-over decision.
+pub struct Outgoing {
+    vm: Arc<QemuVm>,
+    /// Shared with the driver task; this end publishes too once the driver has ended.
+    status: Arc<watch::Sender<OutgoingStatus>>,
+    ctl: mpsc::Sender<Control>,
+    was_running: bool,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("pid", &self.vm.pid())
+            .field("state", &self.status.borrow().state)
+            .finish()
+    }
+}
+
+impl Outgoing {
+    /// Configures the source and starts sending to `uri` (the destination's
+    /// [`Incoming::uri`]). Returns once QEMU has accepted `migrate`; progress is then watched
+    /// by a task of its own. Dropping the `Outgoing` before completion aborts the migration.
+    pub async fn start(
+        vm: Arc<QemuVm>,
+        uri: &str,
+        settings: &MigrationSettings,
+        opts: OutgoingOptions,
+    ) -> Result<Outgoing> {
+        let current = vm.query_migrate().await?;
+        if !matches!(current.status, MigrationStatus::None) && !current.status.is_finished() {
+            return Err(Error::Migration(format!(
+                "a migration is already {} on this VM",
+                current.status
+            )));
+        }
+        let was_running = vm.status().await? == RunState::Running;
+        configure(&vm, settings, Side::Source).await?;
+        let started = Instant::now();
+        vm.migrate(uri).await?;
+        let mut events = Vec::new();
+        let line = format!(
+            "started to {uri}: {} channel(s), compression {}, downtime limit {} ms (budget {} \
+             ms), max-bandwidth {}, deadline {} s",
+            settings.multifd_channels.max(1),
+            settings.compression,
+            settings.downtime_limit_ms,
+            settings.downtime_budget_ms,
+            settings
+                .max_bandwidth_mib_s
+                .map(|m| format!("{m} MiB/s"))
+                .unwrap_or_else(|| "unlimited".into()),
+            settings.deadline_ms / 1000
+        );
+        tracing::info!(pid = vm.pid(), "migration {line}");
+        events.push(format!("+0.0s {line}"));
+        let status = Arc::new(watch::Sender::new(OutgoingStatus {
+            state: AgentMigrationState::Active,
+            progress: progress(
+                &current,
+                0,
+                MigrationPhase::PreCopy,
+                settings.downtime_limit_ms,
+            ),
+            events,
+            report: None,
+            error: None,
+        }));
+        let (ctl, ctl_rx) = mpsc::channel(4);
+        let driver = Driver {
+            vm: vm.clone(),
+            watcher: ConvergenceWatcher::new(settings),
+            opts,
+            started,
+            status_tx: status.clone(),
+            was_running,
+            pre_switchover_since: None,
+            continued_at: None,
+            switchover_reply: None,
+        };
+        tokio::spawn(driver.run(ctl_rx));
+        Ok(Outgoing {
+            vm,
+            status,
+            ctl,
+            was_running,
+        })
+    }
+
+    /// The source VM.
+    pub fn vm(&self) -> &Arc<QemuVm> {
+        &self.vm
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> OutgoingStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch(&self) -> watch::Receiver<OutgoingStatus> {
+        self.status.subscribe()
+    }
+
+    /// Waits until the migration is paused at pre-switchover (`Ok`) or has ended without
+    /// getting there (`Err` with the reason).
+    pub async fn wait_pre_switchover(&self, timeout: Duration) -> Result<OutgoingStatus> {
+        let mut rx = self.status.subscribe();
+        let wait = rx.wait_for(|s| {
+            !matches!(
+                s.state,
+                AgentMigrationState::Active | AgentMigrationState::Listening
+            )
+        });
+        let status = match tokio::time::timeout(timeout, wait).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: "the migration to reach pre-switchover".into(),
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+            }
+            Ok(Err(_)) => self.status(),
+            Ok(Ok(s)) => s.clone(),
+        };
+        match status.state {
+            AgentMigrationState::PreSwitchover => Ok(status),
+            // Post-copy switched: completes only once the destination runs.
+            AgentMigrationState::Completed if status.report.is_some() => Ok(status),
+            other => Err(Error::Migration(format!(
+                "migration ended {other:?} before pre-switchover: {}",
+                status.error.unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Lets a migration paused at pre-switchover send its final state (`migrate-continue`)
+    /// and waits until the source has sent everything. The guest then stays paused on both
+    /// ends until the destination is committed ([`Incoming::commit`]) or this end aborted.
+    pub async fn switchover(&self) -> Result<MigrationReport> {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Control::Switchover(tx)).await.is_err() {
+            return self.finished_report();
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => self.finished_report(),
+        }
+    }
+
+    fn finished_report(&self) -> Result<MigrationReport> {
+        let s = self.status();
+        match (s.state, s.report) {
+            (AgentMigrationState::Completed, Some(r)) => Ok(r),
+            (state, _) => Err(Error::Migration(format!(
+                "no switchover possible: migration is {state:?}{}",
+                s.error.map(|e| format!(" ({e})")).unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Gives the migration up and makes sure the source guest runs again (if it ran before).
+    ///
+    /// Before completion this cancels. After completion it resumes the source (`cont`
+    /// re-activates its disks) and re-announces its MAC: the caller must know that the
+    /// destination never ran the guest (the center's ownership record says so).
+    pub async fn abort(&self, reason: &str) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .ctl
+            .send(Control::Abort(reason.to_string(), tx))
+            .await
+            .is_ok()
+        {
+            if let Ok(r) = rx.await {
+                return r;
+            }
+        }
+        // The driver has ended: the migration completed, failed or was cancelled.
+        let status = self.status();
+        match status.state {
+            AgentMigrationState::Completed => {
+                if status.report.as_ref().is_some_and(|r| r.postcopy) {
+                    return Err(Error::Migration(
+                        "the migration went post-copy: the source's memory is no longer whole, \
+                         it cannot resume"
+                            .into(),
+                    ));
+                }
+                tracing::warn!(pid = self.vm.pid(), reason, "resuming a migrated source");
+                resume_source(&self.vm, self.was_running).await?;
+                if self.was_running {
+                    // The LAN may have been taught the destination's port meanwhile.
+                    self.vm.announce_self(&COMMIT_ANNOUNCE).await?;
+                }
+                self.status.send_modify(|s| {
+                    s.state = AgentMigrationState::Cancelled;
+                    s.error = Some(reason.to_string());
+                    s.progress.phase = MigrationPhase::RollingBack;
+                    s.events.push(format!(
+                        "rolled back after completion: {reason}; source resumed"
+                    ));
+                });
+                Ok(())
+            }
+            _ => resume_source(&self.vm, self.was_running).await,
+        }
+    }
+
+    /// After the destination is committed: quits the paused source QEMU. Refuses if the
+    /// source guest is running (it must never run again once the destination owns the VM —
+    /// if it does, something is badly wrong and a human must look).
+    pub async fn finish(&self) -> Result<()> {
+        let state = self.vm.status().await?;
+        if state == RunState::Running {
+            return Err(Error::Migration(
+                "the source guest is running: refusing to quit it as a migrated source".into(),
+            ));
+        }
+        self.vm.shutdown(Duration::ZERO).await.map(drop)
+    }
+}
+
+/// Waits for a failed or cancelled migration's source to run again, `cont`ing it if QEMU did
+/// not restart it itself.
+async fn resume_source(vm: &QemuVm, was_running: bool) -> Result<()> {
+    if !was_running {
+        return Ok(());
+    }
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let m = vm.query_migrate().await?;
+        if matches!(m.status, MigrationStatus::None) || m.status.is_finished() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("the migration to end (still {})", m.status),
+                timeout_ms: SETTLE_TIMEOUT.as_millis() as u64,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // QEMU restarts the guest itself right after a failed or cancelled migration ends.
+    if vm
+        .wait_status(|s| *s == RunState::Running, Duration::from_millis(500))
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    vm.resume().await?;
+    vm.wait_status(|s| *s == RunState::Running, SETTLE_TIMEOUT)
+        .await
+        .map(drop)
+}
+
+fn progress(
+    s: &MigrationStats,
+    elapsed_ms: u64,
+    phase: MigrationPhase,
+    downtime_limit_ms: u64,
+) -> MigrationProgress {
+    MigrationProgress {
+        phase,
+        pass: s.dirty_sync_count,
+        transferred_bytes: s.transferred_bytes,
+        remaining_bytes: s.remaining_bytes,
+        total_bytes: s.total_bytes,
+        mbit_s: s.mbps,
+        dirty_rate_mib_s: (s.dirty_pages_rate * s.page_size_bytes) as f64 / (1024.0 * 1024.0),
+        expected_downtime_ms: s.expected_downtime_ms.unwrap_or(0),
+        elapsed_ms,
+        cpu_throttle_pct: s.cpu_throttle_percent.unwrap_or(0),
+        downtime_limit_ms,
+    }
+}
+
+enum Flow {
+    Continue,
+    Done,
+}
+
+struct Driver {
+    vm: Arc<QemuVm>,
+    watcher: ConvergenceWatcher,
+    opts: OutgoingOptions,
+    started: Instant,
+    status_tx: Arc<watch::Sender<OutgoingStatus>>,
+    was_running: bool,
+    pre_switchover_since: Option<Instant>,
+    continued_at: Option<Instant>,
+    switchover_reply: Option<oneshot::Sender<Result<MigrationReport>>>,
+}
+
+impl Driver {
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn event(&self, line: String) {
+        tracing::info!(pid = self.vm.pid(), "migration: {line}");
+        let stamped = format!("+{:.1}s {line}", self.elapsed_ms() as f64 / 1000.0);
+        self.status_tx.send_modify(|s| s.events.push(stamped));
+    }
+
+    fn end(&mut self, state: AgentMigrationState, error: Option<String>) {
+        if let Some(e) = &error {
+            self.event(format!("ended {state:?}: {e}"));
+        }
+        self.status_tx.send_modify(|s| {
+            s.state = state;
+            s.error = error.clone();
+            s.progress.phase = MigrationPhase::RollingBack;
+        });
+        if let Some(reply) = self.switchover_reply.take() {
+            let _ = reply.send(Err(Error::Migration(
+                error.unwrap_or_else(|| format!("migration ended {state:?}")),
+            )));
+        }
+    }
+
+    async fn run(mut self, mut ctl: mpsc::Receiver<Control>) {
+        let mut events = self.vm.qmp().events();
+        let mut tick = tokio::time::interval(self.opts.sample_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                c = ctl.recv() => match c {
+                    Some(Control::Switchover(reply)) => {
+                        if let Err(e) = self.switchover(reply).await {
+                            tracing::warn!(error = %e, "switchover refused");
+                        }
+                    }
+                    Some(Control::Abort(reason, reply)) => {
+                        let r = self.abort(&reason).await;
+                        let _ = reply.send(r);
+                        return;
+                    }
+                    None => {
+                        if let Err(e) = self.abort("the migration's owner went away").await {
+                            tracing::error!(error = %e, "abort after the owner went away failed");
+                        }
+                        return;
+                    }
+                },
+                ev = events.recv() => match ev {
+                    Ok(e) if e.name != "MIGRATION" && e.name != "MIGRATION_PASS" => continue,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        // QEMU is gone: the sample below reports it. Stop listening.
+                        events = broadcast::channel(1).1;
+                    }
+                    _ => {}
+                },
+                _ = tick.tick() => {}
+            }
+            if let Flow::Done = self.sample().await {
+                return;
+            }
+        }
+    }
+
+    async fn sample(&mut self) -> Flow {
+        let stats = match self.vm.query_migrate().await {
+            Ok(s) => s,
+            Err(e) => {
+                let why = match self.vm.exit_reason() {
+                    Some(r) => format!("the source QEMU ended: {r}"),
+                    None => format!("cannot query the source QEMU: {e}"),
+                };
+                self.end(AgentMigrationState::Failed, Some(why));
+                return Flow::Done;
+            }
+        };
+        let elapsed = self.elapsed_ms();
+        let phase = match stats.status {
+            MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup => MigrationPhase::PostCopy,
+            MigrationStatus::PreSwitchover | MigrationStatus::Device => MigrationPhase::Switchover,
+            MigrationStatus::Completed => MigrationPhase::Switchover,
+            MigrationStatus::Cancelling | MigrationStatus::Cancelled | MigrationStatus::Failed => {
+                MigrationPhase::RollingBack
+            }
+            _ if stats.cpu_throttle_percent.unwrap_or(0) > 0 => MigrationPhase::Throttling,
+            _ => MigrationPhase::PreCopy,
+        };
+        let limit = self.watcher.downtime_limit_ms();
+        self.status_tx
+            .send_modify(|s| s.progress = progress(&stats, elapsed, phase, limit));
+
+        for d in self.watcher.observe(elapsed, &stats) {
+            if let Flow::Done = self.apply(d).await {
+                return Flow::Done;
+            }
+        }
+        match stats.status {
+            MigrationStatus::PreSwitchover => {
+                let since = match self.pre_switchover_since {
+                    Some(t) => t,
+                    None => {
+                        let now = Instant::now();
+                        self.pre_switchover_since = Some(now);
+                        self.status_tx
+                            .send_modify(|s| s.state = AgentMigrationState::PreSwitchover);
+                        self.event(format!(
+                            "pre-switchover: guest paused in pass {} with {:.1} MiB left for \
+                             the final copy; waiting for the hand-over decision",
+                            stats.dirty_sync_count,
+                            stats.remaining_bytes as f64 / 1048576.0
+                        ));
+                        now
+                    }
+                };
+                if self.continued_at.is_none() && since.elapsed() > self.opts.switchover_wait {
+                    let reason = format!(
+                        "no switchover decision within {} ms of pausing",
+                        self.opts.switchover_wait.as_millis()
+                    );
+                    if let Err(e) = self.abort(&reason).await {
+                        tracing::error!(error = %e, "abort at pre-switchover failed");
+                    }
+                    return Flow::Done;
+                }
+                Flow::Continue
+            }
+            MigrationStatus::Completed => {
+                self.complete(&stats, false);
+                Flow::Done
+            }
+            MigrationStatus::PostcopyActive if self.continued_at.is_some() => {
+                // The device state is across: completion needs the destination to run.
+                self.complete(&stats, true);
+                Flow::Done
+            }
+            MigrationStatus::Failed => {
+                let why = stats
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "QEMU reported the migration failed".into());
+                let resumed = resume_source(&self.vm, self.was_running).await;
+                let why = match resumed {
+                    Ok(()) => format!("{why}; source running"),
+                    Err(e) => format!("{why}; resuming the source failed: {e}"),
+                };
+                self.end(AgentMigrationState::Failed, Some(why));
+                Flow::Done
+            }
+            MigrationStatus::Cancelled => {
+                let resumed = resume_source(&self.vm, self.was_running).await;
+                let why = match resumed {
+                    Ok(()) => "cancelled outside tern; source running".to_string(),
+                    Err(e) => format!("cancelled outside tern; resuming the source failed: {e}"),
+                };
+                self.end(AgentMigrationState::Cancelled, Some(why));
+                Flow::Done
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    fn complete(&mut self, stats: &MigrationStats, postcopy: bool) {
+        let now = Instant::now();
+        let since = |t: Option<Instant>| {
+            t.map(|t| now.duration_since(t).as_millis() as u64)
+                .unwrap_or(0)
+        };
+        let report = MigrationReport {
+            downtime_ms: stats.downtime_ms.unwrap_or(0),
+            total_ms: stats.total_time_ms.unwrap_or_else(|| self.elapsed_ms()),
+            setup_ms: stats.setup_time_ms.unwrap_or(0),
+            bytes: stats.transferred_bytes,
+            passes: stats.dirty_sync_count,
+            paused_ms: since(self.pre_switchover_since),
+            switchover_ms: since(self.continued_at),
+            postcopy,
+        };
+        self.event(format!(
+            "{}: {:.1} MiB sent in {} passes, {} ms total, QEMU downtime {} ms, paused {} ms \
+             at the source",
+            if postcopy {
+                "switched to the destination (post-copy)"
+            } else {
+                "all state sent"
+            },
+            report.bytes as f64 / 1048576.0,
+            report.passes,
+            report.total_ms,
+            report.downtime_ms,
+            report.paused_ms
+        ));
+        self.status_tx.send_modify(|s| {
+            s.state = AgentMigrationState::Completed;
+            s.report = Some(report.clone());
+        });
+        if let Some(reply) = self.switchover_reply.take() {
+            let _ = reply.send(Ok(report));
+        }
+    }
+
+    async fn apply(&mut self, d: Decision) -> Flow {
+        let result = match &d.action {
+            Action::RaiseDowntime { downtime_limit_ms } => {
+                self.vm
+                    .set_migration_parameters(json!({ "downtime-limit": downtime_limit_ms }))
+                    .await
+            }
+            Action::Throttle {
+                trigger_threshold_pct,
+                initial_pct,
+                increment_pct,
+            } => {
+                self.vm
+                    .set_migration_parameters(json!({
+                        "throttle-trigger-threshold": trigger_threshold_pct,
+                        "cpu-throttle-initial": initial_pct,
+                        "cpu-throttle-increment": increment_pct,
+                    }))
+                    .await
+            }
+            Action::StartPostcopy => self.vm.migrate_start_postcopy().await,
+            Action::Hold => Ok(()),
+            Action::Cancel => {
+                if let Err(e) = self.abort(&d.reason).await {
+                    tracing::error!(error = %e, "cancel at the deadline failed");
+                }
+                return Flow::Done;
+            }
+        };
+        match result {
+            Ok(()) => self.event(d.reason),
+            Err(e) => self.event(format!("{} — but QEMU refused: {e}", d.reason)),
+        }
+        Flow::Continue
+    }
+
+    async fn switchover(&mut self, reply: oneshot::Sender<Result<MigrationReport>>) -> Result<()> {
+        let state = self.status_tx.borrow().state;
+        if state != AgentMigrationState::PreSwitchover || self.continued_at.is_some() {
+            let e = Error::Migration(format!(
+                "switchover needs the migration paused at pre-switchover; it is {state:?}"
+            ));
+            let msg = e.to_string();
+            let _ = reply.send(Err(e));
+            return Err(Error::Migration(msg));
+        }
+        if let Err(e) = self.vm.migrate_continue().await {
+            let msg = e.to_string();
+            let _ = reply.send(Err(e));
+            return Err(Error::Migration(msg));
+        }
+        self.continued_at = Some(Instant::now());
+        self.switchover_reply = Some(reply);
+        self.event("switchover: sending the final state".into());
+        Ok(())
+    }
+
+    /// Cancels (before completion) and makes sure the source runs again.
+    async fn abort(&mut self, reason: &str) -> Result<()> {
+        self.event(format!("aborting: {reason}"));
+        let stats = self.vm.query_migrate().await?;
+        match stats.status {
+            MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup => {
+                let e = "the migration is in post-copy: the source's memory is no longer whole, \
+                         it cannot resume";
+                self.event(format!("abort refused: {e}"));
+                return Err(Error::Migration(e.into()));
+            }
+            MigrationStatus::Completed => {
+                resume_source(&self.vm, self.was_running).await?;
+            }
+            s if s.is_finished() => {
+                resume_source(&self.vm, self.was_running).await?;
+            }
+            _ => {
+                self.vm.migrate_cancel().await?;
+                resume_source(&self.vm, self.was_running).await?;
+            }
+        }
+        let state = self.vm.status().await?;
+        self.end(
+            AgentMigrationState::Cancelled,
+            Some(format!("{reason}; source {state}")),
+        );
+        Ok(())
+    }
+}
+
+/// What the destination end reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingStatus {
+    pub state: AgentMigrationState,
+    pub stats: Option<MigrationStats>,
+    pub error: Option<String>,
+}
+
+/// The destination end of a migration: a paused QEMU with the VM's spec, listening on the
+/// migration address for this VM's stream only, run only on [`Incoming::commit`].
+#[derive(Debug)]
+pub struct Incoming {
+    vm: Arc<QemuVm>,
+    uri: String,
+}
+
+impl Incoming {
+    /// Starts the destination QEMU for `cfg` (forced to `-incoming defer` and `-S`), gives it
+    /// the same capabilities and parameters as the source, and makes it listen on
+    /// `listen:<ephemeral port>`. On any failure the QEMU is killed again.
+    pub async fn prepare(
+        mut cfg: LaunchConfig,
+        settings: &MigrationSettings,
+        listen: IpAddr,
+    ) -> Result<Incoming> {
+        cfg.incoming = Some(IncomingMode::Defer);
+        cfg.start_paused = true;
+        let run_dir = cfg.run_dir.clone();
+        let vm = Arc::new(QemuVm::launch(cfg).await?);
+        let listen_uri = match listen {
+            IpAddr::V4(a) => format!("tcp:{a}:0"),
+            IpAddr::V6(a) => format!("tcp:[{a}]:0"),
+        };
+        let ready = async {
+            configure(&vm, settings, Side::Destination).await?;
+            vm.migrate_incoming(&listen_uri).await?;
+            let stats = vm.query_migrate().await?;
+            stats
+                .socket_addresses
+                .into_iter()
+                .find(|a| !a.ends_with(":0"))
+                .ok_or_else(|| {
+                    Error::Migration(format!(
+                        "the destination did not report its listening port for {listen_uri}"
+                    ))
+                })
+        }
+        .await;
+        match ready {
+            Ok(uri) => {
+                tracing::info!(pid = vm.pid(), %uri, "destination listening");
+                Ok(Incoming { vm, uri })
+            }
+            Err(e) => {
+                let _ = vm.kill().await;
+                let _ = QemuVm::cleanup(&run_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes back a destination QEMU (after an agent restart).
+    pub fn adopt(vm: Arc<QemuVm>, uri: String) -> Incoming {
+        Incoming { vm, uri }
+    }
+
+    /// The URI the source must send to, e.g. `tcp:10.77.0.12:40123`.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn vm(&self) -> &Arc<QemuVm> {
+        &self.vm
+    }
+
+    /// Where the incoming migration stands.
+    pub async fn status(&self) -> IncomingStatus {
+        if let Some(r) = self.vm.exit_reason() {
+            return IncomingStatus {
+                state: AgentMigrationState::Failed,
+                stats: None,
+                error: Some(format!("destination QEMU ended: {r}")),
+            };
+        }
+        let stats = match self.vm.query_migrate().await {
+            Ok(s) => s,
+            Err(e) => {
+                return IncomingStatus {
+                    state: AgentMigrationState::Failed,
+                    stats: None,
+                    error: Some(format!("cannot query the destination QEMU: {e}")),
+                }
+            }
+        };
+        let state = match stats.status {
+            MigrationStatus::Completed => match self.vm.status().await {
+                Ok(RunState::Running) => AgentMigrationState::Running,
+                _ => AgentMigrationState::Completed,
+            },
+            MigrationStatus::Failed => AgentMigrationState::Failed,
+            MigrationStatus::Cancelled => AgentMigrationState::Cancelled,
+            MigrationStatus::PostcopyActive => match self.vm.status().await {
+                Ok(RunState::Running) => AgentMigrationState::Running,
+                _ => AgentMigrationState::Completed,
+            },
+            _ => AgentMigrationState::Listening,
+        };
+        let error = stats.error.clone();
+        IncomingStatus {
+            state,
+            stats: Some(stats),
+            error,
+        }
+    }
+
+    /// Waits until all state is in (the guest paused here), or fails when the migration
+    /// failed or the QEMU ended.
+    pub async fn wait_received(&self, timeout: Duration) -> Result<IncomingStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            match s.state {
+                AgentMigrationState::Completed | AgentMigrationState::Running => return Ok(s),
+                AgentMigrationState::Failed | AgentMigrationState::Cancelled => {
+                    return Err(Error::Migration(format!(
+                        "incoming migration {:?}: {}",
+                        s.state,
+                        s.error.unwrap_or_default()
+                    )))
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "the incoming migration to complete".into(),
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The center has recorded this host as the VM's owner: announce the VM's MACs (RARP and
+    /// the virtio guest announce, so the LAN learns the new port at once) and run the guest.
+    /// Idempotent: a guest already running is left alone.
+    pub async fn commit(&self, announce: &AnnounceParams) -> Result<()> {
+        let s = self.status().await;
+        match s.state {
+            AgentMigrationState::Running => return Ok(()),
+            AgentMigrationState::Completed => {}
+            other => {
+                return Err(Error::Migration(format!(
+                    "cannot commit: the incoming migration is {other:?}{}",
+                    s.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                )))
+            }
+        }
+        // Announce first: frames for the VM then queue on this host's tap while the vCPUs
+        // start, instead of going to the old port.
+        self.vm.announce_self(announce).await?;
+        self.vm.resume().await?;
+        self.vm
+            .wait_status(|s| *s == RunState::Running, RUN_TIMEOUT)
+            .await?;
+        tracing::info!(pid = self.vm.pid(), "destination committed and running");
+        Ok(())
+    }
+
+    /// Kills the destination QEMU and removes its runtime files. Refuses once the guest runs
+    /// here: a committed destination is the only copy.
+    pub async fn abort(&self) -> Result<()> {
+        if self.vm.exit_reason().is_none()
+            && matches!(self.vm.status().await, Ok(RunState::Running))
+        {
+            return Err(Error::Migration(
+                "the destination runs the guest (committed): refusing to kill it".into(),
+            ));
+        }
+        self.vm.kill().await?;
+        QemuVm::cleanup(&self.vm.paths().run_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_api::migration::ThrottlePlan;
+
+    fn settings(channels: u32, compression: &str, postcopy: bool) -> MigrationSettings {
+        MigrationSettings {
+            multifd_channels: channels,
+            max_bandwidth_mib_s: Some(2),
+            downtime_limit_ms: 150,
+            compression: compression.into(),
+            auto_converge: true,
+            postcopy_allowed: postcopy,
+            deadline_ms: 60_000,
+            reasons: vec![],
+            downtime_budget_ms: 300,
+            zero_page_detection: "multifd".into(),
+            throttle: ThrottlePlan::default(),
+        }
+    }
+
+    #[test]
+    fn both_ends_agree_except_one_sided_capabilities() {
+        let s = settings(4, "zstd", false);
+        let src = capabilities(&s, Side::Source);
+        let dst = capabilities(&s, Side::Destination);
+        let get = |caps: &[(&str, bool)], name: &str| {
+            caps.iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .1
+        };
+        for name in [
+            "events",
+            "return-path",
+            "validate-uuid",
+            "multifd",
+            "postcopy-ram",
+        ] {
+            assert_eq!(get(&src, name), get(&dst, name), "{name}");
+        }
+        assert!(get(&src, "multifd"));
+        assert!(get(&src, "pause-before-switchover"));
+        assert!(!get(&dst, "pause-before-switchover"));
+        assert!(get(&dst, "late-block-activate"));
+        assert!(!get(&src, "late-block-activate"));
+
+        let p = parameters(&s, Side::Source);
+        assert_eq!(p["max-bandwidth"], 2 * 1024 * 1024);
+        assert_eq!(p["multifd-channels"], 4);
+        assert_eq!(p["multifd-compression"], "zstd");
+        assert_eq!(p["downtime-limit"], 150);
+        assert!(p.get("announce-rounds").is_none());
+        let d = parameters(&s, Side::Destination);
+        assert_eq!(d["announce-rounds"], 0);
+        assert_eq!(d["multifd-channels"], 4);
+
+        let single = settings(0, "none", true);
+        assert!(!get(&capabilities(&single, Side::Source), "multifd"));
+        assert!(get(&capabilities(&single, Side::Source), "postcopy-ram"));
+        assert!(parameters(&single, Side::Source)
+            .get("multifd-channels")
+            .is_none());
+        let mut unlimited = single.clone();
+        unlimited.max_bandwidth_mib_s = None;
+        assert_eq!(parameters(&unlimited, Side::Source)["max-bandwidth"], 0);
+    }
+}

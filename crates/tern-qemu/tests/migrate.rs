@@ -1,0 +1,775 @@
+//! The migration driver end to end: two local QEMUs, the project's guest (or the tick guest),
+//! settings chosen by the policy from real measurements, the source stopping at
+//! pre-switchover, the hand-over, and the failure paths that must leave the source running.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tern_api::migration::{AgentMigrationState, Measurements, MigrateVm, MigrationSettings};
+use tern_api::NicSpec;
+use tern_qemu::{
+    choose_settings, HostBudget, IncomingMigration, LaunchConfig, Outgoing, OutgoingOptions,
+    OutgoingStatus, QemuVm, RunState, COMMIT_ANNOUNCE,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Mutex, MutexGuard};
+
+const BOOT: Duration = Duration::from_secs(90);
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const GUEST_IP: &str = "10.78.0.100";
+const GUEST_MAC: &str = "52:54:00:77:00:01";
+
+/// Two cores: one migration test at a time (an async lock: tests hold it across awaits, and
+/// a failed test releases it without poisoning).
+async fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// Usable TCP bandwidth over loopback, measured like the agents' probe does.
+async fn loopback_mbit() -> f64 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf).await.unwrap();
+            if k == 0 {
+                return n;
+            }
+            n += k as u64;
+        }
+    });
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..128 {
+        s.write_all(&chunk).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let n = receiver.await.unwrap();
+    n as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// Settings for migrating `src` as the center would choose them: measured dirty rate and
+/// link, the machine's cores, the QEMU version.
+async fn plan(src: &QemuVm, memory_mib: u64, req: MigrateVm) -> MigrationSettings {
+    let rate = src.measure_dirty_rate(1).await.unwrap();
+    let m = Measurements {
+        memory_mib,
+        dirty_rate_mib_s: rate.dirty_rate_mib_per_s.unwrap_or(0) as f64,
+        link_mbit: loopback_mbit().await,
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let hosts = HostBudget {
+        spare_cores: cores,
+        qemu: src.qmp().greeting().version,
+    };
+    let s = choose_settings(&req, &m, &hosts);
+    eprintln!("measured {m:?}");
+    for r in &s.reasons {
+        eprintln!("  setting: {r}");
+    }
+    s
+}
+
+fn request() -> MigrateVm {
+    MigrateVm {
+        to: "dst".into(),
+        downtime_ms: None,
+        deadline_ms: None,
+        bandwidth_mbit: None,
+        allow_postcopy: false,
+        dry_run: false,
+    }
+}
+
+fn print_events(s: &OutgoingStatus) {
+    for e in &s.events {
+        eprintln!("  event: {e}");
+    }
+}
+
+/// Waits for the outgoing migration to reach a state matching `want`.
+async fn wait_state(
+    out: &Outgoing,
+    want: impl Fn(AgentMigrationState) -> bool,
+    timeout: Duration,
+) -> OutgoingStatus {
+    let mut rx = out.watch();
+    let r = tokio::time::timeout(timeout, rx.wait_for(|s| want(s.state))).await;
+    match r {
+        Ok(Ok(s)) => s.clone(),
+        _ => {
+            let s = out.status();
+            print_events(&s);
+            panic!(
+                "timed out waiting; migration is {:?}: {:?}",
+                s.state, s.error
+            );
+        }
+    }
+}
+
+/// The project's guest on a bridge in its own namespace: the test process reaches it through
+/// the bridge's address with `tern-guest client`.
+struct Lan {
+    ns: NetNs,
+    guest_bin: std::path::PathBuf,
+}
+
+impl Lan {
+    fn new(tag: &str) -> Lan {
+        let ns = NetNs::create(tag);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "br0"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        for tap in ["tqsrc0", "tqdst0"] {
+            ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+            ns.ip(&["link", "set", tap, "master", "br0"]);
+            ns.ip(&["link", "set", tap, "up"]);
+        }
+        let guest_bin = guest_image()
+            .map(|(k, _)| k.with_file_name("tern-guest"))
+            .expect("guest image");
+        Lan { ns, guest_bin }
+    }
+
+    /// The bridge port the switch learnt the guest's MAC on.
+    fn port_of_guest(&self) -> Option<String> {
+        let out = run(&["bridge", "-n", &self.ns.0, "fdb", "show", "br", "br0"]);
+        out.lines()
+            .filter(|l| l.starts_with(GUEST_MAC))
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "dev")?;
+                words.next().map(str::to_string)
+            })
+    }
+
+    fn client(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("ip");
+        c.args(["netns", "exec", &self.ns.0])
+            .arg(&self.guest_bin)
+            .arg("client")
+            .args(["--addr", &format!("{GUEST_IP}:7000")])
+            .args(args)
+            .kill_on_drop(true);
+        c
+    }
+
+    async fn stats(&self) -> Option<Value> {
+        let out = self.client(&["--stats"]).output().await.ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+}
+
+/// A launch config for the project's guest with one NIC on `tap` (in `lan`'s namespace).
+fn real_guest(
+    dir: &Path,
+    name: &str,
+    lan: Option<&Lan>,
+    memory_mib: u64,
+    args: &str,
+) -> LaunchConfig {
+    let (kernel, initrd) = guest_image().expect("guest image");
+    let mut cfg = config(dir, name, "");
+    cfg.spec.memory_mib = memory_mib;
+    let net = if lan.is_some() {
+        format!("tern.ip={GUEST_IP}/24 tern.serve=7000 ")
+    } else {
+        String::new()
+    };
+    cfg.spec.boot = tern_api::BootSource::Kernel {
+        kernel: kernel.to_string_lossy().into_owned(),
+        initrd: Some(initrd.to_string_lossy().into_owned()),
+        cmdline: format!("console=ttyS0 quiet panic=-1 ipv6.disable=1 {net}{args}"),
+    };
+    if let Some(lan) = lan {
+        cfg.spec.nics = vec![NicSpec {
+            mac: GUEST_MAC.into(),
+        }];
+        cfg.taps = vec!["tqsrc0".into()];
+        cfg.qemu_binary = lan.ns.qemu_wrapper(dir);
+    }
+    cfg
+}
+
+fn destination_of(src: &LaunchConfig, dir: &Path, lan: bool) -> LaunchConfig {
+    let mut cfg = destination(src, dir, "dst", true);
+    if lan {
+        cfg.taps = vec!["tqdst0".into()];
+    }
+    cfg
+}
+
+async fn wait_ready(run_dir: &Path) {
+    wait_for("TERN-GUEST-READY", BOOT, || {
+        console(run_dir).contains("TERN-GUEST-READY").then_some(())
+    })
+    .await;
+}
+
+fn skip_without_guest() -> bool {
+    if guest_image().is_none() {
+        eprintln!("NOTICE: target/guest/initramfs.img missing (run guest/build.sh): skipped");
+        return true;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirtying_guest_moves_with_its_connections_and_memory_intact() {
+    let _serial = serial().await;
+    init_tracing();
+    if skip_without_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lan = Lan::new("hp");
+    let src_cfg = real_guest(
+        dir.path(),
+        "src",
+        Some(&lan),
+        256,
+        "tern.mem=64 tern.dirty=16",
+    );
+    let dst_cfg = destination_of(&src_cfg, dir.path(), true);
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_ready(&src_cfg.run_dir).await;
+
+    // A client streams from the guest through the whole move.
+    let client = lan
+        .client(&["--duration-ms", "25000", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut before = None;
+    for _ in 0..100 {
+        if let Some(s) = lan.stats().await {
+            if s["streams"]["open"].as_u64() >= Some(1) && s["mem"]["filled"] == true {
+                before = Some(s);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = before.expect("guest stats with the client's stream open");
+    assert_eq!(lan.port_of_guest().as_deref(), Some("tqsrc0"));
+
+    let settings = plan(&src, 256, request()).await;
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    assert!(
+        incoming.uri().starts_with("tcp:127.0.0.1:"),
+        "{}",
+        incoming.uri()
+    );
+    assert!(!incoming.uri().ends_with(":0"));
+    assert_eq!(incoming.vm().status().await.unwrap(), RunState::InMigrate);
+
+    let started = Instant::now();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let at_switch = out
+        .wait_pre_switchover(Duration::from_secs(120))
+        .await
+        .unwrap();
+    let paused_at = Instant::now();
+    assert_eq!(at_switch.state, AgentMigrationState::PreSwitchover);
+    assert!(at_switch.progress.pass >= 1, "{at_switch:?}");
+    // The source guest is paused and the destination has not run it.
+    assert_eq!(src.status().await.unwrap(), RunState::FinishMigrate);
+    assert_ne!(incoming.vm().status().await.unwrap(), RunState::Running);
+
+    let report = out.switchover().await.unwrap();
+    let received = incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(received.state, AgentMigrationState::Completed);
+    // All state is in, but nothing runs on the destination before the commit, and QEMU did
+    // not announce the guest from there: the LAN still sends to the source's port.
+    assert_eq!(incoming.vm().status().await.unwrap(), RunState::Paused);
+    assert_eq!(src.status().await.unwrap(), RunState::PostMigrate);
+    assert_eq!(lan.port_of_guest().as_deref(), Some("tqsrc0"));
+
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    let pause_ms = paused_at.elapsed().as_millis();
+    let total_ms = started.elapsed().as_millis();
+    assert_eq!(incoming.vm().status().await.unwrap(), RunState::Running);
+    wait_for(
+        "the bridge to learn the destination port",
+        Duration::from_secs(2),
+        || (lan.port_of_guest().as_deref() == Some("tqdst0")).then_some(()),
+    )
+    .await;
+    out.finish().await.unwrap();
+    assert!(src.exit_reason().is_some());
+
+    let status = out.status();
+    print_events(&status);
+    eprintln!(
+        "MEASURED happy path: QEMU downtime {} ms, source paused {} ms until sent, guest \
+         paused ~{pause_ms} ms until the commit ran it, total {total_ms} ms ({} ms in QEMU), \
+         {:.1} MiB in {} passes",
+        report.downtime_ms,
+        report.paused_ms,
+        report.total_ms,
+        report.bytes as f64 / 1048576.0,
+        report.passes
+    );
+    assert!(
+        report.downtime_ms > 0 && report.downtime_ms < 5000,
+        "{report:?}"
+    );
+    assert!(report.bytes > 0);
+    assert!(report.passes >= 2, "{report:?}");
+    assert!(!report.postcopy);
+
+    // The client's stream went on: no reset, nothing missing or duplicated.
+    let out_client = client.wait_with_output().await.unwrap();
+    let report_client: Value = serde_json::from_slice(&out_client.stdout)
+        .unwrap_or_else(|e| panic!("client output {:?}: {e}", out_client.stdout));
+    eprintln!("client: {report_client}");
+    assert_eq!(report_client["resets"], 0, "{report_client}");
+    assert_eq!(report_client["missing"], 0, "{report_client}");
+    assert_eq!(report_client["duplicates"], 0, "{report_client}");
+    assert_eq!(report_client["boot_changes"], 0, "{report_client}");
+    assert_eq!(report_client["ok"], true, "{report_client}");
+
+    // Same boot, memory verified twice over on the destination with no error.
+    let passes_before = before["mem"]["passes"].as_u64().unwrap();
+    let mut after = None;
+    for _ in 0..600 {
+        if let Some(s) = lan.stats().await {
+            if s["mem"]["passes"].as_u64().unwrap_or(0) >= passes_before + 2 {
+                after = Some(s);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = after.expect("the verifier to complete two passes after the move");
+    assert_eq!(after["boot_id"], before["boot_id"]);
+    assert_eq!(after["mem"]["errors"], 0, "{after}");
+    let text = console(&dst_cfg.run_dir);
+    assert!(!text.contains("TERN-GUEST-ERROR"), "{text}");
+    assert!(
+        !text.contains("TERN-GUEST-READY"),
+        "the destination rebooted: {text}"
+    );
+    incoming.vm().kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_before_commit_always_leaves_the_source_running() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let src_cfg = config(dir.path(), "src", "");
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let settings = plan(&src, 192, request()).await;
+
+    // 1. Abort while paused at pre-switchover.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::FinishMigrate);
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    out.abort("test: abort at pre-switchover").await.unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    wait_tick(&src_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    let s = out.status();
+    assert_eq!(s.state, AgentMigrationState::Cancelled);
+    assert!(s.error.unwrap().contains("test: abort"));
+    // A second abort of an ended migration is harmless.
+    out.abort("again").await.unwrap();
+    incoming.abort().await.unwrap();
+    assert!(incoming.vm().exit_reason().is_some());
+    assert!(!dst_cfg.run_dir.join("qemu.pid").exists());
+    assert!(!dst_cfg.run_dir.join("qmp.sock").exists());
+    // A switchover after the abort is refused.
+    assert!(out.switchover().await.is_err());
+
+    // 2. Nobody decides: the source resumes itself after switchover_wait.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
+    let _g3 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let opts = OutgoingOptions {
+        switchover_wait: Duration::from_millis(500),
+        ..OutgoingOptions::default()
+    };
+    let out = Outgoing::start(src.clone(), incoming.uri(), &settings, opts)
+        .await
+        .unwrap();
+    let s = wait_state(
+        &out,
+        |st| st == AgentMigrationState::Cancelled,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no switchover decision"),
+        "{s:?}"
+    );
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    incoming.abort().await.unwrap();
+
+    // 3. Switchover done, commit never made (the destination never ran): roll back.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst3", true);
+    let _g4 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let report = out.switchover().await.unwrap();
+    assert!(report.downtime_ms > 0);
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::PostMigrate);
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    incoming.abort().await.unwrap();
+    out.abort("test: commit failed").await.unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    wait_tick(&src_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    assert_eq!(out.status().state, AgentMigrationState::Cancelled);
+
+    // 4. A committed destination is never killed by an abort.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst4", true);
+    let _g5 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    // Idempotent.
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    assert!(incoming.abort().await.is_err());
+    assert_eq!(incoming.vm().status().await.unwrap(), RunState::Running);
+    out.finish().await.unwrap();
+    wait_tick(&dst_cfg.run_dir, tick + 2, Duration::from_secs(30)).await;
+    incoming.vm().kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_killed_during_precopy_leaves_the_source_running() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let src_cfg = config(dir.path(), "src", "");
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let settings = plan(
+        &src,
+        192,
+        MigrateVm {
+            bandwidth_mbit: Some(16),
+            ..request()
+        },
+    )
+    .await;
+    assert_eq!(settings.max_bandwidth_mib_s, Some(2));
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut rx = out.watch();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| s.progress.transferred_bytes > 1 << 20),
+    )
+    .await
+    .expect("pre-copy never got going")
+    .unwrap();
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    incoming.vm().kill().await.unwrap();
+    let s = wait_state(
+        &out,
+        |st| st == AgentMigrationState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    print_events(&s);
+    assert!(
+        s.error.as_deref().unwrap_or("").contains("source running"),
+        "{s:?}"
+    );
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    wait_tick(&src_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    incoming.abort().await.unwrap();
+    assert!(out.switchover().await.is_err());
+    src.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_cancels_cleanly_and_the_source_runs_on() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let src_cfg = config(dir.path(), "src", "");
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let settings = plan(
+        &src,
+        192,
+        MigrateVm {
+            bandwidth_mbit: Some(16),
+            deadline_ms: Some(4000),
+            ..request()
+        },
+    )
+    .await;
+    assert_eq!(settings.deadline_ms, 4000);
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let s = wait_state(
+        &out,
+        |st| st != AgentMigrationState::Active,
+        Duration::from_secs(60),
+    )
+    .await;
+    let took = started.elapsed();
+    print_events(&s);
+    assert_eq!(s.state, AgentMigrationState::Cancelled, "{s:?}");
+    assert!(
+        s.error.as_deref().unwrap_or("").contains("deadline"),
+        "{s:?}"
+    );
+    assert!(
+        s.events
+            .iter()
+            .any(|e| e.contains("deadline of 4.0 s passed")),
+        "{s:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(4000) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    wait_tick(&src_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    // The destination's stream broke: it ends by itself; abort cleans up what is left.
+    tokio::time::timeout(Duration::from_secs(30), incoming.vm().wait_exit())
+        .await
+        .expect("destination of a cancelled migration kept running");
+    incoming.abort().await.unwrap();
+    src.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_dirtying_faster_than_the_cap_converges_by_escalation() {
+    let _serial = serial().await;
+    init_tracing();
+    if skip_without_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lan = Lan::new("esc");
+    // A dirty rate far above what the vCPU can do makes the dirtier CPU-bound, so slowing
+    // the vCPU (auto-converge) slows the dirtying. 16 MiB working set.
+    let src_cfg = real_guest(
+        dir.path(),
+        "src",
+        Some(&lan),
+        256,
+        "tern.mem=16 tern.dirty=4096",
+    );
+    let dst_cfg = destination_of(&src_cfg, dir.path(), true);
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_ready(&src_cfg.run_dir).await;
+    let before = wait_for_stats(&lan, |_| true).await;
+
+    // 32 Mbit/s = 4 MiB/s, well under what the guest dirties.
+    let settings = plan(
+        &src,
+        256,
+        MigrateVm {
+            bandwidth_mbit: Some(32),
+            deadline_ms: Some(300_000),
+            ..request()
+        },
+    )
+    .await;
+    assert!(
+        settings
+            .reasons
+            .iter()
+            .any(|r| r.starts_with("throttling: expected")),
+        "{:#?}",
+        settings.reasons
+    );
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut rx = out.watch();
+    let watcher = tokio::spawn(async move {
+        let mut max_throttle = 0;
+        let mut max_pass = 0;
+        while rx.changed().await.is_ok() {
+            let s = rx.borrow_and_update().clone();
+            max_throttle = max_throttle.max(s.progress.cpu_throttle_pct);
+            max_pass = max_pass.max(s.progress.pass);
+            if s.state != AgentMigrationState::Active {
+                break;
+            }
+        }
+        (max_throttle, max_pass)
+    });
+    out.wait_pre_switchover(Duration::from_secs(300))
+        .await
+        .unwrap();
+    let (max_throttle, max_pass) = watcher.await.unwrap();
+    let report = out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    let status = out.status();
+    print_events(&status);
+    eprintln!(
+        "MEASURED escalation: {:.1} s total, {} passes, throttle up to {max_throttle}%, QEMU \
+         downtime {} ms, {:.1} MiB sent",
+        started.elapsed().as_secs_f64(),
+        report.passes,
+        report.downtime_ms,
+        report.bytes as f64 / 1048576.0
+    );
+    assert!(max_throttle > 0, "auto-converge never throttled");
+    assert!(max_pass >= 3);
+    assert!(
+        report.downtime_ms <= settings.downtime_budget_ms + 1000,
+        "{report:?}"
+    );
+
+    let passes_before = before["mem"]["passes"].as_u64().unwrap();
+    let after = wait_for_stats(&lan, |s| {
+        s["mem"]["passes"].as_u64().unwrap_or(0) >= passes_before + 2
+    })
+    .await;
+    assert_eq!(after["boot_id"], before["boot_id"]);
+    assert_eq!(after["mem"]["errors"], 0, "{after}");
+    let text = console(&dst_cfg.run_dir);
+    assert!(!text.contains("TERN-GUEST-ERROR"), "{text}");
+    incoming.vm().kill().await.unwrap();
+}
+
+/// Polls the guest's stats until `ok` holds (up to 60 s).
+async fn wait_for_stats(lan: &Lan, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = lan.stats().await {
+            if s["mem"]["filled"] == true && ok(&s) {
+                return s;
+            }
+        }
+        assert!(Instant::now() < deadline, "guest stats never matched");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
