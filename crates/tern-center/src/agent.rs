@@ -22,6 +22,9 @@ const START: Duration = Duration::from_secs(120);
 const STOP_MARGIN: Duration = Duration::from_secs(20);
 /// Time allowed for a switchover (the final copy, at the migration's bandwidth).
 const SWITCHOVER: Duration = Duration::from_secs(120);
+/// Time allowed for finishing a migrated source (after post-copy it first sends the pages the
+/// destination has not fetched yet).
+const FINISH: Duration = Duration::from_secs(660);
 /// Time allowed for the bandwidth probe (about a second of sending, plus connecting).
 const PROBE: Duration = Duration::from_secs(60);
 /// Grace time of a graceful stop when the caller gives none (as the agent API documents).
@@ -251,7 +254,7 @@ impl Agent {
     }
 
     pub async fn migration_finish(&self, id: Uuid) -> Result<(), AgentError> {
-        self.client(QUICK + STOP_MARGIN)?
+        self.client(FINISH)?
             .post(&format!("/v1/migrations/{id}/finish"), &())
             .await
             .map_err(|e| self.error(e))

@@ -19,6 +19,7 @@ use tern_api::center::{
     StopVm, Task, TaskKind, TaskState, Vm,
 };
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
+use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::ErrorBody;
 
 use crate::app::App;
@@ -109,6 +110,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms/{name}/stop", post(stop_vm))
         .route("/vms/{name}/console", get(vm_console))
         .route("/vms/{name}/can-migrate", get(can_migrate))
+        .route("/vms/{name}/migrate", post(migrate_vm))
         .route("/tasks", get(list_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/tasks/{id}/cancel", post(cancel_task))
@@ -494,6 +496,26 @@ async fn can_migrate(
     Ok(axum::Json(crate::evc::can_migrate(&app, name, q.to).await?))
 }
 
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    request_body = MigrateVm,
+    responses(
+        (status = 202, description = "Migration task queued (kind `vm_migrate`); follow it with GET /api/v1/tasks/{id}; its result is a MigrationResult", body = Task),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM or host", body = ErrorBody),
+        (status = 409, description = "Already on that host, or a task is acting on the VM", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn migrate_vm(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Body(req): Body<MigrateVm>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    let t = crate::migrate::migrate_vm(&app, name, req).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(t)))
+}
+
 // ---- tasks and events ----
 
 /// Most tasks or events one list call returns.
@@ -620,9 +642,10 @@ impl Modify for BearerAuth {
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
         register_host, heartbeat, list_hosts, get_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
+        migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
     ),
-    components(schemas(ErrorBody, TaskKind, TaskState, EventLevel)),
+    components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult)),
     modifiers(&BearerAuth),
     tags(
         (name = "clusters", description = "Clusters of hosts"),
@@ -676,6 +699,7 @@ mod tests {
             ("post", "/api/v1/clusters/{name}/evc"),
             ("get", "/api/v1/clusters/{name}/evc-modes"),
             ("get", "/api/v1/vms/{name}/can-migrate"),
+            ("post", "/api/v1/vms/{name}/migrate"),
             ("post", "/api/v1/hosts/register"),
             ("post", "/api/v1/hosts/{id}/heartbeat"),
             ("get", "/api/v1/hosts"),

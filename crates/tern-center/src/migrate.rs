@@ -22,7 +22,8 @@ use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Measurements, MigrateVm,
-    MigrationOutcome, MigrationResult, MigrationSettings, PrepareIncoming, StartOutgoing,
+    MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings, PrepareIncoming,
+    StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
 use tern_qemu::policy::{choose_settings, HostBudget};
@@ -165,6 +166,7 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
         incoming_attempted: false,
         outgoing_attempted: false,
         pause_started: None,
+        events_seen: 0,
     };
     let app2 = app.clone();
     app.spawn(async move {
@@ -192,6 +194,8 @@ struct Mig {
     incoming_attempted: bool,
     outgoing_attempted: bool,
     pause_started: Option<Instant>,
+    /// Source events already recorded.
+    events_seen: usize,
 }
 
 /// How a driver's forward run ended.
@@ -302,7 +306,8 @@ impl Mig {
         self.check_cancel()?;
 
         // Measurements, and the settings chosen from them.
-        self.phase(5, "measuring dirty rate and link".into()).await?;
+        self.phase(5, "measuring dirty rate and link".into())
+            .await?;
         let (settings, m) = self.measure().await?;
         for r in &settings.reasons {
             self.event(EventLevel::Info, format!("setting: {r}")).await;
@@ -416,12 +421,42 @@ impl Mig {
             .migration_switchover(self.vm.id)
             .await
             .map_err(|e| format!("switchover: {e}"))?;
-        self.record_agent_events(&done, &mut 0).await;
+        let mut seen = self.events_seen;
+        self.record_agent_events(&done, &mut seen).await;
         if done.state != AgentMigrationState::Completed {
             return Err(format!(
                 "switchover ended {:?}: {}",
                 done.state,
                 done.error.clone().unwrap_or_default()
+            ));
+        }
+        let postcopy = done
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.phase == MigrationPhase::PostCopy);
+        if postcopy {
+            // The source's memory is no longer whole: the only way is forward, whatever
+            // happens now (the price of allowing post-copy).
+            self.event(
+                EventLevel::Warning,
+                format!(
+                    "post-copy switchover done: the source can no longer take the VM back; \
+                     committing to {}",
+                    self.dest.name
+                ),
+            )
+            .await;
+            let mut last = String::new();
+            for _ in 0..DRIVER_ATTEMPTS {
+                match self.commit(true).await {
+                    Ok(()) => return Ok(Finished::Committed(done)),
+                    Err(e) => last = e,
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+            tracing::error!(task = %self.task, "post-copy migration cannot be committed: {last}");
+            return Err(format!(
+                "post-copy switchover done but the commit failed: {last}"
             ));
         }
         let received = dst
@@ -444,7 +479,7 @@ impl Mig {
         // The commit point.
         self.phase(95, format!("committing to {}", self.dest.name))
             .await?;
-        self.commit().await?;
+        self.commit(false).await?;
         Ok(Finished::Committed(done))
     }
 
@@ -455,6 +490,7 @@ impl Mig {
             crate::evc::can_migrate(&self.app, self.name().to_string(), self.dest.name.clone())
                 .await
                 .map_err(|e| e.message)?;
+        report.checks.retain(|c| c.check != "state");
         let mut add = |check: &str, r: Result<String, String>| {
             let (ok, detail) = match r {
                 Ok(d) => (true, d),
@@ -466,6 +502,42 @@ impl Mig {
                 detail,
             });
         };
+        // The dry run's state check counts this very task as busy: judge it here instead.
+        let (vm_id, task) = (self.vm.id, self.task);
+        let now = self
+            .app
+            .db
+            .read(move |tx| {
+                let others: Vec<Uuid> = tx
+                    .active_tasks(Some(vm_id))?
+                    .into_iter()
+                    .map(|t| t.task.id)
+                    .filter(|t| *t != task)
+                    .collect();
+                Ok::<_, StoreError>((tx.vm_by_id(vm_id)?, others))
+            })
+            .await
+            .map_err(|e| format!("center store: {e}"))?;
+        add(
+            "state",
+            match now {
+                (None, _) => Err("the VM was deleted".into()),
+                (_, others) if !others.is_empty() => Err(format!(
+                    "task {} is acting on the VM: wait for it to end",
+                    others[0]
+                )),
+                (Some(vm), _) if vm.actual == PowerState::Running => Ok(format!(
+                    "VM {} is running on {}",
+                    vm.name(),
+                    vm.host.as_deref().unwrap_or("-")
+                )),
+                (Some(vm), _) => Err(format!(
+                    "VM {} is {}: only a running VM migrates live",
+                    vm.name(),
+                    vm.actual
+                )),
+            },
+        );
         add(
             "source",
             match self.source.state() {
@@ -500,7 +572,10 @@ impl Mig {
             .await
             .map_err(|e| format!("center store: {e}"))?;
         let mut asked = 0;
-        for h in hosts.iter().filter(|h| h.state() != HostState::Disconnected) {
+        for h in hosts
+            .iter()
+            .filter(|h| h.state() != HostState::Disconnected)
+        {
             let list = match Agent::of(h).vms().await {
                 Ok(l) => l,
                 Err(e) if h.id == self.dest.id => {
@@ -623,27 +698,29 @@ impl Mig {
         let detail = json!({ "settings": settings, "measurements": m });
         self.app
             .db
-            .write(move |tx| -> Result<Result<MigrationRow, String>, StoreError> {
-                let Some(vm) = tx.vm_by_id(vm_id)? else {
-                    return Ok(Err("the VM was deleted".into()));
-                };
-                if vm.host_id != Some(source) {
-                    return Ok(Err("the VM changed host meanwhile".into()));
-                }
-                let row = MigrationRow {
-                    task_id: task,
-                    vm_id,
-                    vm_name: vm.name().to_string(),
-                    source_host_id: source,
-                    dest_host_id: dest,
-                    generation_from: vm.generation,
-                    generation_to: vm.generation + 1,
-                    state: Rec::Preparing,
-                    detail: Some(detail),
-                };
-                tx.insert_migration(&row, Utc::now())?;
-                Ok(Ok(row))
-            })
+            .write(
+                move |tx| -> Result<Result<MigrationRow, String>, StoreError> {
+                    let Some(vm) = tx.vm_by_id(vm_id)? else {
+                        return Ok(Err("the VM was deleted".into()));
+                    };
+                    if vm.host_id != Some(source) {
+                        return Ok(Err("the VM changed host meanwhile".into()));
+                    }
+                    let row = MigrationRow {
+                        task_id: task,
+                        vm_id,
+                        vm_name: vm.name().to_string(),
+                        source_host_id: source,
+                        dest_host_id: dest,
+                        generation_from: vm.generation,
+                        generation_to: vm.generation + 1,
+                        state: Rec::Preparing,
+                        detail: Some(detail),
+                    };
+                    tx.insert_migration(&row, Utc::now())?;
+                    Ok(Ok(row))
+                },
+            )
             .await
             .map_err(|e| format!("center store: {e}"))?
     }
@@ -698,7 +775,7 @@ impl Mig {
         src: &Agent,
         settings: &MigrationSettings,
     ) -> Result<AgentMigrationStatus, String> {
-        let mut seen = 0;
+        let mut seen = self.events_seen;
         let mut unreachable_since: Option<Instant> = None;
         let backstop = Duration::from_millis(settings.deadline_ms) + DEADLINE_MARGIN;
         let mut cancelled = self.cancelled.clone();
@@ -721,7 +798,9 @@ impl Mig {
                 }
                 Err(e) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > UNREACHABLE_LIMIT || matches!(e, AgentError::Refused { .. }) {
+                    if since.elapsed() > UNREACHABLE_LIMIT
+                        || matches!(e, AgentError::Refused { .. })
+                    {
                         return Err(format!("lost the source's migration: {e}"));
                     }
                     tokio::time::sleep(STATUS_WAIT).await;
@@ -729,6 +808,7 @@ impl Mig {
                 }
             };
             self.record_agent_events(&s, &mut seen).await;
+            self.events_seen = seen;
             match s.state {
                 AgentMigrationState::Active => {
                     if let Some(p) = &s.progress {
@@ -769,7 +849,8 @@ impl Mig {
 
     /// The commit point: one transaction that re-checks the task was not cancelled and moves
     /// the VM's ownership to the destination.
-    async fn commit(&self) -> Result<(), String> {
+    /// `forced` (after a post-copy switchover) commits even if the task was cancelled meanwhile.
+    async fn commit(&self, forced: bool) -> Result<(), String> {
         let (task, vm, dest) = (self.task, self.name().to_string(), self.dest.name.clone());
         let source = self.source.name.clone();
         self.app
@@ -778,7 +859,7 @@ impl Mig {
                 let running = tx
                     .task(task)?
                     .is_some_and(|t| t.task.state == TaskState::Running);
-                if !running {
+                if !running && !forced {
                     return Ok(Err("cancelled by user".into()));
                 }
                 if let Err(e) = tx.commit_migration(task, Utc::now()) {
@@ -833,9 +914,7 @@ impl Mig {
             }
             tokio::time::sleep(RETRY).await;
         }
-        let pause_ms = self
-            .pause_started
-            .map(|t| t.elapsed().as_millis() as u64);
+        let pause_ms = self.pause_started.map(|t| t.elapsed().as_millis() as u64);
         if let Err(e) = committed {
             self.finish_task(
                 TaskState::Failed,
@@ -846,7 +925,11 @@ impl Mig {
                      ({e}); the center keeps trying",
                     self.dest.name
                 )),
-                format!("VM {} committed to {}, not yet running there", self.name(), self.dest.name),
+                format!(
+                    "VM {} committed to {}, not yet running there",
+                    self.name(),
+                    self.dest.name
+                ),
             )
             .await;
             self.app.spawn(converge(self.app.clone(), row));
@@ -906,7 +989,7 @@ impl Mig {
             bytes: done.bytes.unwrap_or(0),
             passes: done.passes.unwrap_or(0),
             settings: self.settings.clone().unwrap_or_else(empty_settings),
-            measurements: self.measurements.clone().unwrap_or_else(|| Measurements {
+            measurements: self.measurements.clone().unwrap_or(Measurements {
                 memory_mib: self.vm.spec.memory_mib,
                 dirty_rate_mib_s: 0.0,
                 link_mbit: 0.0,
@@ -939,11 +1022,8 @@ impl Mig {
     async fn rollback(&self, why: &str) {
         let touched = self.incoming_attempted || self.outgoing_attempted;
         if touched {
-            self.event(
-                EventLevel::Warning,
-                format!("rolling back: {why}"),
-            )
-            .await;
+            self.event(EventLevel::Warning, format!("rolling back: {why}"))
+                .await;
         }
         let mut ok = true;
         if self.outgoing_attempted {
@@ -951,7 +1031,10 @@ impl Mig {
                 ok = false;
                 self.event(
                     EventLevel::Error,
-                    format!("could not make {} run the guest again yet: {e}", self.source.name),
+                    format!(
+                        "could not make {} run the guest again yet: {e}",
+                        self.source.name
+                    ),
                 )
                 .await;
             }
@@ -961,7 +1044,10 @@ impl Mig {
                 ok = false;
                 self.event(
                     EventLevel::Error,
-                    format!("could not remove the destination QEMU on {} yet: {e}", self.dest.name),
+                    format!(
+                        "could not remove the destination QEMU on {} yet: {e}",
+                        self.dest.name
+                    ),
                 )
                 .await;
             }
@@ -1042,14 +1128,8 @@ impl Mig {
                 let now = Utc::now();
                 app.settle(vm_id);
                 // A task the user cancelled stays cancelled; its outcome is still recorded.
-                let ended = tx.finish_task(
-                    task,
-                    state,
-                    &phase,
-                    result.as_ref(),
-                    error.as_deref(),
-                    now,
-                )?;
+                let ended =
+                    tx.finish_task(task, state, &phase, result.as_ref(), error.as_deref(), now)?;
                 if !ended {
                     if let Some(r) = &result {
                         tx.set_task_result(task, r)?;
@@ -1088,7 +1168,9 @@ async fn undo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
     match a.migration_abort(vm).await {
         Ok(()) => Ok(()),
         Err(e) if e.status() == Some(404) => match a.vm(vm).await.map_err(|e| e.to_string())? {
-            Some(rt) if rt.state == PowerState::Paused => a.resume(vm).await.map(drop).map_err(|e| e.to_string()),
+            Some(rt) if rt.state == PowerState::Paused => {
+                a.resume(vm).await.map(drop).map_err(|e| e.to_string())
+            }
             Some(_) => Ok(()),
             None => Err(format!("host {} no longer has VM {vm}", host.name)),
         },
@@ -1244,9 +1326,7 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
                 let error = (state == TaskState::Failed).then_some(crate::tasks::RESTART_ERROR);
                 tx.finish_task(row.task_id, state, phase, None, error, now)?;
                 tx.add_event(
-                    NewEvent::warning(msg)
-                        .task(row.task_id)
-                        .vm(&row.vm_name),
+                    NewEvent::warning(msg).task(row.task_id).vm(&row.vm_name),
                     now,
                 )?;
             }
@@ -1341,7 +1421,14 @@ mod tests {
     fn versions() {
         let v = parse_version("10.0.2").unwrap();
         assert_eq!((v.major, v.minor, v.micro), (10, 0, 2));
-        assert_eq!(parse_version("9.2"), Some(QemuVersion { major: 9, minor: 2, micro: 0 }));
+        assert_eq!(
+            parse_version("9.2"),
+            Some(QemuVersion {
+                major: 9,
+                minor: 2,
+                micro: 0
+            })
+        );
         assert!(parse_version("10.1.0 (Debian)").unwrap() > v);
         assert_eq!(parse_version("garbage"), None);
         assert_eq!(parse_version(""), None);

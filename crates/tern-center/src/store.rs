@@ -1558,4 +1558,95 @@ mod tests {
             })
             .unwrap();
     }
+
+    /// The commit rule: a migration commits once, moving host and generation together, and
+    /// only from the generation it recorded.
+    #[test]
+    fn migration_commit_moves_ownership_once() {
+        use MigrationRecordState as R;
+        let mut store = Store::open_in_memory().unwrap();
+        let (h1, vm) = fill(&mut store);
+        let h2 = store
+            .write(|tx| {
+                let mut h = tx.host_by_id(h1)?.unwrap();
+                h.id = Uuid::new_v4();
+                h.name = "h2".into();
+                h.host_token = "h2".into();
+                tx.insert_host(&h, Utc::now())?;
+                Ok::<_, StoreError>(h.id)
+            })
+            .unwrap();
+        let task = Uuid::new_v4();
+        let row = MigrationRow {
+            task_id: task,
+            vm_id: vm,
+            vm_name: "web-1".into(),
+            source_host_id: h1,
+            dest_host_id: h2,
+            generation_from: 1,
+            generation_to: 2,
+            state: R::Preparing,
+            detail: Some(serde_json::json!({"settings": {}})),
+        };
+        store
+            .write(|tx| tx.insert_migration(&row, Utc::now()))
+            .unwrap();
+        let got = store.read(|tx| tx.migration(task)).unwrap().unwrap();
+        assert_eq!(got, row);
+        assert_eq!(
+            store.read(|tx| tx.unfinished_migrations()).unwrap().len(),
+            1
+        );
+        assert!(store
+            .write(|tx| tx.set_migration_state(task, &[R::Preparing], R::Switching, Utc::now()))
+            .unwrap());
+        store
+            .write(|tx| tx.commit_migration(task, Utc::now()))
+            .unwrap();
+        let v = store.read(|tx| tx.vm_by_id(vm)).unwrap().unwrap();
+        assert_eq!((v.host_id, v.generation), (Some(h2), 2));
+        assert_eq!(
+            store.read(|tx| tx.migration(task)).unwrap().unwrap().state,
+            R::Committed
+        );
+        // Once only; and a committed migration cannot be rolled back.
+        assert!(matches!(
+            store.write(|tx| tx.commit_migration(task, Utc::now())),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(!store
+            .write(|tx| tx.set_migration_state(
+                task,
+                &[R::Preparing, R::Switching],
+                R::RolledBack,
+                Utc::now()
+            ))
+            .unwrap());
+        // A migration recorded at an older generation cannot commit, and changes nothing.
+        let stale = MigrationRow {
+            task_id: Uuid::new_v4(),
+            source_host_id: h2,
+            dest_host_id: h1,
+            ..row.clone()
+        };
+        store
+            .write(|tx| tx.insert_migration(&stale, Utc::now()))
+            .unwrap();
+        assert!(matches!(
+            store.write(|tx| tx.commit_migration(stale.task_id, Utc::now())),
+            Err(StoreError::Conflict(_))
+        ));
+        let v = store.read(|tx| tx.vm_by_id(vm)).unwrap().unwrap();
+        assert_eq!((v.host_id, v.generation), (Some(h2), 2));
+        assert!(store
+            .write(|tx| tx.set_migration_state(task, &[R::Committed], R::Done, Utc::now()))
+            .unwrap());
+        let left: Vec<Uuid> = store
+            .read(|tx| tx.unfinished_migrations())
+            .unwrap()
+            .iter()
+            .map(|m| m.task_id)
+            .collect();
+        assert_eq!(left, vec![stale.task_id]);
+    }
 }

@@ -394,3 +394,76 @@ impl Migrations {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StateDir;
+    use crate::vms::VmHostConfig;
+
+    fn migrations(dir: &std::path::Path) -> Arc<Migrations> {
+        let vms = VmManager::new(VmHostConfig {
+            store: StateDir::open(dir).expect("state dir"),
+            accelerator: tern_api::Accelerator::Tcg,
+            bridge: None,
+            qemu: "qemu-system-x86_64".into(),
+            default_cpu_model: "qemu64".into(),
+        });
+        Migrations::new(vms, IpAddr::from([127, 0, 0, 1]))
+    }
+
+    #[tokio::test]
+    async fn bandwidth_probe_measures_what_arrived_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = migrations(dir.path());
+        let sink = m.sink().await.expect("sink");
+        assert!(sink.address.starts_with("127.0.0.1:"), "{sink:?}");
+        let r = m
+            .probe(BandwidthProbe {
+                to_migration_address: sink.address.clone(),
+                bytes: 64 << 20,
+            })
+            .await
+            .expect("probe");
+        // What the sink counted, not what was written.
+        assert_eq!(r.bytes, 64 << 20, "{r:?}");
+        assert!(r.mbit_s > 0.0 && r.elapsed_ms >= 1, "{r:?}");
+        // The sink served its one connection and is gone.
+        assert!(m
+            .probe(BandwidthProbe {
+                to_migration_address: sink.address,
+                bytes: 1 << 20,
+            })
+            .await
+            .is_err());
+        assert!(m
+            .probe(BandwidthProbe {
+                to_migration_address: "not an address".into(),
+                bytes: 1,
+            })
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn calls_without_a_migration_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = migrations(dir.path());
+        let id = Uuid::new_v4();
+        assert!(matches!(
+            m.status(id, None, Duration::ZERO).await,
+            Err(AgentError::NotFound(_))
+        ));
+        assert!(matches!(
+            m.switchover(id).await,
+            Err(AgentError::NotFound(_))
+        ));
+        assert!(matches!(m.abort(id).await, Err(AgentError::NotFound(_))));
+        assert!(matches!(m.finish(id).await, Err(AgentError::NotFound(_))));
+        assert!(matches!(
+            m.measure(id, 1).await,
+            Err(AgentError::NotFound(_))
+        ));
+        assert!(m.commit(id, Commit { generation: 2 }).await.is_err());
+    }
+}

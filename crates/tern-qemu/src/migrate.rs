@@ -44,6 +44,8 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 pub const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a cancelled migration may take to end, and a source guest to run again.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a post-copy source may take to send its last pages before `finish` gives up.
+const POSTCOPY_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a committed destination may take to report `running`.
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -374,12 +376,38 @@ impl Outgoing {
     /// After the destination is committed: quits the paused source QEMU. Refuses if the
     /// source guest is running (it must never run again once the destination owns the VM —
     /// if it does, something is badly wrong and a human must look).
+    ///
+    /// After a post-copy switchover the source still serves the pages the destination has not
+    /// fetched yet: it is quit only once QEMU reports the migration completed.
     pub async fn finish(&self) -> Result<()> {
         let state = self.vm.status().await?;
         if state == RunState::Running {
             return Err(Error::Migration(
                 "the source guest is running: refusing to quit it as a migrated source".into(),
             ));
+        }
+        let deadline = Instant::now() + POSTCOPY_DRAIN_TIMEOUT;
+        loop {
+            let m = self.vm.query_migrate().await?;
+            match m.status {
+                MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::PostcopyRecoverSetup => {
+                    if Instant::now() > deadline {
+                        return Err(Error::Timeout {
+                            what: format!(
+                                "post-copy to finish sending ({:.1} MiB left, {})",
+                                m.remaining_bytes as f64 / 1048576.0,
+                                m.status
+                            ),
+                            timeout_ms: POSTCOPY_DRAIN_TIMEOUT.as_millis() as u64,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => break,
+            }
         }
         self.vm.shutdown(Duration::ZERO).await.map(drop)
     }

@@ -773,3 +773,198 @@ async fn wait_for_stats(lan: &Lan, ok: impl Fn(&Value) -> bool) -> Value {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Post-copy when allowed: a guest dirtying faster than the cap makes the watcher switch to
+/// post-copy; the source pauses at pre-switchover first, the destination runs only on commit
+/// and pulls the remaining pages from the source, which is quit only once all are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_when_allowed_completes_after_commit() {
+    let _serial = serial().await;
+    init_tracing();
+    if skip_without_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src_cfg = real_guest(dir.path(), "src", None, 256, "tern.mem=32 tern.dirty=4096");
+    let dst_cfg = destination_of(&src_cfg, dir.path(), false);
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_ready(&src_cfg.run_dir).await;
+    let settings = plan(
+        &src,
+        256,
+        MigrateVm {
+            bandwidth_mbit: Some(32),
+            deadline_ms: Some(20_000),
+            allow_postcopy: true,
+            ..request()
+        },
+    )
+    .await;
+    assert!(settings.postcopy_allowed);
+    assert_eq!(
+        settings.multifd_channels, 0,
+        "QEMU 10.0: no multifd with post-copy"
+    );
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let at = out
+        .wait_pre_switchover(Duration::from_secs(120))
+        .await
+        .unwrap();
+    print_events(&at);
+    assert!(
+        at.events
+            .iter()
+            .any(|e| e.contains("switching to post-copy")),
+        "{:#?}",
+        at.events
+    );
+    assert_eq!(at.state, AgentMigrationState::PreSwitchover);
+    assert_ne!(incoming.vm().status().await.unwrap(), RunState::Running);
+    let report = out.switchover().await.unwrap();
+    assert!(report.postcopy, "{report:?}");
+    let received = incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(received.state, AgentMigrationState::Completed);
+    assert_ne!(incoming.vm().status().await.unwrap(), RunState::Running);
+    // Past the post-copy switchover the source can no longer take the VM back.
+    assert!(out.abort("too late").await.is_err());
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    assert!(src.exit_reason().is_some());
+    assert_eq!(incoming.vm().status().await.unwrap(), RunState::Running);
+    let stats = incoming.vm().query_migrate().await.unwrap();
+    assert_eq!(
+        stats.status,
+        tern_qemu::MigrationStatus::Completed,
+        "{stats:?}"
+    );
+    // The guest keeps dirtying there and its verifier saw no bad page.
+    let rate = incoming.vm().measure_dirty_rate(1).await.unwrap();
+    assert!(rate.dirty_rate_mib_per_s.unwrap_or(0) > 0, "{rate:?}");
+    let text = console(&dst_cfg.run_dir);
+    assert!(!text.contains("TERN-GUEST-ERROR"), "{text}");
+    incoming.vm().kill().await.unwrap();
+}
+
+/// True when `qemu-io` cannot open the image for writing because a QEMU holds its lock.
+fn image_locked(path: &str) -> bool {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", path])
+        .output()
+        .expect("run qemu-io (from qemu-utils)");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && !text.contains("lock") {
+        return false;
+    }
+    assert!(text.contains("lock"), "qemu-io failed otherwise: {text}");
+    true
+}
+
+/// Shared disks change owner only with the hand-over: after the final state is sent, neither
+/// side holds the image (the destination activates it only when committed), so a rollback
+/// lets the source take it back, and a commit gives it to the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_disk_follows_the_hand_over_decision() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("shared.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let disk_s = disk.to_string_lossy().into_owned();
+    let mut src_cfg = config(dir.path(), "src", "");
+    src_cfg.spec.disks = vec![tern_api::DiskSpec {
+        path: disk_s.clone(),
+        format: tern_api::DiskFormat::Raw,
+        readonly: false,
+    }];
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    assert!(image_locked(&disk_s));
+    let settings = plan(&src, 192, request()).await;
+
+    // Rollback after the switchover: the source gets its disk back and runs on.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        !image_locked(&disk_s),
+        "someone holds the image between the switchover and the decision"
+    );
+    incoming.abort().await.unwrap();
+    out.abort("test: not committed").await.unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    assert!(
+        image_locked(&disk_s),
+        "the resumed source did not take its disk back"
+    );
+
+    // Commit: the destination takes the disk.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
+    let _g3 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        incoming.uri(),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    assert!(
+        image_locked(&disk_s),
+        "the committed destination does not hold the disk"
+    );
+    let t = last_tick(&console(&src_cfg.run_dir)).unwrap_or(0);
+    wait_tick(&dst_cfg.run_dir, t + 1, Duration::from_secs(30)).await;
+    incoming.vm().kill().await.unwrap();
+    assert!(!image_locked(&disk_s));
+}

@@ -7,6 +7,7 @@ pub mod evc;
 pub mod event;
 pub mod host;
 pub mod lab;
+pub mod migrate;
 pub mod output;
 pub mod task;
 pub mod vm;

@@ -1,4 +1,4 @@
-//! `tern vm create|start|stop|list|show|console|delete`.
+//! `tern vm create|start|stop|list|show|console|delete|migrate`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,6 +51,9 @@ pub enum VmCommand {
     },
     /// Delete a stopped VM.
     Delete { name: String },
+    /// Live-migrate a running VM to another host and follow it to the end (exit 1 if it
+    /// rolled back: the VM then runs on its source as before).
+    Migrate(super::migrate::MigrateArgs),
     /// Run every migration pre-check (CPU, memory, storage, state) as a dry run; exit 4 if one
     /// fails.
     CanMigrate {
@@ -156,6 +159,7 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
             bytes,
             follow,
         } => console(api, &name, bytes, follow).await,
+        VmCommand::Migrate(a) => super::migrate::run(api, a, fmt).await,
         VmCommand::CanMigrate { name, to } => super::evc::can_migrate(api, &name, &to, fmt).await,
         VmCommand::Delete { name } => {
             api.delete(&format!("/api/v1/vms/{}", seg(&name)?))
