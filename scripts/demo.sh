@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tern's demo: a 2-host lab cluster on this machine, a VM serving a TCP stream to a client in
-# the lab's client namespace, and the client's view of it. Installs what it needs, builds,
+# the lab's client namespace, a live migration of that VM while the client streams, and the
+# client's view of it. Installs what it needs, builds,
 # and tears the lab down at the end (also on Ctrl-C or failure). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,27 @@ $tern vm list
 
 step "a client in the lab's client namespace streams from the VM for 3 s"
 $tern lab client --prefix tdemo --dir "$labdir" -- target/guest/tern-guest client --addr 10.78.0.100:7000 --duration-ms 3000
+step "live migration h1 -> h2 while the client streams from the VM"
+clientlog=$(mktemp)
+$tern lab client --prefix tdemo --dir "$labdir" -- target/guest/tern-guest client \
+  --addr 10.78.0.100:7000 --duration-ms 9000 --json > "$clientlog" &
+client_pid=$!
+sleep 2
+$tern vm migrate web --to h2 -o json > "$labdir/migration.json"
+wait "$client_pid" || true
+$tern vm list
+python3 - "$labdir/migration.json" "$clientlog" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m = m.get("result", m)
+c = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+print(f"migration {m['from']} -> {m['to']}: {m['status']}")
+print(f"  total time          {m['total_ms']} ms")
+print(f"  QEMU downtime       {m['downtime_ms']} ms")
+print(f"  client's TCP gap    {c['longest_gap_ms']} ms   (resets {c['resets']}, missing {c['missing']}, duplicates {c['duplicates']})")
+PY
+rm -f "$clientlog"
+
 step "what the guest itself reports (memory verifier, longest pause it saw)"
 $tern lab client --prefix tdemo --dir "$labdir" -- target/guest/tern-guest client --addr 10.78.0.100:7000 --stats
 $tern event list --limit 10
