@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -182,6 +183,7 @@ def measured_run(lab, mig, vm, dst, deadline_s, rundir, tag, variant="default", 
         time.sleep(TAIL_S)
     finally:
         stream, ping, frames = probes.stop()
+        mig.finish(vm)
     rec.update(ping)
     if frames is not None and rec.get("t_stop"):
         # Keep the switchover: from just before the pause to a while after the resume.
@@ -318,6 +320,8 @@ def parse_args():
     ap.add_argument("--no-trace", dest="trace", action="store_false",
                     help="experiment: do not record the VM's frames at the switch ports")
     ap.add_argument("--out", default=None, help="JSON lines file (default bench/migrate/out/)")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep the QEMU logs, consoles and ping outputs (kept anyway on errors)")
     ap.add_argument("--prefix", default="tmb")
     ap.add_argument("--lab-dir", default="/var/tmp/tern-bench-migrate")
     a = ap.parse_args()
@@ -593,12 +597,16 @@ def main():
             out.write(json.dumps({"kind": "defaults", **(meta.get("qemu_defaults") or {})})
                       + "\n")
         print("\n" + table + "\n")
-        print(f"raw records: {a.out}\nQEMU logs and consoles: {rundir}")
+        print(f"raw records: {a.out}")
+        if a.keep_logs:
+            print(f"QEMU logs and consoles: {rundir}")
+        else:
+            shutil.rmtree(rundir, ignore_errors=True)
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         status = 130
     except BenchError as e:
-        log(f"error: {e}")
+        log(f"error: {e}\nQEMU logs and consoles: {rundir}")
         status = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,8 +1,9 @@
 """Migrators: each boots a VM its own way and moves it from one lab host to the other, returning
 the same record, so the harness can put them side by side.
 
-A migrator has `name`, `boot(case) -> vm`, `migrate(vm, dst_host, deadline_s, variant) ->
-record` and `shutdown(vm)`. The vm object has `.host` (1 or 2, where it runs now), `.ip`,
+A migrator has `name`, `boot(case, ip, mac) -> vm`, `migrate(vm, dst_host, deadline_s,
+variant) -> record`, `finish(vm)` (clean up what the last move left behind, after the probes
+stopped) and `shutdown(vm)`. The vm object has `.host` (1 or 2, where it runs now), `.ip`,
 `.mac`, `.console` (serial log path of the QEMU running it). The record has (None when the
 migrator cannot know): converged, e2e_s, qemu_total_ms, qemu_downtime_ms, qemu_setup_ms,
 pause_ms (guest stopped on the source → running on the destination, from QMP STOP/RESUME),
@@ -125,7 +126,15 @@ class Baseline:
             }
         return vm
 
+    def finish(self, vm):
+        """Quits the paused source of the last completed migration."""
+        old = getattr(vm, "old", None)
+        if old:
+            vm.stop_qemu(*old)
+            vm.old = None
+
     def shutdown(self, vm):
+        self.finish(vm)
         if vm.proc is not None:
             vm.stop_qemu(vm.proc, vm.qmp, vm.tap_token)
             vm.proc = None
@@ -206,8 +215,10 @@ class Baseline:
                 rec["e2e_s"] = rec["t_resume"] - t_cmd
                 rec["pause_ms"] = ((rec["t_resume"] - rec["t_stop"]) * 1000
                                    if rec["t_stop"] else None)
-                # As libvirt does once the destination runs: the paused source goes away.
-                vm.stop_qemu(vm.proc, sq, vm.tap_token)
+                # The paused source goes away once the destination runs (as with libvirt),
+                # but only in finish(): on this shared 2-core machine its exit would steal
+                # CPU from the destination guest while the probes are timing it.
+                vm.old = (vm.proc, sq, vm.tap_token)
                 vm.proc, vm.qmp, vm.tap_token, vm.console = dproc, dq, dtap, dconsole
                 vm.host = dst
             else:
@@ -258,8 +269,10 @@ class Tern:
         from lab import TERN
         return TERN
 
-    def cli(self, *args, timeout=600):
-        return sh(self._tern(), "--lab-dir", self.lab.dir, *args, timeout=timeout)
+    def cli(self, group, *args, timeout=600, check=True):
+        """`tern GROUP --lab-dir DIR ARGS...` (the lab directory is an option of each group)."""
+        return sh(self._tern(), group, "--lab-dir", self.lab.dir, *args, timeout=timeout,
+                  check=check)
 
     def boot(self, case, ip, mac):
         import json
@@ -285,8 +298,11 @@ class Tern:
         return os.path.join(self.lab.dir, "hosts", f"h{vm.host}", "vms", vm.id, "console.log")
 
     def _delete(self, name):
-        sh(self._tern(), "--lab-dir", self.lab.dir, "vm", "stop", "--force", name, check=False)
-        sh(self._tern(), "--lab-dir", self.lab.dir, "vm", "delete", name, check=False)
+        self.cli("vm", "stop", "--force", name, check=False)
+        self.cli("vm", "delete", name, check=False)
+
+    def finish(self, vm):
+        pass
 
     def shutdown(self, vm):
         self._delete(vm.name)

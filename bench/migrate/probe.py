@@ -6,9 +6,9 @@
       sends `PING <n> <us>` lines: with `rpc` (default) one at a time, the next --ping-ms after
       the previous echo, as a request/response client would (a request lost in the switchover
       then waits for TCP's retransmit timer); with `stream` every --ping-ms regardless. Prints
-      one JSON object: records, longest
-      gap (with its monotonic start/end), every gap above 30 ms, resets, missing, duplicates,
-      corrupt, boot changes, and the echo round trips (the client-to-guest direction).
+      one JSON object: records, longest gap between records (with its monotonic start/end and
+      how far the guest's clock moved across it), every gap above 30 ms, resets, missing,
+      duplicates, corrupt, boot changes, and the echo round trips (client to guest and back).
   blast-recv --bind IP:PORT    accepts one TCP connection, counts bytes until EOF, prints JSON
   blast-send --addr IP:PORT --seconds S
   trace --ifnames A,B,... --mac MAC
