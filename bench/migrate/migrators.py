@@ -315,7 +315,7 @@ class Tern:
                "error": None}
         rec["t_cmd"] = time.monotonic()
         task = json.loads(self.cli("vm", "migrate", vm.name, "--to", f"h{dst}",
-                                   "--deadline-ms", str(int(deadline_s * 1000)), "--detach",
+                                   "--deadline", f"{int(deadline_s)}s", "--detach",
                                    "-o", "json"))
         task = json.loads(self.cli("task", "wait", task["id"], "-o", "json",
                                    timeout=deadline_s + 120))
