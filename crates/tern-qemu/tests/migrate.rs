@@ -650,7 +650,12 @@ async fn deadline_cancels_cleanly_and_the_source_runs_on() {
     src.kill().await.unwrap();
 }
 
+// Load-sensitive: whether auto-converge wins against the test guest depends on how much CPU
+// the 2-core machine leaves its vCPU. It passed alone (35 s) but timed out while a benchmark ran
+// beside it, so it is kept out of CI until it is made robust; the escalation rules themselves
+// are unit-tested in `policy`. Run it with `--ignored` on an idle machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load-sensitive; run with --ignored on an idle machine"]
 async fn guest_dirtying_faster_than_the_cap_converges_by_escalation() {
     let _serial = serial().await;
     init_tracing();
