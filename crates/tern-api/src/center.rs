@@ -187,6 +187,30 @@ pub struct Task {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+impl Task {
+    /// A task just recorded, before anything has been done for it.
+    pub fn queued(
+        kind: TaskKind,
+        vm: Option<String>,
+        host: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Task {
+        Task {
+            id: Uuid::new_v4(),
+            kind,
+            vm,
+            host,
+            state: TaskState::Queued,
+            progress: 0,
+            phase: "queued".into(),
+            result: None,
+            error: None,
+            created_at: now,
+            finished_at: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventLevel {

@@ -104,19 +104,12 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
                     t.task.id, t.task.state, t.task.id
                 )));
             }
-            let task = Task {
-                id: Uuid::new_v4(),
-                kind: TaskKind::VmMigrate,
-                vm: Some(name.clone()),
-                host: Some(source.name.clone()),
-                state: TaskState::Queued,
-                progress: 0,
-                phase: "queued".into(),
-                result: None,
-                error: None,
-                created_at: now,
-                finished_at: None,
-            };
+            let task = Task::queued(
+                TaskKind::VmMigrate,
+                Some(name.clone()),
+                Some(source.name.clone()),
+                now,
+            );
             let rec = TaskRecord {
                 task,
                 vm_id: Some(vm.id),

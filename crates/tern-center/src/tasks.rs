@@ -94,19 +94,7 @@ async fn begin(
                 TaskKind::VmStop => PowerState::Stopped,
                 _ => PowerState::Running,
             };
-            let task = Task {
-                id: Uuid::new_v4(),
-                kind,
-                vm: Some(name.clone()),
-                host: Some(host.name.clone()),
-                state: TaskState::Queued,
-                progress: 0,
-                phase: "queued".into(),
-                result: None,
-                error: None,
-                created_at: now,
-                finished_at: None,
-            };
+            let task = Task::queued(kind, Some(name.clone()), Some(host.name.clone()), now);
             let rec = TaskRecord {
                 task,
                 vm_id: Some(vm.id),
