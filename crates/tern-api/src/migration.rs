@@ -15,6 +15,7 @@
 //! | POST | /v1/migrations/{vm}/outgoing | [`StartOutgoing`] → `()` (source: start streaming; stops paused at pre-switchover) |
 //! | GET | /v1/migrations/{vm} | → [`AgentMigrationStatus`] |
 //! | POST | /v1/migrations/{vm}/measure | [`MeasureDirtyRate`] → [`DirtyRateReport`] (source: the guest's dirty rate, QMP `calc-dirty-rate`) |
+//! | POST | /v1/migrations/{vm}/steer | → [`AgentMigrationStatus`] (destination, while the source is paused at pre-switchover: still listening? then point the LAN at this host's taps; what was done is in `events`) |
 //! | POST | /v1/migrations/{vm}/switchover | → [`AgentMigrationStatus`] (source: send the final state and answer once all is sent; the guest stays paused on both sides) |
 //! | POST | /v1/migrations/{vm}/commit | [`Commit`] → `()` (destination: the center recorded it as owner — run the guest, announce its MAC) |
 //! | POST | /v1/migrations/{vm}/abort | → `()` (source: cancel and resume the guest; destination: kill the incoming QEMU) |
@@ -251,16 +252,16 @@ pub struct AgentMigrationStatus {
     pub paused_ms: Option<u64>,
 }
 
-/// Source: measure the guest's dirty rate over `seconds` (1..=60).
+/// Source: measure the guest's dirty rate over `duration_ms` (50 ms to 60 s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MeasureDirtyRate {
-    pub seconds: u32,
+    pub duration_ms: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DirtyRateReport {
     pub dirty_rate_mib_s: f64,
-    pub seconds: u32,
+    pub duration_ms: u32,
 }
 
 /// Destination: where the bandwidth probe must send (`IP:PORT` on the migration address).

@@ -218,13 +218,20 @@ impl Agent {
     pub async fn migration_measure(
         &self,
         id: Uuid,
-        seconds: u32,
+        duration_ms: u32,
     ) -> Result<DirtyRateReport, AgentError> {
-        self.client(QUICK + Duration::from_secs(u64::from(seconds)))?
+        self.client(QUICK + Duration::from_millis(u64::from(duration_ms)))?
             .post(
                 &format!("/v1/migrations/{id}/measure"),
-                &MeasureDirtyRate { seconds },
+                &MeasureDirtyRate { duration_ms },
             )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_steer(&self, id: Uuid) -> Result<AgentMigrationStatus, AgentError> {
+        self.client(QUICK)?
+            .post(&format!("/v1/migrations/{id}/steer"), &())
             .await
             .map_err(|e| self.error(e))
     }

@@ -41,7 +41,7 @@ use crate::store::{
 };
 
 /// How long the guest's dirty rate is measured.
-const DIRTY_RATE_SECONDS: u32 = 1;
+const DIRTY_RATE_MS: u32 = 500;
 /// Most bytes the bandwidth probe sends (it also stops after about a second).
 const PROBE_BYTES: u64 = 1 << 30;
 /// How long a status call waits for the source's state to change.
@@ -160,6 +160,8 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
         outgoing_attempted: false,
         pause_started: None,
         events_seen: 0,
+        held: std::sync::Mutex::new(Vec::new()),
+        timeline: Timeline::default(),
     };
     let app2 = app.clone();
     app.spawn(async move {
@@ -189,6 +191,32 @@ struct Mig {
     pause_started: Option<Instant>,
     /// Source events already recorded.
     events_seen: usize,
+    /// Events noted while the guest is paused, written once it runs again (on either side):
+    /// the pause is no time for store writes.
+    held: std::sync::Mutex<Vec<NewEvent>>,
+    /// Where the guest's pause went, step by step.
+    timeline: Timeline,
+}
+
+/// The steps of a switchover and how long each took, for the record.
+#[derive(Debug, Default, Clone)]
+struct Timeline(Vec<(&'static str, Duration)>);
+
+impl Timeline {
+    fn step(&mut self, what: &'static str, took: Duration) {
+        self.0.push((what, took));
+    }
+}
+
+impl std::fmt::Display for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps: Vec<String> = self
+            .0
+            .iter()
+            .map(|(what, took)| format!("{what} {:.1} ms", took.as_secs_f64() * 1000.0))
+            .collect();
+        f.write_str(&steps.join(", "))
+    }
 }
 
 /// How a driver's forward run ended.
@@ -213,6 +241,46 @@ impl Mig {
         {
             tracing::error!(task = %self.task, "cannot record an event: {err}");
         }
+    }
+
+    /// Notes an event to be written by [`Mig::flush_held`].
+    fn hold(&self, level: EventLevel, msg: String) {
+        let e = ev(self.task, self.name(), &self.source.name, level, msg);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    }
+
+    /// Writes the held events, in one transaction.
+    async fn flush_held(&self) {
+        let held: Vec<NewEvent> =
+            std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        if held.is_empty() {
+            return;
+        }
+        let r = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                for e in held {
+                    tx.add_event(e, now)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(task = %self.task, "cannot record events: {e}");
+        }
+    }
+
+    /// Holds the source's events not seen yet (see [`Mig::hold`]).
+    fn hold_agent_events(&self, s: &AgentMigrationStatus, seen: &mut usize) {
+        for line in s.events.iter().skip(*seen) {
+            self.hold(
+                EventLevel::Info,
+                format!("source {}: {line}", self.source.name),
+            );
+        }
+        *seen = (*seen).max(s.events.len());
     }
 
     /// Records progress; an error when the task has ended meanwhile (cancelled).
@@ -382,40 +450,63 @@ impl Mig {
         .map_err(|e| format!("starting the migration on {}: {e}", self.source.name))?;
         let at_switch = self.watch_precopy(&src, &settings).await?;
 
-        // Switchover: last checks while the guest is paused at the source.
+        // Switchover. The guest is paused at the source from here until the destination runs
+        // it (or the source resumes): every step is timed, nothing waits for anything it does
+        // not need, and events are held until the guest runs.
         self.pause_started = Some(Instant::now());
+        let mut timeline = Timeline::default();
         self.check_cancel()?;
-        let dest_state = dst
-            .migration_status(self.vm.id, None, Duration::ZERO)
-            .await
-            .map_err(|e| format!("destination check before switchover: {e}"))?;
-        if dest_state.state != AgentMigrationState::Listening {
-            return Err(format!(
-                "destination {} is {:?} before switchover: {}",
-                self.dest.name,
-                dest_state.state,
-                dest_state.error.unwrap_or_default()
-            ));
-        }
-        self.set_record(&[Rec::Preparing], Rec::Switching).await?;
-        self.phase(
-            90,
-            format!(
-                "switchover: final {:.1} MiB",
-                at_switch
-                    .progress
-                    .as_ref()
-                    .map(|p| p.remaining_bytes as f64 / MIB)
-                    .unwrap_or(0.0)
+        let final_mib = at_switch
+            .progress
+            .as_ref()
+            .map(|p| p.remaining_bytes as f64 / MIB)
+            .unwrap_or(0.0);
+        // The destination steers the LAN to its taps (frames sent during the switchover then
+        // wait there instead of dying at the paused source) while the record says the state
+        // may now leave the source and the source sends it.
+        let steer = async {
+            let t = Instant::now();
+            let r = dst.migration_steer(self.vm.id).await;
+            (r, t.elapsed())
+        };
+        let hand_over = async {
+            let t = Instant::now();
+            self.set_record(&[Rec::Preparing], Rec::Switching).await?;
+            self.phase(90, format!("switchover: final {final_mib:.1} MiB"))
+                .await?;
+            let recorded = t.elapsed();
+            let done = src
+                .migration_switchover(self.vm.id)
+                .await
+                .map_err(|e| format!("switchover: {e}"))?;
+            Ok::<_, String>((recorded, t.elapsed() - recorded, done))
+        };
+        let ((steered, steer_time), handed) = tokio::join!(steer, hand_over);
+        timeline.step("steer (in parallel)", steer_time);
+        match steered {
+            Ok(s) => {
+                for e in s.events {
+                    self.hold(
+                        EventLevel::Info,
+                        format!("destination {}: {e}", self.dest.name),
+                    );
+                }
+            }
+            Err(e) => self.hold(
+                EventLevel::Warning,
+                format!(
+                    "destination {} could not steer the LAN ({e}); the guest announces itself \
+                     when it runs",
+                    self.dest.name
+                ),
             ),
-        )
-        .await?;
-        let done = src
-            .migration_switchover(self.vm.id)
-            .await
-            .map_err(|e| format!("switchover: {e}"))?;
+        }
+        let (recorded, sent, done) = handed?;
+        timeline.step("record", recorded);
+        timeline.step("final copy", sent);
         let mut seen = self.events_seen;
-        self.record_agent_events(&done, &mut seen).await;
+        self.hold_agent_events(&done, &mut seen);
+        self.events_seen = seen;
         if done.state != AgentMigrationState::Completed {
             return Err(format!(
                 "switchover ended {:?}: {}",
@@ -428,6 +519,7 @@ impl Mig {
             .as_ref()
             .is_some_and(|p| p.phase == MigrationPhase::PostCopy);
         if postcopy {
+            self.flush_held().await;
             // The source's memory is no longer whole: the only way is forward, whatever
             // happens now (the price of allowing post-copy).
             self.event(
@@ -452,6 +544,7 @@ impl Mig {
                 "post-copy switchover done but the commit failed: {last}"
             ));
         }
+        let t = Instant::now();
         let received = dst
             .migration_status(
                 self.vm.id,
@@ -460,6 +553,7 @@ impl Mig {
             )
             .await
             .map_err(|e| format!("destination after switchover: {e}"))?;
+        timeline.step("destination loaded", t.elapsed());
         if received.state != AgentMigrationState::Completed {
             return Err(format!(
                 "destination {} is {:?} after switchover, not holding the paused guest: {}",
@@ -468,11 +562,12 @@ impl Mig {
                 received.error.unwrap_or_default()
             ));
         }
+        self.timeline = timeline;
 
         // The commit point.
-        self.phase(95, format!("committing to {}", self.dest.name))
-            .await?;
+        let t = Instant::now();
         self.commit(false).await?;
+        self.timeline.step("commit", t.elapsed());
         Ok(Finished::Committed(done))
     }
 
@@ -624,20 +719,19 @@ impl Mig {
     async fn measure(&self) -> Result<(MigrationSettings, Measurements), String> {
         let src = Agent::of(&self.source);
         let dst = Agent::of(&self.dest);
-        let dirty = src
-            .migration_measure(self.vm.id, DIRTY_RATE_SECONDS)
+        // Both at once: QEMU samples the guest's pages while the agents time the link (the
+        // user waits for this phase; neither disturbs the other's figure much).
+        let link = async {
+            let sink = dst.bandwidth_sink().await?;
+            src.bandwidth_probe(&BandwidthProbe {
+                to_migration_address: sink.address.clone(),
+                bytes: PROBE_BYTES,
+            })
             .await
-            .map_err(|e| format!("measuring the dirty rate: {e}"))?;
-        let link = match dst.bandwidth_sink().await {
-            Ok(sink) => src
-                .bandwidth_probe(&BandwidthProbe {
-                    to_migration_address: sink.address.clone(),
-                    bytes: PROBE_BYTES,
-                })
-                .await
-                .map(|r| (sink.address, r)),
-            Err(e) => Err(e),
+            .map(|r| (sink.address, r))
         };
+        let (dirty, link) = tokio::join!(src.migration_measure(self.vm.id, DIRTY_RATE_MS), link);
+        let dirty = dirty.map_err(|e| format!("measuring the dirty rate: {e}"))?;
         let link_mbit = match link {
             Ok((addr, r)) => {
                 self.event(
@@ -800,6 +894,12 @@ impl Mig {
                     continue;
                 }
             };
+            if s.state == AgentMigrationState::PreSwitchover {
+                // The guest is paused now: its events wait.
+                self.hold_agent_events(&s, &mut seen);
+                self.events_seen = seen;
+                return Ok(s);
+            }
             self.record_agent_events(&s, &mut seen).await;
             self.events_seen = seen;
             match s.state {
@@ -829,7 +929,6 @@ impl Mig {
                         .await?;
                     }
                 }
-                AgentMigrationState::PreSwitchover => return Ok(s),
                 other => {
                     return Err(format!(
                         "the source's migration ended {other:?}: {}",
@@ -886,6 +985,7 @@ impl Mig {
         };
         let dst = Agent::of(&self.dest);
         let mut committed = Err(String::new());
+        let resumed = Instant::now();
         for attempt in 0..DRIVER_ATTEMPTS {
             committed = dst
                 .migration_commit(self.vm.id, row.generation_to)
@@ -908,6 +1008,14 @@ impl Mig {
             tokio::time::sleep(RETRY).await;
         }
         let pause_ms = self.pause_started.map(|t| t.elapsed().as_millis() as u64);
+        let mut timeline = self.timeline.clone();
+        timeline.step("destination runs", resumed.elapsed());
+        self.flush_held().await;
+        self.event(
+            EventLevel::Info,
+            format!("switchover timeline (the guest's pause, as the center saw it): {timeline}"),
+        )
+        .await;
         if let Err(e) = committed {
             self.finish_task(
                 TaskState::Failed,
@@ -1013,6 +1121,7 @@ impl Mig {
     /// Before the commit: cancel on the source (the guest runs there as before), remove the
     /// destination, record why.
     async fn rollback(&self, why: &str) {
+        self.flush_held().await;
         let touched = self.incoming_attempted || self.outgoing_attempted;
         if touched {
             self.event(EventLevel::Warning, format!("rolling back: {why}"))

@@ -43,6 +43,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{id}/incoming", post(migration_incoming))
         .route("/v1/migrations/{id}/outgoing", post(migration_outgoing))
         .route("/v1/migrations/{id}/measure", post(migration_measure))
+        .route("/v1/migrations/{id}/steer", post(migration_steer))
         .route("/v1/migrations/{id}/switchover", post(migration_switchover))
         .route("/v1/migrations/{id}/commit", post(migration_commit))
         .route("/v1/migrations/{id}/abort", post(migration_abort))
@@ -238,7 +239,18 @@ async fn migration_measure(
 ) -> Result<Json<DirtyRateReport>, AgentError> {
     let id = vm_id(&id)?;
     let req = body(req)?;
-    agent.migrations.measure(id, req.seconds).await.map(Json)
+    agent
+        .migrations
+        .measure(id, req.duration_ms)
+        .await
+        .map(Json)
+}
+
+async fn migration_steer(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentMigrationStatus>, AgentError> {
+    agent.migrations.steer(vm_id(&id)?).await.map(Json)
 }
 
 async fn migration_switchover(

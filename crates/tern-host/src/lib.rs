@@ -18,6 +18,7 @@ pub mod facts;
 pub mod load;
 pub mod migrations;
 pub mod paths;
+pub mod steer;
 pub mod store;
 pub mod tap;
 pub mod vms;

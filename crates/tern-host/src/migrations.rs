@@ -27,8 +27,9 @@ use crate::vms::VmManager;
 const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How long a bandwidth sink waits for its one connection.
 const SINK_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the probe sends at most.
-const PROBE_TIME: Duration = Duration::from_millis(1000);
+/// How long the probe sends at most: long enough to leave TCP's slow start and a shaper's
+/// burst behind, short because the user waits for it.
+const PROBE_TIME: Duration = Duration::from_millis(500);
 /// Chunk the probe writes.
 const PROBE_CHUNK: usize = 1 << 20;
 
@@ -48,6 +49,7 @@ pub struct Migrations {
     vms: Arc<VmManager>,
     migration_address: IpAddr,
     slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
+    steerer: crate::steer::Steerer,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,6 +85,7 @@ impl Migrations {
             vms,
             migration_address,
             slots: Mutex::new(HashMap::new()),
+            steerer: crate::steer::Steerer::default(),
         })
     }
 
@@ -142,6 +145,8 @@ impl Migrations {
                 op: tokio::sync::Mutex::new(()),
             }),
         );
+        // This host will steer the LAN at switchover: have the netlink connection ready.
+        self.steerer.warm_up().await;
         Ok(IncomingReady { uri })
     }
 
@@ -199,22 +204,88 @@ impl Migrations {
                             paused_ms: None,
                         });
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }
     }
 
-    /// Source: the guest's dirty rate, measured by QEMU over `seconds`.
-    pub async fn measure(&self, id: Uuid, seconds: u32) -> Result<DirtyRateReport, AgentError> {
+    /// Destination, while the source holds the guest paused at pre-switchover: checks this
+    /// host still listens for the VM's stream, then steers the LAN to the VM's taps here
+    /// ([`crate::steer`]) so frames sent during the switchover wait in this host's tap queue
+    /// instead of dying at the paused source. Steering is an optimisation: when it fails the
+    /// answer still says `Listening`, with the failure in `events`, and the hand-over goes on
+    /// (the guest announces itself when it runs, as without steering).
+    pub async fn steer(&self, id: Uuid) -> Result<AgentMigrationStatus, AgentError> {
+        let slot = self.slot(id)?;
+        // No lock and no QMP: the destination QEMU's monitor does not answer while it loads
+        // the stream, and this runs while the guest is paused. Racing an abort is harmless
+        // (a removed tap fails the steering, and the source re-announces when it resumes).
+        let Role::Destination(inc) = &slot.role else {
+            return Err(AgentError::Conflict(format!(
+                "this host is the source of VM {id}'s migration: steer at the destination"
+            )));
+        };
+        let ended = inc.vm().exit_reason();
+        let mut status = AgentMigrationStatus {
+            vm: id,
+            // Only a commit runs the guest here: alive means listening or holding it paused.
+            state: if ended.is_some() {
+                AgentMigrationState::Failed
+            } else {
+                AgentMigrationState::Listening
+            },
+            progress: None,
+            downtime_ms: None,
+            setup_ms: None,
+            total_ms: None,
+            error: ended.map(|r| format!("destination QEMU ended: {r}")),
+            events: Vec::new(),
+            bytes: None,
+            passes: None,
+            paused_ms: None,
+        };
+        if status.state != AgentMigrationState::Listening {
+            return Ok(status);
+        }
+        let Some(bridge) = self.vms.bridge() else {
+            return Ok(status);
+        };
+        let spec = self.vms.get(id)?.spec;
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let tap = crate::tap::tap_name(id, i);
+            let started = Instant::now();
+            let r = match crate::steer::parse_mac(&nic.mac) {
+                Ok(mac) => self.steerer.steer(bridge, &tap, mac).await,
+                Err(e) => Err(e),
+            };
+            status.events.push(match r {
+                Ok(()) => format!(
+                    "steered the LAN to {tap} for MAC {} ({} µs): {bridge}'s entry points at the \
+                     tap and a RARP taught the switches",
+                    nic.mac,
+                    started.elapsed().as_micros()
+                ),
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %e, "steering failed");
+                    format!("could not steer the LAN to {tap} ({e}); the guest announces itself when it runs")
+                }
+            });
+        }
+        Ok(status)
+    }
+
+    /// Source: the guest's dirty rate, measured by QEMU over `duration_ms`.
+    pub async fn measure(&self, id: Uuid, duration_ms: u32) -> Result<DirtyRateReport, AgentError> {
         let vm = self.vms.live_qemu(id)?;
-        let rate = vm.measure_dirty_rate(seconds).await.map_err(|e| match e {
+        let period = Duration::from_millis(u64::from(duration_ms));
+        let rate = vm.measure_dirty_rate(period).await.map_err(|e| match e {
             tern_qemu::Error::Config(m) => AgentError::BadRequest(m),
             other => AgentError::Qemu(other.to_string()),
         })?;
         Ok(DirtyRateReport {
             dirty_rate_mib_s: rate.dirty_rate_mib_per_s.unwrap_or(0) as f64,
-            seconds,
+            duration_ms,
         })
     }
 
@@ -461,7 +532,7 @@ mod tests {
         assert!(matches!(m.abort(id).await, Err(AgentError::NotFound(_))));
         assert!(matches!(m.finish(id).await, Err(AgentError::NotFound(_))));
         assert!(matches!(
-            m.measure(id, 1).await,
+            m.measure(id, 1000).await,
             Err(AgentError::NotFound(_))
         ));
         assert!(m.commit(id, Commit { generation: 2 }).await.is_err());

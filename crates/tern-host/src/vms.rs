@@ -230,6 +230,11 @@ impl VmManager {
         out
     }
 
+    /// The bridge VM taps join, if this host has one.
+    pub fn bridge(&self) -> Option<&str> {
+        self.host.bridge.as_deref()
+    }
+
     pub fn get(&self, id: Uuid) -> Result<VmRuntime, AgentError> {
         Ok(self.slot(id)?.runtime())
     }

@@ -773,6 +773,13 @@ impl Driver {
                 resume_source(&self.vm, self.was_running).await?;
             }
         }
+        if self.was_running {
+            // The destination may have steered the LAN to its port at pre-switchover: teach
+            // it the source's port again rather than wait for the guest to speak.
+            if let Err(e) = self.vm.announce_self(&COMMIT_ANNOUNCE).await {
+                self.event(format!("re-announcing the source's MAC failed: {e}"));
+            }
+        }
         let state = self.vm.status().await?;
         self.end(
             AgentMigrationState::Cancelled,

@@ -345,15 +345,20 @@ impl QemuVm {
             .map(drop)
     }
 
-    /// Starts measuring the guest's dirty rate over `seconds` (page sampling).
-    pub async fn calc_dirty_rate(&self, seconds: u32) -> Result<()> {
-        if seconds == 0 || seconds > 60 {
+    /// Starts measuring the guest's dirty rate over `period` (page sampling; QEMU takes
+    /// 50 ms to 60 s).
+    pub async fn calc_dirty_rate(&self, period: std::time::Duration) -> Result<()> {
+        let ms = period.as_millis();
+        if !(50..=60_000).contains(&ms) {
             return Err(Error::Config(format!(
-                "dirty rate measurement of {seconds} s: use 1..=60"
+                "dirty rate measurement of {ms} ms: use 50 ms to 60 s"
             )));
         }
         self.qmp()
-            .execute("calc-dirty-rate", Some(json!({ "calc-time": seconds })))
+            .execute(
+                "calc-dirty-rate",
+                Some(json!({ "calc-time": ms as u64, "calc-time-unit": "millisecond" })),
+            )
             .await
             .map(drop)
     }
@@ -374,13 +379,14 @@ impl QemuVm {
         })
     }
 
-    /// Measures the dirty rate over `seconds` and waits for the result.
-    pub async fn measure_dirty_rate(&self, seconds: u32) -> Result<DirtyRate> {
-        self.calc_dirty_rate(seconds).await?;
-        let deadline =
-            std::time::Instant::now() + std::time::Duration::from_secs(seconds as u64 + 10);
+    /// Measures the dirty rate over `period` and waits for the result.
+    pub async fn measure_dirty_rate(&self, period: std::time::Duration) -> Result<DirtyRate> {
+        self.calc_dirty_rate(period).await?;
+        let limit = period + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + limit;
+        // Nothing to ask before the period is over; then ask often (the caller waits).
+        tokio::time::sleep(period).await;
         loop {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             let rate = self.query_dirty_rate().await?;
             if rate.status == DirtyRateStatus::Measured {
                 return Ok(rate);
@@ -388,9 +394,10 @@ impl QemuVm {
             if std::time::Instant::now() > deadline {
                 return Err(Error::Timeout {
                     what: "the dirty rate measurement".into(),
-                    timeout_ms: (seconds as u64 + 10) * 1000,
+                    timeout_ms: limit.as_millis() as u64,
                 });
             }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 

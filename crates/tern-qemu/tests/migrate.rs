@@ -62,7 +62,10 @@ async fn loopback_mbit() -> f64 {
 /// Settings for migrating `src` as the center would choose them: measured dirty rate and
 /// link, the machine's cores, the QEMU version.
 async fn plan(src: &QemuVm, memory_mib: u64, req: MigrateVm) -> MigrationSettings {
-    let rate = src.measure_dirty_rate(1).await.unwrap();
+    let rate = src
+        .measure_dirty_rate(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
     let m = Measurements {
         memory_mib,
         dirty_rate_mib_s: rate.dirty_rate_mib_per_s.unwrap_or(0) as f64,
@@ -858,7 +861,11 @@ async fn postcopy_when_allowed_completes_after_commit() {
         "{stats:?}"
     );
     // The guest keeps dirtying there and its verifier saw no bad page.
-    let rate = incoming.vm().measure_dirty_rate(1).await.unwrap();
+    let rate = incoming
+        .vm()
+        .measure_dirty_rate(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
     assert!(rate.dirty_rate_mib_per_s.unwrap_or(0) > 0, "{rate:?}");
     let text = console(&dst_cfg.run_dir);
     assert!(!text.contains("TERN-GUEST-ERROR"), "{text}");

@@ -56,7 +56,10 @@ async fn migrate_running_guest_over_loopback() {
     assert_eq!(dst.status().await.unwrap(), RunState::InMigrate);
 
     // Dirty rate of the idle guest: measured, small.
-    let rate = src.measure_dirty_rate(1).await.unwrap();
+    let rate = src
+        .measure_dirty_rate(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(rate.status, DirtyRateStatus::Measured);
     assert!(rate.dirty_rate_mib_per_s.is_some(), "{rate:?}");
 
@@ -242,7 +245,10 @@ async fn real_guest_memory_survives_migration() {
             .then_some(())
     })
     .await;
-    let rate = src.measure_dirty_rate(1).await.unwrap();
+    let rate = src
+        .measure_dirty_rate(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
     assert!(rate.dirty_rate_mib_per_s.unwrap_or(0) > 0, "{rate:?}");
 
     let dst = QemuVm::launch(dst_cfg.clone()).await.unwrap();
@@ -256,7 +262,10 @@ async fn real_guest_memory_survives_migration() {
     src.shutdown(Duration::from_secs(1)).await.unwrap();
 
     // Still dirtying memory on the destination, and every verified page is right.
-    let rate = dst.measure_dirty_rate(2).await.unwrap();
+    let rate = dst
+        .measure_dirty_rate(std::time::Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(rate.dirty_rate_mib_per_s.unwrap_or(0) > 0, "{rate:?}");
     let text = console(&dst_cfg.run_dir);
     assert!(!text.contains("TERN-GUEST-ERROR"), "{text}");

@@ -209,6 +209,8 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
         "pre-check cpu: ok",
         "setting: max-bandwidth",
         "ownership intent recorded",
+        "steered the LAN to",
+        "switchover timeline",
         "committed:",
     ] {
         assert!(said(needle), "no `{needle}` event: {events:#?}");
