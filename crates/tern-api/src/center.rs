@@ -12,6 +12,7 @@
 //! | POST | /api/v1/hosts/{id}/heartbeat | [`Heartbeat`] → `()` |
 //! | GET | /api/v1/hosts | → `Vec<Host>` |
 //! | GET | /api/v1/hosts/{name} | → [`Host`] |
+//! | POST | /api/v1/hosts/{name}/maintenance | [`HostMaintenance`] → [`Task`] (enter: 202, runs; exit: 200, done) |
 //! | POST | /api/v1/vms | [`CreateVm`] → [`Vm`] |
 //! | GET | /api/v1/vms | → `Vec<Vm>` |
 //! | GET | /api/v1/vms/{name} | → [`Vm`] |
@@ -136,6 +137,56 @@ pub enum TaskKind {
     VmStart,
     VmStop,
     VmMigrate,
+    /// Host enters maintenance mode: flagged at once, then emptied live.
+    HostMaintenanceEnter,
+    /// Host leaves maintenance mode (done when recorded).
+    HostMaintenanceExit,
+}
+
+/// What `POST /api/v1/hosts/{name}/maintenance` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MaintenanceAction {
+    /// Flag the host (nothing new lands or starts there), then live-migrate its running VMs
+    /// away and re-home its stopped ones.
+    Enter,
+    /// Return the host to service.
+    Exit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostMaintenance {
+    pub action: MaintenanceAction,
+}
+
+/// One VM a maintenance task moved (live) or re-homed (stopped).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MaintenanceMove {
+    pub vm: String,
+    pub to: String,
+    /// The migration task (`None` for a stopped VM re-homed in the inventory).
+    pub task: Option<Uuid>,
+    /// Why the scheduler chose that host.
+    pub reason: String,
+}
+
+/// A VM a maintenance task left on the host, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MaintenanceLeft {
+    pub vm: String,
+    pub why: String,
+}
+
+/// The result of a `host_maintenance_enter` task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MaintenanceResult {
+    pub host: String,
+    /// Running VMs live-migrated away.
+    pub migrated: Vec<MaintenanceMove>,
+    /// Stopped VMs registered on another host instead.
+    pub rehomed: Vec<MaintenanceMove>,
+    /// VMs still on the host (running ones make the task fail; stopped ones only warn).
+    pub left: Vec<MaintenanceLeft>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -15,8 +15,9 @@ use utoipa::{IntoParams, Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    Cluster, CreateCluster, CreateVm, Event, EventLevel, Heartbeat, Host, RegisterHost, Registered,
-    StopVm, Task, TaskKind, TaskState, Vm,
+    Cluster, CreateCluster, CreateVm, Event, EventLevel, Heartbeat, Host, HostMaintenance,
+    MaintenanceAction, MaintenanceResult, RegisterHost, Registered, StopVm, Task, TaskKind,
+    TaskState, Vm,
 };
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::migration::{MigrateVm, MigrationResult};
@@ -104,6 +105,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/clusters/{name}/evc-modes", get(evc_modes))
         .route("/hosts", get(list_hosts))
         .route("/hosts/{name}", get(get_host))
+        .route("/hosts/{name}/maintenance", post(host_maintenance))
         .route("/vms", post(create_vm).get(list_vms))
         .route("/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/vms/{name}/start", post(start_vm))
@@ -326,6 +328,35 @@ async fn get_host(State(app): AppState, PathArg(name): PathArg<String>) -> ApiRe
         })
         .await?;
     Ok(axum::Json(h))
+}
+
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/maintenance", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    request_body(content = HostMaintenance, description = "`enter`: flag the host at once (nothing new lands or starts there), then live-migrate its running VMs away (destinations chosen by the DRS engine) and re-home its stopped ones; the host stays flagged if it cannot be emptied. `exit`: return it to service."),
+    responses(
+        (status = 202, description = "enter: task `host_maintenance_enter` queued (or already succeeded when there is nothing to do); follow it with GET /api/v1/tasks/{id}; its result is a MaintenanceResult", body = Task),
+        (status = 200, description = "exit: task `host_maintenance_exit`, already succeeded", body = Task),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+        (status = 409, description = "Host disconnected (enter), or a maintenance entry is already running on it", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn host_maintenance(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Body(req): Body<HostMaintenance>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    Ok(match req.action {
+        MaintenanceAction::Enter => (
+            StatusCode::ACCEPTED,
+            axum::Json(crate::maintenance::enter(&app, name).await?),
+        ),
+        MaintenanceAction::Exit => (
+            StatusCode::OK,
+            axum::Json(crate::maintenance::exit(&app, name).await?),
+        ),
+    })
 }
 
 // ---- VMs ----
@@ -640,16 +671,17 @@ impl Modify for BearerAuth {
     ),
     paths(
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
-        register_host, heartbeat, list_hosts, get_host,
+        register_host, heartbeat, list_hosts, get_host, host_maintenance,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
         migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
     ),
-    components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult)),
+    components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult,
+        MaintenanceResult)),
     modifiers(&BearerAuth),
     tags(
         (name = "clusters", description = "Clusters of hosts"),
-        (name = "hosts", description = "Host agents: enrolment, heartbeats, inventory"),
+        (name = "hosts", description = "Host agents: enrolment, heartbeats, inventory, maintenance mode"),
         (name = "vms", description = "Virtual machines"),
         (name = "tasks", description = "Long-running operations"),
         (name = "events", description = "History of state changes"),
@@ -704,6 +736,7 @@ mod tests {
             ("post", "/api/v1/hosts/{id}/heartbeat"),
             ("get", "/api/v1/hosts"),
             ("get", "/api/v1/hosts/{name}"),
+            ("post", "/api/v1/hosts/{name}/maintenance"),
             ("post", "/api/v1/vms"),
             ("get", "/api/v1/vms"),
             ("get", "/api/v1/vms/{name}"),

@@ -3,7 +3,8 @@
 //! Layout: [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) →
 //! [`api`] (routes, auth, OpenAPI) → [`inventory`] and [`tasks`] (the rules) → [`store`] (SQLite,
 //! the only place SQL lives); [`agent`] holds the calls to host agents; [`migrate`] drives live
-//! migrations (pre-checks, settings, the ownership record and its commit rule, recovery).
+//! migrations (pre-checks, settings, the ownership record and its commit rule, recovery);
+//! [`maintenance`] puts hosts in maintenance mode and empties them.
 
 pub mod agent;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod evc;
 pub mod inventory;
+pub mod maintenance;
 pub mod migrate;
 pub mod server;
 pub mod store;

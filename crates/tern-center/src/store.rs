@@ -801,7 +801,32 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Sets or clears a host's maintenance flag.
+    pub fn set_host_maintenance(&self, id: Uuid, maintenance: bool) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE hosts SET maintenance = ?2 WHERE id = ?1",
+            params![id.to_string(), maintenance],
+        )?;
+        Ok(())
+    }
+
     // ---- VMs ----
+
+    /// Registers a stopped VM on another host: its host changes and its generation is bumped
+    /// (ownership changed), only if it is still at `generation` and stopped.
+    pub fn rehome_vm(&self, id: Uuid, host: Uuid, generation: u64) -> Result<(), StoreError> {
+        let n = self.tx.execute(
+            "UPDATE vms SET host_id = ?2, generation = generation + 1 \
+             WHERE id = ?1 AND generation = ?3 AND actual_state IN ('stopped', 'crashed')",
+            params![id.to_string(), host.to_string(), generation as i64],
+        )?;
+        if n != 1 {
+            return Err(StoreError::Conflict(format!(
+                "VM {id} changed (started, moved or deleted) while it was being re-homed"
+            )));
+        }
+        Ok(())
+    }
 
     fn vms_where(&self, cond: &str, arg: &str) -> Result<Vec<VmRecord>, StoreError> {
         let sql = format!(

@@ -25,6 +25,8 @@ fn kind_text(kind: TaskKind) -> &'static str {
         TaskKind::VmStart => "start",
         TaskKind::VmStop => "stop",
         TaskKind::VmMigrate => "migration",
+        TaskKind::HostMaintenanceEnter => "maintenance entry",
+        TaskKind::HostMaintenanceExit => "maintenance exit",
     }
 }
 
@@ -256,7 +258,13 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
                 Err(e) => Outcome::Failed(e.to_string()),
             }
         }
-        TaskKind::VmMigrate => Outcome::Failed("migration is not implemented yet".into()),
+        // Driven by their own modules (migrate, maintenance), never by this driver.
+        TaskKind::VmMigrate | TaskKind::HostMaintenanceEnter | TaskKind::HostMaintenanceExit => {
+            Outcome::Failed(format!(
+                "{} tasks are not driven here",
+                kind_text(t.task.kind)
+            ))
+        }
     }
 }
 

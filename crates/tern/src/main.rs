@@ -69,7 +69,7 @@ client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 enum Command {
     /// Run the cluster manager daemon.
     Center(Box<tern_center::CenterArgs>),
-    /// Hosts: run the agent, or list and show them.
+    /// Hosts: run the agent, list and show them, maintenance mode.
     #[command(subcommand)]
     Host(HostCommand),
     /// Clusters: create, list, show.
@@ -101,6 +101,14 @@ enum HostCommand {
     /// Show one host.
     Show {
         name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Maintenance mode: `enter` empties a host live and keeps new VMs off it; `exit` returns
+    /// it to service.
+    Maintenance {
+        #[command(subcommand)]
+        cmd: cmd::host::MaintenanceCommand,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -153,6 +161,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             Command::Host(HostCommand::Show { name, connect }) => {
                 cmd::host::show(&connect.client()?, &name, output).await
+            }
+            Command::Host(HostCommand::Maintenance { cmd, connect }) => {
+                cmd::host::maintenance(&connect.client()?, cmd, output).await
             }
             Command::Cluster(g) => cmd::cluster::run(g.cmd, &g.connect.client()?, output).await,
             Command::Vm(g) => cmd::vm::run(g.cmd, &g.connect.client()?, output).await,

@@ -1,11 +1,12 @@
-//! `tern host list|show` (the agent daemon itself is `tern host agent`, wired in main).
+//! `tern host list|show|maintenance` (the agent daemon itself is `tern host agent`, wired in
+//! main).
 
-use tern_api::center::Host;
+use tern_api::center::{Host, HostMaintenance, MaintenanceAction, MaintenanceResult, Task};
 use tern_api::ApiClient;
 
 use super::cluster::join_or_dash;
 use super::connect::seg;
-use super::output::{ago, opt, print_json, Format, Sheet, Table};
+use super::output::{ago, opt, print_json, short_id, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
 
 pub async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
@@ -96,5 +97,123 @@ pub async fn show(api: &ApiClient, name: &str, fmt: Format) -> Result<(), CliErr
     )
     .add("vms", join_or_dash(&h.vms));
     s.print();
+    Ok(())
+}
+
+/// `tern host maintenance enter|exit HOST`.
+#[derive(Debug, clap::Subcommand)]
+pub enum MaintenanceCommand {
+    /// Put a host in maintenance mode and empty it live.
+    #[command(long_about = "\
+Put a host in maintenance mode and empty it live, so its hardware can be serviced.
+
+What happens, in order:
+  1. The host is flagged at once: from then on no VM is placed, started or migrated there.
+  2. Tasks already acting on its VMs (a start, a migration) are waited for.
+  3. The DRS engine plans where each running VM goes (memory fit, rules, spread over the
+     other hosts), after dry-running the migration pre-checks (CPU, storage, size) against
+     every other host; VMs no host can take are listed as blockers with the reason.
+  4. The running VMs are live-migrated one at a time; the guests keep running and keep
+     their connections. Progress counts the VMs handled.
+  5. Stopped VMs are registered on another host (they start there next time); one that no
+     host can take stays registered here, with a warning.
+
+If a running VM cannot leave (a blocker, a failed migration), the command fails (exit 1)
+naming each VM and why, and the host STAYS in maintenance mode so nothing new lands there:
+fix the cause and run `enter` again, or `exit` to return the host to service. Every
+decision is in `tern event list --host HOST`. A host already in maintenance with no VMs is a
+no-op; a disconnected host is refused (exit 4).")]
+    Enter {
+        /// The host to empty (as `tern host list` names it).
+        host: String,
+        /// Print the task id and return at once instead of following it.
+        #[arg(long)]
+        detach: bool,
+        /// Stop following after this long (`90s`, `30m`); the evacuation keeps going.
+        #[arg(long, value_parser = super::task::parse_duration, default_value = "2h")]
+        wait_timeout: std::time::Duration,
+    },
+    /// Return a host to service: VMs may be placed, started and migrated there again.
+    #[command(long_about = "\
+Return a host to service: it leaves maintenance mode, and VMs may be placed, started and
+migrated there again. Nothing moves back by itself. Refused (exit 4) while `enter` is still
+emptying the host: cancel that task first (`tern task cancel ID`).")]
+    Exit {
+        /// The host to return to service.
+        host: String,
+    },
+}
+
+pub async fn maintenance(
+    api: &ApiClient,
+    cmd: MaintenanceCommand,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let (host, action) = match &cmd {
+        MaintenanceCommand::Enter { host, .. } => (host.clone(), MaintenanceAction::Enter),
+        MaintenanceCommand::Exit { host } => (host.clone(), MaintenanceAction::Exit),
+    };
+    let task: Task = api
+        .post(
+            &format!("/api/v1/hosts/{}/maintenance", seg(&host)?),
+            &HostMaintenance { action },
+        )
+        .await
+        .or_list("tern host list")?;
+    let MaintenanceCommand::Enter {
+        detach,
+        wait_timeout,
+        ..
+    } = cmd
+    else {
+        if fmt == Format::Json {
+            return print_json(&task);
+        }
+        println!("{}", task.phase);
+        return Ok(());
+    };
+    if detach {
+        return match fmt {
+            Format::Json => print_json(&task),
+            Format::Table => {
+                println!("{}", task.id);
+                Ok(())
+            }
+        };
+    }
+    let done = match super::task::wait(api, task.id, Some(wait_timeout), fmt).await {
+        Ok(t) => t,
+        Err(e) => {
+            if fmt == Format::Json {
+                if let Ok(t) = api.get::<Task>(&format!("/api/v1/tasks/{}", task.id)).await {
+                    print_json(&t)?;
+                }
+            }
+            return Err(e.hint(format!(
+                "every decision is in `tern event list --host {host}`; `tern task show {}` has \
+                 the result",
+                short_id(&task.id)
+            )));
+        }
+    };
+    if fmt == Format::Json {
+        return print_json(&done);
+    }
+    let r: Option<MaintenanceResult> = done
+        .result
+        .as_ref()
+        .and_then(|v| serde_json::from_value(v.clone()).ok());
+    println!("{}", done.phase);
+    if let Some(r) = r {
+        for m in &r.migrated {
+            println!("  migrated  {} → {}", m.vm, m.to);
+        }
+        for m in &r.rehomed {
+            println!("  re-homed  {} → {} (stopped)", m.vm, m.to);
+        }
+        for l in &r.left {
+            println!("  stays     {}: {}", l.vm, l.why);
+        }
+    }
     Ok(())
 }

@@ -1,17 +1,19 @@
-//! `tern vm migrate NAME --to HOST`: queues a live migration and follows it with a progress
-//! bar (phase, pass, data left, rates) until the VM runs on the destination or is rolled back.
+//! `tern vm migrate NAME --to HOST`: dry-runs the pre-checks (a failed one is a refusal,
+//! exit 4, nothing queued), queues a live migration and follows it with a progress bar (phase,
+//! pass, data left, rates) until the VM runs on the destination or is rolled back.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use tern_api::center::{Task, TaskState};
+use tern_api::evc::MigrationCheckReport;
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::{ApiClient, ApiError};
 
 use super::connect::seg;
 use super::output::{print_json, short_id, Format};
 use super::task::parse_duration;
-use crate::error::CliError;
+use crate::error::{CliError, ExitKind};
 
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
@@ -53,20 +55,53 @@ pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), Cli
         allow_postcopy: a.allow_postcopy,
         dry_run: a.dry_run,
     };
+    let api_err = |e: ApiError| {
+        let nf = e.status() == Some(404);
+        let err = CliError::from_api(e, "tern vm list");
+        if nf {
+            err.hint_unless_told("check the VM and host names: `tern vm list`, `tern host list`")
+        } else {
+            err
+        }
+    };
+    // The pre-checks as a dry run first: a migration that cannot pass them is refused (exit 4)
+    // before a task is even queued, like `tern vm can-migrate`.
+    let report: MigrationCheckReport = api
+        .get(&format!(
+            "/api/v1/vms/{}/can-migrate?to={}",
+            seg(&a.name)?,
+            seg(&a.to)?
+        ))
+        .await
+        .map_err(api_err)?;
+    if !report.ok {
+        if fmt == Format::Json {
+            print_json(&report)?;
+        }
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.check, c.detail))
+            .collect();
+        return Err(CliError::new(
+            ExitKind::Refused,
+            format!(
+                "vm {} cannot migrate to {}; nothing moved. Failed pre-check(s): {}",
+                a.name,
+                a.to,
+                failed.join("; ")
+            ),
+        )
+        .hint(format!(
+            "every check: `tern vm can-migrate {} --to {}`",
+            a.name, a.to
+        )));
+    }
     let task: Task = api
         .post(&format!("/api/v1/vms/{}/migrate", seg(&a.name)?), &body)
         .await
-        .map_err(|e| {
-            let nf = e.status() == Some(404);
-            let err = CliError::from_api(e, "tern vm list");
-            if nf {
-                err.hint_unless_told(
-                    "check the VM and host names: `tern vm list`, `tern host list`",
-                )
-            } else {
-                err
-            }
-        })?;
+        .map_err(api_err)?;
     if a.detach {
         return match fmt {
             Format::Json => print_json(&task),

@@ -1,0 +1,1099 @@
+//! Host maintenance mode (`POST /api/v1/hosts/{name}/maintenance`): entering flags the host
+//! and empties it live, leaving clears the flag.
+//!
+//! Entering is a task (`host_maintenance_enter`):
+//! 1. The host's maintenance flag is set in the same transaction that records the task, so
+//!    from that instant no placement, start or migration targets it (vmcheck, tasks and the
+//!    migration pre-checks all refuse a host in maintenance).
+//! 2. It waits for tasks already acting on the host's VMs to end.
+//! 3. Every usable host is dry-run checked for every VM (the migration pre-checks: CPU,
+//!    storage, size…); a failed check becomes a must-not-run-on rule of a DRS snapshot of the
+//!    cluster, and `tern_drs::evacuate` plans the moves (memory fit, rules, spread) and names
+//!    the blockers with the reason.
+//! 4. The running VMs move one at a time by ordinary live migrations
+//!    ([`crate::migrate::migrate_vm`]), each awaited; progress is VMs handled ÷ VMs on the host.
+//! 5. Stopped VMs are re-homed in the inventory (their host changes, their generation is
+//!    bumped) to the host `tern_drs::place` picks among those passing the same checks; the old
+//!    host is asked to forget them.
+//!
+//! Semantics (differs from vSphere on purpose): the flag is set at once and is NOT undone if
+//! the host cannot be emptied (a blocker, a failed migration, a cancel). The task then fails
+//! naming each running VM still there and why ("host h1 stays in maintenance; VMs still on it:
+//! …"), so the operator who asked for maintenance never sees new VMs land on the host while
+//! they fix the blockers; `enter` again retries the evacuation, `exit` returns the host to
+//! service. A stopped VM that no host can take stays registered on the host with a warning
+//! event: it does not run, so it does not keep the host from being serviced.
+//!
+//! Entering a host already in maintenance with no VMs succeeds at once; a disconnected host
+//! is refused (its VMs cannot be moved live). Exiting is recorded as a task that is done when
+//! it is returned (`host_maintenance_exit`); it is refused while an entry task runs on the host.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tern_api::center::{
+    EventLevel, MaintenanceLeft, MaintenanceMove, MaintenanceResult, Task, TaskKind, TaskState,
+};
+use tern_api::migration::MigrateVm;
+use tern_api::{HostState, PowerState};
+use tern_drs::{explain, Rule, Snapshot, VmHostRelation};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::agent::Agent;
+use crate::app::{lock, App};
+use crate::error::ApiErr;
+use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, Tx, VmRecord};
+
+/// How long entry waits for tasks already acting on the host's VMs.
+const BUSY_WAIT: Duration = Duration::from_secs(120);
+/// How often a migration task (or a busy VM) is polled.
+const POLL: Duration = Duration::from_millis(300);
+/// Longest a single migration is awaited (its own deadline normally ends it far sooner).
+const MIGRATION_WAIT: Duration = Duration::from_secs(3600);
+
+fn ev(task: Uuid, host: &str, level: EventLevel, msg: String) -> NewEvent {
+    NewEvent::new(level, format!("task {task}: {msg}"))
+        .task(task)
+        .host(Some(host))
+}
+
+fn host_not_found(name: &str) -> ApiErr {
+    ApiErr::not_found(format!("host {name} is not registered: see tern host list"))
+}
+
+/// The maintenance task running on a host, if any.
+fn active_entry(tx: &Tx, host: &str) -> Result<Option<Task>, StoreError> {
+    Ok(tx
+        .active_tasks(None)?
+        .into_iter()
+        .map(|t| t.task)
+        .find(|t| t.kind == TaskKind::HostMaintenanceEnter && t.host.as_deref() == Some(host)))
+}
+
+/// A task recorded as already succeeded (nothing left to do for it).
+fn done_task(kind: TaskKind, host: &str, phase: String) -> TaskRecord {
+    let now = Utc::now();
+    let mut task = Task::queued(kind, None, Some(host.to_string()), now);
+    task.state = TaskState::Succeeded;
+    task.progress = 100;
+    task.phase = phase;
+    task.finished_at = Some(now);
+    TaskRecord {
+        task,
+        vm_id: None,
+        intent: TaskIntent::default(),
+    }
+}
+
+/// Puts host `name` in maintenance mode and empties it in the background.
+pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
+    let (rec, start) = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let host = tx
+                .host_by_name(&name)?
+                .ok_or_else(|| host_not_found(&name))?;
+            if host.state() == HostState::Disconnected {
+                return Err(ApiErr::conflict(format!(
+                    "host {name} is disconnected: its VMs cannot be moved live while its agent \
+                     is unreachable; wait for it to reconnect (tern host list), then enter \
+                     maintenance again"
+                )));
+            }
+            if let Some(t) = active_entry(tx, &name)? {
+                return Err(ApiErr::conflict(format!(
+                    "task {} is already taking host {name} into maintenance: follow it with \
+                     tern task wait {}",
+                    t.id, t.id
+                )));
+            }
+            let vms = tx.vms_on_host(host.id)?;
+            if host.maintenance && vms.is_empty() {
+                let rec = done_task(
+                    TaskKind::HostMaintenanceEnter,
+                    &name,
+                    format!("host {name} is already in maintenance and has no VMs"),
+                );
+                tx.insert_task(&rec)?;
+                tx.add_event(
+                    ev(
+                        rec.task.id,
+                        &name,
+                        EventLevel::Info,
+                        format!(
+                            "host {name} is already in maintenance and has no VMs: nothing to do"
+                        ),
+                    ),
+                    now,
+                )?;
+                return Ok((rec, false));
+            }
+            let rec = TaskRecord {
+                task: Task::queued(
+                    TaskKind::HostMaintenanceEnter,
+                    None,
+                    Some(name.clone()),
+                    now,
+                ),
+                vm_id: None,
+                intent: TaskIntent::default(),
+            };
+            tx.insert_task(&rec)?;
+            let msg = if host.maintenance {
+                format!(
+                    "host {name} is in maintenance; emptying it again ({} VM(s) on it)",
+                    vms.len()
+                )
+            } else {
+                tx.set_host_maintenance(host.id, true)?;
+                format!(
+                    "host {name} entered maintenance mode: no VM lands or starts there from now \
+                     on; emptying it ({} VM(s) on it)",
+                    vms.len()
+                )
+            };
+            tx.add_event(ev(rec.task.id, &name, EventLevel::Info, msg), now)?;
+            Ok((rec, true))
+        })
+        .await?;
+    if start {
+        let cancel = app.cancel_signal(rec.task.id);
+        let host = rec.task.host.clone().unwrap_or_default();
+        app.spawn(drive(app.clone(), rec.task.id, host, cancel));
+    }
+    Ok(rec.task)
+}
+
+/// Returns host `name` to service (clears its maintenance flag).
+pub async fn exit(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
+    app.db
+        .write(move |tx| {
+            let now = Utc::now();
+            let host = tx
+                .host_by_name(&name)?
+                .ok_or_else(|| host_not_found(&name))?;
+            if let Some(t) = active_entry(tx, &name)? {
+                return Err(ApiErr::conflict(format!(
+                    "task {} is emptying host {name} for maintenance: cancel it first with \
+                     tern task cancel {}",
+                    t.id, t.id
+                )));
+            }
+            let (phase, msg) = if host.maintenance {
+                tx.set_host_maintenance(host.id, false)?;
+                (
+                    format!("host {name} is back in service"),
+                    format!(
+                        "host {name} left maintenance mode: VMs may be placed, started and \
+                         migrated there again"
+                    ),
+                )
+            } else {
+                let p = format!("host {name} was not in maintenance: nothing to do");
+                (p.clone(), p)
+            };
+            let rec = done_task(TaskKind::HostMaintenanceExit, &name, phase);
+            tx.insert_task(&rec)?;
+            tx.add_event(ev(rec.task.id, &name, EventLevel::Info, msg), now)?;
+            Ok(rec.task)
+        })
+        .await
+}
+
+/// One maintenance entry being driven.
+struct Entry {
+    app: Arc<App>,
+    task: Uuid,
+    host: String,
+    /// The migration task in flight (cancelled with this task).
+    child: Arc<Mutex<Option<Uuid>>>,
+    result: Arc<Mutex<MaintenanceResult>>,
+}
+
+async fn drive(app: Arc<App>, task: Uuid, host: String, cancel: Arc<Notify>) {
+    let e = Entry {
+        app: app.clone(),
+        task,
+        host: host.clone(),
+        child: Arc::default(),
+        result: Arc::new(Mutex::new(MaintenanceResult {
+            host: host.clone(),
+            ..Default::default()
+        })),
+    };
+    let outcome = tokio::select! {
+        r = e.run() => Some(r),
+        _ = cancel.notified() => None,
+    };
+    app.forget_cancel_signal(task);
+    match outcome {
+        Some(r) => e.finish(r).await,
+        None => {
+            // The cancel call recorded the task's end; stop the migration in flight too.
+            let child = lock(&e.child).take();
+            if let Some(child) = child {
+                if let Err(err) = crate::tasks::cancel(&app, child).await {
+                    e.event(
+                        EventLevel::Warning,
+                        format!(
+                            "the migration in flight (task {child}) goes on: {}",
+                            err.message
+                        ),
+                    )
+                    .await;
+                }
+            }
+            let left = e.vms_left().await;
+            e.event(
+                EventLevel::Warning,
+                format!(
+                    "maintenance entry cancelled: host {host} stays in maintenance; VMs still on \
+                     it: {}",
+                    if left.is_empty() {
+                        "none".to_string()
+                    } else {
+                        left.join(", ")
+                    }
+                ),
+            )
+            .await;
+        }
+    }
+}
+
+/// A VM on the host as the run sees it.
+struct OnHost {
+    vm: VmRecord,
+    /// Failed destination pre-checks by host name: (check, detail).
+    refused: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Entry {
+    async fn event(&self, level: EventLevel, msg: String) {
+        self.event_vm(level, None, msg).await
+    }
+
+    async fn event_vm(&self, level: EventLevel, vm: Option<&str>, msg: String) {
+        let mut e = ev(self.task, &self.host, level, msg);
+        if let Some(vm) = vm {
+            e = e.vm(vm);
+        }
+        if let Err(err) = self
+            .app
+            .db
+            .write(move |tx| tx.add_event(e, Utc::now()))
+            .await
+        {
+            tracing::error!(task = %self.task, "cannot record an event: {err}");
+        }
+    }
+
+    /// Records progress; an error when the task has ended meanwhile (cancelled).
+    async fn phase(&self, progress: u8, phase: String) -> Result<(), String> {
+        let id = self.task;
+        let still = self
+            .app
+            .db
+            .write(move |tx| tx.update_task_progress(id, TaskState::Running, progress, &phase))
+            .await
+            .map_err(|e| format!("center store: {e}"))?;
+        if still {
+            Ok(())
+        } else {
+            Err("the task ended meanwhile (cancelled)".into())
+        }
+    }
+
+    async fn host_record(&self) -> Result<HostRecord, String> {
+        let name = self.host.clone();
+        self.app
+            .db
+            .read(move |tx| tx.host_by_name(&name))
+            .await
+            .map_err(|e| format!("center store: {e}"))?
+            .ok_or_else(|| format!("host {} is no longer registered", self.host))
+    }
+
+    async fn vms_on_host(&self) -> Result<Vec<VmRecord>, String> {
+        let h = self.host_record().await?;
+        self.app
+            .db
+            .read(move |tx| tx.vms_on_host(h.id))
+            .await
+            .map_err(|e| format!("center store: {e}"))
+    }
+
+    /// Names (with state) of the VMs still on the host, for messages.
+    async fn vms_left(&self) -> Vec<String> {
+        self.vms_on_host()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|v| format!("{} ({})", v.name(), v.actual))
+            .collect()
+    }
+
+    /// Everything up to the host being empty of running VMs.
+    async fn run(&self) -> Result<(), String> {
+        self.phase(1, "waiting for tasks on the host's VMs".into())
+            .await?;
+        self.wait_idle().await?;
+        let vms = self.vms_on_host().await?;
+        let (running, rest): (Vec<VmRecord>, Vec<VmRecord>) = vms
+            .into_iter()
+            .partition(|v| v.actual == PowerState::Running);
+        let (stopped, other): (Vec<VmRecord>, Vec<VmRecord>) = rest
+            .into_iter()
+            .partition(|v| matches!(v.actual, PowerState::Stopped | PowerState::Crashed));
+        let total = running.len() + stopped.len() + other.len();
+        for v in &other {
+            let why = format!(
+                "it is {}: only a running VM moves live and only a stopped one is re-homed; \
+                 resume or stop it, then enter maintenance again",
+                v.actual
+            );
+            self.leave(v.name(), why).await;
+        }
+        let mut handled = other.len();
+
+        // Running VMs: a DRS plan, then one live migration at a time.
+        if !running.is_empty() {
+            self.phase(3, format!("planning {} live migration(s)", running.len()))
+                .await?;
+            let mut on_host = Vec::new();
+            for vm in running {
+                let refused = self.prechecks(&vm).await;
+                on_host.push(OnHost { vm, refused });
+            }
+            let snap = self.snapshot(&on_host, None).await?;
+            let plan = tern_drs::evacuate(&snap, &self.host)
+                .map_err(|e| format!("the scheduler cannot read the cluster: {e}"))?;
+            self.event(
+                EventLevel::Info,
+                format!(
+                    "plan: {} move(s), {} blocker(s); imbalance of the other hosts {:.4} → {:.4}",
+                    plan.steps.len(),
+                    plan.blockers.len(),
+                    plan.imbalance_before,
+                    plan.imbalance_after
+                ),
+            )
+            .await;
+            for b in &plan.blockers {
+                let mut why = explain::blocker(b);
+                if let Some(o) = on_host.iter().find(|o| o.vm.name() == b.vm) {
+                    why.push_str(&precheck_text(&o.refused));
+                }
+                self.leave(&b.vm, why).await;
+                handled += 1;
+            }
+            let moves = plan.steps.len();
+            for (i, step) in plan.steps.iter().enumerate() {
+                let m = &step.migration;
+                let reason = format!(
+                    "{}; imbalance of the other hosts {:.4} → {:.4}",
+                    explain::reason(&m.reason),
+                    m.numbers.imbalance_before,
+                    m.numbers.imbalance_after
+                );
+                self.event_vm(
+                    EventLevel::Info,
+                    Some(&m.vm),
+                    format!("decision: VM {} goes to {}: {reason}", m.vm, m.to_host),
+                )
+                .await;
+                self.phase(
+                    progress(handled, total),
+                    format!(
+                        "migrating VM {} to {} ({} of {moves})",
+                        m.vm,
+                        m.to_host,
+                        i + 1
+                    ),
+                )
+                .await?;
+                match self.migrate(&m.vm, &m.to_host).await {
+                    Ok(id) => {
+                        lock(&self.result).migrated.push(MaintenanceMove {
+                            vm: m.vm.clone(),
+                            to: m.to_host.clone(),
+                            task: Some(id),
+                            reason,
+                        });
+                    }
+                    Err(why) => self.leave(&m.vm, why).await,
+                }
+                handled += 1;
+            }
+        }
+
+        // Stopped VMs: registered on another host if one can take them.
+        for vm in stopped {
+            self.phase(
+                progress(handled, total),
+                format!("re-homing stopped VM {}", vm.name()),
+            )
+            .await?;
+            self.rehome(vm).await?;
+            handled += 1;
+        }
+        Ok(())
+    }
+
+    /// Waits until no task acts on a VM of the host (a start or migration begun before the
+    /// flag was set).
+    async fn wait_idle(&self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            let h = self.host_record().await?;
+            let busy = self
+                .app
+                .db
+                .read(move |tx| {
+                    let active = tx.vms_with_active_tasks()?;
+                    Ok::<_, StoreError>(
+                        tx.vms_on_host(h.id)?
+                            .into_iter()
+                            .filter(|v| active.contains(&v.id))
+                            .map(|v| v.name().to_string())
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .await
+                .map_err(|e| format!("center store: {e}"))?;
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "tasks still act on VM(s) {} after {} s: wait for them (tern task list), \
+                     then enter maintenance again",
+                    busy.join(", "),
+                    BUSY_WAIT.as_secs()
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Dry-runs the migration pre-checks of `vm` against every other usable host of its
+    /// cluster; returns the failed destination checks by host. A stopped VM gets its CPU
+    /// resolved afresh when it starts, so for it the CPU check is whether the host can run
+    /// the VM's CPU under the cluster's mode, not its recorded one.
+    async fn prechecks(&self, vm: &VmRecord) -> HashMap<String, Vec<(String, String)>> {
+        let cluster = vm.cluster_id;
+        let cluster_name = vm.cluster.clone();
+        let (hosts, mode) = self
+            .app
+            .db
+            .read(move |tx| {
+                let mode = tx.cluster(&cluster_name)?.and_then(|c| c.evc_mode);
+                Ok::<_, StoreError>((tx.hosts_in_cluster(cluster)?, mode))
+            })
+            .await
+            .unwrap_or_default();
+        let stopped = vm.actual != PowerState::Running;
+        let mut out = HashMap::new();
+        for h in hosts.iter().filter(|h| h.usable() && h.name != self.host) {
+            let mut failed: Vec<(String, String)> =
+                match crate::evc::can_migrate(&self.app, vm.name().to_string(), h.name.clone())
+                    .await
+                {
+                    Ok(r) => r
+                        .checks
+                        .into_iter()
+                        // `state` is about the VM, not the host; the plan decides memory fit
+                        // over several moves itself (a stopped VM moves alone: the check holds).
+                        .filter(|c| !c.ok && c.check != "state")
+                        .filter(|c| stopped || c.check != "memory")
+                        .filter(|c| !(stopped && c.check == "cpu"))
+                        .map(|c| (c.check, c.detail))
+                        .collect(),
+                    Err(e) => vec![("pre-checks".into(), e.message)],
+                };
+            if stopped {
+                if let Err(e) = crate::evc::resolve(&vm.spec, mode.as_deref(), h) {
+                    failed.push(("cpu".into(), e));
+                }
+            }
+            if !failed.is_empty() {
+                out.insert(h.name.clone(), failed);
+            }
+        }
+        out
+    }
+
+    /// The cluster of the host as the DRS engine sees it. Stopped VMs hold memory on their
+    /// host (they may start any time), so they shrink its capacity; a failed pre-check
+    /// becomes a must-not-run-on rule. `placing` is a VM added without a host.
+    async fn snapshot(
+        &self,
+        on_host: &[OnHost],
+        placing: Option<&OnHost>,
+    ) -> Result<Snapshot, String> {
+        let name = self.host.clone();
+        let (hosts, vms) = self
+            .app
+            .db
+            .read(move |tx| {
+                let h = tx
+                    .host_by_name(&name)?
+                    .ok_or_else(|| StoreError::NotFound(format!("host {name} is gone")))?;
+                let hosts = tx.hosts_in_cluster(h.cluster_id)?;
+                let vms: Vec<VmRecord> = tx
+                    .vms()?
+                    .into_iter()
+                    .filter(|v| v.cluster_id == h.cluster_id)
+                    .collect();
+                Ok::<_, StoreError>((hosts, vms))
+            })
+            .await
+            .map_err(|e| format!("center store: {e}"))?;
+        let mut rules = Vec::new();
+        for o in on_host.iter().chain(placing) {
+            for (host, failed) in &o.refused {
+                let checks: Vec<&str> = failed.iter().map(|(c, _)| c.as_str()).collect();
+                rules.push(Rule::VmHost {
+                    name: format!(
+                        "pre-check {} of {} on {host}",
+                        checks.join("+"),
+                        o.vm.name()
+                    ),
+                    vms: vec![o.vm.name().to_string()],
+                    host_group: host.clone(),
+                    relation: VmHostRelation::MustNotRunOn,
+                });
+            }
+        }
+        Ok(drs_snapshot(&hosts, &vms, placing.map(|p| p.vm.id), rules))
+    }
+
+    /// Starts a live migration and waits for it; `Ok(task)` when the VM runs on `to`.
+    async fn migrate(&self, vm: &str, to: &str) -> Result<Uuid, String> {
+        let req = MigrateVm {
+            to: to.to_string(),
+            downtime_ms: None,
+            deadline_ms: None,
+            bandwidth_mbit: None,
+            allow_postcopy: false,
+            dry_run: false,
+        };
+        let t = crate::migrate::migrate_vm(&self.app, vm.to_string(), req)
+            .await
+            .map_err(|e| format!("the migration was refused: {}", e.message))?;
+        *lock(&self.child) = Some(t.id);
+        let deadline = tokio::time::Instant::now() + MIGRATION_WAIT;
+        let id = t.id;
+        let done = loop {
+            let now = self
+                .app
+                .db
+                .read(move |tx| tx.task(id))
+                .await
+                .map_err(|e| format!("center store: {e}"))?;
+            match now {
+                Some(r) if r.task.state.is_done() => break r.task,
+                Some(_) => {}
+                None => return Err(format!("migration task {id} vanished")),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "migration task {id} has not ended after {} s",
+                    MIGRATION_WAIT.as_secs()
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        *lock(&self.child) = None;
+        if done.state == TaskState::Succeeded {
+            Ok(id)
+        } else {
+            Err(format!(
+                "migration to {to} {} (task {id}): {}",
+                done.state,
+                done.error.as_deref().unwrap_or("no reason given")
+            ))
+        }
+    }
+
+    /// Registers a stopped VM on the host the scheduler picks, or leaves it with a warning.
+    async fn rehome(&self, vm: VmRecord) -> Result<(), String> {
+        let name = vm.name().to_string();
+        let refused = self.prechecks(&vm).await;
+        let o = OnHost { vm, refused };
+        let snap = self.snapshot(&[], Some(&o)).await?;
+        let placed = match tern_drs::place(&snap, &name) {
+            Ok(p) if !p.over_high_water => p,
+            Ok(p) => {
+                let why = format!(
+                    "no host has room for it (the best, {}, would go over capacity); it stays \
+                     registered on {} and does not run",
+                    p.host, self.host
+                );
+                self.warn_stays(&name, why).await;
+                return Ok(());
+            }
+            Err(tern_drs::PlaceError::Admission(f)) => {
+                let why = format!(
+                    "{}{}; it stays registered on {} and does not run",
+                    explain::admission_failure(&f),
+                    precheck_text(&o.refused),
+                    self.host
+                );
+                self.warn_stays(&name, why).await;
+                return Ok(());
+            }
+            Err(e) => return Err(format!("the scheduler cannot place VM {name}: {e}")),
+        };
+        let (vm_id, generation, to) = (o.vm.id, o.vm.generation, placed.host.clone());
+        let source = self.host.clone();
+        let moved = self
+            .app
+            .db
+            .write(move |tx| -> Result<HostRecord, RehomeErr> {
+                let dest = tx
+                    .host_by_name(&to)?
+                    .filter(HostRecord::usable)
+                    .ok_or_else(|| RehomeErr(format!("host {to} is no longer usable")))?;
+                let vm = tx
+                    .vm_by_id(vm_id)?
+                    .filter(|v| v.host.as_deref() == Some(source.as_str()))
+                    .ok_or_else(|| RehomeErr(format!("the VM left host {source} meanwhile")))?;
+                if !tx.active_tasks(Some(vm_id))?.is_empty() {
+                    return Err(RehomeErr(format!(
+                        "a task began on VM {} meanwhile",
+                        vm.name()
+                    )));
+                }
+                tx.rehome_vm(vm_id, dest.id, generation)?;
+                Ok(dest)
+            })
+            .await;
+        match moved {
+            Ok(dest) => {
+                let reason = format!(
+                    "imbalance {:.4} → {:.4} with it there",
+                    placed.imbalance_before, placed.imbalance_after
+                );
+                self.event_vm(
+                    EventLevel::Info,
+                    Some(&name),
+                    format!(
+                        "decision: stopped VM {name} re-homed from {} to {} ({reason}); it \
+                         starts there next time",
+                        self.host, dest.name
+                    ),
+                )
+                .await;
+                lock(&self.result).rehomed.push(MaintenanceMove {
+                    vm: name.clone(),
+                    to: dest.name.clone(),
+                    task: None,
+                    reason,
+                });
+                // The old host keeps no copy of a VM it no longer owns.
+                if let Ok(old) = self.host_record().await {
+                    if let Err(e) = Agent::of(&old).delete(vm_id).await {
+                        if e.status() != Some(404) {
+                            self.event_vm(
+                                EventLevel::Warning,
+                                Some(&name),
+                                format!(
+                                    "host {} could not forget re-homed VM {name}: {e}",
+                                    self.host
+                                ),
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.warn_stays(&name, format!("not re-homed: {}", e.0))
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    async fn warn_stays(&self, vm: &str, why: String) {
+        self.event_vm(
+            EventLevel::Warning,
+            Some(vm),
+            format!("stopped VM {vm} stays on host {}: {why}", self.host),
+        )
+        .await;
+        lock(&self.result).left.push(MaintenanceLeft {
+            vm: vm.to_string(),
+            why,
+        });
+    }
+
+    /// Records that a VM that should leave could not.
+    async fn leave(&self, vm: &str, why: String) {
+        self.event_vm(
+            EventLevel::Error,
+            Some(vm),
+            format!("VM {vm} cannot leave host {}: {why}", self.host),
+        )
+        .await;
+        lock(&self.result).left.push(MaintenanceLeft {
+            vm: vm.to_string(),
+            why,
+        });
+    }
+
+    /// Records the outcome: succeeded when no running VM is left on the host.
+    async fn finish(&self, r: Result<(), String>) {
+        let result = lock(&self.result).clone();
+        let running_left: Vec<String> = match self.vms_on_host().await {
+            Ok(vms) => vms
+                .iter()
+                .filter(|v| !matches!(v.actual, PowerState::Stopped | PowerState::Crashed))
+                .map(|v| {
+                    let why = result
+                        .left
+                        .iter()
+                        .find(|l| l.vm == v.name())
+                        .map(|l| l.why.clone())
+                        .unwrap_or_else(|| format!("it is {}", v.actual));
+                    format!("{} ({why})", v.name())
+                })
+                .collect(),
+            Err(e) => vec![format!("(could not list them: {e})")],
+        };
+        let (state, phase, error, level, summary) = match (&r, running_left.is_empty()) {
+            (Ok(()), true) => {
+                let stays = if result.left.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; stopped VM(s) still registered on it: {}",
+                        result
+                            .left
+                            .iter()
+                            .map(|l| l.vm.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                let phase = format!(
+                    "host {} is in maintenance: {} VM(s) migrated, {} re-homed{stays}",
+                    self.host,
+                    result.migrated.len(),
+                    result.rehomed.len()
+                );
+                (
+                    TaskState::Succeeded,
+                    phase.clone(),
+                    None,
+                    EventLevel::Info,
+                    phase,
+                )
+            }
+            (r, _) => {
+                let mut msg = format!(
+                    "host {} stays in maintenance; VMs still on it: {}",
+                    self.host,
+                    if running_left.is_empty() {
+                        "none running".to_string()
+                    } else {
+                        running_left.join("; ")
+                    }
+                );
+                if let Err(e) = r {
+                    msg.push_str(&format!(" — the evacuation stopped: {e}"));
+                }
+                msg.push_str(&format!(
+                    ". Fix that, then run tern host maintenance enter {} again (or exit to \
+                     return it to service)",
+                    self.host
+                ));
+                (
+                    TaskState::Failed,
+                    "failed".to_string(),
+                    Some(msg.clone()),
+                    EventLevel::Error,
+                    msg,
+                )
+            }
+        };
+        let (id, host) = (self.task, self.host.clone());
+        let value = serde_json::to_value(&result).ok();
+        let w = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                if tx.finish_task(id, state, &phase, value.as_ref(), error.as_deref(), now)? {
+                    tx.add_event(ev(id, &host, level, summary), now)?;
+                } else if let Some(v) = &value {
+                    tx.set_task_result(id, v)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = w {
+            tracing::error!(task = %self.task, "cannot record the maintenance outcome: {e}");
+        }
+    }
+}
+
+/// A store error or a refusal text, for the re-home transaction.
+struct RehomeErr(String);
+
+impl From<StoreError> for RehomeErr {
+    fn from(e: StoreError) -> Self {
+        RehomeErr(format!("center store: {e}"))
+    }
+}
+
+fn progress(done: usize, total: usize) -> u8 {
+    if total == 0 {
+        return 99;
+    }
+    (5 + done * 94 / total).min(99) as u8
+}
+
+/// " (pre-checks: h2: cpu: …; h3: storage: …)" or "" when every host passed.
+fn precheck_text(refused: &HashMap<String, Vec<(String, String)>>) -> String {
+    if refused.is_empty() {
+        return String::new();
+    }
+    let mut hosts: Vec<&String> = refused.keys().collect();
+    hosts.sort();
+    let parts: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            let checks: Vec<String> = refused[*h]
+                .iter()
+                .map(|(c, d)| format!("{c}: {d}"))
+                .collect();
+            format!("{h}: {}", checks.join(", "))
+        })
+        .collect();
+    format!(" (pre-checks: {})", parts.join("; "))
+}
+
+/// A DRS snapshot of one cluster from the inventory: hosts with their state and capacity
+/// (memory minus what the stopped VMs placed there hold), the running VMs where they run
+/// with their CPU demand from the last heartbeat and their configured memory as demand (a
+/// guest may touch all of it), `placing` as a VM without a host, and `rules`. Each host is
+/// also a host group of its own name, so rules can name single hosts.
+pub fn drs_snapshot(
+    hosts: &[HostRecord],
+    vms: &[VmRecord],
+    placing: Option<Uuid>,
+    rules: Vec<Rule>,
+) -> Snapshot {
+    let mut cpu_pct: HashMap<Uuid, f64> = HashMap::new();
+    for h in hosts {
+        for l in h.load.iter().flat_map(|l| &l.vms) {
+            cpu_pct.insert(l.vm_id, l.cpu_percent);
+        }
+    }
+    let by_id: HashMap<Uuid, &HostRecord> = hosts.iter().map(|h| (h.id, h)).collect();
+    let mut stopped_mib: HashMap<Uuid, u64> = HashMap::new();
+    let mut drs_vms = Vec::new();
+    for v in vms {
+        let host = v.host_id.and_then(|h| by_id.get(&h));
+        let runs = matches!(
+            v.actual,
+            PowerState::Running | PowerState::Paused | PowerState::Unknown
+        );
+        if Some(v.id) != placing && !runs {
+            if let Some(h) = host {
+                *stopped_mib.entry(h.id).or_default() += v.spec.memory_mib;
+            }
+            continue;
+        }
+        let mut d = tern_drs::Vm::new(v.name(), v.spec.vcpus, v.spec.memory_mib as f64);
+        d.host = if Some(v.id) == placing {
+            None
+        } else {
+            host.map(|h| h.name.clone())
+        };
+        let mhz = host.map(|h| f64::from(h.facts.cpu_mhz)).unwrap_or(2000.0);
+        d.cpu_demand_mhz = cpu_pct.get(&v.id).copied().unwrap_or(0.0) / 100.0 * mhz;
+        d.memory_demand_mib = v.spec.memory_mib as f64;
+        drs_vms.push(d);
+    }
+    let drs_hosts = hosts
+        .iter()
+        .map(|h| {
+            let total = h.facts.memory_mib as f64;
+            let stopped = stopped_mib.get(&h.id).copied().unwrap_or(0) as f64;
+            tern_drs::Host {
+                name: h.name.clone(),
+                cpu_mhz: (f64::from(h.facts.cores) * f64::from(h.facts.cpu_mhz)).max(1.0),
+                memory_mib: (total - stopped).max(1.0),
+                state: match h.state() {
+                    HostState::Connected => tern_drs::HostState::Connected,
+                    HostState::Maintenance => tern_drs::HostState::Maintenance,
+                    HostState::Disconnected => tern_drs::HostState::Disconnected,
+                },
+                groups: vec![h.name.clone()],
+            }
+        })
+        .collect();
+    // A rule naming a VM the snapshot left out (it stopped meanwhile) would void the snapshot.
+    let names: std::collections::HashSet<&str> = drs_vms.iter().map(|v| v.name.as_str()).collect();
+    let rules = rules
+        .into_iter()
+        .filter(|r| r.vms().iter().all(|v| names.contains(v.as_str())))
+        .collect();
+    Snapshot {
+        now_s: Utc::now().timestamp().max(0) as u64,
+        config: tern_drs::Config::default(),
+        hosts: drs_hosts,
+        vms: drs_vms,
+        rules,
+        pools: vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Link;
+    use tern_api::{Accelerator, BootSource, HostFacts, VmSpec};
+
+    fn host(name: &str, memory_mib: u64, maintenance: bool) -> HostRecord {
+        HostRecord {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            cluster_id: Uuid::nil(),
+            cluster: "lab".into(),
+            link: Link::Connected,
+            maintenance,
+            agent_url: "http://127.0.0.1:1".into(),
+            agent_token: "a".into(),
+            host_token: "h".into(),
+            facts: HostFacts {
+                hostname: name.into(),
+                cores: 4,
+                memory_mib,
+                cpu_mhz: 2000,
+                cpu_model_name: "test".into(),
+                cpu_flags: vec![],
+                qemu_version: "10.0.0".into(),
+                accelerator: Accelerator::Tcg,
+                migration_address: "10.0.0.1".into(),
+                shared_storage: "/shared".into(),
+                cpu_capability: vec![],
+                cpu_ceiling: None,
+                cpu: None,
+                agent_version: "test".into(),
+            },
+            load: None,
+            last_heartbeat: None,
+        }
+    }
+
+    fn vm(name: &str, on: &HostRecord, memory_mib: u64, actual: PowerState) -> VmRecord {
+        VmRecord {
+            id: Uuid::new_v4(),
+            cluster_id: Uuid::nil(),
+            cluster: "lab".into(),
+            host_id: Some(on.id),
+            host: Some(on.name.clone()),
+            spec: VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib,
+                cpu_model: None,
+                boot: BootSource::Disk,
+                disks: vec![],
+                nics: vec![],
+            },
+            desired: actual,
+            actual,
+            generation: 1,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn evacuation_spreads_and_respects_memory_and_prechecks() {
+        let h1 = host("h1", 8192, true);
+        let h2 = host("h2", 8192, false);
+        let h3 = host("h3", 8192, false);
+        // A stopped 7.5 GiB VM on h3 leaves it room for nothing big.
+        let vms = vec![
+            vm("a", &h1, 1024, PowerState::Running),
+            vm("b", &h1, 1024, PowerState::Running),
+            vm("big", &h1, 2048, PowerState::Running),
+            vm("parked", &h3, 7680, PowerState::Stopped),
+        ];
+        let hosts = vec![h1, h2, h3];
+        let snap = drs_snapshot(&hosts, &vms, None, vec![]);
+        assert_eq!(snap.hosts[2].memory_mib, 512.0);
+        assert_eq!(
+            snap.vms.len(),
+            3,
+            "stopped VMs are not placed: {:?}",
+            snap.vms
+        );
+        let plan = tern_drs::evacuate(&snap, "h1").unwrap();
+        assert!(plan.blockers.is_empty(), "{plan:?}");
+        assert!(plan.steps.iter().all(|s| s.migration.to_host == "h2"));
+
+        // Room everywhere: the VMs spread over h2 and h3.
+        let mut roomy = vms.clone();
+        roomy.pop();
+        let snap = drs_snapshot(&hosts, &roomy, None, vec![]);
+        let plan = tern_drs::evacuate(&snap, "h1").unwrap();
+        let dests: std::collections::HashSet<&str> = plan
+            .steps
+            .iter()
+            .map(|s| s.migration.to_host.as_str())
+            .collect();
+        assert_eq!(dests.len(), 2, "{plan:?}");
+
+        // A failed pre-check keeps a VM off that host; with no host left it is a blocker.
+        let rules = ["h2", "h3"]
+            .iter()
+            .map(|h| Rule::VmHost {
+                name: format!("pre-check cpu of big on {h}"),
+                vms: vec!["big".into()],
+                host_group: h.to_string(),
+                relation: VmHostRelation::MustNotRunOn,
+            })
+            .collect();
+        let snap = drs_snapshot(&hosts, &roomy, None, rules);
+        let plan = tern_drs::evacuate(&snap, "h1").unwrap();
+        assert_eq!(plan.blockers.len(), 1, "{plan:?}");
+        assert_eq!(plan.blockers[0].vm, "big");
+        assert!(explain::blocker(&plan.blockers[0]).contains("pre-check cpu"));
+        assert_eq!(plan.steps.len(), 2);
+    }
+
+    #[test]
+    fn a_placed_vm_has_no_host_and_holds_no_capacity() {
+        let h1 = host("h1", 4096, true);
+        let h2 = host("h2", 4096, false);
+        let parked = vm("parked", &h1, 1024, PowerState::Stopped);
+        let snap = drs_snapshot(
+            &[h1, h2],
+            std::slice::from_ref(&parked),
+            Some(parked.id),
+            vec![],
+        );
+        assert_eq!(snap.vms.len(), 1);
+        assert_eq!(snap.vms[0].host, None);
+        assert_eq!(snap.hosts[0].memory_mib, 4096.0);
+        let p = tern_drs::place(&snap, "parked").unwrap();
+        assert_eq!(p.host, "h2");
+    }
+
+    #[test]
+    fn progress_stays_below_done() {
+        assert_eq!(progress(0, 0), 99);
+        assert_eq!(progress(0, 4), 5);
+        assert!(progress(4, 4) <= 99);
+    }
+}
