@@ -1142,7 +1142,8 @@ impl Mig {
             }
         }
         if self.incoming_attempted {
-            if let Err(e) = undo_destination(&self.dest, self.vm.id).await {
+            let generation_to = self.row.as_ref().map_or(u64::MAX, |r| r.generation_to);
+            if let Err(e) = undo_destination(&self.dest, self.vm.id, generation_to).await {
                 ok = false;
                 self.event(
                     EventLevel::Error,
@@ -1280,12 +1281,23 @@ async fn undo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
     }
 }
 
-/// Destination side of a rollback: kill and remove the incoming QEMU.
-async fn undo_destination(host: &HostRecord, vm: Uuid) -> Result<(), String> {
+/// Destination side of a rollback: kill and remove the incoming QEMU — never a copy that
+/// runs there under this migration's generation or a later one (that one owns the VM).
+async fn undo_destination(host: &HostRecord, vm: Uuid, generation_to: u64) -> Result<(), String> {
     let a = Agent::of(host);
     match a.migration_abort(vm).await {
         Ok(()) => Ok(()),
-        Err(e) if e.status() == Some(404) => a.delete(vm).await.map_err(|e| e.to_string()),
+        Err(e) if e.status() == Some(404) => match a.vm(vm).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(rt) if rt.state == PowerState::Running && rt.generation >= generation_to => {
+                Err(format!(
+                    "host {} runs VM {vm} under generation {} (this migration's is {}): \
+                         it is not a leftover; refusing to remove it",
+                    host.name, rt.generation, generation_to
+                ))
+            }
+            Some(_) => a.delete(vm).await.map_err(|e| e.to_string()),
+        },
         Err(e) => Err(e.to_string()),
     }
 }
@@ -1311,6 +1323,13 @@ async fn redo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
 /// Brings both hosts in line with a migration's record — forward if committed, backward
 /// otherwise — retrying until both agents have done their part, then records the end.
 pub async fn converge(app: Arc<App>, row: MigrationRow) {
+    // The store's record is the truth: a caller's copy may predate the commit, and rolling
+    // back a committed migration would remove the only running copy.
+    let task = row.task_id;
+    let row = match app.db.read(move |tx| tx.migration(task)).await {
+        Ok(Some(fresh)) => fresh,
+        _ => row,
+    };
     let hosts = {
         let (s, d) = (row.source_host_id, row.dest_host_id);
         app.db
@@ -1321,7 +1340,7 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
         tracing::error!(task = %row.task_id, "a host of the migration is gone; nothing to converge");
         return;
     };
-    let forward = row.state == Rec::Committed;
+    let forward = matches!(row.state, Rec::Committed | Rec::Done);
     let mut warned = false;
     loop {
         // The host records may have new agent URLs (re-registration): read them again.
@@ -1340,7 +1359,7 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
                 Err(e) => Err(e),
             }
         } else {
-            match undo_destination(&dst, row.vm_id).await {
+            match undo_destination(&dst, row.vm_id, row.generation_to).await {
                 Ok(()) => undo_source(&src, row.vm_id).await,
                 Err(e) => Err(e),
             }

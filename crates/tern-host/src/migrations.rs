@@ -370,7 +370,10 @@ impl Migrations {
                 out.status().state
             )));
         }
-        out.finish().await.map_err(qemu)?;
+        // A source QEMU that has already ended (a retried finish) has nothing left to quit.
+        if out.vm().exit_reason().is_none() {
+            out.finish().await.map_err(qemu)?;
+        }
         match self.vms.remove_idle(id).await {
             Ok(()) | Err(AgentError::NotFound(_)) => {}
             Err(e) => return Err(e),

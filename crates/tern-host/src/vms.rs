@@ -104,7 +104,15 @@ impl Slot {
     }
 
     fn persist(&self) {
-        let rec = self.st().record();
+        let rec = {
+            let st = self.st();
+            // A deleted VM's run dir is being removed: writing into it would re-create files
+            // under `remove_dir_all` and make the removal fail.
+            if st.deleted {
+                return;
+            }
+            st.record()
+        };
         if let Err(e) = self.run.write_record(&rec) {
             tracing::warn!(vm = %self.run.id, error = %format!("{e:#}"), "cannot record the VM state");
         }
@@ -589,12 +597,23 @@ impl VmManager {
         };
         remove_taps(&taps);
         self.slots().remove(&id);
-        if let Err(e) = std::fs::remove_dir_all(&slot.run.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(AgentError::Internal(anyhow::anyhow!(
-                    "removing {}: {e}",
-                    slot.run.dir.display()
-                )));
+        // A state record already being written when `deleted` was set may still land in the
+        // dir while it is removed: try again briefly.
+        let mut attempt = 0;
+        loop {
+            match std::fs::remove_dir_all(&slot.run.dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(AgentError::Internal(anyhow::anyhow!(
+                        "removing {}: {e}",
+                        slot.run.dir.display()
+                    )))
+                }
             }
         }
         tracing::info!(vm = %name, %id, "VM deleted");
