@@ -11,6 +11,10 @@ use crate::qmp::QemuVersion;
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Smallest downtime limit tern sets: below it the device state alone does not fit.
 pub const MIN_DOWNTIME_MS: u64 = 20;
+/// Bandwidth ÷ dirty rate from which tern starts at a tenth of the downtime budget.
+pub const FAST_SHRINK: f64 = 8.0;
+/// Bandwidth ÷ dirty rate from which tern starts at a quarter of the budget (below: half).
+pub const SLOW_SHRINK: f64 = 3.0;
 /// Largest downtime budget accepted (a longer pause is a cold migration).
 pub const MAX_DOWNTIME_MS: u64 = 10_000;
 /// What one uncompressed migration stream (one sender thread, one TCP connection) carries.
@@ -187,18 +191,42 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         "legacy"
     };
 
-    // Downtime: start at half the budget, raise to the budget only if pre-copy stalls.
+    // Downtime: the budget is a ceiling, not a target — what clients see grows with the
+    // pause. Each extra pre-copy pass divides what is left by about bandwidth ÷ dirty rate:
+    // when that is large, a few short passes buy a pause far under the budget; when it is
+    // small, passes are long and gain little, so start nearer the budget. Raised to the
+    // budget (then throttling) only if pre-copy stalls.
     let budget = req
         .downtime_ms
         .unwrap_or(DEFAULT_DOWNTIME_MS)
         .clamp(MIN_DOWNTIME_MS, MAX_DOWNTIME_MS);
-    let initial = (budget / 2).max(MIN_DOWNTIME_MS);
+    let shrink = if ratio > 0.0 {
+        1.0 / ratio
+    } else {
+        f64::INFINITY
+    };
+    let (initial, why) = if shrink >= FAST_SHRINK {
+        (
+            budget / 10,
+            format!("a tenth of the {budget} ms budget: each extra pass shrinks what is left about {FAST_SHRINK:.0}× or more, so the last few are short"),
+        )
+    } else if shrink >= SLOW_SHRINK {
+        (
+            budget / 4,
+            format!("a quarter of the {budget} ms budget: each extra pass shrinks what is left {shrink:.1}×"),
+        )
+    } else {
+        (
+            budget / 2,
+            format!("half the {budget} ms budget: each extra pass shrinks what is left only {shrink:.1}×, so passes are long and gain little"),
+        )
+    };
+    let initial = initial.max(MIN_DOWNTIME_MS);
     reasons.push(format!(
-        "downtime: limit {initial} ms to start, half the {budget} ms budget{} — a guest that \
-         converges on its own pauses less; raised to {budget} ms before throttling if \
-         pre-copy stalls",
+        "downtime: limit {initial} ms to start, {why}{} — raised to {budget} ms before \
+         throttling if pre-copy stalls",
         if req.downtime_ms.is_none() {
-            " (default)"
+            " (default budget)"
         } else {
             ""
         }
@@ -656,7 +684,8 @@ mod tests {
         assert!(has(&s, "max-bandwidth").contains("unlimited"));
         assert!(has(&s, "compression").contains("CPU the bottleneck"));
         assert_eq!(s.downtime_budget_ms, DEFAULT_DOWNTIME_MS);
-        assert_eq!(s.downtime_limit_ms, DEFAULT_DOWNTIME_MS / 2);
+        // 2980 MiB/s against 50 MiB/s dirtied: passes shrink 60×, start low.
+        assert_eq!(s.downtime_limit_ms, DEFAULT_DOWNTIME_MS / 10);
         assert!(s.auto_converge);
         assert!(!s.postcopy_allowed);
         // 8 GiB at ~2980 MiB/s is 2.7 s a copy: the floor wins.
@@ -748,9 +777,21 @@ mod tests {
             downtime_ms: Some(1000),
             ..req()
         };
+        // An idle guest: extra passes cost nothing, start at a tenth of the budget.
         let s = choose_settings(&r, &meas(1024, 0.0, 1000.0), &hosts(0));
         assert_eq!(s.downtime_budget_ms, 1000);
+        assert_eq!(s.downtime_limit_ms, 100);
+        assert!(has(&s, "downtime").contains("a tenth"), "{:#?}", s.reasons);
+        // 1 Gbit/s ≈ 119 MiB/s: 30 MiB/s dirtied shrinks 4× a pass, 64 MiB/s only 1.9×.
+        let s = choose_settings(&r, &meas(1024, 30.0, 1000.0), &hosts(0));
+        assert_eq!(s.downtime_limit_ms, 250);
+        let s = choose_settings(&r, &meas(1024, 64.0, 1000.0), &hosts(0));
         assert_eq!(s.downtime_limit_ms, 500);
+        assert!(
+            has(&s, "downtime").contains("only 1.9×"),
+            "{:#?}",
+            s.reasons
+        );
         let r = MigrateVm {
             downtime_ms: Some(1),
             ..req()
