@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -331,6 +332,127 @@ impl Lab {
         json.unwrap_or_else(|| panic!("tern-guest client --stats gave no JSON:\n{}", text(&out)))
     }
 
+    /// Creates a VM of the lab's guest image (1 vCPU) on `host`, serving on `ip`:7000, with
+    /// `extra_cmdline` added to its kernel command line and `disks` (`--disk` specs) attached;
+    /// starts it and waits for the guest's ready line. Returns the VM's id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_vm(
+        &self,
+        name: &str,
+        host: &str,
+        ip: &str,
+        mac: &str,
+        memory_mib: u32,
+        extra_cmdline: &str,
+        disks: &[&str],
+    ) -> String {
+        let cmdline =
+            format!("console=ttyS0 ipv6.disable=1 tern.ip={ip}/24 tern.serve=7000 {extra_cmdline}");
+        let (kernel, initrd) = (self.guest_kernel(), self.guest_initrd());
+        let memory = memory_mib.to_string();
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--cluster",
+            "lab",
+            "--host",
+            host,
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            &memory,
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            &cmdline,
+            "--mac",
+            mac,
+        ];
+        for d in disks {
+            args.extend(["--disk", d]);
+        }
+        self.tern_ok(&args);
+        self.tern_ok(&["vm", "start", name]);
+        self.wait_console(name, "TERN-GUEST-READY", Duration::from_secs(120));
+        let vm: Value = self.tern_json(&["vm", "show", name]);
+        vm["id"].as_str().expect("vm id").to_string()
+    }
+
+    /// Runs `tern-guest client --json` against `addr` for `duration_ms` in the client namespace
+    /// on its own thread; joining it gives the client's report (the thread panics without one).
+    pub fn spawn_stream_client(&self, addr: &str, duration_ms: u64) -> JoinHandle<Value> {
+        let dir = self.dir.clone();
+        let prefix = self.prefix.clone();
+        let exe = guest_dir().join("tern-guest");
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            let out = Command::new(tern_exe())
+                .args(["lab", "--dir"])
+                .arg(&dir)
+                .args(["client", "--prefix", &prefix, "--"])
+                .arg(exe)
+                .args(["client", "--addr", &addr, "--duration-ms"])
+                .arg(duration_ms.to_string())
+                .arg("--json")
+                .env("TERN_LAB_DIR", &dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run the client");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str(l.trim()).ok())
+                .unwrap_or_else(|| panic!("no client report:\n{}", text(&out)))
+        })
+    }
+
+    /// Exactly one QEMU runs VM `name` (id `id`), on `host`; the inventory says so and that it
+    /// runs; no other host of the lab keeps a run dir of it.
+    pub fn one_copy_on(&self, name: &str, id: &str, host: &str) {
+        let vm: Value = self.tern_json(&["vm", "show", name]);
+        assert_eq!(vm["host"], host, "{vm}");
+        for other in (1..=self.hosts).map(|i| format!("h{i}")) {
+            if other == host {
+                continue;
+            }
+            let leftover = self.dir.join(format!("hosts/{other}/vms/{id}"));
+            wait_for(
+                &format!("{} to disappear", leftover.display()),
+                Duration::from_secs(60),
+                || (!leftover.exists()).then_some(()),
+            );
+        }
+        let qemus = qemus_of(id);
+        assert_eq!(qemus.len(), 1, "QEMUs of VM {name}: {qemus:#?}");
+        assert!(
+            qemus[0].1.contains(&format!("/hosts/{host}/vms/{id}")),
+            "the copy is not {host}'s: {}",
+            qemus[0].1
+        );
+        wait_for(
+            &format!("VM {name} to be running"),
+            Duration::from_secs(30),
+            || {
+                let v: Value = self.tern_json(&["vm", "show", name]);
+                (v["actual_state"] == "running").then_some(())
+            },
+        );
+    }
+
+    /// `tern vm migrate ARGS -o json` (it follows the task to its end): the command's output
+    /// and the task it printed.
+    pub fn migrate_json(&self, args: &[&str]) -> (Output, Option<Value>) {
+        let mut a = vec!["vm", "migrate"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-o", "json"]);
+        let out = self.tern(&a);
+        let task = serde_json::from_slice::<Value>(&out.stdout).ok();
+        (out, task)
+    }
+
     /// Takes the lab down now (Drop does it otherwise); asserts it succeeded.
     pub fn down(mut self) {
         self.down = true;
@@ -493,6 +615,14 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
         }
     }
     v
+}
+
+/// Live QEMU processes of VM `id` (`-uuid ID` on their command line), anywhere on this machine.
+pub fn qemus_of(id: &str) -> Vec<(u32, String)> {
+    processes_mentioning(&format!("-uuid {id}"))
+        .into_iter()
+        .filter(|(_, c)| c.contains("qemu-system"))
+        .collect()
 }
 
 /// Is the process alive (exists, not a zombie)?
