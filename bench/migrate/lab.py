@@ -10,7 +10,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-TERN = os.path.join(ROOT, "target", "debug", "tern")
+# TERN_BENCH_BIN: a copy of the binary, so a rebuild during a long run changes nothing.
+TERN = os.environ.get("TERN_BENCH_BIN") or os.path.join(ROOT, "target", "debug", "tern")
 TERN_GUEST = os.path.join(ROOT, "target", "guest", "tern-guest")
 PROBE = os.path.join(HERE, "probe.py")
 BLAST_PORT = 5201

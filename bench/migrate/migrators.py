@@ -323,7 +323,7 @@ class Tern:
         res = task.get("result") or {}
         rec.update(qemu_total_ms=res.get("total_ms"), qemu_downtime_ms=res.get("downtime_ms"),
                    qemu_setup_ms=res.get("setup_ms"), wire_bytes=res.get("bytes"),
-                   passes=res.get("passes"), tern_result=res, pause_ms=None)
+                   passes=res.get("passes"), tern_result=res, pause_ms=res.get("pause_ms"))
         if res.get("status") == "completed":
             rec["converged"] = True
             rec["e2e_s"] = rec["t_done"] - rec["t_cmd"]
