@@ -472,7 +472,7 @@ fn destination_faults_leave_one_copy_on_the_source() {
     // rolls back, the destination QEMU it left is removed, the guest never runs on h2.
     let commits_before = commits_logged(&lab, "h2", &g.id);
     let before = clean_stats(&lab, &g, &boot_id);
-    let client = lab.spawn_stream_client(&g.addr, 40_000);
+    let client = lab.spawn_stream_client(&g.addr, 60_000);
     let started = Instant::now();
     let task = start_migration(&lab, &g, "h2", 16, Some("15s"));
     let dest_pid: u32 =
@@ -524,7 +524,7 @@ fn destination_faults_leave_one_copy_on_the_source() {
     // b. The destination's management/migration link is cut during pre-copy until the
     // deadline: the task fails naming it, the VM runs on the source; once the link is back
     // the destination's leftover is removed and a migration succeeds.
-    let client = lab.spawn_stream_client(&g.addr, 55_000);
+    let client = lab.spawn_stream_client(&g.addr, 100_000);
     let started = Instant::now();
     let task = start_migration(&lab, &g, "h2", 16, Some("15s"));
     let out = lab.lab_cmd(&["lab", "link", "cut", "h2"]);
