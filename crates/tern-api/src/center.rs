@@ -26,7 +26,8 @@
 //! | GET | /api/v1/events | `?limit=N&vm=NAME&host=NAME` → `Vec<Event>` |
 //! | GET | /openapi.json | the OpenAPI document (no token needed) |
 //!
-//! EVC paths (cluster CPU modes, migration dry run): see [`crate::evc`].
+//! EVC paths (cluster CPU modes, migration dry run): see [`crate::evc`]. DRS paths (settings,
+//! recommendations, apply): see [`crate::drs`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -141,6 +142,8 @@ pub enum TaskKind {
     HostMaintenanceEnter,
     /// Host leaves maintenance mode (done when recorded).
     HostMaintenanceExit,
+    /// A cluster's DRS balance recommendations run as live migrations, one at a time.
+    DrsApply,
 }
 
 /// What `POST /api/v1/hosts/{name}/maintenance` does.

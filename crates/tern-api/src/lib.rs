@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod center;
 pub mod client;
+pub mod drs;
 pub mod error;
 pub mod evc;
 pub mod migration;

@@ -19,6 +19,7 @@ use tern_api::center::{
     MaintenanceAction, MaintenanceResult, RegisterHost, Registered, StopVm, Task, TaskKind,
     TaskState, Vm,
 };
+use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::ErrorBody;
@@ -103,6 +104,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/clusters/{name}", get(get_cluster))
         .route("/clusters/{name}/evc", post(set_evc))
         .route("/clusters/{name}/evc-modes", get(evc_modes))
+        .route("/clusters/{name}/drs", get(get_drs).put(set_drs))
+        .route(
+            "/clusters/{name}/drs/recommendations",
+            get(drs_recommendations),
+        )
+        .route("/clusters/{name}/drs/apply", post(drs_apply))
         .route("/hosts", get(list_hosts))
         .route("/hosts/{name}", get(get_host))
         .route("/hosts/{name}/maintenance", post(host_maintenance))
@@ -248,6 +255,73 @@ async fn evc_modes(
         app.db
             .read(move |tx| crate::evc::evc_modes(tx, &name))
             .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/drs", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster's DRS settings (defaults: manual, threshold 3)", body = DrsSettings),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_drs(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<DrsSettings>> {
+    Ok(axum::Json(crate::drs::settings(&app, name).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/clusters/{name}/drs", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    request_body = DrsSettings,
+    responses(
+        (status = 200, description = "Settings stored; the scheduler runs a pass at once", body = DrsSettings),
+        (status = 400, description = "Invalid body, unknown automation level or threshold outside 1..5", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn set_drs(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Body(req): Body<DrsSettings>,
+) -> ApiResult<Json<DrsSettings>> {
+    Ok(axum::Json(crate::drs::set_settings(&app, name, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/drs/recommendations", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The engine's balance pass now: moves in order, with reasons", body = DrsRecommendations),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn drs_recommendations(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<DrsRecommendations>> {
+    Ok(axum::Json(crate::drs::recommend(&app, name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/clusters/{name}/drs/apply", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 202, description = "Task `drs_apply` queued: a fresh pass's moves run one at a time as live migrations; its result is a DrsApplyResult", body = Task),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+        (status = 409, description = "An apply task already runs on the cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn drs_apply(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(crate::drs::apply(&app, name, "asked through the API").await?),
     ))
 }
 
@@ -671,13 +745,14 @@ impl Modify for BearerAuth {
     ),
     paths(
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
+        get_drs, set_drs, drs_recommendations, drs_apply,
         register_host, heartbeat, list_hosts, get_host, host_maintenance,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
         migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
     ),
     components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult,
-        MaintenanceResult)),
+        MaintenanceResult, DrsApplyResult)),
     modifiers(&BearerAuth),
     tags(
         (name = "clusters", description = "Clusters of hosts"),
@@ -730,6 +805,10 @@ mod tests {
             ("get", "/api/v1/clusters/{name}"),
             ("post", "/api/v1/clusters/{name}/evc"),
             ("get", "/api/v1/clusters/{name}/evc-modes"),
+            ("get", "/api/v1/clusters/{name}/drs"),
+            ("put", "/api/v1/clusters/{name}/drs"),
+            ("get", "/api/v1/clusters/{name}/drs/recommendations"),
+            ("post", "/api/v1/clusters/{name}/drs/apply"),
             ("get", "/api/v1/vms/{name}/can-migrate"),
             ("post", "/api/v1/vms/{name}/migrate"),
             ("post", "/api/v1/hosts/register"),

@@ -28,6 +28,8 @@ pub struct App {
     cancels: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// Task drivers and other background work, awaited (briefly) at shutdown.
     workers: Mutex<JoinSet<()>>,
+    /// The DRS scheduler's wake-up signal and running applies.
+    pub drs: crate::drs::DrsState,
 }
 
 impl App {
@@ -41,6 +43,7 @@ impl App {
             settled: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             workers: Mutex::new(JoinSet::new()),
+            drs: crate::drs::DrsState::default(),
         }
     }
 

@@ -16,6 +16,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8700";
 pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 10_000;
 /// Default heartbeat period the center asks agents for.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
+/// Default period of the DRS scheduler's pass (5 min).
+pub const DEFAULT_DRS_PERIOD_MS: u64 = 300_000;
 
 const AFTER_HELP: &str = "\
 Every flag can also be set in the TOML file given with --config, under the same name with '_'
@@ -78,6 +80,11 @@ pub struct CenterArgs {
     /// Heartbeat period the center asks agents for at registration [default: 2000].
     #[arg(long, value_name = "MS")]
     pub heartbeat_interval_ms: Option<u64>,
+
+    /// Period of the DRS scheduler's pass over every cluster (it also runs when a host
+    /// joins) [default: 300000].
+    #[arg(long, value_name = "MS")]
+    pub drs_period_ms: Option<u64>,
 }
 
 /// The center's settings, every default filled in.
@@ -90,6 +97,7 @@ pub struct CenterConfig {
     pub enrol_token_file: PathBuf,
     pub heartbeat_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
+    pub drs_period_ms: u64,
 }
 
 impl CenterConfig {
@@ -105,6 +113,7 @@ impl CenterConfig {
             enrol_token_file: data_dir.join("enrol.token"),
             heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            drs_period_ms: DEFAULT_DRS_PERIOD_MS,
             data_dir,
         }
     }
@@ -137,12 +146,18 @@ impl CenterConfig {
         if let Some(ms) = args.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
             cfg.heartbeat_interval_ms = ms;
         }
+        if let Some(ms) = args.drs_period_ms.or(file.drs_period_ms) {
+            cfg.drs_period_ms = ms;
+        }
         cfg.check()?;
         Ok(cfg)
     }
 
     /// Refuses settings the center cannot work with.
     pub fn check(&self) -> anyhow::Result<()> {
+        if self.drs_period_ms == 0 {
+            bail!("drs_period_ms must be more than 0 (default {DEFAULT_DRS_PERIOD_MS})");
+        }
         if self.heartbeat_interval_ms == 0 {
             bail!("heartbeat_interval_ms must be more than 0 (default {DEFAULT_HEARTBEAT_INTERVAL_MS})");
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tern_api::center::{Cluster, CreateCluster, CreateVm, Heartbeat, RegisterHost, Registered, Vm};
-use tern_api::{valid_name, HostState, PowerState};
+use tern_api::{valid_name, HostState, PowerState, VmSpec};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -220,6 +220,8 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
             })
         })
         .await
+        // A host (re)joined: the scheduler looks at its cluster now.
+        .inspect(|_| app.drs.wake.notify_one())
 }
 
 /// What a VM's actual state becomes after a heartbeat of its host: what the host reports,
@@ -412,6 +414,8 @@ struct CreateSnapshot {
     /// The cluster's EVC mode.
     evc_mode: Option<String>,
     hosts: Vec<(HostRecord, Candidate)>,
+    /// The cluster's VMs (what the DRS engine weighs a placement against).
+    vms: Vec<VmRecord>,
 }
 
 fn candidate(tx: &Tx, h: &HostRecord) -> Result<Candidate, StoreError> {
@@ -428,6 +432,57 @@ fn candidate(tx: &Tx, h: &HostRecord) -> Result<Candidate, StoreError> {
         memory_mib: h.facts.memory_mib,
         placed_memory_mib: placed,
     })
+}
+
+/// The DRS engine's host for a new VM (index into `snap.hosts`) and its reason, among the
+/// usable hosts of the cluster that pass the creation checks (size, free memory, CPU); `None`
+/// when the engine finds none (the caller keeps the simple rule's choice and its errors).
+fn drs_place(snap: &CreateSnapshot, cluster: &str, spec: &VmSpec) -> Option<(usize, String)> {
+    let mut refused = crate::drs::Refused::new();
+    let mut hosts = Vec::new();
+    for (h, cand) in snap
+        .hosts
+        .iter()
+        .filter(|(h, _)| h.cluster_id == snap.cluster_id)
+    {
+        let mut why = Vec::new();
+        if let Err(e) = vmcheck::check_host(cand, cluster, spec) {
+            why.push(("size".to_string(), e.message));
+        }
+        if let Err(e) = crate::evc::resolve(spec, snap.evc_mode.as_deref(), h) {
+            why.push(("cpu".to_string(), e));
+        }
+        if !why.is_empty() {
+            refused.insert(h.name.clone(), why);
+        }
+        hosts.push(h.clone());
+    }
+    let new = VmRecord {
+        id: Uuid::new_v4(),
+        cluster_id: snap.cluster_id,
+        cluster: cluster.to_string(),
+        host_id: None,
+        host: None,
+        spec: spec.clone(),
+        desired: PowerState::Stopped,
+        actual: PowerState::Stopped,
+        generation: 1,
+        created_at: Utc::now(),
+    };
+    match crate::drs::place_new(&hosts, &snap.vms, &new, &refused) {
+        Ok(p) if !refused.contains_key(&p.host) => {
+            let idx = snap.hosts.iter().position(|(h, _)| h.name == p.host)?;
+            Some((idx, crate::drs::placement_reason(&p)))
+        }
+        Ok(p) => {
+            tracing::warn!(vm = %spec.name, host = %p.host, "DRS chose a host the checks refuse");
+            None
+        }
+        Err(e) => {
+            tracing::info!(vm = %spec.name, "DRS cannot place the VM: {e}");
+            None
+        }
+    }
 }
 
 pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
@@ -476,16 +531,24 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 hosts.push((h, c));
             }
             let evc_mode = tx.cluster(&cluster2)?.and_then(|c| c.evc_mode);
+            let vms = tx
+                .vms()?
+                .into_iter()
+                .filter(|v| v.cluster_id == cluster_id)
+                .collect();
             Ok(CreateSnapshot {
                 cluster_id,
                 evc_mode,
                 hosts,
+                vms,
             })
         })
         .await?;
 
     // 2. Choose the host.
     let placed_by_center = host.is_none();
+    // The DRS engine's reason, when it chose the host.
+    let mut drs_reason: Option<String> = None;
     let idx = match &host {
         Some(name) => {
             let idx = snap
@@ -507,7 +570,14 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 .collect();
             let cands: Vec<Candidate> = fits_cpu.iter().map(|&i| snap.hosts[i].1.clone()).collect();
             match vmcheck::place(&cands, &cluster, &spec) {
-                Ok(i) => fits_cpu[i],
+                // Some host fits: the engine chooses among those that do.
+                Ok(i) => match drs_place(&snap, &cluster, &spec) {
+                    Some((idx, reason)) => {
+                        drs_reason = Some(reason);
+                        idx
+                    }
+                    None => fits_cpu[i],
+                },
                 Err(e) => {
                     let refusals: Vec<String> = snap
                         .hosts
@@ -601,7 +671,18 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
             };
             tx.insert_vm(&vm)?;
             tx.set_vm_cpu(vm.id, &crate::evc::creation_row(cpu, &host.name), now)?;
-            if placed_by_center {
+            if let Some(reason) = drs_reason.filter(|_| placed_by_center) {
+                tx.add_event(
+                    NewEvent::info(format!(
+                        "DRS placed VM {} on host {}: {reason}",
+                        vm.name(),
+                        host.name
+                    ))
+                    .vm(vm.name())
+                    .host(Some(&host.name)),
+                    now,
+                )?;
+            } else if placed_by_center {
                 tx.add_event(
                     NewEvent::info(format!(
                         "placed VM {} on host {}: most free memory in cluster {} ({} MiB free \

@@ -4,12 +4,14 @@
 //! [`api`] (routes, auth, OpenAPI) → [`inventory`] and [`tasks`] (the rules) → [`store`] (SQLite,
 //! the only place SQL lives); [`agent`] holds the calls to host agents; [`migrate`] drives live
 //! migrations (pre-checks, settings, the ownership record and its commit rule, recovery);
-//! [`maintenance`] puts hosts in maintenance mode and empties them.
+//! [`maintenance`] puts hosts in maintenance mode and empties them. [`drs`] feeds the DRS
+//! engine: placement, balance recommendations, applying them, the scheduler loop.
 
 pub mod agent;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod drs;
 pub mod error;
 pub mod evc;
 pub mod inventory;

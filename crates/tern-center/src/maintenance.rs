@@ -28,7 +28,6 @@
 //! is refused (its VMs cannot be moved live). Exiting is recorded as a task that is done when
 //! it is returned (`host_maintenance_exit`); it is refused while an entry task runs on the host.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,23 +35,21 @@ use chrono::Utc;
 use tern_api::center::{
     EventLevel, MaintenanceLeft, MaintenanceMove, MaintenanceResult, Task, TaskKind, TaskState,
 };
-use tern_api::migration::MigrateVm;
 use tern_api::{HostState, PowerState};
-use tern_drs::{explain, Rule, Snapshot, VmHostRelation};
+use tern_drs::{explain, Snapshot};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::agent::Agent;
 use crate::app::{lock, App};
+use crate::drs::{precheck_text, Refused};
 use crate::error::ApiErr;
 use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, Tx, VmRecord};
 
 /// How long entry waits for tasks already acting on the host's VMs.
 const BUSY_WAIT: Duration = Duration::from_secs(120);
-/// How often a migration task (or a busy VM) is polled.
+/// How often a busy VM is polled.
 const POLL: Duration = Duration::from_millis(300);
-/// Longest a single migration is awaited (its own deadline normally ends it far sooner).
-const MIGRATION_WAIT: Duration = Duration::from_secs(3600);
 
 fn ev(task: Uuid, host: &str, level: EventLevel, msg: String) -> NewEvent {
     NewEvent::new(level, format!("task {task}: {msg}"))
@@ -269,7 +266,7 @@ async fn drive(app: Arc<App>, task: Uuid, host: String, cancel: Arc<Notify>) {
 struct OnHost {
     vm: VmRecord,
     /// Failed destination pre-checks by host name: (check, detail).
-    refused: HashMap<String, Vec<(String, String)>>,
+    refused: Refused,
 }
 
 impl Entry {
@@ -480,51 +477,9 @@ impl Entry {
         }
     }
 
-    /// Dry-runs the migration pre-checks of `vm` against every other usable host of its
-    /// cluster; returns the failed destination checks by host. A stopped VM gets its CPU
-    /// resolved afresh when it starts, so for it the CPU check is whether the host can run
-    /// the VM's CPU under the cluster's mode, not its recorded one.
-    async fn prechecks(&self, vm: &VmRecord) -> HashMap<String, Vec<(String, String)>> {
-        let cluster = vm.cluster_id;
-        let cluster_name = vm.cluster.clone();
-        let (hosts, mode) = self
-            .app
-            .db
-            .read(move |tx| {
-                let mode = tx.cluster(&cluster_name)?.and_then(|c| c.evc_mode);
-                Ok::<_, StoreError>((tx.hosts_in_cluster(cluster)?, mode))
-            })
-            .await
-            .unwrap_or_default();
-        let stopped = vm.actual != PowerState::Running;
-        let mut out = HashMap::new();
-        for h in hosts.iter().filter(|h| h.usable() && h.name != self.host) {
-            let mut failed: Vec<(String, String)> =
-                match crate::evc::can_migrate(&self.app, vm.name().to_string(), h.name.clone())
-                    .await
-                {
-                    Ok(r) => r
-                        .checks
-                        .into_iter()
-                        // `state` is about the VM, not the host; the plan decides memory fit
-                        // over several moves itself (a stopped VM moves alone: the check holds).
-                        .filter(|c| !c.ok && c.check != "state")
-                        .filter(|c| stopped || c.check != "memory")
-                        .filter(|c| !(stopped && c.check == "cpu"))
-                        .map(|c| (c.check, c.detail))
-                        .collect(),
-                    Err(e) => vec![("pre-checks".into(), e.message)],
-                };
-            if stopped {
-                if let Err(e) = crate::evc::resolve(&vm.spec, mode.as_deref(), h) {
-                    failed.push(("cpu".into(), e));
-                }
-            }
-            if !failed.is_empty() {
-                out.insert(h.name.clone(), failed);
-            }
-        }
-        out
+    /// Dry-runs the migration pre-checks of `vm` against every other usable host.
+    async fn prechecks(&self, vm: &VmRecord) -> Refused {
+        crate::drs::prechecks(&self.app, vm, &self.host).await
     }
 
     /// The cluster of the host as the DRS engine sees it. Stopped VMs hold memory on their
@@ -535,89 +490,19 @@ impl Entry {
         on_host: &[OnHost],
         placing: Option<&OnHost>,
     ) -> Result<Snapshot, String> {
-        let name = self.host.clone();
-        let (hosts, vms) = self
-            .app
-            .db
-            .read(move |tx| {
-                let h = tx
-                    .host_by_name(&name)?
-                    .ok_or_else(|| StoreError::NotFound(format!("host {name} is gone")))?;
-                let hosts = tx.hosts_in_cluster(h.cluster_id)?;
-                let vms: Vec<VmRecord> = tx
-                    .vms()?
-                    .into_iter()
-                    .filter(|v| v.cluster_id == h.cluster_id)
-                    .collect();
-                Ok::<_, StoreError>((hosts, vms))
-            })
-            .await
-            .map_err(|e| format!("center store: {e}"))?;
-        let mut rules = Vec::new();
-        for o in on_host.iter().chain(placing) {
-            for (host, failed) in &o.refused {
-                let checks: Vec<&str> = failed.iter().map(|(c, _)| c.as_str()).collect();
-                rules.push(Rule::VmHost {
-                    name: format!(
-                        "pre-check {} of {} on {host}",
-                        checks.join("+"),
-                        o.vm.name()
-                    ),
-                    vms: vec![o.vm.name().to_string()],
-                    host_group: host.clone(),
-                    relation: VmHostRelation::MustNotRunOn,
-                });
-            }
-        }
-        Ok(drs_snapshot(&hosts, &vms, placing.map(|p| p.vm.id), rules))
+        let h = self.host_record().await?;
+        let rules = crate::drs::precheck_rules(
+            on_host
+                .iter()
+                .chain(placing)
+                .map(|o| (o.vm.name(), &o.refused)),
+        );
+        crate::drs::cluster_snapshot(&self.app, h.cluster_id, rules, placing.map(|p| p.vm.id)).await
     }
 
     /// Starts a live migration and waits for it; `Ok(task)` when the VM runs on `to`.
     async fn migrate(&self, vm: &str, to: &str) -> Result<Uuid, String> {
-        let req = MigrateVm {
-            to: to.to_string(),
-            downtime_ms: None,
-            deadline_ms: None,
-            bandwidth_mbit: None,
-            allow_postcopy: false,
-            dry_run: false,
-        };
-        let t = crate::migrate::migrate_vm(&self.app, vm.to_string(), req)
-            .await
-            .map_err(|e| format!("the migration was refused: {}", e.message))?;
-        *lock(&self.child) = Some(t.id);
-        let deadline = tokio::time::Instant::now() + MIGRATION_WAIT;
-        let id = t.id;
-        let done = loop {
-            let now = self
-                .app
-                .db
-                .read(move |tx| tx.task(id))
-                .await
-                .map_err(|e| format!("center store: {e}"))?;
-            match now {
-                Some(r) if r.task.state.is_done() => break r.task,
-                Some(_) => {}
-                None => return Err(format!("migration task {id} vanished")),
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "migration task {id} has not ended after {} s",
-                    MIGRATION_WAIT.as_secs()
-                ));
-            }
-            tokio::time::sleep(POLL).await;
-        };
-        *lock(&self.child) = None;
-        if done.state == TaskState::Succeeded {
-            Ok(id)
-        } else {
-            Err(format!(
-                "migration to {to} {} (task {id}): {}",
-                done.state,
-                done.error.as_deref().unwrap_or("no reason given")
-            ))
-        }
+        crate::drs::migrate_and_wait(&self.app, vm, to, &self.child).await
     }
 
     /// Registers a stopped VM on the host the scheduler picks, or leaves it with a warning.
@@ -859,108 +744,13 @@ fn progress(done: usize, total: usize) -> u8 {
     (5 + done * 94 / total).min(99) as u8
 }
 
-/// " (pre-checks: h2: cpu: …; h3: storage: …)" or "" when every host passed.
-fn precheck_text(refused: &HashMap<String, Vec<(String, String)>>) -> String {
-    if refused.is_empty() {
-        return String::new();
-    }
-    let mut hosts: Vec<&String> = refused.keys().collect();
-    hosts.sort();
-    let parts: Vec<String> = hosts
-        .iter()
-        .map(|h| {
-            let checks: Vec<String> = refused[*h]
-                .iter()
-                .map(|(c, d)| format!("{c}: {d}"))
-                .collect();
-            format!("{h}: {}", checks.join(", "))
-        })
-        .collect();
-    format!(" (pre-checks: {})", parts.join("; "))
-}
-
-/// A DRS snapshot of one cluster from the inventory: hosts with their state and capacity
-/// (memory minus what the stopped VMs placed there hold), the running VMs where they run
-/// with their CPU demand from the last heartbeat and their configured memory as demand (a
-/// guest may touch all of it), `placing` as a VM without a host, and `rules`. Each host is
-/// also a host group of its own name, so rules can name single hosts.
-pub fn drs_snapshot(
-    hosts: &[HostRecord],
-    vms: &[VmRecord],
-    placing: Option<Uuid>,
-    rules: Vec<Rule>,
-) -> Snapshot {
-    let mut cpu_pct: HashMap<Uuid, f64> = HashMap::new();
-    for h in hosts {
-        for l in h.load.iter().flat_map(|l| &l.vms) {
-            cpu_pct.insert(l.vm_id, l.cpu_percent);
-        }
-    }
-    let by_id: HashMap<Uuid, &HostRecord> = hosts.iter().map(|h| (h.id, h)).collect();
-    let mut stopped_mib: HashMap<Uuid, u64> = HashMap::new();
-    let mut drs_vms = Vec::new();
-    for v in vms {
-        let host = v.host_id.and_then(|h| by_id.get(&h));
-        let runs = matches!(
-            v.actual,
-            PowerState::Running | PowerState::Paused | PowerState::Unknown
-        );
-        if Some(v.id) != placing && !runs {
-            if let Some(h) = host {
-                *stopped_mib.entry(h.id).or_default() += v.spec.memory_mib;
-            }
-            continue;
-        }
-        let mut d = tern_drs::Vm::new(v.name(), v.spec.vcpus, v.spec.memory_mib as f64);
-        d.host = if Some(v.id) == placing {
-            None
-        } else {
-            host.map(|h| h.name.clone())
-        };
-        let mhz = host.map(|h| f64::from(h.facts.cpu_mhz)).unwrap_or(2000.0);
-        d.cpu_demand_mhz = cpu_pct.get(&v.id).copied().unwrap_or(0.0) / 100.0 * mhz;
-        d.memory_demand_mib = v.spec.memory_mib as f64;
-        drs_vms.push(d);
-    }
-    let drs_hosts = hosts
-        .iter()
-        .map(|h| {
-            let total = h.facts.memory_mib as f64;
-            let stopped = stopped_mib.get(&h.id).copied().unwrap_or(0) as f64;
-            tern_drs::Host {
-                name: h.name.clone(),
-                cpu_mhz: (f64::from(h.facts.cores) * f64::from(h.facts.cpu_mhz)).max(1.0),
-                memory_mib: (total - stopped).max(1.0),
-                state: match h.state() {
-                    HostState::Connected => tern_drs::HostState::Connected,
-                    HostState::Maintenance => tern_drs::HostState::Maintenance,
-                    HostState::Disconnected => tern_drs::HostState::Disconnected,
-                },
-                groups: vec![h.name.clone()],
-            }
-        })
-        .collect();
-    // A rule naming a VM the snapshot left out (it stopped meanwhile) would void the snapshot.
-    let names: std::collections::HashSet<&str> = drs_vms.iter().map(|v| v.name.as_str()).collect();
-    let rules = rules
-        .into_iter()
-        .filter(|r| r.vms().iter().all(|v| names.contains(v.as_str())))
-        .collect();
-    Snapshot {
-        now_s: Utc::now().timestamp().max(0) as u64,
-        config: tern_drs::Config::default(),
-        hosts: drs_hosts,
-        vms: drs_vms,
-        rules,
-        pools: vec![],
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drs::drs_snapshot;
     use crate::store::Link;
     use tern_api::{Accelerator, BootSource, HostFacts, VmSpec};
+    use tern_drs::{Rule, VmHostRelation};
 
     fn host(name: &str, memory_mib: u64, maintenance: bool) -> HostRecord {
         HostRecord {

@@ -168,6 +168,7 @@ async fn supervise(
             .into_future(),
     );
     let monitor = tokio::spawn(inventory::monitor(app.clone(), rx.clone()));
+    let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
 
     // Serve until asked to stop, or until a listener fails. Shutdown is checked first: the
     // listeners also end when it is asked for, and that is no failure.
@@ -190,6 +191,7 @@ async fn supervise(
         }
     }
     monitor.abort();
+    scheduler.abort();
     let left = app.drain(SHUTDOWN_GRACE).await;
     if left > 0 {
         tracing::warn!(

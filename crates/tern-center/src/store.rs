@@ -8,7 +8,7 @@
 //! "no duplicate name or MAC" hold under concurrent calls. Inventory queries are small, so the
 //! lock is held for well under a millisecond in practice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use tern_api::center::{Cluster, Event, EventLevel, Host, StopVm, Task, TaskState, Vm};
+use tern_api::drs::{DrsAutomation, DrsSettings, DRS_THRESHOLDS};
 use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
 /// Ordered schema migrations; `PRAGMA user_version` counts how many have been applied.
@@ -118,6 +119,15 @@ const MIGRATIONS: &[&str] = &[
         updated_at      TEXT NOT NULL
     );
     CREATE INDEX migrations_state ON migrations(state);
+    "#,
+    // 4: per-cluster DRS settings (a cluster without a row has the defaults).
+    r#"
+    CREATE TABLE cluster_drs (
+        cluster_id  TEXT PRIMARY KEY REFERENCES clusters(id) ON DELETE CASCADE,
+        automation  TEXT NOT NULL,              -- manual | partially | fully
+        threshold   INTEGER NOT NULL,           -- 1..5
+        updated_at  TEXT NOT NULL
+    );
     "#,
 ];
 
@@ -1333,6 +1343,88 @@ impl Tx<'_> {
         self.tx.execute(
             "UPDATE migrations SET state = 'committed', updated_at = ?2 WHERE task_id = ?1",
             params![task_id.to_string(), ts(now)],
+        )?;
+        Ok(())
+    }
+}
+
+// ---- DRS settings ----
+
+/// A VM's latest committed live migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastMove {
+    pub at: DateTime<Utc>,
+    /// The host it left (`None` if that host was removed since).
+    pub from_host: Option<String>,
+}
+
+impl Tx<'_> {
+    /// A cluster's DRS settings (the defaults when never set).
+    pub fn drs_settings(&self, cluster_id: Uuid) -> Result<DrsSettings, StoreError> {
+        let row: Option<(String, i64)> = self
+            .tx
+            .query_row(
+                "SELECT automation, threshold FROM cluster_drs WHERE cluster_id = ?1",
+                [cluster_id.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((automation, threshold)) = row else {
+            return Ok(DrsSettings::default());
+        };
+        let automation = DrsAutomation::parse(&automation)
+            .ok_or_else(|| StoreError::Corrupt(format!("DRS automation {automation:?}")))?;
+        let threshold = u8::try_from(threshold)
+            .ok()
+            .filter(|t| DRS_THRESHOLDS.contains(t))
+            .ok_or_else(|| StoreError::Corrupt(format!("DRS threshold {threshold}")))?;
+        Ok(DrsSettings {
+            automation,
+            threshold,
+        })
+    }
+
+    /// When each VM last moved live (its latest committed migration) and from which host:
+    /// the DRS cooldown keeps a VM that just moved from moving again (or back).
+    pub fn last_migrations(&self) -> Result<HashMap<Uuid, LastMove>, StoreError> {
+        let rows: Vec<[Option<String>; 3]> = self.query_rows(
+            "SELECT m.vm_id, m.updated_at, h.name FROM migrations m \
+             LEFT JOIN hosts h ON h.id = m.source_host_id \
+             WHERE m.state IN ('committed', 'done') ORDER BY m.updated_at",
+            [],
+            |c| c,
+        )?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let vm = parse_uuid(need(&r[0], "migration vm_id")?)?;
+            let at = parse_ts(need(&r[1], "migration updated_at")?)?;
+            out.insert(
+                vm,
+                LastMove {
+                    at,
+                    from_host: r[2].clone(),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn set_drs_settings(
+        &self,
+        cluster_id: Uuid,
+        s: DrsSettings,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO cluster_drs (cluster_id, automation, threshold, updated_at) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(cluster_id) DO UPDATE SET \
+             automation = ?2, threshold = ?3, updated_at = ?4",
+            params![
+                cluster_id.to_string(),
+                s.automation.as_str(),
+                i64::from(s.threshold),
+                ts(now)
+            ],
         )?;
         Ok(())
     }

@@ -27,6 +27,7 @@ fn kind_text(kind: TaskKind) -> &'static str {
         TaskKind::VmMigrate => "migration",
         TaskKind::HostMaintenanceEnter => "maintenance entry",
         TaskKind::HostMaintenanceExit => "maintenance exit",
+        TaskKind::DrsApply => "DRS apply",
     }
 }
 
@@ -38,8 +39,10 @@ fn task_event(t: &Task, ev: NewEvent) -> NewEvent {
     }
 }
 
-/// Queues a start of the VM and drives it in the background.
+/// Queues a start of the VM and drives it in the background. A stopped VM whose host cannot
+/// run it (maintenance, disconnected) is first placed elsewhere by the DRS engine.
 pub async fn start_vm(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
+    crate::drs::rehome_for_start(app, &name).await?;
     begin(app, name, TaskKind::VmStart, None).await
 }
 
@@ -258,13 +261,14 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
                 Err(e) => Outcome::Failed(e.to_string()),
             }
         }
-        // Driven by their own modules (migrate, maintenance), never by this driver.
-        TaskKind::VmMigrate | TaskKind::HostMaintenanceEnter | TaskKind::HostMaintenanceExit => {
-            Outcome::Failed(format!(
-                "{} tasks are not driven here",
-                kind_text(t.task.kind)
-            ))
-        }
+        // Driven by their own modules (migrate, maintenance, drs), never by this driver.
+        TaskKind::VmMigrate
+        | TaskKind::HostMaintenanceEnter
+        | TaskKind::HostMaintenanceExit
+        | TaskKind::DrsApply => Outcome::Failed(format!(
+            "{} tasks are not driven here",
+            kind_text(t.task.kind)
+        )),
     }
 }
 

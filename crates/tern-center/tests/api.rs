@@ -2,9 +2,7 @@
 //! host agent (an axum server answering the agent API) where the center calls one.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,11 +16,14 @@ use tern_api::center::{
     Task, TaskState, Vm,
 };
 use tern_api::{
-    Accelerator, ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostLoad,
-    HostState, NicSpec, PowerState, VmLoad, VmSpec,
+    ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostLoad, HostState, NicSpec,
+    PowerState, VmLoad, VmSpec,
 };
-use tern_center::{serve, CenterConfig, RunningCenter};
+use tern_center::{serve, RunningCenter};
 use uuid::Uuid;
+
+mod common;
+use common::{admin, config, facts, raw, started, wait_for, wait_task};
 
 const AGENT_TOKEN: &str = "agent-secret";
 
@@ -109,15 +110,8 @@ async fn fake_start(
         let mut s = s.lock().unwrap();
         s.calls.push(format!("start {id} gen {}", req.generation));
         let rt = VmRuntime {
-            id,
-            spec: req.spec,
-            generation: req.generation,
-            state: PowerState::Running,
-            pid: Some(4242),
-            accelerator: Accelerator::Tcg,
-            exit_reason: None,
-            console_log: "/tmp/console.log".into(),
             taps: vec!["tap0".into()],
+            ..started(id, req)
         };
         s.vms.insert(id, rt.clone());
         (rt, s.hang_starts)
@@ -217,43 +211,8 @@ impl FakeAgent {
 
 // ---------- helpers ----------
 
-fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
-    let mut c = CenterConfig::with_data_dir(dir.join("center"));
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.heartbeat_timeout_ms = heartbeat_timeout_ms;
-    c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
-    c
-}
-
-fn admin(c: &RunningCenter) -> ApiClient {
-    ApiClient::new(Endpoint::Tcp(c.url()), &c.admin_token).unwrap()
-}
-
 fn client(c: &RunningCenter, token: &str) -> ApiClient {
     ApiClient::new(Endpoint::Tcp(c.url()), token).unwrap()
-}
-
-fn raw() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-fn facts(cores: u32, memory_mib: u64) -> HostFacts {
-    HostFacts {
-        hostname: "fake".into(),
-        cores,
-        memory_mib,
-        cpu_mhz: 2000,
-        cpu_model_name: "Fake CPU".into(),
-        cpu_flags: vec!["sse2".into()],
-        qemu_version: "10.0.0".into(),
-        accelerator: Accelerator::Tcg,
-        migration_address: "127.0.0.1".into(),
-        shared_storage: "/shared".into(),
-        cpu_capability: vec![],
-        cpu_ceiling: None,
-        cpu: None,
-        agent_version: "test".into(),
-    }
 }
 
 fn spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
@@ -291,25 +250,6 @@ async fn expect_status<T: std::fmt::Debug>(
         "message {msg:?} should contain {contains:?}"
     );
     msg
-}
-
-/// Polls `f` until it returns Some, or panics after `secs`.
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn register(c: &RunningCenter, name: &str, agent: &FakeAgent, f: HostFacts) -> Registered {
@@ -351,18 +291,6 @@ async fn create_cluster(c: &RunningCenter, name: &str) -> Cluster {
         )
         .await
         .unwrap()
-}
-
-async fn wait_task(c: &RunningCenter, id: Uuid) -> Task {
-    let api = admin(c);
-    wait_for("the task to end", 20, || {
-        let api = api.clone();
-        async move {
-            let t: Task = api.get(&format!("/api/v1/tasks/{id}")).await.unwrap();
-            t.state.is_done().then_some(t)
-        }
-    })
-    .await
 }
 
 async fn get_vm(c: &RunningCenter, name: &str) -> Vm {

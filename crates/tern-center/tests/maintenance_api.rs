@@ -5,10 +5,7 @@
 //! refusals (unknown host, bad body, disconnected host).
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::{Path as AxPath, State};
 use axum::http::StatusCode;
@@ -16,15 +13,17 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::{
-    CreateCluster, CreateVm, Event, Host, HostMaintenance, MaintenanceAction, MaintenanceResult,
-    RegisterHost, Registered, StopVm, Task, TaskKind, TaskState, Vm,
+    CreateVm, Event, Host, HostMaintenance, MaintenanceAction, MaintenanceResult, StopVm, Task,
+    TaskKind, TaskState, Vm,
 };
-use tern_api::{
-    Accelerator, ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostState,
-    NicSpec, PowerState, VmSpec,
-};
-use tern_center::{serve, CenterConfig, RunningCenter};
+use tern_api::{ApiError, ErrorBody, HostState, PowerState};
+use tern_center::{serve, RunningCenter};
 use uuid::Uuid;
+
+mod common;
+use common::{
+    admin, config, facts, kernel_spec, raw, setup_lab, started, status, wait_for, wait_task,
+};
 
 // ---------- a fake agent: starts, stops, deletes and path checks, all in memory ----------
 
@@ -67,17 +66,7 @@ async fn start(
     AxPath(id): AxPath<Uuid>,
     Json(req): Json<StartVm>,
 ) -> Json<VmRuntime> {
-    let rt = VmRuntime {
-        id,
-        spec: req.spec,
-        generation: req.generation,
-        state: PowerState::Running,
-        pid: Some(4242),
-        accelerator: Accelerator::Tcg,
-        exit_reason: None,
-        console_log: "/tmp/console.log".into(),
-        taps: vec![],
-    };
+    let rt = started(id, req);
     let hang = {
         let mut s = s.lock().unwrap();
         s.calls.push(format!("start {id}"));
@@ -140,64 +129,12 @@ impl FakeAgent {
 
 // ---------- helpers ----------
 
-fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
-    let mut c = CenterConfig::with_data_dir(dir.join("center"));
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.heartbeat_timeout_ms = heartbeat_timeout_ms;
-    c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
-    c
-}
-
-fn admin(c: &RunningCenter) -> ApiClient {
-    ApiClient::new(Endpoint::Tcp(c.url()), &c.admin_token).unwrap()
-}
-
-fn facts(memory_mib: u64) -> HostFacts {
-    HostFacts {
-        hostname: "fake".into(),
-        cores: 4,
-        memory_mib,
-        cpu_mhz: 2000,
-        cpu_model_name: "Fake CPU".into(),
-        cpu_flags: vec!["sse2".into()],
-        qemu_version: "10.0.0".into(),
-        accelerator: Accelerator::Tcg,
-        migration_address: "127.0.0.1".into(),
-        shared_storage: "/shared".into(),
-        cpu_capability: vec![],
-        cpu_ceiling: None,
-        cpu: None,
-        agent_version: "test".into(),
-    }
-}
-
 async fn setup(c: &RunningCenter, hosts: &[(&str, u64, &FakeAgent)]) {
-    let _: tern_api::center::Cluster = admin(c)
-        .post(
-            "/api/v1/clusters",
-            &CreateCluster {
-                name: "lab".into(),
-                evc_mode: None,
-            },
-        )
-        .await
-        .unwrap();
-    let enrol = ApiClient::new(Endpoint::Tcp(c.url()), &c.enrol_token).unwrap();
-    for (name, memory_mib, agent) in hosts {
-        let _: Registered = enrol
-            .post(
-                "/api/v1/hosts/register",
-                &RegisterHost {
-                    name: name.to_string(),
-                    cluster: "lab".into(),
-                    agent_url: agent.url.clone(),
-                    agent_token: "agent-secret".into(),
-                    facts: facts(*memory_mib),
-                },
-            )
-            .await
-            .unwrap();
-    }
+    let hosts = hosts
+        .iter()
+        .map(|(name, memory_mib, agent)| (*name, facts(4, *memory_mib), agent.url.clone()))
+        .collect();
+    setup_lab(c, hosts).await;
 }
 
 async fn create(c: &RunningCenter, name: &str, host: &str, mac: &str, memory_mib: u64) -> Vm {
@@ -209,19 +146,7 @@ async fn create(c: &RunningCenter, name: &str, host: &str, mac: &str, memory_mib
 
 fn create_body(name: &str, host: &str, mac: &str, memory_mib: u64) -> CreateVm {
     CreateVm {
-        spec: VmSpec {
-            name: name.into(),
-            vcpus: 1,
-            memory_mib,
-            cpu_model: None,
-            boot: BootSource::Kernel {
-                kernel: "/shared/vmlinuz".into(),
-                initrd: None,
-                cmdline: "console=ttyS0".into(),
-            },
-            disks: vec![],
-            nics: vec![NicSpec { mac: mac.into() }],
-        },
+        spec: kernel_spec(name, mac, memory_mib),
         cluster: "lab".into(),
         host: Some(host.into()),
     }
@@ -238,43 +163,6 @@ async fn maintenance(
             &HostMaintenance { action },
         )
         .await
-}
-
-fn status(r: Result<impl std::fmt::Debug, ApiError>) -> (u16, String) {
-    match r.expect_err("the call should fail") {
-        ApiError::Status { status, message } => (status, message),
-        other => panic!("expected an HTTP error status, got {other}"),
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn wait_task(c: &RunningCenter, id: Uuid) -> Task {
-    let api = admin(c);
-    wait_for("the task to end", 30, || {
-        let api = api.clone();
-        async move {
-            let t: Task = api.get(&format!("/api/v1/tasks/{id}")).await.unwrap();
-            t.state.is_done().then_some(t)
-        }
-    })
-    .await
 }
 
 async fn host(c: &RunningCenter, name: &str) -> Host {
@@ -309,10 +197,7 @@ async fn maintenance_flag_transitions_blockers_and_rehoming() {
     let (code, msg) = status(maintenance(&c, "nosuch", MaintenanceAction::Enter).await);
     assert_eq!(code, 404, "{msg}");
     assert!(msg.contains("nosuch"), "{msg}");
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = raw()
         .post(format!("{}/api/v1/hosts/h1/maintenance", c.url()))
         .bearer_auth(&c.admin_token)
         .json(&serde_json::json!({"action": "sideways"}))

@@ -82,7 +82,8 @@ enum Command {
     Event(EventArgs),
     /// A cluster on this machine from network namespaces, for tests and demos.
     Lab(LabArgs),
-    /// Run the DRS engine offline: simulate a cluster over time, explain recommendations.
+    /// DRS: a cluster's recommendations from the center (recommend, apply), or the engine
+    /// offline (simulate, explain).
     #[command(subcommand)]
     Drs(cmd::drs::DrsCommand),
 }
@@ -145,9 +146,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let Cli { output, command } = cli;
-    if let Command::Drs(c) = command {
-        return cmd::drs::run(c).map_err(CliError::from);
-    }
+    let command = match command {
+        Command::Drs(c) if !c.online() => return cmd::drs::run(c).map_err(CliError::from),
+        other => other,
+    };
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
@@ -170,7 +172,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Task(g) => cmd::task::run(g.cmd, &g.connect.client()?, output).await,
             Command::Event(g) => cmd::event::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
-            Command::Drs(c) => cmd::drs::run(c).map_err(CliError::from),
+            Command::Drs(c) => cmd::drs::run_online(c, output).await,
         }
     })
 }

@@ -1,6 +1,7 @@
-//! `tern cluster create|list|show|set-evc|evc-modes`.
+//! `tern cluster create|list|show|set-evc|evc-modes|set-drs|drs`.
 
 use tern_api::center::{Cluster, CreateCluster};
+use tern_api::drs::{DrsAutomation, DrsSettings};
 use tern_api::ApiClient;
 
 use super::connect::seg;
@@ -28,6 +29,23 @@ pub enum ClusterCommand {
     },
     /// The EVC modes every host of the cluster supports, and the best one.
     EvcModes { name: String },
+    /// Set the cluster's DRS settings (the ones not given keep their value).
+    SetDrs {
+        name: String,
+        /// manual (recommendations only), partially (placement only), fully (also applies
+        /// balance recommendations on the center's DRS period).
+        #[arg(long, value_parser = parse_automation)]
+        automation: Option<DrsAutomation>,
+        /// Migration threshold 1 (mandatory moves only) .. 5 (also small gains).
+        #[arg(long)]
+        threshold: Option<u8>,
+    },
+    /// The cluster's DRS settings and the engine's balance recommendations now.
+    Drs { name: String },
+}
+
+fn parse_automation(s: &str) -> Result<DrsAutomation, String> {
+    DrsAutomation::parse(s).ok_or_else(|| format!("{s:?}: use manual, partially or fully"))
 }
 
 pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
@@ -70,6 +88,32 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
         }
         ClusterCommand::SetEvc { name, mode } => super::evc::set_evc(api, &name, &mode, fmt).await,
         ClusterCommand::EvcModes { name } => super::evc::evc_modes(api, &name, fmt).await,
+        ClusterCommand::Drs { name } => super::drs::recommend(api, &name, fmt).await,
+        ClusterCommand::SetDrs {
+            name,
+            automation,
+            threshold,
+        } => {
+            let path = format!("/api/v1/clusters/{}/drs", seg(&name)?);
+            let mut s: DrsSettings = api.get(&path).await.or_list("tern cluster list")?;
+            if let Some(a) = automation {
+                s.automation = a;
+            }
+            if let Some(t) = threshold {
+                s.threshold = t;
+            }
+            let s: DrsSettings = api.put(&path, &s).await.or_list("tern cluster list")?;
+            match fmt {
+                Format::Json => print_json(&s),
+                Format::Table => {
+                    println!(
+                        "cluster {name}: DRS automation {}, threshold {}",
+                        s.automation, s.threshold
+                    );
+                    Ok(())
+                }
+            }
+        }
         ClusterCommand::Show { name } => {
             let c: Cluster = api
                 .get(&format!("/api/v1/clusters/{}", seg(&name)?))

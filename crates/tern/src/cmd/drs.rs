@@ -1,12 +1,20 @@
-//! `tern drs`: run the DRS engine offline (simulate, explain).
+//! `tern drs`: run the DRS engine offline (simulate, explain), or ask the center for a
+//! cluster's balance recommendations (recommend) and run them (apply).
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use tern_api::center::Task;
+use tern_api::drs::{DrsApplyResult, DrsRecommendations};
+use tern_api::ApiClient;
 use tern_drs::sim::{self, report, Policy, ShapeMix, SimOptions, SyntheticSpec, Workload};
 use tern_drs::{explain, Snapshot, Threshold};
+
+use super::connect::seg;
+use super::output::{print_json, Format};
+use crate::error::{ApiResultExt, CliError};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DrsCommand {
@@ -16,6 +24,132 @@ pub enum DrsCommand {
     /// Replay a cluster over time under tern's engine and baseline policies; print a
     /// markdown table (or JSON) of imbalance, overload, migrations and engine time.
     Simulate(SimulateArgs),
+    /// The center's balance recommendations for a cluster now, with their reasons (from the
+    /// load the hosts report); nothing moves.
+    Recommend {
+        cluster: String,
+        #[command(flatten)]
+        connect: super::connect::ConnectArgs,
+    },
+    /// Run a cluster's balance recommendations now: live migrations, one at a time, as a task
+    /// (followed until it ends unless --detach).
+    Apply {
+        cluster: String,
+        /// Print the task id and return at once instead of following it.
+        #[arg(long)]
+        detach: bool,
+        /// Stop following after this long (`90s`, `30m`); the migrations keep going.
+        #[arg(long, value_parser = super::task::parse_duration, default_value = "2h")]
+        wait_timeout: std::time::Duration,
+        #[command(flatten)]
+        connect: super::connect::ConnectArgs,
+    },
+}
+
+impl DrsCommand {
+    /// Whether the command talks to a center.
+    pub fn online(&self) -> bool {
+        matches!(
+            self,
+            DrsCommand::Recommend { .. } | DrsCommand::Apply { .. }
+        )
+    }
+}
+
+/// `tern drs recommend CLUSTER` (also `tern cluster drs CLUSTER`).
+pub async fn recommend(api: &ApiClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
+    let r: DrsRecommendations = api
+        .get(&format!(
+            "/api/v1/clusters/{}/drs/recommendations",
+            seg(cluster)?
+        ))
+        .await
+        .or_list("tern cluster list")?;
+    if fmt == Format::Json {
+        return print_json(&r);
+    }
+    println!(
+        "cluster {}: DRS automation {}, threshold {}; {} recommendation(s), imbalance {:.4} -> {:.4}",
+        r.cluster,
+        r.settings.automation,
+        r.settings.threshold,
+        r.recommendations.len(),
+        r.imbalance_before,
+        r.imbalance_after
+    );
+    for (i, m) in r.recommendations.iter().enumerate() {
+        println!(
+            "  {}. move VM {} from {} to {} (priority {}): {}",
+            i + 1,
+            m.vm,
+            m.from_host,
+            m.to_host,
+            m.priority,
+            m.reason
+        );
+    }
+    println!("\n{}", r.text.trim_end());
+    Ok(())
+}
+
+/// Runs the online subcommands.
+pub async fn run_online(cmd: DrsCommand, fmt: Format) -> Result<(), CliError> {
+    match cmd {
+        DrsCommand::Recommend { cluster, connect } => {
+            recommend(&connect.client()?, &cluster, fmt).await
+        }
+        DrsCommand::Apply {
+            cluster,
+            detach,
+            wait_timeout,
+            connect,
+        } => {
+            let api = connect.client()?;
+            let task: Task = api
+                .post(
+                    &format!("/api/v1/clusters/{}/drs/apply", seg(&cluster)?),
+                    &(),
+                )
+                .await
+                .or_list("tern cluster list")?;
+            if detach {
+                return super::task::print_detached(&task, fmt);
+            }
+            let done = super::task::wait(&api, task.id, Some(wait_timeout), fmt)
+                .await
+                .map_err(|e| {
+                    e.hint(format!(
+                        "each move is in `tern event list`; `tern task show {}` has the result",
+                        task.id
+                    ))
+                })?;
+            if fmt == Format::Json {
+                return print_json(&done);
+            }
+            println!("{}", done.phase);
+            let result: Option<DrsApplyResult> = done
+                .result
+                .clone()
+                .and_then(|v| serde_json::from_value(v).ok());
+            for a in result.iter().flat_map(|r| &r.applied) {
+                match &a.error {
+                    None => println!(
+                        "  moved {} {} -> {}: {}",
+                        a.vm, a.from_host, a.to_host, a.reason
+                    ),
+                    Some(e) => {
+                        println!("  NOT moved {} {} -> {}: {e}", a.vm, a.from_host, a.to_host)
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => other_offline(other),
+    }
+}
+
+fn other_offline(cmd: DrsCommand) -> Result<(), CliError> {
+    run(cmd).map_err(CliError::from)
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +224,9 @@ pub fn run(cmd: DrsCommand) -> anyhow::Result<()> {
     match cmd {
         DrsCommand::Explain(a) => explain_cmd(a),
         DrsCommand::Simulate(a) => simulate_cmd(a),
+        DrsCommand::Recommend { .. } | DrsCommand::Apply { .. } => {
+            bail!("tern drs recommend|apply talk to a center: they run in the async runtime")
+        }
     }
 }
 

@@ -173,13 +173,7 @@ pub async fn maintenance(
         return Ok(());
     };
     if detach {
-        return match fmt {
-            Format::Json => print_json(&task),
-            Format::Table => {
-                println!("{}", task.id);
-                Ok(())
-            }
-        };
+        return super::task::print_detached(&task, fmt);
     }
     let done = match super::task::wait(api, task.id, Some(wait_timeout), fmt).await {
         Ok(t) => t,

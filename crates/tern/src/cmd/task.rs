@@ -193,6 +193,17 @@ impl Progress {
     }
 }
 
+/// What `--detach` prints of a task just queued: its id (or the task as JSON).
+pub fn print_detached(task: &Task, fmt: Format) -> Result<(), CliError> {
+    match fmt {
+        Format::Json => print_json(task),
+        Format::Table => {
+            println!("{}", task.id);
+            Ok(())
+        }
+    }
+}
+
 /// Polls a task until it ends. Succeeded → `Ok`; failed, cancelled or timed out → an error
 /// with what to do next. Rides out a center restart (transport errors) within the timeout.
 pub async fn wait(

@@ -1,0 +1,163 @@
+//! Helpers the center's API tests share: a center on 127.0.0.1, its admin client, waiting
+//! on conditions, error statuses, fake hosts' facts and VMs.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use tern_api::agent::{StartVm, VmRuntime};
+use tern_api::center::{Cluster, CreateCluster, RegisterHost, Registered, Task};
+use tern_api::{
+    Accelerator, ApiClient, ApiError, BootSource, Endpoint, HostFacts, NicSpec, PowerState, VmSpec,
+};
+use tern_center::{CenterConfig, RunningCenter};
+use uuid::Uuid;
+
+/// A center in `dir` listening on a free port of 127.0.0.1.
+pub fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
+    let mut c = CenterConfig::with_data_dir(dir.join("center"));
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.heartbeat_timeout_ms = heartbeat_timeout_ms;
+    c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
+    c
+}
+
+pub fn admin(c: &RunningCenter) -> ApiClient {
+    ApiClient::new(Endpoint::Tcp(c.url()), &c.admin_token).unwrap()
+}
+
+/// A plain HTTP client (for bodies the typed client cannot send).
+pub fn raw() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// The status and message of a call that must fail with an HTTP error.
+pub fn status(r: Result<impl std::fmt::Debug, ApiError>) -> (u16, String) {
+    match r.expect_err("the call should fail") {
+        ApiError::Status { status, message } => (status, message),
+        other => panic!("expected an HTTP error status, got {other}"),
+    }
+}
+
+/// Polls `f` until it returns Some, or panics after `secs`.
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits (30 s at most) for a task to end.
+pub async fn wait_task(c: &RunningCenter, id: Uuid) -> Task {
+    let api = admin(c);
+    wait_for("the task to end", 30, || {
+        let api = api.clone();
+        async move {
+            let t: Task = api.get(&format!("/api/v1/tasks/{id}")).await.unwrap();
+            t.state.is_done().then_some(t)
+        }
+    })
+    .await
+}
+
+/// What a fake agent answers once it has "started" a VM.
+pub fn started(id: Uuid, req: StartVm) -> VmRuntime {
+    VmRuntime {
+        id,
+        spec: req.spec,
+        generation: req.generation,
+        state: PowerState::Running,
+        pid: Some(4242),
+        accelerator: Accelerator::Tcg,
+        exit_reason: None,
+        console_log: "/tmp/console.log".into(),
+        taps: vec![],
+    }
+}
+
+/// A fake host's facts (no CPU capability unless the caller adds one).
+pub fn facts(cores: u32, memory_mib: u64) -> HostFacts {
+    HostFacts {
+        hostname: "fake".into(),
+        cores,
+        memory_mib,
+        cpu_mhz: 2000,
+        cpu_model_name: "Fake CPU".into(),
+        cpu_flags: vec!["sse2".into()],
+        qemu_version: "10.0.0".into(),
+        accelerator: Accelerator::Tcg,
+        migration_address: "127.0.0.1".into(),
+        shared_storage: "/shared".into(),
+        cpu_capability: vec![],
+        cpu_ceiling: None,
+        cpu: None,
+        agent_version: "test".into(),
+    }
+}
+
+/// A 1-vCPU VM booting a kernel from the shared storage, with one NIC.
+pub fn kernel_spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib,
+        cpu_model: None,
+        boot: BootSource::Kernel {
+            kernel: "/shared/vmlinuz".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        },
+        disks: vec![],
+        nics: vec![NicSpec { mac: mac.into() }],
+    }
+}
+
+/// Creates cluster `lab` and registers `hosts` (name, facts, agent URL) in it; returns each
+/// host's registration (id and token, for heartbeats) by name.
+pub async fn setup_lab(
+    c: &RunningCenter,
+    hosts: Vec<(&str, HostFacts, String)>,
+) -> HashMap<String, Registered> {
+    let _: Cluster = admin(c)
+        .post(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: "lab".into(),
+                evc_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    let enrol = ApiClient::new(Endpoint::Tcp(c.url()), &c.enrol_token).unwrap();
+    let mut out = HashMap::new();
+    for (name, facts, agent_url) in hosts {
+        let r: Registered = enrol
+            .post(
+                "/api/v1/hosts/register",
+                &RegisterHost {
+                    name: name.to_string(),
+                    cluster: "lab".into(),
+                    agent_url,
+                    agent_token: "agent-secret".into(),
+                    facts,
+                },
+            )
+            .await
+            .unwrap();
+        out.insert(name.to_string(), r);
+    }
+    out
+}
