@@ -291,14 +291,7 @@ impl Entry {
 
     /// Records progress; an error when the task has ended meanwhile (cancelled).
     async fn phase(&self, progress: u8, phase: String) -> Result<(), String> {
-        let id = self.task;
-        let still = self
-            .app
-            .db
-            .write(move |tx| tx.update_task_progress(id, TaskState::Running, progress, &phase))
-            .await
-            .map_err(|e| format!("center store: {e}"))?;
-        if still {
+        if crate::tasks::record_progress(&self.app, self.task, progress, phase).await? {
             Ok(())
         } else {
             Err("the task ended meanwhile (cancelled)".into())

@@ -349,6 +349,20 @@ async fn record_outcome(app: &Arc<App>, id: Uuid, outcome: Outcome) -> Result<()
         .await
 }
 
+/// Records a running task's progress; `Ok(false)` when the task has ended meanwhile (the user
+/// cancelled it), which long tasks take as their signal to stop.
+pub async fn record_progress(
+    app: &App,
+    task: Uuid,
+    progress: u8,
+    phase: String,
+) -> Result<bool, String> {
+    app.db
+        .write(move |tx| tx.update_task_progress(task, TaskState::Running, progress, &phase))
+        .await
+        .map_err(|e| format!("center store: {e}"))
+}
+
 /// Cancels a queued or running task: records it, then wakes its driver.
 pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, ApiErr> {
     let app2 = app.clone();
