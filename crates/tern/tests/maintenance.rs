@@ -32,40 +32,17 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `tern vm create NAME --host HOST ...` (256 MiB unless given), not started.
-fn create_args<'a>(
+/// `tern vm create NAME --host HOST ...`, not started.
+fn create_args(
     lab: &Lab,
-    name: &'a str,
-    host: &'a str,
-    memory_mib: &'a str,
+    name: &str,
+    host: &str,
+    memory_mib: &str,
     ip: &str,
-    mac: &'a str,
+    mac: &str,
 ) -> Vec<String> {
-    let cmdline = format!("console=ttyS0 ipv6.disable=1 tern.ip={ip}/24 tern.serve=7000");
-    [
-        "vm",
-        "create",
-        name,
-        "--cluster",
-        "lab",
-        "--host",
-        host,
-        "--vcpus",
-        "1",
-        "--memory-mib",
-        memory_mib,
-        "--kernel",
-        &lab.guest_kernel(),
-        "--initrd",
-        &lab.guest_initrd(),
-        "--cmdline",
-        &cmdline,
-        "--mac",
-        mac,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let memory = memory_mib.parse().expect("memory in MiB");
+    lab.vm_create_args(name, host, ip, mac, memory, "", &[])
 }
 
 fn tern_s(lab: &Lab, args: &[String]) -> Output {

@@ -332,6 +332,51 @@ impl Lab {
         json.unwrap_or_else(|| panic!("tern-guest client --stats gave no JSON:\n{}", text(&out)))
     }
 
+    /// The arguments of `tern vm create NAME` for a test guest on `host` (1 vCPU, serving its
+    /// stream on port 7000 at `ip`), not started.
+    #[allow(clippy::too_many_arguments)]
+    pub fn vm_create_args(
+        &self,
+        name: &str,
+        host: &str,
+        ip: &str,
+        mac: &str,
+        memory_mib: u32,
+        extra_cmdline: &str,
+        disks: &[&str],
+    ) -> Vec<String> {
+        let cmdline =
+            format!("console=ttyS0 ipv6.disable=1 tern.ip={ip}/24 tern.serve=7000 {extra_cmdline}");
+        let mut args: Vec<String> = [
+            "vm",
+            "create",
+            name,
+            "--cluster",
+            "lab",
+            "--host",
+            host,
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            &memory_mib.to_string(),
+            "--kernel",
+            &self.guest_kernel(),
+            "--initrd",
+            &self.guest_initrd(),
+            "--cmdline",
+            cmdline.trim_end(),
+            "--mac",
+            mac,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for d in disks {
+            args.extend(["--disk".to_string(), d.to_string()]);
+        }
+        args
+    }
+
     /// Creates a VM of the lab's guest image (1 vCPU) on `host`, serving on `ip`:7000, with
     /// `extra_cmdline` added to its kernel command line and `disks` (`--disk` specs) attached;
     /// starts it and waits for the guest's ready line. Returns the VM's id.
@@ -346,34 +391,8 @@ impl Lab {
         extra_cmdline: &str,
         disks: &[&str],
     ) -> String {
-        let cmdline =
-            format!("console=ttyS0 ipv6.disable=1 tern.ip={ip}/24 tern.serve=7000 {extra_cmdline}");
-        let (kernel, initrd) = (self.guest_kernel(), self.guest_initrd());
-        let memory = memory_mib.to_string();
-        let mut args = vec![
-            "vm",
-            "create",
-            name,
-            "--cluster",
-            "lab",
-            "--host",
-            host,
-            "--vcpus",
-            "1",
-            "--memory-mib",
-            &memory,
-            "--kernel",
-            &kernel,
-            "--initrd",
-            &initrd,
-            "--cmdline",
-            &cmdline,
-            "--mac",
-            mac,
-        ];
-        for d in disks {
-            args.extend(["--disk", d]);
-        }
+        let args = self.vm_create_args(name, host, ip, mac, memory_mib, extra_cmdline, disks);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.tern_ok(&args);
         self.tern_ok(&["vm", "start", name]);
         self.wait_console(name, "TERN-GUEST-READY", Duration::from_secs(120));
