@@ -413,6 +413,39 @@ impl Outgoing {
     }
 }
 
+const POSTCOPY_CANNOT_ABORT: &str =
+    "the migration is in post-copy: the source's memory is no longer whole, it cannot resume";
+
+/// How long a cancel may stay `cancelling` before tern yanks the migration's sockets.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// After `migrate_cancel`: if QEMU is still `cancelling` after [`CANCEL_GRACE`] (a sender
+/// blocked on a link that went silent), shuts down all the migration's sockets. Returns the
+/// event to record when it had to.
+async fn unblock_cancel(vm: &QemuVm) -> Option<String> {
+    let started = Instant::now();
+    loop {
+        match vm.query_migrate().await {
+            Ok(m) if m.status == MigrationStatus::Cancelling => {}
+            _ => return None,
+        }
+        if started.elapsed() >= CANCEL_GRACE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(match vm.yank_migration().await {
+        Ok(()) => format!(
+            "cancel still pending after {} ms (a sender blocked on the silent link): shut              down the migration's sockets (QMP yank)",
+            CANCEL_GRACE.as_millis()
+        ),
+        Err(e) => format!(
+            "cancel still pending after {} ms; shutting down the migration's sockets failed: {e}",
+            CANCEL_GRACE.as_millis()
+        ),
+    })
+}
+
 /// Waits for a failed or cancelled migration's source to run again, `cont`ing it if QEMU did
 /// not restart it itself.
 async fn resume_source(vm: &QemuVm, was_running: bool) -> Result<()> {
@@ -526,7 +559,13 @@ impl Driver {
                     }
                     Some(Control::Abort(reason, reply)) => {
                         let r = self.abort(&reason).await;
+                        let refused = r.is_err()
+                            && self.status_tx.borrow().state != AgentMigrationState::Failed;
                         let _ = reply.send(r);
+                        if refused {
+                            // Post-copy: the migration must finish; keep watching it.
+                            continue;
+                        }
                         return;
                     }
                     None => {
@@ -749,7 +788,25 @@ impl Driver {
     }
 
     /// Cancels (before completion) and makes sure the source runs again.
+    ///
+    /// If the migration cannot be ended (QEMU does not answer, or stays `cancelling`), it is
+    /// marked failed with why, so that the VM is not held as "being migrated" forever; QEMU
+    /// itself refuses a new migration while its old one is still active. Only a post-copy
+    /// migration, which must finish, keeps its state.
     async fn abort(&mut self, reason: &str) -> Result<()> {
+        let r = self.cancel_and_resume(reason).await;
+        if let Err(e) = &r {
+            if !matches!(e, Error::Migration(m) if m == POSTCOPY_CANNOT_ABORT) {
+                self.end(
+                    AgentMigrationState::Failed,
+                    Some(format!("{reason}; ending the migration failed: {e}")),
+                );
+            }
+        }
+        r
+    }
+
+    async fn cancel_and_resume(&mut self, reason: &str) -> Result<()> {
         self.event(format!("aborting: {reason}"));
         let stats = self.vm.query_migrate().await?;
         match stats.status {
@@ -757,10 +814,8 @@ impl Driver {
             | MigrationStatus::PostcopyPaused
             | MigrationStatus::PostcopyRecover
             | MigrationStatus::PostcopyRecoverSetup => {
-                let e = "the migration is in post-copy: the source's memory is no longer whole, \
-                         it cannot resume";
-                self.event(format!("abort refused: {e}"));
-                return Err(Error::Migration(e.into()));
+                self.event(format!("abort refused: {POSTCOPY_CANNOT_ABORT}"));
+                return Err(Error::Migration(POSTCOPY_CANNOT_ABORT.into()));
             }
             MigrationStatus::Completed => {
                 resume_source(&self.vm, self.was_running).await?;
@@ -770,6 +825,9 @@ impl Driver {
             }
             _ => {
                 self.vm.migrate_cancel().await?;
+                if let Some(event) = unblock_cancel(&self.vm).await {
+                    self.event(event);
+                }
                 resume_source(&self.vm, self.was_running).await?;
             }
         }

@@ -325,6 +325,22 @@ impl QemuVm {
         self.qmp().execute("migrate_cancel", None).await.map(drop)
     }
 
+    /// Shuts down every socket of the current migration (QMP `yank`, instance `migration`).
+    ///
+    /// `migrate_cancel` shuts down only the main channel: a multifd sender blocked on a link
+    /// that went silent stays blocked until TCP gives up (minutes), and the migration stays
+    /// `cancelling`. Yank shuts the multifd channels too; it changes no migration state and
+    /// does not touch the guest.
+    pub async fn yank_migration(&self) -> Result<()> {
+        self.qmp()
+            .execute(
+                "yank",
+                Some(json!({ "instances": [{ "type": "migration" }] })),
+            )
+            .await
+            .map(drop)
+    }
+
     /// Lets a migration paused in `pre-switchover` proceed to switchover.
     pub async fn migrate_continue(&self) -> Result<()> {
         self.qmp()
