@@ -436,7 +436,7 @@ async fn unblock_cancel(vm: &QemuVm) -> Option<String> {
     }
     Some(match vm.yank_migration().await {
         Ok(()) => format!(
-            "cancel still pending after {} ms (a sender blocked on the silent link): shut              down the migration's sockets (QMP yank)",
+            "cancel still pending after {} ms (a sender blocked on the silent link): shut down the migration's sockets (QMP yank)",
             CANCEL_GRACE.as_millis()
         ),
         Err(e) => format!(
