@@ -279,13 +279,16 @@ pub struct Commit {
 pub struct BandwidthProbe {
     /// The destination's probe sink, `IP:PORT` ([`BandwidthSink::address`]).
     pub to_migration_address: String,
-    /// Most bytes to send (the probe also stops after about a second).
+    /// Most bytes to send (the probe also stops after a quarter of a second).
     pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BandwidthReport {
+    /// Bytes the rate is computed from: those that arrived after the sink's warm-up (slow
+    /// start and a shaper's burst left out), or all of them when the window was too short.
     pub bytes: u64,
+    /// The time those bytes took to arrive.
     pub elapsed_ms: u64,
     pub mbit_s: f64,
 }

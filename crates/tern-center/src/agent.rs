@@ -25,7 +25,7 @@ const SWITCHOVER: Duration = Duration::from_secs(120);
 /// Time allowed for finishing a migrated source (after post-copy it first sends the pages the
 /// destination has not fetched yet).
 const FINISH: Duration = Duration::from_secs(660);
-/// Time allowed for the bandwidth probe (about a second of sending, plus connecting).
+/// Time allowed for the bandwidth probe (a quarter of a second of sending, plus connecting).
 const PROBE: Duration = Duration::from_secs(60);
 /// Grace time of a graceful stop when the caller gives none (as the agent API documents).
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);

@@ -27,9 +27,14 @@ use crate::vms::VmManager;
 const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How long a bandwidth sink waits for its one connection.
 const SINK_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the probe sends at most: long enough to leave TCP's slow start and a shaper's
-/// burst behind, short because the user waits for it.
-const PROBE_TIME: Duration = Duration::from_millis(500);
+/// How long the probe sends at most: short, because the user waits for it. The sink leaves
+/// out the first [`PROBE_WARMUP`] of arrivals, so TCP's slow start and a shaper's burst do
+/// not count.
+const PROBE_TIME: Duration = Duration::from_millis(250);
+/// Arrivals the sink leaves out of its steady rate, from the first byte on.
+const PROBE_WARMUP: Duration = Duration::from_millis(40);
+/// Shortest steady window the sink's rate is trusted for; below, the whole transfer counts.
+const PROBE_MIN_STEADY: Duration = Duration::from_millis(100);
 /// Chunk the probe writes.
 const PROBE_CHUNK: usize = 1 << 20;
 
@@ -405,24 +410,42 @@ impl Migrations {
             };
             let mut buf = vec![0u8; PROBE_CHUNK];
             let mut n: u64 = 0;
+            let mut first: Option<Instant> = None;
+            // Bytes and time when the warm-up ended.
+            let mut warm: Option<(u64, Instant)> = None;
             loop {
                 match conn.read(&mut buf).await {
                     Ok(0) => break,
-                    Ok(k) => n += k as u64,
+                    Ok(k) => {
+                        let now = Instant::now();
+                        let t0 = *first.get_or_insert(now);
+                        if warm.is_none() && now.duration_since(t0) >= PROBE_WARMUP {
+                            warm = Some((n, now));
+                        }
+                        n += k as u64;
+                    }
                     Err(e) => {
                         tracing::warn!(%peer, error = %e, "bandwidth probe broke");
                         return;
                     }
                 }
             }
-            let _ = conn.write_all(&n.to_be_bytes()).await;
+            // Receipt: all bytes, then the steady part (bytes, µs) after the warm-up.
+            let (steady_bytes, steady_us) = warm
+                .map(|(at, t)| (n - at, t.elapsed().as_micros() as u64))
+                .unwrap_or((0, 0));
+            let mut receipt = [0u8; 24];
+            receipt[..8].copy_from_slice(&n.to_be_bytes());
+            receipt[8..16].copy_from_slice(&steady_bytes.to_be_bytes());
+            receipt[16..].copy_from_slice(&steady_us.to_be_bytes());
+            let _ = conn.write_all(&receipt).await;
         });
         Ok(BandwidthSink {
             address: addr.to_string(),
         })
     }
 
-    /// Source: sends to a destination's sink for about a second (or `bytes`) and reports
+    /// Source: sends to a destination's sink for a quarter of a second (or `bytes`) and reports
     /// what arrived.
     pub async fn probe(&self, req: BandwidthProbe) -> Result<BandwidthReport, AgentError> {
         let to: SocketAddr = req.to_migration_address.parse().map_err(|_| {
@@ -460,11 +483,27 @@ impl Migrations {
             .map_err(|e| fail("receipt", e))?;
         let received = u64::from_be_bytes(count);
         let elapsed = start.elapsed();
-        let elapsed_ms = elapsed.as_millis().max(1) as u64;
+        // The steady part of the receipt (a sink of an older agent sends none).
+        let mut steady = [0u8; 16];
+        let steady = match tokio::time::timeout(
+            Duration::from_secs(1),
+            conn.read_exact(&mut steady),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                let bytes = u64::from_be_bytes(steady[..8].try_into().unwrap_or_default());
+                let us = u64::from_be_bytes(steady[8..].try_into().unwrap_or_default());
+                (Duration::from_micros(us) >= PROBE_MIN_STEADY && bytes > 0)
+                    .then(|| (bytes, Duration::from_micros(us)))
+            }
+            _ => None,
+        };
+        let (bytes, over) = steady.unwrap_or((received, elapsed));
         Ok(BandwidthReport {
-            bytes: received,
-            elapsed_ms,
-            mbit_s: received as f64 * 8.0 / elapsed.as_secs_f64().max(1e-6) / 1e6,
+            bytes,
+            elapsed_ms: over.as_millis().max(1) as u64,
+            mbit_s: bytes as f64 * 8.0 / over.as_secs_f64().max(1e-6) / 1e6,
         })
     }
 }
