@@ -99,21 +99,32 @@ impl StartArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LinkCommand {
-    /// Limit bandwidth and add delay (each direction).
+    /// Limit bandwidth and add delay on a host's management/migration link (each direction).
     Shape {
+        /// The lab host whose link is shaped (h1, h2, ...).
         host: String,
+        /// Rate in Mbit/s (10^6 bits), e.g. 1000 for a 1 Gbit/s link.
         #[arg(long)]
         rate_mbit: u32,
-        /// One-way delay.
+        /// One-way delay in ms (needs the kernel's netem qdisc).
         #[arg(long, default_value_t = 0)]
         delay_ms: u32,
     },
-    /// Remove shaping.
-    Unshape { host: String },
-    /// Take the link down.
-    Cut { host: String },
-    /// Bring a cut link back up.
-    Restore { host: String },
+    /// Remove shaping from a host's link.
+    Unshape {
+        /// The lab host (h1, h2, ...).
+        host: String,
+    },
+    /// Take a host's link down: the center, the other hosts and migrations lose it.
+    Cut {
+        /// The lab host (h1, h2, ...).
+        host: String,
+    },
+    /// Bring a cut link back up and wait for carrier.
+    Restore {
+        /// The lab host (h1, h2, ...).
+        host: String,
+    },
 }
 
 pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliError> {
