@@ -11,7 +11,8 @@
 //!
 //! | method | path | body → answer |
 //! | --- | --- | --- |
-//! | POST | /v1/migrations/{vm}/incoming | [`PrepareIncoming`] → [`IncomingReady`] (destination: QEMU `-incoming defer`, paused, listening on the migration address for this migration only) |
+//! | POST | /v1/migrations/{vm}/incoming | [`PrepareIncoming`] → [`IncomingReady`] (destination: QEMU `-incoming defer`, paused; with settings it also listens on the migration address for this migration only) |
+//! | POST | /v1/migrations/{vm}/listen | [`ListenIncoming`] → [`IncomingReady`] (destination prepared without settings: configure it and listen) |
 //! | POST | /v1/migrations/{vm}/outgoing | [`StartOutgoing`] → `()` (source: start streaming; stops paused at pre-switchover) |
 //! | GET | /v1/migrations/{vm} | → [`AgentMigrationStatus`] |
 //! | POST | /v1/migrations/{vm}/measure | [`MeasureDirtyRate`] → [`DirtyRateReport`] (source: the guest's dirty rate, QMP `calc-dirty-rate`) |
@@ -191,18 +192,29 @@ pub struct MigrationResult {
 }
 
 /// Destination: prepare an incoming QEMU for this VM.
+///
+/// Without `settings` the QEMU only starts (paused, `-incoming defer`): the center starts it
+/// while it measures the guest and the link, then sends the settings with [`ListenIncoming`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PrepareIncoming {
     pub spec: VmSpec,
     /// Generation the destination will own the VM under once committed.
     pub generation: u64,
+    #[serde(default)]
+    pub settings: Option<MigrationSettings>,
+}
+
+/// Destination: the settings of a migration prepared without them; configure and listen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ListenIncoming {
     pub settings: MigrationSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct IncomingReady {
-    /// QEMU migration URI the source must connect to, e.g. `tcp:10.77.0.12:49152`.
-    pub uri: String,
+    /// QEMU migration URI the source must connect to, e.g. `tcp:10.77.0.12:49152`; `None`
+    /// while the destination is started but not listening yet (prepared without settings).
+    pub uri: Option<String>,
 }
 
 /// Source: start streaming to the destination.

@@ -7,7 +7,8 @@ use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, MeasureDirtyRate, PrepareIncoming, StartOutgoing,
+    Commit, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate, PrepareIncoming,
+    StartOutgoing,
 };
 use tern_api::{ApiClient, ApiError, Endpoint};
 use uuid::Uuid;
@@ -179,6 +180,17 @@ impl Agent {
     ) -> Result<IncomingReady, AgentError> {
         self.client(START)?
             .post(&format!("/v1/migrations/{id}/incoming"), req)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_listen(
+        &self,
+        id: Uuid,
+        req: &ListenIncoming,
+    ) -> Result<IncomingReady, AgentError> {
+        self.client(START)?
+            .post(&format!("/v1/migrations/{id}/listen"), req)
             .await
             .map_err(|e| self.error(e))
     }

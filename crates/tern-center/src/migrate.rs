@@ -21,9 +21,9 @@ use serde_json::json;
 use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Measurements, MigrateVm,
-    MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings, PrepareIncoming,
-    StartOutgoing,
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, ListenIncoming, Measurements,
+    MigrateVm, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings,
+    PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
 use tern_qemu::policy::{choose_settings, HostBudget};
@@ -360,21 +360,10 @@ impl Mig {
         }
         self.check_cancel()?;
 
-        // Measurements, and the settings chosen from them.
-        self.phase(5, "measuring dirty rate and link".into())
-            .await?;
-        let (settings, m) = self.measure().await?;
-        for r in &settings.reasons {
-            self.event(EventLevel::Info, format!("setting: {r}")).await;
-        }
-        self.settings = Some(settings.clone());
-        self.measurements = Some(m.clone());
-        self.check_cancel()?;
-
         // Intent: the ownership record, before the destination exists.
-        self.phase(8, "recording the ownership intent".into())
+        self.phase(5, "recording the ownership intent".into())
             .await?;
-        let row = self.record_intent(&settings, &m).await?;
+        let row = self.record_intent().await?;
         self.event(
             EventLevel::Info,
             format!(
@@ -390,9 +379,16 @@ impl Mig {
         .await;
         self.row = Some(row.clone());
 
-        // Destination: same spec as the source runs, paused, for this VM only.
-        self.phase(10, format!("preparing {}", self.dest.name))
-            .await?;
+        // Measurements, and the settings chosen from them; meanwhile the destination starts
+        // (same spec as the source runs, paused, not listening until it has the settings).
+        self.phase(
+            8,
+            format!(
+                "measuring dirty rate and link; starting the destination on {}",
+                self.dest.name
+            ),
+        )
+        .await?;
         let src = Agent::of(&self.source);
         let dst = Agent::of(&self.dest);
         let rt = src
@@ -409,22 +405,46 @@ impl Mig {
             ));
         }
         self.incoming_attempted = true;
+        let prepare = PrepareIncoming {
+            spec: rt.spec.clone(),
+            generation: row.generation_to,
+            settings: None,
+        };
+        let start_destination = dst.migration_incoming(self.vm.id, &prepare);
+        let (measured, started) = tokio::join!(self.measure(), start_destination);
+        started.map_err(|e| format!("starting the destination: {e}"))?;
+        let (settings, m) = measured?;
+        for r in &settings.reasons {
+            self.event(EventLevel::Info, format!("setting: {r}")).await;
+        }
+        self.settings = Some(settings.clone());
+        self.measurements = Some(m.clone());
+        self.record_settings(&settings, &m).await?;
+        self.check_cancel()?;
+
+        // Destination: configured like the source, listening for this VM only.
+        self.phase(10, format!("preparing {}", self.dest.name))
+            .await?;
         let ready = dst
-            .migration_incoming(
+            .migration_listen(
                 self.vm.id,
-                &PrepareIncoming {
-                    spec: rt.spec.clone(),
-                    generation: row.generation_to,
+                &ListenIncoming {
                     settings: settings.clone(),
                 },
             )
             .await
             .map_err(|e| format!("preparing the destination: {e}"))?;
+        let uri = ready.uri.ok_or_else(|| {
+            format!(
+                "the destination {} did not say where it listens",
+                self.dest.name
+            )
+        })?;
         self.event(
             EventLevel::Info,
             format!(
-                "destination {} ready: paused QEMU listening on {} for this VM only",
-                self.dest.name, ready.uri
+                "destination {} ready: paused QEMU listening on {uri} for this VM only",
+                self.dest.name
             ),
         )
         .await;
@@ -436,7 +456,7 @@ impl Mig {
         src.migration_outgoing(
             self.vm.id,
             &StartOutgoing {
-                uri: ready.uri.clone(),
+                uri,
                 settings: settings.clone(),
             },
         )
@@ -770,13 +790,8 @@ impl Mig {
         Ok((choose_settings(&self.req, &m, &budget), m))
     }
 
-    async fn record_intent(
-        &self,
-        settings: &MigrationSettings,
-        m: &Measurements,
-    ) -> Result<MigrationRow, String> {
+    async fn record_intent(&self) -> Result<MigrationRow, String> {
         let (task, vm_id, source, dest) = (self.task, self.vm.id, self.source.id, self.dest.id);
-        let detail = json!({ "settings": settings, "measurements": m });
         self.app
             .db
             .write(
@@ -796,7 +811,7 @@ impl Mig {
                         generation_from: vm.generation,
                         generation_to: vm.generation + 1,
                         state: Rec::Preparing,
-                        detail: Some(detail),
+                        detail: None,
                     };
                     tx.insert_migration(&row, Utc::now())?;
                     Ok(Ok(row))
@@ -804,6 +819,21 @@ impl Mig {
             )
             .await
             .map_err(|e| format!("center store: {e}"))?
+    }
+
+    /// Adds the chosen settings and their measurements to the ownership record.
+    async fn record_settings(
+        &self,
+        settings: &MigrationSettings,
+        m: &Measurements,
+    ) -> Result<(), String> {
+        let task = self.task;
+        let detail = json!({ "settings": settings, "measurements": m });
+        self.app
+            .db
+            .write(move |tx| tx.set_migration_detail(task, &detail))
+            .await
+            .map_err(|e| format!("center store: {e}"))
     }
 
     async fn set_record(&self, from: &[Rec], to: Rec) -> Result<(), String> {

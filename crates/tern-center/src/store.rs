@@ -1300,6 +1300,19 @@ impl Tx<'_> {
         Ok(changed == 1)
     }
 
+    /// Sets what a migration's record says of its settings and measurements.
+    pub fn set_migration_detail(
+        &self,
+        task_id: Uuid,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE migrations SET detail = ?2 WHERE task_id = ?1",
+            params![task_id.to_string(), to_json(detail)?],
+        )?;
+        Ok(())
+    }
+
     /// Sets the result of a task (one that ended before its driver could record it).
     pub fn set_task_result(&self, id: Uuid, result: &serde_json::Value) -> Result<(), StoreError> {
         self.tx.execute(

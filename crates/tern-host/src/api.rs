@@ -15,7 +15,8 @@ use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, MeasureDirtyRate, PrepareIncoming, StartOutgoing,
+    Commit, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate, PrepareIncoming,
+    StartOutgoing,
 };
 use tern_api::{ErrorBody, HostFacts, HostLoad};
 use uuid::Uuid;
@@ -41,6 +42,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/check-paths", post(check_paths))
         .route("/v1/migrations/{id}", get(migration_status))
         .route("/v1/migrations/{id}/incoming", post(migration_incoming))
+        .route("/v1/migrations/{id}/listen", post(migration_listen))
         .route("/v1/migrations/{id}/outgoing", post(migration_outgoing))
         .route("/v1/migrations/{id}/measure", post(migration_measure))
         .route("/v1/migrations/{id}/steer", post(migration_steer))
@@ -220,6 +222,16 @@ async fn migration_incoming(
     let id = vm_id(&id)?;
     let req = body(req)?;
     agent.migrations.incoming(id, req).await.map(Json)
+}
+
+async fn migration_listen(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<ListenIncoming>, JsonRejection>,
+) -> Result<Json<IncomingReady>, AgentError> {
+    let id = vm_id(&id)?;
+    let req = body(req)?;
+    agent.migrations.listen(id, req).await.map(Json)
 }
 
 async fn migration_outgoing(

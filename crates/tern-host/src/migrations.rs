@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, PrepareIncoming, StartOutgoing,
+    Commit, DirtyRateReport, IncomingReady, ListenIncoming, PrepareIncoming, StartOutgoing,
 };
 use tern_qemu::{IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, COMMIT_ANNOUNCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,7 +125,8 @@ impl Migrations {
         Ok(())
     }
 
-    /// Destination: starts the paused QEMU and listens for this VM's stream.
+    /// Destination: starts the paused QEMU and (given the settings) listens for this VM's
+    /// stream.
     pub async fn incoming(
         &self,
         id: Uuid,
@@ -138,11 +139,11 @@ impl Migrations {
                 id,
                 req.spec,
                 req.generation,
-                &req.settings,
+                req.settings.as_ref(),
                 self.migration_address,
             )
             .await?;
-        let uri = incoming.uri().to_string();
+        let uri = incoming.is_listening().then(|| incoming.uri().to_string());
         lock(&self.slots).insert(
             id,
             Arc::new(Slot {
@@ -153,6 +154,22 @@ impl Migrations {
         // This host will steer the LAN at switchover: have the netlink connection ready.
         self.steerer.warm_up().await;
         Ok(IncomingReady { uri })
+    }
+
+    /// Destination prepared without settings: configures QEMU like the source and listens.
+    pub async fn listen(&self, id: Uuid, req: ListenIncoming) -> Result<IncomingReady, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let Role::Destination(incoming) = &slot.role else {
+            return Err(AgentError::Conflict(format!(
+                "VM {id} is the source of its migration here, not the destination"
+            )));
+        };
+        let uri = incoming
+            .listen(&req.settings, self.migration_address)
+            .await
+            .map_err(qemu)?;
+        Ok(IncomingReady { uri: Some(uri) })
     }
 
     /// Source: starts sending the running VM to `req.uri`.

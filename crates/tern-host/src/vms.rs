@@ -771,14 +771,15 @@ impl VmManager {
     }
 
     /// Starts the destination end of a migration: a paused QEMU with the VM's spec, listening
-    /// on `listen` for this VM's stream only. The VM is then listed here (paused) and
+    /// on `listen` for this VM's stream only once it has the `settings` (now if given, else
+    /// through [`IncomingMigration::listen`]). The VM is then listed here (paused) and
     /// supervised like any other; it runs only once the migration is committed.
     pub async fn prepare_incoming(
         self: &Arc<Self>,
         id: Uuid,
         spec: VmSpec,
         generation: u64,
-        settings: &MigrationSettings,
+        settings: Option<&MigrationSettings>,
         listen: IpAddr,
     ) -> Result<IncomingMigration, AgentError> {
         validate(&spec, self.host.bridge.as_deref())?;
@@ -831,7 +832,7 @@ impl VmManager {
         slot: &Arc<Slot>,
         spec: VmSpec,
         generation: u64,
-        settings: &MigrationSettings,
+        settings: Option<&MigrationSettings>,
         listen: IpAddr,
     ) -> Result<IncomingMigration, AgentError> {
         let id = slot.run.id;
@@ -862,7 +863,11 @@ impl VmManager {
             incoming: Some(tern_qemu::Incoming::Defer),
             start_paused: true,
         };
-        let incoming = match IncomingMigration::prepare(cfg, settings, listen).await {
+        let prepared = match settings {
+            Some(settings) => IncomingMigration::prepare(cfg, settings, listen).await,
+            None => IncomingMigration::launch(cfg).await,
+        };
+        let incoming = match prepared {
             Ok(i) => i,
             Err(e) => {
                 remove_taps(&taps);
@@ -871,7 +876,7 @@ impl VmManager {
             }
         };
         self.adopt_live(slot, incoming.vm().clone(), PowerState::Paused);
-        tracing::info!(vm = %spec.name, %id, uri = incoming.uri(), "migration destination ready");
+        tracing::info!(vm = %spec.name, %id, uri = incoming.uri(), "migration destination started");
         Ok(incoming)
     }
 

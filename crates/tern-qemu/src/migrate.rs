@@ -22,7 +22,7 @@
 //!   everything.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -860,7 +860,8 @@ pub struct IncomingStatus {
 #[derive(Debug)]
 pub struct Incoming {
     vm: Arc<QemuVm>,
-    uri: String,
+    /// Set once QEMU listens.
+    uri: OnceLock<String>,
 }
 
 impl Incoming {
@@ -868,54 +869,81 @@ impl Incoming {
     /// the same capabilities and parameters as the source, and makes it listen on
     /// `listen:<ephemeral port>`. On any failure the QEMU is killed again.
     pub async fn prepare(
-        mut cfg: LaunchConfig,
+        cfg: LaunchConfig,
         settings: &MigrationSettings,
         listen: IpAddr,
     ) -> Result<Incoming> {
-        cfg.incoming = Some(IncomingMode::Defer);
-        cfg.start_paused = true;
         let run_dir = cfg.run_dir.clone();
-        let vm = Arc::new(QemuVm::launch(cfg).await?);
-        let listen_uri = match listen {
-            IpAddr::V4(a) => format!("tcp:{a}:0"),
-            IpAddr::V6(a) => format!("tcp:[{a}]:0"),
-        };
-        let ready = async {
-            configure(&vm, settings, Side::Destination).await?;
-            vm.migrate_incoming(&listen_uri).await?;
-            let stats = vm.query_migrate().await?;
-            stats
-                .socket_addresses
-                .into_iter()
-                .find(|a| !a.ends_with(":0"))
-                .ok_or_else(|| {
-                    Error::Migration(format!(
-                        "the destination did not report its listening port for {listen_uri}"
-                    ))
-                })
-        }
-        .await;
-        match ready {
-            Ok(uri) => {
-                tracing::info!(pid = vm.pid(), %uri, "destination listening");
-                Ok(Incoming { vm, uri })
-            }
+        let incoming = Self::launch(cfg).await?;
+        match incoming.listen(settings, listen).await {
+            Ok(_) => Ok(incoming),
             Err(e) => {
-                let _ = vm.kill().await;
+                let _ = incoming.vm.kill().await;
                 let _ = QemuVm::cleanup(&run_dir);
                 Err(e)
             }
         }
     }
 
-    /// Takes back a destination QEMU (after an agent restart).
-    pub fn adopt(vm: Arc<QemuVm>, uri: String) -> Incoming {
-        Incoming { vm, uri }
+    /// Starts the destination QEMU for `cfg` (forced to `-incoming defer` and `-S`) without
+    /// listening yet: [`Incoming::listen`] follows once the settings are known.
+    pub async fn launch(mut cfg: LaunchConfig) -> Result<Incoming> {
+        cfg.incoming = Some(IncomingMode::Defer);
+        cfg.start_paused = true;
+        let vm = Arc::new(QemuVm::launch(cfg).await?);
+        Ok(Incoming {
+            vm,
+            uri: OnceLock::new(),
+        })
     }
 
-    /// The URI the source must send to, e.g. `tcp:10.77.0.12:40123`.
+    /// Gives the destination the same capabilities and parameters as the source and makes it
+    /// listen on `listen:<ephemeral port>`; returns the URI the source must send to. The
+    /// caller removes the QEMU if this fails.
+    pub async fn listen(&self, settings: &MigrationSettings, listen: IpAddr) -> Result<String> {
+        if let Some(uri) = self.uri.get() {
+            return Err(Error::Migration(format!(
+                "the destination already listens on {uri}"
+            )));
+        }
+        let listen_uri = match listen {
+            IpAddr::V4(a) => format!("tcp:{a}:0"),
+            IpAddr::V6(a) => format!("tcp:[{a}]:0"),
+        };
+        configure(&self.vm, settings, Side::Destination).await?;
+        self.vm.migrate_incoming(&listen_uri).await?;
+        let stats = self.vm.query_migrate().await?;
+        let uri = stats
+            .socket_addresses
+            .into_iter()
+            .find(|a| !a.ends_with(":0"))
+            .ok_or_else(|| {
+                Error::Migration(format!(
+                    "the destination did not report its listening port for {listen_uri}"
+                ))
+            })?;
+        tracing::info!(pid = self.vm.pid(), %uri, "destination listening");
+        Ok(self.uri.get_or_init(|| uri).clone())
+    }
+
+    /// Takes back a destination QEMU (after an agent restart).
+    pub fn adopt(vm: Arc<QemuVm>, uri: String) -> Incoming {
+        let cell = OnceLock::new();
+        if !uri.is_empty() {
+            let _ = cell.set(uri);
+        }
+        Incoming { vm, uri: cell }
+    }
+
+    /// The URI the source must send to, e.g. `tcp:10.77.0.12:40123`; empty until it listens
+    /// (see [`Incoming::is_listening`]).
     pub fn uri(&self) -> &str {
-        &self.uri
+        self.uri.get().map(String::as_str).unwrap_or("")
+    }
+
+    /// Whether [`Incoming::listen`] (or [`Incoming::prepare`]) has made QEMU listen.
+    pub fn is_listening(&self) -> bool {
+        self.uri.get().is_some()
     }
 
     pub fn vm(&self) -> &Arc<QemuVm> {
