@@ -416,6 +416,11 @@ impl Outgoing {
 const POSTCOPY_CANNOT_ABORT: &str =
     "the migration is in post-copy: the source's memory is no longer whole, it cannot resume";
 
+/// Whether an abort failed only because the migration is in post-copy (it goes on).
+fn is_postcopy_refusal(r: &Result<()>) -> bool {
+    matches!(r, Err(Error::Migration(m)) if m == POSTCOPY_CANNOT_ABORT)
+}
+
 /// How long a cancel may stay `cancelling` before tern yanks the migration's sockets.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
@@ -559,8 +564,7 @@ impl Driver {
                     }
                     Some(Control::Abort(reason, reply)) => {
                         let r = self.abort(&reason).await;
-                        let refused = r.is_err()
-                            && self.status_tx.borrow().state != AgentMigrationState::Failed;
+                        let refused = is_postcopy_refusal(&r);
                         let _ = reply.send(r);
                         if refused {
                             // Post-copy: the migration must finish; keep watching it.
@@ -796,7 +800,7 @@ impl Driver {
     async fn abort(&mut self, reason: &str) -> Result<()> {
         let r = self.cancel_and_resume(reason).await;
         if let Err(e) = &r {
-            if !matches!(e, Error::Migration(m) if m == POSTCOPY_CANNOT_ABORT) {
+            if !is_postcopy_refusal(&r) {
                 self.end(
                     AgentMigrationState::Failed,
                     Some(format!("{reason}; ending the migration failed: {e}")),
