@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{processes_mentioning, text, wait_for, Lab};
+use common::{text, Lab};
 use serde_json::Value;
 
 const READY: &str = "TERN-GUEST-READY";
@@ -54,41 +54,6 @@ fn vm_json(lab: &Lab, name: &str) -> Value {
     lab.tern_json(&["vm", "show", name])
 }
 
-/// QEMU processes of VM `id`: (pid, command line).
-fn qemus(id: &str) -> Vec<(u32, String)> {
-    processes_mentioning(&format!("-uuid {id}"))
-        .into_iter()
-        .filter(|(_, c)| c.contains("qemu-system"))
-        .collect()
-}
-
-/// Exactly one QEMU runs the VM, on `host`, which the inventory names; no other host keeps
-/// a run directory of it.
-fn one_copy_on(lab: &Lab, name: &str, id: &str, host: &str) {
-    let vm = vm_json(lab, name);
-    assert_eq!(vm["host"], host, "{vm}");
-    let q = qemus(id);
-    assert_eq!(q.len(), 1, "QEMUs of VM {name}: {q:#?}");
-    assert!(
-        q[0].1.contains(&format!("/hosts/{host}/vms/{id}")),
-        "the copy of {name} is not {host}'s: {}",
-        q[0].1
-    );
-    for other in ["h1", "h2", "h3"].iter().filter(|h| **h != host) {
-        let leftover = lab.dir.join(format!("hosts/{other}/vms/{id}"));
-        wait_for(
-            &format!("{} to disappear", leftover.display()),
-            Duration::from_secs(30),
-            || (!leftover.exists()).then_some(()),
-        );
-    }
-    wait_for(
-        &format!("VM {name} to be running"),
-        Duration::from_secs(30),
-        || (vm_json(lab, name)["actual_state"] == "running").then_some(()),
-    );
-}
-
 /// `tern vm migrate NAME --to TO` must be refused with `exit` before anything moved: the
 /// message names `needle`, the VM stays alone on `host`, nothing of it exists on `to`.
 fn refused(lab: &Lab, name: &str, id: &str, host: &str, to: &str, exit: i32, needle: &str) {
@@ -111,7 +76,7 @@ fn refused(lab: &Lab, name: &str, id: &str, host: &str, to: &str, exit: i32, nee
         !lab.dir.join(format!("hosts/{to}/vms/{id}")).exists(),
         "{to} was prepared for {name}"
     );
-    one_copy_on(lab, name, id, host);
+    lab.one_copy_on(name, id, host);
     let vm = vm_json(lab, name);
     assert_eq!(vm["generation"], 2, "{vm}");
 }
@@ -169,32 +134,8 @@ fn maintenance_empties_a_host_live_and_refusals_leave_vms_alone() {
     let (a_id, b_id) = (id("a"), id("b"));
     let parked_gen = vm_json(&lab, "parked")["generation"].as_u64();
 
-    // The client streams from a through the whole evacuation.
-    let streamer = {
-        let dir = lab.dir.clone();
-        let prefix = lab.prefix.clone();
-        let exe = common::guest_dir().join("tern-guest");
-        std::thread::spawn(move || {
-            std::process::Command::new(common::tern_exe())
-                .args(["lab", "--dir"])
-                .arg(&dir)
-                .args(["client", "--prefix", &prefix, "--"])
-                .arg(exe)
-                .args([
-                    "client",
-                    "--addr",
-                    "10.78.0.110:7000",
-                    "--duration-ms",
-                    "25000",
-                    "--json",
-                ])
-                .env("TERN_LAB_DIR", &dir)
-                .output()
-                .expect("run the client")
-        })
-    };
-    // Let the stream run a little before the evacuation starts.
-    std::thread::sleep(Duration::from_secs(2));
+    // The client streams from a through the whole evacuation (connected before it starts).
+    let streamer = lab.spawn_stream_client("10.78.0.110:7000", 25_000);
 
     // 1. Enter maintenance: both running VMs leave h1 live, spread over h2 and h3.
     let started = std::time::Instant::now();
@@ -248,8 +189,8 @@ fn maintenance_empties_a_host_live_and_refusals_leave_vms_alone() {
     let h1: Value = lab.tern_json(&["host", "show", "h1"]);
     assert_eq!(h1["state"], "maintenance", "{h1}");
     assert_eq!(h1["vms"], serde_json::json!(["huge"]), "{h1}");
-    one_copy_on(&lab, "a", &a_id, &a_host);
-    one_copy_on(&lab, "b", &b_id, &b_host);
+    lab.one_copy_on("a", &a_id, &a_host);
+    lab.one_copy_on("b", &b_id, &b_host);
     let events: Vec<Value> = lab.tern_json(&["event", "list", "--host", "h1", "--limit", "500"]);
     let said = |needle: &str| {
         events
@@ -318,12 +259,7 @@ fn maintenance_empties_a_host_live_and_refusals_leave_vms_alone() {
     restore_disk(&disk, &local);
 
     // The stream from a never broke (it ran through the evacuation and the refusals).
-    let client = streamer.join().expect("client thread");
-    let report: Value = String::from_utf8_lossy(&client.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l.trim()).ok())
-        .unwrap_or_else(|| panic!("no client report:\n{}", text(&client)));
+    let report = streamer.join().expect("client thread");
     eprintln!(
         "MEASURED client during the evacuation: longest gap {} ms, records {}",
         report["longest_gap_ms"], report["records"]
@@ -343,7 +279,7 @@ fn maintenance_empties_a_host_live_and_refusals_leave_vms_alone() {
     assert_eq!(h1["state"], "connected", "{h1}");
     let o = lab.tern(&["vm", "migrate", "a", "--to", "h1"]);
     assert!(o.status.success(), "migrate a to h1:\n{}", text(&o));
-    one_copy_on(&lab, "a", &a_id, "h1");
+    lab.one_copy_on("a", &a_id, "h1");
     lab.down();
 }
 

@@ -64,8 +64,6 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     let idle = create(&lab, "idle", "10.78.0.100", "52:54:00:7e:01:01", "");
     let before = lab.guest_stats("10.78.0.100:7000");
     let streamer = lab.spawn_stream_client("10.78.0.100:7000", 15000);
-    // Let the stream run a little before the move.
-    std::thread::sleep(Duration::from_secs(2));
     let (out, task) = lab.migrate_json(&["idle", "--to", "h2"]);
     assert!(out.status.success(), "{}", text(&out));
     let task = task.expect("task JSON");

@@ -49,9 +49,21 @@ fn proc_state(pid: u32) -> Option<char> {
     rest.trim_start().chars().next()
 }
 
-/// Alive = exists and is not a zombie (nothing reaps orphans on some machines).
+/// Alive = exists and has not finished exiting. A zombie counts as dead (nothing reaps orphans
+/// on some machines), except a zombie thread-group leader whose other threads still run their
+/// exit: the process still holds its files (and so its state-dir lock) until the last one is
+/// gone, and a restart that starts a new daemon before then finds the lock taken.
 pub fn alive(pid: u32) -> bool {
-    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+    match proc_state(pid) {
+        None => false,
+        Some('Z' | 'X') => threads(pid) > 1,
+        Some(_) => true,
+    }
+}
+
+/// How many threads /proc lists for the process (0 when it is gone).
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
 /// The process's command line, arguments joined by spaces.

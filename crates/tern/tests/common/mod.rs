@@ -400,9 +400,41 @@ impl Lab {
         vm["id"].as_str().expect("vm id").to_string()
     }
 
+    /// How many connections the guest's serve port has accepted since boot (the query's own
+    /// connection included).
+    pub fn guest_connections(&self, addr: &str) -> u64 {
+        let s = self.guest_stats(addr);
+        s["streams"]["total"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no streams.total in the guest's stats: {s}"))
+    }
+
     /// Runs `tern-guest client --json` against `addr` for `duration_ms` in the client namespace
     /// on its own thread; joining it gives the client's report (the thread panics without one).
+    /// Returns once the guest has accepted the client's connection, so what the caller does
+    /// next happens while the client streams.
     pub fn spawn_stream_client(&self, addr: &str, duration_ms: u64) -> JoinHandle<Value> {
+        // Every stats query is a connection of its own: the k-th query after `before` sees
+        // `before + k`, one more once the client has connected.
+        let before = self.guest_connections(addr);
+        let client = self.spawn_stream_client_unwatched(addr, duration_ms);
+        let mut queries = 0;
+        wait_for(
+            &format!("the client's connection to {addr}"),
+            Duration::from_secs(30),
+            || {
+                assert!(
+                    !client.is_finished(),
+                    "the client run ended before the guest saw it connect"
+                );
+                queries += 1;
+                (self.guest_connections(addr) > before + queries).then_some(())
+            },
+        );
+        client
+    }
+
+    fn spawn_stream_client_unwatched(&self, addr: &str, duration_ms: u64) -> JoinHandle<Value> {
         let dir = self.dir.clone();
         let prefix = self.prefix.clone();
         let exe = guest_dir().join("tern-guest");
@@ -444,7 +476,14 @@ impl Lab {
                 || (!leftover.exists()).then_some(()),
             );
         }
-        let qemus = qemus_of(id);
+        // A copy being removed may still be on its way out when its run dir is gone: wait for
+        // it to end rather than count it.
+        let mut qemus = qemus_of(id);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while qemus.len() > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            qemus = qemus_of(id);
+        }
         assert_eq!(qemus.len(), 1, "QEMUs of VM {name}: {qemus:#?}");
         assert!(
             qemus[0].1.contains(&format!("/hosts/{host}/vms/{id}")),
@@ -606,7 +645,54 @@ pub fn root_links() -> Vec<String> {
         .collect()
 }
 
-/// Pids of live (non-zombie) processes whose command line contains `needle`.
+/// What /proc says of a process now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcState {
+    /// Running (or sleeping): not exiting.
+    Live,
+    /// Inside its exit: `PF_EXITING` is set, or it is a zombie leader whose other threads are
+    /// still exiting. Its command line may read short or empty (its memory is being torn down),
+    /// so nothing read from it may be trusted.
+    Exiting,
+    /// No such process, or a zombie whose threads are all gone.
+    Gone,
+}
+
+/// The kernel's `PF_EXITING` task flag (include/linux/sched.h), field 9 of /proc/PID/stat.
+const PF_EXITING: u64 = 0x4;
+
+pub fn proc_state(pid: u32) -> ProcState {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return ProcState::Gone;
+    };
+    // The command name is in parentheses and may hold spaces: fields after it split cleanly.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return ProcState::Gone;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is the state (field 3), fields[6] the flags (field 9).
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    match fields.first() {
+        None => ProcState::Gone,
+        Some(&("Z" | "X")) => {
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+            if threads > 1 {
+                ProcState::Exiting
+            } else {
+                ProcState::Gone
+            }
+        }
+        Some(_) if flags & PF_EXITING != 0 => ProcState::Exiting,
+        Some(_) => ProcState::Live,
+    }
+}
+
+/// Live processes whose command line contains `needle`. A process that is exiting (before or
+/// after its command line is read) is left out: it is no copy of anything any more, and what
+/// its command line reads is unreliable.
 pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut v = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -616,20 +702,14 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if pid == std::process::id() {
-            continue;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].trim_start().chars().next())
-            == Some('Z');
-        if zombie {
+        if pid == std::process::id() || proc_state(pid) != ProcState::Live {
             continue;
         }
         let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) {
+        // Read the state again: a process that began exiting while we read may have given a
+        // command line cut short.
+        if cmd.contains(needle) && proc_state(pid) == ProcState::Live {
             v.push((pid, cmd));
         }
     }
@@ -644,11 +724,15 @@ pub fn qemus_of(id: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Is the process alive (exists, not a zombie)?
+/// Does the process still exist (live or exiting)? "Not alive" means it is gone for good.
 pub fn alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    match stat.rfind(')') {
-        Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | None),
-        None => false,
-    }
+    proc_state(pid) != ProcState::Gone
+}
+
+/// Waits until the process is gone (it may take a moment to finish exiting after whatever
+/// ended it); panics naming `what` after `timeout`.
+pub fn wait_gone(pid: u32, what: &str, timeout: Duration) {
+    wait_for(&format!("{what} (pid {pid}) to be gone"), timeout, || {
+        (!alive(pid)).then_some(())
+    });
 }
