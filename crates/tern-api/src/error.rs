@@ -9,6 +9,8 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// What a call through the HTTP client can fail with.
+#[cfg(feature = "client")]
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The server answered with an error status.
@@ -24,6 +26,7 @@ pub enum ApiError {
     Decode { endpoint: String, detail: String },
 }
 
+#[cfg(feature = "client")]
 impl ApiError {
     /// HTTP status of an error answer, if the server answered.
     pub fn status(&self) -> Option<u16> {

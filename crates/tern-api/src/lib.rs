@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod center;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod drs;
 pub mod error;
@@ -16,8 +17,11 @@ pub mod evc;
 pub mod migration;
 pub mod spec;
 
+#[cfg(feature = "client")]
 pub use client::{ApiClient, Endpoint};
-pub use error::{ApiError, ErrorBody};
+#[cfg(feature = "client")]
+pub use error::ApiError;
+pub use error::ErrorBody;
 pub use spec::*;
 
 /// Header carrying the bearer token on every call (`Authorization: Bearer <token>`).

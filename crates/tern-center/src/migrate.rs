@@ -26,8 +26,7 @@ use tern_api::migration::{
     PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
-use tern_qemu::policy::{choose_settings, HostBudget};
-use tern_qemu::QemuVersion;
+use tern_motion::{choose_settings, HostBudget, QemuVersion, MACHINE_TYPE};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -779,8 +778,8 @@ impl Mig {
         };
         let budget = HostBudget {
             spare_cores: spare_cores(&self.source).min(spare_cores(&self.dest)),
-            qemu: parse_version(&self.source.facts.qemu_version)
-                .min(parse_version(&self.dest.facts.qemu_version))
+            qemu: QemuVersion::parse(&self.source.facts.qemu_version)
+                .min(QemuVersion::parse(&self.dest.facts.qemu_version))
                 .unwrap_or(QemuVersion {
                     major: 0,
                     minor: 0,
@@ -1500,14 +1499,12 @@ pub fn cancel_refusal(tx: &crate::store::Tx, task: Uuid) -> Result<Option<String
 
 fn qemu_check(source: &HostRecord, dest: &HostRecord) -> Result<String, String> {
     match (
-        parse_version(&source.facts.qemu_version),
-        parse_version(&dest.facts.qemu_version),
+        QemuVersion::parse(&source.facts.qemu_version),
+        QemuVersion::parse(&dest.facts.qemu_version),
     ) {
         (Some(s), Some(d)) if d >= s => Ok(format!(
             "QEMU {d} on {} loads streams of QEMU {s} on {} (same machine type {})",
-            dest.name,
-            source.name,
-            tern_qemu::MACHINE_TYPE
+            dest.name, source.name, MACHINE_TYPE
         )),
         (Some(s), Some(d)) => Err(format!(
             "QEMU {d} on {} is older than QEMU {s} on {}: an older QEMU cannot be relied on to \
@@ -1519,17 +1516,6 @@ fn qemu_check(source: &HostRecord, dest: &HostRecord) -> Result<String, String> 
             source.name, source.facts.qemu_version, dest.name, dest.facts.qemu_version
         )),
     }
-}
-
-/// `10.0.2` (or `10.0.2 (Debian ...)`) → version.
-pub fn parse_version(text: &str) -> Option<QemuVersion> {
-    let v = text.split_whitespace().next()?;
-    let mut parts = v.split('.').map(|p| p.parse::<u32>());
-    Some(QemuVersion {
-        major: parts.next()?.ok()?,
-        minor: parts.next().unwrap_or(Ok(0)).ok()?,
-        micro: parts.next().unwrap_or(Ok(0)).ok()?,
-    })
 }
 
 /// Cores a host can spare for migration threads, from its last load figures.
@@ -1555,27 +1541,5 @@ fn empty_settings() -> MigrationSettings {
         downtime_budget_ms: 0,
         zero_page_detection: "legacy".into(),
         throttle: Default::default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions() {
-        let v = parse_version("10.0.2").unwrap();
-        assert_eq!((v.major, v.minor, v.micro), (10, 0, 2));
-        assert_eq!(
-            parse_version("9.2"),
-            Some(QemuVersion {
-                major: 9,
-                minor: 2,
-                micro: 0
-            })
-        );
-        assert!(parse_version("10.1.0 (Debian)").unwrap() > v);
-        assert_eq!(parse_version("garbage"), None);
-        assert_eq!(parse_version(""), None);
     }
 }

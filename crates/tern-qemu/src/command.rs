@@ -29,8 +29,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-/// Versioned q35 machine type every tern VM uses (QEMU ≥ 10.0 on every host).
-pub const MACHINE_TYPE: &str = "pc-q35-10.0";
+pub use tern_motion::MACHINE_TYPE;
 
 /// How a destination QEMU waits for an incoming migration.
 #[derive(Debug, Clone, PartialEq, Eq)]

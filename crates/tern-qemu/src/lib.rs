@@ -9,10 +9,9 @@
 //!   (status, pause/resume, shutdown, kill, exit reason, /proc stats) and migration control
 //!   (capabilities, parameters, incoming/outgoing, progress, dirty rate, announce) run over
 //!   its [`Qmp`] connection.
-//! - [`policy`] chooses a migration's settings from measurements ([`choose_settings`]) and
-//!   watches its convergence ([`ConvergenceWatcher`]): pure, every decision with its reason.
 //! - [`migrate`] drives the two ends of a migration: [`Outgoing`] (source: configure, send,
-//!   escalate, stop paused at pre-switchover for the hand-over decision) and
+//!   escalate as `tern-motion`'s convergence watcher decides from the samples it is fed,
+//!   stop paused at pre-switchover for the hand-over decision) and
 //!   [`IncomingMigration`] (destination: paused, listening for this VM only, run on commit).
 //! - [`probe_cpu`] tells what this host's QEMU offers (version, CPU models, host CPU
 //!   features) without a VM, for host facts and EVC.
@@ -22,14 +21,13 @@ pub mod command;
 pub mod error;
 pub mod migrate;
 pub mod migration;
-pub mod policy;
 pub mod probe;
 pub mod process;
 pub mod qmp;
 pub mod vm;
 
 pub use accel::{detect_accelerator, AccelChoice};
-pub use command::{build_command, Incoming, LaunchConfig, RunPaths, MACHINE_TYPE};
+pub use command::{build_command, Incoming, LaunchConfig, RunPaths};
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
     Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing, OutgoingOptions,
@@ -38,9 +36,9 @@ pub use migrate::{
 pub use migration::{
     AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,
 };
-pub use policy::{choose_settings, Action, ConvergenceWatcher, Decision, HostBudget};
 pub use probe::{probe_cpu, CpuModelInfo, CpuProbe, QemuProbe};
 pub use process::VmStats;
-pub use qmp::{wait_event, QemuVersion, Qmp, QmpEvent, QmpGreeting};
+pub use qmp::{wait_event, Qmp, QmpEvent, QmpGreeting};
 pub use tern_api::Accelerator;
+pub use tern_motion::{QemuVersion, MACHINE_TYPE};
 pub use vm::{ExitReason, QemuVm, RunState};

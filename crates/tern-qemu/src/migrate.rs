@@ -35,8 +35,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::command::{Incoming as IncomingMode, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::migration::{AnnounceParams, MigrationStats, MigrationStatus};
-use crate::policy::{Action, ConvergenceWatcher, Decision};
 use crate::vm::{QemuVm, RunState};
+use tern_motion::{Action, ConvergenceWatcher, Decision};
 
 /// How often the source is sampled (`query-migrate`); `MIGRATION` events wake it sooner.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -625,7 +625,7 @@ impl Driver {
         self.status_tx
             .send_modify(|s| s.progress = progress(&stats, elapsed, phase, limit));
 
-        for d in self.watcher.observe(elapsed, &stats) {
+        for d in self.watcher.observe(elapsed, &stats.precopy_sample()) {
             if let Flow::Done = self.apply(d).await {
                 return Flow::Done;
             }

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::vm::QemuVm;
+use tern_motion::{PrecopySample, SamplePhase};
 
 /// Pages per GiB QEMU hashes to find the dirty rate (its default is 512). A short window sees
 /// few of them change (64 MiB/s over 250 ms touches 1.6% of a GiB: 8 of 512 pages), so tern
@@ -144,6 +145,28 @@ pub struct MigrationStats {
 }
 
 impl MigrationStats {
+    /// What the convergence watcher (`tern-motion`) needs of this sample.
+    pub fn precopy_sample(&self) -> PrecopySample {
+        let phase = match self.status {
+            MigrationStatus::None | MigrationStatus::Setup => SamplePhase::Setup,
+            MigrationStatus::Active => SamplePhase::PreCopy,
+            MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup => SamplePhase::PostCopy,
+            _ => SamplePhase::Past,
+        };
+        PrecopySample {
+            phase,
+            pass: self.dirty_sync_count,
+            remaining_bytes: self.remaining_bytes,
+            dirty_bytes_per_s: self.dirty_pages_rate as f64 * self.page_size_bytes.max(1) as f64,
+            sent_mbit_s: self.mbps,
+            expected_downtime_ms: self.expected_downtime_ms.unwrap_or(0),
+            cpu_throttle_pct: self.cpu_throttle_percent.unwrap_or(0),
+        }
+    }
+
     /// Decodes a `query-migrate` answer; missing fields read as zero/none.
     pub fn from_qmp(v: &Value) -> MigrationStats {
         let ram = &v["ram"];
@@ -461,6 +484,37 @@ impl QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_for_the_watcher() {
+        let s = MigrationStats::from_qmp(&json!({
+            "status": "active",
+            "expected-downtime": 120,
+            "cpu-throttle-percentage": 20,
+            "ram": {"remaining": 3_000_000, "dirty-sync-count": 4, "dirty-pages-rate": 256,
+                    "page-size": 4096, "mbps": 950.5}
+        }));
+        let p = s.precopy_sample();
+        assert_eq!(p.phase, SamplePhase::PreCopy);
+        assert_eq!((p.pass, p.remaining_bytes), (4, 3_000_000));
+        assert_eq!(p.dirty_bytes_per_s, (256 * 4096) as f64);
+        assert_eq!(p.sent_mbit_s, 950.5);
+        assert_eq!((p.expected_downtime_ms, p.cpu_throttle_pct), (120, 20));
+        for (status, phase) in [
+            ("setup", SamplePhase::Setup),
+            ("none", SamplePhase::Setup),
+            ("postcopy-active", SamplePhase::PostCopy),
+            ("postcopy-paused", SamplePhase::PostCopy),
+            ("pre-switchover", SamplePhase::Past),
+            ("device", SamplePhase::Past),
+            ("completed", SamplePhase::Past),
+            ("failed", SamplePhase::Past),
+            ("cancelling", SamplePhase::Past),
+        ] {
+            let s = MigrationStats::from_qmp(&json!({ "status": status }));
+            assert_eq!(s.precopy_sample().phase, phase, "{status}");
+        }
+    }
 
     #[test]
     fn stats_decode() {

@@ -48,19 +48,7 @@ pub struct QmpEvent {
     pub timestamp: DateTime<Utc>,
 }
 
-/// QEMU's version, from the QMP greeting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct QemuVersion {
-    pub major: u32,
-    pub minor: u32,
-    pub micro: u32,
-}
-
-impl std::fmt::Display for QemuVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
-    }
-}
+pub use tern_motion::QemuVersion;
 
 /// What QEMU says when a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,9 +13,10 @@ use common::*;
 use serde_json::Value;
 use tern_api::migration::{AgentMigrationState, Measurements, MigrateVm, MigrationSettings};
 use tern_api::NicSpec;
+use tern_motion::{choose_settings, HostBudget};
 use tern_qemu::{
-    choose_settings, HostBudget, IncomingMigration, LaunchConfig, Outgoing, OutgoingOptions,
-    OutgoingStatus, QemuVm, RunState, COMMIT_ANNOUNCE,
+    IncomingMigration, LaunchConfig, Outgoing, OutgoingOptions, OutgoingStatus, QemuVm, RunState,
+    COMMIT_ANNOUNCE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard};
@@ -656,7 +657,7 @@ async fn deadline_cancels_cleanly_and_the_source_runs_on() {
 // Load-sensitive: whether auto-converge wins against the test guest depends on how much CPU
 // the 2-core machine leaves its vCPU. It passed alone (35 s) but timed out while a benchmark ran
 // beside it, so it is kept out of CI until it is made robust; the escalation rules themselves
-// are unit-tested in `policy`. Run it with `--ignored` on an idle machine.
+// are unit-tested in `tern-motion`. Run it with `--ignored` on an idle machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "load-sensitive; run with --ignored on an idle machine"]
 async fn guest_dirtying_faster_than_the_cap_converges_by_escalation() {

@@ -1,0 +1,564 @@
+//! The convergence watcher: follows an outgoing migration's pre-copy sample by sample and says
+//! when to escalate (raise the downtime limit, throttle, switch to post-copy, cancel at the
+//! deadline). Pure: QEMU's figures come in as [`PrecopySample`]s, time as an argument.
+
+use tern_api::migration::{MigrationSettings, ThrottlePlan};
+
+/// Where an outgoing migration stands, as far as convergence is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplePhase {
+    /// Not yet copying (QEMU's `none`, `setup`).
+    Setup,
+    /// Copying memory while the guest runs (`active`).
+    PreCopy,
+    /// The guest runs on the destination, which fetches pages on demand (`postcopy-*`).
+    PostCopy,
+    /// Past pre-copy: paused for the hand-over, copying device state, or ended.
+    Past,
+}
+
+/// One observation of an outgoing migration (QEMU's `query-migrate`, as the driver reads it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrecopySample {
+    pub phase: SamplePhase,
+    /// RAM pass in progress (QEMU's dirty-sync-count: 1 + passes done).
+    pub pass: u64,
+    /// Bytes still to send.
+    pub remaining_bytes: u64,
+    /// How fast the guest dirties memory, bytes per second, as of the last pass.
+    pub dirty_bytes_per_s: f64,
+    /// How fast the stream sends now, megabits (10^6) per second.
+    pub sent_mbit_s: f64,
+    /// The pause QEMU expects if it stopped now, ms.
+    pub expected_downtime_ms: u64,
+    /// Auto-converge's vCPU throttle now, percent.
+    pub cpu_throttle_pct: u64,
+}
+
+/// A step the watcher asks for while a migration runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Let the final pause be longer (`downtime-limit`).
+    RaiseDowntime { downtime_limit_ms: u64 },
+    /// Make auto-converge throttle (sooner, harder): `throttle-trigger-threshold`,
+    /// `cpu-throttle-initial`, `cpu-throttle-increment`.
+    Throttle {
+        trigger_threshold_pct: u8,
+        initial_pct: u8,
+        increment_pct: u8,
+    },
+    /// Switch to post-copy (`migrate-start-postcopy`).
+    StartPostcopy,
+    /// Nothing is left to try: pre-copy goes on until it converges or the deadline passes.
+    Hold,
+    /// Give up (`migrate_cancel`): the VM stays on the source.
+    Cancel,
+}
+
+/// An action and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub action: Action,
+    pub reason: String,
+}
+
+/// Share by which a pass's dirty set must undercut the best so far to count as progress.
+pub const MIN_SHRINK: f64 = 0.10;
+/// Completed passes without progress that make a stall.
+pub const STALL_PASSES: u32 = 2;
+/// Dirty rate / send rate at or above which pre-copy cannot shrink meaningfully...
+pub const STALL_RATIO: f64 = 0.9;
+/// ...when it holds this long (the fallback for long passes on slow links).
+pub const STALL_RATIO_MS: u64 = 3000;
+/// Increment auto-converge may be raised to.
+pub const MAX_THROTTLE_INCREMENT_PCT: u8 = 40;
+/// Throttle threshold once tern decides to throttle: any notable dirtying triggers it.
+pub const EAGER_TRIGGER_THRESHOLD_PCT: u8 = 10;
+/// Share of the deadline after which post-copy (if allowed) is started rather than waiting.
+pub const POSTCOPY_AT_DEADLINE_SHARE: f64 = 0.75;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    PreCopy,
+    PostCopy,
+    /// Past pre-copy (pre-switchover, device state, or finished): nothing to decide.
+    Over,
+    Cancelled,
+}
+
+/// Watches successive `query-migrate` samples of one outgoing migration and says when to
+/// escalate: raise the downtime limit within the budget, throttle the guest, step the throttle
+/// up, switch to post-copy (if allowed), or cancel at the deadline.
+///
+/// "Remaining data stops shrinking" is judged per dirty-bitmap sync, not per sample: within a
+/// pass `remaining` falls as pages are sent and jumps at each sync, so the figure compared is
+/// each pass's dirty set (the highest remaining seen in it). A pass that does not undercut the
+/// best one by [`MIN_SHRINK`] counts against convergence; [`STALL_PASSES`] in a row is a
+/// stall. On slow links a pass can last minutes, so a dirty rate of at least [`STALL_RATIO`]
+/// of the send rate for [`STALL_RATIO_MS`] is a stall too. After each escalation the evidence
+/// starts afresh (a new sync and the windows again) so a step gets a chance to work.
+#[derive(Debug, Clone)]
+pub struct ConvergenceWatcher {
+    budget_ms: u64,
+    downtime_limit_ms: u64,
+    plan: ThrottlePlan,
+    throttling: bool,
+    increment_pct: u8,
+    postcopy_allowed: bool,
+    deadline_ms: u64,
+    stage: Stage,
+    /// dirty-sync-count of the pass being observed.
+    pass: u64,
+    /// Highest remaining seen in the current pass.
+    pass_peak: u64,
+    best_dirty_set: Option<u64>,
+    passes_without_progress: u32,
+    /// Passes up to this one are not judged (settling after an escalation).
+    settle_pass: u64,
+    /// When the dirty/send ratio first held at or above STALL_RATIO (ms since start).
+    high_ratio_since: Option<u64>,
+    /// Earliest time the ratio rule may fire (settling after an escalation).
+    settle_until_ms: u64,
+    held: bool,
+}
+
+impl ConvergenceWatcher {
+    pub fn new(settings: &MigrationSettings) -> Self {
+        ConvergenceWatcher {
+            budget_ms: settings.downtime_budget_ms.max(settings.downtime_limit_ms),
+            downtime_limit_ms: settings.downtime_limit_ms,
+            plan: settings.throttle,
+            throttling: false,
+            increment_pct: settings.throttle.increment_pct,
+            postcopy_allowed: settings.postcopy_allowed,
+            deadline_ms: settings.deadline_ms,
+            stage: Stage::PreCopy,
+            pass: 0,
+            pass_peak: 0,
+            best_dirty_set: None,
+            passes_without_progress: 0,
+            settle_pass: 1,
+            high_ratio_since: None,
+            settle_until_ms: 0,
+            held: false,
+        }
+    }
+
+    /// Downtime limit in force (after the watcher's raises).
+    pub fn downtime_limit_ms(&self) -> u64 {
+        self.downtime_limit_ms
+    }
+
+    /// True once the watcher has made the guest be throttled.
+    pub fn throttling(&self) -> bool {
+        self.throttling
+    }
+
+    /// Feeds one sample taken `elapsed_ms` after the migration started; returns what to do
+    /// now (usually nothing).
+    pub fn observe(&mut self, elapsed_ms: u64, s: &PrecopySample) -> Vec<Decision> {
+        match s.phase {
+            SamplePhase::PostCopy => self.stage = Stage::PostCopy,
+            SamplePhase::Setup | SamplePhase::PreCopy => {}
+            SamplePhase::Past => {
+                if self.stage == Stage::PreCopy {
+                    self.stage = Stage::Over;
+                }
+            }
+        }
+        if self.stage != Stage::PreCopy {
+            // Post-copy cannot be cancelled without losing the VM; past pre-copy the
+            // hand-over is someone else's decision.
+            return Vec::new();
+        }
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        if elapsed_ms >= self.deadline_ms {
+            self.stage = Stage::Cancelled;
+            return vec![Decision {
+                action: Action::Cancel,
+                reason: format!(
+                    "deadline of {:.1} s passed in pass {} with {:.1} MiB still to send: \
+                     cancelling, the VM stays on the source",
+                    self.deadline_ms as f64 / 1000.0,
+                    s.pass,
+                    mib(s.remaining_bytes)
+                ),
+            }];
+        }
+        if s.phase != SamplePhase::PreCopy {
+            return Vec::new();
+        }
+
+        // Pass accounting.
+        if s.pass != self.pass {
+            let finished = self.pass;
+            let size = self.pass_peak;
+            self.pass = s.pass;
+            self.pass_peak = s.remaining_bytes;
+            // Pass 1 holds all of memory: only later passes say anything about convergence.
+            if finished >= 2 && finished > self.settle_pass {
+                match self.best_dirty_set {
+                    Some(best) if (size as f64) > best as f64 * (1.0 - MIN_SHRINK) => {
+                        self.passes_without_progress += 1;
+                    }
+                    _ => {
+                        self.best_dirty_set = Some(size);
+                        self.passes_without_progress = 0;
+                    }
+                }
+            }
+        } else {
+            self.pass_peak = self.pass_peak.max(s.remaining_bytes);
+        }
+
+        // Rate fallback: QEMU's dirty rate (per sync) against the stream's current rate.
+        let dirty_b_s = s.dirty_bytes_per_s;
+        let sent_b_s = s.sent_mbit_s * 1e6 / 8.0;
+        let ratio = if sent_b_s > 0.0 {
+            dirty_b_s / sent_b_s
+        } else {
+            0.0
+        };
+        if self.pass >= 2 && self.pass > self.settle_pass && ratio >= STALL_RATIO {
+            self.high_ratio_since.get_or_insert(elapsed_ms);
+        } else {
+            self.high_ratio_since = None;
+        }
+        let by_passes = self.passes_without_progress >= STALL_PASSES;
+        let by_rate = self
+            .high_ratio_since
+            .is_some_and(|t| elapsed_ms.saturating_sub(t) >= STALL_RATIO_MS)
+            && elapsed_ms >= self.settle_until_ms;
+        let deadline_near = self.postcopy_allowed
+            && elapsed_ms as f64 >= self.deadline_ms as f64 * POSTCOPY_AT_DEADLINE_SHARE;
+        if !(by_passes || by_rate || deadline_near) {
+            return Vec::new();
+        }
+        let evidence = if by_passes {
+            format!(
+                "remaining data stopped shrinking: {} passes without a {:.0}% drop below the \
+                 best dirty set of {:.1} MiB (pass {}, {:.1} MiB left)",
+                self.passes_without_progress,
+                MIN_SHRINK * 100.0,
+                mib(self.best_dirty_set.unwrap_or(0)),
+                s.pass,
+                mib(s.remaining_bytes)
+            )
+        } else if by_rate {
+            format!(
+                "the guest dirties {:.1} MiB/s while {:.1} MiB/s are sent ({:.0}%) for {:.1} s: \
+                 pre-copy cannot shrink (pass {}, {:.1} MiB left)",
+                dirty_b_s / 1048576.0,
+                sent_b_s / 1048576.0,
+                ratio * 100.0,
+                STALL_RATIO_MS as f64 / 1000.0,
+                s.pass,
+                mib(s.remaining_bytes)
+            )
+        } else {
+            format!(
+                "{:.0}% of the {:.1} s deadline used with {:.1} MiB left",
+                POSTCOPY_AT_DEADLINE_SHARE * 100.0,
+                self.deadline_ms as f64 / 1000.0,
+                mib(s.remaining_bytes)
+            )
+        };
+        let decision = self.escalate(evidence, s, deadline_near && !(by_passes || by_rate));
+        if decision.is_some() {
+            // Fresh evidence for the next step.
+            self.best_dirty_set = None;
+            self.passes_without_progress = 0;
+            self.settle_pass = self.pass;
+            self.high_ratio_since = None;
+            self.settle_until_ms = elapsed_ms + STALL_RATIO_MS;
+        }
+        decision.into_iter().collect()
+    }
+
+    fn escalate(
+        &mut self,
+        evidence: String,
+        s: &PrecopySample,
+        only_postcopy: bool,
+    ) -> Option<Decision> {
+        if !only_postcopy {
+            if self.downtime_limit_ms < self.budget_ms {
+                let from = self.downtime_limit_ms;
+                self.downtime_limit_ms = self.budget_ms;
+                return Some(Decision {
+                    action: Action::RaiseDowntime {
+                        downtime_limit_ms: self.budget_ms,
+                    },
+                    reason: format!(
+                        "{evidence}: raising the downtime limit from {from} ms to the {} ms \
+                         budget (QEMU expects {} ms)",
+                        self.budget_ms, s.expected_downtime_ms
+                    ),
+                });
+            }
+            if !self.throttling {
+                self.throttling = true;
+                return Some(Decision {
+                    action: Action::Throttle {
+                        trigger_threshold_pct: EAGER_TRIGGER_THRESHOLD_PCT,
+                        initial_pct: self.plan.initial_pct,
+                        increment_pct: self.increment_pct,
+                    },
+                    reason: format!(
+                        "{evidence}: throttling the guest (auto-converge from {}% in steps of \
+                         {}%, triggered at {}% dirtied/sent)",
+                        self.plan.initial_pct, self.increment_pct, EAGER_TRIGGER_THRESHOLD_PCT
+                    ),
+                });
+            }
+            let throttle_now = s.cpu_throttle_pct;
+            if self.increment_pct < MAX_THROTTLE_INCREMENT_PCT
+                && throttle_now < self.plan.max_pct as u64
+            {
+                let from = self.increment_pct;
+                self.increment_pct = (self.increment_pct + 10).min(MAX_THROTTLE_INCREMENT_PCT);
+                return Some(Decision {
+                    action: Action::Throttle {
+                        trigger_threshold_pct: EAGER_TRIGGER_THRESHOLD_PCT,
+                        initial_pct: self.plan.initial_pct,
+                        increment_pct: self.increment_pct,
+                    },
+                    reason: format!(
+                        "{evidence} although the guest is throttled at {throttle_now}%: \
+                         raising the throttle step from {from}% to {}%",
+                        self.increment_pct
+                    ),
+                });
+            }
+        }
+        if self.postcopy_allowed {
+            self.stage = Stage::PostCopy;
+            return Some(Decision {
+                action: Action::StartPostcopy,
+                reason: format!(
+                    "{evidence}: switching to post-copy (allowed); the destination fetches the \
+                     remaining pages on demand"
+                ),
+            });
+        }
+        if only_postcopy || self.held {
+            return None;
+        }
+        self.held = true;
+        Some(Decision {
+            action: Action::Hold,
+            reason: format!(
+                "{evidence}: downtime at its {} ms budget and throttling at its steepest, \
+                 post-copy not allowed — pre-copy goes on until it converges or the deadline",
+                self.budget_ms
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{hosts, meas, req};
+    use crate::settings::choose_settings;
+    use tern_api::migration::MigrateVm;
+
+    fn settings(postcopy: bool, deadline_ms: u64) -> MigrationSettings {
+        let r = MigrateVm {
+            allow_postcopy: postcopy,
+            deadline_ms: Some(deadline_ms),
+            downtime_ms: Some(300),
+            ..req()
+        };
+        choose_settings(&r, &meas(1024, 0.0, 1000.0), &hosts(0))
+    }
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn sample(pass: u64, remaining_mib: u64, dirty_mib_s: u64, sent_mib_s: u64) -> PrecopySample {
+        PrecopySample {
+            phase: SamplePhase::PreCopy,
+            pass,
+            remaining_bytes: remaining_mib * MIB,
+            dirty_bytes_per_s: (dirty_mib_s * MIB) as f64,
+            sent_mbit_s: sent_mib_s as f64 * 8.0 * 1.048576,
+            expected_downtime_ms: 400,
+            cpu_throttle_pct: 0,
+        }
+    }
+
+    /// Feeds a pass as three samples with its dirty set at the start.
+    fn feed_pass(
+        w: &mut ConvergenceWatcher,
+        t: &mut u64,
+        pass: u64,
+        set_mib: u64,
+        dirty: u64,
+        sent: u64,
+    ) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for rem in [set_mib, set_mib * 2 / 3, set_mib / 3] {
+            *t += 100;
+            out.extend(w.observe(*t, &sample(pass, rem, dirty, sent)));
+        }
+        out
+    }
+
+    #[test]
+    fn converging_migration_needs_nothing() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
+        let mut t = 0;
+        let mut set = 1024;
+        for pass in 1..12 {
+            let d = feed_pass(&mut w, &mut t, pass, set, 10, 100);
+            assert!(d.is_empty(), "pass {pass}: {d:?}");
+            set = (set / 2).max(1);
+        }
+        let done = PrecopySample {
+            phase: SamplePhase::Past,
+            ..sample(12, 0, 0, 0)
+        };
+        assert!(w.observe(t + 100, &done).is_empty());
+        assert!(w.observe(999_999_999, &done).is_empty());
+    }
+
+    #[test]
+    fn stalled_pre_copy_escalates_step_by_step() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
+        let mut t = 0;
+        // Dirtying slower than sending (no rate stall), but the dirty set stays at 64 MiB.
+        assert!(feed_pass(&mut w, &mut t, 1, 1024, 50, 100).is_empty());
+        let mut actions = Vec::new();
+        for pass in 2..40 {
+            for d in feed_pass(&mut w, &mut t, pass, 64, 50, 100) {
+                actions.push((pass, d));
+            }
+        }
+        let kinds: Vec<&Action> = actions.iter().map(|(_, d)| &d.action).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                &Action::RaiseDowntime {
+                    downtime_limit_ms: 300
+                },
+                &Action::Throttle {
+                    trigger_threshold_pct: EAGER_TRIGGER_THRESHOLD_PCT,
+                    initial_pct: 20,
+                    increment_pct: 10
+                },
+                &Action::Throttle {
+                    trigger_threshold_pct: EAGER_TRIGGER_THRESHOLD_PCT,
+                    initial_pct: 20,
+                    increment_pct: 20
+                },
+                &Action::Throttle {
+                    trigger_threshold_pct: EAGER_TRIGGER_THRESHOLD_PCT,
+                    initial_pct: 20,
+                    increment_pct: 30
+                },
+                &Action::Throttle {
+                    trigger_threshold_pct: EAGER_TRIGGER_THRESHOLD_PCT,
+                    initial_pct: 20,
+                    increment_pct: 40
+                },
+                &Action::Hold,
+            ],
+            "{actions:#?}"
+        );
+        // The first stall is seen after pass 2 sets the best and two passes fail to beat it.
+        assert_eq!(actions[0].0, 5, "{actions:#?}");
+        // Each later step waits for fresh evidence: a pass to settle and two more.
+        for pair in actions.windows(2) {
+            assert!(pair[1].0 >= pair[0].0 + 3, "{actions:#?}");
+        }
+        assert!(actions[0].1.reason.contains("stopped shrinking"));
+        assert!(w.throttling());
+        assert_eq!(w.downtime_limit_ms(), 300);
+    }
+
+    #[test]
+    fn noisy_but_shrinking_passes_are_not_a_stall() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
+        let mut t = 0;
+        feed_pass(&mut w, &mut t, 1, 1024, 10, 100);
+        // Shrinks by 15% a pass, with one pass bouncing up in between.
+        let sets = [500, 425, 470, 361, 307, 330, 261, 222, 189];
+        for (i, set) in sets.iter().enumerate() {
+            let d = feed_pass(&mut w, &mut t, i as u64 + 2, *set, 10, 100);
+            assert!(d.is_empty(), "pass {}: {d:?}", i + 2);
+        }
+    }
+
+    #[test]
+    fn slow_link_stall_is_seen_by_rate_within_a_long_pass() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
+        let mut t = 0;
+        feed_pass(&mut w, &mut t, 1, 1024, 10, 2);
+        // Pass 2 lasts long: the guest dirties 4 MiB/s, 2 MiB/s are sent.
+        let mut first = None;
+        for i in 0..100 {
+            t += 100;
+            let d = w.observe(t, &sample(2, 64 - i / 4, 4, 2));
+            if !d.is_empty() {
+                first = Some((t, d));
+                break;
+            }
+        }
+        let (when, d) = first.expect("no escalation on a rate stall");
+        assert!(matches!(d[0].action, Action::RaiseDowntime { .. }), "{d:?}");
+        assert!(d[0].reason.contains("dirties 4.0 MiB/s"), "{}", d[0].reason);
+        // Pass 2 began at t=400; the ratio must hold for STALL_RATIO_MS.
+        assert!(when >= 400 + STALL_RATIO_MS, "{when}");
+        // The next step needs a new sync first.
+        for _ in 0..100 {
+            t += 100;
+            assert!(w.observe(t, &sample(2, 40, 4, 2)).is_empty());
+        }
+        let mut next = Vec::new();
+        for _ in 0..60 {
+            t += 100;
+            next.extend(w.observe(t, &sample(3, 60, 4, 2)));
+        }
+        assert!(
+            matches!(
+                next.as_slice(),
+                [Decision {
+                    action: Action::Throttle { .. },
+                    ..
+                }]
+            ),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn deadline_cancels_once_and_postcopy_wins_when_allowed() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 10_000));
+        assert!(w.observe(9_900, &sample(1, 900, 1, 100)).is_empty());
+        let d = w.observe(10_000, &sample(1, 800, 1, 100));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].action, Action::Cancel);
+        assert!(d[0].reason.contains("deadline"), "{}", d[0].reason);
+        assert!(w.observe(10_100, &sample(1, 700, 1, 100)).is_empty());
+
+        // Post-copy allowed: started at 75% of the deadline, and never cancelled after.
+        let mut w = ConvergenceWatcher::new(&settings(true, 10_000));
+        assert!(w.observe(7_000, &sample(1, 900, 1, 100)).is_empty());
+        let d = w.observe(7_600, &sample(1, 800, 1, 100));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].action, Action::StartPostcopy);
+        let mut pc = sample(2, 100, 1, 100);
+        pc.phase = SamplePhase::PostCopy;
+        assert!(w.observe(20_000, &pc).is_empty());
+    }
+
+    #[test]
+    fn no_decisions_past_pre_copy() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 1_000));
+        let mut s = sample(3, 10, 1, 100);
+        s.phase = SamplePhase::Past;
+        assert!(w.observe(5_000, &s).is_empty());
+        s.phase = SamplePhase::PreCopy;
+        assert!(w.observe(6_000, &s).is_empty());
+    }
+}

@@ -1,0 +1,19 @@
+//! tern-motion: live migration's decisions, as EVC's are `tern-cpu`'s and DRS's `tern-drs`'s.
+//! Pure — no QEMU, no clock, no I/O: measurements and QEMU's figures come in as values,
+//! decisions go out with their reasons; the center and the host agents drive them.
+//!
+//! - [`settings`]: the settings a migration starts with ([`choose_settings`]), from the
+//!   request, the measured link and dirty rate, and the hosts' [`HostBudget`].
+//! - [`converge`]: the [`ConvergenceWatcher`] that escalates while pre-copy runs.
+//! - [`version`]: stream compatibility — [`QemuVersion`] and the fixed [`MACHINE_TYPE`].
+
+pub mod converge;
+pub mod settings;
+pub mod version;
+
+#[cfg(test)]
+mod fixtures;
+
+pub use converge::{Action, ConvergenceWatcher, Decision, PrecopySample, SamplePhase};
+pub use settings::{choose_settings, mbit_to_mib_s, HostBudget};
+pub use version::{QemuVersion, MACHINE_TYPE};

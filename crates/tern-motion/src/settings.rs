@@ -1,0 +1,523 @@
+//! The settings a migration starts with, chosen from the request, the measured link and dirty
+//! rate, and what the two hosts can spare. Every choice comes with its reason.
+
+use tern_api::migration::{Measurements, MigrateVm, MigrationSettings, ThrottlePlan};
+
+use crate::version::QemuVersion;
+
+/// Downtime budget when the request names none.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Smallest downtime limit tern sets: below it the device state alone does not fit.
+pub const MIN_DOWNTIME_MS: u64 = 20;
+/// Pace of a migration stream with no user cap, relative to the measured link.
+pub const LINK_PACE: f64 = 1.1;
+/// Bandwidth ÷ dirty rate from which tern starts at a tenth of the downtime budget.
+///
+/// The passes that take the pause from the budget `B` down to a limit `L` last about
+/// `(B - L) / (s - 1)` in all, `s` being this ratio (each pass shrinks what is left `s`×):
+/// at 1.5 lowering 300 ms to 30 ms costs about half a second of pre-copy, while clients see
+/// the pause itself. Measured (bench/migrate, 1 Gbit/s, 64 MiB/s, s ≈ 1.8): half the budget
+/// gave a 156 ms pause for the same end-to-end time as plain QEMU's 266 ms.
+pub const FAST_SHRINK: f64 = 1.5;
+/// Bandwidth ÷ dirty rate from which tern starts at a quarter of the budget (below: half).
+pub const SLOW_SHRINK: f64 = 1.2;
+/// Largest downtime budget accepted (a longer pause is a cold migration).
+pub const MAX_DOWNTIME_MS: u64 = 10_000;
+/// What one uncompressed migration stream (one sender thread, one TCP connection) carries.
+pub const PLAIN_CHANNEL_MIB_S: f64 = 1000.0;
+/// What one core compresses with zstd level 1, on the input side, conservatively.
+pub const ZSTD_CHANNEL_MIB_S: f64 = 200.0;
+/// Most multifd channels tern opens.
+pub const MAX_CHANNELS: u32 = 16;
+/// Guest memory worth one more channel for parallel zero-page scanning.
+pub const MIB_PER_CHANNEL: u64 = 4096;
+/// Link speed assumed when no measurement is available.
+pub const ASSUMED_LINK_MBIT: f64 = 1000.0;
+/// Default deadline: this many full copies of memory at the usable bandwidth...
+pub const DEADLINE_COPIES: f64 = 10.0;
+/// ...but never less than this...
+pub const DEADLINE_FLOOR_MS: u64 = 60_000;
+/// ...nor more than this.
+pub const DEADLINE_CAP_MS: u64 = 4 * 3600 * 1000;
+/// Dirty rate / bandwidth above which pre-copy is expected to need throttling.
+pub const THROTTLE_EXPECTED_RATIO: f64 = 0.5;
+/// First QEMU release whose post-copy works together with multifd.
+pub const POSTCOPY_WITH_MULTIFD: QemuVersion = QemuVersion {
+    major: 10,
+    minor: 1,
+    micro: 0,
+};
+
+/// What the two hosts can give a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostBudget {
+    /// Cores both hosts can spare for migration threads (the smaller of the two figures).
+    pub spare_cores: u32,
+    /// The older QEMU of the two hosts.
+    pub qemu: QemuVersion,
+}
+
+/// Megabits (10^6 bits) per second → MiB per second.
+pub fn mbit_to_mib_s(mbit: f64) -> f64 {
+    mbit * 1e6 / 8.0 / (1024.0 * 1024.0)
+}
+
+/// Chooses a migration's settings from the request, the measurements and the hosts; every
+/// decision comes with one line in `reasons` saying what was chosen and why.
+pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) -> MigrationSettings {
+    let mut reasons = Vec::new();
+
+    // Bandwidth: what the stream may use.
+    let measured = m.link_mbit.is_finite() && m.link_mbit > 0.0;
+    let link_mbit = if measured {
+        m.link_mbit
+    } else {
+        reasons.push(format!(
+            "link bandwidth: no measurement, assuming {ASSUMED_LINK_MBIT:.0} Mbit/s"
+        ));
+        ASSUMED_LINK_MBIT
+    };
+    let (bw_mbit, max_bandwidth_mib_s) = match req.bandwidth_mbit.filter(|c| *c > 0) {
+        Some(cap) => {
+            let cap_mib = mbit_to_mib_s(cap as f64).round().max(1.0) as u64;
+            reasons.push(format!(
+                "max-bandwidth: {cap_mib} MiB/s, the user's cap of {cap} Mbit/s (the link \
+                 measured {link_mbit:.0} Mbit/s)"
+            ));
+            ((cap as f64).min(link_mbit), Some(cap_mib))
+        }
+        None if measured => {
+            // Paced just above the link: a stream faster than the bottleneck only fills its
+            // queue until packets drop and TCP backs off (measured in the lab: 85% of a
+            // 1 Gbit/s link used unpaced, 97% paced).
+            let pace = (mbit_to_mib_s(link_mbit) * LINK_PACE).ceil().max(1.0) as u64;
+            reasons.push(format!(
+                "max-bandwidth: {pace} MiB/s, {LINK_PACE}× the link's measured {link_mbit:.0} \
+                 Mbit/s — as fast as the link carries (QEMU's own default caps at 1 Gbit/s), \
+                 paced so TCP does not overrun the bottleneck; pass a bandwidth cap to protect \
+                 other traffic"
+            ));
+            (link_mbit, Some(pace))
+        }
+        None => {
+            reasons.push(
+                "max-bandwidth: unlimited — no cap was asked and the link could not be \
+                 measured; pass a bandwidth cap to protect other traffic"
+                    .into(),
+            );
+            (link_mbit, None)
+        }
+    };
+    let bw_mib_s = mbit_to_mib_s(bw_mbit);
+    let dirty_mib_s = if m.dirty_rate_mib_s.is_finite() {
+        m.dirty_rate_mib_s.max(0.0)
+    } else {
+        0.0
+    };
+    let ratio = dirty_mib_s / bw_mib_s;
+
+    // Post-copy first: it decides whether multifd is possible.
+    let multifd_possible = !req.allow_postcopy || hosts.qemu >= POSTCOPY_WITH_MULTIFD;
+    if req.allow_postcopy {
+        reasons.push(format!(
+            "post-copy: allowed as asked, used only if pre-copy cannot converge{}",
+            if multifd_possible {
+                String::new()
+            } else {
+                format!(
+                    "; QEMU {} cannot combine it with multifd (needs {}), so one stream",
+                    hosts.qemu, POSTCOPY_WITH_MULTIFD
+                )
+            }
+        ));
+    } else {
+        reasons.push(
+            "post-copy: not allowed (not asked): a failure after switchover would lose the \
+             VM, so only pre-copy runs"
+                .into(),
+        );
+    }
+
+    // Channels and compression.
+    let cores = hosts.spare_cores.min(MAX_CHANNELS);
+    let compress = multifd_possible
+        && cores >= 1
+        && bw_mib_s * 2.0 <= cores as f64 * ZSTD_CHANNEL_MIB_S
+        && bw_mib_s < PLAIN_CHANNEL_MIB_S / 2.0;
+    let (channels, compression) = if !multifd_possible {
+        (0, "none")
+    } else if compress {
+        let n = ((2.0 * bw_mib_s / ZSTD_CHANNEL_MIB_S).ceil() as u32).clamp(1, cores);
+        reasons.push(format!(
+            "compression: zstd — the link ({bw_mib_s:.0} MiB/s) is the bottleneck: {cores} \
+             spare core(s) compress about {:.0} MiB/s, at least twice what it carries",
+            cores as f64 * ZSTD_CHANNEL_MIB_S
+        ));
+        reasons.push(format!(
+            "multifd: {n} channel(s), enough zstd threads to compress twice the link's {bw_mib_s:.0} MiB/s"
+        ));
+        (n, "zstd")
+    } else {
+        let by_bw = (bw_mib_s / PLAIN_CHANNEL_MIB_S).ceil() as u32;
+        let by_mem = m.memory_mib.div_ceil(MIB_PER_CHANNEL) as u32;
+        let want = by_bw.max(by_mem).max(1);
+        let n = want.min(cores.max(1));
+        reasons.push(format!(
+            "compression: none — {}",
+            if cores == 0 {
+                "no spare core to compress with".to_string()
+            } else {
+                format!(
+                    "the link ({bw_mib_s:.0} MiB/s) is not slower than what {cores} spare \
+                     core(s) could compress by half, so compressing would make the CPU the \
+                     bottleneck"
+                )
+            }
+        ));
+        if n >= 2 {
+            reasons.push(format!(
+                "multifd: {n} channels — {by_bw} for {bw_mib_s:.0} MiB/s at ~{PLAIN_CHANNEL_MIB_S:.0} \
+                 MiB/s per stream, {by_mem} for {} MiB of memory to scan, limited to {cores} \
+                 spare core(s)",
+                m.memory_mib
+            ));
+            (n, "none")
+        } else {
+            reasons.push(format!(
+                "multifd: off — one stream carries {bw_mib_s:.0} MiB/s and scans {} MiB \
+                 (spare cores: {cores})",
+                m.memory_mib
+            ));
+            (0, "none")
+        }
+    };
+    if !multifd_possible {
+        reasons.push("compression: none — it needs multifd".into());
+        reasons.push("multifd: off — post-copy is allowed".into());
+    }
+    let zero_page_detection = if channels > 0 {
+        reasons.push(
+            "zero pages: found by the multifd threads in parallel and sent as a flag, not 4 KiB \
+             of zeroes"
+                .into(),
+        );
+        "multifd"
+    } else {
+        reasons.push(
+            "zero pages: found by the migration thread and sent as a flag (legacy detection)"
+                .into(),
+        );
+        "legacy"
+    };
+
+    // Downtime: the budget is a ceiling, not a target — what clients see grows with the
+    // pause. Each extra pre-copy pass divides what is left by about bandwidth ÷ dirty rate:
+    // when that is large, a few short passes buy a pause far under the budget; when it is
+    // small, passes are long and gain little, so start nearer the budget. Raised to the
+    // budget (then throttling) only if pre-copy stalls.
+    let budget = req
+        .downtime_ms
+        .unwrap_or(DEFAULT_DOWNTIME_MS)
+        .clamp(MIN_DOWNTIME_MS, MAX_DOWNTIME_MS);
+    let shrink = if ratio > 0.0 {
+        1.0 / ratio
+    } else {
+        f64::INFINITY
+    };
+    // Pre-copy the passes from the budget down to `limit` add, in ms (see FAST_SHRINK).
+    let extra_ms = |limit: u64| {
+        if shrink.is_finite() {
+            format!("about {:.0} ms", (budget - limit) as f64 / (shrink - 1.0))
+        } else {
+            "nothing (nothing is dirtied)".to_string()
+        }
+    };
+    let (initial, why) = if shrink >= FAST_SHRINK {
+        (
+            budget / 10,
+            format!(
+                "a tenth of the {budget} ms budget: each extra pass shrinks what is left {}, so the passes that take the pause down to it add {} of pre-copy",
+                if shrink.is_finite() { format!("{shrink:.1}×") } else { "to nothing".into() },
+                extra_ms(budget / 10)
+            ),
+        )
+    } else if shrink >= SLOW_SHRINK {
+        (
+            budget / 4,
+            format!(
+                "a quarter of the {budget} ms budget: each extra pass shrinks what is left only {shrink:.1}×, so the passes down to it add {} of pre-copy",
+                extra_ms(budget / 4)
+            ),
+        )
+    } else {
+        (
+            budget / 2,
+            format!("half the {budget} ms budget: each extra pass shrinks what is left only {shrink:.1}×, so passes are long and gain little"),
+        )
+    };
+    let initial = initial.max(MIN_DOWNTIME_MS);
+    reasons.push(format!(
+        "downtime: limit {initial} ms to start, {why}{} — raised to {budget} ms before \
+         throttling if pre-copy stalls",
+        if req.downtime_ms.is_none() {
+            " (default budget)"
+        } else {
+            ""
+        }
+    ));
+
+    // Throttling plan.
+    let throttle = if ratio < THROTTLE_EXPECTED_RATIO {
+        reasons.push(format!(
+            "throttling: auto-converge armed as a safety net only (QEMU throttles only if the \
+             guest dirties more than it sends): the guest dirties {dirty_mib_s:.1} MiB/s, {:.0}% \
+             of the {bw_mib_s:.0} MiB/s the stream can carry",
+            ratio * 100.0
+        ));
+        ThrottlePlan {
+            trigger_threshold_pct: 100,
+            ..ThrottlePlan::default()
+        }
+    } else {
+        // A throttle t leaves (1 - t) of the dirty rate: aim at half the bandwidth.
+        let initial_pct = ((1.0 - THROTTLE_EXPECTED_RATIO / ratio) * 100.0)
+            .round()
+            .clamp(20.0, 80.0) as u8;
+        reasons.push(format!(
+            "throttling: expected — the guest dirties {dirty_mib_s:.1} MiB/s, {:.0}% of the \
+             {bw_mib_s:.0} MiB/s the stream can carry; auto-converge starts at {initial_pct}% \
+             once QEMU sees dirtying outpace sending (dirty-limit needs KVM's dirty ring)",
+            ratio * 100.0
+        ));
+        ThrottlePlan {
+            trigger_threshold_pct: 50,
+            initial_pct,
+            ..ThrottlePlan::default()
+        }
+    };
+
+    // Deadline.
+    let copy_ms = m.memory_mib as f64 / bw_mib_s * 1000.0;
+    let deadline_ms = match req.deadline_ms.filter(|d| *d > 0) {
+        Some(d) => {
+            reasons.push(format!(
+                "deadline: {} s as asked (one full copy of memory takes {:.1} s)",
+                d as f64 / 1000.0,
+                copy_ms / 1000.0
+            ));
+            d
+        }
+        None => {
+            let d = ((copy_ms * DEADLINE_COPIES) as u64).clamp(DEADLINE_FLOOR_MS, DEADLINE_CAP_MS);
+            reasons.push(format!(
+                "deadline: {} s — {DEADLINE_COPIES:.0} full copies of {} MiB at {bw_mib_s:.0} \
+                 MiB/s ({:.1} s each), at least {} s",
+                d / 1000,
+                m.memory_mib,
+                copy_ms / 1000.0,
+                DEADLINE_FLOOR_MS / 1000
+            ));
+            d
+        }
+    };
+
+    MigrationSettings {
+        multifd_channels: channels,
+        max_bandwidth_mib_s,
+        downtime_limit_ms: initial,
+        compression: compression.to_string(),
+        auto_converge: true,
+        postcopy_allowed: req.allow_postcopy,
+        deadline_ms,
+        reasons,
+        downtime_budget_ms: budget,
+        zero_page_detection: zero_page_detection.to_string(),
+        throttle,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{hosts, meas, req};
+
+    fn has(s: &MigrationSettings, prefix: &str) -> String {
+        s.reasons
+            .iter()
+            .find(|r| r.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` reason in {:#?}", s.reasons))
+            .clone()
+    }
+
+    #[test]
+    fn fast_link_many_cores_uses_plain_multifd_paced_at_the_link() {
+        // 25 Gbit/s ≈ 2980 MiB/s: three plain streams.
+        let s = choose_settings(&req(), &meas(8192, 50.0, 25_000.0), &hosts(8));
+        assert_eq!(s.multifd_channels, 3);
+        assert_eq!(s.compression, "none");
+        // Paced at 1.1× the measured 2980 MiB/s.
+        assert_eq!(s.max_bandwidth_mib_s, Some(3279));
+        assert_eq!(s.zero_page_detection, "multifd");
+        assert!(has(&s, "max-bandwidth").contains("paced"));
+        // No measurement: nothing to pace by.
+        let u = choose_settings(&req(), &meas(8192, 50.0, f64::NAN), &hosts(8));
+        assert_eq!(u.max_bandwidth_mib_s, None);
+        assert!(has(&u, "max-bandwidth").contains("unlimited"));
+        assert!(has(&s, "compression").contains("CPU the bottleneck"));
+        assert_eq!(s.downtime_budget_ms, DEFAULT_DOWNTIME_MS);
+        // 2980 MiB/s against 50 MiB/s dirtied: passes shrink 60×, start low.
+        assert_eq!(s.downtime_limit_ms, DEFAULT_DOWNTIME_MS / 10);
+        assert!(s.auto_converge);
+        assert!(!s.postcopy_allowed);
+        // 8 GiB at ~2980 MiB/s is 2.7 s a copy: the floor wins.
+        assert_eq!(s.deadline_ms, DEADLINE_FLOOR_MS);
+        // One reason per decision, all non-empty.
+        for p in [
+            "max-bandwidth",
+            "post-copy",
+            "compression",
+            "multifd",
+            "zero pages",
+            "downtime",
+            "throttling",
+            "deadline",
+        ] {
+            has(&s, p);
+        }
+    }
+
+    #[test]
+    fn channels_are_limited_by_cores_and_grow_with_memory() {
+        let s = choose_settings(&req(), &meas(8192, 0.0, 100_000.0), &hosts(2));
+        assert_eq!(s.multifd_channels, 2);
+        // Big memory on a 10 Gbit link: memory asks for channels, too.
+        let s = choose_settings(&req(), &meas(65536, 0.0, 10_000.0), &hosts(32));
+        assert_eq!(s.multifd_channels, 16);
+        // Small VM, 10 Gbit: one stream is enough.
+        let s = choose_settings(&req(), &meas(1024, 0.0, 8000.0), &hosts(8));
+        assert_eq!(s.multifd_channels, 0);
+        assert_eq!(s.zero_page_detection, "legacy");
+        assert!(has(&s, "multifd").contains("off"));
+    }
+
+    #[test]
+    fn zstd_only_when_the_link_is_the_bottleneck() {
+        // 1 Gbit/s ≈ 119 MiB/s, 4 spare cores ≈ 800 MiB/s of zstd: compress.
+        let s = choose_settings(&req(), &meas(4096, 10.0, 1000.0), &hosts(4));
+        assert_eq!(s.compression, "zstd");
+        assert_eq!(s.multifd_channels, 2);
+        assert!(has(&s, "compression").contains("bottleneck"));
+        // Same link, one spare core: 200 MiB/s is less than twice 119: do not.
+        let s = choose_settings(&req(), &meas(4096, 10.0, 1000.0), &hosts(1));
+        assert_eq!(s.compression, "none");
+        // No spare core at all.
+        let s = choose_settings(&req(), &meas(4096, 10.0, 1000.0), &hosts(0));
+        assert_eq!(s.compression, "none");
+        assert_eq!(s.multifd_channels, 0);
+        assert!(has(&s, "compression").contains("no spare core"));
+        // A user cap makes the stream the bottleneck on a fast link.
+        let r = MigrateVm {
+            bandwidth_mbit: Some(800),
+            ..req()
+        };
+        let s = choose_settings(&r, &meas(4096, 10.0, 40_000.0), &hosts(4));
+        assert_eq!(s.compression, "zstd");
+        assert_eq!(s.max_bandwidth_mib_s, Some(95));
+        assert!(has(&s, "max-bandwidth").contains("user's cap"));
+    }
+
+    #[test]
+    fn postcopy_only_if_asked_and_then_without_multifd_on_qemu_10_0() {
+        let r = MigrateVm {
+            allow_postcopy: true,
+            ..req()
+        };
+        let s = choose_settings(&r, &meas(8192, 10.0, 25_000.0), &hosts(8));
+        assert!(s.postcopy_allowed);
+        assert_eq!(s.multifd_channels, 0);
+        assert_eq!(s.compression, "none");
+        assert!(has(&s, "post-copy").contains("cannot combine"));
+        let newer = HostBudget {
+            spare_cores: 8,
+            qemu: QemuVersion {
+                major: 10,
+                minor: 1,
+                micro: 0,
+            },
+        };
+        let s = choose_settings(&r, &meas(8192, 10.0, 25_000.0), &newer);
+        assert_eq!(s.multifd_channels, 3);
+        let s = choose_settings(&req(), &meas(8192, 10.0, 25_000.0), &hosts(8));
+        assert!(!s.postcopy_allowed);
+        assert!(has(&s, "post-copy").contains("not allowed"));
+    }
+
+    #[test]
+    fn downtime_budget_and_deadline() {
+        let r = MigrateVm {
+            downtime_ms: Some(1000),
+            ..req()
+        };
+        // An idle guest: extra passes cost nothing, start at a tenth of the budget.
+        let s = choose_settings(&r, &meas(1024, 0.0, 1000.0), &hosts(0));
+        assert_eq!(s.downtime_budget_ms, 1000);
+        assert_eq!(s.downtime_limit_ms, 100);
+        assert!(has(&s, "downtime").contains("a tenth"), "{:#?}", s.reasons);
+        // 1 Gbit/s ≈ 119 MiB/s: 64 MiB/s dirtied shrinks 1.9× a pass, 90 MiB/s 1.3×,
+        // 110 MiB/s 1.1×.
+        let s = choose_settings(&r, &meas(1024, 64.0, 1000.0), &hosts(0));
+        assert_eq!(s.downtime_limit_ms, 100);
+        assert!(has(&s, "downtime").contains("1.9×"), "{:#?}", s.reasons);
+        assert!(has(&s, "downtime").contains("about 1"), "{:#?}", s.reasons);
+        let s = choose_settings(&r, &meas(1024, 90.0, 1000.0), &hosts(0));
+        assert_eq!(s.downtime_limit_ms, 250);
+        let s = choose_settings(&r, &meas(1024, 110.0, 1000.0), &hosts(0));
+        assert_eq!(s.downtime_limit_ms, 500);
+        assert!(
+            has(&s, "downtime").contains("only 1.1×"),
+            "{:#?}",
+            s.reasons
+        );
+        let r = MigrateVm {
+            downtime_ms: Some(1),
+            ..req()
+        };
+        let s = choose_settings(&r, &meas(1024, 0.0, 1000.0), &hosts(0));
+        assert_eq!(s.downtime_budget_ms, MIN_DOWNTIME_MS);
+        assert_eq!(s.downtime_limit_ms, MIN_DOWNTIME_MS);
+        // 64 GiB over 1 Gbit/s: 549 s a copy → ten copies.
+        let s = choose_settings(&req(), &meas(65536, 0.0, 1000.0), &hosts(0));
+        assert!(
+            (5_400_000..5_600_000).contains(&s.deadline_ms),
+            "{}",
+            s.deadline_ms
+        );
+        // Huge and slow: capped.
+        let s = choose_settings(&req(), &meas(1 << 20, 0.0, 100.0), &hosts(0));
+        assert_eq!(s.deadline_ms, DEADLINE_CAP_MS);
+        let r = MigrateVm {
+            deadline_ms: Some(5000),
+            ..req()
+        };
+        let s = choose_settings(&r, &meas(1 << 20, 0.0, 100.0), &hosts(0));
+        assert_eq!(s.deadline_ms, 5000);
+        assert!(has(&s, "deadline").contains("as asked"));
+        // No link measurement: assumed, and said so.
+        let s = choose_settings(&req(), &meas(1024, 0.0, f64::NAN), &hosts(0));
+        assert!(has(&s, "link bandwidth").contains("assuming"));
+        assert!(s.deadline_ms >= DEADLINE_FLOOR_MS);
+    }
+
+    #[test]
+    fn throttle_plan_follows_the_dirty_rate() {
+        // Quiet guest: armed only.
+        let s = choose_settings(&req(), &meas(1024, 5.0, 1000.0), &hosts(0));
+        assert_eq!(s.throttle.trigger_threshold_pct, 100);
+        assert!(has(&s, "throttling").contains("safety net"));
+        // Dirtying 2× what the link carries: start hard.
+        let s = choose_settings(&req(), &meas(1024, 240.0, 1000.0), &hosts(0));
+        assert_eq!(s.throttle.trigger_threshold_pct, 50);
+        assert_eq!(s.throttle.initial_pct, 75);
+        assert!(has(&s, "throttling").contains("expected"));
+    }
+}
