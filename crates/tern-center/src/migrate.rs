@@ -544,18 +544,32 @@ impl Mig {
                 ),
             )
             .await;
-            let mut last = String::new();
-            for _ in 0..DRIVER_ATTEMPTS {
+            // A failed commit must never fall into the rollback: it would remove the paused
+            // destination, which holds the device state, while the source cannot resume — the
+            // VM would be lost. Keep trying (the store's trouble is the only obstacle), and say
+            // so once.
+            let mut attempt = 0u32;
+            loop {
                 match self.commit(true).await {
                     Ok(()) => return Ok(Finished::Committed(done)),
-                    Err(e) => last = e,
+                    Err(e) => {
+                        attempt += 1;
+                        if attempt == 1 || attempt % DRIVER_ATTEMPTS == 0 {
+                            tracing::error!(task = %self.task, attempt, "post-copy migration cannot be committed yet: {e}");
+                            let _ = self
+                                .phase(
+                                    90,
+                                    format!(
+                                        "post-copy switchover done; committing to {} (attempt                                          {attempt}: {e})",
+                                        self.dest.name
+                                    ),
+                                )
+                                .await;
+                        }
+                    }
                 }
                 tokio::time::sleep(RETRY).await;
             }
-            tracing::error!(task = %self.task, "post-copy migration cannot be committed: {last}");
-            return Err(format!(
-                "post-copy switchover done but the commit failed: {last}"
-            ));
         }
         let t = Instant::now();
         let received = dst
@@ -1382,8 +1396,11 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
                 Err(e) => Err(e),
             }
         } else {
-            match undo_destination(&dst, row.vm_id, row.generation_to).await {
-                Ok(()) => undo_source(&src, row.vm_id).await,
+            // The source first, as in the driver's rollback: a source that cannot run the
+            // guest again (its migration went post-copy) refuses, and the destination — which
+            // then holds what the source no longer has — is left alone.
+            match undo_source(&src, row.vm_id).await {
+                Ok(()) => undo_destination(&dst, row.vm_id, row.generation_to).await,
                 Err(e) => Err(e),
             }
         };
