@@ -262,6 +262,10 @@ pub struct AgentMigrationStatus {
     /// Source: how long the guest waited paused at pre-switchover until all was sent.
     #[serde(default)]
     pub paused_ms: Option<u64>,
+    /// Source: the migration went post-copy, so the source's memory is no longer the whole
+    /// guest and it can never resume — the only way left is forward.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// Source: measure the guest's dirty rate over `duration_ms` (50 ms to 60 s).

@@ -26,7 +26,9 @@ use tern_api::migration::{
     PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
-use tern_motion::{choose_settings, HostBudget, QemuVersion, MACHINE_TYPE};
+use tern_motion::{
+    choose_settings, HostBudget, QemuVersion, SourceState, Step as SettleStep, Way, MACHINE_TYPE,
+};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -527,10 +529,11 @@ impl Mig {
                 done.error.clone().unwrap_or_default()
             ));
         }
-        let postcopy = done
-            .progress
-            .as_ref()
-            .is_some_and(|p| p.phase == MigrationPhase::PostCopy);
+        let postcopy = done.postcopy
+            || done
+                .progress
+                .as_ref()
+                .is_some_and(|p| p.phase == MigrationPhase::PostCopy);
         if postcopy {
             self.flush_held().await;
             // The source's memory is no longer whole: the only way is forward, whatever
@@ -1178,7 +1181,10 @@ impl Mig {
                 .await;
             }
         }
-        if self.incoming_attempted {
+        // The destination goes only once the source runs the guest again: a source that
+        // refused (its migration went post-copy after all) leaves the destination holding
+        // what it lacks, and the convergence below takes the migration forward.
+        if self.incoming_attempted && ok {
             let generation_to = self.row.as_ref().map_or(u64::MAX, |r| r.generation_to);
             if let Err(e) = undo_destination(&self.dest, self.vm.id, generation_to).await {
                 ok = false;
@@ -1226,7 +1232,16 @@ impl Mig {
         } else {
             TaskState::Failed
         };
-        let summary = if touched {
+        let summary = if touched && !ok {
+            // Not yet known which way it ends (a source that went post-copy goes forward):
+            // the convergence's events say.
+            format!(
+                "migration of VM {} to {} stopped: {why}; the hosts are being brought in line \
+                 with the ownership record (see the task's events)",
+                self.name(),
+                self.dest.name
+            )
+        } else if touched {
             format!(
                 "migration of VM {} to {} rolled back: {why}; the VM runs on {} as before",
                 self.name(),
@@ -1357,70 +1372,86 @@ async fn redo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
     }
 }
 
-/// Brings both hosts in line with a migration's record — forward if committed, backward
-/// otherwise — retrying until both agents have done their part, then records the end.
+/// Brings both hosts in line with a migration's record — forward if committed (or if the
+/// source went post-copy and so can never resume), backward otherwise — retrying until both
+/// agents have done their part, then records the end. The way and the order of the steps are
+/// `tern_motion::settle`'s.
 pub async fn converge(app: Arc<App>, row: MigrationRow) {
-    // The store's record is the truth: a caller's copy may predate the commit, and rolling
-    // back a committed migration would remove the only running copy.
     let task = row.task_id;
-    let row = match app.db.read(move |tx| tx.migration(task)).await {
-        Ok(Some(fresh)) => fresh,
-        _ => row,
-    };
-    let hosts = {
-        let (s, d) = (row.source_host_id, row.dest_host_id);
-        app.db
-            .read(move |tx| Ok::<_, StoreError>((tx.host_by_id(s)?, tx.host_by_id(d)?)))
-            .await
-    };
-    let (Ok((Some(source), Some(dest))),) = (hosts,) else {
-        tracing::error!(task = %row.task_id, "a host of the migration is gone; nothing to converge");
-        return;
-    };
-    let forward = matches!(row.state, Rec::Committed | Rec::Done);
+    let (vm_id, vm, generation_to) = (row.vm_id, row.vm_name.clone(), row.generation_to);
     let mut warned = false;
     loop {
-        // The host records may have new agent URLs (re-registration): read them again.
-        let (s, d) = (source.id, dest.id);
+        // The store's record is the truth: a caller's copy may predate the commit, and rolling
+        // back a committed migration would remove the only running copy. The host records may
+        // have new agent URLs (re-registration): read them again too.
+        let (s, d) = (row.source_host_id, row.dest_host_id);
         let fresh = app
             .db
-            .read(move |tx| Ok::<_, StoreError>((tx.host_by_id(s)?, tx.host_by_id(d)?)))
+            .read(move |tx| {
+                Ok::<_, StoreError>((tx.migration(task)?, tx.host_by_id(s)?, tx.host_by_id(d)?))
+            })
             .await;
-        let (src, dst) = match fresh {
-            Ok((Some(a), Some(b))) => (a, b),
-            _ => (source.clone(), dest.clone()),
-        };
-        let r = if forward {
-            match redo_destination(&dst, row.vm_id, row.generation_to).await {
-                Ok(()) => redo_source(&src, row.vm_id).await,
-                Err(e) => Err(e),
+        let (record, src, dst) = match fresh {
+            Ok((Some(m), Some(a), Some(b))) => (m.state, a, b),
+            Ok((_, None, _) | (_, _, None)) => {
+                tracing::error!(task = %task, "a host of the migration is gone; nothing to converge");
+                return;
             }
-        } else {
-            // The source first, as in the driver's rollback: a source that cannot run the
-            // guest again (its migration went post-copy) refuses, and the destination — which
-            // then holds what the source no longer has — is left alone.
-            match undo_source(&src, row.vm_id).await {
-                Ok(()) => undo_destination(&dst, row.vm_id, row.generation_to).await,
-                Err(e) => Err(e),
+            _ => {
+                tokio::time::sleep(RETRY).await;
+                continue;
             }
         };
-        match r {
-            Ok(()) => break,
+        // Only an uncommitted record needs the source's word (can it still resume?).
+        let source = match record {
+            Rec::Preparing | Rec::Switching => source_state(&src, vm_id).await,
+            _ => SourceState::Unknown,
+        };
+        let (way, steps) = tern_motion::settle(record, source);
+        let outcome = match way {
+            Way::Settled => return,
+            Way::Wait => Err(format!("cannot ask {} about its migration", src.name)),
+            Way::Back | Way::Forward => {
+                let mut r = Ok(());
+                for step in steps {
+                    r = settle_step(&app, task, &src, &dst, vm_id, generation_to, step).await;
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                let host = if way == Way::Forward {
+                    &dst.name
+                } else {
+                    &src.name
+                };
+                let e = NewEvent::info(format!(
+                    "migration of VM {vm} settled: it runs on {host} only"
+                ))
+                .task(task)
+                .vm(&vm)
+                .host(Some(host));
+                let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
+                return;
+            }
             Err(e) => {
                 if !warned {
                     warned = true;
+                    let (on, off) = match way {
+                        Way::Forward => (&dst.name, &src.name),
+                        _ => (&src.name, &dst.name),
+                    };
                     let msg = format!(
-                        "migration of VM {}: waiting for the hosts to {} ({e}); retrying",
-                        row.vm_name,
-                        if forward {
-                            format!("run it on {} and remove it from {}", dst.name, src.name)
-                        } else {
-                            format!("run it on {} and remove it from {}", src.name, dst.name)
-                        }
+                        "migration of VM {vm}: waiting for the hosts to run it on {on} and \
+                         remove it from {off} ({e}); retrying"
                     );
                     let e = NewEvent::warning(msg)
-                        .task(row.task_id)
-                        .vm(&row.vm_name)
+                        .task(task)
+                        .vm(&vm)
                         .host(Some(&src.name));
                     let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
                 }
@@ -1428,30 +1459,73 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
             }
         }
     }
-    let (task, vm) = (row.task_id, row.vm_name.clone());
-    let host = if forward { dest.name } else { source.name };
-    let _ = app
-        .db
-        .write(move |tx| {
-            let now = Utc::now();
-            let to = if forward { Rec::Done } else { Rec::RolledBack };
-            tx.set_migration_state(
-                task,
-                &[Rec::Preparing, Rec::Switching, Rec::Committed],
-                to,
-                now,
-            )?;
-            tx.add_event(
-                NewEvent::info(format!(
-                    "migration of VM {vm} settled: it runs on {host} only"
-                ))
-                .task(task)
-                .vm(&vm)
-                .host(Some(&host)),
-                now,
-            )
-        })
-        .await;
+}
+
+/// What the source's agent says of its outgoing migration: post-copy (it can never resume),
+/// whole (it runs, or can), or unknown (unreachable).
+async fn source_state(src: &HostRecord, vm: Uuid) -> SourceState {
+    match Agent::of(src)
+        .migration_status(vm, None, Duration::ZERO)
+        .await
+    {
+        Ok(s) if s.postcopy => SourceState::PostCopy,
+        Ok(_) => SourceState::Whole,
+        // It no longer knows the migration: its guest runs or is paused whole.
+        Err(e) if e.status() == Some(404) => SourceState::Whole,
+        Err(_) => SourceState::Unknown,
+    }
+}
+
+/// Carries out one step of settling a migration.
+async fn settle_step(
+    app: &Arc<App>,
+    task: Uuid,
+    src: &HostRecord,
+    dst: &HostRecord,
+    vm: Uuid,
+    generation_to: u64,
+    step: SettleStep,
+) -> Result<(), String> {
+    match step {
+        SettleStep::ResumeSource => undo_source(src, vm).await,
+        SettleStep::RemoveDestination => undo_destination(dst, vm, generation_to).await,
+        SettleStep::RunDestination => redo_destination(dst, vm, generation_to).await,
+        SettleStep::QuitSource => redo_source(src, vm).await,
+        SettleStep::CommitRecord => {
+            let (source, dest) = (src.name.clone(), dst.name.clone());
+            app.db
+                .write(move |tx| -> Result<Result<(), String>, StoreError> {
+                    if let Err(e) = tx.commit_migration(task, Utc::now()) {
+                        return Ok(Err(format!("commit refused: {e}")));
+                    }
+                    let m = tx.migration(task)?;
+                    let (vm, gen) = m.map_or((String::new(), 0), |m| (m.vm_name, m.generation_to));
+                    tx.add_event(
+                        ev(
+                            task,
+                            &vm,
+                            &source,
+                            EventLevel::Warning,
+                            format!(
+                                "committed: the source's migration went post-copy and cannot \
+                                 resume, so VM {vm} goes forward to host {dest} under \
+                                 generation {gen}"
+                            ),
+                        ),
+                        Utc::now(),
+                    )?;
+                    Ok(Ok(()))
+                })
+                .await
+                .map_err(|e| format!("center store (not committed): {e}"))?
+        }
+        SettleStep::Finish(to) => app
+            .db
+            .write(move |tx| tx.set_migration_state(task, &Rec::predecessors(to), to, Utc::now()))
+            .await
+            .map(drop)
+            .map_err(|e| format!("center store: {e}")),
+    }
 }
 
 /// At center start, before tasks are recovered: ends the migrations a previous center left
@@ -1479,7 +1553,8 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
                         "rolled back after a center restart",
                         format!(
                             "migration of VM {} was not committed when the center restarted: \
-                             rolling it back (the source runs it, the destination is removed)",
+                             rolling it back (the source runs it, the destination is removed) \
+                             — or, if the source went post-copy and cannot resume, forward",
                             row.vm_name
                         ),
                     )

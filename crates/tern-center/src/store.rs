@@ -1172,29 +1172,9 @@ impl Tx<'_> {
     }
 }
 
-/// Where a migration's hand-over stands: the ownership record the commit rule reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationRecordState {
-    /// Intent recorded: the destination may be prepared, the source owns the VM.
-    Preparing,
-    /// The source was told to send its final state; the source still owns the VM.
-    Switching,
-    /// The destination owns the VM (the VM's host and generation changed in the same
-    /// transaction); the source must never run it again.
-    Committed,
-    /// Committed and both hosts cleaned up.
-    Done,
-    /// Not committed; the VM runs on the source, the destination is cleaned up.
-    RolledBack,
-}
-
-impl MigrationRecordState {
-    /// States recovery must finish (forward if committed, backward otherwise).
-    pub fn unfinished(self) -> bool {
-        matches!(self, Self::Preparing | Self::Switching | Self::Committed)
-    }
-}
+/// Where a migration's hand-over stands: the ownership record the commit rule reads (its
+/// states and legal changes are `tern-motion`'s).
+pub use tern_motion::RecordState as MigrationRecordState;
 
 /// One migration's ownership record.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, ListenIncoming, PrepareIncoming, StartOutgoing,
+    Commit, DirtyRateReport, IncomingReady, ListenIncoming, MigrationPhase, PrepareIncoming,
+    StartOutgoing,
 };
 use tern_qemu::{IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, COMMIT_ANNOUNCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,6 +82,8 @@ fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
         bytes: s.report.as_ref().map(|r| r.bytes),
         passes: s.report.as_ref().map(|r| r.passes),
         paused_ms: s.report.as_ref().map(|r| r.paused_ms),
+        postcopy: s.report.as_ref().is_some_and(|r| r.postcopy)
+            || s.progress.phase == MigrationPhase::PostCopy,
     }
 }
 
@@ -224,6 +227,7 @@ impl Migrations {
                             bytes: None,
                             passes: None,
                             paused_ms: None,
+                            postcopy: false,
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -266,6 +270,7 @@ impl Migrations {
             bytes: None,
             passes: None,
             paused_ms: None,
+            postcopy: false,
         };
         if status.state != AgentMigrationState::Listening {
             return Ok(status);

@@ -5,9 +5,12 @@
 //! - [`settings`]: the settings a migration starts with ([`choose_settings`]), from the
 //!   request, the measured link and dirty rate, and the hosts' [`HostBudget`].
 //! - [`converge`]: the [`ConvergenceWatcher`] that escalates while pre-copy runs.
+//! - [`handover`]: the ownership record's states and legal transitions, and which way a
+//!   migration stopped part-way is settled ([`settle`]) — forward only after post-copy.
 //! - [`version`]: stream compatibility — [`QemuVersion`] and the fixed [`MACHINE_TYPE`].
 
 pub mod converge;
+pub mod handover;
 pub mod settings;
 pub mod version;
 
@@ -15,5 +18,6 @@ pub mod version;
 mod fixtures;
 
 pub use converge::{Action, ConvergenceWatcher, Decision, PrecopySample, SamplePhase};
+pub use handover::{settle, RecordState, Side, SourceState, Step, Way};
 pub use settings::{choose_settings, mbit_to_mib_s, HostBudget};
 pub use version::{QemuVersion, MACHINE_TYPE};
