@@ -134,11 +134,63 @@ pub struct EvcModes {
     pub unknown_hosts: Vec<String>,
 }
 
+/// What a migration pre-check judges. The dry run (`can-migrate`), DRS and maintenance run
+/// the host-side ones; a migration adds the ones about its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// The VM can move now: running, no other task acting on it.
+    State,
+    /// The destination takes VMs: connected, not in maintenance, another host than the source.
+    Host,
+    /// The destination has cores enough for the VM's vCPUs.
+    Vcpus,
+    /// The destination has the VM's memory free.
+    Memory,
+    /// The destination sees the VM's disks (shared storage).
+    Storage,
+    /// The destination runs the VM's CPU (EVC).
+    Cpu,
+    /// The source host's agent is connected.
+    Source,
+    /// The destination's QEMU loads the source's stream.
+    Qemu,
+    /// The VM's MAC is not live anywhere else.
+    Mac,
+}
+
+impl CheckKind {
+    /// The name used on the wire and in messages (`state`, `host`…).
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckKind::State => "state",
+            CheckKind::Host => "host",
+            CheckKind::Vcpus => "vcpus",
+            CheckKind::Memory => "memory",
+            CheckKind::Storage => "storage",
+            CheckKind::Cpu => "cpu",
+            CheckKind::Source => "source",
+            CheckKind::Qemu => "qemu",
+            CheckKind::Mac => "mac",
+        }
+    }
+
+    /// Judges the VM or its source, not the destination: placement across hosts ignores it.
+    pub fn about_the_vm(self) -> bool {
+        matches!(self, CheckKind::State | CheckKind::Source | CheckKind::Mac)
+    }
+}
+
+impl std::fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// One pre-check of a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationCheck {
-    /// `state`, `host`, `memory`, `vcpus`, `storage`, `cpu`.
-    pub check: String,
+    pub check: CheckKind,
     pub ok: bool,
     /// What was found (and, when it failed, what to do).
     pub detail: String,
@@ -153,4 +205,28 @@ pub struct MigrationCheckReport {
     /// True when every check passed.
     pub ok: bool,
     pub checks: Vec<MigrationCheck>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_kinds_keep_their_wire_names() {
+        for k in [
+            CheckKind::State,
+            CheckKind::Host,
+            CheckKind::Vcpus,
+            CheckKind::Memory,
+            CheckKind::Storage,
+            CheckKind::Cpu,
+            CheckKind::Source,
+            CheckKind::Qemu,
+            CheckKind::Mac,
+        ] {
+            let wire = serde_json::to_string(&k).expect("serialize");
+            assert_eq!(wire, format!("\"{}\"", k.name()));
+            assert_eq!(serde_json::from_str::<CheckKind>(&wire).expect("parse"), k);
+        }
+    }
 }

@@ -25,6 +25,7 @@ use tern_api::drs::{
     DrsApplied, DrsApplyResult, DrsAutomation, DrsRecommendation, DrsRecommendations, DrsSettings,
     DRS_THRESHOLDS,
 };
+use tern_api::evc::CheckKind;
 use tern_api::migration::MigrateVm;
 use tern_api::{HostState, PowerState};
 use tern_drs::{
@@ -84,10 +85,10 @@ pub async fn prechecks(app: &Arc<App>, vm: &VmRecord, skip_host: &str) -> Refuse
                     .into_iter()
                     // `state` is about the VM, not the host; the plan decides memory fit
                     // over several moves itself (a stopped VM moves alone: the check holds).
-                    .filter(|c| !c.ok && c.check != "state")
-                    .filter(|c| stopped || c.check != "memory")
-                    .filter(|c| !(stopped && c.check == "cpu"))
-                    .map(|c| (c.check, c.detail))
+                    .filter(|c| !c.ok && !c.check.about_the_vm())
+                    .filter(|c| stopped || c.check != CheckKind::Memory)
+                    .filter(|c| !(stopped && c.check == CheckKind::Cpu))
+                    .map(|c| (c.check.to_string(), c.detail))
                     .collect(),
                 Err(e) => vec![("pre-checks".into(), e.message)],
             };

@@ -17,8 +17,8 @@ use crate::vmcheck;
 use chrono::Utc;
 use tern_api::center::Vm;
 use tern_api::evc::{
-    EvcChangeKind, EvcModeChange, EvcModes, HostEvc, MigrationCheck, MigrationCheckReport,
-    SetEvcMode, VmCpuRecord, VmCpuSource,
+    CheckKind, EvcChangeKind, EvcModeChange, EvcModes, HostEvc, MigrationCheck,
+    MigrationCheckReport, SetEvcMode, VmCpuRecord, VmCpuSource,
 };
 use tern_api::{Accelerator, HostFacts, HostState, PowerState, VmSpec};
 use tern_cpu::evc::{ClusterHost, ModeChangeKind, PoweredOnVm};
@@ -504,15 +504,15 @@ pub fn cpu_precheck_row(row: &VmCpuRow, dest: &HostRecord) -> Result<(), String>
     tern_cpu::migrate::precheck(&row.cpu, &dest.name, &cap).map_err(|e| e.to_string())
 }
 
-fn check(name: &str, result: Result<String, String>) -> MigrationCheck {
+fn check(name: CheckKind, result: Result<String, String>) -> MigrationCheck {
     match result {
         Ok(detail) => MigrationCheck {
-            check: name.into(),
+            check: name,
             ok: true,
             detail,
         },
         Err(detail) => MigrationCheck {
-            check: name.into(),
+            check: name,
             ok: false,
             detail,
         },
@@ -583,7 +583,7 @@ pub async fn can_migrate(
     let mut checks = Vec::new();
 
     checks.push(check(
-        "state",
+        CheckKind::State,
         match (vm.actual, &d.busy) {
             (_, Some(busy)) => Err(format!("{busy}: wait for it to end")),
             (PowerState::Running | PowerState::Paused, None) => Ok(format!(
@@ -600,7 +600,7 @@ pub async fn can_migrate(
     ));
     let same_host = vm.host_id == Some(dest.id);
     checks.push(check(
-        "host",
+        CheckKind::Host,
         if same_host {
             Err(format!(
                 "VM {} already runs on host {}",
@@ -630,7 +630,7 @@ pub async fn can_migrate(
         },
     ));
     checks.push(check(
-        "vcpus",
+        CheckKind::Vcpus,
         if vm.spec.vcpus <= dest.facts.cores {
             Ok(format!(
                 "{} vcpus, host {} has {} cores",
@@ -645,7 +645,7 @@ pub async fn can_migrate(
     ));
     let free = i128::from(dest.facts.memory_mib) - i128::from(d.dest_placed_mib);
     checks.push(check(
-        "memory",
+        CheckKind::Memory,
         if i128::from(vm.spec.memory_mib) <= free {
             Ok(format!(
                 "the VM needs {} MiB, host {} has {} MiB free of {}",
@@ -663,8 +663,8 @@ pub async fn can_migrate(
             ))
         },
     ));
-    checks.push(check("storage", storage_check(vm, dest).await));
-    checks.push(check("cpu", d.cpu.clone()));
+    checks.push(check(CheckKind::Storage, storage_check(vm, dest).await));
+    checks.push(check(CheckKind::Cpu, d.cpu.clone()));
     Ok(MigrationCheckReport {
         vm: vm.name().to_string(),
         from: d.source.map(|h| h.name),

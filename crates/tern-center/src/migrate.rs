@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::json;
 use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
-use tern_api::evc::{MigrationCheck, MigrationCheckReport};
+use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, ListenIncoming, Measurements,
     MigrateVm, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings,
@@ -608,17 +608,13 @@ impl Mig {
             crate::evc::can_migrate(&self.app, self.name().to_string(), self.dest.name.clone())
                 .await
                 .map_err(|e| e.message)?;
-        report.checks.retain(|c| c.check != "state");
-        let mut add = |check: &str, r: Result<String, String>| {
+        report.checks.retain(|c| c.check != CheckKind::State);
+        let mut add = |check: CheckKind, r: Result<String, String>| {
             let (ok, detail) = match r {
                 Ok(d) => (true, d),
                 Err(d) => (false, d),
             };
-            report.checks.push(MigrationCheck {
-                check: check.into(),
-                ok,
-                detail,
-            });
+            report.checks.push(MigrationCheck { check, ok, detail });
         };
         // The dry run's state check counts this very task as busy: judge it here instead.
         let (vm_id, task) = (self.vm.id, self.task);
@@ -637,7 +633,7 @@ impl Mig {
             .await
             .map_err(|e| format!("center store: {e}"))?;
         add(
-            "state",
+            CheckKind::State,
             match now {
                 (None, _) => Err("the VM was deleted".into()),
                 (_, others) if !others.is_empty() => Err(format!(
@@ -657,7 +653,7 @@ impl Mig {
             },
         );
         add(
-            "source",
+            CheckKind::Source,
             match self.source.state() {
                 HostState::Disconnected => Err(format!(
                     "source host {} is disconnected: wait for its agent",
@@ -666,8 +662,8 @@ impl Mig {
                 s => Ok(format!("source host {} is {s}", self.source.name)),
             },
         );
-        add("qemu", qemu_check(&self.source, &self.dest));
-        add("mac", self.mac_check().await);
+        add(CheckKind::Qemu, qemu_check(&self.source, &self.dest));
+        add(CheckKind::Mac, self.mac_check().await);
         report.ok = report.checks.iter().all(|c| c.ok);
         Ok(report)
     }

@@ -93,7 +93,12 @@ pub async fn can_migrate(api: &ApiClient, vm: &str, to: &str, fmt: Format) -> Re
             r.from.as_deref().unwrap_or("-"),
             r.to
         );
-        let width = r.checks.iter().map(|c| c.check.len()).max().unwrap_or(0);
+        let width = r
+            .checks
+            .iter()
+            .map(|c| c.check.name().len())
+            .max()
+            .unwrap_or(0);
         for c in &r.checks {
             let mark = if c.ok { "✓" } else { "✗" };
             println!("{mark} {:<width$}  {}", c.check, c.detail);
@@ -109,7 +114,7 @@ pub async fn can_migrate(api: &ApiClient, vm: &str, to: &str, fmt: Format) -> Re
             .checks
             .iter()
             .filter(|c| !c.ok)
-            .map(|c| c.check.as_str())
+            .map(|c| c.check.name())
             .collect();
         Err(CliError::new(
             ExitKind::Refused,
