@@ -101,7 +101,7 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AgentError> {
 }
 
 async fn facts(State(agent): State<Arc<Agent>>) -> Json<HostFacts> {
-    Json(agent.facts.clone())
+    Json(agent.facts())
 }
 
 async fn load(State(agent): State<Arc<Agent>>) -> Json<HostLoad> {

@@ -72,7 +72,7 @@ async fn register_once(
         cluster: agent.cfg.cluster.clone(),
         agent_url: agent_url.to_string(),
         agent_token: agent.token.clone(),
-        facts: agent.facts.clone(),
+        facts: agent.facts(),
     };
     client
         .post(&format!("{API_PREFIX}/hosts/register"), &body)
@@ -154,7 +154,7 @@ async fn heartbeats(
             _ = tick.tick() => {}
         }
         let body = Heartbeat {
-            facts: agent.facts.clone(),
+            facts: agent.facts(),
             load: agent.load().await,
         };
         match client.post::<_, serde_json::Value>(&path, &body).await {

@@ -154,11 +154,84 @@ pub fn host_cpu(cap: &HostCapability) -> HostCpu {
     }
 }
 
-/// Collects the facts the agent reports, once at start (none of them changes while it runs).
+/// What this host offers guests from QEMU's expansion, under the configured ceiling; fails
+/// only on a ceiling this host cannot have (a configuration error).
+fn capability_of(
+    cfg: &AgentConfig,
+    exp: &CpuModelExpansion,
+    accelerator: Accelerator,
+) -> anyhow::Result<HostCapability> {
+    let ceiling = cfg.cpu_ceiling.as_deref().filter(|c| !c.trim().is_empty());
+    let cap = HostCapability::from_expansion(exp, accel_of(accelerator), ceiling)
+        .context("--cpu-ceiling")?;
+    tracing::info!(
+        ceiling = ceiling.unwrap_or("-"),
+        best_baseline = cap.best_baseline().map_or("-", |b| b.name.as_str()),
+        features = cap.features.len(),
+        "CPU capability probed"
+    );
+    Ok(cap)
+}
+
+/// Puts a probed capability into the facts.
+pub fn set_capability(facts: &mut HostFacts, cap: &HostCapability) {
+    facts.cpu_capability = cap.features.to_vec();
+    facts.cpu = Some(host_cpu(cap));
+}
+
+/// Probes the CPU capability again until it succeeds (back-off from 1 s to 60 s), then puts it
+/// into `facts` — heartbeats carry it to the center from then on. For an agent whose probe
+/// failed at start: a transient failure must not leave the host refused by EVC clusters.
+pub async fn reprobe_until_known(
+    cfg: &AgentConfig,
+    accelerator: Accelerator,
+    facts: &std::sync::RwLock<HostFacts>,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    let mut wait = std::time::Duration::from_secs(1);
+    for attempt in 2u32.. {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match probe_expansion(&cfg.qemu, accelerator).await {
+            Ok(exp) => {
+                let cap = match capability_of(cfg, &exp, accelerator) {
+                    Ok(cap) => cap,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        return;
+                    }
+                };
+                let mut f = facts.write().unwrap_or_else(|e| e.into_inner());
+                set_capability(&mut f, &cap);
+                tracing::info!(
+                    attempt,
+                    "CPU capability known now; the center learns it with the next heartbeat"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    attempt,
+                    "CPU capability probe failed again ({e:#}); retrying in {} s",
+                    (wait * 2).min(MAX_REPROBE_WAIT).as_secs()
+                );
+                wait = (wait * 2).min(MAX_REPROBE_WAIT);
+            }
+        }
+    }
+}
+
+/// Longest pause between two probes of a capability that failed.
+const MAX_REPROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Collects the facts the agent reports, once at start (only a CPU capability that could not
+/// be probed then fills in later, through [`reprobe_until_known`]).
 ///
 /// A `--cpu-ceiling` that is no catalogue model (or, under KVM, of the other vendor) fails the
-/// start; a QEMU that cannot be probed leaves the CPU capability empty (the center then
-/// refuses the host in a cluster with an EVC mode) with a warning.
+/// start; a QEMU that cannot be probed leaves the CPU capability empty (the center refuses
+/// the host in a cluster with an EVC mode until it is known) with a warning.
 pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Result<HostFacts> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").context("reading /proc/cpuinfo")?;
     let cpu = parse_cpuinfo(&cpuinfo);
@@ -173,21 +246,11 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
         tern_cpu::catalogue().require(c).context("--cpu-ceiling")?;
     }
     let capability = match probe_expansion(&cfg.qemu, accelerator).await {
-        Ok(exp) => {
-            let cap = HostCapability::from_expansion(&exp, accel_of(accelerator), ceiling)
-                .context("--cpu-ceiling")?;
-            tracing::info!(
-                ceiling = ceiling.unwrap_or("-"),
-                best_baseline = cap.best_baseline().map_or("-", |b| b.name.as_str()),
-                features = cap.features.len(),
-                "CPU capability probed"
-            );
-            Some(cap)
-        }
+        Ok(exp) => Some(capability_of(cfg, &exp, accelerator)?),
         Err(e) => {
             tracing::warn!(
-                "cannot probe the CPU capability ({e:#}); clusters with an EVC mode will \
-                 refuse this host"
+                "cannot probe the CPU capability ({e:#}); clusters with an EVC mode refuse \
+                 this host until a later probe succeeds (retried in the background)"
             );
             None
         }

@@ -54,7 +54,9 @@ struct LoadCache {
 /// The running agent's shared state.
 pub struct Agent {
     pub cfg: AgentConfig,
-    pub facts: HostFacts,
+    /// What the agent reports of its host; the CPU capability fills in later when its first
+    /// probe failed.
+    facts: std::sync::RwLock<HostFacts>,
     /// Bearer token the center presents on every agent API call.
     pub token: String,
     pub vms: Arc<VmManager>,
@@ -64,6 +66,11 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The host's facts as known now.
+    pub fn facts(&self) -> HostFacts {
+        self.facts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Host and per-VM load: CPU over the time since the previous sample, memory now.
     pub async fn load(&self) -> HostLoad {
         let procs = self.vms.procs();
@@ -185,15 +192,22 @@ pub async fn serve(
     tracing::info!(listen = %bound, %agent_url, "agent API listening");
 
     let migrations = migrations::Migrations::new(vms.clone(), cfg.migration_address);
+    let probe_again = facts.cpu_capability.is_empty();
     let agent = Arc::new(Agent {
         cfg,
-        facts,
+        facts: std::sync::RwLock::new(facts),
         token,
         vms: vms.clone(),
         migrations,
         load: tokio::sync::Mutex::new(LoadCache::default()),
     });
     let stop = CancellationToken::new();
+    if probe_again {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tokio::spawn(async move {
+            facts::reprobe_until_known(&agent.cfg, accelerator, &agent.facts, &stop).await;
+        });
+    }
     let link = match agent.cfg.center.clone() {
         Some(link) => Some(tokio::spawn(enrol::run(
             agent.clone(),
