@@ -268,6 +268,26 @@ pub struct AgentMigrationStatus {
     pub postcopy: bool,
 }
 
+impl AgentMigrationStatus {
+    /// A status with nothing known yet but its state.
+    pub fn new(vm: Uuid, state: AgentMigrationState) -> AgentMigrationStatus {
+        AgentMigrationStatus {
+            vm,
+            state,
+            progress: None,
+            downtime_ms: None,
+            setup_ms: None,
+            total_ms: None,
+            error: None,
+            events: Vec::new(),
+            bytes: None,
+            passes: None,
+            paused_ms: None,
+            postcopy: false,
+        }
+    }
+}
+
 /// Source: measure the guest's dirty rate over `duration_ms` (50 ms to 60 s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MeasureDirtyRate {

@@ -60,10 +60,7 @@ async fn fake_agent() -> String {
         .route("/v1/check-paths", post(check))
         .route("/v1/vms/{id}", get(vm).put(start))
         .with_state(Shared::default());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await });
-    url
+    common::serve_router(app).await
 }
 
 // ---------- helpers ----------

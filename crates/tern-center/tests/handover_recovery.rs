@@ -37,23 +37,14 @@ type R<T> = Result<T, (StatusCode, Json<ErrorBody>)>;
 
 async fn status(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> Json<AgentMigrationStatus> {
     let s = s.lock().unwrap();
+    let state = if s.source {
+        AgentMigrationState::Completed
+    } else {
+        AgentMigrationState::Listening
+    };
     Json(AgentMigrationStatus {
-        vm: id,
-        state: if s.source {
-            AgentMigrationState::Completed
-        } else {
-            AgentMigrationState::Listening
-        },
-        progress: None,
-        downtime_ms: None,
-        setup_ms: None,
-        total_ms: None,
-        error: None,
-        events: vec![],
-        bytes: None,
-        passes: None,
-        paused_ms: None,
         postcopy: s.source && s.postcopy,
+        ..AgentMigrationStatus::new(id, state)
     })
 }
 
@@ -114,9 +105,7 @@ impl FakeAgent {
             .route("/v1/migrations/{id}/commit", post(commit))
             .route("/v1/migrations/{id}/finish", post(finish))
             .with_state(state.clone());
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let url = common::serve_router(app).await;
         FakeAgent { url, state }
     }
 
@@ -194,13 +183,21 @@ fn record(dir: &std::path::Path, task: Uuid) -> MigrationRecordState {
         .state
 }
 
-async fn settled_event(c: &RunningCenter, task: Uuid) -> Option<String> {
-    let events: Vec<Event> = admin(c).get("/api/v1/events?limit=200").await.unwrap();
-    events
-        .into_iter()
-        .filter(|e| e.task == Some(task))
-        .map(|e| e.message)
-        .find(|m| m.contains("settled"))
+/// Starts the center again on `dir` and waits until it has settled migration `task`: the
+/// running center, the VM as it is then, and the event that said so.
+async fn restart_and_settle(dir: &std::path::Path, task: Uuid) -> (RunningCenter, Vm, String) {
+    let c = serve(config(dir, 10_000)).await.unwrap();
+    let settled = wait_for("the migration to settle", 30, || async {
+        let events: Vec<Event> = admin(&c).get("/api/v1/events?limit=200").await.unwrap();
+        events
+            .into_iter()
+            .filter(|e| e.task == Some(task))
+            .map(|e| e.message)
+            .find(|m| m.contains("settled"))
+    })
+    .await;
+    let vm: Vm = admin(&c).get("/api/v1/vms/web").await.unwrap();
+    (c, vm, settled)
 }
 
 #[tokio::test]
@@ -210,13 +207,8 @@ async fn a_source_that_went_postcopy_is_taken_forward_never_back() {
     let h2 = FakeAgent::start(false, false).await;
     let (vm, task) = stopped_mid_handover(dir.path(), &h1, &h2).await;
 
-    let c = serve(config(dir.path(), 10_000)).await.unwrap();
-    let settled = wait_for("the migration to settle", 30, || async {
-        settled_event(&c, task).await
-    })
-    .await;
+    let (c, now, settled) = restart_and_settle(dir.path(), task).await;
     assert!(settled.contains("runs on h2 only"), "{settled}");
-    let now: Vm = admin(&c).get("/api/v1/vms/web").await.unwrap();
     assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
     assert_eq!(now.generation, vm.generation + 1);
     assert_eq!(record(dir.path(), task), MigrationRecordState::Done);
@@ -238,13 +230,8 @@ async fn a_whole_source_takes_the_vm_back_before_the_destination_goes() {
     let h2 = FakeAgent::start(false, false).await;
     let (vm, task) = stopped_mid_handover(dir.path(), &h1, &h2).await;
 
-    let c = serve(config(dir.path(), 10_000)).await.unwrap();
-    let settled = wait_for("the migration to settle", 30, || async {
-        settled_event(&c, task).await
-    })
-    .await;
+    let (c, now, settled) = restart_and_settle(dir.path(), task).await;
     assert!(settled.contains("runs on h1 only"), "{settled}");
-    let now: Vm = admin(&c).get("/api/v1/vms/web").await.unwrap();
     assert_eq!(now.host.as_deref(), Some("h1"), "{now:?}");
     assert_eq!(now.generation, vm.generation);
     assert_eq!(record(dir.path(), task), MigrationRecordState::RolledBack);

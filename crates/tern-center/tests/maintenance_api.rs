@@ -116,9 +116,7 @@ impl FakeAgent {
             .route("/v1/vms/{id}", get(vm).put(start).delete(delete))
             .route("/v1/vms/{id}/stop", post(stop))
             .with_state(state.clone());
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let url = common::serve_router(app).await;
         FakeAgent { url, state }
     }
 

@@ -216,18 +216,8 @@ impl Migrations {
                     let s = inc.status().await;
                     if unless.is_none_or(|u| u != s.state) || Instant::now() >= deadline {
                         return Ok(AgentMigrationStatus {
-                            vm: id,
-                            state: s.state,
-                            progress: None,
-                            downtime_ms: None,
-                            setup_ms: None,
-                            total_ms: None,
                             error: s.error,
-                            events: Vec::new(),
-                            bytes: None,
-                            passes: None,
-                            paused_ms: None,
-                            postcopy: false,
+                            ..AgentMigrationStatus::new(id, s.state)
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -253,24 +243,15 @@ impl Migrations {
             )));
         };
         let ended = inc.vm().exit_reason();
+        // Only a commit runs the guest here: alive means listening or holding it paused.
+        let state = if ended.is_some() {
+            AgentMigrationState::Failed
+        } else {
+            AgentMigrationState::Listening
+        };
         let mut status = AgentMigrationStatus {
-            vm: id,
-            // Only a commit runs the guest here: alive means listening or holding it paused.
-            state: if ended.is_some() {
-                AgentMigrationState::Failed
-            } else {
-                AgentMigrationState::Listening
-            },
-            progress: None,
-            downtime_ms: None,
-            setup_ms: None,
-            total_ms: None,
             error: ended.map(|r| format!("destination QEMU ended: {r}")),
-            events: Vec::new(),
-            bytes: None,
-            passes: None,
-            paused_ms: None,
-            postcopy: false,
+            ..AgentMigrationStatus::new(id, state)
         };
         if status.state != AgentMigrationState::Listening {
             return Ok(status);

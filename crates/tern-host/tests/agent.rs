@@ -72,29 +72,12 @@ async fn registers_runs_vms_and_survives_restarts() {
     // The first registration finds no cluster: the agent must retry.
     center.with(|l| l.refuse_cluster = 1);
 
-    let args: Vec<String> = [
-        "--name",
-        "h1",
-        "--cluster",
-        "lab",
-        "--center",
+    let args = common::enrolled_agent_args(
         &center.url,
-        "--enrol-token-file",
-        &s(&enrol),
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        &s(&state),
-        "--shared-storage",
-        &s(&shared),
-        "--accel",
-        "tcg",
-        "--heartbeat-ms",
-        "300",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+        &enrol,
+        &state,
+        &["--shared-storage", &s(&shared), "--heartbeat-ms", "300"],
+    );
     let log = tmp.path().join("agent.log");
     let mut agent = AgentProc::spawn(&args, &log, None);
 

@@ -43,29 +43,12 @@ async fn a_failed_cpu_probe_is_retried_and_reaches_the_center() {
     .expect("write the wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let center = FakeCenter::start("enrol-secret").await;
-    let args: Vec<String> = [
-        "--name",
-        "h1",
-        "--cluster",
-        "lab",
-        "--center",
+    let args = common::enrolled_agent_args(
         &center.url,
-        "--enrol-token-file",
-        &s(&enrol),
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        &s(&state),
-        "--accel",
-        "tcg",
-        "--qemu",
-        &s(&wrapper),
-        "--heartbeat-ms",
-        "200",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+        &enrol,
+        &state,
+        &["--qemu", &s(&wrapper), "--heartbeat-ms", "200"],
+    );
     let log = tmp.path().join("agent.log");
     let agent = AgentProc::spawn(&args, &log, None);
 

@@ -15,6 +15,14 @@ use tern_api::{
 use tern_center::{CenterConfig, RunningCenter};
 use uuid::Uuid;
 
+/// Serves a fake agent's router on a free port of 127.0.0.1; returns its `http://` URL.
+pub async fn serve_router(app: axum::Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
 /// A center in `dir` listening on a free port of 127.0.0.1.
 pub fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
     let mut c = CenterConfig::with_data_dir(dir.join("center"));

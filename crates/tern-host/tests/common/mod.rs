@@ -104,6 +104,39 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Flags of agent `h1` of cluster `lab` that enrols with the center at `center_url` (token in
+/// `enrol`), keeps its state in `state`, listens on a free port of 127.0.0.1 and runs guests
+/// under TCG; `extra` flags follow.
+pub fn enrolled_agent_args(
+    center_url: &str,
+    enrol: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let (enrol, state) = (enrol.display().to_string(), state.display().to_string());
+    let mut args: Vec<String> = [
+        "--name",
+        "h1",
+        "--cluster",
+        "lab",
+        "--center",
+        center_url,
+        "--enrol-token-file",
+        &enrol,
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &state,
+        "--accel",
+        "tcg",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// The body of the child process: runs the agent with the flags in [`AGENT_ARGS_ENV`].
 pub fn agent_entry() {
     use clap::Parser;
