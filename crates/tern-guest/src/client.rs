@@ -3,6 +3,7 @@
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::json::JsonObject;
@@ -17,6 +18,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Interval between `PING` lines (echo round trips).
     pub ping_interval: Duration,
+    /// Ends the run early (with its report) once this file exists: a caller that cannot know
+    /// how long it will need the stream gives a long `duration` and stops it when done.
+    pub stop_file: Option<PathBuf>,
 }
 
 impl ClientOptions {
@@ -27,6 +31,7 @@ impl ClientOptions {
             duration,
             connect_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_millis(100),
+            stop_file: None,
         }
     }
 }
@@ -193,7 +198,11 @@ fn read_line(conn: &mut Conn) -> Read {
     }
 }
 
-/// Reads the stream for `options.duration`; reconnects (counting a reset) if it breaks.
+/// How often the stop file is looked for.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Reads the stream for `options.duration` (or until the stop file appears); reconnects
+/// (counting a reset) if it breaks.
 /// Errors only when the first connection cannot be made.
 pub fn run(options: &ClientOptions) -> io::Result<ClientReport> {
     let mut report = ClientReport {
@@ -205,11 +214,22 @@ pub fn run(options: &ClientOptions) -> io::Result<ClientReport> {
         Instant::now() + options.connect_timeout,
     )?)?;
     let start = Instant::now();
-    let end = start + options.duration;
+    let mut end = start + options.duration;
     let mut last_record_at = start;
     let mut next_ping = start;
     let mut boot_ids: Vec<String> = Vec::new();
+    let mut next_stop_check = start;
     while Instant::now() < end {
+        if let Some(f) = &options.stop_file {
+            let now = Instant::now();
+            if now >= next_stop_check {
+                if f.exists() {
+                    end = now;
+                    break;
+                }
+                next_stop_check = now + STOP_CHECK;
+            }
+        }
         if Instant::now() >= next_ping {
             let line = format!(
                 "PING {} {}\n",
@@ -371,6 +391,43 @@ mod tests {
             cpuinfo,
             std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo")
         );
+    }
+
+    #[test]
+    fn a_stop_file_ends_a_long_run_early_with_its_report() {
+        let services = Arc::new(Services::new().expect("services"));
+        let bound = crate::serve::start(0, services).expect("serve");
+        let addr = SocketAddr::from(([127, 0, 0, 1], bound.port()));
+        let dir = std::env::temp_dir().join(format!("tern-client-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let stop = dir.join("stop");
+        let _ = std::fs::remove_file(&stop);
+        let mut options = ClientOptions::new(addr, Duration::from_secs(120));
+        options.stop_file = Some(stop.clone());
+        let client = std::thread::spawn(move || run(&options).expect("client"));
+        // Stop once the client is connected: the k-th stats query counts k connections
+        // (itself included), one more once the client's is in.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for k in 1u64.. {
+            let stats = fetch_stats(addr, Duration::from_secs(5)).expect("stats");
+            let total: u64 = stats
+                .split("\"total\":")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|t| t.parse().ok())
+                .expect("streams.total in the stats");
+            if total > k {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the client never connected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::write(&stop, b"").expect("create the stop file");
+        let report = client.join().expect("client thread");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(report.ok(), "{}", report.to_text());
+        assert!(report.records >= 1, "{}", report.to_text());
+        assert!(report.duration_ms < 60_000, "{}", report.to_text());
     }
 
     #[test]

@@ -22,8 +22,9 @@ usage: tern-guest <command> [options]
                                     fill N MiB, dirty R MiB/s, verify continuously
   disk --dev DEV [--rate N]         verify the journal on DEV, then append N records/s
   burn --percent P                  keep P% of all CPUs busy
-  client --addr IP:PORT --duration-ms N [--json] [--connect-timeout-ms N]
-                                    read the stream; exit 1 if it broke
+  client --addr IP:PORT --duration-ms N [--json] [--connect-timeout-ms N] [--stop-file F]
+                                    read the stream (until F exists, if given); exit 1 if it
+                                    broke
   client --addr IP:PORT --stats     print the guest's stats JSON
   client --addr IP:PORT --cpuinfo   print the guest's /proc/cpuinfo
 ";
@@ -172,6 +173,7 @@ fn cmd_client(o: &Opts) -> Result<ExitCode, String> {
     }
     let mut options = ClientOptions::new(addr, Duration::from_millis(o.need("duration-ms")?));
     options.connect_timeout = connect_timeout;
+    options.stop_file = o.values.get("stop-file").map(std::path::PathBuf::from);
     let report = client::run(&options).map_err(|e| e.to_string())?;
     if o.flag("json") {
         println!("{}", report.to_json());
@@ -209,7 +211,7 @@ fn main() -> ExitCode {
         "client" => Opts::parse(
             rest,
             &["json", "stats", "cpuinfo"],
-            &["addr", "duration-ms", "connect-timeout-ms"],
+            &["addr", "duration-ms", "connect-timeout-ms", "stop-file"],
         )
         .and_then(|o| cmd_client(&o)),
         "help" | "--help" | "-h" => {

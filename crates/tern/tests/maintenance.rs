@@ -259,7 +259,7 @@ fn maintenance_empties_a_host_live_and_refusals_leave_vms_alone() {
     restore_disk(&disk, &local);
 
     // The stream from a never broke (it ran through the evacuation and the refusals).
-    let report = streamer.join().expect("client thread");
+    let report = streamer.finish();
     eprintln!(
         "MEASURED client during the evacuation: longest gap {} ms, records {}",
         report["longest_gap_ms"], report["records"]

@@ -80,7 +80,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     );
     assert!(downtime > 0 && downtime < 2000, "{r}");
     assert!(pause >= downtime && pause < 3000, "{r}");
-    let report = streamer.join().expect("client thread");
+    let report = streamer.finish();
     eprintln!(
         "MEASURED idle VM h1→h2: QEMU downtime {downtime} ms, guest pause {pause} ms, total \
          {total} ms; client: longest gap {} ms, records {}",

@@ -120,6 +120,36 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Longest run of a test's stream client: far beyond what any test needs, so a slow machine
+/// never ends a stream before what it watches is over.
+pub const STREAM_CLIENT_MAX_MS: u64 = 600_000;
+
+/// A `tern-guest client` streaming from a guest (see [`Lab::spawn_stream_client`]).
+pub struct StreamClient {
+    handle: JoinHandle<Value>,
+    stop_file: PathBuf,
+    started: Instant,
+    min: Duration,
+}
+
+impl StreamClient {
+    /// Has the run ended already (it should not have, before `finish`)?
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Ends the run once it has lasted its minimum, and returns the client's report.
+    pub fn finish(self) -> Value {
+        if let Some(left) = self.min.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(left);
+        }
+        std::fs::write(&self.stop_file, b"").expect("create the client's stop file");
+        let report = self.handle.join().expect("client thread");
+        let _ = std::fs::remove_file(&self.stop_file);
+        report
+    }
+}
+
 /// A running lab; `Drop` runs `tern lab down`.
 pub struct Lab {
     pub prefix: String,
@@ -409,15 +439,23 @@ impl Lab {
             .unwrap_or_else(|| panic!("no streams.total in the guest's stats: {s}"))
     }
 
-    /// Runs `tern-guest client --json` against `addr` for `duration_ms` in the client namespace
-    /// on its own thread; joining it gives the client's report (the thread panics without one).
+    /// Runs `tern-guest client --json` against `addr` in the client namespace on its own
+    /// thread, for at least `min_ms` and at most [`STREAM_CLIENT_MAX_MS`]: whatever the caller
+    /// does meanwhile may take as long as the machine's load makes it, and
+    /// [`StreamClient::finish`] ends the run (not before `min_ms`) and gives the report.
     /// Returns once the guest has accepted the client's connection, so what the caller does
     /// next happens while the client streams.
-    pub fn spawn_stream_client(&self, addr: &str, duration_ms: u64) -> JoinHandle<Value> {
+    pub fn spawn_stream_client(&self, addr: &str, min_ms: u64) -> StreamClient {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let stop_file = self
+            .dir
+            .join(format!("client-stop-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_file(&stop_file);
+        let started = Instant::now();
         // Every stats query is a connection of its own: the k-th query after `before` sees
         // `before + k`, one more once the client has connected.
         let before = self.guest_connections(addr);
-        let client = self.spawn_stream_client_unwatched(addr, duration_ms);
+        let client = self.spawn_stream_client_unwatched(addr, &stop_file);
         let mut queries = 0;
         wait_for(
             &format!("the client's connection to {addr}"),
@@ -431,10 +469,16 @@ impl Lab {
                 (self.guest_connections(addr) > before + queries).then_some(())
             },
         );
-        client
+        StreamClient {
+            handle: client,
+            stop_file,
+            started,
+            min: Duration::from_millis(min_ms),
+        }
     }
 
-    fn spawn_stream_client_unwatched(&self, addr: &str, duration_ms: u64) -> JoinHandle<Value> {
+    fn spawn_stream_client_unwatched(&self, addr: &str, stop_file: &Path) -> JoinHandle<Value> {
+        let stop_file = stop_file.to_path_buf();
         let dir = self.dir.clone();
         let prefix = self.prefix.clone();
         let exe = guest_dir().join("tern-guest");
@@ -446,7 +490,9 @@ impl Lab {
                 .args(["client", "--prefix", &prefix, "--"])
                 .arg(exe)
                 .args(["client", "--addr", &addr, "--duration-ms"])
-                .arg(duration_ms.to_string())
+                .arg(STREAM_CLIENT_MAX_MS.to_string())
+                .arg("--stop-file")
+                .arg(&stop_file)
                 .arg("--json")
                 .env("TERN_LAB_DIR", &dir)
                 .stdin(Stdio::null())
