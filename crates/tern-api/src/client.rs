@@ -43,6 +43,35 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// Connections kept open to the peers of one process (or one center), shared by every client
+/// made from it: a call reuses an idle connection instead of opening a new one — on the guest's
+/// pause path too. Cheap to clone.
+///
+/// Not process-global on purpose: a pooled connection belongs to the async runtime that opened
+/// it, and one process may run several (tests do).
+#[derive(Debug, Clone)]
+pub struct HttpPool(reqwest::Client);
+
+impl HttpPool {
+    /// A pool for TCP peers.
+    pub fn new() -> Result<HttpPool, ApiError> {
+        reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map(HttpPool)
+            .map_err(|e| ApiError::Transport {
+                endpoint: "(HTTP client)".into(),
+                source: e,
+            })
+    }
+}
+
+/// Time allowed to open a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a whole call unless the caller says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// JSON client with a bearer token.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -50,11 +79,33 @@ pub struct ApiClient {
     base: String,
     endpoint: Endpoint,
     token: String,
+    /// Time allowed for each call (connect, send, answer).
+    timeout: Duration,
 }
 
 impl ApiClient {
     pub fn new(endpoint: Endpoint, token: impl Into<String>) -> Result<Self, ApiError> {
-        Self::with_timeout(endpoint, token, Duration::from_secs(30))
+        Self::with_timeout(endpoint, token, DEFAULT_TIMEOUT)
+    }
+
+    /// A client of a TCP peer (`http://host:port`) over a shared pool of connections.
+    pub fn pooled(pool: &HttpPool, url: &str, token: impl Into<String>) -> ApiClient {
+        let url = url.trim_end_matches('/').to_string();
+        ApiClient {
+            http: pool.0.clone(),
+            base: url.clone(),
+            endpoint: Endpoint::Tcp(url),
+            token: token.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The same client with another time allowed per call.
+    pub fn timeout(&self, timeout: Duration) -> ApiClient {
+        ApiClient {
+            timeout,
+            ..self.clone()
+        }
     }
 
     pub fn with_timeout(
@@ -63,8 +114,7 @@ impl ApiClient {
         timeout: Duration,
     ) -> Result<Self, ApiError> {
         let mut b = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .no_proxy();
         let base = match &endpoint {
             Endpoint::Tcp(url) => url.clone(),
@@ -82,6 +132,7 @@ impl ApiClient {
             base,
             endpoint,
             token: token.into(),
+            timeout,
         })
     }
 
@@ -95,6 +146,7 @@ impl ApiClient {
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
         let resp = req
+            .timeout(self.timeout)
             .bearer_auth(&self.token)
             .send()
             .await

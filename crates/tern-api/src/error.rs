@@ -35,4 +35,14 @@ impl ApiError {
             _ => None,
         }
     }
+
+    /// The server does not know what was asked for (HTTP 404): a domain answer, not a fault.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// The request conflicts with the current state (HTTP 409): already done, or busy.
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(409)
+    }
 }

@@ -8,6 +8,8 @@
 //! Units live in field names (`memory_mib`, `cpu_mhz`, `_ms`), and states are enums.
 
 pub mod agent;
+#[cfg(feature = "client")]
+pub mod agent_client;
 pub mod center;
 #[cfg(feature = "client")]
 pub mod client;
@@ -15,10 +17,13 @@ pub mod drs;
 pub mod error;
 pub mod evc;
 pub mod migration;
+pub mod routes;
 pub mod spec;
 
 #[cfg(feature = "client")]
-pub use client::{ApiClient, Endpoint};
+pub use agent_client::{AgentClient, AgentError};
+#[cfg(feature = "client")]
+pub use client::{ApiClient, Endpoint, HttpPool};
 #[cfg(feature = "client")]
 pub use error::ApiError;
 pub use error::ErrorBody;

@@ -22,6 +22,7 @@ use tern_api::center::{
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::migration::{MigrateVm, MigrationResult};
+use tern_api::routes::center::{self as route, nested};
 use tern_api::ErrorBody;
 
 use crate::app::App;
@@ -100,40 +101,43 @@ async fn require_enrol(State(app): AppState, req: Request, next: Next) -> Respon
 /// The API router (state attached), ready to serve on any listener.
 pub fn router(app: Arc<App>) -> Router {
     let admin = Router::new()
-        .route("/clusters", post(create_cluster).get(list_clusters))
-        .route("/clusters/{name}", get(get_cluster))
-        .route("/clusters/{name}/evc", post(set_evc))
-        .route("/clusters/{name}/evc-modes", get(evc_modes))
-        .route("/clusters/{name}/drs", get(get_drs).put(set_drs))
         .route(
-            "/clusters/{name}/drs/recommendations",
+            nested(route::CLUSTERS),
+            post(create_cluster).get(list_clusters),
+        )
+        .route(nested(route::CLUSTER), get(get_cluster))
+        .route(nested(route::CLUSTER_EVC), post(set_evc))
+        .route(nested(route::CLUSTER_EVC_MODES), get(evc_modes))
+        .route(nested(route::CLUSTER_DRS), get(get_drs).put(set_drs))
+        .route(
+            nested(route::CLUSTER_DRS_RECOMMENDATIONS),
             get(drs_recommendations),
         )
-        .route("/clusters/{name}/drs/apply", post(drs_apply))
-        .route("/hosts", get(list_hosts))
-        .route("/hosts/{name}", get(get_host))
-        .route("/hosts/{name}/maintenance", post(host_maintenance))
-        .route("/vms", post(create_vm).get(list_vms))
-        .route("/vms/{name}", get(get_vm).delete(delete_vm))
-        .route("/vms/{name}/start", post(start_vm))
-        .route("/vms/{name}/stop", post(stop_vm))
-        .route("/vms/{name}/console", get(vm_console))
-        .route("/vms/{name}/can-migrate", get(can_migrate))
-        .route("/vms/{name}/migrate", post(migrate_vm))
-        .route("/tasks", get(list_tasks))
-        .route("/tasks/{id}", get(get_task))
-        .route("/tasks/{id}/cancel", post(cancel_task))
-        .route("/events", get(list_events))
+        .route(nested(route::CLUSTER_DRS_APPLY), post(drs_apply))
+        .route(nested(route::HOSTS), get(list_hosts))
+        .route(nested(route::HOST), get(get_host))
+        .route(nested(route::HOST_MAINTENANCE), post(host_maintenance))
+        .route(nested(route::VMS), post(create_vm).get(list_vms))
+        .route(nested(route::VM), get(get_vm).delete(delete_vm))
+        .route(nested(route::VM_START), post(start_vm))
+        .route(nested(route::VM_STOP), post(stop_vm))
+        .route(nested(route::VM_CONSOLE), get(vm_console))
+        .route(nested(route::VM_CAN_MIGRATE), get(can_migrate))
+        .route(nested(route::VM_MIGRATE), post(migrate_vm))
+        .route(nested(route::TASKS), get(list_tasks))
+        .route(nested(route::TASK), get(get_task))
+        .route(nested(route::TASK_CANCEL), post(cancel_task))
+        .route(nested(route::EVENTS), get(list_events))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     let enrol = Router::new()
-        .route("/hosts/register", post(register_host))
+        .route(nested(route::HOST_REGISTER), post(register_host))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_enrol));
     // Heartbeats carry the host's own token, checked against the store by the handler.
-    let heartbeats = Router::new().route("/hosts/{id}/heartbeat", post(heartbeat));
+    let heartbeats = Router::new().route(nested(route::HOST_HEARTBEAT), post(heartbeat));
     let api = admin.merge(enrol).merge(heartbeats);
     Router::new()
-        .nest(tern_api::center::API_PREFIX, api)
-        .route("/openapi.json", get(openapi_json))
+        .nest(route::PREFIX, api)
+        .route(route::OPENAPI.template(), get(openapi_json))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(middleware::from_fn(log_request))

@@ -30,11 +30,20 @@ pub struct App {
     workers: Mutex<JoinSet<()>>,
     /// The DRS scheduler's wake-up signal and running applies.
     pub drs: crate::drs::DrsState,
+    /// Connections to the agents, reused from call to call (see [`App::agent`]).
+    pub http: tern_api::HttpPool,
 }
 
 impl App {
-    pub fn new(db: Db, config: CenterConfig, admin_token: String, enrol_token: String) -> App {
+    pub fn new(
+        db: Db,
+        config: CenterConfig,
+        admin_token: String,
+        enrol_token: String,
+        http: tern_api::HttpPool,
+    ) -> App {
         App {
+            http,
             db,
             config,
             admin_token,

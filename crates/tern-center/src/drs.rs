@@ -34,7 +34,6 @@ use tern_drs::{
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
-use crate::agent::Agent;
 use crate::app::{lock, App};
 use crate::error::ApiErr;
 use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, VmRecord};
@@ -353,7 +352,7 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> 
     // The old host keeps no copy of a VM it no longer owns (if it can be reached).
     if let Some(h) = host {
         if h.state() != HostState::Disconnected {
-            if let Err(e) = Agent::of(&h).delete(vm_id).await {
+            if let Err(e) = app.agent(&h).delete(vm_id).await {
                 tracing::warn!(vm = name, host = %h.name, "could not forget a re-homed VM: {e}");
             }
         }

@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::agent::Agent;
 use crate::app::App;
 use crate::error::ApiErr;
 use crate::inventory::vm_not_found;
@@ -663,7 +662,10 @@ pub async fn can_migrate(
             ))
         },
     ));
-    checks.push(check(CheckKind::Storage, storage_check(vm, dest).await));
+    checks.push(check(
+        CheckKind::Storage,
+        storage_check(app, vm, dest).await,
+    ));
     checks.push(check(CheckKind::Cpu, d.cpu.clone()));
     Ok(MigrationCheckReport {
         vm: vm.name().to_string(),
@@ -675,7 +677,7 @@ pub async fn can_migrate(
 }
 
 /// Asks the destination's agent whether it sees the VM's files on its shared storage.
-async fn storage_check(vm: &VmRecord, dest: &HostRecord) -> Result<String, String> {
+async fn storage_check(app: &App, vm: &VmRecord, dest: &HostRecord) -> Result<String, String> {
     let files: Vec<String> = vmcheck::spec_files(&vm.spec)
         .into_iter()
         .map(|(_, p)| p.to_string())
@@ -686,7 +688,8 @@ async fn storage_check(vm: &VmRecord, dest: &HostRecord) -> Result<String, Strin
     if dest.state() == HostState::Disconnected {
         return Err(format!("not checked: host {} is disconnected", dest.name));
     }
-    let report = Agent::of(dest)
+    let report = app
+        .agent(dest)
         .check_paths(files.clone())
         .await
         .map_err(|e| format!("could not ask host {}: {e}", dest.name))?;

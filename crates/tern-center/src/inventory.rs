@@ -11,7 +11,6 @@ use tern_api::{valid_name, HostState, PowerState, VmSpec};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::agent::Agent;
 use crate::app::App;
 use crate::config::new_token;
 use crate::error::ApiErr;
@@ -610,7 +609,8 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
         .map(|(_, p)| p.to_string())
         .collect();
     if !files.is_empty() {
-        let report = Agent::of(&target)
+        let report = app
+            .agent(&target)
             .check_paths(files)
             .await
             .map_err(|e| ApiErr::bad_gateway(format!("could not check the VM's files: {e}")))?;
@@ -758,7 +758,7 @@ pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), ApiErr> {
         .await?;
     // Remove its runtime files on the host; the inventory no longer has it either way.
     if let Some(h) = host.filter(|h| h.link == Link::Connected) {
-        if let Err(e) = Agent::of(&h).delete(vm.id).await {
+        if let Err(e) = app.agent(&h).delete(vm.id).await {
             let name = vm.name().to_string();
             let msg = format!(
                 "VM {name}: could not remove its files on host {}: {e}",
@@ -791,7 +791,7 @@ pub async fn console(app: &Arc<App>, name: String, bytes: Option<u64>) -> Result
             Ok::<_, ApiErr>((vm, host))
         })
         .await?;
-    Agent::of(&host)
+    app.agent(&host)
         .console(vm.id, bytes)
         .await
         .map_err(|e| match e.status() {

@@ -40,7 +40,6 @@ use tern_drs::{explain, Snapshot};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::agent::Agent;
 use crate::app::{lock, App};
 use crate::drs::{precheck_text, Refused};
 use crate::error::ApiErr;
@@ -575,8 +574,8 @@ impl Entry {
                 });
                 // The old host keeps no copy of a VM it no longer owns.
                 if let Ok(old) = self.host_record().await {
-                    if let Err(e) = Agent::of(&old).delete(vm_id).await {
-                        if e.status() != Some(404) {
+                    if let Err(e) = self.app.agent(&old).delete(vm_id).await {
+                        if !e.is_not_found() {
                             self.event_vm(
                                 EventLevel::Warning,
                                 Some(&name),

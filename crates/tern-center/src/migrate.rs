@@ -390,8 +390,8 @@ impl Mig {
             ),
         )
         .await?;
-        let src = Agent::of(&self.source);
-        let dst = Agent::of(&self.dest);
+        let src = self.app.agent(&self.source);
+        let dst = self.app.agent(&self.dest);
         let rt = src
             .vm(self.vm.id)
             .await
@@ -563,7 +563,8 @@ impl Mig {
                                 .phase(
                                     90,
                                     format!(
-                                        "post-copy switchover done; committing to {} (attempt                                          {attempt}: {e})",
+                                        "post-copy switchover done; committing to {} (attempt \
+                                         {attempt}: {e})",
                                         self.dest.name
                                     ),
                                 )
@@ -690,7 +691,7 @@ impl Mig {
             .iter()
             .filter(|h| h.state() != HostState::Disconnected)
         {
-            let list = match Agent::of(h).vms().await {
+            let list = match self.app.agent(h).vms().await {
                 Ok(l) => l,
                 Err(e) if h.id == self.dest.id => {
                     return Err(format!("cannot ask the destination: {e}"))
@@ -711,7 +712,8 @@ impl Mig {
                                 rt.state
                             ));
                         }
-                        Agent::of(h)
+                        self.app
+                            .agent(h)
                             .delete(rt.id)
                             .await
                             .map_err(|e| format!("removing a leftover on {}: {e}", h.name))?;
@@ -743,8 +745,8 @@ impl Mig {
     }
 
     async fn measure(&self) -> Result<(MigrationSettings, Measurements), String> {
-        let src = Agent::of(&self.source);
-        let dst = Agent::of(&self.dest);
+        let src = self.app.agent(&self.source);
+        let dst = self.app.agent(&self.dest);
         // Both at once: QEMU samples the guest's pages while the agents time the link (the
         // user waits for this phase; neither disturbs the other's figure much).
         let link = async {
@@ -1019,7 +1021,7 @@ impl Mig {
         let Some(row) = self.row.clone() else {
             return;
         };
-        let dst = Agent::of(&self.dest);
+        let dst = self.app.agent(&self.dest);
         let mut committed = Err(String::new());
         let resumed = Instant::now();
         for attempt in 0..DRIVER_ATTEMPTS {
@@ -1081,7 +1083,7 @@ impl Mig {
             ),
         )
         .await;
-        let src = Agent::of(&self.source);
+        let src = self.app.agent(&self.source);
         let mut finished = false;
         for _ in 0..DRIVER_ATTEMPTS {
             match src.migration_finish(self.vm.id).await {
@@ -1089,7 +1091,7 @@ impl Mig {
                     finished = true;
                     break;
                 }
-                Err(e) if e.status() == Some(404) => match src.delete(self.vm.id).await {
+                Err(e) if e.is_not_found() => match src.delete(self.vm.id).await {
                     Ok(()) => {
                         finished = true;
                         break;
@@ -1165,7 +1167,7 @@ impl Mig {
         }
         let mut ok = true;
         if self.outgoing_attempted {
-            if let Err(e) = undo_source(&self.source, self.vm.id).await {
+            if let Err(e) = undo_source(&self.app, &self.source, self.vm.id).await {
                 ok = false;
                 self.event(
                     EventLevel::Error,
@@ -1182,7 +1184,8 @@ impl Mig {
         // what it lacks, and the convergence below takes the migration forward.
         if self.incoming_attempted && ok {
             let generation_to = self.row.as_ref().map_or(u64::MAX, |r| r.generation_to);
-            if let Err(e) = undo_destination(&self.dest, self.vm.id, generation_to).await {
+            if let Err(e) = undo_destination(&self.app, &self.dest, self.vm.id, generation_to).await
+            {
                 ok = false;
                 self.event(
                     EventLevel::Error,
@@ -1314,11 +1317,11 @@ impl Mig {
 
 /// Source side of a rollback: cancel and resume (or, if the agent no longer knows the
 /// migration, resume a paused guest).
-async fn undo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
-    let a = Agent::of(host);
+async fn undo_source(app: &App, host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = app.agent(host);
     match a.migration_abort(vm).await {
         Ok(()) => Ok(()),
-        Err(e) if e.status() == Some(404) => match a.vm(vm).await.map_err(|e| e.to_string())? {
+        Err(e) if e.is_not_found() => match a.vm(vm).await.map_err(|e| e.to_string())? {
             Some(rt) if rt.state == PowerState::Paused => {
                 a.resume(vm).await.map(drop).map_err(|e| e.to_string())
             }
@@ -1331,11 +1334,16 @@ async fn undo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
 
 /// Destination side of a rollback: kill and remove the incoming QEMU — never a copy that
 /// runs there under this migration's generation or a later one (that one owns the VM).
-async fn undo_destination(host: &HostRecord, vm: Uuid, generation_to: u64) -> Result<(), String> {
-    let a = Agent::of(host);
+async fn undo_destination(
+    app: &App,
+    host: &HostRecord,
+    vm: Uuid,
+    generation_to: u64,
+) -> Result<(), String> {
+    let a = app.agent(host);
     match a.migration_abort(vm).await {
         Ok(()) => Ok(()),
-        Err(e) if e.status() == Some(404) => match a.vm(vm).await.map_err(|e| e.to_string())? {
+        Err(e) if e.is_not_found() => match a.vm(vm).await.map_err(|e| e.to_string())? {
             None => Ok(()),
             Some(rt) if rt.state == PowerState::Running && rt.generation >= generation_to => {
                 Err(format!(
@@ -1351,19 +1359,24 @@ async fn undo_destination(host: &HostRecord, vm: Uuid, generation_to: u64) -> Re
 }
 
 /// Destination side after the commit: run the guest (idempotent).
-async fn redo_destination(host: &HostRecord, vm: Uuid, generation: u64) -> Result<(), String> {
-    Agent::of(host)
+async fn redo_destination(
+    app: &App,
+    host: &HostRecord,
+    vm: Uuid,
+    generation: u64,
+) -> Result<(), String> {
+    app.agent(host)
         .migration_commit(vm, generation)
         .await
         .map_err(|e| e.to_string())
 }
 
 /// Source side after the commit: quit and remove the paused QEMU.
-async fn redo_source(host: &HostRecord, vm: Uuid) -> Result<(), String> {
-    let a = Agent::of(host);
+async fn redo_source(app: &App, host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = app.agent(host);
     match a.migration_finish(vm).await {
         Ok(()) => Ok(()),
-        Err(e) if e.status() == Some(404) => a.delete(vm).await.map_err(|e| e.to_string()),
+        Err(e) if e.is_not_found() => a.delete(vm).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -1400,7 +1413,7 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
         };
         // Only an uncommitted record needs the source's word (can it still resume?).
         let source = match record {
-            Rec::Preparing | Rec::Switching => source_state(&src, vm_id).await,
+            Rec::Preparing | Rec::Switching => source_state(&app, &src, vm_id).await,
             _ => SourceState::Unknown,
         };
         let (way, steps) = tern_motion::settle(record, source);
@@ -1459,15 +1472,16 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
 
 /// What the source's agent says of its outgoing migration: post-copy (it can never resume),
 /// whole (it runs, or can), or unknown (unreachable).
-async fn source_state(src: &HostRecord, vm: Uuid) -> SourceState {
-    match Agent::of(src)
+async fn source_state(app: &App, src: &HostRecord, vm: Uuid) -> SourceState {
+    match app
+        .agent(src)
         .migration_status(vm, None, Duration::ZERO)
         .await
     {
         Ok(s) if s.postcopy => SourceState::PostCopy,
         Ok(_) => SourceState::Whole,
         // It no longer knows the migration: its guest runs or is paused whole.
-        Err(e) if e.status() == Some(404) => SourceState::Whole,
+        Err(e) if e.is_not_found() => SourceState::Whole,
         Err(_) => SourceState::Unknown,
     }
 }
@@ -1483,10 +1497,10 @@ async fn settle_step(
     step: SettleStep,
 ) -> Result<(), String> {
     match step {
-        SettleStep::ResumeSource => undo_source(src, vm).await,
-        SettleStep::RemoveDestination => undo_destination(dst, vm, generation_to).await,
-        SettleStep::RunDestination => redo_destination(dst, vm, generation_to).await,
-        SettleStep::QuitSource => redo_source(src, vm).await,
+        SettleStep::ResumeSource => undo_source(app, src, vm).await,
+        SettleStep::RemoveDestination => undo_destination(app, dst, vm, generation_to).await,
+        SettleStep::RunDestination => redo_destination(app, dst, vm, generation_to).await,
+        SettleStep::QuitSource => redo_source(app, src, vm).await,
         SettleStep::CommitRecord => {
             let (source, dest) = (src.name.clone(), dst.name.clone());
             app.db

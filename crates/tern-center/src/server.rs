@@ -98,6 +98,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
         config.clone(),
         admin_token.clone(),
         enrol_token.clone(),
+        tern_api::HttpPool::new().context("HTTP client for the agents")?,
     ));
     // Migrations first: their ownership records decide which way each one ends.
     let migrations = crate::migrate::recover(&app)

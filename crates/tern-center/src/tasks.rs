@@ -11,7 +11,6 @@ use tern_api::{HostState, PowerState};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::agent::Agent;
 use crate::app::App;
 use crate::error::ApiErr;
 use crate::inventory::vm_not_found;
@@ -210,7 +209,7 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
         Ok(Err(why)) => return Outcome::Failed(why),
         Err(e) => return Outcome::Failed(format!("center store: {e}")),
     };
-    let agent = Agent::of(&host);
+    let agent = app.agent(&host);
     match t.task.kind {
         TaskKind::VmStart => {
             // EVC: the CPU is resolved under the cluster's mode now, recorded, and given to
@@ -253,7 +252,7 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
                     host.name, rt.state
                 )),
                 // The agent does not know the VM: it is not running there.
-                Err(e) if e.status() == Some(404) => Outcome::Done {
+                Err(e) if e.is_not_found() => Outcome::Done {
                     actual: PowerState::Stopped,
                     phase: format!("was not running on {}", host.name),
                     result: json!({ "state": PowerState::Stopped }),
@@ -484,7 +483,7 @@ async fn reread(app: &Arc<App>, vm_id: Uuid, previous: Option<PowerState>) -> Re
     let Some((vm, host)) = found else {
         return Ok(());
     };
-    let (actual, note) = match Agent::of(&host).vm(vm_id).await {
+    let (actual, note) = match app.agent(&host).vm(vm_id).await {
         Ok(Some(rt)) => (
             rt.state,
             format!("host {} reports it {}", host.name, rt.state),

@@ -2,6 +2,7 @@
 //! JSON in and out.
 
 use std::sync::Arc;
+use tern_api::routes::agent as route;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
@@ -31,27 +32,39 @@ const CONSOLE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// The router of the agent API, every route behind the token check.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
-        .route("/v1/facts", get(facts))
-        .route("/v1/load", get(load))
-        .route("/v1/vms", get(list_vms))
-        .route("/v1/vms/{id}", get(get_vm).put(start_vm).delete(delete_vm))
-        .route("/v1/vms/{id}/stop", post(stop_vm))
-        .route("/v1/vms/{id}/pause", post(pause_vm))
-        .route("/v1/vms/{id}/resume", post(resume_vm))
-        .route("/v1/vms/{id}/console", get(console))
-        .route("/v1/check-paths", post(check_paths))
-        .route("/v1/migrations/{id}", get(migration_status))
-        .route("/v1/migrations/{id}/incoming", post(migration_incoming))
-        .route("/v1/migrations/{id}/listen", post(migration_listen))
-        .route("/v1/migrations/{id}/outgoing", post(migration_outgoing))
-        .route("/v1/migrations/{id}/measure", post(migration_measure))
-        .route("/v1/migrations/{id}/steer", post(migration_steer))
-        .route("/v1/migrations/{id}/switchover", post(migration_switchover))
-        .route("/v1/migrations/{id}/commit", post(migration_commit))
-        .route("/v1/migrations/{id}/abort", post(migration_abort))
-        .route("/v1/migrations/{id}/finish", post(migration_finish))
-        .route("/v1/bandwidth-sink", post(bandwidth_sink))
-        .route("/v1/bandwidth-probe", post(bandwidth_probe))
+        .route(route::FACTS.template(), get(facts))
+        .route(route::LOAD.template(), get(load))
+        .route(route::VMS.template(), get(list_vms))
+        .route(
+            route::VM.template(),
+            get(get_vm).put(start_vm).delete(delete_vm),
+        )
+        .route(route::VM_STOP.template(), post(stop_vm))
+        .route(route::VM_PAUSE.template(), post(pause_vm))
+        .route(route::VM_RESUME.template(), post(resume_vm))
+        .route(route::VM_CONSOLE.template(), get(console))
+        .route(route::CHECK_PATHS.template(), post(check_paths))
+        .route(route::MIGRATION.template(), get(migration_status))
+        .route(
+            route::MIGRATION_INCOMING.template(),
+            post(migration_incoming),
+        )
+        .route(route::MIGRATION_LISTEN.template(), post(migration_listen))
+        .route(
+            route::MIGRATION_OUTGOING.template(),
+            post(migration_outgoing),
+        )
+        .route(route::MIGRATION_MEASURE.template(), post(migration_measure))
+        .route(route::MIGRATION_STEER.template(), post(migration_steer))
+        .route(
+            route::MIGRATION_SWITCHOVER.template(),
+            post(migration_switchover),
+        )
+        .route(route::MIGRATION_COMMIT.template(), post(migration_commit))
+        .route(route::MIGRATION_ABORT.template(), post(migration_abort))
+        .route(route::MIGRATION_FINISH.template(), post(migration_finish))
+        .route(route::BANDWIDTH_SINK.template(), post(bandwidth_sink))
+        .route(route::BANDWIDTH_PROBE.template(), post(bandwidth_probe))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),

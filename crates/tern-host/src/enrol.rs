@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_api::center::{Heartbeat, RegisterHost, Registered, API_PREFIX};
+use tern_api::center::{Heartbeat, RegisterHost, Registered};
+use tern_api::routes::center as route;
 use tern_api::{ApiClient, ApiError, Endpoint};
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +76,7 @@ async fn register_once(
         facts: agent.facts(),
     };
     client
-        .post(&format!("{API_PREFIX}/hosts/register"), &body)
+        .post(&route::HOST_REGISTER.path(), &body)
         .await
         .map_err(|e| explain_register_error(&e, link, &agent.cfg.cluster))
 }
@@ -144,7 +145,7 @@ async fn heartbeats(
         Ok(c) => c,
         Err(e) => return HeartbeatEnd::Forgotten(e.to_string()),
     };
-    let path = format!("{API_PREFIX}/hosts/{}/heartbeat", reg.host_id);
+    let path = route::HOST_HEARTBEAT.with_id(reg.host_id);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;

@@ -108,6 +108,13 @@ impl fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// A name given on the command line that cannot be a path segment.
+impl From<tern_api::routes::BadName> for CliError {
+    fn from(e: tern_api::routes::BadName) -> Self {
+        CliError::usage(e.to_string())
+    }
+}
+
 impl From<anyhow::Error> for CliError {
     fn from(e: anyhow::Error) -> Self {
         match e.downcast::<CliError>() {

@@ -2,9 +2,9 @@
 
 use tern_api::center::{Cluster, CreateCluster};
 use tern_api::drs::{DrsAutomation, DrsSettings};
+use tern_api::routes::center as route;
 use tern_api::ApiClient;
 
-use super::connect::seg;
 use super::output::{opt, print_json, time, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
 
@@ -53,7 +53,7 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
         ClusterCommand::Create { name, evc_mode } => {
             let body = CreateCluster { name, evc_mode };
             let c: Cluster = api
-                .post("/api/v1/clusters", &body)
+                .post(&route::CLUSTERS.path(), &body)
                 .await
                 .or_list("tern cluster list")?;
             match fmt {
@@ -66,7 +66,7 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
         }
         ClusterCommand::List => {
             let list: Vec<Cluster> = api
-                .get("/api/v1/clusters")
+                .get(&route::CLUSTERS.path())
                 .await
                 .or_list("tern cluster list")?;
             match fmt {
@@ -94,7 +94,7 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
             automation,
             threshold,
         } => {
-            let path = format!("/api/v1/clusters/{}/drs", seg(&name)?);
+            let path = route::CLUSTER_DRS.with_name(&name)?;
             let mut s: DrsSettings = api.get(&path).await.or_list("tern cluster list")?;
             if let Some(a) = automation {
                 s.automation = a;
@@ -116,7 +116,7 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
         }
         ClusterCommand::Show { name } => {
             let c: Cluster = api
-                .get(&format!("/api/v1/clusters/{}", seg(&name)?))
+                .get(&route::CLUSTER.with_name(&name)?)
                 .await
                 .or_list("tern cluster list")?;
             match fmt {

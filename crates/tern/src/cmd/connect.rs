@@ -100,15 +100,6 @@ fn lab_matches(lab: &LabState, ep: &Endpoint) -> bool {
     }
 }
 
-/// Percent-encodes one path segment (names are checked by the center; this keeps odd input
-/// from changing the path). `.` and `..` are refused: URL parsers fold them away.
-pub fn seg(s: &str) -> Result<String, CliError> {
-    if s.is_empty() || s == "." || s == ".." {
-        return Err(CliError::usage(format!("`{s}` is not a valid name")));
-    }
-    Ok(encode(s))
-}
-
 fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -131,10 +122,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn segments_are_encoded() {
-        assert_eq!(seg("web-1").unwrap(), "web-1");
-        assert_eq!(seg("../x y").unwrap(), "..%2Fx%20y");
-        assert!(seg("..").is_err());
-        assert!(seg("").is_err());
+    fn query_values_are_encoded() {
+        assert_eq!(query_value("web-1"), "web-1");
+        assert_eq!(query_value("h&to=x y"), "h%26to%3Dx%20y");
     }
 }

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use tern_api::routes::center as route;
 
 use anyhow::{bail, Context};
 use tern_api::center::Task;
@@ -12,7 +13,6 @@ use tern_api::ApiClient;
 use tern_drs::sim::{self, report, Policy, ShapeMix, SimOptions, SyntheticSpec, Workload};
 use tern_drs::{explain, Snapshot, Threshold};
 
-use super::connect::seg;
 use super::output::{print_json, Format};
 use crate::error::{ApiResultExt, CliError};
 
@@ -59,10 +59,7 @@ impl DrsCommand {
 /// `tern drs recommend CLUSTER` (also `tern cluster drs CLUSTER`).
 pub async fn recommend(api: &ApiClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
     let r: DrsRecommendations = api
-        .get(&format!(
-            "/api/v1/clusters/{}/drs/recommendations",
-            seg(cluster)?
-        ))
+        .get(&route::CLUSTER_DRS_RECOMMENDATIONS.with_name(cluster)?)
         .await
         .or_list("tern cluster list")?;
     if fmt == Format::Json {
@@ -106,10 +103,7 @@ pub async fn run_online(cmd: DrsCommand, fmt: Format) -> Result<(), CliError> {
         } => {
             let api = connect.client()?;
             let task: Task = api
-                .post(
-                    &format!("/api/v1/clusters/{}/drs/apply", seg(&cluster)?),
-                    &(),
-                )
+                .post(&route::CLUSTER_DRS_APPLY.with_name(&cluster)?, &())
                 .await
                 .or_list("tern cluster list")?;
             if detach {

@@ -3,10 +3,11 @@
 
 use tern_api::center::{Host, Vm};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode, VmCpuSource};
+use tern_api::routes::center as route;
 use tern_api::ApiClient;
 
 use super::cluster::join_or_dash;
-use super::connect::seg;
+use super::connect::query_value;
 use super::output::{opt, print_json, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError, ExitKind};
 
@@ -22,7 +23,7 @@ pub async fn set_evc(
         mode: (!mode.is_empty() && !mode.eq_ignore_ascii_case("none")).then(|| mode.to_string()),
     };
     let ch: EvcModeChange = api
-        .post(&format!("/api/v1/clusters/{}/evc", seg(cluster)?), &body)
+        .post(&route::CLUSTER_EVC.with_name(cluster)?, &body)
         .await
         .or_list("tern cluster list")?;
     if fmt == Format::Json {
@@ -45,7 +46,7 @@ pub async fn set_evc(
 /// `tern cluster evc-modes NAME`.
 pub async fn evc_modes(api: &ApiClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
     let m: EvcModes = api
-        .get(&format!("/api/v1/clusters/{}/evc-modes", seg(cluster)?))
+        .get(&route::CLUSTER_EVC_MODES.with_name(cluster)?)
         .await
         .or_list("tern cluster list")?;
     if fmt == Format::Json {
@@ -78,9 +79,9 @@ pub async fn evc_modes(api: &ApiClient, cluster: &str, fmt: Format) -> Result<()
 pub async fn can_migrate(api: &ApiClient, vm: &str, to: &str, fmt: Format) -> Result<(), CliError> {
     let r: MigrationCheckReport = api
         .get(&format!(
-            "/api/v1/vms/{}/can-migrate?to={}",
-            seg(vm)?,
-            seg(to)?
+            "{}?to={}",
+            route::VM_CAN_MIGRATE.with_name(vm)?,
+            query_value(to)
         ))
         .await
         .or_list("tern vm list")?;

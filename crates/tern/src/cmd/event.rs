@@ -1,6 +1,7 @@
 //! `tern event list`.
 
 use tern_api::center::{Event, EventLevel};
+use tern_api::routes::center as route;
 use tern_api::ApiClient;
 
 use super::connect::query_value;
@@ -36,7 +37,7 @@ pub async fn run(cmd: EventCommand, api: &ApiClient, fmt: Format) -> Result<(), 
         q.push(format!("host={}", query_value(h)));
     }
     let events: Vec<Event> = api
-        .get(&format!("/api/v1/events?{}", q.join("&")))
+        .get(&format!("{}?{}", route::EVENTS.path(), q.join("&")))
         .await
         .or_list("tern event list")?;
     if fmt == Format::Json {

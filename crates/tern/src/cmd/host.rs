@@ -2,15 +2,18 @@
 //! main).
 
 use tern_api::center::{Host, HostMaintenance, MaintenanceAction, MaintenanceResult, Task};
+use tern_api::routes::center as route;
 use tern_api::ApiClient;
 
 use super::cluster::join_or_dash;
-use super::connect::seg;
 use super::output::{ago, opt, print_json, short_id, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
 
 pub async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
-    let hosts: Vec<Host> = api.get("/api/v1/hosts").await.or_list("tern host list")?;
+    let hosts: Vec<Host> = api
+        .get(&route::HOSTS.path())
+        .await
+        .or_list("tern host list")?;
     if fmt == Format::Json {
         return print_json(&hosts);
     }
@@ -56,7 +59,7 @@ pub async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
 
 pub async fn show(api: &ApiClient, name: &str, fmt: Format) -> Result<(), CliError> {
     let h: Host = api
-        .get(&format!("/api/v1/hosts/{}", seg(name)?))
+        .get(&route::HOST.with_name(name)?)
         .await
         .or_list("tern host list")?;
     if fmt == Format::Json {
@@ -155,7 +158,7 @@ pub async fn maintenance(
     };
     let task: Task = api
         .post(
-            &format!("/api/v1/hosts/{}/maintenance", seg(&host)?),
+            &route::HOST_MAINTENANCE.with_name(&host)?,
             &HostMaintenance { action },
         )
         .await
@@ -179,7 +182,7 @@ pub async fn maintenance(
         Ok(t) => t,
         Err(e) => {
             if fmt == Format::Json {
-                if let Ok(t) = api.get::<Task>(&format!("/api/v1/tasks/{}", task.id)).await {
+                if let Ok(t) = api.get::<Task>(&route::TASK.with_id(task.id)).await {
                     print_json(&t)?;
                 }
             }

@@ -4,13 +4,14 @@
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+use tern_api::routes::center as route;
 
 use tern_api::center::{Task, TaskState};
 use tern_api::evc::MigrationCheckReport;
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::{ApiClient, ApiError};
 
-use super::connect::seg;
+use super::connect::query_value;
 use super::output::{print_json, short_id, Format};
 use super::task::parse_duration;
 use crate::error::{CliError, ExitKind};
@@ -56,7 +57,7 @@ pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), Cli
         dry_run: a.dry_run,
     };
     let api_err = |e: ApiError| {
-        let nf = e.status() == Some(404);
+        let nf = e.is_not_found();
         let err = CliError::from_api(e, "tern vm list");
         if nf {
             err.hint_unless_told("check the VM and host names: `tern vm list`, `tern host list`")
@@ -68,9 +69,9 @@ pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), Cli
     // before a task is even queued, like `tern vm can-migrate`.
     let report: MigrationCheckReport = api
         .get(&format!(
-            "/api/v1/vms/{}/can-migrate?to={}",
-            seg(&a.name)?,
-            seg(&a.to)?
+            "{}?to={}",
+            route::VM_CAN_MIGRATE.with_name(&a.name)?,
+            query_value(&a.to)
         ))
         .await
         .map_err(api_err)?;
@@ -99,7 +100,7 @@ pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), Cli
         )));
     }
     let task: Task = api
-        .post(&format!("/api/v1/vms/{}/migrate", seg(&a.name)?), &body)
+        .post(&route::VM_MIGRATE.with_name(&a.name)?, &body)
         .await
         .map_err(api_err)?;
     if a.detach {
@@ -201,7 +202,7 @@ async fn follow(
     let mut unreachable_since: Option<Instant> = None;
     let id = task.id;
     let result = loop {
-        match api.get::<Task>(&format!("/api/v1/tasks/{id}")).await {
+        match api.get::<Task>(&route::TASK.with_id(id)).await {
             Ok(t) => {
                 unreachable_since = None;
                 if let Some(b) = &bar {

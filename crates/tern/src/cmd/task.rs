@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+use tern_api::routes::center as route;
 
 use tern_api::center::{Task, TaskState};
 use tern_api::{ApiClient, ApiError};
@@ -30,7 +31,10 @@ pub enum TaskCommand {
 pub async fn run(cmd: TaskCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
     match cmd {
         TaskCommand::List => {
-            let mut tasks: Vec<Task> = api.get("/api/v1/tasks").await.or_list("tern task list")?;
+            let mut tasks: Vec<Task> = api
+                .get(&route::TASKS.path())
+                .await
+                .or_list("tern task list")?;
             tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
             if fmt == Format::Json {
                 return print_json(&tasks);
@@ -66,7 +70,7 @@ pub async fn run(cmd: TaskCommand, api: &ApiClient, fmt: Format) -> Result<(), C
         TaskCommand::Cancel { id } => {
             let id = resolve_id(api, &id).await?;
             let task: Task = api
-                .post(&format!("/api/v1/tasks/{id}/cancel"), &())
+                .post(&route::TASK_CANCEL.with_id(id), &())
                 .await
                 .or_list("tern task list")?;
             if fmt == Format::Json {
@@ -114,7 +118,7 @@ pub fn print_task(task: &Task, fmt: Format) -> Result<(), CliError> {
 }
 
 async fn get(api: &ApiClient, id: Uuid) -> Result<Task, CliError> {
-    api.get(&format!("/api/v1/tasks/{id}"))
+    api.get(&route::TASK.with_id(id))
         .await
         .or_list("tern task list")
 }
@@ -128,7 +132,10 @@ pub async fn resolve_id(api: &ApiClient, id: &str) -> Result<Uuid, CliError> {
     if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
         return Err(CliError::usage(format!("`{id}` is not a task id")));
     }
-    let tasks: Vec<Task> = api.get("/api/v1/tasks").await.or_list("tern task list")?;
+    let tasks: Vec<Task> = api
+        .get(&route::TASKS.path())
+        .await
+        .or_list("tern task list")?;
     let hits: Vec<&Task> = tasks
         .iter()
         .filter(|t| t.id.to_string().starts_with(&prefix))
@@ -217,7 +224,7 @@ pub async fn wait(
     let mut progress = Progress::new(fmt);
     let mut unreachable_since: Option<Instant> = None;
     let result = loop {
-        match api.get::<Task>(&format!("/api/v1/tasks/{id}")).await {
+        match api.get::<Task>(&route::TASK.with_id(id)).await {
             Ok(t) => {
                 unreachable_since = None;
                 progress.update(&t);

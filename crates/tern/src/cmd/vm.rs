@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tern_api::routes::center as route;
 
 use tern_api::center::{CreateVm, StopVm, Task, Vm};
 use tern_api::{ApiClient, ApiError, BootSource, DiskFormat, DiskSpec, NicSpec, VmSpec};
 
-use super::connect::seg;
 use super::output::{opt, print_json, short_id, time, Format, Sheet, Table};
 use super::task::{parse_duration, print_task, wait};
 use crate::error::{ApiResultExt, CliError};
@@ -128,7 +128,7 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
         VmCommand::Create(a) => create(api, a, fmt).await,
         VmCommand::Start { name, wait } => {
             let task: Task = api
-                .post(&format!("/api/v1/vms/{}/start", seg(&name)?), &())
+                .post(&route::VM_START.with_name(&name)?, &())
                 .await
                 .or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is running")).await
@@ -141,17 +141,14 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
         } => {
             let body = StopVm { force, timeout_ms };
             let task: Task = api
-                .post(&format!("/api/v1/vms/{}/stop", seg(&name)?), &body)
+                .post(&route::VM_STOP.with_name(&name)?, &body)
                 .await
                 .or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is stopped")).await
         }
         VmCommand::List => list(api, fmt).await,
         VmCommand::Show { name } => {
-            let vm: Vm = api
-                .get(&format!("/api/v1/vms/{}", seg(&name)?))
-                .await
-                .or_list(LIST)?;
+            let vm: Vm = api.get(&route::VM.with_name(&name)?).await.or_list(LIST)?;
             show(&vm, fmt)
         }
         VmCommand::Console {
@@ -162,10 +159,10 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
         VmCommand::Migrate(a) => super::migrate::run(api, a, fmt).await,
         VmCommand::CanMigrate { name, to } => super::evc::can_migrate(api, &name, &to, fmt).await,
         VmCommand::Delete { name } => {
-            api.delete(&format!("/api/v1/vms/{}", seg(&name)?))
+            api.delete(&route::VM.with_name(&name)?)
                 .await
                 .map_err(|e| {
-                    let conflict = e.status() == Some(409);
+                    let conflict = e.is_conflict();
                     let err = CliError::from_api(e, LIST);
                     if conflict {
                         err.hint_unless_told(format!("stop it first: `tern vm stop {name}`"))
@@ -250,8 +247,8 @@ async fn create(api: &ApiClient, a: CreateArgs, fmt: Format) -> Result<(), CliEr
         cluster: a.cluster.clone(),
         host: a.host.clone(),
     };
-    let vm: Vm = api.post("/api/v1/vms", &body).await.map_err(|e| {
-        let nf = e.status() == Some(404);
+    let vm: Vm = api.post(&route::VMS.path(), &body).await.map_err(|e| {
+        let nf = e.is_not_found();
         let err = CliError::from_api(e, LIST);
         if nf {
             err.hint_unless_told(
@@ -283,7 +280,7 @@ async fn create(api: &ApiClient, a: CreateArgs, fmt: Format) -> Result<(), CliEr
 }
 
 async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
-    let vms: Vec<Vm> = api.get("/api/v1/vms").await.or_list(LIST)?;
+    let vms: Vec<Vm> = api.get(&route::VMS.path()).await.or_list(LIST)?;
     if fmt == Format::Json {
         return print_json(&vms);
     }
@@ -365,7 +362,7 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
 }
 
 async fn console(api: &ApiClient, name: &str, bytes: u64, follow: bool) -> Result<(), CliError> {
-    let path = format!("/api/v1/vms/{}/console", seg(name)?);
+    let path = route::VM_CONSOLE.with_name(name)?;
     let text = api
         .get_text(&format!("{path}?bytes={bytes}"))
         .await

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
+use tern_api::routes::center as route;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
@@ -117,7 +118,7 @@ pub(super) async fn wait_center(st: &LabState, child: &mut Child) -> anyhow::Res
     let deadline = Instant::now() + CENTER_READY_TIMEOUT;
     loop {
         exited(child, st.center.as_ref())?;
-        let err = match api.get::<Vec<Cluster>>("/api/v1/clusters").await {
+        let err = match api.get::<Vec<Cluster>>(&route::CLUSTERS.path()).await {
             Ok(_) => return api_client(st, Duration::from_secs(30)),
             Err(e) => e,
         };
@@ -149,7 +150,7 @@ pub(super) async fn wait_hosts(
         for (name, child) in children.iter_mut() {
             exited(child, st.host(name).map(|h| &h.agent))?;
         }
-        let hosts: Vec<Host> = match api.get("/api/v1/hosts").await {
+        let hosts: Vec<Host> = match api.get(&route::HOSTS.path()).await {
             Ok(h) => h,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("listing hosts: {e}");

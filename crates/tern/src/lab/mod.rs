@@ -32,6 +32,7 @@ pub use teardown::teardown;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tern_api::routes::center as route;
 
 use anyhow::{bail, Context};
 use chrono::Utc;
@@ -247,7 +248,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
     let api = wait_center(&st, &mut child).await?;
     match api
         .post::<_, Cluster>(
-            "/api/v1/clusters",
+            &route::CLUSTERS.path(),
             &CreateCluster {
                 name: CLUSTER.into(),
                 evc_mode: None,
@@ -256,7 +257,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         .await
     {
         Ok(_) => {}
-        Err(e) if e.status() == Some(409) => {}
+        Err(e) if e.is_conflict() => {}
         Err(e) => return Err(e).context("creating cluster `lab`"),
     }
 
@@ -345,7 +346,7 @@ pub async fn status(dir: &Path) -> anyhow::Result<Status> {
         })
         .collect();
     let (hosts, center_error) = match api_client(&lab, Duration::from_secs(3)) {
-        Ok(api) => match api.get::<Vec<Host>>("/api/v1/hosts").await {
+        Ok(api) => match api.get::<Vec<Host>>(&route::HOSTS.path()).await {
             Ok(h) => (Some(h), None),
             Err(e) => (None, Some(e.to_string())),
         },
