@@ -7,11 +7,13 @@
 //! - [`converge`]: the [`ConvergenceWatcher`] that escalates while pre-copy runs.
 //! - [`handover`]: the ownership record's states and legal transitions, and which way a
 //!   migration stopped part-way is settled ([`settle`]) — forward only after post-copy.
+//! - [`stage`]: the driver's [`Stage`]s and the progress each stands for.
 //! - [`version`]: stream compatibility — [`QemuVersion`] and the fixed [`MACHINE_TYPE`].
 
 pub mod converge;
 pub mod handover;
 pub mod settings;
+pub mod stage;
 pub mod version;
 
 #[cfg(test)]
@@ -20,4 +22,5 @@ mod fixtures;
 pub use converge::{Action, ConvergenceWatcher, Decision, PrecopySample, SamplePhase};
 pub use handover::{settle, RecordState, Side, SourceState, Step, Way};
 pub use settings::{choose_settings, mbit_to_mib_s, HostBudget};
+pub use stage::Stage;
 pub use version::{QemuVersion, MACHINE_TYPE};

@@ -1,0 +1,370 @@
+//! Live migration tasks (`POST /api/v1/vms/{name}/migrate`): pre-checks, measurements and the
+//! settings chosen from them, the ownership record, the hand-over and its commit rule,
+//! rollback, and recovery after a center restart.
+//!
+//! The commit rule. A VM belongs to the host its record names, under the record's
+//! generation. A migration records its intent (`preparing`, generation N → N+1) before the
+//! destination is prepared. The destination runs the guest only after the center has
+//! committed — migration record `committed`, the VM's host and generation changed, in one
+//! transaction, which also re-checks that nobody cancelled the task — and the source never
+//! resumes after that. Whoever finds a migration unfinished (its driver after a failure, a
+//! restarted center) reads the record: `committed` is finished forward (the destination runs,
+//! the source is removed), anything else backward (the source runs, the destination is
+//! removed). Every step is idempotent and retried until the agent answers, so the end state
+//! is exactly one running copy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
+use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
+use tern_api::migration::{
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, ListenIncoming, Measurements,
+    MigrateVm, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings,
+    PrepareIncoming, StartOutgoing,
+};
+use tern_api::{HostState, PowerState};
+use tern_motion::{
+    choose_settings, HostBudget, QemuVersion, SourceState, Stage, Step as SettleStep, Way,
+    MACHINE_TYPE,
+};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::agent::{Agent, AgentError};
+use crate::app::App;
+use crate::error::ApiErr;
+use crate::inventory::vm_not_found;
+use crate::store::{
+    HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
+    TaskRecord, VmRecord,
+};
+
+/// How long the guest's dirty rate is measured: as long as the link probe (they run at once),
+/// with 8× QEMU's default sample of pages so that the short window still sees enough change.
+const DIRTY_RATE_MS: u32 = 250;
+/// Most bytes the bandwidth probe sends (it also stops after a quarter of a second).
+const PROBE_BYTES: u64 = 1 << 30;
+/// How long a status call waits for the source's state to change.
+const STATUS_WAIT: Duration = Duration::from_millis(500);
+/// How long an agent may stay unreachable during pre-copy before the migration rolls back.
+const UNREACHABLE_LIMIT: Duration = Duration::from_secs(20);
+/// Beyond the migration's own deadline (which the source enforces), when the center gives
+/// up waiting.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// How long the destination may take to report all state received after the switchover.
+const RECEIVE_WAIT: Duration = Duration::from_secs(10);
+/// Retry period of a convergence step whose agent did not answer.
+const RETRY: Duration = Duration::from_secs(2);
+/// Attempts a driver makes at a step after the commit before leaving it to the background.
+const DRIVER_ATTEMPTS: u32 = 15;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn ev(task: Uuid, vm: &str, host: &str, level: EventLevel, msg: String) -> NewEvent {
+    NewEvent::new(level, format!("task {task}: {msg}"))
+        .task(task)
+        .vm(vm)
+        .host(Some(host))
+}
+
+/// Queues a migration of VM `name` and drives it in the background.
+pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<Task, ApiErr> {
+    if req.bandwidth_mbit == Some(0) {
+        return Err(ApiErr::bad_request(
+            "bandwidth_mbit 0 would never send anything: give a cap above 0, or none",
+        ));
+    }
+    if req.deadline_ms == Some(0) {
+        return Err(ApiErr::bad_request("deadline_ms must be above 0"));
+    }
+    let to = req.to.clone();
+    let rec = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let dest = tx.host_by_name(&to)?.ok_or_else(|| {
+                ApiErr::not_found(format!("host {to} is not registered: see tern host list"))
+            })?;
+            let source = vm
+                .host_id
+                .map(|h| tx.host_by_id(h))
+                .transpose()?
+                .flatten()
+                .ok_or_else(|| ApiErr::conflict(format!("VM {name} has no host")))?;
+            if source.id == dest.id {
+                return Err(ApiErr::conflict(format!(
+                    "VM {name} already runs on host {to}"
+                )));
+            }
+            if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
+                return Err(ApiErr::conflict(format!(
+                    "task {} is still {} on VM {name}: wait for it, or cancel it with: tern \
+                     task cancel {}",
+                    t.task.id, t.task.state, t.task.id
+                )));
+            }
+            let task = Task::queued(
+                TaskKind::VmMigrate,
+                Some(name.clone()),
+                Some(source.name.clone()),
+                now,
+            );
+            let rec = TaskRecord {
+                task,
+                vm_id: Some(vm.id),
+                intent: TaskIntent {
+                    previous_desired: Some(vm.desired),
+                    stop: None,
+                },
+            };
+            tx.insert_task(&rec)?;
+            tx.add_event(
+                ev(
+                    rec.task.id,
+                    &name,
+                    &source.name,
+                    EventLevel::Info,
+                    format!(
+                        "{}migration of VM {name} from {} to {} queued",
+                        if req.dry_run { "dry run of the " } else { "" },
+                        source.name,
+                        dest.name
+                    ),
+                ),
+                now,
+            )?;
+            Ok::<_, ApiErr>((rec, vm, source, dest, req))
+        })
+        .await?;
+    let (rec, vm, source, dest, req) = rec;
+    let cancel = app.cancel_signal(rec.task.id);
+    let (tx, cancelled) = watch::channel(false);
+    let waiter = tokio::spawn(async move {
+        cancel.notified().await;
+        let _ = tx.send(true);
+    });
+    let m = Mig {
+        app: app.clone(),
+        task: rec.task.id,
+        req,
+        vm,
+        source,
+        dest,
+        cancelled,
+        started: Instant::now(),
+        row: None,
+        settings: None,
+        measurements: None,
+        incoming_attempted: false,
+        outgoing_attempted: false,
+        pause_started: None,
+        events_seen: 0,
+        held: std::sync::Mutex::new(Vec::new()),
+        timeline: Timeline::default(),
+    };
+    let app2 = app.clone();
+    app.spawn(async move {
+        let task = m.task;
+        m.drive().await;
+        waiter.abort();
+        app2.forget_cancel_signal(task);
+    });
+    Ok(rec.task)
+}
+
+/// One migration being driven.
+struct Mig {
+    app: Arc<App>,
+    task: Uuid,
+    req: MigrateVm,
+    vm: VmRecord,
+    source: HostRecord,
+    dest: HostRecord,
+    cancelled: watch::Receiver<bool>,
+    started: Instant,
+    row: Option<MigrationRow>,
+    settings: Option<MigrationSettings>,
+    measurements: Option<Measurements>,
+    incoming_attempted: bool,
+    outgoing_attempted: bool,
+    pause_started: Option<Instant>,
+    /// Source events already recorded.
+    events_seen: usize,
+    /// Events noted while the guest is paused, written once it runs again (on either side):
+    /// the pause is no time for store writes.
+    held: std::sync::Mutex<Vec<NewEvent>>,
+    /// Where the guest's pause went, step by step.
+    timeline: Timeline,
+}
+
+/// The steps of a switchover and how long each took, for the record.
+#[derive(Debug, Default, Clone)]
+struct Timeline(Vec<(&'static str, Duration)>);
+
+impl Timeline {
+    fn step(&mut self, what: &'static str, took: Duration) {
+        self.0.push((what, took));
+    }
+}
+
+impl std::fmt::Display for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps: Vec<String> = self
+            .0
+            .iter()
+            .map(|(what, took)| format!("{what} {:.1} ms", took.as_secs_f64() * 1000.0))
+            .collect();
+        f.write_str(&steps.join(", "))
+    }
+}
+
+/// Why a migration stopped before its commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Abort {
+    /// The user cancelled the task.
+    Cancelled,
+    /// A stage failed; what went wrong, for users.
+    Failed(String),
+}
+
+impl From<String> for Abort {
+    fn from(why: String) -> Abort {
+        Abort::Failed(why)
+    }
+}
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abort::Cancelled => f.write_str("cancelled by user"),
+            Abort::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// How the switchover ended.
+enum Switched {
+    /// All state reached the destination, which holds the paused guest: the source could
+    /// still resume until the commit.
+    Whole(AgentMigrationStatus),
+    /// The destination runs the guest while it fetches the pages it lacks: only forward.
+    PostCopy(AgentMigrationStatus),
+}
+
+/// How a driver's forward run ended.
+enum Finished {
+    DryRun(MigrationCheckReport),
+    /// Committed, with the source's final status.
+    Committed(AgentMigrationStatus),
+}
+
+impl Mig {
+    fn name(&self) -> &str {
+        self.vm.name()
+    }
+
+    async fn event(&self, level: EventLevel, msg: String) {
+        let e = ev(self.task, self.name(), &self.source.name, level, msg);
+        if let Err(err) = self
+            .app
+            .db
+            .write(move |tx| tx.add_event(e, Utc::now()))
+            .await
+        {
+            tracing::error!(task = %self.task, "cannot record an event: {err}");
+        }
+    }
+
+    /// Notes an event to be written by [`Mig::flush_held`].
+    fn hold(&self, level: EventLevel, msg: String) {
+        let e = ev(self.task, self.name(), &self.source.name, level, msg);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    }
+
+    /// Writes the held events, in one transaction.
+    async fn flush_held(&self) {
+        let held: Vec<NewEvent> =
+            std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        if held.is_empty() {
+            return;
+        }
+        let r = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                for e in held {
+                    tx.add_event(e, now)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(task = %self.task, "cannot record events: {e}");
+        }
+    }
+
+    /// Holds the source's events not seen yet (see [`Mig::hold`]).
+    fn hold_agent_events(&self, s: &AgentMigrationStatus, seen: &mut usize) {
+        for line in s.events.iter().skip(*seen) {
+            self.hold(
+                EventLevel::Info,
+                format!("source {}: {line}", self.source.name),
+            );
+        }
+        *seen = (*seen).max(s.events.len());
+    }
+
+    /// Records progress; an error when the task has ended meanwhile (cancelled).
+    /// Records the stage reached (its progress and a line for users); [`Abort::Cancelled`]
+    /// when the task has ended meanwhile (cancelled).
+    async fn phase(&self, stage: Stage, phase: String) -> Result<(), Abort> {
+        if crate::tasks::record_progress(&self.app, self.task, stage.progress(), phase).await? {
+            Ok(())
+        } else {
+            Err(Abort::Cancelled)
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), Abort> {
+        if *self.cancelled.borrow() {
+            Err(Abort::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn drive(mut self) {
+        let outcome = self.run().await;
+        match outcome {
+            Ok(Finished::DryRun(report)) => {
+                let result = serde_json::to_value(&report).unwrap_or_default();
+                self.finish_task(
+                    TaskState::Succeeded,
+                    "pre-checks passed; dry run, nothing moved".into(),
+                    Some(result),
+                    None,
+                    format!(
+                        "dry run: VM {} can migrate from {} to {}",
+                        self.name(),
+                        self.source.name,
+                        self.dest.name
+                    ),
+                )
+                .await;
+            }
+            Ok(Finished::Committed(status)) => self.forward(status).await,
+            Err(why) => self.rollback(&why).await,
+        }
+    }
+}
+
+mod checks;
+mod settle;
+mod stages;
+
+pub use settle::{cancel_refusal, converge, recover};

@@ -1,0 +1,604 @@
+//! How a migration ends: forward after the commit, back before it, and the background
+//! convergence that brings both hosts in line with the ownership record.
+
+use super::*;
+
+impl Mig {
+    /// After the commit: run the guest on the destination, remove it from the source, record
+    /// the result. Steps that cannot be done now are left to a background convergence.
+    pub(super) async fn forward(&self, done: AgentMigrationStatus) {
+        let Some(row) = self.row.clone() else {
+            return;
+        };
+        let dst = self.app.agent(&self.dest);
+        let mut committed = Err(String::new());
+        let resumed = Instant::now();
+        for attempt in 0..DRIVER_ATTEMPTS {
+            committed = dst
+                .migration_commit(self.vm.id, row.generation_to)
+                .await
+                .map_err(|e| e.to_string());
+            if committed.is_ok() {
+                break;
+            }
+            if attempt == 0 {
+                self.event(
+                    EventLevel::Warning,
+                    format!(
+                        "destination {} did not run the guest yet ({}); retrying",
+                        self.dest.name,
+                        committed.as_ref().err().cloned().unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        let pause_ms = self.pause_started.map(|t| t.elapsed().as_millis() as u64);
+        let mut timeline = self.timeline.clone();
+        timeline.step("destination runs", resumed.elapsed());
+        self.flush_held().await;
+        self.event(
+            EventLevel::Info,
+            format!("switchover timeline (the guest's pause, as the center saw it): {timeline}"),
+        )
+        .await;
+        if let Err(e) = committed {
+            self.finish_task(
+                TaskState::Failed,
+                "committed; destination not confirmed".into(),
+                None,
+                Some(format!(
+                    "the hand-over is committed to {} but it did not confirm running the guest \
+                     ({e}); the center keeps trying",
+                    self.dest.name
+                )),
+                format!(
+                    "VM {} committed to {}, not yet running there",
+                    self.name(),
+                    self.dest.name
+                ),
+            )
+            .await;
+            self.app.spawn(converge(self.app.clone(), row));
+            return;
+        }
+        self.event(
+            EventLevel::Info,
+            format!(
+                "destination {} runs the guest and announced its MAC; guest paused about {} ms",
+                self.dest.name,
+                pause_ms.unwrap_or(0)
+            ),
+        )
+        .await;
+        let src = self.app.agent(&self.source);
+        let mut finished = false;
+        for _ in 0..DRIVER_ATTEMPTS {
+            match src.migration_finish(self.vm.id).await {
+                Ok(()) => {
+                    finished = true;
+                    break;
+                }
+                Err(e) if e.is_not_found() => match src.delete(self.vm.id).await {
+                    Ok(()) => {
+                        finished = true;
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(RETRY).await,
+                },
+                Err(_) => tokio::time::sleep(RETRY).await,
+            }
+        }
+        if !finished {
+            self.event(
+                EventLevel::Warning,
+                format!(
+                    "could not remove the migrated source QEMU from {} yet (it stays paused and \
+                     never resumes); the center keeps trying",
+                    self.source.name
+                ),
+            )
+            .await;
+            self.app.spawn(converge(self.app.clone(), row.clone()));
+        } else {
+            let _ = self.set_record(&[Rec::Committed], Rec::Done).await;
+        }
+        let total_ms = self.started.elapsed().as_millis() as u64;
+        let result = MigrationResult {
+            task: self.task,
+            vm: self.name().to_string(),
+            from: self.source.name.clone(),
+            to: self.dest.name.clone(),
+            status: MigrationOutcome::Completed,
+            total_ms,
+            downtime_ms: done.downtime_ms.unwrap_or(0),
+            setup_ms: done.setup_ms.unwrap_or(0),
+            bytes: done.bytes.unwrap_or(0),
+            passes: done.passes.unwrap_or(0),
+            settings: self.settings.clone().unwrap_or_else(empty_settings),
+            measurements: self.measurements.clone().unwrap_or(Measurements {
+                memory_mib: self.vm.spec.memory_mib,
+                dirty_rate_mib_s: 0.0,
+                link_mbit: 0.0,
+            }),
+            error: None,
+            pause_ms,
+        };
+        self.finish_task(
+            TaskState::Succeeded,
+            format!("running on {}", self.dest.name),
+            serde_json::to_value(&result).ok(),
+            None,
+            format!(
+                "migration of VM {} to {} done: QEMU downtime {} ms, guest paused {} ms, {:.1} \
+                 MiB in {} passes, {} ms in all",
+                self.name(),
+                self.dest.name,
+                result.downtime_ms,
+                pause_ms.unwrap_or(0),
+                result.bytes as f64 / MIB,
+                result.passes,
+                total_ms
+            ),
+        )
+        .await;
+    }
+
+    /// Before the commit: cancel on the source (the guest runs there as before), remove the
+    /// destination, record why.
+    pub(super) async fn rollback(&self, why: &Abort) {
+        self.flush_held().await;
+        let touched = self.incoming_attempted || self.outgoing_attempted;
+        if touched {
+            self.event(EventLevel::Warning, format!("rolling back: {why}"))
+                .await;
+        }
+        let mut ok = true;
+        if self.outgoing_attempted {
+            if let Err(e) = undo_source(&self.app, &self.source, self.vm.id).await {
+                ok = false;
+                self.event(
+                    EventLevel::Error,
+                    format!(
+                        "could not make {} run the guest again yet: {e}",
+                        self.source.name
+                    ),
+                )
+                .await;
+            }
+        }
+        // The destination goes only once the source runs the guest again: a source that
+        // refused (its migration went post-copy after all) leaves the destination holding
+        // what it lacks, and the convergence below takes the migration forward.
+        if self.incoming_attempted && ok {
+            let generation_to = self.row.as_ref().map_or(u64::MAX, |r| r.generation_to);
+            if let Err(e) = undo_destination(&self.app, &self.dest, self.vm.id, generation_to).await
+            {
+                ok = false;
+                self.event(
+                    EventLevel::Error,
+                    format!(
+                        "could not remove the destination QEMU on {} yet: {e}",
+                        self.dest.name
+                    ),
+                )
+                .await;
+            }
+        }
+        if let Some(row) = &self.row {
+            if ok {
+                let _ = self
+                    .set_record(&[Rec::Preparing, Rec::Switching], Rec::RolledBack)
+                    .await;
+            } else {
+                self.app.spawn(converge(self.app.clone(), row.clone()));
+            }
+        }
+        let result = self.settings.clone().map(|settings| MigrationResult {
+            task: self.task,
+            vm: self.name().to_string(),
+            from: self.source.name.clone(),
+            to: self.dest.name.clone(),
+            status: MigrationOutcome::RolledBack,
+            total_ms: self.started.elapsed().as_millis() as u64,
+            downtime_ms: 0,
+            setup_ms: 0,
+            bytes: 0,
+            passes: 0,
+            settings,
+            measurements: self.measurements.clone().unwrap_or(Measurements {
+                memory_mib: self.vm.spec.memory_mib,
+                dirty_rate_mib_s: 0.0,
+                link_mbit: 0.0,
+            }),
+            error: Some(why.to_string()),
+            pause_ms: None,
+        });
+        let state = match why {
+            Abort::Cancelled => TaskState::Cancelled,
+            Abort::Failed(_) => TaskState::Failed,
+        };
+        let summary = if touched && !ok {
+            // Not yet known which way it ends (a source that went post-copy goes forward):
+            // the convergence's events say.
+            format!(
+                "migration of VM {} to {} stopped: {why}; the hosts are being brought in line \
+                 with the ownership record (see the task's events)",
+                self.name(),
+                self.dest.name
+            )
+        } else if touched {
+            format!(
+                "migration of VM {} to {} rolled back: {why}; the VM runs on {} as before",
+                self.name(),
+                self.dest.name,
+                self.source.name
+            )
+        } else {
+            format!(
+                "migration of VM {} to {} did not start: {why}",
+                self.name(),
+                self.dest.name
+            )
+        };
+        self.finish_task(
+            state,
+            if touched { "rolled back" } else { "failed" }.into(),
+            result.and_then(|r| serde_json::to_value(&r).ok()),
+            Some(why.to_string()),
+            summary,
+        )
+        .await;
+    }
+
+    pub(super) async fn finish_task(
+        &self,
+        state: TaskState,
+        phase: String,
+        result: Option<serde_json::Value>,
+        error: Option<String>,
+        summary: String,
+    ) {
+        let (task, vm_id) = (self.task, self.vm.id);
+        let (vm, host) = (self.name().to_string(), self.source.name.clone());
+        let app = self.app.clone();
+        let r = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                app.settle(vm_id);
+                // A task the user cancelled stays cancelled; its outcome is still recorded.
+                let ended =
+                    tx.finish_task(task, state, &phase, result.as_ref(), error.as_deref(), now)?;
+                if !ended {
+                    if let Some(r) = &result {
+                        tx.set_task_result(task, r)?;
+                    }
+                }
+                if state == TaskState::Succeeded {
+                    tx.set_vm_actual(vm_id, PowerState::Running)?;
+                }
+                tx.add_event(
+                    ev(
+                        task,
+                        &vm,
+                        &host,
+                        if state == TaskState::Succeeded {
+                            EventLevel::Info
+                        } else {
+                            EventLevel::Warning
+                        },
+                        summary,
+                    ),
+                    now,
+                )?;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(task = %self.task, "cannot record the migration's outcome: {e}");
+        }
+    }
+}
+
+/// Source side of a rollback: cancel and resume (or, if the agent no longer knows the
+/// migration, resume a paused guest).
+pub(super) async fn undo_source(app: &App, host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = app.agent(host);
+    match a.migration_abort(vm).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => match a.vm(vm).await.map_err(|e| e.to_string())? {
+            Some(rt) if rt.state == PowerState::Paused => {
+                a.resume(vm).await.map(drop).map_err(|e| e.to_string())
+            }
+            Some(_) => Ok(()),
+            None => Err(format!("host {} no longer has VM {vm}", host.name)),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Destination side of a rollback: kill and remove the incoming QEMU — never a copy that
+/// runs there under this migration's generation or a later one (that one owns the VM).
+pub(super) async fn undo_destination(
+    app: &App,
+    host: &HostRecord,
+    vm: Uuid,
+    generation_to: u64,
+) -> Result<(), String> {
+    let a = app.agent(host);
+    match a.migration_abort(vm).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => match a.vm(vm).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(rt) if rt.state == PowerState::Running && rt.generation >= generation_to => {
+                Err(format!(
+                    "host {} runs VM {vm} under generation {} (this migration's is {}): \
+                         it is not a leftover; refusing to remove it",
+                    host.name, rt.generation, generation_to
+                ))
+            }
+            Some(_) => a.delete(vm).await.map_err(|e| e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Destination side after the commit: run the guest (idempotent).
+pub(super) async fn redo_destination(
+    app: &App,
+    host: &HostRecord,
+    vm: Uuid,
+    generation: u64,
+) -> Result<(), String> {
+    app.agent(host)
+        .migration_commit(vm, generation)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Source side after the commit: quit and remove the paused QEMU.
+pub(super) async fn redo_source(app: &App, host: &HostRecord, vm: Uuid) -> Result<(), String> {
+    let a = app.agent(host);
+    match a.migration_finish(vm).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => a.delete(vm).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Brings both hosts in line with a migration's record — forward if committed (or if the
+/// source went post-copy and so can never resume), backward otherwise — retrying until both
+/// agents have done their part, then records the end. The way and the order of the steps are
+/// `tern_motion::settle`'s.
+pub async fn converge(app: Arc<App>, row: MigrationRow) {
+    let task = row.task_id;
+    let (vm_id, vm, generation_to) = (row.vm_id, row.vm_name.clone(), row.generation_to);
+    let mut warned = false;
+    loop {
+        // The store's record is the truth: a caller's copy may predate the commit, and rolling
+        // back a committed migration would remove the only running copy. The host records may
+        // have new agent URLs (re-registration): read them again too.
+        let (s, d) = (row.source_host_id, row.dest_host_id);
+        let fresh = app
+            .db
+            .read(move |tx| {
+                Ok::<_, StoreError>((tx.migration(task)?, tx.host_by_id(s)?, tx.host_by_id(d)?))
+            })
+            .await;
+        let (record, src, dst) = match fresh {
+            Ok((Some(m), Some(a), Some(b))) => (m.state, a, b),
+            Ok((_, None, _) | (_, _, None)) => {
+                tracing::error!(task = %task, "a host of the migration is gone; nothing to converge");
+                return;
+            }
+            _ => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        // Only an uncommitted record needs the source's word (can it still resume?).
+        let source = match record {
+            Rec::Preparing | Rec::Switching => source_state(&app, &src, vm_id).await,
+            _ => SourceState::Unknown,
+        };
+        let (way, steps) = tern_motion::settle(record, source);
+        let outcome = match way {
+            Way::Settled => return,
+            Way::Wait => Err(format!("cannot ask {} about its migration", src.name)),
+            Way::Back | Way::Forward => {
+                let mut r = Ok(());
+                for step in steps {
+                    r = settle_step(&app, task, &src, &dst, vm_id, generation_to, step).await;
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                let host = if way == Way::Forward {
+                    &dst.name
+                } else {
+                    &src.name
+                };
+                let e = NewEvent::info(format!(
+                    "migration of VM {vm} settled: it runs on {host} only"
+                ))
+                .task(task)
+                .vm(&vm)
+                .host(Some(host));
+                let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
+                return;
+            }
+            Err(e) => {
+                if !warned {
+                    warned = true;
+                    let (on, off) = match way {
+                        Way::Forward => (&dst.name, &src.name),
+                        _ => (&src.name, &dst.name),
+                    };
+                    let msg = format!(
+                        "migration of VM {vm}: waiting for the hosts to run it on {on} and \
+                         remove it from {off} ({e}); retrying"
+                    );
+                    let e = NewEvent::warning(msg)
+                        .task(task)
+                        .vm(&vm)
+                        .host(Some(&src.name));
+                    let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+/// What the source's agent says of its outgoing migration: post-copy (it can never resume),
+/// whole (it runs, or can), or unknown (unreachable).
+pub(super) async fn source_state(app: &App, src: &HostRecord, vm: Uuid) -> SourceState {
+    match app
+        .agent(src)
+        .migration_status(vm, None, Duration::ZERO)
+        .await
+    {
+        Ok(s) if s.postcopy => SourceState::PostCopy,
+        Ok(_) => SourceState::Whole,
+        // It no longer knows the migration: its guest runs or is paused whole.
+        Err(e) if e.is_not_found() => SourceState::Whole,
+        Err(_) => SourceState::Unknown,
+    }
+}
+
+/// Carries out one step of settling a migration.
+pub(super) async fn settle_step(
+    app: &Arc<App>,
+    task: Uuid,
+    src: &HostRecord,
+    dst: &HostRecord,
+    vm: Uuid,
+    generation_to: u64,
+    step: SettleStep,
+) -> Result<(), String> {
+    match step {
+        SettleStep::ResumeSource => undo_source(app, src, vm).await,
+        SettleStep::RemoveDestination => undo_destination(app, dst, vm, generation_to).await,
+        SettleStep::RunDestination => redo_destination(app, dst, vm, generation_to).await,
+        SettleStep::QuitSource => redo_source(app, src, vm).await,
+        SettleStep::CommitRecord => {
+            let (source, dest) = (src.name.clone(), dst.name.clone());
+            app.db
+                .write(move |tx| -> Result<Result<(), String>, StoreError> {
+                    if let Err(e) = tx.commit_migration(task, Utc::now()) {
+                        return Ok(Err(format!("commit refused: {e}")));
+                    }
+                    let m = tx.migration(task)?;
+                    let (vm, gen) = m.map_or((String::new(), 0), |m| (m.vm_name, m.generation_to));
+                    tx.add_event(
+                        ev(
+                            task,
+                            &vm,
+                            &source,
+                            EventLevel::Warning,
+                            format!(
+                                "committed: the source's migration went post-copy and cannot \
+                                 resume, so VM {vm} goes forward to host {dest} under \
+                                 generation {gen}"
+                            ),
+                        ),
+                        Utc::now(),
+                    )?;
+                    Ok(Ok(()))
+                })
+                .await
+                .map_err(|e| format!("center store (not committed): {e}"))?
+        }
+        SettleStep::Finish(to) => app
+            .db
+            .write(move |tx| tx.set_migration_state(task, &Rec::predecessors(to), to, Utc::now()))
+            .await
+            .map(drop)
+            .map_err(|e| format!("center store: {e}")),
+    }
+}
+
+/// At center start, before tasks are recovered: ends the migrations a previous center left
+/// going by the ownership rule (committed → forward, else backward), in the background.
+pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
+    let rows = app
+        .db
+        .write(|tx| {
+            let now = Utc::now();
+            let rows = tx.unfinished_migrations()?;
+            for row in &rows {
+                let (state, phase, msg) = if row.state == Rec::Committed {
+                    (
+                        TaskState::Succeeded,
+                        "committed before the center restarted; completing",
+                        format!(
+                            "migration of VM {} was committed before the center restarted: \
+                             completing it (the destination runs it, the source is removed)",
+                            row.vm_name
+                        ),
+                    )
+                } else {
+                    (
+                        TaskState::Failed,
+                        "rolled back after a center restart",
+                        format!(
+                            "migration of VM {} was not committed when the center restarted: \
+                             rolling it back (the source runs it, the destination is removed) \
+                             — or, if the source went post-copy and cannot resume, forward",
+                            row.vm_name
+                        ),
+                    )
+                };
+                let error = (state == TaskState::Failed).then_some(crate::tasks::RESTART_ERROR);
+                tx.finish_task(row.task_id, state, phase, None, error, now)?;
+                tx.add_event(
+                    NewEvent::warning(msg).task(row.task_id).vm(&row.vm_name),
+                    now,
+                )?;
+            }
+            Ok::<_, ApiErr>(rows)
+        })
+        .await?;
+    let n = rows.len();
+    for row in rows {
+        app.spawn(converge(app.clone(), row));
+    }
+    Ok(n)
+}
+
+/// A migration task may be cancelled until its hand-over is committed.
+pub fn cancel_refusal(tx: &crate::store::Tx, task: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(tx.migration(task)?.and_then(|m| {
+        matches!(m.state, Rec::Committed | Rec::Done).then(|| {
+            format!(
+                "the migration of VM {} is committed (the destination owns it): it can no \
+                 longer be cancelled; move it back with another migration",
+                m.vm_name
+            )
+        })
+    }))
+}
+
+pub(super) fn empty_settings() -> MigrationSettings {
+    MigrationSettings {
+        multifd_channels: 0,
+        max_bandwidth_mib_s: None,
+        downtime_limit_ms: 0,
+        compression: "none".into(),
+        auto_converge: false,
+        postcopy_allowed: false,
+        deadline_ms: 0,
+        reasons: Vec::new(),
+        downtime_budget_ms: 0,
+        zero_page_detection: "legacy".into(),
+        throttle: Default::default(),
+    }
+}

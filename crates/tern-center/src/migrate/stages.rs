@@ -1,0 +1,618 @@
+//! The stages of a migration up to and including the commit.
+
+use super::checks::spare_cores;
+use super::*;
+
+impl Mig {
+    /// Everything up to and including the commit, one stage after the other; the first stage
+    /// that fails ends the run (the caller rolls back what was touched).
+    pub(super) async fn run(&mut self) -> Result<Finished, Abort> {
+        let report = self.stage_prechecks().await?;
+        if self.req.dry_run {
+            return Ok(Finished::DryRun(report));
+        }
+        self.check_cancel()?;
+        let row = self.stage_intent().await?;
+        let settings = self.stage_measure(&row).await?;
+        self.check_cancel()?;
+        let uri = self.stage_prepare(&settings).await?;
+        self.check_cancel()?;
+        let at_switch = self.stage_precopy(uri, &settings).await?;
+        self.check_cancel()?;
+        match self.stage_switchover(at_switch).await? {
+            Switched::PostCopy(done) => {
+                self.stage_commit_after_postcopy().await;
+                Ok(Finished::Committed(done))
+            }
+            Switched::Whole(done) => {
+                let t = Instant::now();
+                self.phase(Stage::Commit, "committing".into()).await?;
+                self.commit(false).await?;
+                self.timeline.step("commit", t.elapsed());
+                Ok(Finished::Committed(done))
+            }
+        }
+    }
+
+    /// Nothing moves before every pre-check passes.
+    async fn stage_prechecks(&self) -> Result<MigrationCheckReport, Abort> {
+        self.phase(Stage::Prechecks, "pre-checks".into()).await?;
+        let report = self.prechecks().await?;
+        for c in &report.checks {
+            self.event(
+                if c.ok {
+                    EventLevel::Info
+                } else {
+                    EventLevel::Error
+                },
+                format!(
+                    "pre-check {}: {} — {}",
+                    c.check,
+                    if c.ok { "ok" } else { "FAILED" },
+                    c.detail
+                ),
+            )
+            .await;
+        }
+        if !report.ok {
+            let failed: Vec<String> = report
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.check, c.detail))
+                .collect();
+            return Err(Abort::Failed(format!(
+                "pre-checks failed: {}",
+                failed.join("; ")
+            )));
+        }
+        Ok(report)
+    }
+
+    /// The ownership record, written before the destination exists.
+    async fn stage_intent(&mut self) -> Result<MigrationRow, Abort> {
+        self.phase(Stage::Intent, "recording the ownership intent".into())
+            .await?;
+        let row = self.record_intent().await?;
+        self.event(
+            EventLevel::Info,
+            format!(
+                "ownership intent recorded: VM {} stays on {} (generation {}) until the \
+                 center commits it to {} (generation {})",
+                self.name(),
+                self.source.name,
+                row.generation_from,
+                self.dest.name,
+                row.generation_to
+            ),
+        )
+        .await;
+        self.row = Some(row.clone());
+        Ok(row)
+    }
+
+    /// Measurements, and the settings chosen from them; meanwhile the destination starts (same
+    /// spec as the source runs, paused, not listening until it has the settings).
+    async fn stage_measure(&mut self, row: &MigrationRow) -> Result<MigrationSettings, Abort> {
+        self.phase(
+            Stage::Measure,
+            format!(
+                "measuring dirty rate and link; starting the destination on {}",
+                self.dest.name
+            ),
+        )
+        .await?;
+        let src = self.app.agent(&self.source);
+        let dst = self.app.agent(&self.dest);
+        let rt = src
+            .vm(self.vm.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("host {} does not run VM {}", self.source.name, self.name()))?;
+        if rt.state != PowerState::Running {
+            return Err(Abort::Failed(format!(
+                "VM {} is {} on {}, not running",
+                self.name(),
+                rt.state,
+                self.source.name
+            )));
+        }
+        self.incoming_attempted = true;
+        let prepare = PrepareIncoming {
+            spec: rt.spec.clone(),
+            generation: row.generation_to,
+            settings: None,
+        };
+        let start_destination = dst.migration_incoming(self.vm.id, &prepare);
+        let (measured, started) = tokio::join!(self.measure(), start_destination);
+        started.map_err(|e| format!("starting the destination: {e}"))?;
+        let (settings, m) = measured?;
+        for r in &settings.reasons {
+            self.event(EventLevel::Info, format!("setting: {r}")).await;
+        }
+        self.settings = Some(settings.clone());
+        self.measurements = Some(m.clone());
+        self.record_settings(&settings, &m).await?;
+        Ok(settings)
+    }
+
+    /// The destination, configured like the source, listens for this VM only; returns where.
+    async fn stage_prepare(&self, settings: &MigrationSettings) -> Result<String, Abort> {
+        self.phase(Stage::Prepare, format!("preparing {}", self.dest.name))
+            .await?;
+        let ready = self
+            .app
+            .agent(&self.dest)
+            .migration_listen(
+                self.vm.id,
+                &ListenIncoming {
+                    settings: settings.clone(),
+                },
+            )
+            .await
+            .map_err(|e| format!("preparing the destination: {e}"))?;
+        let uri = ready.uri.ok_or_else(|| {
+            format!(
+                "the destination {} did not say where it listens",
+                self.dest.name
+            )
+        })?;
+        self.event(
+            EventLevel::Info,
+            format!(
+                "destination {} ready: paused QEMU listening on {uri} for this VM only",
+                self.dest.name
+            ),
+        )
+        .await;
+        Ok(uri)
+    }
+
+    /// Pre-copy, followed until the source pauses the guest at pre-switchover.
+    async fn stage_precopy(
+        &mut self,
+        uri: String,
+        settings: &MigrationSettings,
+    ) -> Result<AgentMigrationStatus, Abort> {
+        self.phase(
+            Stage::Precopy {
+                sent: 0,
+                remaining: 0,
+            },
+            "starting pre-copy".into(),
+        )
+        .await?;
+        self.outgoing_attempted = true;
+        let src = self.app.agent(&self.source);
+        src.migration_outgoing(
+            self.vm.id,
+            &StartOutgoing {
+                uri,
+                settings: settings.clone(),
+            },
+        )
+        .await
+        .map_err(|e| format!("starting the migration on {}: {e}", self.source.name))?;
+        self.watch_precopy(&src, settings).await
+    }
+
+    /// The switchover. The guest is paused at the source from here until the destination
+    /// runs it (or the source resumes): every step is timed, nothing waits for anything it
+    /// does not need, and events are held until the guest runs.
+    async fn stage_switchover(
+        &mut self,
+        at_switch: AgentMigrationStatus,
+    ) -> Result<Switched, Abort> {
+        self.pause_started = Some(Instant::now());
+        let mut timeline = Timeline::default();
+        let final_mib = at_switch
+            .progress
+            .as_ref()
+            .map(|p| p.remaining_bytes as f64 / MIB)
+            .unwrap_or(0.0);
+        let src = self.app.agent(&self.source);
+        let dst = self.app.agent(&self.dest);
+        // The destination steers the LAN to its taps (frames sent during the switchover then
+        // wait there instead of dying at the paused source) while the record says the state
+        // may now leave the source and the source sends it.
+        let steer = async {
+            let t = Instant::now();
+            let r = dst.migration_steer(self.vm.id).await;
+            (r, t.elapsed())
+        };
+        let hand_over = async {
+            let t = Instant::now();
+            self.set_record(&[Rec::Preparing], Rec::Switching).await?;
+            self.phase(
+                Stage::Switchover,
+                format!("switchover: final {final_mib:.1} MiB"),
+            )
+            .await?;
+            let recorded = t.elapsed();
+            let done = src
+                .migration_switchover(self.vm.id)
+                .await
+                .map_err(|e| format!("switchover: {e}"))?;
+            Ok::<_, Abort>((recorded, t.elapsed() - recorded, done))
+        };
+        let ((steered, steer_time), handed) = tokio::join!(steer, hand_over);
+        timeline.step("steer (in parallel)", steer_time);
+        match steered {
+            Ok(s) => {
+                for e in s.events {
+                    self.hold(
+                        EventLevel::Info,
+                        format!("destination {}: {e}", self.dest.name),
+                    );
+                }
+            }
+            Err(e) => self.hold(
+                EventLevel::Warning,
+                format!(
+                    "destination {} could not steer the LAN ({e}); the guest announces itself \
+                     when it runs",
+                    self.dest.name
+                ),
+            ),
+        }
+        let (recorded, sent, done) = handed?;
+        timeline.step("record", recorded);
+        timeline.step("final copy", sent);
+        let mut seen = self.events_seen;
+        self.hold_agent_events(&done, &mut seen);
+        self.events_seen = seen;
+        if done.state != AgentMigrationState::Completed {
+            return Err(Abort::Failed(format!(
+                "switchover ended {:?}: {}",
+                done.state,
+                done.error.clone().unwrap_or_default()
+            )));
+        }
+        let postcopy = done.postcopy
+            || done
+                .progress
+                .as_ref()
+                .is_some_and(|p| p.phase == MigrationPhase::PostCopy);
+        if postcopy {
+            self.timeline = timeline;
+            return Ok(Switched::PostCopy(done));
+        }
+        let t = Instant::now();
+        let received = dst
+            .migration_status(
+                self.vm.id,
+                Some(AgentMigrationState::Listening),
+                RECEIVE_WAIT,
+            )
+            .await
+            .map_err(|e| format!("destination after switchover: {e}"))?;
+        timeline.step("destination loaded", t.elapsed());
+        self.timeline = timeline;
+        if received.state != AgentMigrationState::Completed {
+            return Err(Abort::Failed(format!(
+                "destination {} is {:?} after switchover, not holding the paused guest: {}",
+                self.dest.name,
+                received.state,
+                received.error.unwrap_or_default()
+            )));
+        }
+        Ok(Switched::Whole(done))
+    }
+
+    /// After a post-copy switchover the source's memory is no longer whole: the only way is
+    /// forward, whatever happens now (the price of allowing post-copy). A failed commit must
+    /// never fall into the rollback — it would remove the paused destination, which holds the
+    /// device state, while the source cannot resume, and the VM would be lost. So the commit
+    /// comes first (before any event is written) and is retried until the store takes it (its
+    /// trouble is the only obstacle); the trouble is said once, and every few attempts.
+    async fn stage_commit_after_postcopy(&self) {
+        let mut failed = 0u32;
+        let mut last = String::new();
+        while let Err(e) = self.commit(true).await {
+            failed += 1;
+            last = e.to_string();
+            if failed == 1 || failed % DRIVER_ATTEMPTS == 0 {
+                tracing::error!(task = %self.task, failed, "post-copy migration cannot be committed yet: {e}");
+                let _ = crate::tasks::record_progress(
+                    &self.app,
+                    self.task,
+                    Stage::Commit.progress(),
+                    format!(
+                        "post-copy switchover done; committing to {} (attempt {failed} failed: \
+                         {e})",
+                        self.dest.name
+                    ),
+                )
+                .await;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        self.flush_held().await;
+        self.event(
+            EventLevel::Warning,
+            format!(
+                "post-copy switchover done: the source could no longer take the VM back; \
+                 committed to {}",
+                self.dest.name
+            ),
+        )
+        .await;
+        if failed > 0 {
+            self.event(
+                EventLevel::Warning,
+                format!(
+                    "committed after {failed} failed attempt(s) (the last: {last}); the \
+                     destination kept the guest meanwhile"
+                ),
+            )
+            .await;
+        }
+    }
+
+    pub(super) async fn measure(&self) -> Result<(MigrationSettings, Measurements), String> {
+        let src = self.app.agent(&self.source);
+        let dst = self.app.agent(&self.dest);
+        // Both at once: QEMU samples the guest's pages while the agents time the link (the
+        // user waits for this phase; neither disturbs the other's figure much).
+        let link = async {
+            let sink = dst.bandwidth_sink().await?;
+            src.bandwidth_probe(&BandwidthProbe {
+                to_migration_address: sink.address.clone(),
+                bytes: PROBE_BYTES,
+            })
+            .await
+            .map(|r| (sink.address, r))
+        };
+        let (dirty, link) = tokio::join!(src.migration_measure(self.vm.id, DIRTY_RATE_MS), link);
+        let dirty = dirty.map_err(|e| format!("measuring the dirty rate: {e}"))?;
+        let link_mbit = match link {
+            Ok((addr, r)) => {
+                self.event(
+                    EventLevel::Info,
+                    format!(
+                        "measured: link {} → {addr}: {:.0} Mbit/s ({:.1} MiB in {} ms); guest \
+                         dirties {:.1} MiB/s",
+                        self.source.name,
+                        r.mbit_s,
+                        r.bytes as f64 / MIB,
+                        r.elapsed_ms,
+                        dirty.dirty_rate_mib_s
+                    ),
+                )
+                .await;
+                r.mbit_s
+            }
+            Err(e) => {
+                self.event(
+                    EventLevel::Warning,
+                    format!("bandwidth probe failed ({e}); the settings assume a link speed"),
+                )
+                .await;
+                f64::NAN
+            }
+        };
+        let m = Measurements {
+            memory_mib: self.vm.spec.memory_mib,
+            dirty_rate_mib_s: dirty.dirty_rate_mib_s,
+            link_mbit,
+        };
+        let budget = HostBudget {
+            spare_cores: spare_cores(&self.source).min(spare_cores(&self.dest)),
+            qemu: QemuVersion::parse(&self.source.facts.qemu_version)
+                .min(QemuVersion::parse(&self.dest.facts.qemu_version))
+                .unwrap_or(QemuVersion {
+                    major: 0,
+                    minor: 0,
+                    micro: 0,
+                }),
+        };
+        Ok((choose_settings(&self.req, &m, &budget), m))
+    }
+
+    pub(super) async fn record_intent(&self) -> Result<MigrationRow, String> {
+        let (task, vm_id, source, dest) = (self.task, self.vm.id, self.source.id, self.dest.id);
+        self.app
+            .db
+            .write(
+                move |tx| -> Result<Result<MigrationRow, String>, StoreError> {
+                    let Some(vm) = tx.vm_by_id(vm_id)? else {
+                        return Ok(Err("the VM was deleted".into()));
+                    };
+                    if vm.host_id != Some(source) {
+                        return Ok(Err("the VM changed host meanwhile".into()));
+                    }
+                    let row = MigrationRow {
+                        task_id: task,
+                        vm_id,
+                        vm_name: vm.name().to_string(),
+                        source_host_id: source,
+                        dest_host_id: dest,
+                        generation_from: vm.generation,
+                        generation_to: vm.generation + 1,
+                        state: Rec::Preparing,
+                        detail: None,
+                    };
+                    tx.insert_migration(&row, Utc::now())?;
+                    Ok(Ok(row))
+                },
+            )
+            .await
+            .map_err(|e| format!("center store: {e}"))?
+    }
+
+    /// Adds the chosen settings and their measurements to the ownership record.
+    pub(super) async fn record_settings(
+        &self,
+        settings: &MigrationSettings,
+        m: &Measurements,
+    ) -> Result<(), String> {
+        let task = self.task;
+        let detail = json!({ "settings": settings, "measurements": m });
+        self.app
+            .db
+            .write(move |tx| tx.set_migration_detail(task, &detail))
+            .await
+            .map_err(|e| format!("center store: {e}"))
+    }
+
+    pub(super) async fn set_record(&self, from: &[Rec], to: Rec) -> Result<(), String> {
+        let task = self.task;
+        let from = from.to_vec();
+        self.app
+            .db
+            .write(move |tx| tx.set_migration_state(task, &from, to, Utc::now()))
+            .await
+            .map(drop)
+            .map_err(|e| format!("center store: {e}"))
+    }
+
+    /// Records the source's decisions (with their reasons) not recorded yet.
+    pub(super) async fn record_agent_events(&self, s: &AgentMigrationStatus, seen: &mut usize) {
+        if s.events.len() <= *seen {
+            return;
+        }
+        let new: Vec<String> = s.events[*seen..].to_vec();
+        *seen = s.events.len();
+        let (task, vm, host) = (self.task, self.name().to_string(), self.source.name.clone());
+        let r = self
+            .app
+            .db
+            .write(move |tx| {
+                let now = Utc::now();
+                for line in new {
+                    tx.add_event(
+                        ev(
+                            task,
+                            &vm,
+                            &host,
+                            EventLevel::Info,
+                            format!("source {host}: {line}"),
+                        ),
+                        now,
+                    )?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(task = %self.task, "cannot record agent events: {e}");
+        }
+    }
+
+    /// Follows pre-copy until the source pauses at pre-switchover.
+    pub(super) async fn watch_precopy(
+        &mut self,
+        src: &Agent,
+        settings: &MigrationSettings,
+    ) -> Result<AgentMigrationStatus, Abort> {
+        let mut seen = self.events_seen;
+        let mut unreachable_since: Option<Instant> = None;
+        let backstop = Duration::from_millis(settings.deadline_ms) + DEADLINE_MARGIN;
+        let mut cancelled = self.cancelled.clone();
+        loop {
+            self.check_cancel()?;
+            if self.started.elapsed() > backstop {
+                return Err(Abort::Failed(format!(
+                    "the {} s deadline passed and the source did not end the migration",
+                    settings.deadline_ms / 1000
+                )));
+            }
+            let answer = tokio::select! {
+                r = src.migration_status(self.vm.id, Some(AgentMigrationState::Active), STATUS_WAIT) => r,
+                _ = cancelled.changed() => continue,
+            };
+            let s = match answer {
+                Ok(s) => {
+                    unreachable_since = None;
+                    s
+                }
+                Err(e) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > UNREACHABLE_LIMIT
+                        || matches!(e, AgentError::Refused { .. })
+                    {
+                        return Err(Abort::Failed(format!("lost the source's migration: {e}")));
+                    }
+                    tokio::time::sleep(STATUS_WAIT).await;
+                    continue;
+                }
+            };
+            if s.state == AgentMigrationState::PreSwitchover {
+                // The guest is paused now: its events wait.
+                self.hold_agent_events(&s, &mut seen);
+                self.events_seen = seen;
+                return Ok(s);
+            }
+            self.record_agent_events(&s, &mut seen).await;
+            self.events_seen = seen;
+            match s.state {
+                AgentMigrationState::Active => {
+                    if let Some(p) = &s.progress {
+                        let left = p.remaining_bytes as f64;
+                        self.phase(
+                            Stage::Precopy {
+                                sent: p.transferred_bytes,
+                                remaining: p.remaining_bytes,
+                            },
+                            format!(
+                                "pre-copy pass {}: {:.1} MiB left at {:.0} Mbit/s, guest dirties \
+                                 {:.1} MiB/s, throttle {}%, expected downtime {} ms",
+                                p.pass,
+                                left / MIB,
+                                p.mbit_s,
+                                p.dirty_rate_mib_s,
+                                p.cpu_throttle_pct,
+                                p.expected_downtime_ms
+                            ),
+                        )
+                        .await?;
+                    }
+                }
+                other => {
+                    return Err(Abort::Failed(format!(
+                        "the source's migration ended {other:?}: {}",
+                        s.error.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The commit point: one transaction that re-checks the task was not cancelled and moves
+    /// the VM's ownership to the destination.
+    /// `forced` (after a post-copy switchover) commits even if the task was cancelled meanwhile.
+    pub(super) async fn commit(&self, forced: bool) -> Result<(), Abort> {
+        let (task, vm, dest) = (self.task, self.name().to_string(), self.dest.name.clone());
+        let source = self.source.name.clone();
+        self.app
+            .db
+            .write(move |tx| -> Result<Result<(), Abort>, StoreError> {
+                let running = tx
+                    .task(task)?
+                    .is_some_and(|t| t.task.state == TaskState::Running);
+                if !running && !forced {
+                    return Ok(Err(Abort::Cancelled));
+                }
+                if let Err(e) = tx.commit_migration(task, Utc::now()) {
+                    return Ok(Err(Abort::Failed(format!("commit refused: {e}"))));
+                }
+                let gen = tx.migration(task)?.map(|m| m.generation_to).unwrap_or(0);
+                tx.add_event(
+                    ev(
+                        task,
+                        &vm,
+                        &source,
+                        EventLevel::Info,
+                        format!(
+                            "committed: VM {vm} is owned by host {dest} under generation {gen}; \
+                             the source will never run it again"
+                        ),
+                    ),
+                    Utc::now(),
+                )?;
+                Ok(Ok(()))
+            })
+            .await
+            .map_err(|e| format!("center store (not committed): {e}"))?
+    }
+}

@@ -1,0 +1,488 @@
+//! The center's migration driver, stage by stage, through its real store, task runner and
+//! agent client, against fake host agents that follow the agent API (the real agents and
+//! QEMU are driven by the lab tests): a failure at each stage before the commit rolls back —
+//! the source runs the guest, the destination is removed, the VM stays where it was — and
+//! after a post-copy switchover a commit that the store keeps refusing is retried until it
+//! lands, never rolled back: the destination is run, never removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as AxPath, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
+use tern_api::center::{CreateVm, Event, Task, TaskState, Vm};
+use tern_api::evc::HostCpu;
+use tern_api::migration::{
+    AgentMigrationState, AgentMigrationStatus, Commit, DirtyRateReport, IncomingReady, MigrateVm,
+};
+use tern_api::routes::{agent as route, center};
+use tern_api::{ErrorBody, HostFacts, PowerState};
+use tern_center::store::{MigrationRecordState, Store};
+use tern_center::{serve, RunningCenter};
+use uuid::Uuid;
+
+mod common;
+use common::{admin, config, facts, kernel_spec, setup_lab, started, wait_for, wait_task};
+
+// ---------- a fake agent that can fail one call ----------
+
+#[derive(Default)]
+struct FakeState {
+    /// This host is the migration's source (else its destination).
+    source: bool,
+    /// (Source) the switchover goes post-copy.
+    postcopy: bool,
+    /// The call (by its name in `calls`) that answers 500.
+    fail: Option<&'static str>,
+    /// (Source) at the switchover, lock the center's store for this long before answering.
+    lock_store: Option<(PathBuf, Duration)>,
+    vms: Vec<VmRuntime>,
+    /// Migration calls in the order they came.
+    calls: Vec<String>,
+}
+
+type Shared = Arc<Mutex<FakeState>>;
+type R<T> = Result<T, (StatusCode, Json<ErrorBody>)>;
+
+/// Notes a call; the error answer if it is the one to fail.
+fn call(s: &Shared, name: &'static str) -> R<()> {
+    let mut s = s.lock().unwrap();
+    s.calls.push(name.to_string());
+    if s.fail == Some(name) {
+        return Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(ErrorBody {
+                error: format!("injected failure at {name}"),
+            }),
+        ));
+    }
+    Ok(())
+}
+
+async fn start(
+    State(s): State<Shared>,
+    AxPath(id): AxPath<Uuid>,
+    Json(req): Json<StartVm>,
+) -> Json<VmRuntime> {
+    let rt = started(id, req);
+    let mut s = s.lock().unwrap();
+    s.vms.retain(|v| v.id != id);
+    s.vms.push(rt.clone());
+    Json(rt)
+}
+
+async fn vm(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<Json<VmRuntime>> {
+    let s = s.lock().unwrap();
+    s.vms.iter().find(|v| v.id == id).cloned().map(Json).ok_or((
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: "no such VM".into(),
+        }),
+    ))
+}
+
+async fn vms(State(s): State<Shared>) -> Json<Vec<VmRuntime>> {
+    Json(s.lock().unwrap().vms.clone())
+}
+
+async fn delete_vm(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> StatusCode {
+    let mut s = s.lock().unwrap();
+    s.calls.push("delete".into());
+    s.vms.retain(|v| v.id != id);
+    StatusCode::NO_CONTENT
+}
+
+async fn check_paths(Json(_): Json<CheckPaths>) -> Json<PathsReport> {
+    Json(PathsReport::default())
+}
+
+async fn incoming(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<Json<IncomingReady>> {
+    call(&s, "incoming")?;
+    Ok(Json(IncomingReady { uri: None }))
+}
+
+async fn measure(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<Json<DirtyRateReport>> {
+    call(&s, "measure")?;
+    Ok(Json(DirtyRateReport {
+        dirty_rate_mib_s: 1.0,
+        duration_ms: 250,
+    }))
+}
+
+async fn listen(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<Json<IncomingReady>> {
+    call(&s, "listen")?;
+    Ok(Json(IncomingReady {
+        uri: Some("tcp:127.0.0.1:49152".into()),
+    }))
+}
+
+async fn outgoing(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<StatusCode> {
+    call(&s, "outgoing")?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The source is at pre-switchover at once; the destination holds the guest after it.
+async fn status(
+    State(s): State<Shared>,
+    AxPath(id): AxPath<Uuid>,
+) -> R<Json<AgentMigrationStatus>> {
+    call(&s, "status")?;
+    let source = s.lock().unwrap().source;
+    let state = if source {
+        AgentMigrationState::PreSwitchover
+    } else {
+        AgentMigrationState::Completed
+    };
+    Ok(Json(AgentMigrationStatus::new(id, state)))
+}
+
+async fn steer(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<Json<AgentMigrationStatus>> {
+    call(&s, "steer")?;
+    Ok(Json(AgentMigrationStatus::new(
+        id,
+        AgentMigrationState::Listening,
+    )))
+}
+
+async fn switchover(
+    State(s): State<Shared>,
+    AxPath(id): AxPath<Uuid>,
+) -> R<Json<AgentMigrationStatus>> {
+    call(&s, "switchover")?;
+    let (postcopy, lock) = {
+        let s = s.lock().unwrap();
+        (s.postcopy, s.lock_store.clone())
+    };
+    if let Some((db, hold)) = lock {
+        // Taken before answering, so the center's commit starts while the store is locked.
+        let locked = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked.0.send(()).unwrap();
+            std::thread::sleep(hold);
+            conn.execute_batch("COMMIT").unwrap();
+        });
+        locked.1.recv().unwrap();
+    }
+    Ok(Json(AgentMigrationStatus {
+        postcopy,
+        ..AgentMigrationStatus::new(id, AgentMigrationState::Completed)
+    }))
+}
+
+async fn commit(
+    State(s): State<Shared>,
+    AxPath(_): AxPath<Uuid>,
+    Json(c): Json<Commit>,
+) -> R<StatusCode> {
+    call(&s, "commit")?;
+    let mut s = s.lock().unwrap();
+    for v in &mut s.vms {
+        v.state = PowerState::Running;
+        v.generation = c.generation;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn abort(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<StatusCode> {
+    call(&s, "abort")?;
+    let mut s = s.lock().unwrap();
+    if s.source && s.postcopy {
+        return Err((
+            StatusCode::CONFLICT,
+            Json(ErrorBody {
+                error: "the migration went post-copy: the source cannot resume".into(),
+            }),
+        ));
+    }
+    if !s.source {
+        s.vms.retain(|v| v.id != id);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn finish(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<StatusCode> {
+    call(&s, "finish")?;
+    s.lock().unwrap().vms.retain(|v| v.id != id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+struct FakeAgent {
+    url: String,
+    state: Shared,
+}
+
+impl FakeAgent {
+    async fn start(source: bool) -> FakeAgent {
+        let state = Arc::new(Mutex::new(FakeState {
+            source,
+            ..FakeState::default()
+        }));
+        let app = Router::new()
+            .route(route::CHECK_PATHS.template(), post(check_paths))
+            .route(route::VMS.template(), get(vms))
+            .route(route::VM.template(), get(vm).put(start).delete(delete_vm))
+            .route(route::MIGRATION.template(), get(status))
+            .route(route::MIGRATION_INCOMING.template(), post(incoming))
+            .route(route::MIGRATION_MEASURE.template(), post(measure))
+            .route(route::MIGRATION_LISTEN.template(), post(listen))
+            .route(route::MIGRATION_OUTGOING.template(), post(outgoing))
+            .route(route::MIGRATION_STEER.template(), post(steer))
+            .route(route::MIGRATION_SWITCHOVER.template(), post(switchover))
+            .route(route::MIGRATION_COMMIT.template(), post(commit))
+            .route(route::MIGRATION_ABORT.template(), post(abort))
+            .route(route::MIGRATION_FINISH.template(), post(finish))
+            .with_state(state.clone());
+        let url = common::serve_router(app).await;
+        FakeAgent { url, state }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    fn with(&self, f: impl FnOnce(&mut FakeState)) {
+        f(&mut self.state.lock().unwrap())
+    }
+}
+
+// ---------- the scenario ----------
+
+/// Facts of a host whose agent probed its CPU (both hosts alike).
+fn probed() -> HostFacts {
+    // x86-64-v2, the baseline the center gives a VM when its cluster sets no EVC mode.
+    let features: Vec<String> = "apic clflush cmov cx16 cx8 de fpu fxsr hypervisor lahf-lm lm \
+                                 mca mce mmx msr mtrr nx pae pat pge pni popcnt pse pse36 sep \
+                                 sse sse2 sse4.1 sse4.2 ssse3 syscall tsc"
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    HostFacts {
+        cpu_capability: features.clone(),
+        cpu: Some(HostCpu {
+            vendor: Some("GenuineIntel".into()),
+            uncapped: features,
+            ..HostCpu::default()
+        }),
+        ..facts(4, 8192)
+    }
+}
+
+/// A center with hosts h1 (source) and h2, and VM `web` running on h1.
+async fn running_vm(dir: &Path) -> (RunningCenter, FakeAgent, FakeAgent, Vm) {
+    // Hosts stay connected without heartbeats for the whole test.
+    let c: RunningCenter = serve(config(dir, 120_000)).await.unwrap();
+    let h1 = FakeAgent::start(true).await;
+    let h2 = FakeAgent::start(false).await;
+    setup_lab(
+        &c,
+        vec![
+            ("h1", probed(), h1.url.clone()),
+            ("h2", probed(), h2.url.clone()),
+        ],
+    )
+    .await;
+    let _: Vm = admin(&c)
+        .post(
+            &center::VMS.path(),
+            &CreateVm {
+                spec: kernel_spec("web", "52:54:00:00:00:01", 256),
+                cluster: "lab".into(),
+                host: Some("h1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let t: Task = admin(&c)
+        .post(&center::VM_START.with_name("web").unwrap(), &())
+        .await
+        .unwrap();
+    assert_eq!(wait_task(&c, t.id).await.state, TaskState::Succeeded);
+    let vm: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(vm.actual_state, PowerState::Running);
+    (c, h1, h2, vm)
+}
+
+/// Migrates `web` to h2 and waits (up to `secs`) for the task to end.
+async fn migrate(c: &RunningCenter, allow_postcopy: bool, secs: u64) -> Task {
+    let t: Task = admin(c)
+        .post(
+            &center::VM_MIGRATE.with_name("web").unwrap(),
+            &MigrateVm {
+                to: "h2".into(),
+                downtime_ms: None,
+                deadline_ms: None,
+                bandwidth_mbit: None,
+                allow_postcopy,
+                dry_run: false,
+            },
+        )
+        .await
+        .unwrap();
+    let api = admin(c);
+    wait_for("the migration to end", secs, || {
+        let api = api.clone();
+        async move {
+            let t: Task = api.get(&center::TASK.with_id(t.id)).await.unwrap();
+            t.state.is_done().then_some(t)
+        }
+    })
+    .await
+}
+
+fn record(dir: &Path, task: Uuid) -> MigrationRecordState {
+    let mut store = Store::open(&dir.join("center/center.db")).unwrap();
+    store
+        .read(|tx| tx.migration(task))
+        .unwrap()
+        .expect("the migration record")
+        .state
+}
+
+async fn task_events(c: &RunningCenter, task: Uuid) -> Vec<String> {
+    let events: Vec<Event> = admin(c)
+        .get(&format!("{}?limit=500", center::EVENTS.path()))
+        .await
+        .unwrap();
+    events
+        .into_iter()
+        .filter(|e| e.task == Some(task))
+        .map(|e| e.message)
+        .collect()
+}
+
+/// A failure at `call` on `host` (1 = source, 2 = destination) rolls the migration back:
+/// the task fails, the VM stays on h1 under its generation, the destination's copy is gone
+/// and the source's runs.
+async fn rolls_back_when(host: u8, failing: &'static str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    let target = if host == 1 { &h1 } else { &h2 };
+    target.with(|s| s.fail = Some(failing));
+
+    let t = migrate(&c, false, 60).await;
+    assert_eq!(t.state, TaskState::Failed, "{failing}: {t:?}");
+    let err = t.error.clone().unwrap_or_default();
+    assert!(err.contains("injected failure"), "{failing}: {err}");
+    let now: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(now.host.as_deref(), Some("h1"), "{failing}: {now:?}");
+    assert_eq!(now.generation, vm.generation, "{failing}");
+    assert_eq!(record(dir.path(), t.id), MigrationRecordState::RolledBack);
+    // The destination was told to go (once it had been asked to start) and never to run.
+    let (c1, c2) = (h1.calls(), h2.calls());
+    assert!(!c2.contains(&"commit".to_string()), "{failing}: {c2:?}");
+    assert!(c2.contains(&"abort".to_string()), "{failing}: {c2:?}");
+    // The source is told to cancel once it had been asked to send.
+    assert_eq!(
+        c1.contains(&"abort".to_string()),
+        c1.contains(&"outgoing".to_string()),
+        "{failing}: {c1:?}"
+    );
+    assert!(!c1.contains(&"finish".to_string()), "{failing}: {c1:?}");
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_destination_that_cannot_start_rolls_back() {
+    rolls_back_when(2, "incoming").await;
+}
+
+#[tokio::test]
+async fn a_failed_measurement_rolls_back() {
+    rolls_back_when(1, "measure").await;
+}
+
+#[tokio::test]
+async fn a_destination_that_cannot_listen_rolls_back() {
+    rolls_back_when(2, "listen").await;
+}
+
+#[tokio::test]
+async fn a_source_that_cannot_send_rolls_back() {
+    rolls_back_when(1, "outgoing").await;
+}
+
+#[tokio::test]
+async fn a_failed_switchover_rolls_back() {
+    rolls_back_when(1, "switchover").await;
+}
+
+#[tokio::test]
+async fn a_destination_that_did_not_load_the_state_rolls_back() {
+    rolls_back_when(2, "status").await;
+}
+
+#[tokio::test]
+async fn a_whole_migration_commits_and_runs_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    let t = migrate(&c, false, 60).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.progress, 100);
+    let now: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(now.host.as_deref(), Some("h2"));
+    assert_eq!(now.generation, vm.generation + 1);
+    assert_eq!(record(dir.path(), t.id), MigrationRecordState::Done);
+    assert!(h2.calls().contains(&"commit".to_string()));
+    assert!(!h2.calls().contains(&"abort".to_string()));
+    assert!(
+        h1.calls().ends_with(&["finish".to_string()]),
+        "{:?}",
+        h1.calls()
+    );
+    c.shutdown().await.unwrap();
+}
+
+/// After a post-copy switchover the store refuses the commit (another writer holds its lock
+/// longer than the store waits): the driver keeps trying instead of rolling back, and once the
+/// store takes it, the destination runs the guest and the source is finished. Nothing ever
+/// asks the destination to go.
+#[tokio::test]
+async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    // The store waits 5 s for a lock: held 12 s, the first commit attempt (and the one 2 s
+    // later) must fail whatever the scheduling.
+    let db = dir.path().join("center/center.db");
+    h1.with(|s| {
+        s.postcopy = true;
+        s.lock_store = Some((db, Duration::from_secs(12)));
+    });
+
+    let t = migrate(&c, true, 90).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    let now: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
+    assert_eq!(now.generation, vm.generation + 1);
+    assert_eq!(record(dir.path(), t.id), MigrationRecordState::Done);
+    let (c1, c2) = (h1.calls(), h2.calls());
+    assert!(!c2.contains(&"abort".to_string()), "{c2:?}");
+    assert!(!c2.contains(&"delete".to_string()), "{c2:?}");
+    assert!(c2.contains(&"commit".to_string()), "{c2:?}");
+    assert!(!c1.contains(&"abort".to_string()), "{c1:?}");
+    assert!(c1.ends_with(&["finish".to_string()]), "{c1:?}");
+    let events = task_events(&c, t.id).await;
+    let retried = events
+        .iter()
+        .find(|m| m.contains("committed after"))
+        .unwrap_or_else(|| panic!("no event tells of the retried commit: {events:#?}"));
+    assert!(retried.contains("database is locked"), "{retried}");
+    c.shutdown().await.unwrap();
+}
