@@ -126,6 +126,12 @@ impl AgentClient {
                 url: self.url.clone(),
                 detail: format!("unexpected answer: {detail}"),
             },
+            // Agent paths carry only ids; kept for completeness (nothing was sent).
+            ApiError::BadName(e) => AgentError::Refused {
+                host: self.host.clone(),
+                status: 400,
+                message: e.to_string(),
+            },
         }
     }
 

@@ -192,8 +192,35 @@ impl ApiClient {
         self.decode(resp).await
     }
 
+    /// GET with a query string built from `query` (serde, percent-encoded).
+    pub async fn get_query<Q: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> Result<T, ApiError> {
+        let resp = self
+            .send(self.http.get(self.url(path)).query(query))
+            .await?;
+        self.decode(resp).await
+    }
+
     pub async fn get_text(&self, path: &str) -> Result<String, ApiError> {
         let resp = self.send(self.http.get(self.url(path))).await?;
+        resp.text().await.map_err(|e| ApiError::Transport {
+            endpoint: self.endpoint.to_string(),
+            source: e,
+        })
+    }
+
+    /// GET of a text answer, with a query string built from `query`.
+    pub async fn get_text_query<Q: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> Result<String, ApiError> {
+        let resp = self
+            .send(self.http.get(self.url(path)).query(query))
+            .await?;
         resp.text().await.map_err(|e| ApiError::Transport {
             endpoint: self.endpoint.to_string(),
             source: e,

@@ -24,6 +24,9 @@ pub enum ApiError {
     },
     #[error("unexpected answer from {endpoint}: {detail}")]
     Decode { endpoint: String, detail: String },
+    /// A name that cannot be sent as one path segment; nothing was sent.
+    #[error(transparent)]
+    BadName(#[from] crate::routes::BadName),
 }
 
 #[cfg(feature = "client")]

@@ -12,6 +12,8 @@ pub mod agent;
 pub mod agent_client;
 pub mod center;
 #[cfg(feature = "client")]
+pub mod center_client;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod drs;
 pub mod error;
@@ -22,6 +24,8 @@ pub mod spec;
 
 #[cfg(feature = "client")]
 pub use agent_client::{AgentClient, AgentError};
+#[cfg(feature = "client")]
+pub use center_client::CenterClient;
 #[cfg(feature = "client")]
 pub use client::{ApiClient, Endpoint, HttpPool};
 #[cfg(feature = "client")]

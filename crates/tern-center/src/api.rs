@@ -9,15 +9,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    Cluster, CreateCluster, CreateVm, Event, EventLevel, Heartbeat, Host, HostMaintenance,
-    MaintenanceAction, MaintenanceResult, RegisterHost, Registered, StopVm, Task, TaskKind,
-    TaskState, Vm,
+    CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateVm, Event, EventLevel, EventQuery,
+    Heartbeat, Host, HostMaintenance, MaintenanceAction, MaintenanceResult, RegisterHost,
+    Registered, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm,
 };
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
@@ -556,13 +555,6 @@ async fn stop_vm(
     Ok((StatusCode::ACCEPTED, axum::Json(t)))
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ConsoleQuery {
-    /// How many bytes of the log's end to return (default: the agent's).
-    pub bytes: Option<u64>,
-}
-
 #[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms",
     params(("name" = String, Path, description = "VM name"), ConsoleQuery),
     responses(
@@ -579,13 +571,6 @@ async fn vm_console(
 ) -> ApiResult<Response> {
     let text = inventory::console(&app, name, q.bytes).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct CanMigrateQuery {
-    /// Destination host.
-    pub to: String,
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{name}/can-migrate", tag = "vms",
@@ -629,15 +614,6 @@ async fn migrate_vm(
 
 /// Most tasks or events one list call returns.
 const MAX_LIST: u32 = 10_000;
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct TaskQuery {
-    /// Newest N tasks (default 1000).
-    pub limit: Option<u32>,
-    /// Only this VM's tasks.
-    pub vm: Option<String>,
-}
 
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks",
     params(TaskQuery),
@@ -690,17 +666,6 @@ async fn get_task(State(app): AppState, PathArg(id): PathArg<Uuid>) -> ApiResult
     security(("bearer" = [])))]
 async fn cancel_task(State(app): AppState, PathArg(id): PathArg<Uuid>) -> ApiResult<Json<Task>> {
     Ok(axum::Json(tasks::cancel(&app, id).await?))
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct EventQuery {
-    /// Newest N events (default 100).
-    pub limit: Option<u32>,
-    /// Only events about this VM.
-    pub vm: Option<String>,
-    /// Only events about this host.
-    pub host: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",

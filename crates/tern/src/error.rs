@@ -92,6 +92,7 @@ impl CliError {
                 "is it running? Point --center / TERN_CENTER at it, or check the lab with \
                  `tern lab status`",
             ),
+            ApiError::BadName(e) => CliError::usage(e.to_string()),
             ApiError::Decode { endpoint, detail } => {
                 CliError::failed(format!("unexpected answer from {endpoint}: {detail}"))
                     .hint("the center may run a different tern version than this CLI")

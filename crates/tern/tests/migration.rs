@@ -2,7 +2,8 @@
 //! streams from it (no reset, nothing missing or duplicated, same IP and MAC, same boot); a
 //! dirtying guest moves with its memory verifier finding no error; and every fault — the
 //! destination QEMU killed during pre-copy, `tern task cancel`, the deadline, the center
-//! restarting mid-way — ends with exactly one running copy, on the source.
+//! restarting mid-way — ends with exactly one running copy, on the source; and a post-copy
+//! migration whose commit the center's store refuses for a while still goes forward.
 
 mod common;
 
@@ -29,6 +30,22 @@ fn wait_task(lab: &Lab, id: &str) -> Value {
             .then_some(t)
         },
     )
+}
+
+/// Waits for two more passes of the guest's memory verifier than in `before` (its stats
+/// then); asserts the same boot and no bad page.
+fn verifier_clean_after(lab: &Lab, addr: &str, before: &Value) {
+    let passes = before["mem"]["passes"].as_u64().unwrap_or(0);
+    let after = wait_for(
+        "two verifier passes after the move",
+        Duration::from_secs(120),
+        || {
+            let s = lab.guest_stats(addr);
+            (s["mem"]["passes"].as_u64().unwrap_or(0) >= passes + 2).then_some(s)
+        },
+    );
+    assert_eq!(after["boot_id"], before["boot_id"]);
+    assert_eq!(after["mem"]["errors"], 0, "{after}");
 }
 
 /// Starts a slow migration (2 MiB/s) in the background; returns its task id once pre-copy
@@ -131,17 +148,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
         r["downtime_ms"], r["pause_ms"], r["total_ms"], r["passes"]
     );
     lab.one_copy_on("busy", &busy, "h2");
-    let passes = before["mem"]["passes"].as_u64().unwrap_or(0);
-    let after = wait_for(
-        "two verifier passes after the move",
-        Duration::from_secs(120),
-        || {
-            let s = lab.guest_stats("10.78.0.101:7000");
-            (s["mem"]["passes"].as_u64().unwrap_or(0) >= passes + 2).then_some(s)
-        },
-    );
-    assert_eq!(after["boot_id"], before["boot_id"]);
-    assert_eq!(after["mem"]["errors"], 0, "{after}");
+    verifier_clean_after(&lab, "10.78.0.101:7000", &before);
 
     // 3. Faults, each on a slow migration back to h1; the VM must stay on h2, alone.
     // 3a. The destination QEMU dies during pre-copy.
@@ -223,5 +230,99 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     lab.one_copy_on("busy", &busy, "h1");
     let s = lab.guest_stats("10.78.0.101:7000");
     assert_eq!(s["mem"]["errors"], 0, "{s}");
+
+    // 4. Post-copy, and the center's store refuses the commit: the VM must go forward.
+    postcopy_with_a_store_that_refuses_the_commit(&lab, &busy);
     lab.down();
+}
+
+/// A migration that cannot converge under its 32 Mbit/s cap switches to post-copy (allowed, at
+/// 75% of a 10 s deadline); while the switchover runs, another writer locks the center's
+/// store until the center has failed to commit at least once. Once the lock is gone the
+/// commit lands: the task succeeds, exactly one copy runs (on the destination, which was never
+/// removed), the guest's memory verifier and a client's TCP stream see nothing lost.
+fn postcopy_with_a_store_that_refuses_the_commit(lab: &Lab, busy: &str) {
+    let before = lab.guest_stats("10.78.0.101:7000");
+    let streamer = lab.spawn_stream_client("10.78.0.101:7000", 5000);
+    let task = lab
+        .tern_ok(&[
+            "vm",
+            "migrate",
+            "busy",
+            "--to",
+            "h2",
+            "--bandwidth",
+            "32",
+            "--deadline",
+            "10s",
+            "--allow-postcopy",
+            "--detach",
+        ])
+        .trim()
+        .to_string();
+    // The last write before the switchover call is its phase; after a post-copy switchover
+    // the next one is the commit. The window between them is short (the source sends only
+    // the device state), so the store itself is watched, from beside the center (WAL lets a
+    // reader in at any time), and locked the moment the phase is there.
+    let path = lab.dir.join("center/center.db");
+    let watch = rusqlite::Connection::open(&path).expect("center store");
+    let db = rusqlite::Connection::open(&path).expect("center store");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (state, phase): (String, String) = watch
+            .query_row(
+                "SELECT state, phase FROM tasks WHERE id = ?1",
+                [&task],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("the task's row");
+        assert!(
+            !matches!(state.as_str(), "succeeded" | "failed" | "cancelled"),
+            "the migration ended before its switchover: {state}, {phase}"
+        );
+        if phase.starts_with("switchover") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no switchover in 120 s: {phase}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    db.execute_batch("BEGIN IMMEDIATE").expect("lock the store");
+    let log = lab.dir.join("logs/center.log");
+    wait_for(
+        "the center to fail a commit",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("post-copy migration cannot be committed yet")
+                .then_some(())
+        },
+    );
+    db.execute_batch("COMMIT").expect("release the store");
+    drop(db);
+
+    let t = wait_task(lab, &task);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["result"]["status"], "completed", "{t}");
+    lab.one_copy_on("busy", busy, "h2");
+    let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "busy", "--limit", "500"]);
+    let said = |needle: &str| {
+        events.iter().any(|e| {
+            e["task"].as_str() == Some(task.as_str())
+                && e["message"].as_str().unwrap_or("").contains(needle)
+        })
+    };
+    for needle in ["switching to post-copy", "committed after", "committed:"] {
+        assert!(said(needle), "no `{needle}` event: {events:#?}");
+    }
+    let report = streamer.finish();
+    for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
+    verifier_clean_after(lab, "10.78.0.101:7000", &before);
 }

@@ -2,8 +2,7 @@
 
 use tern_api::center::{Cluster, CreateCluster};
 use tern_api::drs::{DrsAutomation, DrsSettings};
-use tern_api::routes::center as route;
-use tern_api::ApiClient;
+use tern_api::CenterClient;
 
 use super::output::{opt, print_json, time, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
@@ -48,12 +47,12 @@ fn parse_automation(s: &str) -> Result<DrsAutomation, String> {
     DrsAutomation::parse(s).ok_or_else(|| format!("{s:?}: use manual, partially or fully"))
 }
 
-pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     match cmd {
         ClusterCommand::Create { name, evc_mode } => {
             let body = CreateCluster { name, evc_mode };
             let c: Cluster = api
-                .post(&route::CLUSTERS.path(), &body)
+                .create_cluster(&body)
                 .await
                 .or_list("tern cluster list")?;
             match fmt {
@@ -65,10 +64,7 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
             }
         }
         ClusterCommand::List => {
-            let list: Vec<Cluster> = api
-                .get(&route::CLUSTERS.path())
-                .await
-                .or_list("tern cluster list")?;
+            let list: Vec<Cluster> = api.clusters().await.or_list("tern cluster list")?;
             match fmt {
                 Format::Json => print_json(&list),
                 Format::Table => {
@@ -94,15 +90,14 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
             automation,
             threshold,
         } => {
-            let path = route::CLUSTER_DRS.with_name(&name)?;
-            let mut s: DrsSettings = api.get(&path).await.or_list("tern cluster list")?;
+            let mut s: DrsSettings = api.drs(&name).await.or_list("tern cluster list")?;
             if let Some(a) = automation {
                 s.automation = a;
             }
             if let Some(t) = threshold {
                 s.threshold = t;
             }
-            let s: DrsSettings = api.put(&path, &s).await.or_list("tern cluster list")?;
+            let s: DrsSettings = api.set_drs(&name, &s).await.or_list("tern cluster list")?;
             match fmt {
                 Format::Json => print_json(&s),
                 Format::Table => {
@@ -115,10 +110,7 @@ pub async fn run(cmd: ClusterCommand, api: &ApiClient, fmt: Format) -> Result<()
             }
         }
         ClusterCommand::Show { name } => {
-            let c: Cluster = api
-                .get(&route::CLUSTER.with_name(&name)?)
-                .await
-                .or_list("tern cluster list")?;
+            let c: Cluster = api.cluster(&name).await.or_list("tern cluster list")?;
             match fmt {
                 Format::Json => print_json(&c),
                 Format::Table => {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tern_api::{ApiClient, Endpoint};
+use tern_api::{ApiClient, CenterClient, Endpoint};
 
 use crate::error::{CliError, ExitKind};
 use crate::lab::state::LabState;
@@ -49,8 +49,8 @@ impl LabDirArgs {
 }
 
 impl ConnectArgs {
-    /// Builds the API client (no request is made yet).
-    pub fn client(&self) -> Result<ApiClient, CliError> {
+    /// Builds the center's client (no request is made yet).
+    pub fn client(&self) -> Result<CenterClient, CliError> {
         let lab_dir = self.lab.lab_dir();
         let lab = LabState::load(&lab_dir).map_err(|e| {
             CliError::failed(format!("{e:#}"))
@@ -89,6 +89,7 @@ impl ConnectArgs {
             (None, None) => String::new(),
         };
         ApiClient::with_timeout(endpoint, token, Duration::from_secs(60))
+            .map(CenterClient::new)
             .map_err(|e| CliError::from_api(e, "tern lab status"))
     }
 }
@@ -97,33 +98,5 @@ fn lab_matches(lab: &LabState, ep: &Endpoint) -> bool {
     match ep {
         Endpoint::Unix(p) => *p == lab.socket,
         Endpoint::Tcp(u) => *u == lab.center_url,
-    }
-}
-
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Encodes a query value (same rules as a segment).
-pub fn query_value(s: &str) -> String {
-    encode(s)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_values_are_encoded() {
-        assert_eq!(query_value("web-1"), "web-1");
-        assert_eq!(query_value("h&to=x y"), "h%26to%3Dx%20y");
     }
 }

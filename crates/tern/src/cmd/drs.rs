@@ -4,12 +4,11 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use tern_api::routes::center as route;
 
 use anyhow::{bail, Context};
 use tern_api::center::Task;
 use tern_api::drs::{DrsApplyResult, DrsRecommendations};
-use tern_api::ApiClient;
+use tern_api::CenterClient;
 use tern_drs::sim::{self, report, Policy, ShapeMix, SimOptions, SyntheticSpec, Workload};
 use tern_drs::{explain, Snapshot, Threshold};
 
@@ -57,9 +56,9 @@ impl DrsCommand {
 }
 
 /// `tern drs recommend CLUSTER` (also `tern cluster drs CLUSTER`).
-pub async fn recommend(api: &ApiClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
+pub async fn recommend(api: &CenterClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
     let r: DrsRecommendations = api
-        .get(&route::CLUSTER_DRS_RECOMMENDATIONS.with_name(cluster)?)
+        .drs_recommendations(cluster)
         .await
         .or_list("tern cluster list")?;
     if fmt == Format::Json {
@@ -102,10 +101,7 @@ pub async fn run_online(cmd: DrsCommand, fmt: Format) -> Result<(), CliError> {
             connect,
         } => {
             let api = connect.client()?;
-            let task: Task = api
-                .post(&route::CLUSTER_DRS_APPLY.with_name(&cluster)?, &())
-                .await
-                .or_list("tern cluster list")?;
+            let task: Task = api.drs_apply(&cluster).await.or_list("tern cluster list")?;
             if detach {
                 return super::task::print_detached(&task, fmt);
             }

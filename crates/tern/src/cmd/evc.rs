@@ -3,17 +3,15 @@
 
 use tern_api::center::{Host, Vm};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode, VmCpuSource};
-use tern_api::routes::center as route;
-use tern_api::ApiClient;
+use tern_api::CenterClient;
 
 use super::cluster::join_or_dash;
-use super::connect::query_value;
 use super::output::{opt, print_json, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError, ExitKind};
 
 /// `tern cluster set-evc NAME MODE` (`none` clears the mode).
 pub async fn set_evc(
-    api: &ApiClient,
+    api: &CenterClient,
     cluster: &str,
     mode: &str,
     fmt: Format,
@@ -23,7 +21,7 @@ pub async fn set_evc(
         mode: (!mode.is_empty() && !mode.eq_ignore_ascii_case("none")).then(|| mode.to_string()),
     };
     let ch: EvcModeChange = api
-        .post(&route::CLUSTER_EVC.with_name(cluster)?, &body)
+        .set_evc(cluster, &body)
         .await
         .or_list("tern cluster list")?;
     if fmt == Format::Json {
@@ -44,11 +42,8 @@ pub async fn set_evc(
 }
 
 /// `tern cluster evc-modes NAME`.
-pub async fn evc_modes(api: &ApiClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
-    let m: EvcModes = api
-        .get(&route::CLUSTER_EVC_MODES.with_name(cluster)?)
-        .await
-        .or_list("tern cluster list")?;
+pub async fn evc_modes(api: &CenterClient, cluster: &str, fmt: Format) -> Result<(), CliError> {
+    let m: EvcModes = api.evc_modes(cluster).await.or_list("tern cluster list")?;
     if fmt == Format::Json {
         return print_json(&m);
     }
@@ -76,15 +71,13 @@ pub async fn evc_modes(api: &ApiClient, cluster: &str, fmt: Format) -> Result<()
 }
 
 /// `tern vm can-migrate NAME --to HOST`: every pre-check on its own line; exit 4 if any fails.
-pub async fn can_migrate(api: &ApiClient, vm: &str, to: &str, fmt: Format) -> Result<(), CliError> {
-    let r: MigrationCheckReport = api
-        .get(&format!(
-            "{}?to={}",
-            route::VM_CAN_MIGRATE.with_name(vm)?,
-            query_value(to)
-        ))
-        .await
-        .or_list("tern vm list")?;
+pub async fn can_migrate(
+    api: &CenterClient,
+    vm: &str,
+    to: &str,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let r: MigrationCheckReport = api.can_migrate(vm, to).await.or_list("tern vm list")?;
     if fmt == Format::Json {
         print_json(&r)?;
     } else {

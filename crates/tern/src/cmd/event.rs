@@ -1,10 +1,8 @@
 //! `tern event list`.
 
-use tern_api::center::{Event, EventLevel};
-use tern_api::routes::center as route;
-use tern_api::ApiClient;
+use tern_api::center::{Event, EventLevel, EventQuery};
+use tern_api::CenterClient;
 
-use super::connect::query_value;
 use super::output::{opt, print_json, short_id, time, Format, Table};
 use crate::error::{ApiResultExt, CliError};
 
@@ -27,19 +25,14 @@ pub enum EventCommand {
     List(EventListArgs),
 }
 
-pub async fn run(cmd: EventCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+pub async fn run(cmd: EventCommand, api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     let EventCommand::List(a) = cmd;
-    let mut q = vec![format!("limit={}", a.limit)];
-    if let Some(vm) = &a.vm {
-        q.push(format!("vm={}", query_value(vm)));
-    }
-    if let Some(h) = &a.host {
-        q.push(format!("host={}", query_value(h)));
-    }
-    let events: Vec<Event> = api
-        .get(&format!("{}?{}", route::EVENTS.path(), q.join("&")))
-        .await
-        .or_list("tern event list")?;
+    let q = EventQuery {
+        limit: Some(a.limit),
+        vm: a.vm.clone(),
+        host: a.host.clone(),
+    };
+    let events: Vec<Event> = api.events(&q).await.or_list("tern event list")?;
     if fmt == Format::Json {
         return print_json(&events);
     }

@@ -2,18 +2,14 @@
 //! main).
 
 use tern_api::center::{Host, HostMaintenance, MaintenanceAction, MaintenanceResult, Task};
-use tern_api::routes::center as route;
-use tern_api::ApiClient;
+use tern_api::CenterClient;
 
 use super::cluster::join_or_dash;
 use super::output::{ago, opt, print_json, short_id, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
 
-pub async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
-    let hosts: Vec<Host> = api
-        .get(&route::HOSTS.path())
-        .await
-        .or_list("tern host list")?;
+pub async fn list(api: &CenterClient, fmt: Format) -> Result<(), CliError> {
+    let hosts: Vec<Host> = api.hosts().await.or_list("tern host list")?;
     if fmt == Format::Json {
         return print_json(&hosts);
     }
@@ -57,11 +53,8 @@ pub async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn show(api: &ApiClient, name: &str, fmt: Format) -> Result<(), CliError> {
-    let h: Host = api
-        .get(&route::HOST.with_name(name)?)
-        .await
-        .or_list("tern host list")?;
+pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), CliError> {
+    let h: Host = api.host(name).await.or_list("tern host list")?;
     if fmt == Format::Json {
         return print_json(&h);
     }
@@ -148,7 +141,7 @@ emptying the host: cancel that task first (`tern task cancel ID`).")]
 }
 
 pub async fn maintenance(
-    api: &ApiClient,
+    api: &CenterClient,
     cmd: MaintenanceCommand,
     fmt: Format,
 ) -> Result<(), CliError> {
@@ -157,10 +150,7 @@ pub async fn maintenance(
         MaintenanceCommand::Exit { host } => (host.clone(), MaintenanceAction::Exit),
     };
     let task: Task = api
-        .post(
-            &route::HOST_MAINTENANCE.with_name(&host)?,
-            &HostMaintenance { action },
-        )
+        .maintenance(&host, &HostMaintenance { action })
         .await
         .or_list("tern host list")?;
     let MaintenanceCommand::Enter {
@@ -182,7 +172,7 @@ pub async fn maintenance(
         Ok(t) => t,
         Err(e) => {
             if fmt == Format::Json {
-                if let Ok(t) = api.get::<Task>(&route::TASK.with_id(task.id)).await {
+                if let Ok(t) = api.task(task.id).await {
                     print_json(&t)?;
                 }
             }

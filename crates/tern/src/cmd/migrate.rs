@@ -4,14 +4,12 @@
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
-use tern_api::routes::center as route;
 
 use tern_api::center::{Task, TaskState};
 use tern_api::evc::MigrationCheckReport;
 use tern_api::migration::{MigrateVm, MigrationResult};
-use tern_api::{ApiClient, ApiError};
+use tern_api::{ApiError, CenterClient};
 
-use super::connect::query_value;
 use super::output::{print_json, short_id, Format};
 use super::task::parse_duration;
 use crate::error::{CliError, ExitKind};
@@ -47,7 +45,7 @@ pub struct MigrateArgs {
     wait_timeout: Duration,
 }
 
-pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), CliError> {
+pub async fn run(api: &CenterClient, a: MigrateArgs, fmt: Format) -> Result<(), CliError> {
     let body = MigrateVm {
         to: a.to.clone(),
         downtime_ms: a.downtime_ms,
@@ -67,14 +65,7 @@ pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), Cli
     };
     // The pre-checks as a dry run first: a migration that cannot pass them is refused (exit 4)
     // before a task is even queued, like `tern vm can-migrate`.
-    let report: MigrationCheckReport = api
-        .get(&format!(
-            "{}?to={}",
-            route::VM_CAN_MIGRATE.with_name(&a.name)?,
-            query_value(&a.to)
-        ))
-        .await
-        .map_err(api_err)?;
+    let report: MigrationCheckReport = api.can_migrate(&a.name, &a.to).await.map_err(api_err)?;
     if !report.ok {
         if fmt == Format::Json {
             print_json(&report)?;
@@ -99,10 +90,7 @@ pub async fn run(api: &ApiClient, a: MigrateArgs, fmt: Format) -> Result<(), Cli
             a.name, a.to
         )));
     }
-    let task: Task = api
-        .post(&route::VM_MIGRATE.with_name(&a.name)?, &body)
-        .await
-        .map_err(api_err)?;
+    let task: Task = api.migrate(&a.name, &body).await.map_err(api_err)?;
     if a.detach {
         return match fmt {
             Format::Json => print_json(&task),
@@ -182,7 +170,7 @@ fn print_summary(task: &Task) {
 /// Shows the task's progress until it ends: a bar on a terminal, a line per phase change
 /// otherwise, nothing for JSON.
 async fn follow(
-    api: &ApiClient,
+    api: &CenterClient,
     task: &Task,
     timeout: Duration,
     fmt: Format,
@@ -202,7 +190,7 @@ async fn follow(
     let mut unreachable_since: Option<Instant> = None;
     let id = task.id;
     let result = loop {
-        match api.get::<Task>(&route::TASK.with_id(id)).await {
+        match api.task(id).await {
             Ok(t) => {
                 unreachable_since = None;
                 if let Some(b) = &bar {

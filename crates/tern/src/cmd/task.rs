@@ -2,10 +2,9 @@
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
-use tern_api::routes::center as route;
 
-use tern_api::center::{Task, TaskState};
-use tern_api::{ApiClient, ApiError};
+use tern_api::center::{Task, TaskQuery, TaskState};
+use tern_api::{ApiError, CenterClient};
 use uuid::Uuid;
 
 use super::output::{opt, print_json, short_id, time, Format, Sheet, Table};
@@ -28,11 +27,11 @@ pub enum TaskCommand {
     Cancel { id: String },
 }
 
-pub async fn run(cmd: TaskCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+pub async fn run(cmd: TaskCommand, api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     match cmd {
         TaskCommand::List => {
             let mut tasks: Vec<Task> = api
-                .get(&route::TASKS.path())
+                .tasks(&TaskQuery::default())
                 .await
                 .or_list("tern task list")?;
             tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
@@ -69,10 +68,7 @@ pub async fn run(cmd: TaskCommand, api: &ApiClient, fmt: Format) -> Result<(), C
         }
         TaskCommand::Cancel { id } => {
             let id = resolve_id(api, &id).await?;
-            let task: Task = api
-                .post(&route::TASK_CANCEL.with_id(id), &())
-                .await
-                .or_list("tern task list")?;
+            let task: Task = api.cancel_task(id).await.or_list("tern task list")?;
             if fmt == Format::Json {
                 return print_json(&task);
             }
@@ -117,14 +113,12 @@ pub fn print_task(task: &Task, fmt: Format) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn get(api: &ApiClient, id: Uuid) -> Result<Task, CliError> {
-    api.get(&route::TASK.with_id(id))
-        .await
-        .or_list("tern task list")
+async fn get(api: &CenterClient, id: Uuid) -> Result<Task, CliError> {
+    api.task(id).await.or_list("tern task list")
 }
 
 /// A full UUID, or a prefix that matches exactly one task.
-pub async fn resolve_id(api: &ApiClient, id: &str) -> Result<Uuid, CliError> {
+pub async fn resolve_id(api: &CenterClient, id: &str) -> Result<Uuid, CliError> {
     if let Ok(u) = Uuid::parse_str(id) {
         return Ok(u);
     }
@@ -133,7 +127,7 @@ pub async fn resolve_id(api: &ApiClient, id: &str) -> Result<Uuid, CliError> {
         return Err(CliError::usage(format!("`{id}` is not a task id")));
     }
     let tasks: Vec<Task> = api
-        .get(&route::TASKS.path())
+        .tasks(&TaskQuery::default())
         .await
         .or_list("tern task list")?;
     let hits: Vec<&Task> = tasks
@@ -214,7 +208,7 @@ pub fn print_detached(task: &Task, fmt: Format) -> Result<(), CliError> {
 /// Polls a task until it ends. Succeeded → `Ok`; failed, cancelled or timed out → an error
 /// with what to do next. Rides out a center restart (transport errors) within the timeout.
 pub async fn wait(
-    api: &ApiClient,
+    api: &CenterClient,
     id: Uuid,
     timeout: Option<Duration>,
     fmt: Format,
@@ -224,7 +218,7 @@ pub async fn wait(
     let mut progress = Progress::new(fmt);
     let mut unreachable_since: Option<Instant> = None;
     let result = loop {
-        match api.get::<Task>(&route::TASK.with_id(id)).await {
+        match api.task(id).await {
             Ok(t) => {
                 unreachable_since = None;
                 progress.update(&t);

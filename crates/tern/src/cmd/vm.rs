@@ -2,10 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_api::routes::center as route;
 
-use tern_api::center::{CreateVm, StopVm, Task, Vm};
-use tern_api::{ApiClient, ApiError, BootSource, DiskFormat, DiskSpec, NicSpec, VmSpec};
+use tern_api::center::{ConsoleQuery, CreateVm, StopVm, Task, Vm};
+use tern_api::{ApiError, BootSource, CenterClient, DiskFormat, DiskSpec, NicSpec, VmSpec};
 
 use super::output::{opt, print_json, short_id, time, Format, Sheet, Table};
 use super::task::{parse_duration, print_task, wait};
@@ -123,14 +122,11 @@ pub struct CreateArgs {
     no_nic: bool,
 }
 
-pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), CliError> {
+pub async fn run(cmd: VmCommand, api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     match cmd {
         VmCommand::Create(a) => create(api, a, fmt).await,
         VmCommand::Start { name, wait } => {
-            let task: Task = api
-                .post(&route::VM_START.with_name(&name)?, &())
-                .await
-                .or_list(LIST)?;
+            let task: Task = api.start_vm(&name).await.or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is running")).await
         }
         VmCommand::Stop {
@@ -140,15 +136,12 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
             wait,
         } => {
             let body = StopVm { force, timeout_ms };
-            let task: Task = api
-                .post(&route::VM_STOP.with_name(&name)?, &body)
-                .await
-                .or_list(LIST)?;
+            let task: Task = api.stop_vm(&name, &body).await.or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is stopped")).await
         }
         VmCommand::List => list(api, fmt).await,
         VmCommand::Show { name } => {
-            let vm: Vm = api.get(&route::VM.with_name(&name)?).await.or_list(LIST)?;
+            let vm: Vm = api.vm(&name).await.or_list(LIST)?;
             show(&vm, fmt)
         }
         VmCommand::Console {
@@ -159,17 +152,15 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
         VmCommand::Migrate(a) => super::migrate::run(api, a, fmt).await,
         VmCommand::CanMigrate { name, to } => super::evc::can_migrate(api, &name, &to, fmt).await,
         VmCommand::Delete { name } => {
-            api.delete(&route::VM.with_name(&name)?)
-                .await
-                .map_err(|e| {
-                    let conflict = e.is_conflict();
-                    let err = CliError::from_api(e, LIST);
-                    if conflict {
-                        err.hint_unless_told(format!("stop it first: `tern vm stop {name}`"))
-                    } else {
-                        err
-                    }
-                })?;
+            api.delete_vm(&name).await.map_err(|e| {
+                let conflict = e.is_conflict();
+                let err = CliError::from_api(e, LIST);
+                if conflict {
+                    err.hint_unless_told(format!("stop it first: `tern vm stop {name}`"))
+                } else {
+                    err
+                }
+            })?;
             if fmt == Format::Table {
                 println!("deleted vm {name}");
             }
@@ -179,7 +170,7 @@ pub async fn run(cmd: VmCommand, api: &ApiClient, fmt: Format) -> Result<(), Cli
 }
 
 async fn follow_task(
-    api: &ApiClient,
+    api: &CenterClient,
     task: Task,
     w: &WaitArgs,
     fmt: Format,
@@ -214,7 +205,7 @@ async fn follow_task(
     }
 }
 
-async fn create(api: &ApiClient, a: CreateArgs, fmt: Format) -> Result<(), CliError> {
+async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), CliError> {
     let boot = match &a.kernel {
         Some(k) => BootSource::Kernel {
             kernel: absolute(k)?,
@@ -247,7 +238,7 @@ async fn create(api: &ApiClient, a: CreateArgs, fmt: Format) -> Result<(), CliEr
         cluster: a.cluster.clone(),
         host: a.host.clone(),
     };
-    let vm: Vm = api.post(&route::VMS.path(), &body).await.map_err(|e| {
+    let vm: Vm = api.create_vm(&body).await.map_err(|e| {
         let nf = e.is_not_found();
         let err = CliError::from_api(e, LIST);
         if nf {
@@ -279,8 +270,8 @@ async fn create(api: &ApiClient, a: CreateArgs, fmt: Format) -> Result<(), CliEr
     }
 }
 
-async fn list(api: &ApiClient, fmt: Format) -> Result<(), CliError> {
-    let vms: Vec<Vm> = api.get(&route::VMS.path()).await.or_list(LIST)?;
+async fn list(api: &CenterClient, fmt: Format) -> Result<(), CliError> {
+    let vms: Vec<Vm> = api.vms().await.or_list(LIST)?;
     if fmt == Format::Json {
         return print_json(&vms);
     }
@@ -361,10 +352,9 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn console(api: &ApiClient, name: &str, bytes: u64, follow: bool) -> Result<(), CliError> {
-    let path = route::VM_CONSOLE.with_name(name)?;
+async fn console(api: &CenterClient, name: &str, bytes: u64, follow: bool) -> Result<(), CliError> {
     let text = api
-        .get_text(&format!("{path}?bytes={bytes}"))
+        .console(name, &ConsoleQuery { bytes: Some(bytes) })
         .await
         .or_list(LIST)?;
     print!("{text}");
@@ -377,7 +367,10 @@ async fn console(api: &ApiClient, name: &str, bytes: u64, follow: bool) -> Resul
     let mut seen = text;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let tail = match api.get_text(&format!("{path}?bytes=65536")).await {
+        let tail = match api
+            .console(name, &ConsoleQuery { bytes: Some(65536) })
+            .await
+        {
             Ok(t) => t,
             Err(e @ ApiError::Transport { .. }) => {
                 tracing::debug!("console poll: {e}");

@@ -4,12 +4,11 @@
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
-use tern_api::routes::center as route;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use tern_api::center::{Cluster, Host};
-use tern_api::{ApiClient, Endpoint, HostState};
+use tern_api::center::Host;
+use tern_api::{ApiClient, CenterClient, Endpoint, HostState};
 
 use super::plan::{self, CLUSTER};
 use super::state::{LabHost, LabProcess, LabState};
@@ -19,13 +18,13 @@ const CENTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const HOSTS_READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-pub(super) fn api_client(st: &LabState, timeout: Duration) -> anyhow::Result<ApiClient> {
+pub(super) fn api_client(st: &LabState, timeout: Duration) -> anyhow::Result<CenterClient> {
     let token = st.admin_token()?;
-    Ok(ApiClient::with_timeout(
+    Ok(CenterClient::new(ApiClient::with_timeout(
         Endpoint::Unix(st.socket.clone()),
         token,
         timeout,
-    )?)
+    )?))
 }
 
 pub(super) fn center_args(st: &LabState) -> Vec<String> {
@@ -113,12 +112,12 @@ fn exited(child: &mut Child, p: Option<&LabProcess>) -> anyhow::Result<()> {
 }
 
 /// Waits until the center answers on its socket.
-pub(super) async fn wait_center(st: &LabState, child: &mut Child) -> anyhow::Result<ApiClient> {
+pub(super) async fn wait_center(st: &LabState, child: &mut Child) -> anyhow::Result<CenterClient> {
     let api = api_client(st, Duration::from_secs(3))?;
     let deadline = Instant::now() + CENTER_READY_TIMEOUT;
     loop {
         exited(child, st.center.as_ref())?;
-        let err = match api.get::<Vec<Cluster>>(&route::CLUSTERS.path()).await {
+        let err = match api.clusters().await {
             Ok(_) => return api_client(st, Duration::from_secs(30)),
             Err(e) => e,
         };
@@ -141,7 +140,7 @@ pub(super) async fn wait_center(st: &LabState, child: &mut Child) -> anyhow::Res
 /// Waits until each named host is connected with a heartbeat newer than `since`.
 pub(super) async fn wait_hosts(
     st: &LabState,
-    api: &ApiClient,
+    api: &CenterClient,
     children: &mut [(String, Child)],
     since: DateTime<Utc>,
 ) -> anyhow::Result<()> {
@@ -150,7 +149,7 @@ pub(super) async fn wait_hosts(
         for (name, child) in children.iter_mut() {
             exited(child, st.host(name).map(|h| &h.agent))?;
         }
-        let hosts: Vec<Host> = match api.get(&route::HOSTS.path()).await {
+        let hosts: Vec<Host> = match api.hosts().await {
             Ok(h) => h,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("listing hosts: {e}");

@@ -32,12 +32,11 @@ pub use teardown::teardown;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_api::routes::center as route;
 
 use anyhow::{bail, Context};
 use chrono::Utc;
 use serde::Serialize;
-use tern_api::center::{Cluster, CreateCluster, Host};
+use tern_api::center::{CreateCluster, Host};
 
 use daemons::{agent_args, api_client, center_args, start_process, wait_center, wait_hosts};
 use plan::{Plan, CLUSTER};
@@ -247,13 +246,10 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
     let mut child = start_process(&mut st, "center")?;
     let api = wait_center(&st, &mut child).await?;
     match api
-        .post::<_, Cluster>(
-            &route::CLUSTERS.path(),
-            &CreateCluster {
-                name: CLUSTER.into(),
-                evc_mode: None,
-            },
-        )
+        .create_cluster(&CreateCluster {
+            name: CLUSTER.into(),
+            evc_mode: None,
+        })
         .await
     {
         Ok(_) => {}
@@ -346,7 +342,7 @@ pub async fn status(dir: &Path) -> anyhow::Result<Status> {
         })
         .collect();
     let (hosts, center_error) = match api_client(&lab, Duration::from_secs(3)) {
-        Ok(api) => match api.get::<Vec<Host>>(&route::HOSTS.path()).await {
+        Ok(api) => match api.hosts().await {
             Ok(h) => (Some(h), None),
             Err(e) => (None, Some(e.to_string())),
         },

@@ -1,0 +1,174 @@
+//! The typed client of the center's REST API ([`crate::center`], paths in
+//! [`crate::routes::center`]), used by the CLI and the lab: one method per call, with the
+//! request and answer types the center serves. Names go into paths percent-encoded (a name
+//! that cannot be a path segment fails with [`ApiError::BadName`] before anything is sent).
+
+use uuid::Uuid;
+
+use crate::center::{
+    CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateVm, Event, EventQuery, Host,
+    HostMaintenance, StopVm, Task, TaskQuery, Vm,
+};
+use crate::client::{ApiClient, Endpoint};
+use crate::drs::{DrsRecommendations, DrsSettings};
+use crate::error::ApiError;
+use crate::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
+use crate::migration::MigrateVm;
+use crate::routes::center as route;
+
+/// A center, reached with the admin token.
+#[derive(Debug, Clone)]
+pub struct CenterClient {
+    api: ApiClient,
+}
+
+impl CenterClient {
+    pub fn new(api: ApiClient) -> CenterClient {
+        CenterClient { api }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        self.api.endpoint()
+    }
+
+    // ---- clusters ----
+
+    pub async fn create_cluster(&self, req: &CreateCluster) -> Result<Cluster, ApiError> {
+        self.api.post(&route::CLUSTERS.path(), req).await
+    }
+
+    pub async fn clusters(&self) -> Result<Vec<Cluster>, ApiError> {
+        self.api.get(&route::CLUSTERS.path()).await
+    }
+
+    pub async fn cluster(&self, name: &str) -> Result<Cluster, ApiError> {
+        self.api.get(&route::CLUSTER.with_name(name)?).await
+    }
+
+    pub async fn set_evc(
+        &self,
+        cluster: &str,
+        req: &SetEvcMode,
+    ) -> Result<EvcModeChange, ApiError> {
+        self.api
+            .post(&route::CLUSTER_EVC.with_name(cluster)?, req)
+            .await
+    }
+
+    pub async fn evc_modes(&self, cluster: &str) -> Result<EvcModes, ApiError> {
+        self.api
+            .get(&route::CLUSTER_EVC_MODES.with_name(cluster)?)
+            .await
+    }
+
+    pub async fn drs(&self, cluster: &str) -> Result<DrsSettings, ApiError> {
+        self.api.get(&route::CLUSTER_DRS.with_name(cluster)?).await
+    }
+
+    pub async fn set_drs(&self, cluster: &str, s: &DrsSettings) -> Result<DrsSettings, ApiError> {
+        self.api
+            .put(&route::CLUSTER_DRS.with_name(cluster)?, s)
+            .await
+    }
+
+    pub async fn drs_recommendations(&self, cluster: &str) -> Result<DrsRecommendations, ApiError> {
+        self.api
+            .get(&route::CLUSTER_DRS_RECOMMENDATIONS.with_name(cluster)?)
+            .await
+    }
+
+    /// Queues the cluster's current recommendations as one task.
+    pub async fn drs_apply(&self, cluster: &str) -> Result<Task, ApiError> {
+        self.api
+            .post(&route::CLUSTER_DRS_APPLY.with_name(cluster)?, &())
+            .await
+    }
+
+    // ---- hosts ----
+
+    pub async fn hosts(&self) -> Result<Vec<Host>, ApiError> {
+        self.api.get(&route::HOSTS.path()).await
+    }
+
+    pub async fn host(&self, name: &str) -> Result<Host, ApiError> {
+        self.api.get(&route::HOST.with_name(name)?).await
+    }
+
+    /// Enters or leaves maintenance mode (a task).
+    pub async fn maintenance(&self, host: &str, req: &HostMaintenance) -> Result<Task, ApiError> {
+        self.api
+            .post(&route::HOST_MAINTENANCE.with_name(host)?, req)
+            .await
+    }
+
+    // ---- VMs ----
+
+    pub async fn create_vm(&self, req: &CreateVm) -> Result<Vm, ApiError> {
+        self.api.post(&route::VMS.path(), req).await
+    }
+
+    pub async fn vms(&self) -> Result<Vec<Vm>, ApiError> {
+        self.api.get(&route::VMS.path()).await
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<Vm, ApiError> {
+        self.api.get(&route::VM.with_name(name)?).await
+    }
+
+    pub async fn delete_vm(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::VM.with_name(name)?).await
+    }
+
+    pub async fn start_vm(&self, name: &str) -> Result<Task, ApiError> {
+        self.api.post(&route::VM_START.with_name(name)?, &()).await
+    }
+
+    pub async fn stop_vm(&self, name: &str, req: &StopVm) -> Result<Task, ApiError> {
+        self.api.post(&route::VM_STOP.with_name(name)?, req).await
+    }
+
+    /// The end of the VM's serial console log.
+    pub async fn console(&self, name: &str, q: &ConsoleQuery) -> Result<String, ApiError> {
+        self.api
+            .get_text_query(&route::VM_CONSOLE.with_name(name)?, q)
+            .await
+    }
+
+    /// Every migration pre-check, as a dry run (nothing moves).
+    pub async fn can_migrate(
+        &self,
+        name: &str,
+        to: &str,
+    ) -> Result<MigrationCheckReport, ApiError> {
+        self.api
+            .get_query(
+                &route::VM_CAN_MIGRATE.with_name(name)?,
+                &CanMigrateQuery { to: to.to_string() },
+            )
+            .await
+    }
+
+    pub async fn migrate(&self, name: &str, req: &MigrateVm) -> Result<Task, ApiError> {
+        self.api
+            .post(&route::VM_MIGRATE.with_name(name)?, req)
+            .await
+    }
+
+    // ---- tasks and events ----
+
+    pub async fn tasks(&self, q: &TaskQuery) -> Result<Vec<Task>, ApiError> {
+        self.api.get_query(&route::TASKS.path(), q).await
+    }
+
+    pub async fn task(&self, id: Uuid) -> Result<Task, ApiError> {
+        self.api.get(&route::TASK.with_id(id)).await
+    }
+
+    pub async fn cancel_task(&self, id: Uuid) -> Result<Task, ApiError> {
+        self.api.post(&route::TASK_CANCEL.with_id(id), &()).await
+    }
+
+    pub async fn events(&self, q: &EventQuery) -> Result<Vec<Event>, ApiError> {
+        self.api.get_query(&route::EVENTS.path(), q).await
+    }
+}
