@@ -6,6 +6,7 @@
 //! lands, never rolled back: the destination is run, never removed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ struct FakeState {
     fail: Option<&'static str>,
     /// (Source) at the switchover, lock the center's store for this long before answering.
     lock_store: Option<(PathBuf, Duration)>,
+    /// True while that lock is held (shared by both fakes).
+    store_locked: Arc<AtomicBool>,
     vms: Vec<VmRuntime>,
     /// Migration calls in the order they came.
     calls: Vec<String>,
@@ -153,9 +156,9 @@ async fn switchover(
     AxPath(id): AxPath<Uuid>,
 ) -> R<Json<AgentMigrationStatus>> {
     call(&s, "switchover")?;
-    let (postcopy, lock) = {
+    let (postcopy, lock, flag) = {
         let s = s.lock().unwrap();
-        (s.postcopy, s.lock_store.clone())
+        (s.postcopy, s.lock_store.clone(), s.store_locked.clone())
     };
     if let Some((db, hold)) = lock {
         // Taken before answering, so the center's commit starts while the store is locked.
@@ -163,8 +166,10 @@ async fn switchover(
         std::thread::spawn(move || {
             let conn = rusqlite::Connection::open(&db).unwrap();
             conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            flag.store(true, Ordering::SeqCst);
             locked.0.send(()).unwrap();
             std::thread::sleep(hold);
+            flag.store(false, Ordering::SeqCst);
             conn.execute_batch("COMMIT").unwrap();
         });
         locked.1.recv().unwrap();
@@ -182,6 +187,9 @@ async fn commit(
 ) -> R<StatusCode> {
     call(&s, "commit")?;
     let mut s = s.lock().unwrap();
+    if s.store_locked.load(Ordering::SeqCst) {
+        s.calls.push("commit while the store was locked".into());
+    }
     for v in &mut s.vms {
         v.state = PowerState::Running;
         v.generation = c.generation;
@@ -448,9 +456,9 @@ async fn a_whole_migration_commits_and_runs_the_destination() {
 }
 
 /// After a post-copy switchover the store refuses the commit (another writer holds its lock
-/// longer than the store waits): the driver keeps trying instead of rolling back, and once the
-/// store takes it, the destination runs the guest and the source is finished. Nothing ever
-/// asks the destination to go.
+/// longer than the store waits): the destination runs the guest at once anyway (the source can
+/// never resume), the driver keeps trying the commit instead of rolling back, and once the
+/// store takes it the source is finished. Nothing ever asks the destination to go.
 #[tokio::test]
 async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -458,10 +466,13 @@ async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back(
     // The store waits 5 s for a lock: held 12 s, the first commit attempt (and the one 2 s
     // later) must fail whatever the scheduling.
     let db = dir.path().join("center/center.db");
+    let locked = Arc::new(AtomicBool::new(false));
     h1.with(|s| {
         s.postcopy = true;
         s.lock_store = Some((db, Duration::from_secs(12)));
+        s.store_locked = locked.clone();
     });
+    h2.with(|s| s.store_locked = locked.clone());
 
     let t = migrate(&c, true, 90).await;
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
@@ -476,6 +487,11 @@ async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back(
     assert!(!c2.contains(&"abort".to_string()), "{c2:?}");
     assert!(!c2.contains(&"delete".to_string()), "{c2:?}");
     assert!(c2.contains(&"commit".to_string()), "{c2:?}");
+    // The guest ran on the destination at once, not only once the store took the commit.
+    assert!(
+        c2.contains(&"commit while the store was locked".to_string()),
+        "{c2:?}"
+    );
     assert!(!c1.contains(&"abort".to_string()), "{c1:?}");
     assert!(c1.ends_with(&["finish".to_string()]), "{c1:?}");
     let events = task_events(&c, t.id).await;

@@ -12,6 +12,15 @@
 //! the source is removed), anything else backward (the source runs, the destination is
 //! removed). Every step is idempotent and retried until the agent answers, so the end state
 //! is exactly one running copy.
+//!
+//! Post-copy is the one exception, and it only narrows the rule: once the source has switched
+//! to post-copy its memory is no longer whole and it can never resume, so the destination runs
+//! the guest at once and the commit follows, retried until it lands; a migration found
+//! unfinished whose source says post-copy goes forward whatever its record says
+//! (`tern_motion::settle`).
+//!
+//! Layout: [`checks`] (pre-checks), [`stages`] (one function per stage up to the commit),
+//! [`settle`] (forward, rollback, the background convergence, recovery).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -162,6 +171,7 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
         incoming_attempted: false,
         outgoing_attempted: false,
         pause_started: None,
+        paused_for: None,
         events_seen: 0,
         held: std::sync::Mutex::new(Vec::new()),
         timeline: Timeline::default(),
@@ -192,6 +202,9 @@ struct Mig {
     incoming_attempted: bool,
     outgoing_attempted: bool,
     pause_started: Option<Instant>,
+    /// How long the guest was paused, once known before [`Mig::forward`] (post-copy: the
+    /// destination runs before the commit).
+    paused_for: Option<Duration>,
     /// Source events already recorded.
     events_seen: usize,
     /// Events noted while the guest is paused, written once it runs again (on either side):

@@ -34,7 +34,10 @@ impl Mig {
             }
             tokio::time::sleep(RETRY).await;
         }
-        let pause_ms = self.pause_started.map(|t| t.elapsed().as_millis() as u64);
+        let pause_ms = self
+            .paused_for
+            .or_else(|| self.pause_started.map(|t| t.elapsed()))
+            .map(|d| d.as_millis() as u64);
         let mut timeline = self.timeline.clone();
         timeline.step("destination runs", resumed.elapsed());
         self.flush_held().await;

@@ -300,12 +300,37 @@ impl Mig {
     }
 
     /// After a post-copy switchover the source's memory is no longer whole: the only way is
-    /// forward, whatever happens now (the price of allowing post-copy). A failed commit must
-    /// never fall into the rollback — it would remove the paused destination, which holds the
-    /// device state, while the source cannot resume, and the VM would be lost. So the commit
-    /// comes first (before any event is written) and is retried until the store takes it (its
-    /// trouble is the only obstacle); the trouble is said once, and every few attempts.
-    async fn stage_commit_after_postcopy(&self) {
+    /// forward, whatever happens now (the price of allowing post-copy). So the destination runs
+    /// the guest at once — no second copy can ever run, and the guest is not held paused while
+    /// the store is in trouble — and the commit follows. A failed commit must never fall into
+    /// the rollback (it would remove the destination, which holds the guest, while the source
+    /// cannot resume: the VM would be lost); it is retried until the store takes it (its
+    /// trouble is the only obstacle), said once, and every few attempts.
+    async fn stage_commit_after_postcopy(&mut self) {
+        let generation_to = self.row.as_ref().map_or(0, |r| r.generation_to);
+        let t = Instant::now();
+        match self
+            .app
+            .agent(&self.dest)
+            .migration_commit(self.vm.id, generation_to)
+            .await
+        {
+            Ok(()) => {
+                self.timeline.step(
+                    "destination runs (post-copy, before the commit)",
+                    t.elapsed(),
+                );
+                self.paused_for = self.pause_started.map(|p| p.elapsed());
+            }
+            Err(e) => self.hold(
+                EventLevel::Warning,
+                format!(
+                    "destination {} did not run the guest yet ({e}); asked again after the \
+                     commit",
+                    self.dest.name
+                ),
+            ),
+        }
         let mut failed = 0u32;
         let mut last = String::new();
         while let Err(e) = self.commit(true).await {
