@@ -94,6 +94,10 @@ pub struct Host {
     pub last_heartbeat: Option<DateTime<Utc>>,
     /// Names of the VMs the center places on this host.
     pub vms: Vec<String>,
+    /// What keeps this host from doing all its work, for users (it is "degraded" while any
+    /// is listed); empty when it is healthy. Disconnection and maintenance show in `state`.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

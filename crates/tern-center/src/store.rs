@@ -206,7 +206,21 @@ impl HostRecord {
             load: self.load.clone(),
             last_heartbeat: self.last_heartbeat,
             vms,
+            problems: self.problems(),
         }
+    }
+
+    /// What keeps the host from doing all its work (see [`Host::problems`]).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.facts.cpu.is_none() {
+            out.push(
+                "CPU capability unknown: its agent could not probe QEMU yet and keeps retrying; \
+                 until then no VM migrates to it and clusters with an EVC mode refuse it"
+                    .to_string(),
+            );
+        }
+        out
     }
 }
 

@@ -440,6 +440,47 @@ async fn openapi_is_served_without_a_token() {
     c.shutdown().await.unwrap();
 }
 
+/// A host whose agent could not probe its CPU is shown degraded, with the reason, until a
+/// heartbeat brings the capability.
+#[tokio::test]
+async fn a_host_without_cpu_capability_is_degraded_until_it_reports_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    create_cluster(&c, "lab").await;
+    let agent = FakeAgent::start().await;
+    let reg = register(&c, "h1", &agent, facts(4, 8192)).await;
+    let h: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
+    assert_eq!(h.state, HostState::Connected);
+    assert_eq!(h.problems.len(), 1, "{:?}", h.problems);
+    assert!(
+        h.problems[0].contains("CPU capability unknown"),
+        "{:?}",
+        h.problems
+    );
+
+    let probed = HostFacts {
+        cpu: Some(tern_api::evc::HostCpu {
+            vendor: Some("GenuineIntel".into()),
+            uncapped: vec!["sse2".into()],
+            ..Default::default()
+        }),
+        ..facts(4, 8192)
+    };
+    client(&c, &reg.host_token)
+        .post::<_, ()>(
+            &format!("/api/v1/hosts/{}/heartbeat", reg.host_id),
+            &Heartbeat {
+                facts: probed,
+                load: agent.load(),
+            },
+        )
+        .await
+        .unwrap();
+    let h: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
+    assert!(h.problems.is_empty(), "{:?}", h.problems);
+    c.shutdown().await.unwrap();
+}
+
 /// The OpenAPI document describes exactly the routes of `tern_api::routes::center`, and the
 /// router serves every path and method the document names (none falls to the "no such API
 /// path" or "no such method" answers).

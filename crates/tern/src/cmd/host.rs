@@ -36,7 +36,7 @@ pub async fn list(api: &CenterClient, fmt: Format) -> Result<(), CliError> {
         t.row(vec![
             h.name.clone(),
             h.cluster.clone(),
-            h.state.to_string(),
+            state_text(h),
             h.facts.accelerator.to_string(),
             h.facts.cores.to_string(),
             cpu,
@@ -63,7 +63,7 @@ pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), Cli
     s.add("name", &h.name)
         .add("id", h.id)
         .add("cluster", &h.cluster)
-        .add("state", h.state)
+        .add("state", state_text(&h))
         .add("agent_url", &h.agent_url)
         .add("hostname", &f.hostname)
         .add(
@@ -92,8 +92,20 @@ pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), Cli
             .unwrap_or_else(|| "never".into()),
     )
     .add("vms", join_or_dash(&h.vms));
+    for p in &h.problems {
+        s.add("problem", p);
+    }
     s.print();
     Ok(())
+}
+
+/// The host's state, with "degraded" when it reports problems (`tern host show` says which).
+fn state_text(h: &Host) -> String {
+    if h.problems.is_empty() {
+        h.state.to_string()
+    } else {
+        format!("{} (degraded)", h.state)
+    }
 }
 
 /// `tern host maintenance enter|exit HOST`.
