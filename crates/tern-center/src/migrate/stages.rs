@@ -25,8 +25,9 @@ impl Mig {
                 Ok(Finished::Committed(done))
             }
             Switched::Whole(done) => {
+                // The guest is paused: the commit is the one store write it waits for (no
+                // progress line first).
                 let t = Instant::now();
-                self.phase(Stage::Commit, "committing".into()).await?;
                 self.commit(false).await?;
                 self.timeline.step("commit", t.elapsed());
                 Ok(Finished::Committed(done))
