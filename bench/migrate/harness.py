@@ -247,7 +247,8 @@ def case_table(rows, meta):
     out = [f"### bench/migrate — median (min–max) over converged runs; "
            f"{meta['runs']} run(s) per case, {meta['vcpus']} vCPU, TCG, "
            f"working set {WORKING_SET_MIB} MiB", ""]
-    p = meta.get("qemu_defaults", {}).get("parameters", {})
+    # A run without the baseline migrator records no QEMU defaults (None).
+    p = (meta.get("qemu_defaults") or {}).get("parameters", {})
     if p:
         out.append(f"QEMU {meta['qemu_version']} defaults used by the baseline: max-bandwidth "
                    f"{p.get('max-bandwidth', 0) / (1 << 20):.0f} MiB/s, downtime-limit "
