@@ -220,6 +220,13 @@ impl HostRecord {
                     .to_string(),
             );
         }
+        if tern_motion::QemuVersion::parse(&self.facts.qemu_version).is_none() {
+            out.push(format!(
+                "QEMU version unknown ({:?}): no VM migrates to or from it until its agent \
+                 reports one",
+                self.facts.qemu_version
+            ));
+        }
         out
     }
 }

@@ -440,8 +440,8 @@ async fn openapi_is_served_without_a_token() {
     c.shutdown().await.unwrap();
 }
 
-/// A host whose agent could not probe its CPU is shown degraded, with the reason, until a
-/// heartbeat brings the capability.
+/// A host whose agent could not probe its CPU (or tell its QEMU version) is shown degraded,
+/// with the reason, until a heartbeat brings what was missing.
 #[tokio::test]
 async fn a_host_without_cpu_capability_is_degraded_until_it_reports_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -478,6 +478,22 @@ async fn a_host_without_cpu_capability_is_degraded_until_it_reports_one() {
         .unwrap();
     let h: Host = admin(&c).get("/api/v1/hosts/h1").await.unwrap();
     assert!(h.problems.is_empty(), "{:?}", h.problems);
+
+    // An agent that could not tell its QEMU version is degraded too.
+    let other = FakeAgent::start().await;
+    let unknown = HostFacts {
+        qemu_version: String::new(),
+        ..facts(4, 8192)
+    };
+    register(&c, "h2", &other, unknown).await;
+    let h: Host = admin(&c).get("/api/v1/hosts/h2").await.unwrap();
+    assert!(
+        h.problems
+            .iter()
+            .any(|p| p.contains("QEMU version unknown")),
+        "{:?}",
+        h.problems
+    );
     c.shutdown().await.unwrap();
 }
 
