@@ -207,6 +207,17 @@ pub struct MigrationCheckReport {
     pub checks: Vec<MigrationCheck>,
 }
 
+impl MigrationCheckReport {
+    /// The failed checks as `kind: detail`, for a one-line reason.
+    pub fn failures(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.check, c.detail))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

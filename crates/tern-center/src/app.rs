@@ -109,6 +109,18 @@ impl App {
         left
     }
 
+    /// Records an event; a store that refuses it is logged, never an error of the caller's
+    /// work (events describe it, they do not decide it).
+    pub async fn add_event(&self, e: crate::store::NewEvent) {
+        if let Err(err) = self
+            .db
+            .write(move |tx| tx.add_event(e, chrono::Utc::now()))
+            .await
+        {
+            tracing::error!("cannot record an event: {err}");
+        }
+    }
+
     /// Registers the cancel signal of a task about to be driven.
     pub fn cancel_signal(&self, task: Uuid) -> Arc<Notify> {
         lock(&self.cancels).entry(task).or_default().clone()

@@ -278,14 +278,7 @@ impl Entry {
         if let Some(vm) = vm {
             e = e.vm(vm);
         }
-        if let Err(err) = self
-            .app
-            .db
-            .write(move |tx| tx.add_event(e, Utc::now()))
-            .await
-        {
-            tracing::error!(task = %self.task, "cannot record an event: {err}");
-        }
+        self.app.add_event(e).await;
     }
 
     /// Records progress; an error when the task has ended meanwhile (cancelled).

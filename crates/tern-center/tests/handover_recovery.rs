@@ -19,7 +19,7 @@ use tern_center::{serve, RunningCenter};
 use uuid::Uuid;
 
 mod common;
-use common::{admin, config, facts, kernel_spec, setup_lab, wait_for};
+use common::{admin, config, facts, kernel_spec, migration_record, setup_lab, wait_for};
 
 // ---------- a fake agent: one migration, in memory ----------
 
@@ -173,16 +173,6 @@ async fn stopped_mid_handover(dir: &std::path::Path, h1: &FakeAgent, h2: &FakeAg
     (vm, task)
 }
 
-/// The record's state, read from the store beside the running center (WAL allows it).
-fn record(dir: &std::path::Path, task: Uuid) -> MigrationRecordState {
-    let mut store = Store::open(&dir.join("center/center.db")).unwrap();
-    store
-        .read(|tx| tx.migration(task))
-        .unwrap()
-        .expect("the migration record")
-        .state
-}
-
 /// Starts the center again on `dir` and waits until it has settled migration `task`: the
 /// running center, the VM as it is then, and the event that said so.
 async fn restart_and_settle(dir: &std::path::Path, task: Uuid) -> (RunningCenter, Vm, String) {
@@ -211,7 +201,10 @@ async fn a_source_that_went_postcopy_is_taken_forward_never_back() {
     assert!(settled.contains("runs on h2 only"), "{settled}");
     assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
     assert_eq!(now.generation, vm.generation + 1);
-    assert_eq!(record(dir.path(), task), MigrationRecordState::Done);
+    assert_eq!(
+        migration_record(dir.path(), task),
+        MigrationRecordState::Done
+    );
     // The destination was run under the new generation and never removed; the source was
     // asked once whether it can resume (it refused) and then finished.
     assert_eq!(h2.calls(), vec![format!("commit {}", vm.generation + 1)]);
@@ -234,7 +227,10 @@ async fn a_whole_source_takes_the_vm_back_before_the_destination_goes() {
     assert!(settled.contains("runs on h1 only"), "{settled}");
     assert_eq!(now.host.as_deref(), Some("h1"), "{now:?}");
     assert_eq!(now.generation, vm.generation);
-    assert_eq!(record(dir.path(), task), MigrationRecordState::RolledBack);
+    assert_eq!(
+        migration_record(dir.path(), task),
+        MigrationRecordState::RolledBack
+    );
     assert_eq!(h1.calls(), vec!["abort".to_string()]);
     assert_eq!(h2.calls(), vec!["abort".to_string()]);
     c.shutdown().await.unwrap();

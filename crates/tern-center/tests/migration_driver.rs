@@ -22,12 +22,14 @@ use tern_api::migration::{
 };
 use tern_api::routes::{agent as route, center};
 use tern_api::{ErrorBody, HostFacts, PowerState};
-use tern_center::store::{MigrationRecordState, Store};
+use tern_center::store::MigrationRecordState;
 use tern_center::{serve, RunningCenter};
 use uuid::Uuid;
 
 mod common;
-use common::{admin, config, facts, kernel_spec, setup_lab, started, wait_for, wait_task};
+use common::{
+    admin, config, facts, kernel_spec, migration_record, setup_lab, started, wait_for, wait_task,
+};
 
 // ---------- a fake agent that can fail one call ----------
 
@@ -346,15 +348,6 @@ async fn migrate(c: &RunningCenter, allow_postcopy: bool, secs: u64) -> Task {
     .await
 }
 
-fn record(dir: &Path, task: Uuid) -> MigrationRecordState {
-    let mut store = Store::open(&dir.join("center/center.db")).unwrap();
-    store
-        .read(|tx| tx.migration(task))
-        .unwrap()
-        .expect("the migration record")
-        .state
-}
-
 async fn task_events(c: &RunningCenter, task: Uuid) -> Vec<String> {
     let events: Vec<Event> = admin(c)
         .get(&format!("{}?limit=500", center::EVENTS.path()))
@@ -386,7 +379,10 @@ async fn rolls_back_when(host: u8, failing: &'static str) {
         .unwrap();
     assert_eq!(now.host.as_deref(), Some("h1"), "{failing}: {now:?}");
     assert_eq!(now.generation, vm.generation, "{failing}");
-    assert_eq!(record(dir.path(), t.id), MigrationRecordState::RolledBack);
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::RolledBack
+    );
     // The destination was told to go (once it had been asked to start) and never to run.
     let (c1, c2) = (h1.calls(), h2.calls());
     assert!(!c2.contains(&"commit".to_string()), "{failing}: {c2:?}");
@@ -444,7 +440,10 @@ async fn a_whole_migration_commits_and_runs_the_destination() {
         .unwrap();
     assert_eq!(now.host.as_deref(), Some("h2"));
     assert_eq!(now.generation, vm.generation + 1);
-    assert_eq!(record(dir.path(), t.id), MigrationRecordState::Done);
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::Done
+    );
     assert!(h2.calls().contains(&"commit".to_string()));
     assert!(!h2.calls().contains(&"abort".to_string()));
     assert!(
@@ -482,7 +481,10 @@ async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back(
         .unwrap();
     assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
     assert_eq!(now.generation, vm.generation + 1);
-    assert_eq!(record(dir.path(), t.id), MigrationRecordState::Done);
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::Done
+    );
     let (c1, c2) = (h1.calls(), h2.calls());
     assert!(!c2.contains(&"abort".to_string()), "{c2:?}");
     assert!(!c2.contains(&"delete".to_string()), "{c2:?}");

@@ -282,14 +282,7 @@ impl Mig {
 
     async fn event(&self, level: EventLevel, msg: String) {
         let e = ev(self.task, self.name(), &self.source.name, level, msg);
-        if let Err(err) = self
-            .app
-            .db
-            .write(move |tx| tx.add_event(e, Utc::now()))
-            .await
-        {
-            tracing::error!(task = %self.task, "cannot record an event: {err}");
-        }
+        self.app.add_event(e).await;
     }
 
     /// Notes an event to be written by [`Mig::flush_held`].

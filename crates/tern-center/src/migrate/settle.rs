@@ -435,7 +435,7 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
                 .task(task)
                 .vm(&vm)
                 .host(Some(host));
-                let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
+                app.add_event(e).await;
                 return;
             }
             Err(e) => {
@@ -453,7 +453,7 @@ pub async fn converge(app: Arc<App>, row: MigrationRow) {
                         .task(task)
                         .vm(&vm)
                         .host(Some(&src.name));
-                    let _ = app.db.write(move |tx| tx.add_event(e, Utc::now())).await;
+                    app.add_event(e).await;
                 }
                 tokio::time::sleep(RETRY).await;
             }

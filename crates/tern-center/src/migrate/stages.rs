@@ -56,12 +56,7 @@ impl Mig {
             .await;
         }
         if !report.ok {
-            let failed: Vec<String> = report
-                .checks
-                .iter()
-                .filter(|c| !c.ok)
-                .map(|c| format!("{}: {}", c.check, c.detail))
-                .collect();
+            let failed = report.failures();
             return Err(Abort::Failed(format!(
                 "pre-checks failed: {}",
                 failed.join("; ")

@@ -169,3 +169,14 @@ pub async fn setup_lab(
     }
     out
 }
+
+/// A migration's ownership-record state, read from the store beside the running center (WAL
+/// lets a reader in).
+pub fn migration_record(dir: &Path, task: Uuid) -> tern_center::store::MigrationRecordState {
+    let mut store = tern_center::store::Store::open(&dir.join("center/center.db")).unwrap();
+    store
+        .read(|tx| tx.migration(task))
+        .unwrap()
+        .expect("the migration record")
+        .state
+}

@@ -70,12 +70,7 @@ pub async fn run(api: &CenterClient, a: MigrateArgs, fmt: Format) -> Result<(), 
         if fmt == Format::Json {
             print_json(&report)?;
         }
-        let failed: Vec<String> = report
-            .checks
-            .iter()
-            .filter(|c| !c.ok)
-            .map(|c| format!("{}: {}", c.check, c.detail))
-            .collect();
+        let failed = report.failures();
         return Err(CliError::new(
             ExitKind::Refused,
             format!(
