@@ -24,9 +24,12 @@ use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::routes::center::{self as route, nested};
 use tern_api::ErrorBody;
 
+use crate::api_error::ApiErr;
 use crate::app::App;
-use crate::error::ApiErr;
+use crate::auth::{bearer, token_eq};
+use crate::error::CenterError;
 use crate::inventory;
+use crate::power;
 use crate::store::EventFilter;
 use crate::tasks;
 
@@ -50,37 +53,19 @@ pub struct QueryArg<T>(pub T);
 type Json<T> = axum::Json<T>;
 type ApiResult<T> = Result<T, ApiErr>;
 
-/// Compares tokens in time independent of where they differ.
-pub fn token_eq(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The bearer token of a request, if it carries one.
-pub fn bearer(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
-}
-
 async fn require_admin(State(app): AppState, req: Request, next: Next) -> Response {
     match bearer(req.headers()) {
         Some(t) if token_eq(&t, &app.admin_token) => next.run(req).await,
-        Some(_) => ApiErr::unauthorized(format!(
+        Some(_) => ApiErr::from(CenterError::unauthorized(format!(
             "wrong token: present the admin token (on the center host in {})",
             app.config.admin_token_file.display()
-        ))
+        )))
         .into_response(),
-        None => ApiErr::unauthorized(format!(
+        None => ApiErr::from(CenterError::unauthorized(format!(
             "missing Authorization: Bearer <token>: set TERN_TOKEN or --token to the admin \
              token (on the center host in {})",
             app.config.admin_token_file.display()
-        ))
+        )))
         .into_response(),
     }
 }
@@ -88,11 +73,11 @@ async fn require_admin(State(app): AppState, req: Request, next: Next) -> Respon
 async fn require_enrol(State(app): AppState, req: Request, next: Next) -> Response {
     match bearer(req.headers()) {
         Some(t) if token_eq(&t, &app.enrol_token) => next.run(req).await,
-        _ => ApiErr::unauthorized(format!(
+        _ => ApiErr::from(CenterError::unauthorized(format!(
             "registering a host needs Authorization: Bearer <enrolment token>: give the agent \
              --enrol-token-file with the token from {} on the center host",
             app.config.enrol_token_file.display()
-        ))
+        )))
         .into_response(),
     }
 }
@@ -158,7 +143,7 @@ async fn log_request(req: Request, next: Next) -> Response {
 }
 
 async fn no_route() -> ApiErr {
-    ApiErr::not_found("no such API path: see GET /openapi.json for the paths")
+    CenterError::not_found("no such API path: see GET /openapi.json for the paths").into()
 }
 
 async fn no_method() -> ApiErr {
@@ -213,7 +198,7 @@ async fn get_cluster(
         .db
         .read(move |tx| {
             tx.cluster(&name)?.ok_or_else(|| {
-                ApiErr::not_found(format!(
+                CenterError::not_found(format!(
                     "cluster {name} does not exist: see tern cluster list"
                 ))
             })
@@ -399,7 +384,7 @@ async fn get_host(State(app): AppState, PathArg(name): PathArg<String>) -> ApiRe
         .db
         .read(move |tx| {
             let h = tx.host_by_name(&name)?.ok_or_else(|| {
-                ApiErr::not_found(format!("host {name} is not registered: see tern host list"))
+                CenterError::not_found(format!("host {name} is not registered: see tern host list"))
             })?;
             Ok::<_, ApiErr>(tx.host_view(&h)?)
         })
@@ -491,7 +476,7 @@ async fn get_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResu
         .read(move |tx| {
             let vm = tx
                 .vm_by_name(&name)?
-                .ok_or_else(|| inventory::vm_not_found(&name))?;
+                .ok_or_else(|| CenterError::vm_not_found(&name))?;
             Ok::<_, ApiErr>(crate::evc::vm_view(tx, &vm)?)
         })
         .await?;
@@ -525,7 +510,7 @@ async fn start_vm(
     State(app): AppState,
     PathArg(name): PathArg<String>,
 ) -> ApiResult<(StatusCode, Json<Task>)> {
-    let t = tasks::start_vm(&app, name).await?;
+    let t = power::start_vm(&app, name).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(t)))
 }
 
@@ -549,9 +534,9 @@ async fn stop_vm(
         StopVm::default()
     } else {
         serde_json::from_slice(&body)
-            .map_err(|e| ApiErr::bad_request(format!("invalid JSON body: {e}")))?
+            .map_err(|e| CenterError::invalid(format!("invalid JSON body: {e}")))?
     };
-    let t = tasks::stop_vm(&app, name, req).await?;
+    let t = power::stop_vm(&app, name, req).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(t)))
 }
 
@@ -648,7 +633,7 @@ async fn get_task(State(app): AppState, PathArg(id): PathArg<Uuid>) -> ApiResult
         .db
         .read(move |tx| {
             tx.task(id)?.map(|t| t.task).ok_or_else(|| {
-                ApiErr::not_found(format!("task {id} does not exist: see tern task list"))
+                CenterError::not_found(format!("task {id} does not exist: see tern task list"))
             })
         })
         .await?;

@@ -12,6 +12,17 @@ use uuid::Uuid;
 use crate::config::CenterConfig;
 use crate::store::Db;
 
+/// The DRS scheduler's shared state (the scheduler itself is [`crate::drs`]).
+#[derive(Default)]
+pub struct DrsState {
+    /// Wakes the scheduler loop early (a host joined).
+    pub wake: Notify,
+    /// The apply task running per cluster name.
+    pub(crate) applying: Mutex<HashMap<String, Uuid>>,
+    /// The recommendations last recorded per cluster (recorded again only when they change).
+    pub(crate) last_recorded: Mutex<HashMap<String, String>>,
+}
+
 /// Everything request handlers, task drivers and the monitor share.
 pub struct App {
     pub db: Db,
@@ -29,7 +40,7 @@ pub struct App {
     /// Task drivers and other background work, awaited (briefly) at shutdown.
     workers: Mutex<JoinSet<()>>,
     /// The DRS scheduler's wake-up signal and running applies.
-    pub drs: crate::drs::DrsState,
+    pub drs: DrsState,
     /// Connections to the agents, reused from call to call (see [`App::agent`]).
     pub http: tern_api::HttpPool,
 }
@@ -52,7 +63,7 @@ impl App {
             settled: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             workers: Mutex::new(JoinSet::new()),
-            drs: crate::drs::DrsState::default(),
+            drs: DrsState::default(),
         }
     }
 

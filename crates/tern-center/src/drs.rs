@@ -31,12 +31,13 @@ use tern_api::{HostState, PowerState};
 use tern_drs::{
     explain, BalancePlan, LastMigration, Placement, Rule, Snapshot, Threshold, VmHostRelation,
 };
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::app::{lock, App};
-use crate::error::ApiErr;
+use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, VmRecord};
+use crate::tasks::{self, TaskCtl, TaskEnd};
 
 /// How often a migration task is polled.
 const POLL: Duration = Duration::from_millis(300);
@@ -45,17 +46,6 @@ const MIGRATION_WAIT: Duration = Duration::from_secs(3600);
 
 /// Failed destination pre-checks of one VM, by host name: (check, detail).
 pub type Refused = HashMap<String, Vec<(String, String)>>;
-
-/// The scheduler's shared state.
-#[derive(Default)]
-pub struct DrsState {
-    /// Wakes the scheduler loop early (a host joined).
-    pub wake: Notify,
-    /// The apply task running per cluster name.
-    applying: Mutex<HashMap<String, Uuid>>,
-    /// The recommendations last recorded per cluster (recorded again only when they change).
-    last_recorded: Mutex<HashMap<String, String>>,
-}
 
 // ---------- the snapshot ----------
 
@@ -89,7 +79,7 @@ pub async fn prechecks(app: &Arc<App>, vm: &VmRecord, skip_host: &str) -> Refuse
                     .filter(|c| !(stopped && c.check == CheckKind::Cpu))
                     .map(|c| (c.check.to_string(), c.detail))
                     .collect(),
-                Err(e) => vec![("pre-checks".into(), e.message)],
+                Err(e) => vec![("pre-checks".into(), e.into_message())],
             };
         if stopped {
             if let Err(e) = crate::evc::resolve(&vm.spec, mode.as_deref(), h) {
@@ -278,7 +268,7 @@ pub fn placement_reason(p: &Placement) -> String {
 /// engine picks another among those passing the pre-checks and the VM is re-homed there
 /// (ownership generation bumped, the old host told to forget it). Does nothing when the host
 /// is usable or the VM is not stopped.
-pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> {
+pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterError> {
     let n = name.to_string();
     let found = app
         .db
@@ -303,7 +293,7 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> 
     let rules = precheck_rules([(vm.name(), &refused)]);
     let snap = cluster_snapshot(app, vm.cluster_id, rules, Some(vm.id))
         .await
-        .map_err(ApiErr::internal)?;
+        .map_err(CenterError::internal)?;
     let why_not = match host.as_ref().map(|h| h.state()) {
         Some(HostState::Maintenance) => "is in maintenance mode: VMs do not start there",
         Some(_) => "is disconnected: wait for its agent to reconnect (tern host list)",
@@ -312,20 +302,20 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> 
     let placed = match tern_drs::place(&snap, vm.name()) {
         Ok(p) if !p.over_high_water => p,
         Ok(p) => {
-            return Err(ApiErr::conflict(format!(
+            return Err(CenterError::conflict(format!(
                 "host {old} of VM {name} {why_not}, and no other host has room for it (the \
                  best, {}, would go over capacity)",
                 p.host
             )))
         }
         Err(tern_drs::PlaceError::Admission(f)) => {
-            return Err(ApiErr::conflict(format!(
+            return Err(CenterError::conflict(format!(
                 "host {old} of VM {name} {why_not}, and no other host can take it: {}{}",
                 explain::admission_failure(&f),
                 precheck_text(&refused)
             )))
         }
-        Err(e) => return Err(ApiErr::internal(format!("the scheduler failed: {e}"))),
+        Err(e) => return Err(CenterError::internal(format!("the scheduler failed: {e}"))),
     };
     let reason = placement_reason(&placed);
     let (vm_id, generation, to, from) = (vm.id, vm.generation, placed.host.clone(), old.clone());
@@ -335,7 +325,9 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> 
             let dest = tx
                 .host_by_name(&to)?
                 .filter(HostRecord::usable)
-                .ok_or_else(|| ApiErr::conflict(format!("host {to} changed state; try again")))?;
+                .ok_or_else(|| {
+                    CenterError::conflict(format!("host {to} changed state; try again"))
+                })?;
             tx.rehome_vm(vm_id, dest.id, generation)?;
             tx.add_event(
                 NewEvent::info(format!(
@@ -346,7 +338,7 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> 
                 .host(Some(&to)),
                 Utc::now(),
             )?;
-            Ok::<_, ApiErr>(())
+            Ok::<_, CenterError>(())
         })
         .await?;
     // The old host keeps no copy of a VM it no longer owns (if it can be reached).
@@ -362,19 +354,13 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), ApiErr> 
 
 // ---------- settings ----------
 
-fn cluster_not_found(name: &str) -> ApiErr {
-    ApiErr::not_found(format!(
-        "cluster {name} does not exist: see tern cluster list"
-    ))
-}
-
-pub async fn settings(app: &Arc<App>, cluster: String) -> Result<DrsSettings, ApiErr> {
+pub async fn settings(app: &Arc<App>, cluster: String) -> Result<DrsSettings, CenterError> {
     app.db
         .read(move |tx| {
             let id = tx
                 .cluster_id(&cluster)?
-                .ok_or_else(|| cluster_not_found(&cluster))?;
-            Ok::<_, ApiErr>(tx.drs_settings(id)?)
+                .ok_or_else(|| CenterError::cluster_not_found(&cluster))?;
+            Ok::<_, CenterError>(tx.drs_settings(id)?)
         })
         .await
 }
@@ -383,9 +369,9 @@ pub async fn set_settings(
     app: &Arc<App>,
     cluster: String,
     s: DrsSettings,
-) -> Result<DrsSettings, ApiErr> {
+) -> Result<DrsSettings, CenterError> {
     if !DRS_THRESHOLDS.contains(&s.threshold) {
-        return Err(ApiErr::bad_request(format!(
+        return Err(CenterError::invalid(format!(
             "migration threshold {} is out of range: use 1 (mandatory moves only) to 5 (also \
              small gains)",
             s.threshold
@@ -397,7 +383,7 @@ pub async fn set_settings(
             let now = Utc::now();
             let id = tx
                 .cluster_id(&cluster)?
-                .ok_or_else(|| cluster_not_found(&cluster))?;
+                .ok_or_else(|| CenterError::cluster_not_found(&cluster))?;
             let before = tx.drs_settings(id)?;
             tx.set_drs_settings(id, s, now)?;
             if before != s {
@@ -409,7 +395,7 @@ pub async fn set_settings(
                     now,
                 )?;
             }
-            Ok::<_, ApiErr>(s)
+            Ok::<_, CenterError>(s)
         })
         .await?;
     app.drs.wake.notify_one();
@@ -419,18 +405,20 @@ pub async fn set_settings(
 // ---------- recommendations ----------
 
 /// The engine's balance pass over a cluster now.
-pub async fn recommend(app: &Arc<App>, cluster: String) -> Result<DrsRecommendations, ApiErr> {
+pub async fn recommend(app: &Arc<App>, cluster: String) -> Result<DrsRecommendations, CenterError> {
     let c2 = cluster.clone();
     let (id, settings, running, moved) = app
         .db
         .read(move |tx| {
-            let id = tx.cluster_id(&c2)?.ok_or_else(|| cluster_not_found(&c2))?;
+            let id = tx
+                .cluster_id(&c2)?
+                .ok_or_else(|| CenterError::cluster_not_found(&c2))?;
             let running: Vec<VmRecord> = tx
                 .vms()?
                 .into_iter()
                 .filter(|v| v.cluster_id == id && v.actual == PowerState::Running)
                 .collect();
-            Ok::<_, ApiErr>((id, tx.drs_settings(id)?, running, tx.last_migrations()?))
+            Ok::<_, CenterError>((id, tx.drs_settings(id)?, running, tx.last_migrations()?))
         })
         .await?;
     let mut refused = Vec::new();
@@ -441,7 +429,7 @@ pub async fn recommend(app: &Arc<App>, cluster: String) -> Result<DrsRecommendat
     let rules = precheck_rules(refused.iter().map(|(v, r)| (v.as_str(), r)));
     let mut snap = cluster_snapshot(app, id, rules, None)
         .await
-        .map_err(ApiErr::internal)?;
+        .map_err(CenterError::internal)?;
     let by_name: HashMap<&str, Uuid> = running.iter().map(|v| (v.name(), v.id)).collect();
     for v in &mut snap.vms {
         let last = by_name.get(v.name.as_str()).and_then(|id| moved.get(id));
@@ -453,8 +441,9 @@ pub async fn recommend(app: &Arc<App>, cluster: String) -> Result<DrsRecommendat
         }
     }
     let threshold = Threshold::new(settings.threshold).unwrap_or_default();
-    let plan = tern_drs::balance(&snap, threshold)
-        .map_err(|e| ApiErr::internal(format!("the scheduler cannot read the cluster: {e}")))?;
+    let plan = tern_drs::balance(&snap, threshold).map_err(|e| {
+        CenterError::internal(format!("the scheduler cannot read the cluster: {e}"))
+    })?;
     Ok(recommendations(cluster, settings, &plan))
 }
 
@@ -506,7 +495,7 @@ pub async fn migrate_and_wait(
     };
     let t = crate::migrate::migrate_vm(app, vm.to_string(), req)
         .await
-        .map_err(|e| format!("the migration was refused: {}", e.message))?;
+        .map_err(|e| format!("the migration was refused: {}", e))?;
     *lock(child) = Some(t.id);
     let deadline = tokio::time::Instant::now() + MIGRATION_WAIT;
     let id = t.id;
@@ -547,14 +536,14 @@ fn task_event(task: Uuid, level: EventLevel, msg: String) -> NewEvent {
 
 /// Queues a `drs_apply` task for the cluster: the recommendations of a fresh pass run one at
 /// a time as live migrations. `why` says who asked (an operator, the scheduler).
-pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, ApiErr> {
+pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, CenterError> {
     let c2 = cluster.clone();
     let why = why.to_string();
     let rec = {
         // Checked and claimed under one lock so two applies of a cluster never overlap.
         let claim = lock(&app.drs.applying).get(&cluster).copied();
         if let Some(t) = claim {
-            return Err(ApiErr::conflict(format!(
+            return Err(CenterError::conflict(format!(
                 "task {t} is already applying the DRS recommendations of cluster {cluster}: \
                  follow it with tern task wait {t}"
             )));
@@ -563,7 +552,8 @@ pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, A
             .db
             .write(move |tx| {
                 let now = Utc::now();
-                tx.cluster_id(&c2)?.ok_or_else(|| cluster_not_found(&c2))?;
+                tx.cluster_id(&c2)?
+                    .ok_or_else(|| CenterError::cluster_not_found(&c2))?;
                 let rec = TaskRecord {
                     task: Task::queued(TaskKind::DrsApply, None, None, now),
                     vm_id: None,
@@ -578,7 +568,7 @@ pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, A
                     ),
                     now,
                 )?;
-                Ok::<_, ApiErr>(rec)
+                Ok::<_, CenterError>(rec)
             })
             .await?;
         let raced = {
@@ -604,42 +594,42 @@ pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, A
                     )
                 })
                 .await?;
-            return Err(ApiErr::conflict(format!(
+            return Err(CenterError::conflict(format!(
                 "task {other} is already applying the DRS recommendations of cluster {cluster}"
             )));
         }
         rec
     };
-    let cancel = app.cancel_signal(rec.task.id);
-    app.spawn(drive_apply(app.clone(), rec.task.id, cluster, cancel));
+    let app2 = app.clone();
+    tasks::spawn(app, rec.task.id, move |ctl| drive_apply(app2, ctl, cluster));
     Ok(rec.task)
 }
 
-async fn drive_apply(app: Arc<App>, task: Uuid, cluster: String, cancel: Arc<Notify>) {
+async fn drive_apply(app: Arc<App>, ctl: TaskCtl, cluster: String) -> Option<TaskEnd> {
+    let task = ctl.id();
     let child: Mutex<Option<Uuid>> = Mutex::new(None);
     let result = Mutex::new(DrsApplyResult {
         cluster: cluster.clone(),
         applied: vec![],
     });
-    let outcome = tokio::select! {
-        r = run_apply(&app, task, &cluster, &child, &result) => Some(r),
-        _ = cancel.notified() => None,
-    };
-    app.forget_cancel_signal(task);
+    let outcome = ctl
+        .until_cancelled(run_apply(&app, task, &cluster, &child, &result))
+        .await;
     lock(&app.drs.applying).remove(&cluster);
     let result = lock(&result).clone();
     let value = serde_json::to_value(&result).ok();
     let Some(r) = outcome else {
+        // The cancel call recorded the task's end; stop the migration in flight too.
         let child = lock(&child).take();
         if let Some(child) = child {
-            if let Err(e) = crate::tasks::cancel(&app, child).await {
-                tracing::warn!(%task, "the migration in flight (task {child}) goes on: {}", e.message);
+            if let Err(e) = tasks::cancel(&app, child).await {
+                tracing::warn!(%task, "the migration in flight (task {child}) goes on: {e}");
             }
         }
         if let Some(v) = value {
             let _ = app.db.write(move |tx| tx.set_task_result(task, &v)).await;
         }
-        return;
+        return None;
     };
     let moved = result.applied.iter().filter(|a| a.error.is_none()).count();
     let failed: Vec<String> = result
@@ -647,47 +637,22 @@ async fn drive_apply(app: Arc<App>, task: Uuid, cluster: String, cancel: Arc<Not
         .iter()
         .filter_map(|a| a.error.as_ref().map(|e| format!("{}: {e}", a.vm)))
         .collect();
-    let (state, phase, error, level) = match r {
-        Err(e) => (
-            TaskState::Failed,
-            "failed".to_string(),
-            Some(e),
-            EventLevel::Error,
-        ),
-        Ok(()) if !failed.is_empty() => (
-            TaskState::Failed,
-            "failed".to_string(),
-            Some(format!(
-                "{moved} VM(s) moved; not moved: {}",
-                failed.join("; ")
-            )),
-            EventLevel::Error,
-        ),
-        Ok(()) => (
-            TaskState::Succeeded,
-            if result.applied.is_empty() {
+    let end = match r {
+        Err(e) => TaskEnd::failed(e.clone(), e),
+        Ok(()) if !failed.is_empty() => {
+            let e = format!("{moved} VM(s) moved; not moved: {}", failed.join("; "));
+            TaskEnd::failed(e.clone(), e)
+        }
+        Ok(()) => {
+            let phase = if result.applied.is_empty() {
                 format!("cluster {cluster} is balanced: nothing to move")
             } else {
                 format!("cluster {cluster}: {moved} VM(s) moved")
-            },
-            None,
-            EventLevel::Info,
-        ),
+            };
+            TaskEnd::succeeded(phase.clone(), phase)
+        }
     };
-    let summary = error.clone().unwrap_or_else(|| phase.clone());
-    let w = app
-        .db
-        .write(move |tx| {
-            let now = Utc::now();
-            if tx.finish_task(task, state, &phase, value.as_ref(), error.as_deref(), now)? {
-                tx.add_event(task_event(task, level, summary), now)?;
-            }
-            Ok::<_, StoreError>(())
-        })
-        .await;
-    if let Err(e) = w {
-        tracing::error!(%task, "cannot record the DRS apply outcome: {e}");
-    }
+    Some(end.result(value))
 }
 
 async fn run_apply(
@@ -706,7 +671,7 @@ async fn run_apply(
     progress(1, "computing the recommendations".into()).await?;
     let recs = recommend(app, cluster.to_string())
         .await
-        .map_err(|e| e.message)?;
+        .map_err(|e| e.into_message())?;
     let total = recs.recommendations.len();
     for (i, r) in recs.recommendations.iter().enumerate() {
         let p = (5 + i * 94 / total.max(1)).min(99) as u8;
@@ -777,13 +742,13 @@ pub async fn scheduler(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// One pass: `fully` clusters apply their recommendations, the others record them.
-pub async fn pass(app: &Arc<App>) -> Result<(), ApiErr> {
+pub async fn pass(app: &Arc<App>) -> Result<(), CenterError> {
     let clusters = app.db.read(|tx| tx.clusters()).await?;
     for c in clusters {
         let recs = match recommend(app, c.name.clone()).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(cluster = %c.name, "DRS pass: {}", e.message);
+                tracing::warn!(cluster = %c.name, "DRS pass: {}", e);
                 continue;
             }
         };
@@ -794,7 +759,7 @@ pub async fn pass(app: &Arc<App>) -> Result<(), ApiErr> {
         if recs.settings.automation == DrsAutomation::Fully {
             if !lock(&app.drs.applying).contains_key(&c.name) {
                 if let Err(e) = apply(app, c.name.clone(), "automation fully").await {
-                    tracing::warn!(cluster = %c.name, "DRS apply: {}", e.message);
+                    tracing::warn!(cluster = %c.name, "DRS apply: {}", e);
                 }
             }
             continue;

@@ -1,118 +1,103 @@
-//! The API's error answer: an HTTP status and an [`ErrorBody`] saying what to fix.
-
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use tern_api::ErrorBody;
+//! The center's domain error: what went wrong with an operation, by kind, and what to do about
+//! it. The domain modules (inventory, EVC, DRS, migration, maintenance, tasks) return it; only
+//! the HTTP edge ([`crate::api`]) maps a kind to a status code.
 
 use crate::store::StoreError;
 
-/// An error answer of the REST API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiErr {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiErr {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiErr {
-        ApiErr {
-            status,
-            message: message.into(),
-        }
-    }
-    /// Malformed request or a value that can never be valid.
-    pub fn bad_request(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::BAD_REQUEST, message)
-    }
-    pub fn unauthorized(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::UNAUTHORIZED, message)
-    }
-    pub fn not_found(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::NOT_FOUND, message)
-    }
+/// Why the center refused or failed an operation. Every message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CenterError {
+    /// Malformed input, or a value that can never be valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller did not prove who it is.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The named VM, host, cluster or task does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// Clashes with the current state (taken name, VM running, host disconnected…).
-    pub fn conflict(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::CONFLICT, message)
-    }
+    #[error("{0}")]
+    Conflict(String),
     /// Well-formed but cannot be satisfied (too big for the host, files missing there…).
-    pub fn unprocessable(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::UNPROCESSABLE_ENTITY, message)
-    }
+    #[error("{0}")]
+    Unsatisfiable(String),
     /// A host agent the center had to ask failed.
-    pub fn bad_gateway(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::BAD_GATEWAY, message)
-    }
-    pub fn internal(message: impl Into<String>) -> ApiErr {
-        ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, message)
-    }
+    #[error("{0}")]
+    Agent(String),
+    /// The center itself failed (its store, a broken invariant).
+    #[error("{0}")]
+    Internal(String),
 }
 
-impl std::fmt::Display for ApiErr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.status)
+impl CenterError {
+    pub fn invalid(message: impl Into<String>) -> CenterError {
+        CenterError::Invalid(message.into())
     }
-}
+    pub fn unauthorized(message: impl Into<String>) -> CenterError {
+        CenterError::Unauthorized(message.into())
+    }
+    pub fn not_found(message: impl Into<String>) -> CenterError {
+        CenterError::NotFound(message.into())
+    }
+    pub fn conflict(message: impl Into<String>) -> CenterError {
+        CenterError::Conflict(message.into())
+    }
+    pub fn unsatisfiable(message: impl Into<String>) -> CenterError {
+        CenterError::Unsatisfiable(message.into())
+    }
+    pub fn agent(message: impl Into<String>) -> CenterError {
+        CenterError::Agent(message.into())
+    }
+    pub fn internal(message: impl Into<String>) -> CenterError {
+        CenterError::Internal(message.into())
+    }
 
-impl IntoResponse for ApiErr {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(status = %self.status, "{}", self.message);
+    /// The message alone, for callers that fold it into their own text.
+    pub fn message(&self) -> &str {
+        match self {
+            CenterError::Invalid(m)
+            | CenterError::Unauthorized(m)
+            | CenterError::NotFound(m)
+            | CenterError::Conflict(m)
+            | CenterError::Unsatisfiable(m)
+            | CenterError::Agent(m)
+            | CenterError::Internal(m) => m,
         }
-        let mut resp = (
-            self.status,
-            axum::Json(ErrorBody {
-                error: self.message,
-            }),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+    }
+
+    pub fn into_message(self) -> String {
+        match self {
+            CenterError::Invalid(m)
+            | CenterError::Unauthorized(m)
+            | CenterError::NotFound(m)
+            | CenterError::Conflict(m)
+            | CenterError::Unsatisfiable(m)
+            | CenterError::Agent(m)
+            | CenterError::Internal(m) => m,
         }
-        resp
+    }
+
+    pub fn vm_not_found(name: &str) -> CenterError {
+        CenterError::not_found(format!("VM {name} does not exist: see tern vm list"))
+    }
+    pub fn host_not_found(name: &str) -> CenterError {
+        CenterError::not_found(format!("host {name} is not registered: see tern host list"))
+    }
+    pub fn cluster_not_found(name: &str) -> CenterError {
+        CenterError::not_found(format!(
+            "cluster {name} does not exist: see tern cluster list"
+        ))
     }
 }
 
-impl From<StoreError> for ApiErr {
-    fn from(e: StoreError) -> ApiErr {
+impl From<StoreError> for CenterError {
+    fn from(e: StoreError) -> CenterError {
         match e {
-            StoreError::NotFound(m) => ApiErr::not_found(m),
-            StoreError::Conflict(m) => ApiErr::conflict(m),
-            StoreError::Unprocessable(m) => ApiErr::unprocessable(m),
-            other => ApiErr::internal(other.to_string()),
+            StoreError::NotFound(m) => CenterError::NotFound(m),
+            StoreError::Conflict(m) => CenterError::Conflict(m),
+            StoreError::Unprocessable(m) => CenterError::Unsatisfiable(m),
+            other => CenterError::Internal(other.to_string()),
         }
-    }
-}
-
-impl From<JsonRejection> for ApiErr {
-    fn from(r: JsonRejection) -> ApiErr {
-        match r {
-            JsonRejection::MissingJsonContentType(_) => ApiErr::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "send the body as JSON with the header Content-Type: application/json",
-            ),
-            // Bad syntax and bad values alike are the caller's to fix: 400 with serde's words.
-            other => ApiErr::bad_request(format!(
-                "invalid JSON body: {}",
-                other.body_text().trim_start_matches(
-                    "Failed to deserialize the JSON body into the target type: "
-                )
-            )),
-        }
-    }
-}
-
-impl From<PathRejection> for ApiErr {
-    fn from(r: PathRejection) -> ApiErr {
-        ApiErr::bad_request(format!("invalid path: {}", r.body_text()))
-    }
-}
-
-impl From<QueryRejection> for ApiErr {
-    fn from(r: QueryRejection) -> ApiErr {
-        ApiErr::bad_request(format!("invalid query string: {}", r.body_text()))
     }
 }

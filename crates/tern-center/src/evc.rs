@@ -9,8 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::app::App;
-use crate::error::ApiErr;
-use crate::inventory::vm_not_found;
+use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, Tx, VmCpuRow, VmRecord};
 use crate::vmcheck;
 use chrono::Utc;
@@ -61,14 +60,14 @@ pub fn capability(facts: &HostFacts) -> Result<Option<HostCapability>, CpuError>
 }
 
 /// A catalogue baseline by name; unknown names answer 400 with the known ones.
-pub fn baseline(name: &str) -> Result<&'static Baseline, ApiErr> {
+pub fn baseline(name: &str) -> Result<&'static Baseline, CenterError> {
     catalogue()
         .require(name)
-        .map_err(|e| ApiErr::bad_request(e.to_string()))
+        .map_err(|e| CenterError::invalid(e.to_string()))
 }
 
 /// The baseline of a cluster's stored mode (`None` = no mode).
-fn mode_of(mode: Option<&str>) -> Result<Option<&'static Baseline>, ApiErr> {
+fn mode_of(mode: Option<&str>) -> Result<Option<&'static Baseline>, CenterError> {
     mode.map(baseline).transpose()
 }
 
@@ -79,7 +78,7 @@ pub fn join_refusal(
     name: &str,
     cluster: &str,
     facts: &HostFacts,
-) -> Result<Option<String>, ApiErr> {
+) -> Result<Option<String>, CenterError> {
     let Some(c) = tx.cluster(cluster)? else {
         return Ok(None);
     };
@@ -141,13 +140,13 @@ fn follows_mode(kind: VmCpuKind) -> bool {
 }
 
 /// The modes every host of a cluster supports.
-pub fn evc_modes(tx: &Tx, cluster: &str) -> Result<EvcModes, ApiErr> {
+pub fn evc_modes(tx: &Tx, cluster: &str) -> Result<EvcModes, CenterError> {
     let c = tx
         .cluster(cluster)?
-        .ok_or_else(|| cluster_not_found(cluster))?;
+        .ok_or_else(|| CenterError::cluster_not_found(cluster))?;
     let cluster_id = tx
         .cluster_id(cluster)?
-        .ok_or_else(|| cluster_not_found(cluster))?;
+        .ok_or_else(|| CenterError::cluster_not_found(cluster))?;
     let mut hosts = Vec::new();
     let mut caps = Vec::new();
     let mut unknown = Vec::new();
@@ -194,19 +193,13 @@ fn names(b: &[&Baseline]) -> Vec<String> {
     b.iter().map(|b| b.name.clone()).collect()
 }
 
-fn cluster_not_found(name: &str) -> ApiErr {
-    ApiErr::not_found(format!(
-        "cluster {name} does not exist: see tern cluster list"
-    ))
-}
-
 /// Changes a cluster's EVC mode if every host offers it and no powered-on VM uses a feature it
 /// lacks; records an event.
 pub async fn set_evc(
     app: &Arc<App>,
     cluster: String,
     req: SetEvcMode,
-) -> Result<EvcModeChange, ApiErr> {
+) -> Result<EvcModeChange, CenterError> {
     let new = req
         .mode
         .as_deref()
@@ -222,14 +215,14 @@ pub fn change_mode(
     tx: &Tx,
     cluster: &str,
     new: Option<&'static Baseline>,
-) -> Result<EvcModeChange, ApiErr> {
+) -> Result<EvcModeChange, CenterError> {
     let now = Utc::now();
     let c = tx
         .cluster(cluster)?
-        .ok_or_else(|| cluster_not_found(cluster))?;
+        .ok_or_else(|| CenterError::cluster_not_found(cluster))?;
     let cluster_id = tx
         .cluster_id(cluster)?
-        .ok_or_else(|| cluster_not_found(cluster))?;
+        .ok_or_else(|| CenterError::cluster_not_found(cluster))?;
     let current = mode_of(c.evc_mode.as_deref())?;
 
     let members = tx.hosts_in_cluster(cluster_id)?;
@@ -238,7 +231,7 @@ pub fn change_mode(
         match capability(&h.facts) {
             Ok(Some(cap)) => caps.push((h.name.clone(), cap)),
             Ok(None) if new.is_some() => {
-                return Err(ApiErr::unprocessable(format!(
+                return Err(CenterError::unsatisfiable(format!(
                     "cannot set an EVC mode on cluster {cluster}: host {} reported no CPU \
                              capability (its agent could not probe QEMU: see its log)",
                     h.name
@@ -246,7 +239,7 @@ pub fn change_mode(
             }
             Ok(None) => {}
             Err(e) => {
-                return Err(ApiErr::unprocessable(format!(
+                return Err(CenterError::unsatisfiable(format!(
                     "cannot change the EVC mode of cluster {cluster}: host {}: {e}",
                     h.name
                 )))
@@ -282,8 +275,10 @@ pub fn change_mode(
         .collect();
     let plan =
         tern_cpu::evc::plan_mode_change(current, new, &hosts, &vms).map_err(|e| match e {
-            CpuError::VmsAboveMode { .. } => ApiErr::conflict(format!("cluster {cluster}: {e}")),
-            other => ApiErr::unprocessable(format!("cluster {cluster}: {other}")),
+            CpuError::VmsAboveMode { .. } => {
+                CenterError::conflict(format!("cluster {cluster}: {e}"))
+            }
+            other => CenterError::unsatisfiable(format!("cluster {cluster}: {other}")),
         })?;
 
     // Stopped VMs that name a model above the new mode will not start until changed.
@@ -367,7 +362,7 @@ fn kind_text(k: EvcChangeKind) -> &'static str {
 }
 
 /// A catalogue name for a cluster mode given at creation (canonical spelling), checked.
-pub fn creation_mode(mode: Option<&str>) -> Result<Option<String>, ApiErr> {
+pub fn creation_mode(mode: Option<&str>) -> Result<Option<String>, CenterError> {
     mode.map(str::trim)
         .filter(|m| !m.is_empty())
         .map(|m| baseline(m).map(|b| b.name.clone()))
@@ -394,7 +389,7 @@ fn unchecked_capability(accel: Accel) -> HostCapability {
 /// Resolves the CPU of a VM with `spec` on `host` in a cluster with `mode`: the error names
 /// the features the host or mode lacks.
 pub fn resolve(spec: &VmSpec, mode: Option<&str>, host: &HostRecord) -> Result<VmCpu, String> {
-    let mode = mode_of(mode).map_err(|e| e.message)?;
+    let mode = mode_of(mode).map_err(|e| e.into_message())?;
     let request = CpuRequest::from_spec(spec.cpu_model.as_deref());
     let cap = match capability(&host.facts) {
         Ok(Some(cap)) => cap,
@@ -533,13 +528,15 @@ pub async fn can_migrate(
     app: &Arc<App>,
     name: String,
     to: String,
-) -> Result<MigrationCheckReport, ApiErr> {
+) -> Result<MigrationCheckReport, CenterError> {
     let d = app
         .db
         .read(move |tx| {
-            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let vm = tx
+                .vm_by_name(&name)?
+                .ok_or_else(|| CenterError::vm_not_found(&name))?;
             let dest = tx.host_by_name(&to)?.ok_or_else(|| {
-                ApiErr::not_found(format!("host {to} is not registered: see tern host list"))
+                CenterError::not_found(format!("host {to} is not registered: see tern host list"))
             })?;
             let source = vm.host_id.map(|h| tx.host_by_id(h)).transpose()?.flatten();
             let dest_placed_mib = tx
@@ -567,7 +564,7 @@ pub async fn can_migrate(
                     dest.name
                 )
             });
-            Ok::<_, ApiErr>(DryRun {
+            Ok::<_, CenterError>(DryRun {
                 vm,
                 source,
                 dest,
@@ -731,7 +728,7 @@ pub fn creation_row(cpu: VmCpu, host: &str) -> VmCpuRow {
 
 /// Records an event refusing host `name` (so the refusal shows in `tern event list`).
 /// The agent retries every few seconds: the same refusal in a row is recorded once.
-pub async fn record_join_refusal(app: &App, name: String, why: String) -> Result<(), ApiErr> {
+pub async fn record_join_refusal(app: &App, name: String, why: String) -> Result<(), CenterError> {
     app.db
         .write(move |tx| {
             let last = tx.events(&crate::store::EventFilter {
@@ -743,7 +740,7 @@ pub async fn record_join_refusal(app: &App, name: String, why: String) -> Result
                 return Ok(());
             }
             tx.add_event(NewEvent::error(why).host(Some(&name)), Utc::now())?;
-            Ok::<_, ApiErr>(())
+            Ok::<_, CenterError>(())
         })
         .await
 }
@@ -842,11 +839,11 @@ mod tests {
         fn running_vm(&mut self, name: &str, model: Option<&str>, host: &str) -> VmCpu {
             let cluster_id = self.cluster_id;
             self.store
-                .write(|tx| -> Result<VmCpu, ApiErr> {
+                .write(|tx| -> Result<VmCpu, CenterError> {
                     let h = tx.host_by_name(host)?.unwrap();
                     let mode = tx.cluster("lab")?.unwrap().evc_mode;
                     let spec = spec(name, model);
-                    let cpu = resolve(&spec, mode.as_deref(), &h).map_err(ApiErr::conflict)?;
+                    let cpu = resolve(&spec, mode.as_deref(), &h).map_err(CenterError::conflict)?;
                     let vm = VmRecord {
                         id: Uuid::new_v4(),
                         cluster_id,
@@ -1002,11 +999,11 @@ mod tests {
             .store
             .write(|tx| change_mode(tx, "lab", mode("x86-64-v3")))
             .unwrap_err();
-        assert_eq!(err.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(matches!(err, CenterError::Unsatisfiable(_)), "{err:?}");
         assert!(
-            err.message.contains("host h2") && err.message.contains("avx2"),
+            err.message().contains("host h2") && err.message().contains("avx2"),
             "{}",
-            err.message
+            err.message()
         );
         // web starts under Westmere; lowering to x86-64-v2 is refused while it runs.
         let web = fx.running_vm("web", None, "h1");
@@ -1015,13 +1012,13 @@ mod tests {
             .store
             .write(|tx| change_mode(tx, "lab", mode("x86-64-v2")))
             .unwrap_err();
-        assert_eq!(err.status, axum::http::StatusCode::CONFLICT);
+        assert!(matches!(err, CenterError::Conflict(_)), "{err:?}");
         assert!(
-            err.message.contains("VM web uses") && err.message.contains("aes"),
+            err.message().contains("VM web uses") && err.message().contains("aes"),
             "{}",
-            err.message
+            err.message()
         );
-        assert!(!err.message.contains("VM db"), "{}", err.message);
+        assert!(!err.message().contains("VM db"), "{}", err.message());
         assert_eq!(
             fx.store
                 .read(|tx| tx.cluster("lab"))

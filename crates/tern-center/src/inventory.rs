@@ -13,13 +13,13 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::config::new_token;
-use crate::error::ApiErr;
+use crate::error::CenterError;
 use crate::store::{HostRecord, Link, NewEvent, StoreError, Tx, VmRecord};
 use crate::vmcheck::{self, Candidate};
 
-pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, ApiErr> {
+pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, CenterError> {
     if !valid_name(&req.name) {
-        return Err(ApiErr::bad_request(format!(
+        return Err(CenterError::invalid(format!(
             "cluster name {:?} is not valid: use 1 to 32 characters of a-z, 0-9 and '-', \
              starting with a letter or digit",
             req.name
@@ -28,7 +28,7 @@ pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, Ap
     let evc = req.evc_mode.filter(|m| !m.trim().is_empty());
     if let Some(m) = &evc {
         if m.len() > 64 || m.chars().any(char::is_whitespace) {
-            return Err(ApiErr::bad_request(format!(
+            return Err(CenterError::invalid(format!(
                 "evc_mode {m:?} is not a CPU model name (e.g. x86-64-v2, Haswell)"
             )));
         }
@@ -63,7 +63,7 @@ fn valid_host_name(name: &str) -> bool {
 }
 
 /// Checks that `url` is an `http://HOST:PORT` the center can call (not a wildcard address).
-fn check_agent_url(url: &str) -> Result<(), ApiErr> {
+fn check_agent_url(url: &str) -> Result<(), CenterError> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));
@@ -72,22 +72,22 @@ fn check_agent_url(url: &str) -> Result<(), ApiErr> {
         Some(a) if !a.is_empty() => {
             let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
             if matches!(host, "0.0.0.0" | "[::]" | "") {
-                return Err(ApiErr::bad_request(format!(
+                return Err(CenterError::invalid(format!(
                     "agent_url {url} is a wildcard address the center cannot call: start the \
                      agent with --advertise-url http://IP:PORT"
                 )));
             }
             Ok(())
         }
-        _ => Err(ApiErr::bad_request(format!(
+        _ => Err(CenterError::invalid(format!(
             "agent_url {url:?} must look like http://IP:PORT"
         ))),
     }
 }
 
-pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Registered, ApiErr> {
+pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Registered, CenterError> {
     if !valid_host_name(&req.name) {
-        return Err(ApiErr::bad_request(format!(
+        return Err(CenterError::invalid(format!(
             "host name {:?} is not valid: use 1 to 63 characters of letters, digits, '-', '.' \
              and '_' (and not \"register\")",
             req.name
@@ -95,12 +95,12 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
     }
     check_agent_url(&req.agent_url)?;
     if req.agent_token.trim().is_empty() {
-        return Err(ApiErr::bad_request(
+        return Err(CenterError::invalid(
             "agent_token is empty: the agent must give the token the center presents to it",
         ));
     }
     if req.facts.cores == 0 || req.facts.memory_mib == 0 {
-        return Err(ApiErr::bad_request(
+        return Err(CenterError::invalid(
             "facts report 0 cores or 0 MiB of memory: the agent could not read the host's \
              facts",
         ));
@@ -113,7 +113,7 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
         .await?;
     if let Some(why) = refusal {
         crate::evc::record_join_refusal(app, req.name.clone(), why.clone()).await?;
-        return Err(ApiErr::unprocessable(why));
+        return Err(CenterError::unsatisfiable(why));
     }
     let app2 = app.clone();
     let interval = app.config.heartbeat_interval_ms;
@@ -121,13 +121,13 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
         .write(move |tx| {
             let now = Utc::now();
             let cluster_id = tx.cluster_id(&req.cluster)?.ok_or_else(|| {
-                ApiErr::not_found(format!(
+                CenterError::not_found(format!(
                     "cluster {c} does not exist: create it with: tern cluster create {c}",
                     c = req.cluster
                 ))
             })?;
             if let Some(why) = crate::evc::join_refusal(tx, &req.name, &req.cluster, &req.facts)? {
-                return Err(ApiErr::unprocessable(why));
+                return Err(CenterError::unsatisfiable(why));
             }
             let host_token = new_token();
             let summary = format!(
@@ -147,7 +147,7 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
                             .map(|v| v.name().to_string())
                             .collect();
                         if !vms.is_empty() {
-                            return Err(ApiErr::conflict(format!(
+                            return Err(CenterError::conflict(format!(
                                 "host {} is in cluster {} with VMs ({}); it cannot join cluster \
                                  {}: delete its VMs first, or start the agent with --cluster {}",
                                 h.name,
@@ -268,23 +268,23 @@ pub async fn heartbeat(
     host_id: Uuid,
     token: Option<String>,
     hb: Heartbeat,
-) -> Result<(), ApiErr> {
+) -> Result<(), CenterError> {
     let app2 = app.clone();
     app.db
         .write(move |tx| {
             let now = Utc::now();
             let host = tx.host_by_id(host_id)?.ok_or_else(|| {
-                ApiErr::not_found(format!(
+                CenterError::not_found(format!(
                     "host {host_id} is not registered with this center: register again"
                 ))
             })?;
             let Some(token) = token else {
-                return Err(ApiErr::unauthorized(
+                return Err(CenterError::unauthorized(
                     "missing Authorization: Bearer <host token> (the token registration gave)",
                 ));
             };
-            if !crate::api::token_eq(&token, &host.host_token) {
-                return Err(ApiErr::unauthorized(format!(
+            if !crate::auth::token_eq(&token, &host.host_token) {
+                return Err(CenterError::unauthorized(format!(
                     "wrong token for host {}: register again to get a new host token",
                     host.name
                 )));
@@ -446,7 +446,7 @@ fn drs_place(snap: &CreateSnapshot, cluster: &str, spec: &VmSpec) -> Option<(usi
     {
         let mut why = Vec::new();
         if let Err(e) = vmcheck::check_host(cand, cluster, spec) {
-            why.push(("size".to_string(), e.message));
+            why.push(("size".to_string(), e.into_message()));
         }
         if let Err(e) = crate::evc::resolve(spec, snap.evc_mode.as_deref(), h) {
             why.push(("cpu".to_string(), e));
@@ -484,7 +484,7 @@ fn drs_place(snap: &CreateSnapshot, cluster: &str, spec: &VmSpec) -> Option<(usi
     }
 }
 
-pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
+pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError> {
     let CreateVm {
         mut spec,
         cluster,
@@ -498,20 +498,20 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
         .db
         .read(move |tx| {
             let cluster_id = tx.cluster_id(&cluster2)?.ok_or_else(|| {
-                ApiErr::not_found(format!(
+                CenterError::not_found(format!(
                     "cluster {c} does not exist: create it with: tern cluster create {c}",
                     c = cluster2
                 ))
             })?;
             if tx.vm_by_name(&spec2.name)?.is_some() {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "a VM named {} already exists; choose another name",
                     spec2.name
                 )));
             }
             for nic in &spec2.nics {
                 if let Some(other) = tx.vm_with_mac(&nic.mac)? {
-                    return Err(ApiErr::conflict(format!(
+                    return Err(CenterError::conflict(format!(
                         "MAC {} is already used by VM {other}; every NIC needs its own MAC",
                         nic.mac
                     )));
@@ -519,7 +519,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
             }
             if let Some(h) = &host2 {
                 if tx.host_by_name(h)?.is_none() {
-                    return Err(ApiErr::not_found(format!(
+                    return Err(CenterError::not_found(format!(
                         "host {h} is not registered: see tern host list"
                     )));
                 }
@@ -554,7 +554,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 .hosts
                 .iter()
                 .position(|(h, _)| &h.name == name)
-                .ok_or_else(|| ApiErr::not_found(format!("host {name} is not registered")))?;
+                .ok_or_else(|| CenterError::not_found(format!("host {name} is not registered")))?;
             vmcheck::check_host(&snap.hosts[idx].1, &cluster, &spec)?;
             idx
         }
@@ -589,7 +589,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                     if refusals.is_empty() {
                         return Err(e);
                     }
-                    return Err(ApiErr::unprocessable(format!(
+                    return Err(CenterError::unsatisfiable(format!(
                         "no host of cluster {cluster} can run VM {}'s CPU: {}",
                         spec.name,
                         refusals.join("; ")
@@ -601,7 +601,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
     let (target, target_cand) = snap.hosts[idx].clone();
     // EVC: the CPU the VM gets on that host (checked again, and recorded, at each power-on).
     let cpu = crate::evc::resolve(&spec, snap.evc_mode.as_deref(), &target)
-        .map_err(|e| ApiErr::unprocessable(format!("VM {}: {e}", spec.name)))?;
+        .map_err(|e| CenterError::unsatisfiable(format!("VM {}: {e}", spec.name)))?;
 
     // 3. Ask the host whether it sees the VM's files on its shared storage.
     let files: Vec<String> = vmcheck::spec_files(&spec)
@@ -613,10 +613,10 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
             .agent(&target)
             .check_paths(files)
             .await
-            .map_err(|e| ApiErr::bad_gateway(format!("could not check the VM's files: {e}")))?;
+            .map_err(|e| CenterError::agent(format!("could not check the VM's files: {e}")))?;
         let shared = &target.facts.shared_storage;
         if !report.missing.is_empty() {
-            return Err(ApiErr::unprocessable(format!(
+            return Err(CenterError::unsatisfiable(format!(
                 "host {} does not have these files: {}; copy them to the shared storage \
                  (which {} sees at {shared})",
                 target.name,
@@ -625,7 +625,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
             )));
         }
         if !report.outside_shared_storage.is_empty() {
-            return Err(ApiErr::unprocessable(format!(
+            return Err(CenterError::unsatisfiable(format!(
                 "these files are not on host {}'s shared storage ({shared}): {}; a VM's files \
                  must live there so every host of the cluster can run it",
                 target.name,
@@ -643,7 +643,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
                 .host_by_id(target.id)?
                 .filter(|h| h.cluster_id == cluster_id && h.state() == HostState::Connected)
                 .ok_or_else(|| {
-                    ApiErr::conflict(format!(
+                    CenterError::conflict(format!(
                         "host {} changed state while the VM was being created; try again",
                         target.name
                     ))
@@ -651,7 +651,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
             if placed_by_center {
                 let now_cand = candidate(tx, &host)?;
                 if now_cand.free_memory_mib() < i128::from(spec.memory_mib) {
-                    return Err(ApiErr::conflict(format!(
+                    return Err(CenterError::conflict(format!(
                         "host {} filled up while the VM was being created; try again",
                         host.name
                     )));
@@ -716,14 +716,16 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, ApiErr> {
         .await
 }
 
-pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), ApiErr> {
+pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), CenterError> {
     let (vm, host) = app
         .db
         .write(move |tx| {
             let now = Utc::now();
-            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let vm = tx
+                .vm_by_name(&name)?
+                .ok_or_else(|| CenterError::vm_not_found(&name))?;
             if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "task {} is still {} on VM {name}: wait for it, or cancel it with: tern task \
                      cancel {}",
                     t.task.id, t.task.state, t.task.id
@@ -732,13 +734,13 @@ pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), ApiErr> {
             let on = vm.host.clone().unwrap_or_else(|| "its host".into());
             match vm.actual {
                 PowerState::Running | PowerState::Paused => {
-                    return Err(ApiErr::conflict(format!(
+                    return Err(CenterError::conflict(format!(
                         "VM {name} is {} on {on}: stop it first with: tern vm stop {name}",
                         vm.actual
                     )))
                 }
                 PowerState::Unknown => {
-                    return Err(ApiErr::conflict(format!(
+                    return Err(CenterError::conflict(format!(
                         "VM {name}'s state is unknown ({on} is disconnected) and it may be \
                          running: wait for the host to reconnect, then stop it"
                     )))
@@ -777,38 +779,40 @@ pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), ApiErr> {
     Ok(())
 }
 
-pub async fn console(app: &Arc<App>, name: String, bytes: Option<u64>) -> Result<String, ApiErr> {
+pub async fn console(
+    app: &Arc<App>,
+    name: String,
+    bytes: Option<u64>,
+) -> Result<String, CenterError> {
     let (vm, host) = app
         .db
         .read(move |tx| {
-            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let vm = tx
+                .vm_by_name(&name)?
+                .ok_or_else(|| CenterError::vm_not_found(&name))?;
             let host = vm
                 .host_id
                 .map(|h| tx.host_by_id(h))
                 .transpose()?
                 .flatten()
-                .ok_or_else(|| ApiErr::conflict(format!("VM {name} has no host")))?;
-            Ok::<_, ApiErr>((vm, host))
+                .ok_or_else(|| CenterError::conflict(format!("VM {name} has no host")))?;
+            Ok::<_, CenterError>((vm, host))
         })
         .await?;
     app.agent(&host)
         .console(vm.id, bytes)
         .await
         .map_err(|e| match e.status() {
-            Some(404) => ApiErr::not_found(format!(
+            Some(404) => CenterError::not_found(format!(
                 "VM {} has no console log on host {} yet: start it first",
                 vm.name(),
                 host.name
             )),
-            _ => ApiErr::bad_gateway(format!(
+            _ => CenterError::agent(format!(
                 "could not read the console of VM {}: {e}",
                 vm.name()
             )),
         })
-}
-
-pub fn vm_not_found(name: &str) -> ApiErr {
-    ApiErr::not_found(format!("VM {name} does not exist: see tern vm list"))
 }
 
 #[cfg(test)]

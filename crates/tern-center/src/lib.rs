@@ -1,15 +1,21 @@
 //! `tern center`: inventory, tasks, events, the scheduler loop and the REST API.
 //!
-//! Layout: [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) →
-//! [`api`] (routes, auth, OpenAPI) → [`inventory`] and [`tasks`] (the rules) → [`store`] (SQLite,
-//! the only place SQL lives); [`agent`] holds the calls to host agents; [`migrate`] drives live
-//! migrations (pre-checks, settings, the ownership record and its commit rule, recovery);
-//! [`maintenance`] puts hosts in maintenance mode and empties them. [`drs`] feeds the DRS
-//! engine: placement, balance recommendations, applying them, the scheduler loop.
+//! Layout, edge first; each module uses only those after it (a test keeps it so):
+//! [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) → [`api`]
+//! (routes, OpenAPI), [`api_error`] (domain errors as HTTP answers) and [`auth`] (bearer
+//! tokens) → the domain: [`inventory`] (clusters, hosts, VMs), [`power`] (start, stop),
+//! [`maintenance`] (emptying hosts), [`drs`] (placement, balance, the scheduler loop),
+//! [`migrate`] (live migrations: pre-checks, settings, the ownership record and its commit
+//! rule, recovery), [`evc`] (CPU baselines), [`vmcheck`] (spec and size rules) → [`tasks`]
+//! (the runner every long operation goes through) → [`agent`] (calls to host agents),
+//! [`app`] (shared state), [`error`] (the domain error) → [`store`] (SQLite, the only
+//! place SQL lives).
 
 pub mod agent;
 pub mod api;
+pub mod api_error;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod drs;
 pub mod error;
@@ -17,6 +23,7 @@ pub mod evc;
 pub mod inventory;
 pub mod maintenance;
 pub mod migrate;
+pub mod power;
 pub mod server;
 pub mod store;
 pub mod tasks;

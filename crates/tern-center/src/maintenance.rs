@@ -37,13 +37,13 @@ use tern_api::center::{
 };
 use tern_api::{HostState, PowerState};
 use tern_drs::{explain, Snapshot};
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::app::{lock, App};
 use crate::drs::{precheck_text, Refused};
-use crate::error::ApiErr;
+use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, Tx, VmRecord};
+use crate::tasks::{self, TaskCtl, TaskEnd};
 
 /// How long entry waits for tasks already acting on the host's VMs.
 const BUSY_WAIT: Duration = Duration::from_secs(120);
@@ -54,10 +54,6 @@ fn ev(task: Uuid, host: &str, level: EventLevel, msg: String) -> NewEvent {
     NewEvent::new(level, format!("task {task}: {msg}"))
         .task(task)
         .host(Some(host))
-}
-
-fn host_not_found(name: &str) -> ApiErr {
-    ApiErr::not_found(format!("host {name} is not registered: see tern host list"))
 }
 
 /// The maintenance task running on a host, if any.
@@ -85,23 +81,23 @@ fn done_task(kind: TaskKind, host: &str, phase: String) -> TaskRecord {
 }
 
 /// Puts host `name` in maintenance mode and empties it in the background.
-pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
+pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
     let (rec, start) = app
         .db
         .write(move |tx| {
             let now = Utc::now();
             let host = tx
                 .host_by_name(&name)?
-                .ok_or_else(|| host_not_found(&name))?;
+                .ok_or_else(|| CenterError::host_not_found(&name))?;
             if host.state() == HostState::Disconnected {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "host {name} is disconnected: its VMs cannot be moved live while its agent \
                      is unreachable; wait for it to reconnect (tern host list), then enter \
                      maintenance again"
                 )));
             }
             if let Some(t) = active_entry(tx, &name)? {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "task {} is already taking host {name} into maintenance: follow it with \
                      tern task wait {}",
                     t.id, t.id
@@ -157,23 +153,23 @@ pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
         })
         .await?;
     if start {
-        let cancel = app.cancel_signal(rec.task.id);
         let host = rec.task.host.clone().unwrap_or_default();
-        app.spawn(drive(app.clone(), rec.task.id, host, cancel));
+        let app2 = app.clone();
+        tasks::spawn(app, rec.task.id, move |ctl| drive(app2, ctl, host));
     }
     Ok(rec.task)
 }
 
 /// Returns host `name` to service (clears its maintenance flag).
-pub async fn exit(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
+pub async fn exit(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
     app.db
         .write(move |tx| {
             let now = Utc::now();
             let host = tx
                 .host_by_name(&name)?
-                .ok_or_else(|| host_not_found(&name))?;
+                .ok_or_else(|| CenterError::host_not_found(&name))?;
             if let Some(t) = active_entry(tx, &name)? {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "task {} is emptying host {name} for maintenance: cancel it first with \
                      tern task cancel {}",
                     t.id, t.id
@@ -210,10 +206,10 @@ struct Entry {
     result: Arc<Mutex<MaintenanceResult>>,
 }
 
-async fn drive(app: Arc<App>, task: Uuid, host: String, cancel: Arc<Notify>) {
+async fn drive(app: Arc<App>, ctl: TaskCtl, host: String) -> Option<TaskEnd> {
     let e = Entry {
         app: app.clone(),
-        task,
+        task: ctl.id(),
         host: host.clone(),
         child: Arc::default(),
         result: Arc::new(Mutex::new(MaintenanceResult {
@@ -221,13 +217,8 @@ async fn drive(app: Arc<App>, task: Uuid, host: String, cancel: Arc<Notify>) {
             ..Default::default()
         })),
     };
-    let outcome = tokio::select! {
-        r = e.run() => Some(r),
-        _ = cancel.notified() => None,
-    };
-    app.forget_cancel_signal(task);
-    match outcome {
-        Some(r) => e.finish(r).await,
+    match ctl.until_cancelled(e.run()).await {
+        Some(r) => Some(e.end(r).await),
         None => {
             // The cancel call recorded the task's end; stop the migration in flight too.
             let child = lock(&e.child).take();
@@ -235,10 +226,7 @@ async fn drive(app: Arc<App>, task: Uuid, host: String, cancel: Arc<Notify>) {
                 if let Err(err) = crate::tasks::cancel(&app, child).await {
                     e.event(
                         EventLevel::Warning,
-                        format!(
-                            "the migration in flight (task {child}) goes on: {}",
-                            err.message
-                        ),
+                        format!("the migration in flight (task {child}) goes on: {}", err),
                     )
                     .await;
                 }
@@ -257,6 +245,7 @@ async fn drive(app: Arc<App>, task: Uuid, host: String, cancel: Arc<Notify>) {
                 ),
             )
             .await;
+            None
         }
     }
 }
@@ -617,8 +606,8 @@ impl Entry {
         });
     }
 
-    /// Records the outcome: succeeded when no running VM is left on the host.
-    async fn finish(&self, r: Result<(), String>) {
+    /// The outcome: succeeded when no running VM is left on the host.
+    async fn end(&self, r: Result<(), String>) -> TaskEnd {
         let result = lock(&self.result).clone();
         let running_left: Vec<String> = match self.vms_on_host().await {
             Ok(vms) => vms
@@ -636,7 +625,8 @@ impl Entry {
                 .collect(),
             Err(e) => vec![format!("(could not list them: {e})")],
         };
-        let (state, phase, error, level, summary) = match (&r, running_left.is_empty()) {
+        let value = serde_json::to_value(&result).ok();
+        match (&r, running_left.is_empty()) {
             (Ok(()), true) => {
                 let stays = if result.left.is_empty() {
                     String::new()
@@ -657,13 +647,7 @@ impl Entry {
                     result.migrated.len(),
                     result.rehomed.len()
                 );
-                (
-                    TaskState::Succeeded,
-                    phase.clone(),
-                    None,
-                    EventLevel::Info,
-                    phase,
-                )
+                TaskEnd::succeeded(phase.clone(), phase).result(value)
             }
             (r, _) => {
                 let mut msg = format!(
@@ -683,32 +667,8 @@ impl Entry {
                      return it to service)",
                     self.host
                 ));
-                (
-                    TaskState::Failed,
-                    "failed".to_string(),
-                    Some(msg.clone()),
-                    EventLevel::Error,
-                    msg,
-                )
+                TaskEnd::failed(msg.clone(), msg).result(value)
             }
-        };
-        let (id, host) = (self.task, self.host.clone());
-        let value = serde_json::to_value(&result).ok();
-        let w = self
-            .app
-            .db
-            .write(move |tx| {
-                let now = Utc::now();
-                if tx.finish_task(id, state, &phase, value.as_ref(), error.as_deref(), now)? {
-                    tx.add_event(ev(id, &host, level, summary), now)?;
-                } else if let Some(v) = &value {
-                    tx.set_task_result(id, v)?;
-                }
-                Ok::<_, StoreError>(())
-            })
-            .await;
-        if let Err(e) = w {
-            tracing::error!(task = %self.task, "cannot record the maintenance outcome: {e}");
         }
     }
 }

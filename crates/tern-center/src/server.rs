@@ -103,7 +103,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     // Migrations first: their ownership records decide which way each one ends.
     let migrations = crate::migrate::recover(&app)
         .await
-        .map_err(|e| anyhow::anyhow!("recovering migrations: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("recovering migrations: {}", e))?;
     if migrations > 0 {
         tracing::warn!(
             migrations,
@@ -112,7 +112,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     }
     let recovered = tasks::recover(&app)
         .await
-        .map_err(|e| anyhow::anyhow!("recovering tasks: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("recovering tasks: {}", e))?;
     if recovered > 0 {
         tracing::warn!(
             tasks = recovered,

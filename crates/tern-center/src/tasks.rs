@@ -1,25 +1,26 @@
-//! Power tasks (VM start and stop): recorded first, driven against the host's agent in the
-//! background, their outcome recorded last; cancel, and recovery after a center restart.
+//! The task runner: every long operation (VM start and stop, migration, maintenance entry,
+//! DRS apply) is recorded queued first, then run here in the background with progress, a
+//! cancel signal and one way of recording its end; cancel, and recovery after a center
+//! restart. What each kind of task does lives with its domain ([`crate::power`],
+//! [`crate::migrate`], [`crate::maintenance`], [`crate::drs`]).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use chrono::Utc;
-use serde_json::json;
-use tern_api::agent::{StartVm, VmRuntime};
-use tern_api::center::{StopVm, Task, TaskKind, TaskState};
-use tern_api::{HostState, PowerState};
-use tokio::sync::Notify;
+use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
+use tern_api::PowerState;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::error::ApiErr;
-use crate::inventory::vm_not_found;
-use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, VmRecord};
+use crate::error::CenterError;
+use crate::store::{NewEvent, StoreError, TaskRecord, Tx};
 
 /// Error a task left going by a crashed or stopped center ends with.
 pub const RESTART_ERROR: &str = "center restarted during the task";
 
-fn kind_text(kind: TaskKind) -> &'static str {
+pub(crate) fn kind_text(kind: TaskKind) -> &'static str {
     match kind {
         TaskKind::VmStart => "start",
         TaskKind::VmStop => "stop",
@@ -30,7 +31,8 @@ fn kind_text(kind: TaskKind) -> &'static str {
     }
 }
 
-fn task_event(t: &Task, ev: NewEvent) -> NewEvent {
+/// An event about a task, tagged with the task, its VM and its host.
+pub(crate) fn task_event(t: &Task, ev: NewEvent) -> NewEvent {
     let ev = ev.task(t.id).host(t.host.as_deref());
     match &t.vm {
         Some(vm) => ev.vm(vm),
@@ -38,251 +40,161 @@ fn task_event(t: &Task, ev: NewEvent) -> NewEvent {
     }
 }
 
-/// Queues a start of the VM and drives it in the background. A stopped VM whose host cannot
-/// run it (maintenance, disconnected) is first placed elsewhere by the DRS engine.
-pub async fn start_vm(app: &Arc<App>, name: String) -> Result<Task, ApiErr> {
-    crate::drs::rehome_for_start(app, &name).await?;
-    begin(app, name, TaskKind::VmStart, None).await
+/// The kind's own store changes at a task's end, made in the same transaction. Told whether
+/// this end was recorded as the task's state (`false`: a cancel was recorded first).
+type EndChanges = Box<dyn FnOnce(&Tx, &TaskRecord, bool) -> Result<(), StoreError> + Send>;
+
+/// How a task's work ended, for [`finish`] to record.
+pub struct TaskEnd {
+    state: TaskState,
+    phase: String,
+    result: Option<serde_json::Value>,
+    error: Option<String>,
+    level: EventLevel,
+    summary: String,
+    /// Record the event even when a cancel ended the task first (what happened still matters).
+    tell_after_cancel: bool,
+    changes: Option<EndChanges>,
 }
 
-/// Queues a stop of the VM and drives it in the background.
-pub async fn stop_vm(app: &Arc<App>, name: String, req: StopVm) -> Result<Task, ApiErr> {
-    begin(app, name, TaskKind::VmStop, Some(req)).await
+impl TaskEnd {
+    /// The work was done; `summary` is the event's text.
+    pub fn succeeded(phase: impl Into<String>, summary: impl Into<String>) -> TaskEnd {
+        TaskEnd {
+            state: TaskState::Succeeded,
+            phase: phase.into(),
+            result: None,
+            error: None,
+            level: EventLevel::Info,
+            summary: summary.into(),
+            tell_after_cancel: false,
+            changes: None,
+        }
+    }
+
+    /// The work failed with `error` (what to fix); `summary` is the event's text.
+    pub fn failed(error: impl Into<String>, summary: impl Into<String>) -> TaskEnd {
+        TaskEnd {
+            state: TaskState::Failed,
+            phase: "failed".into(),
+            result: None,
+            error: Some(error.into()),
+            level: EventLevel::Error,
+            summary: summary.into(),
+            tell_after_cancel: false,
+            changes: None,
+        }
+    }
+
+    /// Ends in `state` instead (a rollback the user asked for ends cancelled, not failed).
+    pub fn state(mut self, state: TaskState) -> TaskEnd {
+        self.state = state;
+        self
+    }
+
+    pub fn phase(mut self, phase: impl Into<String>) -> TaskEnd {
+        self.phase = phase.into();
+        self
+    }
+
+    /// The task's result document (recorded even when a cancel ended the task first).
+    pub fn result(mut self, result: Option<serde_json::Value>) -> TaskEnd {
+        self.result = result;
+        self
+    }
+
+    pub fn level(mut self, level: EventLevel) -> TaskEnd {
+        self.level = level;
+        self
+    }
+
+    pub fn tell_after_cancel(mut self) -> TaskEnd {
+        self.tell_after_cancel = true;
+        self
+    }
+
+    /// The kind's own store changes, in the transaction that records the end.
+    pub fn changes(
+        mut self,
+        f: impl FnOnce(&Tx, &TaskRecord, bool) -> Result<(), StoreError> + Send + 'static,
+    ) -> TaskEnd {
+        self.changes = Some(Box::new(f));
+        self
+    }
 }
 
-async fn begin(
-    app: &Arc<App>,
-    name: String,
-    kind: TaskKind,
-    stop: Option<StopVm>,
-) -> Result<Task, ApiErr> {
-    // Intent first: the task and the new desired state are recorded before anything acts.
-    let rec = app
-        .db
-        .write(move |tx| {
-            let now = Utc::now();
-            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
-            let host = vm
-                .host_id
-                .map(|h| tx.host_by_id(h))
-                .transpose()?
-                .flatten()
-                .ok_or_else(|| ApiErr::conflict(format!("VM {name} has no host to run on")))?;
-            if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
-                return Err(ApiErr::conflict(format!(
-                    "task {} ({}) is still {} on VM {name}: wait for it, or cancel it with: \
-                     tern task cancel {}",
-                    t.task.id,
-                    kind_text(t.task.kind),
-                    t.task.state,
-                    t.task.id
-                )));
-            }
-            match (host.state(), kind) {
-                (HostState::Disconnected, _) => {
-                    return Err(ApiErr::conflict(format!(
-                        "host {} of VM {name} is disconnected: wait for its agent to reconnect \
-                         (tern host list)",
-                        host.name
-                    )))
-                }
-                (HostState::Maintenance, TaskKind::VmStart) => {
-                    return Err(ApiErr::conflict(format!(
-                        "host {} of VM {name} is in maintenance mode: VMs do not start there",
-                        host.name
-                    )))
-                }
-                _ => {}
-            }
-            let desired = match kind {
-                TaskKind::VmStop => PowerState::Stopped,
-                _ => PowerState::Running,
-            };
-            let task = Task::queued(kind, Some(name.clone()), Some(host.name.clone()), now);
-            let rec = TaskRecord {
-                task,
-                vm_id: Some(vm.id),
-                intent: TaskIntent {
-                    previous_desired: Some(vm.desired),
-                    stop,
-                },
-            };
-            tx.insert_task(&rec)?;
-            tx.set_vm_desired(vm.id, desired)?;
-            tx.add_event(
-                task_event(
-                    &rec.task,
-                    NewEvent::info(format!(
-                        "task {}: {} VM {name} on host {} queued",
-                        rec.task.id,
-                        kind_text(kind),
-                        host.name
-                    )),
-                ),
-                now,
-            )?;
-            Ok(rec)
-        })
-        .await?;
-    // Registered before the driver runs, so a cancel arriving at once is not lost.
-    let cancel = app.cancel_signal(rec.task.id);
-    app.spawn(drive(app.clone(), rec.task.id, cancel));
-    Ok(rec.task)
+/// What a task's work is handed: its id, its progress, its cancel signal.
+pub struct TaskCtl {
+    app: Arc<App>,
+    id: Uuid,
+    cancelled: watch::Receiver<bool>,
 }
 
-/// How a task's work ended.
-enum Outcome {
-    /// The agent did it; the VM is now `actual`.
-    Done {
-        actual: PowerState,
-        phase: String,
-        result: serde_json::Value,
-    },
-    Failed(String),
-    /// The task had already ended (cancelled) before it could run.
-    Gone,
-}
+impl TaskCtl {
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
 
-async fn drive(app: Arc<App>, id: Uuid, cancel: Arc<Notify>) {
-    let outcome = tokio::select! {
-        o = work(&app, id) => Some(o),
-        // The cancel is recorded by the cancel call; the driver only stops waiting.
-        _ = cancel.notified() => None,
-    };
-    app.forget_cancel_signal(id);
-    match outcome {
-        None => tracing::info!(task = %id, "task cancelled; stopped waiting for the agent"),
-        Some(Outcome::Gone) => {}
-        Some(o) => {
-            if let Err(e) = record_outcome(&app, id, o).await {
-                tracing::error!(task = %id, "could not record the task's outcome: {e}");
-            }
+    /// Records progress; `Ok(false)` when the task has ended meanwhile (cancelled).
+    pub async fn progress(&self, progress: u8, phase: String) -> Result<bool, String> {
+        record_progress(&self.app, self.id, progress, phase).await
+    }
+
+    /// Whether a user has cancelled the task (work that cannot stop at any point polls this).
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancelled.borrow()
+    }
+
+    /// Runs `work` until it ends or the task is cancelled (`None`), whichever comes first.
+    pub async fn until_cancelled<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        let mut rx = self.cancelled.clone();
+        tokio::select! {
+            out = work => Some(out),
+            _ = rx.wait_for(|c| *c) => None,
         }
     }
 }
 
-/// What a driver needs: the task, its VM and the VM's host.
-type Ctx = (TaskRecord, VmRecord, HostRecord);
-
-async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
-    let ctx = app
-        .db
-        .write(
-            move |tx| -> Result<Result<Option<Ctx>, String>, StoreError> {
-                let Some(t) = tx.task(id)? else {
-                    return Ok(Ok(None));
-                };
-                let vm = t.vm_id.map(|v| tx.vm_by_id(v)).transpose()?.flatten();
-                let host = vm
-                    .as_ref()
-                    .and_then(|v| v.host_id)
-                    .map(|h| tx.host_by_id(h))
-                    .transpose()?
-                    .flatten();
-                let (Some(vm), Some(host)) = (vm, host) else {
-                    return Ok(Err(format!(
-                        "VM {} or its host no longer exists",
-                        t.task.vm.as_deref().unwrap_or("-")
-                    )));
-                };
-                let phase = match t.task.kind {
-                    TaskKind::VmStop => format!("stopping on {}", host.name),
-                    _ => format!("starting on {}", host.name),
-                };
-                if !tx.update_task_progress(id, TaskState::Running, 10, &phase)? {
-                    return Ok(Ok(None));
-                }
-                tx.add_event(
-                    task_event(
-                        &t.task,
-                        NewEvent::info(format!("task {id}: VM {} {phase}", vm.name())),
-                    ),
-                    Utc::now(),
-                )?;
-                Ok(Ok(Some((t, vm, host))))
-            },
-        )
-        .await;
-    let (t, vm, host) = match ctx {
-        Ok(Ok(Some(c))) => c,
-        Ok(Ok(None)) => return Outcome::Gone,
-        Ok(Err(why)) => return Outcome::Failed(why),
-        Err(e) => return Outcome::Failed(format!("center store: {e}")),
+/// Runs a recorded task's work in the background. The cancel signal is registered before this
+/// returns, so a cancel arriving at once is not lost; the end the work returns is recorded by
+/// [`finish`] (`None`: the work recorded its end itself, or a cancel ended it).
+pub fn spawn<W, Fut>(app: &Arc<App>, id: Uuid, work: W)
+where
+    W: FnOnce(TaskCtl) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<TaskEnd>> + Send + 'static,
+{
+    let signal = app.cancel_signal(id);
+    let (tell, cancelled) = watch::channel(false);
+    let ctl = TaskCtl {
+        app: app.clone(),
+        id,
+        cancelled,
     };
-    let agent = app.agent(&host);
-    match t.task.kind {
-        TaskKind::VmStart => {
-            // EVC: the CPU is resolved under the cluster's mode now, recorded, and given to
-            // QEMU as an exact `-cpu` argument with `enforce`.
-            let cpu = match crate::evc::prepare_start(app, &vm, &host).await {
-                Ok(cpu) => cpu,
-                Err(e) => return Outcome::Failed(format!("VM {}: {e}", vm.name())),
-            };
-            let req = StartVm {
-                spec: crate::evc::launch_spec(&vm.spec, &cpu),
-                generation: vm.generation,
-            };
-            match agent.start(vm.id, &req).await {
-                Ok(rt) if rt.state == PowerState::Running => Outcome::Done {
-                    actual: rt.state,
-                    phase: format!("running on {}", host.name),
-                    result: runtime_summary(&rt),
-                },
-                Ok(rt) => Outcome::Failed(format!(
-                    "host {} started the VM but it is {}{}",
-                    host.name,
-                    rt.state,
-                    rt.exit_reason.map(|r| format!(": {r}")).unwrap_or_default()
-                )),
-                Err(e) => Outcome::Failed(e.to_string()),
-            }
-        }
-        TaskKind::VmStop => {
-            let req = t.intent.stop.clone().unwrap_or_default();
-            match agent.stop(vm.id, &req).await {
-                Ok(rt) if matches!(rt.state, PowerState::Stopped | PowerState::Crashed) => {
-                    Outcome::Done {
-                        actual: PowerState::Stopped,
-                        phase: format!("stopped on {}", host.name),
-                        result: runtime_summary(&rt),
-                    }
-                }
-                Ok(rt) => Outcome::Failed(format!(
-                    "host {} answered the stop but the VM is still {}",
-                    host.name, rt.state
-                )),
-                // The agent does not know the VM: it is not running there.
-                Err(e) if e.is_not_found() => Outcome::Done {
-                    actual: PowerState::Stopped,
-                    phase: format!("was not running on {}", host.name),
-                    result: json!({ "state": PowerState::Stopped }),
-                },
-                Err(e) => Outcome::Failed(e.to_string()),
-            }
-        }
-        // Driven by their own modules (migrate, maintenance, drs), never by this driver.
-        TaskKind::VmMigrate
-        | TaskKind::HostMaintenanceEnter
-        | TaskKind::HostMaintenanceExit
-        | TaskKind::DrsApply => Outcome::Failed(format!(
-            "{} tasks are not driven here",
-            kind_text(t.task.kind)
-        )),
-    }
-}
-
-fn runtime_summary(rt: &VmRuntime) -> serde_json::Value {
-    json!({
-        "state": rt.state,
-        "pid": rt.pid,
-        "accelerator": rt.accelerator,
-        "taps": rt.taps,
-    })
-}
-
-async fn record_outcome(app: &Arc<App>, id: Uuid, outcome: Outcome) -> Result<(), ApiErr> {
     let app2 = app.clone();
-    app.db
+    app.spawn(async move {
+        let relay = async move {
+            signal.notified().await;
+            let _ = tell.send(true);
+            // Stays pending: the work decides when it is done.
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let end = tokio::select! {
+            end = work(ctl) => end,
+            never = relay => match never {},
+        };
+        app2.forget_cancel_signal(id);
+        if let Some(end) = end {
+            finish(&app2, id, end).await;
+        }
+    });
+}
+
+/// Records a task's end in one transaction: its final state (unless a cancel was recorded
+/// first: then only its result), the event, and the kind's own changes.
+pub async fn finish(app: &Arc<App>, id: Uuid, end: TaskEnd) {
+    let app2 = app.clone();
+    let w = app
+        .db
         .write(move |tx| {
             let now = Utc::now();
             let Some(t) = tx.task(id)? else {
@@ -291,61 +203,34 @@ async fn record_outcome(app: &Arc<App>, id: Uuid, outcome: Outcome) -> Result<()
             if let Some(vm) = t.vm_id {
                 app2.settle(vm);
             }
-            let vm = t.vm_id.map(|v| tx.vm_by_id(v)).transpose()?.flatten();
-            let what = kind_text(t.task.kind);
-            let vm_name = t.task.vm.clone().unwrap_or_default();
-            match outcome {
-                Outcome::Done {
-                    actual,
-                    phase,
-                    result,
-                } => {
-                    if !tx.finish_task(
-                        id,
-                        TaskState::Succeeded,
-                        &phase,
-                        Some(&result),
-                        None,
-                        now,
-                    )? {
-                        return Ok(());
-                    }
-                    if let Some(vm) = &vm {
-                        tx.set_vm_actual(vm.id, actual)?;
-                    }
-                    tx.add_event(
-                        task_event(
-                            &t.task,
-                            NewEvent::info(format!(
-                                "task {id}: {what} of VM {vm_name} succeeded: {phase}"
-                            )),
-                        ),
-                        now,
-                    )?;
+            let ended = tx.finish_task(
+                id,
+                end.state,
+                &end.phase,
+                end.result.as_ref(),
+                end.error.as_deref(),
+                now,
+            )?;
+            if !ended {
+                if let Some(r) = &end.result {
+                    tx.set_task_result(id, r)?;
                 }
-                Outcome::Failed(msg) => {
-                    if !tx.finish_task(id, TaskState::Failed, "failed", None, Some(&msg), now)? {
-                        return Ok(());
-                    }
-                    // A failed task leaves the desired state as it found it.
-                    if let (Some(vm), Some(prev)) = (&vm, t.intent.previous_desired) {
-                        tx.set_vm_desired(vm.id, prev)?;
-                    }
-                    tx.add_event(
-                        task_event(
-                            &t.task,
-                            NewEvent::error(format!(
-                                "task {id}: {what} of VM {vm_name} failed: {msg}"
-                            )),
-                        ),
-                        now,
-                    )?;
-                }
-                Outcome::Gone => {}
             }
-            Ok(())
+            if let Some(changes) = end.changes {
+                changes(tx, &t, ended)?;
+            }
+            if ended || end.tell_after_cancel {
+                tx.add_event(
+                    task_event(&t.task, NewEvent::new(end.level, end.summary)),
+                    now,
+                )?;
+            }
+            Ok::<_, StoreError>(())
         })
-        .await
+        .await;
+    if let Err(e) = w {
+        tracing::error!(task = %id, "cannot record the task's end: {e}");
+    }
 }
 
 /// Records a running task's progress; `Ok(false)` when the task has ended meanwhile (the user
@@ -363,23 +248,30 @@ pub async fn record_progress(
 }
 
 /// Cancels a queued or running task: records it, then wakes its driver.
-pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, ApiErr> {
+pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, CenterError> {
     let app2 = app.clone();
     let task = app
         .db
         .write(move |tx| {
             let now = Utc::now();
             let t = tx.task(id)?.ok_or_else(|| {
-                ApiErr::not_found(format!("task {id} does not exist: see tern task list"))
+                CenterError::not_found(format!("task {id} does not exist: see tern task list"))
             })?;
             if t.task.state.is_done() {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "task {id} has already {}; there is nothing to cancel",
                     t.task.state
                 )));
             }
-            if let Some(why) = crate::migrate::cancel_refusal(tx, id)? {
-                return Err(ApiErr::conflict(why));
+            // A migration belongs to its destination once committed: there is no way back.
+            if let Some(m) = tx.migration(id)? {
+                if m.state.owner() == tern_motion::Side::Destination {
+                    return Err(CenterError::conflict(format!(
+                        "the migration of VM {} is committed (the destination owns it): it can \
+                         no longer be cancelled; move it back with another migration",
+                        m.vm_name
+                    )));
+                }
             }
             if let Some(vm) = t.vm_id {
                 app2.settle(vm);
@@ -410,7 +302,7 @@ pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, ApiErr> {
             )?;
             tx.task(id)?
                 .map(|t| t.task)
-                .ok_or_else(|| ApiErr::internal(format!("task {id} vanished")))
+                .ok_or_else(|| CenterError::internal(format!("task {id} vanished")))
         })
         .await?;
     app.signal_cancel(id);
@@ -419,7 +311,7 @@ pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, ApiErr> {
 
 /// At center start: ends the tasks a previous center left going, then (in the background)
 /// re-reads their VMs' states from their agents.
-pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
+pub async fn recover(app: &Arc<App>) -> Result<usize, CenterError> {
     let left = app
         .db
         .write(|tx| {
@@ -450,7 +342,7 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
                     left.push((vm, t.intent.previous_desired));
                 }
             }
-            Ok::<_, ApiErr>(left)
+            Ok::<_, CenterError>(left)
         })
         .await?;
     let n = left.len();
@@ -466,7 +358,11 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
 }
 
 /// Asks a VM's agent what state it is in, and adopts it as the VM's actual (and desired) state.
-async fn reread(app: &Arc<App>, vm_id: Uuid, previous: Option<PowerState>) -> Result<(), ApiErr> {
+async fn reread(
+    app: &Arc<App>,
+    vm_id: Uuid,
+    previous: Option<PowerState>,
+) -> Result<(), CenterError> {
     let found = app
         .db
         .read(move |tx| {
@@ -477,7 +373,7 @@ async fn reread(app: &Arc<App>, vm_id: Uuid, previous: Option<PowerState>) -> Re
                 .map(|h| tx.host_by_id(h))
                 .transpose()?
                 .flatten();
-            Ok::<_, ApiErr>(vm.zip(host))
+            Ok::<_, CenterError>(vm.zip(host))
         })
         .await?;
     let Some((vm, host)) = found else {
@@ -524,7 +420,7 @@ async fn reread(app: &Arc<App>, vm_id: Uuid, previous: Option<PowerState>) -> Re
                 .host(Some(&host.name)),
                 Utc::now(),
             )?;
-            Ok::<_, ApiErr>(())
+            Ok::<_, CenterError>(())
         })
         .await
 }

@@ -9,25 +9,25 @@ use std::path::{Component, Path};
 use tern_api::{parse_unicast_mac, valid_name, BootSource, HostState, VmSpec};
 use uuid::Uuid;
 
-use crate::error::ApiErr;
+use crate::error::CenterError;
 
 /// Smallest memory a VM may have.
 pub const MIN_MEMORY_MIB: u64 = 16;
 
 /// Checks what can be checked from the spec alone, and normalises its MACs to lower case.
-pub fn check_spec(spec: &mut VmSpec) -> Result<(), ApiErr> {
+pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
     if !valid_name(&spec.name) {
-        return Err(ApiErr::bad_request(format!(
+        return Err(CenterError::invalid(format!(
             "VM name {:?} is not valid: use 1 to 32 characters of a-z, 0-9 and '-', starting \
              with a letter or digit",
             spec.name
         )));
     }
     if spec.vcpus == 0 {
-        return Err(ApiErr::bad_request("vcpus must be at least 1"));
+        return Err(CenterError::invalid("vcpus must be at least 1"));
     }
     if spec.memory_mib < MIN_MEMORY_MIB {
-        return Err(ApiErr::bad_request(format!(
+        return Err(CenterError::invalid(format!(
             "memory_mib {} is too small: a VM needs at least {MIN_MEMORY_MIB} MiB",
             spec.memory_mib
         )));
@@ -35,7 +35,7 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), ApiErr> {
     let mut seen = HashSet::new();
     for nic in &mut spec.nics {
         if parse_unicast_mac(&nic.mac).is_none() {
-            return Err(ApiErr::bad_request(format!(
+            return Err(CenterError::invalid(format!(
                 "MAC {:?} is not a unicast MAC: write it as xx:xx:xx:xx:xx:xx with an even \
                  first byte (52:54:00:… is QEMU's usual prefix)",
                 nic.mac
@@ -43,20 +43,20 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), ApiErr> {
         }
         nic.mac = nic.mac.to_ascii_lowercase();
         if !seen.insert(nic.mac.clone()) {
-            return Err(ApiErr::bad_request(format!(
+            return Err(CenterError::invalid(format!(
                 "MAC {} is given to two NICs of the VM; every NIC needs its own MAC",
                 nic.mac
             )));
         }
     }
     if matches!(spec.boot, BootSource::Disk) && spec.disks.is_empty() {
-        return Err(ApiErr::bad_request(
+        return Err(CenterError::invalid(
             "boot from disk needs at least one disk: add one to disks, or boot a kernel",
         ));
     }
     if let Some(model) = &spec.cpu_model {
         if model.is_empty() || model.len() > 64 || model.chars().any(char::is_whitespace) {
-            return Err(ApiErr::bad_request(format!(
+            return Err(CenterError::invalid(format!(
                 "cpu_model {model:?} is not a QEMU CPU model name (e.g. qemu64, x86-64-v2, \
                  Haswell)"
             )));
@@ -65,7 +65,7 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), ApiErr> {
     for (what, path) in spec_files(spec) {
         let p = Path::new(path);
         if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
-            return Err(ApiErr::bad_request(format!(
+            return Err(CenterError::invalid(format!(
                 "{what} path {path:?} must be absolute and without '..' (a path on the hosts' \
                  shared storage)"
             )));
@@ -109,9 +109,9 @@ impl Candidate {
 }
 
 /// Checks that a host the user named can take the VM.
-pub fn check_host(host: &Candidate, cluster: &str, spec: &VmSpec) -> Result<(), ApiErr> {
+pub fn check_host(host: &Candidate, cluster: &str, spec: &VmSpec) -> Result<(), CenterError> {
     if host.cluster != cluster {
-        return Err(ApiErr::unprocessable(format!(
+        return Err(CenterError::unsatisfiable(format!(
             "host {} is in cluster {}, not {cluster}: pick a host of cluster {cluster} \
              (tern host list)",
             host.name, host.cluster
@@ -120,13 +120,13 @@ pub fn check_host(host: &Candidate, cluster: &str, spec: &VmSpec) -> Result<(), 
     match host.state {
         HostState::Connected => {}
         HostState::Disconnected => {
-            return Err(ApiErr::conflict(format!(
+            return Err(CenterError::conflict(format!(
                 "host {} is disconnected: wait for its agent to reconnect, or pick another host",
                 host.name
             )))
         }
         HostState::Maintenance => {
-            return Err(ApiErr::conflict(format!(
+            return Err(CenterError::conflict(format!(
                 "host {} is in maintenance mode: pick another host, or leave out the host and \
                  let the center place the VM",
                 host.name
@@ -136,15 +136,15 @@ pub fn check_host(host: &Candidate, cluster: &str, spec: &VmSpec) -> Result<(), 
     fits(host, spec)
 }
 
-fn fits(host: &Candidate, spec: &VmSpec) -> Result<(), ApiErr> {
+fn fits(host: &Candidate, spec: &VmSpec) -> Result<(), CenterError> {
     if spec.vcpus > host.cores {
-        return Err(ApiErr::unprocessable(format!(
+        return Err(CenterError::unsatisfiable(format!(
             "vcpus {} is more than host {} has cores ({})",
             spec.vcpus, host.name, host.cores
         )));
     }
     if spec.memory_mib > host.memory_mib {
-        return Err(ApiErr::unprocessable(format!(
+        return Err(CenterError::unsatisfiable(format!(
             "memory_mib {} is more than host {} has ({} MiB)",
             spec.memory_mib, host.name, host.memory_mib
         )));
@@ -154,14 +154,14 @@ fn fits(host: &Candidate, spec: &VmSpec) -> Result<(), ApiErr> {
 
 /// Picks the host for a VM: the usable host of the cluster with the most free memory that
 /// fits it. Returns the index into `hosts`.
-pub fn place(hosts: &[Candidate], cluster: &str, spec: &VmSpec) -> Result<usize, ApiErr> {
+pub fn place(hosts: &[Candidate], cluster: &str, spec: &VmSpec) -> Result<usize, CenterError> {
     let usable: Vec<(usize, &Candidate)> = hosts
         .iter()
         .enumerate()
         .filter(|(_, h)| h.cluster == cluster && h.state == HostState::Connected)
         .collect();
     if usable.is_empty() {
-        return Err(ApiErr::conflict(format!(
+        return Err(CenterError::conflict(format!(
             "cluster {cluster} has no connected host (out of maintenance) to place the VM on \
              and to check its files: start a host agent with --cluster {cluster}, or wait for \
              one to reconnect"
@@ -177,7 +177,7 @@ pub fn place(hosts: &[Candidate], cluster: &str, spec: &VmSpec) -> Result<usize,
             .map(|(_, h)| format!("{} ({} cores, {} MiB)", h.name, h.cores, h.memory_mib))
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(ApiErr::unprocessable(format!(
+        return Err(CenterError::unsatisfiable(format!(
             "no host of cluster {cluster} is big enough for {} vcpus and {} MiB: {biggest}",
             spec.vcpus, spec.memory_mib
         )));
@@ -199,7 +199,7 @@ pub fn place(hosts: &[Candidate], cluster: &str, spec: &VmSpec) -> Result<usize,
                 .map(|(_, h)| format!("{} {} MiB", h.name, h.free_memory_mib().max(0)))
                 .collect::<Vec<_>>()
                 .join(", ");
-            ApiErr::conflict(format!(
+            CenterError::conflict(format!(
                 "no host of cluster {cluster} has {} MiB free (free: {free}); delete VMs, add a \
                  host, or name a host to overcommit it",
                 spec.memory_mib
@@ -210,7 +210,6 @@ pub fn place(hosts: &[Candidate], cluster: &str, spec: &VmSpec) -> Result<usize,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::StatusCode;
     use tern_api::{DiskSpec, NicSpec};
 
     fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
@@ -250,14 +249,14 @@ mod tests {
         assert_eq!(s.nics[0].mac, "52:54:00:aa:00:01");
 
         let mut s = spec(0, 256);
-        assert_eq!(
-            check_spec(&mut s).unwrap_err().status,
-            StatusCode::BAD_REQUEST
-        );
+        assert!(matches!(
+            check_spec(&mut s).unwrap_err(),
+            CenterError::Invalid(_)
+        ));
         let mut s = spec(1, 0);
         assert!(check_spec(&mut s)
             .unwrap_err()
-            .message
+            .message()
             .contains("at least 16"));
         let mut s = spec(1, 256);
         s.nics[0].mac = "01:00:5e:00:00:01".into();
@@ -266,14 +265,20 @@ mod tests {
         s.nics.push(NicSpec {
             mac: "52:54:00:aa:00:01".into(),
         });
-        assert!(check_spec(&mut s).unwrap_err().message.contains("two NICs"));
+        assert!(check_spec(&mut s)
+            .unwrap_err()
+            .message()
+            .contains("two NICs"));
         let mut s = spec(1, 256);
         s.disks.push(DiskSpec {
             path: "/shared/../etc/passwd".into(),
             format: Default::default(),
             readonly: false,
         });
-        assert!(check_spec(&mut s).unwrap_err().message.contains("absolute"));
+        assert!(check_spec(&mut s)
+            .unwrap_err()
+            .message()
+            .contains("absolute"));
         let mut s = spec(1, 256);
         s.boot = BootSource::Disk;
         assert!(check_spec(&mut s).is_err());
@@ -294,13 +299,13 @@ mod tests {
         assert_eq!(place(&hosts, "lab", &spec(1, 1024)).unwrap(), 1);
         // Fits h1 and h2 in size but neither has 7500 MiB free.
         let e = place(&hosts, "lab", &spec(1, 7500)).unwrap_err();
-        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert!(matches!(e, CenterError::Conflict(_)));
         let e = place(&hosts, "lab", &spec(1, 100_000)).unwrap_err();
-        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(matches!(e, CenterError::Unsatisfiable(_)));
         let e = place(&hosts, "lab", &spec(8, 128)).unwrap_err();
-        assert!(e.message.contains("big enough"));
+        assert!(e.message().contains("big enough"));
         let e = place(&hosts, "other", &spec(1, 128)).unwrap_err();
-        assert!(e.message.contains("no connected host"));
+        assert!(e.message().contains("no connected host"));
     }
 
     #[test]
@@ -308,15 +313,15 @@ mod tests {
         let h = host("h1", HostState::Connected, 4096, 4096);
         // A named host may be overcommitted; only its size matters.
         check_host(&h, "lab", &spec(2, 4096)).unwrap();
-        assert_eq!(
-            check_host(&h, "lab", &spec(2, 4097)).unwrap_err().status,
-            StatusCode::UNPROCESSABLE_ENTITY
-        );
+        assert!(matches!(
+            check_host(&h, "lab", &spec(2, 4097)).unwrap_err(),
+            CenterError::Unsatisfiable(_)
+        ));
         assert!(check_host(&h, "other", &spec(1, 128)).is_err());
         let d = host("h2", HostState::Disconnected, 4096, 0);
-        assert_eq!(
-            check_host(&d, "lab", &spec(1, 128)).unwrap_err().status,
-            StatusCode::CONFLICT
-        );
+        assert!(matches!(
+            check_host(&d, "lab", &spec(1, 128)).unwrap_err(),
+            CenterError::Conflict(_)
+        ));
     }
 }

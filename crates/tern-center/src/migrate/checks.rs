@@ -9,7 +9,7 @@ impl Mig {
         let mut report =
             crate::evc::can_migrate(&self.app, self.name().to_string(), self.dest.name.clone())
                 .await
-                .map_err(|e| e.message)?;
+                .map_err(|e| e.into_message())?;
         report.checks.retain(|c| c.check != CheckKind::State);
         let mut add = |check: CheckKind, r: Result<String, String>| {
             let (ok, detail) = match r {

@@ -39,17 +39,16 @@ use tern_motion::{
     choose_settings, HostBudget, QemuVersion, SourceState, Stage, Step as SettleStep, Way,
     MACHINE_TYPE,
 };
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::agent::{Agent, AgentError};
 use crate::app::App;
-use crate::error::ApiErr;
-use crate::inventory::vm_not_found;
+use crate::error::CenterError;
 use crate::store::{
     HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
     TaskRecord, VmRecord,
 };
+use crate::tasks::{self, TaskCtl, TaskEnd};
 
 /// How long the guest's dirty rate is measured: as long as the link probe (they run at once),
 /// with 8× QEMU's default sample of pages so that the short window still sees enough change.
@@ -80,37 +79,39 @@ fn ev(task: Uuid, vm: &str, host: &str, level: EventLevel, msg: String) -> NewEv
 }
 
 /// Queues a migration of VM `name` and drives it in the background.
-pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<Task, ApiErr> {
+pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<Task, CenterError> {
     if req.bandwidth_mbit == Some(0) {
-        return Err(ApiErr::bad_request(
+        return Err(CenterError::invalid(
             "bandwidth_mbit 0 would never send anything: give a cap above 0, or none",
         ));
     }
     if req.deadline_ms == Some(0) {
-        return Err(ApiErr::bad_request("deadline_ms must be above 0"));
+        return Err(CenterError::invalid("deadline_ms must be above 0"));
     }
     let to = req.to.clone();
     let rec = app
         .db
         .write(move |tx| {
             let now = Utc::now();
-            let vm = tx.vm_by_name(&name)?.ok_or_else(|| vm_not_found(&name))?;
+            let vm = tx
+                .vm_by_name(&name)?
+                .ok_or_else(|| CenterError::vm_not_found(&name))?;
             let dest = tx.host_by_name(&to)?.ok_or_else(|| {
-                ApiErr::not_found(format!("host {to} is not registered: see tern host list"))
+                CenterError::not_found(format!("host {to} is not registered: see tern host list"))
             })?;
             let source = vm
                 .host_id
                 .map(|h| tx.host_by_id(h))
                 .transpose()?
                 .flatten()
-                .ok_or_else(|| ApiErr::conflict(format!("VM {name} has no host")))?;
+                .ok_or_else(|| CenterError::conflict(format!("VM {name} has no host")))?;
             if source.id == dest.id {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "VM {name} already runs on host {to}"
                 )));
             }
             if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
-                return Err(ApiErr::conflict(format!(
+                return Err(CenterError::conflict(format!(
                     "task {} is still {} on VM {name}: wait for it, or cancel it with: tern \
                      task cancel {}",
                     t.task.id, t.task.state, t.task.id
@@ -146,42 +147,36 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
                 ),
                 now,
             )?;
-            Ok::<_, ApiErr>((rec, vm, source, dest, req))
+            Ok::<_, CenterError>((rec, vm, source, dest, req))
         })
         .await?;
     let (rec, vm, source, dest, req) = rec;
-    let cancel = app.cancel_signal(rec.task.id);
-    let (tx, cancelled) = watch::channel(false);
-    let waiter = tokio::spawn(async move {
-        cancel.notified().await;
-        let _ = tx.send(true);
-    });
-    let m = Mig {
-        app: app.clone(),
-        task: rec.task.id,
-        req,
-        vm,
-        source,
-        dest,
-        cancelled,
-        started: Instant::now(),
-        row: None,
-        settings: None,
-        measurements: None,
-        incoming_attempted: false,
-        outgoing_attempted: false,
-        pause_started: None,
-        paused_for: None,
-        events_seen: 0,
-        held: std::sync::Mutex::new(Vec::new()),
-        timeline: Timeline::default(),
-    };
     let app2 = app.clone();
-    app.spawn(async move {
-        let task = m.task;
+    tasks::spawn(app, rec.task.id, move |ctl| async move {
+        let m = Mig {
+            app: app2,
+            task: ctl.id(),
+            req,
+            vm,
+            source,
+            dest,
+            ctl,
+            started: Instant::now(),
+            row: None,
+            settings: None,
+            measurements: None,
+            incoming_attempted: false,
+            outgoing_attempted: false,
+            pause_started: None,
+            paused_for: None,
+            events_seen: 0,
+            held: std::sync::Mutex::new(Vec::new()),
+            timeline: Timeline::default(),
+        };
+        // A migration cannot be dropped halfway: it polls the cancel signal at safe points and
+        // records its own end (a rollback or a commit comes first).
         m.drive().await;
-        waiter.abort();
-        app2.forget_cancel_signal(task);
+        None
     });
     Ok(rec.task)
 }
@@ -194,7 +189,8 @@ struct Mig {
     vm: VmRecord,
     source: HostRecord,
     dest: HostRecord,
-    cancelled: watch::Receiver<bool>,
+    /// Progress and the cancel signal, polled at safe points.
+    ctl: TaskCtl,
     started: Instant,
     row: Option<MigrationRow>,
     settings: Option<MigrationSettings>,
@@ -329,7 +325,7 @@ impl Mig {
     /// Records the stage reached (its progress and a line for users); [`Abort::Cancelled`]
     /// when the task has ended meanwhile (cancelled).
     async fn phase(&self, stage: Stage, phase: String) -> Result<(), Abort> {
-        if crate::tasks::record_progress(&self.app, self.task, stage.progress(), phase).await? {
+        if self.ctl.progress(stage.progress(), phase).await? {
             Ok(())
         } else {
             Err(Abort::Cancelled)
@@ -337,7 +333,7 @@ impl Mig {
     }
 
     fn check_cancel(&self) -> Result<(), Abort> {
-        if *self.cancelled.borrow() {
+        if self.ctl.is_cancelled() {
             Err(Abort::Cancelled)
         } else {
             Ok(())
@@ -373,4 +369,4 @@ mod checks;
 mod settle;
 mod stages;
 
-pub use settle::{cancel_refusal, converge, recover};
+pub use settle::{converge, recover};

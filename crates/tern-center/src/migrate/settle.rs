@@ -255,6 +255,8 @@ impl Mig {
         .await;
     }
 
+    /// Records the migration's end through the task runner. Its event is recorded even when
+    /// the user cancelled the task first: a rollback or a commit still happened.
     pub(super) async fn finish_task(
         &self,
         state: TaskState,
@@ -263,46 +265,19 @@ impl Mig {
         error: Option<String>,
         summary: String,
     ) {
-        let (task, vm_id) = (self.task, self.vm.id);
-        let (vm, host) = (self.name().to_string(), self.source.name.clone());
-        let app = self.app.clone();
-        let r = self
-            .app
-            .db
-            .write(move |tx| {
-                let now = Utc::now();
-                app.settle(vm_id);
-                // A task the user cancelled stays cancelled; its outcome is still recorded.
-                let ended =
-                    tx.finish_task(task, state, &phase, result.as_ref(), error.as_deref(), now)?;
-                if !ended {
-                    if let Some(r) = &result {
-                        tx.set_task_result(task, r)?;
-                    }
-                }
-                if state == TaskState::Succeeded {
-                    tx.set_vm_actual(vm_id, PowerState::Running)?;
-                }
-                tx.add_event(
-                    ev(
-                        task,
-                        &vm,
-                        &host,
-                        if state == TaskState::Succeeded {
-                            EventLevel::Info
-                        } else {
-                            EventLevel::Warning
-                        },
-                        summary,
-                    ),
-                    now,
-                )?;
-                Ok::<_, StoreError>(())
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(task = %self.task, "cannot record the migration's outcome: {e}");
-        }
+        let end = match (state, error) {
+            (TaskState::Succeeded, _) => {
+                TaskEnd::succeeded(phase, summary).changes(|tx, t, _| match t.vm_id {
+                    Some(vm) => tx.set_vm_actual(vm, PowerState::Running),
+                    None => Ok(()),
+                })
+            }
+            (state, error) => TaskEnd::failed(error.unwrap_or_default(), summary)
+                .state(state)
+                .phase(phase)
+                .level(EventLevel::Warning),
+        };
+        tasks::finish(&self.app, self.task, end.result(result).tell_after_cancel()).await;
     }
 }
 
@@ -531,7 +506,7 @@ pub(super) async fn settle_step(
 
 /// At center start, before tasks are recovered: ends the migrations a previous center left
 /// going by the ownership rule (committed → forward, else backward), in the background.
-pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
+pub async fn recover(app: &Arc<App>) -> Result<usize, CenterError> {
     let rows = app
         .db
         .write(|tx| {
@@ -567,7 +542,7 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
                     now,
                 )?;
             }
-            Ok::<_, ApiErr>(rows)
+            Ok::<_, CenterError>(rows)
         })
         .await?;
     let n = rows.len();
@@ -575,19 +550,6 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, ApiErr> {
         app.spawn(converge(app.clone(), row));
     }
     Ok(n)
-}
-
-/// A migration task may be cancelled until its hand-over is committed.
-pub fn cancel_refusal(tx: &crate::store::Tx, task: Uuid) -> Result<Option<String>, StoreError> {
-    Ok(tx.migration(task)?.and_then(|m| {
-        matches!(m.state, Rec::Committed | Rec::Done).then(|| {
-            format!(
-                "the migration of VM {} is committed (the destination owns it): it can no \
-                 longer be cancelled; move it back with another migration",
-                m.vm_name
-            )
-        })
-    }))
 }
 
 pub(super) fn empty_settings() -> MigrationSettings {

@@ -334,17 +334,17 @@ impl Mig {
             last = e.to_string();
             if failed == 1 || failed % DRIVER_ATTEMPTS == 0 {
                 tracing::error!(task = %self.task, failed, "post-copy migration cannot be committed yet: {e}");
-                let _ = crate::tasks::record_progress(
-                    &self.app,
-                    self.task,
-                    Stage::Commit.progress(),
-                    format!(
+                let _ = self
+                    .ctl
+                    .progress(
+                        Stage::Commit.progress(),
+                        format!(
                         "post-copy switchover done; committing to {} (attempt {failed} failed: \
                          {e})",
                         self.dest.name
                     ),
-                )
-                .await;
+                    )
+                    .await;
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -529,7 +529,6 @@ impl Mig {
         let mut seen = self.events_seen;
         let mut unreachable_since: Option<Instant> = None;
         let backstop = Duration::from_millis(settings.deadline_ms) + DEADLINE_MARGIN;
-        let mut cancelled = self.cancelled.clone();
         loop {
             self.check_cancel()?;
             if self.started.elapsed() > backstop {
@@ -538,9 +537,10 @@ impl Mig {
                     settings.deadline_ms / 1000
                 )));
             }
-            let answer = tokio::select! {
-                r = src.migration_status(self.vm.id, Some(AgentMigrationState::Active), STATUS_WAIT) => r,
-                _ = cancelled.changed() => continue,
+            let status =
+                src.migration_status(self.vm.id, Some(AgentMigrationState::Active), STATUS_WAIT);
+            let Some(answer) = self.ctl.until_cancelled(status).await else {
+                continue;
             };
             let s = match answer {
                 Ok(s) => {
