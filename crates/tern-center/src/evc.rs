@@ -762,24 +762,14 @@ mod tests {
             .features
             .union(&catalogue().get("Westmere").unwrap().features);
         HostFacts {
-            hostname: "h".into(),
-            cores: 4,
-            memory_mib: 8192,
-            cpu_mhz: 2000,
-            cpu_model_name: "test".into(),
-            cpu_flags: vec![],
             qemu_version: "10.0.2".into(),
-            accelerator: Accelerator::Tcg,
-            migration_address: "127.0.0.1".into(),
-            shared_storage: "/shared".into(),
-            cpu_capability: vec![],
             cpu_ceiling: ceiling.map(str::to_string),
             cpu: Some(HostCpu {
                 vendor: Some("AuthenticAMD".into()),
                 uncapped: features.to_vec(),
                 ..HostCpu::default()
             }),
-            agent_version: "test".into(),
+            ..tern_testkit::fixtures::host_facts(4, 8192)
         }
     }
 

@@ -1448,24 +1448,12 @@ impl Tx<'_> {
 mod tests {
     use super::*;
     use tern_api::center::TaskKind;
-    use tern_api::{Accelerator, BootSource, NicSpec};
+    use tern_api::{BootSource, NicSpec};
 
     pub(crate) fn facts(cores: u32, memory_mib: u64) -> HostFacts {
         HostFacts {
-            hostname: "h".into(),
-            cores,
-            memory_mib,
-            cpu_mhz: 2000,
-            cpu_model_name: "test".into(),
-            cpu_flags: vec![],
-            qemu_version: "10.0.0".into(),
-            accelerator: Accelerator::Tcg,
             migration_address: "10.0.0.1".into(),
-            shared_storage: "/shared".into(),
-            cpu_capability: vec![],
-            cpu_ceiling: None,
-            cpu: None,
-            agent_version: "0.1.0".into(),
+            ..tern_testkit::fixtures::host_facts(cores, memory_mib)
         }
     }
 

@@ -163,9 +163,8 @@ fn info_qemu(bin: &str) -> Qemu {
     .expect("start QEMU for queries")
 }
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tern_testkit::cpio::Cpio;
+use tern_testkit::repo_root;
 
 #[test]
 fn catalogue_matches_qemu() {
@@ -336,32 +335,6 @@ fn tcg_max_predicts_enforce() {
 /// A minimal newc initramfs: busybox, an /init that prints /proc/cpuinfo between markers and
 /// powers off, and /dev/console.
 fn initramfs(busybox: &Path) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-        let header = format!(
-            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() + 1,
-            0
-        );
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-    }
     let init = "#!/bin/busybox sh\n\
         /bin/busybox mount -t proc proc /proc\n\
         echo TERN-CPUINFO-BEGIN\n\
@@ -369,29 +342,19 @@ fn initramfs(busybox: &Path) -> Vec<u8> {
         echo TERN-CPUINFO-END\n\
         /bin/busybox poweroff -f\n";
     let bb = std::fs::read(busybox).expect("read busybox");
-    let mut out = Vec::new();
-    entry(&mut out, 1, "bin", 0o040755, (0, 0), &[]);
-    entry(&mut out, 2, "bin/busybox", 0o100755, (0, 0), &bb);
-    entry(&mut out, 3, "init", 0o100755, (0, 0), init.as_bytes());
-    entry(&mut out, 4, "proc", 0o040755, (0, 0), &[]);
-    entry(&mut out, 5, "dev", 0o040755, (0, 0), &[]);
-    entry(&mut out, 6, "dev/console", 0o020600, (5, 1), &[]);
-    entry(&mut out, 7, "TRAILER!!!", 0, (0, 0), &[]);
-    out
+    Cpio::new()
+        .dir("bin")
+        .file("bin/busybox", 0o755, &bb)
+        .file("init", 0o755, init.as_bytes())
+        .dir("proc")
+        .dir("dev")
+        .char_dev("dev/console", 5, 1)
+        .finish()
 }
 
+/// The guest kernel (the project's image's, else the host's cloud kernel).
 fn find_kernel() -> Option<PathBuf> {
-    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .collect();
-    kernels.sort();
-    kernels.pop()
+    tern_testkit::paths::guest_kernel()
 }
 
 /// Boots the guest with `-cpu arg` under TCG and returns its /proc/cpuinfo.

@@ -6,10 +6,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{pid_alive, qemu_pid, spec, wait_until, AgentProc, FakeCenter, QemuReaper};
+use common::{pid_alive, qemu_pid, spec, AgentProc, FakeCenter, QemuReaper};
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
 use tern_api::{Accelerator, ApiClient, ApiError, Endpoint, HostFacts, HostLoad, PowerState};
+use tern_testkit::wait_until;
 use uuid::Uuid;
 
 const LONG: Duration = Duration::from_secs(60);

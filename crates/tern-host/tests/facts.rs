@@ -54,7 +54,7 @@ async fn a_failed_cpu_probe_is_retried_and_reaches_the_center() {
 
     // The agent starts and registers although its probe failed: the host is known, without
     // a capability (the center refuses it in EVC clusters meanwhile).
-    let reg = common::wait_until("registration", Duration::from_secs(60), || async {
+    let reg = tern_testkit::wait_until("registration", Duration::from_secs(60), || async {
         center.with(|l| l.registrations.first().cloned())
     })
     .await;
@@ -65,7 +65,7 @@ async fn a_failed_cpu_probe_is_retried_and_reaches_the_center() {
         reg.facts.cpu
     );
     // A later probe succeeds and the heartbeats carry the capability.
-    let facts = common::wait_until(
+    let facts = tern_testkit::wait_until(
         "a heartbeat with the CPU capability",
         Duration::from_secs(60),
         || async {

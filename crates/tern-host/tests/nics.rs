@@ -6,11 +6,12 @@ mod common;
 use std::future::Future;
 use std::time::Duration;
 
-use common::netns::NetNs;
-use common::{pid_alive, spec, wait_until, AgentProc, QemuReaper};
+use common::{pid_alive, spec, AgentProc, QemuReaper};
 use tern_api::agent::{StartVm, VmRuntime};
 use tern_api::center::StopVm;
 use tern_api::{ApiClient, Endpoint, HostFacts, NicSpec, PowerState};
+use tern_testkit::wait_until;
+use tern_testkit::NetNs;
 use uuid::Uuid;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -59,7 +60,7 @@ fn link(ns: &NetNs, tap: &str) -> Option<String> {
 fn nic_taps_follow_the_vm() {
     common::init_tracing();
     // Dropped last to first: the agent, then its QEMUs, then the namespace and its devices.
-    let ns = NetNs::new("th-nics");
+    let ns = NetNs::new("th-nics").with_bridge("br0");
     let tmp = tempfile::tempdir().expect("tempdir");
     let state = tmp.path().join("state");
     let _reaper = QemuReaper {
@@ -114,7 +115,7 @@ fn nic_taps_follow_the_vm() {
     // QEMU holds the tap open, so it has carrier; the root namespace has no such device.
     let shown = link(&ns, &tap).expect("tap exists");
     assert!(shown.contains("LOWER_UP"), "tap has carrier: {shown}");
-    assert!(common::netns::ip(&["link", "show", "dev", &tap]).is_err());
+    assert!(tern_testkit::netns::ip(&["link", "show", "dev", &tap]).is_err());
 
     // Agent crash and restart: the VM and its tap are taken back as they are.
     agent.kill9();

@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::netns::NetNs;
 use tern_host::tap::{ensure_tap, remove_tap, tap_name, TapError};
+use tern_testkit::NetNs;
 
 #[test]
 fn tap_lifecycle_in_a_namespace() {
-    let ns = NetNs::new("th-taps");
+    let ns = NetNs::new("th-taps").with_bridge("br0");
     let tap = tap_name(uuid::Uuid::new_v4(), 0);
     // Second call: an agent restarted on its own tap must succeed and change nothing.
     let result: Result<(), TapError> = ns.run_in(|| {
@@ -28,7 +28,7 @@ fn tap_lifecycle_in_a_namespace() {
         .expect("show tap");
     assert!(show.contains("UP"), "tap is up: {show}");
     // The root namespace has no such device.
-    assert!(common::netns::ip(&["link", "show", "dev", &tap]).is_err());
+    assert!(tern_testkit::netns::ip(&["link", "show", "dev", &tap]).is_err());
 
     ns.run_in(|| {
         remove_tap(&tap).expect("remove");

@@ -89,9 +89,10 @@ async fn disks_open_as_specified() {
 async fn nic_opens_its_tap_with_the_spec_mac() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::create("nic");
-    ns.ip(&["tuntap", "add", "dev", "tqtap0", "mode", "tap"]);
-    ns.ip(&["link", "set", "tqtap0", "up"]);
+    let ns = NetNs::new(&format!("tq-{}", "nic"));
+    ns.ip(&["tuntap", "add", "dev", "tqtap0", "mode", "tap"])
+        .expect("ip");
+    ns.ip(&["link", "set", "tqtap0", "up"]).expect("ip");
     let mut cfg = config(dir.path(), "nic", "");
     cfg.spec.nics = vec![NicSpec {
         mac: "52:54:00:12:34:56".into(),
@@ -107,11 +108,11 @@ async fn nic_opens_its_tap_with_the_spec_mac() {
         .unwrap();
     assert_eq!(filters[0]["main-mac"], "52:54:00:12:34:56", "{filters}");
     // A tap has carrier only while QEMU holds it open.
-    let link = ns.ip(&["link", "show", "tqtap0"]);
+    let link = ns.ip(&["link", "show", "tqtap0"]).expect("ip");
     assert!(!link.contains("NO-CARRIER"), "{link}");
     vm.kill().await.unwrap();
     let link = wait_for("tap carrier to drop", Duration::from_secs(10), || {
-        let l = ns.ip(&["link", "show", "tqtap0"]);
+        let l = ns.ip(&["link", "show", "tqtap0"]).expect("ip");
         l.contains("NO-CARRIER").then_some(l)
     })
     .await;

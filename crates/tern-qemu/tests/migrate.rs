@@ -134,15 +134,18 @@ struct Lan {
 
 impl Lan {
     fn new(tag: &str) -> Lan {
-        let ns = NetNs::create(tag);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns.ip(&["link", "add", "br0", "type", "bridge"]);
-        ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "br0"]);
-        ns.ip(&["link", "set", "br0", "up"]);
+        let ns = NetNs::new(&format!("tq-{}", tag));
+        ns.ip(&["link", "set", "lo", "up"]).expect("ip");
+        ns.ip(&["link", "add", "br0", "type", "bridge"])
+            .expect("ip");
+        ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "br0"])
+            .expect("ip");
+        ns.ip(&["link", "set", "br0", "up"]).expect("ip");
         for tap in ["tqsrc0", "tqdst0"] {
-            ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-            ns.ip(&["link", "set", tap, "master", "br0"]);
-            ns.ip(&["link", "set", tap, "up"]);
+            ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
+                .expect("ip");
+            ns.ip(&["link", "set", tap, "master", "br0"]).expect("ip");
+            ns.ip(&["link", "set", tap, "up"]).expect("ip");
         }
         let guest_bin = guest_image()
             .map(|(k, _)| k.with_file_name("tern-guest"))
@@ -152,7 +155,7 @@ impl Lan {
 
     /// The bridge port the switch learnt the guest's MAC on.
     fn port_of_guest(&self) -> Option<String> {
-        let out = run(&["bridge", "-n", &self.ns.0, "fdb", "show", "br", "br0"]);
+        let out = run(&["bridge", "-n", &self.ns.name, "fdb", "show", "br", "br0"]);
         out.lines()
             .filter(|l| l.starts_with(GUEST_MAC))
             .find_map(|l| {
@@ -164,7 +167,7 @@ impl Lan {
 
     fn client(&self, args: &[&str]) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("ip");
-        c.args(["netns", "exec", &self.ns.0])
+        c.args(["netns", "exec", &self.ns.name])
             .arg(&self.guest_bin)
             .arg("client")
             .args(["--addr", &format!("{GUEST_IP}:7000")])

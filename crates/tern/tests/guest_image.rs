@@ -19,12 +19,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 const GUEST_IP: &str = "10.0.2.15";
 const GUEST_PORT: u16 = 7000;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root")
-}
+use tern_testkit::repo_root;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);

@@ -50,22 +50,12 @@ pub fn status(r: Result<impl std::fmt::Debug, ApiError>) -> (u16, String) {
 }
 
 /// Polls `f` until it returns Some, or panics after `secs`.
-pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    tern_testkit::wait_until(what, Duration::from_secs(secs), f).await
 }
 
 /// Waits (30 s at most) for a task to end.
@@ -96,25 +86,7 @@ pub fn started(id: Uuid, req: StartVm) -> VmRuntime {
     }
 }
 
-/// A fake host's facts (no CPU capability unless the caller adds one).
-pub fn facts(cores: u32, memory_mib: u64) -> HostFacts {
-    HostFacts {
-        hostname: "fake".into(),
-        cores,
-        memory_mib,
-        cpu_mhz: 2000,
-        cpu_model_name: "Fake CPU".into(),
-        cpu_flags: vec!["sse2".into()],
-        qemu_version: "10.0.0".into(),
-        accelerator: Accelerator::Tcg,
-        migration_address: "127.0.0.1".into(),
-        shared_storage: "/shared".into(),
-        cpu_capability: vec![],
-        cpu_ceiling: None,
-        cpu: None,
-        agent_version: "test".into(),
-    }
-}
+pub use tern_testkit::fixtures::host_facts as facts;
 
 /// A 1-vCPU VM booting a kernel from the shared storage, with one NIC.
 pub fn kernel_spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {

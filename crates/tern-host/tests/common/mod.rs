@@ -2,9 +2,6 @@
 //! center, a test guest, guards that clean up QEMU processes, and condition waits.
 #![allow(dead_code)]
 
-pub mod netns;
-
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,28 +20,7 @@ pub const AGENT_ARGS_ENV: &str = "TERN_HOST_TEST_AGENT_ARGS";
 /// Name of the (ignored) test that runs the agent in a child process.
 pub const AGENT_ENTRY_TEST: &str = "agent_process_entry";
 
-/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+pub use tern_testkit::repo_root as workspace_root;
 
 /// A bootable guest: the project's guest image when built (guest/build.sh), else the host's
 /// cloud kernel without initrd (it panics for want of a root fs, but QEMU keeps running,
@@ -67,14 +43,7 @@ pub fn guest_boot() -> BootSource {
             cmdline: "console=ttyS0 ipv6.disable=1 tern.ip=10.78.0.100/24".to_string(),
         };
     }
-    let kernel = std::fs::read_dir("/boot")
-        .expect("read /boot")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            let n = p.file_name().unwrap_or_default().to_string_lossy();
-            n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
-        })
+    let kernel = tern_testkit::paths::guest_kernel()
         .expect("no guest kernel: run guest/build.sh or install linux-image-cloud-amd64");
     BootSource::Kernel {
         kernel: kernel.display().to_string(),

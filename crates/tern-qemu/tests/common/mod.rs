@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tern_api::{Accelerator, BootSource, VmSpec};
 use tern_qemu::{Incoming, LaunchConfig, RunPaths};
@@ -34,69 +34,25 @@ pub fn init_tracing() {
         .try_init();
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The guest kernel: the project's guest image when built, else the host's cloud kernel.
 pub fn kernel() -> PathBuf {
-    let built = workspace_root().join("target/guest/vmlinuz");
-    if built.exists() {
-        return std::path::absolute(built).expect("absolute path");
-    }
-    let boot = std::fs::read_dir("/boot")
-        .expect("read /boot")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("vmlinuz-") && name.ends_with("-cloud-amd64")
-        });
-    boot.expect("no guest kernel: run guest/build.sh or install linux-image-cloud-amd64")
-}
-
-/// Appends one newc cpio entry.
-fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-    let header = format!(
-        "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        ino,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        rdev.0,
-        rdev.1,
-        name.len() + 1,
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    let k = tern_testkit::paths::guest_kernel()
+        .expect("no guest kernel: run guest/build.sh or install linux-image-cloud-amd64");
+    std::path::absolute(k).expect("absolute path")
 }
 
 /// Writes the tiny test initramfs (static busybox + [`INIT`]) into `dir`.
 pub fn tiny_initramfs(dir: &Path) -> PathBuf {
     let busybox = std::fs::read("/bin/busybox")
         .expect("the tests need a static /bin/busybox (apt-get install busybox-static)");
-    let mut out = Vec::new();
-    cpio_entry(&mut out, 1, "bin", 0o040755, (0, 0), &[]);
-    cpio_entry(&mut out, 2, "dev", 0o040755, (0, 0), &[]);
-    cpio_entry(&mut out, 3, "proc", 0o040755, (0, 0), &[]);
-    cpio_entry(&mut out, 4, "dev/console", 0o020600, (5, 1), &[]);
-    cpio_entry(&mut out, 5, "bin/busybox", 0o100755, (0, 0), &busybox);
-    cpio_entry(&mut out, 6, "init", 0o100755, (0, 0), INIT.as_bytes());
-    cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    let out = tern_testkit::cpio::Cpio::new()
+        .dir("bin")
+        .dir("dev")
+        .dir("proc")
+        .char_dev("dev/console", 5, 1)
+        .file("bin/busybox", 0o755, &busybox)
+        .file("init", 0o755, INIT.as_bytes())
+        .finish();
     let path = dir.join("initramfs-test.cpio");
     std::fs::write(&path, out).expect("write the test initramfs");
     path
@@ -165,19 +121,9 @@ impl Drop for KillGuard {
     }
 }
 
-/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
-pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    tern_testkit::poll_until(what, timeout, f).await
 }
 
 pub fn console(run_dir: &Path) -> String {
@@ -202,47 +148,8 @@ pub async fn wait_tick(run_dir: &Path, n: u64, timeout: Duration) -> u64 {
     .await
 }
 
-/// A throwaway network namespace, deleted on drop.
-pub struct NetNs(pub String);
-
-impl NetNs {
-    pub fn create(tag: &str) -> NetNs {
-        let name = format!("tq-{}-{tag}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
-        NetNs(name)
-    }
-
-    /// Runs `ip -n NS ARGS...`.
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", self.0.as_str()];
-        full.extend_from_slice(args);
-        run(&full)
-    }
-
-    /// A script that runs QEMU inside this namespace (used as `qemu_binary`).
-    pub fn qemu_wrapper(&self, dir: &Path) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir.join(format!("qemu-in-{}", self.0));
-        std::fs::write(
-            &path,
-            format!(
-                "#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n",
-                self.0
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
+#[allow(unused_imports)] // not every test binary that includes this module makes a namespace
+pub use tern_testkit::NetNs;
 
 /// Runs a command, panicking with its stderr when it fails.
 pub fn run(argv: &[&str]) -> String {
@@ -260,7 +167,7 @@ pub fn run(argv: &[&str]) -> String {
 
 /// `(vmlinuz, initramfs.img)` of the project's guest image, when built.
 pub fn guest_image() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::path::absolute(workspace_root().join("target/guest")).ok()?;
+    let dir = std::path::absolute(tern_testkit::paths::guest_image_dir()).ok()?;
     let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.img"));
     (k.exists() && i.exists()).then_some((k, i))
 }

@@ -25,12 +25,7 @@ pub fn tern_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tern"))
 }
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root")
-}
+pub use tern_testkit::{repo_root, wait_for};
 
 /// The guest image (`target/guest`), built with guest/build.sh when missing (it caches).
 pub fn guest_dir() -> PathBuf {
@@ -103,21 +98,6 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Longest run of a test's stream client: far beyond what any test needs, so a slow machine

@@ -1,7 +1,10 @@
-//! A throwaway network namespace with a bridge, removed on drop (even when a test fails).
+//! A throwaway network namespace, removed on drop (even when a test fails). Every address a
+//! test uses lives inside one of these.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Runs `ip ARGS...`; its stdout, or its stderr as the error.
 pub fn ip(args: &[&str]) -> Result<String, String> {
     let out = Command::new("ip")
         .args(args)
@@ -16,23 +19,29 @@ pub fn ip(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `ip netns add NAME` with bridge `br0` (up, no address) and loopback up.
+/// `ip netns add PREFIX-PID` with loopback up.
 pub struct NetNs {
     pub name: String,
 }
 
 impl NetNs {
+    /// A new namespace named `PREFIX-PID`; one left over from a crashed run of the same pid is
+    /// removed first.
     pub fn new(prefix: &str) -> NetNs {
         let name = format!("{prefix}-{}", std::process::id());
-        // Left over from a crashed run of the same pid: remove first.
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name]).expect("create netns");
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"]).expect("lo up");
-        ns.ip(&["link", "add", "br0", "type", "bridge"])
-            .expect("add bridge");
-        ns.ip(&["link", "set", "br0", "up"]).expect("bridge up");
         ns
+    }
+
+    /// Adds bridge `name` (up, no address) inside the namespace.
+    pub fn with_bridge(self, name: &str) -> NetNs {
+        self.ip(&["link", "add", name, "type", "bridge"])
+            .expect("add bridge");
+        self.ip(&["link", "set", name, "up"]).expect("bridge up");
+        self
     }
 
     /// `ip -n NAME ARGS...`
@@ -71,6 +80,23 @@ impl NetNs {
             .join()
             .expect("namespace thread panicked")
         })
+    }
+
+    /// A script in `dir` that runs QEMU inside this namespace (for a `qemu_binary` setting).
+    pub fn qemu_wrapper(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("qemu-in-{}", self.name));
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n",
+                self.name
+            ),
+        )
+        .expect("write the QEMU wrapper");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("make the QEMU wrapper executable");
+        path
     }
 }
 
