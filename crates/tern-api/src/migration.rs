@@ -121,20 +121,21 @@ impl Default for ThrottlePlan {
     }
 }
 
+/// Where a host's QEMU migration stands, as its agent reports it. The center's own stages
+/// (pre-checks, measuring, committing…) are `tern_motion::Stage`, not phases of QEMU's run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationPhase {
-    Prechecks,
-    PreparingDestination,
-    Measuring,
+    /// Copying memory while the guest runs.
     PreCopy,
+    /// Pre-copy with the guest's vCPUs throttled so the copy catches up.
     Throttling,
+    /// The guest runs on the destination, which fetches the pages it lacks from the source.
     PostCopy,
+    /// The guest is paused for the final copy of its state.
     Switchover,
-    Committing,
-    CleaningUp,
+    /// The migration is being cancelled; the source keeps the guest.
     RollingBack,
-    Done,
 }
 
 /// Live figures of a running migration.

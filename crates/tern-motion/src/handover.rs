@@ -168,6 +168,7 @@ pub fn settle(record: RecordState, source: SourceState) -> (Way, Vec<Step>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn transitions_are_forward_only_and_ownership_moves_once() {
@@ -443,6 +444,124 @@ mod tests {
                         assert_eq!(w.record, RecordState::Done, "{case}");
                     }
                 }
+            }
+        }
+    }
+
+    /// What can go wrong while a stopped migration is settled.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        /// Nothing: the next step goes through.
+        None,
+        /// The agent refuses the step (nothing happens).
+        Refused,
+        /// The step is done but its answer is lost: the center sees an error.
+        AnswerLost,
+        /// The source's agent cannot be asked this round.
+        SourceUnreachable,
+        /// The store refuses the commit.
+        CommitFails,
+        /// A source still in pre-copy goes post-copy on its own right after it was asked.
+        LatePostCopy,
+        /// The center restarts: the plan in hand is dropped and made again.
+        CenterRestart,
+    }
+
+    fn fault() -> impl Strategy<Value = Fault> {
+        prop_oneof![
+            4 => Just(Fault::None),
+            2 => Just(Fault::Refused),
+            2 => Just(Fault::AnswerLost),
+            1 => Just(Fault::SourceUnreachable),
+            1 => Just(Fault::CommitFails),
+            1 => Just(Fault::LatePostCopy),
+            1 => Just(Fault::CenterRestart),
+        ]
+    }
+
+    /// Settles `w` as the center's convergence does, with `faults` hitting it in order (then
+    /// none): plan from the record and the source's report, carry the steps out, plan again
+    /// on any trouble. Checks the invariants after every step that changed the world.
+    fn settle_with_faults(w: &mut World, faults: &[Fault]) {
+        let mut faults = faults.iter().copied();
+        let mut next = move || faults.next().unwrap_or(Fault::None);
+        for _round in 0..400 {
+            let report = match next() {
+                Fault::SourceUnreachable => SourceState::Unknown,
+                _ => report(w),
+            };
+            let (way, steps) = settle(w.record, report);
+            if way == Way::Settled {
+                return;
+            }
+            if next() == Fault::LatePostCopy
+                && w.src == Src::Running
+                && w.dst == Dst::Incoming
+                && w.record.owner() == Side::Source
+            {
+                w.src = Src::PostCopy;
+                w.dst_has_postcopy_state = true;
+                w.check("late post-copy");
+            }
+            for step in steps {
+                match next() {
+                    Fault::Refused | Fault::CenterRestart => break,
+                    Fault::CommitFails if step == Step::CommitRecord => break,
+                    Fault::AnswerLost => {
+                        let _ = apply(w, step);
+                        w.check(&format!("after {step:?} (answer lost)"));
+                        break;
+                    }
+                    _ => {
+                        if apply(w, step).is_err() {
+                            break;
+                        }
+                        w.check(&format!("after {step:?}"));
+                    }
+                }
+            }
+        }
+        panic!("never settled: {w:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Random fault sequences at random stop points: never two runners, never none, never
+        /// a resume of the source after the destination may have run (asserted in `apply`),
+        /// and in the end exactly one copy, on the side the record names.
+        #[test]
+        fn random_faults_always_settle_to_exactly_one_copy(
+            postcopy in any::<bool>(),
+            stop_at in 0usize..16,
+            faults in proptest::collection::vec(fault(), 0..64),
+        ) {
+            let steps = driver_steps(postcopy);
+            let stop_after = stop_at % (steps.len() + 1);
+            let mut w = World::new();
+            for step in &steps[..stop_after] {
+                step(&mut w);
+                w.check("driver");
+            }
+            settle_with_faults(&mut w, &faults);
+            w.check("settled");
+            let runners = usize::from(w.src == Src::Running) + usize::from(w.dst == Dst::Running);
+            prop_assert_eq!(runners, 1, "{:?}", w);
+            match w.record.owner() {
+                Side::Source => {
+                    prop_assert_eq!(w.src, Src::Running, "{:?}", w);
+                    prop_assert_eq!(w.dst, Dst::Absent, "{:?}", w);
+                    prop_assert_eq!(w.record, RecordState::RolledBack, "{:?}", w);
+                }
+                Side::Destination => {
+                    prop_assert_eq!(w.dst, Dst::Running, "{:?}", w);
+                    prop_assert_eq!(w.src, Src::Gone, "{:?}", w);
+                    prop_assert_eq!(w.record, RecordState::Done, "{:?}", w);
+                }
+            }
+            // After a post-copy switch the only way is forward.
+            if w.dst_has_postcopy_state {
+                prop_assert_eq!(w.record, RecordState::Done, "{:?}", w);
             }
         }
     }
