@@ -24,6 +24,7 @@ pub mod inventory;
 pub mod maintenance;
 pub mod migrate;
 pub mod power;
+pub mod retry;
 pub mod server;
 pub mod store;
 pub mod tasks;

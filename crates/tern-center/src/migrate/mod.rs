@@ -42,8 +42,9 @@ use tern_motion::{
 use uuid::Uuid;
 
 use crate::agent::{Agent, AgentError};
-use crate::app::App;
+use crate::app::{lock, App};
 use crate::error::CenterError;
+use crate::retry::Retry;
 use crate::store::{
     HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
     TaskRecord, VmRecord,
@@ -68,6 +69,8 @@ const RECEIVE_WAIT: Duration = Duration::from_secs(10);
 const RETRY: Duration = Duration::from_secs(2);
 /// Attempts a driver makes at a step after the commit before leaving it to the background.
 const DRIVER_ATTEMPTS: u32 = 15;
+/// Retries of a step the driver itself sees through before it leaves it to [`converge`].
+const DRIVER_RETRY: Retry = Retry::times(DRIVER_ATTEMPTS, RETRY);
 
 const MIB: f64 = 1024.0 * 1024.0;
 

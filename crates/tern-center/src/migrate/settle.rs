@@ -11,29 +11,26 @@ impl Mig {
             return;
         };
         let dst = self.app.agent(&self.dest);
-        let mut committed = Err(String::new());
         let resumed = Instant::now();
-        for attempt in 0..DRIVER_ATTEMPTS {
-            committed = dst
-                .migration_commit(self.vm.id, row.generation_to)
-                .await
-                .map_err(|e| e.to_string());
-            if committed.is_ok() {
-                break;
-            }
-            if attempt == 0 {
-                self.event(
-                    EventLevel::Warning,
-                    format!(
-                        "destination {} did not run the guest yet ({}); retrying",
-                        self.dest.name,
-                        committed.as_ref().err().cloned().unwrap_or_default()
-                    ),
-                )
-                .await;
-            }
-            tokio::time::sleep(RETRY).await;
-        }
+        let committed = DRIVER_RETRY
+            .run(|failures| {
+                let dst = &dst;
+                async move {
+                    let r = dst.migration_commit(self.vm.id, row.generation_to).await;
+                    if let (Err(e), 0) = (&r, failures) {
+                        self.event(
+                            EventLevel::Warning,
+                            format!(
+                                "destination {} did not run the guest yet ({e}); retrying",
+                                self.dest.name
+                            ),
+                        )
+                        .await;
+                    }
+                    r.map_err(|e| e.to_string())
+                }
+            })
+            .await;
         let pause_ms = self
             .paused_for
             .or_else(|| self.pause_started.map(|t| t.elapsed()))
@@ -76,23 +73,19 @@ impl Mig {
         )
         .await;
         let src = self.app.agent(&self.source);
-        let mut finished = false;
-        for _ in 0..DRIVER_ATTEMPTS {
-            match src.migration_finish(self.vm.id).await {
-                Ok(()) => {
-                    finished = true;
-                    break;
-                }
-                Err(e) if e.is_not_found() => match src.delete(self.vm.id).await {
-                    Ok(()) => {
-                        finished = true;
-                        break;
+        let finished = DRIVER_RETRY
+            .run(|_| {
+                let src = &src;
+                async move {
+                    match src.migration_finish(self.vm.id).await {
+                        // It no longer knows the migration: remove the VM itself.
+                        Err(e) if e.is_not_found() => src.delete(self.vm.id).await,
+                        r => r,
                     }
-                    Err(_) => tokio::time::sleep(RETRY).await,
-                },
-                Err(_) => tokio::time::sleep(RETRY).await,
-            }
-        }
+                }
+            })
+            .await
+            .is_ok();
         if !finished {
             self.event(
                 EventLevel::Warning,
@@ -352,86 +345,89 @@ pub(super) async fn redo_source(app: &App, host: &HostRecord, vm: Uuid) -> Resul
 /// agents have done their part, then records the end. The way and the order of the steps are
 /// `tern_motion::settle`'s.
 pub async fn converge(app: Arc<App>, row: MigrationRow) {
+    let warned = std::sync::atomic::AtomicBool::new(false);
+    let _ = Retry::forever(RETRY)
+        .run(|_| reconcile(&app, &row, &warned))
+        .await;
+}
+
+/// One pass of [`converge`]: plans from the record and the source's word, carries the plan
+/// out. `Ok` when the migration is settled (or can never be: a host is gone); `Err` to be run
+/// again — said once, as a warning event.
+async fn reconcile(
+    app: &Arc<App>,
+    row: &MigrationRow,
+    warned: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
     let task = row.task_id;
-    let (vm_id, vm, generation_to) = (row.vm_id, row.vm_name.clone(), row.generation_to);
-    let mut warned = false;
-    loop {
-        // The store's record is the truth: a caller's copy may predate the commit, and rolling
-        // back a committed migration would remove the only running copy. The host records may
-        // have new agent URLs (re-registration): read them again too.
-        let (s, d) = (row.source_host_id, row.dest_host_id);
-        let fresh = app
-            .db
-            .read(move |tx| {
-                Ok::<_, StoreError>((tx.migration(task)?, tx.host_by_id(s)?, tx.host_by_id(d)?))
-            })
-            .await;
-        let (record, src, dst) = match fresh {
-            Ok((Some(m), Some(a), Some(b))) => (m.state, a, b),
-            Ok((_, None, _) | (_, _, None)) => {
-                tracing::error!(task = %task, "a host of the migration is gone; nothing to converge");
-                return;
-            }
-            _ => {
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        // Only an uncommitted record needs the source's word (can it still resume?).
-        let source = match record {
-            Rec::Preparing | Rec::Switching => source_state(&app, &src, vm_id).await,
-            _ => SourceState::Unknown,
-        };
-        let (way, steps) = tern_motion::settle(record, source);
-        let outcome = match way {
-            Way::Settled => return,
-            Way::Wait => Err(format!("cannot ask {} about its migration", src.name)),
-            Way::Back | Way::Forward => {
-                let mut r = Ok(());
-                for step in steps {
-                    r = settle_step(&app, task, &src, &dst, vm_id, generation_to, step).await;
-                    if r.is_err() {
-                        break;
-                    }
+    let (vm_id, vm, generation_to) = (row.vm_id, row.vm_name.as_str(), row.generation_to);
+    // The store's record is the truth: a caller's copy may predate the commit, and rolling
+    // back a committed migration would remove the only running copy. The host records may
+    // have new agent URLs (re-registration): read them again too.
+    let (s, d) = (row.source_host_id, row.dest_host_id);
+    let fresh = app
+        .db
+        .read(move |tx| {
+            Ok::<_, StoreError>((tx.migration(task)?, tx.host_by_id(s)?, tx.host_by_id(d)?))
+        })
+        .await;
+    let (record, src, dst) = match fresh {
+        Ok((Some(m), Some(a), Some(b))) => (m.state, a, b),
+        Ok((_, None, _) | (_, _, None)) => {
+            tracing::error!(task = %task, "a host of the migration is gone; nothing to converge");
+            return Ok(());
+        }
+        Ok((None, _, _)) => return Err(format!("the record of migration {task} is missing")),
+        Err(e) => return Err(format!("center store: {e}")),
+    };
+    // Only an uncommitted record needs the source's word (can it still resume?).
+    let source = match record {
+        Rec::Preparing | Rec::Switching => source_state(app, &src, vm_id).await,
+        _ => SourceState::Unknown,
+    };
+    let (way, steps) = tern_motion::settle(record, source);
+    let outcome = match way {
+        Way::Settled => return Ok(()),
+        Way::Wait => Err(format!("cannot ask {} about its migration", src.name)),
+        Way::Back | Way::Forward => {
+            let mut r = Ok(());
+            for step in steps {
+                r = settle_step(app, task, &src, &dst, vm_id, generation_to, step).await;
+                if r.is_err() {
+                    break;
                 }
-                r
             }
-        };
-        match outcome {
-            Ok(()) => {
-                let host = if way == Way::Forward {
-                    &dst.name
-                } else {
-                    &src.name
-                };
-                let e = NewEvent::info(format!(
-                    "migration of VM {vm} settled: it runs on {host} only"
-                ))
-                .task(task)
-                .vm(&vm)
-                .host(Some(host));
+            r
+        }
+    };
+    let (on, off) = match way {
+        Way::Forward => (&dst.name, &src.name),
+        _ => (&src.name, &dst.name),
+    };
+    match outcome {
+        Ok(()) => {
+            let e = NewEvent::info(format!(
+                "migration of VM {vm} settled: it runs on {on} only"
+            ))
+            .task(task)
+            .vm(vm)
+            .host(Some(on));
+            app.add_event(e).await;
+            Ok(())
+        }
+        Err(e) => {
+            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                let msg = format!(
+                    "migration of VM {vm}: waiting for the hosts to run it on {on} and remove \
+                     it from {off} ({e}); retrying"
+                );
+                let e = NewEvent::warning(msg)
+                    .task(task)
+                    .vm(vm)
+                    .host(Some(&src.name));
                 app.add_event(e).await;
-                return;
             }
-            Err(e) => {
-                if !warned {
-                    warned = true;
-                    let (on, off) = match way {
-                        Way::Forward => (&dst.name, &src.name),
-                        _ => (&src.name, &dst.name),
-                    };
-                    let msg = format!(
-                        "migration of VM {vm}: waiting for the hosts to run it on {on} and \
-                         remove it from {off} ({e}); retrying"
-                    );
-                    let e = NewEvent::warning(msg)
-                        .task(task)
-                        .vm(&vm)
-                        .host(Some(&src.name));
-                    app.add_event(e).await;
-                }
-                tokio::time::sleep(RETRY).await;
-            }
+            Err(e)
         }
     }
 }

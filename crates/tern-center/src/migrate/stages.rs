@@ -327,27 +327,32 @@ impl Mig {
                 ),
             ),
         }
-        let mut failed = 0u32;
-        let mut last = String::new();
-        while let Err(e) = self.commit(true).await {
-            failed += 1;
-            last = e.to_string();
-            if failed == 1 || failed % DRIVER_ATTEMPTS == 0 {
-                tracing::error!(task = %self.task, failed, "post-copy migration cannot be committed yet: {e}");
-                let _ = self
-                    .ctl
-                    .progress(
-                        Stage::Commit.progress(),
-                        format!(
-                        "post-copy switchover done; committing to {} (attempt {failed} failed: \
-                         {e})",
-                        self.dest.name
-                    ),
-                    )
-                    .await;
-            }
-            tokio::time::sleep(RETRY).await;
-        }
+        // Its only obstacle is the store's trouble; giving up would lose the VM.
+        let last = std::sync::Mutex::new((0u32, String::new()));
+        let this = &*self;
+        let _ = Retry::forever(RETRY)
+            .run(|failures| {
+                let last = &last;
+                async move {
+                    let Err(e) = this.commit(true).await else {
+                        return Ok(());
+                    };
+                    let failed = failures + 1;
+                    *lock(last) = (failed, e.to_string());
+                    if failed == 1 || failed % DRIVER_ATTEMPTS == 0 {
+                        tracing::error!(task = %this.task, failed, "post-copy migration cannot be committed yet: {e}");
+                        let phase = format!(
+                            "post-copy switchover done; committing to {} (attempt {failed} \
+                             failed: {e})",
+                            this.dest.name
+                        );
+                        let _ = this.ctl.progress(Stage::Commit.progress(), phase).await;
+                    }
+                    Err(e)
+                }
+            })
+            .await;
+        let (failed, last) = lock(&last).clone();
         self.flush_held().await;
         self.event(
             EventLevel::Warning,
