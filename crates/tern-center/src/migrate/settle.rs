@@ -10,27 +10,8 @@ impl Mig {
         let Some(row) = self.row.clone() else {
             return;
         };
-        let dst = self.app.agent(&self.dest);
         let resumed = Instant::now();
-        let committed = DRIVER_RETRY
-            .run(|failures| {
-                let dst = &dst;
-                async move {
-                    let r = dst.migration_commit(self.vm.id, row.generation_to).await;
-                    if let (Err(e), 0) = (&r, failures) {
-                        self.event(
-                            EventLevel::Warning,
-                            format!(
-                                "destination {} did not run the guest yet ({e}); retrying",
-                                self.dest.name
-                            ),
-                        )
-                        .await;
-                    }
-                    r.map_err(|e| e.to_string())
-                }
-            })
-            .await;
+        let running = self.run_destination(row.generation_to).await;
         let pause_ms = self
             .paused_for
             .or_else(|| self.pause_started.map(|t| t.elapsed()))
@@ -43,7 +24,7 @@ impl Mig {
             format!("switchover timeline (the guest's pause, as the center saw it): {timeline}"),
         )
         .await;
-        if let Err(e) = committed {
+        if let Err(e) = running {
             self.finish_task(
                 TaskState::Failed,
                 "committed; destination not confirmed".into(),
@@ -72,8 +53,79 @@ impl Mig {
             ),
         )
         .await;
+        if self.remove_source().await {
+            let _ = self.set_record(&[Rec::Committed], Rec::Done).await;
+        } else {
+            self.event(
+                EventLevel::Warning,
+                format!(
+                    "could not remove the migrated source QEMU from {} yet (it stays paused and \
+                     never resumes); the center keeps trying",
+                    self.source.name
+                ),
+            )
+            .await;
+            self.app.spawn(converge(self.app.clone(), row));
+        }
+        let result = MigrationResult {
+            downtime_ms: done.downtime_ms.unwrap_or(0),
+            setup_ms: done.setup_ms.unwrap_or(0),
+            bytes: done.bytes.unwrap_or(0),
+            passes: done.passes.unwrap_or(0),
+            pause_ms,
+            ..self.result(MigrationOutcome::Completed, None)
+        };
+        let summary = format!(
+            "migration of VM {} to {} done: QEMU downtime {} ms, guest paused {} ms, {:.1} MiB \
+             in {} passes, {} ms in all",
+            self.name(),
+            self.dest.name,
+            result.downtime_ms,
+            pause_ms.unwrap_or(0),
+            result.bytes as f64 / MIB,
+            result.passes,
+            result.total_ms
+        );
+        self.finish_task(
+            TaskState::Succeeded,
+            format!("running on {}", self.dest.name),
+            serde_json::to_value(&result).ok(),
+            None,
+            summary,
+        )
+        .await;
+    }
+
+    /// Asks the destination to run the committed guest, a few times; says so after the first
+    /// refusal.
+    async fn run_destination(&self, generation_to: u64) -> Result<(), String> {
+        let dst = self.app.agent(&self.dest);
+        DRIVER_RETRY
+            .run(|failures| {
+                let dst = &dst;
+                async move {
+                    let r = dst.migration_commit(self.vm.id, generation_to).await;
+                    if let (Err(e), 0) = (&r, failures) {
+                        self.event(
+                            EventLevel::Warning,
+                            format!(
+                                "destination {} did not run the guest yet ({e}); retrying",
+                                self.dest.name
+                            ),
+                        )
+                        .await;
+                    }
+                    r.map_err(|e| e.to_string())
+                }
+            })
+            .await
+    }
+
+    /// Quits the migrated source QEMU and removes the VM from the source host, a few times;
+    /// whether it is gone.
+    async fn remove_source(&self) -> bool {
         let src = self.app.agent(&self.source);
-        let finished = DRIVER_RETRY
+        DRIVER_RETRY
             .run(|_| {
                 let src = &src;
                 async move {
@@ -85,60 +137,32 @@ impl Mig {
                 }
             })
             .await
-            .is_ok();
-        if !finished {
-            self.event(
-                EventLevel::Warning,
-                format!(
-                    "could not remove the migrated source QEMU from {} yet (it stays paused and \
-                     never resumes); the center keeps trying",
-                    self.source.name
-                ),
-            )
-            .await;
-            self.app.spawn(converge(self.app.clone(), row.clone()));
-        } else {
-            let _ = self.set_record(&[Rec::Committed], Rec::Done).await;
-        }
-        let total_ms = self.started.elapsed().as_millis() as u64;
-        let result = MigrationResult {
+            .is_ok()
+    }
+
+    /// The task's result document as far as the center knows it (the source's figures are
+    /// filled in by the caller when it has them).
+    fn result(&self, status: MigrationOutcome, error: Option<String>) -> MigrationResult {
+        MigrationResult {
             task: self.task,
             vm: self.name().to_string(),
             from: self.source.name.clone(),
             to: self.dest.name.clone(),
-            status: MigrationOutcome::Completed,
-            total_ms,
-            downtime_ms: done.downtime_ms.unwrap_or(0),
-            setup_ms: done.setup_ms.unwrap_or(0),
-            bytes: done.bytes.unwrap_or(0),
-            passes: done.passes.unwrap_or(0),
+            status,
+            total_ms: self.started.elapsed().as_millis() as u64,
+            downtime_ms: 0,
+            setup_ms: 0,
+            bytes: 0,
+            passes: 0,
             settings: self.settings.clone().unwrap_or_else(empty_settings),
             measurements: self.measurements.clone().unwrap_or(Measurements {
                 memory_mib: self.vm.spec.memory_mib,
                 dirty_rate_mib_s: 0.0,
                 link_mbit: 0.0,
             }),
-            error: None,
-            pause_ms,
-        };
-        self.finish_task(
-            TaskState::Succeeded,
-            format!("running on {}", self.dest.name),
-            serde_json::to_value(&result).ok(),
-            None,
-            format!(
-                "migration of VM {} to {} done: QEMU downtime {} ms, guest paused {} ms, {:.1} \
-                 MiB in {} passes, {} ms in all",
-                self.name(),
-                self.dest.name,
-                result.downtime_ms,
-                pause_ms.unwrap_or(0),
-                result.bytes as f64 / MIB,
-                result.passes,
-                total_ms
-            ),
-        )
-        .await;
+            error,
+            pause_ms: None,
+        }
     }
 
     /// Before the commit: cancel on the source (the guest runs there as before), remove the
@@ -191,26 +215,11 @@ impl Mig {
                 self.app.spawn(converge(self.app.clone(), row.clone()));
             }
         }
-        let result = self.settings.clone().map(|settings| MigrationResult {
-            task: self.task,
-            vm: self.name().to_string(),
-            from: self.source.name.clone(),
-            to: self.dest.name.clone(),
-            status: MigrationOutcome::RolledBack,
-            total_ms: self.started.elapsed().as_millis() as u64,
-            downtime_ms: 0,
-            setup_ms: 0,
-            bytes: 0,
-            passes: 0,
-            settings,
-            measurements: self.measurements.clone().unwrap_or(Measurements {
-                memory_mib: self.vm.spec.memory_mib,
-                dirty_rate_mib_s: 0.0,
-                link_mbit: 0.0,
-            }),
-            error: Some(why.to_string()),
-            pause_ms: None,
-        });
+        // Only a migration that got as far as its settings has figures worth a result.
+        let result = self
+            .settings
+            .is_some()
+            .then(|| self.result(MigrationOutcome::RolledBack, Some(why.to_string())));
         let state = match why {
             Abort::Cancelled => TaskState::Cancelled,
             Abort::Failed(_) => TaskState::Failed,
