@@ -74,8 +74,8 @@ pub struct MigrationSettings {
     pub max_bandwidth_mib_s: Option<u64>,
     /// Downtime limit the migration starts with.
     pub downtime_limit_ms: u64,
-    /// `multifd-compression`: "none" or "zstd".
-    pub compression: String,
+    /// `multifd-compression`.
+    pub compression: Compression,
     pub auto_converge: bool,
     pub postcopy_allowed: bool,
     pub deadline_ms: u64,
@@ -85,17 +85,132 @@ pub struct MigrationSettings {
     /// request's budget); 0 = no raise beyond `downtime_limit_ms`.
     #[serde(default)]
     pub downtime_budget_ms: u64,
-    /// `zero-page-detection`: "multifd" (in the sender threads), "legacy" (main thread) or
-    /// "none".
-    #[serde(default = "default_zero_page_detection")]
-    pub zero_page_detection: String,
+    /// `zero-page-detection`.
+    #[serde(default)]
+    pub zero_page_detection: ZeroPageDetection,
     /// How auto-converge throttles the guest's vCPUs.
     #[serde(default)]
     pub throttle: ThrottlePlan,
 }
 
-fn default_zero_page_detection() -> String {
-    "legacy".into()
+/// `multifd-compression`: how multifd channels compress pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Zstd,
+}
+
+impl Compression {
+    /// QEMU's name for it.
+    pub fn as_qemu(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_qemu())
+    }
+}
+
+/// `zero-page-detection`: where zero pages are found (QEMU >= 9.0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ZeroPageDetection {
+    /// Not at all.
+    None,
+    /// In the main migration thread.
+    #[default]
+    Legacy,
+    /// In the multifd sender threads.
+    Multifd,
+}
+
+impl ZeroPageDetection {
+    /// QEMU's name for it.
+    pub fn as_qemu(self) -> &'static str {
+        match self {
+            ZeroPageDetection::None => "none",
+            ZeroPageDetection::Legacy => "legacy",
+            ZeroPageDetection::Multifd => "multifd",
+        }
+    }
+}
+
+impl std::fmt::Display for ZeroPageDetection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_qemu())
+    }
+}
+
+/// Where a migration stream goes: QEMU's `tcp:ADDRESS:PORT`, the only transport tern uses.
+/// Parsed, never passed through: QEMU's migrate URI also takes `exec:` (a shell command run
+/// by QEMU) and `file:`, which no peer may be able to name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MigrationUri(std::net::SocketAddr);
+
+impl MigrationUri {
+    /// A target at `addr`; the port must be a real one (not 0), the address a unicast one.
+    pub fn new(addr: std::net::SocketAddr) -> Result<MigrationUri, String> {
+        let ip = addr.ip();
+        if addr.port() == 0 {
+            return Err(format!("migration target {addr} has no port"));
+        }
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("migration target {addr} is not a unicast address"));
+        }
+        if let std::net::IpAddr::V4(v4) = ip {
+            if v4.is_broadcast() {
+                return Err(format!("migration target {addr} is not a unicast address"));
+            }
+        }
+        Ok(MigrationUri(addr))
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.0
+    }
+}
+
+impl std::str::FromStr for MigrationUri {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MigrationUri, String> {
+        let rest = s.strip_prefix("tcp:").ok_or_else(|| {
+            format!("migration target {s:?} is not tcp:ADDRESS:PORT (the only transport tern uses)")
+        })?;
+        let addr = rest
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("migration target {s:?} is not tcp:ADDRESS:PORT: {e}"))?;
+        MigrationUri::new(addr)
+    }
+}
+
+impl TryFrom<String> for MigrationUri {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<MigrationUri, String> {
+        s.parse()
+    }
+}
+
+impl From<MigrationUri> for String {
+    fn from(u: MigrationUri) -> String {
+        u.to_string()
+    }
+}
+
+impl std::fmt::Display for MigrationUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // SocketAddr writes IPv6 in brackets, as QEMU wants it.
+        write!(f, "tcp:{}", self.0)
+    }
 }
 
 /// Auto-converge parameters: QEMU slows the vCPUs when, over two bitmap syncs, the guest
@@ -215,13 +330,16 @@ pub struct ListenIncoming {
 pub struct IncomingReady {
     /// QEMU migration URI the source must connect to, e.g. `tcp:10.77.0.12:49152`; `None`
     /// while the destination is started but not listening yet (prepared without settings).
-    pub uri: Option<String>,
+    #[schema(value_type = Option<String>, example = "tcp:10.77.0.12:49152")]
+    pub uri: Option<MigrationUri>,
 }
 
 /// Source: start streaming to the destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StartOutgoing {
-    pub uri: String,
+    /// Where to send: the destination's [`IncomingReady::uri`], `tcp:ADDRESS:PORT` only.
+    #[schema(value_type = String, example = "tcp:10.77.0.12:49152")]
+    pub uri: MigrationUri,
     pub settings: MigrationSettings,
 }
 
@@ -328,4 +446,55 @@ pub struct BandwidthReport {
     /// The time those bytes took to arrive.
     pub elapsed_ms: u64,
     pub mbit_s: f64,
+}
+
+#[cfg(test)]
+mod uri_tests {
+    use super::*;
+
+    #[test]
+    fn migration_targets_are_tcp_with_a_real_port_only() {
+        let u: MigrationUri = "tcp:10.77.0.12:49152".parse().unwrap();
+        assert_eq!(u.to_string(), "tcp:10.77.0.12:49152");
+        let v6: MigrationUri = "tcp:[fd00::2]:4000".parse().unwrap();
+        assert_eq!(v6.to_string(), "tcp:[fd00::2]:4000");
+        for bad in [
+            // QEMU would run this as a shell command.
+            "exec:touch /tmp/owned",
+            "exec:/bin/sh -c 'id'",
+            "file:/etc/passwd",
+            "unix:/run/qemu.sock",
+            "fd:3",
+            "rdma:10.0.0.1:4000",
+            "tcp:10.0.0.1:0",
+            "tcp:0.0.0.0:4000",
+            "tcp:255.255.255.255:4000",
+            "tcp:224.0.0.1:4000",
+            "tcp:host.example:4000",
+            "tcp:10.0.0.1:4000,exec:id",
+            "tcp:10.0.0.1",
+            "",
+        ] {
+            assert!(bad.parse::<MigrationUri>().is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_hostile_start_request_does_not_deserialize() {
+        let settings = serde_json::json!({
+            "multifd_channels": 0, "max_bandwidth_mib_s": null, "downtime_limit_ms": 300,
+            "compression": "none", "auto_converge": true, "postcopy_allowed": false,
+            "deadline_ms": 60000, "reasons": []
+        });
+        let good = serde_json::json!({ "uri": "tcp:10.0.0.2:4000", "settings": settings });
+        let req: StartOutgoing = serde_json::from_value(good).unwrap();
+        assert_eq!(req.uri.addr().port(), 4000);
+        assert_eq!(req.settings.zero_page_detection, ZeroPageDetection::Legacy);
+        let exec = serde_json::json!({ "uri": "exec:id", "settings": settings });
+        assert!(serde_json::from_value::<StartOutgoing>(exec).is_err());
+        let mut odd = settings.clone();
+        odd["compression"] = serde_json::json!("zlib,multifd-channels=64");
+        let bad = serde_json::json!({ "uri": "tcp:10.0.0.2:4000", "settings": odd });
+        assert!(serde_json::from_value::<StartOutgoing>(bad).is_err());
+    }
 }

@@ -121,7 +121,7 @@ async fn measure(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<Json<Dir
 async fn listen(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<Json<IncomingReady>> {
     call(&s, "listen")?;
     Ok(Json(IncomingReady {
-        uri: Some("tcp:127.0.0.1:49152".into()),
+        uri: Some("tcp:127.0.0.1:49152".parse().expect("a tcp target")),
     }))
 }
 

@@ -146,7 +146,7 @@ impl Migrations {
                 self.migration_address,
             )
             .await?;
-        let uri = incoming.is_listening().then(|| incoming.uri().to_string());
+        let uri = incoming.uri();
         lock(&self.slots).insert(
             id,
             Arc::new(Slot {

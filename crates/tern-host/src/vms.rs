@@ -876,7 +876,7 @@ impl VmManager {
             }
         };
         self.adopt_live(slot, incoming.vm().clone(), PowerState::Paused);
-        tracing::info!(vm = %spec.name, %id, uri = incoming.uri(), "migration destination started");
+        tracing::info!(vm = %spec.name, %id, uri = ?incoming.uri(), "migration destination started");
         Ok(incoming)
     }
 

@@ -232,6 +232,32 @@ async fn registers_runs_vms_and_survives_restarts() {
         .expect("tail");
     assert!(tail.len() <= 10, "{tail:?}");
 
+    // A hostile migration target is refused before it reaches QEMU: `exec:` would have QEMU
+    // run a shell command; an odd compression would go to QEMU as a parameter.
+    let owned = tmp.path().join("owned");
+    let settings = serde_json::json!({
+        "multifd_channels": 0, "max_bandwidth_mib_s": null, "downtime_limit_ms": 300,
+        "compression": "none", "auto_converge": true, "postcopy_allowed": false,
+        "deadline_ms": 60000, "reasons": []
+    });
+    let mut odd_settings = settings.clone();
+    odd_settings["compression"] = serde_json::json!("zstd\",\"x\":\"y");
+    let outgoing = format!("/v1/migrations/{id}/outgoing");
+    for body in [
+        serde_json::json!({ "uri": format!("exec:touch {}", s(&owned)), "settings": settings }),
+        serde_json::json!({ "uri": "tcp:127.0.0.1:1", "settings": odd_settings }),
+    ] {
+        match api.post::<_, serde_json::Value>(&outgoing, &body).await {
+            Err(ApiError::Status { status, message }) => {
+                assert!((400..500).contains(&status), "{status}: {message}");
+            }
+            other => panic!("hostile migration request accepted: {other:?}"),
+        }
+    }
+    assert!(!owned.exists(), "QEMU ran the exec: target");
+    let still: VmRuntime = api.get(&vm_path(id)).await.expect("vm");
+    assert_eq!((still.state, still.pid), (PowerState::Running, Some(pid)));
+
     // Same spec again: idempotent. A different spec while running: refused.
     let again: VmRuntime = api.put(&vm_path(id), &start).await.expect("start again");
     assert_eq!(again.pid, Some(pid));

@@ -1,7 +1,9 @@
 //! The settings a migration starts with, chosen from the request, the measured link and dirty
 //! rate, and what the two hosts can spare. Every choice comes with its reason.
 
-use tern_api::migration::{Measurements, MigrateVm, MigrationSettings, ThrottlePlan};
+use tern_api::migration::{
+    Compression, Measurements, MigrateVm, MigrationSettings, ThrottlePlan, ZeroPageDetection,
+};
 
 use crate::version::QemuVersion;
 
@@ -145,7 +147,7 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         && bw_mib_s * 2.0 <= cores as f64 * ZSTD_CHANNEL_MIB_S
         && bw_mib_s < PLAIN_CHANNEL_MIB_S / 2.0;
     let (channels, compression) = if !multifd_possible {
-        (0, "none")
+        (0, Compression::None)
     } else if compress {
         let n = ((2.0 * bw_mib_s / ZSTD_CHANNEL_MIB_S).ceil() as u32).clamp(1, cores);
         reasons.push(format!(
@@ -156,7 +158,7 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         reasons.push(format!(
             "multifd: {n} channel(s), enough zstd threads to compress twice the link's {bw_mib_s:.0} MiB/s"
         ));
-        (n, "zstd")
+        (n, Compression::Zstd)
     } else {
         let by_bw = (bw_mib_s / PLAIN_CHANNEL_MIB_S).ceil() as u32;
         let by_mem = m.memory_mib.div_ceil(MIB_PER_CHANNEL) as u32;
@@ -181,14 +183,14 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
                  spare core(s)",
                 m.memory_mib
             ));
-            (n, "none")
+            (n, Compression::None)
         } else {
             reasons.push(format!(
                 "multifd: off — one stream carries {bw_mib_s:.0} MiB/s and scans {} MiB \
                  (spare cores: {cores})",
                 m.memory_mib
             ));
-            (0, "none")
+            (0, Compression::None)
         }
     };
     if !multifd_possible {
@@ -201,13 +203,13 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
              of zeroes"
                 .into(),
         );
-        "multifd"
+        ZeroPageDetection::Multifd
     } else {
         reasons.push(
             "zero pages: found by the migration thread and sent as a flag (legacy detection)"
                 .into(),
         );
-        "legacy"
+        ZeroPageDetection::Legacy
     };
 
     // Downtime: the budget is a ceiling, not a target — what clients see grows with the
@@ -325,13 +327,13 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         multifd_channels: channels,
         max_bandwidth_mib_s,
         downtime_limit_ms: initial,
-        compression: compression.to_string(),
+        compression,
         auto_converge: true,
         postcopy_allowed: req.allow_postcopy,
         deadline_ms,
         reasons,
         downtime_budget_ms: budget,
-        zero_page_detection: zero_page_detection.to_string(),
+        zero_page_detection,
         throttle,
     }
 }
@@ -354,10 +356,10 @@ mod tests {
         // 25 Gbit/s ≈ 2980 MiB/s: three plain streams.
         let s = choose_settings(&req(), &meas(8192, 50.0, 25_000.0), &hosts(8));
         assert_eq!(s.multifd_channels, 3);
-        assert_eq!(s.compression, "none");
+        assert_eq!(s.compression, Compression::None);
         // Paced at 1.1× the measured 2980 MiB/s.
         assert_eq!(s.max_bandwidth_mib_s, Some(3279));
-        assert_eq!(s.zero_page_detection, "multifd");
+        assert_eq!(s.zero_page_detection, ZeroPageDetection::Multifd);
         assert!(has(&s, "max-bandwidth").contains("paced"));
         // No measurement: nothing to pace by.
         let u = choose_settings(&req(), &meas(8192, 50.0, f64::NAN), &hosts(8));
@@ -396,7 +398,7 @@ mod tests {
         // Small VM, 10 Gbit: one stream is enough.
         let s = choose_settings(&req(), &meas(1024, 0.0, 8000.0), &hosts(8));
         assert_eq!(s.multifd_channels, 0);
-        assert_eq!(s.zero_page_detection, "legacy");
+        assert_eq!(s.zero_page_detection, ZeroPageDetection::Legacy);
         assert!(has(&s, "multifd").contains("off"));
     }
 
@@ -404,15 +406,15 @@ mod tests {
     fn zstd_only_when_the_link_is_the_bottleneck() {
         // 1 Gbit/s ≈ 119 MiB/s, 4 spare cores ≈ 800 MiB/s of zstd: compress.
         let s = choose_settings(&req(), &meas(4096, 10.0, 1000.0), &hosts(4));
-        assert_eq!(s.compression, "zstd");
+        assert_eq!(s.compression, Compression::Zstd);
         assert_eq!(s.multifd_channels, 2);
         assert!(has(&s, "compression").contains("bottleneck"));
         // Same link, one spare core: 200 MiB/s is less than twice 119: do not.
         let s = choose_settings(&req(), &meas(4096, 10.0, 1000.0), &hosts(1));
-        assert_eq!(s.compression, "none");
+        assert_eq!(s.compression, Compression::None);
         // No spare core at all.
         let s = choose_settings(&req(), &meas(4096, 10.0, 1000.0), &hosts(0));
-        assert_eq!(s.compression, "none");
+        assert_eq!(s.compression, Compression::None);
         assert_eq!(s.multifd_channels, 0);
         assert!(has(&s, "compression").contains("no spare core"));
         // A user cap makes the stream the bottleneck on a fast link.
@@ -421,7 +423,7 @@ mod tests {
             ..req()
         };
         let s = choose_settings(&r, &meas(4096, 10.0, 40_000.0), &hosts(4));
-        assert_eq!(s.compression, "zstd");
+        assert_eq!(s.compression, Compression::Zstd);
         assert_eq!(s.max_bandwidth_mib_s, Some(95));
         assert!(has(&s, "max-bandwidth").contains("user's cap"));
     }
@@ -435,7 +437,7 @@ mod tests {
         let s = choose_settings(&r, &meas(8192, 10.0, 25_000.0), &hosts(8));
         assert!(s.postcopy_allowed);
         assert_eq!(s.multifd_channels, 0);
-        assert_eq!(s.compression, "none");
+        assert_eq!(s.compression, Compression::None);
         assert!(has(&s, "post-copy").contains("cannot combine"));
         let newer = HostBudget {
             spare_cores: 8,

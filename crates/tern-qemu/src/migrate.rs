@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tern_api::migration::{
-    AgentMigrationState, MigrationPhase, MigrationProgress, MigrationSettings,
+    AgentMigrationState, Compression, MigrationPhase, MigrationProgress, MigrationSettings,
+    MigrationUri,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -69,7 +70,7 @@ pub enum Side {
 /// Migration capabilities tern sets, explicitly on or off (a previous attempt's leftovers
 /// must not leak in). Both ends get the same set except the two one-sided ones.
 pub fn capabilities(settings: &MigrationSettings, side: Side) -> Vec<(&'static str, bool)> {
-    let multifd = settings.multifd_channels > 0 || settings.compression != "none";
+    let multifd = settings.multifd_channels > 0 || settings.compression != Compression::None;
     vec![
         ("events", true),
         ("return-path", true),
@@ -91,14 +92,14 @@ pub fn parameters(settings: &MigrationSettings, side: Side) -> Value {
         // a 4 MiB/s cap held a client's stream for 6 s after a post-copy switchover).
         "max-bandwidth": settings.max_bandwidth_mib_s.map(|m| m * mib).unwrap_or(0),
         "downtime-limit": settings.downtime_limit_ms,
-        "multifd-compression": settings.compression,
-        "zero-page-detection": settings.zero_page_detection,
+        "multifd-compression": settings.compression.as_qemu(),
+        "zero-page-detection": settings.zero_page_detection.as_qemu(),
         "throttle-trigger-threshold": settings.throttle.trigger_threshold_pct,
         "cpu-throttle-initial": settings.throttle.initial_pct,
         "cpu-throttle-increment": settings.throttle.increment_pct,
         "max-cpu-throttle": settings.throttle.max_pct,
     });
-    if settings.multifd_channels > 0 || settings.compression != "none" {
+    if settings.multifd_channels > 0 || settings.compression != Compression::None {
         p["multifd-channels"] = json!(settings.multifd_channels.max(1));
     }
     if side == Side::Destination {
@@ -192,7 +193,7 @@ impl Outgoing {
     /// by a task of its own. Dropping the `Outgoing` before completion aborts the migration.
     pub async fn start(
         vm: Arc<QemuVm>,
-        uri: &str,
+        uri: &MigrationUri,
         settings: &MigrationSettings,
         opts: OutgoingOptions,
     ) -> Result<Outgoing> {
@@ -206,7 +207,7 @@ impl Outgoing {
         let was_running = vm.status().await? == RunState::Running;
         configure(&vm, settings, Side::Source).await?;
         let started = Instant::now();
-        vm.migrate(uri).await?;
+        vm.migrate(&uri.to_string()).await?;
         let mut events = Vec::new();
         let line = format!(
             "started to {uri}: {} channel(s), compression {}, downtime limit {} ms (budget {} \
@@ -867,7 +868,7 @@ pub struct IncomingStatus {
 pub struct Incoming {
     vm: Arc<QemuVm>,
     /// Set once QEMU listens.
-    uri: OnceLock<String>,
+    uri: OnceLock<MigrationUri>,
 }
 
 impl Incoming {
@@ -906,7 +907,11 @@ impl Incoming {
     /// Gives the destination the same capabilities and parameters as the source and makes it
     /// listen on `listen:<ephemeral port>`; returns the URI the source must send to. The
     /// caller removes the QEMU if this fails.
-    pub async fn listen(&self, settings: &MigrationSettings, listen: IpAddr) -> Result<String> {
+    pub async fn listen(
+        &self,
+        settings: &MigrationSettings,
+        listen: IpAddr,
+    ) -> Result<MigrationUri> {
         if let Some(uri) = self.uri.get() {
             return Err(Error::Migration(format!(
                 "the destination already listens on {uri}"
@@ -921,30 +926,31 @@ impl Incoming {
         let stats = self.vm.query_migrate().await?;
         let uri = stats
             .socket_addresses
-            .into_iter()
-            .find(|a| !a.ends_with(":0"))
+            .iter()
+            .find_map(|a| a.parse::<MigrationUri>().ok())
             .ok_or_else(|| {
                 Error::Migration(format!(
-                    "the destination did not report its listening port for {listen_uri}"
+                    "the destination did not report its listening port for {listen_uri} (it \
+                     reported {:?})",
+                    stats.socket_addresses
                 ))
             })?;
         tracing::info!(pid = self.vm.pid(), %uri, "destination listening");
-        Ok(self.uri.get_or_init(|| uri).clone())
+        Ok(*self.uri.get_or_init(|| uri))
     }
 
     /// Takes back a destination QEMU (after an agent restart).
-    pub fn adopt(vm: Arc<QemuVm>, uri: String) -> Incoming {
+    pub fn adopt(vm: Arc<QemuVm>, uri: Option<MigrationUri>) -> Incoming {
         let cell = OnceLock::new();
-        if !uri.is_empty() {
+        if let Some(uri) = uri {
             let _ = cell.set(uri);
         }
         Incoming { vm, uri: cell }
     }
 
-    /// The URI the source must send to, e.g. `tcp:10.77.0.12:40123`; empty until it listens
-    /// (see [`Incoming::is_listening`]).
-    pub fn uri(&self) -> &str {
-        self.uri.get().map(String::as_str).unwrap_or("")
+    /// The URI the source must send to, e.g. `tcp:10.77.0.12:40123`; `None` until it listens.
+    pub fn uri(&self) -> Option<MigrationUri> {
+        self.uri.get().copied()
     }
 
     /// Whether [`Incoming::listen`] (or [`Incoming::prepare`]) has made QEMU listen.
@@ -1069,25 +1075,25 @@ mod tests {
     use super::*;
     use tern_api::migration::ThrottlePlan;
 
-    fn settings(channels: u32, compression: &str, postcopy: bool) -> MigrationSettings {
+    fn settings(channels: u32, compression: Compression, postcopy: bool) -> MigrationSettings {
         MigrationSettings {
             multifd_channels: channels,
             max_bandwidth_mib_s: Some(2),
             downtime_limit_ms: 150,
-            compression: compression.into(),
+            compression,
             auto_converge: true,
             postcopy_allowed: postcopy,
             deadline_ms: 60_000,
             reasons: vec![],
             downtime_budget_ms: 300,
-            zero_page_detection: "multifd".into(),
+            zero_page_detection: tern_api::migration::ZeroPageDetection::Multifd,
             throttle: ThrottlePlan::default(),
         }
     }
 
     #[test]
     fn both_ends_agree_except_one_sided_capabilities() {
-        let s = settings(4, "zstd", false);
+        let s = settings(4, Compression::Zstd, false);
         let src = capabilities(&s, Side::Source);
         let dst = capabilities(&s, Side::Destination);
         let get = |caps: &[(&str, bool)], name: &str| {
@@ -1121,7 +1127,7 @@ mod tests {
         assert_eq!(d["announce-rounds"], 0);
         assert_eq!(d["multifd-channels"], 4);
 
-        let single = settings(0, "none", true);
+        let single = settings(0, Compression::None, true);
         assert!(!get(&capabilities(&single, Side::Source), "multifd"));
         assert!(get(&capabilities(&single, Side::Source), "postcopy-ram"));
         assert!(parameters(&single, Side::Source)

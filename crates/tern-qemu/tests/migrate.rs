@@ -284,18 +284,15 @@ async fn dirtying_guest_moves_with_its_connections_and_memory_intact() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    assert!(
-        incoming.uri().starts_with("tcp:127.0.0.1:"),
-        "{}",
-        incoming.uri()
-    );
-    assert!(!incoming.uri().ends_with(":0"));
+    let target = incoming.uri().expect("the destination listens");
+    assert!(target.to_string().starts_with("tcp:127.0.0.1:"), "{target}");
+    assert_ne!(target.addr().port(), 0);
     assert_eq!(incoming.vm().status().await.unwrap(), RunState::InMigrate);
 
     let started = Instant::now();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -411,7 +408,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -447,9 +444,14 @@ async fn abort_before_commit_always_leaves_the_source_running() {
         switchover_wait: Duration::from_millis(500),
         ..OutgoingOptions::default()
     };
-    let out = Outgoing::start(src.clone(), incoming.uri(), &settings, opts)
-        .await
-        .unwrap();
+    let out = Outgoing::start(
+        src.clone(),
+        &incoming.uri().expect("the destination listens"),
+        &settings,
+        opts,
+    )
+    .await
+    .unwrap();
     let s = wait_state(
         &out,
         |st| st == AgentMigrationState::Cancelled,
@@ -474,7 +476,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -505,7 +507,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -555,7 +557,7 @@ async fn destination_killed_during_precopy_leaves_the_source_running() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -617,7 +619,7 @@ async fn deadline_cancels_cleanly_and_the_source_runs_on() {
     let started = Instant::now();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -712,7 +714,7 @@ async fn guest_dirtying_faster_than_the_cap_converges_by_escalation() {
     let started = Instant::now();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -824,7 +826,7 @@ async fn postcopy_when_allowed_completes_after_commit() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -925,7 +927,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )
@@ -959,7 +961,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
         .unwrap();
     let out = Outgoing::start(
         src.clone(),
-        incoming.uri(),
+        &incoming.uri().expect("the destination listens"),
         &settings,
         OutgoingOptions::default(),
     )

@@ -31,7 +31,7 @@ use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, ListenIncoming, Measurements,
-    MigrateVm, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings,
+    MigrateVm, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings, MigrationUri,
     PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};

@@ -562,13 +562,13 @@ pub(super) fn empty_settings() -> MigrationSettings {
         multifd_channels: 0,
         max_bandwidth_mib_s: None,
         downtime_limit_ms: 0,
-        compression: "none".into(),
+        compression: Default::default(),
         auto_converge: false,
         postcopy_allowed: false,
         deadline_ms: 0,
         reasons: Vec::new(),
         downtime_budget_ms: 0,
-        zero_page_detection: "legacy".into(),
+        zero_page_detection: Default::default(),
         throttle: Default::default(),
     }
 }

@@ -133,7 +133,7 @@ impl Mig {
     }
 
     /// The destination, configured like the source, listens for this VM only; returns where.
-    async fn stage_prepare(&self, settings: &MigrationSettings) -> Result<String, Abort> {
+    async fn stage_prepare(&self, settings: &MigrationSettings) -> Result<MigrationUri, Abort> {
         self.phase(Stage::Prepare, format!("preparing {}", self.dest.name))
             .await?;
         let ready = self
@@ -167,7 +167,7 @@ impl Mig {
     /// Pre-copy, followed until the source pauses the guest at pre-switchover.
     async fn stage_precopy(
         &mut self,
-        uri: String,
+        uri: MigrationUri,
         settings: &MigrationSettings,
     ) -> Result<AgentMigrationStatus, Abort> {
         self.phase(
