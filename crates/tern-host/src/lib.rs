@@ -179,6 +179,7 @@ pub async fn serve(
         bridge: cfg.bridge.clone(),
         qemu: cfg.qemu.clone(),
         default_cpu_model: cfg.default_cpu_model.clone(),
+        shared_storage: cfg.shared_storage.clone(),
     });
     vms.recover()
         .await

@@ -524,6 +524,7 @@ mod tests {
             bridge: None,
             qemu: "qemu-system-x86_64".into(),
             default_cpu_model: "qemu64".into(),
+            shared_storage: None,
         });
         Migrations::new(vms, IpAddr::from([127, 0, 0, 1]))
     }

@@ -41,6 +41,9 @@ pub struct VmHostConfig {
     pub bridge: Option<String>,
     pub qemu: std::path::PathBuf,
     pub default_cpu_model: String,
+    /// The only place a VM's files (disks, kernel, initrd) may come from. `None`: this host
+    /// runs no VM that names a file.
+    pub shared_storage: Option<std::path::PathBuf>,
 }
 
 /// A QEMU process the agent controls.
@@ -168,8 +171,15 @@ fn qemu_error(e: tern_qemu::Error) -> AgentError {
     }
 }
 
-/// Checks what the agent itself relies on before QEMU sees the spec.
-fn validate(spec: &VmSpec, bridge: Option<&str>) -> Result<(), AgentError> {
+/// Checks what the agent itself relies on before QEMU sees the spec. The spec comes from the
+/// network: every file it names must be a regular file inside the shared storage (after
+/// resolving symlinks and `..`), or a hostile peer could hand a guest the host's disk
+/// (`/dev/sda`) or secrets (`-initrd /etc/shadow` lands in guest memory).
+fn validate(
+    spec: &VmSpec,
+    bridge: Option<&str>,
+    shared_storage: Option<&std::path::Path>,
+) -> Result<(), AgentError> {
     if !tern_api::valid_name(&spec.name) {
         return Err(AgentError::BadRequest(format!(
             "VM name {:?} is not [a-z0-9][a-z0-9-]{{0,31}}",
@@ -197,15 +207,40 @@ fn validate(spec: &VmSpec, bridge: Option<&str>) -> Result<(), AgentError> {
                 .to_string(),
         ));
     }
+    let mut files: Vec<(&str, &str)> = spec
+        .disks
+        .iter()
+        .map(|d| ("disk", d.path.as_str()))
+        .collect();
     if let BootSource::Kernel { kernel, initrd, .. } = &spec.boot {
-        for (what, path) in
-            std::iter::once(("kernel", kernel)).chain(initrd.iter().map(|i| ("initrd", i)))
-        {
-            if !std::path::Path::new(path).is_file() {
-                return Err(AgentError::BadRequest(format!(
-                    "{what} {path} is not a file on this host"
-                )));
-            }
+        files.push(("kernel", kernel));
+        if let Some(i) = initrd {
+            files.push(("initrd", i));
+        }
+    }
+    if files.is_empty() {
+        return Ok(());
+    }
+    let Some(root) = shared_storage else {
+        return Err(AgentError::BadRequest(
+            "this host has no shared storage (--shared-storage): it runs no VM that names files"
+                .to_string(),
+        ));
+    };
+    let paths: Vec<String> = files.iter().map(|(_, p)| p.to_string()).collect();
+    let report = crate::paths::check(&paths, Some(root));
+    for (what, path) in files {
+        if report.missing.iter().any(|m| m == path) {
+            return Err(AgentError::BadRequest(format!(
+                "{what} {path} is not a file on this host"
+            )));
+        }
+        if report.outside_shared_storage.iter().any(|m| m == path) {
+            return Err(AgentError::BadRequest(format!(
+                "{what} {path} is outside this host's shared storage {}: a VM may only use \
+                 files there",
+                root.display()
+            )));
         }
     }
     Ok(())
@@ -266,7 +301,11 @@ impl VmManager {
 
     /// Starts the VM, or answers at once when it already runs with the same spec.
     pub async fn start(self: Arc<Self>, id: Uuid, req: StartVm) -> Result<VmRuntime, AgentError> {
-        validate(&req.spec, self.host.bridge.as_deref())?;
+        validate(
+            &req.spec,
+            self.host.bridge.as_deref(),
+            self.host.shared_storage.as_deref(),
+        )?;
         let (slot, created) = {
             let mut slots = self.slots();
             match slots.get(&id) {
@@ -782,7 +821,11 @@ impl VmManager {
         settings: Option<&MigrationSettings>,
         listen: IpAddr,
     ) -> Result<IncomingMigration, AgentError> {
-        validate(&spec, self.host.bridge.as_deref())?;
+        validate(
+            &spec,
+            self.host.bridge.as_deref(),
+            self.host.shared_storage.as_deref(),
+        )?;
         let slot = {
             let mut slots = self.slots();
             if let Some(s) = slots.get(&id) {
@@ -1037,19 +1080,70 @@ mod tests {
             disks: vec![],
             nics: vec![],
         };
-        assert!(validate(&spec, None).is_ok());
+        let root = Some(dir.path());
+        assert!(validate(&spec, None, root).is_ok());
         spec.nics.push(tern_api::NicSpec {
             mac: "52:54:00:00:00:01".into(),
         });
-        let e = validate(&spec, None).expect_err("no bridge");
+        let e = validate(&spec, None, root).expect_err("no bridge");
         assert!(e.to_string().contains("--bridge"), "{e}");
-        assert!(validate(&spec, Some("br0")).is_ok());
+        assert!(validate(&spec, Some("br0"), root).is_ok());
+        // Files outside the shared storage, or any file without one, are refused.
+        let e = validate(&spec, Some("br0"), None).expect_err("no shared storage");
+        assert!(e.to_string().contains("--shared-storage"), "{e}");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let secret = elsewhere.path().join("shadow");
+        std::fs::write(&secret, b"root:x").expect("write");
+        let link = dir.path().join("innocent.img");
+        std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+        for (kernel, initrd, disk) in [
+            (
+                kernel.display().to_string(),
+                Some(secret.display().to_string()),
+                None,
+            ),
+            (
+                kernel.display().to_string(),
+                Some(link.display().to_string()),
+                None,
+            ),
+            (
+                kernel.display().to_string(),
+                None,
+                Some("/dev/null".to_string()),
+            ),
+            (
+                format!(
+                    "{}/../{}",
+                    dir.path().display(),
+                    secret.strip_prefix("/").expect("absolute").display()
+                ),
+                None,
+                None,
+            ),
+        ] {
+            let mut bad = spec.clone();
+            bad.boot = BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline: String::new(),
+            };
+            if let Some(path) = disk {
+                bad.disks.push(tern_api::DiskSpec {
+                    path,
+                    format: Default::default(),
+                    readonly: false,
+                });
+            }
+            let e = validate(&bad, Some("br0"), root).expect_err("outside the shared storage");
+            assert!(matches!(e, AgentError::BadRequest(_)), "{e}");
+        }
         spec.boot = BootSource::Kernel {
             kernel: "/nonexistent/vmlinuz".into(),
             initrd: None,
             cmdline: String::new(),
         };
-        let e = validate(&spec, Some("br0")).expect_err("missing kernel");
+        let e = validate(&spec, Some("br0"), root).expect_err("missing kernel");
         assert!(matches!(e, AgentError::BadRequest(_)));
         assert!(e.to_string().contains("/nonexistent/vmlinuz"), "{e}");
     }

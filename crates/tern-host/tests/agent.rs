@@ -146,7 +146,7 @@ async fn registers_runs_vms_and_survives_restarts() {
     assert_eq!(report.outside_shared_storage, vec![s(&outside)]);
 
     // A kernel that does not exist: a clear 4xx naming it, nothing left behind.
-    let mut broken = spec("broken");
+    let mut broken = spec("broken", &shared);
     broken.boot = tern_api::BootSource::Kernel {
         kernel: "/nonexistent/vmlinuz".into(),
         initrd: None,
@@ -181,7 +181,7 @@ async fn registers_runs_vms_and_survives_restarts() {
     assert!(!state.join("vms").join(bad_id.to_string()).exists());
 
     // QEMU itself refusing (unknown CPU model): its own words come back.
-    let mut odd = spec("odd");
+    let mut odd = spec("odd", &shared);
     odd.cpu_model = Some("NoSuchCpu".into());
     match api
         .put::<_, VmRuntime>(
@@ -201,7 +201,7 @@ async fn registers_runs_vms_and_survives_restarts() {
 
     // Start a VM: running, with a live QEMU, and its console grows.
     let id = Uuid::new_v4();
-    let vm_spec = spec("vm1");
+    let vm_spec = spec("vm1", &shared);
     let start = StartVm {
         spec: vm_spec.clone(),
         generation: 1,
@@ -231,6 +231,43 @@ async fn registers_runs_vms_and_survives_restarts() {
         .await
         .expect("tail");
     assert!(tail.len() <= 10, "{tail:?}");
+
+    // A spec naming a file outside the shared storage is refused: `-initrd` would copy a
+    // host secret into guest memory, a raw disk would hand the guest a host device.
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, b"host secret").expect("secret");
+    let mut leaky = spec("leaky", &shared);
+    if let tern_api::BootSource::Kernel { initrd, .. } = &mut leaky.boot {
+        *initrd = Some(s(&secret));
+    }
+    let mut raw = spec("raw", &shared);
+    raw.disks.push(tern_api::DiskSpec {
+        path: "/dev/null".into(),
+        format: Default::default(),
+        readonly: false,
+    });
+    for bad in [leaky, raw] {
+        let name = bad.name.clone();
+        match api
+            .put::<_, VmRuntime>(
+                &vm_path(Uuid::new_v4()),
+                &StartVm {
+                    spec: bad,
+                    generation: 1,
+                },
+            )
+            .await
+        {
+            Err(ApiError::Status { status, message }) => {
+                assert_eq!(status, 400, "{name}: {message}");
+                assert!(
+                    message.contains("shared storage") || message.contains("not a file"),
+                    "{name}: {message}"
+                );
+            }
+            other => panic!("{name}: a VM naming a host file was started: {other:?}"),
+        }
+    }
 
     // A hostile migration target is refused before it reaches QEMU: `exec:` would have QEMU
     // run a shell command; an odd compression would go to QEMU as a parameter.
@@ -431,6 +468,8 @@ async fn vms_outlive_the_agent_and_deaths_while_away_are_seen() {
     common::init_tracing();
     let tmp = tempfile::tempdir().expect("tempdir");
     let state = tmp.path().join("state");
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("shared dir");
     let _reaper = QemuReaper {
         state_dir: state.clone(),
     };
@@ -447,6 +486,8 @@ async fn vms_outlive_the_agent_and_deaths_while_away_are_seen() {
         &format!("127.0.0.1:{port}"),
         "--state-dir",
         &s(&state),
+        "--shared-storage",
+        &s(&shared),
         "--accel",
         "tcg",
     ]
@@ -481,7 +522,7 @@ async fn vms_outlive_the_agent_and_deaths_while_away_are_seen() {
         .put::<_, VmRuntime>(
             &vm_path(a),
             &StartVm {
-                spec: spec("a"),
+                spec: spec("a", &shared),
                 generation: 1,
             },
         )
@@ -493,7 +534,7 @@ async fn vms_outlive_the_agent_and_deaths_while_away_are_seen() {
         .put::<_, VmRuntime>(
             &vm_path(b),
             &StartVm {
-                spec: spec("b"),
+                spec: spec("b", &shared),
                 generation: 1,
             },
         )

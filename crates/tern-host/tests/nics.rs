@@ -63,6 +63,8 @@ fn nic_taps_follow_the_vm() {
     let ns = NetNs::new("th-nics").with_bridge("br0");
     let tmp = tempfile::tempdir().expect("tempdir");
     let state = tmp.path().join("state");
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("shared dir");
     let _reaper = QemuReaper {
         state_dir: state.clone(),
     };
@@ -73,6 +75,8 @@ fn nic_taps_follow_the_vm() {
         "127.0.0.1:8701",
         "--state-dir",
         &state.display().to_string(),
+        "--shared-storage",
+        &shared.display().to_string(),
         "--bridge",
         "br0",
         "--accel",
@@ -91,7 +95,7 @@ fn nic_taps_follow_the_vm() {
     let token = token.trim().to_string();
 
     let id = Uuid::new_v4();
-    let mut vm = spec("netvm");
+    let mut vm = spec("netvm", &shared);
     vm.nics.push(NicSpec {
         mac: "52:54:00:7e:00:01".into(),
     });

@@ -22,43 +22,49 @@ pub const AGENT_ENTRY_TEST: &str = "agent_process_entry";
 
 pub use tern_testkit::repo_root as workspace_root;
 
-/// A bootable guest: the project's guest image when built (guest/build.sh), else the host's
+/// A bootable guest, copied into the agent's shared storage `shared` (an agent runs only
+/// files from there): the project's guest image when built (guest/build.sh), else the host's
 /// cloud kernel without initrd (it panics for want of a root fs, but QEMU keeps running,
 /// which is all the lifecycle tests need).
-pub fn guest_boot() -> BootSource {
+pub fn guest_boot(shared: &Path) -> BootSource {
+    let into = shared.join("guest");
+    std::fs::create_dir_all(&into).expect("guest dir in shared storage");
+    let copy = |from: &Path, name: &str| -> String {
+        let to = into.join(name);
+        if !to.is_file() {
+            std::fs::copy(from, &to).expect("copy a guest file into shared storage");
+        }
+        std::path::absolute(&to)
+            .expect("absolute")
+            .display()
+            .to_string()
+    };
     let dir = workspace_root().join("target/guest");
     let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.img"));
     if kernel.is_file() && initrd.is_file() {
         return BootSource::Kernel {
-            kernel: std::path::absolute(kernel)
-                .expect("absolute")
-                .display()
-                .to_string(),
-            initrd: Some(
-                std::path::absolute(initrd)
-                    .expect("absolute")
-                    .display()
-                    .to_string(),
-            ),
+            kernel: copy(&kernel, "vmlinuz"),
+            initrd: Some(copy(&initrd, "initramfs.img")),
             cmdline: "console=ttyS0 ipv6.disable=1 tern.ip=10.78.0.100/24".to_string(),
         };
     }
     let kernel = tern_testkit::paths::guest_kernel()
         .expect("no guest kernel: run guest/build.sh or install linux-image-cloud-amd64");
     BootSource::Kernel {
-        kernel: kernel.display().to_string(),
+        kernel: copy(&kernel, "vmlinuz"),
         initrd: None,
         cmdline: "console=ttyS0".to_string(),
     }
 }
 
-pub fn spec(name: &str) -> VmSpec {
+/// A 1-vCPU, 192 MiB VM booting the guest from the agent's shared storage `shared`.
+pub fn spec(name: &str, shared: &Path) -> VmSpec {
     VmSpec {
         name: name.to_string(),
         vcpus: 1,
         memory_mib: 192,
         cpu_model: None,
-        boot: guest_boot(),
+        boot: guest_boot(shared),
         disks: vec![],
         nics: vec![],
     }
