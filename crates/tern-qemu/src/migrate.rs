@@ -41,8 +41,13 @@ use tern_motion::{Action, ConvergenceWatcher, Decision};
 
 /// How often the source is sampled (`query-migrate`); `MIGRATION` events wake it sooner.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
-/// How long the source waits paused at pre-switchover for a decision before resuming itself.
+/// How long the source waits paused at pre-switchover for a decision before resuming itself
+/// (the guest's pause limit below is usually shorter, and wins).
 pub const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
+/// Beyond the downtime budget, how long the guest may stay paused at the source before the
+/// switchover watchdog gives it back: the center's decision and the final copy both fit in
+/// the budget on a working link; the margin covers a loaded host, not a broken link.
+pub const PAUSE_MARGIN: Duration = Duration::from_secs(2);
 /// How long a cancelled migration may take to end, and a source guest to run again.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a post-copy source may take to send its last pages before `finish` gives up.
@@ -151,6 +156,10 @@ pub struct OutgoingOptions {
     pub sample_interval: Duration,
     /// Longest pause at pre-switchover waiting for [`Outgoing::switchover`].
     pub switchover_wait: Duration,
+    /// The switchover watchdog's margin: the guest stays paused at the source for at most
+    /// the downtime budget plus this; then a pending decision is refused, or a final copy
+    /// that has not finished is cut (its sockets shut), and the guest runs on the source.
+    pub pause_margin: Duration,
 }
 
 impl Default for OutgoingOptions {
@@ -158,6 +167,7 @@ impl Default for OutgoingOptions {
         OutgoingOptions {
             sample_interval: SAMPLE_INTERVAL,
             switchover_wait: SWITCHOVER_WAIT,
+            pause_margin: PAUSE_MARGIN,
         }
     }
 }
@@ -237,9 +247,13 @@ impl Outgoing {
             error: None,
         }));
         let (ctl, ctl_rx) = mpsc::channel(4);
+        let budget_ms = settings.downtime_budget_ms.max(settings.downtime_limit_ms);
+        let pause_limit = Duration::from_millis(budget_ms) + opts.pause_margin;
         let driver = Driver {
             vm: vm.clone(),
             watcher: ConvergenceWatcher::new(settings),
+            pause_limit,
+            watchdog_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             opts,
             started,
             status_tx: status.clone(),
@@ -517,6 +531,10 @@ enum Flow {
 struct Driver {
     vm: Arc<QemuVm>,
     watcher: ConvergenceWatcher,
+    /// Longest the guest may stay paused here (downtime budget + margin).
+    pause_limit: Duration,
+    /// Set when the watchdog cut a final copy that outlived the pause limit.
+    watchdog_fired: Arc<std::sync::atomic::AtomicBool>,
     opts: OutgoingOptions,
     started: Instant,
     status_tx: Arc<watch::Sender<OutgoingStatus>>,
@@ -651,10 +669,14 @@ impl Driver {
                         now
                     }
                 };
-                if self.continued_at.is_none() && since.elapsed() > self.opts.switchover_wait {
+                let wait = self.opts.switchover_wait.min(self.pause_limit);
+                if self.continued_at.is_none() && since.elapsed() > wait {
                     let reason = format!(
-                        "no switchover decision within {} ms of pausing",
-                        self.opts.switchover_wait.as_millis()
+                        "no switchover decision within {} ms of pausing (switchover watchdog: \
+                         the guest's pause is bounded by its downtime budget plus {} ms); the \
+                         guest runs on the source",
+                        wait.as_millis(),
+                        self.opts.pause_margin.as_millis()
                     );
                     if let Err(e) = self.abort(&reason).await {
                         tracing::error!(error = %e, "abort at pre-switchover failed");
@@ -673,10 +695,22 @@ impl Driver {
                 Flow::Done
             }
             MigrationStatus::Failed => {
-                let why = stats
+                let mut why = stats
                     .error
                     .clone()
                     .unwrap_or_else(|| "QEMU reported the migration failed".into());
+                if self
+                    .watchdog_fired
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    why = format!(
+                        "switchover watchdog: the final copy had not finished {} ms after the \
+                         guest paused (its downtime budget plus {} ms), so its sockets were \
+                         shut ({why})",
+                        self.pause_limit.as_millis(),
+                        self.opts.pause_margin.as_millis()
+                    );
+                }
                 let resumed = resume_source(&self.vm, self.was_running).await;
                 let why = match resumed {
                     Ok(()) => format!("{why}; source running"),
@@ -783,15 +817,48 @@ impl Driver {
             let _ = reply.send(Err(e));
             return Err(Error::Migration(msg));
         }
+        // Armed before `migrate-continue`: QEMU may answer it only once the final copy lets go
+        // of its main loop, which on a silent link is never.
+        let now = Instant::now();
+        self.arm_watchdog(self.pre_switchover_since.unwrap_or(now) + self.pause_limit);
         if let Err(e) = self.vm.migrate_continue().await {
             let msg = e.to_string();
             let _ = reply.send(Err(e));
             return Err(Error::Migration(msg));
         }
-        self.continued_at = Some(Instant::now());
+        self.continued_at = Some(now);
         self.switchover_reply = Some(reply);
         self.event("switchover: sending the final state".into());
         Ok(())
+    }
+
+    /// The switchover watchdog. The final copy runs with QEMU's main loop held: on a link
+    /// that went silent it blocks until TCP gives up (minutes), the guest paused all along,
+    /// and no in-band command is heard. So a task of its own waits for `deadline` and, if the
+    /// copy is still going (and has not turned post-copy, which must finish), shuts the
+    /// migration's sockets out of band. The copy then fails, QEMU resumes the guest on the
+    /// source, and the driver reports why. Nothing has been committed at that point — the
+    /// destination runs only after the source completed — so giving the guest back is safe.
+    fn arm_watchdog(&self, deadline: Instant) {
+        let vm = self.vm.clone();
+        let status = self.status_tx.subscribe();
+        let fired = self.watchdog_fired.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            let still_copying = {
+                let s = status.borrow();
+                s.state == AgentMigrationState::PreSwitchover
+                    && s.progress.phase != MigrationPhase::PostCopy
+            };
+            if !still_copying {
+                return;
+            }
+            fired.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(pid = vm.pid(), "switchover watchdog: the final copy outlived the pause limit; shutting its sockets");
+            if let Err(e) = vm.yank_migration().await {
+                tracing::error!(pid = vm.pid(), error = %e, "switchover watchdog: yank failed");
+            }
+        });
     }
 
     /// Cancels (before completion) and makes sure the source runs again.

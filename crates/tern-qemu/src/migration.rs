@@ -358,10 +358,11 @@ impl QemuVm {
     /// `migrate_cancel` shuts down only the main channel: a multifd sender blocked on a link
     /// that went silent stays blocked until TCP gives up (minutes), and the migration stays
     /// `cancelling`. Yank shuts the multifd channels too; it changes no migration state and
-    /// does not touch the guest.
+    /// does not touch the guest. Sent out of band: a final copy stuck on a silent link holds
+    /// QEMU's main loop, and only an out-of-band command is heard then.
     pub async fn yank_migration(&self) -> Result<()> {
         self.qmp()
-            .execute(
+            .execute_oob(
                 "yank",
                 Some(json!({ "instances": [{ "type": "migration" }] })),
             )

@@ -56,7 +56,8 @@ pub struct QmpGreeting {
     pub version: QemuVersion,
     /// Distribution package string, e.g. `Debian 1:10.0.2+ds-2...`.
     pub package: String,
-    /// Capabilities QEMU offers (`oob`); none are enabled by this client.
+    /// Capabilities QEMU offers; this client enables `oob` when offered (see
+    /// [`Qmp::execute_oob`]).
     pub capabilities: Vec<String>,
 }
 
@@ -101,6 +102,8 @@ struct Handle {
     greeting: QmpGreeting,
     socket: PathBuf,
     reader: tokio::task::AbortHandle,
+    /// Out-of-band execution was negotiated.
+    oob: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Handle {
@@ -170,9 +173,19 @@ impl Qmp {
                 greeting,
                 socket: socket.to_path_buf(),
                 reader,
+                oob: std::sync::atomic::AtomicBool::new(false),
             }),
         };
-        qmp.execute("qmp_capabilities", None).await?;
+        // Out-of-band lets a command run while QEMU's main loop is blocked (a migration
+        // holding its lock while its socket is stuck): the one way to end such a stall.
+        let offers_oob = qmp.greeting().capabilities.iter().any(|c| c == "oob");
+        if offers_oob {
+            qmp.execute("qmp_capabilities", Some(json!({ "enable": ["oob"] })))
+                .await?;
+            qmp.inner.oob.store(true, Ordering::Relaxed);
+        } else {
+            qmp.execute("qmp_capabilities", None).await?;
+        }
         Ok(qmp)
     }
 
@@ -183,8 +196,28 @@ impl Qmp {
     /// class and description; a closed connection is [`Error::QmpClosed`]. There is no
     /// timeout here: wrap the call when the command may block.
     pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.send("execute", command, arguments).await
+    }
+
+    /// Runs a command out of band: QEMU answers it even while its main loop is blocked.
+    /// Only commands QEMU marks `allow-oob` (e.g. `yank`) may be; without negotiated
+    /// out-of-band support this is [`Qmp::execute`].
+    pub async fn execute_oob(&self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        if self.inner.oob.load(Ordering::Relaxed) {
+            self.send("exec-oob", command, arguments).await
+        } else {
+            self.send("execute", command, arguments).await
+        }
+    }
+
+    /// Whether out-of-band execution was negotiated.
+    pub fn has_oob(&self) -> bool {
+        self.inner.oob.load(Ordering::Relaxed)
+    }
+
+    async fn send(&self, key: &str, command: &str, arguments: Option<Value>) -> Result<Value> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({ "execute": command, "id": id });
+        let mut msg = json!({ key: command, "id": id });
         if let Some(args) = arguments {
             if !args.is_object() {
                 return Err(Error::Protocol(format!(

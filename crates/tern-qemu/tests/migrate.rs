@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use tern_api::migration::{AgentMigrationState, Measurements, MigrateVm, MigrationSettings};
+use tern_api::migration::{
+    AgentMigrationState, Measurements, MigrateVm, MigrationSettings, MigrationUri,
+};
 use tern_api::NicSpec;
 use tern_motion::{choose_settings, HostBudget};
 use tern_qemu::{
@@ -985,4 +987,127 @@ async fn shared_disk_follows_the_hand_over_decision() {
     wait_tick(&dst_cfg.run_dir, t + 1, Duration::from_secs(30)).await;
     incoming.vm().kill().await.unwrap();
     assert!(!image_locked(&disk_s));
+}
+
+/// A TCP relay between the source and the destination that the test can silence: once cut,
+/// it stops carrying bytes either way but keeps every connection open — a link gone silent,
+/// not a refused one.
+struct SilenceableLink {
+    uri: MigrationUri,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl SilenceableLink {
+    async fn to(target: MigrationUri) -> SilenceableLink {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let uri = MigrationUri::new(listener.local_addr().unwrap()).unwrap();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((from_src, _)) = listener.accept().await {
+                let Ok(to_dst) = tokio::net::TcpStream::connect(target.addr()).await else {
+                    continue;
+                };
+                let (src_r, src_w) = from_src.into_split();
+                let (dst_r, dst_w) = to_dst.into_split();
+                tokio::spawn(Self::carry(src_r, dst_w, cut_rx.clone()));
+                tokio::spawn(Self::carry(dst_r, src_w, cut_rx.clone()));
+            }
+        });
+        SilenceableLink { uri, cut }
+    }
+
+    async fn carry(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut cut: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tokio::select! {
+                r = from.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                _ = cut.wait_for(|c| *c) => break,
+            };
+            if *cut.borrow() || to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        // Silent from now on: hold both ends open, carry nothing.
+        std::future::pending::<()>().await;
+        drop((from, to));
+    }
+
+    fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_gone_silent_at_switchover_gives_the_guest_back_within_its_pause_limit() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let src_cfg = config(dir.path(), "src", "");
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let mut settings = plan(&src, 192, request()).await;
+    // One stream, so the relay carries every byte of the migration.
+    settings.multifd_channels = 0;
+    settings.compression = tern_api::migration::Compression::None;
+    settings.zero_page_detection = tern_api::migration::ZeroPageDetection::Legacy;
+    settings.downtime_budget_ms = 300;
+    settings.downtime_limit_ms = 300;
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let link = SilenceableLink::to(incoming.uri().expect("the destination listens")).await;
+    let margin = Duration::from_secs(1);
+    let opts = OutgoingOptions {
+        pause_margin: margin,
+        ..OutgoingOptions::default()
+    };
+    let out = Outgoing::start(src.clone(), &link.uri, &settings, opts)
+        .await
+        .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let paused = Instant::now();
+    assert_eq!(src.status().await.unwrap(), RunState::FinishMigrate);
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+
+    // The worst moment: the link goes silent as the final copy starts.
+    link.cut();
+    // Without a watchdog this waits for TCP to give up (minutes): fail instead of hanging.
+    let r = tokio::time::timeout(Duration::from_secs(30), out.switchover())
+        .await
+        .expect("the guest stayed paused: no switchover watchdog");
+    let back = paused.elapsed();
+    let err = r.expect_err("a final copy over a silent link cannot complete");
+    assert!(err.to_string().contains("switchover watchdog"), "{err}");
+    // The pause limit is budget + margin; the watchdog's own reaction (the yank, QEMU
+    // failing the copy and resuming the guest) takes well under a second more.
+    let limit = Duration::from_millis(300) + margin;
+    eprintln!("the guest ran again {back:?} after it paused (pause limit {limit:?})");
+    // `paused` was taken when the pause was seen, up to a sample later than it began: the
+    // lower bound allows for that, and shows the watchdog waited out its limit.
+    assert!(
+        back + Duration::from_millis(500) >= limit && back < limit + Duration::from_secs(3),
+        "the guest was given back after {back:?} (limit {limit:?})"
+    );
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    wait_tick(&src_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    let s = out.status();
+    assert_eq!(s.state, AgentMigrationState::Failed, "{s:?}");
+    // Nothing was committed: the destination never ran and is removed.
+    assert_ne!(incoming.vm().status().await.ok(), Some(RunState::Running));
+    incoming.abort().await.unwrap();
 }
