@@ -41,6 +41,8 @@ struct FakeState {
     postcopy: bool,
     /// The call (by its name in `calls`) that answers 500.
     fail: Option<&'static str>,
+    /// (Source) the QEMU dies at the switchover: the VM is crashed from then on.
+    dies_at_switchover: bool,
     /// (Source) at the switchover, lock the center's store for this long before answering.
     lock_store: Option<(PathBuf, Duration)>,
     /// True while that lock is held (shared by both fakes).
@@ -158,6 +160,22 @@ async fn switchover(
     AxPath(id): AxPath<Uuid>,
 ) -> R<Json<AgentMigrationStatus>> {
     call(&s, "switchover")?;
+    {
+        let mut s = s.lock().unwrap();
+        if s.dies_at_switchover {
+            for v in s.vms.iter_mut().filter(|v| v.id == id) {
+                v.state = PowerState::Crashed;
+                v.pid = None;
+                v.exit_reason = Some("killed by signal 9".into());
+            }
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                Json(ErrorBody {
+                    error: "the source QEMU ended: killed by signal 9".into(),
+                }),
+            ));
+        }
+    }
     let (postcopy, lock, flag) = {
         let s = s.lock().unwrap();
         (s.postcopy, s.lock_store.clone(), s.store_locked.clone())
@@ -425,6 +443,33 @@ async fn a_failed_switchover_rolls_back() {
 #[tokio::test]
 async fn a_destination_that_did_not_load_the_state_rolls_back() {
     rolls_back_when(2, "status").await;
+}
+
+/// The source QEMU itself dies at the switchover: the migration rolls back (nothing was
+/// committed), and the task says the VM crashed on the source and how to start it — not that
+/// it "runs as before".
+#[tokio::test]
+async fn a_source_that_dies_is_not_said_to_run_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, _h2, _vm) = running_vm(dir.path()).await;
+    h1.with(|s| s.dies_at_switchover = true);
+    let t = migrate(&c, false, 60).await;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::RolledBack
+    );
+    let events = task_events(&c, t.id).await;
+    let summary = events
+        .iter()
+        .find(|e| e.contains("rolled back"))
+        .unwrap_or_else(|| panic!("no rollback summary: {events:#?}"));
+    assert!(!summary.contains("as before"), "{summary}");
+    assert!(
+        summary.contains("crashed on h1") && summary.contains("tern vm start web"),
+        "{summary}"
+    );
+    c.shutdown().await.unwrap();
 }
 
 #[tokio::test]

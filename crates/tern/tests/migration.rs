@@ -3,7 +3,8 @@
 //! dirtying guest moves with its memory verifier finding no error; and every fault — the
 //! destination QEMU killed during pre-copy, `tern task cancel`, the deadline, the center
 //! restarting mid-way — ends with exactly one running copy, on the source; and a post-copy
-//! migration whose commit the center's store refuses for a while still goes forward.
+//! migration whose commit the center's store refuses for a while still goes forward; a center
+//! frozen through the switchover cannot hold the guest paused beyond its limit.
 
 mod common;
 
@@ -233,6 +234,10 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
 
     // 4. Post-copy, and the center's store refuses the commit: the VM must go forward.
     postcopy_with_a_store_that_refuses_the_commit(&lab, &busy);
+
+    // 5. The center hangs while the guest is paused for the switchover: the source gives it
+    // back within its pause limit, and the migration rolls back.
+    a_hung_center_cannot_hold_the_guest_paused(&mut lab, &busy);
     lab.down();
 }
 
@@ -337,5 +342,83 @@ fn postcopy_with_a_store_that_refuses_the_commit(lab: &Lab, busy: &str) {
     // (held at least the store's 5 s busy timeout).
     let pause = t["result"]["pause_ms"].as_u64().unwrap_or(u64::MAX);
     assert!(pause < 3000, "guest paused {pause} ms: {t}");
+    verifier_clean_after(lab, "10.78.0.101:7000", &before);
+}
+
+/// The center is frozen (SIGSTOP) during pre-copy, so nobody can decide the switchover. The
+/// source agent carries the migration on alone, pauses the guest at pre-switchover, and —
+/// the switchover watchdog — gives it back after the downtime budget plus its margin
+/// (300 ms + 2 s), well before the center runs again. Thawed, the center finds the source's
+/// migration ended and rolls back: one copy, on the source, with the client's stream and the
+/// guest's memory intact and the stall no longer than that limit.
+fn a_hung_center_cannot_hold_the_guest_paused(lab: &mut Lab, busy: &str) {
+    let before = lab.guest_stats("10.78.0.101:7000");
+    let streamer = lab.spawn_stream_client("10.78.0.101:7000", 5000);
+    let task = lab
+        .tern_ok(&[
+            "vm",
+            "migrate",
+            "busy",
+            "--to",
+            "h1",
+            "--bandwidth",
+            "400",
+            "--detach",
+        ])
+        .trim()
+        .to_string();
+    wait_for("pre-copy to run", Duration::from_secs(60), || {
+        let t: Value = lab.tern_json(&["task", "show", &task]);
+        t["phase"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("pre-copy")
+            .then_some(())
+    });
+    let center = nix::unistd::Pid::from_raw(lab.pid("center") as i32);
+    nix::sys::signal::kill(center, nix::sys::signal::Signal::SIGSTOP).expect("freeze the center");
+    // Thawed on every way out, so a failing assertion does not leave a frozen center behind.
+    struct Thaw(nix::unistd::Pid);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let thaw = Thaw(center);
+    let log = lab.dir.join("logs/h2.log");
+    wait_for(
+        "the source to give the guest back on its own",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("no switchover decision within")
+                .then_some(())
+        },
+    );
+    drop(thaw);
+
+    let t = wait_task(lab, &task);
+    assert_eq!(t["state"], "failed", "{t}");
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("switchover watchdog"),
+        "{t}"
+    );
+    lab.one_copy_on("busy", busy, "h2");
+    let report = streamer.finish();
+    eprintln!(
+        "MEASURED center frozen through the switchover: client longest gap {} ms (pause limit \
+         2300 ms)",
+        report["longest_gap_ms"]
+    );
+    for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
+    // The stall the client saw is the watchdog's limit, not the time the center was frozen.
+    let gap = report["longest_gap_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(gap < 2300 + 1500, "client stalled {gap} ms: {report}");
     verifier_clean_after(lab, "10.78.0.101:7000", &before);
 }

@@ -96,6 +96,33 @@ impl Mig {
         .await;
     }
 
+    /// What became of the guest on the source after a rollback, as its agent tells it: the
+    /// source QEMU may have been what failed (killed, crashed), and then the VM does not run
+    /// "as before" — say so, and what to do.
+    async fn source_fate(&self) -> String {
+        let src = &self.source.name;
+        match self.app.agent(&self.source).vm(self.vm.id).await {
+            Ok(Some(rt)) if rt.state == PowerState::Running => {
+                format!("the VM runs on {src} as before")
+            }
+            Ok(Some(rt)) => format!(
+                "the VM is {} on {src}{}: nothing else runs it; start it again with tern vm \
+                 start {}",
+                rt.state,
+                rt.exit_reason
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+                self.name()
+            ),
+            Ok(None) => format!(
+                "host {src} no longer has the VM: nothing runs it; start it again with tern vm \
+                 start {}",
+                self.name()
+            ),
+            Err(e) => format!("the VM's state on {src} is not known yet ({e})"),
+        }
+    }
+
     /// Asks the destination to run the committed guest, a few times; says so after the first
     /// refusal.
     async fn run_destination(&self, generation_to: u64) -> Result<(), String> {
@@ -235,10 +262,10 @@ impl Mig {
             )
         } else if touched {
             format!(
-                "migration of VM {} to {} rolled back: {why}; the VM runs on {} as before",
+                "migration of VM {} to {} rolled back: {why}; {}",
                 self.name(),
                 self.dest.name,
-                self.source.name
+                self.source_fate().await
             )
         } else {
             format!(
