@@ -91,6 +91,12 @@ pub struct MigrationSettings {
     /// How auto-converge throttles the guest's vCPUs.
     #[serde(default)]
     pub throttle: ThrottlePlan,
+    /// The link measurement `max_bandwidth_mib_s` was derived from. `Some` means the pace is
+    /// tern's own guess, re-judged from QEMU's transfer rate while the migration runs (a
+    /// measurement disturbed by a fault must not slow a migration for minutes); `None` means
+    /// the cap is the user's, or there is none, and stays as it is.
+    #[serde(default)]
+    pub paced_from_link_mbit: Option<f64>,
 }
 
 /// `multifd-compression`: how multifd channels compress pages.

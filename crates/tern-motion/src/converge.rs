@@ -4,6 +4,8 @@
 
 use tern_api::migration::{MigrationSettings, ThrottlePlan};
 
+use crate::pace::Pacer;
+
 /// Where an outgoing migration stands, as far as convergence is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplePhase {
@@ -53,6 +55,10 @@ pub enum Action {
     Hold,
     /// Give up (`migrate_cancel`): the VM stays on the source.
     Cancel,
+    /// Pace the stream anew (`max-bandwidth`; `None` = unlimited).
+    SetBandwidth { max_bandwidth_mib_s: Option<u64> },
+    /// Nothing changes; what the watcher saw is worth telling (the reason).
+    Note,
 }
 
 /// An action and why.
@@ -76,6 +82,16 @@ pub const MAX_THROTTLE_INCREMENT_PCT: u8 = 40;
 pub const EAGER_TRIGGER_THRESHOLD_PCT: u8 = 10;
 /// Share of the deadline after which post-copy (if allowed) is started rather than waiting.
 pub const POSTCOPY_AT_DEADLINE_SHARE: f64 = 0.75;
+/// Share of the stream's best (smoothed) rate below which, with data waiting, the link counts
+/// as disturbed...
+pub const DISTURBED_SHARE: f64 = 0.25;
+/// ...once it stays there this long.
+pub const DISTURBED_MS: u64 = 500;
+/// A disturbance that lasts longer is the link's new normal, and convergence is judged at it.
+pub const DISTURBED_GRACE_MS: u64 = 10_000;
+/// Weight of a new sample in the stream's smoothed rate (100 ms samples: about half a second).
+const RATE_SMOOTHING: f64 = 0.2;
+const MIB_F: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -97,6 +113,12 @@ enum Stage {
 /// stall. On slow links a pass can last minutes, so a dirty rate of at least [`STALL_RATIO`]
 /// of the send rate for [`STALL_RATIO_MS`] is a stall too. After each escalation the evidence
 /// starts afresh (a new sync and the windows again) so a step gets a chance to work.
+///
+/// A slow stream is the guest's fault only while the link delivers: when the stream falls far
+/// below what it has carried while data waits (a cut link, a link squeezed by other traffic),
+/// nothing is judged until it recovers (for up to [`DISTURBED_GRACE_MS`]), and the pass that
+/// holds what piled up meanwhile is not held against convergence. A pace tern chose from its
+/// own measurement is re-judged by the [`Pacer`] first; while it probes, nothing is judged.
 #[derive(Debug, Clone)]
 pub struct ConvergenceWatcher {
     budget_ms: u64,
@@ -120,6 +142,14 @@ pub struct ConvergenceWatcher {
     /// Earliest time the ratio rule may fire (settling after an escalation).
     settle_until_ms: u64,
     held: bool,
+    pacer: Pacer,
+    /// The stream's smoothed rate, and the best it has reached (MiB/s).
+    sent_avg_mib_s: f64,
+    best_sent_mib_s: f64,
+    /// Since when the stream has run far below its best with data waiting (ms).
+    low_since: Option<u64>,
+    /// Since when the link has counted as disturbed (ms).
+    disturbed_since: Option<u64>,
 }
 
 impl ConvergenceWatcher {
@@ -141,6 +171,83 @@ impl ConvergenceWatcher {
             high_ratio_since: None,
             settle_until_ms: 0,
             held: false,
+            pacer: Pacer::new(settings),
+            sent_avg_mib_s: 0.0,
+            best_sent_mib_s: 0.0,
+            low_since: None,
+            disturbed_since: None,
+        }
+    }
+
+    /// Forgets the evidence gathered so far: after an escalation, a new pace or a disturbed
+    /// link, a stall must be shown again under the new conditions.
+    fn fresh_evidence(&mut self, elapsed_ms: u64) {
+        self.best_dirty_set = None;
+        self.passes_without_progress = 0;
+        self.settle_pass = self.pass;
+        self.high_ratio_since = None;
+        self.settle_until_ms = elapsed_ms + STALL_RATIO_MS;
+    }
+
+    /// Follows the stream's rate; says when the link turns disturbed, recovers, or has run
+    /// disturbed so long that its rate is the new normal.
+    fn watch_link(&mut self, elapsed_ms: u64, s: &PrecopySample) -> Option<Decision> {
+        let sent = s.sent_mbit_s * 1e6 / 8.0 / MIB_F;
+        self.sent_avg_mib_s += RATE_SMOOTHING * (sent - self.sent_avg_mib_s);
+        // Pass 1 is not judged, and its zero pages make its rate uneven.
+        let waiting = s.remaining_bytes as f64 >= self.best_sent_mib_s * MIB_F * 0.5;
+        let low = self.pass >= 2 && waiting && sent < self.best_sent_mib_s * DISTURBED_SHARE;
+        if !low {
+            self.best_sent_mib_s = self.best_sent_mib_s.max(self.sent_avg_mib_s);
+            self.low_since = None;
+            let since = self.disturbed_since.take()?;
+            self.fresh_evidence(elapsed_ms);
+            // The next pass holds what the guest dirtied while the link was disturbed.
+            self.settle_pass = self.pass + 1;
+            return Some(Decision {
+                action: Action::Note,
+                reason: format!(
+                    "the stream is back at {sent:.1} MiB/s after {:.1} s disturbed; convergence \
+                     is judged afresh after the next pass",
+                    elapsed_ms.saturating_sub(since) as f64 / 1000.0
+                ),
+            });
+        }
+        // A starved stream says nothing about the guest's dirtying.
+        self.high_ratio_since = None;
+        let low_since = *self.low_since.get_or_insert(elapsed_ms);
+        match self.disturbed_since {
+            None if elapsed_ms.saturating_sub(low_since) >= DISTURBED_MS => {
+                self.disturbed_since = Some(low_since);
+                Some(Decision {
+                    action: Action::Note,
+                    reason: format!(
+                        "the stream fell to {sent:.1} MiB/s with {:.1} MiB waiting (it has \
+                         carried {:.1} MiB/s): the link looks disturbed, so pre-copy is not \
+                         judged, nor the guest throttled, until it recovers (for up to {} s)",
+                        s.remaining_bytes as f64 / MIB_F,
+                        self.best_sent_mib_s,
+                        DISTURBED_GRACE_MS / 1000
+                    ),
+                })
+            }
+            Some(since) if elapsed_ms.saturating_sub(since) >= DISTURBED_GRACE_MS => {
+                self.disturbed_since = None;
+                self.low_since = None;
+                self.best_sent_mib_s = self.sent_avg_mib_s;
+                // The rate rule starts counting now; passes keep their evidence.
+                self.settle_until_ms = elapsed_ms;
+                Some(Decision {
+                    action: Action::Note,
+                    reason: format!(
+                        "the stream has run at about {:.1} MiB/s for {} s: taken as what the \
+                         link carries now, and convergence is judged at that rate",
+                        self.sent_avg_mib_s,
+                        DISTURBED_GRACE_MS / 1000
+                    ),
+                })
+            }
+            _ => None,
         }
     }
 
@@ -211,6 +318,21 @@ impl ConvergenceWatcher {
             self.pass_peak = self.pass_peak.max(s.remaining_bytes);
         }
 
+        if let Some(d) = self.pacer.observe(elapsed_ms, s) {
+            self.fresh_evidence(elapsed_ms);
+            return vec![d];
+        }
+        if self.pacer.probing() {
+            self.fresh_evidence(elapsed_ms);
+            return Vec::new();
+        }
+        if let Some(d) = self.watch_link(elapsed_ms, s) {
+            return vec![d];
+        }
+        if self.disturbed_since.is_some() {
+            return Vec::new();
+        }
+
         // Rate fallback: QEMU's dirty rate (per sync) against the stream's current rate.
         let dirty_b_s = s.dirty_bytes_per_s;
         let sent_b_s = s.sent_mbit_s * 1e6 / 8.0;
@@ -265,12 +387,7 @@ impl ConvergenceWatcher {
         };
         let decision = self.escalate(evidence, s, deadline_near && !(by_passes || by_rate));
         if decision.is_some() {
-            // Fresh evidence for the next step.
-            self.best_dirty_set = None;
-            self.passes_without_progress = 0;
-            self.settle_pass = self.pass;
-            self.high_ratio_since = None;
-            self.settle_until_ms = elapsed_ms + STALL_RATIO_MS;
+            self.fresh_evidence(elapsed_ms);
         }
         decision.into_iter().collect()
     }
@@ -550,6 +667,126 @@ mod tests {
         let mut pc = sample(2, 100, 1, 100);
         pc.phase = SamplePhase::PostCopy;
         assert!(w.observe(20_000, &pc).is_empty());
+    }
+
+    /// Pre-copy converging against a 100 MiB/s stream (dirtying 30 MiB/s) is cut for 4 s in
+    /// pass 4: the starved stream must not read as a stall, and the pass after the cut,
+    /// swollen by what the guest dirtied meanwhile, must not either.
+    #[test]
+    fn a_cut_link_is_waited_out_not_throttled() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
+        let mut t = 0;
+        let mut notes = Vec::new();
+        let take = |d: Vec<Decision>, notes: &mut Vec<Decision>| {
+            for d in d {
+                assert_eq!(d.action, Action::Note, "{d:?}");
+                notes.push(d);
+            }
+        };
+        take(feed_pass(&mut w, &mut t, 1, 1024, 30, 100), &mut notes);
+        take(feed_pass(&mut w, &mut t, 2, 300, 30, 100), &mut notes);
+        take(feed_pass(&mut w, &mut t, 3, 100, 30, 100), &mut notes);
+        for _ in 0..40 {
+            t += 100;
+            take(w.observe(t, &sample(4, 60, 30, 0)), &mut notes);
+        }
+        assert_eq!(notes.len(), 1, "{notes:#?}");
+        assert!(
+            notes[0].reason.contains("link looks disturbed"),
+            "{}",
+            notes[0].reason
+        );
+        // Back: the rest of pass 4, then pass 5 holds the 4 s of dirtying, then it shrinks.
+        take(feed_pass(&mut w, &mut t, 4, 60, 30, 100), &mut notes);
+        assert_eq!(notes.len(), 2, "{notes:#?}");
+        assert!(notes[1].reason.contains("back at"), "{}", notes[1].reason);
+        let mut set = 150;
+        for pass in 5..15 {
+            take(feed_pass(&mut w, &mut t, pass, set, 30, 100), &mut notes);
+            set = (set * 3 / 5).max(1);
+        }
+        assert_eq!(notes.len(), 2, "{notes:#?}");
+        assert!(!w.throttling());
+    }
+
+    /// A link that stays slow is not waited out for ever: after the grace its rate is the
+    /// norm, and a guest that dirties faster than it carries is a stall again.
+    #[test]
+    fn a_lasting_slowdown_becomes_the_norm() {
+        let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
+        let mut t = 0;
+        feed_pass(&mut w, &mut t, 1, 1024, 30, 100);
+        feed_pass(&mut w, &mut t, 2, 300, 30, 100);
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            t += 100;
+            for d in w.observe(t, &sample(3, 200, 30, 10)) {
+                seen.push((t, d));
+            }
+        }
+        let kinds: Vec<&Action> = seen.iter().map(|(_, d)| &d.action).collect();
+        assert!(
+            matches!(
+                kinds.as_slice(),
+                [Action::Note, Action::Note, Action::RaiseDowntime { .. }, ..]
+            ),
+            "{seen:#?}"
+        );
+        assert!(seen[1].1.reason.contains("taken as what the link carries"));
+        assert!(seen[1].0 - seen[0].0 >= DISTURBED_GRACE_MS - DISTURBED_MS);
+        assert!(seen[2].0 - seen[1].0 >= STALL_RATIO_MS);
+    }
+
+    /// The measurement before the migration saw 40 Mbit/s of a link that carries 100 MiB/s,
+    /// and the guest dirties 32 MiB/s — far more than the 6 MiB/s pace, far less than the
+    /// link. The pace is re-judged; the guest is never throttled nor the limit raised.
+    #[test]
+    fn a_misjudged_pace_is_lifted_before_the_guest_is_throttled() {
+        let s = choose_settings(&req(), &meas(1024, 32.0, 40.0), &hosts(0));
+        let mut cap = s.max_bandwidth_mib_s.map(|c| c as f64);
+        assert_eq!(cap, Some(6.0));
+        let mut w = ConvergenceWatcher::new(&s);
+        let mut t = 0;
+        let mut actions = Vec::new();
+        // Each pass sends what the guest dirtied during the one before, until what is left
+        // fits the 150 ms downtime limit at the link's 100 MiB/s.
+        let (mut remaining, mut pass, mut pass_began) = (1024.0_f64, 1, 0);
+        while t < 60_000 {
+            t += 100;
+            let sent = cap.unwrap_or(f64::INFINITY).min(100.0);
+            remaining -= sent / 10.0;
+            if remaining <= 0.0 {
+                remaining = 32.0 * (t - pass_began) as f64 / 1000.0;
+                (pass, pass_began) = (pass + 1, t);
+                if remaining < 15.0 {
+                    break;
+                }
+            }
+            for d in w.observe(t, &sample(pass, remaining.max(0.0) as u64, 32, sent as u64)) {
+                if let Action::SetBandwidth {
+                    max_bandwidth_mib_s,
+                } = d.action
+                {
+                    cap = max_bandwidth_mib_s.map(|c| c as f64);
+                }
+                actions.push(d.action);
+            }
+        }
+        assert_eq!(
+            actions,
+            vec![
+                Action::SetBandwidth {
+                    max_bandwidth_mib_s: None
+                },
+                Action::SetBandwidth {
+                    max_bandwidth_mib_s: Some(110)
+                }
+            ]
+        );
+        assert!(
+            remaining < 15.0,
+            "pre-copy did not converge at the new pace"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! - [`settings`]: the settings a migration starts with ([`choose_settings`]), from the
 //!   request, the measured link and dirty rate, and the hosts' [`HostBudget`].
-//! - [`converge`]: the [`ConvergenceWatcher`] that escalates while pre-copy runs.
+//! - [`converge`]: the [`ConvergenceWatcher`] that escalates while pre-copy runs, and waits
+//!   out a disturbed link instead of throttling the guest for it.
+//! - [`pace`]: the [`Pacer`] that re-judges a pace tern derived from its own link measurement.
 //! - [`handover`]: the ownership record's states and legal transitions, and which way a
 //!   migration stopped part-way is settled ([`settle`]) — forward only after post-copy.
 //! - [`stage`]: the driver's [`Stage`]s and the progress each stands for.
@@ -12,6 +14,7 @@
 
 pub mod converge;
 pub mod handover;
+pub mod pace;
 pub mod settings;
 pub mod stage;
 pub mod version;
@@ -21,6 +24,7 @@ mod fixtures;
 
 pub use converge::{Action, ConvergenceWatcher, Decision, PrecopySample, SamplePhase};
 pub use handover::{settle, RecordState, Side, SourceState, Step, Way};
+pub use pace::Pacer;
 pub use settings::{choose_settings, mbit_to_mib_s, HostBudget};
 pub use stage::Stage;
 pub use version::{QemuVersion, MACHINE_TYPE};

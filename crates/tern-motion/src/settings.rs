@@ -96,8 +96,8 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
             reasons.push(format!(
                 "max-bandwidth: {pace} MiB/s, {LINK_PACE}× the link's measured {link_mbit:.0} \
                  Mbit/s — as fast as the link carries (QEMU's own default caps at 1 Gbit/s), \
-                 paced so TCP does not overrun the bottleneck; pass a bandwidth cap to protect \
-                 other traffic"
+                 paced so TCP does not overrun the bottleneck, and re-judged from the stream's \
+                 own rate if it runs at this cap; pass a bandwidth cap to protect other traffic"
             ));
             (link_mbit, Some(pace))
         }
@@ -335,6 +335,9 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         downtime_budget_ms: budget,
         zero_page_detection,
         throttle,
+        paced_from_link_mbit: (req.bandwidth_mbit.filter(|c| *c > 0).is_none()
+            && max_bandwidth_mib_s.is_some())
+        .then_some(link_mbit),
     }
 }
 

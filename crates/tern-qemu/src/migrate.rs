@@ -792,7 +792,16 @@ impl Driver {
                     .await
             }
             Action::StartPostcopy => self.vm.migrate_start_postcopy().await,
-            Action::Hold => Ok(()),
+            Action::SetBandwidth {
+                max_bandwidth_mib_s,
+            } => {
+                // 0 = unlimited, as when the migration was set up.
+                let bytes = max_bandwidth_mib_s.map(|m| m * 1024 * 1024).unwrap_or(0);
+                self.vm
+                    .set_migration_parameters(json!({ "max-bandwidth": bytes }))
+                    .await
+            }
+            Action::Hold | Action::Note => Ok(()),
             Action::Cancel => {
                 if let Err(e) = self.abort(&d.reason).await {
                     tracing::error!(error = %e, "cancel at the deadline failed");
@@ -1155,6 +1164,7 @@ mod tests {
             downtime_budget_ms: 300,
             zero_page_detection: tern_api::migration::ZeroPageDetection::Multifd,
             throttle: ThrottlePlan::default(),
+            paced_from_link_mbit: None,
         }
     }
 

@@ -4,7 +4,8 @@
 //! destination QEMU killed during pre-copy, `tern task cancel`, the deadline, the center
 //! restarting mid-way — ends with exactly one running copy, on the source; and a post-copy
 //! migration whose commit the center's store refuses for a while still goes forward; a center
-//! frozen through the switchover cannot hold the guest paused beyond its limit.
+//! frozen through the switchover cannot hold the guest paused beyond its limit; a link that was
+//! slow only while tern measured it does not pace the migration.
 
 mod common;
 
@@ -238,6 +239,10 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     // 5. The center hangs while the guest is paused for the switchover: the source gives it
     // back within its pause limit, and the migration rolls back.
     a_hung_center_cannot_hold_the_guest_paused(&mut lab, &busy);
+
+    // 6. The link is slow while tern measures it and fast again when the migration runs: the
+    // pace chosen from the measurement is re-judged, and the guest is not throttled for it.
+    a_link_misjudged_while_measured_does_not_hold_the_migration_back(&lab, &busy);
     lab.down();
 }
 
@@ -420,5 +425,79 @@ fn a_hung_center_cannot_hold_the_guest_paused(lab: &mut Lab, busy: &str) {
     // The stall the client saw is the watchdog's limit, not the time the center was frozen.
     let gap = report["longest_gap_ms"].as_f64().unwrap_or(f64::MAX);
     assert!(gap < 2300.0 + 1500.0, "client stalled {gap} ms: {report}");
+    verifier_clean_after(lab, "10.78.0.101:7000", &before);
+}
+
+/// The destination's link is shaped to 40 Mbit/s while tern measures it, and freed as soon as
+/// the measurement is in: the migration starts paced at ~6 MiB/s, far below both the link and
+/// the guest's 32 MiB/s of dirtying. Plain pacing would crawl and throttle the guest for
+/// minutes; tern sees the stream held back by its own cap, lifts it, paces at what the link
+/// carries, and the migration converges without throttling the guest.
+fn a_link_misjudged_while_measured_does_not_hold_the_migration_back(lab: &Lab, busy: &str) {
+    let before = lab.guest_stats("10.78.0.101:7000");
+    let streamer = lab.spawn_stream_client("10.78.0.101:7000", 5000);
+    let out = lab.lab_cmd(&["lab", "link", "shape", "h1", "--rate-mbit", "40"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Unshaped on every way out, so a failing assertion leaves the lab's link as it was.
+    struct Unshape<'a>(&'a Lab);
+    impl Drop for Unshape<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.lab_cmd(&["lab", "link", "unshape", "h1"]);
+        }
+    }
+    let unshape = Unshape(lab);
+    let task = lab
+        .tern_ok(&["vm", "migrate", "busy", "--to", "h1", "--detach"])
+        .trim()
+        .to_string();
+    let task_said = |needle: &str| {
+        let events: Vec<Value> =
+            lab.tern_json(&["event", "list", "--vm", "busy", "--limit", "500"]);
+        events.into_iter().find(|e| {
+            e["task"].as_str() == Some(task.as_str())
+                && e["message"].as_str().unwrap_or("").contains(needle)
+        })
+    };
+    let measured = wait_for("the link measurement", Duration::from_secs(60), || {
+        task_said("measured: link")
+    });
+    drop(unshape);
+    let message = measured["message"].as_str().unwrap_or("");
+    let mbit: f64 = message
+        .split(" Mbit/s")
+        .next()
+        .and_then(|m| m.rsplit(' ').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no rate in {message:?}"));
+    assert!(
+        mbit < 60.0,
+        "the shaped link measured {mbit} Mbit/s: {message}"
+    );
+
+    let t = wait_task(lab, &task);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    lab.one_copy_on("busy", busy, "h1");
+    // (Unpaced, it may converge before tern has seen enough to pace it anew.)
+    assert!(
+        task_said("lifting the cap").is_some(),
+        "no `lifting the cap` event for {task}"
+    );
+    assert!(
+        task_said("throttling the guest").is_none(),
+        "the guest was throttled: {:?}",
+        task_said("throttling the guest")
+    );
+    let report = streamer.finish();
+    eprintln!(
+        "MEASURED link measured at {mbit} Mbit/s, then unshaped: total {} ms, guest paused {} \
+         ms, {} passes; client: longest gap {} ms",
+        t["result"]["total_ms"],
+        t["result"]["pause_ms"],
+        t["result"]["passes"],
+        report["longest_gap_ms"]
+    );
+    for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
     verifier_clean_after(lab, "10.78.0.101:7000", &before);
 }

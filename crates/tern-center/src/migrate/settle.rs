@@ -597,5 +597,6 @@ pub(super) fn empty_settings() -> MigrationSettings {
         downtime_budget_ms: 0,
         zero_page_detection: Default::default(),
         throttle: Default::default(),
+        paced_from_link_mbit: None,
     }
 }
