@@ -348,9 +348,13 @@ impl Migrations {
         let _op = slot.op.lock().await;
         match &slot.role {
             Role::Source(out) => {
-                out.abort("the center aborted the migration")
-                    .await
-                    .map_err(qemu)?;
+                // A source QEMU that has ended has nothing left to cancel or resume (the VM's
+                // own state says how it ended); insisting would fail the rollback for ever.
+                if out.vm().exit_reason().is_none() {
+                    out.abort("the center aborted the migration")
+                        .await
+                        .map_err(qemu)?;
+                }
             }
             Role::Destination(_) => match self.vms.remove_idle(id).await {
                 Ok(()) => {}

@@ -442,13 +442,26 @@ async fn reconcile(
     };
     match outcome {
         Ok(()) => {
-            let e = NewEvent::info(format!(
-                "migration of VM {vm} settled: it runs on {on} only"
-            ))
-            .task(task)
-            .vm(vm)
-            .host(Some(on));
-            app.add_event(e).await;
+            // Undone is not the same as running: the source's copy may have ended meanwhile.
+            let ended_there = match way {
+                Way::Back => match app.agent(&src).vm(vm_id).await {
+                    Ok(Some(rt)) if rt.state != PowerState::Running => Some(rt.state.to_string()),
+                    Ok(None) => Some("gone".to_string()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let e = match ended_there {
+                None => NewEvent::info(format!(
+                    "migration of VM {vm} settled: it runs on {on} only"
+                )),
+                Some(state) => NewEvent::warning(format!(
+                    "migration of VM {vm} settled: removed from {off}; on {on} it is {state} \
+                     (its copy there ended during the migration): `tern vm start {vm}` runs it \
+                     again"
+                )),
+            };
+            app.add_event(e.task(task).vm(vm).host(Some(on))).await;
             Ok(())
         }
         Err(e) => {
