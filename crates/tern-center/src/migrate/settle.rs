@@ -444,9 +444,9 @@ async fn reconcile(
         Ok(()) => {
             // Undone is not the same as running: the source's copy may have ended meanwhile.
             let ended_there = match way {
+                // Only a state the source reports counts (an unreachable agent proves nothing).
                 Way::Back => match app.agent(&src).vm(vm_id).await {
                     Ok(Some(rt)) if rt.state != PowerState::Running => Some(rt.state.to_string()),
-                    Ok(None) => Some("gone".to_string()),
                     _ => None,
                 },
                 _ => None,
