@@ -193,6 +193,7 @@ pub async fn serve(
     tracing::info!(listen = %bound, %agent_url, "agent API listening");
 
     let migrations = migrations::Migrations::new(vms.clone(), cfg.migration_address);
+    migrations.recover().await;
     let probe_again = facts.cpu_capability.is_empty();
     let agent = Arc::new(Agent {
         cfg,
@@ -234,6 +235,7 @@ pub async fn serve(
     if let Some(task) = link {
         let _ = task.await;
     }
+    agent.migrations.release().await;
     vms.release();
     tracing::info!("agent stopped; VMs left running");
     result

@@ -6,6 +6,11 @@
 //! aborts and finishes only when told. The one thing it does alone is what `tern_qemu`'s
 //! drivers do (a source paused at pre-switchover with nobody deciding resumes itself). At most
 //! one migration per VM; each VM's calls run one at a time.
+//!
+//! Each side of a migration is written to the VM's run dir ([`MigrationRecord`]) while it is
+//! under way. QEMU does not need its agent to go on migrating, so a restarted agent
+//! re-attaches to what it finds ([`Migrations::recover`]) and the center's next call carries
+//! on where the last one left, instead of rolling the migration back.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,11 +22,14 @@ use tern_api::migration::{
     Commit, DirtyRateReport, IncomingReady, ListenIncoming, MigrationPhase, PrepareIncoming,
     StartOutgoing,
 };
-use tern_qemu::{IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, COMMIT_ANNOUNCE};
+use tern_qemu::{
+    IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::error::AgentError;
+use crate::store::{MigrationRecord, RunDir};
 use crate::vms::VmManager;
 
 /// Longest a status call waits for a state change.
@@ -48,6 +56,84 @@ struct Slot {
     role: Role,
     /// Serialises the calls on this VM's migration.
     op: tokio::sync::Mutex<()>,
+    record: Arc<RecordFile>,
+}
+
+impl Slot {
+    fn new(role: Role, record: Arc<RecordFile>) -> Arc<Slot> {
+        Arc::new(Slot {
+            role,
+            op: tokio::sync::Mutex::new(()),
+            record,
+        })
+    }
+}
+
+/// The on-disk [`MigrationRecord`] of one migration. Once removed it is never written again:
+/// a source's events keep coming for a moment after the center ended its part, and a record
+/// written then would make a later agent re-attach to a migration nobody follows.
+struct RecordFile {
+    run: RunDir,
+    /// False once removed.
+    live: Mutex<bool>,
+}
+
+impl RecordFile {
+    fn new(run: RunDir) -> Arc<RecordFile> {
+        Arc::new(RecordFile {
+            run,
+            live: Mutex::new(true),
+        })
+    }
+
+    fn write(&self, rec: &MigrationRecord) {
+        let live = lock(&self.live);
+        if !*live {
+            return;
+        }
+        // Not fatal: without the record a restart rolls the migration back, as before.
+        if let Err(e) = self.run.write_migration(rec) {
+            tracing::warn!(vm = %self.run.id, error = %format!("{e:#}"), "cannot write the migration record");
+        }
+    }
+
+    fn remove(&self) {
+        let mut live = lock(&self.live);
+        *live = false;
+        self.run.remove_migration();
+    }
+
+    /// Keeps a source's record up to date with its events until the migration's driver
+    /// and every handle on its status are gone.
+    fn follow(
+        self: Arc<Self>,
+        base: MigrationRecord,
+        mut rx: tokio::sync::watch::Receiver<OutgoingStatus>,
+    ) {
+        tokio::spawn(async move {
+            let mut written = None;
+            loop {
+                let events = rx.borrow_and_update().events.clone();
+                if written != Some(events.len()) {
+                    written = Some(events.len());
+                    let mut rec = base.clone();
+                    if let MigrationRecord::Source { events: e, .. } = &mut rec {
+                        *e = events;
+                    }
+                    self.write(&rec);
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The migrations of this host.
@@ -124,8 +210,112 @@ impl Migrations {
                 "VM {id} is already being migrated on this host: abort that migration first"
             )));
         }
-        lock(&self.slots).remove(&id);
+        self.forget(id, &slot);
         Ok(())
+    }
+
+    /// Ends this host's part in a migration: no restart re-attaches to it.
+    fn forget(&self, id: Uuid, slot: &Slot) {
+        slot.record.remove();
+        let mut slots = lock(&self.slots);
+        if slots
+            .get(&id)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), slot))
+        {
+            slots.remove(&id);
+        }
+    }
+
+    /// At agent start, before the API serves: re-attaches to every migration the run dirs
+    /// record and whose QEMU still runs. A source found paused at pre-switchover is resumed
+    /// at once ([`Outgoing::attach`]); a source whose migration cannot be taken over is
+    /// cancelled, as one with no record would be.
+    pub async fn recover(&self) {
+        let runs = match self.vms.run_dirs() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot list the run dirs for migrations to re-attach to");
+                return;
+            }
+        };
+        for run in runs {
+            let Some(rec) = run.read_migration() else {
+                continue;
+            };
+            let id = run.id;
+            let Ok(vm) = self.vms.live_qemu(id) else {
+                tracing::warn!(vm = %id, "a migration was under way but its QEMU is gone: nothing to re-attach to");
+                run.remove_migration();
+                continue;
+            };
+            let record = RecordFile::new(run.clone());
+            match rec {
+                MigrationRecord::Source {
+                    uri,
+                    settings,
+                    started_unix_ms,
+                    was_running,
+                    events,
+                } => {
+                    let resume = Resume {
+                        elapsed: Duration::from_millis(
+                            unix_ms_now().saturating_sub(started_unix_ms),
+                        ),
+                        was_running,
+                        events,
+                    };
+                    match Outgoing::attach(
+                        vm.clone(),
+                        &settings,
+                        OutgoingOptions::default(),
+                        resume,
+                    )
+                    .await
+                    {
+                        Ok(out) => {
+                            tracing::info!(vm = %id, state = ?out.status().state, "re-attached to an outgoing migration after a restart");
+                            record.clone().follow(
+                                MigrationRecord::Source {
+                                    uri,
+                                    settings,
+                                    started_unix_ms,
+                                    was_running,
+                                    events: Vec::new(),
+                                },
+                                out.watch(),
+                            );
+                            lock(&self.slots).insert(id, Slot::new(Role::Source(out), record));
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %id, error = %e, "cannot re-attach to the outgoing migration: cancelling it");
+                            record.remove();
+                            let name = self.vms.get(id).map(|r| r.spec.name).unwrap_or_default();
+                            tokio::spawn(async move {
+                                crate::vms::cancel_orphan_migration(&vm, &name).await
+                            });
+                        }
+                    }
+                }
+                MigrationRecord::Destination { uri } => {
+                    tracing::info!(vm = %id, ?uri, "re-attached to an incoming migration after a restart");
+                    lock(&self.slots).insert(
+                        id,
+                        Slot::new(Role::Destination(IncomingMigration::adopt(vm, uri)), record),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Agent shutdown: lets every outgoing migration go on in QEMU alone. Their records stay,
+    /// so the next agent re-attaches to them; incoming ones need nothing (QEMU listens on).
+    pub async fn release(&self) {
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            if let Role::Source(out) = &slot.role {
+                out.detach().await;
+            }
+        }
     }
 
     /// Destination: starts the paused QEMU and (given the settings) listens for this VM's
@@ -147,13 +337,9 @@ impl Migrations {
             )
             .await?;
         let uri = incoming.uri();
-        lock(&self.slots).insert(
-            id,
-            Arc::new(Slot {
-                role: Role::Destination(incoming),
-                op: tokio::sync::Mutex::new(()),
-            }),
-        );
+        let record = RecordFile::new(self.vms.run_dir(id));
+        record.write(&MigrationRecord::Destination { uri });
+        lock(&self.slots).insert(id, Slot::new(Role::Destination(incoming), record));
         // This host will steer the LAN at switchover: have the netlink connection ready.
         self.steerer.warm_up().await;
         Ok(IncomingReady { uri })
@@ -172,6 +358,8 @@ impl Migrations {
             .listen(&req.settings, self.migration_address)
             .await
             .map_err(qemu)?;
+        slot.record
+            .write(&MigrationRecord::Destination { uri: Some(uri) });
         Ok(IncomingReady { uri: Some(uri) })
     }
 
@@ -179,16 +367,22 @@ impl Migrations {
     pub async fn outgoing(&self, id: Uuid, req: StartOutgoing) -> Result<(), AgentError> {
         self.make_room(id).await?;
         let vm = self.vms.live_qemu(id)?;
+        let started_unix_ms = unix_ms_now();
         let out = Outgoing::start(vm, &req.uri, &req.settings, OutgoingOptions::default())
             .await
             .map_err(qemu)?;
-        lock(&self.slots).insert(
-            id,
-            Arc::new(Slot {
-                role: Role::Source(out),
-                op: tokio::sync::Mutex::new(()),
-            }),
+        let record = RecordFile::new(self.vms.run_dir(id));
+        record.clone().follow(
+            MigrationRecord::Source {
+                uri: req.uri,
+                settings: req.settings,
+                started_unix_ms,
+                was_running: out.was_running(),
+                events: Vec::new(),
+            },
+            out.watch(),
         );
+        lock(&self.slots).insert(id, Slot::new(Role::Source(out), record));
         Ok(())
     }
 
@@ -337,7 +531,7 @@ impl Migrations {
         };
         inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
         self.vms.set_generation(id, req.generation)?;
-        lock(&self.slots).remove(&id);
+        self.forget(id, &slot);
         tracing::info!(vm = %id, generation = req.generation, "migration committed: the VM runs here");
         Ok(())
     }
@@ -346,6 +540,8 @@ impl Migrations {
     pub async fn abort(&self, id: Uuid) -> Result<(), AgentError> {
         let slot = self.slot(id)?;
         let _op = slot.op.lock().await;
+        // Told to end it: a restart from here on must not re-attach to it.
+        slot.record.remove();
         match &slot.role {
             Role::Source(out) => {
                 // A source QEMU that has ended has nothing left to cancel or resume (the VM's
@@ -362,7 +558,7 @@ impl Migrations {
                 Err(e) => return Err(e),
             },
         }
-        lock(&self.slots).remove(&id);
+        self.forget(id, &slot);
         tracing::info!(vm = %id, "migration aborted");
         Ok(())
     }
@@ -382,6 +578,7 @@ impl Migrations {
                 out.status().state
             )));
         }
+        slot.record.remove();
         // A source QEMU that has already ended (a retried finish) has nothing left to quit.
         if out.vm().exit_reason().is_none() {
             out.finish().await.map_err(qemu)?;
@@ -390,7 +587,7 @@ impl Migrations {
             Ok(()) | Err(AgentError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        lock(&self.slots).remove(&id);
+        self.forget(id, &slot);
         tracing::info!(vm = %id, "migrated away: removed from this host");
         Ok(())
     }

@@ -5,6 +5,8 @@
 //! STATE_DIR/vms/<uuid>/spec.json the VmSpec the VM was started with
 //! STATE_DIR/vms/<uuid>/generation ownership generation granted by the center
 //! STATE_DIR/vms/<uuid>/state.json last state the agent recorded (survives restarts)
+//! STATE_DIR/vms/<uuid>/migration.json this host's side of the VM's migration while one is
+//!                                 under way, so a restarted agent re-attaches to it
 //! STATE_DIR/vms/<uuid>/qmp.sock, qemu.pid, console.log, qemu.log: QEMU's own files
 //!                                 (see `tern_qemu::RunPaths`)
 //! ```
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tern_api::migration::{MigrationSettings, MigrationUri};
 use tern_api::{Accelerator, PowerState, VmSpec};
 use tern_qemu::RunPaths;
 use uuid::Uuid;
@@ -36,6 +39,30 @@ pub struct RunRecord {
     pub exit_reason: Option<String>,
 }
 
+/// This host's side of a migration under way, as a restarted agent needs it to re-attach to
+/// the QEMU that kept migrating meanwhile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum MigrationRecord {
+    Source {
+        /// Where the stream goes.
+        uri: MigrationUri,
+        settings: MigrationSettings,
+        /// Wall clock (ms since the Unix epoch) when `migrate` was issued: a restarted agent
+        /// judges the deadline and stamps its events from it.
+        started_unix_ms: u64,
+        /// Whether the guest ran when the migration started (it is resumed on a rollback).
+        was_running: bool,
+        /// The source's decisions so far, so the center's count of seen events stays right.
+        #[serde(default)]
+        events: Vec<String>,
+    },
+    Destination {
+        /// Where this host listens, once it does.
+        uri: Option<MigrationUri>,
+    },
+}
+
 /// Paths of one VM's run directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
@@ -52,6 +79,9 @@ impl RunDir {
     }
     pub fn record(&self) -> PathBuf {
         self.dir.join("state.json")
+    }
+    pub fn migration(&self) -> PathBuf {
+        self.dir.join("migration.json")
     }
     /// QEMU's files in the run dir (socket, pidfile, console and QEMU logs).
     pub fn paths(&self) -> RunPaths {
@@ -99,6 +129,39 @@ impl RunDir {
     pub fn read_record(&self) -> Option<RunRecord> {
         let text = std::fs::read(self.record()).ok()?;
         serde_json::from_slice(&text).ok()
+    }
+
+    pub fn write_migration(&self, rec: &MigrationRecord) -> anyhow::Result<()> {
+        write_atomic(&self.migration(), &serde_json::to_vec_pretty(rec)?, 0o644)
+    }
+
+    /// The migration under way, if any. A record that cannot be read is reported and treated
+    /// as none: the migration is then handled like one whose driver is lost.
+    pub fn read_migration(&self) -> Option<MigrationRecord> {
+        let text = match std::fs::read(self.migration()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.migration().display(), error = %e, "cannot read the migration record");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&text) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(path = %self.migration().display(), error = %e, "unreadable migration record; ignored");
+                None
+            }
+        }
+    }
+
+    /// Forgets the migration (it ended, or this host's part in it did).
+    pub fn remove_migration(&self) {
+        if let Err(e) = std::fs::remove_file(self.migration()) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.migration().display(), error = %e, "cannot remove the migration record");
+            }
+        }
     }
 }
 
@@ -263,6 +326,39 @@ mod tests {
         };
         rd.write_record(&rec).expect("write record");
         assert_eq!(rd.read_record(), Some(rec));
+        assert_eq!(rd.read_migration(), None);
+        let mig = MigrationRecord::Source {
+            uri: "tcp:10.0.0.2:4444".parse().expect("uri"),
+            settings: MigrationSettings {
+                multifd_channels: 2,
+                max_bandwidth_mib_s: Some(40),
+                downtime_limit_ms: 300,
+                compression: Default::default(),
+                auto_converge: true,
+                postcopy_allowed: false,
+                deadline_ms: 60_000,
+                reasons: vec!["measured".into()],
+                downtime_budget_ms: 300,
+                zero_page_detection: Default::default(),
+                throttle: Default::default(),
+                paced_from_link_mbit: Some(400.0),
+            },
+            started_unix_ms: 1_700_000_000_000,
+            was_running: true,
+            events: vec!["+0.0s started".into()],
+        };
+        rd.write_migration(&mig).expect("write migration");
+        assert_eq!(rd.read_migration(), Some(mig));
+        // A damaged record is no record (and no panic).
+        std::fs::write(
+            rd.migration(),
+            b"{\"role\":\"source\",\"uri\":\"exec:rm -rf /\"}",
+        )
+        .expect("damage");
+        assert_eq!(rd.read_migration(), None);
+        rd.remove_migration();
+        rd.remove_migration();
+        assert_eq!(rd.read_migration(), None);
         std::fs::create_dir(dir.path().join("vms/not-a-uuid")).expect("mkdir");
         assert_eq!(s.list_vms().expect("list"), vec![rd]);
     }

@@ -713,7 +713,10 @@ impl VmManager {
                     };
                     tracing::info!(vm = %name, %id, pid = vm.pid(), state = %power, "re-adopted running VM");
                     self.adopt_live(&slot, vm.clone(), power);
-                    tokio::spawn(async move { cancel_orphan_migration(&vm, &name).await });
+                    // A recorded migration is re-attached to by `Migrations::recover`.
+                    if run.read_migration().is_none() {
+                        tokio::spawn(async move { cancel_orphan_migration(&vm, &name).await });
+                    }
                 }
                 Err(tern_qemu::Error::NotRunning { detail, .. }) => {
                     let (power, why) = match &rec {
@@ -801,6 +804,16 @@ impl VmManager {
                 }
             }
         }
+    }
+
+    /// The run dir of a VM (known here or not).
+    pub fn run_dir(&self, id: Uuid) -> crate::store::RunDir {
+        self.host.store.vm(id)
+    }
+
+    /// The run dirs on disk.
+    pub fn run_dirs(&self) -> anyhow::Result<Vec<crate::store::RunDir>> {
+        self.host.store.list_vms()
     }
 
     /// The live QEMU of a VM (a migration's source, a dirty-rate measurement).
@@ -960,11 +973,12 @@ impl VmManager {
     }
 }
 
-/// After an agent restart: an outgoing migration still going in QEMU lost its driver and
-/// would leave the guest paused at pre-switchover for good. Nothing can have been committed
-/// before the switchover, so cancelling it (and running the guest again) is always safe. An
-/// incoming migration, or a completed outgoing one, waits for the center's decision.
-async fn cancel_orphan_migration(vm: &QemuVm, name: &str) {
+/// After an agent restart: an outgoing migration still going in QEMU that no record lets the
+/// agent re-attach to lost its driver and would leave the guest paused at pre-switchover for
+/// good. Nothing can have been committed before the switchover, so cancelling it (and running
+/// the guest again) is always safe. An incoming migration, or a completed outgoing one, waits
+/// for the center's decision.
+pub(crate) async fn cancel_orphan_migration(vm: &QemuVm, name: &str) {
     use tern_qemu::MigrationStatus as M;
     let (Ok(m), Ok(run)) = (vm.query_migrate().await, vm.status().await) else {
         return;

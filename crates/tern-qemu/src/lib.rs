@@ -31,7 +31,7 @@ pub use command::{build_command, Incoming, LaunchConfig, RunPaths};
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
     Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing, OutgoingOptions,
-    OutgoingStatus, COMMIT_ANNOUNCE,
+    OutgoingStatus, Resume, COMMIT_ANNOUNCE,
 };
 pub use migration::{
     AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,

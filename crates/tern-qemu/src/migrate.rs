@@ -172,9 +172,21 @@ impl Default for OutgoingOptions {
     }
 }
 
+/// What a lost driver knew, for [`Outgoing::attach`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Time since the migration started.
+    pub elapsed: Duration,
+    /// Whether the guest ran when it started (a rollback resumes it).
+    pub was_running: bool,
+    /// The decisions reported so far.
+    pub events: Vec<String>,
+}
+
 enum Control {
     Switchover(oneshot::Sender<Result<MigrationReport>>),
     Abort(String, oneshot::Sender<Result<()>>),
+    Detach(oneshot::Sender<()>),
 }
 
 /// The source end of a migration: configures QEMU, starts `migrate`, samples progress, applies
@@ -247,21 +259,7 @@ impl Outgoing {
             error: None,
         }));
         let (ctl, ctl_rx) = mpsc::channel(4);
-        let budget_ms = settings.downtime_budget_ms.max(settings.downtime_limit_ms);
-        let pause_limit = Duration::from_millis(budget_ms) + opts.pause_margin;
-        let driver = Driver {
-            vm: vm.clone(),
-            watcher: ConvergenceWatcher::new(settings),
-            pause_limit,
-            watchdog_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            opts,
-            started,
-            status_tx: status.clone(),
-            was_running,
-            pre_switchover_since: None,
-            continued_at: None,
-            switchover_reply: None,
-        };
+        let driver = Driver::new(&vm, settings, opts, started, &status, was_running);
         tokio::spawn(driver.run(ctl_rx));
         Ok(Outgoing {
             vm,
@@ -271,9 +269,117 @@ impl Outgoing {
         })
     }
 
+    /// Takes over a migration this process did not start: its driver was lost (the agent
+    /// restarted) while QEMU went on migrating. `resume` says what the lost driver knew.
+    ///
+    /// - Still copying (setup or pre-copy): watched on from here, with a fresh convergence
+    ///   watcher over the migration's whole elapsed time, so its deadline still holds.
+    /// - Paused at pre-switchover: nobody can tell for how long the guest has waited, and
+    ///   nothing was committed before the switchover, so the migration is cancelled and the
+    ///   source resumed at once (the switchover watchdog's rule).
+    /// - In its final copy or post-copy (the lost driver had let it continue): watched to its
+    ///   end, the watchdog re-armed for one margin.
+    /// - Ended (completed, failed, cancelled): reported as such, so that the center's commit,
+    ///   finish or abort finds it.
+    ///
+    /// Refuses a QEMU that has no migration at all: then there is nothing to take over.
+    pub async fn attach(
+        vm: Arc<QemuVm>,
+        settings: &MigrationSettings,
+        opts: OutgoingOptions,
+        resume: Resume,
+    ) -> Result<Outgoing> {
+        let stats = vm.query_migrate().await?;
+        if matches!(stats.status, MigrationStatus::None) {
+            return Err(Error::Migration(
+                "QEMU has no migration to re-attach to".into(),
+            ));
+        }
+        let now = Instant::now();
+        let started = now.checked_sub(resume.elapsed).unwrap_or(now);
+        let phase = match stats.status {
+            MigrationStatus::PreSwitchover | MigrationStatus::Device => MigrationPhase::Switchover,
+            _ => MigrationPhase::PreCopy,
+        };
+        let status = Arc::new(watch::Sender::new(OutgoingStatus {
+            state: AgentMigrationState::Active,
+            progress: progress(
+                &stats,
+                resume.elapsed.as_millis() as u64,
+                phase,
+                settings.downtime_limit_ms,
+            ),
+            events: resume.events,
+            report: None,
+            error: None,
+        }));
+        let (ctl, ctl_rx) = mpsc::channel(4);
+        let mut driver = Driver::new(&vm, settings, opts, started, &status, resume.was_running);
+        driver.event(format!(
+            "re-attached after the agent restarted: QEMU kept the migration going ({}, pass {}, {:.1} MiB left)",
+            stats.status,
+            stats.dirty_sync_count,
+            stats.remaining_bytes as f64 / 1048576.0
+        ));
+        match stats.status {
+            MigrationStatus::PreSwitchover => {
+                driver.pre_switchover_since = Some(now);
+                driver
+                    .status_tx
+                    .send_modify(|s| s.state = AgentMigrationState::PreSwitchover);
+                let reason = "the guest was paused at pre-switchover while the agent was away, for longer than its pause limit can be vouched for; the guest runs on the source";
+                if let Err(e) = driver.abort(reason).await {
+                    tracing::error!(error = %e, "abort at pre-switchover after re-attaching failed");
+                }
+                // The driver is done: `ctl_rx` is dropped, and the calls see the ended state.
+            }
+            MigrationStatus::Device
+            | MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup
+            | MigrationStatus::Completed => {
+                // The lost driver had let it continue.
+                driver.pre_switchover_since = Some(now);
+                driver.continued_at = Some(now);
+                driver
+                    .status_tx
+                    .send_modify(|s| s.state = AgentMigrationState::PreSwitchover);
+                if stats.status == MigrationStatus::Device {
+                    driver.arm_watchdog(now + driver.opts.pause_margin);
+                }
+                tokio::spawn(driver.run(ctl_rx));
+            }
+            _ => {
+                tokio::spawn(driver.run(ctl_rx));
+            }
+        }
+        Ok(Outgoing {
+            vm,
+            status,
+            ctl,
+            was_running: resume.was_running,
+        })
+    }
+
     /// The source VM.
     pub fn vm(&self) -> &Arc<QemuVm> {
         &self.vm
+    }
+
+    /// Stops following the migration without touching QEMU, which goes on migrating alone
+    /// (an agent shutting down for a restart: the next one re-attaches with
+    /// [`Outgoing::attach`]). Dropping this `Outgoing` afterwards no longer aborts.
+    pub async fn detach(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Control::Detach(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Whether the guest ran when the migration started (a rollback resumes it then).
+    pub fn was_running(&self) -> bool {
+        self.was_running
     }
 
     /// The latest status.
@@ -545,6 +651,30 @@ struct Driver {
 }
 
 impl Driver {
+    fn new(
+        vm: &Arc<QemuVm>,
+        settings: &MigrationSettings,
+        opts: OutgoingOptions,
+        started: Instant,
+        status_tx: &Arc<watch::Sender<OutgoingStatus>>,
+        was_running: bool,
+    ) -> Driver {
+        let budget_ms = settings.downtime_budget_ms.max(settings.downtime_limit_ms);
+        Driver {
+            vm: vm.clone(),
+            watcher: ConvergenceWatcher::new(settings),
+            pause_limit: Duration::from_millis(budget_ms) + opts.pause_margin,
+            watchdog_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            opts,
+            started,
+            status_tx: status_tx.clone(),
+            was_running,
+            pre_switchover_since: None,
+            continued_at: None,
+            switchover_reply: None,
+        }
+    }
+
     fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -582,6 +712,11 @@ impl Driver {
                         if let Err(e) = self.switchover(reply).await {
                             tracing::warn!(error = %e, "switchover refused");
                         }
+                    }
+                    Some(Control::Detach(reply)) => {
+                        tracing::info!(pid = self.vm.pid(), "migration driver detached: QEMU goes on alone");
+                        let _ = reply.send(());
+                        return;
                     }
                     Some(Control::Abort(reason, reply)) => {
                         let r = self.abort(&reason).await;
@@ -686,7 +821,9 @@ impl Driver {
                 Flow::Continue
             }
             MigrationStatus::Completed => {
-                self.complete(&stats, false);
+                // A driver that re-attached may find a post-copy already completed: then the
+                // source's memory was never whole at the end, and it must not resume.
+                self.complete(&stats, stats.postcopy_bytes > 0);
                 Flow::Done
             }
             MigrationStatus::PostcopyActive if self.continued_at.is_some() => {

@@ -1111,3 +1111,153 @@ async fn a_link_gone_silent_at_switchover_gives_the_guest_back_within_its_pause_
     assert_ne!(incoming.vm().status().await.ok(), Some(RunState::Running));
     incoming.abort().await.unwrap();
 }
+
+/// A migration whose driver was lost (its agent restarted) is taken over from what the lost
+/// driver knew (issue 18): in pre-copy it is followed on to completion; paused at
+/// pre-switchover, where nobody can vouch for how long the guest has waited, the source is
+/// given back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_whose_driver_was_lost_is_taken_over() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let src_cfg = config(dir.path(), "src", "");
+    let _g1 = KillGuard(src_cfg.run_dir.clone());
+    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let settings = plan(
+        &src,
+        192,
+        MigrateVm {
+            bandwidth_mbit: Some(16),
+            ..request()
+        },
+    )
+    .await;
+    let resume = |out: &Outgoing, started: Instant| tern_qemu::Resume {
+        elapsed: started.elapsed(),
+        was_running: out.was_running(),
+        events: out.status().events,
+    };
+
+    // 1. Lost in pre-copy: taken over, and completed.
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let lost = Outgoing::start(
+        src.clone(),
+        &incoming.uri().expect("the destination listens"),
+        &settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut rx = lost.watch();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| s.progress.transferred_bytes > 1 << 20),
+    )
+    .await
+    .expect("pre-copy never got going")
+    .unwrap();
+    lost.detach().await;
+    let resume1 = resume(&lost, started);
+    let before = resume1.events.len();
+    drop(lost);
+    // Nobody follows the migration now, and dropping a detached driver aborted nothing.
+    let m = src.query_migrate().await.unwrap();
+    assert_eq!(m.status, tern_qemu::MigrationStatus::Active, "{m:?}");
+    let out = Outgoing::attach(src.clone(), &settings, OutgoingOptions::default(), resume1)
+        .await
+        .unwrap();
+    let s = out.status();
+    assert_eq!(s.state, AgentMigrationState::Active, "{s:?}");
+    assert_eq!(s.events.len(), before + 1, "{:#?}", s.events);
+    assert!(s.events[before].contains("re-attached"), "{:#?}", s.events);
+    // The link gets faster: the taken-over migration converges and hands over.
+    src.set_migration_parameters(serde_json::json!({ "max-bandwidth": 0 }))
+        .await
+        .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    wait_tick(&dst_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    print_events(&out.status());
+
+    // 2. Lost at pre-switchover (the destination now is the source of the next move): the
+    //    guest waits paused for a decision nobody will take; taking over gives it back.
+    let src = incoming.vm().clone();
+    let src_dir = dst_cfg.run_dir.clone();
+    let mut fast = settings.clone();
+    fast.max_bandwidth_mib_s = None;
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
+    let _g3 = KillGuard(dst_cfg.run_dir.clone());
+    let back = IncomingMigration::prepare(dst_cfg.clone(), &fast, LOOPBACK)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let lost = Outgoing::start(
+        src.clone(),
+        &back.uri().expect("the destination listens"),
+        &fast,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    lost.wait_pre_switchover(Duration::from_secs(60))
+        .await
+        .unwrap();
+    lost.detach().await;
+    let resume2 = resume(&lost, started);
+    drop(lost);
+    assert_eq!(src.status().await.unwrap(), RunState::FinishMigrate);
+    let tick = last_tick(&console(&src_dir)).unwrap();
+    let out = Outgoing::attach(src.clone(), &fast, OutgoingOptions::default(), resume2)
+        .await
+        .unwrap();
+    let s = out.status();
+    print_events(&s);
+    assert_eq!(s.state, AgentMigrationState::Cancelled, "{s:?}");
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("paused at pre-switchover while the agent was away"),
+        "{s:?}"
+    );
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    wait_tick(&src_dir, tick + 1, Duration::from_secs(30)).await;
+    assert!(out.switchover().await.is_err());
+    back.abort().await.unwrap();
+
+    // 3. Nothing to take over: a QEMU that never migrated is refused.
+    let fresh_cfg = config(dir.path(), "fresh", "");
+    let _g4 = KillGuard(fresh_cfg.run_dir.clone());
+    let fresh = Arc::new(QemuVm::launch(fresh_cfg).await.unwrap());
+    let err = Outgoing::attach(
+        fresh.clone(),
+        &fast,
+        OutgoingOptions::default(),
+        tern_qemu::Resume {
+            elapsed: Duration::ZERO,
+            was_running: true,
+            events: Vec::new(),
+        },
+    )
+    .await
+    .expect_err("no migration to take over");
+    assert!(err.to_string().contains("no migration"), "{err}");
+    fresh.kill().await.unwrap();
+    src.kill().await.unwrap();
+}
