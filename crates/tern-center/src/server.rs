@@ -104,13 +104,19 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     let migrations = crate::migrate::recover(&app)
         .await
         .map_err(|e| anyhow::anyhow!("recovering migrations: {}", e))?;
-    if migrations > 0 {
+    if migrations.settled > 0 {
         tracing::warn!(
-            migrations,
+            migrations = migrations.settled,
             "migrations left going by the previous center are being settled"
         );
     }
-    let recovered = tasks::recover(&app)
+    if !migrations.resumed.is_empty() {
+        tracing::warn!(
+            migrations = migrations.resumed.len(),
+            "migrations left in pre-copy by the previous center are driven on"
+        );
+    }
+    let recovered = tasks::recover(&app, &migrations.resumed)
         .await
         .map_err(|e| anyhow::anyhow!("recovering tasks: {}", e))?;
     if recovered > 0 {

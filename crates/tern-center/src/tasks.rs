@@ -309,15 +309,20 @@ pub async fn cancel(app: &Arc<App>, id: Uuid) -> Result<Task, CenterError> {
     Ok(task)
 }
 
-/// At center start: ends the tasks a previous center left going, then (in the background)
+/// At center start: ends the tasks a previous center left going (but those `driven_on`: the
+/// migrations [`crate::migrate::recover`] drives on), then (in the background)
 /// re-reads their VMs' states from their agents.
-pub async fn recover(app: &Arc<App>) -> Result<usize, CenterError> {
+pub async fn recover(app: &Arc<App>, driven_on: &[Uuid]) -> Result<usize, CenterError> {
+    let driven_on = driven_on.to_vec();
     let left = app
         .db
-        .write(|tx| {
+        .write(move |tx| {
             let now = Utc::now();
             let mut left = Vec::new();
             for t in tx.active_tasks(None)? {
+                if driven_on.contains(&t.task.id) {
+                    continue;
+                }
                 tx.finish_task(
                     t.task.id,
                     TaskState::Failed,

@@ -2,7 +2,8 @@
 //! streams from it (no reset, nothing missing or duplicated, same IP and MAC, same boot); a
 //! dirtying guest moves with its memory verifier finding no error; and every fault — the
 //! destination QEMU killed during pre-copy, `tern task cancel`, the deadline, the center
-//! restarting mid-way — ends with exactly one running copy, on the source; and a post-copy
+//! restarting mid-way (the migration is driven on, then cancelled) — ends with exactly one
+//! running copy, on the source; and a post-copy
 //! migration whose commit the center's store refuses for a while still goes forward; a center
 //! frozen through the switchover cannot hold the guest paused beyond its limit; a link that was
 //! slow only while tern measured it does not pace the migration.
@@ -199,8 +200,10 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     );
     lab.one_copy_on("busy", &busy, "h2");
 
-    // 3d. The center dies mid-way; the restarted center reads the ownership record (not
-    // committed) and rolls back.
+    // 3d. The center dies in pre-copy. The source goes on copying without it, and the
+    // restarted center drives the migration on from the record and the source's word: the
+    // task is still running, in pre-copy, and says so. It can still be cancelled: the
+    // rollback then undoes both ends.
     let task = start_slow(&lab, "busy", "h1", &busy);
     let center = lab.pid("center");
     nix::sys::signal::kill(
@@ -210,21 +213,43 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     .expect("kill the center");
     let out = lab.lab_cmd(&["lab", "start", "center"]);
     assert!(out.status.success(), "{}", text(&out));
-    let t = wait_task(&lab, &task);
-    assert_eq!(t["state"], "failed", "{t}");
-    lab.one_copy_on("busy", &busy, "h2");
-    wait_for("the recovery to settle", Duration::from_secs(60), || {
-        let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "busy"]);
+    let t: Value = lab.tern_json(&["task", "show", &task]);
+    assert_eq!(
+        t["state"], "running",
+        "the restarted center ended the task: {t}"
+    );
+    wait_for(
+        "the resumed task to report pre-copy",
+        Duration::from_secs(30),
+        || {
+            let t: Value = lab.tern_json(&["task", "show", &task]);
+            assert_eq!(t["state"], "running", "{t}");
+            t["phase"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("pre-copy pass")
+                .then_some(())
+        },
+    );
+    let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "busy"]);
+    assert!(
         events
             .iter()
-            .any(|e| {
-                e["message"]
+            .any(|e| e["task"].as_str() == Some(task.as_str())
+                && e["message"]
                     .as_str()
                     .unwrap_or("")
-                    .contains("settled: it runs on h2 only")
-            })
-            .then_some(())
+                    .contains("driven on from there")),
+        "the task does not say it was driven on: {events:#?}"
+    );
+    lab.tern_ok(&["task", "cancel", &task]);
+    let t = wait_task(&lab, &task);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    wait_for("the rollback's result", Duration::from_secs(30), || {
+        let t: Value = lab.tern_json(&["task", "show", &task]);
+        (t["result"]["status"] == "rolled_back").then_some(())
     });
+    lab.one_copy_on("busy", &busy, "h2");
 
     // And it still moves once nothing is in the way.
     let (out, _) = lab.migrate_json(&["busy", "--to", "h1"]);

@@ -20,7 +20,8 @@
 //! (`tern_motion::settle`).
 //!
 //! Layout: [`checks`] (pre-checks), [`stages`] (one function per stage up to the commit),
-//! [`settle`] (forward, rollback, the background convergence, recovery).
+//! [`settle`] (forward, rollback, the background convergence, recovery), [`resume`] (a
+//! restarted center driving on a migration left in pre-copy).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,7 +179,7 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
         };
         // A migration cannot be dropped halfway: it polls the cancel signal at safe points and
         // records its own end (a rollback or a commit comes first).
-        m.drive().await;
+        m.drive(None).await;
         None
     });
     Ok(rec.task)
@@ -343,8 +344,14 @@ impl Mig {
         }
     }
 
-    async fn drive(mut self) {
-        let outcome = self.run().await;
+    /// Runs the migration to its end and records it. `resumed` (a restarted center driving
+    /// on a migration left in pre-copy) starts from watching pre-copy, with the settings
+    /// chosen before.
+    async fn drive(mut self, resumed: Option<MigrationSettings>) {
+        let outcome = match resumed {
+            None => self.run().await,
+            Some(settings) => self.run_resumed(settings).await,
+        };
         match outcome {
             Ok(Finished::DryRun(report)) => {
                 let result = serde_json::to_value(&report).unwrap_or_default();
@@ -369,7 +376,8 @@ impl Mig {
 }
 
 mod checks;
+mod resume;
 mod settle;
 mod stages;
 
-pub use settle::{converge, recover};
+pub use settle::{converge, recover, Recovered};

@@ -549,15 +549,47 @@ pub(super) async fn settle_step(
     }
 }
 
-/// At center start, before tasks are recovered: ends the migrations a previous center left
-/// going by the ownership rule (committed → forward, else backward), in the background.
-pub async fn recover(app: &Arc<App>) -> Result<usize, CenterError> {
-    let rows = app
+/// What a restarted center did with the migrations the previous one left going.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Ended by the ownership rule, in the background.
+    pub settled: usize,
+    /// Tasks driven on from pre-copy (the source still copies): their tasks go on running.
+    pub resumed: Vec<Uuid>,
+}
+
+/// At center start, before tasks are recovered: an uncommitted migration whose source still
+/// copies in pre-copy is driven on from there, as if the center had never gone; the others
+/// end by the ownership rule (committed → forward, else backward), in the background.
+pub async fn recover(app: &Arc<App>) -> Result<Recovered, CenterError> {
+    let rows = app.db.read(|tx| tx.unfinished_migrations()).await?;
+    let mut resumable = Vec::new();
+    for row in &rows {
+        if let Some(r) = super::resume::resumable(app, row).await {
+            resumable.push(r);
+        }
+    }
+    let resumed: Vec<Uuid> = resumable.iter().map(|r| r.task()).collect();
+    let skip = resumed.clone();
+    let settle = app
         .db
-        .write(|tx| {
+        .write(move |tx| {
             let now = Utc::now();
-            let rows = tx.unfinished_migrations()?;
-            for row in &rows {
+            let mut settle = Vec::new();
+            for row in rows {
+                if skip.contains(&row.task_id) {
+                    tx.add_event(
+                        NewEvent::warning(format!(
+                            "the center restarted during the migration of VM {}; its source still \
+                             copies in pre-copy, so the migration is driven on from there",
+                            row.vm_name
+                        ))
+                        .task(row.task_id)
+                        .vm(&row.vm_name),
+                        now,
+                    )?;
+                    continue;
+                }
                 let (state, phase, msg) = if row.state == Rec::Committed {
                     (
                         TaskState::Succeeded,
@@ -586,15 +618,19 @@ pub async fn recover(app: &Arc<App>) -> Result<usize, CenterError> {
                     NewEvent::warning(msg).task(row.task_id).vm(&row.vm_name),
                     now,
                 )?;
+                settle.push(row);
             }
-            Ok::<_, CenterError>(rows)
+            Ok::<_, CenterError>(settle)
         })
         .await?;
-    let n = rows.len();
-    for row in rows {
+    let settled = settle.len();
+    for row in settle {
         app.spawn(converge(app.clone(), row));
     }
-    Ok(n)
+    for r in resumable {
+        r.drive(app);
+    }
+    Ok(Recovered { settled, resumed })
 }
 
 pub(super) fn empty_settings() -> MigrationSettings {

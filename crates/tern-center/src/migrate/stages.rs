@@ -18,6 +18,30 @@ impl Mig {
         let uri = self.stage_prepare(&settings).await?;
         self.check_cancel()?;
         let at_switch = self.stage_precopy(uri, &settings).await?;
+        self.hand_over(at_switch).await
+    }
+
+    /// A restarted center's run of a migration its predecessor left in pre-copy: the same
+    /// stages from watching pre-copy on.
+    pub(super) async fn run_resumed(
+        &mut self,
+        settings: MigrationSettings,
+    ) -> Result<Finished, Abort> {
+        self.phase(
+            Stage::Precopy {
+                sent: 0,
+                remaining: 0,
+            },
+            "pre-copy, driven on after a center restart".into(),
+        )
+        .await?;
+        let src = self.app.agent(&self.source);
+        let at_switch = self.watch_precopy(&src, &settings).await?;
+        self.hand_over(at_switch).await
+    }
+
+    /// From the source paused at pre-switchover to the commit.
+    async fn hand_over(&mut self, at_switch: AgentMigrationStatus) -> Result<Finished, Abort> {
         self.check_cancel()?;
         match self.stage_switchover(at_switch).await? {
             Switched::PostCopy(done) => {
