@@ -367,21 +367,28 @@ impl Migrations {
     pub async fn outgoing(&self, id: Uuid, req: StartOutgoing) -> Result<(), AgentError> {
         self.make_room(id).await?;
         let vm = self.vms.live_qemu(id)?;
-        let started_unix_ms = unix_ms_now();
-        let out = Outgoing::start(vm, &req.uri, &req.settings, OutgoingOptions::default())
-            .await
-            .map_err(qemu)?;
+        // Recorded before QEMU is told to migrate: an agent killed right after `migrate`
+        // must find the record to re-attach to (without one it would cancel the migration
+        // the center believes started). A record whose QEMU never migrated is dropped at
+        // the restart.
         let record = RecordFile::new(self.vms.run_dir(id));
-        record.clone().follow(
-            MigrationRecord::Source {
-                uri: req.uri,
-                settings: req.settings,
-                started_unix_ms,
-                was_running: out.was_running(),
-                events: Vec::new(),
-            },
-            out.watch(),
-        );
+        let base = MigrationRecord::Source {
+            uri: req.uri,
+            settings: req.settings.clone(),
+            started_unix_ms: unix_ms_now(),
+            was_running: matches!(vm.status().await, Ok(tern_qemu::RunState::Running)),
+            events: Vec::new(),
+        };
+        record.write(&base);
+        let out =
+            match Outgoing::start(vm, &req.uri, &req.settings, OutgoingOptions::default()).await {
+                Ok(out) => out,
+                Err(e) => {
+                    record.remove();
+                    return Err(qemu(e));
+                }
+            };
+        record.clone().follow(base, out.watch());
         lock(&self.slots).insert(id, Slot::new(Role::Source(out), record));
         Ok(())
     }

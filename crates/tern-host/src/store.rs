@@ -131,8 +131,16 @@ impl RunDir {
         serde_json::from_slice(&text).ok()
     }
 
+    /// Written often (with each of the source's decisions, some while the guest is paused)
+    /// and only of use while QEMU lives, which a host crash ends too: renamed into place for
+    /// atomicity, but not synced.
     pub fn write_migration(&self, rec: &MigrationRecord) -> anyhow::Result<()> {
-        write_atomic(&self.migration(), &serde_json::to_vec_pretty(rec)?, 0o644)
+        write_file(
+            &self.migration(),
+            &serde_json::to_vec_pretty(rec)?,
+            0o644,
+            false,
+        )
     }
 
     /// The migration under way, if any. A record that cannot be read is reported and treated
@@ -255,6 +263,11 @@ pub fn random_token() -> String {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    write_file(path, data, mode, true)
+}
+
+/// Writes to a temporary name and renames it into place; `sync` makes it durable first.
+fn write_file(path: &Path, data: &[u8], mode: u32, sync: bool) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -264,7 +277,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(data)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if sync { f.sync_all() } else { Ok(()) })
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

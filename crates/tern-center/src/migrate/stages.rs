@@ -144,7 +144,7 @@ impl Mig {
             settings: None,
         };
         let start_destination = dst.migration_incoming(self.vm.id, &prepare);
-        let (measured, started) = tokio::join!(self.measure(), start_destination);
+        let (measured, started) = tokio::join!(self.measure_retried(), start_destination);
         started.map_err(|e| format!("starting the destination: {e}"))?;
         let (settings, m) = measured?;
         for r in &settings.reasons {
@@ -397,6 +397,27 @@ impl Mig {
             )
             .await;
         }
+    }
+
+    /// [`Mig::measure`], tried again a few times: nothing has started yet, and an agent
+    /// restarting (or a link blip) must not fail a migration over a snapshot that can simply
+    /// be taken again.
+    async fn measure_retried(&self) -> Result<(MigrationSettings, Measurements), String> {
+        MEASURE_RETRY
+            .run(|failures| async move {
+                let r = self.measure().await;
+                if let Err(e) = &r {
+                    if failures + 1 < MEASURE_RETRY.attempts.unwrap_or(1) {
+                        self.event(
+                            EventLevel::Warning,
+                            format!("measuring failed ({e}); measuring again"),
+                        )
+                        .await;
+                    }
+                }
+                r
+            })
+            .await
     }
 
     pub(super) async fn measure(&self) -> Result<(MigrationSettings, Measurements), String> {
