@@ -57,6 +57,9 @@ struct Slot {
     /// Serialises the calls on this VM's migration.
     op: tokio::sync::Mutex<()>,
     record: Arc<RecordFile>,
+    /// Taken over after an agent restart, and not yet said so to the center (a destination
+    /// says it in its answer to the steering call).
+    reattached: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
@@ -65,6 +68,7 @@ impl Slot {
             role,
             op: tokio::sync::Mutex::new(()),
             record,
+            reattached: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -298,10 +302,11 @@ impl Migrations {
                 }
                 MigrationRecord::Destination { uri } => {
                     tracing::info!(vm = %id, ?uri, "re-attached to an incoming migration after a restart");
-                    lock(&self.slots).insert(
-                        id,
-                        Slot::new(Role::Destination(IncomingMigration::adopt(vm, uri)), record),
-                    );
+                    let slot =
+                        Slot::new(Role::Destination(IncomingMigration::adopt(vm, uri)), record);
+                    slot.reattached
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    lock(&self.slots).insert(id, slot);
                 }
             }
         }
@@ -454,6 +459,16 @@ impl Migrations {
             error: ended.map(|r| format!("destination QEMU ended: {r}")),
             ..AgentMigrationStatus::new(id, state)
         };
+        if slot
+            .reattached
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            status.events.push(
+                "re-attached to this migration after the agent restarted: the incoming QEMU \
+                 went on receiving meanwhile"
+                    .into(),
+            );
+        }
         if status.state != AgentMigrationState::Listening {
             return Ok(status);
         }

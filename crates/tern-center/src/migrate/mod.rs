@@ -68,6 +68,8 @@ const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
 const RECEIVE_WAIT: Duration = Duration::from_secs(10);
 /// Attempts at the measurements before a migration fails for want of them.
 const MEASURE_RETRY: Retry = Retry::times(4, Duration::from_secs(1));
+/// Attempts at a call before the migration starts whose agent does not answer (restarting).
+const UNREACHABLE_RETRY: Retry = Retry::times(4, Duration::from_secs(1));
 /// Retry period of a convergence step whose agent did not answer.
 const RETRY: Duration = Duration::from_secs(2);
 /// Attempts a driver makes at a step after the commit before leaving it to the background.

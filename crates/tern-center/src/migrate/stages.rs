@@ -160,16 +160,21 @@ impl Mig {
     async fn stage_prepare(&self, settings: &MigrationSettings) -> Result<MigrationUri, Abort> {
         self.phase(Stage::Prepare, format!("preparing {}", self.dest.name))
             .await?;
-        let ready = self
-            .app
-            .agent(&self.dest)
-            .migration_listen(
-                self.vm.id,
-                &ListenIncoming {
-                    settings: settings.clone(),
-                },
-            )
+        let dst = self.app.agent(&self.dest);
+        let listen = ListenIncoming {
+            settings: settings.clone(),
+        };
+        // An agent restarting refuses connections for a moment; its incoming QEMU waits, and
+        // the restarted agent re-attaches to it. Any answer it gives is final.
+        let ready = UNREACHABLE_RETRY
+            .run(|_| async {
+                match dst.migration_listen(self.vm.id, &listen).await {
+                    Err(e @ AgentError::Unreachable { .. }) => Err(e),
+                    answer => Ok(answer),
+                }
+            })
             .await
+            .and_then(|answer| answer)
             .map_err(|e| format!("preparing the destination: {e}"))?;
         let uri = ready.uri.ok_or_else(|| {
             format!(
