@@ -563,9 +563,16 @@ pub struct Recovered {
 /// end by the ownership rule (committed → forward, else backward), in the background.
 pub async fn recover(app: &Arc<App>) -> Result<Recovered, CenterError> {
     let rows = app.db.read(|tx| tx.unfinished_migrations()).await?;
-    let mut resumable = Vec::new();
+    // The sources are asked all at once: an unreachable one costs its time limit once, not
+    // once per migration before it.
+    let mut asks = tokio::task::JoinSet::new();
     for row in &rows {
-        if let Some(r) = super::resume::resumable(app, row).await {
+        let (app, row) = (app.clone(), row.clone());
+        asks.spawn(async move { super::resume::resumable(&app, &row).await });
+    }
+    let mut resumable = Vec::new();
+    while let Some(answer) = asks.join_next().await {
+        if let Ok(Some(r)) = answer {
             resumable.push(r);
         }
     }
