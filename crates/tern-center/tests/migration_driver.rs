@@ -47,6 +47,11 @@ struct FakeState {
     lock_store: Option<(PathBuf, Duration)>,
     /// True while that lock is held (shared by both fakes).
     store_locked: Arc<AtomicBool>,
+    /// (Source) the migration stays in pre-copy (status `active`) while set.
+    hold_precopy: bool,
+    /// (Source) the agent knows no migration (status 404), as after a restart without a
+    /// record.
+    forgot: bool,
     vms: Vec<VmRuntime>,
     /// Migration calls in the order they came.
     calls: Vec<String>,
@@ -138,11 +143,22 @@ async fn status(
     AxPath(id): AxPath<Uuid>,
 ) -> R<Json<AgentMigrationStatus>> {
     call(&s, "status")?;
-    let source = s.lock().unwrap().source;
-    let state = if source {
-        AgentMigrationState::PreSwitchover
-    } else {
-        AgentMigrationState::Completed
+    let (source, hold, forgot) = {
+        let s = s.lock().unwrap();
+        (s.source, s.hold_precopy, s.forgot)
+    };
+    if source && forgot {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Json(ErrorBody {
+                error: format!("no migration of VM {id} on this host"),
+            }),
+        ));
+    }
+    let state = match (source, hold) {
+        (true, true) => AgentMigrationState::Active,
+        (true, false) => AgentMigrationState::PreSwitchover,
+        (false, _) => AgentMigrationState::Completed,
     };
     Ok(Json(AgentMigrationStatus::new(id, state)))
 }
@@ -547,5 +563,107 @@ async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back(
         .find(|m| m.contains("committed after"))
         .unwrap_or_else(|| panic!("no event tells of the retried commit: {events:#?}"));
     assert!(retried.contains("database is locked"), "{retried}");
+    c.shutdown().await.unwrap();
+}
+
+/// Starts a migration of `web` to h2 whose source stays in pre-copy; returns once the source
+/// was told to send.
+async fn migrate_held_in_precopy(c: &RunningCenter, h1: &FakeAgent) -> Task {
+    h1.with(|s| s.hold_precopy = true);
+    let t: Task = admin(c)
+        .post(
+            &center::VM_MIGRATE.with_name("web").unwrap(),
+            &MigrateVm {
+                to: "h2".into(),
+                downtime_ms: None,
+                deadline_ms: None,
+                bandwidth_mbit: None,
+                allow_postcopy: false,
+                dry_run: false,
+            },
+        )
+        .await
+        .unwrap();
+    wait_for("the source to be told to send", 30, || {
+        let calls = h1.calls();
+        async move { calls.contains(&"outgoing".to_string()).then_some(()) }
+    })
+    .await;
+    t
+}
+
+/// The center restarts while the source copies in pre-copy (issue 18): the restarted center
+/// drives the migration on from its store and the source's word — the task keeps running and
+/// says so, and once the source reaches pre-switchover the hand-over commits as usual.
+#[tokio::test]
+async fn a_restarted_center_drives_on_a_migration_left_in_precopy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    let t = migrate_held_in_precopy(&c, &h1).await;
+    c.shutdown().await.unwrap();
+
+    let c: RunningCenter = serve(config(dir.path(), 120_000)).await.unwrap();
+    let now: Task = admin(&c).get(&center::TASK.with_id(t.id)).await.unwrap();
+    assert_eq!(now.state, TaskState::Running, "{now:?}");
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::Preparing
+    );
+    let events = task_events(&c, t.id).await;
+    assert!(
+        events.iter().any(|e| e.contains("driven on from there")),
+        "{events:#?}"
+    );
+    h1.with(|s| s.hold_precopy = false);
+    let done = wait_task(&c, t.id).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::Done
+    );
+    let moved: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(moved.host.as_deref(), Some("h2"), "{moved:?}");
+    assert_eq!(moved.generation, vm.generation + 1);
+    // The source was never told to send twice, nor to cancel.
+    let c1 = h1.calls();
+    assert_eq!(c1.iter().filter(|c| *c == "outgoing").count(), 1, "{c1:?}");
+    assert!(!c1.contains(&"abort".to_string()), "{c1:?}");
+    assert!(h2.calls().contains(&"commit".to_string()));
+    c.shutdown().await.unwrap();
+}
+
+/// The center restarts while a migration's source no longer knows it (its agent restarted
+/// without a record): nothing to drive on, so the restarted center fails the task and rolls
+/// the migration back by the ownership rule.
+#[tokio::test]
+async fn a_restarted_center_rolls_back_a_migration_its_source_forgot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    let t = migrate_held_in_precopy(&c, &h1).await;
+    c.shutdown().await.unwrap();
+    h1.with(|s| s.forgot = true);
+
+    let c: RunningCenter = serve(config(dir.path(), 120_000)).await.unwrap();
+    let now: Task = admin(&c).get(&center::TASK.with_id(t.id)).await.unwrap();
+    assert_eq!(now.state, TaskState::Failed, "{now:?}");
+    assert_eq!(
+        now.error.as_deref(),
+        Some("center restarted during the task")
+    );
+    wait_for("the rollback to settle", 30, || {
+        let calls = h2.calls();
+        async move { calls.contains(&"abort".to_string()).then_some(()) }
+    })
+    .await;
+    let still: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(still.host.as_deref(), Some("h1"), "{still:?}");
+    assert_eq!(still.generation, vm.generation);
+    assert!(!h2.calls().contains(&"commit".to_string()));
     c.shutdown().await.unwrap();
 }

@@ -33,7 +33,7 @@ pub(super) async fn resumable(app: &Arc<App>, row: &MigrationRow) -> Option<Resu
     }
     let detail = row.detail.as_ref()?;
     let settings: MigrationSettings = serde_json::from_value(detail["settings"].clone()).ok()?;
-    let measurements: Measurements = serde_json::from_value(detail["measurements"].clone()).ok()?;
+    let measurements = recorded_measurements(&detail["measurements"])?;
     let (task, vm, s, d) = (row.task_id, row.vm_id, row.source_host_id, row.dest_host_id);
     let found = app
         .db
@@ -82,6 +82,16 @@ pub(super) async fn resumable(app: &Arc<App>, row: &MigrationRow) -> Option<Resu
     })
 }
 
+/// The measurements as recorded. A figure that could not be measured is NaN in memory and
+/// `null` in JSON (which has no NaN), so it is read back as NaN rather than refused.
+fn recorded_measurements(v: &serde_json::Value) -> Option<Measurements> {
+    Some(Measurements {
+        memory_mib: v["memory_mib"].as_u64()?,
+        dirty_rate_mib_s: v["dirty_rate_mib_s"].as_f64().unwrap_or(f64::NAN),
+        link_mbit: v["link_mbit"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
 impl Resumable {
     pub(super) fn task(&self) -> Uuid {
         self.row.task_id
@@ -126,5 +136,26 @@ impl Resumable {
             m.drive(Some(self.settings)).await;
             None
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measurements_that_failed_are_read_back_as_unknown() {
+        let m = Measurements {
+            memory_mib: 256,
+            dirty_rate_mib_s: 3.5,
+            link_mbit: f64::NAN,
+        };
+        let v = serde_json::to_value(&m).expect("serialize");
+        assert!(v["link_mbit"].is_null(), "{v}");
+        let back = recorded_measurements(&v).expect("read back");
+        assert_eq!(back.memory_mib, 256);
+        assert_eq!(back.dirty_rate_mib_s, 3.5);
+        assert!(back.link_mbit.is_nan());
+        assert!(recorded_measurements(&serde_json::json!({})).is_none());
     }
 }
