@@ -248,7 +248,7 @@ impl Migrations {
             };
             let id = run.id;
             let Ok(vm) = self.vms.live_qemu(id) else {
-                tracing::warn!(vm = %id, "a migration was under way but its QEMU is gone: nothing to re-attach to");
+                tracing::warn!(vm = %id, "a migration was under way but its QEMU is gone or does not answer: not re-attaching (the center rolls the migration back)");
                 run.remove_migration();
                 continue;
             };
