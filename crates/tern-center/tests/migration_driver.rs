@@ -355,9 +355,9 @@ async fn running_vm(dir: &Path) -> (RunningCenter, FakeAgent, FakeAgent, Vm) {
     (c, h1, h2, vm)
 }
 
-/// Migrates `web` to h2 and waits (up to `secs`) for the task to end.
-async fn migrate(c: &RunningCenter, allow_postcopy: bool, secs: u64) -> Task {
-    let t: Task = admin(c)
+/// Asks for a migration of `web` to h2; returns its task at once.
+async fn start_migration(c: &RunningCenter, allow_postcopy: bool) -> Task {
+    admin(c)
         .post(
             &center::VM_MIGRATE.with_name("web").unwrap(),
             &MigrateVm {
@@ -370,7 +370,12 @@ async fn migrate(c: &RunningCenter, allow_postcopy: bool, secs: u64) -> Task {
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Migrates `web` to h2 and waits (up to `secs`) for the task to end.
+async fn migrate(c: &RunningCenter, allow_postcopy: bool, secs: u64) -> Task {
+    let t = start_migration(c, allow_postcopy).await;
     let api = admin(c);
     wait_for("the migration to end", secs, || {
         let api = api.clone();
@@ -570,20 +575,7 @@ async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back(
 /// was told to send.
 async fn migrate_held_in_precopy(c: &RunningCenter, h1: &FakeAgent) -> Task {
     h1.with(|s| s.hold_precopy = true);
-    let t: Task = admin(c)
-        .post(
-            &center::VM_MIGRATE.with_name("web").unwrap(),
-            &MigrateVm {
-                to: "h2".into(),
-                downtime_ms: None,
-                deadline_ms: None,
-                bandwidth_mbit: None,
-                allow_postcopy: false,
-                dry_run: false,
-            },
-        )
-        .await
-        .unwrap();
+    let t = start_migration(c, false).await;
     wait_for("the source to be told to send", 30, || {
         let calls = h1.calls();
         async move { calls.contains(&"outgoing".to_string()).then_some(()) }

@@ -106,6 +106,34 @@ fn print_events(s: &OutgoingStatus) {
     }
 }
 
+/// Starts sending `src` to `incoming` with `settings` and the default options.
+async fn send(
+    src: &Arc<QemuVm>,
+    incoming: &IncomingMigration,
+    settings: &MigrationSettings,
+) -> Outgoing {
+    Outgoing::start(
+        src.clone(),
+        &incoming.uri().expect("the destination listens"),
+        settings,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until pre-copy has sent its first MiB.
+async fn precopy_going(out: &Outgoing) {
+    let mut rx = out.watch();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| s.progress.transferred_bytes > 1 << 20),
+    )
+    .await
+    .expect("pre-copy never got going")
+    .unwrap();
+}
+
 /// Waits for the outgoing migration to reach a state matching `want`.
 async fn wait_state(
     out: &Outgoing,
@@ -292,14 +320,7 @@ async fn dirtying_guest_moves_with_its_connections_and_memory_intact() {
     assert_eq!(incoming.vm().status().await.unwrap(), RunState::InMigrate);
 
     let started = Instant::now();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     let at_switch = out
         .wait_pre_switchover(Duration::from_secs(120))
         .await
@@ -408,14 +429,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
         .unwrap();
@@ -476,14 +490,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
         .unwrap();
@@ -507,14 +514,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
         .unwrap();
@@ -557,22 +557,8 @@ async fn destination_killed_during_precopy_leaves_the_source_running() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
-    let mut rx = out.watch();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        rx.wait_for(|s| s.progress.transferred_bytes > 1 << 20),
-    )
-    .await
-    .expect("pre-copy never got going")
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
+    precopy_going(&out).await;
     let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
     incoming.vm().kill().await.unwrap();
     let s = wait_state(
@@ -619,14 +605,7 @@ async fn deadline_cancels_cleanly_and_the_source_runs_on() {
         .await
         .unwrap();
     let started = Instant::now();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     let s = wait_state(
         &out,
         |st| st != AgentMigrationState::Active,
@@ -714,14 +693,7 @@ async fn guest_dirtying_faster_than_the_cap_converges_by_escalation() {
         .await
         .unwrap();
     let started = Instant::now();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     let mut rx = out.watch();
     let watcher = tokio::spawn(async move {
         let mut max_throttle = 0;
@@ -826,14 +798,7 @@ async fn postcopy_when_allowed_completes_after_commit() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     let at = out
         .wait_pre_switchover(Duration::from_secs(120))
         .await
@@ -927,14 +892,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
         .unwrap();
@@ -961,14 +919,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
         .unwrap();
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
         .unwrap();
@@ -1147,22 +1098,8 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
         .await
         .unwrap();
     let started = Instant::now();
-    let lost = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
-    let mut rx = lost.watch();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        rx.wait_for(|s| s.progress.transferred_bytes > 1 << 20),
-    )
-    .await
-    .expect("pre-copy never got going")
-    .unwrap();
+    let lost = send(&src, &incoming, &settings).await;
+    precopy_going(&lost).await;
     lost.detach().await;
     let resume1 = resume(&lost, started);
     let before = resume1.events.len();
@@ -1207,14 +1144,7 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
         .await
         .unwrap();
     let started = Instant::now();
-    let lost = Outgoing::start(
-        src.clone(),
-        &back.uri().expect("the destination listens"),
-        &fast,
-        OutgoingOptions::default(),
-    )
-    .await
-    .unwrap();
+    let lost = send(&src, &back, &fast).await;
     lost.wait_pre_switchover(Duration::from_secs(60))
         .await
         .unwrap();

@@ -76,6 +76,19 @@ fn start_slow(lab: &Lab, name: &str, to: &str, id: &str) -> String {
     task
 }
 
+/// `tern task cancel` on a running migration: the task ends cancelled, its result says rolled
+/// back, and the VM runs on `source` alone.
+fn cancel_rolls_back(lab: &Lab, task: &str, name: &str, id: &str, source: &str) {
+    lab.tern_ok(&["task", "cancel", task]);
+    let t = wait_task(lab, task);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    wait_for("the rollback's result", Duration::from_secs(30), || {
+        let t: Value = lab.tern_json(&["task", "show", task]);
+        (t["result"]["status"] == "rolled_back").then_some(())
+    });
+    lab.one_copy_on(name, id, source);
+}
+
 #[test]
 fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     let mut lab = Lab::up("mig", 2);
@@ -173,14 +186,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
 
     // 3b. The user cancels.
     let task = start_slow(&lab, "busy", "h1", &busy);
-    lab.tern_ok(&["task", "cancel", &task]);
-    let t = wait_task(&lab, &task);
-    assert_eq!(t["state"], "cancelled", "{t}");
-    wait_for("the rollback's result", Duration::from_secs(30), || {
-        let t: Value = lab.tern_json(&["task", "show", &task]);
-        (t["result"]["status"] == "rolled_back").then_some(())
-    });
-    lab.one_copy_on("busy", &busy, "h2");
+    cancel_rolls_back(&lab, &task, "busy", &busy, "h2");
 
     // 3c. The deadline passes.
     let (out, task) = lab.migrate_json(&[
@@ -242,14 +248,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
                     .contains("driven on from there")),
         "the task does not say it was driven on: {events:#?}"
     );
-    lab.tern_ok(&["task", "cancel", &task]);
-    let t = wait_task(&lab, &task);
-    assert_eq!(t["state"], "cancelled", "{t}");
-    wait_for("the rollback's result", Duration::from_secs(30), || {
-        let t: Value = lab.tern_json(&["task", "show", &task]);
-        (t["result"]["status"] == "rolled_back").then_some(())
-    });
-    lab.one_copy_on("busy", &busy, "h2");
+    cancel_rolls_back(&lab, &task, "busy", &busy, "h2");
 
     // And it still moves once nothing is in the way.
     let (out, _) = lab.migrate_json(&["busy", "--to", "h1"]);
