@@ -100,6 +100,24 @@ fn request() -> MigrateVm {
     }
 }
 
+/// [`request`] with the stream capped at `mbit`.
+fn capped(mbit: u64) -> MigrateVm {
+    MigrateVm {
+        bandwidth_mbit: Some(mbit),
+        ..request()
+    }
+}
+
+/// Boots the tick guest as a migration source in `dir` and waits for its first tick; the
+/// guard kills it when the test ends.
+async fn tick_source(dir: &Path) -> (LaunchConfig, KillGuard, Arc<QemuVm>) {
+    let cfg = config(dir, "src", "");
+    let guard = KillGuard(cfg.run_dir.clone());
+    let vm = Arc::new(QemuVm::launch(cfg.clone()).await.unwrap());
+    wait_tick(&cfg.run_dir, 1, BOOT).await;
+    (cfg, guard, vm)
+}
+
 fn print_events(s: &OutgoingStatus) {
     for e in &s.events {
         eprintln!("  event: {e}");
@@ -417,10 +435,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     let _serial = serial().await;
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let src_cfg = config(dir.path(), "src", "");
-    let _g1 = KillGuard(src_cfg.run_dir.clone());
-    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
-    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
     let settings = plan(&src, 192, request()).await;
 
     // 1. Abort while paused at pre-switchover.
@@ -538,21 +553,10 @@ async fn destination_killed_during_precopy_leaves_the_source_running() {
     let _serial = serial().await;
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let src_cfg = config(dir.path(), "src", "");
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
     let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
-    let _g1 = KillGuard(src_cfg.run_dir.clone());
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
-    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
-    let settings = plan(
-        &src,
-        192,
-        MigrateVm {
-            bandwidth_mbit: Some(16),
-            ..request()
-        },
-    )
-    .await;
+    let settings = plan(&src, 192, capped(16)).await;
     assert_eq!(settings.max_bandwidth_mib_s, Some(2));
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
         .await
@@ -584,12 +588,9 @@ async fn deadline_cancels_cleanly_and_the_source_runs_on() {
     let _serial = serial().await;
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let src_cfg = config(dir.path(), "src", "");
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
     let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
-    let _g1 = KillGuard(src_cfg.run_dir.clone());
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
-    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
     let settings = plan(
         &src,
         192,
@@ -1003,10 +1004,7 @@ async fn a_link_gone_silent_at_switchover_gives_the_guest_back_within_its_pause_
     let _serial = serial().await;
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let src_cfg = config(dir.path(), "src", "");
-    let _g1 = KillGuard(src_cfg.run_dir.clone());
-    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
-    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
     let mut settings = plan(&src, 192, request()).await;
     // One stream, so the relay carries every byte of the migration.
     settings.multifd_channels = 0;
@@ -1072,19 +1070,8 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
     let _serial = serial().await;
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let src_cfg = config(dir.path(), "src", "");
-    let _g1 = KillGuard(src_cfg.run_dir.clone());
-    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
-    wait_tick(&src_cfg.run_dir, 1, BOOT).await;
-    let settings = plan(
-        &src,
-        192,
-        MigrateVm {
-            bandwidth_mbit: Some(16),
-            ..request()
-        },
-    )
-    .await;
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
+    let settings = plan(&src, 192, capped(16)).await;
     let resume = |out: &Outgoing, started: Instant| tern_qemu::Resume {
         elapsed: started.elapsed(),
         was_running: out.was_running(),
