@@ -21,6 +21,7 @@ use crate::spec::{Accelerator, PowerState, VmSpec};
 pub use crate::spec::{HostFacts, HostLoad};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StartVm {
     pub spec: VmSpec,
     /// Ownership generation the center grants this host for the VM.
@@ -45,6 +46,7 @@ pub struct VmRuntime {
 
 /// Asks an agent whether files a VM spec names exist on that host and lie on its shared storage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CheckPaths {
     pub paths: Vec<String>,
 }

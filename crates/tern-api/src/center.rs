@@ -39,6 +39,7 @@ use crate::spec::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 pub const API_PREFIX: &str = "/api/v1";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateCluster {
     pub name: String,
     /// EVC baseline (CPU model name); `None` = no baseline.
@@ -101,6 +102,7 @@ pub struct Host {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVm {
     pub spec: VmSpec,
     pub cluster: String,
@@ -127,6 +129,7 @@ pub struct Vm {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StopVm {
     /// Kill at once instead of asking the guest to power off.
     #[serde(default)]
@@ -162,6 +165,7 @@ pub enum MaintenanceAction {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct HostMaintenance {
     pub action: MaintenanceAction,
 }

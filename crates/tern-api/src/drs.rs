@@ -57,6 +57,7 @@ pub const DRS_DEFAULT_THRESHOLD: u8 = 3;
 
 /// A cluster's DRS settings (defaults: manual, threshold 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DrsSettings {
     pub automation: DrsAutomation,
     /// Migration threshold 1..5: 1 = mandatory moves only (rules, maintenance), 5 = also

@@ -76,6 +76,7 @@ pub struct VmCpuRecord {
 
 /// Sets (or clears, with `mode: null`) a cluster's EVC mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SetEvcMode {
     /// Catalogue baseline name (`x86-64-v2`, `Haswell`…); `None` clears the mode.
     #[serde(default)]

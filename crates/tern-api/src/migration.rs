@@ -35,6 +35,7 @@ use crate::spec::VmSpec;
 
 /// A user's request to move a VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateVm {
     /// Destination host name.
     pub to: String,
@@ -55,6 +56,50 @@ pub struct MigrateVm {
     pub dry_run: bool,
 }
 
+/// Largest cap a request may give: 1 Tbit/s (checked before any arithmetic on it).
+pub const MAX_BANDWIDTH_MBIT: u64 = 1_000_000;
+/// Longest deadline a request may give: a week.
+pub const MAX_DEADLINE_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Largest pause a request may allow: a minute (a longer one is an outage, not a migration).
+pub const MAX_DOWNTIME_MS: u64 = 60_000;
+
+impl MigrateVm {
+    /// Checks every number before anything computes with it; the error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(b) = self.bandwidth_mbit {
+            if b == 0 {
+                return Err(
+                    "bandwidth_mbit 0 would never send anything: give a cap above 0, \
+                            or none"
+                        .into(),
+                );
+            }
+            if b > MAX_BANDWIDTH_MBIT {
+                return Err(format!(
+                    "bandwidth_mbit {b} is above {MAX_BANDWIDTH_MBIT} (1 Tbit/s): give the cap \
+                     in Mbit/s"
+                ));
+            }
+        }
+        match self.deadline_ms {
+            Some(0) => return Err("deadline_ms must be above 0".into()),
+            Some(d) if d > MAX_DEADLINE_MS => {
+                return Err(format!(
+                    "deadline_ms {d} is above {MAX_DEADLINE_MS} (a week): give it in \
+                     milliseconds"
+                ))
+            }
+            _ => {}
+        }
+        if let Some(d) = self.downtime_ms.filter(|d| *d > MAX_DOWNTIME_MS) {
+            return Err(format!(
+                "downtime_ms {d} is above {MAX_DOWNTIME_MS} (a minute): give it in milliseconds"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What tern measured before choosing settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Measurements {
@@ -67,6 +112,7 @@ pub struct Measurements {
 
 /// The settings tern chose, each with the reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationSettings {
     /// Parallel multifd channels; 0 = a single migration stream (multifd off).
     pub multifd_channels: u32,
@@ -318,6 +364,7 @@ pub struct MigrationResult {
 /// Without `settings` the QEMU only starts (paused, `-incoming defer`): the center starts it
 /// while it measures the guest and the link, then sends the settings with [`ListenIncoming`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PrepareIncoming {
     pub spec: VmSpec,
     /// Generation the destination will own the VM under once committed.
@@ -328,6 +375,7 @@ pub struct PrepareIncoming {
 
 /// Destination: the settings of a migration prepared without them; configure and listen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ListenIncoming {
     pub settings: MigrationSettings,
 }
@@ -342,6 +390,7 @@ pub struct IncomingReady {
 
 /// Source: start streaming to the destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StartOutgoing {
     /// Where to send: the destination's [`IncomingReady::uri`], `tcp:ADDRESS:PORT` only.
     #[schema(value_type = String, example = "tcp:10.77.0.12:49152")]
@@ -415,6 +464,7 @@ impl AgentMigrationStatus {
 
 /// Source: measure the guest's dirty rate over `duration_ms` (50 ms to 60 s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MeasureDirtyRate {
     pub duration_ms: u32,
 }
@@ -452,6 +502,82 @@ pub struct BandwidthReport {
     /// The time those bytes took to arrive.
     pub elapsed_ms: u64,
     pub mbit_s: f64,
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    fn req() -> MigrateVm {
+        MigrateVm {
+            to: "h2".into(),
+            downtime_ms: None,
+            deadline_ms: None,
+            bandwidth_mbit: None,
+            allow_postcopy: false,
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn numbers_are_range_checked_and_the_error_names_the_field() {
+        assert_eq!(req().check(), Ok(()));
+        let ok = MigrateVm {
+            bandwidth_mbit: Some(MAX_BANDWIDTH_MBIT),
+            deadline_ms: Some(MAX_DEADLINE_MS),
+            downtime_ms: Some(MAX_DOWNTIME_MS),
+            ..req()
+        };
+        assert_eq!(ok.check(), Ok(()));
+        let cases = [
+            (
+                "bandwidth_mbit",
+                MigrateVm {
+                    bandwidth_mbit: Some(0),
+                    ..req()
+                },
+            ),
+            (
+                "bandwidth_mbit",
+                MigrateVm {
+                    bandwidth_mbit: Some(200_000_000_000_000),
+                    ..req()
+                },
+            ),
+            (
+                "deadline_ms",
+                MigrateVm {
+                    deadline_ms: Some(0),
+                    ..req()
+                },
+            ),
+            (
+                "deadline_ms",
+                MigrateVm {
+                    deadline_ms: Some(u64::MAX),
+                    ..req()
+                },
+            ),
+            (
+                "downtime_ms",
+                MigrateVm {
+                    downtime_ms: Some(u64::MAX),
+                    ..req()
+                },
+            ),
+        ];
+        for (field, r) in cases {
+            let e = r.check().expect_err(field);
+            assert!(e.starts_with(field), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_misspelt_field_is_refused_by_name() {
+        let e = serde_json::from_str::<MigrateVm>(r#"{"to":"h2","bandwith_mbit":100}"#)
+            .expect_err("a typo must not be ignored");
+        assert!(e.to_string().contains("bandwith_mbit"), "{e}");
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use uuid::Uuid;
 /// The same spec is used to start a VM and to prepare a migration destination, so it must not
 /// contain anything host-specific (tap names, sockets and pids belong to the agent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Unique name within the center, `[a-z0-9][a-z0-9-]{0,31}`.
     pub name: String,
@@ -28,6 +29,7 @@ pub struct VmSpec {
 /// How the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(deny_unknown_fields)]
 pub enum BootSource {
     /// Direct kernel boot: paths are on the host (normally on shared storage).
     Kernel {
@@ -42,6 +44,7 @@ pub enum BootSource {
 
 /// A virtio-blk disk backed by an image file on shared storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Absolute path of the image, on the cluster's shared storage.
     pub path: String,
@@ -61,6 +64,7 @@ pub enum DiskFormat {
 
 /// A virtio-net NIC attached to the host's VM bridge through a tap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// Unicast MAC `xx:xx:xx:xx:xx:xx`.
     pub mac: String,

@@ -79,6 +79,10 @@ impl From<JsonRejection> for ApiErr {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "send the body as JSON with the header Content-Type: application/json",
             ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiErr::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than this server accepts",
+            ),
             // Bad syntax and bad values alike are the caller's to fix: 400 with serde's words.
             other => CenterError::invalid(format!(
                 "invalid JSON body: {}",

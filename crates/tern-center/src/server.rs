@@ -2,7 +2,6 @@
 //! unix-socket listeners, the host monitor, graceful shutdown.
 
 use std::fs::File;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::stat::{umask, Mode};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -69,6 +69,10 @@ impl RunningCenter {
 /// Starts a center: returns once it listens on both the TCP address and the unix socket.
 pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     config.check()?;
+    let open_files = tern_serve::raise_open_files_limit().unwrap_or_else(|e| {
+        tracing::warn!("cannot raise the open files limit: {e}");
+        1024
+    });
     create_private_dir(&config.data_dir)?;
     let lock = lock_data_dir(&config.data_dir)?;
     let admin_token = load_or_create_token(&config.admin_token_file)?;
@@ -139,7 +143,12 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     );
 
     let (tx, rx) = watch::channel(false);
-    let done = tokio::spawn(supervise(app, tcp, unix, config.socket.clone(), lock, rx));
+    let listeners = Listeners {
+        tcp,
+        unix,
+        open_files,
+    };
+    let done = tokio::spawn(supervise(app, listeners, config.socket.clone(), lock, rx));
     Ok(RunningCenter {
         tcp_addr,
         socket_path: config.socket.clone(),
@@ -155,25 +164,37 @@ async fn until_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-async fn supervise(
-    app: Arc<App>,
+struct Listeners {
     tcp: tokio::net::TcpListener,
     unix: tokio::net::UnixListener,
+    /// The process's open files limit, which sizes the connection caps.
+    open_files: u64,
+}
+
+async fn supervise(
+    app: Arc<App>,
+    Listeners {
+        tcp,
+        unix,
+        open_files,
+    }: Listeners,
     socket: PathBuf,
     lock: Flock<File>,
     rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let router = api::router(app.clone());
-    let mut tcp_srv = tokio::spawn(
-        axum::serve(tcp, router.clone())
-            .with_graceful_shutdown(until_true(rx.clone()))
-            .into_future(),
-    );
-    let mut unix_srv = tokio::spawn(
-        axum::serve(unix, router)
-            .with_graceful_shutdown(until_true(rx.clone()))
-            .into_future(),
-    );
+    let limits = tern_serve::Limits {
+        shutdown_grace: SHUTDOWN_GRACE,
+        ..tern_serve::Limits::within_open_files(open_files, 2)
+    };
+    let mut tcp_srv = tokio::spawn({
+        let (router, limits, rx) = (router.clone(), limits.clone(), rx.clone());
+        async move { tern_serve::serve(tcp, router, &limits, until_true(rx)).await }
+    });
+    let mut unix_srv = tokio::spawn({
+        let rx = rx.clone();
+        async move { tern_serve::serve(unix, router, &limits, until_true(rx)).await }
+    });
     let monitor = tokio::spawn(inventory::monitor(app.clone(), rx.clone()));
     let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
 
@@ -191,11 +212,8 @@ async fn supervise(
             srv.abort();
             continue;
         }
-        let abort = srv.abort_handle();
-        if tokio::time::timeout(SHUTDOWN_GRACE, srv).await.is_err() {
-            tracing::warn!("closing connections still open after the grace time");
-            abort.abort();
-        }
+        // Each listener gives open requests the grace time, then cuts them itself.
+        let _ = srv.await;
     }
     monitor.abort();
     scheduler.abort();
@@ -261,8 +279,13 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("listening on {} (--socket)", path.display()))?;
+    // The socket is created owner-only: set after bind, its mode would leave a moment in which
+    // anyone could connect. The umask is process-wide; nothing else creates files while the
+    // center starts.
+    let old_mask = umask(Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    umask(old_mask);
+    let l = bound.with_context(|| format!("listening on {} (--socket)", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(l)

@@ -13,6 +13,16 @@ use crate::error::CenterError;
 
 /// Smallest memory a VM may have.
 pub const MIN_MEMORY_MIB: u64 = 16;
+/// Largest memory a VM may have: 16 TiB (QEMU's x86 machines stop well before).
+pub const MAX_MEMORY_MIB: u64 = 16 * 1024 * 1024;
+/// Most vCPUs a VM may have (QEMU's q35 maximum).
+pub const MAX_VCPUS: u32 = 1024;
+/// Most disks and NICs a VM may have.
+pub const MAX_DISKS: usize = 16;
+pub const MAX_NICS: usize = 16;
+/// Longest file path (Linux's PATH_MAX) and kernel command line (x86's COMMAND_LINE_SIZE).
+pub const MAX_PATH_BYTES: usize = 4096;
+pub const MAX_CMDLINE_BYTES: usize = 2048;
 
 /// Checks what can be checked from the spec alone, and normalises its MACs to lower case.
 pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
@@ -26,11 +36,43 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
     if spec.vcpus == 0 {
         return Err(CenterError::invalid("vcpus must be at least 1"));
     }
+    if spec.vcpus > MAX_VCPUS {
+        return Err(CenterError::invalid(format!(
+            "vcpus {} is above the most a VM can have ({MAX_VCPUS})",
+            spec.vcpus
+        )));
+    }
     if spec.memory_mib < MIN_MEMORY_MIB {
         return Err(CenterError::invalid(format!(
             "memory_mib {} is too small: a VM needs at least {MIN_MEMORY_MIB} MiB",
             spec.memory_mib
         )));
+    }
+    if spec.memory_mib > MAX_MEMORY_MIB {
+        return Err(CenterError::invalid(format!(
+            "memory_mib {} is above {MAX_MEMORY_MIB} (16 TiB): give the size in MiB",
+            spec.memory_mib
+        )));
+    }
+    if spec.disks.len() > MAX_DISKS {
+        return Err(CenterError::invalid(format!(
+            "disks: {} given, a VM may have {MAX_DISKS}",
+            spec.disks.len()
+        )));
+    }
+    if spec.nics.len() > MAX_NICS {
+        return Err(CenterError::invalid(format!(
+            "nics: {} given, a VM may have {MAX_NICS}",
+            spec.nics.len()
+        )));
+    }
+    if let BootSource::Kernel { cmdline, .. } = &spec.boot {
+        if cmdline.len() > MAX_CMDLINE_BYTES {
+            return Err(CenterError::invalid(format!(
+                "boot.cmdline is {} bytes; a kernel command line holds {MAX_CMDLINE_BYTES}",
+                cmdline.len()
+            )));
+        }
     }
     let mut seen = HashSet::new();
     for nic in &mut spec.nics {
@@ -63,6 +105,12 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
         }
     }
     for (what, path) in spec_files(spec) {
+        if path.len() > MAX_PATH_BYTES {
+            return Err(CenterError::invalid(format!(
+                "{what} path is {} bytes; a path holds {MAX_PATH_BYTES}",
+                path.len()
+            )));
+        }
         let p = Path::new(path);
         if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
             return Err(CenterError::invalid(format!(
@@ -286,6 +334,56 @@ mod tests {
         s.name = "Bad_Name".into();
         assert!(check_spec(&mut s).is_err());
         assert_eq!(spec_files(&spec(1, 1)).len(), 2);
+    }
+
+    #[test]
+    fn sizes_and_lengths_are_bounded() {
+        let refused = |f: &dyn Fn(&mut VmSpec), field: &str| {
+            let mut s = spec(1, 256);
+            f(&mut s);
+            let e = check_spec(&mut s).expect_err(field).message().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        };
+        refused(&|s| s.vcpus = u32::MAX, "vcpus");
+        refused(&|s| s.memory_mib = u64::MAX, "memory_mib");
+        refused(
+            &|s| {
+                s.disks = (0..17)
+                    .map(|i| DiskSpec {
+                        path: format!("/shared/d{i}"),
+                        format: Default::default(),
+                        readonly: false,
+                    })
+                    .collect()
+            },
+            "disks",
+        );
+        refused(
+            &|s| {
+                s.nics = (0..17)
+                    .map(|i| NicSpec {
+                        mac: format!("52:54:00:aa:01:{i:02x}"),
+                    })
+                    .collect()
+            },
+            "nics",
+        );
+        refused(
+            &|s| {
+                if let BootSource::Kernel { cmdline, .. } = &mut s.boot {
+                    *cmdline = "x".repeat(5000);
+                }
+            },
+            "cmdline",
+        );
+        refused(
+            &|s| {
+                if let BootSource::Kernel { kernel, .. } = &mut s.boot {
+                    *kernel = format!("/shared/{}", "k".repeat(5000));
+                }
+            },
+            "kernel path",
+        );
     }
 
     #[test]

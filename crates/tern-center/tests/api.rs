@@ -822,7 +822,7 @@ async fn vm_creation_checks_everything_before_changing_anything() {
     .await;
     expect_status(
         create(
-            spec("web-9", "52:54:00:00:09:09", 1 << 30),
+            spec("web-9", "52:54:00:00:09:09", 1 << 23),
             "lab",
             Some("h1"),
         )
@@ -832,9 +832,16 @@ async fn vm_creation_checks_everything_before_changing_anything() {
     )
     .await;
     expect_status(
-        create(spec("web-9", "52:54:00:00:09:09", 1 << 30), "lab", None).await,
+        create(spec("web-9", "52:54:00:00:09:09", 1 << 23), "lab", None).await,
         422,
         "big enough",
+    )
+    .await;
+    // Beyond any machine: refused as a bad value before any host is looked at.
+    expect_status(
+        create(spec("web-9", "52:54:00:00:09:09", 1 << 30), "lab", None).await,
+        400,
+        "memory_mib",
     )
     .await;
     let mut s = spec("web-9", "52:54:00:00:09:09", 256);

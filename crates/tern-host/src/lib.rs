@@ -152,6 +152,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store = store::StateDir::open(&cfg.state_dir)?;
     let _lock = store.lock()?;
+    let open_files = tern_serve::raise_open_files_limit().unwrap_or_else(|e| {
+        tracing::warn!("cannot raise the open files limit: {e}");
+        1024
+    });
     let token = store.agent_token()?;
     let (accelerator, warning) = tern_qemu::detect_accelerator(cfg.accel)
         .context("choosing the accelerator (see --accel)")?;
@@ -223,14 +227,18 @@ pub async fn serve(
         }
     };
     let stop2 = stop.clone();
-    let server =
-        axum::serve(listener, api::router(agent.clone())).with_graceful_shutdown(async move {
+    tern_serve::serve(
+        listener,
+        api::router(agent.clone()),
+        &tern_serve::Limits::within_open_files(open_files, 1),
+        async move {
             tokio::select! {
                 () = shutdown => {}
                 () = stop2.cancelled() => {}
             }
-        });
-    let result = server.await.context("serving the agent API");
+        },
+    )
+    .await;
     stop.cancel();
     if let Some(task) = link {
         let _ = task.await;
@@ -238,5 +246,5 @@ pub async fn serve(
     agent.migrations.release().await;
     vms.release();
     tracing::info!("agent stopped; VMs left running");
-    result
+    Ok(())
 }

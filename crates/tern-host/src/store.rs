@@ -14,7 +14,7 @@
 //! Files are written to a temporary name and renamed, so a crash never leaves half a file.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -89,8 +89,14 @@ impl RunDir {
     }
 
     pub fn create(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)
+        // 0700: the QMP socket inside gives full control of the VM to whoever reaches it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
             .with_context(|| format!("creating the run dir {}", self.dir.display()))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting the mode of {}", self.dir.display()))?;
         let sock = self.paths().qmp_socket;
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             anyhow::bail!(
@@ -102,11 +108,12 @@ impl RunDir {
     }
 
     pub fn write_spec(&self, spec: &VmSpec, generation: u64) -> anyhow::Result<()> {
-        write_atomic(&self.spec(), &serde_json::to_vec_pretty(spec)?, 0o644)?;
+        // Owner only, like the run dir: a spec names the VM's files and devices.
+        write_atomic(&self.spec(), &serde_json::to_vec_pretty(spec)?, 0o600)?;
         write_atomic(
             &self.generation(),
             format!("{generation}\n").as_bytes(),
-            0o644,
+            0o600,
         )
     }
 
@@ -123,7 +130,7 @@ impl RunDir {
     }
 
     pub fn write_record(&self, rec: &RunRecord) -> anyhow::Result<()> {
-        write_atomic(&self.record(), &serde_json::to_vec_pretty(rec)?, 0o644)
+        write_atomic(&self.record(), &serde_json::to_vec_pretty(rec)?, 0o600)
     }
 
     pub fn read_record(&self) -> Option<RunRecord> {
@@ -181,7 +188,10 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(root: &Path) -> anyhow::Result<StateDir> {
-        std::fs::create_dir_all(root.join("vms"))
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("vms"))
             .with_context(|| format!("creating the state dir {}", root.display()))?;
         // QEMU changes to / when it daemonizes: every path handed to it must be absolute.
         let root = std::path::absolute(root)
@@ -285,7 +295,28 @@ fn write_file(path: &Path, data: &[u8], mode: u32, sync: bool) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn run_dirs_and_specs_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = StateDir::open(dir.path()).expect("open");
+        let vm = s.vm(Uuid::new_v4());
+        vm.create().expect("create");
+        let spec = VmSpec {
+            name: "a".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            cpu_model: None,
+            boot: tern_api::BootSource::Disk,
+            disks: vec![],
+            nics: vec![],
+        };
+        vm.write_spec(&spec, 1).expect("spec");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&vm.dir), 0o700);
+        assert_eq!(mode(&vm.spec()), 0o600);
+        assert_eq!(mode(&dir.path().join("vms")), 0o700);
+    }
 
     #[test]
     fn token_created_once_private() {

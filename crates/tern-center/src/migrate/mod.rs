@@ -88,14 +88,7 @@ fn ev(task: Uuid, vm: &str, host: &str, level: EventLevel, msg: String) -> NewEv
 
 /// Queues a migration of VM `name` and drives it in the background.
 pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<Task, CenterError> {
-    if req.bandwidth_mbit == Some(0) {
-        return Err(CenterError::invalid(
-            "bandwidth_mbit 0 would never send anything: give a cap above 0, or none",
-        ));
-    }
-    if req.deadline_ms == Some(0) {
-        return Err(CenterError::invalid("deadline_ms must be above 0"));
-    }
+    req.check().map_err(CenterError::invalid)?;
     let to = req.to.clone();
     let rec = app
         .db

@@ -86,6 +86,7 @@ pub fn started(id: Uuid, req: StartVm) -> VmRuntime {
     }
 }
 
+#[allow(unused_imports)] // not every test binary reads facts
 pub use tern_testkit::fixtures::host_facts as facts;
 
 /// A 1-vCPU VM booting a kernel from the shared storage, with one NIC.
