@@ -42,7 +42,8 @@ pub struct AgentArgs {
     /// File holding the center's enrolment token (one line); needed with --center.
     #[arg(long, value_name = "FILE")]
     pub enrol_token_file: Option<PathBuf>,
-    /// Address of the agent API [default: 0.0.0.0:8701].
+    /// Address of the agent API [default: the --migration-address IP, port 8701; or
+    /// 0.0.0.0:8701 without one].
     #[arg(long, value_name = "IP:PORT")]
     pub listen: Option<SocketAddr>,
     /// URL the center calls this agent at [default: from --listen, or from
@@ -166,9 +167,18 @@ impl AgentArgs {
         if name.is_empty() {
             bail!("the host name is empty: give --name");
         }
-        let listen = match self.listen.or(file.listen) {
+        // Without --listen, the API binds the host's migration address when one is given:
+        // every address (0.0.0.0) would expose it on networks the host did not choose.
+        let listen: SocketAddr = match self.listen.or(file.listen) {
             Some(l) => l,
-            None => DEFAULT_LISTEN.parse().context("default listen address")?,
+            None => {
+                let default: SocketAddr =
+                    DEFAULT_LISTEN.parse().context("default listen address")?;
+                match self.migration_address.or(file.migration_address) {
+                    Some(ip) => SocketAddr::new(ip, default.port()),
+                    None => default,
+                }
+            }
         };
         let center_url = self.center.clone().or(file.center);
         let enrol_token_file = self.enrol_token_file.clone().or(file.enrol_token_file);
@@ -304,6 +314,11 @@ mod tests {
         assert_eq!(c.heartbeat_ms, 2000);
         assert_eq!(c.default_cpu_model, "qemu64");
         assert_eq!(c.migration_address, IpAddr::from([127, 0, 0, 1]));
+        // With a migration address and no --listen, the API binds that address only.
+        let c = parse(&["--name", "h1", "--migration-address", "10.0.0.7"])
+            .resolve()
+            .expect("resolves");
+        assert_eq!(c.listen, "10.0.0.7:8701".parse().expect("addr"));
     }
 
     #[test]
