@@ -290,6 +290,10 @@ pub struct Event {
     pub vm: Option<String>,
     pub host: Option<String>,
     pub task: Option<Uuid>,
+    /// Who asked for the change: the name of the API token (`admin` for the center's admin
+    /// token file); `None` for what the center did by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 // ---- query strings (the center parses them, the clients send them) ----
@@ -332,4 +336,78 @@ pub struct EventQuery {
     /// Only events about this host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+}
+
+// ---- API tokens ----
+
+/// What a token may do. Each role may do everything the one before it may.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads everything but the token list.
+    Viewer,
+    /// Also creates, starts, stops, deletes and migrates VMs, cancels tasks, puts hosts in
+    /// and out of maintenance, applies DRS recommendations.
+    Operator,
+    /// Also manages clusters, EVC, DRS settings and tokens.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "{other:?} is not a role: viewer, operator or admin"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Who holds the token, as the event log will name them: `[a-z0-9][a-z0-9-]{0,31}`.
+    pub name: String,
+    pub role: Role,
+}
+
+/// A token as listed: never its secret (the center keeps only a hash of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+    /// The token that created it.
+    pub created_by: String,
+}
+
+/// A new token: the only time its secret is shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub name: String,
+    pub role: Role,
+    /// Present it as `Authorization: Bearer <token>`; it cannot be shown again.
+    pub token: String,
 }

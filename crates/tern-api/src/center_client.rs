@@ -6,8 +6,8 @@
 use uuid::Uuid;
 
 use crate::center::{
-    CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateVm, Event, EventQuery, Host,
-    HostMaintenance, StopVm, Task, TaskQuery, Vm,
+    ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken, CreateVm,
+    CreatedToken, Event, EventQuery, Host, HostMaintenance, StopVm, Task, TaskQuery, Vm,
 };
 use crate::client::{ApiClient, Endpoint};
 use crate::drs::{DrsRecommendations, DrsSettings};
@@ -16,7 +16,7 @@ use crate::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use crate::migration::MigrateVm;
 use crate::routes::center as route;
 
-/// A center, reached with the admin token.
+/// A center, reached with an API token.
 #[derive(Debug, Clone)]
 pub struct CenterClient {
     api: ApiClient,
@@ -170,5 +170,17 @@ impl CenterClient {
 
     pub async fn events(&self, q: &EventQuery) -> Result<Vec<Event>, ApiError> {
         self.api.get_query(&route::EVENTS.path(), q).await
+    }
+
+    pub async fn create_token(&self, req: &CreateToken) -> Result<CreatedToken, ApiError> {
+        self.api.post(&route::TOKENS.path(), req).await
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<ApiToken>, ApiError> {
+        self.api.get(&route::TOKENS.path()).await
+    }
+
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::TOKEN.with_name(name)?).await
     }
 }

@@ -140,6 +140,8 @@ pub mod center {
     pub const TASK: Route = Route::new("/api/v1/tasks/{id}");
     pub const TASK_CANCEL: Route = Route::new("/api/v1/tasks/{id}/cancel");
     pub const EVENTS: Route = Route::new("/api/v1/events");
+    pub const TOKENS: Route = Route::new("/api/v1/tokens");
+    pub const TOKEN: Route = Route::new("/api/v1/tokens/{name}");
 
     /// Every route of the API proper (what the OpenAPI document must describe).
     pub const ALL: &[Route] = &[
@@ -166,6 +168,8 @@ pub mod center {
         TASK,
         TASK_CANCEL,
         EVENTS,
+        TOKENS,
+        TOKEN,
     ];
 
     /// A route's template relative to [`PREFIX`], as the nested router mounts it.

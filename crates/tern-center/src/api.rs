@@ -3,20 +3,21 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateVm, Event, EventLevel, EventQuery,
-    Heartbeat, Host, HostMaintenance, MaintenanceAction, MaintenanceResult, RegisterHost,
-    Registered, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm,
+    ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken, CreateVm,
+    CreatedToken, Event, EventLevel, EventQuery, Heartbeat, Host, HostMaintenance,
+    MaintenanceAction, MaintenanceResult, RegisterHost, Registered, Role, StopVm, Task, TaskKind,
+    TaskQuery, TaskState, Vm,
 };
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
@@ -26,11 +27,11 @@ use tern_api::ErrorBody;
 
 use crate::api_error::ApiErr;
 use crate::app::App;
-use crate::auth::{bearer, token_eq};
+use crate::auth::{self, bearer, token_eq, Caller};
 use crate::error::CenterError;
 use crate::inventory;
 use crate::power;
-use crate::store::EventFilter;
+use crate::store::{EventFilter, NewEvent};
 use crate::tasks;
 
 type AppState = State<Arc<App>>;
@@ -53,20 +54,112 @@ pub struct QueryArg<T>(pub T);
 type Json<T> = axum::Json<T>;
 type ApiResult<T> = Result<T, ApiErr>;
 
-async fn require_admin(State(app): AppState, req: Request, next: Next) -> Response {
-    match bearer(req.headers()) {
-        Some(t) if token_eq(&t, &app.admin_token) => next.run(req).await,
-        Some(_) => ApiErr::from(CenterError::unauthorized(format!(
-            "wrong token: present the admin token (on the center host in {})",
-            app.config.admin_token_file.display()
+/// Authenticates the caller, checks the role the route needs, and records every change asked
+/// for (and every refusal) in the event log under the caller's name.
+async fn authenticate(State(app): AppState, mut req: Request, next: Next) -> Response {
+    let caller = match caller(&app, req.headers()).await {
+        Ok(c) => c,
+        Err(e) => return ApiErr::from(e).into_response(),
+    };
+    let method = req.method().clone();
+    // Inside the nested router, paths come without the prefix.
+    let full = |p: &str| {
+        if p.starts_with(route::PREFIX) {
+            p.to_string()
+        } else {
+            format!("{}{p}", route::PREFIX)
+        }
+    };
+    let path = full(req.uri().path());
+    let matched = full(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(|m| m.as_str())
+            .unwrap_or_default(),
+    );
+    let need = auth::required_role(&method, &matched);
+    let changes = method != Method::GET && method != Method::HEAD;
+    if caller.role < need {
+        if changes {
+            audit(&app, &caller, &method, &path, StatusCode::FORBIDDEN).await;
+        }
+        return ApiErr::from(CenterError::forbidden(format!(
+            "token {} has the role {}; {method} {path} needs {need}: ask an admin for a token \
+             with that role (tern token create NAME --role {need})",
+            caller.name, caller.role
         )))
-        .into_response(),
-        None => ApiErr::from(CenterError::unauthorized(format!(
-            "missing Authorization: Bearer <token>: set TERN_TOKEN or --token to the admin \
+        .into_response();
+    }
+    req.extensions_mut().insert(caller.clone());
+    let resp = next.run(req).await;
+    if changes {
+        audit(&app, &caller, &method, &path, resp.status()).await;
+    }
+    resp
+}
+
+/// Who presents the request's bearer token.
+async fn caller(app: &Arc<App>, headers: &HeaderMap) -> Result<Caller, CenterError> {
+    let Some(token) = bearer(headers) else {
+        return Err(CenterError::unauthorized(format!(
+            "missing Authorization: Bearer <token>: set TERN_TOKEN or --token to your API \
+             token (the admin token is on the center host in {})",
+            app.config.admin_token_file.display()
+        )));
+    };
+    if token_eq(&token, &app.admin_token) {
+        return Ok(Caller {
+            name: auth::ADMIN_NAME.to_string(),
+            role: Role::Admin,
+        });
+    }
+    let hash = auth::token_hash(&token);
+    match app.db.read(move |tx| tx.token_by_hash(&hash)).await? {
+        Some(t) => Ok(Caller {
+            name: t.name,
+            role: t.role,
+        }),
+        None => Err(CenterError::unauthorized(format!(
+            "wrong or revoked token: present a token from tern token create, or the admin \
              token (on the center host in {})",
             app.config.admin_token_file.display()
-        )))
-        .into_response(),
+        ))),
+    }
+}
+
+/// One line in the event log per change asked for: who, what, and how it was answered.
+async fn audit(app: &Arc<App>, caller: &Caller, method: &Method, path: &str, status: StatusCode) {
+    let level = if status.is_success() {
+        EventLevel::Info
+    } else {
+        EventLevel::Warning
+    };
+    // Filed under the VM or host the path names, so `tern event list --vm` shows who did what.
+    let named = |kind: &str| {
+        path.strip_prefix(route::PREFIX)
+            .and_then(|p| p.strip_prefix(kind))
+            .and_then(|p| p.split('/').next())
+            .filter(|n| tern_api::valid_name(n))
+            .map(str::to_string)
+    };
+    let mut ev = NewEvent::new(
+        level,
+        format!(
+            "{} ({}): {method} {path} → {status}",
+            caller.name, caller.role
+        ),
+    )
+    .actor(caller.name.clone())
+    .host(named("/hosts/"));
+    if let Some(vm) = named("/vms/") {
+        ev = ev.vm(vm);
+    }
+    let r = app
+        .db
+        .write(move |tx| tx.add_event(ev, chrono::Utc::now()))
+        .await;
+    if let Err(e) = r {
+        tracing::error!("recording the audit event: {e}");
     }
 }
 
@@ -84,7 +177,7 @@ async fn require_enrol(State(app): AppState, req: Request, next: Next) -> Respon
 
 /// The API router (state attached), ready to serve on any listener.
 pub fn router(app: Arc<App>) -> Router {
-    let admin = Router::new()
+    let users = Router::new()
         .route(
             nested(route::CLUSTERS),
             post(create_cluster).get(list_clusters),
@@ -112,13 +205,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::TASK), get(get_task))
         .route(nested(route::TASK_CANCEL), post(cancel_task))
         .route(nested(route::EVENTS), get(list_events))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
+        .route(nested(route::TOKENS), post(create_token).get(list_tokens))
+        .route(nested(route::TOKEN), delete(revoke_token))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let enrol = Router::new()
         .route(nested(route::HOST_REGISTER), post(register_host))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_enrol));
     // Heartbeats carry the host's own token, checked against the store by the handler.
     let heartbeats = Router::new().route(nested(route::HOST_HEARTBEAT), post(heartbeat));
-    let api = admin.merge(enrol).merge(heartbeats);
+    let api = users.merge(enrol).merge(heartbeats);
     Router::new()
         .nest(route::PREFIX, api)
         .route(route::OPENAPI.template(), get(openapi_json))
@@ -673,6 +768,101 @@ async fn list_events(
     Ok(axum::Json(app.db.read(move |tx| tx.events(&filter)).await?))
 }
 
+// ---- API tokens ----
+
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body = CreateToken,
+    responses(
+        (status = 201, description = "Created; the secret is shown this once", body = CreatedToken),
+        (status = 400, description = "Invalid name or role", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "Only an admin manages tokens", body = ErrorBody),
+        (status = 409, description = "A token of that name exists", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn create_token(
+    State(app): AppState,
+    Extension(by): Extension<Caller>,
+    Body(req): Body<CreateToken>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    if !tern_api::valid_name(&req.name) || req.name == auth::ADMIN_NAME {
+        return Err(CenterError::invalid(format!(
+            "token name {:?} is not valid: use 1 to 32 characters of a-z, 0-9 and '-' (not \
+             \"{}\", the admin token file's name)",
+            req.name,
+            auth::ADMIN_NAME
+        ))
+        .into());
+    }
+    let secret = format!("tern_{}", crate::config::new_token());
+    let hash = auth::token_hash(&secret);
+    let CreateToken { name, role } = req;
+    let created = app
+        .db
+        .write(move |tx| {
+            let now = chrono::Utc::now();
+            let t = tx.insert_token(&name, role, &hash, &by.name, now)?;
+            tx.add_event(
+                NewEvent::info(format!("token {name} ({role}) created by {}", by.name))
+                    .actor(by.name.clone()),
+                now,
+            )?;
+            Ok::<_, CenterError>(t)
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedToken {
+            name: created.name,
+            role: created.role,
+            token: secret,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
+    responses(
+        (status = 200, description = "Every token, without its secret", body = Vec<ApiToken>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "Only an admin lists tokens", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_tokens(State(app): AppState) -> ApiResult<Json<Vec<ApiToken>>> {
+    Ok(axum::Json(app.db.read(|tx| tx.tokens()).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}", tag = "tokens",
+    params(("name" = String, Path, description = "Token name")),
+    responses(
+        (status = 204, description = "Revoked: the token fails from the next call on"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "Only an admin revokes tokens", body = ErrorBody),
+        (status = 404, description = "No such token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn revoke_token(
+    State(app): AppState,
+    Extension(by): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<StatusCode> {
+    app.db
+        .write(move |tx| {
+            if !tx.delete_token(&name)? {
+                return Err(CenterError::not_found(format!(
+                    "no token is named {name}: see tern token list"
+                )));
+            }
+            tx.add_event(
+                NewEvent::warning(format!("token {name} revoked by {}", by.name))
+                    .actor(by.name.clone()),
+                chrono::Utc::now(),
+            )?;
+            Ok(())
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---- OpenAPI ----
 
 struct BearerAuth;
@@ -693,8 +883,9 @@ impl Modify for BearerAuth {
     info(
         title = "tern center API",
         description = "Inventory (clusters, hosts, VMs), tasks and events of a tern center. \
-            Every call needs `Authorization: Bearer <token>`: the admin token for users, the \
-            enrolment token for host registration, the host's own token for its heartbeats. \
+            Every call needs `Authorization: Bearer <token>`: a user's named token (role \
+            viewer, operator or admin) or the admin token file's, the enrolment token for host \
+            registration, the host's own token for its heartbeats. \
             Errors answer `{\"error\": \"what to fix\"}`."
     ),
     paths(
@@ -704,6 +895,7 @@ impl Modify for BearerAuth {
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
         migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
+        create_token, list_tokens, revoke_token,
     ),
     components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult,
         MaintenanceResult, DrsApplyResult)),
@@ -713,7 +905,8 @@ impl Modify for BearerAuth {
         (name = "hosts", description = "Host agents: enrolment, heartbeats, inventory, maintenance mode"),
         (name = "vms", description = "Virtual machines"),
         (name = "tasks", description = "Long-running operations"),
-        (name = "events", description = "History of state changes"),
+        (name = "events", description = "History of state changes, with who asked for each"),
+        (name = "tokens", description = "Named API tokens and their roles (admin only)"),
     )
 )]
 pub struct ApiDoc;
@@ -781,6 +974,9 @@ mod tests {
             ("get", "/api/v1/tasks/{id}"),
             ("post", "/api/v1/tasks/{id}/cancel"),
             ("get", "/api/v1/events"),
+            ("post", "/api/v1/tokens"),
+            ("get", "/api/v1/tokens"),
+            ("delete", "/api/v1/tokens/{name}"),
         ];
         for (method, path) in expected {
             assert!(

@@ -30,6 +30,7 @@ pub fn status_of(e: &CenterError) -> StatusCode {
     match e {
         CenterError::Invalid(_) => StatusCode::BAD_REQUEST,
         CenterError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        CenterError::Forbidden(_) => StatusCode::FORBIDDEN,
         CenterError::NotFound(_) => StatusCode::NOT_FOUND,
         CenterError::Conflict(_) => StatusCode::CONFLICT,
         CenterError::Unsatisfiable(_) => StatusCode::UNPROCESSABLE_ENTITY,

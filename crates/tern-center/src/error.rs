@@ -13,6 +13,9 @@ pub enum CenterError {
     /// The caller did not prove who it is.
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller's role does not allow the call.
+    #[error("{0}")]
+    Forbidden(String),
     /// The named VM, host, cluster or task does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -37,6 +40,9 @@ impl CenterError {
     pub fn unauthorized(message: impl Into<String>) -> CenterError {
         CenterError::Unauthorized(message.into())
     }
+    pub fn forbidden(message: impl Into<String>) -> CenterError {
+        CenterError::Forbidden(message.into())
+    }
     pub fn not_found(message: impl Into<String>) -> CenterError {
         CenterError::NotFound(message.into())
     }
@@ -58,6 +64,7 @@ impl CenterError {
         match self {
             CenterError::Invalid(m)
             | CenterError::Unauthorized(m)
+            | CenterError::Forbidden(m)
             | CenterError::NotFound(m)
             | CenterError::Conflict(m)
             | CenterError::Unsatisfiable(m)
@@ -70,6 +77,7 @@ impl CenterError {
         match self {
             CenterError::Invalid(m)
             | CenterError::Unauthorized(m)
+            | CenterError::Forbidden(m)
             | CenterError::NotFound(m)
             | CenterError::Conflict(m)
             | CenterError::Unsatisfiable(m)

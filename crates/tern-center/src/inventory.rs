@@ -347,7 +347,12 @@ fn apply_vm_reports(
 pub async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let timeout = app.heartbeat_timeout();
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut next_prune = std::time::Instant::now();
     loop {
+        if std::time::Instant::now() >= next_prune {
+            next_prune = std::time::Instant::now() + PRUNE_EVERY;
+            prune_history(&app).await;
+        }
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
@@ -363,6 +368,32 @@ pub async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = r {
             tracing::error!("host monitor: {e}");
         }
+    }
+}
+
+/// How often the history is pruned, and what it keeps: the newest events and finished tasks
+/// up to a count, none older than an age.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const KEEP_EVENTS: u32 = 200_000;
+const KEEP_TASKS: u32 = 20_000;
+const KEEP_DAYS: i64 = 90;
+
+async fn prune_history(app: &App) {
+    let r = app
+        .db
+        .write(|tx| {
+            let now = Utc::now();
+            let age = chrono::Duration::days(KEEP_DAYS);
+            Ok::<_, StoreError>((
+                tx.prune_events(KEEP_EVENTS, age, now)?,
+                tx.prune_tasks(KEEP_TASKS, age, now)?,
+            ))
+        })
+        .await;
+    match r {
+        Ok((0, 0)) => {}
+        Ok((events, tasks)) => tracing::info!(events, tasks, "pruned old history"),
+        Err(e) => tracing::error!("pruning the history: {e}"),
     }
 }
 

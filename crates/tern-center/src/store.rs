@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use tern_api::center::{Cluster, Event, EventLevel, Host, StopVm, Task, TaskState, Vm};
+use tern_api::center::{
+    ApiToken, Cluster, Event, EventLevel, Host, Role, StopVm, Task, TaskState, Vm,
+};
 use tern_api::drs::{DrsAutomation, DrsSettings, DRS_THRESHOLDS};
 use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
@@ -128,6 +130,18 @@ const MIGRATIONS: &[&str] = &[
         threshold   INTEGER NOT NULL,           -- 1..5
         updated_at  TEXT NOT NULL
     );
+    "#,
+    // 5: named API tokens with a role (only a hash of each secret is kept), and who asked
+    // for what in the event log.
+    r#"
+    CREATE TABLE api_tokens (
+        name        TEXT PRIMARY KEY,
+        role        TEXT NOT NULL,              -- viewer | operator | admin
+        hash        TEXT NOT NULL UNIQUE,       -- SHA-256 of the token, hex
+        created_at  TEXT NOT NULL,
+        created_by  TEXT NOT NULL
+    );
+    ALTER TABLE events ADD COLUMN actor TEXT;
     "#,
 ];
 
@@ -301,6 +315,7 @@ pub struct NewEvent {
     pub vm: Option<String>,
     pub host: Option<String>,
     pub task: Option<Uuid>,
+    pub actor: Option<String>,
 }
 
 impl NewEvent {
@@ -311,7 +326,13 @@ impl NewEvent {
             vm: None,
             host: None,
             task: None,
+            actor: None,
         }
+    }
+    /// Who asked for it (an API token's name).
+    pub fn actor(mut self, name: impl Into<String>) -> NewEvent {
+        self.actor = Some(name.into());
+        self
     }
     pub fn info(message: impl Into<String>) -> NewEvent {
         NewEvent::new(EventLevel::Info, message)
@@ -521,6 +542,18 @@ fn enum_text<T: Serialize>(v: &T) -> String {
         Ok(serde_json::Value::String(s)) => s,
         other => format!("{other:?}"),
     }
+}
+
+fn token_row(c: &[Option<String>; 4]) -> Result<ApiToken, StoreError> {
+    let role = need(&c[1], "token role")?;
+    Ok(ApiToken {
+        name: need(&c[0], "token name")?.to_string(),
+        role: role
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("token role {role:?}")))?,
+        created_at: parse_ts(need(&c[2], "token creation time")?)?,
+        created_by: need(&c[3], "token creator")?.to_string(),
+    })
 }
 
 fn parse_enum<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
@@ -1154,8 +1187,8 @@ impl Tx<'_> {
             EventLevel::Error => tracing::error!(target: "tern_center::event", "{}", ev.message),
         }
         self.tx.execute(
-            "INSERT INTO events (time, level, message, vm, host, task) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO events (time, level, message, vm, host, task, actor) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 ts(now),
                 enum_text(&ev.level),
@@ -1163,16 +1196,17 @@ impl Tx<'_> {
                 ev.vm,
                 ev.host,
                 ev.task.map(|t| t.to_string()),
+                ev.actor,
             ],
         )?;
         Ok(self.tx.last_insert_rowid())
     }
 
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
-        let sql = "SELECT * FROM (SELECT id, time, level, message, vm, host, task FROM events \
-                   WHERE (?1 IS NULL OR vm = ?1) AND (?2 IS NULL OR host = ?2) \
+        let sql = "SELECT * FROM (SELECT id, time, level, message, vm, host, task, actor \
+                   FROM events WHERE (?1 IS NULL OR vm = ?1) AND (?2 IS NULL OR host = ?2) \
                    ORDER BY id DESC LIMIT ?3) ORDER BY id ASC";
-        let rows: Vec<[Option<String>; 7]> =
+        let rows: Vec<[Option<String>; 8]> =
             self.query_rows(sql, params![filter.vm, filter.host, filter.limit], |c| c)?;
         rows.into_iter()
             .map(|c| {
@@ -1187,9 +1221,114 @@ impl Tx<'_> {
                     vm: c[4].clone(),
                     host: c[5].clone(),
                     task: c[6].as_deref().map(parse_uuid).transpose()?,
+                    actor: c[7].clone(),
                 })
             })
             .collect()
+    }
+
+    /// Forgets the oldest events beyond `keep` and those older than `max_age`; returns how
+    /// many went. Bounds the log a chatty or hostile cluster could otherwise grow for ever.
+    pub fn prune_events(
+        &self,
+        keep: u32,
+        max_age: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let by_count = self.tx.execute(
+            "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC \
+             LIMIT 1 OFFSET ?1)",
+            [keep],
+        )?;
+        let by_age = self
+            .tx
+            .execute("DELETE FROM events WHERE time < ?1", [ts(now - max_age)])?;
+        Ok(by_count + by_age)
+    }
+
+    /// Forgets finished tasks beyond the newest `keep` and those that ended before
+    /// `max_age`; running ones always stay. Returns how many went.
+    pub fn prune_tasks(
+        &self,
+        keep: u32,
+        max_age: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let by_count = self.tx.execute(
+            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND id IN (SELECT id FROM tasks \
+             WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT -1 OFFSET ?1) \
+             AND id NOT IN (SELECT task_id FROM migrations)",
+            [keep],
+        )?;
+        let by_age = self.tx.execute(
+            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1 \
+             AND id NOT IN (SELECT task_id FROM migrations)",
+            [ts(now - max_age)],
+        )?;
+        Ok(by_count + by_age)
+    }
+
+    // ---- API tokens ----
+
+    /// Records a token by the hash of its secret.
+    pub fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        created_by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ApiToken, StoreError> {
+        let taken: Option<String> = self
+            .tx
+            .query_row("SELECT name FROM api_tokens WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "a token named {name} exists; revoke it first (tern token revoke {name}) or \
+                 choose another name"
+            )));
+        }
+        self.tx.execute(
+            "INSERT INTO api_tokens (name, role, hash, created_at, created_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, role.as_str(), hash, ts(now), created_by],
+        )?;
+        Ok(ApiToken {
+            name: name.to_string(),
+            role,
+            created_at: now,
+            created_by: created_by.to_string(),
+        })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let rows: Vec<[Option<String>; 4]> = self.query_rows(
+            "SELECT name, role, created_at, created_by FROM api_tokens ORDER BY name",
+            [],
+            |c| c,
+        )?;
+        rows.iter().map(token_row).collect()
+    }
+
+    /// The token whose secret hashes to `hash`, if any.
+    pub fn token_by_hash(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let rows: Vec<[Option<String>; 4]> = self.query_rows(
+            "SELECT name, role, created_at, created_by FROM api_tokens WHERE hash = ?1",
+            [hash],
+            |c| c,
+        )?;
+        rows.first().map(token_row).transpose()
+    }
+
+    /// Deletes a token; false when there was none of that name.
+    pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .execute("DELETE FROM api_tokens WHERE name = ?1", [name])?
+            == 1)
     }
 }
 
@@ -1585,6 +1724,75 @@ mod tests {
             .read(|tx| {
                 assert!(tx.cluster("other")?.is_none());
                 assert!(tx.vm_by_name("web-2")?.is_none());
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn history_is_pruned_by_count_and_age_and_running_tasks_stay() {
+        let mut store = Store::open_in_memory().unwrap();
+        let (_, vm_id) = fill(&mut store);
+        let now = Utc::now();
+        let day = chrono::Duration::days(1);
+        store
+            .write(|tx| {
+                for i in 0..10 {
+                    tx.add_event(NewEvent::info(format!("e{i}")), now - day * (10 - i))?;
+                }
+                let all = EventFilter {
+                    limit: 100,
+                    ..Default::default()
+                };
+                let before = tx.events(&all)?.len();
+                // Newest 5 kept by count; of those, the ones older than 3 days go by age (e7
+                // is exactly 3 days old and stays).
+                let gone = tx.prune_events(5, day * 3, now)?;
+                let left = tx.events(&all)?;
+                let msgs: Vec<_> = left.iter().map(|e| e.message.as_str()).collect();
+                assert_eq!(msgs, ["e7", "e8", "e9"]);
+                assert_eq!(gone, before - 3);
+
+                let task = |id: Uuid, state: TaskState| TaskRecord {
+                    task: Task {
+                        id,
+                        kind: TaskKind::VmStart,
+                        vm: Some("web-1".into()),
+                        host: Some("h1".into()),
+                        state,
+                        progress: 0,
+                        phase: "queued".into(),
+                        result: None,
+                        error: None,
+                        created_at: now - day * 30,
+                        finished_at: None,
+                    },
+                    vm_id: Some(vm_id),
+                    intent: TaskIntent {
+                        previous_desired: Some(PowerState::Stopped),
+                        stop: None,
+                    },
+                };
+                let (old, recent, running) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+                for id in [old, recent, running] {
+                    tx.insert_task(&task(id, TaskState::Running))?;
+                }
+                tx.finish_task(
+                    old,
+                    TaskState::Succeeded,
+                    "done",
+                    None,
+                    None,
+                    now - day * 20,
+                )?;
+                tx.finish_task(recent, TaskState::Succeeded, "done", None, None, now)?;
+                assert_eq!(tx.prune_tasks(100, day * 10, now)?, 1);
+                let ids: Vec<Uuid> = tx.tasks(100, None)?.iter().map(|t| t.id).collect();
+                assert!(!ids.contains(&old) && ids.contains(&recent) && ids.contains(&running));
+                // By count, only finished tasks go.
+                assert_eq!(tx.prune_tasks(0, day * 10, now)?, 1);
+                let ids: Vec<Uuid> = tx.tasks(100, None)?.iter().map(|t| t.id).collect();
+                assert_eq!(ids, [running]);
                 Ok::<_, StoreError>(())
             })
             .unwrap();

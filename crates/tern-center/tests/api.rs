@@ -1020,9 +1020,15 @@ async fn start_stop_delete_through_tasks() {
     assert!(agent.calls().contains(&format!("delete {}", vm.id)));
     let tasks: Vec<Task> = api.get("/api/v1/tasks").await.unwrap();
     assert_eq!(tasks.len(), 2);
-    let ev = events(&c, "vm=web-1&limit=1").await;
-    assert_eq!(ev.len(), 1);
+    // The deletion, then the audit line naming who asked for it.
+    let ev = events(&c, "vm=web-1&limit=2").await;
+    assert_eq!(ev.len(), 2);
     assert!(ev[0].message.contains("deleted"), "{ev:?}");
+    assert_eq!(ev[1].actor.as_deref(), Some("admin"), "{ev:?}");
+    assert!(
+        ev[1].message.contains("DELETE /api/v1/vms/web-1 → 204"),
+        "{ev:?}"
+    );
     c.shutdown().await.unwrap();
 }
 

@@ -63,6 +63,7 @@ client_group!(ClusterArgs, cmd::cluster::ClusterCommand);
 client_group!(VmArgs, cmd::vm::VmCommand);
 client_group!(TaskArgs, cmd::task::TaskCommand);
 client_group!(EventArgs, cmd::event::EventCommand);
+client_group!(TokenArgs, cmd::token::TokenCommand);
 client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 
 #[derive(Debug, Subcommand)]
@@ -78,8 +79,10 @@ enum Command {
     Vm(VmArgs),
     /// Tasks (long operations): list, show, wait, cancel.
     Task(TaskArgs),
-    /// The event history.
+    /// The event history: what changed, and who asked.
     Event(EventArgs),
+    /// API tokens: create one per person or tool with a role, list, revoke (admin only).
+    Token(TokenArgs),
     /// A cluster on this machine from network namespaces, for tests and demos.
     Lab(LabArgs),
     /// DRS: a cluster's recommendations from the center (recommend, apply), or the engine
@@ -171,6 +174,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Vm(g) => cmd::vm::run(g.cmd, &g.connect.client()?, output).await,
             Command::Task(g) => cmd::task::run(g.cmd, &g.connect.client()?, output).await,
             Command::Event(g) => cmd::event::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Token(g) => cmd::token::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
         }

@@ -36,7 +36,7 @@ pub async fn run(cmd: EventCommand, api: &CenterClient, fmt: Format) -> Result<(
     if fmt == Format::Json {
         return print_json(&events);
     }
-    let mut t = Table::new(&["TIME", "LEVEL", "VM", "HOST", "TASK", "MESSAGE"]);
+    let mut t = Table::new(&["TIME", "LEVEL", "BY", "VM", "HOST", "TASK", "MESSAGE"]);
     for e in &events {
         t.row(vec![
             time(&e.time),
@@ -46,6 +46,7 @@ pub async fn run(cmd: EventCommand, api: &CenterClient, fmt: Format) -> Result<(
                 EventLevel::Error => "error",
             }
             .into(),
+            opt(&e.actor),
             opt(&e.vm),
             opt(&e.host),
             e.task.as_ref().map(short_id).unwrap_or_else(|| "-".into()),

@@ -10,4 +10,5 @@ pub mod lab;
 pub mod migrate;
 pub mod output;
 pub mod task;
+pub mod token;
 pub mod vm;
