@@ -68,10 +68,29 @@ pub struct RegisterHost {
     pub facts: HostFacts,
 }
 
+/// Asks for a one-time join token for a host name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddHost {
+    /// How long the token may be used, in seconds (default an hour, at most a week).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// A one-time join token: the agent of `host` registers with it once (give it to the agent
+/// with `--enrol-token-file`), then with the secret the center gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    pub host: String,
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Registered {
     pub host_id: Uuid,
-    /// Token the agent presents with its heartbeats.
+    /// The host's secret: the agent keeps it and presents it with its heartbeats and when it
+    /// registers again (the center keeps only its hash).
     pub host_token: String,
     /// How often the center expects a heartbeat.
     pub heartbeat_interval_ms: u64,

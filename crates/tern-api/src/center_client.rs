@@ -6,8 +6,9 @@
 use uuid::Uuid;
 
 use crate::center::{
-    ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken, CreateVm,
-    CreatedToken, Event, EventQuery, Host, HostMaintenance, StopVm, Task, TaskQuery, Vm,
+    AddHost, ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken,
+    CreateVm, CreatedToken, Event, EventQuery, Host, HostMaintenance, JoinToken, StopVm, Task,
+    TaskQuery, Vm,
 };
 use crate::client::{ApiClient, Endpoint};
 use crate::drs::{DrsRecommendations, DrsSettings};
@@ -170,6 +171,17 @@ impl CenterClient {
 
     pub async fn events(&self, q: &EventQuery) -> Result<Vec<Event>, ApiError> {
         self.api.get_query(&route::EVENTS.path(), q).await
+    }
+
+    /// A one-time join token for host `name`.
+    pub async fn add_host(&self, name: &str, req: &AddHost) -> Result<JoinToken, ApiError> {
+        self.api
+            .post(&route::HOST_JOIN_TOKEN.with_name(name)?, req)
+            .await
+    }
+
+    pub async fn remove_host(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::HOST.with_name(name)?).await
     }
 
     pub async fn create_token(&self, req: &CreateToken) -> Result<CreatedToken, ApiError> {

@@ -127,6 +127,7 @@ pub mod center {
     pub const HOSTS: Route = Route::new("/api/v1/hosts");
     pub const HOST: Route = Route::new("/api/v1/hosts/{name}");
     pub const HOST_MAINTENANCE: Route = Route::new("/api/v1/hosts/{name}/maintenance");
+    pub const HOST_JOIN_TOKEN: Route = Route::new("/api/v1/hosts/{name}/join-token");
     pub const HOST_REGISTER: Route = Route::new("/api/v1/hosts/register");
     pub const HOST_HEARTBEAT: Route = Route::new("/api/v1/hosts/{id}/heartbeat");
     pub const VMS: Route = Route::new("/api/v1/vms");
@@ -155,6 +156,7 @@ pub mod center {
         HOSTS,
         HOST,
         HOST_MAINTENANCE,
+        HOST_JOIN_TOKEN,
         HOST_REGISTER,
         HOST_HEARTBEAT,
         VMS,

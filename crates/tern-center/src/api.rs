@@ -14,10 +14,10 @@ use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken, CreateVm,
-    CreatedToken, Event, EventLevel, EventQuery, Heartbeat, Host, HostMaintenance,
-    MaintenanceAction, MaintenanceResult, RegisterHost, Registered, Role, StopVm, Task, TaskKind,
-    TaskQuery, TaskState, Vm,
+    AddHost, ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken,
+    CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat, Host, HostMaintenance,
+    JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost, Registered, Role, StopVm, Task,
+    TaskKind, TaskQuery, TaskState, Vm,
 };
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
@@ -163,18 +163,6 @@ async fn audit(app: &Arc<App>, caller: &Caller, method: &Method, path: &str, sta
     }
 }
 
-async fn require_enrol(State(app): AppState, req: Request, next: Next) -> Response {
-    match bearer(req.headers()) {
-        Some(t) if token_eq(&t, &app.enrol_token) => next.run(req).await,
-        _ => ApiErr::from(CenterError::unauthorized(format!(
-            "registering a host needs Authorization: Bearer <enrolment token>: give the agent \
-             --enrol-token-file with the token from {} on the center host",
-            app.config.enrol_token_file.display()
-        )))
-        .into_response(),
-    }
-}
-
 /// The API router (state attached), ready to serve on any listener.
 pub fn router(app: Arc<App>) -> Router {
     let users = Router::new()
@@ -192,7 +180,8 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(nested(route::CLUSTER_DRS_APPLY), post(drs_apply))
         .route(nested(route::HOSTS), get(list_hosts))
-        .route(nested(route::HOST), get(get_host))
+        .route(nested(route::HOST), get(get_host).delete(remove_host))
+        .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
         .route(nested(route::HOST_MAINTENANCE), post(host_maintenance))
         .route(nested(route::VMS), post(create_vm).get(list_vms))
         .route(nested(route::VM), get(get_vm).delete(delete_vm))
@@ -208,12 +197,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::TOKENS), post(create_token).get(list_tokens))
         .route(nested(route::TOKEN), delete(revoke_token))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
-    let enrol = Router::new()
+    // Registrations and heartbeats carry a host's own credential, checked by the handler
+    // against the name or id they are for.
+    let hosts = Router::new()
         .route(nested(route::HOST_REGISTER), post(register_host))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_enrol));
-    // Heartbeats carry the host's own token, checked against the store by the handler.
-    let heartbeats = Router::new().route(nested(route::HOST_HEARTBEAT), post(heartbeat));
-    let api = users.merge(enrol).merge(heartbeats);
+        .route(nested(route::HOST_HEARTBEAT), post(heartbeat));
+    let api = users.merge(hosts);
     Router::new()
         .nest(route::PREFIX, api)
         .route(route::OPENAPI.template(), get(openapi_json))
@@ -422,9 +411,74 @@ async fn drs_apply(
     security(("bearer" = [])))]
 async fn register_host(
     State(app): AppState,
+    headers: HeaderMap,
     Body(req): Body<RegisterHost>,
 ) -> ApiResult<Json<Registered>> {
-    Ok(axum::Json(inventory::register_host(&app, req).await?))
+    Ok(axum::Json(
+        inventory::register_host(&app, bearer(&headers), req).await?,
+    ))
+}
+
+/// Longest and default lifetime of a join token.
+const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
+const DEFAULT_JOIN_TTL_S: u64 = 3600;
+
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/join-token", tag = "hosts",
+    params(("name" = String, Path, description = "The host the token may register")),
+    request_body = AddHost,
+    responses(
+        (status = 201, description = "A one-time join token, shown this once", body = JoinToken),
+        (status = 400, description = "Invalid name or lifetime", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "Only an admin adds hosts", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn add_host(
+    State(app): AppState,
+    Extension(by): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+    Body(req): Body<AddHost>,
+) -> ApiResult<(StatusCode, Json<JoinToken>)> {
+    let ttl_s = req.ttl_s.unwrap_or(DEFAULT_JOIN_TTL_S);
+    if ttl_s == 0 || ttl_s > MAX_JOIN_TTL_S {
+        return Err(CenterError::invalid(format!(
+            "ttl_s {ttl_s} is out of range: give 1 to {MAX_JOIN_TTL_S} seconds (a week)"
+        ))
+        .into());
+    }
+    let (token, expires_at) = inventory::add_host(
+        &app,
+        name.clone(),
+        std::time::Duration::from_secs(ttl_s),
+        by.name,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(JoinToken {
+            host: name,
+            token,
+            expires_at,
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/hosts/{name}", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 204, description = "Removed: its secret no longer works"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "Only an admin removes hosts", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+        (status = 409, description = "The host still has VMs", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn remove_host(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<StatusCode> {
+    inventory::remove_host(&app, name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/api/v1/hosts/{id}/heartbeat", tag = "hosts",
@@ -891,7 +945,7 @@ impl Modify for BearerAuth {
     paths(
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
         get_drs, set_drs, drs_recommendations, drs_apply,
-        register_host, heartbeat, list_hosts, get_host, host_maintenance,
+        register_host, heartbeat, list_hosts, get_host, host_maintenance, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
         migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
@@ -974,6 +1028,8 @@ mod tests {
             ("get", "/api/v1/tasks/{id}"),
             ("post", "/api/v1/tasks/{id}/cancel"),
             ("get", "/api/v1/events"),
+            ("post", "/api/v1/hosts/{name}/join-token"),
+            ("delete", "/api/v1/hosts/{name}"),
             ("post", "/api/v1/tokens"),
             ("get", "/api/v1/tokens"),
             ("delete", "/api/v1/tokens/{name}"),

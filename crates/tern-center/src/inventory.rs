@@ -62,30 +62,192 @@ fn valid_host_name(name: &str) -> bool {
         && name != "register"
 }
 
-/// Checks that `url` is an `http://HOST:PORT` the center can call (not a wildcard address).
-fn check_agent_url(url: &str) -> Result<(), CenterError> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
-    let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
-    match authority {
-        Some(a) if !a.is_empty() => {
-            let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
-            if matches!(host, "0.0.0.0" | "[::]" | "") {
-                return Err(CenterError::invalid(format!(
-                    "agent_url {url} is a wildcard address the center cannot call: start the \
-                     agent with --advertise-url http://IP:PORT"
+/// Forgets a host that has no VMs: its record and its secret, so its agent can no longer
+/// heartbeat or register again without a new join token.
+pub async fn remove_host(app: &Arc<App>, name: String) -> Result<(), CenterError> {
+    app.db
+        .write(move |tx| {
+            let h = tx.host_by_name(&name)?.ok_or_else(|| {
+                CenterError::not_found(format!("host {name} is not registered: see tern host list"))
+            })?;
+            let vms: Vec<String> = tx
+                .vms_on_host(h.id)?
+                .iter()
+                .map(|v| v.name().to_string())
+                .collect();
+            if !vms.is_empty() {
+                return Err(CenterError::conflict(format!(
+                    "host {name} still has VMs ({}): migrate them away (tern host maintenance \
+                     enter {name}) or delete them first",
+                    vms.join(", ")
                 )));
             }
+            if let Some(m) = tx
+                .unfinished_migrations()?
+                .into_iter()
+                .find(|m| m.source_host_id == h.id || m.dest_host_id == h.id)
+            {
+                return Err(CenterError::conflict(format!(
+                    "host {name} takes part in the migration of VM {} (task {}): wait for it \
+                     to end",
+                    m.vm_name, m.task_id
+                )));
+            }
+            tx.delete_host(h.id, &name)?;
+            tx.add_event(
+                NewEvent::warning(format!(
+                    "host {name} removed: its secret is revoked; it can join again only with a \
+                     new join token (tern host add {name})"
+                ))
+                .host(Some(&name)),
+                Utc::now(),
+            )?;
             Ok(())
-        }
-        _ => Err(CenterError::invalid(format!(
-            "agent_url {url:?} must look like http://IP:PORT"
-        ))),
-    }
+        })
+        .await
 }
 
-pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Registered, CenterError> {
+/// Issues a one-time join token for host `name`, valid for `ttl`; returns the secret and its
+/// expiry.
+pub async fn add_host(
+    app: &Arc<App>,
+    name: String,
+    ttl: std::time::Duration,
+    by: String,
+) -> Result<(String, chrono::DateTime<Utc>), CenterError> {
+    if !valid_host_name(&name) {
+        return Err(CenterError::invalid(format!(
+            "host name {name:?} is not valid: use 1 to 63 characters of letters, digits, '-', \
+             '.' and '_' (and not \"register\")"
+        )));
+    }
+    let ttl = chrono::Duration::from_std(ttl)
+        .map_err(|_| CenterError::invalid("the join token's lifetime is too long"))?;
+    let token = format!("tern_join_{}", new_token());
+    let hash = crate::auth::token_hash(&token);
+    let expires = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let expires = now + ttl;
+            tx.insert_join_token(&hash, &name, expires, &by, now)?;
+            tx.add_event(
+                NewEvent::info(format!(
+                    "join token for host {name} issued by {by}, valid until {expires}"
+                ))
+                .host(Some(&name))
+                .actor(by.clone()),
+                now,
+            )?;
+            Ok::<_, CenterError>(expires)
+        })
+        .await?;
+    Ok((token, expires))
+}
+
+/// Checks that `url` is `http://HOST:PORT` (or https) and nothing more: no path, query or
+/// user part (the center appends its own paths), a real port, and not a wildcard address.
+fn check_agent_url(url: &str) -> Result<(), CenterError> {
+    let bad = || {
+        CenterError::invalid(format!(
+            "agent_url {url:?} must look like http://IP:PORT, with nothing after the port"
+        ))
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || url.len() > 256
+        || authority
+            .chars()
+            .any(|c| matches!(c, '/' | '?' | '#' | '@' | '%') || c.is_whitespace())
+    {
+        return Err(bad());
+    }
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    if !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+        return Err(bad());
+    }
+    if matches!(host, "0.0.0.0" | "[::]" | "") {
+        return Err(CenterError::invalid(format!(
+            "agent_url {url} is a wildcard address the center cannot call: start the agent with \
+             --advertise-url http://IP:PORT"
+        )));
+    }
+    Ok(())
+}
+
+/// What a registration presents as its right to the host name.
+enum Credential {
+    /// The host's own secret, given at its first join: re-registers that host only.
+    HostSecret,
+    /// A one-time join token bound to this name (`tern host add NAME`): consumed, and the
+    /// host gets a new secret (an admin's way to re-join a host that lost its state).
+    JoinToken { hash: String },
+    /// The cluster-wide enrolment token: joins a new name only, never takes over one.
+    Shared,
+}
+
+/// Checks the bearer of a registration against the name it asks for.
+fn registration_credential(
+    app: &App,
+    tx: &Tx,
+    bearer: &str,
+    name: &str,
+    existing: Option<&HostRecord>,
+    now: chrono::DateTime<Utc>,
+) -> Result<Credential, CenterError> {
+    let hash = crate::auth::token_hash(bearer);
+    if let Some(h) = existing {
+        if crate::auth::token_eq(&hash, &h.host_token) {
+            return Ok(Credential::HostSecret);
+        }
+    }
+    if let Some((bound, expires)) = tx.join_token(&hash)? {
+        if bound != name {
+            return Err(CenterError::unauthorized(format!(
+                "this join token is for host {bound}, not {name}: start the agent with --name \
+                 {bound}, or create a token for {name} with tern host add {name}"
+            )));
+        }
+        if expires < now {
+            return Err(CenterError::unauthorized(format!(
+                "this join token for {name} expired at {expires}: create a new one with tern \
+                 host add {name}"
+            )));
+        }
+        return Ok(Credential::JoinToken { hash });
+    }
+    if crate::auth::token_eq(bearer, &app.enrol_token) {
+        if existing.is_some() {
+            return Err(CenterError::unauthorized(format!(
+                "host {name} is registered already: registering it again needs that host's own \
+                 secret (its agent keeps it in its state dir) or a join token for it (tern host \
+                 add {name}); the enrolment token only joins new hosts"
+            )));
+        }
+        return Ok(Credential::Shared);
+    }
+    Err(CenterError::unauthorized(format!(
+        "registering host {name} needs Authorization: Bearer <token>: a join token from tern \
+         host add {name} (give the agent --enrol-token-file), or the host's own secret"
+    )))
+}
+
+pub async fn register_host(
+    app: &Arc<App>,
+    bearer: Option<String>,
+    req: RegisterHost,
+) -> Result<Registered, CenterError> {
+    let Some(bearer) = bearer else {
+        return Err(CenterError::unauthorized(format!(
+            "registering a host needs Authorization: Bearer <token>: a join token from tern host \
+             add {}, given to the agent with --enrol-token-file",
+            req.name
+        )));
+    };
     if !valid_host_name(&req.name) {
         return Err(CenterError::invalid(format!(
             "host name {:?} is not valid: use 1 to 63 characters of letters, digits, '-', '.' \
@@ -104,6 +266,17 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
             "facts report 0 cores or 0 MiB of memory: the agent could not read the host's \
              facts",
         ));
+    }
+    // Who is asking comes first: an unproven caller learns nothing and records nothing.
+    {
+        let (app2, bearer, name) = (app.clone(), bearer.clone(), req.name.clone());
+        app.db
+            .read(move |tx| {
+                let existing = tx.host_by_name(&name)?;
+                registration_credential(&app2, tx, &bearer, &name, existing.as_ref(), Utc::now())
+                    .map(|_| ())
+            })
+            .await?;
     }
     // EVC: a host that cannot offer the cluster's mode is refused, and the refusal recorded.
     let (name, cluster, facts) = (req.name.clone(), req.cluster.clone(), req.facts.clone());
@@ -129,7 +302,20 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
             if let Some(why) = crate::evc::join_refusal(tx, &req.name, &req.cluster, &req.facts)? {
                 return Err(CenterError::unsatisfiable(why));
             }
-            let host_token = new_token();
+            let existing = tx.host_by_name(&req.name)?;
+            let credential =
+                registration_credential(&app2, tx, &bearer, &req.name, existing.as_ref(), now)?;
+            // The host keeps its secret across registrations; a join gives it a new one. The
+            // store keeps only its hash.
+            let host_token = match &credential {
+                Credential::HostSecret => bearer.clone(),
+                Credential::JoinToken { hash } => {
+                    tx.consume_join_token(hash, now)?;
+                    new_token()
+                }
+                Credential::Shared => new_token(),
+            };
+            let host_token_hash = crate::auth::token_hash(&host_token);
             let summary = format!(
                 "{} cores, {} MiB, {} {}",
                 req.facts.cores,
@@ -137,7 +323,7 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
                 req.facts.accelerator,
                 req.facts.cpu_model_name
             );
-            let id = match tx.host_by_name(&req.name)? {
+            let id = match existing {
                 Some(mut h) => {
                     let was = h.state();
                     if h.cluster_id != cluster_id {
@@ -170,7 +356,7 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
                     h.link = Link::Connected;
                     h.agent_url = req.agent_url.clone();
                     h.agent_token = req.agent_token.clone();
-                    h.host_token = host_token.clone();
+                    h.host_token = host_token_hash.clone();
                     h.facts = req.facts.clone();
                     h.last_heartbeat = Some(now);
                     tx.update_host_registration(&h)?;
@@ -194,7 +380,7 @@ pub async fn register_host(app: &Arc<App>, req: RegisterHost) -> Result<Register
                         maintenance: false,
                         agent_url: req.agent_url.clone(),
                         agent_token: req.agent_token.clone(),
-                        host_token: host_token.clone(),
+                        host_token: host_token_hash.clone(),
                         facts: req.facts.clone(),
                         load: None,
                         last_heartbeat: Some(now),
@@ -283,7 +469,7 @@ pub async fn heartbeat(
                     "missing Authorization: Bearer <host token> (the token registration gave)",
                 ));
             };
-            if !crate::auth::token_eq(&token, &host.host_token) {
+            if !crate::auth::token_eq(&crate::auth::token_hash(&token), &host.host_token) {
                 return Err(CenterError::unauthorized(format!(
                     "wrong token for host {}: register again to get a new host token",
                     host.name
@@ -867,6 +1053,19 @@ mod tests {
         assert!(check_agent_url("http://0.0.0.0:8701").is_err());
         assert!(check_agent_url("10.0.0.1:8701").is_err());
         assert!(check_agent_url("http://").is_err());
+        // Nothing after the port: the center appends its own paths.
+        assert!(check_agent_url("http://10.77.0.11:8701/").is_ok());
+        for bad in [
+            "http://10.77.0.11:8701/evil",
+            "http://10.77.0.11:8701?x=1",
+            "http://user@10.77.0.11:8701",
+            "http://10.77.0.11",
+            "http://10.77.0.11:0",
+            "http://10.77.0.11:99999",
+            "http://10.77.0.11:87 01",
+        ] {
+            assert!(check_agent_url(bad).is_err(), "{bad}");
+        }
         assert!(valid_host_name("h1"));
         assert!(valid_host_name("node-3.example"));
         assert!(!valid_host_name("register"));

@@ -143,6 +143,17 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE events ADD COLUMN actor TEXT;
     "#,
+    // 6: one-time join tokens, each bound to the host name it may register; from here on
+    // hosts.host_token holds the SHA-256 of the host's secret, not the secret.
+    r#"
+    CREATE TABLE join_tokens (
+        hash        TEXT PRIMARY KEY,           -- SHA-256 of the token, hex
+        host_name   TEXT NOT NULL,
+        expires_at  TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        created_by  TEXT NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -1266,6 +1277,62 @@ impl Tx<'_> {
             [ts(now - max_age)],
         )?;
         Ok(by_count + by_age)
+    }
+
+    // ---- join tokens ----
+
+    /// Records a one-time join token for `host_name` by its hash.
+    pub fn insert_join_token(
+        &self,
+        hash: &str,
+        host_name: &str,
+        expires_at: DateTime<Utc>,
+        created_by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO join_tokens (hash, host_name, expires_at, created_at, created_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash, host_name, ts(expires_at), ts(now), created_by],
+        )?;
+        Ok(())
+    }
+
+    /// The join token whose secret hashes to `hash`: the host name it is bound to and when it
+    /// expires.
+    pub fn join_token(&self, hash: &str) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        let rows: Vec<[Option<String>; 2]> = self.query_rows(
+            "SELECT host_name, expires_at FROM join_tokens WHERE hash = ?1",
+            [hash],
+            |c| c,
+        )?;
+        rows.first()
+            .map(|c| {
+                Ok((
+                    need(&c[0], "join token host")?.to_string(),
+                    parse_ts(need(&c[1], "join token expiry")?)?,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Uses a join token up (and forgets expired ones).
+    pub fn consume_join_token(&self, hash: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM join_tokens WHERE hash = ?1", [hash])?;
+        self.tx
+            .execute("DELETE FROM join_tokens WHERE expires_at < ?1", [ts(now)])?;
+        Ok(())
+    }
+
+    /// Forgets a host: its record, its secret and the join tokens issued for its name. The
+    /// caller has checked that no VM is placed on it.
+    pub fn delete_host(&self, id: Uuid, name: &str) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM join_tokens WHERE host_name = ?1", [name])?;
+        self.tx
+            .execute("DELETE FROM hosts WHERE id = ?1", [id.to_string()])?;
+        Ok(())
     }
 
     // ---- API tokens ----

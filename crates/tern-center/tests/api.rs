@@ -12,8 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::{
-    Cluster, CreateCluster, CreateVm, Event, Heartbeat, Host, RegisterHost, Registered, StopVm,
-    Task, TaskState, Vm,
+    AddHost, Cluster, CreateCluster, CreateVm, Event, Heartbeat, Host, JoinToken, RegisterHost,
+    Registered, StopVm, Task, TaskState, Vm,
 };
 use tern_api::{
     ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostLoad, HostState, NicSpec,
@@ -344,7 +344,7 @@ async fn tokens_are_required_and_nothing_changes_without_one() {
             },
         )
         .await;
-    expect_status(r, 401, "enrolment token").await;
+    expect_status(r, 401, "join token").await;
     let r: Result<Vec<Vm>, _> = client(&c, "nope").get("/api/v1/vms").await;
     expect_status(r, 401, "").await;
 
@@ -647,15 +647,32 @@ async fn registration_and_heartbeats() {
     assert!(host.last_heartbeat.is_some());
     assert_eq!(host.load.as_ref().map(|l| l.memory_total_mib), Some(8192));
 
-    // Registering again keeps the id and replaces the token.
-    let again: Registered = client(&c, &c.enrol_token)
+    // The enrolment token joins new hosts only: it cannot take over h1's name.
+    let r: Result<Registered, _> = client(&c, &c.enrol_token)
+        .post("/api/v1/hosts/register", &req)
+        .await;
+    expect_status(r, 401, "registered already").await;
+    // The host's own secret registers it again: same id, same secret.
+    let again: Registered = client(&c, &reg.host_token)
         .post("/api/v1/hosts/register", &req)
         .await
         .unwrap();
     assert_eq!(again.host_id, reg.host_id);
-    assert_ne!(again.host_token, reg.host_token);
-    expect_status(heartbeat(&c, &reg, agent.load()).await, 401, "").await;
+    assert_eq!(again.host_token, reg.host_token);
     heartbeat(&c, &again, agent.load()).await.unwrap();
+    // A join token an admin issued for h1 re-joins it with a new secret; the old one fails.
+    let join: JoinToken = admin(&c)
+        .post("/api/v1/hosts/h1/join-token", &AddHost::default())
+        .await
+        .unwrap();
+    let rejoined: Registered = client(&c, &join.token)
+        .post("/api/v1/hosts/register", &req)
+        .await
+        .unwrap();
+    assert_eq!(rejoined.host_id, reg.host_id);
+    assert_ne!(rejoined.host_token, reg.host_token);
+    expect_status(heartbeat(&c, &reg, agent.load()).await, 401, "").await;
+    heartbeat(&c, &rejoined, agent.load()).await.unwrap();
 
     // A wildcard agent URL is refused with advice.
     let mut bad = req.clone();

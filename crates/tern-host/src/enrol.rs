@@ -25,8 +25,8 @@ fn explain_register_error(e: &ApiError, link: &CenterLink, cluster: &str) -> Str
             status: 401 | 403,
             message,
         } => format!(
-            "the center refused the enrolment token from {} ({message}); copy the center's \
-             enrolment token there",
+            "the center refused the token from {} ({message}); put a join token there (on the \
+             center: tern host add NAME)",
             link.enrol_token_file.display()
         ),
         ApiError::Status {
@@ -60,14 +60,13 @@ fn read_enrol_token(link: &CenterLink) -> Result<String, String> {
     }
 }
 
-async fn register_once(
+async fn register_with(
     agent: &Agent,
     link: &CenterLink,
     agent_url: &str,
-) -> Result<Registered, String> {
-    let token = read_enrol_token(link)?;
-    let client = ApiClient::with_timeout(Endpoint::Tcp(link.url.clone()), token, CALL_TIMEOUT)
-        .map_err(|e| e.to_string())?;
+    token: String,
+) -> Result<Registered, ApiError> {
+    let client = ApiClient::with_timeout(Endpoint::Tcp(link.url.clone()), token, CALL_TIMEOUT)?;
     let body = RegisterHost {
         name: agent.cfg.name.clone(),
         cluster: agent.cfg.cluster.clone(),
@@ -75,10 +74,45 @@ async fn register_once(
         agent_token: agent.token.clone(),
         facts: agent.facts(),
     };
-    client
-        .post(&route::HOST_REGISTER.path(), &body)
-        .await
-        .map_err(|e| explain_register_error(&e, link, &agent.cfg.cluster))
+    client.post(&route::HOST_REGISTER.path(), &body).await
+}
+
+/// Registers with the host's own secret when it has one, else with the token of
+/// `--enrol-token-file` (a one-time join token, or the cluster's enrolment token); keeps the
+/// secret the center gives back.
+async fn register_once(
+    agent: &Agent,
+    link: &CenterLink,
+    agent_url: &str,
+) -> Result<Registered, String> {
+    let explain = |e: &ApiError| explain_register_error(e, link, &agent.cfg.cluster);
+    let reg = match agent.state.host_secret() {
+        Some(secret) => match register_with(agent, link, agent_url, secret).await {
+            Err(ApiError::Status {
+                status: 401,
+                message,
+            }) => {
+                tracing::warn!(
+                    "the center refused this host's secret ({message}); registering with the \
+                     token of {}",
+                    link.enrol_token_file.display()
+                );
+                agent.state.forget_host_secret();
+                let token = read_enrol_token(link)?;
+                register_with(agent, link, agent_url, token).await
+            }
+            other => other,
+        },
+        None => register_with(agent, link, agent_url, read_enrol_token(link)?).await,
+    }
+    .map_err(|e| explain(&e))?;
+    if agent.state.host_secret().as_deref() != Some(reg.host_token.as_str()) {
+        agent
+            .state
+            .save_host_secret(&reg.host_token)
+            .map_err(|e| format!("keeping the host secret: {e:#}"))?;
+    }
+    Ok(reg)
 }
 
 /// Registers, retrying with back-off until it works or `shutdown` fires.

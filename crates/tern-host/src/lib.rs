@@ -59,6 +59,8 @@ pub struct Agent {
     facts: std::sync::RwLock<HostFacts>,
     /// Bearer token the center presents on every agent API call.
     pub token: String,
+    /// The state dir (the host's secret from the center lives there).
+    pub state: store::StateDir,
     pub vms: Arc<VmManager>,
     /// This host's side of live migrations.
     pub migrations: Arc<migrations::Migrations>,
@@ -203,6 +205,7 @@ pub async fn serve(
         cfg,
         facts: std::sync::RwLock::new(facts),
         token,
+        state: store.clone(),
         vms: vms.clone(),
         migrations,
         load: tokio::sync::Mutex::new(LoadCache::default()),

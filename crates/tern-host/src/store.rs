@@ -262,6 +262,36 @@ impl StateDir {
     }
 }
 
+impl StateDir {
+    fn host_secret_path(&self) -> PathBuf {
+        self.root.join("host.secret")
+    }
+
+    /// The secret the center gave this host when it joined, if it has one: the host's
+    /// credential for heartbeats and for registering again.
+    pub fn host_secret(&self) -> Option<String> {
+        std::fs::read_to_string(self.host_secret_path())
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Keeps the host's secret (mode 0600, written atomically and synced: losing it means
+    /// asking an admin for a new join token).
+    pub fn save_host_secret(&self, secret: &str) -> anyhow::Result<()> {
+        write_atomic(
+            &self.host_secret_path(),
+            format!("{secret}\n").as_bytes(),
+            0o600,
+        )
+    }
+
+    /// Forgets the host's secret (the center no longer accepts it).
+    pub fn forget_host_secret(&self) {
+        let _ = std::fs::remove_file(self.host_secret_path());
+    }
+}
+
 /// Exclusive hold on a state dir (see [`StateDir::lock`]).
 #[derive(Debug)]
 pub struct StateLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);

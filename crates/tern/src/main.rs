@@ -70,7 +70,7 @@ client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 enum Command {
     /// Run the cluster manager daemon.
     Center(Box<tern_center::CenterArgs>),
-    /// Hosts: run the agent, list and show them, maintenance mode.
+    /// Hosts: run the agent, add (join token) and remove, list and show, maintenance mode.
     #[command(subcommand)]
     Host(HostCommand),
     /// Clusters: create, list, show.
@@ -97,6 +97,23 @@ enum Command {
 enum HostCommand {
     /// Run the host agent daemon (one per host).
     Agent(Box<tern_host::AgentArgs>),
+    /// Print a one-time join token for a host: its agent registers with it once (given
+    /// with --enrol-token-file), then with its own secret. Re-issue one to re-join a host
+    /// that lost its state dir.
+    Add {
+        name: String,
+        /// How long the token may be used: seconds, or with s, m, h, d (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = cmd::host::parse_ttl)]
+        ttl: u64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Forget a host that has no VMs left; its agent's secret stops working at once.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// List hosts.
     List {
         #[command(flatten)]
@@ -160,6 +177,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Center(a) => tern_center::run(*a).await.map_err(CliError::from),
             Command::Host(HostCommand::Agent(a)) => {
                 tern_host::run(*a).await.map_err(CliError::from)
+            }
+            Command::Host(HostCommand::Add { name, ttl, connect }) => {
+                cmd::host::add(&connect.client()?, &name, ttl, output).await
+            }
+            Command::Host(HostCommand::Remove { name, connect }) => {
+                cmd::host::remove(&connect.client()?, &name, output).await
             }
             Command::Host(HostCommand::List { connect }) => {
                 cmd::host::list(&connect.client()?, output).await

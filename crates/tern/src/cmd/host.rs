@@ -1,12 +1,61 @@
-//! `tern host list|show|maintenance` (the agent daemon itself is `tern host agent`, wired in
-//! main).
+//! `tern host add|remove|list|show|maintenance` (the agent daemon itself is `tern host
+//! agent`, wired in main).
 
-use tern_api::center::{Host, HostMaintenance, MaintenanceAction, MaintenanceResult, Task};
+use tern_api::center::{
+    AddHost, Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, Task,
+};
 use tern_api::CenterClient;
 
 use super::cluster::join_or_dash;
 use super::output::{ago, opt, print_json, short_id, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
+
+/// Parses a lifetime: seconds, or a number with s, m, h or d.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a lifetime: write e.g. 90s, 30m, 2h or 1d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `tern host add`: a one-time join token for a new (or re-installed) host.
+pub async fn add(api: &CenterClient, name: &str, ttl_s: u64, fmt: Format) -> Result<(), CliError> {
+    let t: JoinToken = api
+        .add_host(name, &AddHost { ttl_s: Some(ttl_s) })
+        .await
+        .or_list("tern host list")?;
+    if fmt == Format::Json {
+        return print_json(&t);
+    }
+    eprintln!(
+        "join token for host {} (one use, valid until {}): write it to a file on that host \
+         and start its agent with --name {} --enrol-token-file FILE",
+        t.host, t.expires_at, t.host
+    );
+    println!("{}", t.token);
+    Ok(())
+}
+
+/// `tern host remove`: forgets a host with no VMs and revokes its secret.
+pub async fn remove(api: &CenterClient, name: &str, fmt: Format) -> Result<(), CliError> {
+    api.remove_host(name).await.or_list("tern host list")?;
+    if fmt == Format::Table {
+        println!("removed host {name}; its agent can no longer reach the cluster");
+    }
+    Ok(())
+}
 
 pub async fn list(api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     let hosts: Vec<Host> = api.hosts().await.or_list("tern host list")?;
@@ -215,4 +264,20 @@ pub async fn maintenance(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ttl;
+
+    #[test]
+    fn lifetimes_parse_with_units() {
+        assert_eq!(parse_ttl("90"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("2h"), Ok(7200));
+        assert_eq!(parse_ttl("1d"), Ok(86_400));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("99999999999999999999d").is_err());
+    }
 }
