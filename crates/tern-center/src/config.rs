@@ -28,9 +28,12 @@ instead of '-'; a flag given on the command line wins over the file. Example:
     socket = \"/run/tern/center.sock\"
     heartbeat_timeout_ms = 10000
 
-Tokens: users present the admin token (--admin-token-file), host agents the enrolment token
-(--enrol-token-file) when they register. A missing token file is created with a random token;
-read it on the center host to configure the CLI (TERN_TOKEN) and the agents.
+Tokens: the admin token (--admin-token-file, created with a random token if missing) is the
+first user's; read it on the center host, set TERN_TOKEN to it, and create a named token per
+user with a role (tern token create NAME --role viewer|operator|admin). Hosts join with a
+one-time token each (tern host add NAME; give it to the agent with --enrol-token-file), then
+with the secret the center gives them; --shared-enrolment lets one shared token join new
+hosts instead (closed networks only).
 
 The API listens on TCP and on the unix socket at the same time; its OpenAPI document is at
 GET /openapi.json (no token needed).";
@@ -68,10 +71,16 @@ pub struct CenterArgs {
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// File holding the token host agents present to register (created if missing)
-    /// [default: DATA_DIR/enrol.token].
+    /// File holding the cluster-wide enrolment token (created if missing), accepted only
+    /// with --shared-enrolment [default: DATA_DIR/enrol.token].
     #[arg(long, value_name = "FILE")]
     pub enrol_token_file: Option<PathBuf>,
+
+    /// Let any holder of the enrolment token join new hosts (never take over a registered
+    /// one). Off by default: hosts join with one-time tokens from `tern host add NAME`.
+    #[arg(long)]
+    #[serde(default)]
+    pub shared_enrolment: bool,
 
     /// A host that sent no heartbeat for this long is marked disconnected [default: 10000].
     #[arg(long, value_name = "MS")]
@@ -95,6 +104,8 @@ pub struct CenterConfig {
     pub socket: PathBuf,
     pub admin_token_file: PathBuf,
     pub enrol_token_file: PathBuf,
+    /// Whether the enrolment token joins new hosts (see [`CenterArgs::shared_enrolment`]).
+    pub shared_enrolment: bool,
     pub heartbeat_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub drs_period_ms: u64,
@@ -111,6 +122,7 @@ impl CenterConfig {
             socket: data_dir.join("center.sock"),
             admin_token_file: data_dir.join("admin.token"),
             enrol_token_file: data_dir.join("enrol.token"),
+            shared_enrolment: false,
             heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             drs_period_ms: DEFAULT_DRS_PERIOD_MS,
@@ -140,6 +152,7 @@ impl CenterConfig {
         if let Some(p) = pick(&args.enrol_token_file, &file.enrol_token_file) {
             cfg.enrol_token_file = p;
         }
+        cfg.shared_enrolment = args.shared_enrolment || file.shared_enrolment;
         if let Some(ms) = args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms) {
             cfg.heartbeat_timeout_ms = ms;
         }

@@ -220,7 +220,7 @@ fn registration_credential(
         }
         return Ok(Credential::JoinToken { hash });
     }
-    if crate::auth::token_eq(bearer, &app.enrol_token) {
+    if app.config.shared_enrolment && crate::auth::token_eq(bearer, &app.enrol_token) {
         if existing.is_some() {
             return Err(CenterError::unauthorized(format!(
                 "host {name} is registered already: registering it again needs that host's own \

@@ -206,6 +206,8 @@ async fn supervise(
         r = &mut tcp_srv => (Some(format!("the TCP listener stopped: {r:?}")), vec![unix_srv]),
         r = &mut unix_srv => (Some(format!("the unix socket listener stopped: {r:?}")), vec![tcp_srv]),
     };
+    // A listener that ended because shutdown was asked (it may be seen first) did not fail.
+    let failure = failure.filter(|_| !*rx.borrow());
     tracing::info!("tern center stopping");
     for srv in still_serving {
         if failure.is_some() {

@@ -178,3 +178,27 @@ async fn a_removed_host_loses_its_secret() {
     assert_ne!(back.host_id, h1.host_id);
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_shared_enrolment_token_joins_nothing_unless_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 60_000);
+    cfg.shared_enrolment = false; // the default
+    let c = tern_center::serve(cfg).await.unwrap();
+    let _: Cluster = admin(&c)
+        .post(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: "lab".into(),
+                evc_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    let (code, msg) = status(register(&c, &c.enrol_token, "h9", H1_URL).await);
+    assert_eq!(code, 401, "{msg}");
+    assert!(msg.contains("tern host add h9"), "{msg}");
+    let hosts: Vec<Host> = admin(&c).get("/api/v1/hosts").await.unwrap();
+    assert!(hosts.is_empty());
+    c.shutdown().await.unwrap();
+}

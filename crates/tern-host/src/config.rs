@@ -39,7 +39,10 @@ pub struct AgentArgs {
     /// its API only.
     #[arg(long, value_name = "URL")]
     pub center: Option<String>,
-    /// File holding the center's enrolment token (one line); needed with --center.
+    /// File holding this host's one-time join token (`tern host add NAME` on the center
+    /// prints it), or a shared enrolment token; needed with --center for the first
+    /// registration, after which the host uses the secret the center gave it (kept in the
+    /// state dir as host.secret).
     #[arg(long, value_name = "FILE")]
     pub enrol_token_file: Option<PathBuf>,
     /// Address of the agent API [default: the --migration-address IP, port 8701; or

@@ -27,6 +27,8 @@ pub async fn serve_router(app: axum::Router) -> String {
 pub fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
     let mut c = CenterConfig::with_data_dir(dir.join("center"));
     c.listen = "127.0.0.1:0".parse().unwrap();
+    // The fake agents join with the shared enrolment token (host_identity.rs covers both).
+    c.shared_enrolment = true;
     c.heartbeat_timeout_ms = heartbeat_timeout_ms;
     c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
     c

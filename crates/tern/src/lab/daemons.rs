@@ -39,8 +39,6 @@ pub(super) fn center_args(st: &LabState) -> Vec<String> {
         st.socket.display().to_string(),
         "--admin-token-file".into(),
         st.admin_token_file.display().to_string(),
-        "--enrol-token-file".into(),
-        st.enrol_token_file.display().to_string(),
     ]
 }
 
@@ -55,7 +53,7 @@ pub(super) fn agent_args(st: &LabState, h: &LabHost) -> Vec<String> {
         "--center".into(),
         st.center_url.clone(),
         "--enrol-token-file".into(),
-        st.enrol_token_file.display().to_string(),
+        st.join_token_file(&h.name).display().to_string(),
         "--listen".into(),
         format!("{}:{}", h.mgmt_ip, tern_api::AGENT_PORT),
         "--advertise-url".into(),

@@ -36,7 +36,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use chrono::Utc;
 use serde::Serialize;
-use tern_api::center::{CreateCluster, Host};
+use tern_api::center::{AddHost, CreateCluster, Host};
 
 use daemons::{agent_args, api_client, center_args, start_process, wait_center, wait_hosts};
 use plan::{Plan, CLUSTER};
@@ -120,9 +120,14 @@ fn current_exe() -> anyhow::Result<PathBuf> {
 
 /// A fresh random token (hex), written to a 0600 file.
 fn write_token(path: &Path) -> anyhow::Result<()> {
-    use std::io::Write as _;
     let bytes: [u8; 24] = rand::random();
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_secret(path, &token)
+}
+
+/// Writes one secret line, owner-only.
+fn write_secret(path: &Path, token: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -178,7 +183,6 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         center_url: plan.center_url(),
         socket: dir.join("center/center.sock"),
         admin_token_file: dir.join("admin.token"),
-        enrol_token_file: dir.join("enrol.token"),
         shared_dir: dir.join("shared"),
         guest: None,
         center: None,
@@ -187,7 +191,6 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
     };
     st.save()?;
     write_token(&st.admin_token_file)?;
-    write_token(&st.enrol_token_file)?;
 
     say(&format!(
         "creating {} namespaces and their links",
@@ -255,6 +258,18 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         Ok(_) => {}
         Err(e) if e.is_conflict() => {}
         Err(e) => return Err(e).context("creating cluster `lab`"),
+    }
+
+    // Each host joins with its own one-time token, as on a real network.
+    let join_dir = dir.join("join");
+    std::fs::create_dir_all(&join_dir)
+        .with_context(|| format!("creating {}", join_dir.display()))?;
+    for name in st.hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>() {
+        let t = api
+            .add_host(&name, &AddHost { ttl_s: Some(3600) })
+            .await
+            .with_context(|| format!("creating the join token of host {name}"))?;
+        write_secret(&st.join_token_file(&name), &t.token)?;
     }
 
     say(&format!("starting {} host agents", st.hosts.len()));

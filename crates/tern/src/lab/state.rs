@@ -65,7 +65,6 @@ pub struct LabState {
     /// Unix socket of the center's API (reachable from the root namespace).
     pub socket: PathBuf,
     pub admin_token_file: PathBuf,
-    pub enrol_token_file: PathBuf,
     pub shared_dir: PathBuf,
     pub guest: Option<LabGuest>,
     pub center: Option<LabProcess>,
@@ -76,6 +75,11 @@ pub struct LabState {
 impl LabState {
     pub fn path(dir: &Path) -> PathBuf {
         dir.join(STATE_FILE)
+    }
+
+    /// Where host `name`'s one-time join token is written for its agent's first start.
+    pub fn join_token_file(&self, name: &str) -> PathBuf {
+        self.dir.join("join").join(format!("{name}.token"))
     }
 
     /// Reads the record of the lab in `dir`; `Ok(None)` when there is none.
@@ -144,7 +148,6 @@ mod tests {
             center_url: "http://10.77.0.2:8700".into(),
             socket: dir.path().join("center/center.sock"),
             admin_token_file: dir.path().join("admin.token"),
-            enrol_token_file: dir.path().join("enrol.token"),
             shared_dir: dir.path().join("shared"),
             guest: None,
             center: Some(LabProcess {
