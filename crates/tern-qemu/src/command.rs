@@ -246,9 +246,11 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
     ]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    // Seccomp filter of obsolete system calls. Stricter groups break -daemonize:
-    // elevateprivileges denies setsid() and spawn denies fork().
-    push(&["-sandbox", "on,obsolete=deny"]);
+    // Seccomp filter: obsolete system calls, and changing scheduling, affinity or memory
+    // policy (resourcecontrol; the agent's cgroup decides those). Two stricter groups break
+    // -daemonize: elevateprivileges denies setsid() and spawn denies fork(); they need the
+    // agent to start QEMU in its own session instead.
+    push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
     push(&["-msg", "timestamp=on"]);
 
     match &spec.boot {
@@ -430,6 +432,11 @@ mod tests {
         assert_eq!(value(&argv, "-pidfile"), "/var/lib/tern/vms/x/qemu.pid");
         assert_eq!(value(&argv, "-D"), "/var/lib/tern/vms/x/qemu.log");
         assert_eq!(value(&argv, "-mon"), "chardev=qmp,mode=control");
+        // Confined: a seccomp filter that also denies scheduling and memory-policy changes.
+        assert_eq!(
+            value(&argv, "-sandbox"),
+            "on,obsolete=deny,resourcecontrol=deny"
+        );
         let chardevs = values(&argv, "-chardev");
         assert!(
             chardevs.contains(&"file,id=serial0,path=/var/lib/tern/vms/x/console.log,append=on")
