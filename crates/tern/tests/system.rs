@@ -414,6 +414,39 @@ fn vm_lifecycle_restarts_and_bad_input_in_the_lab() {
     );
     stream_ok(&lab, "after the agent restart");
 
+    // Named tokens through the CLI: a viewer reads but cannot stop the VM (refused, exit 4);
+    // once revoked it cannot read either; the event log names who did what.
+    let viewer = lab
+        .tern_ok(&["token", "create", "vera", "--role", "viewer"])
+        .trim()
+        .to_string();
+    assert!(viewer.starts_with("tern_"), "{viewer}");
+    let as_viewer = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--token", &viewer]);
+        lab.tern(&a)
+    };
+    let out = as_viewer(&["vm", "show", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_viewer(&["vm", "stop", "vm1", "--force"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("needs operator"), "{}", text(&out));
+    assert_eq!(vm_json(&lab)["actual_state"], "running");
+    lab.tern_ok(&["token", "revoke", "vera"]);
+    let out = as_viewer(&["vm", "show", "vm1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "vm1"]);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["actor"] == "vera" && e["message"].as_str().unwrap_or("").contains("403")),
+        "no refused stop by vera in {events:#?}"
+    );
+    // A host name cannot be removed while it holds a VM.
+    let out = lab.tern(&["host", "remove", "h1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("still has VMs"), "{}", text(&out));
+
     // The re-adopted VM is still under control: it stops, and goes.
     lab.tern_ok(&["vm", "stop", "vm1", "--force"]);
     assert_eq!(vm_json(&lab)["actual_state"], "stopped");

@@ -17,7 +17,7 @@ pub struct ConnectArgs {
     /// Center endpoint: `unix:/path/center.sock` or `http://IP:PORT` [default: the lab's]
     #[arg(long, env = "TERN_CENTER", global = true)]
     pub center: Option<String>,
-    /// Admin token (not shown in logs) [default: the lab's admin.token]
+    /// API token (not shown in logs) [default: the lab's admin.token]
     #[arg(long, env = "TERN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     #[command(flatten)]
