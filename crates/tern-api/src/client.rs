@@ -57,6 +57,7 @@ impl HttpPool {
     pub fn new() -> Result<HttpPool, ApiError> {
         reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .no_proxy()
             .build()
             .map(HttpPool)
@@ -67,6 +68,9 @@ impl HttpPool {
     }
 }
 
+/// How long an idle pooled connection is kept: well under the servers' idle timeout (10 s,
+/// `tern-serve`), so a call never picks a connection the server is closing at that moment.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed to open a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for a whole call unless the caller says otherwise.
@@ -115,6 +119,7 @@ impl ApiClient {
     ) -> Result<Self, ApiError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .no_proxy();
         let base = match &endpoint {
             Endpoint::Tcp(url) => url.clone(),
