@@ -62,6 +62,15 @@ fn valid_host_name(name: &str) -> bool {
         && name != "register"
 }
 
+/// Names of the VMs placed on a host.
+fn vm_names_on(tx: &Tx, host: Uuid) -> Result<Vec<String>, StoreError> {
+    Ok(tx
+        .vms_on_host(host)?
+        .iter()
+        .map(|v| v.name().to_string())
+        .collect())
+}
+
 /// Forgets a host that has no VMs: its record and its secret, so its agent can no longer
 /// heartbeat or register again without a new join token.
 pub async fn remove_host(app: &Arc<App>, name: String) -> Result<(), CenterError> {
@@ -70,11 +79,7 @@ pub async fn remove_host(app: &Arc<App>, name: String) -> Result<(), CenterError
             let h = tx.host_by_name(&name)?.ok_or_else(|| {
                 CenterError::not_found(format!("host {name} is not registered: see tern host list"))
             })?;
-            let vms: Vec<String> = tx
-                .vms_on_host(h.id)?
-                .iter()
-                .map(|v| v.name().to_string())
-                .collect();
+            let vms = vm_names_on(tx, h.id)?;
             if !vms.is_empty() {
                 return Err(CenterError::conflict(format!(
                     "host {name} still has VMs ({}): migrate them away (tern host maintenance \
@@ -327,11 +332,7 @@ pub async fn register_host(
                 Some(mut h) => {
                     let was = h.state();
                     if h.cluster_id != cluster_id {
-                        let vms: Vec<String> = tx
-                            .vms_on_host(h.id)?
-                            .iter()
-                            .map(|v| v.name().to_string())
-                            .collect();
+                        let vms = vm_names_on(tx, h.id)?;
                         if !vms.is_empty() {
                             return Err(CenterError::conflict(format!(
                                 "host {} is in cluster {} with VMs ({}); it cannot join cluster \

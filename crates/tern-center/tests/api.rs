@@ -23,7 +23,7 @@ use tern_center::{serve, RunningCenter};
 use uuid::Uuid;
 
 mod common;
-use common::{admin, config, facts, raw, started, wait_for, wait_task};
+use common::{admin, config, create_cluster, facts, raw, started, wait_for, wait_task};
 
 const AGENT_TOKEN: &str = "agent-secret";
 
@@ -278,19 +278,6 @@ async fn heartbeat(c: &RunningCenter, reg: &Registered, load: HostLoad) -> Resul
             },
         )
         .await
-}
-
-async fn create_cluster(c: &RunningCenter, name: &str) -> Cluster {
-    admin(c)
-        .post(
-            "/api/v1/clusters",
-            &CreateCluster {
-                name: name.into(),
-                evc_mode: None,
-            },
-        )
-        .await
-        .unwrap()
 }
 
 async fn get_vm(c: &RunningCenter, name: &str) -> Vm {

@@ -5,10 +5,8 @@
 
 mod common;
 
-use common::{admin, config, facts, status, wait_for};
-use tern_api::center::{
-    AddHost, Cluster, CreateCluster, Heartbeat, Host, JoinToken, RegisterHost, Registered,
-};
+use common::{admin, config, create_cluster, facts, status, wait_for};
+use tern_api::center::{AddHost, Heartbeat, Host, JoinToken, RegisterHost, Registered};
 use tern_api::{ApiClient, Endpoint, HostLoad};
 
 fn client(c: &tern_center::RunningCenter, token: &str) -> ApiClient {
@@ -75,16 +73,7 @@ async fn a_registered_name_cannot_be_taken_over() {
     let c = tern_center::serve(config(dir.path(), 60_000))
         .await
         .unwrap();
-    let _: Cluster = admin(&c)
-        .post(
-            "/api/v1/clusters",
-            &CreateCluster {
-                name: "lab".into(),
-                evc_mode: None,
-            },
-        )
-        .await
-        .unwrap();
+    create_cluster(&c, "lab").await;
 
     // h1 joins with its one-time token; the token is then used up.
     let t1 = join_token(&c, "h1", 3600).await;
@@ -137,16 +126,7 @@ async fn a_removed_host_loses_its_secret() {
     let c = tern_center::serve(config(dir.path(), 60_000))
         .await
         .unwrap();
-    let _: Cluster = admin(&c)
-        .post(
-            "/api/v1/clusters",
-            &CreateCluster {
-                name: "lab".into(),
-                evc_mode: None,
-            },
-        )
-        .await
-        .unwrap();
+    create_cluster(&c, "lab").await;
     let t = join_token(&c, "h1", 3600).await;
     let h1 = register(&c, &t.token, "h1", H1_URL).await.unwrap();
     heartbeat(&c, &h1).await.unwrap();
@@ -185,16 +165,7 @@ async fn the_shared_enrolment_token_joins_nothing_unless_enabled() {
     let mut cfg = config(dir.path(), 60_000);
     cfg.shared_enrolment = false; // the default
     let c = tern_center::serve(cfg).await.unwrap();
-    let _: Cluster = admin(&c)
-        .post(
-            "/api/v1/clusters",
-            &CreateCluster {
-                name: "lab".into(),
-                evc_mode: None,
-            },
-        )
-        .await
-        .unwrap();
+    create_cluster(&c, "lab").await;
     let (code, msg) = status(register(&c, &c.enrol_token, "h9", H1_URL).await);
     assert_eq!(code, 401, "{msg}");
     assert!(msg.contains("tern host add h9"), "{msg}");

@@ -326,13 +326,8 @@ fn write_file(path: &Path, data: &[u8], mode: u32, sync: bool) -> anyhow::Result
 mod tests {
     use super::*;
 
-    #[test]
-    fn run_dirs_and_specs_are_private() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = StateDir::open(dir.path()).expect("open");
-        let vm = s.vm(Uuid::new_v4());
-        vm.create().expect("create");
-        let spec = VmSpec {
+    fn small_spec() -> VmSpec {
+        VmSpec {
             name: "a".into(),
             vcpus: 1,
             memory_mib: 64,
@@ -340,7 +335,16 @@ mod tests {
             boot: tern_api::BootSource::Disk,
             disks: vec![],
             nics: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn run_dirs_and_specs_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = StateDir::open(dir.path()).expect("open");
+        let vm = s.vm(Uuid::new_v4());
+        vm.create().expect("create");
+        let spec = small_spec();
         vm.write_spec(&spec, 1).expect("spec");
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode(&vm.dir), 0o700);
@@ -381,15 +385,7 @@ mod tests {
         let id = Uuid::new_v4();
         let rd = s.vm(id);
         rd.create().expect("create");
-        let spec = VmSpec {
-            name: "a".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            cpu_model: None,
-            boot: tern_api::BootSource::Disk,
-            disks: vec![],
-            nics: vec![],
-        };
+        let spec = small_spec();
         rd.write_spec(&spec, 7).expect("write");
         assert_eq!(rd.read_spec().expect("read"), (spec, 7));
         let rec = RunRecord {

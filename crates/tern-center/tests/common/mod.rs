@@ -108,22 +108,27 @@ pub fn kernel_spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
     }
 }
 
+/// Creates cluster `name` with no EVC baseline.
+pub async fn create_cluster(c: &RunningCenter, name: &str) -> Cluster {
+    admin(c)
+        .post(
+            "/api/v1/clusters",
+            &CreateCluster {
+                name: name.into(),
+                evc_mode: None,
+            },
+        )
+        .await
+        .unwrap()
+}
+
 /// Creates cluster `lab` and registers `hosts` (name, facts, agent URL) in it; returns each
 /// host's registration (id and token, for heartbeats) by name.
 pub async fn setup_lab(
     c: &RunningCenter,
     hosts: Vec<(&str, HostFacts, String)>,
 ) -> HashMap<String, Registered> {
-    let _: Cluster = admin(c)
-        .post(
-            "/api/v1/clusters",
-            &CreateCluster {
-                name: "lab".into(),
-                evc_mode: None,
-            },
-        )
-        .await
-        .unwrap();
+    create_cluster(c, "lab").await;
     let enrol = ApiClient::new(Endpoint::Tcp(c.url()), &c.enrol_token).unwrap();
     let mut out = HashMap::new();
     for (name, facts, agent_url) in hosts {
