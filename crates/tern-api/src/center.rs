@@ -319,6 +319,7 @@ pub struct Event {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ConsoleQuery {
     /// How many bytes of the log's end to return (default: the agent's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,6 +328,7 @@ pub struct ConsoleQuery {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct CanMigrateQuery {
     /// Destination host.
     pub to: String,
@@ -334,6 +336,7 @@ pub struct CanMigrateQuery {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct TaskQuery {
     /// Newest N tasks (default 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -345,6 +348,7 @@ pub struct TaskQuery {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Newest N events (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -151,3 +151,17 @@ async fn numbers_meant_to_overflow_are_refused_by_name() {
     assert!(tasks.is_empty(), "a task was queued: {tasks:?}");
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_misspelt_query_parameter_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = tern_center::serve(config(dir.path(), 5_000)).await.unwrap();
+    // `lmit` for `limit`: before, it was ignored and the default number of events came back.
+    let r: Result<serde_json::Value, _> = admin(&c).get("/api/v1/events?lmit=5").await;
+    let (code, msg) = status(r);
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("lmit"), "{msg}");
+    let ok: Vec<serde_json::Value> = admin(&c).get("/api/v1/events?limit=5").await.unwrap();
+    assert!(ok.len() <= 5);
+    c.shutdown().await.unwrap();
+}
