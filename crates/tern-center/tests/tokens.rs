@@ -140,24 +140,17 @@ async fn a_revoked_token_fails_at_once_and_secrets_are_stored_hashed() {
     assert!(bot.vms().await.unwrap().is_empty());
 
     // A second token of the same name is refused; the name `admin` is the token file's.
-    let (code, _) = status(
-        client(&c, &c.admin_token)
-            .create_token(&CreateToken {
-                name: "ci-bot".into(),
-                role: Role::Viewer,
-            })
-            .await,
-    );
-    assert_eq!(code, 409);
-    let (code, _) = status(
-        client(&c, &c.admin_token)
-            .create_token(&CreateToken {
-                name: "admin".into(),
-                role: Role::Viewer,
-            })
-            .await,
-    );
-    assert_eq!(code, 400);
+    for (name, want) in [("ci-bot", 409), ("admin", 400)] {
+        let (code, msg) = status(
+            client(&c, &c.admin_token)
+                .create_token(&CreateToken {
+                    name: name.into(),
+                    role: Role::Viewer,
+                })
+                .await,
+        );
+        assert_eq!(code, want, "{name}: {msg}");
+    }
 
     // Nothing the center keeps holds the secret itself.
     for f in std::fs::read_dir(&c.config.data_dir).unwrap() {
