@@ -8,6 +8,7 @@
 //! | POST | /api/v1/clusters | [`CreateCluster`] → [`Cluster`] |
 //! | GET | /api/v1/clusters | → `Vec<Cluster>` |
 //! | GET | /api/v1/clusters/{name} | → [`Cluster`] |
+//! | GET, PUT | /api/v1/clusters/{name}/migration | [`ClusterMigrationSettings`] (PUT: admin) |
 //! | POST | /api/v1/hosts/register | [`RegisterHost`] → [`Registered`] |
 //! | POST | /api/v1/hosts/{id}/heartbeat | [`Heartbeat`] → `()` |
 //! | GET | /api/v1/hosts | → `Vec<Host>` |
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+pub use crate::migration::MigrationEncryption;
 use crate::spec::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
 pub const API_PREFIX: &str = "/api/v1";
@@ -45,6 +47,18 @@ pub struct CreateCluster {
     /// EVC baseline (CPU model name); `None` = no baseline.
     #[serde(default)]
     pub evc_mode: Option<String>,
+    /// Whether its migrations are encrypted (default `required`).
+    #[serde(default)]
+    pub migration_encryption: Option<MigrationEncryption>,
+}
+
+/// A cluster's migration policy (`GET`/`PUT /clusters/{name}/migration`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMigrationSettings {
+    /// `required` (default): every migration stream is encrypted and authenticated with a
+    /// key made for it; `opportunistic`: when both hosts can; `disabled`: never.
+    pub encryption: MigrationEncryption,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -52,6 +66,8 @@ pub struct Cluster {
     pub id: Uuid,
     pub name: String,
     pub evc_mode: Option<String>,
+    #[serde(default)]
+    pub migration_encryption: MigrationEncryption,
     pub hosts: Vec<String>,
     pub created_at: DateTime<Utc>,
 }

@@ -6,9 +6,9 @@
 use uuid::Uuid;
 
 use crate::center::{
-    AddHost, ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken,
-    CreateVm, CreatedToken, Event, EventQuery, Host, HostMaintenance, JoinToken, StopVm, Task,
-    TaskQuery, Vm,
+    AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ConsoleQuery,
+    CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventQuery, Host, HostMaintenance,
+    JoinToken, StopVm, Task, TaskQuery, Vm,
 };
 use crate::client::{ApiClient, Endpoint};
 use crate::drs::{DrsRecommendations, DrsSettings};
@@ -53,6 +53,25 @@ impl CenterClient {
     ) -> Result<EvcModeChange, ApiError> {
         self.api
             .post(&route::CLUSTER_EVC.with_name(cluster)?, req)
+            .await
+    }
+
+    pub async fn cluster_migration(
+        &self,
+        cluster: &str,
+    ) -> Result<ClusterMigrationSettings, ApiError> {
+        self.api
+            .get(&route::CLUSTER_MIGRATION.with_name(cluster)?)
+            .await
+    }
+
+    pub async fn set_cluster_migration(
+        &self,
+        cluster: &str,
+        s: &ClusterMigrationSettings,
+    ) -> Result<ClusterMigrationSettings, ApiError> {
+        self.api
+            .put(&route::CLUSTER_MIGRATION.with_name(cluster)?, s)
             .await
     }
 

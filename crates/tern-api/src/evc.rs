@@ -158,6 +158,8 @@ pub enum CheckKind {
     Qemu,
     /// The VM's MAC is not live anywhere else.
     Mac,
+    /// The stream can be encrypted as the cluster's policy asks.
+    Encryption,
 }
 
 impl CheckKind {
@@ -173,6 +175,7 @@ impl CheckKind {
             CheckKind::Source => "source",
             CheckKind::Qemu => "qemu",
             CheckKind::Mac => "mac",
+            CheckKind::Encryption => "encryption",
         }
     }
 

@@ -143,6 +143,116 @@ pub struct MigrationSettings {
     /// the cap is the user's, or there is none, and stays as it is.
     #[serde(default)]
     pub paced_from_link_mbit: Option<f64>,
+    /// The stream is encrypted and authenticated with QEMU's TLS under a key made for this
+    /// migration alone ([`MigrationKey`]); the reason is among `reasons`.
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// Whether a cluster's migrations are encrypted: `migration_encryption` of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationEncryption {
+    /// Every migration is encrypted; one between hosts that cannot is refused.
+    #[default]
+    Required,
+    /// Encrypted when both hosts can, plain otherwise (the task says which and why).
+    Opportunistic,
+    /// Never encrypted: for an isolated migration network where the CPU matters more.
+    Disabled,
+}
+
+impl MigrationEncryption {
+    pub const ALL: [MigrationEncryption; 3] = [
+        MigrationEncryption::Required,
+        MigrationEncryption::Opportunistic,
+        MigrationEncryption::Disabled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationEncryption::Required => "required",
+            MigrationEncryption::Opportunistic => "opportunistic",
+            MigrationEncryption::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationEncryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for MigrationEncryption {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MigrationEncryption, String> {
+        MigrationEncryption::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                format!("{s:?} is no migration encryption: use required, opportunistic or disabled")
+            })
+    }
+}
+
+/// The pre-shared key of one migration's TLS (256 bits): made by the center for that migration
+/// alone and given only to its two agents, so only the intended source can feed the
+/// destination and only the intended destination can read the stream. Hex on the wire, never
+/// in `Debug` output, logs or the task.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MigrationKey([u8; 32]);
+
+impl MigrationKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> MigrationKey {
+        MigrationKey(bytes)
+    }
+
+    /// Lower-case hex, the form QEMU's `keys.psk` file takes.
+    pub fn to_hex(&self) -> String {
+        use std::fmt::Write;
+        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+}
+
+impl std::fmt::Debug for MigrationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationKey(<secret>)")
+    }
+}
+
+impl TryFrom<String> for MigrationKey {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<MigrationKey, String> {
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return Err(format!(
+                "a migration key is 64 hex digits, not {} characters",
+                b.len()
+            ));
+        }
+        let mut key = [0u8; 32];
+        for (i, pair) in b.chunks(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(h), Some(l)) => key[i] = (h * 16 + l) as u8,
+                _ => return Err("a migration key is 64 hex digits".into()),
+            }
+        }
+        Ok(MigrationKey(key))
+    }
+}
+
+impl From<MigrationKey> for String {
+    fn from(k: MigrationKey) -> String {
+        k.to_hex()
+    }
 }
 
 /// `multifd-compression`: how multifd channels compress pages.
@@ -371,6 +481,10 @@ pub struct PrepareIncoming {
     pub generation: u64,
     #[serde(default)]
     pub settings: Option<MigrationSettings>,
+    /// The migration's TLS key, with `settings` that say `encrypted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub key: Option<MigrationKey>,
 }
 
 /// Destination: the settings of a migration prepared without them; configure and listen.
@@ -378,6 +492,10 @@ pub struct PrepareIncoming {
 #[serde(deny_unknown_fields)]
 pub struct ListenIncoming {
     pub settings: MigrationSettings,
+    /// The migration's TLS key, when `settings` say `encrypted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub key: Option<MigrationKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -396,6 +514,10 @@ pub struct StartOutgoing {
     #[schema(value_type = String, example = "tcp:10.77.0.12:49152")]
     pub uri: MigrationUri,
     pub settings: MigrationSettings,
+    /// The migration's TLS key, when `settings` say `encrypted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub key: Option<MigrationKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -628,5 +750,62 @@ mod uri_tests {
         odd["compression"] = serde_json::json!("zlib,multifd-channels=64");
         let bad = serde_json::json!({ "uri": "tcp:10.0.0.2:4000", "settings": odd });
         assert!(serde_json::from_value::<StartOutgoing>(bad).is_err());
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_cross_the_wire_as_hex_and_never_show_in_debug_output() {
+        let key = MigrationKey::from_bytes([0xa5; 32]);
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(json, format!("\"{}\"", "a5".repeat(32)));
+        assert_eq!(serde_json::from_str::<MigrationKey>(&json).unwrap(), key);
+        assert!(!format!("{key:?}").contains("a5"));
+        let req = StartOutgoing {
+            uri: "tcp:10.0.0.2:4000".parse().unwrap(),
+            settings: serde_json::from_value(serde_json::json!({
+                "multifd_channels": 0, "max_bandwidth_mib_s": null, "downtime_limit_ms": 300,
+                "compression": "none", "auto_converge": false, "postcopy_allowed": false,
+                "deadline_ms": 1000, "reasons": [], "encrypted": true
+            }))
+            .unwrap(),
+            key: Some(key),
+        };
+        assert!(
+            !format!("{req:?}").contains("a5a5"),
+            "a logged request shows no key"
+        );
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        for bad in [
+            "",
+            "a5",
+            &"g0".repeat(32),
+            &"a5".repeat(33),
+            &"é".repeat(32),
+        ] {
+            assert!(
+                MigrationKey::try_from(bad.to_string()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn encryption_modes_parse_from_their_names_only() {
+        for m in MigrationEncryption::ALL {
+            assert_eq!(m.as_str().parse::<MigrationEncryption>(), Ok(m));
+        }
+        assert_eq!(
+            MigrationEncryption::default(),
+            MigrationEncryption::Required
+        );
+        assert!("Required".parse::<MigrationEncryption>().is_err());
+        assert!("off".parse::<MigrationEncryption>().is_err());
     }
 }

@@ -161,6 +161,10 @@ pub struct HostFacts {
     #[serde(default)]
     pub cpu: Option<crate::evc::HostCpu>,
     pub agent_version: String,
+    /// The host's QEMU can encrypt migration streams (it has TLS: `tls-creds-psk`). An agent
+    /// that does not say is taken to lack it.
+    #[serde(default)]
+    pub migration_tls: bool,
 }
 
 /// Load of one VM on a host, sampled by the agent.

@@ -14,10 +14,10 @@ use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    AddHost, ApiToken, CanMigrateQuery, Cluster, ConsoleQuery, CreateCluster, CreateToken,
-    CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat, Host, HostMaintenance,
-    JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost, Registered, Role, StopVm, Task,
-    TaskKind, TaskQuery, TaskState, Vm,
+    AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ConsoleQuery,
+    CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat,
+    Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost,
+    Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm,
 };
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
@@ -174,6 +174,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::CLUSTER_EVC), post(set_evc))
         .route(nested(route::CLUSTER_EVC_MODES), get(evc_modes))
         .route(nested(route::CLUSTER_DRS), get(get_drs).put(set_drs))
+        .route(
+            nested(route::CLUSTER_MIGRATION),
+            get(get_cluster_migration).put(set_cluster_migration),
+        )
         .route(
             nested(route::CLUSTER_DRS_RECOMMENDATIONS),
             get(drs_recommendations),
@@ -361,6 +365,44 @@ async fn set_drs(
     Body(req): Body<DrsSettings>,
 ) -> ApiResult<Json<DrsSettings>> {
     Ok(axum::Json(crate::drs::set_settings(&app, name, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/migration", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster's migration policy (default: encryption required)", body = ClusterMigrationSettings),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_cluster_migration(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<ClusterMigrationSettings>> {
+    Ok(axum::Json(
+        crate::inventory::migration_settings(&app, name).await?,
+    ))
+}
+
+#[utoipa::path(put, path = "/api/v1/clusters/{name}/migration", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    request_body = ClusterMigrationSettings,
+    responses(
+        (status = 200, description = "Stored; migrations that start from now on follow it", body = ClusterMigrationSettings),
+        (status = 400, description = "Invalid body or unknown encryption mode", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn set_cluster_migration(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Body(req): Body<ClusterMigrationSettings>,
+) -> ApiResult<Json<ClusterMigrationSettings>> {
+    Ok(axum::Json(
+        crate::inventory::set_migration_settings(&app, name, req).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/clusters/{name}/drs/recommendations", tag = "clusters",
@@ -944,6 +986,7 @@ impl Modify for BearerAuth {
     ),
     paths(
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
+        get_cluster_migration, set_cluster_migration,
         get_drs, set_drs, drs_recommendations, drs_apply,
         register_host, heartbeat, list_hosts, get_host, host_maintenance, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
@@ -1008,6 +1051,8 @@ mod tests {
             ("get", "/api/v1/clusters/{name}/evc-modes"),
             ("get", "/api/v1/clusters/{name}/drs"),
             ("put", "/api/v1/clusters/{name}/drs"),
+            ("get", "/api/v1/clusters/{name}/migration"),
+            ("put", "/api/v1/clusters/{name}/migration"),
             ("get", "/api/v1/clusters/{name}/drs/recommendations"),
             ("post", "/api/v1/clusters/{name}/drs/apply"),
             ("get", "/api/v1/vms/{name}/can-migrate"),

@@ -18,6 +18,7 @@ use tern_api::evc::{
     CheckKind, EvcChangeKind, EvcModeChange, EvcModes, HostEvc, MigrationCheck,
     MigrationCheckReport, SetEvcMode, VmCpuRecord, VmCpuSource,
 };
+use tern_api::migration::MigrationEncryption;
 use tern_api::{Accelerator, HostFacts, HostState, PowerState, VmSpec};
 use tern_cpu::evc::{ClusterHost, ModeChangeKind, PoweredOnVm};
 use tern_cpu::vm::{CpuRequest, VmCpu, VmCpuKind};
@@ -521,6 +522,7 @@ struct DryRun {
     dest_placed_mib: u64,
     busy: Option<String>,
     cpu: Result<String, String>,
+    encryption: MigrationEncryption,
 }
 
 /// Runs every migration pre-check of moving VM `name` to host `to` without moving anything.
@@ -564,6 +566,10 @@ pub async fn can_migrate(
                     dest.name
                 )
             });
+            let encryption = tx
+                .cluster(&vm.cluster)?
+                .map(|c| c.migration_encryption)
+                .unwrap_or_default();
             Ok::<_, CenterError>(DryRun {
                 vm,
                 source,
@@ -571,6 +577,7 @@ pub async fn can_migrate(
                 dest_placed_mib,
                 busy,
                 cpu,
+                encryption,
             })
         })
         .await?;
@@ -664,6 +671,10 @@ pub async fn can_migrate(
         storage_check(app, vm, dest).await,
     ));
     checks.push(check(CheckKind::Cpu, d.cpu.clone()));
+    checks.push(check(
+        CheckKind::Encryption,
+        encryption_check(d.encryption, d.source.as_ref(), dest).map(|(_, why)| why),
+    ));
     Ok(MigrationCheckReport {
         vm: vm.name().to_string(),
         from: d.source.map(|h| h.name),
@@ -671,6 +682,22 @@ pub async fn can_migrate(
         ok: checks.iter().all(|c| c.ok),
         checks,
     })
+}
+
+/// Whether a migration from `source` to `dest` is encrypted under the cluster's `policy`, with
+/// its reason; `Err` when the policy requires what a host's QEMU cannot do.
+pub fn encryption_check(
+    policy: MigrationEncryption,
+    source: Option<&HostRecord>,
+    dest: &HostRecord,
+) -> Result<(bool, String), String> {
+    let lacking: Vec<&str> = source
+        .into_iter()
+        .chain([dest])
+        .filter(|h| !h.facts.migration_tls)
+        .map(|h| h.name.as_str())
+        .collect();
+    tern_motion::choose_encryption(policy, &lacking)
 }
 
 /// Asks the destination's agent whether it sees the VM's files on its shared storage.

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tern_api::center::{Cluster, CreateCluster, CreateVm, Heartbeat, RegisterHost, Registered, Vm};
+use tern_api::center::{
+    Cluster, ClusterMigrationSettings, CreateCluster, CreateVm, Heartbeat, RegisterHost,
+    Registered, Vm,
+};
 use tern_api::{valid_name, HostState, PowerState, VmSpec};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -38,15 +41,67 @@ pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, Ce
     app.db
         .write(move |tx| {
             let now = Utc::now();
-            let c = tx.insert_cluster(&req.name, evc.as_deref(), now)?;
+            let mut c = tx.insert_cluster(&req.name, evc.as_deref(), now)?;
+            if let Some(mode) = req.migration_encryption {
+                tx.set_migration_encryption(c.id, mode)?;
+                c.migration_encryption = mode;
+            }
             let baseline = evc
                 .map(|m| format!(" with CPU baseline {m}"))
                 .unwrap_or_default();
             tx.add_event(
-                NewEvent::info(format!("cluster {} created{baseline}", c.name)),
+                NewEvent::info(format!(
+                    "cluster {} created{baseline}, migration encryption {}",
+                    c.name, c.migration_encryption
+                )),
                 now,
             )?;
             Ok(c)
+        })
+        .await
+}
+
+/// A cluster's migration policy.
+pub async fn migration_settings(
+    app: &App,
+    cluster: String,
+) -> Result<ClusterMigrationSettings, CenterError> {
+    app.db
+        .read(move |tx| {
+            let c = tx
+                .cluster(&cluster)?
+                .ok_or_else(|| CenterError::cluster_not_found(&cluster))?;
+            Ok::<_, CenterError>(ClusterMigrationSettings {
+                encryption: c.migration_encryption,
+            })
+        })
+        .await
+}
+
+/// Sets a cluster's migration policy; migrations already running keep theirs.
+pub async fn set_migration_settings(
+    app: &App,
+    cluster: String,
+    s: ClusterMigrationSettings,
+) -> Result<ClusterMigrationSettings, CenterError> {
+    app.db
+        .write(move |tx| {
+            let now = Utc::now();
+            let id = tx
+                .cluster_id(&cluster)?
+                .ok_or_else(|| CenterError::cluster_not_found(&cluster))?;
+            let before = tx.set_migration_encryption(id, s.encryption)?;
+            if before != s.encryption {
+                tx.add_event(
+                    NewEvent::info(format!(
+                        "cluster {cluster}: migration encryption {before} → {} (migrations \
+                         already running keep theirs)",
+                        s.encryption
+                    )),
+                    now,
+                )?;
+            }
+            Ok::<_, CenterError>(s)
         })
         .await
 }

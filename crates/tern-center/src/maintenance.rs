@@ -693,40 +693,11 @@ fn progress(done: usize, total: usize) -> u8 {
 mod tests {
     use super::*;
     use crate::drs::drs_snapshot;
-    use crate::store::Link;
-    use tern_api::{Accelerator, BootSource, HostFacts, VmSpec};
+    use tern_api::{BootSource, VmSpec};
     use tern_drs::{Rule, VmHostRelation};
 
     fn host(name: &str, memory_mib: u64, maintenance: bool) -> HostRecord {
-        HostRecord {
-            id: Uuid::new_v4(),
-            name: name.into(),
-            cluster_id: Uuid::nil(),
-            cluster: "lab".into(),
-            link: Link::Connected,
-            maintenance,
-            agent_url: "http://127.0.0.1:1".into(),
-            agent_token: "a".into(),
-            host_token: "h".into(),
-            facts: HostFacts {
-                hostname: name.into(),
-                cores: 4,
-                memory_mib,
-                cpu_mhz: 2000,
-                cpu_model_name: "test".into(),
-                cpu_flags: vec![],
-                qemu_version: "10.0.0".into(),
-                accelerator: Accelerator::Tcg,
-                migration_address: "10.0.0.1".into(),
-                shared_storage: "/shared".into(),
-                cpu_capability: vec![],
-                cpu_ceiling: None,
-                cpu: None,
-                agent_version: "test".into(),
-            },
-            load: None,
-            last_heartbeat: None,
-        }
+        HostRecord::fake(name, memory_mib, maintenance)
     }
 
     fn vm(name: &str, on: &HostRecord, memory_mib: u64, actual: PowerState) -> VmRecord {

@@ -22,6 +22,7 @@ use tern_api::center::{
     ApiToken, Cluster, Event, EventLevel, Host, Role, StopVm, Task, TaskState, Vm,
 };
 use tern_api::drs::{DrsAutomation, DrsSettings, DRS_THRESHOLDS};
+use tern_api::migration::MigrationEncryption;
 use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
 /// Ordered schema migrations; `PRAGMA user_version` counts how many have been applied.
@@ -154,6 +155,10 @@ const MIGRATIONS: &[&str] = &[
         created_by  TEXT NOT NULL
     );
     "#,
+    // 7: each cluster's migration encryption policy.
+    r#"
+    ALTER TABLE clusters ADD COLUMN migration_encryption TEXT NOT NULL DEFAULT 'required';
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +212,28 @@ pub struct HostRecord {
 }
 
 impl HostRecord {
+    /// A connected host of cluster `lab` with 4 cores, for unit tests.
+    #[cfg(test)]
+    pub fn fake(name: &str, memory_mib: u64, maintenance: bool) -> HostRecord {
+        HostRecord {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            cluster_id: Uuid::nil(),
+            cluster: "lab".into(),
+            link: Link::Connected,
+            maintenance,
+            agent_url: "http://127.0.0.1:1".into(),
+            agent_token: "a".into(),
+            host_token: "h".into(),
+            facts: HostFacts {
+                hostname: name.into(),
+                ..tern_testkit::fixtures::host_facts(4, memory_mib)
+            },
+            load: None,
+            last_heartbeat: None,
+        }
+    }
+
     pub fn state(&self) -> HostState {
         match (self.link, self.maintenance) {
             (Link::Disconnected, _) => HostState::Disconnected,
@@ -721,9 +748,28 @@ impl Tx<'_> {
             id,
             name: name.to_string(),
             evc_mode: evc_mode.map(str::to_string),
+            migration_encryption: MigrationEncryption::default(),
             hosts: vec![],
             created_at: now,
         })
+    }
+
+    /// Sets a cluster's migration encryption; returns the one it had.
+    pub fn set_migration_encryption(
+        &self,
+        cluster_id: Uuid,
+        mode: MigrationEncryption,
+    ) -> Result<MigrationEncryption, StoreError> {
+        let before: String = self.tx.query_row(
+            "SELECT migration_encryption FROM clusters WHERE id = ?1",
+            [cluster_id.to_string()],
+            |r| r.get(0),
+        )?;
+        self.tx.execute(
+            "UPDATE clusters SET migration_encryption = ?1 WHERE id = ?2",
+            params![mode.as_str(), cluster_id.to_string()],
+        )?;
+        parse_encryption(&before)
     }
 
     pub fn cluster_id(&self, name: &str) -> Result<Option<Uuid>, StoreError> {
@@ -737,8 +783,9 @@ impl Tx<'_> {
     }
 
     pub fn clusters(&self) -> Result<Vec<Cluster>, StoreError> {
-        let rows: Vec<[Option<String>; 4]> = self.query_rows(
-            "SELECT id, name, evc_mode, created_at FROM clusters ORDER BY name",
+        let rows: Vec<[Option<String>; 5]> = self.query_rows(
+            "SELECT id, name, evc_mode, created_at, migration_encryption FROM clusters ORDER BY \
+             name",
             [],
             |c| c,
         )?;
@@ -754,6 +801,7 @@ impl Tx<'_> {
                 id,
                 name: need(&c[1], "cluster name")?.to_string(),
                 evc_mode: c[2].clone(),
+                migration_encryption: parse_encryption(need(&c[4], "migration_encryption")?)?,
                 hosts,
                 created_at: parse_ts(need(&c[3], "cluster created_at")?)?,
             });
@@ -1648,6 +1696,10 @@ impl Tx<'_> {
         )?;
         Ok(())
     }
+}
+
+fn parse_encryption(s: &str) -> Result<MigrationEncryption, StoreError> {
+    s.parse().map_err(StoreError::Corrupt)
 }
 
 #[cfg(test)]

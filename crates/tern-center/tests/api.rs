@@ -301,6 +301,7 @@ async fn tokens_are_required_and_nothing_changes_without_one() {
     let body = CreateCluster {
         name: "lab".into(),
         evc_mode: None,
+        migration_encryption: None,
     };
     // No token.
     let resp = raw()
@@ -384,6 +385,7 @@ async fn malformed_requests_answer_400_with_an_error_body() {
             &CreateCluster {
                 name: "Bad Name".into(),
                 evc_mode: None,
+                migration_encryption: None,
             },
         )
         .await;
@@ -555,6 +557,7 @@ async fn unix_socket_serves_the_same_api() {
             &CreateCluster {
                 name: "lab".into(),
                 evc_mode: None,
+                migration_encryption: None,
             },
         )
         .await

@@ -108,6 +108,7 @@ async fn an_oversize_body_is_refused_and_nothing_changes() {
     let huge = CreateCluster {
         name: "lab".into(),
         evc_mode: Some("x".repeat(1 << 20)),
+        migration_encryption: None,
     };
     let r = raw()
         .post(format!("{}/api/v1/clusters", c.url()))

@@ -42,6 +42,7 @@ async fn each_role_may_do_what_it_is_given_and_nothing_more() {
     a.create_cluster(&CreateCluster {
         name: "lab".into(),
         evc_mode: None,
+        migration_encryption: None,
     })
     .await
     .unwrap();
@@ -50,6 +51,7 @@ async fn each_role_may_do_what_it_is_given_and_nothing_more() {
             who.create_cluster(&CreateCluster {
                 name: "lab2".into(),
                 evc_mode: None,
+                migration_encryption: None,
             })
             .await,
         );

@@ -277,7 +277,34 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
         cpu_ceiling: ceiling.map(str::to_string),
         cpu: capability.as_ref().map(host_cpu),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        migration_tls: qemu_has_object(&cfg.qemu, "tls-creds-psk").await,
     })
+}
+
+/// Whether `qemu -object help` lists the object type `kind` (a QEMU built without GnuTLS has
+/// no TLS credentials); `false` when QEMU cannot be asked.
+pub async fn qemu_has_object(qemu: &Path, kind: &str) -> bool {
+    let out = tokio::process::Command::new(qemu)
+        .args(["-object", "help"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => lists_object(&String::from_utf8_lossy(&o.stdout), kind),
+        Ok(o) => {
+            tracing::warn!("{} -object help failed ({})", qemu.display(), o.status);
+            false
+        }
+        Err(e) => {
+            tracing::warn!("cannot run {} -object help: {e}", qemu.display());
+            false
+        }
+    }
+}
+
+/// `kind` is one of the lines of QEMU's `-object help` list.
+fn lists_object(help: &str, kind: &str) -> bool {
+    help.lines().any(|l| l.trim() == kind)
 }
 
 #[cfg(test)]
@@ -287,6 +314,21 @@ mod tests {
     const CPUINFO: &str = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n\
 cpu MHz\t\t: 2599.998\nflags\t\t: fpu vme sse2 lm\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\n\
 cpu MHz\t\t: 2400.000\nflags\t\t: fpu vme sse2 lm\n";
+
+    #[test]
+    fn object_types_are_matched_whole() {
+        let help = "List of user creatable objects:\n  tls-cipher-suites\n  tls-creds-anon\n  \
+                    tls-creds-psk\n  tls-creds-x509\n";
+        assert!(lists_object(help, "tls-creds-psk"));
+        assert!(!lists_object(help, "tls-creds"));
+        assert!(!lists_object("  tls-creds-anon\n", "tls-creds-psk"));
+    }
+
+    #[tokio::test]
+    async fn this_machines_qemu_can_encrypt_migrations() {
+        assert!(qemu_has_object(Path::new("qemu-system-x86_64"), "tls-creds-psk").await);
+        assert!(!qemu_has_object(Path::new("/nonexistent/qemu"), "tls-creds-psk").await);
+    }
 
     #[test]
     fn cpuinfo() {

@@ -338,6 +338,7 @@ impl Migrations {
                 req.spec,
                 req.generation,
                 req.settings.as_ref(),
+                req.key.as_ref(),
                 self.migration_address,
             )
             .await?;
@@ -360,7 +361,7 @@ impl Migrations {
             )));
         };
         let uri = incoming
-            .listen(&req.settings, self.migration_address)
+            .listen(&req.settings, req.key.as_ref(), self.migration_address)
             .await
             .map_err(qemu)?;
         slot.record
@@ -385,14 +386,21 @@ impl Migrations {
             events: Vec::new(),
         };
         record.write(&base);
-        let out =
-            match Outgoing::start(vm, &req.uri, &req.settings, OutgoingOptions::default()).await {
-                Ok(out) => out,
-                Err(e) => {
-                    record.remove();
-                    return Err(qemu(e));
-                }
-            };
+        let out = match Outgoing::start(
+            vm,
+            &req.uri,
+            &req.settings,
+            req.key.as_ref(),
+            OutgoingOptions::default(),
+        )
+        .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                record.remove();
+                return Err(qemu(e));
+            }
+        };
         record.clone().follow(base, out.watch());
         lock(&self.slots).insert(id, Slot::new(Role::Source(out), record));
         Ok(())

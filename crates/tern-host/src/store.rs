@@ -412,6 +412,7 @@ mod tests {
                 zero_page_detection: Default::default(),
                 throttle: Default::default(),
                 paced_from_link_mbit: Some(400.0),
+                encrypted: true,
             },
             started_unix_ms: 1_700_000_000_000,
             was_running: true,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tern_api::agent::{StartVm, VmRuntime};
 use tern_api::center::StopVm;
-use tern_api::migration::MigrationSettings;
+use tern_api::migration::{MigrationKey, MigrationSettings};
 use tern_api::{Accelerator, BootSource, PowerState, VmSpec};
 use tern_qemu::{ExitReason, IncomingMigration, LaunchConfig, QemuVm, RunState};
 use tokio::sync::watch;
@@ -832,6 +832,7 @@ impl VmManager {
         spec: VmSpec,
         generation: u64,
         settings: Option<&MigrationSettings>,
+        key: Option<&MigrationKey>,
         listen: IpAddr,
     ) -> Result<IncomingMigration, AgentError> {
         validate(
@@ -869,7 +870,7 @@ impl VmManager {
         };
         let _op = slot.op.lock().await;
         let result = self
-            .launch_incoming(&slot, spec, generation, settings, listen)
+            .launch_incoming(&slot, spec, generation, settings, key, listen)
             .await;
         if result.is_err() {
             slot.st().deleted = true;
@@ -889,6 +890,7 @@ impl VmManager {
         spec: VmSpec,
         generation: u64,
         settings: Option<&MigrationSettings>,
+        key: Option<&MigrationKey>,
         listen: IpAddr,
     ) -> Result<IncomingMigration, AgentError> {
         let id = slot.run.id;
@@ -920,7 +922,7 @@ impl VmManager {
             start_paused: true,
         };
         let prepared = match settings {
-            Some(settings) => IncomingMigration::prepare(cfg, settings, listen).await,
+            Some(settings) => IncomingMigration::prepare(cfg, settings, key, listen).await,
             None => IncomingMigration::launch(cfg).await,
         };
         let incoming = match prepared {

@@ -25,6 +25,6 @@ mod fixtures;
 pub use converge::{Action, ConvergenceWatcher, Decision, PrecopySample, SamplePhase};
 pub use handover::{settle, RecordState, Side, SourceState, Step, Way};
 pub use pace::Pacer;
-pub use settings::{choose_settings, mbit_to_mib_s, HostBudget};
+pub use settings::{choose_encryption, choose_settings, mbit_to_mib_s, HostBudget};
 pub use stage::Stage;
 pub use version::{QemuVersion, MACHINE_TYPE};

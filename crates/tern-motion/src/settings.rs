@@ -2,7 +2,8 @@
 //! rate, and what the two hosts can spare. Every choice comes with its reason.
 
 use tern_api::migration::{
-    Compression, Measurements, MigrateVm, MigrationSettings, ThrottlePlan, ZeroPageDetection,
+    Compression, Measurements, MigrateVm, MigrationEncryption, MigrationSettings, ThrottlePlan,
+    ZeroPageDetection,
 };
 
 use crate::version::QemuVersion;
@@ -338,6 +339,45 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         paced_from_link_mbit: (req.bandwidth_mbit.filter(|c| *c > 0).is_none()
             && max_bandwidth_mib_s.is_some())
         .then_some(link_mbit),
+        // The cluster's policy decides, through `choose_encryption`.
+        encrypted: false,
+    }
+}
+
+/// Whether a migration's stream is encrypted: the cluster's `policy` against the hosts whose
+/// QEMU cannot do TLS (`lacking`, by name). Returns the decision and its reason line, or the
+/// refusal when the policy requires what a host cannot do.
+pub fn choose_encryption(
+    policy: MigrationEncryption,
+    lacking: &[&str],
+) -> Result<(bool, String), String> {
+    const HOW: &str = "QEMU's TLS with a key made for this migration alone, held only by the \
+                       two hosts, so nobody else can read the stream or feed the destination";
+    match (policy, lacking) {
+        (MigrationEncryption::Disabled, _) => Ok((
+            false,
+            "encryption: off, as the cluster's policy says (disabled): the guest's memory \
+             crosses the migration network in clear"
+                .into(),
+        )),
+        (policy, []) => Ok((
+            true,
+            format!("encryption: on (cluster policy {policy}): {HOW}"),
+        )),
+        (MigrationEncryption::Opportunistic, lacking) => Ok((
+            false,
+            format!(
+                "encryption: off — the cluster's policy is opportunistic and QEMU on {} has no \
+                 TLS (tls-creds-psk)",
+                lacking.join(", ")
+            ),
+        )),
+        (MigrationEncryption::Required, lacking) => Err(format!(
+            "the cluster requires encrypted migration and QEMU on {} has no TLS \
+             (tls-creds-psk): install a QEMU built with GnuTLS there, or set the cluster's \
+             migration encryption to opportunistic",
+            lacking.join(", ")
+        )),
     }
 }
 
@@ -511,6 +551,27 @@ mod tests {
         let s = choose_settings(&req(), &meas(1024, 0.0, f64::NAN), &hosts(0));
         assert!(has(&s, "link bandwidth").contains("assuming"));
         assert!(s.deadline_ms >= DEADLINE_FLOOR_MS);
+    }
+
+    #[test]
+    fn encryption_follows_the_cluster_policy_and_what_the_hosts_can() {
+        use MigrationEncryption::*;
+        assert!(matches!(choose_encryption(Required, &[]), Ok((true, _))));
+        assert!(matches!(
+            choose_encryption(Opportunistic, &[]),
+            Ok((true, _))
+        ));
+        assert!(matches!(choose_encryption(Disabled, &[]), Ok((false, _))));
+        assert!(matches!(
+            choose_encryption(Disabled, &["h2"]),
+            Ok((false, _))
+        ));
+        let (on, why) = choose_encryption(Opportunistic, &["h2"]).unwrap();
+        assert!(!on && why.contains("h2"), "{why}");
+        let refusal = choose_encryption(Required, &["h1", "h2"]).unwrap_err();
+        assert!(refusal.contains("h1, h2"), "{refusal}");
+        // The settings alone never encrypt: the policy decides.
+        assert!(!choose_settings(&req(), &meas(1024, 10.0, 1000.0), &hosts(4)).encrypted);
     }
 
     #[test]

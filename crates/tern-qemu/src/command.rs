@@ -76,6 +76,8 @@ pub struct RunPaths {
     pub qemu_log: PathBuf,
     /// QEMU's stdout/stderr while starting (the reason a launch failed).
     pub start_log: PathBuf,
+    /// The key file of a migration's TLS, while the migration needs it.
+    pub migration_tls_dir: PathBuf,
 }
 
 impl RunPaths {
@@ -87,6 +89,7 @@ impl RunPaths {
             console_log: run_dir.join("console.log"),
             qemu_log: run_dir.join("qemu.log"),
             start_log: run_dir.join("qemu-start.log"),
+            migration_tls_dir: run_dir.join("migration-tls"),
         }
     }
 }

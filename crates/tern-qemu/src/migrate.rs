@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tern_api::migration::{
-    AgentMigrationState, Compression, MigrationPhase, MigrationProgress, MigrationSettings,
-    MigrationUri,
+    AgentMigrationState, Compression, MigrationKey, MigrationPhase, MigrationProgress,
+    MigrationSettings, MigrationUri,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -113,11 +113,101 @@ pub fn parameters(settings: &MigrationSettings, side: Side) -> Value {
     p
 }
 
-async fn configure(vm: &QemuVm, settings: &MigrationSettings, side: Side) -> Result<()> {
+async fn configure(
+    vm: &QemuVm,
+    settings: &MigrationSettings,
+    key: Option<&MigrationKey>,
+    side: Side,
+) -> Result<()> {
     vm.set_migration_capabilities(&capabilities(settings, side))
         .await?;
-    vm.set_migration_parameters(parameters(settings, side))
-        .await
+    let mut params = parameters(settings, side);
+    params["tls-creds"] = json!(set_tls(vm, settings, key, side).await?);
+    vm.set_migration_parameters(params).await
+}
+
+/// QOM id of the TLS credentials tern gives a migrating QEMU.
+const TLS_CREDS_ID: &str = "tern-migration-tls";
+/// The identity both ends present with the pre-shared key.
+const TLS_PSK_USER: &str = "tern";
+
+/// Gives QEMU this migration's TLS credentials (QEMU's `tls-creds-psk`, replacing any an
+/// earlier attempt left) and returns what `tls-creds` must name; `""` for a plain stream.
+///
+/// Both ends hold the same key, so the TLS handshake authenticates each to the other: a
+/// process that connects to the destination's port without it fails the handshake, and QEMU
+/// drops that connection and keeps listening (measured on QEMU 10: a plain destination fed
+/// 64 junk bytes fails its migration instead). QEMU reads the key from `keys.psk` in a
+/// directory: the source's client credentials read it once, when created, so its copy is
+/// removed at once; the destination's server credentials read it at every handshake (one per
+/// multifd channel), so it stays in the VM's 0700 run dir until the migration ends.
+async fn set_tls(
+    vm: &QemuVm,
+    settings: &MigrationSettings,
+    key: Option<&MigrationKey>,
+    side: Side,
+) -> Result<&'static str> {
+    let key = match (settings.encrypted, key) {
+        (false, None) => return Ok(""),
+        (true, Some(key)) => key,
+        (true, None) => {
+            return Err(Error::Migration(
+                "the migration is to be encrypted but no key came with it".into(),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(Error::Migration(
+                "a migration key came with settings that do not encrypt".into(),
+            ))
+        }
+    };
+    // An earlier attempt's credentials hold an older key; none is no error.
+    let _ = vm
+        .qmp()
+        .execute("object-del", Some(json!({ "id": TLS_CREDS_ID })))
+        .await;
+    let dir = vm.paths().migration_tls_dir.clone();
+    write_psk(&dir, key)?;
+    let mut creds = json!({
+        "qom-type": "tls-creds-psk",
+        "id": TLS_CREDS_ID,
+        "dir": dir.to_string_lossy(),
+        "endpoint": match side { Side::Source => "client", Side::Destination => "server" },
+    });
+    if side == Side::Source {
+        // A server finds the key by the name the client presents.
+        creds["username"] = json!(TLS_PSK_USER);
+    }
+    let added = vm.qmp().execute("object-add", Some(creds)).await;
+    if side == Side::Source || added.is_err() {
+        remove_psk(&dir);
+    }
+    added?;
+    Ok(TLS_CREDS_ID)
+}
+
+/// Writes `keys.psk` (0600) in `dir` (0700), created afresh.
+fn write_psk(dir: &std::path::Path, key: &MigrationKey) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
+    remove_psk(dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io("create", e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join("keys.psk"))
+        .map_err(|e| io("write the migration key in", e))?;
+    writeln!(f, "{TLS_PSK_USER}:{}", key.to_hex()).map_err(|e| io("write the migration key in", e))
+}
+
+/// Removes a migration's key from the run dir (its credentials in QEMU stay until replaced).
+pub(crate) fn remove_psk(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Figures of a finished (or post-copy switched) outgoing migration.
@@ -217,6 +307,7 @@ impl Outgoing {
         vm: Arc<QemuVm>,
         uri: &MigrationUri,
         settings: &MigrationSettings,
+        key: Option<&MigrationKey>,
         opts: OutgoingOptions,
     ) -> Result<Outgoing> {
         let current = vm.query_migrate().await?;
@@ -227,14 +318,15 @@ impl Outgoing {
             )));
         }
         let was_running = vm.status().await? == RunState::Running;
-        configure(&vm, settings, Side::Source).await?;
+        configure(&vm, settings, key, Side::Source).await?;
         let started = Instant::now();
         vm.migrate(&uri.to_string()).await?;
         let mut events = Vec::new();
         let line = format!(
-            "started to {uri}: {} channel(s), compression {}, downtime limit {} ms (budget {} \
+            "started to {uri}: {} channel(s){}, compression {}, downtime limit {} ms (budget {} \
              ms), max-bandwidth {}, deadline {} s",
             settings.multifd_channels.max(1),
+            if settings.encrypted { " encrypted" } else { "" },
             settings.compression,
             settings.downtime_limit_ms,
             settings.downtime_budget_ms,
@@ -1091,11 +1183,12 @@ impl Incoming {
     pub async fn prepare(
         cfg: LaunchConfig,
         settings: &MigrationSettings,
+        key: Option<&MigrationKey>,
         listen: IpAddr,
     ) -> Result<Incoming> {
         let run_dir = cfg.run_dir.clone();
         let incoming = Self::launch(cfg).await?;
-        match incoming.listen(settings, listen).await {
+        match incoming.listen(settings, key, listen).await {
             Ok(_) => Ok(incoming),
             Err(e) => {
                 let _ = incoming.vm.kill().await;
@@ -1123,6 +1216,7 @@ impl Incoming {
     pub async fn listen(
         &self,
         settings: &MigrationSettings,
+        key: Option<&MigrationKey>,
         listen: IpAddr,
     ) -> Result<MigrationUri> {
         if let Some(uri) = self.uri.get() {
@@ -1134,7 +1228,7 @@ impl Incoming {
             IpAddr::V4(a) => format!("tcp:{a}:0"),
             IpAddr::V6(a) => format!("tcp:[{a}]:0"),
         };
-        configure(&self.vm, settings, Side::Destination).await?;
+        configure(&self.vm, settings, key, Side::Destination).await?;
         self.vm.migrate_incoming(&listen_uri).await?;
         let stats = self.vm.query_migrate().await?;
         let uri = stats
@@ -1261,6 +1355,8 @@ impl Incoming {
         // start, instead of going to the old port.
         self.vm.announce_self(announce).await?;
         self.vm.resume().await?;
+        // Everything is received: the key has no connection left to admit.
+        remove_psk(&self.vm.paths().migration_tls_dir);
         self.vm
             .wait_status(|s| *s == RunState::Running, RUN_TIMEOUT)
             .await?;
@@ -1302,6 +1398,7 @@ mod tests {
             zero_page_detection: tern_api::migration::ZeroPageDetection::Multifd,
             throttle: ThrottlePlan::default(),
             paced_from_link_mbit: None,
+            encrypted: false,
         }
     }
 

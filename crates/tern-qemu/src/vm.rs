@@ -483,6 +483,7 @@ impl QemuVm {
         remove_if_exists(&paths.qmp_socket)?;
         remove_if_exists(&paths.pidfile)?;
         remove_if_exists(&paths.start_log)?;
+        crate::migrate::remove_psk(&paths.migration_tls_dir);
         Ok(())
     }
 }

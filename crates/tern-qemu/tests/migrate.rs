@@ -134,6 +134,7 @@ async fn send(
         src.clone(),
         &incoming.uri().expect("the destination listens"),
         settings,
+        None,
         OutgoingOptions::default(),
     )
     .await
@@ -329,7 +330,7 @@ async fn dirtying_guest_moves_with_its_connections_and_memory_intact() {
     assert_eq!(lan.port_of_guest().as_deref(), Some("tqsrc0"));
 
     let settings = plan(&src, 256, request()).await;
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let target = incoming.uri().expect("the destination listens");
@@ -441,7 +442,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     // 1. Abort while paused at pre-switchover.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -468,7 +469,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     // 2. Nobody decides: the source resumes itself after switchover_wait.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
     let _g3 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let opts = OutgoingOptions {
@@ -479,6 +480,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
         src.clone(),
         &incoming.uri().expect("the destination listens"),
         &settings,
+        None,
         opts,
     )
     .await
@@ -502,7 +504,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     // 3. Switchover done, commit never made (the destination never ran): roll back.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst3", true);
     let _g4 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -526,7 +528,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     // 4. A committed destination is never killed by an abort.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst4", true);
     let _g5 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -558,7 +560,7 @@ async fn destination_killed_during_precopy_leaves_the_source_running() {
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
     let settings = plan(&src, 192, capped(16)).await;
     assert_eq!(settings.max_bandwidth_mib_s, Some(2));
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -602,7 +604,7 @@ async fn deadline_cancels_cleanly_and_the_source_runs_on() {
     )
     .await;
     assert_eq!(settings.deadline_ms, 4000);
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let started = Instant::now();
@@ -690,7 +692,7 @@ async fn guest_dirtying_faster_than_the_cap_converges_by_escalation() {
         "{:#?}",
         settings.reasons
     );
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let started = Instant::now();
@@ -796,7 +798,7 @@ async fn postcopy_when_allowed_completes_after_commit() {
         settings.multifd_channels, 0,
         "QEMU 10.0: no multifd with post-copy"
     );
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -890,7 +892,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
     // Rollback after the switchover: the source gets its disk back and runs on.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -917,7 +919,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
     // Commit: the destination takes the disk.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
     let _g3 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -1014,7 +1016,7 @@ async fn a_link_gone_silent_at_switchover_gives_the_guest_back_within_its_pause_
     settings.downtime_limit_ms = 300;
     let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let link = SilenceableLink::to(incoming.uri().expect("the destination listens")).await;
@@ -1023,7 +1025,7 @@ async fn a_link_gone_silent_at_switchover_gives_the_guest_back_within_its_pause_
         pause_margin: margin,
         ..OutgoingOptions::default()
     };
-    let out = Outgoing::start(src.clone(), &link.uri, &settings, opts)
+    let out = Outgoing::start(src.clone(), &link.uri, &settings, None, opts)
         .await
         .unwrap();
     out.wait_pre_switchover(Duration::from_secs(60))
@@ -1081,7 +1083,7 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
     // 1. Lost in pre-copy: taken over, and completed.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, LOOPBACK)
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let started = Instant::now();
@@ -1127,7 +1129,7 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
     fast.max_bandwidth_mib_s = None;
     let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
     let _g3 = KillGuard(dst_cfg.run_dir.clone());
-    let back = IncomingMigration::prepare(dst_cfg.clone(), &fast, LOOPBACK)
+    let back = IncomingMigration::prepare(dst_cfg.clone(), &fast, None, LOOPBACK)
         .await
         .unwrap();
     let started = Instant::now();
@@ -1177,4 +1179,194 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
     assert!(err.to_string().contains("no migration"), "{err}");
     fresh.kill().await.unwrap();
     src.kill().await.unwrap();
+}
+
+/// A TCP relay that keeps a copy of every byte the source sends through it, for a look at what
+/// a migration puts on the wire.
+struct RecordingLink {
+    uri: MigrationUri,
+    sent: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl RecordingLink {
+    async fn to(target: MigrationUri) -> RecordingLink {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let uri = MigrationUri::new(listener.local_addr().unwrap()).unwrap();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((from_src, _)) = listener.accept().await {
+                let Ok(to_dst) = tokio::net::TcpStream::connect(target.addr()).await else {
+                    continue;
+                };
+                let (mut src_r, mut src_w) = from_src.into_split();
+                let (mut dst_r, mut dst_w) = to_dst.into_split();
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match src_r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if dst_w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = dst_w.shutdown().await;
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut dst_r, &mut src_w).await;
+                    let _ = src_w.shutdown().await;
+                });
+            }
+        });
+        RecordingLink { uri, sent }
+    }
+
+    /// How many bytes went through, and whether `needle` was among them.
+    fn saw(&self, needle: &[u8]) -> (usize, bool) {
+        let sent = self.sent.lock().unwrap();
+        let found = sent
+            .windows(needle.len())
+            .any(|w| w[0] == needle[0] && w == needle);
+        (sent.len(), found)
+    }
+}
+
+/// Text every Debian kernel keeps in its memory (the banner of /proc/version).
+const GUEST_MEMORY_MARK: &[u8] = b"Linux version ";
+
+/// Encrypted migration (issue 11): the destination admits only a source holding this
+/// migration's key — a process writing junk to its port and a source with another key are
+/// turned away, and the destination keeps listening for the right one — and nothing of the
+/// guest's memory shows on the wire. The same guest migrated back in clear shows it: the
+/// look at the wire can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_stream_admits_only_the_key_holder_and_shows_no_guest_memory() {
+    use tern_api::migration::{Compression, MigrationKey};
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
+    let mut settings = plan(&src, 192, request()).await;
+    // Pages go on the wire as they are in memory (no compression) unless encrypted.
+    settings.compression = Compression::None;
+    settings.encrypted = true;
+    let key = MigrationKey::from_bytes(rand::random());
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, Some(&key), LOOPBACK)
+        .await
+        .unwrap();
+    let uri = incoming.uri().expect("the destination listens");
+    let psk = dst_cfg.run_dir.join("migration-tls/keys.psk");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&psk).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key file is {mode:o}");
+
+    // Junk from another process: before TLS, 64 such bytes killed the destination.
+    let mut junk = tokio::net::TcpStream::connect(uri.addr()).await.unwrap();
+    junk.write_all(&rand::random::<[u8; 32]>()).await.unwrap();
+    junk.write_all(&rand::random::<[u8; 32]>()).await.unwrap();
+    drop(junk);
+    // A source that holds another key fails its handshake, and its guest runs on.
+    let other = MigrationKey::from_bytes(rand::random());
+    let impostor = Outgoing::start(
+        src.clone(),
+        &uri,
+        &settings,
+        Some(&other),
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    let s = wait_state(
+        &impostor,
+        |st| st == AgentMigrationState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    print_events(&s);
+    drop(impostor);
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    assert!(psk.exists(), "the destination's key stays while it listens");
+    let s = incoming.status().await;
+    assert_eq!(s.state, AgentMigrationState::Listening, "{s:?}");
+    assert!(
+        !src_cfg.run_dir.join("migration-tls/keys.psk").exists(),
+        "the source's copy of the key is removed once QEMU has read it"
+    );
+
+    // The key holder, through a relay that records the wire.
+    let wire = RecordingLink::to(uri).await;
+    let out = Outgoing::start(
+        src.clone(),
+        &wire.uri,
+        &settings,
+        Some(&key),
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(120))
+        .await
+        .unwrap();
+    out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    wait_tick(&dst_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    assert!(
+        !psk.exists(),
+        "the destination's key is removed once the stream is in"
+    );
+    let (bytes, seen) = wire.saw(GUEST_MEMORY_MARK);
+    eprintln!("encrypted: {bytes} bytes on the wire");
+    assert!(bytes > 4 << 20, "only {bytes} bytes went through the relay");
+    assert!(
+        !seen,
+        "guest memory readable on an encrypted migration's wire"
+    );
+
+    // Back in clear, through the same kind of relay: the guest's memory shows.
+    let src = incoming.vm().clone();
+    let mut plain = settings.clone();
+    plain.encrypted = false;
+    let back_cfg = destination(&src_cfg, dir.path(), "back", true);
+    let _g3 = KillGuard(back_cfg.run_dir.clone());
+    let back = IncomingMigration::prepare(back_cfg.clone(), &plain, None, LOOPBACK)
+        .await
+        .unwrap();
+    let wire = RecordingLink::to(back.uri().unwrap()).await;
+    let out = Outgoing::start(
+        src.clone(),
+        &wire.uri,
+        &plain,
+        None,
+        OutgoingOptions::default(),
+    )
+    .await
+    .unwrap();
+    out.wait_pre_switchover(Duration::from_secs(120))
+        .await
+        .unwrap();
+    out.switchover().await.unwrap();
+    back.wait_received(Duration::from_secs(30)).await.unwrap();
+    back.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    let (bytes, seen) = wire.saw(GUEST_MEMORY_MARK);
+    eprintln!("plain: {bytes} bytes on the wire");
+    assert!(
+        seen,
+        "the guest's kernel banner is not in a plain stream of {bytes} bytes"
+    );
+    back.vm().kill().await.unwrap();
 }

@@ -20,5 +20,6 @@ pub fn host_facts(cores: u32, memory_mib: u64) -> HostFacts {
         cpu_ceiling: None,
         cpu: None,
         agent_version: "test".into(),
+        migration_tls: true,
     }
 }

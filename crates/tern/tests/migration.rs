@@ -138,6 +138,10 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     };
     for needle in [
         "pre-check cpu: ok",
+        "pre-check encryption: ok",
+        // The lab's cluster keeps the default policy: every stream encrypted.
+        "setting: encryption: on (cluster policy required)",
+        "encrypted, compression",
         "setting: max-bandwidth",
         "ownership intent recorded",
         "steered the LAN to",
@@ -146,6 +150,29 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     ] {
         assert!(said(needle), "no `{needle}` event: {events:#?}");
     }
+
+    // 1b. With encryption disabled for the cluster, the next migration goes in clear and
+    //     says so; the policy is back to required for everything after.
+    let set = |mode: &str| {
+        let out = lab.tern(&["cluster", "set-migration", "lab", "--encryption", mode]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    set("disabled");
+    let (out, task) = lab.migrate_json(&["idle", "--to", "h1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(task.expect("task JSON")["result"]["status"], "completed");
+    set("required");
+    let cluster: Value = lab.tern_json(&["cluster", "show", "lab"]);
+    assert_eq!(cluster["migration_encryption"], "required", "{cluster}");
+    let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "idle"]);
+    assert!(
+        events.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("setting: encryption: off, as the cluster's policy says")),
+        "{events:#?}"
+    );
+    lab.one_copy_on("idle", &idle, "h1");
 
     // 2. A guest dirtying its memory moves, and its verifier finds every page right.
     let busy = create(

@@ -32,8 +32,8 @@ use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, ListenIncoming, Measurements,
-    MigrateVm, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings, MigrationUri,
-    PrepareIncoming, StartOutgoing,
+    MigrateVm, MigrationKey, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings,
+    MigrationUri, PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
 use tern_motion::{
@@ -165,6 +165,7 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
             started: Instant::now(),
             row: None,
             settings: None,
+            key: None,
             measurements: None,
             incoming_attempted: false,
             outgoing_attempted: false,
@@ -195,6 +196,10 @@ struct Mig {
     started: Instant,
     row: Option<MigrationRow>,
     settings: Option<MigrationSettings>,
+    /// This migration's TLS key, when its settings say `encrypted`: made here, given to the
+    /// two agents, never stored (a center that restarts after the stream started no longer
+    /// needs it; one that restarts before rolls the migration back).
+    key: Option<MigrationKey>,
     measurements: Option<Measurements>,
     incoming_attempted: bool,
     outgoing_attempted: bool,

@@ -123,6 +123,8 @@ impl Resumable {
                 started: now.checked_sub(self.elapsed).unwrap_or(now),
                 row: Some(self.row),
                 settings: Some(self.settings.clone()),
+                // The stream already flows: QEMU holds its credentials.
+                key: None,
                 measurements: Some(self.measurements),
                 // Both ends exist: a rollback must undo both.
                 incoming_attempted: true,

@@ -654,5 +654,6 @@ pub(super) fn empty_settings() -> MigrationSettings {
         zero_page_detection: Default::default(),
         throttle: Default::default(),
         paced_from_link_mbit: None,
+        encrypted: false,
     }
 }

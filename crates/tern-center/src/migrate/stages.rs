@@ -142,11 +142,16 @@ impl Mig {
             spec: rt.spec.clone(),
             generation: row.generation_to,
             settings: None,
+            key: None,
         };
         let start_destination = dst.migration_incoming(self.vm.id, &prepare);
         let (measured, started) = tokio::join!(self.measure_retried(), start_destination);
         started.map_err(|e| format!("starting the destination: {e}"))?;
-        let (settings, m) = measured?;
+        let (mut settings, m) = measured?;
+        let (encrypted, why) = self.encryption().await?;
+        settings.encrypted = encrypted;
+        settings.reasons.push(why);
+        self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
         for r in &settings.reasons {
             self.event(EventLevel::Info, format!("setting: {r}")).await;
         }
@@ -156,6 +161,25 @@ impl Mig {
         Ok(settings)
     }
 
+    /// Whether this migration is encrypted: the cluster's policy now (it may have changed since
+    /// the pre-checks) against the two hosts' QEMUs.
+    async fn encryption(&self) -> Result<(bool, String), Abort> {
+        let cluster = self.vm.cluster.clone();
+        let policy = self
+            .app
+            .db
+            .read(move |tx| tx.cluster(&cluster))
+            .await
+            .map_err(|e| format!("center store: {e}"))?
+            .map(|c| c.migration_encryption)
+            .unwrap_or_default();
+        Ok(crate::evc::encryption_check(
+            policy,
+            Some(&self.source),
+            &self.dest,
+        )?)
+    }
+
     /// The destination, configured like the source, listens for this VM only; returns where.
     async fn stage_prepare(&self, settings: &MigrationSettings) -> Result<MigrationUri, Abort> {
         self.phase(Stage::Prepare, format!("preparing {}", self.dest.name))
@@ -163,6 +187,7 @@ impl Mig {
         let dst = self.app.agent(&self.dest);
         let listen = ListenIncoming {
             settings: settings.clone(),
+            key: self.key.clone(),
         };
         // An agent restarting refuses connections for a moment; its incoming QEMU waits, and
         // the restarted agent re-attaches to it. Any answer it gives is final.
@@ -176,12 +201,13 @@ impl Mig {
             .await
             .and_then(|answer| answer)
             .map_err(|e| format!("preparing the destination: {e}"))?;
-        let uri = ready.uri.ok_or_else(|| {
+        let answered = ready.uri.ok_or_else(|| {
             format!(
                 "the destination {} did not say where it listens",
                 self.dest.name
             )
         })?;
+        let uri = migration_target(&self.dest, answered)?;
         self.event(
             EventLevel::Info,
             format!(
@@ -214,6 +240,7 @@ impl Mig {
             &StartOutgoing {
                 uri,
                 settings: settings.clone(),
+                key: self.key.clone(),
             },
         )
         .await
@@ -690,5 +717,54 @@ impl Mig {
             })
             .await
             .map_err(|e| format!("center store (not committed): {e}"))?
+    }
+}
+
+/// Where the source sends: the destination's registered migration address, with the port its
+/// agent listens on. An agent's answer naming any other address is refused, so a rogue or
+/// confused destination cannot point the source (and the guest's memory) elsewhere.
+pub(super) fn migration_target(
+    dest: &HostRecord,
+    answered: MigrationUri,
+) -> Result<MigrationUri, String> {
+    let registered: std::net::IpAddr = dest.facts.migration_address.parse().map_err(|_| {
+        format!(
+            "host {} has no valid registered migration address ({:?})",
+            dest.name, dest.facts.migration_address
+        )
+    })?;
+    if answered.addr().ip() != registered {
+        return Err(format!(
+            "the destination {} answered that it listens on {answered}, not on its registered \
+             migration address {registered}: refused",
+            dest.name
+        ));
+    }
+    MigrationUri::new(std::net::SocketAddr::new(
+        registered,
+        answered.addr().port(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_sends_only_to_the_destinations_registered_address() {
+        let mut dest = HostRecord::fake("h2", 4096, false);
+        dest.facts.migration_address = "10.77.0.12".into();
+        let ok: MigrationUri = "tcp:10.77.0.12:49152".parse().unwrap();
+        assert_eq!(migration_target(&dest, ok), Ok(ok));
+        for elsewhere in [
+            "tcp:10.77.0.13:49152",
+            "tcp:127.0.0.1:22",
+            "tcp:[fd00::12]:49152",
+        ] {
+            let e = migration_target(&dest, elsewhere.parse().unwrap()).unwrap_err();
+            assert!(e.contains("refused"), "{e}");
+        }
+        dest.facts.migration_address = "not an address".into();
+        assert!(migration_target(&dest, ok).is_err());
     }
 }

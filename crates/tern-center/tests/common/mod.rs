@@ -116,6 +116,7 @@ pub async fn create_cluster(c: &RunningCenter, name: &str) -> Cluster {
             &CreateCluster {
                 name: name.into(),
                 evc_mode: None,
+                migration_encryption: None,
             },
         )
         .await

@@ -1,6 +1,6 @@
-//! `tern cluster create|list|show|set-evc|evc-modes|set-drs|drs`.
+//! `tern cluster create|list|show|set-evc|evc-modes|set-drs|drs|set-migration`.
 
-use tern_api::center::{Cluster, CreateCluster};
+use tern_api::center::{Cluster, ClusterMigrationSettings, CreateCluster, MigrationEncryption};
 use tern_api::drs::{DrsAutomation, DrsSettings};
 use tern_api::CenterClient;
 
@@ -15,6 +15,10 @@ pub enum ClusterCommand {
         /// EVC baseline: the CPU model every VM of the cluster sees (e.g. x86-64-v2, Haswell).
         #[arg(long = "evc", value_name = "MODE")]
         evc_mode: Option<String>,
+        /// required (default): every migration stream is encrypted and authenticated with a
+        /// key made for it; opportunistic: when both hosts' QEMU can; disabled: never.
+        #[arg(long, value_name = "MODE", value_parser = parse_encryption)]
+        migration_encryption: Option<MigrationEncryption>,
     },
     /// List clusters.
     List,
@@ -41,6 +45,19 @@ pub enum ClusterCommand {
     },
     /// The cluster's DRS settings and the engine's balance recommendations now.
     Drs { name: String },
+    /// Set the cluster's migration policy (migrations already running keep theirs).
+    SetMigration {
+        name: String,
+        /// required: every migration stream is encrypted (a host whose QEMU cannot is refused
+        /// as a destination); opportunistic: encrypted when both hosts can; disabled: never
+        /// (an isolated migration network where the CPU matters more).
+        #[arg(long, value_name = "MODE", value_parser = parse_encryption)]
+        encryption: MigrationEncryption,
+    },
+}
+
+fn parse_encryption(s: &str) -> Result<MigrationEncryption, String> {
+    s.parse()
 }
 
 fn parse_automation(s: &str) -> Result<DrsAutomation, String> {
@@ -49,8 +66,16 @@ fn parse_automation(s: &str) -> Result<DrsAutomation, String> {
 
 pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     match cmd {
-        ClusterCommand::Create { name, evc_mode } => {
-            let body = CreateCluster { name, evc_mode };
+        ClusterCommand::Create {
+            name,
+            evc_mode,
+            migration_encryption,
+        } => {
+            let body = CreateCluster {
+                name,
+                evc_mode,
+                migration_encryption,
+            };
             let c: Cluster = api
                 .create_cluster(&body)
                 .await
@@ -58,7 +83,12 @@ pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result
             match fmt {
                 Format::Json => print_json(&c),
                 Format::Table => {
-                    println!("created cluster {} (evc: {})", c.name, opt(&c.evc_mode));
+                    println!(
+                        "created cluster {} (evc: {}, migration encryption: {})",
+                        c.name,
+                        opt(&c.evc_mode),
+                        c.migration_encryption
+                    );
                     Ok(())
                 }
             }
@@ -68,11 +98,12 @@ pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result
             match fmt {
                 Format::Json => print_json(&list),
                 Format::Table => {
-                    let mut t = Table::new(&["NAME", "EVC", "HOSTS", "CREATED"]);
+                    let mut t = Table::new(&["NAME", "EVC", "ENCRYPTION", "HOSTS", "CREATED"]);
                     for c in &list {
                         t.row(vec![
                             c.name.clone(),
                             opt(&c.evc_mode),
+                            c.migration_encryption.to_string(),
                             c.hosts.len().to_string(),
                             time(&c.created_at),
                         ]);
@@ -109,6 +140,20 @@ pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result
                 }
             }
         }
+        ClusterCommand::SetMigration { name, encryption } => {
+            let s = ClusterMigrationSettings { encryption };
+            let s = api
+                .set_cluster_migration(&name, &s)
+                .await
+                .or_list("tern cluster list")?;
+            match fmt {
+                Format::Json => print_json(&s),
+                Format::Table => {
+                    println!("cluster {name}: migration encryption {}", s.encryption);
+                    Ok(())
+                }
+            }
+        }
         ClusterCommand::Show { name } => {
             let c: Cluster = api.cluster(&name).await.or_list("tern cluster list")?;
             match fmt {
@@ -118,6 +163,7 @@ pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result
                     s.add("name", &c.name)
                         .add("id", c.id)
                         .add("evc", opt(&c.evc_mode))
+                        .add("migration encryption", c.migration_encryption)
                         .add("hosts", join_or_dash(&c.hosts))
                         .add("created", time(&c.created_at));
                     s.print();

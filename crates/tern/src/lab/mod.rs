@@ -36,7 +36,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use chrono::Utc;
 use serde::Serialize;
-use tern_api::center::{AddHost, CreateCluster, Host};
+use tern_api::center::{AddHost, CreateCluster, Host, MigrationEncryption};
 
 use daemons::{agent_args, api_client, center_args, start_process, wait_center, wait_hosts};
 use plan::{Plan, CLUSTER};
@@ -252,6 +252,8 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         .create_cluster(&CreateCluster {
             name: CLUSTER.into(),
             evc_mode: None,
+            // The default, said here because the lab shows the secure path.
+            migration_encryption: Some(MigrationEncryption::Required),
         })
         .await
     {
