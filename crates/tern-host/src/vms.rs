@@ -255,6 +255,19 @@ impl VmManager {
         })
     }
 
+    /// The spec's files, opened for QEMU beneath this host's shared storage (see
+    /// [`crate::paths`]); a spec without files needs none.
+    fn open_files(&self, spec: &VmSpec) -> Result<Vec<tern_qemu::OpenedFile>, AgentError> {
+        let Some(root) = self.host.shared_storage.as_deref() else {
+            // `validate` refused a spec with files on a host without shared storage.
+            return Ok(Vec::new());
+        };
+        crate::paths::open_for_qemu(spec, root).map_err(|e| match e {
+            crate::paths::OpenError::Other(..) => AgentError::Internal(anyhow::anyhow!(e)),
+            _ => AgentError::BadRequest(e.to_string()),
+        })
+    }
+
     fn slots(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<Slot>>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -405,6 +418,13 @@ impl VmManager {
                 }
             }
         }
+        let files = match self.open_files(&req.spec) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_taps(&taps);
+                return Err(e);
+            }
+        };
         let cfg = LaunchConfig {
             id,
             spec: req.spec.clone(),
@@ -415,6 +435,7 @@ impl VmManager {
             default_cpu_model: self.host.default_cpu_model.clone(),
             incoming: None,
             start_paused: false,
+            files,
         };
         let vm = match QemuVm::launch(cfg).await {
             Ok(vm) => Arc::new(vm),
@@ -910,6 +931,13 @@ impl VmManager {
                 }
             }
         }
+        let files = match self.open_files(&spec) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_taps(&taps);
+                return Err(e);
+            }
+        };
         let cfg = LaunchConfig {
             id,
             spec: spec.clone(),
@@ -920,6 +948,7 @@ impl VmManager {
             default_cpu_model: self.host.default_cpu_model.clone(),
             incoming: Some(tern_qemu::Incoming::Defer),
             start_paused: true,
+            files,
         };
         let prepared = match settings {
             Some(settings) => IncomingMigration::prepare(cfg, settings, key, listen).await,

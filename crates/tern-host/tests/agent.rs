@@ -217,6 +217,28 @@ async fn registers_runs_vms_and_survives_restarts() {
         .join(id.to_string())
         .join("spec.json")
         .is_file());
+    // QEMU got descriptors, not paths (issue 11): its command line names no file of the
+    // shared storage, and the kernel it loaded is the file the agent opened beneath it.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("QEMU's cmdline");
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(!argv.iter().any(|a| a.contains(&s(&shared))), "{argv:?}");
+    let kernel = argv
+        .iter()
+        .skip_while(|a| *a != "-kernel")
+        .nth(1)
+        .expect("-kernel");
+    let fd = kernel
+        .strip_prefix("/proc/self/fd/")
+        .unwrap_or_else(|| panic!("QEMU was given the kernel as {kernel}"));
+    let held = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("QEMU holds the kernel");
+    assert!(
+        held.starts_with(shared.canonicalize().expect("shared")),
+        "{}",
+        held.display()
+    );
     let first = wait_until("console output", LONG, || async {
         let n = console_len(&api, id).await;
         (n > 0).then_some(n)

@@ -16,12 +16,19 @@
 //!   sizes would otherwise have to match between hosts' QEMU packages.
 //! - Fixed topology (`sockets=1,cores=N,threads=1`) so it never depends on QEMU defaults.
 //!
+//! Files: when the agent has opened the VM's files itself ([`OpenedFile`]), QEMU gets only their
+//! descriptors — disks through fd sets (`-add-fd`, `/dev/fdset/N`), kernel and initrd as
+//! `/proc/self/fd/N` — and never a path of the spec, so nothing QEMU opens can be changed by
+//! swapping a path after the agent checked it.
+//!
 //! Process hygiene: `-nodefaults -no-user-config`, no display, serial console to a file, QMP
 //! on a unix socket, `-daemonize` with a pidfile so QEMU outlives the agent that started it,
 //! and `-D qemu.log`, which (with `-daemonize`) keeps QEMU's later error messages in a file
 //! instead of /dev/null.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::json;
 use tern_api::{Accelerator, BootSource, DiskFormat, VmSpec};
@@ -60,7 +67,36 @@ pub struct LaunchConfig {
     /// `-S`: stay paused until `cont` (also keeps a migration destination paused after the
     /// migration completes, until tern decides the hand-over).
     pub start_paused: bool,
+    /// The spec's files, already opened by the caller; a file of the spec not listed here is
+    /// opened by QEMU from its path (tools and tests without an agent).
+    pub files: Vec<OpenedFile>,
 }
+
+/// A file of a VM's spec that the agent opened for QEMU (kernel, initrd or disk).
+#[derive(Debug, Clone)]
+pub struct OpenedFile {
+    /// The path the spec names.
+    pub path: String,
+    /// Opened read-only (disks with O_DIRECT, as QEMU opens them for `cache.direct`).
+    pub read: Arc<OwnedFd>,
+    /// Opened read-write (O_DIRECT), for a disk the guest may write.
+    pub write: Option<Arc<OwnedFd>>,
+}
+
+impl OpenedFile {
+    /// The descriptors QEMU must inherit.
+    pub fn fds(&self) -> impl Iterator<Item = i32> + '_ {
+        std::iter::once(self.read.as_raw_fd()).chain(self.write.iter().map(|f| f.as_raw_fd()))
+    }
+}
+
+impl PartialEq for OpenedFile {
+    fn eq(&self, other: &OpenedFile) -> bool {
+        self.path == other.path && self.fds().eq(other.fds())
+    }
+}
+
+impl Eq for OpenedFile {}
 
 /// The runtime files of one VM inside its run directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +133,16 @@ impl RunPaths {
 impl LaunchConfig {
     pub fn paths(&self) -> RunPaths {
         RunPaths::new(&self.run_dir)
+    }
+
+    /// The opened file standing for `path`, if the caller opened it.
+    fn opened(&self, path: &str) -> Option<&OpenedFile> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    /// Every descriptor QEMU must inherit.
+    pub fn inherited_fds(&self) -> Vec<i32> {
+        self.files.iter().flat_map(OpenedFile::fds).collect()
     }
 
     /// The CPU model QEMU is given: a model name, or a full `-cpu` value with feature flags
@@ -262,9 +308,15 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
             initrd,
             cmdline,
         } => {
-            push(&["-kernel", kernel]);
+            // The loader opens these by name (no fd sets): the magic link names the file
+            // the agent opened, whatever the path points at by now.
+            let by_fd = |p: &str| match cfg.opened(p) {
+                Some(f) => format!("/proc/self/fd/{}", f.read.as_raw_fd()),
+                None => p.to_string(),
+            };
+            push(&["-kernel", &by_fd(kernel)]);
             if let Some(initrd) = initrd {
-                push(&["-initrd", initrd]);
+                push(&["-initrd", &by_fd(initrd)]);
             }
             if !cmdline.is_empty() {
                 push(&["-append", cmdline]);
@@ -275,10 +327,22 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
 
     for (i, disk) in spec.disks.iter().enumerate() {
         let cache = json!({"direct": true, "no-flush": false});
+        let filename = match cfg.opened(&disk.path) {
+            Some(f) => {
+                // One fd set per disk, holding the read-only and the read-write descriptor:
+                // QEMU picks the one whose access mode it needs, also when it reopens.
+                let set = i + 1;
+                for fd in f.fds() {
+                    push(&["-add-fd", &format!("fd={fd},set={set},opaque=disk{i}")]);
+                }
+                format!("/dev/fdset/{set}")
+            }
+            None => disk.path.clone(),
+        };
         let file = json!({
             "driver": "file",
             "node-name": format!("file{i}"),
-            "filename": disk.path,
+            "filename": filename,
             "cache": cache,
             "aio": "native",
             "locking": "on",
@@ -390,6 +454,7 @@ mod tests {
             default_cpu_model: "qemu64".into(),
             incoming: None,
             start_paused: false,
+            files: Vec::new(),
         }
     }
 

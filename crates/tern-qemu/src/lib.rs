@@ -27,7 +27,7 @@ pub mod qmp;
 pub mod vm;
 
 pub use accel::{detect_accelerator, AccelChoice};
-pub use command::{build_command, Incoming, LaunchConfig, RunPaths};
+pub use command::{build_command, Incoming, LaunchConfig, OpenedFile, RunPaths};
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
     Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing, OutgoingOptions,

@@ -219,14 +219,34 @@ impl QemuVm {
             .map_err(|e| Error::io("duplicate the start log descriptor", e))?;
         let argv = build_command(&cfg);
         tracing::info!(vm = %cfg.spec.name, id = %cfg.id, argv = ?argv, "starting QEMU");
-        let mut launcher = tokio::process::Command::new(&argv[0])
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command
             .args(&argv[1..])
             .current_dir(&paths.run_dir)
             .stdin(std::process::Stdio::null())
             .stdout(start_log)
             .stderr(start_log2)
             // Only the short-lived launcher is our child; the daemon it forks is not.
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        let inherit = cfg.inherited_fds();
+        if !inherit.is_empty() {
+            // SAFETY: the hook runs in the forked child before exec. It allocates nothing and
+            // only calls fcntl(2), which is async-signal-safe, on descriptors `cfg` keeps open
+            // until the spawn has returned. Clearing close-on-exec there, not here, keeps
+            // other processes this agent starts meanwhile from inheriting them.
+            unsafe {
+                command.pre_exec(move || {
+                    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+                    for &fd in &inherit {
+                        let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))
+                            .map_err(std::io::Error::from)?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut launcher = command
             .spawn()
             .map_err(|e| Error::io(format!("run {}", argv[0]), e))?;
         let status = match tokio::time::timeout(LAUNCH_TIMEOUT, launcher.wait()).await {
