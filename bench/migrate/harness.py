@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lab import CLEANUP, PROBE, ROOT, BenchError, Lab, Proc, log  # noqa: E402
-from migrators import Baseline, Tern  # noqa: E402
+from migrators import Baseline, Tern, TernPlain  # noqa: E402
 
 VM_IP = "10.78.0.100"
 VM_MAC = "52:54:00:7e:00:01"
@@ -43,7 +43,7 @@ PING_INTERVAL_S = 0.005
 # on 2 cores a starved probe would see gaps the guest never had.
 PROBE_NICE = -10
 
-MIGRATORS = {"baseline": Baseline, "tern": Tern}
+MIGRATORS = {"baseline": Baseline, "tern": Tern, "tern-plain": TernPlain}
 
 
 # ---------------------------------------------------------------- per-run measurement
@@ -282,6 +282,10 @@ def case_table(rows, meta):
             f"| {c['memory_mib'] * 8 * 1.048576 / c['link_measured_mbit']:.1f} "
             f"| {sum(x['stream_errors'] for x in runs)} "
             f"| {sum(x['verifier_errors'] for x in runs)} |")
+    cost = encryption_cost(rows)
+    if cost:
+        out.append("")
+        out.extend(cost)
     notes = [r for r in rows if any(not x["converged"] for x in r["runs"])]
     if notes:
         out.append("")
@@ -296,6 +300,33 @@ def case_table(rows, meta):
                        (" (further runs skipped: --repeat-unconverged to run them)"
                         if len(r["runs"]) < r["planned"] else ""))
     return "\n".join(out)
+
+
+def encryption_cost(rows):
+    """One line per case run by both `tern` (encrypted) and `tern-plain`: the ratios of
+    encrypted to plain, end to end and in the client's longest TCP gap."""
+    def medians(r, key):
+        xs = sorted(x[key] for x in r["runs"] if x["converged"] and x.get(key) is not None)
+        return xs[len(xs) // 2] if xs else None
+
+    by = {}
+    for r in rows:
+        by.setdefault(r["case"]["label"], {})[r["migrator"]] = r
+    out = []
+    for label, m in by.items():
+        enc, plain = m.get("tern"), m.get("tern-plain")
+        if not enc or not plain:
+            continue
+        if not all(x.get("encrypted") for x in enc["runs"] if x["converged"]):
+            out.append(f"- {label}: the `tern` runs were not all encrypted; no encryption ratio")
+            continue
+        e, p = medians(enc, "e2e_s"), medians(plain, "e2e_s")
+        ge, gp = medians(enc, "tcp_gap_ms"), medians(plain, "tcp_gap_ms")
+        if e and p:
+            gap = f"{ge:.0f} ms vs {gp:.0f} ms" if ge is not None and gp is not None else "?"
+            out.append(f"- {label}: encryption costs end to end ×{e / p:.2f} ({e:.1f} s vs "
+                       f"{p:.1f} s in clear); client TCP gap {gap}")
+    return out
 
 
 # ---------------------------------------------------------------- main

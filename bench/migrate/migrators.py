@@ -331,4 +331,26 @@ class Tern:
             vm.console = self._console(vm)
         else:
             rec["error"] = task.get("error") or res.get("error") or "rolled back"
+        rec["encrypted"] = bool((res.get("settings") or {}).get("encrypted"))
         return rec
+
+
+class TernPlain(Tern):
+    """tern with the lab cluster's migration encryption disabled (the default is required): the
+    other side of the encryption axis, booted and migrated in the same lab as `tern`."""
+
+    name = "tern-plain"
+
+    def _encryption(self, mode, check=True):
+        self.cli("cluster", "set-migration", "lab", "--encryption", mode, check=check)
+
+    def boot(self, case, ip, mac):
+        self._encryption("disabled")
+        self._restore = CLEANUP.push("tern cluster encryption back to required",
+                                     lambda: self._encryption("required", check=False))
+        return super().boot(case, ip, mac)
+
+    def shutdown(self, vm):
+        super().shutdown(vm)
+        self._encryption("required")
+        CLEANUP.done(self._restore)

@@ -10,8 +10,10 @@ use serde::Deserialize;
 
 /// Default data directory (SQLite store, tokens, unix socket).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/tern/center";
-/// Default TCP address of the REST API.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:8700";
+/// Default TCP address of the REST API: loopback only. Agents on other hosts need the center
+/// on an address of the management network, which only the operator knows: a default of every
+/// address (0.0.0.0) would also expose the API on networks nobody chose.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
 /// Default time without a heartbeat after which a host counts as disconnected.
 pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 10_000;
 /// Default heartbeat period the center asks agents for.
@@ -36,7 +38,8 @@ with the secret the center gives them; --shared-enrolment lets one shared token 
 hosts instead (closed networks only).
 
 The API listens on TCP and on the unix socket at the same time; its OpenAPI document is at
-GET /openapi.json (no token needed).";
+GET /openapi.json (no token needed). TCP is on loopback unless --listen names an address of the
+management network, which agents on other hosts need.";
 
 /// Flags of `tern center` (each may also come from the config file).
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -56,8 +59,8 @@ pub struct CenterArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// TCP address of the REST API, used by host agents and remote users
-    /// [default: 0.0.0.0:8700].
+    /// TCP address of the REST API, used by host agents and remote users: an address of the
+    /// management network [default: 127.0.0.1:8700, this host only].
     #[arg(long, value_name = "IP:PORT")]
     pub listen: Option<SocketAddr>,
 
@@ -260,7 +263,7 @@ mod tests {
             cfg.socket,
             PathBuf::from(DEFAULT_DATA_DIR).join("center.sock")
         );
-        assert_eq!(cfg.listen.port(), 8700);
+        assert_eq!(cfg.listen, "127.0.0.1:8700".parse().unwrap());
         assert_eq!(cfg.heartbeat_timeout_ms, 10_000);
     }
 

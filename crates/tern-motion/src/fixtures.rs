@@ -34,5 +34,6 @@ pub fn hosts(cores: u32) -> HostBudget {
     HostBudget {
         spare_cores: cores,
         qemu: V10,
+        encrypted: false,
     }
 }

@@ -80,6 +80,7 @@ async fn plan(src: &QemuVm, memory_mib: u64, req: MigrateVm) -> MigrationSetting
     let hosts = HostBudget {
         spare_cores: cores,
         qemu: src.qmp().greeting().version,
+        encrypted: false,
     };
     let s = choose_settings(&req, &m, &hosts);
     eprintln!("measured {m:?}");
@@ -883,16 +884,29 @@ async fn shared_disk_follows_the_hand_over_decision() {
         format: tern_api::DiskFormat::Raw,
         readonly: false,
     }];
+    // Each QEMU gets the disk as the agent hands it over: descriptors in an fd set, which the
+    // caller closes once QEMU has started (its image lock lives on the open file, so a copy
+    // kept open would hold the lock after QEMU is gone).
+    let with_disk = |cfg: &LaunchConfig| LaunchConfig {
+        files: opened_disk(&disk_s),
+        ..cfg.clone()
+    };
     let _g1 = KillGuard(src_cfg.run_dir.clone());
-    let src = Arc::new(QemuVm::launch(src_cfg.clone()).await.unwrap());
+    let src = Arc::new(QemuVm::launch(with_disk(&src_cfg)).await.unwrap());
     wait_tick(&src_cfg.run_dir, 1, BOOT).await;
     assert!(image_locked(&disk_s));
+    let argv = std::fs::read(format!("/proc/{}/cmdline", src.pid())).unwrap();
+    let argv = String::from_utf8_lossy(&argv);
+    assert!(
+        argv.contains("/dev/fdset/1") && !argv.contains(&disk_s),
+        "{argv}"
+    );
     let settings = plan(&src, 192, request()).await;
 
     // Rollback after the switchover: the source gets its disk back and runs on.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
     let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
+    let incoming = IncomingMigration::prepare(with_disk(&dst_cfg), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -919,7 +933,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
     // Commit: the destination takes the disk.
     let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
     let _g3 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
+    let incoming = IncomingMigration::prepare(with_disk(&dst_cfg), &settings, None, LOOPBACK)
         .await
         .unwrap();
     let out = send(&src, &incoming, &settings).await;
@@ -941,6 +955,26 @@ async fn shared_disk_follows_the_hand_over_decision() {
     wait_tick(&dst_cfg.run_dir, t + 1, Duration::from_secs(30)).await;
     incoming.vm().kill().await.unwrap();
     assert!(!image_locked(&disk_s));
+}
+
+/// `path` opened as the agent opens a writable disk for QEMU: read-only and read-write, both
+/// O_DIRECT (QEMU opens the disk uncached and picks the descriptor of the mode it needs).
+fn opened_disk(path: &str) -> Vec<tern_qemu::OpenedFile> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |write: bool| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(path)
+            .unwrap();
+        Arc::new(std::os::fd::OwnedFd::from(f))
+    };
+    vec![tern_qemu::OpenedFile {
+        path: path.to_string(),
+        read: open(false),
+        write: Some(open(true)),
+    }]
 }
 
 /// A TCP relay between the source and the destination that the test can silence: once cut,

@@ -145,10 +145,10 @@ impl Mig {
             key: None,
         };
         let start_destination = dst.migration_incoming(self.vm.id, &prepare);
-        let (measured, started) = tokio::join!(self.measure_retried(), start_destination);
+        let (encrypted, why) = self.encryption().await?;
+        let (measured, started) = tokio::join!(self.measure_retried(encrypted), start_destination);
         started.map_err(|e| format!("starting the destination: {e}"))?;
         let (mut settings, m) = measured?;
-        let (encrypted, why) = self.encryption().await?;
         settings.encrypted = encrypted;
         settings.reasons.push(why);
         self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
@@ -434,10 +434,13 @@ impl Mig {
     /// [`Mig::measure`], tried again a few times: nothing has started yet, and an agent
     /// restarting (or a link blip) must not fail a migration over a snapshot that can simply
     /// be taken again.
-    async fn measure_retried(&self) -> Result<(MigrationSettings, Measurements), String> {
+    async fn measure_retried(
+        &self,
+        encrypted: bool,
+    ) -> Result<(MigrationSettings, Measurements), String> {
         MEASURE_RETRY
             .run(|failures| async move {
-                let r = self.measure().await;
+                let r = self.measure(encrypted).await;
                 if let Err(e) = &r {
                     if failures + 1 < MEASURE_RETRY.attempts.unwrap_or(1) {
                         self.event(
@@ -452,7 +455,10 @@ impl Mig {
             .await
     }
 
-    pub(super) async fn measure(&self) -> Result<(MigrationSettings, Measurements), String> {
+    pub(super) async fn measure(
+        &self,
+        encrypted: bool,
+    ) -> Result<(MigrationSettings, Measurements), String> {
         let src = self.app.agent(&self.source);
         let dst = self.app.agent(&self.dest);
         // Both at once: QEMU samples the guest's pages while the agents time the link (the
@@ -508,6 +514,7 @@ impl Mig {
                     minor: 0,
                     micro: 0,
                 }),
+            encrypted,
         };
         Ok((choose_settings(&self.req, &m, &budget), m))
     }

@@ -86,6 +86,7 @@ pub fn config(dir: &Path, name: &str, extra_cmdline: &str) -> LaunchConfig {
         default_cpu_model: "qemu64".into(),
         incoming: None,
         start_paused: false,
+        files: Vec::new(),
     }
 }
 
