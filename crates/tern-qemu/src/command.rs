@@ -21,6 +21,15 @@
 //! `/proc/self/fd/N` — and never a path of the spec, so nothing QEMU opens can be changed by
 //! swapping a path after the agent checked it.
 //!
+//! Privilege: QEMU runs as the agent's user (root), per host, confined by what does not depend
+//! on that: a seccomp filter (`-sandbox`, see below), descriptors instead of paths, a run dir
+//! of 0700 with the QMP socket, key and spec files in it, and typed migration targets (no
+//! `exec:`). It does not yet drop to an unprivileged user per VM (`-run-with user=`): after the
+//! drop, a destination's TLS key must still be readable by QEMU (it is read at every
+//! handshake), post-copy needs `/dev/userfaultfd` opened to that user, and the pidfile could
+//! no longer be removed by QEMU. Those are the next step, with `spawn` and
+//! `elevateprivileges` denied once QEMU is started in its own session instead of daemonizing.
+//!
 //! Process hygiene: `-nodefaults -no-user-config`, no display, serial console to a file, QMP
 //! on a unix socket, `-daemonize` with a pidfile so QEMU outlives the agent that started it,
 //! and `-D qemu.log`, which (with `-daemonize`) keeps QEMU's later error messages in a file

@@ -244,6 +244,8 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the center");
+    // kill(2) returns before the process is gone; the lab refuses to start a second center.
+    common::wait_gone(center, "the killed center", Duration::from_secs(10));
     let out = lab.lab_cmd(&["lab", "start", "center"]);
     assert!(out.status.success(), "{}", text(&out));
     let t: Value = lab.tern_json(&["task", "show", &task]);
