@@ -142,6 +142,28 @@ async fn send(
     .unwrap()
 }
 
+/// The hand-over once pre-copy runs: waits (up to `wait`) for the source to pause at
+/// pre-switchover, sends the final state, commits the destination, quits the source, and waits
+/// for the guest's next tick on the destination.
+async fn hand_over(
+    out: &Outgoing,
+    incoming: &IncomingMigration,
+    src_dir: &Path,
+    dst_dir: &Path,
+    wait: Duration,
+) {
+    out.wait_pre_switchover(wait).await.unwrap();
+    out.switchover().await.unwrap();
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let tick = last_tick(&console(src_dir)).unwrap();
+    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
+    out.finish().await.unwrap();
+    wait_tick(dst_dir, tick + 1, Duration::from_secs(30)).await;
+}
+
 /// Waits until pre-copy has sent its first MiB.
 async fn precopy_going(out: &Outgoing) {
     let mut rx = out.watch();
@@ -1141,18 +1163,14 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
     src.set_migration_parameters(serde_json::json!({ "max-bandwidth": 0 }))
         .await
         .unwrap();
-    out.wait_pre_switchover(Duration::from_secs(60))
-        .await
-        .unwrap();
-    out.switchover().await.unwrap();
-    incoming
-        .wait_received(Duration::from_secs(30))
-        .await
-        .unwrap();
-    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
-    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
-    out.finish().await.unwrap();
-    wait_tick(&dst_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    hand_over(
+        &out,
+        &incoming,
+        &src_cfg.run_dir,
+        &dst_cfg.run_dir,
+        Duration::from_secs(60),
+    )
+    .await;
     print_events(&out.status());
 
     // 2. Lost at pre-switchover (the destination now is the source of the next move): the
@@ -1346,18 +1364,14 @@ async fn an_encrypted_stream_admits_only_the_key_holder_and_shows_no_guest_memor
     )
     .await
     .unwrap();
-    out.wait_pre_switchover(Duration::from_secs(120))
-        .await
-        .unwrap();
-    out.switchover().await.unwrap();
-    incoming
-        .wait_received(Duration::from_secs(30))
-        .await
-        .unwrap();
-    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
-    incoming.commit(&COMMIT_ANNOUNCE).await.unwrap();
-    out.finish().await.unwrap();
-    wait_tick(&dst_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    hand_over(
+        &out,
+        &incoming,
+        &src_cfg.run_dir,
+        &dst_cfg.run_dir,
+        Duration::from_secs(120),
+    )
+    .await;
     assert!(
         !psk.exists(),
         "the destination's key is removed once the stream is in"
