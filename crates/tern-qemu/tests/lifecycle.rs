@@ -305,10 +305,13 @@ async fn real_guest_powers_off_on_the_power_button() {
     };
     let _guard = KillGuard(cfg.run_dir.clone());
     let vm = QemuVm::launch(cfg.clone()).await.unwrap();
+    // The whole line: the serial console file can be read while the guest is still writing it.
     let ready = wait_for("TERN-GUEST-READY", BOOT, || {
         let text = console(&cfg.run_dir);
         assert!(!text.contains("TERN-GUEST-ERROR"), "{text}");
-        text.contains("TERN-GUEST-READY").then_some(text)
+        text.split_inclusive('\n')
+            .find(|l| l.starts_with("TERN-GUEST-READY") && l.ends_with('\n'))
+            .map(str::to_string)
     })
     .await;
     assert!(ready.contains("cpus=1"), "{ready}");
