@@ -84,7 +84,7 @@ impl AgentClient {
         AgentClient {
             host: host.to_string(),
             url: url.to_string(),
-            api: ApiClient::pooled(pool, url, token),
+            api: ApiClient::pooled(pool, host, url, token),
         }
     }
 
@@ -107,20 +107,16 @@ impl AgentClient {
                 message,
             },
             // `{:#}`-like chain: reqwest's top-level text alone hides the cause.
-            ApiError::Transport { source, .. } => {
-                let mut detail = source.to_string();
-                let mut cause = std::error::Error::source(&source);
-                while let Some(c) = cause {
-                    detail.push_str(": ");
-                    detail.push_str(&c.to_string());
-                    cause = c.source();
-                }
-                AgentError::Unreachable {
-                    host: self.host.clone(),
-                    url: self.url.clone(),
-                    detail,
-                }
-            }
+            ApiError::Transport { source, .. } => AgentError::Unreachable {
+                host: self.host.clone(),
+                url: self.url.clone(),
+                detail: crate::error::error_chain(&source),
+            },
+            ApiError::Tls { detail } => AgentError::Unreachable {
+                host: self.host.clone(),
+                url: self.url.clone(),
+                detail: format!("TLS: {detail}"),
+            },
             ApiError::Decode { detail, .. } => AgentError::Unreachable {
                 host: self.host.clone(),
                 url: self.url.clone(),

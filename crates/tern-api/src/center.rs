@@ -82,6 +82,10 @@ pub struct RegisterHost {
     /// Token the center must present to the agent.
     pub agent_token: String,
     pub facts: HostFacts,
+    /// A certificate signing request (PEM) for the host's own key: sent at the first join and
+    /// to renew. The certificate the center signs names this host only.
+    #[serde(default)]
+    pub csr: Option<String>,
 }
 
 /// Asks for a one-time join token for a host name.
@@ -98,8 +102,24 @@ pub struct AddHost {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JoinToken {
     pub host: String,
+    /// The token. With TLS it ends in `.sha256-` and the cluster CA's fingerprint, so the agent
+    /// holding it can check the center before it sends it.
     pub token: String,
     pub expires_at: DateTime<Utc>,
+    /// SHA-256 of the cluster CA's certificate (hex), when the center serves TLS.
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+}
+
+/// What separates a join token's secret from the CA fingerprint it carries.
+pub const JOIN_TOKEN_CA_MARK: &str = ".sha256-";
+
+/// The CA fingerprint a join token carries, if any.
+pub fn join_token_ca(token: &str) -> Option<&str> {
+    token
+        .rsplit_once(JOIN_TOKEN_CA_MARK)
+        .map(|(_, fp)| fp)
+        .filter(|fp| fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -110,6 +130,13 @@ pub struct Registered {
     pub host_token: String,
     /// How often the center expects a heartbeat.
     pub heartbeat_interval_ms: u64,
+    /// The host's certificate chain (PEM: the host's, then the CA's), when a signing request
+    /// was sent.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// The cluster CA's certificate (PEM), when the center serves TLS.
+    #[serde(default)]
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -1,11 +1,19 @@
 //! A small JSON-over-HTTP client for both APIs, over TCP or a unix socket.
 //!
 //! The CLI reaches the center through its unix socket (the center lives in a network
-//! namespace of the lab, the socket in the file system crosses namespaces); agents and the
-//! center talk over TCP on the management network.
+//! namespace of the lab, the socket in the file system crosses namespaces) or over HTTPS;
+//! agents and the center talk over mutual TLS on the management network.
+//!
+//! Every client carries explicit TLS settings (`tern_pki::tls`): a client made without any
+//! trusts no server, so an `https://` URL never falls back to the system's roots.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tern_pki::rustls::ClientConfig;
+use tern_pki::LiveIdentity;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -15,14 +23,14 @@ use crate::error::{ApiError, ErrorBody};
 /// Where an API server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// `http://host:port` (no trailing slash).
+    /// `https://host:port` or `http://host:port` (no trailing slash).
     Tcp(String),
     /// Path of a unix socket.
     Unix(PathBuf),
 }
 
 impl Endpoint {
-    /// Parses `unix:/path`, a path starting with `/`, or an `http://` URL.
+    /// Parses `unix:/path`, a path starting with `/`, or an `https://` (`http://`) URL.
     pub fn parse(s: &str) -> Endpoint {
         if let Some(p) = s.strip_prefix("unix:") {
             Endpoint::Unix(PathBuf::from(p))
@@ -47,24 +55,94 @@ impl std::fmt::Display for Endpoint {
 /// made from it: a call reuses an idle connection instead of opening a new one — on the guest's
 /// pause path too. Cheap to clone.
 ///
+/// With TLS, each peer gets its own client whose verifier expects that peer's certificate
+/// name, so a connection to one host can never be used for another.
+///
 /// Not process-global on purpose: a pooled connection belongs to the async runtime that opened
 /// it, and one process may run several (tests do).
 #[derive(Debug, Clone)]
-pub struct HttpPool(reqwest::Client);
+pub struct HttpPool {
+    plain: reqwest::Client,
+    tls: Option<Arc<PoolTls>>,
+}
+
+#[derive(Debug)]
+struct PoolTls {
+    ca_pem: String,
+    identity: LiveIdentity,
+    clients: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+fn client_builder(tls: ClientConfig) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .no_proxy()
+        .use_preconfigured_tls(tls)
+}
+
+fn build(b: reqwest::ClientBuilder, endpoint: &str) -> Result<reqwest::Client, ApiError> {
+    b.build().map_err(|e| ApiError::Transport {
+        endpoint: endpoint.to_string(),
+        source: e,
+    })
+}
 
 impl HttpPool {
-    /// A pool for TCP peers.
+    /// A pool for plain-HTTP peers.
     pub fn new() -> Result<HttpPool, ApiError> {
-        reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .no_proxy()
-            .build()
-            .map(HttpPool)
-            .map_err(|e| ApiError::Transport {
-                endpoint: "(HTTP client)".into(),
-                source: e,
-            })
+        Ok(HttpPool {
+            plain: build(
+                client_builder(tern_pki::tls::refusing_client_config()),
+                "(HTTP client)",
+            )?,
+            tls: None,
+        })
+    }
+
+    /// A pool for peers that are hosts of the cluster whose CA is `ca_pem`, presenting
+    /// `identity` (the center's certificate) to them.
+    pub fn with_tls(ca_pem: &str, identity: LiveIdentity) -> Result<HttpPool, ApiError> {
+        tern_pki::tls::ca_roots(ca_pem).map_err(|e| ApiError::Tls {
+            detail: format!("the cluster CA: {e}"),
+        })?;
+        Ok(HttpPool {
+            tls: Some(Arc::new(PoolTls {
+                ca_pem: ca_pem.to_string(),
+                identity,
+                clients: Mutex::new(HashMap::new()),
+            })),
+            ..HttpPool::new()?
+        })
+    }
+
+    /// The client for host `peer`: over TLS, one that accepts only `peer`'s certificate.
+    fn client_for(&self, peer: &str) -> reqwest::Client {
+        let Some(tls) = &self.tls else {
+            return self.plain.clone();
+        };
+        let mut clients = tls.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(peer) {
+            return c.clone();
+        }
+        let trust = tern_pki::tls::ServerTrust::Ca {
+            ca_pem: tls.ca_pem.clone(),
+            name: tern_pki::host_cert_name(peer),
+        };
+        let made = tern_pki::tls::client_config(&trust, Some(tls.identity.clone()))
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| build(client_builder(cfg), peer).map_err(|e| e.to_string()));
+        match made {
+            Ok(c) => {
+                clients.insert(peer.to_string(), c.clone());
+                c
+            }
+            // The plain client trusts no server: calls to this peer fail, with the reason.
+            Err(e) => {
+                tracing::warn!(peer, "cannot make a TLS client for this host: {e}");
+                self.plain.clone()
+            }
+        }
     }
 }
 
@@ -92,11 +170,12 @@ impl ApiClient {
         Self::with_timeout(endpoint, token, DEFAULT_TIMEOUT)
     }
 
-    /// A client of a TCP peer (`http://host:port`) over a shared pool of connections.
-    pub fn pooled(pool: &HttpPool, url: &str, token: impl Into<String>) -> ApiClient {
+    /// A client of the TCP peer `peer` (a host name) at `url` over a shared pool of
+    /// connections.
+    pub fn pooled(pool: &HttpPool, peer: &str, url: &str, token: impl Into<String>) -> ApiClient {
         let url = url.trim_end_matches('/').to_string();
         ApiClient {
-            http: pool.0.clone(),
+            http: pool.client_for(peer),
             base: url.clone(),
             endpoint: Endpoint::Tcp(url),
             token: token.into(),
@@ -112,15 +191,29 @@ impl ApiClient {
         }
     }
 
+    /// A client that speaks plain HTTP (a unix socket, or an `http://` URL); an `https://`
+    /// URL fails, as no CA is trusted.
     pub fn with_timeout(
         endpoint: Endpoint,
         token: impl Into<String>,
         timeout: Duration,
     ) -> Result<Self, ApiError> {
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .no_proxy();
+        Self::with_tls(
+            endpoint,
+            token,
+            timeout,
+            tern_pki::tls::refusing_client_config(),
+        )
+    }
+
+    /// A client with the TLS settings `tls` (made by `tern_pki::tls::client_config`).
+    pub fn with_tls(
+        endpoint: Endpoint,
+        token: impl Into<String>,
+        timeout: Duration,
+        tls: ClientConfig,
+    ) -> Result<Self, ApiError> {
+        let mut b = client_builder(tls);
         let base = match &endpoint {
             Endpoint::Tcp(url) => url.clone(),
             Endpoint::Unix(path) => {
@@ -128,10 +221,7 @@ impl ApiClient {
                 "http://localhost".to_string()
             }
         };
-        let http = b.build().map_err(|e| ApiError::Transport {
-            endpoint: endpoint.to_string(),
-            source: e,
-        })?;
+        let http = build(b, &endpoint.to_string())?;
         Ok(ApiClient {
             http,
             base,

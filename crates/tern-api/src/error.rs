@@ -16,12 +16,17 @@ pub enum ApiError {
     /// The server answered with an error status.
     #[error("{message} (HTTP {status})")]
     Status { status: u16, message: String },
-    #[error("cannot reach {endpoint}: {source}")]
+    /// No answer: refused, timed out, or the TLS handshake failed (the chain of causes says
+    /// which; reqwest's own text alone hides it).
+    #[error("cannot reach {endpoint}: {}", error_chain(source))]
     Transport {
         endpoint: String,
         #[source]
         source: reqwest::Error,
     },
+    /// TLS settings that cannot be used; nothing was sent.
+    #[error("TLS: {detail}")]
+    Tls { detail: String },
     #[error("unexpected answer from {endpoint}: {detail}")]
     Decode { endpoint: String, detail: String },
     /// A name that cannot be sent as one path segment; nothing was sent.
@@ -48,4 +53,21 @@ impl ApiError {
     pub fn is_conflict(&self) -> bool {
         self.status() == Some(409)
     }
+}
+
+/// An error and its causes, `: `-separated, each said once (reqwest repeats its cause in its
+/// text in some versions).
+#[cfg(feature = "client")]
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
 }

@@ -9,6 +9,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
+use tern_serve::PeerCertificate;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
@@ -454,10 +455,12 @@ async fn drs_apply(
 async fn register_host(
     State(app): AppState,
     headers: HeaderMap,
+    peer: Option<Extension<PeerCertificate>>,
     Body(req): Body<RegisterHost>,
 ) -> ApiResult<Json<Registered>> {
+    let peer = crate::pki::peer_host(peer.as_ref().map(|p| &p.0));
     Ok(axum::Json(
-        inventory::register_host(&app, bearer(&headers), req).await?,
+        inventory::register_host(&app, bearer(&headers), peer, req).await?,
     ))
 }
 
@@ -501,6 +504,7 @@ async fn add_host(
             host: name,
             token,
             expires_at,
+            ca_fingerprint: app.pki.as_ref().map(|p| p.ca.fingerprint().to_string()),
         }),
     ))
 }
@@ -537,9 +541,11 @@ async fn heartbeat(
     State(app): AppState,
     PathArg(id): PathArg<Uuid>,
     headers: HeaderMap,
+    peer: Option<Extension<PeerCertificate>>,
     Body(hb): Body<Heartbeat>,
 ) -> ApiResult<StatusCode> {
-    inventory::heartbeat(&app, id, bearer(&headers), hb).await?;
+    let peer = crate::pki::peer_host(peer.as_ref().map(|p| &p.0));
+    inventory::heartbeat(&app, id, bearer(&headers), peer, hb).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -43,6 +43,9 @@ pub struct App {
     pub drs: DrsState,
     /// Connections to the agents, reused from call to call (see [`App::agent`]).
     pub http: tern_api::HttpPool,
+    /// The cluster's CA and the center's certificate; `None` when the center serves plain
+    /// HTTP (`--insecure-http`).
+    pub pki: Option<Arc<crate::pki::CenterPki>>,
 }
 
 impl App {
@@ -52,9 +55,11 @@ impl App {
         admin_token: String,
         enrol_token: String,
         http: tern_api::HttpPool,
+        pki: Option<Arc<crate::pki::CenterPki>>,
     ) -> App {
         App {
             http,
+            pki,
             db,
             config,
             admin_token,

@@ -20,6 +20,12 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
 /// Default period of the DRS scheduler's pass (5 min).
 pub const DEFAULT_DRS_PERIOD_MS: u64 = 300_000;
+/// Default lifetime of the certificates the center issues (30 days); they renew after two
+/// thirds of it, so a host that is down for up to ten days comes back with a valid one.
+pub const DEFAULT_CERT_LIFETIME_S: u64 = 30 * 24 * 3600;
+/// Bounds of the certificate lifetime: short ones are for tests of renewal.
+pub const MIN_CERT_LIFETIME_S: u64 = 30;
+pub const MAX_CERT_LIFETIME_S: u64 = 397 * 24 * 3600;
 
 const AFTER_HELP: &str = "\
 Every flag can also be set in the TOML file given with --config, under the same name with '_'
@@ -39,7 +45,14 @@ hosts instead (closed networks only).
 
 The API listens on TCP and on the unix socket at the same time; its OpenAPI document is at
 GET /openapi.json (no token needed). TCP is on loopback unless --listen names an address of the
-management network, which agents on other hosts need.";
+management network, which agents on other hosts need.
+
+TLS: the center is the cluster's certificate authority (DATA_DIR/pki/ca.key, 0600; back it up:
+a new CA means joining every host again). The TCP API speaks HTTPS only; its certificate names
+center.tern, which every tern client checks, plus --tls-name for browsers. Hosts get a
+certificate naming them when they join (the join token carries the CA's fingerprint, so the
+agent checks the center first) and renew it themselves; from then on center and agents use
+mutual TLS and check each other's names. The CLI trusts the CA once: tern trust URL.";
 
 /// Flags of `tern center` (each may also come from the config file).
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -97,6 +110,23 @@ pub struct CenterArgs {
     /// joins) [default: 300000].
     #[arg(long, value_name = "MS")]
     pub drs_period_ms: Option<u64>,
+
+    /// Serve the TCP API as plain HTTP: no TLS, no host certificates, tokens in clear. For a
+    /// closed test network only; off by default.
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure_http: bool,
+
+    /// A DNS name or IP address the center's certificate carries besides center.tern and the
+    /// --listen address, for browsers and curl; repeat for several.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+
+    /// Lifetime of the certificates the center issues (its own and the hosts'); each renews
+    /// after two thirds of it [default: 2592000, 30 days].
+    #[arg(long, value_name = "SECONDS")]
+    pub cert_lifetime_s: Option<u64>,
 }
 
 /// The center's settings, every default filled in.
@@ -112,6 +142,10 @@ pub struct CenterConfig {
     pub heartbeat_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub drs_period_ms: u64,
+    /// Whether the TCP API speaks TLS (see [`CenterArgs::insecure_http`]).
+    pub tls: bool,
+    pub tls_names: Vec<String>,
+    pub cert_lifetime_s: u64,
 }
 
 impl CenterConfig {
@@ -129,6 +163,9 @@ impl CenterConfig {
             heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             drs_period_ms: DEFAULT_DRS_PERIOD_MS,
+            tls: true,
+            tls_names: Vec::new(),
+            cert_lifetime_s: DEFAULT_CERT_LIFETIME_S,
             data_dir,
         }
     }
@@ -165,12 +202,41 @@ impl CenterConfig {
         if let Some(ms) = args.drs_period_ms.or(file.drs_period_ms) {
             cfg.drs_period_ms = ms;
         }
+        cfg.tls = !(args.insecure_http || file.insecure_http);
+        cfg.tls_names = if args.tls_names.is_empty() {
+            file.tls_names.clone()
+        } else {
+            args.tls_names.clone()
+        };
+        if let Some(s) = args.cert_lifetime_s.or(file.cert_lifetime_s) {
+            cfg.cert_lifetime_s = s;
+        }
         cfg.check()?;
         Ok(cfg)
     }
 
     /// Refuses settings the center cannot work with.
     pub fn check(&self) -> anyhow::Result<()> {
+        if !(MIN_CERT_LIFETIME_S..=MAX_CERT_LIFETIME_S).contains(&self.cert_lifetime_s) {
+            bail!(
+                "cert_lifetime_s {} is out of range: give {MIN_CERT_LIFETIME_S} to \
+                 {MAX_CERT_LIFETIME_S} seconds (default {DEFAULT_CERT_LIFETIME_S})",
+                self.cert_lifetime_s
+            );
+        }
+        for name in &self.tls_names {
+            let ip = name.parse::<std::net::IpAddr>().is_ok();
+            let dns = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ip && !dns {
+                bail!("--tls-name {name:?} is neither a DNS name nor an IP address");
+            }
+        }
         if self.drs_period_ms == 0 {
             bail!("drs_period_ms must be more than 0 (default {DEFAULT_DRS_PERIOD_MS})");
         }

@@ -19,6 +19,7 @@ use crate::config::new_token;
 use crate::error::CenterError;
 use crate::store::{HostRecord, Link, NewEvent, StoreError, Tx, VmRecord};
 use crate::vmcheck::{self, Candidate};
+use tern_pki::CertInfo;
 
 pub async fn create_cluster(app: &App, req: CreateCluster) -> Result<Cluster, CenterError> {
     if !valid_name(&req.name) {
@@ -183,7 +184,17 @@ pub async fn add_host(
     }
     let ttl = chrono::Duration::from_std(ttl)
         .map_err(|_| CenterError::invalid("the join token's lifetime is too long"))?;
-    let token = format!("tern_join_{}", new_token());
+    // With TLS the token carries the CA's fingerprint: the agent checks the center with it
+    // before it sends the token.
+    let token = match &app.pki {
+        Some(p) => format!(
+            "tern_join_{}{}{}",
+            new_token(),
+            tern_api::center::JOIN_TOKEN_CA_MARK,
+            p.ca.fingerprint()
+        ),
+        None => format!("tern_join_{}", new_token()),
+    };
     let hash = crate::auth::token_hash(&token);
     let expires = app
         .db
@@ -239,6 +250,37 @@ fn check_agent_url(url: &str) -> Result<(), CenterError> {
     Ok(())
 }
 
+/// The client certificate of a call made for host `name`, with what it says.
+pub type PeerHost = Option<(String, CertInfo)>;
+
+/// Checks that a call for host `name` comes with that host's current certificate (when the
+/// center serves TLS): one naming another host, an older one of this host, or any after the
+/// host was removed is refused.
+fn check_host_cert(app: &App, tx: &Tx, name: &str, peer: &PeerHost) -> Result<(), CenterError> {
+    if app.pki.is_none() {
+        return Ok(());
+    }
+    let current = tx.host_cert_serial(name)?;
+    match (peer, current) {
+        (Some((host, _)), _) if host != name => Err(CenterError::unauthorized(format!(
+            "this client certificate names host {host}, not {name}"
+        ))),
+        (Some((_, info)), Some(serial)) if info.serial == serial => Ok(()),
+        (Some(_), Some(_)) => Err(CenterError::unauthorized(format!(
+            "this certificate of host {name} is not its current one (renewed or revoked): \
+             the agent must use the last certificate the center gave it"
+        ))),
+        (_, None) => Err(CenterError::unauthorized(format!(
+            "host {name} has no certificate on record: join it again with a token from tern \
+             host add {name}"
+        ))),
+        (None, Some(_)) => Err(CenterError::unauthorized(format!(
+            "calls for host {name} need its client certificate (mutual TLS): the agent keeps \
+             it in its state dir"
+        ))),
+    }
+}
+
 /// What a registration presents as its right to the host name.
 enum Credential {
     /// The host's own secret, given at its first join: re-registers that host only.
@@ -257,11 +299,14 @@ fn registration_credential(
     bearer: &str,
     name: &str,
     existing: Option<&HostRecord>,
+    peer: &PeerHost,
     now: chrono::DateTime<Utc>,
 ) -> Result<Credential, CenterError> {
     let hash = crate::auth::token_hash(bearer);
     if let Some(h) = existing {
         if crate::auth::token_eq(&hash, &h.host_token) {
+            // The secret alone is not enough with TLS: the host's certificate must come too.
+            check_host_cert(app, tx, name, peer)?;
             return Ok(Credential::HostSecret);
         }
     }
@@ -299,6 +344,7 @@ fn registration_credential(
 pub async fn register_host(
     app: &Arc<App>,
     bearer: Option<String>,
+    peer: PeerHost,
     req: RegisterHost,
 ) -> Result<Registered, CenterError> {
     let Some(bearer) = bearer else {
@@ -327,17 +373,46 @@ pub async fn register_host(
              facts",
         ));
     }
+    if req.csr.as_ref().is_some_and(|c| c.len() > 16 * 1024) {
+        return Err(CenterError::invalid(
+            "csr is longer than 16 KiB: send a PEM certificate signing request",
+        ));
+    }
     // Who is asking comes first: an unproven caller learns nothing and records nothing.
-    {
-        let (app2, bearer, name) = (app.clone(), bearer.clone(), req.name.clone());
+    let credential = {
+        let (app2, bearer, name, peer) =
+            (app.clone(), bearer.clone(), req.name.clone(), peer.clone());
         app.db
             .read(move |tx| {
                 let existing = tx.host_by_name(&name)?;
-                registration_credential(&app2, tx, &bearer, &name, existing.as_ref(), Utc::now())
-                    .map(|_| ())
+                registration_credential(
+                    &app2,
+                    tx,
+                    &bearer,
+                    &name,
+                    existing.as_ref(),
+                    &peer,
+                    Utc::now(),
+                )
             })
-            .await?;
-    }
+            .await?
+    };
+    // With TLS, a host that joins gets a certificate naming it, from its own key; one that
+    // registers again may renew its certificate the same way.
+    let issued = match (&app.pki, &req.csr) {
+        (Some(pki), Some(csr)) => Some(
+            pki.sign_host(&req.name, csr)
+                .map_err(|e| CenterError::invalid(format!("csr: {e}")))?,
+        ),
+        (Some(_), None) if !matches!(credential, Credential::HostSecret) => {
+            return Err(CenterError::invalid(format!(
+                "joining host {} needs a certificate signing request (csr): this center speaks \
+                 only TLS, and the host needs a certificate naming it",
+                req.name
+            )));
+        }
+        _ => None,
+    };
     // EVC: a host that cannot offer the cluster's mode is refused, and the refusal recorded.
     let (name, cluster, facts) = (req.name.clone(), req.cluster.clone(), req.facts.clone());
     let refusal = app
@@ -363,8 +438,15 @@ pub async fn register_host(
                 return Err(CenterError::unsatisfiable(why));
             }
             let existing = tx.host_by_name(&req.name)?;
-            let credential =
-                registration_credential(&app2, tx, &bearer, &req.name, existing.as_ref(), now)?;
+            let credential = registration_credential(
+                &app2,
+                tx,
+                &bearer,
+                &req.name,
+                existing.as_ref(),
+                &peer,
+                now,
+            )?;
             // The host keeps its secret across registrations; a join gives it a new one. The
             // store keeps only its hash.
             let host_token = match &credential {
@@ -454,10 +536,30 @@ pub async fn register_host(
                 }
             };
             app2.mark_alive(id);
+            let certificate = match issued {
+                Some((chain, info)) => {
+                    let not_after =
+                        chrono::DateTime::from_timestamp(info.not_after, 0).unwrap_or(now);
+                    tx.set_host_cert(&req.name, &info.serial, not_after, now)?;
+                    tx.add_event(
+                        NewEvent::info(format!(
+                            "certificate issued to host {} (serial {}, valid until {not_after}); \
+                             earlier ones are no longer accepted",
+                            req.name, info.serial
+                        ))
+                        .host(Some(&req.name)),
+                        now,
+                    )?;
+                    Some(chain)
+                }
+                None => None,
+            };
             Ok(Registered {
                 host_id: id,
                 host_token,
                 heartbeat_interval_ms: interval,
+                certificate,
+                ca: app2.pki.as_ref().map(|p| p.ca.cert_pem().to_string()),
             })
         })
         .await
@@ -509,6 +611,7 @@ pub async fn heartbeat(
     app: &Arc<App>,
     host_id: Uuid,
     token: Option<String>,
+    peer: PeerHost,
     hb: Heartbeat,
 ) -> Result<(), CenterError> {
     let app2 = app.clone();
@@ -531,6 +634,7 @@ pub async fn heartbeat(
                     host.name
                 )));
             }
+            check_host_cert(&app2, tx, &host.name, &peer)?;
             tx.record_heartbeat(host.id, &hb.facts, &hb.load, now)?;
             app2.mark_alive(host.id);
             if host.link == Link::Disconnected {

@@ -6,7 +6,8 @@
 //! tokens) → the domain: [`inventory`] (clusters, hosts, VMs), [`power`] (start, stop),
 //! [`maintenance`] (emptying hosts), [`drs`] (placement, balance, the scheduler loop),
 //! [`migrate`] (live migrations: pre-checks, settings, the ownership record and its commit
-//! rule, recovery), [`evc`] (CPU baselines), [`vmcheck`] (spec and size rules) → [`tasks`]
+//! rule, recovery), [`evc`] (CPU baselines), [`vmcheck`] (spec and size rules), [`pki`] (the
+//! cluster CA, host certificates) → [`tasks`]
 //! (the runner every long operation goes through) → [`agent`] (calls to host agents),
 //! [`app`] (shared state), [`error`] (the domain error) → [`store`] (SQLite, the only
 //! place SQL lives).
@@ -23,6 +24,7 @@ pub mod evc;
 pub mod inventory;
 pub mod maintenance;
 pub mod migrate;
+pub mod pki;
 pub mod power;
 pub mod retry;
 pub mod server;

@@ -30,18 +30,43 @@ pub struct RunningCenter {
     pub admin_token: String,
     pub enrol_token: String,
     pub config: CenterConfig,
+    /// The cluster CA's certificate (PEM) when the TCP API speaks TLS.
+    pub ca_pem: Option<String>,
     shutdown: watch::Sender<bool>,
     done: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl RunningCenter {
-    /// `http://IP:PORT` of the TCP listener (0.0.0.0 is given as 127.0.0.1).
+    /// `https://IP:PORT` (`http://` with `--insecure-http`) of the TCP listener (0.0.0.0 is
+    /// given as 127.0.0.1).
     pub fn url(&self) -> String {
         let mut addr = self.tcp_addr;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        format!("http://{addr}")
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
+    }
+
+    /// A client of the TCP API presenting `token`, trusting the cluster CA.
+    pub fn client(&self, token: &str) -> anyhow::Result<tern_api::ApiClient> {
+        let endpoint = tern_api::Endpoint::Tcp(self.url());
+        let timeout = Duration::from_secs(60);
+        Ok(match &self.ca_pem {
+            Some(ca) => {
+                let trust = tern_pki::tls::ServerTrust::Ca {
+                    ca_pem: ca.clone(),
+                    name: tern_pki::CENTER_NAME.into(),
+                };
+                let tls = tern_pki::tls::client_config(&trust, None)?;
+                tern_api::ApiClient::with_tls(endpoint, token, timeout, tls)?
+            }
+            None => tern_api::ApiClient::with_timeout(endpoint, token, timeout)?,
+        })
     }
 
     /// Waits until the center stops on its own (an error), or forever.
@@ -97,12 +122,28 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     .context("store worker")?
     .with_context(|| format!("opening the store {}", db_path.display()))?;
 
+    let pki = if config.tls {
+        Some(Arc::new(crate::pki::CenterPki::open(&config)?))
+    } else {
+        tracing::warn!(
+            "--insecure-http: the TCP API is plain HTTP; tokens cross the network in clear and \
+             hosts get no certificates"
+        );
+        None
+    };
+    let http = match &pki {
+        Some(p) => tern_api::HttpPool::with_tls(p.ca.cert_pem(), p.identity.clone()),
+        None => tern_api::HttpPool::new(),
+    }
+    .context("HTTP client for the agents")?;
+    let ca_pem = pki.as_ref().map(|p| p.ca.cert_pem().to_string());
     let app = Arc::new(App::new(
         Db::new(store),
         config.clone(),
         admin_token.clone(),
         enrol_token.clone(),
-        tern_api::HttpPool::new().context("HTTP client for the agents")?,
+        http,
+        pki,
     ));
     // Migrations first: their ownership records decide which way each one ends.
     let migrations = crate::migrate::recover(&app)
@@ -155,6 +196,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
         admin_token,
         enrol_token,
         config,
+        ca_pem,
         shutdown: tx,
         done: Some(done),
     })
@@ -187,14 +229,19 @@ async fn supervise(
         shutdown_grace: SHUTDOWN_GRACE,
         ..tern_serve::Limits::within_open_files(open_files, 2)
     };
+    let tls = app.pki.as_ref().map(|p| p.server.subscribe());
     let mut tcp_srv = tokio::spawn({
         let (router, limits, rx) = (router.clone(), limits.clone(), rx.clone());
-        async move { tern_serve::serve(tcp, router, &limits, until_true(rx)).await }
+        async move { tern_serve::serve(tcp, router, &limits, tls, until_true(rx)).await }
     });
     let mut unix_srv = tokio::spawn({
         let rx = rx.clone();
-        async move { tern_serve::serve(unix, router, &limits, until_true(rx)).await }
+        async move { tern_serve::serve(unix, router, &limits, None, until_true(rx)).await }
     });
+    let renewer = app
+        .pki
+        .clone()
+        .map(|p| tokio::spawn(crate::pki::renewer(p, rx.clone())));
     let monitor = tokio::spawn(inventory::monitor(app.clone(), rx.clone()));
     let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
 
@@ -219,6 +266,9 @@ async fn supervise(
     }
     monitor.abort();
     scheduler.abort();
+    if let Some(r) = renewer {
+        r.abort();
+    }
     let left = app.drain(SHUTDOWN_GRACE).await;
     if left > 0 {
         tracing::warn!(

@@ -159,6 +159,16 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE clusters ADD COLUMN migration_encryption TEXT NOT NULL DEFAULT 'required';
     "#,
+    // 8: the one certificate of each host the center accepts (the last it issued): an older
+    // one, or any after the host is removed, is refused.
+    r#"
+    CREATE TABLE host_certs (
+        host_name   TEXT PRIMARY KEY,
+        serial      TEXT NOT NULL,              -- hex
+        not_after   TEXT NOT NULL,
+        issued_at   TEXT NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -1379,7 +1389,41 @@ impl Tx<'_> {
         self.tx
             .execute("DELETE FROM join_tokens WHERE host_name = ?1", [name])?;
         self.tx
+            .execute("DELETE FROM host_certs WHERE host_name = ?1", [name])?;
+        self.tx
             .execute("DELETE FROM hosts WHERE id = ?1", [id.to_string()])?;
+        Ok(())
+    }
+
+    // ---- host certificates ----
+
+    /// The serial of the certificate host `name` must present, if it has one.
+    pub fn host_cert_serial(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT serial FROM host_certs WHERE host_name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Makes `serial` the one certificate of host `name` the center accepts.
+    pub fn set_host_cert(
+        &self,
+        name: &str,
+        serial: &str,
+        not_after: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO host_certs (host_name, serial, not_after, issued_at) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(host_name) DO UPDATE SET \
+             serial = excluded.serial, not_after = excluded.not_after, \
+             issued_at = excluded.issued_at",
+            params![name, serial, ts(not_after), ts(now)],
+        )?;
         Ok(())
     }
 

@@ -262,6 +262,7 @@ async fn register(c: &RunningCenter, name: &str, agent: &FakeAgent, f: HostFacts
                 agent_url: agent.url(),
                 agent_token: AGENT_TOKEN.into(),
                 facts: f,
+                csr: None,
             },
         )
         .await
@@ -329,6 +330,7 @@ async fn tokens_are_required_and_nothing_changes_without_one() {
                 agent_url: agent.url(),
                 agent_token: AGENT_TOKEN.into(),
                 facts: facts(4, 8192),
+                csr: None,
             },
         )
         .await;
@@ -590,6 +592,7 @@ async fn registration_and_heartbeats() {
         agent_url: agent.url(),
         agent_token: AGENT_TOKEN.into(),
         facts: facts(4, 8192),
+        csr: None,
     };
     // The cluster does not exist yet: 404 with the command to create it.
     let r: Result<Registered, _> = client(&c, &c.enrol_token)

@@ -20,6 +20,7 @@ fn register_req(name: &str, agent_url: &str) -> RegisterHost {
         agent_url: agent_url.into(),
         agent_token: "agent-secret".into(),
         facts: facts(4, 8192),
+        csr: None,
     }
 }
 

@@ -35,8 +35,9 @@ pub struct AgentArgs {
     /// Cluster to join (it must exist in the center) [default: default].
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
-    /// Center to register with, `http://IP:PORT`. Without it the agent runs alone, serving
-    /// its API only.
+    /// Center to register with, `https://IP:PORT` (the agent then speaks only mutual TLS;
+    /// an `http://` center, started with --insecure-http, makes it plain too). Without it the
+    /// agent runs alone, serving its API only (plain HTTP, for tests).
     #[arg(long, value_name = "URL")]
     pub center: Option<String>,
     /// File holding this host's one-time join token (`tern host add NAME` on the center
@@ -86,22 +87,29 @@ pub struct AgentArgs {
 
 const AFTER_HELP: &str = "\
 Example (one host of a cluster):
-  tern host agent --name h1 --cluster prod --center http://10.0.0.2:8700 \\
+  tern host agent --name h1 --cluster prod --center https://10.0.0.2:8700 \\
       --enrol-token-file /etc/tern/enrol.token --listen 10.0.0.11:8701 \\
       --bridge br0 --shared-storage /srv/shared
 
 The same as a config file (tern host agent --config /etc/tern/host.toml):
   name = \"h1\"
   cluster = \"prod\"
-  center = \"http://10.0.0.2:8700\"
+  center = \"https://10.0.0.2:8700\"
   enrol_token_file = \"/etc/tern/enrol.token\"
   listen = \"10.0.0.11:8701\"
   bridge = \"br0\"
   shared_storage = \"/srv/shared\"
 
 QEMU processes outlive the agent: stopping or restarting it leaves VMs running, and the next
-start adopts them again from the state dir. The center authenticates with the token the agent
-keeps in STATE_DIR/agent.token.";
+start adopts them again from the state dir.
+
+TLS: the join token from `tern host add NAME` ends in the cluster CA's fingerprint; the agent
+checks the center against it, sends a signing request for a key it makes, and keeps the
+certificate the center signs (naming this host) with its key in STATE_DIR/tls/host.pem (0600)
+and the CA in STATE_DIR/tls/ca.crt. From then on its API accepts only the center's
+certificate, its calls present the host's, and it renews the certificate itself after two
+thirds of its lifetime. The center also presents the token the agent keeps in
+STATE_DIR/agent.token.";
 
 /// The config file: the same keys as the flags.
 #[derive(Debug, Default, Deserialize)]
@@ -127,7 +135,7 @@ struct FileConfig {
 /// Where and how to reach the center.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CenterLink {
-    /// `http://IP:PORT`, no trailing slash.
+    /// `https://IP:PORT` (or `http://` for a center with --insecure-http), no trailing slash.
     pub url: String,
     pub enrol_token_file: PathBuf,
 }
@@ -188,8 +196,8 @@ impl AgentArgs {
         let center = match center_url {
             Some(url) => {
                 let url = url.trim_end_matches('/').to_string();
-                if !url.starts_with("http://") {
-                    bail!("--center must be an http://IP:PORT URL, not {url:?}");
+                if !url.starts_with("https://") && !url.starts_with("http://") {
+                    bail!("--center must be an https://IP:PORT URL, not {url:?}");
                 }
                 let Some(enrol_token_file) = enrol_token_file else {
                     bail!("--center needs --enrol-token-file (the file the center wrote its enrolment token to)");
@@ -207,8 +215,8 @@ impl AgentArgs {
             .or(file.advertise_url)
             .map(|u| u.trim_end_matches('/').to_string());
         if let Some(u) = &advertise_url {
-            if !u.starts_with("http://") {
-                bail!("--advertise-url must be an http://IP:PORT URL, not {u:?}");
+            if !u.starts_with("https://") && !u.starts_with("http://") {
+                bail!("--advertise-url must be an https://IP:PORT URL, not {u:?}");
             }
         }
         let migration_address = match self.migration_address.or(file.migration_address) {
@@ -275,10 +283,20 @@ impl AgentConfig {
         } else {
             bound.ip()
         };
+        let scheme = if self.tls() { "https" } else { "http" };
         match ip {
-            IpAddr::V4(v4) => format!("http://{v4}:{}", bound.port()),
-            IpAddr::V6(v6) => format!("http://[{v6}]:{}", bound.port()),
+            IpAddr::V4(v4) => format!("{scheme}://{v4}:{}", bound.port()),
+            IpAddr::V6(v6) => format!("{scheme}://[{v6}]:{}", bound.port()),
         }
+    }
+
+    /// Whether the agent speaks TLS: when its center does (an `https://` URL). A center
+    /// started with `--insecure-http` has plain-HTTP agents; an agent without a center (API
+    /// only, for tests) is plain too.
+    pub fn tls(&self) -> bool {
+        self.center
+            .as_ref()
+            .is_some_and(|c| c.url.starts_with("https://"))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The agent's link to the center: registration with the enrolment token (retried with
 //! back-off), then heartbeats carrying facts and load; registers again when the center forgets
-//! the host.
+//! the host, and to renew the host's certificate (see [`crate::identity`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,21 +60,49 @@ fn read_enrol_token(link: &CenterLink) -> Result<String, String> {
     }
 }
 
+/// A client of the center presenting `token`: over TLS when the center speaks it (checked
+/// against the known CA, or the fingerprint the enrolment token carries).
+fn center_client(agent: &Agent, link: &CenterLink, token: String) -> Result<ApiClient, String> {
+    let endpoint = Endpoint::Tcp(link.url.clone());
+    let client = match &agent.tls {
+        Some(tls) => {
+            let pin = std::fs::read_to_string(&link.enrol_token_file)
+                .ok()
+                .and_then(|t| {
+                    tern_api::center::join_token_ca(t.trim()).and_then(|fp| fp.parse().ok())
+                });
+            let cfg = tls.client_config(pin).map_err(|e| format!("{e:#}"))?;
+            ApiClient::with_tls(endpoint, token, CALL_TIMEOUT, cfg)
+        }
+        None => ApiClient::with_timeout(endpoint, token, CALL_TIMEOUT),
+    };
+    client.map_err(|e| e.to_string())
+}
+
+/// Registers with `token`. With TLS, a join (`joining`) always sends a signing request for a
+/// new key; a registration with the host's secret sends one when the certificate is due.
 async fn register_with(
     agent: &Agent,
     link: &CenterLink,
     agent_url: &str,
     token: String,
-) -> Result<Registered, ApiError> {
-    let client = ApiClient::with_timeout(Endpoint::Tcp(link.url.clone()), token, CALL_TIMEOUT)?;
+    joining: bool,
+) -> Result<Result<Registered, ApiError>, String> {
+    let client = center_client(agent, link, token)?;
+    let csr = match &agent.tls {
+        Some(tls) => tls.request_if_due_or(joining),
+        None => Ok(None),
+    }
+    .map_err(|e| format!("making a signing request: {e:#}"))?;
     let body = RegisterHost {
         name: agent.cfg.name.clone(),
         cluster: agent.cfg.cluster.clone(),
         agent_url: agent_url.to_string(),
         agent_token: agent.token.clone(),
         facts: agent.facts(),
+        csr,
     };
-    client.post(&route::HOST_REGISTER.path(), &body).await
+    Ok(client.post(&route::HOST_REGISTER.path(), &body).await)
 }
 
 /// Registers with the host's own secret when it has one, else with the token of
@@ -87,7 +115,7 @@ async fn register_once(
 ) -> Result<Registered, String> {
     let explain = |e: &ApiError| explain_register_error(e, link, &agent.cfg.cluster);
     let reg = match agent.state.host_secret() {
-        Some(secret) => match register_with(agent, link, agent_url, secret).await {
+        Some(secret) => match register_with(agent, link, agent_url, secret, false).await? {
             Err(ApiError::Status {
                 status: 401,
                 message,
@@ -99,13 +127,29 @@ async fn register_once(
                 );
                 agent.state.forget_host_secret();
                 let token = read_enrol_token(link)?;
-                register_with(agent, link, agent_url, token).await
+                register_with(agent, link, agent_url, token, true).await?
             }
             other => other,
         },
-        None => register_with(agent, link, agent_url, read_enrol_token(link)?).await,
+        None => register_with(agent, link, agent_url, read_enrol_token(link)?, true).await?,
     }
     .map_err(|e| explain(&e))?;
+    if let Some(tls) = &agent.tls {
+        match (&reg.certificate, &reg.ca) {
+            (Some(chain), Some(ca)) => {
+                let info = tls
+                    .install(chain, ca)
+                    .map_err(|e| format!("keeping the certificate the center issued: {e:#}"))?;
+                tracing::info!(
+                    serial = %info.serial,
+                    valid_until = info.not_after,
+                    "host certificate issued by the center"
+                );
+            }
+            (Some(_), None) => return Err("the center sent a certificate without its CA".into()),
+            (None, _) => {}
+        }
+    }
     if agent.state.host_secret().as_deref() != Some(reg.host_token.as_str()) {
         agent
             .state
@@ -153,6 +197,8 @@ async fn register(
 /// What ended a run of heartbeats.
 enum HeartbeatEnd {
     Shutdown,
+    /// The host's certificate is due: register again with a signing request.
+    Renew,
     /// The center no longer knows this host (or its token): register again.
     Forgotten(String),
 }
@@ -171,13 +217,11 @@ async fn heartbeats(
             "the center expects heartbeats more often than configured"
         );
     }
-    let client = match ApiClient::with_timeout(
-        Endpoint::Tcp(link.url.clone()),
-        reg.host_token.clone(),
-        CALL_TIMEOUT,
-    ) {
+    // Made after each registration: connections opened with a replaced certificate are not
+    // reused.
+    let client = match center_client(agent, link, reg.host_token.clone()) {
         Ok(c) => c,
-        Err(e) => return HeartbeatEnd::Forgotten(e.to_string()),
+        Err(e) => return HeartbeatEnd::Forgotten(e),
     };
     let path = route::HOST_HEARTBEAT.with_id(reg.host_id);
     let mut tick = tokio::time::interval(period);
@@ -187,6 +231,9 @@ async fn heartbeats(
         tokio::select! {
             () = shutdown.cancelled() => return HeartbeatEnd::Shutdown,
             _ = tick.tick() => {}
+        }
+        if agent.tls.as_ref().is_some_and(|t| t.should_renew()) {
+            return HeartbeatEnd::Renew;
         }
         let body = Heartbeat {
             facts: agent.facts(),
@@ -228,6 +275,9 @@ pub async fn run(
         };
         match heartbeats(&agent, &link, &reg, &shutdown).await {
             HeartbeatEnd::Shutdown => return,
+            HeartbeatEnd::Renew => {
+                tracing::info!("the host certificate is due for renewal: registering again");
+            }
             HeartbeatEnd::Forgotten(why) => {
                 tracing::warn!(
                     "the center does not know this host any more ({why}); registering again"

@@ -15,6 +15,7 @@ pub mod config;
 pub mod enrol;
 pub mod error;
 pub mod facts;
+pub mod identity;
 pub mod load;
 pub mod migrations;
 pub mod paths;
@@ -61,6 +62,8 @@ pub struct Agent {
     pub token: String,
     /// The state dir (the host's secret from the center lives there).
     pub state: store::StateDir,
+    /// The host's certificate and TLS settings, when its center speaks TLS.
+    pub tls: Option<Arc<identity::HostTls>>,
     pub vms: Arc<VmManager>,
     /// This host's side of live migrations.
     pub migrations: Arc<migrations::Migrations>,
@@ -201,8 +204,21 @@ pub async fn serve(
     let migrations = migrations::Migrations::new(vms.clone(), cfg.migration_address);
     migrations.recover().await;
     let probe_again = facts.cpu_capability.is_empty();
+    let tls = if cfg.tls() {
+        Some(Arc::new(identity::HostTls::open(&store.root, &cfg.name)?))
+    } else {
+        if cfg.center.is_some() {
+            tracing::warn!(
+                "the center is plain http://: this agent's API is plain HTTP too (tokens and \
+                 commands cross the network in clear)"
+            );
+        }
+        None
+    };
+    let tls_source = tls.as_ref().map(|t| t.server.subscribe());
     let agent = Arc::new(Agent {
         cfg,
+        tls,
         facts: std::sync::RwLock::new(facts),
         token,
         state: store.clone(),
@@ -234,6 +250,7 @@ pub async fn serve(
         listener,
         api::router(agent.clone()),
         &tern_serve::Limits::within_open_files(open_files, 1),
+        tls_source,
         async move {
             tokio::select! {
                 () = shutdown => {}

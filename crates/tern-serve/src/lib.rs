@@ -13,7 +13,10 @@
 //! - accept errors (descriptor exhaustion included) back off instead of spinning;
 //! - graceful shutdown: open requests get [`Limits::shutdown_grace`], then are cut.
 //!
-//! TLS will wrap the accepted stream here too, under the same limits.
+//! - TLS on TCP listeners, under the same limits: the handshake must end within the header
+//!   timeout, and the client's certificate (when it gave one) reaches the handlers as a
+//!   [`PeerCertificate`] request extension. The settings come from a watch channel, so a
+//!   renewed certificate (or an agent's first one) takes effect without a restart.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +27,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -31,7 +35,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::ServerConfig;
+use tower::ServiceExt;
 use tower_http::timeout::RequestBodyTimeoutLayer;
+
+/// Where a TCP listener gets its TLS settings: `None` while it has none yet (connections are
+/// then closed at once; an agent before it joined).
+pub type TlsSource = tokio::sync::watch::Receiver<Option<Arc<ServerConfig>>>;
+
+/// The leaf certificate a TLS client presented, verified by the listener's settings; handlers
+/// read it as a request extension.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
 
 /// What one listener allows its clients.
 #[derive(Debug, Clone)]
@@ -116,11 +132,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_HEADER_BUFFER: usize = 64 * 1024;
 
 /// Serves `router` on `listener` under `limits` until `shutdown` resolves, then lets open
-/// requests finish for the grace time and cuts the rest.
+/// requests finish for the grace time and cuts the rest. With `tls`, a TCP listener speaks
+/// only TLS (a unix socket stays plain: its file mode guards it).
 pub async fn serve(
     listener: impl Into<Listener>,
     router: Router,
     limits: &Limits,
+    tls: Option<TlsSource>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let listener = listener.into();
@@ -142,6 +160,8 @@ pub async fn serve(
         conns: JoinSet::new(),
         refusing: Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS)),
         refused: 0,
+        tls,
+        handshake_timeout: limits.header_timeout,
     };
     server.run(listener, shutdown, limits.shutdown_grace).await;
 }
@@ -156,6 +176,8 @@ struct Server {
     conns: JoinSet<()>,
     refusing: Arc<Semaphore>,
     refused: u64,
+    tls: Option<TlsSource>,
+    handshake_timeout: Duration,
 }
 
 impl Server {
@@ -175,7 +197,13 @@ impl Server {
                     Ok(Accepted::Tcp(stream, peer)) => {
                         if let Some(slots) = self.slots(Some(peer)) {
                             let _ = stream.set_nodelay(true);
-                            self.spawn(stream, slots);
+                            match self.tls.as_ref().map(|t| t.borrow().clone()) {
+                                None => self.spawn(stream, slots),
+                                Some(Some(cfg)) => self.spawn_tls(stream, slots, cfg),
+                                Some(None) => {
+                                    tracing::debug!(%peer, "no TLS certificate yet: closing");
+                                }
+                            }
                         } else {
                             self.refuse(stream, Some(peer));
                         }
@@ -261,6 +289,47 @@ impl Server {
         let conn = self.graceful.watch(conn);
         self.conns.spawn(async move {
             if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+            drop(slots);
+        });
+    }
+}
+
+impl Server {
+    /// Completes the TLS handshake (within the header timeout) in the connection's own task,
+    /// then serves it with the client's certificate attached to every request.
+    fn spawn_tls(&mut self, stream: tokio::net::TcpStream, slots: Slots, cfg: Arc<ServerConfig>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let (http, router) = (self.http.clone(), self.router.clone());
+        let watcher = self.graceful.watcher();
+        let timeout = self.handshake_timeout;
+        self.conns.spawn(async move {
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!("TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake not done within {timeout:?}: closing");
+                    return;
+                }
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| PeerCertificate(Arc::new(c.clone().into_owned())));
+            let svc = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
+                if let Some(p) = &peer {
+                    req.extensions_mut().insert(p.clone());
+                }
+                req
+            });
+            let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!("connection ended: {e}");
             }
             drop(slots);

@@ -42,7 +42,7 @@ async fn start(limits: Limits) -> Running {
     let addr = l.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
     let done = tokio::spawn(async move {
-        serve(l, router(), &limits, async {
+        serve(l, router(), &limits, None, async {
             let _ = rx.await;
         })
         .await
@@ -174,7 +174,10 @@ async fn a_full_listener_refuses_and_recovers() {
 #[tokio::test]
 async fn an_oversize_body_is_refused() {
     let srv = start(limits()).await;
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(tern_pki::tls::refusing_client_config())
+        .build()
+        .unwrap();
     let url = format!("http://{}/echo", srv.addr);
     let ok = client
         .post(&url)
@@ -231,4 +234,98 @@ async fn stop(mut srv: Running) {
         .await
         .expect("serve returns within the grace time")
         .unwrap();
+}
+
+/// A TLS listener with `identity`, letting in any client (or, with `None` settings, none).
+async fn start_tls(
+    limits: Limits,
+    cfg: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> Running {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg);
+    let router = router().route(
+        "/whoami",
+        get(
+            |peer: Option<axum::Extension<tern_serve::PeerCertificate>>| async move {
+                match peer {
+                    Some(p) => tern_pki::inspect(p.0 .0.as_ref())
+                        .unwrap()
+                        .dns_names
+                        .join(","),
+                    None => "anonymous".to_string(),
+                }
+            },
+        ),
+    );
+    let done = tokio::spawn(async move {
+        let _keep = _cfg_tx;
+        serve(l, router, &limits, Some(cfg_rx), async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    Running {
+        addr,
+        stop: Some(tx),
+        done,
+    }
+}
+
+#[tokio::test]
+async fn tls_handshakes_are_bounded_and_client_certificates_reach_handlers() {
+    let ca = tern_pki::Ca::new("t").unwrap();
+    let life = Duration::from_secs(600);
+    let server_id = ca.issue_center(&[], life).unwrap();
+    let cfg = tern_pki::tls::server_config(
+        tern_pki::LiveIdentity::new(&server_id).unwrap(),
+        &tern_pki::tls::ClientPolicy::OptionalFromCa {
+            ca_pem: ca.cert_pem().into(),
+        },
+    )
+    .unwrap();
+    let srv = start_tls(limits(), Some(cfg)).await;
+
+    // A client that connects and never starts its handshake is closed by the header timer.
+    let mut silent = connect_from([127, 0, 0, 20], srv.addr).await;
+    until_closed(&mut silent, Duration::from_secs(5)).await;
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut plain = connect_from([127, 0, 0, 21], srv.addr).await;
+    plain
+        .write_all(b"GET /hello HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let said = until_closed(&mut plain, Duration::from_secs(5)).await;
+    assert!(!said.contains("hello"), "{said}");
+
+    // A TLS client is served; its certificate, when it shows one, reaches the handler.
+    let url = format!("https://{}", srv.addr);
+    let trust = tern_pki::tls::ServerTrust::Ca {
+        ca_pem: ca.cert_pem().into(),
+        name: tern_pki::CENTER_NAME.into(),
+    };
+    let call = |id: Option<tern_pki::Identity>| {
+        let cfg = tern_pki::tls::client_config(
+            &trust,
+            id.map(|i| tern_pki::LiveIdentity::new(&i).unwrap()),
+        )
+        .unwrap();
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(cfg)
+            .build()
+            .unwrap();
+        let url = format!("{url}/whoami");
+        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(call(None).await, "anonymous");
+    let host = ca.issue_identity(&["h1.host.tern".into()], life).unwrap();
+    assert_eq!(call(Some(host)).await, "h1.host.tern");
+    stop(srv).await;
+
+    // Without settings yet (an agent before it joined), connections are closed at once.
+    let srv = start_tls(limits(), None).await;
+    let mut c = connect_from([127, 0, 0, 22], srv.addr).await;
+    until_closed(&mut c, Duration::from_secs(1)).await;
+    stop(srv).await;
 }

@@ -92,6 +92,10 @@ impl CliError {
                 "is it running? Point --center / TERN_CENTER at it, or check the lab with \
                  `tern lab status`",
             ),
+            ApiError::Tls { detail } => {
+                CliError::new(ExitKind::Unreachable, format!("TLS: {detail}"))
+                    .hint("trust the cluster's CA once with `tern trust URL`, or pass --ca FILE")
+            }
             ApiError::BadName(e) => CliError::usage(e.to_string()),
             ApiError::Decode { endpoint, detail } => {
                 CliError::failed(format!("unexpected answer from {endpoint}: {detail}"))

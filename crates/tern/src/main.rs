@@ -89,6 +89,8 @@ enum Command {
     /// offline (simulate, explain).
     #[command(subcommand)]
     Drs(cmd::drs::DrsCommand),
+    /// Trust a center's CA once (shows its fingerprint first), for --center https://….
+    Trust(cmd::trust::TrustArgs),
 }
 
 // The daemons take their own flags (the agent has its own --center), so the CLI's
@@ -200,6 +202,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Token(g) => cmd::token::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
+            Command::Trust(a) => cmd::trust::run(a).await,
         }
     })
 }

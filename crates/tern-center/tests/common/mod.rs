@@ -29,18 +29,25 @@ pub fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
     c.listen = "127.0.0.1:0".parse().unwrap();
     // The fake agents join with the shared enrolment token (host_identity.rs covers both).
     c.shared_enrolment = true;
+    // These tests check the API's rules with fake agents over plain HTTP; tls.rs covers the
+    // cluster PKI and mutual TLS, and the lab tests run real agents over TLS.
+    c.tls = false;
     c.heartbeat_timeout_ms = heartbeat_timeout_ms;
     c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
     c
 }
 
 pub fn admin(c: &RunningCenter) -> ApiClient {
-    ApiClient::new(Endpoint::Tcp(c.url()), &c.admin_token).unwrap()
+    c.client(&c.admin_token).unwrap()
 }
 
 /// A plain HTTP client (for bodies the typed client cannot send).
 pub fn raw() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .use_preconfigured_tls(tern_pki::tls::refusing_client_config())
+        .build()
+        .unwrap()
 }
 
 /// The status and message of a call that must fail with an HTTP error.
@@ -142,6 +149,7 @@ pub async fn setup_lab(
                     agent_url,
                     agent_token: "agent-secret".into(),
                     facts,
+                    csr: None,
                 },
             )
             .await

@@ -348,6 +348,8 @@ async fn register(
         host_id: l.host_id,
         host_token: l.host_token.clone(),
         heartbeat_interval_ms: 300,
+        certificate: None,
+        ca: None,
     }))
 }
 

@@ -11,4 +11,5 @@ pub mod migrate;
 pub mod output;
 pub mod task;
 pub mod token;
+pub mod trust;
 pub mod vm;

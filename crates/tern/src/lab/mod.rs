@@ -209,7 +209,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
             name: h.name.clone(),
             namespace: h.namespace.clone(),
             mgmt_ip: h.mgmt_ip.clone(),
-            agent_url: format!("http://{}:{}", h.mgmt_ip, tern_api::AGENT_PORT),
+            agent_url: format!("https://{}:{}", h.mgmt_ip, tern_api::AGENT_PORT),
             state_dir,
             fabric_mgmt_link: h.fabric_mgmt_link.clone(),
             agent: LabProcess {

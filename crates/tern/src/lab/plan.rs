@@ -213,7 +213,7 @@ impl Plan {
     }
 
     pub fn center_url(&self) -> String {
-        format!("http://{CENTER_IP}:{CENTER_PORT}")
+        format!("https://{CENTER_IP}:{CENTER_PORT}")
     }
 }
 
