@@ -161,6 +161,18 @@ pub struct Host {
     /// is listed); empty when it is healthy. Disconnection and maintenance show in `state`.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// The one certificate of this host the center accepts (none with `--insecure-http`).
+    #[serde(default)]
+    pub certificate: Option<HostCertificate>,
+}
+
+/// A host's current certificate, as the center issued it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostCertificate {
+    /// Serial number, hex.
+    pub serial: String,
+    pub expires_at: DateTime<Utc>,
+    pub issued_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

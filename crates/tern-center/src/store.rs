@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use tern_api::center::{
-    ApiToken, Cluster, Event, EventLevel, Host, Role, StopVm, Task, TaskState, Vm,
+    ApiToken, Cluster, Event, EventLevel, Host, HostCertificate, Role, StopVm, Task, TaskState, Vm,
 };
 use tern_api::drs::{DrsAutomation, DrsSettings, DRS_THRESHOLDS};
 use tern_api::migration::MigrationEncryption;
@@ -269,6 +269,7 @@ impl HostRecord {
             last_heartbeat: self.last_heartbeat,
             vms,
             problems: self.problems(),
+            certificate: None,
         }
     }
 
@@ -863,7 +864,19 @@ impl Tx<'_> {
             [host.id.to_string()],
             |[n]: [Option<String>; 1]| n.unwrap_or_default(),
         )?;
-        Ok(host.to_api(vms))
+        let mut view = host.to_api(vms);
+        view.certificate = self.host_cert(&host.name)?;
+        if let Some(c) = &view.certificate {
+            if c.expires_at < Utc::now() {
+                view.problems.push(format!(
+                    "its certificate expired at {}: the agent renews it after two thirds of its \
+                     life, so the host was down or cannot reach the center; until it joins \
+                     again (tern host add {}) its calls are refused",
+                    c.expires_at, host.name
+                ));
+            }
+        }
+        Ok(view)
     }
 
     pub fn insert_host(
@@ -1407,6 +1420,26 @@ impl Tx<'_> {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    /// The certificate of host `name` the center accepts, if any.
+    pub fn host_cert(&self, name: &str) -> Result<Option<HostCertificate>, StoreError> {
+        let row: Option<(String, String, String)> = self
+            .tx
+            .query_row(
+                "SELECT serial, not_after, issued_at FROM host_certs WHERE host_name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(|(serial, not_after, issued_at)| {
+            Ok(HostCertificate {
+                serial,
+                expires_at: parse_ts(&not_after)?,
+                issued_at: parse_ts(&issued_at)?,
+            })
+        })
+        .transpose()
     }
 
     /// Makes `serial` the one certificate of host `name` the center accepts.

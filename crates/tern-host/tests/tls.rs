@@ -149,6 +149,11 @@ async fn an_agent_joins_over_tls_serves_only_the_center_and_renews_its_certifica
     .await;
     assert!(renewed.not_after > first.not_after);
     let before: Host = admin.get("/api/v1/hosts/h1").await.expect("host");
+    let shown = before
+        .certificate
+        .clone()
+        .expect("the center shows the certificate");
+    assert_eq!(shown.serial, renewed.serial);
     wait_until(
         "heartbeats after the renewal",
         Duration::from_secs(10),

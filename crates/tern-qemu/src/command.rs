@@ -22,18 +22,21 @@
 //! swapping a path after the agent checked it.
 //!
 //! Privilege: QEMU runs as the agent's user (root), per host, confined by what does not depend
-//! on that: a seccomp filter (`-sandbox`, see below), descriptors instead of paths, a run dir
-//! of 0700 with the QMP socket, key and spec files in it, and typed migration targets (no
-//! `exec:`). It does not yet drop to an unprivileged user per VM (`-run-with user=`): after the
-//! drop, a destination's TLS key must still be readable by QEMU (it is read at every
-//! handshake), post-copy needs `/dev/userfaultfd` opened to that user, and the pidfile could
-//! no longer be removed by QEMU. Those are the next step, with `spawn` and
-//! `elevateprivileges` denied once QEMU is started in its own session instead of daemonizing.
+//! on that: a seccomp filter that denies every group QEMU offers (`-sandbox`, see below: no
+//! new processes, no change of user or privilege, no obsolete calls, no scheduling or memory
+//! policy changes), descriptors instead of paths, a run dir of 0700 with the QMP socket, key
+//! and spec files in it, and typed migration targets (no `exec:`, which `spawn=deny` would
+//! stop anyway). It does not yet drop to an unprivileged user per VM: after the drop, a
+//! destination's TLS key must still be readable by QEMU (it is read at every handshake), the
+//! taps must be owned by that user (QEMU attaches to them by name), and post-copy needs
+//! `/dev/userfaultfd` opened to it. That is the next step; the agent already starts QEMU itself
+//! (see below), which is where the user change would go, before `exec`.
 //!
 //! Process hygiene: `-nodefaults -no-user-config`, no display, serial console to a file, QMP
-//! on a unix socket, `-daemonize` with a pidfile so QEMU outlives the agent that started it,
-//! and `-D qemu.log`, which (with `-daemonize`) keeps QEMU's later error messages in a file
-//! instead of /dev/null.
+//! on a unix socket, a pidfile, and `-D qemu.log`. QEMU does not daemonize (its fork and
+//! `setsid` would need the `spawn` and `elevateprivileges` groups the filter denies): the agent
+//! starts it in a session of its own, so it outlives the agent that started it and no signal
+//! meant for the agent's process group reaches it.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -46,6 +49,9 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 
 pub use tern_motion::MACHINE_TYPE;
+
+/// QEMU's seccomp filter: every group it offers, denied.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// How a destination QEMU waits for an incoming migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,13 +119,13 @@ pub struct RunPaths {
     pub run_dir: PathBuf,
     /// QMP control socket.
     pub qmp_socket: PathBuf,
-    /// Written by QEMU with the pid of the daemonized process.
+    /// Written by QEMU with its pid.
     pub pidfile: PathBuf,
     /// Guest serial console (appended to across starts).
     pub console_log: PathBuf,
-    /// QEMU's own messages after it daemonized (`-D`).
+    /// QEMU's own log (`-D`).
     pub qemu_log: PathBuf,
-    /// QEMU's stdout/stderr while starting (the reason a launch failed).
+    /// QEMU's stdout/stderr (the reason a launch failed is there).
     pub start_log: PathBuf,
     /// The key file of a migration's TLS, while the migration needs it.
     pub migration_tls_dir: PathBuf,
@@ -196,7 +202,8 @@ impl LaunchConfig {
         }
         if !self.run_dir.is_absolute() {
             return Err(Error::Config(format!(
-                "run_dir {} must be absolute (QEMU changes to / when it daemonizes)",
+                "run_dir {} must be absolute (QEMU's paths must not depend on its working \
+                 directory)",
                 self.run_dir.display()
             )));
         }
@@ -304,11 +311,10 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
     ]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    // Seccomp filter: obsolete system calls, and changing scheduling, affinity or memory
-    // policy (resourcecontrol; the agent's cgroup decides those). Two stricter groups break
-    // -daemonize: elevateprivileges denies setsid() and spawn denies fork(); they need the
-    // agent to start QEMU in its own session instead.
-    push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
+    // Seccomp filter, every group denied: obsolete system calls; set*uid/gid and setsid
+    // (elevateprivileges); fork and exec (spawn: no helper, no `exec:` migration); scheduling,
+    // affinity and memory policy (resourcecontrol: the agent's cgroup decides those).
+    push(&["-sandbox", SANDBOX]);
     push(&["-msg", "timestamp=on"]);
 
     match &spec.boot {
@@ -422,7 +428,6 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
     ]);
     push(&["-pidfile", &paths.pidfile.to_string_lossy()]);
     push(&["-D", &paths.qemu_log.to_string_lossy()]);
-    push(&["-daemonize"]);
 
     if cfg.start_paused {
         push(&["-S"]);
@@ -509,10 +514,10 @@ mod tests {
         assert_eq!(value(&argv, "-pidfile"), "/var/lib/tern/vms/x/qemu.pid");
         assert_eq!(value(&argv, "-D"), "/var/lib/tern/vms/x/qemu.log");
         assert_eq!(value(&argv, "-mon"), "chardev=qmp,mode=control");
-        // Confined: a seccomp filter that also denies scheduling and memory-policy changes.
+        // Confined: a seccomp filter with every group denied.
         assert_eq!(
             value(&argv, "-sandbox"),
-            "on,obsolete=deny,resourcecontrol=deny"
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         );
         let chardevs = values(&argv, "-chardev");
         assert!(
@@ -520,10 +525,18 @@ mod tests {
         );
         assert!(chardevs
             .contains(&"socket,id=qmp,path=/var/lib/tern/vms/x/qmp.sock,server=on,wait=off"));
-        for flag in ["-daemonize", "-nodefaults", "-no-user-config"] {
+        for flag in ["-nodefaults", "-no-user-config"] {
             assert!(argv.iter().any(|a| a == flag), "{flag} missing");
         }
-        for absent in ["-S", "-incoming", "-netdev", "-blockdev", "-nographic"] {
+        // The agent starts QEMU in its own session: a daemonizing fork would break the filter.
+        for absent in [
+            "-S",
+            "-incoming",
+            "-netdev",
+            "-blockdev",
+            "-nographic",
+            "-daemonize",
+        ] {
             assert!(!argv.iter().any(|a| a == absent), "{absent} present");
         }
     }

@@ -4,8 +4,8 @@
 //! - [`detect_accelerator`] picks KVM or TCG for the host.
 //! - [`build_command`] turns a [`LaunchConfig`] (VM spec + host choices) into QEMU's argv:
 //!   pure, tested without QEMU.
-//! - [`QemuVm`] is one QEMU process: [`QemuVm::launch`] starts it daemonized (it outlives
-//!   the agent), [`QemuVm::adopt`] takes it back after an agent restart, and the lifecycle
+//! - [`QemuVm`] is one QEMU process: [`QemuVm::launch`] starts it in a session of its own (it
+//!   outlives the agent), [`QemuVm::adopt`] takes it back after an agent restart, and the lifecycle
 //!   (status, pause/resume, shutdown, kill, exit reason, /proc stats) and migration control
 //!   (capabilities, parameters, incoming/outgoing, progress, dirty rate, announce) run over
 //!   its [`Qmp`] connection.

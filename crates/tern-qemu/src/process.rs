@@ -1,7 +1,7 @@
 //! A QEMU process seen from outside: pidfds, liveness, /proc figures.
 //!
-//! QEMU daemonizes, so it is never the agent's child: its exit cannot be waited for with
-//! waitpid. A pidfd (Linux ≥ 5.3) becomes readable when the process ends and signals sent
+//! QEMU outlives the agent that started it, so after an agent restart it is no longer the
+//! agent's child: its exit cannot be waited for with waitpid. A pidfd (Linux ≥ 5.3) becomes readable when the process ends and signals sent
 //! through it cannot hit a recycled pid; where pidfds are missing, /proc is polled.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -63,8 +63,8 @@ fn proc_state(pid: u32) -> Option<char> {
     rest.split_whitespace().next()?.chars().next()
 }
 
-/// True while the process exists and is not a zombie (an exited process nobody reaped: QEMU
-/// daemonizes, and its new parent may never reap it).
+/// True while the process exists and is not a zombie (an exited process not reaped yet: the
+/// agent reaps its own children in the background, and an adopted QEMU's parent is init).
 pub fn pid_alive(pid: u32) -> bool {
     matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
 }

@@ -191,8 +191,8 @@ impl Drop for QemuVm {
 impl QemuVm {
     /// Starts QEMU for `cfg` and connects to it.
     ///
-    /// Returns once QEMU has initialised (its launcher process exited), written its pidfile
-    /// and answered on QMP. The VM is then `running`, or `prelaunch`/`inmigrate` with
+    /// Returns once QEMU has initialised and answered on QMP (it is started in a session of
+    /// its own, not as a daemon: see `command`'s module doc). The VM is then `running`, or `prelaunch`/`inmigrate` with
     /// `start_paused`/`incoming`. Errors quote the end of QEMU's output (bad `-cpu`, a file
     /// it cannot open…); missing kernel/initrd/disk files are named before QEMU runs.
     pub async fn launch(cfg: LaunchConfig) -> Result<QemuVm> {
@@ -226,67 +226,78 @@ impl QemuVm {
             .stdin(std::process::Stdio::null())
             .stdout(start_log)
             .stderr(start_log2)
-            // Only the short-lived launcher is our child; the daemon it forks is not.
-            .kill_on_drop(true);
+            // QEMU outlives this handle (and the agent): dropped, tokio reaps it when it ends.
+            .kill_on_drop(false);
         let inherit = cfg.inherited_fds();
-        if !inherit.is_empty() {
-            // SAFETY: the hook runs in the forked child before exec. It allocates nothing and
-            // only calls fcntl(2), which is async-signal-safe, on descriptors `cfg` keeps open
-            // until the spawn has returned. Clearing close-on-exec there, not here, keeps
-            // other processes this agent starts meanwhile from inheriting them.
-            unsafe {
-                command.pre_exec(move || {
-                    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-                    for &fd in &inherit {
-                        let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
-                        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))
-                            .map_err(std::io::Error::from)?;
-                    }
-                    Ok(())
-                });
-            }
+        // SAFETY: the hook runs in the forked child before exec. It allocates nothing and only
+        // calls setsid(2) and fcntl(2), which are async-signal-safe, the latter on descriptors
+        // `cfg` keeps open until the spawn has returned. Clearing close-on-exec there, not
+        // here, keeps other processes this agent starts meanwhile from inheriting them.
+        unsafe {
+            command.pre_exec(move || {
+                use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+                // A session of its own: no signal for the agent's process group or terminal
+                // reaches QEMU, and it needs no fork of its own to get there.
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                for &fd in &inherit {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
         }
-        let mut launcher = command
+        let mut child = command
             .spawn()
             .map_err(|e| Error::io(format!("run {}", argv[0]), e))?;
-        let status = match tokio::time::timeout(LAUNCH_TIMEOUT, launcher.wait()).await {
-            Ok(status) => status.map_err(|e| Error::io("wait for the QEMU launcher", e))?,
-            Err(_) => {
-                let _ = launcher.kill().await;
-                if let Ok(pid) = process::read_pidfile(&paths.pidfile) {
-                    kill_pid(pid, &paths.pidfile);
-                }
-                return Err(Error::Launch {
+        let Some(pid) = child.id() else {
+            return Err(Error::Launch {
+                status: "QEMU ended at once".into(),
+                stderr_tail: log_tail(&paths.start_log),
+            });
+        };
+        // Ready when QMP answers; QEMU ending first (a bad option, a file it cannot open) is
+        // the launch's failure, told with the end of what it printed.
+        let attached = tokio::select! {
+            r = tokio::time::timeout(LAUNCH_TIMEOUT, Self::attach(pid, paths.clone())) => match r {
+                Ok(r) => r,
+                Err(_) => Err(Error::Launch {
                     status: format!("no answer in {} s", LAUNCH_TIMEOUT.as_secs()),
                     stderr_tail: log_tail(&paths.start_log),
+                }),
+            },
+            status = child.wait() => {
+                let status = status.map_err(|e| Error::io("wait for QEMU", e))?;
+                let mut tail = log_tail(&paths.start_log);
+                if tail.is_empty() {
+                    tail = log_tail(&paths.qemu_log);
+                }
+                if tail.is_empty() {
+                    tail = "(QEMU printed nothing)".into();
+                }
+                return Err(Error::Launch {
+                    status: status.to_string(),
+                    stderr_tail: tail,
                 });
             }
         };
-        if !status.success() {
-            let mut tail = log_tail(&paths.start_log);
-            if tail.is_empty() {
-                tail = log_tail(&paths.qemu_log);
-            }
-            if tail.is_empty() {
-                tail = "(QEMU printed nothing)".into();
-            }
-            return Err(Error::Launch {
-                status: status.to_string(),
-                stderr_tail: tail,
-            });
-        }
-        let pid = process::read_pidfile(&paths.pidfile).map_err(|e| Error::Launch {
-            status: format!("no pidfile {}: {e}", paths.pidfile.display()),
-            stderr_tail: log_tail(&paths.start_log),
-        })?;
-        match Self::attach(pid, paths.clone()).await {
+        match attached {
             Ok(vm) => {
+                drop(child);
                 tracing::info!(vm = %cfg.spec.name, pid, "QEMU started");
                 Ok(vm)
             }
             Err(e) => {
+                // It ended while we connected: that is the launch's failure, with its words.
+                if let Ok(Some(status)) = child.try_wait() {
+                    let tail = log_tail(&paths.start_log);
+                    return Err(Error::Launch {
+                        status: status.to_string(),
+                        stderr_tail: if tail.is_empty() { e.to_string() } else { tail },
+                    });
+                }
                 // We started it and cannot control it: do not leave it behind.
-                kill_pid(pid, &paths.pidfile);
+                let _ = child.start_kill();
+                let _ = child.wait().await;
                 Err(e)
             }
         }
@@ -553,16 +564,6 @@ pub(crate) fn log_tail(path: &Path) -> String {
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).trim().to_string()
-}
-
-/// SIGKILL for a QEMU this driver started but could not take control of.
-fn kill_pid(pid: u32, pidfile: &Path) {
-    if process::is_qemu_of(pid, pidfile) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
 }
 
 async fn connect_retry(socket: &Path, pid: u32) -> Result<Qmp> {

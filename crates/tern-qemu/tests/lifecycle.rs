@@ -23,6 +23,30 @@ async fn launch_pause_resume_stats_kill() {
     assert_eq!(vm.qmp().greeting().version.major, 10);
     assert_eq!(vm.status().await.unwrap(), RunState::Running);
 
+    // Confined: under a seccomp filter (mode 2), with no way to gain privileges, in a session
+    // of its own (not this process's), and no daemonizing fork left behind a launcher.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{name} missing in /proc/PID/status"))
+    };
+    assert_eq!(field("Seccomp:"), "2");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    let qemu_sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(vm.pid() as i32))).unwrap();
+    assert_eq!(
+        qemu_sid.as_raw(),
+        vm.pid() as i32,
+        "QEMU leads its own session"
+    );
+    assert_ne!(qemu_sid, nix::unistd::getsid(None).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(&vm.paths().pidfile).unwrap().trim(),
+        vm.pid().to_string()
+    );
+
     // The guest really runs: its init prints ticks.
     wait_tick(&cfg.run_dir, 1, BOOT).await;
 

@@ -7,7 +7,7 @@ use tern_api::center::{
 use tern_api::CenterClient;
 
 use super::cluster::join_or_dash;
-use super::output::{ago, opt, print_json, short_id, Format, Sheet, Table};
+use super::output::{ago, opt, print_json, short_id, time, Format, Sheet, Table};
 use crate::error::{ApiResultExt, CliError};
 
 /// Parses a lifetime: seconds, or a number with s, m, h or d.
@@ -141,6 +141,17 @@ pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), Cli
             .unwrap_or_else(|| "never".into()),
     )
     .add("vms", join_or_dash(&h.vms));
+    if let Some(c) = &h.certificate {
+        s.add(
+            "certificate",
+            format!(
+                "serial {}, issued {}, valid until {} (the agent renews it)",
+                c.serial,
+                time(&c.issued_at),
+                time(&c.expires_at)
+            ),
+        );
+    }
     for p in &h.problems {
         s.add("problem", p);
     }

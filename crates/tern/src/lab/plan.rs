@@ -256,7 +256,7 @@ mod tests {
         let plan = Plan::new("tern", 2).unwrap();
         assert_eq!(plan.hosts[1].mgmt_ip, "10.77.0.12");
         assert_eq!(plan.hosts[1].namespace, "tern-h2");
-        assert_eq!(plan.center_url(), "http://10.77.0.2:8700");
+        assert_eq!(plan.center_url(), "https://10.77.0.2:8700");
         assert!(Plan::new("tern", 0).is_err());
         assert!(Plan::new("tern", MAX_HOSTS + 1).is_err());
     }
