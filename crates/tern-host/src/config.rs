@@ -83,7 +83,19 @@ pub struct AgentArgs {
     /// Heartbeat period in milliseconds [default: 2000].
     #[arg(long, value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
+    /// First id of the range QEMU processes run as: each running VM gets a uid and gid of its
+    /// own after it (65,536 ids; no passwd entry needed) [default: 400000000].
+    #[arg(long, value_name = "UID")]
+    pub qemu_uid_base: Option<u32>,
+    /// Run QEMU as root, as the agent: for hosts where QEMU needs files only root may read.
+    /// QEMU stays under its seccomp filter either way.
+    #[arg(long)]
+    pub qemu_as_root: bool,
 }
+
+/// Default first id of the QEMU users' range: far above login users (1000+), systemd's
+/// dynamic users (61184–65519) and the usual subordinate id ranges of containers (100000+).
+pub const DEFAULT_QEMU_UID_BASE: u32 = 400_000_000;
 
 const AFTER_HELP: &str = "\
 Example (one host of a cluster):
@@ -102,6 +114,12 @@ The same as a config file (tern host agent --config /etc/tern/host.toml):
 
 QEMU processes outlive the agent: stopping or restarting it leaves VMs running, and the next
 start adopts them again from the state dir.
+
+QEMU confinement: each VM's QEMU runs as a uid and gid of its own (from --qemu-uid-base; no
+passwd entry needed), under a seccomp filter that denies every group QEMU offers, in a session
+of its own, with its run dir as working directory. The agent opens the VM's files and hands
+over descriptors; kernel and initrd files must be readable by others (QEMU re-opens them with
+its own rights). The agent gives /dev/userfaultfd to the range's group (0660) for post-copy.
 
 TLS: the join token from `tern host add NAME` ends in the cluster CA's fingerprint; the agent
 checks the center against it, sends a signing request for a key it makes, and keeps the
@@ -130,6 +148,9 @@ struct FileConfig {
     default_cpu_model: Option<String>,
     qemu: Option<PathBuf>,
     heartbeat_ms: Option<u64>,
+    qemu_uid_base: Option<u32>,
+    #[serde(default)]
+    qemu_as_root: bool,
 }
 
 /// Where and how to reach the center.
@@ -159,6 +180,8 @@ pub struct AgentConfig {
     pub default_cpu_model: String,
     pub qemu: PathBuf,
     pub heartbeat_ms: u64,
+    /// First id of the QEMU users' range; `None`: QEMU runs as root (`--qemu-as-root`).
+    pub qemu_uid_base: Option<u32>,
 }
 
 impl AgentArgs {
@@ -268,6 +291,15 @@ impl AgentArgs {
                 .or(file.qemu)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)),
             heartbeat_ms,
+            qemu_uid_base: if self.qemu_as_root || file.qemu_as_root {
+                None
+            } else {
+                Some(
+                    self.qemu_uid_base
+                        .or(file.qemu_uid_base)
+                        .unwrap_or(DEFAULT_QEMU_UID_BASE),
+                )
+            },
         })
     }
 }

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod load;
 pub mod migrations;
 pub mod paths;
+pub mod qemu_user;
 pub mod steer;
 pub mod store;
 pub mod tap;
@@ -182,6 +183,18 @@ pub async fn serve(
             tracing::warn!(bridge = %b, "the VM bridge does not exist (yet): VMs with NICs will fail to start");
         }
     }
+    let qemu_users = match cfg.qemu_uid_base {
+        Some(base) => {
+            let users = qemu_user::QemuUsers::new(base, accelerator)
+                .context("preparing the QEMU users (see --qemu-uid-base, --qemu-as-root)")?;
+            tracing::info!(base, "each VM's QEMU runs as a uid of its own");
+            Some(Arc::new(users))
+        }
+        None => {
+            tracing::warn!("--qemu-as-root: QEMU runs as root (under its seccomp filter)");
+            None
+        }
+    };
     let vms = VmManager::new(VmHostConfig {
         store: store.clone(),
         accelerator,
@@ -189,6 +202,7 @@ pub async fn serve(
         qemu: cfg.qemu.clone(),
         default_cpu_model: cfg.default_cpu_model.clone(),
         shared_storage: cfg.shared_storage.clone(),
+        qemu_users,
     });
     vms.recover()
         .await

@@ -756,6 +756,7 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             default_cpu_model: "qemu64".into(),
             shared_storage: None,
+            qemu_users: None,
         });
         Migrations::new(vms, IpAddr::from([127, 0, 0, 1]))
     }

@@ -94,8 +94,9 @@ fn open_tun() -> Result<std::fs::File, TapError> {
 }
 
 /// Attaches to tap `name` through /dev/net/tun (creating it if missing) and sets its
-/// persistence. EBUSY means QEMU holds it.
-fn set_persist(name: &str, persist: bool) -> Result<(), TapError> {
+/// persistence, and its owner when given (an unprivileged QEMU may attach only to a tap its
+/// user owns). EBUSY means QEMU holds it.
+fn set_persist(name: &str, persist: bool, owner: Option<(u32, u32)>) -> Result<(), TapError> {
     let tun = open_tun()?;
     let mut req = ifreq_for(name)?;
     req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
@@ -123,6 +124,18 @@ fn set_persist(name: &str, persist: bool) -> Result<(), TapError> {
     };
     if rc < 0 {
         return Err(sys_err("TUNSETPERSIST", name));
+    }
+    if let Some((uid, gid)) = owner {
+        for (what, op, id) in [
+            ("TUNSETOWNER", libc::TUNSETOWNER, uid),
+            ("TUNSETGROUP", libc::TUNSETGROUP, gid),
+        ] {
+            // SAFETY: both take an integer argument; the fd is attached to the tap.
+            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), op, libc::c_ulong::from(id)) };
+            if rc < 0 {
+                return Err(sys_err(what, name));
+            }
+        }
     }
     Ok(())
 }
@@ -217,13 +230,14 @@ fn bring_up(name: &str) -> Result<(), TapError> {
 
 /// Makes sure tap `name` exists, is a port of `bridge` and is up. Idempotent: an existing tap
 /// (left by a crashed agent, or held by a running QEMU) is reused as it is.
-pub fn ensure_tap(name: &str, bridge: &str) -> Result<(), TapError> {
+pub fn ensure_tap(name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<(), TapError> {
     ifreq_for(name)?;
     if ifindex(bridge).is_none() {
         return Err(TapError::NoBridge(bridge.to_string()));
     }
-    if !exists(name) {
-        match set_persist(name, true) {
+    // An existing tap is given to the new owner too (the VM's QEMU user changes per start).
+    if !exists(name) || owner.is_some() {
+        match set_persist(name, true, owner) {
             Ok(()) => {}
             // Created meanwhile and held by someone: reuse it.
             Err(TapError::Busy(_)) => {}
@@ -242,7 +256,7 @@ pub fn remove_tap(name: &str) -> Result<(), TapError> {
         return Ok(());
     }
     // Attaching then dropping persistence deletes the device when our fd closes.
-    set_persist(name, false)
+    set_persist(name, false, None)
 }
 
 #[cfg(test)]
@@ -260,7 +274,7 @@ mod tests {
     #[test]
     fn bad_names_refused() {
         assert!(matches!(
-            ensure_tap("this-name-is-too-long", "br0"),
+            ensure_tap("this-name-is-too-long", "br0", None),
             Err(TapError::BadName(_))
         ));
         assert!(matches!(remove_tap(""), Err(TapError::BadName(_))));

@@ -44,6 +44,8 @@ pub struct VmHostConfig {
     /// The only place a VM's files (disks, kernel, initrd) may come from. `None`: this host
     /// runs no VM that names a file.
     pub shared_storage: Option<std::path::PathBuf>,
+    /// The users QEMU runs as, one per VM; `None`: root.
+    pub qemu_users: Option<Arc<crate::qemu_user::QemuUsers>>,
 }
 
 /// A QEMU process the agent controls.
@@ -268,6 +270,24 @@ impl VmManager {
         })
     }
 
+    /// A uid for a QEMU about to start, none of the running QEMUs' (`None`: QEMU runs as
+    /// root). Held until the returned value is dropped, after the QEMU is recorded live.
+    fn reserve_user(&self) -> Result<Option<crate::qemu_user::Reserved>, AgentError> {
+        let Some(users) = &self.host.qemu_users else {
+            return Ok(None);
+        };
+        let running: Vec<u32> = self
+            .slots()
+            .values()
+            .filter_map(|s| s.st().live.as_ref().map(|l| l.pid))
+            .filter_map(|pid| tern_qemu::process_owner(pid).map(|(uid, _)| uid))
+            .collect();
+        users
+            .reserve(running)
+            .map(Some)
+            .map_err(AgentError::Internal)
+    }
+
     fn slots(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<Slot>>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -405,9 +425,11 @@ impl VmManager {
             st.stop_requested = false;
         }
         slot.persist();
+        let user = self.reserve_user()?;
+        let owner = user.as_ref().map(|u| u.owner());
         if let Some(bridge) = &self.host.bridge {
             for t in &taps {
-                if let Err(e) = tap::ensure_tap(t, bridge) {
+                if let Err(e) = tap::ensure_tap(t, bridge, owner) {
                     remove_taps(&taps);
                     return Err(match e {
                         tap::TapError::NoBridge(_) | tap::TapError::NotATap(_) => {
@@ -436,6 +458,7 @@ impl VmManager {
             incoming: None,
             start_paused: false,
             files,
+            run_as: user.as_ref().map(|u| u.run_as()),
         };
         let vm = match QemuVm::launch(cfg).await {
             Ok(vm) => Arc::new(vm),
@@ -921,9 +944,11 @@ impl VmManager {
             .write_spec(&spec, generation)
             .map_err(AgentError::Internal)?;
         slot.persist();
+        let user = self.reserve_user()?;
+        let owner = user.as_ref().map(|u| u.owner());
         if let Some(bridge) = &self.host.bridge {
             for t in &taps {
-                if let Err(e) = tap::ensure_tap(t, bridge) {
+                if let Err(e) = tap::ensure_tap(t, bridge, owner) {
                     remove_taps(&taps);
                     return Err(AgentError::Internal(anyhow::anyhow!(
                         "creating tap {t}: {e}"
@@ -949,6 +974,7 @@ impl VmManager {
             incoming: Some(tern_qemu::Incoming::Defer),
             start_paused: true,
             files,
+            run_as: user.as_ref().map(|u| u.run_as()),
         };
         let prepared = match settings {
             Some(settings) => IncomingMigration::prepare(cfg, settings, key, listen).await,

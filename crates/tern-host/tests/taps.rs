@@ -12,9 +12,11 @@ fn tap_lifecycle_in_a_namespace() {
     let tap = tap_name(uuid::Uuid::new_v4(), 0);
     // Second call: an agent restarted on its own tap must succeed and change nothing.
     let result: Result<(), TapError> = ns.run_in(|| {
-        ensure_tap(&tap, "br0")?;
-        ensure_tap(&tap, "br0")?;
-        match ensure_tap(&tap, "nobr0") {
+        ensure_tap(&tap, "br0", None)?;
+        ensure_tap(&tap, "br0", None)?;
+        // Given to a VM's QEMU user: only that user may attach to it.
+        ensure_tap(&tap, "br0", Some((400_000_007, 400_000_008)))?;
+        match ensure_tap(&tap, "nobr0", None) {
             Err(TapError::NoBridge(_)) => Ok(()),
             other => panic!("missing bridge not reported: {other:?}"),
         }
@@ -27,6 +29,13 @@ fn tap_lifecycle_in_a_namespace() {
         .ip(&["-o", "link", "show", "dev", &tap])
         .expect("show tap");
     assert!(show.contains("UP"), "tap is up: {show}");
+    let details = ns
+        .ip(&["-d", "-o", "link", "show", "dev", &tap])
+        .expect("show tap details");
+    assert!(
+        details.contains("user 400000007 group 400000008"),
+        "tap owned by the VM's QEMU user: {details}"
+    );
     // The root namespace has no such device.
     assert!(tern_testkit::netns::ip(&["link", "show", "dev", &tap]).is_err());
 

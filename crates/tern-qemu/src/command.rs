@@ -21,16 +21,15 @@
 //! `/proc/self/fd/N` — and never a path of the spec, so nothing QEMU opens can be changed by
 //! swapping a path after the agent checked it.
 //!
-//! Privilege: QEMU runs as the agent's user (root), per host, confined by what does not depend
-//! on that: a seccomp filter that denies every group QEMU offers (`-sandbox`, see below: no
-//! new processes, no change of user or privilege, no obsolete calls, no scheduling or memory
-//! policy changes), descriptors instead of paths, a run dir of 0700 with the QMP socket, key
-//! and spec files in it, and typed migration targets (no `exec:`, which `spawn=deny` would
-//! stop anyway). It does not yet drop to an unprivileged user per VM: after the drop, a
-//! destination's TLS key must still be readable by QEMU (it is read at every handshake), the
-//! taps must be owned by that user (QEMU attaches to them by name), and post-copy needs
-//! `/dev/userfaultfd` opened to it. That is the next step; the agent already starts QEMU itself
-//! (see below), which is where the user change would go, before `exec`.
+//! Privilege: QEMU runs as an unprivileged user of its own per VM ([`RunAs`], chosen by the
+//! agent: see `tern_host::qemu_user` for why per VM and what such a QEMU is given), set
+//! between fork and exec, so QEMU never holds root. On top of that: a seccomp filter that
+//! denies every group QEMU offers (`-sandbox`, see below: no new processes, no change of user
+//! or privilege, no obsolete calls, no scheduling or memory policy changes), descriptors
+//! instead of paths, a run dir of 0700 that is QEMU's working directory (it names its socket,
+//! logs, pidfile and migration key relative to it, so it needs no right on any directory
+//! above), and typed migration targets (no `exec:`, which `spawn=deny` would stop anyway).
+//! Without [`RunAs`] (tests, `--qemu-as-root`) QEMU runs as its caller.
 //!
 //! Process hygiene: `-nodefaults -no-user-config`, no display, serial console to a file, QMP
 //! on a unix socket, a pidfile, and `-D qemu.log`. QEMU does not daemonize (its fork and
@@ -85,6 +84,18 @@ pub struct LaunchConfig {
     /// The spec's files, already opened by the caller; a file of the spec not listed here is
     /// opened by QEMU from its path (tools and tests without an agent).
     pub files: Vec<OpenedFile>,
+    /// The unprivileged user QEMU runs as; `None`: the caller's (root, for tests and tools).
+    pub run_as: Option<RunAs>,
+}
+
+/// The user and groups a QEMU process runs as: set by the agent between fork and exec, so
+/// QEMU itself never holds root (and the seccomp filter forbids changing back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups: the device groups QEMU needs (`/dev/kvm`, `/dev/userfaultfd`).
+    pub groups: Vec<u32>,
 }
 
 /// A file of a VM's spec that the agent opened for QEMU (kernel, initrd or disk).
@@ -132,15 +143,22 @@ pub struct RunPaths {
 }
 
 impl RunPaths {
+    /// Names in the run dir, as QEMU (whose working directory it is) is given them.
+    pub const QMP_SOCKET: &'static str = "qmp.sock";
+    pub const PIDFILE: &'static str = "qemu.pid";
+    pub const CONSOLE_LOG: &'static str = "console.log";
+    pub const QEMU_LOG: &'static str = "qemu.log";
+    pub const MIGRATION_TLS_DIR: &'static str = "migration-tls";
+
     pub fn new(run_dir: &Path) -> Self {
         RunPaths {
             run_dir: run_dir.to_path_buf(),
-            qmp_socket: run_dir.join("qmp.sock"),
-            pidfile: run_dir.join("qemu.pid"),
-            console_log: run_dir.join("console.log"),
-            qemu_log: run_dir.join("qemu.log"),
+            qmp_socket: run_dir.join(Self::QMP_SOCKET),
+            pidfile: run_dir.join(Self::PIDFILE),
+            console_log: run_dir.join(Self::CONSOLE_LOG),
+            qemu_log: run_dir.join(Self::QEMU_LOG),
             start_log: run_dir.join("qemu-start.log"),
-            migration_tls_dir: run_dir.join("migration-tls"),
+            migration_tls_dir: run_dir.join(Self::MIGRATION_TLS_DIR),
         }
     }
 }
@@ -286,7 +304,6 @@ fn path_opt(path: &Path) -> String {
 /// Pure: reads no file and checks nothing (see [`LaunchConfig::validate`]).
 pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
     let spec = &cfg.spec;
-    let paths = cfg.paths();
     let mut a: Vec<String> = vec![cfg.qemu_binary.to_string_lossy().into_owned()];
     let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
 
@@ -408,11 +425,13 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
     // Guests block at boot waiting for entropy without one.
     push(&["-device", r#"{"driver":"virtio-rng-pci","id":"rng0"}"#]);
 
+    // The run dir is QEMU's working directory, and QEMU names its files relative to it: an
+    // unprivileged QEMU then needs no right on the directories above (they may stay 0700).
     push(&[
         "-chardev",
         &format!(
             "file,id=serial0,path={},append=on",
-            path_opt(&paths.console_log)
+            path_opt(Path::new(RunPaths::CONSOLE_LOG))
         ),
         "-serial",
         "chardev:serial0",
@@ -421,13 +440,13 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         "-chardev",
         &format!(
             "socket,id=qmp,path={},server=on,wait=off",
-            path_opt(&paths.qmp_socket)
+            path_opt(Path::new(RunPaths::QMP_SOCKET))
         ),
         "-mon",
         "chardev=qmp,mode=control",
     ]);
-    push(&["-pidfile", &paths.pidfile.to_string_lossy()]);
-    push(&["-D", &paths.qemu_log.to_string_lossy()]);
+    push(&["-pidfile", RunPaths::PIDFILE]);
+    push(&["-D", RunPaths::QEMU_LOG]);
 
     if cfg.start_paused {
         push(&["-S"]);
@@ -469,6 +488,7 @@ mod tests {
             incoming: None,
             start_paused: false,
             files: Vec::new(),
+            run_as: None,
         }
     }
 
@@ -511,8 +531,9 @@ mod tests {
             value(&argv, "-append"),
             "console=ttyS0 tern.ip=10.78.0.100/24"
         );
-        assert_eq!(value(&argv, "-pidfile"), "/var/lib/tern/vms/x/qemu.pid");
-        assert_eq!(value(&argv, "-D"), "/var/lib/tern/vms/x/qemu.log");
+        // Relative to the run dir, QEMU's working directory.
+        assert_eq!(value(&argv, "-pidfile"), "qemu.pid");
+        assert_eq!(value(&argv, "-D"), "qemu.log");
         assert_eq!(value(&argv, "-mon"), "chardev=qmp,mode=control");
         // Confined: a seccomp filter with every group denied.
         assert_eq!(
@@ -520,11 +541,8 @@ mod tests {
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         );
         let chardevs = values(&argv, "-chardev");
-        assert!(
-            chardevs.contains(&"file,id=serial0,path=/var/lib/tern/vms/x/console.log,append=on")
-        );
-        assert!(chardevs
-            .contains(&"socket,id=qmp,path=/var/lib/tern/vms/x/qmp.sock,server=on,wait=off"));
+        assert!(chardevs.contains(&"file,id=serial0,path=console.log,append=on"));
+        assert!(chardevs.contains(&"socket,id=qmp,path=qmp.sock,server=on,wait=off"));
         for flag in ["-nodefaults", "-no-user-config"] {
             assert!(argv.iter().any(|a| a == flag), "{flag} missing");
         }
@@ -661,14 +679,15 @@ mod tests {
     }
 
     #[test]
-    fn run_dir_with_comma_is_escaped() {
+    fn the_run_dir_never_reaches_an_option_string() {
+        // A comma in the run dir would split an option; QEMU names its files relative to it.
         let mut cfg = config();
         cfg.run_dir = PathBuf::from("/tmp/a,b");
         let argv = build_command(&cfg);
-        assert!(values(&argv, "-chardev")
-            .contains(&"socket,id=qmp,path=/tmp/a,,b/qmp.sock,server=on,wait=off"));
-        // -pidfile takes a plain path, not an option string.
-        assert_eq!(value(&argv, "-pidfile"), "/tmp/a,b/qemu.pid");
+        assert!(!argv.iter().any(|a| a.contains("/tmp/a")), "{argv:?}");
+        assert!(
+            values(&argv, "-chardev").contains(&"socket,id=qmp,path=qmp.sock,server=on,wait=off")
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub mod qmp;
 pub mod vm;
 
 pub use accel::{detect_accelerator, AccelChoice};
-pub use command::{build_command, Incoming, LaunchConfig, OpenedFile, RunPaths};
+pub use command::{build_command, Incoming, LaunchConfig, OpenedFile, RunAs, RunPaths};
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
     Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing, OutgoingOptions,
@@ -37,7 +37,7 @@ pub use migration::{
     AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,
 };
 pub use probe::{probe_cpu, CpuModelInfo, CpuProbe, QemuProbe};
-pub use process::VmStats;
+pub use process::{owner as process_owner, VmStats};
 pub use qmp::{wait_event, Qmp, QmpEvent, QmpGreeting};
 pub use tern_api::Accelerator;
 pub use tern_motion::{QemuVersion, MACHINE_TYPE};

@@ -33,7 +33,7 @@ use tern_api::migration::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::command::{Incoming as IncomingMode, LaunchConfig};
+use crate::command::{Incoming as IncomingMode, LaunchConfig, RunPaths};
 use crate::error::{Error, Result};
 use crate::migration::{AnnounceParams, MigrationStats, MigrationStatus};
 use crate::vm::{QemuVm, RunState};
@@ -167,11 +167,12 @@ async fn set_tls(
         .execute("object-del", Some(json!({ "id": TLS_CREDS_ID })))
         .await;
     let dir = vm.paths().migration_tls_dir.clone();
-    write_psk(&dir, key)?;
+    write_psk(&dir, key, crate::process::owner(vm.pid()))?;
     let mut creds = json!({
         "qom-type": "tls-creds-psk",
         "id": TLS_CREDS_ID,
-        "dir": dir.to_string_lossy(),
+        // Relative to QEMU's working directory, its run dir.
+        "dir": RunPaths::MIGRATION_TLS_DIR,
         "endpoint": match side { Side::Source => "client", Side::Destination => "server" },
     });
     if side == Side::Source {
@@ -187,7 +188,9 @@ async fn set_tls(
 }
 
 /// Writes `keys.psk` (0600) in `dir` (0700), created afresh.
-fn write_psk(dir: &std::path::Path, key: &MigrationKey) -> Result<()> {
+/// Writes the key where QEMU reads it: a 0700 directory and a 0600 file, both owned by QEMU's
+/// user (`owner`) when it is not root.
+fn write_psk(dir: &std::path::Path, key: &MigrationKey, owner: Option<(u32, u32)>) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
@@ -202,7 +205,18 @@ fn write_psk(dir: &std::path::Path, key: &MigrationKey) -> Result<()> {
         .mode(0o600)
         .open(dir.join("keys.psk"))
         .map_err(|e| io("write the migration key in", e))?;
-    writeln!(f, "{TLS_PSK_USER}:{}", key.to_hex()).map_err(|e| io("write the migration key in", e))
+    writeln!(f, "{TLS_PSK_USER}:{}", key.to_hex())
+        .map_err(|e| io("write the migration key in", e))?;
+    if let Some((uid, gid)) = owner.filter(|(uid, _)| *uid != 0) {
+        let ids = (
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        );
+        nix::unistd::fchown(&f, ids.0, ids.1)
+            .and_then(|()| nix::unistd::chown(dir, ids.0, ids.1))
+            .map_err(|e| io("give QEMU's user the migration key in", e.into()))?;
+    }
+    Ok(())
 }
 
 /// Removes a migration's key from the run dir (its credentials in QEMU stay until replaced).

@@ -89,8 +89,30 @@ pub(crate) fn is_qemu_of(pid: u32, pidfile: &Path) -> bool {
     let Some(args) = cmdline(pid) else {
         return false;
     };
-    let want = pidfile.to_string_lossy();
-    args.windows(2).any(|w| w[0] == "-pidfile" && w[1] == want)
+    // QEMU is given its pidfile relative to its working directory (its run dir).
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    args.windows(2).any(|w| {
+        w[0] == "-pidfile"
+            && match &cwd {
+                Some(cwd) => cwd.join(&w[1]) == pidfile,
+                None => Path::new(&w[1]) == pidfile,
+            }
+    })
+}
+
+/// The real uid and gid a process runs as, from /proc.
+pub fn owner(pid: u32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let first = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((first("Uid:")?, first("Gid:")?))
 }
 
 /// Reads a pidfile (`NNN\n`).

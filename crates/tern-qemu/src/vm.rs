@@ -229,16 +229,34 @@ impl QemuVm {
             // QEMU outlives this handle (and the agent): dropped, tokio reaps it when it ends.
             .kill_on_drop(false);
         let inherit = cfg.inherited_fds();
+        let run_as = cfg.run_as.clone();
+        if let Some(user) = &run_as {
+            give_run_dir(&paths, user)?;
+        }
+        // Made before the fork: the hook must not allocate.
+        let groups: Vec<nix::unistd::Gid> = run_as
+            .iter()
+            .flat_map(|u| u.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)))
+            .collect();
         // SAFETY: the hook runs in the forked child before exec. It allocates nothing and only
-        // calls setsid(2) and fcntl(2), which are async-signal-safe, the latter on descriptors
-        // `cfg` keeps open until the spawn has returned. Clearing close-on-exec there, not
-        // here, keeps other processes this agent starts meanwhile from inheriting them.
+        // calls setsid(2), setgroups(2), setgid(2), setuid(2) and fcntl(2), which are
+        // async-signal-safe, the last on descriptors `cfg` keeps open until the spawn has
+        // returned. Clearing close-on-exec there, not here, keeps other processes this agent
+        // starts meanwhile from inheriting them.
         unsafe {
             command.pre_exec(move || {
                 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
                 // A session of its own: no signal for the agent's process group or terminal
                 // reaches QEMU, and it needs no fork of its own to get there.
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                if let Some(user) = &run_as {
+                    // Groups first: once the uid is dropped, they can no longer be changed.
+                    nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
+                    nix::unistd::setgid(nix::unistd::Gid::from_raw(user.gid))
+                        .map_err(std::io::Error::from)?;
+                    nix::unistd::setuid(nix::unistd::Uid::from_raw(user.uid))
+                        .map_err(std::io::Error::from)?;
+                }
                 for &fd in &inherit {
                     let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
                     fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
@@ -541,6 +559,27 @@ fn preflight_files(cfg: &LaunchConfig) -> Result<()> {
     }
     for disk in &cfg.spec.disks {
         check("disk image", &disk.path, !disk.readonly)?;
+    }
+    Ok(())
+}
+
+/// Gives QEMU's user its run dir and the files in it QEMU opens by name (the console and log
+/// it appends to across starts); everything else there stays the agent's.
+fn give_run_dir(paths: &RunPaths, user: &crate::command::RunAs) -> Result<()> {
+    let (uid, gid) = (
+        Some(nix::unistd::Uid::from_raw(user.uid)),
+        Some(nix::unistd::Gid::from_raw(user.gid)),
+    );
+    for p in [&paths.run_dir, &paths.console_log, &paths.qemu_log] {
+        match nix::unistd::chown(p.as_path(), uid, gid) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("give {} to QEMU's user {}", p.display(), user.uid),
+                    e.into(),
+                ))
+            }
+        }
     }
     Ok(())
 }

@@ -148,6 +148,54 @@ async fn external_sigkill_is_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_the_unprivileged_user_it_is_given() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "user", "");
+    // The test's own directory stays 0700 root: QEMU needs no right above its run dir.
+    let (uid, group) = (400_000_123u32, 400_000_000u32);
+    cfg.run_as = Some(tern_qemu::RunAs {
+        uid,
+        gid: uid,
+        groups: vec![group],
+    });
+    let _guard = KillGuard(cfg.run_dir.clone());
+    let vm = QemuVm::launch(cfg.clone()).await.unwrap();
+    wait_tick(&cfg.run_dir, 1, BOOT).await;
+    assert_eq!(vm.status().await.unwrap(), RunState::Running);
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("{name} missing in /proc/PID/status"))
+    };
+    assert_eq!(field("Uid:"), format!("{uid} {uid} {uid} {uid}"));
+    assert_eq!(field("Gid:"), format!("{uid} {uid} {uid} {uid}"));
+    assert_eq!(field("Groups:"), group.to_string());
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("Seccomp:"), "2");
+    // What QEMU made in its run dir is its user's.
+    use std::os::unix::fs::MetadataExt;
+    for f in [
+        &vm.paths().qmp_socket,
+        &vm.paths().console_log,
+        &vm.paths().pidfile,
+    ] {
+        assert_eq!(std::fs::metadata(f).unwrap().uid(), uid, "{}", f.display());
+    }
+    // Adopted again by its pidfile (named relative to its run dir).
+    let pid = vm.pid();
+    drop(vm);
+    let again = QemuVm::adopt(&cfg.run_dir).await.unwrap();
+    assert_eq!(again.pid(), pid);
+    again.kill().await.unwrap();
+    QemuVm::cleanup(&cfg.run_dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adopt_after_dropping_the_handle() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();

@@ -397,6 +397,19 @@ fn vm_lifecycle_restarts_and_bad_input_in_the_lab() {
     // The agent restarts: it re-adopts the same QEMU, which keeps serving.
     let qemu = qemu_pid(&lab, &vm_id);
     assert!(alive(qemu), "QEMU {qemu} is not running");
+    // QEMU is no root: a uid of the agent's range, no capability, under its seccomp filter.
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).expect("QEMU status");
+    let field = |name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let uid: u32 = field("Uid:").parse().expect("QEMU uid");
+    assert!(uid > 400_000_000, "QEMU runs as uid {uid}");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("Seccomp:"), "2");
     let agent = lab.pid("h1");
     let out = lab.lab_cmd(&["lab", "restart", "h1"]);
     assert!(out.status.success(), "{}", text(&out));

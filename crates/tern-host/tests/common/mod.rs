@@ -255,11 +255,10 @@ pub fn qemu_pid(run_dir: &Path) -> Option<u32> {
         .trim()
         .parse()
         .ok()?;
+    // QEMU runs in its run dir (and names its pidfile relative to it).
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline
-        .contains(pidfile.to_string_lossy().as_ref())
-        .then_some(pid)
+    (cwd == run_dir && String::from_utf8_lossy(&cmdline).contains("-pidfile")).then_some(pid)
 }
 
 pub fn pid_alive(pid: u32) -> bool {

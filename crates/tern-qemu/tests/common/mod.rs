@@ -87,6 +87,7 @@ pub fn config(dir: &Path, name: &str, extra_cmdline: &str) -> LaunchConfig {
         incoming: None,
         start_paused: false,
         files: Vec::new(),
+        run_as: None,
     }
 }
 

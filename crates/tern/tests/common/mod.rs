@@ -733,20 +733,32 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
         }
         let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        // A QEMU names its files relative to its run dir: where it works counts too.
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         // Read the state again: a process that began exiting while we read may have given a
         // command line cut short.
-        if cmd.contains(needle) && proc_state(pid) == ProcState::Live {
+        if (cmd.contains(needle) || cwd.contains(needle)) && proc_state(pid) == ProcState::Live {
             v.push((pid, cmd));
         }
     }
     v
 }
 
-/// Live QEMU processes of VM `id` (`-uuid ID` on their command line), anywhere on this machine.
+/// Live QEMU processes of VM `id` (`-uuid ID` on their command line), anywhere on this
+/// machine: the pid, and the command line followed by the run dir it works in (QEMU names its
+/// files relative to it, so the host shows there, not in the arguments).
 pub fn qemus_of(id: &str) -> Vec<(u32, String)> {
     processes_mentioning(&format!("-uuid {id}"))
         .into_iter()
         .filter(|(_, c)| c.contains("qemu-system"))
+        .map(|(pid, c)| {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "?".into());
+            (pid, format!("{c} (in {cwd})"))
+        })
         .collect()
 }
 
