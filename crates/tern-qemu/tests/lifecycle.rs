@@ -25,14 +25,7 @@ async fn launch_pause_resume_stats_kill() {
 
     // Confined: under a seccomp filter (mode 2), with no way to gain privileges, in a session
     // of its own (not this process's), and no daemonizing fork left behind a launcher.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|| panic!("{name} missing in /proc/PID/status"))
-    };
+    let field = |name: &str| proc_status(vm.pid(), name);
     assert_eq!(field("Seccomp:"), "2");
     assert_eq!(field("NoNewPrivs:"), "1");
     let qemu_sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(vm.pid() as i32))).unwrap();
@@ -164,14 +157,7 @@ async fn runs_as_the_unprivileged_user_it_is_given() {
     wait_tick(&cfg.run_dir, 1, BOOT).await;
     assert_eq!(vm.status().await.unwrap(), RunState::Running);
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|| panic!("{name} missing in /proc/PID/status"))
-    };
+    let field = |name: &str| proc_status(vm.pid(), name);
     assert_eq!(field("Uid:"), format!("{uid} {uid} {uid} {uid}"));
     assert_eq!(field("Gid:"), format!("{uid} {uid} {uid} {uid}"));
     assert_eq!(field("Groups:"), group.to_string());

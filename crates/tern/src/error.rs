@@ -86,7 +86,10 @@ impl CliError {
             },
             ApiError::Transport { endpoint, source } => CliError::new(
                 ExitKind::Unreachable,
-                format!("cannot reach the center at {endpoint}: {}", chain(&source)),
+                format!(
+                    "cannot reach the center at {endpoint}: {}",
+                    tern_api::error::error_chain(&source)
+                ),
             )
             .hint(
                 "is it running? Point --center / TERN_CENTER at it, or check the lab with \
@@ -127,21 +130,6 @@ impl From<anyhow::Error> for CliError {
             Err(e) => CliError::failed(format!("{e:#}")),
         }
     }
-}
-
-/// Joins an error's source chain into one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// `Result<T, ApiError>` → `Result<T, CliError>` with the listing command to suggest on 404.

@@ -100,6 +100,16 @@ pub fn destination(src: &LaunchConfig, dir: &Path, name: &str, start_paused: boo
     cfg
 }
 
+/// A line of `/proc/PID/status` (`name` with its colon), its values separated by one space.
+pub fn proc_status(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| panic!("{name} missing in /proc/{pid}/status"))
+}
+
 /// Kills the QEMU of a run dir when dropped, so a failing test leaves no process behind.
 pub struct KillGuard(pub PathBuf);
 
