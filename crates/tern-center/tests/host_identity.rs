@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{admin, config, create_cluster, facts, status, wait_for};
-use tern_api::center::{AddHost, Heartbeat, Host, JoinToken, RegisterHost, Registered};
-use tern_api::{ApiClient, Endpoint, HostLoad};
+use common::{admin, config, create_cluster, facts, idle_heartbeat, status, wait_for};
+use tern_api::center::{AddHost, Host, JoinToken, RegisterHost, Registered};
+use tern_api::{ApiClient, Endpoint};
 
 fn client(c: &tern_center::RunningCenter, token: &str) -> ApiClient {
     ApiClient::new(Endpoint::Tcp(c.url()), token).unwrap()
@@ -52,15 +52,7 @@ async fn heartbeat(
     client(c, &reg.host_token)
         .post::<_, ()>(
             &format!("/api/v1/hosts/{}/heartbeat", reg.host_id),
-            &Heartbeat {
-                facts: facts(4, 8192),
-                load: HostLoad {
-                    cpu_percent: 1.0,
-                    memory_used_mib: 100,
-                    memory_total_mib: 8192,
-                    vms: vec![],
-                },
-            },
+            &idle_heartbeat(),
         )
         .await
 }

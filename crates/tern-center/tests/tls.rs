@@ -9,9 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin, config, create_cluster, facts, status};
-use tern_api::center::{AddHost, Heartbeat, JoinToken, RegisterHost, Registered};
-use tern_api::{ApiClient, ApiError, Endpoint, HostLoad};
+use common::{admin, config, create_cluster, facts, idle_heartbeat, status};
+use tern_api::center::{AddHost, JoinToken, RegisterHost, Registered};
+use tern_api::{ApiClient, ApiError, Endpoint};
 use tern_center::RunningCenter;
 use tern_pki::tls::{client_config, server_config, ClientPolicy, ServerTrust};
 use tern_pki::{Ca, Fingerprint, Identity, LiveIdentity};
@@ -92,25 +92,16 @@ async fn join(c: &RunningCenter, name: &str) -> (Registered, Identity) {
     (reg, id)
 }
 
-fn beat() -> Heartbeat {
-    Heartbeat {
-        facts: facts(4, 8192),
-        load: HostLoad {
-            cpu_percent: 1.0,
-            memory_used_mib: 100,
-            memory_total_mib: 8192,
-            vms: vec![],
-        },
-    }
-}
-
 async fn heartbeat(
     c: &RunningCenter,
     reg: &Registered,
     id: Option<&Identity>,
 ) -> Result<(), ApiError> {
     host_client(c, &reg.host_token, &ca_trust(c), id)
-        .post::<_, ()>(&format!("/api/v1/hosts/{}/heartbeat", reg.host_id), &beat())
+        .post::<_, ()>(
+            &format!("/api/v1/hosts/{}/heartbeat", reg.host_id),
+            &idle_heartbeat(),
+        )
         .await
 }
 

@@ -41,6 +41,19 @@ pub fn admin(c: &RunningCenter) -> ApiClient {
     c.client(&c.admin_token).unwrap()
 }
 
+/// The heartbeat of an idle 4-core, 8 GiB host with no VMs.
+pub fn idle_heartbeat() -> tern_api::center::Heartbeat {
+    tern_api::center::Heartbeat {
+        facts: facts(4, 8192),
+        load: tern_api::HostLoad {
+            cpu_percent: 1.0,
+            memory_used_mib: 100,
+            memory_total_mib: 8192,
+            vms: vec![],
+        },
+    }
+}
+
 /// A plain HTTP client (for bodies the typed client cannot send).
 pub fn raw() -> reqwest::Client {
     reqwest::Client::builder()
