@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
     Commit, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate, PrepareIncoming,
-    StartOutgoing,
+    QueuedFrames, StartOutgoing,
 };
 use crate::routes::agent as route;
 
@@ -280,9 +280,16 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
-    pub async fn migration_commit(&self, id: Uuid, generation: u64) -> Result<(), AgentError> {
+    pub async fn migration_frames(&self, id: Uuid) -> Result<QueuedFrames, AgentError> {
         self.client(QUICK)
-            .post(&route::MIGRATION_COMMIT.with_id(id), &Commit { generation })
+            .post(&route::MIGRATION_FRAMES.with_id(id), &())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn migration_commit(&self, id: Uuid, commit: &Commit) -> Result<(), AgentError> {
+        self.client(QUICK)
+            .post(&route::MIGRATION_COMMIT.with_id(id), commit)
             .await
             .map_err(|e| self.error(e))
     }

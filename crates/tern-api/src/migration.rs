@@ -18,7 +18,8 @@
 //! | POST | /v1/migrations/{vm}/measure | [`MeasureDirtyRate`] → [`DirtyRateReport`] (source: the guest's dirty rate, QMP `calc-dirty-rate`) |
 //! | POST | /v1/migrations/{vm}/steer | → [`AgentMigrationStatus`] (destination, while the source is paused at pre-switchover: still listening? then point the LAN at this host's taps; what was done is in `events`) |
 //! | POST | /v1/migrations/{vm}/switchover | → [`AgentMigrationStatus`] (source: send the final state and answer once all is sent; the guest stays paused on both sides) |
-//! | POST | /v1/migrations/{vm}/commit | [`Commit`] → `()` (destination: the center recorded it as owner — run the guest, announce its MAC) |
+//! | POST | /v1/migrations/{vm}/frames | → [`QueuedFrames`] (source, after the switchover: the frames its paused QEMU left unread on the VM's taps) |
+//! | POST | /v1/migrations/{vm}/commit | [`Commit`] → `()` (destination: the center recorded it as owner — deliver the handed-over frames, run the guest, announce its MAC) |
 //! | POST | /v1/migrations/{vm}/abort | → `()` (source: cancel and resume the guest; destination: kill the incoming QEMU) |
 //! | POST | /v1/migrations/{vm}/finish | → `()` (source, after commit: quit the paused QEMU and clean up; never resumes) |
 //! | POST | /v1/bandwidth-sink | → [`BandwidthSink`] (destination: accept one probe connection on the migration address) |
@@ -603,9 +604,80 @@ pub struct BandwidthSink {
     pub address: String,
 }
 
+/// Destination: the center recorded this host as the VM's owner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Commit {
     pub generation: u64,
+    /// Frames the paused source left unread on the VM's taps ([`QueuedFrames`]): delivered to
+    /// the guest here, ahead of what this host's taps queued since the LAN was steered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<HandedFrame>,
+}
+
+/// The offload fields of a frame as a tap hands it over (`struct virtio_net_hdr`): a frame
+/// whose checksum the sender left to the NIC, or a TCP segment larger than the MTU, is only
+/// correct together with them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VnetHeader {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+/// One Ethernet frame addressed to a migrating VM that reached its tap on the source after the
+/// guest stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HandedFrame {
+    /// Which NIC of the VM's spec (index) it was queued for.
+    pub nic: u16,
+    #[serde(default)]
+    pub header: VnetHeader,
+    /// The frame from its destination MAC on (base64).
+    #[serde(with = "base64_bytes")]
+    #[schema(value_type = String, format = Byte)]
+    pub data: Vec<u8>,
+}
+
+/// The most frames, and frame bytes, one hand-over carries: they must fit one request to the
+/// destination agent, and a pause's worth of requests to a VM is far less. Frames beyond are
+/// dropped (and counted): their senders retransmit them, as without a hand-over.
+pub const MAX_HANDED_FRAMES: usize = 1024;
+pub const MAX_HANDED_BYTES: usize = 128 * 1024;
+
+/// Source, after the final state was sent: what the guest's taps held, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueuedFrames {
+    /// Unicast frames to one of the VM's MACs, to be delivered at the destination.
+    pub frames: Vec<HandedFrame>,
+    /// Broadcast and multicast frames left out: the destination's taps received their own
+    /// copies (the bridge floods them to every port).
+    pub skipped_flooded: u32,
+    /// Frames to other MACs (flooded unknown unicast) left out: not the VM's.
+    pub skipped_foreign: u32,
+    /// Frames left out beyond [`MAX_HANDED_FRAMES`] / [`MAX_HANDED_BYTES`].
+    pub skipped_over_limit: u32,
+}
+
+/// Frame bytes as base64 text in JSON.
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

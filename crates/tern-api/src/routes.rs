@@ -100,6 +100,7 @@ pub mod agent {
     pub const MIGRATION_MEASURE: Route = Route::new("/v1/migrations/{id}/measure");
     pub const MIGRATION_STEER: Route = Route::new("/v1/migrations/{id}/steer");
     pub const MIGRATION_SWITCHOVER: Route = Route::new("/v1/migrations/{id}/switchover");
+    pub const MIGRATION_FRAMES: Route = Route::new("/v1/migrations/{id}/frames");
     pub const MIGRATION_COMMIT: Route = Route::new("/v1/migrations/{id}/commit");
     pub const MIGRATION_ABORT: Route = Route::new("/v1/migrations/{id}/abort");
     pub const MIGRATION_FINISH: Route = Route::new("/v1/migrations/{id}/finish");

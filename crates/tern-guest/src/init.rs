@@ -353,6 +353,7 @@ fn start_services(config: &GuestConfig) -> io::Result<Arc<Services>> {
     let services = Arc::new(services);
     if let Some(port) = config.serve_port {
         serve::start(port, services.clone())?;
+        crate::rr::start(crate::rr::DEFAULT_PORT, services.clone())?;
     }
     Ok(services)
 }

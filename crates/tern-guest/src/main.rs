@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use tern_guest::client::{self, ClientOptions};
 use tern_guest::services::{boot_id_bytes, Services};
-use tern_guest::{burn, disk, init, mem, proto, serve};
+use tern_guest::{burn, disk, init, mem, proto, rr, serve};
 
 const USAGE: &str = "\
 usage: tern-guest <command> [options]
 
   init                              run as the guest's PID 1 (reads tern.* from /proc/cmdline);
                                     also chosen when started as PID 1
-  serve --port P [--mem-mib N] [--dirty-mib-s R] [--disk DEV] [--burn-percent P]
-                                    serve the record stream (and run the other services)
+  serve --port P [--rr-port P] [--mem-mib N] [--dirty-mib-s R] [--disk DEV] [--burn-percent P]
+                                    serve the record stream and the request port (and run the
+                                    other services)
   mem --mib N --dirty-mib-s R [--verify-percent V]
                                     fill N MiB, dirty R MiB/s, verify continuously
   disk --dev DEV [--rate N]         verify the journal on DEV, then append N records/s
@@ -26,6 +27,11 @@ usage: tern-guest <command> [options]
                                     read the stream (until F exists, if given); exit 1 if it
                                     broke
   client --addr IP:PORT --stats     print the guest's stats JSON
+  rr --addr IP:PORT [--interval-ms 1] --duration-ms N [--stop-file F] [--connect-timeout-ms N]
+                                    send a numbered request every interval to the request
+                                    port (7001) and check every answer; prints a JSON report
+                                    (longest wait, TCP retransmits); exit 1 if any request
+                                    went unanswered or the connection broke
   client --addr IP:PORT --cpuinfo   print the guest's /proc/cpuinfo
 ";
 
@@ -115,8 +121,11 @@ fn cmd_serve(o: &Opts) -> Result<ExitCode, String> {
         burn::start(percent).map_err(|e| e.to_string())?;
         services.burn_percent = Some(percent);
     }
-    let addr = serve::start(port, Arc::new(services)).map_err(|e| e.to_string())?;
-    eprintln!("tern-guest: serving on {addr}");
+    let rr_port: u16 = o.get("rr-port")?.unwrap_or(rr::DEFAULT_PORT);
+    let services = Arc::new(services);
+    let addr = serve::start(port, services.clone()).map_err(|e| e.to_string())?;
+    let rr_addr = rr::start(rr_port, services).map_err(|e| e.to_string())?;
+    eprintln!("tern-guest: serving on {addr}, requests on {rr_addr}");
     park_forever()
 }
 
@@ -187,6 +196,26 @@ fn cmd_client(o: &Opts) -> Result<ExitCode, String> {
     })
 }
 
+fn cmd_rr(o: &Opts) -> Result<ExitCode, String> {
+    let options = rr::RrOptions {
+        addr: o.need("addr")?,
+        interval: Duration::from_millis(o.get("interval-ms")?.unwrap_or(1)),
+        duration: Duration::from_millis(o.need("duration-ms")?),
+        connect_timeout: Duration::from_millis(o.get("connect-timeout-ms")?.unwrap_or(5000)),
+        stop_file: o.values.get("stop-file").map(std::path::PathBuf::from),
+    };
+    if options.interval.is_zero() {
+        return Err("--interval-ms must be at least 1".into());
+    }
+    let report = rr::run(&options).map_err(|e| e.to_string())?;
+    println!("{}", report.to_json());
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn main() -> ExitCode {
     if std::process::id() == 1 {
         init::run();
@@ -201,7 +230,14 @@ fn main() -> ExitCode {
         "serve" => Opts::parse(
             rest,
             &[],
-            &["port", "mem-mib", "dirty-mib-s", "disk", "burn-percent"],
+            &[
+                "port",
+                "rr-port",
+                "mem-mib",
+                "dirty-mib-s",
+                "disk",
+                "burn-percent",
+            ],
         )
         .and_then(|o| cmd_serve(&o)),
         "mem" => Opts::parse(rest, &[], &["mib", "dirty-mib-s", "verify-percent"])
@@ -214,6 +250,18 @@ fn main() -> ExitCode {
             &["addr", "duration-ms", "connect-timeout-ms", "stop-file"],
         )
         .and_then(|o| cmd_client(&o)),
+        "rr" => Opts::parse(
+            rest,
+            &[],
+            &[
+                "addr",
+                "interval-ms",
+                "duration-ms",
+                "stop-file",
+                "connect-timeout-ms",
+            ],
+        )
+        .and_then(|o| cmd_rr(&o)),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

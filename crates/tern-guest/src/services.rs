@@ -71,6 +71,8 @@ pub struct Services {
     pub burn_percent: Option<u32>,
     pub gap: Arc<GapMonitor>,
     pub streams: StreamCounters,
+    /// The request/response port's counters ([`crate::rr`]).
+    pub rr: crate::rr::RrCounters,
 }
 
 impl Services {
@@ -84,12 +86,14 @@ impl Services {
             burn_percent: None,
             gap: GapMonitor::start()?,
             streams: StreamCounters::default(),
+            rr: crate::rr::RrCounters::default(),
         })
     }
 
     /// The stats reply: one JSON object.
     ///
     /// `{"boot_id","uptime_ms","longest_gap_ms","streams":{"open","total","broken"},
+    /// "rr":{connections,requests,lost,repeated,malformed},
     /// "mem":{mib,dirty_mib_s,pages,pages_verified,errors,passes,bytes_dirtied,filled}|null,
     /// "disk":{dev,verified,appended,errors,next_seq,capacity_records,full}|null,
     /// "burn_percent":n|null}`
@@ -106,7 +110,8 @@ impl Services {
                 uptime_ms().unwrap_or_else(|| self.started.elapsed().as_millis() as u64),
             )
             .f64("longest_gap_ms", self.gap.longest_gap_ms())
-            .raw("streams", &streams);
+            .raw("streams", &streams)
+            .raw("rr", &self.rr.to_json());
         o = match &self.mem {
             Some(m) => o.raw("mem", &m.to_json()),
             None => o.null("mem"),

@@ -17,7 +17,7 @@ use tern_api::center::StopVm;
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
     Commit, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate, PrepareIncoming,
-    StartOutgoing,
+    QueuedFrames, StartOutgoing,
 };
 use tern_api::{ErrorBody, HostFacts, HostLoad};
 use uuid::Uuid;
@@ -56,6 +56,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route(route::MIGRATION_MEASURE.template(), post(migration_measure))
         .route(route::MIGRATION_STEER.template(), post(migration_steer))
+        .route(route::MIGRATION_FRAMES.template(), post(migration_frames))
         .route(
             route::MIGRATION_SWITCHOVER.template(),
             post(migration_switchover),
@@ -276,6 +277,13 @@ async fn migration_steer(
     Path(id): Path<String>,
 ) -> Result<Json<AgentMigrationStatus>, AgentError> {
     agent.migrations.steer(vm_id(&id)?).await.map(Json)
+}
+
+async fn migration_frames(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<QueuedFrames>, AgentError> {
+    agent.migrations.frames(vm_id(&id)?).await.map(Json)
 }
 
 async fn migration_switchover(

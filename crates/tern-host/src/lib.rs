@@ -15,6 +15,7 @@ pub mod config;
 pub mod enrol;
 pub mod error;
 pub mod facts;
+pub mod frames;
 pub mod identity;
 pub mod load;
 pub mod migrations;

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, ListenIncoming, MigrationPhase, PrepareIncoming,
-    StartOutgoing,
+    Commit, DirtyRateReport, HandedFrame, IncomingReady, ListenIncoming, MigrationPhase,
+    PrepareIncoming, QueuedFrames, StartOutgoing, MAX_HANDED_BYTES, MAX_HANDED_FRAMES,
 };
 use tern_qemu::{
     IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::error::AgentError;
+use crate::frames::{Frame, TapQueue};
 use crate::store::{MigrationRecord, RunDir};
 use crate::vms::VmManager;
 
@@ -60,6 +61,11 @@ struct Slot {
     /// Taken over after an agent restart, and not yet said so to the center (a destination
     /// says it in its answer to the steering call).
     reattached: std::sync::atomic::AtomicBool,
+    /// Source: the frames taken off the paused VM's taps for the destination (NIC index,
+    /// frame), given back to the taps here if the migration is aborted.
+    drained: Mutex<Vec<(usize, Frame)>>,
+    /// Destination: handed-over frames were delivered (a retried commit must not repeat it).
+    delivered: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
@@ -69,6 +75,8 @@ impl Slot {
             op: tokio::sync::Mutex::new(()),
             record,
             reattached: std::sync::atomic::AtomicBool::new(false),
+            drained: Mutex::new(Vec::new()),
+            delivered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -156,6 +164,24 @@ fn qemu(e: tern_qemu::Error) -> AgentError {
     match e {
         tern_qemu::Error::Migration(m) => AgentError::Conflict(m),
         other => AgentError::Qemu(other.to_string()),
+    }
+}
+
+/// Writes frames taken off a VM's taps back into them (an aborted migration's source).
+fn give_back(id: Uuid, drained: Vec<(usize, Frame)>) {
+    if drained.is_empty() {
+        return;
+    }
+    let mut by_nic: HashMap<usize, Vec<Frame>> = HashMap::new();
+    for (i, f) in drained {
+        by_nic.entry(i).or_default().push(f);
+    }
+    for (i, frames) in by_nic {
+        let tap = crate::tap::tap_name(id, i);
+        match crate::frames::deliver(&tap, &frames) {
+            Ok(n) => tracing::info!(vm = %id, tap, n, "frames given back to the source's tap"),
+            Err(e) => tracing::warn!(vm = %id, tap, error = %e, "frames not given back"),
+        }
     }
 }
 
@@ -534,8 +560,132 @@ impl Migrations {
         Ok(source_status(id, &out.status()))
     }
 
-    /// Destination: the center recorded this host as the owner: announce and run the guest.
-    /// Idempotent.
+    /// Source, once the final state is sent: takes the frames the stopped QEMU left unread on
+    /// the VM's taps ([`crate::frames`]), keeps them in case the migration is aborted, and
+    /// returns those addressed to the VM's MACs, oldest first, within the hand-over's limits.
+    pub async fn frames(&self, id: Uuid) -> Result<QueuedFrames, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let Role::Source(out) = &slot.role else {
+            return Err(AgentError::Conflict(format!(
+                "this host is the destination of VM {id}'s migration: frames are taken at the \
+                 source"
+            )));
+        };
+        let state = out.status().state;
+        if state != AgentMigrationState::Completed {
+            return Err(AgentError::Conflict(format!(
+                "VM {id}'s migration is {state:?}: frames are taken once the final state is sent"
+            )));
+        }
+        let pid = out.vm().pid();
+        let spec = self.vms.get(id)?.spec;
+        let mut queued = QueuedFrames::default();
+        let mut bytes = 0usize;
+        let mut drained = lock(&slot.drained);
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let tap = crate::tap::tap_name(id, i);
+            let mac = crate::steer::parse_mac(&nic.mac)
+                .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
+            let frames = TapQueue::of_process(pid, &tap)
+                .and_then(|q| q.drain())
+                .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
+            for f in frames {
+                if f.is_flooded() {
+                    queued.skipped_flooded += 1;
+                    continue;
+                }
+                if f.destination() != Some(mac) {
+                    queued.skipped_foreign += 1;
+                    continue;
+                }
+                if queued.frames.len() >= MAX_HANDED_FRAMES
+                    || bytes + f.data.len() > MAX_HANDED_BYTES
+                {
+                    queued.skipped_over_limit += 1;
+                    drained.push((i, f));
+                    continue;
+                }
+                bytes += f.data.len();
+                queued.frames.push(HandedFrame {
+                    nic: i as u16,
+                    header: f.header,
+                    data: f.data.clone(),
+                });
+                drained.push((i, f));
+            }
+        }
+        tracing::info!(
+            vm = %id,
+            handed = queued.frames.len(),
+            flooded = queued.skipped_flooded,
+            foreign = queued.skipped_foreign,
+            over_limit = queued.skipped_over_limit,
+            "took the frames the paused guest left on its taps"
+        );
+        Ok(queued)
+    }
+
+    /// Destination, before the guest runs: delivers the frames handed over from the source
+    /// ahead of those this host's taps queued since the steer (they are newer), so the guest
+    /// reads them in arrival order. Frames that are not for the NIC they name are dropped.
+    fn deliver_handed(&self, id: Uuid, pid: u32, handed: &[HandedFrame]) {
+        let spec = match self.vms.get(id) {
+            Ok(rt) => rt.spec,
+            Err(e) => {
+                tracing::warn!(vm = %id, error = %e, "handed-over frames not delivered");
+                return;
+            }
+        };
+        let mut bytes = 0usize;
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let Ok(mac) = crate::steer::parse_mac(&nic.mac) else {
+                continue;
+            };
+            let mut frames: Vec<Frame> = Vec::new();
+            let mut refused = 0usize;
+            for f in handed.iter().filter(|f| usize::from(f.nic) == i) {
+                let frame = Frame {
+                    header: f.header,
+                    data: f.data.clone(),
+                };
+                bytes += f.data.len();
+                if frame.data.len() < 14
+                    || frame.destination() != Some(mac)
+                    || frames.len() >= MAX_HANDED_FRAMES
+                    || bytes > MAX_HANDED_BYTES
+                {
+                    refused += 1;
+                    continue;
+                }
+                frames.push(frame);
+            }
+            if frames.is_empty() {
+                continue;
+            }
+            let tap = crate::tap::tap_name(id, i);
+            let handed_count = frames.len();
+            let result = TapQueue::of_process(pid, &tap)
+                .and_then(|q| q.drain())
+                .and_then(|own| {
+                    let own_count = own.len();
+                    frames.extend(own);
+                    crate::frames::deliver(&tap, &frames).map(|n| (n, own_count))
+                });
+            match result {
+                Ok((n, own)) => tracing::info!(
+                    vm = %id, tap, handed = handed_count, queued_here = own, delivered = n, refused,
+                    "delivered the handed-over frames ahead of this tap's own"
+                ),
+                Err(e) => {
+                    tracing::warn!(vm = %id, tap, error = %e, "handed-over frames not delivered")
+                }
+            }
+        }
+    }
+
+    /// Destination: the center recorded this host as the owner: deliver the frames handed
+    /// over, announce and run the guest. Idempotent.
     pub async fn commit(&self, id: Uuid, req: Commit) -> Result<(), AgentError> {
         let slot = match self.slot(id) {
             Ok(s) => s,
@@ -559,6 +709,14 @@ impl Migrations {
                 "this host is the source of VM {id}'s migration: commit at the destination"
             )));
         };
+        if !req.frames.is_empty()
+            && inc.status().await.state == AgentMigrationState::Completed
+            && !slot
+                .delivered
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.deliver_handed(id, inc.vm().pid(), &req.frames);
+        }
         inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
         self.vms.set_generation(id, req.generation)?;
         self.forget(id, &slot);
@@ -574,6 +732,10 @@ impl Migrations {
         slot.record.remove();
         match &slot.role {
             Role::Source(out) => {
+                // Frames taken off the taps for the destination go back where the guest will
+                // read them when it resumes.
+                let drained = std::mem::take(&mut *lock(&slot.drained));
+                give_back(id, drained);
                 // A source QEMU that has ended has nothing left to cancel or resume (the VM's
                 // own state says how it ended); insisting would fail the rollback for ever.
                 if out.vm().exit_reason().is_none() {
@@ -813,6 +975,15 @@ mod tests {
             m.measure(id, 1000).await,
             Err(AgentError::NotFound(_))
         ));
-        assert!(m.commit(id, Commit { generation: 2 }).await.is_err());
+        assert!(m
+            .commit(
+                id,
+                Commit {
+                    generation: 2,
+                    frames: Vec::new()
+                }
+            )
+            .await
+            .is_err());
     }
 }

@@ -228,6 +228,23 @@ fn bring_up(name: &str) -> Result<(), TapError> {
     Ok(())
 }
 
+/// Frames a tap holds for its reader: QEMU reads nothing while its guest is paused, and a
+/// switchover's worth of frames sent to the VM must wait there, not be dropped (Linux's
+/// default is 1000). The queue is of pointers; frames take memory only while queued.
+pub const TAP_QUEUE_LEN: u32 = 4096;
+
+fn set_queue_len(name: &str, len: u32) -> Result<(), TapError> {
+    let sock = control_socket()?;
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_metric = len as libc::c_int;
+    // SAFETY: SIOCSIFTXQLEN reads the queue length (ifr_qlen, the int of the union) of the
+    // ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut req) } < 0 {
+        return Err(sys_err("setting the queue length of", name));
+    }
+    Ok(())
+}
+
 /// Makes sure tap `name` exists, is a port of `bridge` and is up. Idempotent: an existing tap
 /// (left by a crashed agent, or held by a running QEMU) is reused as it is.
 pub fn ensure_tap(name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<(), TapError> {
@@ -245,6 +262,7 @@ pub fn ensure_tap(name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result
         }
     }
     attach_to_bridge(name, bridge)?;
+    set_queue_len(name, TAP_QUEUE_LEN)?;
     bring_up(name)
 }
 

@@ -29,6 +29,10 @@ fn tap_lifecycle_in_a_namespace() {
         .ip(&["-o", "link", "show", "dev", &tap])
         .expect("show tap");
     assert!(show.contains("UP"), "tap is up: {show}");
+    assert!(
+        show.contains(&format!("qlen {}", tern_host::tap::TAP_QUEUE_LEN)),
+        "tap queue holds a pause's worth of frames: {show}"
+    );
     let details = ns
         .ip(&["-d", "-o", "link", "show", "dev", &tap])
         .expect("show tap details");

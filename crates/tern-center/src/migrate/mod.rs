@@ -31,9 +31,9 @@ use serde_json::json;
 use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, ListenIncoming, Measurements,
-    MigrateVm, MigrationKey, MigrationOutcome, MigrationPhase, MigrationResult, MigrationSettings,
-    MigrationUri, PrepareIncoming, StartOutgoing,
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Commit, HandedFrame, ListenIncoming,
+    Measurements, MigrateVm, MigrationKey, MigrationOutcome, MigrationPhase, MigrationResult,
+    MigrationSettings, MigrationUri, PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
 use tern_motion::{
@@ -174,6 +174,7 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
             events_seen: 0,
             held: std::sync::Mutex::new(Vec::new()),
             timeline: Timeline::default(),
+            handed: Vec::new(),
         };
         // A migration cannot be dropped halfway: it polls the cancel signal at safe points and
         // records its own end (a rollback or a commit comes first).
@@ -214,6 +215,8 @@ struct Mig {
     held: std::sync::Mutex<Vec<NewEvent>>,
     /// Where the guest's pause went, step by step.
     timeline: Timeline,
+    /// Frames the paused source left on the VM's taps, for the destination's commit.
+    handed: Vec<HandedFrame>,
 }
 
 /// The steps of a switchover and how long each took, for the record.

@@ -134,6 +134,7 @@ impl Resumable {
                 events_seen: self.events_seen,
                 held: std::sync::Mutex::new(Vec::new()),
                 timeline: Timeline::default(),
+                handed: Vec::new(),
             };
             m.drive(Some(self.settings)).await;
             None

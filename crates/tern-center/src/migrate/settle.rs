@@ -131,7 +131,11 @@ impl Mig {
             .run(|failures| {
                 let dst = &dst;
                 async move {
-                    let r = dst.migration_commit(self.vm.id, generation_to).await;
+                    let commit = Commit {
+                        generation: generation_to,
+                        frames: self.handed.clone(),
+                    };
+                    let r = dst.migration_commit(self.vm.id, &commit).await;
                     if let (Err(e), 0) = (&r, failures) {
                         self.event(
                             EventLevel::Warning,
@@ -361,7 +365,13 @@ pub(super) async fn redo_destination(
     generation: u64,
 ) -> Result<(), String> {
     app.agent(host)
-        .migration_commit(vm, generation)
+        .migration_commit(
+            vm,
+            &Commit {
+                generation,
+                frames: Vec::new(),
+            },
+        )
         .await
         .map_err(|e| e.to_string())
 }

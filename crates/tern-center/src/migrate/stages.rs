@@ -50,10 +50,41 @@ impl Mig {
             }
             Switched::Whole(done) => {
                 // The guest is paused: the commit is the one store write it waits for (no
-                // progress line first).
+                // progress line first). Meanwhile the source gives up the frames its taps
+                // queued since the STOP (the LAN was steered by now, so no more arrive there).
                 let t = Instant::now();
-                self.commit(false).await?;
+                let src = self.app.agent(&self.source);
+                let (committed, queued) =
+                    tokio::join!(self.commit(false), src.migration_frames(self.vm.id));
+                committed?;
                 self.timeline.step("commit", t.elapsed());
+                match queued {
+                    Ok(q) => {
+                        self.hold(
+                            EventLevel::Info,
+                            format!(
+                                "{} frame(s) that reached {} after the guest stopped handed to {} (left \
+                                 out: {} broadcast/multicast, {} for other MACs, {} over the \
+                                 limit)",
+                                q.frames.len(),
+                                self.source.name,
+                                self.dest.name,
+                                q.skipped_flooded,
+                                q.skipped_foreign,
+                                q.skipped_over_limit
+                            ),
+                        );
+                        self.handed = q.frames;
+                    }
+                    Err(e) => self.hold(
+                        EventLevel::Warning,
+                        format!(
+                            "the frames queued at {} could not be handed over ({e}); their \
+                             senders retransmit them",
+                            self.source.name
+                        ),
+                    ),
+                }
                 Ok(Finished::Committed(done))
             }
         }
@@ -364,7 +395,13 @@ impl Mig {
         match self
             .app
             .agent(&self.dest)
-            .migration_commit(self.vm.id, generation_to)
+            .migration_commit(
+                self.vm.id,
+                &Commit {
+                    generation: generation_to,
+                    frames: Vec::new(),
+                },
+            )
             .await
         {
             Ok(()) => {

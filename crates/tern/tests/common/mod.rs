@@ -410,15 +410,6 @@ impl Lab {
         vm["id"].as_str().expect("vm id").to_string()
     }
 
-    /// How many connections the guest's serve port has accepted since boot (the query's own
-    /// connection included).
-    pub fn guest_connections(&self, addr: &str) -> u64 {
-        let s = self.guest_stats(addr);
-        s["streams"]["total"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no streams.total in the guest's stats: {s}"))
-    }
-
     /// Runs `tern-guest client --json` against `addr` in the client namespace on its own
     /// thread, for at least `min_ms` and at most [`STREAM_CLIENT_MAX_MS`]: whatever the caller
     /// does meanwhile may take as long as the machine's load makes it, and
@@ -426,27 +417,62 @@ impl Lab {
     /// Returns once the guest has accepted the client's connection, so what the caller does
     /// next happens while the client streams.
     pub fn spawn_stream_client(&self, addr: &str, min_ms: u64) -> StreamClient {
+        let args = ["client", "--addr", addr, "--json"];
+        // Every stats query is a serve connection of its own.
+        self.spawn_guest_client(addr, &args, min_ms, true, |stats| {
+            stats["streams"]["total"].as_u64()
+        })
+    }
+
+    /// Like [`Self::spawn_stream_client`], for the guest's request/response port (`IP:7001`;
+    /// `stats_addr` is its serve port): `tern-guest rr`, one request per millisecond. Returns
+    /// once the guest has accepted the connection.
+    pub fn spawn_rr_client(&self, addr: &str, stats_addr: &str, min_ms: u64) -> StreamClient {
+        let args = ["rr", "--addr", addr, "--interval-ms", "1"];
+        self.spawn_guest_client(stats_addr, &args, min_ms, false, |stats| {
+            stats["rr"]["connections"].as_u64()
+        })
+    }
+
+    /// Runs a `tern-guest` client (`args`, to which the duration and stop file are added) in
+    /// the client namespace on its own thread; returns once `connections` (read from the
+    /// guest's stats at `stats_addr`, which count each query too when `queries_count`) shows
+    /// the guest accepted it.
+    fn spawn_guest_client(
+        &self,
+        stats_addr: &str,
+        args: &[&str],
+        min_ms: u64,
+        queries_count: bool,
+        connections: impl Fn(&Value) -> Option<u64>,
+    ) -> StreamClient {
         static N: AtomicU32 = AtomicU32::new(0);
         let stop_file = self
             .dir
             .join(format!("client-stop-{}", N.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_file(&stop_file);
         let started = Instant::now();
-        // Every stats query is a connection of its own: the k-th query after `before` sees
-        // `before + k`, one more once the client has connected.
-        let before = self.guest_connections(addr);
-        let client = self.spawn_stream_client_unwatched(addr, &stop_file);
+        let count = |lab: &Lab| {
+            let s = lab.guest_stats(stats_addr);
+            connections(&s).unwrap_or_else(|| panic!("no connection count in the stats: {s}"))
+        };
+        // When every stats query is a connection of its own, the k-th query after `before`
+        // sees `before + k`, one more once the client has connected.
+        let before = count(self);
+        let client = self.spawn_guest_client_unwatched(args, &stop_file);
         let mut queries = 0;
         wait_for(
-            &format!("the client's connection to {addr}"),
+            "the client's connection to the guest",
             Duration::from_secs(30),
             || {
                 assert!(
                     !client.is_finished(),
                     "the client run ended before the guest saw it connect"
                 );
-                queries += 1;
-                (self.guest_connections(addr) > before + queries).then_some(())
+                if queries_count {
+                    queries += 1;
+                }
+                (count(self) > before + queries).then_some(())
             },
         );
         StreamClient {
@@ -457,23 +483,23 @@ impl Lab {
         }
     }
 
-    fn spawn_stream_client_unwatched(&self, addr: &str, stop_file: &Path) -> JoinHandle<Value> {
+    fn spawn_guest_client_unwatched(&self, args: &[&str], stop_file: &Path) -> JoinHandle<Value> {
         let stop_file = stop_file.to_path_buf();
         let dir = self.dir.clone();
         let prefix = self.prefix.clone();
         let exe = guest_dir().join("tern-guest");
-        let addr = addr.to_string();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         std::thread::spawn(move || {
             let out = Command::new(tern_exe())
                 .args(["lab", "--dir"])
                 .arg(&dir)
                 .args(["client", "--prefix", &prefix, "--"])
                 .arg(exe)
-                .args(["client", "--addr", &addr, "--duration-ms"])
+                .args(&args)
+                .arg("--duration-ms")
                 .arg(STREAM_CLIENT_MAX_MS.to_string())
                 .arg("--stop-file")
                 .arg(&stop_file)
-                .arg("--json")
                 .env("TERN_LAB_DIR", &dir)
                 .stdin(Stdio::null())
                 .output()

@@ -1,0 +1,111 @@
+//! Handed-over frames through real taps: what [`deliver`] writes into a tap's transmit path is
+//! what the tap's reader gets, in order and with its offload header, and [`TapQueue`] reads
+//! a queue through the descriptor another process (here: this one) holds on the tap.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use tern_api::migration::VnetHeader;
+use tern_host::frames::{deliver, Frame, TapQueue};
+use tern_host::tap::{ensure_tap, tap_name};
+use tern_testkit::NetNs;
+
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+
+/// Attaches to tap `name` the way QEMU does (virtio-net header of 12 bytes, checksum offload
+/// on) and keeps the descriptor, as QEMU keeps its.
+fn attach_like_qemu(name: &str) -> OwnedFd {
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    // SAFETY: ifreq is plain old data.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short | IFF_VNET_HDR;
+    // SAFETY: ioctls on the descriptor we own with arguments we own.
+    unsafe {
+        assert!(
+            libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) >= 0,
+            "TUNSETIFF"
+        );
+        let size: libc::c_int = 12;
+        assert!(libc::ioctl(tun.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) >= 0);
+        assert!(libc::ioctl(tun.as_raw_fd(), libc::TUNSETOFFLOAD, TUN_F_CSUM) >= 0);
+    }
+    tun.into()
+}
+
+/// A UDP/IPv4 frame to `dst` whose UDP checksum is left to the NIC: only correct with its
+/// header, which the hand-over must carry.
+fn udp_frame(dst: [u8; 6], payload: &[u8]) -> Frame {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&[0x52, 0x54, 0, 9, 9, 9]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0]);
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    f.extend_from_slice(&[0x1f, 0x40, 0x1f, 0x41]);
+    f.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0x12, 0x34]); // the pseudo-header sum a sender leaves for the NIC
+    f.extend_from_slice(payload);
+    Frame {
+        header: VnetHeader {
+            flags: 1, // VIRTIO_NET_HDR_F_NEEDS_CSUM
+            csum_start: 34,
+            csum_offset: 6,
+            ..VnetHeader::default()
+        },
+        data: f,
+    }
+}
+
+#[test]
+fn delivered_frames_reach_the_taps_reader_in_order_with_their_headers() {
+    let ns = NetNs::new("th-frames").with_bridge("br0");
+    let tap = tap_name(uuid::Uuid::new_v4(), 0);
+    let mac = [0x52, 0x54, 0, 1, 2, 3];
+    let sent: Vec<Frame> = (0..50u8).map(|i| udp_frame(mac, &[i; 40])).collect();
+    let got = ns.run_in(|| {
+        ensure_tap(&tap, "br0", None).expect("tap");
+        let qemu = attach_like_qemu(&tap);
+        let delivered = deliver(&tap, &sent).expect("deliver");
+        assert_eq!(delivered, sent.len(), "the kernel took every frame");
+        // The queue seen through a duplicate of the "QEMU's" descriptor, found by tap name.
+        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
+        let got = queue.drain().expect("drain");
+        assert!(queue.drain().expect("drain again").is_empty(), "drained");
+        drop(queue);
+        drop(qemu);
+        tern_host::tap::remove_tap(&tap).expect("remove");
+        got
+    });
+    // The tap's own IPv6 neighbour discovery (multicast) may queue too: not ours.
+    let got: Vec<Frame> = got.into_iter().filter(|f| !f.is_flooded()).collect();
+    assert_eq!(got.len(), sent.len());
+    for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+        assert_eq!(g.data, s.data, "frame {i} unchanged and in order");
+        assert_eq!(g.header.flags, 1, "frame {i} still asks for its checksum");
+        assert_eq!(g.header.csum_start, 34);
+        assert_eq!(g.header.csum_offset, 6);
+    }
+}
+
+#[test]
+fn a_process_without_the_tap_has_no_queue_of_it() {
+    let e = TapQueue::of_process(std::process::id(), "tn-none-0")
+        .err()
+        .expect("no such queue");
+    assert!(e.to_string().contains("holds no queue"), "{e}");
+    // A tap that does not exist cannot be written to.
+    let e = deliver("tn-none-0", &[udp_frame([0x52, 0, 0, 0, 0, 1], b"x")]).unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+}
