@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lab import CLEANUP, PROBE, ROOT, BenchError, Lab, Proc, log  # noqa: E402
+from lab import CLEANUP, PROBE, ROOT, TERN_GUEST, BenchError, Lab, Proc, log  # noqa: E402
 from migrators import Baseline, Tern, TernPlain  # noqa: E402
 
 VM_IP = "10.78.0.100"
@@ -77,8 +77,9 @@ def ping_summary(replies, transmitted):
 
 
 class Probes:
-    """The guest's users during one run: a serve-stream client and a fast ping, both in the
-    client namespace, started before the migration and stopped TAIL_S after it."""
+    """The guest's users during one run: a serve-stream client, a request/response client
+    (`tern-guest rr`, a request every ms) and a fast ping, all in the client namespace,
+    started before the migration and stopped TAIL_S after it."""
 
     def __init__(self, lab, rundir, tag, trace=False):
         self.lab = lab
@@ -96,6 +97,12 @@ class Probes:
                                         "--ping-ms", "10"], name="stream probe", nice=PROBE_NICE)
         self.ping = Proc(lab.client, ["ping", "-D", "-n", "-i", str(PING_INTERVAL_S), VM_IP],
                          stdout=self.ping_out, name="ping", nice=PROBE_NICE)
+        # It reports when its stop file appears (a signal would end it without a report).
+        self.rr_stop = os.path.join(rundir, f"{tag}.rr-stop")
+        self.rr = Proc(lab.client, [TERN_GUEST, "rr", "--addr", f"{VM_IP}:7001",
+                                    "--interval-ms", "1", "--duration-ms", "600000",
+                                    "--stop-file", self.rr_stop],
+                       name="request client", nice=PROBE_NICE)
 
     def wait_flowing(self, timeout_s=10.0):
         """Until ping has answers (the stream probe connects within that time too)."""
@@ -108,7 +115,23 @@ class Probes:
             time.sleep(0.05)
         raise BenchError("no ping replies from the guest before migrating")
 
+    def stop_rr(self):
+        open(self.rr_stop, "w").close()
+        try:
+            out, _ = self.rr.p.communicate(timeout=15)
+        finally:
+            if self.rr.alive():
+                self.rr.stop(signal.SIGKILL)
+            CLEANUP.done(self.rr.token)
+        for line in reversed((out or "").splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        raise BenchError(f"request client gave no report: {out!r}")
+
     def stop(self):
+        rr = self.stop_rr()
         out = self.stream.stop(signal.SIGTERM, grace_s=10)
         self.ping.stop(signal.SIGINT)
         try:
@@ -119,7 +142,7 @@ class Probes:
         trace = None
         if self.trace:
             trace = json.loads(self.trace.stop(signal.SIGTERM, grace_s=10))
-        return stream, ping_summary(replies, sent), trace
+        return stream, ping_summary(replies, sent), trace, rr
 
 
 def analyze_frames(rec, frames):
@@ -182,7 +205,7 @@ def measured_run(lab, mig, vm, dst, deadline_s, rundir, tag, variant="default", 
         rec = mig.migrate(vm, dst, deadline_s, variant=variant, on_pre_switchover=hook)
         time.sleep(TAIL_S)
     finally:
-        stream, ping, frames = probes.stop()
+        stream, ping, frames, rr = probes.stop()
         mig.finish(vm)
     rec.update(ping)
     if frames is not None and rec.get("t_stop"):
@@ -190,6 +213,9 @@ def measured_run(lab, mig, vm, dst, deadline_s, rundir, tag, variant="default", 
         lo, hi = rec["t_stop"] - 0.3, rec["t_resume"] + 1.5
         rec["frames"] = [f for f in frames if lo <= f[0] <= hi]
         rec["switch"] = analyze_frames(rec, rec["frames"])
+    rec["rr"] = rr
+    rec["rr_wait_ms"] = rr["longest_wait_ms"]
+    rec["rr_resent"] = rr["retransmits"]
     rec["tcp_gap_ms"] = stream["longest_gap_ms"]
     rec["tcp_gap_start"] = stream["longest_gap_start"]
     rec["tcp_gap_guest_ms"] = stream["longest_gap_guest_ms"]
@@ -259,9 +285,10 @@ def case_table(rows, meta):
         out.append("")
     out.append("| memory | dirty MiB/s (set / got) | link | migrator | converged | end-to-end s "
                "| QEMU total s | QEMU downtime ms | pause STOP→RESUME ms | client TCP gap ms "
-               "| client request stall ms | ping gap ms | pings lost | on the wire MiB | passes "
+               "| client request stall ms | request wait ms (1 per ms) | segments resent "
+               "| ping gap ms | pings lost | on the wire MiB | passes "
                "| RAM ÷ link s | stream errors | verifier errors |")
-    out.append("|" + " --- |" * 18)
+    out.append("|" + " --- |" * 20)
     for r in rows:
         c, runs = r["case"], r["runs"]
         ok = [x for x in runs if x["converged"]]
@@ -275,6 +302,8 @@ def case_table(rows, meta):
             f"| {med([pause_of(x) for x in ok])} "
             f"| {med([x.get('tcp_gap_ms') for x in ok])} "
             f"| {med([x.get('echo_stall_ms') for x in ok])} "
+            f"| {med([x.get('rr_wait_ms') for x in ok])} "
+            f"| {med([x.get('rr_resent') for x in ok])} "
             f"| {med([x.get('ping_gap_ms') for x in ok])} "
             f"| {med([x.get('ping_lost') for x in ok])} "
             f"| {med([(x.get('wire_bytes') or 0) / (1 << 20) for x in runs])} "

@@ -16,6 +16,15 @@
 //! handed-over frames and its own back behind them, so the guest receives one queue in arrival
 //! order. A frame arriving during that re-write (microseconds) can overtake part of it.
 //!
+//! QEMU itself keeps one frame from this: a QEMU whose guest is stopped still reads the next
+//! frame from its tap, finds the guest cannot take it, and parks it in a queue of its own
+//! (not migrated, lost with the source) before it stops reading. So the moment the source
+//! pauses, its agent writes a [`plug_frame`] into each of the VM's taps: QEMU parks that one
+//! instead, and the frames behind it stay in the tap's queue for the hand-over. A frame that
+//! arrives between the pause and the plug (well under a millisecond) is still lost. The plug
+//! is harmless wherever it ends up: a guest drops its unknown EtherType, and the hand-over
+//! leaves it out.
+//!
 //! Offloads: a frame whose checksum the sender left to the NIC, or a segment larger than the
 //! MTU, is correct only with its virtio-net header, so the header travels with the frame and
 //! the packet socket is given it back (`PACKET_VNET_HDR`; the kernel checks it). Headers are
@@ -58,6 +67,25 @@ fn sys(what: &'static str, name: &str) -> FrameError {
     }
 }
 
+/// EtherType of the plug: IEEE 802 local experimental, which no guest stack handles.
+const PLUG_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+/// Source MAC of the plug (locally administered, never a VM's).
+const PLUG_SOURCE: [u8; 6] = [0x02, 0x74, 0x65, 0x72, 0x6e, 0x00];
+
+/// The frame written into a VM's taps when its guest pauses at the source, for QEMU to park
+/// in place of a frame that matters (see the module docs).
+pub fn plug_frame(mac: [u8; 6]) -> Frame {
+    let mut data = vec![0u8; 60];
+    data[0..6].copy_from_slice(&mac);
+    data[6..12].copy_from_slice(&PLUG_SOURCE);
+    data[12..14].copy_from_slice(&PLUG_ETHERTYPE);
+    data[14..34].copy_from_slice(b"tern switchover plug");
+    Frame {
+        header: VnetHeader::default(),
+        data,
+    }
+}
+
 /// One frame as a tap queued it for its reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -75,6 +103,13 @@ impl Frame {
     /// Broadcast or multicast: a bridge floods these to every port.
     pub fn is_flooded(&self) -> bool {
         self.destination().is_some_and(|d| d[0] & 1 == 1)
+    }
+
+    /// A [`plug_frame`].
+    pub fn is_plug(&self) -> bool {
+        self.data
+            .get(6..14)
+            .is_some_and(|h| h[..6] == PLUG_SOURCE && h[6..] == PLUG_ETHERTYPE)
     }
 }
 
@@ -245,71 +280,92 @@ fn find_tap_fd(pid: u32, tap: &str) -> Result<i32, FrameError> {
     })
 }
 
-/// Writes `frames`, in order, into tap `tap`'s transmit path: its reader (the VM's QEMU)
-/// receives them as if the bridge had forwarded them, and no bridge or switch sees them.
-/// Returns how many the kernel took.
+/// A packet socket bound to a tap, for writing frames into its transmit path: its reader (the
+/// VM's QEMU) receives them as if the bridge had forwarded them, and no bridge or switch sees
+/// them. Opened ahead of time where the write is urgent (binding can take milliseconds).
+pub struct TapWriter {
+    sock: OwnedFd,
+    tap: String,
+}
+
+impl TapWriter {
+    pub fn open(tap: &str) -> Result<TapWriter, FrameError> {
+        let c = CString::new(tap).map_err(|_| FrameError::NoInterface(tap.into()))?;
+        // SAFETY: `c` is a valid NUL-terminated string that lives across the call.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if index == 0 {
+            return Err(FrameError::NoInterface(tap.into()));
+        }
+        // SAFETY: plain socket(2) call; the returned descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(sys("opening a packet socket", tap));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let on: libc::c_int = 1;
+        // SAFETY: PACKET_VNET_HDR takes an int we own, of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_VNET_HDR,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(sys("PACKET_VNET_HDR", tap));
+        }
+        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(sys("binding a packet socket", tap));
+        }
+        Ok(TapWriter {
+            sock,
+            tap: tap.to_string(),
+        })
+    }
+
+    /// Writes `frames` in order; returns how many the kernel took (a frame it refuses, for a
+    /// header that does not fit it, does not stop the others).
+    pub fn write(&self, frames: &[Frame]) -> usize {
+        let mut sent = 0;
+        let mut buf = Vec::with_capacity(VNET_HDR_LEN + 1600);
+        for f in frames {
+            buf.clear();
+            buf.extend_from_slice(&header_bytes(&f.header));
+            buf.extend_from_slice(&f.data);
+            // SAFETY: sends buf.len() bytes of the buffer we own on the bound socket.
+            let n = unsafe { libc::send(self.sock.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                tracing::warn!(tap = %self.tap, error = %std::io::Error::last_os_error(), "a frame was refused");
+                continue;
+            }
+            sent += 1;
+        }
+        sent
+    }
+}
+
+/// Writes `frames`, in order, into tap `tap`'s transmit path ([`TapWriter`]). Returns how
+/// many the kernel took.
 pub fn deliver(tap: &str, frames: &[Frame]) -> Result<usize, FrameError> {
     if frames.is_empty() {
         return Ok(0);
     }
-    let c = CString::new(tap).map_err(|_| FrameError::NoInterface(tap.into()))?;
-    // SAFETY: `c` is a valid NUL-terminated string that lives across the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        return Err(FrameError::NoInterface(tap.into()));
-    }
-    // SAFETY: plain socket(2) call; the returned descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(sys("opening a packet socket", tap));
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let on: libc::c_int = 1;
-    // SAFETY: PACKET_VNET_HDR takes an int we own, of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_PACKET,
-            PACKET_VNET_HDR,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(sys("PACKET_VNET_HDR", tap));
-    }
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(sys("binding a packet socket", tap));
-    }
-    let mut sent = 0;
-    let mut buf = Vec::with_capacity(VNET_HDR_LEN + 1600);
-    for f in frames {
-        buf.clear();
-        buf.extend_from_slice(&header_bytes(&f.header));
-        buf.extend_from_slice(&f.data);
-        // SAFETY: sends buf.len() bytes of the buffer we own on the bound socket.
-        let n = unsafe { libc::send(sock.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            // One malformed frame (the kernel checks the header) must not stop the others.
-            tracing::warn!(tap, error = %std::io::Error::last_os_error(), "a handed-over frame was refused");
-            continue;
-        }
-        sent += 1;
-    }
-    Ok(sent)
+    Ok(TapWriter::open(tap)?.write(frames))
 }
 
 #[cfg(test)]
@@ -349,6 +405,10 @@ mod tests {
         data[..6].copy_from_slice(&[0x52, 0x54, 0, 1, 2, 3]);
         let unicast = Frame { data, ..f };
         assert!(!unicast.is_flooded());
+        assert!(!unicast.is_plug());
+        let plug = plug_frame([0x52, 0x54, 0, 1, 2, 3]);
+        assert!(plug.is_plug() && !plug.is_flooded());
+        assert_eq!(plug.destination(), Some([0x52, 0x54, 0, 1, 2, 3]));
         assert_eq!(unicast.destination(), Some([0x52, 0x54, 0, 1, 2, 3]));
         assert_eq!(
             Frame {

@@ -428,8 +428,74 @@ impl Migrations {
             }
         };
         record.clone().follow(base, out.watch());
+        self.plug_at_pause(id, &out);
         lock(&self.slots).insert(id, Slot::new(Role::Source(out), record));
         Ok(())
+    }
+
+    /// Source: the moment the guest pauses (QEMU's `STOP` event, read straight off the QMP
+    /// socket: the driver's next status is a round trip later), writes a plug into each of the
+    /// VM's taps for QEMU to park instead of a real frame ([`crate::frames`]).
+    fn plug_at_pause(&self, id: Uuid, out: &Outgoing) {
+        let Ok(rt) = self.vms.get(id) else {
+            return;
+        };
+        let taps: Vec<(String, [u8; 6])> = rt
+            .spec
+            .nics
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                Some((
+                    crate::tap::tap_name(id, i),
+                    crate::steer::parse_mac(&n.mac).ok()?,
+                ))
+            })
+            .collect();
+        if taps.is_empty() {
+            return;
+        }
+        // Bound now: at the pause there is no time for it.
+        let writers: Vec<(crate::frames::TapWriter, [u8; 6])> = taps
+            .iter()
+            .filter_map(|(tap, mac)| match crate::frames::TapWriter::open(tap) {
+                Ok(w) => Some((w, *mac)),
+                Err(e) => {
+                    tracing::warn!(vm = %id, tap, error = %e, "no plug for this tap");
+                    None
+                }
+            })
+            .collect();
+        let mut events = out.vm().qmp().events();
+        let mut status = out.watch();
+        tokio::spawn(async move {
+            let stopped = loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(e) if e.name == "STOP" => break (e.timestamp, chrono::Utc::now()),
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    // The migration ended without a pause: nothing to plug.
+                    changed = status.changed() => {
+                        let ended = changed.is_err() || !matches!(
+                            status.borrow().state,
+                            AgentMigrationState::Active | AgentMigrationState::PreSwitchover
+                        );
+                        if ended {
+                            return;
+                        }
+                    }
+                }
+            };
+            for (writer, mac) in &writers {
+                writer.write(&[crate::frames::plug_frame(*mac)]);
+            }
+            let (stopped, heard) = stopped;
+            let us = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(-1);
+            let (after_us, heard_us) = (us(chrono::Utc::now() - stopped), us(heard - stopped));
+            tracing::info!(vm = %id, after_us, heard_us, "plugged the paused guest's taps");
+        });
     }
 
     /// The migration's state; with `wait`, answers as soon as the state differs from
@@ -514,7 +580,15 @@ impl Migrations {
             let tap = crate::tap::tap_name(id, i);
             let started = Instant::now();
             let r = match crate::steer::parse_mac(&nic.mac) {
-                Ok(mac) => self.steerer.steer(bridge, &tap, mac).await,
+                Ok(mac) => {
+                    // The paused QEMU here parks the first frame it reads, ahead of everything
+                    // handed over: let that be a plug, not the first frame steered here.
+                    if let Err(e) = crate::frames::deliver(&tap, &[crate::frames::plug_frame(mac)])
+                    {
+                        tracing::warn!(vm = %id, tap, error = %e, "no plug for the destination's tap");
+                    }
+                    self.steerer.steer(bridge, &tap, mac).await
+                }
                 Err(e) => Err(e),
             };
             status.events.push(match r {
@@ -591,6 +665,9 @@ impl Migrations {
                 .and_then(|q| q.drain())
                 .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
             for f in frames {
+                if f.is_plug() {
+                    continue;
+                }
                 if f.is_flooded() {
                     queued.skipped_flooded += 1;
                     continue;
@@ -667,7 +744,8 @@ impl Migrations {
             let handed_count = frames.len();
             let result = TapQueue::of_process(pid, &tap)
                 .and_then(|q| q.drain())
-                .and_then(|own| {
+                .and_then(|mut own| {
+                    own.retain(|f| !f.is_plug());
                     let own_count = own.len();
                     frames.extend(own);
                     crate::frames::deliver(&tap, &frames).map(|n| (n, own_count))

@@ -13,6 +13,13 @@
 //!
 //! Undo is implicit on the destination (a removed tap takes its bridge entries with it); the
 //! source announces the VM again when an aborted migration resumes it (`tern_qemu`).
+//!
+//! Not earlier: steering while the guest still runs at the source was tried (pre-copy held at
+//! convergence, the LAN steered, then the guest paused) and measured worse. Every frame the
+//! running guest sends teaches the switches its old port again, so by the pause the fabric
+//! points back at the source; in the lab 0–75 frames per switchover then reached the paused
+//! source instead of 1–5. The pause is the first moment the guest is silent, so the steer
+//! goes there, and what reached the source before it is handed over ([`crate::frames`]).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
