@@ -127,7 +127,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Connects, retrying until `deadline`.
-fn connect_until(addr: SocketAddr, deadline: Instant) -> io::Result<TcpStream> {
+pub(crate) fn connect_until(addr: SocketAddr, deadline: Instant) -> io::Result<TcpStream> {
     loop {
         let left = deadline
             .saturating_duration_since(Instant::now())

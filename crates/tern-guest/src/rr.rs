@@ -254,25 +254,12 @@ fn retransmissions(conn: &TcpStream) -> io::Result<(u64, Option<u64>)> {
     Ok((total, u32_at(DSACK_DUPS)))
 }
 
-fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(io::Error::new(e.kind(), format!("connect {addr}: {e}")))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 /// How long the client waits for the last answers once it stops sending.
 const GRACE: Duration = Duration::from_secs(3);
 
 /// Runs the client until `duration` is over or the stop file exists.
 pub fn run(o: &RrOptions) -> io::Result<RrReport> {
-    let conn = connect(o.addr, o.connect_timeout)?;
+    let conn = crate::client::connect_until(o.addr, Instant::now() + o.connect_timeout)?;
     conn.set_nodelay(true)?;
     let mut writer = conn.try_clone()?;
     let outstanding: Arc<Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
