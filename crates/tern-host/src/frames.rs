@@ -35,8 +35,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tern_api::migration::VnetHeader;
 
-/// `PACKET_VNET_HDR` from linux/if_packet.h (not exported by libc).
+/// `PACKET_VNET_HDR` and `PACKET_QDISC_BYPASS` from linux/if_packet.h (not exported by libc).
 const PACKET_VNET_HDR: libc::c_int = 15;
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
 /// `IFF_VNET_HDR` from linux/if_tun.h.
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// A virtio-net header's fixed part: what `PACKET_VNET_HDR` takes.
@@ -316,6 +317,22 @@ impl TapWriter {
         };
         if rc < 0 {
             return Err(sys("PACKET_VNET_HDR", tap));
+        }
+        // Straight into the tap's queue, not through its qdisc: the frame is queued when
+        // `send` returns (a plug must be there at once), and ahead of anything the bridge
+        // forwarded that still waits in the qdisc (handed-over frames are older).
+        // SAFETY: PACKET_QDISC_BYPASS takes an int we own, of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_QDISC_BYPASS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(sys("PACKET_QDISC_BYPASS", tap));
         }
         // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };

@@ -80,6 +80,7 @@ fn delivered_frames_reach_the_taps_reader_in_order_with_their_headers() {
         let delivered = deliver(&tap, &sent).expect("deliver");
         assert_eq!(delivered, sent.len(), "the kernel took every frame");
         // The queue seen through a duplicate of the "QEMU's" descriptor, found by tap name.
+        // The frames are queued when `deliver` returns (no qdisc in between).
         let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
         let got = queue.drain().expect("drain");
         assert!(queue.drain().expect("drain again").is_empty(), "drained");
