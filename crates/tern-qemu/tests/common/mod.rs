@@ -123,8 +123,11 @@ impl Drop for KillGuard {
             return;
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let want = paths.pidfile.to_string_lossy().into_owned();
-        if String::from_utf8_lossy(&cmdline).contains(want.as_str()) {
+        // QEMU names its pidfile relative to its working directory, the run dir: that
+        // directory, not the command line, says the process is this guard's.
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+        let is_qemu = String::from_utf8_lossy(&cmdline).contains("-pidfile");
+        if is_qemu && cwd.as_deref() == Some(self.0.as_path()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
