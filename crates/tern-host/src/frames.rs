@@ -281,6 +281,30 @@ fn find_tap_fd(pid: u32, tap: &str) -> Result<i32, FrameError> {
     })
 }
 
+/// Sets the packet-socket option `option` (an int flag) to 1.
+fn switch_on(
+    sock: &OwnedFd,
+    option: libc::c_int,
+    name: &'static str,
+    tap: &str,
+) -> Result<(), FrameError> {
+    let on: libc::c_int = 1;
+    // SAFETY: the option takes an int we own, of the size passed; the socket is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            option,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(sys(name, tap));
+    }
+    Ok(())
+}
+
 /// A packet socket bound to a tap, for writing frames into its transmit path: its reader (the
 /// VM's QEMU) receives them as if the bridge had forwarded them, and no bridge or switch sees
 /// them. Opened ahead of time where the write is urgent (binding can take milliseconds).
@@ -304,36 +328,11 @@ impl TapWriter {
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let on: libc::c_int = 1;
-        // SAFETY: PACKET_VNET_HDR takes an int we own, of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_PACKET,
-                PACKET_VNET_HDR,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(sys("PACKET_VNET_HDR", tap));
-        }
+        switch_on(&sock, PACKET_VNET_HDR, "PACKET_VNET_HDR", tap)?;
         // Straight into the tap's queue, not through its qdisc: the frame is queued when
         // `send` returns (a plug must be there at once), and ahead of anything the bridge
         // forwarded that still waits in the qdisc (handed-over frames are older).
-        // SAFETY: PACKET_QDISC_BYPASS takes an int we own, of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_PACKET,
-                PACKET_QDISC_BYPASS,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(sys("PACKET_QDISC_BYPASS", tap));
-        }
+        switch_on(&sock, PACKET_QDISC_BYPASS, "PACKET_QDISC_BYPASS", tap)?;
         // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
