@@ -42,6 +42,9 @@ pub struct VmRuntime {
     /// Host-side path of the serial console log.
     pub console_log: String,
     pub taps: Vec<String>,
+    /// The VM's CPU cgroup directory, while its QEMU runs on a host with resource control.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 /// Asks an agent whether files a VM spec names exist on that host and lie on its shared storage.

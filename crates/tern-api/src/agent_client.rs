@@ -192,6 +192,18 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
+    /// Changes a VM's resource policy; a running VM's cgroup follows at once.
+    pub async fn set_resources(
+        &self,
+        id: Uuid,
+        resources: &crate::Resources,
+    ) -> Result<VmRuntime, AgentError> {
+        self.client(QUICK)
+            .put(&route::VM_RESOURCES.with_id(id), resources)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     // ---- migrations (tern_api::migration) ----
 
     pub async fn migration_incoming(

@@ -147,6 +147,17 @@ impl CenterClient {
         self.api.post(&route::VM_STOP.with_name(name)?, req).await
     }
 
+    /// Replaces the VM's resource policy (applied live when it runs).
+    pub async fn set_vm_resources(
+        &self,
+        name: &str,
+        resources: &crate::Resources,
+    ) -> Result<Vm, ApiError> {
+        self.api
+            .put(&route::VM_RESOURCES.with_name(name)?, resources)
+            .await
+    }
+
     /// The end of the VM's serial console log.
     pub async fn console(&self, name: &str, q: &ConsoleQuery) -> Result<String, ApiError> {
         self.api

@@ -19,6 +19,7 @@ pub mod drs;
 pub mod error;
 pub mod evc;
 pub mod migration;
+pub mod resources;
 pub mod routes;
 pub mod spec;
 
@@ -31,6 +32,7 @@ pub use client::{ApiClient, Endpoint, HttpPool};
 #[cfg(feature = "client")]
 pub use error::ApiError;
 pub use error::ErrorBody;
+pub use resources::{CpuAmount, Resources, Shares};
 pub use spec::*;
 
 /// Header carrying the bearer token on every call (`Authorization: Bearer <token>`).

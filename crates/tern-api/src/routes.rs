@@ -91,6 +91,7 @@ pub mod agent {
     pub const VM_STOP: Route = Route::new("/v1/vms/{id}/stop");
     pub const VM_PAUSE: Route = Route::new("/v1/vms/{id}/pause");
     pub const VM_RESUME: Route = Route::new("/v1/vms/{id}/resume");
+    pub const VM_RESOURCES: Route = Route::new("/v1/vms/{id}/resources");
     pub const VM_CONSOLE: Route = Route::new("/v1/vms/{id}/console");
     pub const CHECK_PATHS: Route = Route::new("/v1/check-paths");
     pub const MIGRATION: Route = Route::new("/v1/migrations/{id}");
@@ -136,6 +137,7 @@ pub mod center {
     pub const VM: Route = Route::new("/api/v1/vms/{name}");
     pub const VM_START: Route = Route::new("/api/v1/vms/{name}/start");
     pub const VM_STOP: Route = Route::new("/api/v1/vms/{name}/stop");
+    pub const VM_RESOURCES: Route = Route::new("/api/v1/vms/{name}/resources");
     pub const VM_CONSOLE: Route = Route::new("/api/v1/vms/{name}/console");
     pub const VM_CAN_MIGRATE: Route = Route::new("/api/v1/vms/{name}/can-migrate");
     pub const VM_MIGRATE: Route = Route::new("/api/v1/vms/{name}/migrate");
@@ -166,6 +168,7 @@ pub mod center {
         VM,
         VM_START,
         VM_STOP,
+        VM_RESOURCES,
         VM_CONSOLE,
         VM_CAN_MIGRATE,
         VM_MIGRATE,

@@ -24,6 +24,12 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// Shares, reservations and limits (default: normal shares, none of the others).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::resources::Resources::is_default"
+    )]
+    pub resources: crate::resources::Resources,
 }
 
 /// How the guest boots.
@@ -165,6 +171,10 @@ pub struct HostFacts {
     /// that does not say is taken to lack it.
     #[serde(default)]
     pub migration_tls: bool,
+    /// How this host enforces VM resource policies, e.g. `cgroup v1 (cpu, cpuacct, memory)
+    /// under /tern/h1`; `None`: it cannot (no cgroup CPU controller), and says why at start.
+    #[serde(default)]
+    pub resource_control: Option<String>,
 }
 
 /// Load of one VM on a host, sampled by the agent.
@@ -245,6 +255,7 @@ mod tests {
     #[test]
     fn spec_roundtrip() {
         let spec = VmSpec {
+            resources: Default::default(),
             name: "a".into(),
             vcpus: 1,
             memory_mib: 256,

@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
 use tern_serve::PeerCertificate;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -25,6 +25,7 @@ use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::routes::center::{self as route, nested};
 use tern_api::ErrorBody;
+use tern_api::Resources;
 
 use crate::api_error::ApiErr;
 use crate::app::App;
@@ -192,6 +193,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::VM), get(get_vm).delete(delete_vm))
         .route(nested(route::VM_START), post(start_vm))
         .route(nested(route::VM_STOP), post(stop_vm))
+        .route(nested(route::VM_RESOURCES), put(set_vm_resources))
         .route(nested(route::VM_CONSOLE), get(vm_console))
         .route(nested(route::VM_CAN_MIGRATE), get(can_migrate))
         .route(nested(route::VM_MIGRATE), post(migrate_vm))
@@ -737,6 +739,30 @@ async fn stop_vm(
     Ok((StatusCode::ACCEPTED, axum::Json(t)))
 }
 
+#[utoipa::path(put, path = "/api/v1/vms/{name}/resources", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    request_body(content = Resources, description = "The whole new policy: shares, reservations and limits (a field left out goes back to its default)"),
+    responses(
+        (status = 200, description = "The VM with its new policy, applied live by its host if it runs", body = Vm),
+        (status = 400, description = "A policy that cannot hold (reservation above limit, memory limit below the VM's RAM, bad amount)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "A task acts on the VM, or its host cannot enforce policies", body = ErrorBody),
+        (status = 502, description = "The host's agent could not apply it", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn set_vm_resources(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Vm>> {
+    let resources: Resources = serde_json::from_slice(&body)
+        .map_err(|e| CenterError::invalid(format!("invalid resource policy: {e}")))?;
+    let vm = crate::resources::set_resources(&app, name, resources, by.name.clone()).await?;
+    Ok(axum::Json(vm))
+}
+
 #[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms",
     params(("name" = String, Path, description = "VM name"), ConsoleQuery),
     responses(
@@ -995,7 +1021,7 @@ impl Modify for BearerAuth {
         get_cluster_migration, set_cluster_migration,
         get_drs, set_drs, drs_recommendations, drs_apply,
         register_host, heartbeat, list_hosts, get_host, host_maintenance, add_host, remove_host,
-        create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, vm_console, can_migrate,
+        create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
         create_token, list_tokens, revoke_token,
@@ -1073,6 +1099,7 @@ mod tests {
             ("get", "/api/v1/vms/{name}"),
             ("post", "/api/v1/vms/{name}/start"),
             ("post", "/api/v1/vms/{name}/stop"),
+            ("put", "/api/v1/vms/{name}/resources"),
             ("delete", "/api/v1/vms/{name}"),
             ("get", "/api/v1/vms/{name}/console"),
             ("get", "/api/v1/tasks"),
@@ -1094,6 +1121,7 @@ mod tests {
         let n: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
         assert_eq!(n, expected.len());
         assert!(doc["components"]["schemas"].get("VmSpec").is_some());
+        assert!(doc["components"]["schemas"].get("Resources").is_some());
         assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
     }
 }

@@ -63,6 +63,7 @@ pub fn required_role(method: &Method, matched: &str) -> Role {
         route::VM,
         route::VM_START,
         route::VM_STOP,
+        route::VM_RESOURCES,
         route::VM_MIGRATE,
         route::TASK_CANCEL,
         route::HOST_MAINTENANCE,
@@ -96,6 +97,10 @@ mod tests {
         assert_eq!(required_role(&M::GET, t(route::EVENTS)), Role::Viewer);
         assert_eq!(required_role(&M::POST, t(route::VMS)), Role::Operator);
         assert_eq!(required_role(&M::DELETE, t(route::VM)), Role::Operator);
+        assert_eq!(
+            required_role(&M::PUT, t(route::VM_RESOURCES)),
+            Role::Operator
+        );
         assert_eq!(
             required_role(&M::POST, t(route::VM_MIGRATE)),
             Role::Operator

@@ -197,6 +197,14 @@ pub fn drs_snapshot(
         let mhz = host.map(|h| f64::from(h.facts.cpu_mhz)).unwrap_or(2000.0);
         d.cpu_demand_mhz = cpu_pct.get(&v.id).copied().unwrap_or(0.0) / 100.0 * mhz;
         d.memory_demand_mib = v.spec.memory_mib as f64;
+        let r = &v.spec.resources;
+        let core_mhz = mhz.max(1.0) as u32;
+        d.cpu_reservation_mhz = r.cpu_reservation.map_or(0.0, |a| a.mhz(core_mhz));
+        d.cpu_limit_mhz = r.cpu_limit.map(|a| a.mhz(core_mhz));
+        d.memory_reservation_mib = r.memory_reservation_mib.map_or(0.0, |m| m as f64);
+        d.memory_limit_mib = r.memory_limit_mib.map(|m| m as f64);
+        d.cpu_shares = drs_shares(r.cpu_shares);
+        d.memory_shares = drs_shares(r.memory_shares);
         drs_vms.push(d);
     }
     let drs_hosts = hosts
@@ -784,4 +792,14 @@ pub async fn pass(app: &Arc<App>) -> Result<(), CenterError> {
             .await?;
     }
     Ok(())
+}
+
+/// The engine's shares for a VM's policy shares (the same levels and numbers).
+fn drs_shares(s: tern_api::Shares) -> tern_drs::Shares {
+    match s {
+        tern_api::Shares::Low => tern_drs::Shares::Low,
+        tern_api::Shares::Normal => tern_drs::Shares::Normal,
+        tern_api::Shares::High => tern_drs::Shares::High,
+        tern_api::Shares::Custom(n) => tern_drs::Shares::Custom(n),
+    }
 }

@@ -802,6 +802,7 @@ mod tests {
 
     fn spec(name: &str, model: Option<&str>) -> VmSpec {
         VmSpec {
+            resources: Default::default(),
             name: name.into(),
             vcpus: 1,
             memory_mib: 256,

@@ -26,6 +26,7 @@ pub mod maintenance;
 pub mod migrate;
 pub mod pki;
 pub mod power;
+pub mod resources;
 pub mod retry;
 pub mod server;
 pub mod store;

@@ -708,6 +708,7 @@ mod tests {
             host_id: Some(on.id),
             host: Some(on.name.clone()),
             spec: VmSpec {
+                resources: Default::default(),
                 name: name.into(),
                 vcpus: 1,
                 memory_mib,

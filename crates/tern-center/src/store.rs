@@ -1065,6 +1065,15 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Replaces a VM's spec (its name and NICs stay: only settings that change in place).
+    pub fn set_vm_spec(&self, id: Uuid, spec: &VmSpec) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE vms SET spec = ?2 WHERE id = ?1",
+            params![id.to_string(), to_json(spec)?],
+        )?;
+        Ok(())
+    }
+
     pub fn set_vm_actual(&self, id: Uuid, state: PowerState) -> Result<(), StoreError> {
         self.tx.execute(
             "UPDATE vms SET actual_state = ?2 WHERE id = ?1",
@@ -1794,6 +1803,7 @@ mod tests {
 
     fn spec(name: &str, mac: &str) -> VmSpec {
         VmSpec {
+            resources: Default::default(),
             name: name.into(),
             vcpus: 1,
             memory_mib: 128,

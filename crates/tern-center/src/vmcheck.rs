@@ -54,6 +54,9 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
             spec.memory_mib
         )));
     }
+    spec.resources
+        .check(spec.vcpus, spec.memory_mib)
+        .map_err(CenterError::invalid)?;
     if spec.disks.len() > MAX_DISKS {
         return Err(CenterError::invalid(format!(
             "disks: {} given, a VM may have {MAX_DISKS}",
@@ -262,6 +265,7 @@ mod tests {
 
     fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
         VmSpec {
+            resources: Default::default(),
             name: "vm".into(),
             vcpus,
             memory_mib,

@@ -17,7 +17,7 @@ use tern_api::center::{
 };
 use tern_api::{
     ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostLoad, HostState, NicSpec,
-    PowerState, VmLoad, VmSpec,
+    PowerState, Resources, VmLoad, VmSpec,
 };
 use tern_center::{serve, RunningCenter};
 use uuid::Uuid;
@@ -138,6 +138,20 @@ async fn fake_stop(
     Ok(Json(rt))
 }
 
+async fn fake_resources(
+    State(s): Fake,
+    h: HeaderMap,
+    AxPath(id): AxPath<Uuid>,
+    Json(req): Json<Resources>,
+) -> R<Json<VmRuntime>> {
+    agent_auth(&h)?;
+    let mut s = s.lock().unwrap();
+    s.calls.push(format!("resources {id}: {req}"));
+    let rt = s.vms.get_mut(&id).ok_or_else(not_found)?;
+    rt.spec.resources = req;
+    Ok(Json(rt.clone()))
+}
+
 async fn fake_get(State(s): Fake, h: HeaderMap, AxPath(id): AxPath<Uuid>) -> R<Json<VmRuntime>> {
     agent_auth(&h)?;
     let s = s.lock().unwrap();
@@ -171,6 +185,7 @@ impl FakeAgent {
                 get(fake_get).put(fake_start).delete(fake_delete),
             )
             .route("/v1/vms/{id}/stop", post(fake_stop))
+            .route("/v1/vms/{id}/resources", axum::routing::put(fake_resources))
             .route("/v1/vms/{id}/console", get(fake_console))
             .with_state(state.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -217,6 +232,7 @@ fn client(c: &RunningCenter, token: &str) -> ApiClient {
 
 fn spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
     VmSpec {
+        resources: Default::default(),
         name: name.into(),
         vcpus: 1,
         memory_mib,
@@ -1153,5 +1169,124 @@ async fn a_restarted_center_keeps_its_inventory_and_ends_orphaned_tasks() {
     assert_eq!(v.desired_state, PowerState::Running);
     // The host token issued before the restart still works.
     heartbeat(&c, &reg, agent.load()).await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    let plain = FakeAgent::start().await;
+    create_cluster(&c, "lab").await;
+    let mut enforcing = facts(4, 8192);
+    enforcing.resource_control = Some("cgroup v2 (cpu, memory) at /sys/fs/cgroup/tern/h1".into());
+    register(&c, "h1", &agent, enforcing).await;
+    register(&c, "h2", &plain, facts(4, 8192)).await;
+    let api = admin(&c);
+    for (name, mac, host) in [
+        ("web-1", "52:54:00:00:00:01", "h1"),
+        ("web-2", "52:54:00:00:00:02", "h2"),
+    ] {
+        let _: Vm = api
+            .post(
+                "/api/v1/vms",
+                &CreateVm {
+                    spec: spec(name, mac, 256),
+                    cluster: "lab".into(),
+                    host: Some(host.into()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    // Stopped: stored only, applied when it starts.
+    let vm: Vm = api
+        .put(
+            "/api/v1/vms/web-1/resources",
+            &serde_json::json!({"cpu_shares": "high", "memory_reservation_mib": 128}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.resources.cpu_shares, tern_api::Shares::High);
+    assert_eq!(get_vm(&c, "web-1").await.spec.resources, vm.spec.resources);
+    assert!(agent.calls().is_empty(), "{:?}", agent.calls());
+    let ev = events(&c, "vm=web-1").await;
+    assert!(
+        ev.iter()
+            .any(|e| e.message.contains("cpu shares high") && e.message.contains("next starts")),
+        "{ev:?}"
+    );
+
+    // Policies that cannot hold, or are not policies at all: 400, nothing changes.
+    for (body, needle) in [
+        (
+            serde_json::json!({"cpu_limit": "25"}),
+            "percent of one core",
+        ),
+        (
+            serde_json::json!({"cpu_limit": "25%; reboot"}),
+            "CPU amount",
+        ),
+        (
+            serde_json::json!({"memory_limit_mib": 100}),
+            "below the VM's 256 MiB",
+        ),
+        (
+            serde_json::json!({"cpu_reservation": "60%", "cpu_limit": "50%"}),
+            "above the CPU limit",
+        ),
+        (serde_json::json!({"cpu_quota": "25%"}), "unknown field"),
+        (serde_json::json!({"cpu_shares": "0"}), "shares"),
+    ] {
+        let r = api.put::<_, Vm>("/api/v1/vms/web-1/resources", &body).await;
+        expect_status(r, 400, needle).await;
+    }
+    assert_eq!(get_vm(&c, "web-1").await.spec.resources, vm.spec.resources);
+
+    // Running: the host applies it first, then the center stores it.
+    let t: Task = api.post("/api/v1/vms/web-1/start", &()).await.unwrap();
+    assert_eq!(wait_task(&c, t.id).await.state, TaskState::Succeeded);
+    let vm: Vm = api
+        .put(
+            "/api/v1/vms/web-1/resources",
+            &serde_json::json!({"cpu_limit": "25%"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        vm.spec.resources.cpu_limit,
+        Some(tern_api::CpuAmount::CorePercent(25))
+    );
+    assert_eq!(vm.spec.resources.cpu_shares, tern_api::Shares::Normal);
+    assert!(
+        agent.calls().contains(&format!(
+            "resources {}: cpu shares normal, limit 25%; memory shares normal",
+            vm.id
+        )),
+        "{:?}",
+        agent.calls()
+    );
+
+    // A running VM whose host cannot enforce a policy: 409, nothing stored or sent.
+    let t: Task = api.post("/api/v1/vms/web-2/start", &()).await.unwrap();
+    assert_eq!(wait_task(&c, t.id).await.state, TaskState::Succeeded);
+    let r = api
+        .put::<_, Vm>(
+            "/api/v1/vms/web-2/resources",
+            &serde_json::json!({"cpu_limit": "50%"}),
+        )
+        .await;
+    expect_status(r, 409, "cannot enforce").await;
+    assert!(get_vm(&c, "web-2").await.spec.resources.is_default());
+    assert!(!plain.calls().iter().any(|c| c.starts_with("resources")));
+    expect_status(
+        api.put::<_, Vm>("/api/v1/vms/nope/resources", &serde_json::json!({}))
+            .await,
+        404,
+        "nope",
+    )
+    .await;
     c.shutdown().await.unwrap();
 }

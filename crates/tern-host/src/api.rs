@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
@@ -42,6 +42,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::VM_STOP.template(), post(stop_vm))
         .route(route::VM_PAUSE.template(), post(pause_vm))
         .route(route::VM_RESUME.template(), post(resume_vm))
+        .route(route::VM_RESOURCES.template(), put(set_resources))
         .route(route::VM_CONSOLE.template(), get(console))
         .route(route::CHECK_PATHS.template(), post(check_paths))
         .route(route::MIGRATION.template(), get(migration_status))
@@ -158,6 +159,16 @@ async fn pause_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmRuntime>, AgentError> {
     agent.vms.pause(vm_id(&id)?).await.map(Json)
+}
+
+async fn set_resources(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<tern_api::Resources>, JsonRejection>,
+) -> Result<Json<VmRuntime>, AgentError> {
+    let id = vm_id(&id)?;
+    let resources = body(req)?;
+    agent.vms.set_resources(id, resources).await.map(Json)
 }
 
 async fn resume_vm(

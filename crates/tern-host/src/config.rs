@@ -91,6 +91,11 @@ pub struct AgentArgs {
     /// QEMU stays under its seccomp filter either way.
     #[arg(long)]
     pub qemu_as_root: bool,
+    /// cgroup (relative path) holding one group per VM, where the VMs' shares, reservations
+    /// and limits are enforced: at the root of cgroup v2, or under the agent's own group in
+    /// each cgroup v1 hierarchy [default: tern/<name>].
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<String>,
 }
 
 /// Default first id of the QEMU users' range: far above login users (1000+), systemd's
@@ -151,6 +156,7 @@ struct FileConfig {
     qemu_uid_base: Option<u32>,
     #[serde(default)]
     qemu_as_root: bool,
+    cgroup_parent: Option<String>,
 }
 
 /// Where and how to reach the center.
@@ -182,6 +188,8 @@ pub struct AgentConfig {
     pub heartbeat_ms: u64,
     /// First id of the QEMU users' range; `None`: QEMU runs as root (`--qemu-as-root`).
     pub qemu_uid_base: Option<u32>,
+    /// Relative cgroup path of the VMs' groups (checked: plain names only).
+    pub cgroup_parent: String,
 }
 
 impl AgentArgs {
@@ -260,7 +268,14 @@ impl AgentArgs {
                 bail!("--bridge {b:?} is not an interface name (1 to 15 characters)");
             }
         }
+        let cgroup_parent = self
+            .cgroup_parent
+            .clone()
+            .or(file.cgroup_parent)
+            .unwrap_or_else(|| format!("tern/{name}"));
+        crate::cgroups::check_parent(&cgroup_parent).context("--cgroup-parent")?;
         Ok(AgentConfig {
+            cgroup_parent,
             name,
             cluster: self
                 .cluster

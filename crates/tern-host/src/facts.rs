@@ -256,6 +256,7 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
         }
     };
     Ok(HostFacts {
+        resource_control: None,
         hostname: cfg.name.clone(),
         cores,
         memory_mib: mem.total_mib,

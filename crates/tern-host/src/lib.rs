@@ -11,6 +11,7 @@
 //! [`enrol`] (registration and heartbeats), [`paths`] (file checks).
 
 pub mod api;
+pub mod cgroups;
 pub mod config;
 pub mod enrol;
 pub mod error;
@@ -169,7 +170,30 @@ pub async fn serve(
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
-    let facts = facts::gather(&cfg, accelerator).await?;
+    let mut facts = facts::gather(&cfg, accelerator).await?;
+    let resource_control =
+        match cgroups::ResourceControl::detect(&cfg.cgroup_parent, facts.cores, facts.cpu_mhz) {
+            Ok(Some(rc)) => {
+                tracing::info!(cgroups = %rc.describe(), "VM resource policies are enforced");
+                facts.resource_control = Some(rc.describe().to_string());
+                Some(Arc::new(rc))
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    "no cgroup CPU controller is mounted: VMs with shares, reservations or \
+                     limits cannot start here"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot prepare the VMs' cgroups (see --cgroup-parent): VMs with shares, \
+                     reservations or limits cannot start here"
+                );
+                None
+            }
+        };
     tracing::info!(
         name = %cfg.name,
         %accelerator,
@@ -204,6 +228,7 @@ pub async fn serve(
         default_cpu_model: cfg.default_cpu_model.clone(),
         shared_storage: cfg.shared_storage.clone(),
         qemu_users,
+        resource_control,
     });
     vms.recover()
         .await

@@ -997,6 +997,7 @@ mod tests {
             default_cpu_model: "qemu64".into(),
             shared_storage: None,
             qemu_users: None,
+            resource_control: None,
         });
         Migrations::new(vms, IpAddr::from([127, 0, 0, 1]))
     }

@@ -328,6 +328,7 @@ mod tests {
 
     fn small_spec() -> VmSpec {
         VmSpec {
+            resources: Default::default(),
             name: "a".into(),
             vcpus: 1,
             memory_mib: 64,

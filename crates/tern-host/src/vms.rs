@@ -46,6 +46,8 @@ pub struct VmHostConfig {
     pub shared_storage: Option<std::path::PathBuf>,
     /// The users QEMU runs as, one per VM; `None`: root.
     pub qemu_users: Option<Arc<crate::qemu_user::QemuUsers>>,
+    /// The VMs' cgroups; `None`: this host cannot enforce resource policies.
+    pub resource_control: Option<Arc<crate::cgroups::ResourceControl>>,
 }
 
 /// A QEMU process the agent controls.
@@ -82,6 +84,8 @@ impl VmState {
 
 struct Slot {
     run: RunDir,
+    /// The VM's CPU cgroup on this host (reported while QEMU runs).
+    cgroup: Option<std::path::PathBuf>,
     /// Serialises lifecycle operations on this VM.
     op: tokio::sync::Mutex<()>,
     st: Mutex<VmState>,
@@ -105,6 +109,11 @@ impl Slot {
             exit_reason: st.exit_reason.clone(),
             console_log: self.run.paths().console_log.display().to_string(),
             taps: st.taps.clone(),
+            cgroup: st
+                .live
+                .as_ref()
+                .and(self.cgroup.as_ref())
+                .map(|d| d.display().to_string()),
         }
     }
 
@@ -181,7 +190,9 @@ fn validate(
     spec: &VmSpec,
     bridge: Option<&str>,
     shared_storage: Option<&std::path::Path>,
+    resource_control: bool,
 ) -> Result<(), AgentError> {
+    check_resources(spec, resource_control)?;
     if !tern_api::valid_name(&spec.name) {
         return Err(AgentError::BadRequest(format!(
             "VM name {:?} is not [a-z0-9][a-z0-9-]{{0,31}}",
@@ -244,6 +255,21 @@ fn validate(
                 root.display()
             )));
         }
+    }
+    Ok(())
+}
+
+/// Checks a VM's resource policy, and that this host can enforce one it names.
+fn check_resources(spec: &VmSpec, resource_control: bool) -> Result<(), AgentError> {
+    spec.resources
+        .check(spec.vcpus, spec.memory_mib)
+        .map_err(AgentError::BadRequest)?;
+    if !resource_control && !spec.resources.is_default() {
+        return Err(AgentError::BadRequest(format!(
+            "VM {} has a resource policy ({}) and this host cannot enforce one: no cgroup CPU \
+             controller could be prepared (see the agent's log and --cgroup-parent)",
+            spec.name, spec.resources
+        )));
     }
     Ok(())
 }
@@ -338,6 +364,7 @@ impl VmManager {
             &req.spec,
             self.host.bridge.as_deref(),
             self.host.shared_storage.as_deref(),
+            self.host.resource_control.is_some(),
         )?;
         let (slot, created) = {
             let mut slots = self.slots();
@@ -346,6 +373,7 @@ impl VmManager {
                 None => {
                     let s = Arc::new(Slot {
                         run: self.host.store.vm(id),
+                        cgroup: self.cgroup_dir(id),
                         op: tokio::sync::Mutex::new(()),
                         st: Mutex::new(VmState {
                             spec: req.spec.clone(),
@@ -392,6 +420,11 @@ impl VmManager {
         }
         Self::refuse_uncontrolled(&slot)?;
         let result = self.launch(&slot, &req).await;
+        if result.is_err() {
+            if let Some(rc) = &self.host.resource_control {
+                rc.remove(id);
+            }
+        }
         if result.is_err() && created {
             // A VM that never ran leaves nothing behind.
             slot.st().deleted = true;
@@ -447,7 +480,15 @@ impl VmManager {
                 return Err(e);
             }
         };
+        let cgroup_procs = match self.cgroup_procs(id) {
+            Ok(p) => p,
+            Err(e) => {
+                remove_taps(&taps);
+                return Err(e);
+            }
+        };
         let cfg = LaunchConfig {
+            cgroup_procs,
             id,
             spec: req.spec.clone(),
             run_dir: slot.run.dir.clone(),
@@ -501,9 +542,85 @@ impl VmManager {
             st.exit_reason = None;
         }
         slot.persist();
+        if let Some(rc) = &self.host.resource_control {
+            // A QEMU started here joined its groups before it ran; one adopted after an agent
+            // restart (or started before tern had resource control) is moved in now.
+            if let Err(e) = rc.adopt(slot.run.id, vm.pid()) {
+                tracing::warn!(vm = %slot.run.id, error = %format!("{e:#}"), "cannot put QEMU into its cgroup");
+            }
+        }
+        self.enforce_resources();
         let this = self.clone();
         let slot = slot.clone();
         tokio::spawn(async move { this.supervise(slot, vm, tx).await });
+    }
+
+    fn cgroup_dir(&self, id: Uuid) -> Option<std::path::PathBuf> {
+        self.host.resource_control.as_ref().map(|rc| rc.cpu_dir(id))
+    }
+
+    /// The `cgroup.procs` files a QEMU about to start for VM `id` joins (none without
+    /// resource control).
+    fn cgroup_procs(&self, id: Uuid) -> Result<Vec<std::path::PathBuf>, AgentError> {
+        match &self.host.resource_control {
+            Some(rc) => rc.prepare(id).map_err(|e| {
+                AgentError::Internal(e.context(format!("preparing the cgroups of VM {id}")))
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Writes every live VM's cgroup limits from their policies (a VM's reservation changes
+    /// the others' weights, so all are written together). Returns the errors by VM.
+    fn enforce_resources(&self) -> Vec<(Uuid, anyhow::Error)> {
+        let Some(rc) = &self.host.resource_control else {
+            return Vec::new();
+        };
+        let live: Vec<(Uuid, VmSpec)> = self
+            .slots()
+            .values()
+            .filter_map(|s| {
+                let st = s.st();
+                st.live.as_ref().map(|_| (s.run.id, st.spec.clone()))
+            })
+            .collect();
+        let refs: Vec<(Uuid, &VmSpec)> = live.iter().map(|(id, s)| (*id, s)).collect();
+        let errors = rc.enforce(&refs);
+        for (id, e) in &errors {
+            tracing::warn!(vm = %id, error = %format!("{e:#}"), "cannot apply the VM's resource policy");
+        }
+        errors
+    }
+
+    /// Changes a VM's resource policy; a running VM's cgroup follows at once. A policy the
+    /// kernel refuses (a memory limit below what QEMU uses now) is undone and reported.
+    pub async fn set_resources(
+        &self,
+        id: Uuid,
+        resources: tern_api::Resources,
+    ) -> Result<VmRuntime, AgentError> {
+        let slot = self.slot(id)?;
+        let _op = slot.op.lock().await;
+        let (old, mut spec, generation) = {
+            let st = slot.st();
+            (st.spec.resources.clone(), st.spec.clone(), st.generation)
+        };
+        spec.resources = resources;
+        check_resources(&spec, self.host.resource_control.is_some())?;
+        slot.st().spec.resources = spec.resources.clone();
+        if let Some((_, e)) = self.enforce_resources().into_iter().find(|(v, _)| *v == id) {
+            slot.st().spec.resources = old;
+            self.enforce_resources();
+            return Err(AgentError::BadRequest(format!(
+                "the host refused VM {}'s new resource policy: {e:#}",
+                spec.name
+            )));
+        }
+        slot.run
+            .write_spec(&spec, generation)
+            .map_err(AgentError::Internal)?;
+        tracing::info!(vm = %spec.name, %id, resources = %spec.resources, "resource policy changed");
+        Ok(slot.runtime())
     }
 
     /// Follows one QEMU process: pause/resume events, then its end.
@@ -555,6 +672,10 @@ impl VmManager {
             (st.spec.name.clone(), power, why, st.taps.clone())
         };
         remove_taps(&taps);
+        if let Some(rc) = &self.host.resource_control {
+            rc.remove(slot.run.id);
+            self.enforce_resources();
+        }
         if let Err(e) = QemuVm::cleanup(&slot.run.dir) {
             tracing::warn!(vm = %name, error = %e, "cannot clean the run dir");
         }
@@ -728,6 +849,7 @@ impl VmManager {
             let rec = run.read_record();
             let slot = Arc::new(Slot {
                 run: run.clone(),
+                cgroup: self.cgroup_dir(id),
                 op: tokio::sync::Mutex::new(()),
                 st: Mutex::new(VmState {
                     taps: tap_names(id, &spec),
@@ -804,6 +926,10 @@ impl VmManager {
             (st.spec.name.clone(), st.taps.clone())
         };
         remove_taps(&taps);
+        if let Some(rc) = &self.host.resource_control {
+            rc.remove(slot.run.id);
+            self.enforce_resources();
+        }
         if let Err(e) = QemuVm::cleanup(&slot.run.dir) {
             tracing::warn!(vm = %name, error = %e, "cannot clean the run dir");
         }
@@ -883,6 +1009,7 @@ impl VmManager {
             &spec,
             self.host.bridge.as_deref(),
             self.host.shared_storage.as_deref(),
+            self.host.resource_control.is_some(),
         )?;
         let slot = {
             let mut slots = self.slots();
@@ -896,6 +1023,7 @@ impl VmManager {
             }
             let s = Arc::new(Slot {
                 run: self.host.store.vm(id),
+                cgroup: self.cgroup_dir(id),
                 op: tokio::sync::Mutex::new(()),
                 st: Mutex::new(VmState {
                     spec: spec.clone(),
@@ -917,6 +1045,9 @@ impl VmManager {
             .launch_incoming(&slot, spec, generation, settings, key, listen)
             .await;
         if result.is_err() {
+            if let Some(rc) = &self.host.resource_control {
+                rc.remove(id);
+            }
             slot.st().deleted = true;
             self.slots().remove(&id);
             if let Err(e) = std::fs::remove_dir_all(&slot.run.dir) {
@@ -963,7 +1094,15 @@ impl VmManager {
                 return Err(e);
             }
         };
+        let cgroup_procs = match self.cgroup_procs(id) {
+            Ok(p) => p,
+            Err(e) => {
+                remove_taps(&taps);
+                return Err(e);
+            }
+        };
         let cfg = LaunchConfig {
+            cgroup_procs,
             id,
             spec: spec.clone(),
             run_dir: slot.run.dir.clone(),
@@ -1139,6 +1278,7 @@ mod tests {
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, b"k").expect("write");
         let mut spec = VmSpec {
+            resources: Default::default(),
             name: "ok".into(),
             vcpus: 1,
             memory_mib: 64,
@@ -1152,15 +1292,24 @@ mod tests {
             nics: vec![],
         };
         let root = Some(dir.path());
-        assert!(validate(&spec, None, root).is_ok());
+        assert!(validate(&spec, None, root, false).is_ok());
+        // A policy needs a host that enforces it, and must be one that can hold.
+        spec.resources.cpu_limit = Some(tern_api::CpuAmount::CorePercent(50));
+        let e = validate(&spec, None, root, false).expect_err("no resource control");
+        assert!(e.to_string().contains("cannot enforce"), "{e}");
+        assert!(validate(&spec, None, root, true).is_ok());
+        spec.resources.memory_limit_mib = Some(1);
+        let e = validate(&spec, None, root, true).expect_err("limit below the RAM");
+        assert!(e.to_string().contains("below the VM's"), "{e}");
+        spec.resources = Default::default();
         spec.nics.push(tern_api::NicSpec {
             mac: "52:54:00:00:00:01".into(),
         });
-        let e = validate(&spec, None, root).expect_err("no bridge");
+        let e = validate(&spec, None, root, false).expect_err("no bridge");
         assert!(e.to_string().contains("--bridge"), "{e}");
-        assert!(validate(&spec, Some("br0"), root).is_ok());
+        assert!(validate(&spec, Some("br0"), root, false).is_ok());
         // Files outside the shared storage, or any file without one, are refused.
-        let e = validate(&spec, Some("br0"), None).expect_err("no shared storage");
+        let e = validate(&spec, Some("br0"), None, false).expect_err("no shared storage");
         assert!(e.to_string().contains("--shared-storage"), "{e}");
         let elsewhere = tempfile::tempdir().expect("tempdir");
         let secret = elsewhere.path().join("shadow");
@@ -1206,7 +1355,8 @@ mod tests {
                     readonly: false,
                 });
             }
-            let e = validate(&bad, Some("br0"), root).expect_err("outside the shared storage");
+            let e =
+                validate(&bad, Some("br0"), root, false).expect_err("outside the shared storage");
             assert!(matches!(e, AgentError::BadRequest(_)), "{e}");
         }
         spec.boot = BootSource::Kernel {
@@ -1214,7 +1364,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
         };
-        let e = validate(&spec, Some("br0"), root).expect_err("missing kernel");
+        let e = validate(&spec, Some("br0"), root, false).expect_err("missing kernel");
         assert!(matches!(e, AgentError::BadRequest(_)));
         assert!(e.to_string().contains("/nonexistent/vmlinuz"), "{e}");
     }

@@ -86,6 +86,9 @@ pub struct LaunchConfig {
     pub files: Vec<OpenedFile>,
     /// The unprivileged user QEMU runs as; `None`: the caller's (root, for tests and tools).
     pub run_as: Option<RunAs>,
+    /// `cgroup.procs` files QEMU joins before it runs (one per cgroup hierarchy), so all its
+    /// memory and threads are charged to the VM's group from the first instruction.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// The user and groups a QEMU process runs as: set by the agent between fork and exec, so
@@ -466,8 +469,10 @@ mod tests {
 
     fn config() -> LaunchConfig {
         LaunchConfig {
+            cgroup_procs: Vec::new(),
             id: Uuid::parse_str("6b0c5f4e-6a8e-4f57-9d57-3d0f1f3b2a10").unwrap(),
             spec: VmSpec {
+                resources: Default::default(),
                 name: "web-1".into(),
                 vcpus: 2,
                 memory_mib: 768,

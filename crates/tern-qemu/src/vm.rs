@@ -1,7 +1,7 @@
 //! One running (or paused) QEMU process: launch, adopt, lifecycle and exit detection.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -233,15 +233,27 @@ impl QemuVm {
         if let Some(user) = &run_as {
             give_run_dir(&paths, user)?;
         }
+        // Opened before the fork: the child only writes "0" (itself) into each.
+        let cgroup_files = cfg
+            .cgroup_procs
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .map_err(|e| Error::io(format!("open {}", p.display()), e))
+            })
+            .collect::<Result<Vec<File>>>()?;
+        let cgroup_fds: Vec<i32> = cgroup_files.iter().map(|f| f.as_raw_fd()).collect();
         // Made before the fork: the hook must not allocate.
         let groups: Vec<nix::unistd::Gid> = run_as
             .iter()
             .flat_map(|u| u.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)))
             .collect();
         // SAFETY: the hook runs in the forked child before exec. It allocates nothing and only
-        // calls setsid(2), setgroups(2), setgid(2), setuid(2) and fcntl(2), which are
-        // async-signal-safe, the last on descriptors `cfg` keeps open until the spawn has
-        // returned. Clearing close-on-exec there, not here, keeps other processes this agent
+        // calls setsid(2), write(2), setgroups(2), setgid(2), setuid(2) and fcntl(2), which are
+        // async-signal-safe, write and fcntl on descriptors kept open (`cgroup_files`, `cfg`)
+        // until the spawn has returned. Clearing close-on-exec there, not here, keeps other processes this agent
         // starts meanwhile from inheriting them.
         unsafe {
             command.pre_exec(move || {
@@ -249,6 +261,11 @@ impl QemuVm {
                 // A session of its own: no signal for the agent's process group or terminal
                 // reaches QEMU, and it needs no fork of its own to get there.
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                // Into the VM's cgroups while still root ("0" is the writer itself).
+                for &fd in &cgroup_fds {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    nix::unistd::write(fd, b"0").map_err(std::io::Error::from)?;
+                }
                 if let Some(user) = &run_as {
                     // Groups first: once the uid is dropped, they can no longer be changed.
                     nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;

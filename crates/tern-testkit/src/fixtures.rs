@@ -6,6 +6,7 @@ use tern_api::{Accelerator, HostFacts};
 /// probed (tests that need one add it).
 pub fn host_facts(cores: u32, memory_mib: u64) -> HostFacts {
     HostFacts {
+        resource_control: None,
         hostname: "fake".into(),
         cores,
         memory_mib,

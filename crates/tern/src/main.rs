@@ -75,7 +75,7 @@ enum Command {
     Host(HostCommand),
     /// Clusters: create, list, show.
     Cluster(ClusterArgs),
-    /// Virtual machines: create, start, stop, list, show, console, delete.
+    /// Virtual machines: create, start, stop, set (resource policy), list, show, console, delete.
     Vm(VmArgs),
     /// Tasks (long operations): list, show, wait, cancel.
     Task(TaskArgs),

@@ -105,6 +105,7 @@ pub fn started(id: Uuid, req: StartVm) -> VmRuntime {
         exit_reason: None,
         console_log: "/tmp/console.log".into(),
         taps: vec![],
+        cgroup: None,
     }
 }
 
@@ -114,6 +115,7 @@ pub use tern_testkit::fixtures::host_facts as facts;
 /// A 1-vCPU VM booting a kernel from the shared storage, with one NIC.
 pub fn kernel_spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
     VmSpec {
+        resources: Default::default(),
         name: name.into(),
         vcpus: 1,
         memory_mib,

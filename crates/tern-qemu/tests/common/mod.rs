@@ -65,8 +65,10 @@ pub fn config(dir: &Path, name: &str, extra_cmdline: &str) -> LaunchConfig {
         tiny_initramfs(dir);
     }
     LaunchConfig {
+        cgroup_procs: Vec::new(),
         id: Uuid::new_v4(),
         spec: VmSpec {
+            resources: Default::default(),
             name: name.to_string(),
             vcpus: 1,
             memory_mib: 192,

@@ -126,7 +126,14 @@ pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), Cli
         .add("qemu", &f.qemu_version)
         .add("agent_version", &f.agent_version)
         .add("migration_address", &f.migration_address)
-        .add("shared_storage", &f.shared_storage);
+        .add("shared_storage", &f.shared_storage)
+        .add(
+            "resource_control",
+            f.resource_control.as_deref().unwrap_or(
+                "none: no cgroup CPU controller, VMs with shares, reservations or limits do \
+                 not start here",
+            ),
+        );
     if let Some(l) = &h.load {
         s.add("cpu_percent", format!("{:.1}", l.cpu_percent)).add(
             "memory_used_mib",

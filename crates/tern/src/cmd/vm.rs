@@ -1,10 +1,13 @@
-//! `tern vm create|start|stop|list|show|console|delete|migrate`.
+//! `tern vm create|start|stop|set|list|show|console|delete|migrate`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tern_api::center::{ConsoleQuery, CreateVm, StopVm, Task, Vm};
-use tern_api::{ApiError, BootSource, CenterClient, DiskFormat, DiskSpec, NicSpec, VmSpec};
+use tern_api::{
+    ApiError, BootSource, CenterClient, CpuAmount, DiskFormat, DiskSpec, NicSpec, Resources,
+    Shares, VmSpec,
+};
 
 use super::output::{opt, print_json, short_id, time, Format, Sheet, Table};
 use super::task::{parse_duration, print_task, wait};
@@ -15,7 +18,7 @@ const LIST: &str = "tern vm list";
 #[derive(Debug, clap::Subcommand)]
 pub enum VmCommand {
     /// Define a VM (it starts stopped).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a VM and wait until it runs.
     Start {
         name: String,
@@ -33,6 +36,14 @@ pub enum VmCommand {
         timeout_ms: Option<u64>,
         #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Change a VM's resource policy: shares, reservations, limits. Only the options given
+    /// change; `none` removes a reservation or limit. A running VM's host applies it at once.
+    #[command(after_long_help = RESOURCES_HELP)]
+    Set {
+        name: String,
+        #[command(flatten)]
+        resources: ResourceArgs,
     },
     /// List VMs.
     List,
@@ -120,11 +131,112 @@ pub struct CreateArgs {
     /// Create the VM without any NIC.
     #[arg(long, conflicts_with = "mac")]
     no_nic: bool,
+    #[command(flatten)]
+    resources: ResourceArgs,
+}
+
+const RESOURCES_HELP: &str = "\
+How the policy is enforced: each VM's QEMU runs in a cgroup of its own on its host.
+  shares       CPU weight against the host's other VMs under contention (low : normal : high =
+               1 : 2 : 4 per vCPU, or a number: 1000 is one normal vCPU)
+  reservation  CPU the VM gets whenever it wants it, however busy the host (a floor on its
+               weight); memory kept for its QEMU
+  limit        most CPU the VM may use even on an idle host (a quota); most host memory its
+               QEMU may use (at least the VM's RAM: tern has no balloon)
+CPU amounts are MHz (1500MHz, 2GHz, turned into cores with the host's MHz per core) or
+percent of one core (25%, 200% for two cores).
+
+Examples:
+  tern vm set web-1 --cpu-shares high --cpu-limit 150%
+  tern vm set db-1 --cpu-reservation 2GHz --memory-reservation-mib 4096
+  tern vm set web-1 --cpu-limit none";
+
+/// A reservation or limit to set, or `none` to remove it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Setting<T> {
+    Set(T),
+    Clear,
+}
+
+fn parse_setting<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Setting<T>, String> {
+    if s == "none" {
+        Ok(Setting::Clear)
+    } else {
+        s.parse().map(Setting::Set)
+    }
+}
+
+fn parse_mib_setting(s: &str) -> Result<Setting<u64>, String> {
+    if s == "none" {
+        return Ok(Setting::Clear);
+    }
+    match s.parse::<u64>() {
+        Ok(v) if v > 0 => Ok(Setting::Set(v)),
+        _ => Err(format!(
+            "{s:?}: expected MiB (a whole number above 0) or none"
+        )),
+    }
+}
+
+/// The resource policy options of `vm create` and `vm set`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ResourceArgs {
+    /// CPU shares: low, normal, high, or a number (1000 = one normal vCPU).
+    #[arg(long, value_name = "SHARES", value_parser = |s: &str| s.parse::<Shares>())]
+    cpu_shares: Option<Shares>,
+    /// CPU always available to the VM: MHz (1500MHz, 2GHz) or % of a core (50%), or none.
+    #[arg(long, value_name = "AMOUNT", value_parser = parse_setting::<CpuAmount>)]
+    cpu_reservation: Option<Setting<CpuAmount>>,
+    /// Most CPU the VM may use: MHz or % of a core (25%, 200% = two cores), or none.
+    #[arg(long, value_name = "AMOUNT", value_parser = parse_setting::<CpuAmount>)]
+    cpu_limit: Option<Setting<CpuAmount>>,
+    /// Memory shares: low, normal, high or a number (used by DRS's entitlements).
+    #[arg(long, value_name = "SHARES", value_parser = |s: &str| s.parse::<Shares>())]
+    memory_shares: Option<Shares>,
+    /// Host memory kept for the VM's QEMU, in MiB, or none.
+    #[arg(long, value_name = "MIB", value_parser = parse_mib_setting)]
+    memory_reservation_mib: Option<Setting<u64>>,
+    /// Most host memory the VM's QEMU may use, in MiB (at least the VM's memory), or none.
+    #[arg(long, value_name = "MIB", value_parser = parse_mib_setting)]
+    memory_limit_mib: Option<Setting<u64>>,
+}
+
+impl ResourceArgs {
+    fn is_empty(&self) -> bool {
+        self.cpu_shares.is_none()
+            && self.cpu_reservation.is_none()
+            && self.cpu_limit.is_none()
+            && self.memory_shares.is_none()
+            && self.memory_reservation_mib.is_none()
+            && self.memory_limit_mib.is_none()
+    }
+
+    /// `base` with the options given applied.
+    fn apply(&self, mut r: Resources) -> Resources {
+        fn set<T: Copy>(field: &mut Option<T>, s: Option<Setting<T>>) {
+            match s {
+                Some(Setting::Set(v)) => *field = Some(v),
+                Some(Setting::Clear) => *field = None,
+                None => {}
+            }
+        }
+        if let Some(s) = self.cpu_shares {
+            r.cpu_shares = s;
+        }
+        if let Some(s) = self.memory_shares {
+            r.memory_shares = s;
+        }
+        set(&mut r.cpu_reservation, self.cpu_reservation);
+        set(&mut r.cpu_limit, self.cpu_limit);
+        set(&mut r.memory_reservation_mib, self.memory_reservation_mib);
+        set(&mut r.memory_limit_mib, self.memory_limit_mib);
+        r
+    }
 }
 
 pub async fn run(cmd: VmCommand, api: &CenterClient, fmt: Format) -> Result<(), CliError> {
     match cmd {
-        VmCommand::Create(a) => create(api, a, fmt).await,
+        VmCommand::Create(a) => create(api, *a, fmt).await,
         VmCommand::Start { name, wait } => {
             let task: Task = api.start_vm(&name).await.or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is running")).await
@@ -138,6 +250,24 @@ pub async fn run(cmd: VmCommand, api: &CenterClient, fmt: Format) -> Result<(), 
             let body = StopVm { force, timeout_ms };
             let task: Task = api.stop_vm(&name, &body).await.or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is stopped")).await
+        }
+        VmCommand::Set { name, resources } => {
+            if resources.is_empty() {
+                return Err(CliError::usage(
+                    "nothing to change: give at least one of --cpu-shares, --cpu-reservation, \
+                     --cpu-limit, --memory-shares, --memory-reservation-mib, --memory-limit-mib",
+                ));
+            }
+            let vm: Vm = api.vm(&name).await.or_list(LIST)?;
+            let policy = resources.apply(vm.spec.resources.clone());
+            let vm: Vm = api.set_vm_resources(&name, &policy).await.or_list(LIST)?;
+            match fmt {
+                Format::Json => print_json(&vm),
+                Format::Table => {
+                    println!("vm {name}: {}", vm.spec.resources);
+                    Ok(())
+                }
+            }
         }
         VmCommand::List => list(api, fmt).await,
         VmCommand::Show { name } => {
@@ -227,6 +357,7 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
     };
     let body = CreateVm {
         spec: VmSpec {
+            resources: a.resources.apply(Resources::default()),
             name: a.name.clone(),
             vcpus: a.vcpus,
             memory_mib: a.memory_mib,
@@ -316,7 +447,8 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
         .add("generation", vm.generation)
         .add("vcpus", s_.vcpus)
         .add("memory_mib", s_.memory_mib)
-        .add("cpu_model", opt(&s_.cpu_model));
+        .add("cpu_model", opt(&s_.cpu_model))
+        .add("resources", &s_.resources);
     super::evc::vm_cpu_lines(vm, &mut s);
     match &s_.boot {
         BootSource::Kernel {

@@ -68,8 +68,18 @@ pub(super) fn agent_args(st: &LabState, h: &LabHost) -> Vec<String> {
         st.shared_dir.display().to_string(),
         "--accel".into(),
         st.accel.clone(),
+        "--cgroup-parent".into(),
+        lab_cgroup(&st.prefix, &h.name),
     ]
 }
+
+/// The cgroup parent of a lab's agents (`tern lab down` removes `tern-lab/<prefix>`).
+pub(super) fn lab_cgroup(prefix: &str, host: &str) -> String {
+    format!("{LAB_CGROUP}/{prefix}/{host}")
+}
+
+/// Where every lab's VM cgroups live.
+pub(super) const LAB_CGROUP: &str = "tern-lab";
 
 fn process_mut<'a>(st: &'a mut LabState, name: &str) -> anyhow::Result<&'a mut LabProcess> {
     if name == "center" {

@@ -13,8 +13,14 @@ use nix::unistd::Pid;
 
 use super::state::LabProcess;
 
-/// Starts `exe args...` in the process's namespace with `ip netns exec` (which execs, so the
-/// child's pid is the daemon's), in its own session, output appended to its log.
+/// Starts `exe args...` in the process's network namespace, in its own session, output
+/// appended to its log.
+///
+/// It enters only the network namespace (setns), not a mount namespace of its own as
+/// `ip netns exec` would: that one mounts a fresh /sys for the namespace, which hides
+/// /sys/fs/cgroup, and the agents put their VMs' QEMUs into cgroups. Nothing the daemons do
+/// depends on /sys showing their namespace (the agent asks the kernel about interfaces with
+/// ioctls and netlink).
 pub fn spawn(exe: &Path, p: &LabProcess) -> anyhow::Result<Child> {
     let log = OpenOptions::new()
         .create(true)
@@ -22,18 +28,22 @@ pub fn spawn(exe: &Path, p: &LabProcess) -> anyhow::Result<Child> {
         .open(&p.log)
         .with_context(|| format!("opening log {}", p.log.display()))?;
     let log2 = log.try_clone()?;
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &p.namespace])
-        .arg(exe)
-        .args(&p.args)
+    let netns_path = Path::new("/run/netns").join(&p.namespace);
+    let netns = std::fs::File::open(&netns_path)
+        .with_context(|| format!("opening network namespace {}", netns_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(&p.args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent; the daemon gets
-    // its own session so it outlives `tern lab up` and a terminal hang-up.
+    // SAFETY: setsid(2) and setns(2) are async-signal-safe and touch no memory of the parent;
+    // `netns` stays open until spawn returns. The daemon gets its own session so it outlives
+    // `tern lab up` and a terminal hang-up.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
             Ok(())
         });
     }

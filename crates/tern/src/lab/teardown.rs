@@ -97,6 +97,13 @@ pub fn teardown(dir: &Path, prefixes: &[String]) -> anyhow::Result<Removed> {
     for ns in &namespaces {
         net::ip(&["netns", "del", ns])?;
     }
+    // The agents' VM cgroups (empty once their QEMUs are gone).
+    for p in &prefixes {
+        let parent = format!("{}/{p}", super::daemons::LAB_CGROUP);
+        if let Err(e) = tern_host::cgroups::remove_tree(&parent) {
+            say(&format!("cannot remove the lab's cgroups {parent}: {e:#}"));
+        }
+    }
     let dir_removed = remove_lab_dir(&dir)?;
     Ok(Removed {
         processes: killed,

@@ -1,0 +1,227 @@
+//! Resource policies enforced on the hosts (one lab, two hosts, real QEMU guests under TCG).
+//!
+//! Two guests burn their CPU on h1, their QEMUs pinned to the same core so they contend for
+//! it (on two cores with two busy threads, shares would never matter; with few threads over
+//! several cores, CFS balances threads rather than weights): with CPU shares high : normal
+//! their groups get CPU time 2 : 1;
+//! `tern vm set` changes the shares live and the split follows; a CPU limit of 25% holds a
+//! burner there; a memory limit lands in the group. The policy moves with a live migration:
+//! the destination's QEMU is limited from its first instruction. Policies that cannot hold are
+//! refused with the reason and change nothing.
+//!
+//! CPU figures come from the kernel: the group `/proc/PID/cgroup` names for the VM's QEMU, its
+//! usage counter read twice over a sampling window.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{qemus_of, text, wait_for, Lab};
+use serde_json::Value;
+use tern_host::cgroups::ProcessGroups;
+
+/// How long each CPU split is sampled.
+const WINDOW: Duration = Duration::from_secs(6);
+
+/// The only QEMU of VM `id`.
+fn qemu_pid(id: &str) -> u32 {
+    let q = qemus_of(id);
+    assert_eq!(q.len(), 1, "one QEMU of {id}: {q:?}");
+    q[0].0
+}
+
+fn groups(pid: u32) -> ProcessGroups {
+    ProcessGroups::of(pid).unwrap_or_else(|e| panic!("cgroups of QEMU {pid}: {e:#}"))
+}
+
+/// CPU each QEMU's group used over [`WINDOW`], in cores.
+fn cores_used(pids: &[u32]) -> Vec<f64> {
+    let t0 = Instant::now();
+    let before: Vec<u64> = pids.iter().map(|p| groups(*p).cpu_usage_ns).collect();
+    std::thread::sleep(WINDOW);
+    let after: Vec<u64> = pids.iter().map(|p| groups(*p).cpu_usage_ns).collect();
+    let secs = t0.elapsed().as_secs_f64();
+    before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) as f64 / 1e9 / secs)
+        .collect()
+}
+
+/// Pins every thread of `pid` to CPU 0.
+fn pin_to_cpu0(pid: u32) {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).expect("CPU 0");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("threads of QEMU");
+    for t in tasks.flatten() {
+        let tid: i32 = t
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .expect("a thread id");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &one)
+            .unwrap_or_else(|e| panic!("pinning thread {tid} of QEMU {pid}: {e}"));
+    }
+}
+
+fn create_burner(lab: &Lab, name: &str, ip: &str, mac: &str, extra: &[&str]) -> String {
+    let mut args = lab.vm_create_args(name, "h1", ip, mac, 256, "tern.burn=100", &[]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.tern_ok(&args);
+    lab.tern_ok(&["vm", "start", name]);
+    let vm: Value = lab.tern_json(&["vm", "show", name]);
+    vm["id"].as_str().expect("vm id").to_string()
+}
+
+#[test]
+fn shares_limits_and_their_live_changes_hold_on_the_host_and_move_with_the_vm() {
+    let lab = Lab::up("res", 2);
+    let host = lab.tern_ok(&["host", "show", "h1"]);
+    assert!(
+        host.contains("resource_control") && host.contains("cgroup v"),
+        "h1 reports how it enforces policies:\n{host}"
+    );
+
+    // A policy that cannot hold is refused at create, and nothing is created.
+    let mut bad = lab.vm_create_args(
+        "badpol",
+        "h1",
+        "10.78.0.130",
+        "52:54:00:7e:03:09",
+        256,
+        "",
+        &[],
+    );
+    bad.extend(["--memory-limit-mib".into(), "128".into()]);
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let out = lab.tern(&bad);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("below the VM's 256 MiB"),
+        "{}",
+        text(&out)
+    );
+    assert!(!lab.tern(&["vm", "show", "badpol"]).status.success());
+
+    let a = create_burner(
+        &lab,
+        "hog-a",
+        "10.78.0.131",
+        "52:54:00:7e:03:01",
+        &["--cpu-shares", "high"],
+    );
+    let b = create_burner(&lab, "hog-b", "10.78.0.132", "52:54:00:7e:03:02", &[]);
+    let pids = [qemu_pid(&a), qemu_pid(&b)];
+    for p in pids {
+        pin_to_cpu0(p);
+    }
+    for (pid, id) in pids.iter().zip([&a, &b]) {
+        let g = groups(*pid);
+        assert!(
+            g.cpu_dir.ends_with(format!("h1/vm-{id}")),
+            "QEMU {pid} runs in its VM's own group: {}",
+            g.cpu_dir.display()
+        );
+    }
+    // Both guests up and burning.
+    lab.wait_console("hog-a", "TERN-GUEST-READY", Duration::from_secs(180));
+    lab.wait_console("hog-b", "TERN-GUEST-READY", Duration::from_secs(180));
+
+    // high : normal = 2 : 1 (2000 : 1000 shares for one vCPU each).
+    let split = cores_used(&pids);
+    eprintln!("shares high:normal → cores {split:?}");
+    let ratio = split[0] / split[1];
+    assert!(
+        (1.8..=2.2).contains(&ratio),
+        "high:normal gives 2:1 within 10%: {split:?} (ratio {ratio:.2})"
+    );
+
+    // Changed live: normal for both → 1 : 1.
+    let set = lab.tern_ok(&["vm", "set", "hog-a", "--cpu-shares", "normal"]);
+    assert!(set.contains("cpu shares normal"), "{set}");
+    let split = cores_used(&pids);
+    eprintln!("shares normal:normal → cores {split:?}");
+    let ratio = split[0] / split[1];
+    assert!(
+        (0.85..=1.15).contains(&ratio),
+        "equal shares split evenly once changed live: {split:?} (ratio {ratio:.2})"
+    );
+
+    // A limit holds the burner at 25% of a core however idle the rest is.
+    lab.tern_ok(&["vm", "set", "hog-b", "--cpu-limit", "none"]);
+    lab.tern_ok(&[
+        "vm",
+        "set",
+        "hog-a",
+        "--cpu-limit",
+        "25%",
+        "--memory-limit-mib",
+        "1024",
+    ]);
+    let g = groups(pids[0]);
+    assert_eq!(g.cpu_quota_cores, Some(0.25), "{g:?}");
+    if let Some(m) = g.memory_max_bytes {
+        assert_eq!(m, 1024 << 20, "{g:?}");
+    }
+    let split = cores_used(&pids);
+    eprintln!("hog-a limited to 25% → cores {split:?}");
+    assert!(
+        (0.20..=0.30).contains(&split[0]),
+        "a 25% limit holds within 5 points: {split:?}"
+    );
+    assert!(
+        split[1] > 0.6,
+        "the other burner takes what hog-a may not: {split:?}"
+    );
+
+    // Refused live changes leave the policy as it was.
+    for (args, needle) in [
+        (
+            vec!["vm", "set", "hog-a", "--cpu-limit", "300%"],
+            "1 vCPU(s)",
+        ),
+        (
+            vec!["vm", "set", "hog-a", "--cpu-reservation", "50%"],
+            "above the CPU limit",
+        ),
+        (
+            vec!["vm", "set", "hog-a", "--memory-limit-mib", "200"],
+            "below the VM's 256 MiB",
+        ),
+        (vec!["vm", "set", "hog-a", "--cpu-limit", "25"], "percent"),
+        (vec!["vm", "set", "hog-a"], "nothing to change"),
+    ] {
+        let out = lab.tern(&args);
+        assert!(!out.status.success(), "{args:?} accepted:\n{}", text(&out));
+        assert!(text(&out).contains(needle), "{args:?}: {}", text(&out));
+    }
+    let shown: Value = lab.tern_json(&["vm", "show", "hog-a"]);
+    assert_eq!(shown["spec"]["resources"]["cpu_limit"], "25%", "{shown}");
+    assert_eq!(groups(pids[0]).cpu_quota_cores, Some(0.25));
+
+    // The policy moves with the VM: h2's QEMU is limited too, and h1's group is gone.
+    let h1_dir = groups(pids[0]).cpu_dir;
+    let (out, task) = lab.migrate_json(&["hog-a", "--to", "h2"]);
+    assert!(out.status.success(), "migration: {}", text(&out));
+    let task = task.expect("task JSON");
+    assert_eq!(task["result"]["status"], "completed", "{task}");
+    let moved = qemu_pid(&a);
+    let g = groups(moved);
+    assert!(
+        g.cpu_dir.ends_with(format!("h2/vm-{a}")),
+        "{}",
+        g.cpu_dir.display()
+    );
+    assert_eq!(g.cpu_quota_cores, Some(0.25), "{g:?}");
+    wait_for("h1's group of hog-a to go", Duration::from_secs(30), || {
+        (!h1_dir.exists()).then_some(())
+    });
+    let alone = cores_used(&[moved]);
+    eprintln!("hog-a on h2 → cores {alone:?}");
+    assert!(
+        (0.20..=0.30).contains(&alone[0]),
+        "still limited on h2: {alone:?}"
+    );
+    lab.down();
+}
