@@ -160,6 +160,8 @@ pub enum CheckKind {
     Mac,
     /// The stream can be encrypted as the cluster's policy asks.
     Encryption,
+    /// The destination enforces the VM's resource policy (shares, reservations, limits).
+    Resources,
 }
 
 impl CheckKind {
@@ -176,6 +178,7 @@ impl CheckKind {
             CheckKind::Qemu => "qemu",
             CheckKind::Mac => "mac",
             CheckKind::Encryption => "encryption",
+            CheckKind::Resources => "resources",
         }
     }
 

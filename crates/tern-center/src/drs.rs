@@ -291,9 +291,13 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
     let Some((vm, host)) = found else {
         return Ok(()); // the start itself answers 404
     };
-    if host.as_ref().is_some_and(HostRecord::usable)
-        || !matches!(vm.actual, PowerState::Stopped | PowerState::Crashed)
-    {
+    if !matches!(vm.actual, PowerState::Stopped | PowerState::Crashed) {
+        return Ok(());
+    }
+    let usable = host.as_ref().is_some_and(HostRecord::usable);
+    let r = &vm.spec.resources;
+    let reserves = r.cpu_reservation.is_some() || r.memory_reservation_mib.is_some();
+    if usable && !reserves {
         return Ok(());
     }
     let old = host.as_ref().map(|h| h.name.clone()).unwrap_or_default();
@@ -302,10 +306,26 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
     let snap = cluster_snapshot(app, vm.cluster_id, rules, Some(vm.id))
         .await
         .map_err(CenterError::internal)?;
-    let why_not = match host.as_ref().map(|h| h.state()) {
-        Some(HostState::Maintenance) => "is in maintenance mode: VMs do not start there",
-        Some(_) => "is disconnected: wait for its agent to reconnect (tern host list)",
-        None => "is gone",
+    // Admission control: a VM with a reservation powers on only where it is honoured.
+    let why_not = if usable {
+        match tern_drs::admit_on(&snap, vm.name(), &old) {
+            Ok(()) => return Ok(()),
+            Err(tern_drs::PlaceError::Admission(f)) => format!(
+                "cannot honour its reservation ({})",
+                match &f.pool {
+                    Some(_) => explain::admission_failure(&f),
+                    None => explain::rejections(&f.hosts),
+                }
+            ),
+            Err(e) => return Err(CenterError::internal(format!("the scheduler failed: {e}"))),
+        }
+    } else {
+        match host.as_ref().map(|h| h.state()) {
+            Some(HostState::Maintenance) => "is in maintenance mode: VMs do not start there",
+            Some(_) => "is disconnected: wait for its agent to reconnect (tern host list)",
+            None => "is gone",
+        }
+        .to_string()
     };
     let placed = match tern_drs::place(&snap, vm.name()) {
         Ok(p) if !p.over_high_water => p,
@@ -327,6 +347,7 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
     };
     let reason = placement_reason(&placed);
     let (vm_id, generation, to, from) = (vm.id, vm.generation, placed.host.clone(), old.clone());
+    let why_not = why_not.clone();
     let name2 = name.to_string();
     app.db
         .write(move |tx| {
@@ -339,8 +360,8 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
             tx.rehome_vm(vm_id, dest.id, generation)?;
             tx.add_event(
                 NewEvent::info(format!(
-                    "DRS placed VM {name2} on host {to} to start it (its host {from} cannot run \
-                     it): {reason}"
+                    "DRS placed VM {name2} on host {to} to start it (its host {from} \
+                     {why_not}): {reason}"
                 ))
                 .vm(&name2)
                 .host(Some(&to)),

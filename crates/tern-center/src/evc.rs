@@ -675,6 +675,7 @@ pub async fn can_migrate(
         CheckKind::Encryption,
         encryption_check(d.encryption, d.source.as_ref(), dest).map(|(_, why)| why),
     ));
+    checks.push(check(CheckKind::Resources, resources_check(&vm.spec, dest)));
     Ok(MigrationCheckReport {
         vm: vm.name().to_string(),
         from: d.source.map(|h| h.name),
@@ -682,6 +683,24 @@ pub async fn can_migrate(
         ok: checks.iter().all(|c| c.ok),
         checks,
     })
+}
+
+/// Whether `dest` can enforce the VM's resource policy (a VM without one goes anywhere).
+pub fn resources_check(spec: &VmSpec, dest: &HostRecord) -> Result<String, String> {
+    if spec.resources.is_default() {
+        return Ok("the VM has no resource policy to enforce".into());
+    }
+    match &dest.facts.resource_control {
+        Some(how) => Ok(format!(
+            "host {} enforces the VM's policy ({}) with {how}",
+            dest.name, spec.resources
+        )),
+        None => Err(format!(
+            "the VM has a resource policy ({}) and host {} cannot enforce one (its agent found \
+             no cgroup CPU controller)",
+            spec.resources, dest.name
+        )),
+    }
 }
 
 /// Whether a migration from `source` to `dest` is encrypted under the cluster's `policy`, with

@@ -933,6 +933,8 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                 .position(|(h, _)| &h.name == name)
                 .ok_or_else(|| CenterError::not_found(format!("host {name} is not registered")))?;
             vmcheck::check_host(&snap.hosts[idx].1, &cluster, &spec)?;
+            crate::evc::resources_check(&spec, &snap.hosts[idx].0)
+                .map_err(CenterError::unsatisfiable)?;
             idx
         }
         None => {
@@ -941,7 +943,8 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                 .filter(|&i| {
                     let h = &snap.hosts[i].0;
                     h.cluster != cluster
-                        || crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h).is_ok()
+                        || (crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h).is_ok()
+                            && crate::evc::resources_check(&spec, h).is_ok())
                 })
                 .collect();
             let cands: Vec<Candidate> = fits_cpu.iter().map(|&i| snap.hosts[i].1.clone()).collect();
@@ -960,14 +963,16 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                         .iter()
                         .filter(|(h, _)| h.cluster == cluster && h.usable())
                         .filter_map(|(h, _)| {
-                            crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h).err()
+                            crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h)
+                                .and_then(|_| crate::evc::resources_check(&spec, h))
+                                .err()
                         })
                         .collect();
                     if refusals.is_empty() {
                         return Err(e);
                     }
                     return Err(CenterError::unsatisfiable(format!(
-                        "no host of cluster {cluster} can run VM {}'s CPU: {}",
+                        "no host of cluster {cluster} can run VM {}: {}",
                         spec.name,
                         refusals.join("; ")
                     )));
@@ -976,6 +981,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
         }
     };
     let (target, target_cand) = snap.hosts[idx].clone();
+    crate::evc::resources_check(&spec, &target).map_err(CenterError::unsatisfiable)?;
     // EVC: the CPU the VM gets on that host (checked again, and recorded, at each power-on).
     let cpu = crate::evc::resolve(&spec, snap.evc_mode.as_deref(), &target)
         .map_err(|e| CenterError::unsatisfiable(format!("VM {}: {e}", spec.name)))?;

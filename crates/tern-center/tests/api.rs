@@ -1288,5 +1288,65 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
         "nope",
     )
     .await;
+
+    // A VM with a policy is not created where nothing enforces it.
+    let mut pol = spec("web-3", "52:54:00:00:00:03", 256);
+    pol.resources.cpu_reservation = Some(tern_api::CpuAmount::Mhz(5000));
+    let r = api
+        .post::<_, Vm>(
+            "/api/v1/vms",
+            &CreateVm {
+                spec: pol.clone(),
+                cluster: "lab".into(),
+                host: Some("h2".into()),
+            },
+        )
+        .await;
+    expect_status(r, 422, "cannot enforce").await;
+
+    // Admission control: h1 has 8000 MHz; web-1 reserves 4000, so web-3's 5000 is refused at
+    // power-on (h2 cannot enforce a policy, so it cannot take web-3 either)...
+    let _: Vm = api
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                spec: pol,
+                cluster: "lab".into(),
+                host: Some("h1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let _: Vm = api
+        .put(
+            "/api/v1/vms/web-1/resources",
+            &serde_json::json!({"cpu_reservation": "4000MHz"}),
+        )
+        .await
+        .unwrap();
+    let r = api.post::<_, Task>("/api/v1/vms/web-3/start", &()).await;
+    let msg = expect_status(r, 409, "cannot honour its reservation").await;
+    eprintln!("refused: {msg}");
+    assert!(msg.contains("h1") && msg.contains("4000"), "{msg}");
+    let web3 = get_vm(&c, "web-3").await.id;
+    assert!(
+        !agent
+            .calls()
+            .iter()
+            .any(|c| c.starts_with(&format!("start {web3}"))),
+        "{:?}",
+        agent.calls()
+    );
+    // ...and admitted once web-1 reserves less.
+    let _: Vm = api
+        .put(
+            "/api/v1/vms/web-1/resources",
+            &serde_json::json!({"cpu_reservation": "2000MHz"}),
+        )
+        .await
+        .unwrap();
+    let t: Task = api.post("/api/v1/vms/web-3/start", &()).await.unwrap();
+    assert_eq!(wait_task(&c, t.id).await.state, TaskState::Succeeded);
+    assert_eq!(get_vm(&c, "web-3").await.host.as_deref(), Some("h1"));
     c.shutdown().await.unwrap();
 }

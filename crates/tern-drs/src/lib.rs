@@ -35,4 +35,4 @@ pub use balance::balance;
 pub use decision::*;
 pub use evacuate::evacuate;
 pub use model::*;
-pub use place::{place, place_all, PlaceError};
+pub use place::{admit_on, place, place_all, PlaceError};

@@ -9,7 +9,7 @@
 //! host has room, and the placement says so.
 
 use crate::cluster::{Cluster, Fit};
-use crate::decision::{AdmissionFailure, Placement, PoolRejection};
+use crate::decision::{AdmissionFailure, HostRejection, Placement, PoolRejection};
 use crate::entitlement::{ShortfallKind, CPU, MEM};
 
 use crate::model::{Snapshot, SnapshotError};
@@ -23,6 +23,8 @@ pub enum PlaceError {
     Admission(AdmissionFailure),
     #[error("no VM named {0:?} in the snapshot")]
     NoSuchVm(String),
+    #[error("no host named {0:?} in the snapshot")]
+    NoSuchHost(String),
 }
 
 /// Places one VM of the snapshot (its `host` is ignored: it is treated as powered off).
@@ -33,6 +35,61 @@ pub fn place(snap: &Snapshot, vm: &str) -> Result<Placement, PlaceError> {
         Some(Err(f)) => Err(PlaceError::Admission(f)),
         None => Err(PlaceError::NoSuchVm(vm.to_string())),
     }
+}
+
+/// Admission control of powering `vm` on at `host` (where it is registered): its pool must
+/// admit its reservation and the host must take it (unreserved capacity for its
+/// reservations, must-rules, state). The VM's own place in the snapshot is ignored: it is
+/// treated as powered off. The failure names the one host and why.
+pub fn admit_on(snap: &Snapshot, vm: &str, host: &str) -> Result<(), PlaceError> {
+    let mut c = Cluster::new(snap)?;
+    let v = *c
+        .vm_index
+        .get(vm)
+        .ok_or_else(|| PlaceError::NoSuchVm(vm.to_string()))?;
+    let Some(d) = snap.hosts.iter().position(|h| h.name == host) else {
+        return Err(PlaceError::NoSuchHost(host.to_string()));
+    };
+    c.unplace_vm(v);
+    let mut capacity = [0.0; 2];
+    for h in 0..c.cap.len() {
+        if c.active[h] {
+            capacity[CPU] += c.cap[h][CPU];
+            capacity[MEM] += c.cap[h][MEM];
+        }
+    }
+    let node = c.tree.node_of(v);
+    if let Err(short) = c
+        .tree
+        .admit(&c.snap.vms, &c.running, node, c.res[v], capacity)
+    {
+        return Err(PlaceError::Admission(AdmissionFailure {
+            vm: vm.to_string(),
+            pool: Some(PoolRejection {
+                pool: short.pool,
+                resource: crate::decision::Resource::from_index(short.resource),
+                needed: short.needed,
+                available: short.available,
+                why: match short.why {
+                    ShortfallKind::Cluster => "cluster",
+                    ShortfallKind::NotExpandable => "not expandable",
+                    ShortfallKind::Limit => "limit",
+                }
+                .to_string(),
+            }),
+            hosts: Vec::new(),
+        }));
+    }
+    c.check_members(&[v], d).map_err(|rejection| {
+        PlaceError::Admission(AdmissionFailure {
+            vm: vm.to_string(),
+            pool: None,
+            hosts: vec![HostRejection {
+                host: host.to_string(),
+                rejection,
+            }],
+        })
+    })
 }
 
 /// Places several VMs in order, each seeing the ones placed before it.

@@ -264,3 +264,41 @@ fn placement_prefers_the_host_that_keeps_the_cluster_balanced() {
     assert_eq!(p.alternatives.len(), 2);
     assert!(p.alternatives[0].1 >= p.imbalance_after);
 }
+
+#[test]
+fn admission_on_a_host_counts_the_reservations_already_running_there() {
+    let mut running = vm("db", Some("h1"), 500.0, 1024.0);
+    running.cpu_reservation_mhz = 3000.0;
+    let mut new = vm("web", Some("h1"), 100.0, 512.0);
+    new.cpu_reservation_mhz = 2000.0;
+    let snap = snapshot(
+        vec![host("h1", 4000.0, 8192.0), host("h2", 4000.0, 8192.0)],
+        vec![running, new.clone()],
+    );
+    // 1000 MHz of h1 is unreserved: 2000 cannot power on there, though h2 could take it.
+    let Err(PlaceError::Admission(f)) = tern_drs::admit_on(&snap, "web", "h1") else {
+        panic!("web admitted on h1");
+    };
+    assert_eq!(f.hosts.len(), 1);
+    assert_eq!(f.hosts[0].host, "h1");
+    assert_eq!(
+        f.hosts[0].rejection,
+        Rejection::CpuReservation {
+            needed_mhz: 2000.0,
+            unreserved_mhz: 1000.0
+        }
+    );
+    assert!(tern_drs::admit_on(&snap, "web", "h2").is_ok());
+    // Its own place on h1 does not count against it: 1000 MHz fits.
+    let mut snap = snap;
+    snap.vms[1].cpu_reservation_mhz = 1000.0;
+    assert!(tern_drs::admit_on(&snap, "web", "h1").is_ok());
+    assert!(matches!(
+        tern_drs::admit_on(&snap, "web", "h9"),
+        Err(PlaceError::NoSuchHost(_))
+    ));
+    assert!(matches!(
+        tern_drs::admit_on(&snap, "nope", "h1"),
+        Err(PlaceError::NoSuchVm(_))
+    ));
+}
