@@ -104,6 +104,27 @@ impl CenterClient {
             .await
     }
 
+    /// The cluster's placement rules.
+    pub async fn rules(&self, cluster: &str) -> Result<Vec<crate::drs::DrsRule>, ApiError> {
+        self.api
+            .get(&route::CLUSTER_RULES.with_name(cluster)?)
+            .await
+    }
+
+    pub async fn create_rule(
+        &self,
+        cluster: &str,
+        rule: &crate::drs::DrsRule,
+    ) -> Result<crate::drs::DrsRule, ApiError> {
+        self.api
+            .post(&route::CLUSTER_RULES.with_name(cluster)?, rule)
+            .await
+    }
+
+    pub async fn remove_rule(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::RULE.with_name(name)?).await
+    }
+
     // ---- hosts ----
 
     pub async fn hosts(&self) -> Result<Vec<Host>, ApiError> {

@@ -7,6 +7,9 @@
 //! | PUT | /api/v1/clusters/{name}/drs | [`DrsSettings`] → [`DrsSettings`] |
 //! | GET | /api/v1/clusters/{name}/drs/recommendations | → [`DrsRecommendations`] |
 //! | POST | /api/v1/clusters/{name}/drs/apply | → [`crate::center::Task`] (202; kind `drs_apply`, result [`DrsApplyResult`]) |
+//! | GET | /api/v1/clusters/{name}/rules | → [`DrsRule`]s |
+//! | POST | /api/v1/clusters/{name}/rules | [`DrsRule`] → [`DrsRule`] (201) |
+//! | DELETE | /api/v1/rules/{name} | → 204 |
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -121,4 +124,94 @@ pub struct DrsApplied {
 pub struct DrsApplyResult {
     pub cluster: String,
     pub applied: Vec<DrsApplied>,
+}
+
+/// What a placement rule asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DrsRuleKind {
+    /// The VMs run on one host together.
+    Affinity,
+    /// No two of the VMs share a host.
+    AntiAffinity,
+    /// The VMs never run outside the rule's hosts.
+    MustRunOn,
+    /// The VMs never run on the rule's hosts.
+    MustNotRunOn,
+    /// The VMs run on the rule's hosts unless nothing there fits (reported when broken).
+    ShouldRunOn,
+    /// The VMs stay off the rule's hosts unless nothing else fits (reported when broken).
+    ShouldNotRunOn,
+}
+
+impl DrsRuleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrsRuleKind::Affinity => "affinity",
+            DrsRuleKind::AntiAffinity => "anti_affinity",
+            DrsRuleKind::MustRunOn => "must_run_on",
+            DrsRuleKind::MustNotRunOn => "must_not_run_on",
+            DrsRuleKind::ShouldRunOn => "should_run_on",
+            DrsRuleKind::ShouldNotRunOn => "should_not_run_on",
+        }
+    }
+
+    /// Whether the rule ties VMs to hosts (and so names hosts).
+    pub fn names_hosts(self) -> bool {
+        !matches!(self, DrsRuleKind::Affinity | DrsRuleKind::AntiAffinity)
+    }
+}
+
+impl std::fmt::Display for DrsRuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DrsRuleKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.replace('-', "_").as_str() {
+            "affinity" => DrsRuleKind::Affinity,
+            "anti_affinity" => DrsRuleKind::AntiAffinity,
+            "must_run_on" => DrsRuleKind::MustRunOn,
+            "must_not_run_on" => DrsRuleKind::MustNotRunOn,
+            "should_run_on" => DrsRuleKind::ShouldRunOn,
+            "should_not_run_on" => DrsRuleKind::ShouldNotRunOn,
+            _ => {
+                return Err(format!(
+                    "rule kind {s:?}: expected affinity, anti-affinity, must-run-on, \
+                     must-not-run-on, should-run-on or should-not-run-on"
+                ))
+            }
+        })
+    }
+}
+
+/// A placement rule of a cluster: VMs together, apart, or tied to hosts. DRS never breaks an
+/// affinity, anti-affinity or must rule (placement, balancing and maintenance respect them,
+/// and a migration that would break one is refused); should rules give way only when nothing
+/// else fits, and are reported then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrsRule {
+    /// Unique in the center, like a VM name.
+    pub name: String,
+    pub kind: DrsRuleKind,
+    /// VM names (of the cluster).
+    pub vms: Vec<String>,
+    /// Host names, for the kinds that name hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Display for DrsRule {
+    /// `db-apart: anti_affinity of db-1, db-2` / `pin: must_run_on of web-1 on h1, h2`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} of {}", self.name, self.kind, self.vms.join(", "))?;
+        if !self.hosts.is_empty() {
+            write!(f, " on {}", self.hosts.join(", "))?;
+        }
+        Ok(())
+    }
 }

@@ -162,6 +162,8 @@ pub enum CheckKind {
     Encryption,
     /// The destination enforces the VM's resource policy (shares, reservations, limits).
     Resources,
+    /// Running on the destination keeps the cluster's must and anti-affinity rules.
+    Rules,
 }
 
 impl CheckKind {
@@ -179,6 +181,7 @@ impl CheckKind {
             CheckKind::Mac => "mac",
             CheckKind::Encryption => "encryption",
             CheckKind::Resources => "resources",
+            CheckKind::Rules => "rules",
         }
     }
 

@@ -123,6 +123,8 @@ pub mod center {
     pub const CLUSTER_EVC: Route = Route::new("/api/v1/clusters/{name}/evc");
     pub const CLUSTER_EVC_MODES: Route = Route::new("/api/v1/clusters/{name}/evc-modes");
     pub const CLUSTER_DRS: Route = Route::new("/api/v1/clusters/{name}/drs");
+    pub const CLUSTER_RULES: Route = Route::new("/api/v1/clusters/{name}/rules");
+    pub const RULE: Route = Route::new("/api/v1/rules/{name}");
     pub const CLUSTER_MIGRATION: Route = Route::new("/api/v1/clusters/{name}/migration");
     pub const CLUSTER_DRS_RECOMMENDATIONS: Route =
         Route::new("/api/v1/clusters/{name}/drs/recommendations");
@@ -155,6 +157,8 @@ pub mod center {
         CLUSTER_EVC,
         CLUSTER_EVC_MODES,
         CLUSTER_DRS,
+        CLUSTER_RULES,
+        RULE,
         CLUSTER_MIGRATION,
         CLUSTER_DRS_RECOMMENDATIONS,
         CLUSTER_DRS_APPLY,

@@ -20,7 +20,7 @@ use tern_api::center::{
     Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost,
     Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm,
 };
-use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsSettings};
+use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::routes::center::{self as route, nested};
@@ -185,6 +185,11 @@ pub fn router(app: Arc<App>) -> Router {
             get(drs_recommendations),
         )
         .route(nested(route::CLUSTER_DRS_APPLY), post(drs_apply))
+        .route(
+            nested(route::CLUSTER_RULES),
+            get(list_rules).post(create_rule),
+        )
+        .route(nested(route::RULE), delete(remove_rule))
         .route(nested(route::HOSTS), get(list_hosts))
         .route(nested(route::HOST), get(get_host).delete(remove_host))
         .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
@@ -368,6 +373,60 @@ async fn set_drs(
     Body(req): Body<DrsSettings>,
 ) -> ApiResult<Json<DrsSettings>> {
     Ok(axum::Json(crate::drs::set_settings(&app, name, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/rules", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster's placement rules, by name", body = Vec<DrsRule>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_rules(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<Vec<DrsRule>>> {
+    Ok(axum::Json(crate::rules::list(&app, name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/clusters/{name}/rules", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    request_body = DrsRule,
+    responses(
+        (status = 201, description = "Rule stored; DRS keeps it from its next decision on", body = DrsRule),
+        (status = 400, description = "Invalid rule (name, members for its kind)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster, VM or host", body = ErrorBody),
+        (status = 409, description = "Name taken, or the rule conflicts with another (named)", body = ErrorBody),
+        (status = 422, description = "A VM or host of another cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn create_rule(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+    Body(rule): Body<DrsRule>,
+) -> ApiResult<(StatusCode, Json<DrsRule>)> {
+    let r = crate::rules::create(&app, name, rule, by.name.clone()).await?;
+    Ok((StatusCode::CREATED, axum::Json(r)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/rules/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Rule name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such rule", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn remove_rule(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+) -> ApiResult<StatusCode> {
+    crate::rules::remove(&app, name, by.name.clone()).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/clusters/{name}/migration", tag = "clusters",
@@ -1019,7 +1078,7 @@ impl Modify for BearerAuth {
     paths(
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
         get_cluster_migration, set_cluster_migration,
-        get_drs, set_drs, drs_recommendations, drs_apply,
+        get_drs, set_drs, drs_recommendations, drs_apply, list_rules, create_rule, remove_rule,
         register_host, heartbeat, list_hosts, get_host, host_maintenance, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
@@ -1111,6 +1170,9 @@ mod tests {
             ("post", "/api/v1/tokens"),
             ("get", "/api/v1/tokens"),
             ("delete", "/api/v1/tokens/{name}"),
+            ("get", "/api/v1/clusters/{name}/rules"),
+            ("post", "/api/v1/clusters/{name}/rules"),
+            ("delete", "/api/v1/rules/{name}"),
         ];
         for (method, path) in expected {
             assert!(

@@ -22,8 +22,8 @@ use std::time::Duration;
 use chrono::Utc;
 use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::drs::{
-    DrsApplied, DrsApplyResult, DrsAutomation, DrsRecommendation, DrsRecommendations, DrsSettings,
-    DRS_THRESHOLDS,
+    DrsApplied, DrsApplyResult, DrsAutomation, DrsRecommendation, DrsRecommendations, DrsRule,
+    DrsRuleKind, DrsSettings, DRS_THRESHOLDS,
 };
 use tern_api::evc::CheckKind;
 use tern_api::migration::MigrateVm;
@@ -140,7 +140,7 @@ pub async fn cluster_snapshot(
     rules: Vec<Rule>,
     placing: Option<Uuid>,
 ) -> Result<Snapshot, String> {
-    let (hosts, vms) = app
+    let (hosts, vms, user_rules) = app
         .db
         .read(move |tx| {
             let hosts = tx.hosts_in_cluster(cluster_id)?;
@@ -149,11 +149,69 @@ pub async fn cluster_snapshot(
                 .into_iter()
                 .filter(|v| v.cluster_id == cluster_id)
                 .collect();
-            Ok::<_, StoreError>((hosts, vms))
+            Ok::<_, StoreError>((hosts, vms, tx.drs_rules(cluster_id)?))
         })
         .await
         .map_err(|e| format!("center store: {e}"))?;
-    Ok(drs_snapshot(&hosts, &vms, placing, rules))
+    let mut snap = drs_snapshot(&hosts, &vms, placing, rules);
+    add_user_rules(&mut snap, &user_rules);
+    Ok(snap)
+}
+
+/// The host group a VM-host rule's hosts form in the engine's snapshot.
+fn rule_group(rule: &str) -> String {
+    format!("rule:{rule}")
+}
+
+/// Adds the cluster's placement rules to a snapshot: each rule binds the VMs of it the
+/// snapshot holds (a stopped VM is not placed, so it binds nothing), and a VM-host rule's
+/// hosts form a host group of the rule's own.
+pub fn add_user_rules(snap: &mut Snapshot, rules: &[DrsRule]) {
+    let present: HashSet<String> = snap.vms.iter().map(|v| v.name.clone()).collect();
+    for r in rules {
+        let vms: Vec<String> = r
+            .vms
+            .iter()
+            .filter(|v| present.contains(v.as_str()))
+            .cloned()
+            .collect();
+        let relation = match r.kind {
+            DrsRuleKind::Affinity | DrsRuleKind::AntiAffinity => {
+                if vms.len() < 2 {
+                    continue;
+                }
+                snap.rules.push(if r.kind == DrsRuleKind::Affinity {
+                    Rule::Affinity {
+                        name: r.name.clone(),
+                        vms,
+                    }
+                } else {
+                    Rule::AntiAffinity {
+                        name: r.name.clone(),
+                        vms,
+                    }
+                });
+                continue;
+            }
+            DrsRuleKind::MustRunOn => VmHostRelation::MustRunOn,
+            DrsRuleKind::MustNotRunOn => VmHostRelation::MustNotRunOn,
+            DrsRuleKind::ShouldRunOn => VmHostRelation::ShouldRunOn,
+            DrsRuleKind::ShouldNotRunOn => VmHostRelation::ShouldNotRunOn,
+        };
+        if vms.is_empty() {
+            continue;
+        }
+        let group = rule_group(&r.name);
+        for h in snap.hosts.iter_mut().filter(|h| r.hosts.contains(&h.name)) {
+            h.groups.push(group.clone());
+        }
+        snap.rules.push(Rule::VmHost {
+            name: r.name.clone(),
+            vms,
+            host_group: group,
+            relation,
+        });
+    }
 }
 
 /// A DRS snapshot of one cluster from the inventory: hosts with their state and capacity
@@ -285,10 +343,14 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
                 return Ok::<_, StoreError>(None);
             };
             let host = vm.host_id.map(|h| tx.host_by_id(h)).transpose()?.flatten();
-            Ok(Some((vm, host)))
+            let ruled = tx
+                .drs_rules(vm.cluster_id)?
+                .iter()
+                .any(|r| r.vms.contains(&n));
+            Ok(Some((vm, host, ruled)))
         })
         .await?;
-    let Some((vm, host)) = found else {
+    let Some((vm, host, ruled)) = found else {
         return Ok(()); // the start itself answers 404
     };
     if !matches!(vm.actual, PowerState::Stopped | PowerState::Crashed) {
@@ -297,7 +359,7 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
     let usable = host.as_ref().is_some_and(HostRecord::usable);
     let r = &vm.spec.resources;
     let reserves = r.cpu_reservation.is_some() || r.memory_reservation_mib.is_some();
-    if usable && !reserves {
+    if usable && !reserves && !ruled {
         return Ok(());
     }
     let old = host.as_ref().map(|h| h.name.clone()).unwrap_or_default();
@@ -306,12 +368,13 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
     let snap = cluster_snapshot(app, vm.cluster_id, rules, Some(vm.id))
         .await
         .map_err(CenterError::internal)?;
-    // Admission control: a VM with a reservation powers on only where it is honoured.
+    // Admission control: a VM with a reservation or a rule powers on only where the
+    // reservation is honoured and the rules kept.
     let why_not = if usable {
         match tern_drs::admit_on(&snap, vm.name(), &old) {
             Ok(()) => return Ok(()),
             Err(tern_drs::PlaceError::Admission(f)) => format!(
-                "cannot honour its reservation ({})",
+                "cannot admit it ({})",
                 match &f.pool {
                     Some(_) => explain::admission_failure(&f),
                     None => explain::rejections(&f.hosts),

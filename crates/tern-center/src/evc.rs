@@ -523,6 +523,7 @@ struct DryRun {
     busy: Option<String>,
     cpu: Result<String, String>,
     encryption: MigrationEncryption,
+    rules: Result<String, String>,
 }
 
 /// Runs every migration pre-check of moving VM `name` to host `to` without moving anything.
@@ -570,6 +571,18 @@ pub async fn can_migrate(
                 .cluster(&vm.cluster)?
                 .map(|c| c.migration_encryption)
                 .unwrap_or_default();
+            let running: Vec<(String, String)> = tx
+                .vms()?
+                .into_iter()
+                .filter(|v| v.cluster_id == vm.cluster_id && v.actual == PowerState::Running)
+                .filter_map(|v| Some((v.name().to_string(), v.host.clone()?)))
+                .collect();
+            let rules = crate::rules::rules_check(
+                &tx.drs_rules(vm.cluster_id)?,
+                vm.name(),
+                &dest.name,
+                &running,
+            );
             Ok::<_, CenterError>(DryRun {
                 vm,
                 source,
@@ -578,6 +591,7 @@ pub async fn can_migrate(
                 busy,
                 cpu,
                 encryption,
+                rules,
             })
         })
         .await?;
@@ -676,6 +690,7 @@ pub async fn can_migrate(
         encryption_check(d.encryption, d.source.as_ref(), dest).map(|(_, why)| why),
     ));
     checks.push(check(CheckKind::Resources, resources_check(&vm.spec, dest)));
+    checks.push(check(CheckKind::Rules, d.rules.clone()));
     Ok(MigrationCheckReport {
         vm: vm.name().to_string(),
         from: d.source.map(|h| h.name),

@@ -1132,6 +1132,7 @@ pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), CenterError> 
             }
             let host = vm.host_id.map(|h| tx.host_by_id(h)).transpose()?.flatten();
             tx.delete_vm(vm.id)?;
+            tx.forget_vm_in_rules(vm.cluster_id, &name)?;
             tx.add_event(
                 NewEvent::info(format!("VM {name} deleted"))
                     .vm(&name)

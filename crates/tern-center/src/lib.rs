@@ -28,6 +28,7 @@ pub mod pki;
 pub mod power;
 pub mod resources;
 pub mod retry;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod tasks;

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use tern_api::center::{
     ApiToken, Cluster, Event, EventLevel, Host, HostCertificate, Role, StopVm, Task, TaskState, Vm,
 };
-use tern_api::drs::{DrsAutomation, DrsSettings, DRS_THRESHOLDS};
+use tern_api::drs::{DrsAutomation, DrsRule, DrsSettings, DRS_THRESHOLDS};
 use tern_api::migration::MigrationEncryption;
 use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
@@ -167,6 +167,15 @@ const MIGRATIONS: &[&str] = &[
         serial      TEXT NOT NULL,              -- hex
         not_after   TEXT NOT NULL,
         issued_at   TEXT NOT NULL
+    );
+    "#,
+    // 9: DRS placement rules (affinity, anti-affinity, VM-host), one cluster each.
+    r#"
+    CREATE TABLE drs_rules (
+        name        TEXT PRIMARY KEY,
+        cluster_id  TEXT NOT NULL REFERENCES clusters(id),
+        rule        TEXT NOT NULL,              -- DrsRule JSON
+        created_at  TEXT NOT NULL
     );
     "#,
 ];
@@ -1086,6 +1095,74 @@ impl Tx<'_> {
         self.tx
             .execute("DELETE FROM vms WHERE id = ?1", [id.to_string()])?;
         Ok(())
+    }
+
+    /// The cluster's placement rules, by name.
+    pub fn drs_rules(&self, cluster_id: Uuid) -> Result<Vec<DrsRule>, StoreError> {
+        let rows: Vec<[Option<String>; 1]> = self.query_rows(
+            "SELECT rule FROM drs_rules WHERE cluster_id = ?1 ORDER BY name",
+            [cluster_id.to_string()],
+            |c| c,
+        )?;
+        rows.iter()
+            .map(|[r]| from_json("DRS rule", need(r, "DRS rule")?))
+            .collect()
+    }
+
+    /// A rule and the id of its cluster.
+    pub fn drs_rule(&self, name: &str) -> Result<Option<(Uuid, DrsRule)>, StoreError> {
+        let row: Option<(String, String)> = self
+            .tx
+            .query_row(
+                "SELECT cluster_id, rule FROM drs_rules WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(c, r)| Ok((parse_uuid(&c)?, from_json("DRS rule", &r)?)))
+            .transpose()
+    }
+
+    pub fn insert_drs_rule(
+        &self,
+        cluster_id: Uuid,
+        rule: &DrsRule,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO drs_rules (name, cluster_id, rule, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![rule.name, cluster_id.to_string(), to_json(rule)?, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_drs_rule(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .execute("DELETE FROM drs_rules WHERE name = ?1", [name])?
+            > 0)
+    }
+
+    /// Takes a deleted VM out of its cluster's rules (a later VM of the same name is not
+    /// bound by them); returns the rules changed.
+    pub fn forget_vm_in_rules(
+        &self,
+        cluster_id: Uuid,
+        vm: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut changed = Vec::new();
+        for mut rule in self.drs_rules(cluster_id)? {
+            if !rule.vms.iter().any(|v| v == vm) {
+                continue;
+            }
+            rule.vms.retain(|v| v != vm);
+            self.tx.execute(
+                "UPDATE drs_rules SET rule = ?2 WHERE name = ?1",
+                params![rule.name, to_json(&rule)?],
+            )?;
+            changed.push(rule.name);
+        }
+        Ok(changed)
     }
 
     /// Records the CPU a VM was resolved to (replacing the previous record).

@@ -1325,7 +1325,7 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
         .await
         .unwrap();
     let r = api.post::<_, Task>("/api/v1/vms/web-3/start", &()).await;
-    let msg = expect_status(r, 409, "cannot honour its reservation").await;
+    let msg = expect_status(r, 409, "cannot admit it").await;
     eprintln!("refused: {msg}");
     assert!(msg.contains("h1") && msg.contains("4000"), "{msg}");
     let web3 = get_vm(&c, "web-3").await.id;

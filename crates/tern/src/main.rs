@@ -64,6 +64,7 @@ client_group!(VmArgs, cmd::vm::VmCommand);
 client_group!(TaskArgs, cmd::task::TaskCommand);
 client_group!(EventArgs, cmd::event::EventCommand);
 client_group!(TokenArgs, cmd::token::TokenCommand);
+client_group!(RuleArgs, cmd::rule::RuleCommand);
 client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +86,8 @@ enum Command {
     Token(TokenArgs),
     /// A cluster on this machine from network namespaces, for tests and demos.
     Lab(LabArgs),
+    /// DRS placement rules of a cluster: VMs together, apart, or on (or off) some hosts.
+    Rule(RuleArgs),
     /// DRS: a cluster's recommendations from the center (recommend, apply), or the engine
     /// offline (simulate, explain).
     #[command(subcommand)]
@@ -200,6 +203,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Task(g) => cmd::task::run(g.cmd, &g.connect.client()?, output).await,
             Command::Event(g) => cmd::event::run(g.cmd, &g.connect.client()?, output).await,
             Command::Token(g) => cmd::token::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Rule(g) => cmd::rule::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
             Command::Trust(a) => cmd::trust::run(a).await,
