@@ -79,3 +79,48 @@ fn a_written_trace_replays_like_the_workload() {
     );
     assert_eq!(a.vms, b.vms);
 }
+
+#[test]
+fn a_replayed_placement_is_where_the_vms_start_and_balancing_undoes_it() {
+    // Four busy VMs the real cluster ran all on h1, for two hours of 5-minute steps.
+    let hosts = "host,cpu_mhz,memory_mib\nh1,8000,32768\nh2,8000,32768\n";
+    let mut vms = String::from("vm,vcpus,memory_mib,host\n");
+    let mut demand = String::from("timestamp_s,vm,cpu_mhz,memory_mib\n");
+    for i in 0..4 {
+        vms.push_str(&format!("v{i},2,2048,h1\n"));
+        for k in 0..24 {
+            demand.push_str(&format!("{},v{i},1500,1500\n", k * 300));
+        }
+    }
+    let placed = trace::read(
+        Some(hosts.as_bytes()),
+        vms.as_bytes(),
+        demand.as_bytes(),
+        None,
+    )
+    .unwrap();
+    let opts = SimOptions::default();
+    // Left alone, the replayed skew stays: h1 carries 6000 MHz, h2 nothing.
+    let stay = simulate(&placed, Policy::NoBalancing, &opts);
+    assert_eq!(stay.migrations, 0);
+    // Placed by the policy instead (no host column), the VMs start spread.
+    let free = trace::read(
+        Some(hosts.as_bytes()),
+        vms.replace(",h1\n", ",\n").as_bytes(),
+        demand.as_bytes(),
+        None,
+    )
+    .unwrap();
+    let spread = simulate(&free, Policy::NoBalancing, &opts);
+    assert!(
+        stay.imbalance_mean > spread.imbalance_mean + 0.1,
+        "replayed {stay:?}\npolicy-placed {spread:?}"
+    );
+    // tern's balancing moves VMs off the replayed hot host.
+    let tern = simulate(&placed, Policy::Tern(Threshold::DEFAULT), &opts);
+    assert!(tern.migrations >= 1, "{tern:?}");
+    assert!(
+        tern.imbalance_mean < stay.imbalance_mean,
+        "{tern:?}\n{stay:?}"
+    );
+}

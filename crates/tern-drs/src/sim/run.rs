@@ -233,7 +233,20 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
                 flight[v] = None;
             }
         }
-        // Arrivals: placed by the policy.
+        // Arrivals: where the trace ran them (a replayed cluster), else placed by the policy.
+        let mut arriving_free = Vec::with_capacity(arriving.len());
+        for &v in arriving {
+            let given = w.vms[v]
+                .vm
+                .host
+                .as_deref()
+                .and_then(|h| w.hosts.iter().position(|x| x.name == h));
+            match given {
+                Some(h) => host_of[v] = Some(h),
+                None => arriving_free.push(v),
+            }
+        }
+        let arriving = &arriving_free;
         if !arriving.is_empty() {
             let (snap, map) = snapshot(w, k, t, &host_of, &flight, &last, arriving, opts);
             let new: Vec<usize> = (0..map.len())

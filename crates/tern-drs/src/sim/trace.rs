@@ -21,12 +21,15 @@
 //! | `anti_affinity` | no | anti-affinity group name: VMs sharing it never share a host |
 //! | `affinity` | no | affinity group name: VMs sharing it run together |
 //! | `host_rule` | no | `RELATION:GROUP`, e.g. `must_run_on:licensed`, `should_not_run_on:rack-b` |
+//! | `host` | no (placed) | the host the VM runs on when it arrives (a real cluster's placement, to replay it); needs `hosts.csv` |
 //!
 //! `demand.csv` — one line per VM per sample: `timestamp_s,vm,cpu_mhz,memory_mib`.
 //! Timestamps are seconds on any clock; samples are bucketed into steps of `step_s` from the
 //! first timestamp (default: the smallest gap between distinct timestamps). A VM exists from
 //! its first to its last sample; a missing sample repeats the previous one; an empty
-//! `memory_mib` repeats the previous value (70 % of configured memory at first).
+//! `memory_mib` repeats the previous value (70 % of configured memory at first). A trace
+//! spans at most [`MAX_STEPS`] steps (a stray timestamp would otherwise ask for years of
+//! steps); the line of the timestamp that goes beyond is named.
 //!
 //! `hosts.csv` (optional: without it the caller sizes hosts, see
 //! [`super::workload::size_hosts`]) — `host,cpu_mhz,memory_mib[,groups][,state]`, `groups`
@@ -46,6 +49,9 @@ use std::io::BufRead;
 
 use crate::model::{Automation, Host, HostState, Pool, Rule, Shares, Vm, VmHostRelation};
 use crate::sim::workload::{Workload, WorkloadVm};
+
+/// Most steps a trace may span.
+pub const MAX_STEPS: usize = 1_000_000;
 
 /// A trace that cannot be read: the table, line and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +267,18 @@ pub fn read(
                 .or_default()
                 .push(name.to_string());
         }
+        if let Some(h) = f("host") {
+            if host_list.is_empty() {
+                return Err(vt.bad(
+                    line,
+                    format!("host {h:?}: a placement needs hosts.csv, which names the hosts"),
+                ));
+            }
+            if !host_list.iter().any(|x| x.name == h) {
+                return Err(vt.bad(line, format!("host {h:?} is not in hosts.csv")));
+            }
+            vm.host = Some(h.to_string());
+        }
         if index.insert(name.to_string(), templates.len()).is_some() {
             return Err(vt.bad(line, format!("duplicate vm {name:?}")));
         }
@@ -271,6 +289,7 @@ pub fn read(
     let (c_t, c_v, c_c) = (dt.col("timestamp_s")?, dt.col("vm")?, dt.col("cpu_mhz")?);
     let c_m = dt.opt("memory_mib");
     let mut samples: Vec<(u64, usize, f64, Option<f64>)> = Vec::with_capacity(dt.rows.len());
+    let mut lines: Vec<usize> = Vec::with_capacity(dt.rows.len());
     for (line, row) in &dt.rows {
         let line = *line;
         let t = cell(row, Some(c_t))
@@ -288,6 +307,7 @@ pub fn read(
             None => None,
         };
         samples.push((t, v, cpu, mem));
+        lines.push(line);
     }
     if samples.is_empty() {
         return Err(TraceError::Invalid("demand.csv has no samples".into()));
@@ -307,6 +327,21 @@ pub fn read(
         }
     };
     let step_of = |t: u64| ((t - t0) / step_s) as usize;
+    if let Some((i, s)) = samples
+        .iter()
+        .enumerate()
+        .find(|(_, s)| (s.0 - t0) / step_s >= MAX_STEPS as u64)
+    {
+        return Err(dt.bad(
+            lines[i],
+            format!(
+                "timestamp_s {} is {} steps of {step_s} s after the first ({t0}): a trace spans \
+                 at most {MAX_STEPS} steps (a wrong clock or unit?)",
+                s.0,
+                (s.0 - t0) / step_s
+            ),
+        ));
+    }
     let steps = samples.iter().map(|s| step_of(s.0)).max().unwrap_or(0) + 1;
     let mut first = vec![usize::MAX; templates.len()];
     let mut last = vec![0usize; templates.len()];
@@ -437,6 +472,9 @@ fn read_hosts(r: impl BufRead) -> Result<Vec<Host>, TraceError> {
             Some("disconnected") => HostState::Disconnected,
             Some(x) => return Err(t.bad(line, format!("state: unknown {x:?}"))),
         };
+        if out.iter().any(|h: &Host| h.name == name) {
+            return Err(t.bad(line, format!("duplicate host {name:?}")));
+        }
         out.push(Host {
             name: name.to_string(),
             cpu_mhz: cpu,
@@ -498,7 +536,7 @@ pub fn write(w: &Workload) -> TraceFiles {
         }
     }
     let mut vms_csv = String::from(
-        "vm,vcpus,memory_mib,dirty_mib_per_s,cpu_reservation_mhz,memory_reservation_mib,cpu_shares,memory_shares,pool,automation,anti_affinity,affinity,host_rule\n",
+        "vm,vcpus,memory_mib,dirty_mib_per_s,cpu_reservation_mhz,memory_reservation_mib,cpu_shares,memory_shares,pool,automation,anti_affinity,affinity,host_rule,host\n",
     );
     let sh = |s: Shares| match s {
         Shares::Low => "low".to_string(),
@@ -517,7 +555,7 @@ pub fn write(w: &Workload) -> TraceFiles {
         };
         let _ = writeln!(
             vms_csv,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             v.name,
             v.vcpus,
             v.memory_mib,
@@ -531,6 +569,7 @@ pub fn write(w: &Workload) -> TraceFiles {
             anti.get(v.name.as_str()).copied().unwrap_or(""),
             aff.get(v.name.as_str()).copied().unwrap_or(""),
             hrule.get(v.name.as_str()).map(String::as_str).unwrap_or(""),
+            v.host.as_deref().unwrap_or(""),
         );
     }
     let mut demand_csv = String::from("timestamp_s,vm,cpu_mhz,memory_mib\n");
@@ -594,6 +633,88 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("vcpus"), "{err}");
+    }
+
+    #[test]
+    fn bad_traces_are_refused_with_the_line() {
+        let hosts = "host,cpu_mhz,memory_mib\nh1,8000,16384\nh1,8000,16384\n";
+        let vms = "vm,vcpus,memory_mib\na,2,4096\n";
+        let demand = "timestamp_s,vm,cpu_mhz,memory_mib\n0,a,100,\n";
+        let err = read(
+            Some(hosts.as_bytes()),
+            vms.as_bytes(),
+            demand.as_bytes(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("hosts.csv: line 3") && err.contains("duplicate host"),
+            "{err}"
+        );
+        // A stray timestamp (milliseconds among seconds) would ask for billions of steps.
+        let demand = "timestamp_s,vm,cpu_mhz\n0,a,100\n300,a,100\n1700000000000,a,1\n";
+        let err = read(None::<&[u8]>, vms.as_bytes(), demand.as_bytes(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("demand.csv: line 4") && err.contains("at most"),
+            "{err}"
+        );
+        for (vms, needle) in [
+            ("vm,vcpus,memory_mib\na,2,inf\n", "line 2"),
+            ("vm,vcpus,memory_mib\na,2,NaN\n", "line 2"),
+            ("vm,vcpus,memory_mib,host\na,2,4096,h1\n", "needs hosts.csv"),
+        ] {
+            let err = read(None::<&[u8]>, vms.as_bytes(), demand.as_bytes(), None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{vms:?}: {err}");
+        }
+        let err = read(
+            None::<&[u8]>,
+            "vm,vcpus,memory_mib\n".as_bytes(),
+            "timestamp_s,vm,cpu_mhz\n".as_bytes(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no samples"), "{err}");
+    }
+
+    #[test]
+    fn a_host_column_places_vms_where_the_cluster_ran_them() {
+        let hosts = "host,cpu_mhz,memory_mib\nh1,8000,16384\nh2,8000,16384\n";
+        let vms = "vm,vcpus,memory_mib,host\na,2,4096,h2\nb,2,4096,\n";
+        let demand = "timestamp_s,vm,cpu_mhz\n0,a,100\n0,b,100\n";
+        let w = read(
+            Some(hosts.as_bytes()),
+            vms.as_bytes(),
+            demand.as_bytes(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(w.vms[0].vm.host.as_deref(), Some("h2"));
+        assert_eq!(w.vms[1].vm.host, None);
+        let again = write(&w);
+        assert!(
+            again.vms_csv.lines().nth(1).unwrap().ends_with(",h2"),
+            "{}",
+            again.vms_csv
+        );
+        let bad = "vm,vcpus,memory_mib,host\na,2,4096,h9\n";
+        let err = read(
+            Some(hosts.as_bytes()),
+            bad.as_bytes(),
+            demand.as_bytes(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("vms.csv: line 2") && err.contains("h9"),
+            "{err}"
+        );
     }
 
     #[test]

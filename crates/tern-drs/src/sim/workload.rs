@@ -28,7 +28,9 @@ pub struct Workload {
 /// A VM of a workload: its static description and its demand while it exists.
 #[derive(Debug, Clone)]
 pub struct WorkloadVm {
-    /// Size, controls, pool, dirty rate; `host` and demand fields are ignored.
+    /// Size, controls, pool, dirty rate; `host`, if set, is where the VM runs when it arrives
+    /// (a replayed cluster's placement; else the policy places it); demand fields are
+    /// ignored.
     pub vm: Vm,
     /// First step the VM exists (powered on and placed at this step).
     pub arrive_step: usize,
