@@ -53,7 +53,7 @@ pub fn balance(snap: &Snapshot, threshold: Threshold) -> Result<BalancePlan, Sna
         let cap = snap
             .config
             .max_moves_per_pass
-            .unwrap_or_else(|| (c.n_active / 4).max(4));
+            .unwrap_or_else(|| (c.n_active / 4).max(4).max(moves_to_mean(&c)));
         let mut budget = cap;
         let cooling = (0..snap.vms.len())
             .filter(|&v| c.cooling[v] && c.vm_host[v].is_some())
@@ -469,6 +469,35 @@ fn priority_of(gap: f64) -> u8 {
     (2..=5u8)
         .find(|&p| gap >= MIN_GAPS[usize::from(p)])
         .unwrap_or(5)
+}
+
+/// Distance from the target in moves: the entitlement the hosts above the mean hold beyond
+/// it, in units of an average VM's, for the resource furthest off. A skewed cluster (a
+/// replayed placement, hosts back from maintenance) needs that many moves, and a pass
+/// capped at a quarter of the hosts would take a day of passes to make them; a balanced
+/// cluster gets the quarter-of-the-hosts cap. Every move must still close a gap and pay
+/// for itself, so the larger budget never buys a move that would not be made later anyway.
+fn moves_to_mean(c: &Cluster) -> usize {
+    let vms: Vec<usize> = (0..c.vm_host.len())
+        .filter(|&v| c.vm_host[v].is_some_and(|h| c.active[h]))
+        .collect();
+    if vms.is_empty() {
+        return 0;
+    }
+    let mut worst = 0.0f64;
+    for r in [CPU, MEM] {
+        let avg = vms.iter().map(|&v| c.ent[v][r]).sum::<f64>() / vms.len() as f64;
+        if avg <= 0.0 {
+            continue;
+        }
+        let mean = c.mean(r);
+        let excess: f64 = (0..c.cap.len())
+            .filter(|&h| c.active[h])
+            .map(|h| (c.load(h, r) - mean).max(0.0) * c.cap[h][r])
+            .sum();
+        worst = worst.max(excess / avg);
+    }
+    (worst.ceil() as usize).min(vms.len())
 }
 
 fn rebalance(

@@ -515,3 +515,43 @@ fn disconnected_hosts_are_neither_sources_nor_destinations() {
         "VMs on a disconnected host are out of reach"
     );
 }
+
+/// Passes (5 minutes apart) until one proposes no move, and the moves made.
+fn passes_to_settle(mut snap: tern_drs::Snapshot) -> (usize, usize, f64) {
+    let mut moves = 0;
+    for pass in 1..=30 {
+        let plan = tern_drs::balance(&snap, Threshold::DEFAULT).expect("valid snapshot");
+        if plan.moves.is_empty() {
+            return (pass - 1, moves, plan.imbalance_before);
+        }
+        moves += plan.moves.len();
+        apply(&mut snap, &plan.moves);
+        snap.now_s += 300;
+    }
+    panic!("still moving after 30 passes");
+}
+
+#[test]
+fn a_skewed_cluster_is_balanced_within_a_couple_of_passes() {
+    // 48 busy VMs all on h1 of 8 hosts (a replayed placement, or hosts just back from
+    // maintenance): h1 at 90 % CPU, the others idle. About 42 moves reach the mean.
+    let hosts: Vec<_> = (1..=8)
+        .map(|i| host(&format!("h{i}"), 16_000.0, 65_536.0))
+        .collect();
+    let vms: Vec<_> = (0..48)
+        .map(|i| vm(&format!("v{i}"), Some("h1"), 300.0, 800.0))
+        .collect();
+    let skewed = snapshot(hosts, vms);
+    let (passes, moves, after) = passes_to_settle(skewed.clone());
+    eprintln!("budget from the distance: {passes} pass(es), {moves} moves, imbalance {after:.4}");
+    assert!(passes <= 2, "{passes} passes");
+    assert!(after <= Threshold::DEFAULT.min_gap(), "imbalance {after}");
+    assert!(moves <= 48, "{moves} moves for 48 VMs");
+
+    // The fixed quarter-of-the-hosts cap needs many more passes for the same end.
+    let mut capped = skewed;
+    capped.config.max_moves_per_pass = Some(4);
+    let (slow, slow_moves, _) = passes_to_settle(capped);
+    eprintln!("cap of 4: {slow} passes, {slow_moves} moves");
+    assert!(slow >= 4 * passes, "{slow} vs {passes}");
+}
