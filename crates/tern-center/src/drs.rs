@@ -575,7 +575,7 @@ pub async fn migrate_and_wait(
     app: &Arc<App>,
     vm: &str,
     to: &str,
-    child: &Mutex<Option<Uuid>>,
+    children: &Mutex<Vec<Uuid>>,
 ) -> Result<Uuid, String> {
     let req = MigrateVm {
         to: to.to_string(),
@@ -588,17 +588,33 @@ pub async fn migrate_and_wait(
     let t = crate::migrate::migrate_vm(app, vm.to_string(), req)
         .await
         .map_err(|e| format!("the migration was refused: {}", e))?;
-    *lock(child) = Some(t.id);
-    let deadline = tokio::time::Instant::now() + MIGRATION_WAIT;
+    lock(children).push(t.id);
     let id = t.id;
-    let done = loop {
+    let done = wait_done(app, id).await;
+    lock(children).retain(|c| *c != id);
+    let done = done?;
+    if done.state == TaskState::Succeeded {
+        Ok(id)
+    } else {
+        Err(format!(
+            "migration to {to} {} (task {id}): {}",
+            done.state,
+            done.error.as_deref().unwrap_or("no reason given")
+        ))
+    }
+}
+
+/// Waits for task `id` to end (at most [`MIGRATION_WAIT`]).
+async fn wait_done(app: &Arc<App>, id: Uuid) -> Result<Task, String> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_WAIT;
+    loop {
         let now = app
             .db
             .read(move |tx| tx.task(id))
             .await
             .map_err(|e| format!("center store: {e}"))?;
         match now {
-            Some(r) if r.task.state.is_done() => break r.task,
+            Some(r) if r.task.state.is_done() => return Ok(r.task),
             Some(_) => {}
             None => return Err(format!("migration task {id} vanished")),
         }
@@ -609,17 +625,21 @@ pub async fn migrate_and_wait(
             ));
         }
         tokio::time::sleep(POLL).await;
-    };
-    *lock(child) = None;
-    if done.state == TaskState::Succeeded {
-        Ok(id)
-    } else {
-        Err(format!(
-            "migration to {to} {} (task {id}): {}",
-            done.state,
-            done.error.as_deref().unwrap_or("no reason given")
-        ))
     }
+}
+
+/// Cancels the migration tasks still in flight (their parent task was cancelled).
+pub async fn cancel_children(app: &Arc<App>, children: &Mutex<Vec<Uuid>>) -> Vec<String> {
+    let ids: Vec<Uuid> = std::mem::take(&mut *lock(children));
+    let mut failed = Vec::new();
+    for child in ids {
+        if let Err(e) = tasks::cancel(app, child).await {
+            failed.push(format!(
+                "the migration in flight (task {child}) goes on: {e}"
+            ));
+        }
+    }
+    failed
 }
 
 fn task_event(task: Uuid, level: EventLevel, msg: String) -> NewEvent {
@@ -699,7 +719,7 @@ pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, C
 
 async fn drive_apply(app: Arc<App>, ctl: TaskCtl, cluster: String) -> Option<TaskEnd> {
     let task = ctl.id();
-    let child: Mutex<Option<Uuid>> = Mutex::new(None);
+    let child: Mutex<Vec<Uuid>> = Mutex::new(Vec::new());
     let result = Mutex::new(DrsApplyResult {
         cluster: cluster.clone(),
         applied: vec![],
@@ -712,11 +732,8 @@ async fn drive_apply(app: Arc<App>, ctl: TaskCtl, cluster: String) -> Option<Tas
     let value = serde_json::to_value(&result).ok();
     let Some(r) = outcome else {
         // The cancel call recorded the task's end; stop the migration in flight too.
-        let child = lock(&child).take();
-        if let Some(child) = child {
-            if let Err(e) = tasks::cancel(&app, child).await {
-                tracing::warn!(%task, "the migration in flight (task {child}) goes on: {e}");
-            }
+        for e in cancel_children(&app, &child).await {
+            tracing::warn!(%task, "{e}");
         }
         if let Some(v) = value {
             let _ = app.db.write(move |tx| tx.set_task_result(task, &v)).await;
@@ -751,7 +768,7 @@ async fn run_apply(
     app: &Arc<App>,
     task: Uuid,
     cluster: &str,
-    child: &Mutex<Option<Uuid>>,
+    child: &Mutex<Vec<Uuid>>,
     result: &Mutex<DrsApplyResult>,
 ) -> Result<(), String> {
     let progress = |p: u8, phase: String| async move {

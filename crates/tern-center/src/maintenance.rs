@@ -10,8 +10,10 @@
 //!    storage, size…); a failed check becomes a must-not-run-on rule of a DRS snapshot of the
 //!    cluster, and `tern_drs::evacuate` plans the moves (memory fit, rules, spread) and names
 //!    the blockers with the reason.
-//! 4. The running VMs move one at a time by ordinary live migrations
-//!    ([`crate::migrate::migrate_vm`]), each awaited; progress is VMs handled ÷ VMs on the host.
+//! 4. The running VMs move by ordinary live migrations ([`crate::migrate::migrate_vm`]) in
+//!    the plan's order, several at once: at most the engine's per-host limit leave the host
+//!    together, and as many arrive at any one destination (the plan's timeline assumes the
+//!    same); progress is VMs handled ÷ VMs on the host.
 //! 5. Stopped VMs are re-homed in the inventory (their host changes, their generation is
 //!    bumped) to the host `tern_drs::place` picks among those passing the same checks; the old
 //!    host is asked to forget them.
@@ -44,6 +46,14 @@ use crate::drs::{precheck_text, Refused};
 use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, Tx, VmRecord};
 use crate::tasks::{self, TaskCtl, TaskEnd};
+
+/// Live migrations that leave (or reach) one host at once during an evacuation: the DRS
+/// engine's figure, which its plan's timeline assumes too.
+fn migrations_per_host() -> usize {
+    tern_drs::Config::default()
+        .max_concurrent_migrations_per_host
+        .max(1)
+}
 
 /// How long entry waits for tasks already acting on the host's VMs.
 const BUSY_WAIT: Duration = Duration::from_secs(120);
@@ -202,7 +212,8 @@ struct Entry {
     task: Uuid,
     host: String,
     /// The migration task in flight (cancelled with this task).
-    child: Arc<Mutex<Option<Uuid>>>,
+    /// Migration tasks in flight (several at once, within the per-host limit).
+    children: Arc<Mutex<Vec<Uuid>>>,
     result: Arc<Mutex<MaintenanceResult>>,
 }
 
@@ -211,7 +222,7 @@ async fn drive(app: Arc<App>, ctl: TaskCtl, host: String) -> Option<TaskEnd> {
         app: app.clone(),
         task: ctl.id(),
         host: host.clone(),
-        child: Arc::default(),
+        children: Arc::default(),
         result: Arc::new(Mutex::new(MaintenanceResult {
             host: host.clone(),
             ..Default::default()
@@ -221,15 +232,8 @@ async fn drive(app: Arc<App>, ctl: TaskCtl, host: String) -> Option<TaskEnd> {
         Some(r) => Some(e.end(r).await),
         None => {
             // The cancel call recorded the task's end; stop the migration in flight too.
-            let child = lock(&e.child).take();
-            if let Some(child) = child {
-                if let Err(err) = crate::tasks::cancel(&app, child).await {
-                    e.event(
-                        EventLevel::Warning,
-                        format!("the migration in flight (task {child}) goes on: {}", err),
-                    )
-                    .await;
-                }
+            for err in crate::drs::cancel_children(&app, &e.children).await {
+                e.event(EventLevel::Warning, err).await;
             }
             let left = e.vms_left().await;
             e.event(
@@ -331,7 +335,7 @@ impl Entry {
         }
         let mut handled = other.len();
 
-        // Running VMs: a DRS plan, then one live migration at a time.
+        // Running VMs: a DRS plan, then its live migrations, several at once.
         if !running.is_empty() {
             self.phase(3, format!("planning {} live migration(s)", running.len()))
                 .await?;
@@ -362,9 +366,61 @@ impl Entry {
                 self.leave(&b.vm, why).await;
                 handled += 1;
             }
-            let moves = plan.steps.len();
-            for (i, step) in plan.steps.iter().enumerate() {
+            handled += self.migrate_all(&plan.steps, handled, total).await?;
+        }
+
+        // Stopped VMs: registered on another host if one can take them.
+        for vm in stopped {
+            self.phase(
+                progress(handled, total),
+                format!("re-homing stopped VM {}", vm.name()),
+            )
+            .await?;
+            self.rehome(vm).await?;
+            handled += 1;
+        }
+        Ok(())
+    }
+
+    /// Runs the plan's live migrations in its order, several at once: at most
+    /// [`migrations_per_host`] leave this host together, and as many arrive at each
+    /// destination. Returns how many were handled (moved or left with the reason).
+    async fn migrate_all(
+        &self,
+        steps: &[tern_drs::EvacuationStep],
+        handled_before: usize,
+        total: usize,
+    ) -> Result<usize, String> {
+        let per_host = migrations_per_host();
+        let outgoing = tokio::sync::Semaphore::new(per_host);
+        let incoming: std::collections::HashMap<&str, tokio::sync::Semaphore> = steps
+            .iter()
+            .map(|s| {
+                (
+                    s.migration.to_host.as_str(),
+                    tokio::sync::Semaphore::new(per_host),
+                )
+            })
+            .collect();
+        let handled = std::sync::atomic::AtomicUsize::new(0);
+        let moves = steps.len();
+        let runs = steps.iter().enumerate().map(|(i, step)| {
+            let (outgoing, incoming, handled) = (&outgoing, &incoming, &handled);
+            async move {
                 let m = &step.migration;
+                // Permits are taken in the plan's order: join_all polls in order.
+                let _out = outgoing
+                    .acquire()
+                    .await
+                    .map_err(|_| "migration slots closed".to_string())?;
+                let _in = match incoming.get(m.to_host.as_str()) {
+                    Some(sem) => Some(
+                        sem.acquire()
+                            .await
+                            .map_err(|_| "migration slots closed".to_string())?,
+                    ),
+                    None => None,
+                };
                 let reason = format!(
                     "{}; imbalance of the other hosts {:.4} → {:.4}",
                     explain::reason(&m.reason),
@@ -377,10 +433,11 @@ impl Entry {
                     format!("decision: VM {} goes to {}: {reason}", m.vm, m.to_host),
                 )
                 .await;
+                let done = handled.load(std::sync::atomic::Ordering::Relaxed);
                 self.phase(
-                    progress(handled, total),
+                    progress(handled_before + done, total),
                     format!(
-                        "migrating VM {} to {} ({} of {moves})",
+                        "migrating VM {} to {} ({} of {moves}, up to {per_host} at once)",
                         m.vm,
                         m.to_host,
                         i + 1
@@ -398,21 +455,13 @@ impl Entry {
                     }
                     Err(why) => self.leave(&m.vm, why).await,
                 }
-                handled += 1;
+                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok::<(), String>(())
             }
-        }
-
-        // Stopped VMs: registered on another host if one can take them.
-        for vm in stopped {
-            self.phase(
-                progress(handled, total),
-                format!("re-homing stopped VM {}", vm.name()),
-            )
-            .await?;
-            self.rehome(vm).await?;
-            handled += 1;
-        }
-        Ok(())
+        });
+        let results = futures::future::join_all(runs).await;
+        results.into_iter().collect::<Result<Vec<()>, String>>()?;
+        Ok(handled.into_inner())
     }
 
     /// Waits until no task acts on a VM of the host (a start or migration begun before the
@@ -476,7 +525,7 @@ impl Entry {
 
     /// Starts a live migration and waits for it; `Ok(task)` when the VM runs on `to`.
     async fn migrate(&self, vm: &str, to: &str) -> Result<Uuid, String> {
-        crate::drs::migrate_and_wait(&self.app, vm, to, &self.child).await
+        crate::drs::migrate_and_wait(&self.app, vm, to, &self.children).await
     }
 
     /// Registers a stopped VM on the host the scheduler picks, or leaves it with a warning.

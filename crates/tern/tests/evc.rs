@@ -231,8 +231,8 @@ fn evc_end_to_end() {
     }
     let o = lab.tern(&["vm", "can-migrate", "v2", "--to", "h2"]);
     assert!(o.status.success(), "{}", text(&o));
-    // state, host, vcpus, memory, storage, cpu, encryption.
-    assert_eq!(out(&o).matches('✓').count(), 7, "{}", out(&o));
+    // state, host, vcpus, memory, storage, cpu, encryption, resources, rules.
+    assert_eq!(out(&o).matches('✓').count(), 9, "{}", out(&o));
     let o = lab.tern(&["vm", "can-migrate", "v2", "--to", "h1"]);
     assert_eq!(code(&o), 4, "same host: {}", text(&o));
 

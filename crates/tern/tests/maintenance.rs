@@ -1,7 +1,7 @@
 //! Host maintenance mode and migration refusals in the lab, through the CLI (one lab, three
 //! hosts, real QEMU guests under TCG):
 //! - `tern host maintenance enter h1` live-migrates h1's two running VMs to h2 and h3 (one
-//!   each: the engine spreads them) while the client namespace streams from one of them (no
+//!   each: the engine spreads them; both at once, within the per-host limit) while the client namespace streams from one of them (no
 //!   reset, nothing missing or duplicated), re-homes a small stopped VM, leaves a stopped VM no
 //!   host has room for where it is (with a warning), and leaves h1 in maintenance with exactly
 //!   one QEMU per VM;
@@ -164,6 +164,28 @@ fn maintenance_empties_a_host_live_and_refusals_leave_vms_alone() {
         "{r}"
     );
     assert_ne!(a_host, b_host, "the scheduler should spread the VMs: {r}");
+    // The two migrations ran at once (the per-host limit is 2): each began before the other
+    // ended.
+    let span = |vm: &str| {
+        let id = r["migrated"]
+            .as_array()
+            .and_then(|m| m.iter().find(|x| x["vm"] == vm))
+            .and_then(|x| x["task"].as_str())
+            .unwrap_or_else(|| panic!("{vm}'s migration task: {r}"))
+            .to_string();
+        let t: Value = lab.tern_json(&["task", "show", &id]);
+        let at = |k: &str| {
+            chrono::DateTime::parse_from_rfc3339(t[k].as_str().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{k} of task {id}: {e}: {t}"))
+        };
+        (at("created_at"), at("finished_at"))
+    };
+    let (sa, ea) = span("a");
+    let (sb, eb) = span("b");
+    assert!(
+        sa < eb && sb < ea,
+        "the evacuation's migrations overlap: a {sa}..{ea}, b {sb}..{eb}"
+    );
     eprintln!(
         "MEASURED maintenance enter h1: 2 VMs migrated (a → {a_host}, b → {b_host}) in {:.1} s",
         evacuation.as_secs_f64()
