@@ -51,6 +51,22 @@ pub fn admit_on(snap: &Snapshot, vm: &str, host: &str) -> Result<(), PlaceError>
         return Err(PlaceError::NoSuchHost(host.to_string()));
     };
     c.unplace_vm(v);
+    let capacity = active_capacity(&c);
+    admit_in_pool(&c, v, capacity).map_err(PlaceError::Admission)?;
+    c.check_members(&[v], d).map_err(|rejection| {
+        PlaceError::Admission(AdmissionFailure {
+            vm: vm.to_string(),
+            pool: None,
+            hosts: vec![HostRejection {
+                host: host.to_string(),
+                rejection,
+            }],
+        })
+    })
+}
+
+/// CPU and memory of the usable hosts together.
+fn active_capacity(c: &Cluster) -> [f64; 2] {
     let mut capacity = [0.0; 2];
     for h in 0..c.cap.len() {
         if c.active[h] {
@@ -58,13 +74,16 @@ pub fn admit_on(snap: &Snapshot, vm: &str, host: &str) -> Result<(), PlaceError>
             capacity[MEM] += c.cap[h][MEM];
         }
     }
+    capacity
+}
+
+/// Whether VM `v`'s resource pool (and those above it) admit its reservation.
+fn admit_in_pool(c: &Cluster, v: usize, capacity: [f64; 2]) -> Result<(), AdmissionFailure> {
     let node = c.tree.node_of(v);
-    if let Err(short) = c
-        .tree
+    c.tree
         .admit(&c.snap.vms, &c.running, node, c.res[v], capacity)
-    {
-        return Err(PlaceError::Admission(AdmissionFailure {
-            vm: vm.to_string(),
+        .map_err(|short| AdmissionFailure {
+            vm: c.snap.vms[v].name.clone(),
             pool: Some(PoolRejection {
                 pool: short.pool,
                 resource: crate::decision::Resource::from_index(short.resource),
@@ -78,18 +97,7 @@ pub fn admit_on(snap: &Snapshot, vm: &str, host: &str) -> Result<(), PlaceError>
                 .to_string(),
             }),
             hosts: Vec::new(),
-        }));
-    }
-    c.check_members(&[v], d).map_err(|rejection| {
-        PlaceError::Admission(AdmissionFailure {
-            vm: vm.to_string(),
-            pool: None,
-            hosts: vec![HostRejection {
-                host: host.to_string(),
-                rejection,
-            }],
         })
-    })
 }
 
 /// Places several VMs in order, each seeing the ones placed before it.
@@ -110,13 +118,7 @@ pub fn place_all(
     for &v in &indices {
         c.unplace_vm(v);
     }
-    let mut capacity = [0.0; 2];
-    for h in 0..c.cap.len() {
-        if c.active[h] {
-            capacity[CPU] += c.cap[h][CPU];
-            capacity[MEM] += c.cap[h][MEM];
-        }
-    }
+    let capacity = active_capacity(&c);
     let mut out = Vec::with_capacity(indices.len());
     for v in indices {
         out.push(place_one(&mut c, v, capacity));
@@ -138,28 +140,7 @@ fn place_one(c: &mut Cluster, v: usize, capacity: [f64; 2]) -> Result<Placement,
                 .min(vm.memory_limit_mib.unwrap_or(f64::INFINITY)),
         ),
     ];
-    let node = c.tree.node_of(v);
-    if let Err(short) = c
-        .tree
-        .admit(&c.snap.vms, &c.running, node, c.res[v], capacity)
-    {
-        return Err(AdmissionFailure {
-            vm: name,
-            pool: Some(PoolRejection {
-                pool: short.pool,
-                resource: crate::decision::Resource::from_index(short.resource),
-                needed: short.needed,
-                available: short.available,
-                why: match short.why {
-                    ShortfallKind::Cluster => "cluster",
-                    ShortfallKind::NotExpandable => "not expandable",
-                    ShortfallKind::Limit => "limit",
-                }
-                .to_string(),
-            }),
-            hosts: Vec::new(),
-        });
-    }
+    admit_in_pool(c, v, capacity)?;
     let u = c.unit_of[v];
     let group_hosts: Vec<usize> = c.units[u]
         .iter()
