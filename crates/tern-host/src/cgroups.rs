@@ -20,7 +20,6 @@
 //! QEMU joins its groups between fork and exec (`tern_qemu::LaunchConfig::cgroup_procs`), so
 //! every page and thread it makes is charged to the VM from the start.
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
 
@@ -667,20 +666,20 @@ pub fn plan(cores: u32, core_mhz: u32, vms: &[(Uuid, &VmSpec)]) -> Vec<(Uuid, Gr
         .collect()
 }
 
-/// The policies a set of running VMs would get, by VM (for `tern host show`-like reports and
-/// tests).
-pub fn plan_by_id(
-    cores: u32,
-    core_mhz: u32,
-    vms: &[(Uuid, &VmSpec)],
-) -> HashMap<Uuid, GroupLimits> {
-    plan(cores, core_mhz, vms).into_iter().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use tern_api::{CpuAmount, Resources, Shares};
+
+    /// The plan by VM.
+    fn plan_by_id(
+        cores: u32,
+        core_mhz: u32,
+        vms: &[(Uuid, &VmSpec)],
+    ) -> HashMap<Uuid, GroupLimits> {
+        plan(cores, core_mhz, vms).into_iter().collect()
+    }
 
     fn spec(vcpus: u32, resources: Resources) -> VmSpec {
         VmSpec {
