@@ -327,36 +327,43 @@ fn fix_should_rules(
         let Some(&ri) = broken.first() else { continue };
         let members = c.members_on(c.unit_of[v], h);
         let rule = c.snap.rules[ri].name().to_string();
-        if *budget == 0 || !movable(c, &members) {
-            notes.push(Note::ShouldRuleKept {
-                vm: c.snap.vms[v].name.clone(),
-                rule,
-            });
+        // The reason told is the first that holds: no room anywhere compliant, then the VM
+        // itself, then this pass's budget.
+        let (choice, _) = c.best_host(&members, Fit::HighWater, None);
+        let kept = |why: &str| Note::ShouldRuleKept {
+            vm: c.snap.vms[v].name.clone(),
+            rule: rule.clone(),
+            why: why.to_string(),
+        };
+        let Some(choice) = choice.filter(|ch| ch.broken_should.is_empty()) else {
+            notes.push(kept("no compliant host has room"));
+            continue;
+        };
+        if !movable(c, &members) {
+            notes.push(kept(
+                "it cannot move now (it migrated within the cooldown, or its automation is \
+                 disabled)",
+            ));
             continue;
         }
-        let (choice, _) = c.best_host(&members, Fit::HighWater, None);
-        match choice {
-            Some(choice) if choice.broken_should.is_empty() => {
-                let (name, group) = c.rule_name_group(ri);
-                let relation = c
-                    .host_rules
-                    .iter()
-                    .find(|r| r.rule == ri)
-                    .map(|r| r.relation)
-                    .unwrap_or(crate::model::VmHostRelation::ShouldRunOn);
-                let reason = MoveReason::ShouldRule {
-                    rule: name,
-                    relation,
-                    host_group: group,
-                };
-                moves.extend(c.apply(&members, choice.host, 2, reason, &[]));
-                *budget -= 1;
-            }
-            _ => notes.push(Note::ShouldRuleKept {
-                vm: c.snap.vms[v].name.clone(),
-                rule,
-            }),
+        if *budget == 0 {
+            notes.push(kept("this pass's move budget is spent"));
+            continue;
         }
+        let (name, group) = c.rule_name_group(ri);
+        let relation = c
+            .host_rules
+            .iter()
+            .find(|r| r.rule == ri)
+            .map(|r| r.relation)
+            .unwrap_or(crate::model::VmHostRelation::ShouldRunOn);
+        let reason = MoveReason::ShouldRule {
+            rule: name,
+            relation,
+            host_group: group,
+        };
+        moves.extend(c.apply(&members, choice.host, 2, reason, &[]));
+        *budget -= 1;
     }
 }
 

@@ -254,8 +254,13 @@ pub enum Note {
     },
     /// A violation or a maintenance VM that cannot be fixed now.
     Blocked(Blocker),
-    /// A should-rule violation left in place: no compliant host fits.
-    ShouldRuleKept { vm: String, rule: String },
+    /// A should-rule violation left in place, and why: no compliant host fits, the VM cannot
+    /// move now (cooldown, automation disabled), or the pass's move budget is spent.
+    ShouldRuleKept {
+        vm: String,
+        rule: String,
+        why: String,
+    },
 }
 
 /// A VM that must move but cannot.

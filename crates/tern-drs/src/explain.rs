@@ -240,8 +240,8 @@ pub fn note(n: &Note) -> String {
             pct(*load)
         ),
         Note::Blocked(b) => format!("blocked: {}", blocker(b)),
-        Note::ShouldRuleKept { vm, rule } => {
-            format!("{vm} still breaks should-rule {rule}: no compliant host has room")
+        Note::ShouldRuleKept { vm, rule, why } => {
+            format!("{vm} still breaks should-rule {rule}: {why}")
         }
     }
 }

@@ -5,7 +5,9 @@
 //!   naming the rule;
 //! - a must-run-on rule keeps its VM on its host through maintenance, named the same way;
 //! - rules that conflict, name unknown VMs or have the wrong members are refused with the
-//!   reason, and a removed rule binds nothing any more.
+//!   reason, and a removed rule binds nothing any more;
+//! - a should-run-on rule broken because its hosts cannot take the VM is reported by
+//!   `drs recommend` with that reason, and with the VM's cooldown once they can.
 
 mod common;
 
@@ -177,5 +179,48 @@ fn rules_hold_through_placement_migration_and_maintenance() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(task.expect("task")["result"]["status"], "completed");
     lab.one_copy_on("b", &b_id, "h1");
+
+    // A should rule gives way when nothing else fits, and says so; once a compliant host is
+    // back, DRS proposes the move that keeps it.
+    lab.tern_ok(&["host", "maintenance", "enter", "h2"]);
+    lab.tern_ok(&[
+        "rule",
+        "add",
+        "lab",
+        "soft",
+        "--kind",
+        "should-run-on",
+        "--vms",
+        "b",
+        "--hosts",
+        "h2",
+    ]);
+    let r: Value = lab.tern_json(&["drs", "recommend", "lab"]);
+    let said = r["text"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("b still breaks should-rule soft"),
+        "the broken should rule is reported: {r}"
+    );
+    assert!(
+        r["recommendations"]
+            .as_array()
+            .is_some_and(|m| m.is_empty()),
+        "{r}"
+    );
+    // h2 back: it has room now, but b migrated minutes ago, so the rule waits for b's
+    // cooldown, and the report says that rather than "no room".
+    lab.tern_ok(&["host", "maintenance", "exit", "h2"]);
+    let r: Value = lab.tern_json(&["drs", "recommend", "lab"]);
+    let said = r["text"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("b still breaks should-rule soft: it cannot move now"),
+        "{r}"
+    );
+    assert!(
+        !r["recommendations"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x["vm"] == "b")),
+        "{r}"
+    );
     lab.down();
 }
