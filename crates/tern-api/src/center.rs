@@ -143,6 +143,9 @@ pub struct Registered {
 pub struct Heartbeat {
     pub facts: HostFacts,
     pub load: HostLoad,
+    /// Hardware and pressure counters (an older agent sends none).
+    #[serde(default)]
+    pub health: Option<crate::health::HealthReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -161,6 +164,10 @@ pub struct Host {
     /// is listed); empty when it is healthy. Disconnection and maintenance show in `state`.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Hardware health and why the host is degraded, if it is (a degraded host takes no new
+    /// VMs; the cluster's proactive mode says whether its VMs leave).
+    #[serde(default)]
+    pub health: crate::health::HostHealth,
     /// The one certificate of this host the center accepts (none with `--insecure-http`).
     #[serde(default)]
     pub certificate: Option<HostCertificate>,
@@ -225,6 +232,9 @@ pub enum TaskKind {
     HostMaintenanceExit,
     /// A cluster's DRS balance recommendations run as live migrations, one at a time.
     DrsApply,
+    /// A host's running VMs leave it live (a degraded host, or an operator's evacuate),
+    /// without maintenance mode.
+    HostEvacuate,
 }
 
 /// What `POST /api/v1/hosts/{name}/maintenance` does.

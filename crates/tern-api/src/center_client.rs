@@ -142,6 +142,31 @@ impl CenterClient {
             .await
     }
 
+    /// Empties a host live without maintenance mode (a task).
+    pub async fn evacuate(&self, host: &str) -> Result<Task, ApiError> {
+        self.api
+            .post(&route::HOST_EVACUATE.with_name(host)?, &())
+            .await
+    }
+
+    /// Marks a host degraded (it takes no new VMs; the proactive mode acts).
+    pub async fn degrade_host(&self, host: &str, reason: &str) -> Result<Host, ApiError> {
+        let body = crate::health::DegradeHost {
+            reason: reason.to_string(),
+        };
+        self.api
+            .put(&route::HOST_HEALTH.with_name(host)?, &body)
+            .await
+    }
+
+    /// Clears a host's degradation (it was repaired), then reads it back.
+    pub async fn restore_host(&self, host: &str) -> Result<Host, ApiError> {
+        self.api
+            .delete(&route::HOST_HEALTH.with_name(host)?)
+            .await?;
+        self.host(host).await
+    }
+
     // ---- VMs ----
 
     pub async fn create_vm(&self, req: &CreateVm) -> Result<Vm, ApiError> {

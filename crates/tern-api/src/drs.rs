@@ -66,6 +66,9 @@ pub struct DrsSettings {
     /// Migration threshold 1..5: 1 = mandatory moves only (rules, maintenance), 5 = also
     /// moves closing small load gaps.
     pub threshold: u8,
+    /// What the cluster does with a host whose health degrades (default off).
+    #[serde(default)]
+    pub proactive: crate::health::ProactiveMode,
 }
 
 impl Default for DrsSettings {
@@ -73,6 +76,7 @@ impl Default for DrsSettings {
         DrsSettings {
             automation: DrsAutomation::Manual,
             threshold: DRS_DEFAULT_THRESHOLD,
+            proactive: crate::health::ProactiveMode::Off,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod client;
 pub mod drs;
 pub mod error;
 pub mod evc;
+pub mod health;
 pub mod migration;
 pub mod resources;
 pub mod routes;

@@ -132,6 +132,8 @@ pub mod center {
     pub const HOSTS: Route = Route::new("/api/v1/hosts");
     pub const HOST: Route = Route::new("/api/v1/hosts/{name}");
     pub const HOST_MAINTENANCE: Route = Route::new("/api/v1/hosts/{name}/maintenance");
+    pub const HOST_EVACUATE: Route = Route::new("/api/v1/hosts/{name}/evacuate");
+    pub const HOST_HEALTH: Route = Route::new("/api/v1/hosts/{name}/health");
     pub const HOST_JOIN_TOKEN: Route = Route::new("/api/v1/hosts/{name}/join-token");
     pub const HOST_REGISTER: Route = Route::new("/api/v1/hosts/register");
     pub const HOST_HEARTBEAT: Route = Route::new("/api/v1/hosts/{id}/heartbeat");
@@ -165,6 +167,8 @@ pub mod center {
         HOSTS,
         HOST,
         HOST_MAINTENANCE,
+        HOST_EVACUATE,
+        HOST_HEALTH,
         HOST_JOIN_TOKEN,
         HOST_REGISTER,
         HOST_HEARTBEAT,

@@ -22,6 +22,7 @@ use tern_api::center::{
 };
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
+use tern_api::health::DegradeHost;
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::routes::center::{self as route, nested};
 use tern_api::ErrorBody;
@@ -194,6 +195,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::HOST), get(get_host).delete(remove_host))
         .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
         .route(nested(route::HOST_MAINTENANCE), post(host_maintenance))
+        .route(nested(route::HOST_EVACUATE), post(host_evacuate))
+        .route(
+            nested(route::HOST_HEALTH),
+            put(degrade_host).delete(restore_host),
+        )
         .route(nested(route::VMS), post(create_vm).get(list_vms))
         .route(nested(route::VM), get(get_vm).delete(delete_vm))
         .route(nested(route::VM_START), post(start_vm))
@@ -679,6 +685,67 @@ async fn host_maintenance(
     })
 }
 
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/evacuate", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 202, description = "Task `host_evacuate` queued: the host's running VMs move live to hosts the DRS engine picks, within the per-host limits; the host keeps its flags and its stopped VMs. Its result is a MaintenanceResult", body = Task),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+        (status = 409, description = "Host disconnected, or a task is already emptying it", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn host_evacuate(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    let why = format!("asked by {}", by.name);
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(crate::maintenance::evacuate(&app, name, why).await?),
+    ))
+}
+
+#[utoipa::path(put, path = "/api/v1/hosts/{name}/health", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    request_body(content = DegradeHost, description = "Mark the host degraded: it takes no new VMs, and the cluster's proactive mode acts (automatic: emptied live at once; recommend: an event recommends it)."),
+    responses(
+        (status = 200, description = "The host, degraded", body = Host),
+        (status = 400, description = "Invalid reason", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn degrade_host(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+    Body(req): Body<DegradeHost>,
+) -> ApiResult<Json<Host>> {
+    Ok(axum::Json(
+        crate::health::degrade(&app, name, req.reason, by.name).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/hosts/{name}/health", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "The host, restored: it takes VMs again and its health counters are judged from their values now", body = Host),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+        (status = 409, description = "A task is emptying the host", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn restore_host(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+) -> ApiResult<Json<Host>> {
+    Ok(axum::Json(
+        crate::health::restore(&app, name, by.name).await?,
+    ))
+}
+
 // ---- VMs ----
 
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms",
@@ -1079,7 +1146,8 @@ impl Modify for BearerAuth {
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
         get_cluster_migration, set_cluster_migration,
         get_drs, set_drs, drs_recommendations, drs_apply, list_rules, create_rule, remove_rule,
-        register_host, heartbeat, list_hosts, get_host, host_maintenance, add_host, remove_host,
+        register_host, heartbeat, list_hosts, get_host, host_maintenance, host_evacuate,
+        degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
         list_tasks, get_task, cancel_task, list_events,
@@ -1153,6 +1221,9 @@ mod tests {
             ("get", "/api/v1/hosts"),
             ("get", "/api/v1/hosts/{name}"),
             ("post", "/api/v1/hosts/{name}/maintenance"),
+            ("post", "/api/v1/hosts/{name}/evacuate"),
+            ("put", "/api/v1/hosts/{name}/health"),
+            ("delete", "/api/v1/hosts/{name}/health"),
             ("post", "/api/v1/vms"),
             ("get", "/api/v1/vms"),
             ("get", "/api/v1/vms/{name}"),

@@ -23,6 +23,18 @@ pub struct DrsState {
     pub(crate) last_recorded: Mutex<HashMap<String, String>>,
 }
 
+/// What the center remembers of one host's health between heartbeats: the counters it
+/// judges from (see `health`, which owns the rules).
+#[derive(Debug, Clone)]
+pub struct HealthTracker {
+    pub(crate) cluster: Uuid,
+    pub(crate) baseline: tern_api::health::HealthReport,
+    pub(crate) last: tern_api::health::HealthReport,
+    pub(crate) crashes: u64,
+    pub(crate) disconnections: u64,
+    pub(crate) pressure_since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// Everything request handlers, task drivers and the monitor share.
 pub struct App {
     pub db: Db,
@@ -41,6 +53,8 @@ pub struct App {
     workers: Mutex<JoinSet<()>>,
     /// The DRS scheduler's wake-up signal and running applies.
     pub drs: DrsState,
+    /// Each host's health baseline and recent signals (see [`crate::health`]).
+    pub health: Mutex<HashMap<Uuid, HealthTracker>>,
     /// Connections to the agents, reused from call to call (see [`App::agent`]).
     pub http: tern_api::HttpPool,
     /// The cluster's CA and the center's certificate; `None` when the center serves plain
@@ -69,6 +83,7 @@ impl App {
             cancels: Mutex::new(HashMap::new()),
             workers: Mutex::new(JoinSet::new()),
             drs: DrsState::default(),
+            health: Mutex::new(HashMap::new()),
         }
     }
 

@@ -48,7 +48,7 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// The role a call needs. Reading needs a viewer (the token list, an admin); changing a VM,
-/// a migration, a task, a host's maintenance or applying DRS needs an operator; every other
+/// a migration, a task, a host's maintenance, evacuation or health, or applying DRS needs an operator; every other
 /// change needs an admin, so a route added later is an admin's until it is listed here.
 pub fn required_role(method: &Method, matched: &str) -> Role {
     let is = |r: Route| matched == r.template();
@@ -67,6 +67,8 @@ pub fn required_role(method: &Method, matched: &str) -> Role {
         route::VM_MIGRATE,
         route::TASK_CANCEL,
         route::HOST_MAINTENANCE,
+        route::HOST_EVACUATE,
+        route::HOST_HEALTH,
         route::CLUSTER_DRS_APPLY,
     ];
     if operator.into_iter().any(is) {

@@ -275,6 +275,7 @@ pub fn drs_snapshot(
                 cpu_mhz: (f64::from(h.facts.cores) * f64::from(h.facts.cpu_mhz)).max(1.0),
                 memory_mib: (total - stopped).max(1.0),
                 state: match h.state() {
+                    HostState::Connected if h.health.is_degraded() => tern_drs::HostState::Degraded,
                     HostState::Connected => tern_drs::HostState::Connected,
                     HostState::Maintenance => tern_drs::HostState::Maintenance,
                     HostState::Disconnected => tern_drs::HostState::Disconnected,
@@ -383,12 +384,19 @@ pub async fn rehome_for_start(app: &Arc<App>, name: &str) -> Result<(), CenterEr
             Err(e) => return Err(CenterError::internal(format!("the scheduler failed: {e}"))),
         }
     } else {
-        match host.as_ref().map(|h| h.state()) {
-            Some(HostState::Maintenance) => "is in maintenance mode: VMs do not start there",
-            Some(_) => "is disconnected: wait for its agent to reconnect (tern host list)",
-            None => "is gone",
+        match host.as_ref().map(|h| (h.state(), h)) {
+            Some((HostState::Maintenance, _)) => {
+                "is in maintenance mode: VMs do not start there".to_string()
+            }
+            Some((HostState::Connected, h)) => format!(
+                "is degraded ({}): nothing new starts there",
+                h.health.summary()
+            ),
+            Some(_) => {
+                "is disconnected: wait for its agent to reconnect (tern host list)".to_string()
+            }
+            None => "is gone".to_string(),
         }
-        .to_string()
     };
     let placed = match tern_drs::place(&snap, vm.name()) {
         Ok(p) if !p.over_high_water => p,
@@ -481,8 +489,14 @@ pub async fn set_settings(
             if before != s {
                 tx.add_event(
                     NewEvent::info(format!(
-                        "cluster {cluster}: DRS automation {} → {}, threshold {} → {}",
-                        before.automation, s.automation, before.threshold, s.threshold
+                        "cluster {cluster}: DRS automation {} → {}, threshold {} → {}, \
+                         proactive {} → {}",
+                        before.automation,
+                        s.automation,
+                        before.threshold,
+                        s.threshold,
+                        before.proactive,
+                        s.proactive
                     )),
                     now,
                 )?;

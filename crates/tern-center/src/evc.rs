@@ -631,6 +631,11 @@ pub async fn can_migrate(
             ))
         } else {
             match dest.state() {
+                HostState::Connected if dest.health.is_degraded() => Err(format!(
+                    "host {} is degraded ({}): nothing new is placed there",
+                    dest.name,
+                    dest.health.summary()
+                )),
                 HostState::Connected => Ok(format!(
                     "host {} is connected, in cluster {}",
                     dest.name, dest.cluster
@@ -877,6 +882,7 @@ mod tests {
                         facts: facts(model, *ceiling),
                         load: None,
                         last_heartbeat: None,
+                        health: Default::default(),
                     };
                     tx.insert_host(&h, Utc::now())?;
                 }

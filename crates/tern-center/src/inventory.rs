@@ -522,6 +522,7 @@ pub async fn register_host(
                         facts: req.facts.clone(),
                         load: None,
                         last_heartbeat: Some(now),
+                        health: Default::default(),
                     };
                     tx.insert_host(&h, now)?;
                     tx.add_event(
@@ -615,7 +616,8 @@ pub async fn heartbeat(
     hb: Heartbeat,
 ) -> Result<(), CenterError> {
     let app2 = app.clone();
-    app.db
+    let evacuation = app
+        .db
         .write(move |tx| {
             let now = Utc::now();
             let host = tx.host_by_id(host_id)?.ok_or_else(|| {
@@ -645,10 +647,23 @@ pub async fn heartbeat(
                     now,
                 )?;
             }
-            apply_vm_reports(&app2, tx, &host, &hb, now)?;
-            Ok(())
+            let crashes = apply_vm_reports(&app2, tx, &host, &hb, now)?;
+            let reconnected = host.link == Link::Disconnected;
+            Ok(crate::health::on_heartbeat(
+                &app2,
+                tx,
+                &host,
+                hb.health.as_ref(),
+                crashes,
+                reconnected,
+                now,
+            )?)
         })
-        .await
+        .await?;
+    if let Some(e) = evacuation {
+        crate::health::start_evacuation(app, e).await;
+    }
+    Ok(())
 }
 
 fn apply_vm_reports(
@@ -657,8 +672,9 @@ fn apply_vm_reports(
     host: &HostRecord,
     hb: &Heartbeat,
     now: chrono::DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     // A VM a task is starting or stopping belongs to that task until it ends.
+    let mut crashes = 0;
     let busy = tx.vms_with_active_tasks()?;
     let reports: HashMap<Uuid, PowerState> =
         hb.load.vms.iter().map(|l| (l.vm_id, l.state)).collect();
@@ -679,6 +695,9 @@ fn apply_vm_reports(
         let reported = reports.get(&vm.id).copied();
         let next = next_actual(vm.desired, vm.actual, reported);
         if next != vm.actual {
+            if next == PowerState::Crashed {
+                crashes += 1;
+            }
             tx.set_vm_actual(vm.id, next)?;
             tx.add_event(
                 transition_event(&vm, &host.name, next, reported.is_some()),
@@ -686,7 +705,7 @@ fn apply_vm_reports(
             )?;
         }
     }
-    Ok(())
+    Ok(crashes)
 }
 
 /// Marks hosts disconnected when their heartbeats stop, until `shutdown` turns true.
@@ -804,6 +823,7 @@ fn candidate(tx: &Tx, h: &HostRecord) -> Result<Candidate, StoreError> {
         name: h.name.clone(),
         cluster: h.cluster.clone(),
         state: h.state(),
+        degraded: h.health.is_degraded().then(|| h.health.summary()),
         cores: h.facts.cores,
         memory_mib: h.facts.memory_mib,
         placed_memory_mib: placed,

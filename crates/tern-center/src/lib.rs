@@ -4,7 +4,7 @@
 //! [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) → [`api`]
 //! (routes, OpenAPI), [`api_error`] (domain errors as HTTP answers) and [`auth`] (bearer
 //! tokens) → the domain: [`inventory`] (clusters, hosts, VMs), [`power`] (start, stop),
-//! [`maintenance`] (emptying hosts), [`drs`] (placement, balance, the scheduler loop),
+//! [`health`] (host health, proactive evacuation), [`maintenance`] (emptying hosts), [`drs`] (placement, balance, the scheduler loop),
 //! [`migrate`] (live migrations: pre-checks, settings, the ownership record and its commit
 //! rule, recovery), [`evc`] (CPU baselines), [`vmcheck`] (spec and size rules), [`pki`] (the
 //! cluster CA, host certificates) → [`tasks`]
@@ -21,6 +21,7 @@ pub mod config;
 pub mod drs;
 pub mod error;
 pub mod evc;
+pub mod health;
 pub mod inventory;
 pub mod maintenance;
 pub mod migrate;

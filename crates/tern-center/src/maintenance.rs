@@ -66,13 +66,18 @@ fn ev(task: Uuid, host: &str, level: EventLevel, msg: String) -> NewEvent {
         .host(Some(host))
 }
 
-/// The maintenance task running on a host, if any.
-fn active_entry(tx: &Tx, host: &str) -> Result<Option<Task>, StoreError> {
+/// The task emptying a host (a maintenance entry or an evacuation), if any.
+pub fn active_emptying(tx: &Tx, host: &str) -> Result<Option<Task>, StoreError> {
     Ok(tx
         .active_tasks(None)?
         .into_iter()
         .map(|t| t.task)
-        .find(|t| t.kind == TaskKind::HostMaintenanceEnter && t.host.as_deref() == Some(host)))
+        .find(|t| {
+            matches!(
+                t.kind,
+                TaskKind::HostMaintenanceEnter | TaskKind::HostEvacuate
+            ) && t.host.as_deref() == Some(host)
+        }))
 }
 
 /// A task recorded as already succeeded (nothing left to do for it).
@@ -106,11 +111,13 @@ pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
                      maintenance again"
                 )));
             }
-            if let Some(t) = active_entry(tx, &name)? {
+            if let Some(t) = active_emptying(tx, &name)? {
                 return Err(CenterError::conflict(format!(
-                    "task {} is already taking host {name} into maintenance: follow it with \
-                     tern task wait {}",
-                    t.id, t.id
+                    "task {} ({}) is already emptying host {name}: follow it with tern task \
+                     wait {}, then enter maintenance",
+                    t.id,
+                    tasks::kind_text(t.kind),
+                    t.id
                 )));
             }
             let vms = tx.vms_on_host(host.id)?;
@@ -165,9 +172,78 @@ pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
     if start {
         let host = rec.task.host.clone().unwrap_or_default();
         let app2 = app.clone();
-        tasks::spawn(app, rec.task.id, move |ctl| drive(app2, ctl, host));
+        tasks::spawn(app, rec.task.id, move |ctl| {
+            drive(app2, ctl, host, Purpose::Maintenance)
+        });
     }
     Ok(rec.task)
+}
+
+/// Empties host `name` live without maintenance mode (`host_evacuate`): its running VMs
+/// move by the same plan and limits as a maintenance entry; stopped VMs stay registered (a
+/// start places them elsewhere while the host is degraded). `why` is recorded with the task:
+/// the health signal of a proactive evacuation, or the operator's request.
+pub async fn evacuate(app: &Arc<App>, name: String, why: String) -> Result<Task, CenterError> {
+    let rec = app
+        .db
+        .write(move |tx| {
+            let now = Utc::now();
+            let host = tx
+                .host_by_name(&name)?
+                .ok_or_else(|| CenterError::host_not_found(&name))?;
+            if host.state() == HostState::Disconnected {
+                return Err(CenterError::conflict(format!(
+                    "host {name} is disconnected: its VMs cannot be moved live while its agent \
+                     is unreachable"
+                )));
+            }
+            if let Some(t) = active_emptying(tx, &name)? {
+                return Err(CenterError::conflict(format!(
+                    "task {} ({}) is already emptying host {name}: follow it with tern task \
+                     wait {}",
+                    t.id,
+                    tasks::kind_text(t.kind),
+                    t.id
+                )));
+            }
+            let running = tx
+                .vms_on_host(host.id)?
+                .iter()
+                .filter(|v| v.actual == PowerState::Running)
+                .count();
+            let rec = TaskRecord {
+                task: Task::queued(TaskKind::HostEvacuate, None, Some(name.clone()), now),
+                vm_id: None,
+                intent: TaskIntent::default(),
+            };
+            tx.insert_task(&rec)?;
+            tx.add_event(
+                ev(
+                    rec.task.id,
+                    &name,
+                    EventLevel::Warning,
+                    format!("emptying host {name} live ({running} running VM(s)): {why}"),
+                ),
+                now,
+            )?;
+            Ok::<_, CenterError>(rec)
+        })
+        .await?;
+    let host = rec.task.host.clone().unwrap_or_default();
+    let app2 = app.clone();
+    tasks::spawn(app, rec.task.id, move |ctl| {
+        drive(app2, ctl, host, Purpose::Evacuate)
+    });
+    Ok(rec.task)
+}
+
+/// Why a host is being emptied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Maintenance mode: running VMs leave, stopped ones are re-homed.
+    Maintenance,
+    /// An evacuation: running VMs leave; the host keeps its flags and its stopped VMs.
+    Evacuate,
 }
 
 /// Returns host `name` to service (clears its maintenance flag).
@@ -178,7 +254,9 @@ pub async fn exit(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
             let host = tx
                 .host_by_name(&name)?
                 .ok_or_else(|| CenterError::host_not_found(&name))?;
-            if let Some(t) = active_entry(tx, &name)? {
+            if let Some(t) =
+                active_emptying(tx, &name)?.filter(|t| t.kind == TaskKind::HostMaintenanceEnter)
+            {
                 return Err(CenterError::conflict(format!(
                     "task {} is emptying host {name} for maintenance: cancel it first with \
                      tern task cancel {}",
@@ -215,10 +293,12 @@ struct Entry {
     /// Migration tasks in flight (several at once, within the per-host limit).
     children: Arc<Mutex<Vec<Uuid>>>,
     result: Arc<Mutex<MaintenanceResult>>,
+    purpose: Purpose,
 }
 
-async fn drive(app: Arc<App>, ctl: TaskCtl, host: String) -> Option<TaskEnd> {
+async fn drive(app: Arc<App>, ctl: TaskCtl, host: String, purpose: Purpose) -> Option<TaskEnd> {
     let e = Entry {
+        purpose,
         app: app.clone(),
         task: ctl.id(),
         host: host.clone(),
@@ -236,17 +316,22 @@ async fn drive(app: Arc<App>, ctl: TaskCtl, host: String) -> Option<TaskEnd> {
                 e.event(EventLevel::Warning, err).await;
             }
             let left = e.vms_left().await;
+            let left = if left.is_empty() {
+                "none".to_string()
+            } else {
+                left.join(", ")
+            };
             e.event(
                 EventLevel::Warning,
-                format!(
-                    "maintenance entry cancelled: host {host} stays in maintenance; VMs still on \
-                     it: {}",
-                    if left.is_empty() {
-                        "none".to_string()
-                    } else {
-                        left.join(", ")
+                match purpose {
+                    Purpose::Maintenance => format!(
+                        "maintenance entry cancelled: host {host} stays in maintenance; VMs \
+                         still on it: {left}"
+                    ),
+                    Purpose::Evacuate => {
+                        format!("evacuation cancelled: VMs still on host {host}: {left}")
                     }
-                ),
+                },
             )
             .await;
             None
@@ -369,7 +454,13 @@ impl Entry {
             handled += self.migrate_all(&plan.steps, handled, total).await?;
         }
 
-        // Stopped VMs: registered on another host if one can take them.
+        // Stopped VMs: registered on another host if one can take them (an evacuation
+        // leaves them: they do not run, and a start places them anew).
+        let stopped = if self.purpose == Purpose::Maintenance {
+            stopped
+        } else {
+            Vec::new()
+        };
         for vm in stopped {
             self.phase(
                 progress(handled, total),
@@ -690,32 +781,50 @@ impl Entry {
                             .join(", ")
                     )
                 };
-                let phase = format!(
-                    "host {} is in maintenance: {} VM(s) migrated, {} re-homed{stays}",
-                    self.host,
-                    result.migrated.len(),
-                    result.rehomed.len()
-                );
+                let phase = match self.purpose {
+                    Purpose::Maintenance => format!(
+                        "host {} is in maintenance: {} VM(s) migrated, {} re-homed{stays}",
+                        self.host,
+                        result.migrated.len(),
+                        result.rehomed.len()
+                    ),
+                    Purpose::Evacuate => format!(
+                        "host {} runs no VM: {} VM(s) migrated",
+                        self.host,
+                        result.migrated.len()
+                    ),
+                };
                 TaskEnd::succeeded(phase.clone(), phase).result(value)
             }
             (r, _) => {
-                let mut msg = format!(
-                    "host {} stays in maintenance; VMs still on it: {}",
-                    self.host,
-                    if running_left.is_empty() {
-                        "none running".to_string()
-                    } else {
-                        running_left.join("; ")
+                let left = if running_left.is_empty() {
+                    "none running".to_string()
+                } else {
+                    running_left.join("; ")
+                };
+                let mut msg = match self.purpose {
+                    Purpose::Maintenance => {
+                        format!(
+                            "host {} stays in maintenance; VMs still on it: {left}",
+                            self.host
+                        )
                     }
-                );
+                    Purpose::Evacuate => format!("VMs still on host {}: {left}", self.host),
+                };
                 if let Err(e) = r {
                     msg.push_str(&format!(" — the evacuation stopped: {e}"));
                 }
-                msg.push_str(&format!(
-                    ". Fix that, then run tern host maintenance enter {} again (or exit to \
-                     return it to service)",
-                    self.host
-                ));
+                msg.push_str(&match self.purpose {
+                    Purpose::Maintenance => format!(
+                        ". Fix that, then run tern host maintenance enter {} again (or exit \
+                         to return it to service)",
+                        self.host
+                    ),
+                    Purpose::Evacuate => format!(
+                        ". Fix that, then run tern host evacuate {} again",
+                        self.host
+                    ),
+                });
                 TaskEnd::failed(msg.clone(), msg).result(value)
             }
         }

@@ -228,7 +228,8 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
         TaskKind::VmMigrate
         | TaskKind::HostMaintenanceEnter
         | TaskKind::HostMaintenanceExit
-        | TaskKind::DrsApply => Outcome::Failed(format!(
+        | TaskKind::DrsApply
+        | TaskKind::HostEvacuate => Outcome::Failed(format!(
             "{} tasks are not driven here",
             kind_text(t.task.kind)
         )),

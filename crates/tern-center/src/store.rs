@@ -22,6 +22,7 @@ use tern_api::center::{
     ApiToken, Cluster, Event, EventLevel, Host, HostCertificate, Role, StopVm, Task, TaskState, Vm,
 };
 use tern_api::drs::{DrsAutomation, DrsRule, DrsSettings, DRS_THRESHOLDS};
+use tern_api::health::HostHealth;
 use tern_api::migration::MigrationEncryption;
 use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
@@ -178,6 +179,12 @@ const MIGRATIONS: &[&str] = &[
         created_at  TEXT NOT NULL
     );
     "#,
+    // 10: host health (why a host is degraded, sticky until an operator restores it) and each
+    // cluster's proactive mode (what happens to a degraded host's VMs).
+    r#"
+    ALTER TABLE hosts ADD COLUMN health TEXT;   -- HostHealth JSON; NULL: never judged
+    ALTER TABLE cluster_drs ADD COLUMN proactive TEXT NOT NULL DEFAULT 'off';
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +235,8 @@ pub struct HostRecord {
     pub facts: HostFacts,
     pub load: Option<HostLoad>,
     pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Why the host is degraded, if it is, and its last health counters.
+    pub health: HostHealth,
 }
 
 impl HostRecord {
@@ -250,6 +259,7 @@ impl HostRecord {
             },
             load: None,
             last_heartbeat: None,
+            health: HostHealth::default(),
         }
     }
 
@@ -261,9 +271,9 @@ impl HostRecord {
         }
     }
 
-    /// Connected and not in maintenance: may receive new VMs and start them.
+    /// Connected, not in maintenance and not degraded: may receive new VMs and start them.
     pub fn usable(&self) -> bool {
-        self.state() == HostState::Connected
+        self.state() == HostState::Connected && !self.health.is_degraded()
     }
 
     pub fn to_api(&self, vms: Vec<String>) -> Host {
@@ -278,6 +288,7 @@ impl HostRecord {
             last_heartbeat: self.last_heartbeat,
             vms,
             problems: self.problems(),
+            health: self.health.clone(),
             certificate: None,
         }
     }
@@ -620,7 +631,7 @@ fn parse_enum<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError>
 }
 
 const HOST_COLUMNS: &str = "h.id, h.name, h.cluster_id, c.name, h.link, h.maintenance, \
-     h.agent_url, h.agent_token, h.host_token, h.facts, h.load, h.last_heartbeat";
+     h.agent_url, h.agent_token, h.host_token, h.facts, h.load, h.last_heartbeat, h.health";
 
 const VM_COLUMNS: &str = "v.id, v.cluster_id, c.name, v.host_id, h.name, v.spec, \
      v.desired_state, v.actual_state, v.generation, v.created_at";
@@ -629,7 +640,7 @@ const TASK_COLUMNS: &str = "id, kind, vm_id, vm_name, host_name, state, progress
      intent, result, error, created_at, finished_at";
 
 /// Raw text columns of one row, decoded outside rusqlite's error type.
-struct HostRow([Option<String>; 12]);
+struct HostRow([Option<String>; 13]);
 struct VmRow([Option<String>; 10]);
 struct TaskRow([Option<String>; 13]);
 
@@ -672,6 +683,11 @@ impl HostRow {
                 .map(|s| from_json("host load", s))
                 .transpose()?,
             last_heartbeat: c[11].as_deref().map(parse_ts).transpose()?,
+            health: c[12]
+                .as_deref()
+                .map(|s| from_json("host health", s))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -952,6 +968,15 @@ impl Tx<'_> {
         self.tx.execute(
             "UPDATE hosts SET link = ?2 WHERE id = ?1",
             params![id.to_string(), enum_text(&link)],
+        )?;
+        Ok(())
+    }
+
+    /// Records a host's health (its findings and last counters).
+    pub fn set_host_health(&self, id: Uuid, health: &HostHealth) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE hosts SET health = ?2 WHERE id = ?1",
+            params![id.to_string(), to_json(health)?],
         )?;
         Ok(())
     }
@@ -1792,15 +1817,15 @@ pub struct LastMove {
 impl Tx<'_> {
     /// A cluster's DRS settings (the defaults when never set).
     pub fn drs_settings(&self, cluster_id: Uuid) -> Result<DrsSettings, StoreError> {
-        let row: Option<(String, i64)> = self
+        let row: Option<(String, i64, String)> = self
             .tx
             .query_row(
-                "SELECT automation, threshold FROM cluster_drs WHERE cluster_id = ?1",
+                "SELECT automation, threshold, proactive FROM cluster_drs WHERE cluster_id = ?1",
                 [cluster_id.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((automation, threshold)) = row else {
+        let Some((automation, threshold, proactive)) = row else {
             return Ok(DrsSettings::default());
         };
         let automation = DrsAutomation::parse(&automation)
@@ -1809,9 +1834,13 @@ impl Tx<'_> {
             .ok()
             .filter(|t| DRS_THRESHOLDS.contains(t))
             .ok_or_else(|| StoreError::Corrupt(format!("DRS threshold {threshold}")))?;
+        let proactive = proactive
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("proactive mode {proactive:?}")))?;
         Ok(DrsSettings {
             automation,
             threshold,
+            proactive,
         })
     }
 
@@ -1847,13 +1876,14 @@ impl Tx<'_> {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.tx.execute(
-            "INSERT INTO cluster_drs (cluster_id, automation, threshold, updated_at) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(cluster_id) DO UPDATE SET \
-             automation = ?2, threshold = ?3, updated_at = ?4",
+            "INSERT INTO cluster_drs (cluster_id, automation, threshold, proactive, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(cluster_id) DO UPDATE SET \
+             automation = ?2, threshold = ?3, proactive = ?4, updated_at = ?5",
             params![
                 cluster_id.to_string(),
                 s.automation.as_str(),
                 i64::from(s.threshold),
+                s.proactive.to_string(),
                 ts(now)
             ],
         )?;
@@ -1909,6 +1939,7 @@ mod tests {
                     facts: facts(4, 4096),
                     load: None,
                     last_heartbeat: Some(now),
+                    health: HostHealth::default(),
                 };
                 tx.insert_host(&host, now)?;
                 let vm = VmRecord {

@@ -28,6 +28,7 @@ pub(crate) fn kind_text(kind: TaskKind) -> &'static str {
         TaskKind::HostMaintenanceEnter => "maintenance entry",
         TaskKind::HostMaintenanceExit => "maintenance exit",
         TaskKind::DrsApply => "DRS apply",
+        TaskKind::HostEvacuate => "host evacuation",
     }
 }
 

@@ -147,6 +147,8 @@ pub struct Candidate {
     pub name: String,
     pub cluster: String,
     pub state: HostState,
+    /// Why the host is degraded (it takes no new VMs); `None` when healthy.
+    pub degraded: Option<String>,
     pub cores: u32,
     pub memory_mib: u64,
     /// Memory of the VMs placed on the host (running or not: they may start any time).
@@ -169,7 +171,15 @@ pub fn check_host(host: &Candidate, cluster: &str, spec: &VmSpec) -> Result<(), 
         )));
     }
     match host.state {
-        HostState::Connected => {}
+        HostState::Connected => {
+            if let Some(why) = &host.degraded {
+                return Err(CenterError::conflict(format!(
+                    "host {} is degraded ({why}): nothing new is placed there; pick another \
+                     host, or leave out the host and let the center place the VM",
+                    host.name
+                )));
+            }
+        }
         HostState::Disconnected => {
             return Err(CenterError::conflict(format!(
                 "host {} is disconnected: wait for its agent to reconnect, or pick another host",
@@ -209,13 +219,15 @@ pub fn place(hosts: &[Candidate], cluster: &str, spec: &VmSpec) -> Result<usize,
     let usable: Vec<(usize, &Candidate)> = hosts
         .iter()
         .enumerate()
-        .filter(|(_, h)| h.cluster == cluster && h.state == HostState::Connected)
+        .filter(|(_, h)| {
+            h.cluster == cluster && h.state == HostState::Connected && h.degraded.is_none()
+        })
         .collect();
     if usable.is_empty() {
         return Err(CenterError::conflict(format!(
-            "cluster {cluster} has no connected host (out of maintenance) to place the VM on \
-             and to check its files: start a host agent with --cluster {cluster}, or wait for \
-             one to reconnect"
+            "cluster {cluster} has no connected, healthy host (out of maintenance) to place \
+             the VM on and to check its files: start a host agent with --cluster {cluster}, or \
+             wait for one to reconnect"
         )));
     }
     let sized: Vec<&(usize, &Candidate)> = usable
@@ -284,6 +296,7 @@ mod tests {
 
     fn host(name: &str, state: HostState, memory: u64, placed: u64) -> Candidate {
         Candidate {
+            degraded: None,
             id: Uuid::new_v4(),
             name: name.into(),
             cluster: "lab".into(),
@@ -407,7 +420,7 @@ mod tests {
         let e = place(&hosts, "lab", &spec(8, 128)).unwrap_err();
         assert!(e.message().contains("big enough"));
         let e = place(&hosts, "other", &spec(1, 128)).unwrap_err();
-        assert!(e.message().contains("no connected host"));
+        assert!(e.message().contains("no connected, healthy host"));
     }
 
     #[test]

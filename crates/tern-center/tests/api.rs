@@ -292,6 +292,7 @@ async fn heartbeat(c: &RunningCenter, reg: &Registered, load: HostLoad) -> Resul
             &Heartbeat {
                 facts: facts(4, 8192),
                 load,
+                health: None,
             },
         )
         .await
@@ -479,6 +480,7 @@ async fn a_host_without_cpu_capability_is_degraded_until_it_reports_one() {
             &Heartbeat {
                 facts: probed,
                 load: agent.load(),
+                health: None,
             },
         )
         .await
@@ -636,6 +638,7 @@ async fn registration_and_heartbeats() {
                 &Heartbeat {
                     facts: facts(4, 8192),
                     load: agent.load(),
+                    health: None,
                 },
             )
             .await;
@@ -647,6 +650,7 @@ async fn registration_and_heartbeats() {
             &Heartbeat {
                 facts: facts(4, 8192),
                 load: agent.load(),
+                health: None,
             },
         )
         .await;
@@ -900,7 +904,7 @@ async fn vm_creation_checks_everything_before_changing_anything() {
     expect_status(
         create(spec("web-9", "52:54:00:00:09:09", 256), "other", None).await,
         409,
-        "no connected host",
+        "no connected, healthy host",
     )
     .await;
     let mut s = spec("web-9", "52:54:00:00:09:09", 256);

@@ -146,6 +146,7 @@ async fn heartbeat(c: &RunningCenter, reg: &Registered, vms: &[(Uuid, &str, f64)
             &Heartbeat {
                 facts: facts(8192),
                 load,
+                health: None,
             },
         )
         .await
@@ -217,6 +218,7 @@ async fn drs_settings_round_trip_and_validation() {
     let want = DrsSettings {
         automation: DrsAutomation::Fully,
         threshold: 4,
+        proactive: tern_api::health::ProactiveMode::Automatic,
     };
     let got: DrsSettings = api.put("/api/v1/clusters/lab/drs", &want).await.unwrap();
     assert_eq!(got, want);
@@ -227,6 +229,7 @@ async fn drs_settings_round_trip_and_validation() {
         let bad = DrsSettings {
             automation: DrsAutomation::Manual,
             threshold,
+            proactive: Default::default(),
         };
         let (code, msg) = status(
             api.put::<_, DrsSettings>("/api/v1/clusters/lab/drs", &bad)
@@ -333,6 +336,7 @@ async fn recommendations_follow_reported_load_and_manual_never_migrates() {
             &DrsSettings {
                 automation: DrsAutomation::Fully,
                 threshold: 3,
+                proactive: Default::default(),
             },
         )
         .await
@@ -385,6 +389,7 @@ async fn a_stopped_vm_of_an_unusable_host_starts_where_the_engine_places_it() {
                     memory_total_mib: 8192,
                     vms: vec![],
                 },
+                health: None,
             };
             let _ = api
                 .post::<_, ()>(&format!("/api/v1/hosts/{}/heartbeat", h2.host_id), &hb)

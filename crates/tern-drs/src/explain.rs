@@ -118,6 +118,7 @@ fn state_name(s: crate::model::HostState) -> &'static str {
         crate::model::HostState::Connected => "connected",
         crate::model::HostState::Maintenance => "maintenance",
         crate::model::HostState::Disconnected => "disconnected",
+        crate::model::HostState::Degraded => "degraded",
     }
 }
 

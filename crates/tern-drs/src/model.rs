@@ -38,6 +38,9 @@ pub enum HostState {
     Maintenance,
     /// Unreachable: takes no VMs; its VMs cannot be moved and are ignored.
     Disconnected,
+    /// Failing or underperforming hardware (proactive HA's quarantine): takes no VMs and
+    /// leaves the balance metric; its VMs stay until the center empties it.
+    Degraded,
 }
 
 /// A host of the cluster.

@@ -96,6 +96,10 @@ pub struct AgentArgs {
     /// each cgroup v1 hierarchy [default: tern/<name>].
     #[arg(long, value_name = "PATH")]
     pub cgroup_parent: Option<String>,
+    /// Root of the sysfs tree the health counters (EDAC memory errors, disk I/O errors) are
+    /// read under: a lab or a test points it at a tree of its own [default: /sys].
+    #[arg(long, value_name = "DIR")]
+    pub health_sysfs: Option<PathBuf>,
 }
 
 /// Default first id of the QEMU users' range: far above login users (1000+), systemd's
@@ -157,6 +161,7 @@ struct FileConfig {
     #[serde(default)]
     qemu_as_root: bool,
     cgroup_parent: Option<String>,
+    health_sysfs: Option<PathBuf>,
 }
 
 /// Where and how to reach the center.
@@ -190,6 +195,8 @@ pub struct AgentConfig {
     pub qemu_uid_base: Option<u32>,
     /// Relative cgroup path of the VMs' groups (checked: plain names only).
     pub cgroup_parent: String,
+    /// Root of the sysfs the health counters are read under.
+    pub health_sysfs: PathBuf,
 }
 
 impl AgentArgs {
@@ -276,6 +283,11 @@ impl AgentArgs {
         crate::cgroups::check_parent(&cgroup_parent).context("--cgroup-parent")?;
         Ok(AgentConfig {
             cgroup_parent,
+            health_sysfs: self
+                .health_sysfs
+                .clone()
+                .or(file.health_sysfs)
+                .unwrap_or_else(|| PathBuf::from("/sys")),
             name,
             cluster: self
                 .cluster

@@ -238,6 +238,7 @@ async fn heartbeats(
         let body = Heartbeat {
             facts: agent.facts(),
             load: agent.load().await,
+            health: Some(agent.health()),
         };
         match client.post::<_, serde_json::Value>(&path, &body).await {
             Ok(_) => {

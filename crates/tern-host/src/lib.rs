@@ -17,6 +17,7 @@ pub mod enrol;
 pub mod error;
 pub mod facts;
 pub mod frames;
+pub mod health;
 pub mod identity;
 pub mod load;
 pub mod migrations;
@@ -71,12 +72,22 @@ pub struct Agent {
     /// This host's side of live migrations.
     pub migrations: Arc<migrations::Migrations>,
     load: tokio::sync::Mutex<LoadCache>,
+    /// Hardware and pressure counters, sent with every heartbeat.
+    health: std::sync::Mutex<health::HealthProbe>,
 }
 
 impl Agent {
     /// The host's facts as known now.
     pub fn facts(&self) -> HostFacts {
         self.facts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The health counters now.
+    pub fn health(&self) -> tern_api::health::HealthReport {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample()
     }
 
     /// Host and per-VM load: CPU over the time since the previous sample, memory now.
@@ -256,6 +267,12 @@ pub async fn serve(
         None
     };
     let tls_source = tls.as_ref().map(|t| t.server.subscribe());
+    let health_probe = health::HealthProbe::new(
+        cfg.health_sysfs.clone(),
+        cfg.shared_storage.clone(),
+        cfg.migration_address,
+        facts.cores,
+    );
     let agent = Arc::new(Agent {
         cfg,
         tls,
@@ -265,6 +282,7 @@ pub async fn serve(
         vms: vms.clone(),
         migrations,
         load: tokio::sync::Mutex::new(LoadCache::default()),
+        health: std::sync::Mutex::new(health_probe),
     });
     let stop = CancellationToken::new();
     if probe_again {

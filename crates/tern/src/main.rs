@@ -138,6 +138,37 @@ enum HostCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Empty a host live without maintenance mode (a degraded host, a recommendation).
+    #[command(long_about = "\
+Empty a host live without maintenance mode: its running VMs move to the hosts the DRS
+engine picks, several at once within the per-host limit, keeping their connections. The
+host keeps its state and its stopped VMs. This is what the proactive mode `automatic` runs
+by itself on a degraded host; under `recommend` an event tells you to run it.
+Fails (exit 1) naming each VM that could not leave and why.")]
+    Evacuate {
+        host: String,
+        #[command(flatten)]
+        wait: cmd::host::WaitArgs,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Mark a host degraded (failing hardware): it takes no new VMs, and the cluster's
+    /// proactive mode acts on it (`tern cluster set-drs --proactive`).
+    Degrade {
+        host: String,
+        /// Why, for the event log and `tern host show` (one line, up to 200 characters).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Clear a host's degradation after the repair: it takes VMs again, and its health
+    /// counters are judged from their values now. Nothing moves back by itself.
+    Restore {
+        host: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -197,6 +228,19 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             Command::Host(HostCommand::Maintenance { cmd, connect }) => {
                 cmd::host::maintenance(&connect.client()?, cmd, output).await
+            }
+            Command::Host(HostCommand::Evacuate {
+                host,
+                wait,
+                connect,
+            }) => cmd::host::evacuate(&connect.client()?, &host, wait, output).await,
+            Command::Host(HostCommand::Degrade {
+                host,
+                reason,
+                connect,
+            }) => cmd::host::degrade(&connect.client()?, &host, &reason, output).await,
+            Command::Host(HostCommand::Restore { host, connect }) => {
+                cmd::host::restore(&connect.client()?, &host, output).await
             }
             Command::Cluster(g) => cmd::cluster::run(g.cmd, &g.connect.client()?, output).await,
             Command::Vm(g) => cmd::vm::run(g.cmd, &g.connect.client()?, output).await,

@@ -51,6 +51,7 @@ pub fn idle_heartbeat() -> tern_api::center::Heartbeat {
             memory_total_mib: 8192,
             vms: vec![],
         },
+        health: None,
     }
 }
 

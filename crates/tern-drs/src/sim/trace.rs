@@ -470,6 +470,7 @@ fn read_hosts(r: impl BufRead) -> Result<Vec<Host>, TraceError> {
             None | Some("connected") => HostState::Connected,
             Some("maintenance") => HostState::Maintenance,
             Some("disconnected") => HostState::Disconnected,
+            Some("degraded") => HostState::Degraded,
             Some(x) => return Err(t.bad(line, format!("state: unknown {x:?}"))),
         };
         if out.iter().any(|h: &Host| h.name == name) {
@@ -503,6 +504,7 @@ pub fn write(w: &Workload) -> TraceFiles {
             HostState::Connected => "connected",
             HostState::Maintenance => "maintenance",
             HostState::Disconnected => "disconnected",
+            HostState::Degraded => "degraded",
         };
         let _ = writeln!(
             hosts_csv,

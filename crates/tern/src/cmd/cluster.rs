@@ -42,6 +42,12 @@ pub enum ClusterCommand {
         /// Migration threshold 1 (mandatory moves only) .. 5 (also small gains).
         #[arg(long)]
         threshold: Option<u8>,
+        /// What a degraded host's VMs do (a host whose health counters cross a limit, or
+        /// that `tern host degrade` marked): off (signals shown only), recommend (an event
+        /// recommends `tern host evacuate`), automatic (emptied live at once). A degraded
+        /// host takes no new VMs in every mode.
+        #[arg(long, value_name = "off|recommend|automatic")]
+        proactive: Option<tern_api::health::ProactiveMode>,
     },
     /// The cluster's DRS settings and the engine's balance recommendations now.
     Drs { name: String },
@@ -120,6 +126,7 @@ pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result
             name,
             automation,
             threshold,
+            proactive,
         } => {
             let mut s: DrsSettings = api.drs(&name).await.or_list("tern cluster list")?;
             if let Some(a) = automation {
@@ -128,13 +135,16 @@ pub async fn run(cmd: ClusterCommand, api: &CenterClient, fmt: Format) -> Result
             if let Some(t) = threshold {
                 s.threshold = t;
             }
+            if let Some(p) = proactive {
+                s.proactive = p;
+            }
             let s: DrsSettings = api.set_drs(&name, &s).await.or_list("tern cluster list")?;
             match fmt {
                 Format::Json => print_json(&s),
                 Format::Table => {
                     println!(
-                        "cluster {name}: DRS automation {}, threshold {}",
-                        s.automation, s.threshold
+                        "cluster {name}: DRS automation {}, threshold {}, proactive {}",
+                        s.automation, s.threshold, s.proactive
                     );
                     Ok(())
                 }

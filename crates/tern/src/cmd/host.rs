@@ -1,5 +1,5 @@
-//! `tern host add|remove|list|show|maintenance` (the agent daemon itself is `tern host
-//! agent`, wired in main).
+//! `tern host add|remove|list|show|maintenance|evacuate|degrade|restore` (the agent daemon
+//! itself is `tern host agent`, wired in main).
 
 use tern_api::center::{
     AddHost, Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, Task,
@@ -162,17 +162,113 @@ pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), Cli
     for p in &h.problems {
         s.add("problem", p);
     }
+    health_lines(&h, &mut s);
     s.print();
     Ok(())
 }
 
-/// The host's state, with "degraded" when it reports problems (`tern host show` says which).
+fn health_lines(h: &Host, s: &mut Sheet) {
+    if h.health.degraded.is_empty() {
+        s.add("health", "healthy");
+    }
+    for f in &h.health.degraded {
+        s.add("health", format!("degraded since {}: {f}", time(&f.at)));
+    }
+    for f in &h.health.ignored {
+        s.add(
+            "health_signal",
+            format!("{f} (seen {}; proactive mode off)", time(&f.at)),
+        );
+    }
+    if let Some(r) = &h.health.report {
+        let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        s.add(
+            "health_counters",
+            format!(
+                "memory errors {} corrected / {} uncorrected, machine checks {}, disk errors \
+                 {}, NIC errors {}, steal {:.0}%, run queue {:.1}/core",
+                n(r.memory_corrected),
+                n(r.memory_uncorrected),
+                n(r.machine_checks),
+                n(r.disk_errors),
+                n(r.nic_errors),
+                r.cpu_steal_percent,
+                r.run_queue_per_core
+            ),
+        );
+    }
+}
+
+/// The host's state, with "degraded" when its health is (or it reports problems; `tern host
+/// show` says which).
 fn state_text(h: &Host) -> String {
-    if h.problems.is_empty() {
+    if h.health.is_degraded() {
+        let signals: Vec<String> = h
+            .health
+            .degraded
+            .iter()
+            .map(|f| f.signal.to_string())
+            .collect();
+        format!("{} (degraded: {})", h.state, signals.join(", "))
+    } else if h.problems.is_empty() {
         h.state.to_string()
     } else {
         format!("{} (degraded)", h.state)
     }
+}
+
+/// How a command that starts a task follows it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Print the task id and return at once instead of following it.
+    #[arg(long)]
+    pub detach: bool,
+    /// Stop following after this long (`90s`, `30m`); the task keeps going.
+    #[arg(long, value_parser = super::task::parse_duration, default_value = "2h")]
+    pub wait_timeout: std::time::Duration,
+}
+
+/// `tern host evacuate HOST`.
+pub async fn evacuate(
+    api: &CenterClient,
+    host: &str,
+    wait: WaitArgs,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let task: Task = api.evacuate(host).await.or_list("tern host list")?;
+    follow_emptying(api, host, task, wait.detach, wait.wait_timeout, fmt).await
+}
+
+/// `tern host degrade HOST --reason TEXT`.
+pub async fn degrade(
+    api: &CenterClient,
+    host: &str,
+    reason: &str,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let h = api
+        .degrade_host(host, reason)
+        .await
+        .or_list("tern host list")?;
+    if fmt == Format::Json {
+        return print_json(&h);
+    }
+    println!(
+        "host {host} is degraded ({}): nothing new is placed there; the cluster's proactive \
+         mode decides whether its VMs leave (tern event list --host {host})",
+        h.health.summary()
+    );
+    Ok(())
+}
+
+/// `tern host restore HOST`.
+pub async fn restore(api: &CenterClient, host: &str, fmt: Format) -> Result<(), CliError> {
+    let h = api.restore_host(host).await.or_list("tern host list")?;
+    if fmt == Format::Json {
+        return print_json(&h);
+    }
+    println!("host {host} is healthy again: VMs may be placed there");
+    Ok(())
 }
 
 /// `tern host maintenance enter|exit HOST`.
@@ -188,8 +284,9 @@ What happens, in order:
   3. The DRS engine plans where each running VM goes (memory fit, rules, spread over the
      other hosts), after dry-running the migration pre-checks (CPU, storage, size) against
      every other host; VMs no host can take are listed as blockers with the reason.
-  4. The running VMs are live-migrated one at a time; the guests keep running and keep
-     their connections. Progress counts the VMs handled.
+  4. The running VMs are live-migrated in the plan's order, up to 2 at once leaving the
+     host (and 2 arriving at any one destination); the guests keep running and keep their
+     connections. Progress counts the VMs handled.
   5. Stopped VMs are registered on another host (they start there next time); one that no
      host can take stays registered here, with a warning.
 
@@ -244,6 +341,18 @@ pub async fn maintenance(
         println!("{}", task.phase);
         return Ok(());
     };
+    follow_emptying(api, &host, task, detach, wait_timeout, fmt).await
+}
+
+/// Follows a task that empties a host (maintenance entry, evacuation) and prints its moves.
+async fn follow_emptying(
+    api: &CenterClient,
+    host: &str,
+    task: Task,
+    detach: bool,
+    wait_timeout: std::time::Duration,
+    fmt: Format,
+) -> Result<(), CliError> {
     if detach {
         return super::task::print_detached(&task, fmt);
     }

@@ -1,4 +1,4 @@
-//! `tern lab up|down|status|client|link|restart|stop|start`: arguments and output; the lab
+//! `tern lab up|down|status|client|link|memory-errors|restart|stop|start`: arguments and output; the lab
 //! itself lives in `crate::lab`.
 
 use std::path::{Path, PathBuf};
@@ -51,6 +51,18 @@ pub enum LabCommand {
     /// Shape, cut or restore a host's management/migration link.
     #[command(subcommand)]
     Link(LinkCommand),
+    /// Set a host's fake EDAC memory-error counters (the lab's stand-in for failing
+    /// memory): its agent reports them, and the center judges them (`tern host show`).
+    MemoryErrors {
+        /// The lab host (h1, h2, ...).
+        host: String,
+        /// Corrected errors so far (10 more than the center first saw degrade the host).
+        #[arg(long)]
+        corrected: Option<u64>,
+        /// Uncorrected errors so far (one more degrades the host).
+        #[arg(long)]
+        uncorrected: Option<u64>,
+    },
     /// Restart the center or a host agent (`center`, `h1`…) the way `lab up` starts it.
     Restart {
         name: String,
@@ -283,6 +295,22 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             lab::link(dir, &host, fault)?;
             if fmt == Format::Table {
                 println!("link of {host} {what}");
+            }
+            Ok(())
+        }
+        LabCommand::MemoryErrors {
+            host,
+            corrected,
+            uncorrected,
+        } => {
+            if corrected.is_none() && uncorrected.is_none() {
+                return Err(CliError::usage(
+                    "give --corrected N, --uncorrected N or both",
+                ));
+            }
+            lab::memory_errors(dir, &host, corrected, uncorrected)?;
+            if fmt == Format::Table {
+                println!("host {host}: memory error counters set");
             }
             Ok(())
         }

@@ -70,7 +70,24 @@ pub(super) fn agent_args(st: &LabState, h: &LabHost) -> Vec<String> {
         st.accel.clone(),
         "--cgroup-parent".into(),
         lab_cgroup(&st.prefix, &h.name),
+        "--health-sysfs".into(),
+        health_sysfs(&h.state_dir).display().to_string(),
     ]
+}
+
+/// The sysfs tree a lab agent reads its health counters under: the lab's stand-in for the
+/// hardware (`tern lab memory-errors` raises its EDAC counters), beside the host's state dir.
+pub(super) fn health_sysfs(state_dir: &std::path::Path) -> std::path::PathBuf {
+    let name = state_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    state_dir.with_file_name(format!("{name}-sysfs"))
+}
+
+/// The fake EDAC memory controller of a lab host (one, `mc0`).
+pub(super) fn edac_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    health_sysfs(state_dir).join("devices/system/edac/mc/mc0")
 }
 
 /// The cgroup parent of a lab's agents (`tern lab down` removes `tern-lab/<prefix>`).

@@ -1,4 +1,5 @@
-//! Faults on a host's management/migration link: shape (rate, delay), cut, restore.
+//! Faults of lab hosts: on the management/migration link (shape, cut, restore) and in the
+//! hardware the agents' health counters stand for (memory errors).
 
 use std::path::Path;
 use std::time::Duration;
@@ -123,6 +124,33 @@ pub fn link(dir: &Path, host: &str, fault: LinkFault) -> anyhow::Result<()> {
                     &["neigh", "flush", "to", &h.mgmt_ip, "dev", plan::MGMT_IF],
                 )?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Sets a lab host's fake EDAC memory-error counters (the agent reports them with its next
+/// heartbeat). A value not given keeps its count.
+pub fn memory_errors(
+    dir: &Path,
+    host: &str,
+    corrected: Option<u64>,
+    uncorrected: Option<u64>,
+) -> anyhow::Result<()> {
+    let st = load(&absolute(dir)?)?;
+    let h = st
+        .host(host)
+        .with_context(|| format!("the lab has no host `{host}`"))?;
+    let mc = super::daemons::edac_dir(&h.state_dir);
+    for (file, value) in [("ce_count", corrected), ("ue_count", uncorrected)] {
+        if let Some(v) = value {
+            let path = mc.join(file);
+            // Written whole then renamed: the agent never reads half a number.
+            let tmp = mc.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, format!("{v}\n"))
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("replacing {}", path.display()))?;
         }
     }
     Ok(())

@@ -26,7 +26,7 @@ mod teardown;
 mod topology;
 
 pub use daemons::{restart, start, stop, StartOptions};
-pub use faults::{link, LinkFault};
+pub use faults::{link, memory_errors, LinkFault};
 pub use teardown::teardown;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -205,6 +205,13 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         let state_dir = dir.join("hosts").join(&h.name);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
+        // A healthy memory controller: no errors yet.
+        let edac = daemons::edac_dir(&state_dir);
+        std::fs::create_dir_all(&edac).with_context(|| format!("creating {}", edac.display()))?;
+        for f in ["ce_count", "ue_count"] {
+            std::fs::write(edac.join(f), "0\n")
+                .with_context(|| format!("writing {}", edac.join(f).display()))?;
+        }
         let mut host = LabHost {
             name: h.name.clone(),
             namespace: h.namespace.clone(),
