@@ -230,7 +230,7 @@ pub enum TaskKind {
     HostMaintenanceEnter,
     /// Host leaves maintenance mode (done when recorded).
     HostMaintenanceExit,
-    /// A cluster's DRS balance recommendations run as live migrations, one at a time.
+    /// A cluster's DRS balance recommendations run as live migrations, several at once.
     DrsApply,
     /// A host's running VMs leave it live (a degraded host, or an operator's evacuate),
     /// without maintenance mode.

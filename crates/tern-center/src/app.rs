@@ -55,6 +55,8 @@ pub struct App {
     pub drs: DrsState,
     /// Each host's health baseline and recent signals (see [`crate::health`]).
     pub health: Mutex<HashMap<Uuid, HealthTracker>>,
+    /// The migration scheduler: per-host concurrent migration limits, across all tasks.
+    pub slots: Arc<crate::migration_slots::MigrationSlots>,
     /// Connections to the agents, reused from call to call (see [`App::agent`]).
     pub http: tern_api::HttpPool,
     /// The cluster's CA and the center's certificate; `None` when the center serves plain
@@ -84,6 +86,7 @@ impl App {
             workers: Mutex::new(JoinSet::new()),
             drs: DrsState::default(),
             health: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
         }
     }
 

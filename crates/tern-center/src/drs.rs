@@ -36,7 +36,10 @@ use uuid::Uuid;
 
 use crate::app::{lock, App};
 use crate::error::CenterError;
-use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, VmRecord};
+use crate::migrate::MoveClass;
+use crate::store::{
+    HostRecord, MigrationRow, NewEvent, StoreError, TaskIntent, TaskRecord, VmRecord,
+};
 use crate::tasks::{self, TaskCtl, TaskEnd};
 
 /// How often a migration task is polled.
@@ -140,7 +143,7 @@ pub async fn cluster_snapshot(
     rules: Vec<Rule>,
     placing: Option<Uuid>,
 ) -> Result<Snapshot, String> {
-    let (hosts, vms, user_rules) = app
+    let (hosts, vms, user_rules, in_flight) = app
         .db
         .read(move |tx| {
             let hosts = tx.hosts_in_cluster(cluster_id)?;
@@ -149,13 +152,51 @@ pub async fn cluster_snapshot(
                 .into_iter()
                 .filter(|v| v.cluster_id == cluster_id)
                 .collect();
-            Ok::<_, StoreError>((hosts, vms, tx.drs_rules(cluster_id)?))
+            Ok::<_, StoreError>((
+                hosts,
+                vms,
+                tx.drs_rules(cluster_id)?,
+                tx.unfinished_migrations()?,
+            ))
         })
         .await
         .map_err(|e| format!("center store: {e}"))?;
     let mut snap = drs_snapshot(&hosts, &vms, placing, rules);
     add_user_rules(&mut snap, &user_rules);
+    add_in_flight(&mut snap, &hosts, &vms, &in_flight);
     Ok(snap)
+}
+
+/// Counts migrations in flight on both hosts: the VM stays on its source in the snapshot
+/// (it runs there until the commit), and its destination already gives it the room it is
+/// being handed (its memory, and its CPU demand), so no plan promises that room twice.
+pub fn add_in_flight(
+    snap: &mut Snapshot,
+    hosts: &[HostRecord],
+    vms: &[VmRecord],
+    in_flight: &[MigrationRow],
+) {
+    for m in in_flight {
+        let Some(vm) = vms.iter().find(|v| v.id == m.vm_id) else {
+            continue;
+        };
+        // Committed: the store already has it on the destination.
+        if vm.host_id == Some(m.dest_host_id) {
+            continue;
+        }
+        let Some(dest) = hosts.iter().find(|h| h.id == m.dest_host_id) else {
+            continue;
+        };
+        let demand = snap
+            .vms
+            .iter()
+            .find(|v| v.name == vm.name())
+            .map_or(0.0, |v| v.cpu_demand_mhz);
+        if let Some(h) = snap.hosts.iter_mut().find(|h| h.name == dest.name) {
+            h.memory_mib = (h.memory_mib - vm.spec.memory_mib as f64).max(1.0);
+            h.cpu_mhz = (h.cpu_mhz - demand).max(1.0);
+        }
+    }
 }
 
 /// The host group a VM-host rule's hosts form in the engine's snapshot.
@@ -583,12 +624,13 @@ fn recommendations(
 
 // ---------- apply ----------
 
-/// Starts a live migration and waits for it; `Ok(task)` when the VM runs on `to`. The
-/// migration task in flight is kept in `child` (for a cancel to reach it).
-pub async fn migrate_and_wait(
+/// Queues a live migration of `vm` to `to` in the migration scheduler's `class`; the task is
+/// kept in `children` (for a cancel to reach it) until [`wait_migration`] sees it end.
+pub async fn start_migration(
     app: &Arc<App>,
     vm: &str,
     to: &str,
+    class: MoveClass,
     children: &Mutex<Vec<Uuid>>,
 ) -> Result<Uuid, String> {
     let req = MigrateVm {
@@ -599,11 +641,20 @@ pub async fn migrate_and_wait(
         allow_postcopy: false,
         dry_run: false,
     };
-    let t = crate::migrate::migrate_vm(app, vm.to_string(), req)
+    let t = crate::migrate::migrate_vm_as(app, vm.to_string(), req, class)
         .await
         .map_err(|e| format!("the migration was refused: {}", e))?;
     lock(children).push(t.id);
-    let id = t.id;
+    Ok(t.id)
+}
+
+/// Waits for migration task `id` (towards `to`) to end; `Ok(id)` when it succeeded.
+pub async fn wait_migration(
+    app: &Arc<App>,
+    id: Uuid,
+    to: &str,
+    children: &Mutex<Vec<Uuid>>,
+) -> Result<Uuid, String> {
     let done = wait_done(app, id).await;
     lock(children).retain(|c| *c != id);
     let done = done?;
@@ -660,8 +711,8 @@ fn task_event(task: Uuid, level: EventLevel, msg: String) -> NewEvent {
     NewEvent::new(level, format!("task {task}: {msg}")).task(task)
 }
 
-/// Queues a `drs_apply` task for the cluster: the recommendations of a fresh pass run one at
-/// a time as live migrations. `why` says who asked (an operator, the scheduler).
+/// Queues a `drs_apply` task for the cluster: the recommendations of a fresh pass run as live
+/// migrations, several at once within the hosts' limits. `why` says who asked (an operator, the scheduler).
 pub async fn apply(app: &Arc<App>, cluster: String, why: &str) -> Result<Task, CenterError> {
     let c2 = cluster.clone();
     let why = why.to_string();
@@ -785,6 +836,7 @@ async fn run_apply(
     child: &Mutex<Vec<Uuid>>,
     result: &Mutex<DrsApplyResult>,
 ) -> Result<(), String> {
+    use futures::future::{FutureExt, Shared};
     let progress = |p: u8, phase: String| async move {
         app.db
             .write(move |tx| tx.update_task_progress(task, TaskState::Running, p, &phase))
@@ -795,13 +847,21 @@ async fn run_apply(
     let recs = recommend(app, cluster.to_string())
         .await
         .map_err(|e| e.into_message())?;
-    let total = recs.recommendations.len();
-    for (i, r) in recs.recommendations.iter().enumerate() {
-        let p = (5 + i * 94 / total.max(1)).min(99) as u8;
+    let recs = recs.recommendations;
+    let total = recs.len();
+    type Wait<'a> = Shared<futures::future::BoxFuture<'a, Result<Uuid, String>>>;
+    // Every move is queued at once, in the plan's order, and the migration scheduler runs
+    // as many as the hosts' limits allow. One exception keeps the plan sound: a move to a
+    // host waits until the moves leaving that host have ended, as the room it needs may be
+    // the room they free.
+    let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
+    let mut outcomes: Vec<Option<Result<Uuid, String>>> = vec![None; total];
+    for (i, r) in recs.iter().enumerate() {
+        let p = (5 + i * 90 / total.max(1)).min(95) as u8;
         if !progress(
             p,
             format!(
-                "migrating VM {} from {} to {} ({} of {total})",
+                "queueing VM {} from {} to {} ({} of {total})",
                 r.vm,
                 r.from_host,
                 r.to_host,
@@ -812,6 +872,17 @@ async fn run_apply(
         {
             return Err("the task ended meanwhile (cancelled)".into());
         }
+        let freeing: Vec<Wait<'_>> = waits
+            .iter()
+            .filter(|(j, _)| recs[*j].from_host == r.to_host)
+            .map(|(_, w)| w.clone())
+            .collect();
+        futures::future::join_all(freeing).await;
+        let class = if r.priority <= 1 {
+            MoveClass::Mandatory
+        } else {
+            MoveClass::Optional
+        };
         let ev = task_event(
             task,
             EventLevel::Info,
@@ -826,10 +897,23 @@ async fn run_apply(
             .write(move |tx| tx.add_event(ev, Utc::now()))
             .await
             .map_err(|e| format!("center store: {e}"))?;
-        let outcome = migrate_and_wait(app, &r.vm, &r.to_host, child).await;
+        match start_migration(app, &r.vm, &r.to_host, class, child).await {
+            Ok(id) => waits.push((
+                i,
+                wait_migration(app, id, &r.to_host, child).boxed().shared(),
+            )),
+            Err(e) => outcomes[i] = Some(Err(e)),
+        }
+    }
+    progress(96, format!("{} migration(s) running", waits.len())).await?;
+    for (i, w) in waits {
+        outcomes[i] = Some(w.await);
+    }
+    for (r, outcome) in recs.iter().zip(outcomes) {
         let (task_id, error) = match outcome {
-            Ok(id) => (Some(id), None),
-            Err(e) => (None, Some(e)),
+            Some(Ok(id)) => (Some(id), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, Some("not started".to_string())),
         };
         lock(result).applied.push(DrsApplied {
             vm: r.vm.clone(),

@@ -9,6 +9,7 @@
 //! rule, recovery), [`evc`] (CPU baselines), [`vmcheck`] (spec and size rules), [`pki`] (the
 //! cluster CA, host certificates) → [`tasks`]
 //! (the runner every long operation goes through) → [`agent`] (calls to host agents),
+//! [`migration_slots`] (how many migrations each host sends and receives at once),
 //! [`app`] (shared state), [`error`] (the domain error) → [`store`] (SQLite, the only
 //! place SQL lives).
 
@@ -25,6 +26,7 @@ pub mod health;
 pub mod inventory;
 pub mod maintenance;
 pub mod migrate;
+pub mod migration_slots;
 pub mod pki;
 pub mod power;
 pub mod resources;

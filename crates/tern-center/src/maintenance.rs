@@ -10,10 +10,10 @@
 //!    storage, size…); a failed check becomes a must-not-run-on rule of a DRS snapshot of the
 //!    cluster, and `tern_drs::evacuate` plans the moves (memory fit, rules, spread) and names
 //!    the blockers with the reason.
-//! 4. The running VMs move by ordinary live migrations ([`crate::migrate::migrate_vm`]) in
-//!    the plan's order, several at once: at most the engine's per-host limit leave the host
-//!    together, and as many arrive at any one destination (the plan's timeline assumes the
-//!    same); progress is VMs handled ÷ VMs on the host.
+//! 4. The running VMs move by ordinary live migrations ([`crate::migrate::migrate_vm_as`]),
+//!    queued in the plan's order as mandatory moves: the center's migration scheduler
+//!    ([`crate::migration_slots`]) runs as many at once as the hosts' limits allow, whoever
+//!    else migrates meanwhile; progress is VMs handled ÷ VMs on the host.
 //! 5. Stopped VMs are re-homed in the inventory (their host changes, their generation is
 //!    bumped) to the host `tern_drs::place` picks among those passing the same checks; the old
 //!    host is asked to forget them.
@@ -46,14 +46,6 @@ use crate::drs::{precheck_text, Refused};
 use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, TaskIntent, TaskRecord, Tx, VmRecord};
 use crate::tasks::{self, TaskCtl, TaskEnd};
-
-/// Live migrations that leave (or reach) one host at once during an evacuation: the DRS
-/// engine's figure, which its plan's timeline assumes too.
-fn migrations_per_host() -> usize {
-    tern_drs::Config::default()
-        .max_concurrent_migrations_per_host
-        .max(1)
-}
 
 /// How long entry waits for tasks already acting on the host's VMs.
 const BUSY_WAIT: Duration = Duration::from_secs(120);
@@ -473,86 +465,86 @@ impl Entry {
         Ok(())
     }
 
-    /// Runs the plan's live migrations in its order, several at once: at most
-    /// [`migrations_per_host`] leave this host together, and as many arrive at each
-    /// destination. Returns how many were handled (moved or left with the reason).
+    /// Queues the plan's live migrations in its order, then waits for them: the center's
+    /// migration scheduler runs as many at once as the hosts' limits allow (mandatory moves,
+    /// ahead of any DRS balance move). Returns how many were handled (moved or left with the
+    /// reason).
     async fn migrate_all(
         &self,
         steps: &[tern_drs::EvacuationStep],
         handled_before: usize,
         total: usize,
     ) -> Result<usize, String> {
-        let per_host = migrations_per_host();
-        let outgoing = tokio::sync::Semaphore::new(per_host);
-        let incoming: std::collections::HashMap<&str, tokio::sync::Semaphore> = steps
-            .iter()
-            .map(|s| {
-                (
-                    s.migration.to_host.as_str(),
-                    tokio::sync::Semaphore::new(per_host),
-                )
-            })
-            .collect();
-        let handled = std::sync::atomic::AtomicUsize::new(0);
+        use crate::migrate::MoveClass;
         let moves = steps.len();
-        let runs = steps.iter().enumerate().map(|(i, step)| {
-            let (outgoing, incoming, handled) = (&outgoing, &incoming, &handled);
+        let mut queued: Vec<(&tern_drs::Move, String, Uuid)> = Vec::new();
+        let mut handled = 0;
+        for (i, step) in steps.iter().enumerate() {
+            let m = &step.migration;
+            let reason = format!(
+                "{}; imbalance of the other hosts {:.4} → {:.4}",
+                explain::reason(&m.reason),
+                m.numbers.imbalance_before,
+                m.numbers.imbalance_after
+            );
+            self.event_vm(
+                EventLevel::Info,
+                Some(&m.vm),
+                format!("decision: VM {} goes to {}: {reason}", m.vm, m.to_host),
+            )
+            .await;
+            self.phase(
+                progress(handled_before, total),
+                format!(
+                    "queueing the migration of VM {} to {} ({} of {moves})",
+                    m.vm,
+                    m.to_host,
+                    i + 1
+                ),
+            )
+            .await?;
+            match crate::drs::start_migration(
+                &self.app,
+                &m.vm,
+                &m.to_host,
+                MoveClass::Mandatory,
+                &self.children,
+            )
+            .await
+            {
+                Ok(id) => queued.push((m, reason, id)),
+                Err(why) => {
+                    self.leave(&m.vm, why).await;
+                    handled += 1;
+                }
+            }
+        }
+        let done = std::sync::atomic::AtomicUsize::new(handled);
+        let waits = queued.iter().map(|(m, reason, id)| {
+            let done = &done;
             async move {
-                let m = &step.migration;
-                // Permits are taken in the plan's order: join_all polls in order.
-                let _out = outgoing
-                    .acquire()
-                    .await
-                    .map_err(|_| "migration slots closed".to_string())?;
-                let _in = match incoming.get(m.to_host.as_str()) {
-                    Some(sem) => Some(
-                        sem.acquire()
-                            .await
-                            .map_err(|_| "migration slots closed".to_string())?,
-                    ),
-                    None => None,
-                };
-                let reason = format!(
-                    "{}; imbalance of the other hosts {:.4} → {:.4}",
-                    explain::reason(&m.reason),
-                    m.numbers.imbalance_before,
-                    m.numbers.imbalance_after
-                );
-                self.event_vm(
-                    EventLevel::Info,
-                    Some(&m.vm),
-                    format!("decision: VM {} goes to {}: {reason}", m.vm, m.to_host),
-                )
-                .await;
-                let done = handled.load(std::sync::atomic::Ordering::Relaxed);
-                self.phase(
-                    progress(handled_before + done, total),
-                    format!(
-                        "migrating VM {} to {} ({} of {moves}, up to {per_host} at once)",
-                        m.vm,
-                        m.to_host,
-                        i + 1
-                    ),
-                )
-                .await?;
-                match self.migrate(&m.vm, &m.to_host).await {
-                    Ok(id) => {
-                        lock(&self.result).migrated.push(MaintenanceMove {
-                            vm: m.vm.clone(),
-                            to: m.to_host.clone(),
-                            task: Some(id),
-                            reason,
-                        });
-                    }
+                let outcome =
+                    crate::drs::wait_migration(&self.app, *id, &m.to_host, &self.children).await;
+                match outcome {
+                    Ok(id) => lock(&self.result).migrated.push(MaintenanceMove {
+                        vm: m.vm.clone(),
+                        to: m.to_host.clone(),
+                        task: Some(id),
+                        reason: reason.clone(),
+                    }),
                     Err(why) => self.leave(&m.vm, why).await,
                 }
-                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok::<(), String>(())
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                self.phase(
+                    progress(handled_before + n, total),
+                    format!("{n} of {moves} migration(s) ended; VM {} done", m.vm),
+                )
+                .await
             }
         });
-        let results = futures::future::join_all(runs).await;
+        let results = futures::future::join_all(waits).await;
         results.into_iter().collect::<Result<Vec<()>, String>>()?;
-        Ok(handled.into_inner())
+        Ok(done.into_inner())
     }
 
     /// Waits until no task acts on a VM of the host (a start or migration begun before the
@@ -612,11 +604,6 @@ impl Entry {
                 .map(|o| (o.vm.name(), &o.refused)),
         );
         crate::drs::cluster_snapshot(&self.app, h.cluster_id, rules, placing.map(|p| p.vm.id)).await
-    }
-
-    /// Starts a live migration and waits for it; `Ok(task)` when the VM runs on `to`.
-    async fn migrate(&self, vm: &str, to: &str) -> Result<Uuid, String> {
-        crate::drs::migrate_and_wait(&self.app, vm, to, &self.children).await
     }
 
     /// Registers a stopped VM on the host the scheduler picks, or leaves it with a warning.
@@ -953,6 +940,56 @@ mod tests {
         assert_eq!(snap.hosts[0].memory_mib, 4096.0);
         let p = tern_drs::place(&snap, "parked").unwrap();
         assert_eq!(p.host, "h2");
+    }
+
+    #[test]
+    fn a_migration_in_flight_holds_room_on_its_destination() {
+        let h1 = host("h1", 4096, false);
+        let h2 = host("h2", 4096, false);
+        let a = vm("a", &h1, 3072, PowerState::Running);
+        let b = vm("b", &h1, 2048, PowerState::Running);
+        let row = |vm: &VmRecord, state| crate::store::MigrationRow {
+            task_id: Uuid::new_v4(),
+            vm_id: vm.id,
+            vm_name: vm.name().to_string(),
+            source_host_id: h1.id,
+            dest_host_id: h2.id,
+            generation_from: 1,
+            generation_to: 2,
+            state,
+            detail: None,
+        };
+        let hosts = vec![h1.clone(), h2.clone()];
+        let vms = vec![a.clone(), b.clone()];
+        let mut snap = drs_snapshot(&hosts, &vms, None, vec![]);
+        crate::drs::add_in_flight(
+            &mut snap,
+            &hosts,
+            &vms,
+            &[row(&a, crate::store::MigrationRecordState::Preparing)],
+        );
+        // a still runs on h1 (until the commit), and h2 already gives it its 3 GiB: b, which
+        // needs 2 GiB, no longer fits there.
+        assert_eq!(snap.vms[0].host.as_deref(), Some("h1"));
+        assert_eq!(snap.hosts[1].memory_mib, 1024.0);
+        let plan = tern_drs::evacuate(&snap, "h1").unwrap();
+        assert!(
+            plan.blockers.iter().any(|x| x.vm == "b"),
+            "b was planned into room promised to a: {plan:?}"
+        );
+        // Once committed (a's host is h2 in the store), nothing is counted twice.
+        let mut moved = a.clone();
+        moved.host_id = Some(h2.id);
+        moved.host = Some("h2".into());
+        let vms = vec![moved.clone(), b];
+        let mut snap = drs_snapshot(&hosts, &vms, None, vec![]);
+        crate::drs::add_in_flight(
+            &mut snap,
+            &hosts,
+            &vms,
+            &[row(&moved, crate::store::MigrationRecordState::Committed)],
+        );
+        assert_eq!(snap.hosts[1].memory_mib, 4096.0);
     }
 
     #[test]

@@ -45,6 +45,8 @@ use uuid::Uuid;
 use crate::agent::{Agent, AgentError};
 use crate::app::{lock, App};
 use crate::error::CenterError;
+pub use crate::migration_slots::MoveClass;
+use crate::migration_slots::{host_limit, SlotRequest, Ticket};
 use crate::retry::Retry;
 use crate::store::{
     HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
@@ -86,8 +88,20 @@ fn ev(task: Uuid, vm: &str, host: &str, level: EventLevel, msg: String) -> NewEv
         .host(Some(host))
 }
 
-/// Queues a migration of VM `name` and drives it in the background.
+/// Queues a migration of VM `name` and drives it in the background (an operator's request:
+/// a mandatory move for the scheduler).
 pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<Task, CenterError> {
+    migrate_vm_as(app, name, req, MoveClass::Mandatory).await
+}
+
+/// Queues a migration whose place in the migration scheduler's queue is `class`; the queue
+/// place is taken before this returns, so callers queue in the order they call.
+pub async fn migrate_vm_as(
+    app: &Arc<App>,
+    name: String,
+    req: MigrateVm,
+    class: MoveClass,
+) -> Result<Task, CenterError> {
     req.check().map_err(CenterError::invalid)?;
     let to = req.to.clone();
     let rec = app
@@ -152,6 +166,15 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
         })
         .await?;
     let (rec, vm, source, dest, req) = rec;
+    let ticket = (!req.dry_run).then(|| {
+        app.slots.ticket(SlotRequest {
+            source: source.id,
+            source_limit: host_limit(app.slots.link_mbit(source.id), source.facts.cores),
+            dest: dest.id,
+            dest_limit: host_limit(app.slots.link_mbit(dest.id), dest.facts.cores),
+            class,
+        })
+    });
     let app2 = app.clone();
     tasks::spawn(app, rec.task.id, move |ctl| async move {
         let m = Mig {
@@ -175,6 +198,7 @@ pub async fn migrate_vm(app: &Arc<App>, name: String, req: MigrateVm) -> Result<
             held: std::sync::Mutex::new(Vec::new()),
             timeline: Timeline::default(),
             handed: Vec::new(),
+            ticket: std::sync::Mutex::new(ticket),
         };
         // A migration cannot be dropped halfway: it polls the cancel signal at safe points and
         // records its own end (a rollback or a commit comes first).
@@ -217,6 +241,10 @@ struct Mig {
     timeline: Timeline,
     /// Frames the paused source left on the VM's taps, for the destination's commit.
     handed: Vec<HandedFrame>,
+    /// The migration scheduler's ticket: queued at creation, holding the two hosts' slots
+    /// from [`Mig::take_slots`] until the migration ends (`None`: a dry run, or a migration a
+    /// restarted center drives on).
+    ticket: std::sync::Mutex<Option<Ticket>>,
 }
 
 /// The steps of a switchover and how long each took, for the record.
@@ -377,6 +405,65 @@ impl Mig {
             Ok(Finished::Committed(status)) => self.forward(status).await,
             Err(why) => self.rollback(&why).await,
         }
+        // Freed with the task's end (see `finish_task`); this only covers a path that ended
+        // without one.
+        self.free_slots().await;
+    }
+
+    /// Waits for the scheduler's slots on both hosts (cancellable), and records the counts.
+    async fn take_slots(&self) -> Result<(), Abort> {
+        let Some(mut ticket) = lock(&self.ticket).take() else {
+            return Ok(());
+        };
+        self.phase(
+            Stage::Prechecks,
+            format!(
+                "waiting for a migration slot ({} sends, {} receives a limited number at once)",
+                self.source.name, self.dest.name
+            ),
+        )
+        .await?;
+        let counts = self.ctl.until_cancelled(ticket.wait()).await;
+        let Some((src, dst)) = counts else {
+            return Err(Abort::Cancelled);
+        };
+        *lock(&self.ticket) = Some(ticket);
+        self.event(
+            EventLevel::Info,
+            format!(
+                "migration slot taken: {} sends {} of {}, {} receives {} of {}",
+                self.source.name,
+                src.sending,
+                src.send_limit,
+                self.dest.name,
+                dst.receiving,
+                dst.receive_limit
+            ),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Frees the scheduler's slots (the migration ended either way) and records the counts,
+    /// before the task's end is: whoever waits for the task sees the slots free.
+    pub(super) async fn free_slots(&self) {
+        let ticket = lock(&self.ticket).take();
+        let Some((src, dst)) = ticket.and_then(Ticket::release) else {
+            return;
+        };
+        self.event(
+            EventLevel::Info,
+            format!(
+                "migration slot freed: {} sends {} of {}, {} receives {} of {}",
+                self.source.name,
+                src.sending,
+                src.send_limit,
+                self.dest.name,
+                dst.receiving,
+                dst.receive_limit
+            ),
+        )
+        .await;
     }
 }
 

@@ -135,6 +135,7 @@ impl Resumable {
                 held: std::sync::Mutex::new(Vec::new()),
                 timeline: Timeline::default(),
                 handed: Vec::new(),
+                ticket: std::sync::Mutex::new(None),
             };
             m.drive(Some(self.settings)).await;
             None

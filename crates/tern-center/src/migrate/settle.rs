@@ -298,6 +298,7 @@ impl Mig {
         error: Option<String>,
         summary: String,
     ) {
+        self.free_slots().await;
         let end = match (state, error) {
             (TaskState::Succeeded, _) => {
                 TaskEnd::succeeded(phase, summary).changes(|tx, t, _| match t.vm_id {

@@ -12,6 +12,7 @@ impl Mig {
             return Ok(Finished::DryRun(report));
         }
         self.check_cancel()?;
+        self.take_slots().await?;
         let row = self.stage_intent().await?;
         let settings = self.stage_measure(&row).await?;
         self.check_cancel()?;
@@ -188,6 +189,9 @@ impl Mig {
         }
         self.settings = Some(settings.clone());
         self.measurements = Some(m.clone());
+        self.app
+            .slots
+            .measured(self.source.id, self.dest.id, m.link_mbit);
         self.record_settings(&settings, &m).await?;
         Ok(settings)
     }

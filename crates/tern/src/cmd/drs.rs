@@ -30,7 +30,7 @@ pub enum DrsCommand {
         #[command(flatten)]
         connect: super::connect::ConnectArgs,
     },
-    /// Run a cluster's balance recommendations now: live migrations, one at a time, as a task
+    /// Run a cluster's balance recommendations now: live migrations, several at once, as a task
     /// (followed until it ends unless --detach).
     Apply {
         cluster: String,
