@@ -207,6 +207,14 @@ pub struct Vm {
     /// The CPU the VM runs with (see [`crate::evc`]); `None` until the center resolved it.
     #[serde(default)]
     pub cpu: Option<crate::evc::VmCpuRecord>,
+    /// The resource pool it belongs to (`None`: the cluster's root).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// The policy the host enforces: the VM's own, tightened by its pools' (their limits and
+    /// reservations divided down the tree, their shares weighed in). Equal to
+    /// `spec.resources` outside pools.
+    #[serde(default)]
+    pub effective_resources: Option<crate::resources::Resources>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]

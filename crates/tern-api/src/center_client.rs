@@ -125,6 +125,48 @@ impl CenterClient {
         self.api.delete(&route::RULE.with_name(name)?).await
     }
 
+    // ---- pools ----
+
+    pub async fn pools(&self, cluster: &str) -> Result<Vec<crate::pools::ResourcePool>, ApiError> {
+        self.api
+            .get(&route::CLUSTER_POOLS.with_name(cluster)?)
+            .await
+    }
+
+    pub async fn create_pool(
+        &self,
+        cluster: &str,
+        req: &crate::pools::CreatePool,
+    ) -> Result<crate::pools::ResourcePool, ApiError> {
+        self.api
+            .post(&route::CLUSTER_POOLS.with_name(cluster)?, req)
+            .await
+    }
+
+    pub async fn pool(&self, name: &str) -> Result<crate::pools::ResourcePool, ApiError> {
+        self.api.get(&route::POOL.with_name(name)?).await
+    }
+
+    pub async fn set_pool(
+        &self,
+        name: &str,
+        settings: &crate::pools::PoolSettings,
+    ) -> Result<crate::pools::ResourcePool, ApiError> {
+        self.api.put(&route::POOL.with_name(name)?, settings).await
+    }
+
+    pub async fn remove_pool(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::POOL.with_name(name)?).await
+    }
+
+    /// Moves a VM into a pool (`None`: the cluster's root).
+    pub async fn set_vm_pool(&self, vm: &str, pool: Option<&str>) -> Result<Vm, ApiError> {
+        let body = crate::pools::SetVmPool {
+            pool: pool.map(str::to_string),
+        };
+        self.api.put(&route::VM_POOL.with_name(vm)?, &body).await
+    }
+
     // ---- hosts ----
 
     pub async fn hosts(&self) -> Result<Vec<Host>, ApiError> {

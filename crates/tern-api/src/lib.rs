@@ -20,6 +20,7 @@ pub mod error;
 pub mod evc;
 pub mod health;
 pub mod migration;
+pub mod pools;
 pub mod resources;
 pub mod routes;
 pub mod spec;

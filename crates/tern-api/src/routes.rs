@@ -125,6 +125,8 @@ pub mod center {
     pub const CLUSTER_DRS: Route = Route::new("/api/v1/clusters/{name}/drs");
     pub const CLUSTER_RULES: Route = Route::new("/api/v1/clusters/{name}/rules");
     pub const RULE: Route = Route::new("/api/v1/rules/{name}");
+    pub const CLUSTER_POOLS: Route = Route::new("/api/v1/clusters/{name}/pools");
+    pub const POOL: Route = Route::new("/api/v1/pools/{name}");
     pub const CLUSTER_MIGRATION: Route = Route::new("/api/v1/clusters/{name}/migration");
     pub const CLUSTER_DRS_RECOMMENDATIONS: Route =
         Route::new("/api/v1/clusters/{name}/drs/recommendations");
@@ -142,6 +144,7 @@ pub mod center {
     pub const VM_START: Route = Route::new("/api/v1/vms/{name}/start");
     pub const VM_STOP: Route = Route::new("/api/v1/vms/{name}/stop");
     pub const VM_RESOURCES: Route = Route::new("/api/v1/vms/{name}/resources");
+    pub const VM_POOL: Route = Route::new("/api/v1/vms/{name}/pool");
     pub const VM_CONSOLE: Route = Route::new("/api/v1/vms/{name}/console");
     pub const VM_CAN_MIGRATE: Route = Route::new("/api/v1/vms/{name}/can-migrate");
     pub const VM_MIGRATE: Route = Route::new("/api/v1/vms/{name}/migrate");
@@ -161,6 +164,8 @@ pub mod center {
         CLUSTER_DRS,
         CLUSTER_RULES,
         RULE,
+        CLUSTER_POOLS,
+        POOL,
         CLUSTER_MIGRATION,
         CLUSTER_DRS_RECOMMENDATIONS,
         CLUSTER_DRS_APPLY,
@@ -177,6 +182,7 @@ pub mod center {
         VM_START,
         VM_STOP,
         VM_RESOURCES,
+        VM_POOL,
         VM_CONSOLE,
         VM_CAN_MIGRATE,
         VM_MIGRATE,

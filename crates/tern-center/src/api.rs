@@ -24,6 +24,7 @@ use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::health::DegradeHost;
 use tern_api::migration::{MigrateVm, MigrationResult};
+use tern_api::pools::{CreatePool, PoolSettings, ResourcePool, SetVmPool};
 use tern_api::routes::center::{self as route, nested};
 use tern_api::ErrorBody;
 use tern_api::Resources;
@@ -191,6 +192,15 @@ pub fn router(app: Arc<App>) -> Router {
             get(list_rules).post(create_rule),
         )
         .route(nested(route::RULE), delete(remove_rule))
+        .route(
+            nested(route::CLUSTER_POOLS),
+            get(list_pools).post(create_pool),
+        )
+        .route(
+            nested(route::POOL),
+            get(get_pool).put(update_pool).delete(remove_pool),
+        )
+        .route(nested(route::VM_POOL), put(set_vm_pool))
         .route(nested(route::HOSTS), get(list_hosts))
         .route(nested(route::HOST), get(get_host).delete(remove_host))
         .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
@@ -433,6 +443,118 @@ async fn remove_rule(
 ) -> ApiResult<StatusCode> {
     crate::rules::remove(&app, name, by.name.clone()).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/pools", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster's resource pools, by name", body = Vec<ResourcePool>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_pools(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<Vec<ResourcePool>>> {
+    Ok(axum::Json(crate::pools::list(&app, name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/clusters/{name}/pools", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    request_body = CreatePool,
+    responses(
+        (status = 201, description = "Pool created", body = ResourcePool),
+        (status = 400, description = "Invalid name or settings", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+        (status = 409, description = "Name taken", body = ErrorBody),
+        (status = 422, description = "The tree would not hold (unknown parent, reservations that do not fit: each named)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn create_pool(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+    Body(req): Body<CreatePool>,
+) -> ApiResult<(StatusCode, Json<ResourcePool>)> {
+    let p = crate::pools::create(&app, name, req, by.name.clone()).await?;
+    Ok((StatusCode::CREATED, axum::Json(p)))
+}
+
+#[utoipa::path(get, path = "/api/v1/pools/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Pool name")),
+    responses(
+        (status = 200, description = "The pool, its children and VMs", body = ResourcePool),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such pool", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_pool(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<ResourcePool>> {
+    Ok(axum::Json(crate::pools::get(&app, name).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/pools/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Pool name")),
+    request_body = PoolSettings,
+    responses(
+        (status = 200, description = "New settings stored; the running members' hosts enforce the new division", body = ResourcePool),
+        (status = 400, description = "Invalid settings", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such pool", body = ErrorBody),
+        (status = 422, description = "The tree would not hold", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn update_pool(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+    Body(settings): Body<PoolSettings>,
+) -> ApiResult<Json<ResourcePool>> {
+    Ok(axum::Json(
+        crate::pools::update(&app, name, settings, by.name.clone()).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/pools/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Pool name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such pool", body = ErrorBody),
+        (status = 409, description = "It still holds VMs or pools (named)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn remove_pool(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+) -> ApiResult<StatusCode> {
+    crate::pools::remove(&app, name, by.name.clone()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{name}/pool", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    request_body = SetVmPool,
+    responses(
+        (status = 200, description = "The VM in its new pool (the new division applied to the running members)", body = Vm),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such VM or pool", body = ErrorBody),
+        (status = 422, description = "A pool of another cluster, or a tree that would not hold", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn set_vm_pool(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+    Body(req): Body<SetVmPool>,
+) -> ApiResult<Json<Vm>> {
+    crate::pools::set_vm_pool(&app, name.clone(), req.pool, by.name.clone()).await?;
+    get_vm(State(app), PathArg(name)).await
 }
 
 #[utoipa::path(get, path = "/api/v1/clusters/{name}/migration", tag = "clusters",
@@ -1146,6 +1268,7 @@ impl Modify for BearerAuth {
         create_cluster, list_clusters, get_cluster, set_evc, evc_modes,
         get_cluster_migration, set_cluster_migration,
         get_drs, set_drs, drs_recommendations, drs_apply, list_rules, create_rule, remove_rule,
+        list_pools, create_pool, get_pool, update_pool, remove_pool, set_vm_pool,
         register_host, heartbeat, list_hosts, get_host, host_maintenance, host_evacuate,
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
@@ -1244,6 +1367,12 @@ mod tests {
             ("get", "/api/v1/clusters/{name}/rules"),
             ("post", "/api/v1/clusters/{name}/rules"),
             ("delete", "/api/v1/rules/{name}"),
+            ("get", "/api/v1/clusters/{name}/pools"),
+            ("post", "/api/v1/clusters/{name}/pools"),
+            ("get", "/api/v1/pools/{name}"),
+            ("put", "/api/v1/pools/{name}"),
+            ("delete", "/api/v1/pools/{name}"),
+            ("put", "/api/v1/vms/{name}/pool"),
         ];
         for (method, path) in expected {
             assert!(

@@ -64,6 +64,7 @@ pub fn required_role(method: &Method, matched: &str) -> Role {
         route::VM_START,
         route::VM_STOP,
         route::VM_RESOURCES,
+        route::VM_POOL,
         route::VM_MIGRATE,
         route::TASK_CANCEL,
         route::HOST_MAINTENANCE,

@@ -143,7 +143,7 @@ pub async fn cluster_snapshot(
     rules: Vec<Rule>,
     placing: Option<Uuid>,
 ) -> Result<Snapshot, String> {
-    let (hosts, vms, user_rules, in_flight) = app
+    let (hosts, vms, user_rules, in_flight, pools) = app
         .db
         .read(move |tx| {
             let hosts = tx.hosts_in_cluster(cluster_id)?;
@@ -157,14 +157,50 @@ pub async fn cluster_snapshot(
                 vms,
                 tx.drs_rules(cluster_id)?,
                 tx.unfinished_migrations()?,
+                tx.pools(cluster_id)?,
             ))
         })
         .await
         .map_err(|e| format!("center store: {e}"))?;
     let mut snap = drs_snapshot(&hosts, &vms, placing, rules);
     add_user_rules(&mut snap, &user_rules);
+    add_pools(&mut snap, &vms, &pools);
     add_in_flight(&mut snap, &hosts, &vms, &in_flight);
     Ok(snap)
+}
+
+/// The cluster's resource pools in a snapshot, and each VM's pool.
+pub fn add_pools(
+    snap: &mut Snapshot,
+    vms: &[VmRecord],
+    pools: &[(String, tern_api::pools::PoolSettings)],
+) {
+    snap.pools = pools
+        .iter()
+        .map(|(name, s)| tern_drs::Pool {
+            name: name.clone(),
+            parent: s.parent.clone(),
+            cpu: tern_drs::PoolCpu {
+                reservation_mhz: s.cpu.reservation_mhz.unwrap_or(0) as f64,
+                limit_mhz: s.cpu.limit_mhz.map(|l| l as f64),
+                shares: drs_shares(s.cpu.shares),
+                expandable_reservation: s.cpu.expandable,
+            },
+            memory: tern_drs::PoolMemory {
+                reservation_mib: s.memory.reservation_mib.unwrap_or(0) as f64,
+                limit_mib: s.memory.limit_mib.map(|l| l as f64),
+                shares: drs_shares(s.memory.shares),
+                expandable_reservation: s.memory.expandable,
+            },
+        })
+        .collect();
+    let pool_of: HashMap<&str, &str> = vms
+        .iter()
+        .filter_map(|v| v.pool.as_deref().map(|p| (v.name(), p)))
+        .collect();
+    for v in &mut snap.vms {
+        v.pool = pool_of.get(v.name.as_str()).map(|p| p.to_string());
+    }
 }
 
 /// Counts migrations in flight on both hosts: the VM stays on its source in the snapshot

@@ -440,6 +440,7 @@ pub fn record(row: &VmCpuRow) -> VmCpuRecord {
 pub fn vm_view(tx: &Tx, vm: &VmRecord) -> Result<Vm, StoreError> {
     let mut v = vm.to_api();
     v.cpu = tx.vm_cpu(vm.id)?.as_ref().map(record);
+    v.effective_resources = Some(crate::pools::effective_for(tx, vm)?);
     Ok(v)
 }
 
@@ -913,6 +914,7 @@ mod tests {
                         actual: PowerState::Running,
                         generation: 1,
                         created_at: Utc::now(),
+                        pool: None,
                     };
                     tx.insert_vm(&vm)?;
                     tx.set_vm_cpu(

@@ -864,6 +864,7 @@ fn drs_place(snap: &CreateSnapshot, cluster: &str, spec: &VmSpec) -> Option<(usi
         actual: PowerState::Stopped,
         generation: 1,
         created_at: Utc::now(),
+        pool: None,
     };
     match crate::drs::place_new(&hosts, &snap.vms, &new, &refused) {
         Ok(p) if !refused.contains_key(&p.host) => {
@@ -1071,6 +1072,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                 actual: PowerState::Stopped,
                 generation: 1,
                 created_at: now,
+                pool: None,
             };
             tx.insert_vm(&vm)?;
             tx.set_vm_cpu(vm.id, &crate::evc::creation_row(cpu, &host.name), now)?;

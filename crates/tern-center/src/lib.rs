@@ -4,7 +4,8 @@
 //! [`config`] (flags, config file, tokens) → [`server`] (listeners, lifecycle) → [`api`]
 //! (routes, OpenAPI), [`api_error`] (domain errors as HTTP answers) and [`auth`] (bearer
 //! tokens) → the domain: [`inventory`] (clusters, hosts, VMs), [`power`] (start, stop),
-//! [`health`] (host health, proactive evacuation), [`maintenance`] (emptying hosts), [`drs`] (placement, balance, the scheduler loop),
+//! [`health`] (host health, proactive evacuation), [`maintenance`] (emptying hosts),
+//! [`pools`] (resource pools and their division down to the VMs), [`drs`] (placement, balance, the scheduler loop),
 //! [`migrate`] (live migrations: pre-checks, settings, the ownership record and its commit
 //! rule, recovery), [`evc`] (CPU baselines), [`vmcheck`] (spec and size rules), [`pki`] (the
 //! cluster CA, host certificates) → [`tasks`]
@@ -28,6 +29,7 @@ pub mod maintenance;
 pub mod migrate;
 pub mod migration_slots;
 pub mod pki;
+pub mod pools;
 pub mod power;
 pub mod resources;
 pub mod retry;

@@ -866,6 +866,7 @@ mod tests {
             actual,
             generation: 1,
             created_at: Utc::now(),
+            pool: None,
         }
     }
 

@@ -73,6 +73,9 @@ async fn begin(
                 }
                 _ => {}
             }
+            if kind == TaskKind::VmStart {
+                crate::pools::admit_start(tx, &vm)?;
+            }
             let desired = match kind {
                 TaskKind::VmStop => PowerState::Stopped,
                 _ => PowerState::Running,
@@ -182,8 +185,20 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
                 Ok(cpu) => cpu,
                 Err(e) => return Outcome::Failed(format!("VM {}: {e}", vm.name())),
             };
+            // Pools: the VM starts with its part of its pools' settings.
+            let rec = vm.clone();
+            let resources = match app
+                .db
+                .read(move |tx| crate::pools::effective_for(tx, &rec))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return Outcome::Failed(format!("center store: {e}")),
+            };
+            let mut spec = crate::evc::launch_spec(&vm.spec, &cpu);
+            spec.resources = resources;
             let req = StartVm {
-                spec: crate::evc::launch_spec(&vm.spec, &cpu),
+                spec,
                 generation: vm.generation,
             };
             match agent.start(vm.id, &req).await {

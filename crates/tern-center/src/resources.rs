@@ -21,7 +21,8 @@ pub async fn set_resources(
     by: String,
 ) -> Result<Vm, CenterError> {
     let n = name.clone();
-    let (vm, host) = app
+    let resources2 = resources.clone();
+    let vm = app
         .db
         .read(move |tx| {
             let vm = tx
@@ -38,9 +39,16 @@ pub async fn set_resources(
                 )));
             }
             let host = vm.host_id.map(|h| tx.host_by_id(h)).transpose()?.flatten();
-            Ok::<_, CenterError>((vm, host))
+            // In a cluster with pools the host enforces the VM's part of them: computed
+            // with the new policy in place.
+            let mut changed = vm.clone();
+            changed.spec.resources = resources2;
+            let pooled = !tx.pools(vm.cluster_id)?.is_empty();
+            let enforced = crate::pools::effective_for(tx, &changed)?;
+            Ok::<_, CenterError>((vm, host, enforced, pooled))
         })
         .await?;
+    let (vm, host, enforced, pooled) = (vm.0, vm.1, vm.2, vm.3);
     resources
         .check(vm.spec.vcpus, vm.spec.memory_mib)
         .map_err(|e| CenterError::invalid(format!("VM {name}: {e}")))?;
@@ -56,7 +64,7 @@ pub async fn set_resources(
                 )));
             }
             app.agent(h)
-                .set_resources(vm.id, &resources)
+                .set_resources(vm.id, &enforced)
                 .await
                 .map_err(|e| match e.status() {
                     Some(400) => CenterError::invalid(format!("VM {name}: {e}")),
@@ -71,7 +79,7 @@ pub async fn set_resources(
     };
     let mut spec = vm.spec.clone();
     spec.resources = resources;
-    let (id, host_name) = (vm.id, host.map(|h| h.name));
+    let (id, host_name, cluster_id) = (vm.id, host.map(|h| h.name), vm.cluster_id);
     let vm = app
         .db
         .write(move |tx| {
@@ -96,5 +104,9 @@ pub async fn set_resources(
             Ok::<_, CenterError>(crate::evc::vm_view(tx, &rec)?)
         })
         .await?;
+    if pooled {
+        // Its siblings' parts changed with its shares.
+        crate::pools::apply(app, cluster_id).await?;
+    }
     Ok(vm)
 }

@@ -24,6 +24,7 @@ use tern_api::center::{
 use tern_api::drs::{DrsAutomation, DrsRule, DrsSettings, DRS_THRESHOLDS};
 use tern_api::health::HostHealth;
 use tern_api::migration::MigrationEncryption;
+use tern_api::pools::PoolSettings;
 use tern_api::{HostFacts, HostLoad, HostState, PowerState, VmSpec};
 
 /// Ordered schema migrations; `PRAGMA user_version` counts how many have been applied.
@@ -185,6 +186,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN health TEXT;   -- HostHealth JSON; NULL: never judged
     ALTER TABLE cluster_drs ADD COLUMN proactive TEXT NOT NULL DEFAULT 'off';
     "#,
+    // 11: resource pools (a tree per cluster) and each VM's pool.
+    r#"
+    CREATE TABLE resource_pools (
+        name        TEXT PRIMARY KEY,
+        cluster_id  TEXT NOT NULL REFERENCES clusters(id),
+        settings    TEXT NOT NULL,              -- PoolSettings JSON
+        created_at  TEXT NOT NULL
+    );
+    ALTER TABLE vms ADD COLUMN pool TEXT REFERENCES resource_pools(name);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +338,8 @@ pub struct VmRecord {
     pub actual: PowerState,
     pub generation: u64,
     pub created_at: DateTime<Utc>,
+    /// Resource pool (`None`: the cluster's root).
+    pub pool: Option<String>,
 }
 
 impl VmRecord {
@@ -345,6 +358,8 @@ impl VmRecord {
             generation: self.generation,
             created_at: self.created_at,
             cpu: None,
+            pool: self.pool.clone(),
+            effective_resources: None,
         }
     }
 }
@@ -634,14 +649,14 @@ const HOST_COLUMNS: &str = "h.id, h.name, h.cluster_id, c.name, h.link, h.mainte
      h.agent_url, h.agent_token, h.host_token, h.facts, h.load, h.last_heartbeat, h.health";
 
 const VM_COLUMNS: &str = "v.id, v.cluster_id, c.name, v.host_id, h.name, v.spec, \
-     v.desired_state, v.actual_state, v.generation, v.created_at";
+     v.desired_state, v.actual_state, v.generation, v.created_at, v.pool";
 
 const TASK_COLUMNS: &str = "id, kind, vm_id, vm_name, host_name, state, progress, phase, \
      intent, result, error, created_at, finished_at";
 
 /// Raw text columns of one row, decoded outside rusqlite's error type.
 struct HostRow([Option<String>; 13]);
-struct VmRow([Option<String>; 10]);
+struct VmRow([Option<String>; 11]);
 struct TaskRow([Option<String>; 13]);
 
 fn text_cols<const N: usize>(r: &Row) -> rusqlite::Result<[Option<String>; N]> {
@@ -709,6 +724,7 @@ impl VmRow {
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("generation {generation:?}")))?,
             created_at: parse_ts(need(&c[9], "vm created_at")?)?,
+            pool: c[10].clone(),
         })
     }
 }
@@ -1106,6 +1122,69 @@ impl Tx<'_> {
             params![id.to_string(), to_json(spec)?],
         )?;
         Ok(())
+    }
+
+    /// Puts a VM in a pool (`None`: the cluster's root).
+    pub fn set_vm_pool(&self, id: Uuid, pool: Option<&str>) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE vms SET pool = ?2 WHERE id = ?1",
+            params![id.to_string(), pool],
+        )?;
+        Ok(())
+    }
+
+    /// A cluster's pools with their settings, by name.
+    pub fn pools(&self, cluster_id: Uuid) -> Result<Vec<(String, PoolSettings)>, StoreError> {
+        let rows: Vec<[Option<String>; 2]> = self.query_rows(
+            "SELECT name, settings FROM resource_pools WHERE cluster_id = ?1 ORDER BY name",
+            [cluster_id.to_string()],
+            |c| c,
+        )?;
+        rows.iter()
+            .map(|[n, s]| {
+                Ok((
+                    need(n, "pool name")?.to_string(),
+                    from_json("pool settings", need(s, "pool settings")?)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// A pool's cluster id and settings.
+    pub fn pool(&self, name: &str) -> Result<Option<(Uuid, PoolSettings)>, StoreError> {
+        let row: Option<(String, String)> = self
+            .tx
+            .query_row(
+                "SELECT cluster_id, settings FROM resource_pools WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(c, s)| Ok((parse_uuid(&c)?, from_json("pool settings", &s)?)))
+            .transpose()
+    }
+
+    /// Creates or replaces a pool.
+    pub fn put_pool(
+        &self,
+        cluster_id: Uuid,
+        name: &str,
+        settings: &PoolSettings,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO resource_pools (name, cluster_id, settings, created_at) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO UPDATE SET settings = ?3",
+            params![name, cluster_id.to_string(), to_json(settings)?, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_pool(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .execute("DELETE FROM resource_pools WHERE name = ?1", [name])?
+            > 0)
     }
 
     pub fn set_vm_actual(&self, id: Uuid, state: PowerState) -> Result<(), StoreError> {
@@ -1953,6 +2032,7 @@ mod tests {
                     actual: PowerState::Stopped,
                     generation: 1,
                     created_at: now,
+                    pool: None,
                 };
                 tx.insert_vm(&vm)?;
                 tx.add_event(NewEvent::info("hello").vm("web-1"), now)?;

@@ -65,6 +65,7 @@ client_group!(TaskArgs, cmd::task::TaskCommand);
 client_group!(EventArgs, cmd::event::EventCommand);
 client_group!(TokenArgs, cmd::token::TokenCommand);
 client_group!(RuleArgs, cmd::rule::RuleCommand);
+client_group!(PoolArgs, cmd::pool::PoolCommand);
 client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +89,9 @@ enum Command {
     Lab(LabArgs),
     /// DRS placement rules of a cluster: VMs together, apart, or on (or off) some hosts.
     Rule(RuleArgs),
+    /// Resource pools of a cluster: a tree dividing its CPU and memory by shares,
+    /// reservations and limits.
+    Pool(PoolArgs),
     /// DRS: a cluster's recommendations from the center (recommend, apply), or the engine
     /// offline (simulate, explain).
     #[command(subcommand)]
@@ -248,6 +252,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Event(g) => cmd::event::run(g.cmd, &g.connect.client()?, output).await,
             Command::Token(g) => cmd::token::run(g.cmd, &g.connect.client()?, output).await,
             Command::Rule(g) => cmd::rule::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Pool(g) => cmd::pool::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
             Command::Trust(a) => cmd::trust::run(a).await,

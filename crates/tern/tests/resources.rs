@@ -225,3 +225,124 @@ fn shares_limits_and_their_live_changes_hold_on_the_host_and_move_with_the_vm() 
     );
     lab.down();
 }
+
+/// Resource pools on the hosts: a pool's CPU limit is divided among its VMs by their shares
+/// and each VM's host holds its part (changed live when the pool changes); a pool's memory
+/// limit refuses the start that would go beyond it, naming the pool; the tree's checks refuse
+/// what cannot hold.
+#[test]
+fn a_pools_limits_divide_down_to_its_vms_and_hold_on_the_hosts() {
+    let lab = Lab::up("poo", 1);
+    let h1: Value = lab.tern_json(&["host", "show", "h1"]);
+    let mhz = h1["facts"]["cpu_mhz"].as_u64().expect("cpu_mhz");
+    assert!(mhz > 100, "h1 reports its core MHz: {h1}");
+    // Half a core for the pool: a quarter each for its two equal VMs.
+    let half = format!("{}MHz", mhz / 2);
+    let out = lab.tern_ok(&["pool", "create", "lab", "capped", "--cpu-limit", &half]);
+    assert!(out.contains("capped"), "{out}");
+    let mut ids = Vec::new();
+    for (name, ip, mac) in [
+        ("pa", "10.78.0.135", "52:54:00:7e:03:11"),
+        ("pb", "10.78.0.136", "52:54:00:7e:03:12"),
+    ] {
+        let args = lab.vm_create_args(name, "h1", ip, mac, 256, "tern.burn=100", &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.tern_ok(&args);
+        let set = lab.tern_ok(&["vm", "set", name, "--pool", "capped"]);
+        assert!(set.contains("pool capped"), "{set}");
+        lab.tern_ok(&["vm", "start", name]);
+        let vm: Value = lab.tern_json(&["vm", "show", name]);
+        ids.push(vm["id"].as_str().expect("vm id").to_string());
+        assert!(
+            vm["effective_resources"]["cpu_limit"]
+                .as_str()
+                .is_some_and(|l| l.ends_with("MHz")),
+            "the pool's part reaches the VM: {vm}"
+        );
+    }
+    let pids: Vec<u32> = ids.iter().map(|id| qemu_pid(id)).collect();
+    for p in &pids {
+        let q = groups(*p).cpu_quota_cores.expect("a CPU quota");
+        assert!((0.24..=0.26).contains(&q), "a quarter of a core each: {q}");
+    }
+    lab.wait_console("pa", "TERN-GUEST-READY", Duration::from_secs(180));
+    lab.wait_console("pb", "TERN-GUEST-READY", Duration::from_secs(180));
+    let split = cores_used(&pids);
+    eprintln!("pool limit {half} over 2 VMs → cores {split:?}");
+    for c in &split {
+        assert!((0.20..=0.30).contains(c), "each holds 25% ± 5: {split:?}");
+    }
+
+    // Changed live: a fifth of a core for the pool, a tenth each.
+    let fifth = format!("{}MHz", mhz / 5);
+    lab.tern_ok(&["pool", "set", "capped", "--cpu-limit", &fifth]);
+    for p in &pids {
+        let q = groups(*p).cpu_quota_cores.expect("a CPU quota");
+        assert!((0.09..=0.11).contains(&q), "a tenth of a core each: {q}");
+    }
+    let split = cores_used(&pids);
+    eprintln!("pool limit {fifth} over 2 VMs → cores {split:?}");
+    for c in &split {
+        assert!((0.06..=0.14).contains(c), "each holds 10% ± 4: {split:?}");
+    }
+
+    // A pool's memory limit holds at power-on, naming the pool.
+    lab.tern_ok(&[
+        "pool",
+        "create",
+        "lab",
+        "small",
+        "--memory-limit-mib",
+        "400",
+    ]);
+    for (name, ip, mac) in [
+        ("pc", "10.78.0.137", "52:54:00:7e:03:13"),
+        ("pd", "10.78.0.138", "52:54:00:7e:03:14"),
+    ] {
+        let args = lab.vm_create_args(name, "h1", ip, mac, 256, "", &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.tern_ok(&args);
+        lab.tern_ok(&["vm", "set", name, "--pool", "small"]);
+    }
+    lab.tern_ok(&["vm", "start", "pc"]);
+    let out = lab.tern(&["vm", "start", "pd"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("pool small's memory limit is 400 MiB"),
+        "{}",
+        text(&out)
+    );
+    let pd: Value = lab.tern_json(&["vm", "show", "pd"]);
+    assert_eq!(pd["actual_state"], "stopped", "{pd}");
+
+    // What cannot hold is refused, naming why; a pool with VMs stays.
+    for (args, needle) in [
+        (
+            vec!["pool", "create", "lab", "orphan", "--parent", "nope"],
+            "parent nope",
+        ),
+        (
+            vec![
+                "pool",
+                "create",
+                "lab",
+                "huge",
+                "--cpu-reservation",
+                "10000000MHz",
+            ],
+            "more than its usable hosts",
+        ),
+        (vec!["pool", "remove", "small"], "VMs pc, pd"),
+        (
+            vec!["pool", "create", "lab", "pct", "--cpu-limit", "50%"],
+            "MHz or GHz",
+        ),
+    ] {
+        let out = lab.tern(&args);
+        assert!(!out.status.success(), "{args:?} accepted:\n{}", text(&out));
+        assert!(text(&out).contains(needle), "{args:?}: {}", text(&out));
+    }
+    let pools: Vec<Value> = lab.tern_json(&["pool", "list", "lab"]);
+    assert_eq!(pools.len(), 2, "{pools:?}");
+    lab.down();
+}

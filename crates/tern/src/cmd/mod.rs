@@ -9,6 +9,7 @@ pub mod host;
 pub mod lab;
 pub mod migrate;
 pub mod output;
+pub mod pool;
 pub mod rule;
 pub mod task;
 pub mod token;

@@ -44,6 +44,10 @@ pub enum VmCommand {
         name: String,
         #[command(flatten)]
         resources: ResourceArgs,
+        /// Move the VM into this resource pool (`none`: the cluster's root); its share of
+        /// the pools' settings reaches its host at once.
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
     },
     /// List VMs.
     List,
@@ -251,20 +255,38 @@ pub async fn run(cmd: VmCommand, api: &CenterClient, fmt: Format) -> Result<(), 
             let task: Task = api.stop_vm(&name, &body).await.or_list(LIST)?;
             follow_task(api, task, &wait, fmt, &format!("vm {name} is stopped")).await
         }
-        VmCommand::Set { name, resources } => {
-            if resources.is_empty() {
+        VmCommand::Set {
+            name,
+            resources,
+            pool,
+        } => {
+            if resources.is_empty() && pool.is_none() {
                 return Err(CliError::usage(
-                    "nothing to change: give at least one of --cpu-shares, --cpu-reservation, \
-                     --cpu-limit, --memory-shares, --memory-reservation-mib, --memory-limit-mib",
+                    "nothing to change: give at least one of --pool, --cpu-shares, \
+                     --cpu-reservation, --cpu-limit, --memory-shares, --memory-reservation-mib, \
+                     --memory-limit-mib",
                 ));
             }
-            let vm: Vm = api.vm(&name).await.or_list(LIST)?;
-            let policy = resources.apply(vm.spec.resources.clone());
-            let vm: Vm = api.set_vm_resources(&name, &policy).await.or_list(LIST)?;
+            let mut vm: Vm = api.vm(&name).await.or_list(LIST)?;
+            if let Some(p) = &pool {
+                let p = (p != "none").then_some(p.as_str());
+                vm = api.set_vm_pool(&name, p).await.or_list(LIST)?;
+            }
+            if !resources.is_empty() {
+                let policy = resources.apply(vm.spec.resources.clone());
+                vm = api.set_vm_resources(&name, &policy).await.or_list(LIST)?;
+            }
             match fmt {
                 Format::Json => print_json(&vm),
                 Format::Table => {
-                    println!("vm {name}: {}", vm.spec.resources);
+                    println!(
+                        "vm {name}: {} (pool {}; enforced: {})",
+                        vm.spec.resources,
+                        vm.pool.as_deref().unwrap_or("none"),
+                        vm.effective_resources
+                            .as_ref()
+                            .map_or("-".to_string(), |r| r.to_string())
+                    );
                     Ok(())
                 }
             }
@@ -448,7 +470,15 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
         .add("vcpus", s_.vcpus)
         .add("memory_mib", s_.memory_mib)
         .add("cpu_model", opt(&s_.cpu_model))
-        .add("resources", &s_.resources);
+        .add("resources", &s_.resources)
+        .add("pool", opt(&vm.pool));
+    if let Some(e) = vm
+        .effective_resources
+        .as_ref()
+        .filter(|e| **e != s_.resources)
+    {
+        s.add("enforced_resources", e);
+    }
     super::evc::vm_cpu_lines(vm, &mut s);
     match &s_.boot {
         BootSource::Kernel {
