@@ -35,6 +35,9 @@ pub(crate) struct Cluster<'s> {
     pub cfg: &'s Config,
     pub weights: [f64; 2],
     pub tree: PoolTree,
+    /// Reservations of the running VMs directly in each pool node (kept by `place_vm` and
+    /// `unplace_vm`), for admission without a pass over every VM.
+    pub node_res: Vec<[f64; 2]>,
     // Hosts.
     pub cap: Vec<[f64; 2]>,
     pub active: Vec<bool>,
@@ -146,6 +149,7 @@ impl<'s> Cluster<'s> {
             running.push(is_running);
         }
         let tree = PoolTree::new(&snap.pools, &snap.vms)?;
+        let node_res = tree.vm_reservations(&snap.vms, &running);
         let mut capacity = [0.0; 2];
         for (h, c) in cap.iter().enumerate() {
             if active[h] {
@@ -308,6 +312,7 @@ impl<'s> Cluster<'s> {
             cfg,
             weights: [cfg.cpu_weight, 1.0 - cfg.cpu_weight],
             tree,
+            node_res,
             cap,
             active,
             n_active: 0,
@@ -906,7 +911,18 @@ impl<'s> Cluster<'s> {
             self.sum_l = sl;
             self.sum_l2 = sl2;
         }
+        if self.running[v] {
+            self.count_reservation(v, -1.0);
+        }
         self.running[v] = false;
+    }
+
+    /// Adds (`sign` 1) or removes (−1) VM `v`'s reservation from its pool node's sum.
+    fn count_reservation(&mut self, v: usize, sign: f64) {
+        let vm = &self.snap.vms[v];
+        let node = self.tree.node_of(v);
+        self.node_res[node][CPU] += sign * vm.cpu_reservation_mhz.max(0.0);
+        self.node_res[node][MEM] += sign * vm.memory_reservation_mib.max(0.0);
     }
 
     /// Puts an unplaced VM on `d` (placement).
@@ -914,6 +930,9 @@ impl<'s> Cluster<'s> {
         let e = self.ent[v];
         let (sl, sl2) = self.sums_after(e, None, Some(d));
         self.add_to_host(v, d);
+        if !self.running[v] {
+            self.count_reservation(v, 1.0);
+        }
         self.running[v] = true;
         self.sum_l = sl;
         self.sum_l2 = sl2;

@@ -230,23 +230,38 @@ impl PoolTree {
         extra: [f64; 2],
         capacity: [f64; 2],
     ) -> Result<(), PoolShortfall> {
-        let n = self.names.len();
+        self.admit_with(&self.vm_reservations(vms, running), node, extra, capacity)
+    }
+
+    /// The reservations of the running VMs directly in each node (CPU MHz, memory MiB):
+    /// what [`PoolTree::admit_with`] reads, kept by callers that admit many VMs in a row.
+    pub fn vm_reservations(&self, vms: &[Vm], running: &[bool]) -> Vec<[f64; 2]> {
+        let mut out = vec![[0.0f64; 2]; self.names.len()];
+        for (i, vm) in vms.iter().enumerate() {
+            if running[i] {
+                out[self.vm_node[i]][CPU] += vm.cpu_reservation_mhz.max(0.0);
+                out[self.vm_node[i]][MEM] += vm.memory_reservation_mib.max(0.0);
+            }
+        }
+        out
+    }
+
+    /// [`PoolTree::admit`] from the running VMs' reservations per node (see
+    /// [`PoolTree::vm_reservations`]): O(pools) rather than O(VMs).
+    pub fn admit_with(
+        &self,
+        vm_reserved: &[[f64; 2]],
+        node: usize,
+        extra: [f64; 2],
+        capacity: [f64; 2],
+    ) -> Result<(), PoolShortfall> {
         for r in [CPU, MEM] {
             if extra[r] <= 0.0 {
                 continue;
             }
             // Reserved use of each node: its VMs' reservations plus its child pools' held
             // reservation (a pool holds max(own reservation, what its children use)).
-            let mut used = vec![0.0f64; n];
-            for (i, vm) in vms.iter().enumerate() {
-                if running[i] {
-                    used[self.vm_node[i]] += if r == CPU {
-                        vm.cpu_reservation_mhz.max(0.0)
-                    } else {
-                        vm.memory_reservation_mib.max(0.0)
-                    };
-                }
-            }
+            let mut used: Vec<f64> = vm_reserved.iter().map(|u| u[r]).collect();
             for &node in &self.bottom_up {
                 if node != 0 {
                     let held = self.reservation[node][r].max(used[node]);

@@ -81,7 +81,7 @@ fn active_capacity(c: &Cluster) -> [f64; 2] {
 fn admit_in_pool(c: &Cluster, v: usize, capacity: [f64; 2]) -> Result<(), AdmissionFailure> {
     let node = c.tree.node_of(v);
     c.tree
-        .admit(&c.snap.vms, &c.running, node, c.res[v], capacity)
+        .admit_with(&c.node_res, node, c.res[v], capacity)
         .map_err(|short| AdmissionFailure {
             vm: c.snap.vms[v].name.clone(),
             pool: Some(PoolRejection {
@@ -157,20 +157,28 @@ fn place_one(c: &mut Cluster, v: usize, capacity: [f64; 2]) -> Result<Placement,
             hosts: rejected,
         });
     };
-    // Alternatives: the other hosts passing the hard checks, by imbalance after.
-    let mut alternatives: Vec<(String, f64)> = (0..c.cap.len())
+    // Alternatives: the three best other hosts passing the hard checks, by imbalance after
+    // (then name). Selected, not sorted: a big cluster has thousands of hosts.
+    let mut scored: Vec<(usize, f64)> = (0..c.cap.len())
         .filter(|&d| d != choice.host)
         .filter(|&d| allowed.as_ref().is_none_or(|a| a.contains(&d)))
         .filter(|&d| c.check_members(&[v], d).is_ok())
-        .map(|d| {
-            (
-                c.snap.hosts[d].name.clone(),
-                c.eval(c.ent[v], None, Some(d)).0,
-            )
-        })
+        .map(|d| (d, c.eval(c.ent[v], None, Some(d)).0))
         .collect();
-    alternatives.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    alternatives.truncate(3);
+    let hosts = &c.snap.hosts;
+    let order = |a: &(usize, f64), b: &(usize, f64)| {
+        a.1.total_cmp(&b.1)
+            .then_with(|| hosts[a.0].name.cmp(&hosts[b.0].name))
+    };
+    if scored.len() > 3 {
+        scored.select_nth_unstable_by(2, order);
+        scored.truncate(3);
+    }
+    scored.sort_by(order);
+    let alternatives: Vec<(String, f64)> = scored
+        .into_iter()
+        .map(|(d, e)| (hosts[d].name.clone(), e))
+        .collect();
     c.place_vm(v, choice.host);
     Ok(Placement {
         vm: name,

@@ -170,8 +170,10 @@ fn shares_limits_and_their_live_changes_hold_on_the_host_and_move_with_the_vm() 
         (0.20..=0.30).contains(&split[0]),
         "a 25% limit holds within 5 points: {split:?}"
     );
+    // Ideally 0.75 (the rest of the core): anything else on the machine takes its part of
+    // that, never of hog-a's quarter, so the burner without a limit stays well ahead.
     assert!(
-        split[1] > 0.6,
+        split[1] > 1.8 * split[0],
         "the other burner takes what hog-a may not: {split:?}"
     );
 

@@ -4,6 +4,7 @@ use tern_api::pools::{CreatePool, PoolSettings, ResourcePool};
 use tern_api::{CenterClient, CpuAmount, Shares};
 
 use super::output::{opt, print_json, Format, Sheet, Table};
+use super::vm::{parse_mib_setting, Setting};
 use crate::error::{ApiResultExt, CliError};
 
 const POOL_HELP: &str = "\
@@ -39,10 +40,10 @@ pub struct PoolArgs {
     cpu_shares: Option<Shares>,
     /// CPU reserved for the pool's VMs, in MHz or GHz (e.g. 2GHz), or none.
     #[arg(long, value_name = "AMOUNT", value_parser = parse_mhz)]
-    cpu_reservation: Option<Option<u64>>,
+    cpu_reservation: Option<Setting<u64>>,
     /// Most CPU the pool's VMs use together, in MHz or GHz, or none.
     #[arg(long, value_name = "AMOUNT", value_parser = parse_mhz)]
-    cpu_limit: Option<Option<u64>>,
+    cpu_limit: Option<Setting<u64>>,
     /// Whether the children's CPU reservations may exceed the pool's (borrowing upward).
     #[arg(long, value_name = "BOOL")]
     cpu_expandable: Option<bool>,
@@ -50,37 +51,26 @@ pub struct PoolArgs {
     #[arg(long, value_name = "SHARES", value_parser = |s: &str| s.parse::<Shares>())]
     memory_shares: Option<Shares>,
     /// Memory reserved for the pool's VMs in MiB, or none.
-    #[arg(long, value_name = "MIB", value_parser = parse_mib)]
-    memory_reservation_mib: Option<Option<u64>>,
+    #[arg(long, value_name = "MIB", value_parser = parse_mib_setting)]
+    memory_reservation_mib: Option<Setting<u64>>,
     /// Most memory the pool's running VMs are configured with together, in MiB, or none.
-    #[arg(long, value_name = "MIB", value_parser = parse_mib)]
-    memory_limit_mib: Option<Option<u64>>,
+    #[arg(long, value_name = "MIB", value_parser = parse_mib_setting)]
+    memory_limit_mib: Option<Setting<u64>>,
     /// Whether the children's memory reservations may exceed the pool's.
     #[arg(long, value_name = "BOOL")]
     memory_expandable: Option<bool>,
 }
 
-fn parse_mhz(s: &str) -> Result<Option<u64>, String> {
+fn parse_mhz(s: &str) -> Result<Setting<u64>, String> {
     if s == "none" {
-        return Ok(None);
+        return Ok(Setting::Clear);
     }
     match s.parse::<CpuAmount>()? {
-        CpuAmount::Mhz(m) => Ok(Some(u64::from(m))),
+        CpuAmount::Mhz(m) => Ok(Setting::Set(u64::from(m))),
         CpuAmount::CorePercent(_) => Err(format!(
             "{s:?}: a pool spans hosts, give its CPU in MHz or GHz (e.g. 4GHz)"
         )),
     }
-}
-
-fn parse_mib(s: &str) -> Result<Option<u64>, String> {
-    if s == "none" {
-        return Ok(None);
-    }
-    s.parse::<u64>()
-        .ok()
-        .filter(|v| *v > 0)
-        .map(Some)
-        .ok_or_else(|| format!("{s:?}: a number of MiB above 0, or none"))
 }
 
 impl PoolArgs {
@@ -92,10 +82,10 @@ impl PoolArgs {
             s.cpu.shares = v;
         }
         if let Some(v) = self.cpu_reservation {
-            s.cpu.reservation_mhz = v;
+            s.cpu.reservation_mhz = v.value();
         }
         if let Some(v) = self.cpu_limit {
-            s.cpu.limit_mhz = v;
+            s.cpu.limit_mhz = v.value();
         }
         if let Some(v) = self.cpu_expandable {
             s.cpu.expandable = v;
@@ -104,10 +94,10 @@ impl PoolArgs {
             s.memory.shares = v;
         }
         if let Some(v) = self.memory_reservation_mib {
-            s.memory.reservation_mib = v;
+            s.memory.reservation_mib = v.value();
         }
         if let Some(v) = self.memory_limit_mib {
-            s.memory.limit_mib = v;
+            s.memory.limit_mib = v.value();
         }
         if let Some(v) = self.memory_expandable {
             s.memory.expandable = v;
@@ -121,6 +111,7 @@ pub enum PoolCommand {
     /// Create a pool in a cluster.
     #[command(after_long_help = POOL_HELP)]
     Create {
+        /// The cluster.
         cluster: String,
         /// The pool's name (unique in the center; a-z, 0-9, '-').
         name: String,

@@ -157,9 +157,19 @@ Examples:
 
 /// A reservation or limit to set, or `none` to remove it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Setting<T> {
+pub(crate) enum Setting<T> {
     Set(T),
     Clear,
+}
+
+impl<T> Setting<T> {
+    /// The value to store: `None` for `none`.
+    pub(crate) fn value(self) -> Option<T> {
+        match self {
+            Setting::Set(v) => Some(v),
+            Setting::Clear => None,
+        }
+    }
 }
 
 fn parse_setting<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Setting<T>, String> {
@@ -170,7 +180,7 @@ fn parse_setting<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Setting<
     }
 }
 
-fn parse_mib_setting(s: &str) -> Result<Setting<u64>, String> {
+pub(crate) fn parse_mib_setting(s: &str) -> Result<Setting<u64>, String> {
     if s == "none" {
         return Ok(Setting::Clear);
     }
