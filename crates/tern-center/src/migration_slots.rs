@@ -178,6 +178,20 @@ impl Ticket {
         }
     }
 
+    /// The counts the two hosts will have once this ticket's slots are freed (`None` while
+    /// it holds none): recorded before [`Ticket::release`], so that in the event log a slot
+    /// is never shown free before it is.
+    pub fn counts_after_release(&self) -> Option<(SlotCounts, SlotCounts)> {
+        if !self.held {
+            return None;
+        }
+        let st = self.slots.lock();
+        let (mut src, mut dst) = MigrationSlots::counts(&st, &self.req);
+        src.sending = src.sending.saturating_sub(1);
+        dst.receiving = dst.receiving.saturating_sub(1);
+        Some((src, dst))
+    }
+
     /// Frees the slots (or leaves the queue) now; returns the counts after.
     pub fn release(mut self) -> Option<(SlotCounts, SlotCounts)> {
         self.free()

@@ -207,7 +207,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), CliError> {
     let Cli { output, command } = cli;
     let command = match command {
-        Command::Drs(c) if !c.online() => return cmd::drs::run(c).map_err(CliError::from),
+        Command::Drs(c) if !c.online() => return cmd::drs::run(c, output).map_err(CliError::from),
         other => other,
     };
     let rt = tokio::runtime::Runtime::new()

@@ -132,3 +132,44 @@ fn drs_recommends_and_applies_a_live_move_to_the_idle_host() {
     );
     lab.down();
 }
+
+/// The offline simulator speaks `-o json` like every other command, and refuses a malformed
+/// trace naming the file's line (no lab: the engine alone).
+#[test]
+fn drs_simulate_prints_json_and_refuses_bad_traces_by_line() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::tern_exe())
+            .args(args)
+            .output()
+            .expect("run tern")
+    };
+    let o = run(&[
+        "-o",
+        "json",
+        "drs",
+        "simulate",
+        "--hosts",
+        "4",
+        "--vms",
+        "20",
+        "--steps",
+        "3",
+        "--policies",
+        "tern",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let reports: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("-o json is JSON ({e}): {}", text(&o)));
+    assert!(
+        reports.as_array().is_some_and(|r| !r.is_empty()),
+        "{reports}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("vms.csv"), "vm,vcpus,memory_mib\na,2,NaN\n").expect("vms.csv");
+    std::fs::write(dir.path().join("demand.csv"), "t,vm,cpu_mhz\n0,a,100\n").expect("demand");
+    let trace = dir.path().display().to_string();
+    let o = run(&["drs", "simulate", "--trace", &trace]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("line 2"), "{}", text(&o));
+}

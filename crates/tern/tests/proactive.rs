@@ -7,7 +7,8 @@
 //!   degrade it again;
 //! - proactive mode recommend: `tern host degrade h2 --reason ...` marks h2 degraded and an
 //!   event recommends `tern host evacuate h2`, but nothing moves until that command runs;
-//! - proactive mode off: corrected memory errors beyond the limit are shown, not acted on.
+//! - proactive mode off: corrected memory errors beyond the limit are shown, not acted on;
+//! - proactive mode automatic again: a host an operator marks degraded is emptied live.
 //!
 //! The signal's source is faked (the lab's sysfs tree the agent reads), never the decision.
 
@@ -224,5 +225,30 @@ fn degraded_hosts_are_emptied_live_or_recommended_by_mode() {
         "{said:#?}"
     );
     assert_eq!(host_of(&lab, "a"), "h1");
+
+    // 5. Automatic, marked by an operator: emptied live at once, like a signal.
+    lab.tern_ok(&["cluster", "set-drs", "lab", "--proactive", "automatic"]);
+    lab.tern_ok(&["host", "degrade", "h1", "--reason", "DIMM B2 replacement"]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done: Vec<Value> = tasks_on(&lab, "host_evacuate", "h1")
+            .into_iter()
+            .filter(|t| t["state"] == "succeeded")
+            .collect();
+        if done.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "h1 not emptied again: {done:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(host_of(&lab, "a"), "h2");
+    lab.one_copy_on("a", &id, "h2");
+    let said = events(&lab, "h1");
+    assert!(
+        said.iter().any(|m| m.contains(
+            "emptying host h1 live (1 running VM(s)): marked by an operator: DIMM B2 replacement"
+        )),
+        "{said:#?}"
+    );
     lab.down();
 }

@@ -447,8 +447,12 @@ impl Mig {
     /// Frees the scheduler's slots (the migration ended either way) and records the counts,
     /// before the task's end is: whoever waits for the task sees the slots free.
     pub(super) async fn free_slots(&self) {
-        let ticket = lock(&self.ticket).take();
-        let Some((src, dst)) = ticket.and_then(Ticket::release) else {
+        let Some(ticket) = lock(&self.ticket).take() else {
+            return;
+        };
+        // The event first, the slots after: a migration that takes a freed slot records it
+        // after this, so the log never shows more at once than ran.
+        let Some((src, dst)) = ticket.counts_after_release() else {
             return;
         };
         self.event(
@@ -464,6 +468,7 @@ impl Mig {
             ),
         )
         .await;
+        drop(ticket);
     }
 }
 

@@ -75,6 +75,21 @@ pub struct SimReport {
     pub passes: usize,
     pub pass_ms_mean: f64,
     pub pass_ms_max: f64,
+    /// The imbalance measured at each step (before that step's pass).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imbalance_by_step: Vec<f64>,
+    /// Migrations each step's pass started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations_by_step: Vec<usize>,
+}
+
+impl SimReport {
+    /// The first step whose imbalance is at most `target`, and the migrations started
+    /// before it: how long a policy takes to undo a skewed start.
+    pub fn settled(&self, target: f64) -> Option<(usize, usize)> {
+        let k = self.imbalance_by_step.iter().position(|&x| x <= target)?;
+        Some((k, self.migrations_by_step.iter().take(k).sum()))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +223,7 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
     let mut imbalances = Vec::with_capacity(w.steps);
     let mut overload_host_steps = 0usize;
     let mut migrations = 0usize;
+    let mut migrations_by_step: Vec<usize> = Vec::with_capacity(w.steps);
     let mut moved_mib = 0.0;
     let mut ping_pongs = 0usize;
     let mut violations = 0usize;
@@ -308,6 +324,7 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
         should_violations += soft;
 
         // The policy's pass.
+        let migrations_before = migrations;
         if k % period == 0 {
             let (snap, map) = snapshot(w, k, t, &host_of, &flight, &last, &[], opts);
             let started = Instant::now();
@@ -352,6 +369,7 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
                 moved_mib += c.copied_mib;
             }
         }
+        migrations_by_step.push(migrations - migrations_before);
     }
 
     let mut sorted = imbalances.clone();
@@ -377,6 +395,8 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
         passes: pass_ms.len(),
         pass_ms_mean: pass_ms.iter().sum::<f64>() / pass_ms.len().max(1) as f64,
         pass_ms_max: pass_ms.iter().copied().fold(0.0, f64::max),
+        imbalance_by_step: imbalances,
+        migrations_by_step,
     }
 }
 

@@ -134,12 +134,8 @@ pub async fn run_online(cmd: DrsCommand, fmt: Format) -> Result<(), CliError> {
             }
             Ok(())
         }
-        other => other_offline(other),
+        other => run(other, fmt).map_err(CliError::from),
     }
-}
-
-fn other_offline(cmd: DrsCommand) -> Result<(), CliError> {
-    run(cmd).map_err(CliError::from)
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,10 +206,18 @@ pub struct SimulateArgs {
     json: bool,
 }
 
-pub fn run(cmd: DrsCommand) -> anyhow::Result<()> {
+/// The offline commands; `-o json` is the same as their `--json`.
+pub fn run(cmd: DrsCommand, fmt: Format) -> anyhow::Result<()> {
+    let json = fmt == Format::Json;
     match cmd {
-        DrsCommand::Explain(a) => explain_cmd(a),
-        DrsCommand::Simulate(a) => simulate_cmd(a),
+        DrsCommand::Explain(mut a) => {
+            a.json |= json;
+            explain_cmd(a)
+        }
+        DrsCommand::Simulate(mut a) => {
+            a.json |= json;
+            simulate_cmd(a)
+        }
         DrsCommand::Recommend { .. } | DrsCommand::Apply { .. } => {
             bail!("tern drs recommend|apply talk to a center: they run in the async runtime")
         }
