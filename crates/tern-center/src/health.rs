@@ -345,6 +345,15 @@ pub async fn start_evacuation(app: &Arc<App>, e: Evacuation) {
     }
 }
 
+/// Names of the VMs on a host, for its API view.
+fn vm_names(tx: &Tx, host: Uuid) -> Result<Vec<String>, StoreError> {
+    Ok(tx
+        .vms_on_host(host)?
+        .iter()
+        .map(|v| v.name().to_string())
+        .collect())
+}
+
 /// `PUT /hosts/{name}/health`: an operator marks a host degraded, with the reason. The
 /// cluster's proactive mode then acts as for any signal (automatic empties it).
 pub async fn degrade(
@@ -391,11 +400,7 @@ pub async fn degrade(
             } else {
                 act(tx, &host, mode, &health, now)?
             };
-            let vms = tx
-                .vms_on_host(host.id)?
-                .iter()
-                .map(|v| v.name().to_string())
-                .collect();
+            let vms = vm_names(tx, host.id)?;
             let host = HostRecord { health, ..host };
             Ok::<_, CenterError>((host.to_api(vms), evac))
         })
@@ -446,11 +451,7 @@ pub async fn restore(
                 NewEvent::info(msg).host(Some(&name)).actor(actor.clone()),
                 now,
             )?;
-            let vms = tx
-                .vms_on_host(host.id)?
-                .iter()
-                .map(|v| v.name().to_string())
-                .collect();
+            let vms = vm_names(tx, host.id)?;
             let id = host.id;
             let host = HostRecord { health, ..host };
             Ok::<_, CenterError>((id, host.to_api(vms)))

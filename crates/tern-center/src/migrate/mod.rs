@@ -46,7 +46,7 @@ use crate::agent::{Agent, AgentError};
 use crate::app::{lock, App};
 use crate::error::CenterError;
 pub use crate::migration_slots::MoveClass;
-use crate::migration_slots::{host_limit, SlotRequest, Ticket};
+use crate::migration_slots::{host_limit, SlotCounts, SlotRequest, Ticket};
 use crate::retry::Retry;
 use crate::store::{
     HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
@@ -428,10 +428,17 @@ impl Mig {
             return Err(Abort::Cancelled);
         };
         *lock(&self.ticket) = Some(ticket);
+        self.slot_event("taken", src, dst).await;
+        Ok(())
+    }
+
+    /// `migration slot taken|freed: h1 sends 2 of 2, h2 receives 1 of 2`: the counts tests
+    /// and the benchmark replay.
+    async fn slot_event(&self, what: &str, src: SlotCounts, dst: SlotCounts) {
         self.event(
             EventLevel::Info,
             format!(
-                "migration slot taken: {} sends {} of {}, {} receives {} of {}",
+                "migration slot {what}: {} sends {} of {}, {} receives {} of {}",
                 self.source.name,
                 src.sending,
                 src.send_limit,
@@ -441,7 +448,6 @@ impl Mig {
             ),
         )
         .await;
-        Ok(())
     }
 
     /// Frees the scheduler's slots (the migration ended either way) and records the counts,
@@ -455,19 +461,7 @@ impl Mig {
         let Some((src, dst)) = ticket.counts_after_release() else {
             return;
         };
-        self.event(
-            EventLevel::Info,
-            format!(
-                "migration slot freed: {} sends {} of {}, {} receives {} of {}",
-                self.source.name,
-                src.sending,
-                src.send_limit,
-                self.dest.name,
-                dst.receiving,
-                dst.receive_limit
-            ),
-        )
-        .await;
+        self.slot_event("freed", src, dst).await;
         drop(ticket);
     }
 }
