@@ -113,6 +113,24 @@ mod tests {
         assert_eq!(required_role(&M::PUT, t(route::CLUSTER_DRS)), Role::Admin);
         assert_eq!(required_role(&M::GET, t(route::TOKENS)), Role::Admin);
         assert_eq!(required_role(&M::DELETE, t(route::TOKEN)), Role::Admin);
+        // Operators empty and mark hosts and move VMs between pools; the pools themselves
+        // (how the cluster is divided) are an admin's.
+        for (m, r) in [
+            (M::POST, route::HOST_EVACUATE),
+            (M::PUT, route::HOST_HEALTH),
+            (M::DELETE, route::HOST_HEALTH),
+            (M::PUT, route::VM_POOL),
+        ] {
+            assert_eq!(required_role(&m, t(r)), Role::Operator, "{m} {r}");
+        }
+        for (m, r) in [
+            (M::POST, route::CLUSTER_POOLS),
+            (M::PUT, route::POOL),
+            (M::DELETE, route::POOL),
+        ] {
+            assert_eq!(required_role(&m, t(r)), Role::Admin, "{m} {r}");
+        }
+        assert_eq!(required_role(&M::GET, t(route::POOL)), Role::Viewer);
         // Unknown changes are an admin's.
         assert_eq!(
             required_role(&M::POST, "/api/v1/something-new"),
