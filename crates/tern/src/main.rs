@@ -150,6 +150,7 @@ host keeps its state and its stopped VMs. This is what the proactive mode `autom
 by itself on a degraded host; under `recommend` an event tells you to run it.
 Fails (exit 1) naming each VM that could not leave and why.")]
     Evacuate {
+        /// The host (as `tern host list` names it).
         host: String,
         #[command(flatten)]
         wait: cmd::host::WaitArgs,
@@ -159,6 +160,7 @@ Fails (exit 1) naming each VM that could not leave and why.")]
     /// Mark a host degraded (failing hardware): it takes no new VMs, and the cluster's
     /// proactive mode acts on it (`tern cluster set-drs --proactive`).
     Degrade {
+        /// The host (as `tern host list` names it).
         host: String,
         /// Why, for the event log and `tern host show` (one line, up to 200 characters).
         #[arg(long)]
@@ -169,6 +171,7 @@ Fails (exit 1) naming each VM that could not leave and why.")]
     /// Clear a host's degradation after the repair: it takes VMs again, and its health
     /// counters are judged from their values now. Nothing moves back by itself.
     Restore {
+        /// The host (as `tern host list` names it).
         host: String,
         #[command(flatten)]
         connect: ConnectArgs,
