@@ -87,31 +87,47 @@ fn done_task(kind: TaskKind, host: &str, phase: String) -> TaskRecord {
     }
 }
 
+/// Host `name`, if it can be emptied now: connected, and no task emptying it already. The
+/// refusals end with `after_disconnect` and `after_busy` (what to do next).
+fn emptyable_host(
+    tx: &Tx,
+    name: &str,
+    after_disconnect: &str,
+    after_busy: &str,
+) -> Result<HostRecord, CenterError> {
+    let host = tx
+        .host_by_name(name)?
+        .ok_or_else(|| CenterError::host_not_found(name))?;
+    if host.state() == HostState::Disconnected {
+        return Err(CenterError::conflict(format!(
+            "host {name} is disconnected: its VMs cannot be moved live while its agent is \
+             unreachable{after_disconnect}"
+        )));
+    }
+    if let Some(t) = active_emptying(tx, name)? {
+        return Err(CenterError::conflict(format!(
+            "task {} ({}) is already emptying host {name}: follow it with tern task wait \
+             {}{after_busy}",
+            t.id,
+            tasks::kind_text(t.kind),
+            t.id
+        )));
+    }
+    Ok(host)
+}
+
 /// Puts host `name` in maintenance mode and empties it in the background.
 pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
     let (rec, start) = app
         .db
         .write(move |tx| {
             let now = Utc::now();
-            let host = tx
-                .host_by_name(&name)?
-                .ok_or_else(|| CenterError::host_not_found(&name))?;
-            if host.state() == HostState::Disconnected {
-                return Err(CenterError::conflict(format!(
-                    "host {name} is disconnected: its VMs cannot be moved live while its agent \
-                     is unreachable; wait for it to reconnect (tern host list), then enter \
-                     maintenance again"
-                )));
-            }
-            if let Some(t) = active_emptying(tx, &name)? {
-                return Err(CenterError::conflict(format!(
-                    "task {} ({}) is already emptying host {name}: follow it with tern task \
-                     wait {}, then enter maintenance",
-                    t.id,
-                    tasks::kind_text(t.kind),
-                    t.id
-                )));
-            }
+            let host = emptyable_host(
+                tx,
+                &name,
+                "; wait for it to reconnect (tern host list), then enter maintenance again",
+                ", then enter maintenance",
+            )?;
             let vms = tx.vms_on_host(host.id)?;
             if host.maintenance && vms.is_empty() {
                 let rec = done_task(
@@ -131,7 +147,7 @@ pub async fn enter(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
                     ),
                     now,
                 )?;
-                return Ok((rec, false));
+                return Ok::<_, CenterError>((rec, false));
             }
             let rec = TaskRecord {
                 task: Task::queued(
@@ -180,24 +196,7 @@ pub async fn evacuate(app: &Arc<App>, name: String, why: String) -> Result<Task,
         .db
         .write(move |tx| {
             let now = Utc::now();
-            let host = tx
-                .host_by_name(&name)?
-                .ok_or_else(|| CenterError::host_not_found(&name))?;
-            if host.state() == HostState::Disconnected {
-                return Err(CenterError::conflict(format!(
-                    "host {name} is disconnected: its VMs cannot be moved live while its agent \
-                     is unreachable"
-                )));
-            }
-            if let Some(t) = active_emptying(tx, &name)? {
-                return Err(CenterError::conflict(format!(
-                    "task {} ({}) is already emptying host {name}: follow it with tern task \
-                     wait {}",
-                    t.id,
-                    tasks::kind_text(t.kind),
-                    t.id
-                )));
-            }
+            let host = emptyable_host(tx, &name, "", "")?;
             let running = tx
                 .vms_on_host(host.id)?
                 .iter()
