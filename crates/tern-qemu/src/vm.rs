@@ -635,7 +635,9 @@ async fn connect_retry(socket: &Path, pid: u32) -> Result<Qmp> {
                 ) && Instant::now() < deadline
                     && process::pid_alive(pid) =>
             {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Short: a migration's destination waits for this socket (QEMU makes it
+                // within tens of milliseconds).
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(e) => return Err(e),
         }

@@ -71,8 +71,9 @@ async fn plan(src: &QemuVm, memory_mib: u64, req: MigrateVm) -> MigrationSetting
         .unwrap();
     let m = Measurements {
         memory_mib,
-        dirty_rate_mib_s: rate.dirty_rate_mib_per_s.unwrap_or(0) as f64,
+        dirty_rate_mib_s: Some(rate.dirty_rate_mib_per_s.unwrap_or(0) as f64),
         link_mbit: loopback_mbit().await,
+        link_age_s: None,
     };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -98,6 +99,7 @@ fn request() -> MigrateVm {
         bandwidth_mbit: None,
         allow_postcopy: false,
         dry_run: false,
+        probe_link: false,
     }
 }
 
@@ -1319,6 +1321,11 @@ async fn an_encrypted_stream_admits_only_the_key_holder_and_shows_no_guest_memor
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&psk).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the key file is {mode:o}");
+    // The server end reads a standard DH group instead of generating one (which took QEMU
+    // hundreds of milliseconds at each preparation).
+    let dh = std::fs::read_to_string(dst_cfg.run_dir.join("migration-tls/dh-params.pem"))
+        .expect("the DH group beside the key");
+    assert!(dh.starts_with("-----BEGIN DH PARAMETERS-----"), "{dh}");
 
     // Junk from another process: before TLS, 64 such bytes killed the destination.
     let mut junk = tokio::net::TcpStream::connect(uri.addr()).await.unwrap();
