@@ -282,8 +282,66 @@ fn find_tap_fd(pid: u32, tap: &str) -> Result<i32, FrameError> {
 }
 
 /// Sets the packet-socket option `option` (an int flag) to 1.
+/// An `AF_PACKET` socket whose close happens on a background thread. Closing a packet socket
+/// waits for a kernel RCU grace period (`synchronize_net` in `packet_release`): measured at
+/// 8–24 ms on the lab machine, which on the switchover path (a plug, the RARP, handed-over
+/// frames) is the guest's pause, and which would block an async worker besides.
+pub struct PacketSocket(Option<OwnedFd>);
+
+impl PacketSocket {
+    /// A raw packet socket that receives nothing (protocol 0): for sending only.
+    pub fn for_sending() -> std::io::Result<PacketSocket> {
+        // SAFETY: plain socket(2) call; the returned descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(PacketSocket(Some(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+}
+
+impl AsRawFd for PacketSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+}
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            close_later(fd);
+        }
+    }
+}
+
+/// Hands `fd` to the one thread that closes packet sockets (started on first use); closes it
+/// here if that thread cannot be had.
+fn close_later(fd: OwnedFd) {
+    static CLOSER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<OwnedFd>>>> =
+        std::sync::OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+        std::thread::Builder::new()
+            .name("packet-close".into())
+            .spawn(move || {
+                for fd in rx {
+                    drop(fd);
+                }
+            })
+            .ok()
+            .map(|_| std::sync::Mutex::new(tx))
+    });
+    if let Some(tx) = closer {
+        let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(std::sync::mpsc::SendError(fd)) = tx.send(fd) {
+            drop(fd);
+        }
+    }
+}
+
 fn switch_on(
-    sock: &OwnedFd,
+    sock: &PacketSocket,
     option: libc::c_int,
     name: &'static str,
     tap: &str,
@@ -309,7 +367,7 @@ fn switch_on(
 /// VM's QEMU) receives them as if the bridge had forwarded them, and no bridge or switch sees
 /// them. Opened ahead of time where the write is urgent (binding can take milliseconds).
 pub struct TapWriter {
-    sock: OwnedFd,
+    sock: PacketSocket,
     tap: String,
 }
 
@@ -321,13 +379,7 @@ impl TapWriter {
         if index == 0 {
             return Err(FrameError::NoInterface(tap.into()));
         }
-        // SAFETY: plain socket(2) call; the returned descriptor is owned below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(sys("opening a packet socket", tap));
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sock = PacketSocket::for_sending().map_err(|_| sys("opening a packet socket", tap))?;
         switch_on(&sock, PACKET_VNET_HDR, "PACKET_VNET_HDR", tap)?;
         // Straight into the tap's queue, not through its qdisc: the frame is queued when
         // `send` returns (a plug must be there at once), and ahead of anything the bridge

@@ -22,7 +22,7 @@
 //! goes there, and what reached the source before it is handed over ([`crate::frames`]).
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourState};
 
@@ -101,19 +101,9 @@ pub fn send_frame(ifname: &str, frame: &[u8]) -> Result<(), SteerError> {
         ifname: ifname.into(),
         source: std::io::Error::last_os_error(),
     };
-    // SAFETY: plain socket(2) call; the returned descriptor is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            0, // send only: receive no protocol
-        )
-    };
-    if fd < 0 {
-        return Err(sys("opening a packet socket"));
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Send only (receives no protocol), closed off this thread.
+    let sock =
+        crate::frames::PacketSocket::for_sending().map_err(|_| sys("opening a packet socket"))?;
     // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
