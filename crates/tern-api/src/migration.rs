@@ -55,6 +55,10 @@ pub struct MigrateVm {
     /// Run the pre-checks only (nothing moves).
     #[serde(default)]
     pub dry_run: bool,
+    /// Measure the link before choosing the settings even when a figure measured between the
+    /// same two hosts in the last minutes is known (after a change to the network).
+    #[serde(default)]
+    pub probe_link: bool,
 }
 
 /// Largest cap a request may give: 1 Tbit/s (checked before any arithmetic on it).
@@ -101,14 +105,27 @@ impl MigrateVm {
     }
 }
 
-/// What tern measured before choosing settings.
+/// What tern knew of the guest and the link when it chose the settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Measurements {
     pub memory_mib: u64,
-    /// Guest dirty rate from QMP `calc-dirty-rate`.
-    pub dirty_rate_mib_s: f64,
-    /// Usable bandwidth of the migration link, measured between the two agents.
+    /// Guest dirty rate measured before the copy (QMP `calc-dirty-rate`); `None` when it was
+    /// not measured: tern starts copying at once and judges the rate from QEMU's first pass.
+    #[serde(default)]
+    pub dirty_rate_mib_s: Option<f64>,
+    /// Usable bandwidth of the migration link between the two agents; NaN (`null` in JSON)
+    /// when it could not be measured.
+    #[serde(deserialize_with = "nan_if_null")]
     pub link_mbit: f64,
+    /// How old the link figure was, in seconds, when it was remembered from an earlier probe
+    /// between the same two hosts; `None`: probed for this migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_age_s: Option<u64>,
+}
+
+/// JSON has no NaN: serde writes it as `null`, and this reads `null` back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The settings tern chose, each with the reason.
@@ -710,6 +727,7 @@ mod request_tests {
             bandwidth_mbit: None,
             allow_postcopy: false,
             dry_run: false,
+            probe_link: false,
         }
     }
 

@@ -676,6 +676,7 @@ pub async fn start_migration(
         bandwidth_mbit: None,
         allow_postcopy: false,
         dry_run: false,
+        probe_link: false,
     };
     let t = crate::migrate::migrate_vm_as(app, vm.to_string(), req, class)
         .await

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -74,6 +75,17 @@ pub struct MigrationSlots {
     changed: Notify,
     /// The fastest link measured to or from each host, Mbit/s.
     links: Mutex<HashMap<Uuid, f64>>,
+    /// The last link measured between two hosts (either way), Mbit/s, and when.
+    pairs: Mutex<HashMap<(Uuid, Uuid), (f64, Instant)>>,
+}
+
+/// Two hosts in a fixed order: a link is measured one way and used both ways.
+fn pair(a: Uuid, b: Uuid) -> (Uuid, Uuid) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
 }
 
 impl MigrationSlots {
@@ -91,6 +103,22 @@ impl MigrationSlots {
             let e = links.entry(h).or_insert(0.0);
             *e = e.max(mbit);
         }
+        self.pairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pair(a, b), (mbit, Instant::now()));
+    }
+
+    /// The link last measured between two hosts and how long ago, if no older than
+    /// `max_age`.
+    pub fn pair_link(&self, a: Uuid, b: Uuid, max_age: Duration) -> Option<(f64, Duration)> {
+        let (mbit, at) = *self
+            .pairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pair(a, b))?;
+        let age = at.elapsed();
+        (age <= max_age).then_some((mbit, age))
     }
 
     /// The fastest link measured at a host.
@@ -233,7 +261,6 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn req(source: Uuid, dest: Uuid, limit: usize, class: MoveClass) -> SlotRequest {
         SlotRequest {
@@ -243,6 +270,35 @@ mod tests {
             dest_limit: limit,
             class,
         }
+    }
+
+    #[test]
+    fn a_link_is_remembered_per_pair_both_ways_until_too_old() {
+        let slots = MigrationSlots::default();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(slots.pair_link(a, b, Duration::from_secs(600)), None);
+        slots.measured(a, b, 950.0);
+        let (mbit, age) = slots
+            .pair_link(b, a, Duration::from_secs(600))
+            .expect("remembered both ways");
+        assert_eq!(mbit, 950.0);
+        assert!(age < Duration::from_secs(600));
+        assert_eq!(slots.pair_link(a, c, Duration::from_secs(600)), None);
+        // Too old (any age beats zero).
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(slots.pair_link(a, b, Duration::ZERO), None);
+        // A newer measurement replaces the older, even a slower one.
+        slots.measured(b, a, 90.0);
+        assert_eq!(
+            slots.pair_link(a, b, Duration::from_secs(600)).map(|l| l.0),
+            Some(90.0)
+        );
+        // A failed measurement changes nothing.
+        slots.measured(a, b, f64::NAN);
+        assert_eq!(
+            slots.pair_link(a, b, Duration::from_secs(600)).map(|l| l.0),
+            Some(90.0)
+        );
     }
 
     async fn taken(t: &mut Ticket) -> bool {

@@ -5,6 +5,7 @@
 use tern_api::migration::{MigrationSettings, ThrottlePlan};
 
 use crate::pace::Pacer;
+use crate::settings::{downtime_start, throttle_plan, MIN_DOWNTIME_MS};
 
 /// Where an outgoing migration stands, as far as convergence is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,8 @@ pub const STALL_RATIO_MS: u64 = 3000;
 pub const MAX_THROTTLE_INCREMENT_PCT: u8 = 40;
 /// Throttle threshold once tern decides to throttle: any notable dirtying triggers it.
 pub const EAGER_TRIGGER_THRESHOLD_PCT: u8 = 10;
+/// Throttle threshold when throttling is expected from the start (`throttle_plan`).
+pub const EXPECTED_TRIGGER_THRESHOLD_PCT: u8 = 50;
 /// Share of the deadline after which post-copy (if allowed) is started rather than waiting.
 pub const POSTCOPY_AT_DEADLINE_SHARE: f64 = 0.75;
 /// Share of the stream's best (smoothed) rate below which, with data waiting, the link counts
@@ -150,6 +153,8 @@ pub struct ConvergenceWatcher {
     low_since: Option<u64>,
     /// Since when the link has counted as disturbed (ms).
     disturbed_since: Option<u64>,
+    /// Whether the first pass's figures have been judged ([`Self::judge_first_pass`]).
+    first_pass_judged: bool,
 }
 
 impl ConvergenceWatcher {
@@ -176,7 +181,61 @@ impl ConvergenceWatcher {
             best_sent_mib_s: 0.0,
             low_since: None,
             disturbed_since: None,
+            first_pass_judged: false,
         }
+    }
+
+    /// Once the first pass is done, QEMU's own figures say what a measurement before the copy
+    /// would have guessed from a short sample: the guest's dirty rate over a whole pass against
+    /// what the stream carried. The downtime limit and the throttle plan are then set as the
+    /// settings would have set them from a measurement (only ever raised or armed, never
+    /// relaxed), so copying can start at once without measuring.
+    fn judge_first_pass(&mut self, s: &PrecopySample) -> Vec<Decision> {
+        if self.first_pass_judged || self.pass < 2 {
+            return Vec::new();
+        }
+        self.first_pass_judged = true;
+        let dirty = s.dirty_bytes_per_s / MIB_F;
+        let sent = self.sent_avg_mib_s.max(s.sent_mbit_s * 1e6 / 8.0 / MIB_F);
+        if !(sent > 0.0 && dirty.is_finite()) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let shrink = if dirty > 0.0 {
+            sent / dirty
+        } else {
+            f64::INFINITY
+        };
+        let (limit, why) = downtime_start(self.budget_ms, shrink);
+        let limit = limit.max(MIN_DOWNTIME_MS).min(self.budget_ms);
+        if limit > self.downtime_limit_ms {
+            let from = self.downtime_limit_ms;
+            self.downtime_limit_ms = limit;
+            out.push(Decision {
+                action: Action::RaiseDowntime {
+                    downtime_limit_ms: limit,
+                },
+                reason: format!(
+                    "after the first pass (the guest dirties {dirty:.1} MiB/s, the stream \
+                     carries {sent:.1} MiB/s): downtime limit from {from} ms to {limit} ms, {why}"
+                ),
+            });
+        }
+        if self.plan.trigger_threshold_pct > EXPECTED_TRIGGER_THRESHOLD_PCT && !self.throttling {
+            if let Some((plan, why)) = throttle_plan(dirty, sent) {
+                self.plan = plan;
+                self.increment_pct = plan.increment_pct;
+                out.push(Decision {
+                    action: Action::Throttle {
+                        trigger_threshold_pct: plan.trigger_threshold_pct,
+                        initial_pct: plan.initial_pct,
+                        increment_pct: plan.increment_pct,
+                    },
+                    reason: format!("after the first pass, throttling is to be expected: {why}"),
+                });
+            }
+        }
+        out
     }
 
     /// Forgets the evidence gathered so far: after an escalation, a new pace or a disturbed
@@ -332,6 +391,14 @@ impl ConvergenceWatcher {
         if self.disturbed_since.is_some() {
             return Vec::new();
         }
+        let judged = self.judge_first_pass(s);
+        if !judged.is_empty() {
+            // The new limit and plan get their chance: the rate rule waits its window again
+            // (passes keep their evidence: a long pass must not wait for another).
+            self.high_ratio_since = None;
+            self.settle_until_ms = elapsed_ms + STALL_RATIO_MS;
+            return judged;
+        }
 
         // Rate fallback: QEMU's dirty rate (per sync) against the stream's current rate.
         let dirty_b_s = s.dirty_bytes_per_s;
@@ -477,8 +544,8 @@ impl ConvergenceWatcher {
 mod tests {
     use super::*;
     use crate::fixtures::{hosts, meas, req};
-    use crate::settings::choose_settings;
-    use tern_api::migration::MigrateVm;
+    use crate::settings::{choose_settings, DEFAULT_DOWNTIME_MS};
+    use tern_api::migration::{Measurements, MigrateVm};
 
     fn settings(postcopy: bool, deadline_ms: u64) -> MigrationSettings {
         let r = MigrateVm {
@@ -543,11 +610,12 @@ mod tests {
     fn stalled_pre_copy_escalates_step_by_step() {
         let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
         let mut t = 0;
-        // Dirtying slower than sending (no rate stall), but the dirty set stays at 64 MiB.
-        assert!(feed_pass(&mut w, &mut t, 1, 1024, 50, 100).is_empty());
+        // Dirtying slower than sending (no rate stall, and too little to expect throttling
+        // after the first pass), but the dirty set stays at 64 MiB.
+        assert!(feed_pass(&mut w, &mut t, 1, 1024, 40, 100).is_empty());
         let mut actions = Vec::new();
         for pass in 2..40 {
-            for d in feed_pass(&mut w, &mut t, pass, 64, 50, 100) {
+            for d in feed_pass(&mut w, &mut t, pass, 64, 40, 100) {
                 actions.push((pass, d));
             }
         }
@@ -611,9 +679,28 @@ mod tests {
         let mut w = ConvergenceWatcher::new(&settings(false, 600_000));
         let mut t = 0;
         feed_pass(&mut w, &mut t, 1, 1024, 10, 2);
-        // Pass 2 lasts long: the guest dirties 4 MiB/s, 2 MiB/s are sent.
+        // Pass 2 lasts long: the guest dirties 4 MiB/s, 2 MiB/s are sent. Its first sample
+        // judges the first pass: half the budget, and throttling armed.
+        t += 100;
+        let judged = w.observe(t, &sample(2, 64, 4, 2));
+        assert_eq!(
+            judged.iter().map(|d| &d.action).collect::<Vec<_>>(),
+            vec![
+                &Action::RaiseDowntime {
+                    downtime_limit_ms: 150
+                },
+                &Action::Throttle {
+                    trigger_threshold_pct: EXPECTED_TRIGGER_THRESHOLD_PCT,
+                    initial_pct: 75,
+                    increment_pct: ThrottlePlan::default().increment_pct
+                }
+            ],
+            "{judged:#?}"
+        );
+        assert!(judged[0].reason.contains("after the first pass"));
+        let judged_at = t;
         let mut first = None;
-        for i in 0..100 {
+        for i in 1..100 {
             t += 100;
             let d = w.observe(t, &sample(2, 64 - i / 4, 4, 2));
             if !d.is_empty() {
@@ -624,8 +711,8 @@ mod tests {
         let (when, d) = first.expect("no escalation on a rate stall");
         assert!(matches!(d[0].action, Action::RaiseDowntime { .. }), "{d:?}");
         assert!(d[0].reason.contains("dirties 4.0 MiB/s"), "{}", d[0].reason);
-        // Pass 2 began at t=400; the ratio must hold for STALL_RATIO_MS.
-        assert!(when >= 400 + STALL_RATIO_MS, "{when}");
+        // The judgement is fresh evidence: the ratio must hold for STALL_RATIO_MS after it.
+        assert!(when >= judged_at + STALL_RATIO_MS, "{when}");
         // The next step needs a new sync first.
         for _ in 0..100 {
             t += 100;
@@ -646,6 +733,49 @@ mod tests {
             ),
             "{next:?}"
         );
+    }
+
+    #[test]
+    fn the_first_pass_sets_what_a_measurement_before_the_copy_would_have() {
+        // Settings chosen without measuring the dirty rate start low and unthrottled.
+        let unmeasured = Measurements {
+            dirty_rate_mib_s: None,
+            ..meas(1024, 0.0, 1000.0)
+        };
+        let s = choose_settings(&req(), &unmeasured, &hosts(0));
+        assert_eq!(s.downtime_limit_ms, DEFAULT_DOWNTIME_MS / 10);
+        assert_eq!(s.throttle.trigger_threshold_pct, 100);
+        // A light guest: pass 1 leaves everything as it is.
+        let mut w = ConvergenceWatcher::new(&s);
+        let mut t = 0;
+        feed_pass(&mut w, &mut t, 1, 1024, 5, 100);
+        assert!(feed_pass(&mut w, &mut t, 2, 40, 5, 100).is_empty());
+        assert_eq!(w.downtime_limit_ms(), DEFAULT_DOWNTIME_MS / 10);
+        // A guest dirtying 80% of what is sent: passes shrink 1.25×, a quarter of the budget;
+        // throttling is expected and armed at once, as a measurement would have had it.
+        let mut w = ConvergenceWatcher::new(&s);
+        let mut t = 0;
+        feed_pass(&mut w, &mut t, 1, 1024, 80, 100);
+        let d = feed_pass(&mut w, &mut t, 2, 400, 80, 100);
+        let (plan, _) = throttle_plan(80.0, 100.0).expect("throttling expected");
+        assert_eq!(
+            d.iter().map(|d| &d.action).collect::<Vec<_>>(),
+            vec![
+                &Action::RaiseDowntime {
+                    downtime_limit_ms: DEFAULT_DOWNTIME_MS / 4
+                },
+                &Action::Throttle {
+                    trigger_threshold_pct: plan.trigger_threshold_pct,
+                    initial_pct: plan.initial_pct,
+                    increment_pct: plan.increment_pct
+                }
+            ],
+            "{d:#?}"
+        );
+        assert_eq!(plan.initial_pct, 38);
+        // Judged once: later passes like it change nothing by this rule.
+        assert!(feed_pass(&mut w, &mut t, 3, 300, 80, 100).is_empty());
+        assert!(!w.throttling());
     }
 
     #[test]

@@ -19,14 +19,16 @@ pub fn req() -> MigrateVm {
         bandwidth_mbit: None,
         allow_postcopy: false,
         dry_run: false,
+        probe_link: false,
     }
 }
 
 pub fn meas(memory_mib: u64, dirty: f64, link_mbit: f64) -> Measurements {
     Measurements {
         memory_mib,
-        dirty_rate_mib_s: dirty,
+        dirty_rate_mib_s: Some(dirty),
         link_mbit,
+        link_age_s: None,
     }
 }
 

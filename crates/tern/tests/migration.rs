@@ -500,7 +500,15 @@ fn a_link_misjudged_while_measured_does_not_hold_the_migration_back(lab: &Lab, b
     }
     let unshape = Unshape(lab);
     let task = lab
-        .tern_ok(&["vm", "migrate", "busy", "--to", "h1", "--detach"])
+        .tern_ok(&[
+            "vm",
+            "migrate",
+            "busy",
+            "--to",
+            "h1",
+            "--detach",
+            "--probe-link",
+        ])
         .trim()
         .to_string();
     let task_said = |needle: &str| {

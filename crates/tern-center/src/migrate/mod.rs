@@ -54,9 +54,10 @@ use crate::store::{
 };
 use crate::tasks::{self, TaskCtl, TaskEnd};
 
-/// How long the guest's dirty rate is measured: as long as the link probe (they run at once),
-/// with 8× QEMU's default sample of pages so that the short window still sees enough change.
-const DIRTY_RATE_MS: u32 = 250;
+/// How long a link measured between two hosts is used for their next migrations instead of
+/// probing again. A link that became slower meanwhile costs pace (the stream re-judges it),
+/// never correctness.
+const LINK_MEMORY: Duration = Duration::from_secs(600);
 /// Most bytes the bandwidth probe sends (it also stops after a quarter of a second).
 const PROBE_BYTES: u64 = 1 << 30;
 /// How long a status call waits for the source's state to change.
@@ -68,8 +69,6 @@ const UNREACHABLE_LIMIT: Duration = Duration::from_secs(20);
 const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
 /// How long the destination may take to report all state received after the switchover.
 const RECEIVE_WAIT: Duration = Duration::from_secs(10);
-/// Attempts at the measurements before a migration fails for want of them.
-const MEASURE_RETRY: Retry = Retry::times(4, Duration::from_secs(1));
 /// Attempts at a call before the migration starts whose agent does not answer (restarting).
 const UNREACHABLE_RETRY: Retry = Retry::times(4, Duration::from_secs(1));
 /// Retry period of a convergence step whose agent did not answer.
@@ -247,7 +246,7 @@ struct Mig {
     ticket: std::sync::Mutex<Option<Ticket>>,
 }
 
-/// The steps of a switchover and how long each took, for the record.
+/// The steps of a switchover (or of the preparation) and how long each took, for the record.
 #[derive(Debug, Default, Clone)]
 struct Timeline(Vec<(&'static str, Duration)>);
 

@@ -82,14 +82,10 @@ pub(super) async fn resumable(app: &Arc<App>, row: &MigrationRow) -> Option<Resu
     })
 }
 
-/// The measurements as recorded. A figure that could not be measured is NaN in memory and
-/// `null` in JSON (which has no NaN), so it is read back as NaN rather than refused.
+/// The measurements as recorded (a link that could not be measured is NaN in memory and
+/// `null` in JSON, read back as NaN: see [`Measurements`]).
 fn recorded_measurements(v: &serde_json::Value) -> Option<Measurements> {
-    Some(Measurements {
-        memory_mib: v["memory_mib"].as_u64()?,
-        dirty_rate_mib_s: v["dirty_rate_mib_s"].as_f64().unwrap_or(f64::NAN),
-        link_mbit: v["link_mbit"].as_f64().unwrap_or(f64::NAN),
-    })
+    serde_json::from_value(v.clone()).ok()
 }
 
 impl Resumable {
@@ -111,6 +107,7 @@ impl Resumable {
                 bandwidth_mbit: None,
                 allow_postcopy: self.settings.postcopy_allowed,
                 dry_run: false,
+                probe_link: false,
             };
             let m = Mig {
                 app: app2,
@@ -151,15 +148,26 @@ mod tests {
     fn measurements_that_failed_are_read_back_as_unknown() {
         let m = Measurements {
             memory_mib: 256,
-            dirty_rate_mib_s: 3.5,
+            dirty_rate_mib_s: Some(3.5),
             link_mbit: f64::NAN,
+            link_age_s: None,
         };
         let v = serde_json::to_value(&m).expect("serialize");
         assert!(v["link_mbit"].is_null(), "{v}");
         let back = recorded_measurements(&v).expect("read back");
         assert_eq!(back.memory_mib, 256);
-        assert_eq!(back.dirty_rate_mib_s, 3.5);
+        assert_eq!(back.dirty_rate_mib_s, Some(3.5));
         assert!(back.link_mbit.is_nan());
         assert!(recorded_measurements(&serde_json::json!({})).is_none());
+        // A record from before the dirty rate became optional, and one without it.
+        let old =
+            serde_json::json!({"memory_mib": 64, "dirty_rate_mib_s": 1.0, "link_mbit": 900.0});
+        assert_eq!(
+            recorded_measurements(&old).and_then(|m| m.dirty_rate_mib_s),
+            Some(1.0)
+        );
+        let new = serde_json::json!({"memory_mib": 64, "link_mbit": 900.0, "link_age_s": 12});
+        let new = recorded_measurements(&new).expect("read back");
+        assert_eq!((new.dirty_rate_mib_s, new.link_age_s), (None, Some(12)));
     }
 }

@@ -188,8 +188,9 @@ impl Mig {
             settings: self.settings.clone().unwrap_or_else(empty_settings),
             measurements: self.measurements.clone().unwrap_or(Measurements {
                 memory_mib: self.vm.spec.memory_mib,
-                dirty_rate_mib_s: 0.0,
+                dirty_rate_mib_s: None,
                 link_mbit: 0.0,
+                link_age_s: None,
             }),
             error,
             pause_ms: None,

@@ -7,18 +7,36 @@ impl Mig {
     /// Everything up to and including the commit, one stage after the other; the first stage
     /// that fails ends the run (the caller rolls back what was touched).
     pub(super) async fn run(&mut self) -> Result<Finished, Abort> {
+        let mut prep = Timeline::default();
+        prep.step("queued", self.started.elapsed());
+        let t = Instant::now();
         let report = self.stage_prechecks().await?;
+        prep.step("pre-checks", t.elapsed());
         if self.req.dry_run {
             return Ok(Finished::DryRun(report));
         }
         self.check_cancel()?;
+        let t = Instant::now();
         self.take_slots().await?;
+        prep.step("slot", t.elapsed());
+        let t = Instant::now();
         let row = self.stage_intent().await?;
-        let settings = self.stage_measure(&row).await?;
+        prep.step("intent", t.elapsed());
+        let t = Instant::now();
+        let (settings, listening) = self.stage_settings(&row, &mut prep).await?;
+        prep.step("settings and destination", t.elapsed());
         self.check_cancel()?;
-        let uri = self.stage_prepare(&settings).await?;
+        let uri = match listening {
+            Some(uri) => uri,
+            None => {
+                let t = Instant::now();
+                let uri = self.stage_prepare(&settings).await?;
+                prep.step("listen", t.elapsed());
+                uri
+            }
+        };
         self.check_cancel()?;
-        let at_switch = self.stage_precopy(uri, &settings).await?;
+        let at_switch = self.stage_precopy(uri, &settings, prep).await?;
         self.hand_over(at_switch).await
     }
 
@@ -143,15 +161,37 @@ impl Mig {
         Ok(row)
     }
 
-    /// Measurements, and the settings chosen from them; meanwhile the destination starts (same
-    /// spec as the source runs, paused, not listening until it has the settings).
-    async fn stage_measure(&mut self, row: &MigrationRow) -> Result<MigrationSettings, Abort> {
+    /// The settings, and the destination started (same spec as the source runs, paused).
+    ///
+    /// Nothing is measured that QEMU's own figures tell once copying runs: the guest's dirty
+    /// rate is judged from the first pass (`ConvergenceWatcher`), and a pace taken from a
+    /// wrong link figure is re-judged from the stream (`Pacer`). The one probe left is the
+    /// link's, which the choice of compression and channels and the pace need before the
+    /// stream opens; a figure measured between the same two hosts within [`LINK_MEMORY`] is
+    /// used instead. Then the settings are known at once and the destination starts listening
+    /// in the same call; otherwise the link is probed while the destination starts, and the
+    /// destination listens once the settings are chosen (the returned address is `None`).
+    async fn stage_settings(
+        &mut self,
+        row: &MigrationRow,
+        prep: &mut Timeline,
+    ) -> Result<(MigrationSettings, Option<MigrationUri>), Abort> {
+        let remembered = if self.req.probe_link {
+            None
+        } else {
+            self.app
+                .slots
+                .pair_link(self.source.id, self.dest.id, LINK_MEMORY)
+        };
         self.phase(
             Stage::Measure,
-            format!(
-                "measuring dirty rate and link; starting the destination on {}",
-                self.dest.name
-            ),
+            match remembered {
+                Some(_) => format!("starting the destination on {}", self.dest.name),
+                None => format!(
+                    "measuring the link; starting the destination on {}",
+                    self.dest.name
+                ),
+            },
         )
         .await?;
         let src = self.app.agent(&self.source);
@@ -169,31 +209,90 @@ impl Mig {
                 self.source.name
             )));
         }
-        self.incoming_attempted = true;
-        let prepare = PrepareIncoming {
+        let (encrypted, why) = self.encryption().await?;
+        let mut prepare = PrepareIncoming {
             spec: rt.spec.clone(),
             generation: row.generation_to,
             settings: None,
             key: None,
         };
-        let start_destination = dst.migration_incoming(self.vm.id, &prepare);
-        let (encrypted, why) = self.encryption().await?;
-        let (measured, started) = tokio::join!(self.measure_retried(encrypted), start_destination);
-        started.map_err(|e| format!("starting the destination: {e}"))?;
-        let (mut settings, m) = measured?;
-        settings.encrypted = encrypted;
+        self.incoming_attempted = true;
+        let (mut settings, m, uri) = match remembered {
+            Some((link_mbit, age)) => {
+                let m = Measurements {
+                    memory_mib: self.vm.spec.memory_mib,
+                    dirty_rate_mib_s: None,
+                    link_mbit,
+                    link_age_s: Some(age.as_secs()),
+                };
+                self.event(
+                    EventLevel::Info,
+                    format!(
+                        "link {} ↔ {}: {link_mbit:.0} Mbit/s, measured {} s ago (not probed \
+                         again: a figure younger than {} s stands; the stream re-judges its \
+                         pace); the guest's dirty rate is judged from QEMU's first pass",
+                        self.source.name,
+                        self.dest.name,
+                        age.as_secs(),
+                        LINK_MEMORY.as_secs()
+                    ),
+                )
+                .await;
+                let mut settings = self.choose(&m, encrypted);
+                settings.encrypted = encrypted;
+                self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
+                prepare.settings = Some(settings.clone());
+                prepare.key = self.key.clone();
+                let t = Instant::now();
+                let ready = dst
+                    .migration_incoming(self.vm.id, &prepare)
+                    .await
+                    .map_err(|e| format!("starting the destination: {e}"))?;
+                prep.step("(destination start and listen)", t.elapsed());
+                let answered = ready.uri.ok_or_else(|| {
+                    format!(
+                        "the destination {} did not say where it listens",
+                        self.dest.name
+                    )
+                })?;
+                (settings, m, Some(migration_target(&self.dest, answered)?))
+            }
+            None => {
+                let start_destination = async {
+                    let t = Instant::now();
+                    (
+                        dst.migration_incoming(self.vm.id, &prepare).await,
+                        t.elapsed(),
+                    )
+                };
+                let probe = async {
+                    let t = Instant::now();
+                    (self.probe_link().await, t.elapsed())
+                };
+                let ((m, probe_time), (started, start_time)) =
+                    tokio::join!(probe, start_destination);
+                prep.step("(link probe", probe_time);
+                prep.step("destination start)", start_time);
+                started.map_err(|e| format!("starting the destination: {e}"))?;
+                let mut settings = self.choose(&m, encrypted);
+                settings.encrypted = encrypted;
+                self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
+                (settings, m, None)
+            }
+        };
         settings.reasons.push(why);
-        self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
         for r in &settings.reasons {
             self.event(EventLevel::Info, format!("setting: {r}")).await;
         }
         self.settings = Some(settings.clone());
         self.measurements = Some(m.clone());
-        self.app
-            .slots
-            .measured(self.source.id, self.dest.id, m.link_mbit);
+        if m.link_age_s.is_none() {
+            self.app
+                .slots
+                .measured(self.source.id, self.dest.id, m.link_mbit);
+        }
         self.record_settings(&settings, &m).await?;
-        Ok(settings)
+        Ok((settings, uri))
     }
 
     /// Whether this migration is encrypted: the cluster's policy now (it may have changed since
@@ -259,6 +358,7 @@ impl Mig {
         &mut self,
         uri: MigrationUri,
         settings: &MigrationSettings,
+        mut prep: Timeline,
     ) -> Result<AgentMigrationStatus, Abort> {
         self.phase(
             Stage::Precopy {
@@ -270,6 +370,7 @@ impl Mig {
         .await?;
         self.outgoing_attempted = true;
         let src = self.app.agent(&self.source);
+        let t = Instant::now();
         src.migration_outgoing(
             self.vm.id,
             &StartOutgoing {
@@ -280,6 +381,12 @@ impl Mig {
         )
         .await
         .map_err(|e| format!("starting the migration on {}: {e}", self.source.name))?;
+        prep.step("start", t.elapsed());
+        self.event(
+            EventLevel::Info,
+            format!("preparation timeline (request to pre-copy): {prep}"),
+        )
+        .await;
         self.watch_precopy(&src, settings).await
     }
 
@@ -472,38 +579,11 @@ impl Mig {
         }
     }
 
-    /// [`Mig::measure`], tried again a few times: nothing has started yet, and an agent
-    /// restarting (or a link blip) must not fail a migration over a snapshot that can simply
-    /// be taken again.
-    async fn measure_retried(
-        &self,
-        encrypted: bool,
-    ) -> Result<(MigrationSettings, Measurements), String> {
-        MEASURE_RETRY
-            .run(|failures| async move {
-                let r = self.measure(encrypted).await;
-                if let Err(e) = &r {
-                    if failures + 1 < MEASURE_RETRY.attempts.unwrap_or(1) {
-                        self.event(
-                            EventLevel::Warning,
-                            format!("measuring failed ({e}); measuring again"),
-                        )
-                        .await;
-                    }
-                }
-                r
-            })
-            .await
-    }
-
-    pub(super) async fn measure(
-        &self,
-        encrypted: bool,
-    ) -> Result<(MigrationSettings, Measurements), String> {
+    /// Times the link from the source to the destination's migration address (about a
+    /// quarter second). A failed probe is no failure: the settings then assume a link speed.
+    async fn probe_link(&self) -> Measurements {
         let src = self.app.agent(&self.source);
         let dst = self.app.agent(&self.dest);
-        // Both at once: QEMU samples the guest's pages while the agents time the link (the
-        // user waits for this phase; neither disturbs the other's figure much).
         let link = async {
             let sink = dst.bandwidth_sink().await?;
             src.bandwidth_probe(&BandwidthProbe {
@@ -513,20 +593,17 @@ impl Mig {
             .await
             .map(|r| (sink.address, r))
         };
-        let (dirty, link) = tokio::join!(src.migration_measure(self.vm.id, DIRTY_RATE_MS), link);
-        let dirty = dirty.map_err(|e| format!("measuring the dirty rate: {e}"))?;
-        let link_mbit = match link {
+        let link_mbit = match link.await {
             Ok((addr, r)) => {
                 self.event(
                     EventLevel::Info,
                     format!(
-                        "measured: link {} → {addr}: {:.0} Mbit/s ({:.1} MiB in {} ms); guest \
-                         dirties {:.1} MiB/s",
+                        "measured: link {} → {addr}: {:.0} Mbit/s ({:.1} MiB in {} ms); the \
+                         guest's dirty rate is judged from QEMU's first pass",
                         self.source.name,
                         r.mbit_s,
                         r.bytes as f64 / MIB,
                         r.elapsed_ms,
-                        dirty.dirty_rate_mib_s
                     ),
                 )
                 .await;
@@ -541,11 +618,16 @@ impl Mig {
                 f64::NAN
             }
         };
-        let m = Measurements {
+        Measurements {
             memory_mib: self.vm.spec.memory_mib,
-            dirty_rate_mib_s: dirty.dirty_rate_mib_s,
+            dirty_rate_mib_s: None,
             link_mbit,
-        };
+            link_age_s: None,
+        }
+    }
+
+    /// The settings for what is known (`m`) and what the two hosts can spare.
+    fn choose(&self, m: &Measurements, encrypted: bool) -> MigrationSettings {
         let budget = HostBudget {
             spare_cores: spare_cores(&self.source).min(spare_cores(&self.dest)),
             qemu: QemuVersion::parse(&self.source.facts.qemu_version)
@@ -557,7 +639,7 @@ impl Mig {
                 }),
             encrypted,
         };
-        Ok((choose_settings(&self.req, &m, &budget), m))
+        choose_settings(&self.req, m, &budget)
     }
 
     pub(super) async fn record_intent(&self) -> Result<MigrationRow, String> {

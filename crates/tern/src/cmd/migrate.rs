@@ -37,6 +37,10 @@ pub struct MigrateArgs {
     /// Run the pre-checks only; nothing moves.
     #[arg(long)]
     dry_run: bool,
+    /// Measure the link before choosing the settings, even when a figure measured between
+    /// these two hosts in the last 10 minutes is known (use after changing the network).
+    #[arg(long)]
+    probe_link: bool,
     /// Print the task id and return at once instead of following it.
     #[arg(long)]
     detach: bool,
@@ -53,6 +57,7 @@ pub async fn run(api: &CenterClient, a: MigrateArgs, fmt: Format) -> Result<(), 
         bandwidth_mbit: a.bandwidth,
         allow_postcopy: a.allow_postcopy,
         dry_run: a.dry_run,
+        probe_link: a.probe_link,
     };
     let api_err = |e: ApiError| {
         let nf = e.is_not_found();
