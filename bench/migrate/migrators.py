@@ -244,9 +244,9 @@ class Tern:
 
     Boot: `tern vm create` + `tern vm start` on h1. Move: `tern vm migrate NAME --to hN
     --detach -o json` (a `vm_migrate` task), then `tern task wait ID -o json`; the task's
-    `result` is tern_api::migration::MigrationResult. The agent owns QEMU's QMP socket, so the
-    guest's pause (STOP→RESUME) and the frame analysis are not available here: the client-side
-    columns are the comparison. Written against the CLI shape above before `tern vm migrate`
+    `result` is tern_api::migration::MigrationResult, which carries QEMU's STOP and RESUME
+    times (so end-to-end and the pause are measured as for the baseline); the agent owns QEMU's
+    QMP socket, so the frame analysis is not available here. Written against the CLI shape above before `tern vm migrate`
     existed: adjust `migrate()` when it lands.
     """
 
@@ -333,6 +333,15 @@ class Tern:
         if res.get("status") == "completed":
             rec["converged"] = True
             rec["e2e_s"] = rec["t_done"] - rec["t_cmd"]
+            # QEMU's STOP (source) and RESUME (destination), as the agents report them on the
+            # wall clock: on the monotonic clock like the baseline's, and the same columns.
+            if res.get("stopped_at") and res.get("resumed_at"):
+                from datetime import datetime
+                wall_to_mono = time.time() - time.monotonic()
+                at = lambda k: datetime.fromisoformat(res[k]).timestamp() - wall_to_mono
+                rec["t_stop"], rec["t_resume"] = at("stopped_at"), at("resumed_at")
+                rec["pause_ms"] = (rec["t_resume"] - rec["t_stop"]) * 1000
+                rec["e2e_s"] = rec["t_resume"] - rec["t_cmd"]
             vm.host = dst
             vm.console = self._console(vm)
         else:

@@ -12,8 +12,8 @@ use crate::client::{ApiClient, HttpPool};
 use crate::error::ApiError;
 use crate::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate, PrepareIncoming,
-    QueuedFrames, StartOutgoing,
+    Commit, Committed, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate,
+    PrepareIncoming, QueuedFrames, StartOutgoing,
 };
 use crate::routes::agent as route;
 
@@ -299,7 +299,11 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
-    pub async fn migration_commit(&self, id: Uuid, commit: &Commit) -> Result<(), AgentError> {
+    pub async fn migration_commit(
+        &self,
+        id: Uuid,
+        commit: &Commit,
+    ) -> Result<Committed, AgentError> {
         self.client(QUICK)
             .post(&route::MIGRATION_COMMIT.with_id(id), commit)
             .await

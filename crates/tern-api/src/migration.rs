@@ -28,6 +28,7 @@
 //! `GET /v1/migrations/{vm}?wait_ms=N` answers as soon as the state differs from
 //! `?state=S` (or after N ms), so the center learns of pre-switchover without polling fast.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -485,6 +486,13 @@ pub struct MigrationResult {
     /// to run it, as the center measured it (includes the commit).
     #[serde(default)]
     pub pause_ms: Option<u64>,
+    /// When the source's QEMU stopped the guest (`STOP`, the source host's clock) and the
+    /// destination's resumed it (`RESUME`, the destination host's clock): the guest's pause
+    /// as QEMU saw it, exact to the hosts' clock sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<DateTime<Utc>>,
 }
 
 /// Destination: prepare an incoming QEMU for this VM.
@@ -580,6 +588,19 @@ pub struct AgentMigrationStatus {
     /// guest and it can never resume — the only way left is forward.
     #[serde(default)]
     pub postcopy: bool,
+    /// Source: when QEMU stopped the guest for the switchover (its `STOP` event, this host's
+    /// clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
+/// The destination's answer to a commit: the guest runs there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Committed {
+    /// When the guest resumed (QEMU's `RESUME` event, the destination host's clock); `None`
+    /// when the commit was a repeat of one already done.
+    #[serde(default)]
+    pub resumed_at: Option<DateTime<Utc>>,
 }
 
 impl AgentMigrationStatus {
@@ -598,6 +619,7 @@ impl AgentMigrationStatus {
             passes: None,
             paused_ms: None,
             postcopy: false,
+            stopped_at: None,
         }
     }
 }

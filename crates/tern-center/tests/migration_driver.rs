@@ -18,7 +18,7 @@ use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::{CreateVm, Event, Task, TaskState, Vm};
 use tern_api::evc::HostCpu;
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthReport, BandwidthSink, Commit,
+    AgentMigrationState, AgentMigrationStatus, BandwidthReport, BandwidthSink, Commit, Committed,
     IncomingReady, MigrateVm, PrepareIncoming,
 };
 use tern_api::routes::{agent as route, center};
@@ -246,7 +246,7 @@ async fn commit(
     State(s): State<Shared>,
     AxPath(_): AxPath<Uuid>,
     Json(c): Json<Commit>,
-) -> R<StatusCode> {
+) -> R<Json<Committed>> {
     call(&s, "commit")?;
     let mut s = s.lock().unwrap();
     if s.store_locked.load(Ordering::SeqCst) {
@@ -256,7 +256,7 @@ async fn commit(
         v.state = PowerState::Running;
         v.generation = c.generation;
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(Committed::default()))
 }
 
 async fn abort(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<StatusCode> {

@@ -53,6 +53,29 @@ impl RrCounters {
     }
 }
 
+/// Most stalls a report lists.
+pub const MAX_STALLS: usize = 64;
+
+/// `[[end_us,wait_ms],...]`.
+fn stalls_json(stalls: &[(u64, f64)]) -> String {
+    let items: Vec<String> = stalls
+        .iter()
+        .map(|(end, wait)| format!("[{end},{wait:.3}]"))
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+/// CLOCK_REALTIME in µs (the clock QEMU stamps its events with).
+pub fn realtime_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+}
+
 /// CLOCK_MONOTONIC in µs: comparable across the processes of one machine.
 pub fn monotonic_us() -> u64 {
     let mut ts = libc::timespec {
@@ -174,6 +197,9 @@ pub struct RrReport {
     pub longest_wait_end_us: u64,
     /// Answers that took longer than 50 ms.
     pub waits_over_50ms: u64,
+    /// Stalls: runs of answers over 50 ms, each as (when its longest wait ended, CLOCK_REALTIME
+    /// µs — the clock of QEMU's event timestamps; that wait, ms), at most [`MAX_STALLS`].
+    pub stalls: Vec<(u64, f64)>,
     pub mean_wait_ms: f64,
     /// Segments the client's TCP retransmitted over the connection (`tcpi_total_retrans`).
     /// While a guest is paused the client's loss probe resends its last request after a few
@@ -209,6 +235,7 @@ impl RrReport {
             .f64("longest_wait_ms", self.longest_wait_ms)
             .u64("longest_wait_end_us", self.longest_wait_end_us)
             .u64("waits_over_50ms", self.waits_over_50ms)
+            .raw("stalls", &stalls_json(&self.stalls))
             .f64("mean_wait_ms", self.mean_wait_ms)
             .u64("retransmits", self.retransmits)
             .u64("spurious_retransmits", self.spurious_retransmits)
@@ -298,6 +325,8 @@ pub fn run(o: &RrOptions) -> io::Result<RrReport> {
         ..RrReport::default()
     };
     let mut total_wait = 0.0f64;
+    // Whether the last answer belonged to the stall `report.stalls` ends with.
+    let mut in_stall = false;
     let reader_conn = conn.try_clone()?;
     reader_conn.set_read_timeout(Some(Duration::from_millis(100)))?;
     let mut lines = BufReader::new(reader_conn);
@@ -358,6 +387,16 @@ pub fn run(o: &RrOptions) -> io::Result<RrReport> {
         total_wait += wait_ms;
         if wait_ms > 50.0 {
             report.waits_over_50ms += 1;
+            if in_stall {
+                if let Some(last) = report.stalls.last_mut().filter(|l| wait_ms > l.1) {
+                    *last = (realtime_us(), wait_ms);
+                }
+            } else if report.stalls.len() < MAX_STALLS {
+                report.stalls.push((realtime_us(), wait_ms));
+                in_stall = true;
+            }
+        } else {
+            in_stall = false;
         }
         if wait_ms > report.longest_wait_ms {
             report.longest_wait_ms = wait_ms;

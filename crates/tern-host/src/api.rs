@@ -16,8 +16,8 @@ use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate, PrepareIncoming,
-    QueuedFrames, StartOutgoing,
+    Commit, Committed, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate,
+    PrepareIncoming, QueuedFrames, StartOutgoing,
 };
 use tern_api::{ErrorBody, HostFacts, HostLoad};
 use uuid::Uuid;
@@ -308,7 +308,7 @@ async fn migration_commit(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
     req: Result<Json<Commit>, JsonRejection>,
-) -> Result<Json<()>, AgentError> {
+) -> Result<Json<Committed>, AgentError> {
     let id = vm_id(&id)?;
     let req = body(req)?;
     agent.migrations.commit(id, req).await.map(Json)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tern_api::migration::{
     AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, DirtyRateReport, HandedFrame, IncomingReady, ListenIncoming, MigrationPhase,
+    Commit, Committed, DirtyRateReport, HandedFrame, IncomingReady, ListenIncoming, MigrationPhase,
     PrepareIncoming, QueuedFrames, StartOutgoing, MAX_HANDED_BYTES, MAX_HANDED_FRAMES,
 };
 use tern_qemu::{
@@ -66,6 +66,8 @@ struct Slot {
     drained: Mutex<Vec<(usize, Frame)>>,
     /// Destination: handed-over frames were delivered (a retried commit must not repeat it).
     delivered: std::sync::atomic::AtomicBool,
+    /// Source: when QEMU stopped the guest for the switchover (its `STOP` event).
+    stopped_at: Arc<Mutex<Option<chrono::DateTime<chrono::Utc>>>>,
 }
 
 impl Slot {
@@ -77,7 +79,16 @@ impl Slot {
             reattached: std::sync::atomic::AtomicBool::new(false),
             drained: Mutex::new(Vec::new()),
             delivered: std::sync::atomic::AtomicBool::new(false),
+            stopped_at: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The source's status, with the moment its guest stopped once known.
+    fn source_status(&self, id: Uuid, out: &Outgoing) -> AgentMigrationStatus {
+        AgentMigrationStatus {
+            stopped_at: *lock(&self.stopped_at),
+            ..source_status(id, &out.status())
+        }
     }
 }
 
@@ -200,6 +211,7 @@ fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
         paused_ms: s.report.as_ref().map(|r| r.paused_ms),
         postcopy: s.report.as_ref().is_some_and(|r| r.postcopy)
             || s.progress.phase == MigrationPhase::PostCopy,
+        stopped_at: None,
     }
 }
 
@@ -428,15 +440,23 @@ impl Migrations {
             }
         };
         record.clone().follow(base, out.watch());
-        self.plug_at_pause(id, &out);
-        lock(&self.slots).insert(id, Slot::new(Role::Source(out), record));
+        let slot = Slot::new(Role::Source(out), record);
+        if let Role::Source(out) = &slot.role {
+            self.plug_at_pause(id, out, slot.stopped_at.clone());
+        }
+        lock(&self.slots).insert(id, slot);
         Ok(())
     }
 
     /// Source: the moment the guest pauses (QEMU's `STOP` event, read straight off the QMP
     /// socket: the driver's next status is a round trip later), writes a plug into each of the
     /// VM's taps for QEMU to park instead of a real frame ([`crate::frames`]).
-    fn plug_at_pause(&self, id: Uuid, out: &Outgoing) {
+    fn plug_at_pause(
+        &self,
+        id: Uuid,
+        out: &Outgoing,
+        stopped_at: Arc<Mutex<Option<chrono::DateTime<chrono::Utc>>>>,
+    ) {
         let Ok(rt) = self.vms.get(id) else {
             return;
         };
@@ -452,9 +472,6 @@ impl Migrations {
                 ))
             })
             .collect();
-        if taps.is_empty() {
-            return;
-        }
         // Bound now: at the pause there is no time for it.
         let writers: Vec<(crate::frames::TapWriter, [u8; 6])> = taps
             .iter()
@@ -492,6 +509,7 @@ impl Migrations {
                 writer.write(&[crate::frames::plug_frame(*mac)]);
             }
             let (stopped, heard) = stopped;
+            *lock(&stopped_at) = Some(stopped);
             let us = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(-1);
             let (after_us, heard_us) = (us(chrono::Utc::now() - stopped), us(heard - stopped));
             tracing::info!(vm = %id, after_us, heard_us, "plugged the paused guest's taps");
@@ -514,7 +532,7 @@ impl Migrations {
                     let mut rx = out.watch();
                     let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.state != unless)).await;
                 }
-                Ok(source_status(id, &out.status()))
+                Ok(slot.source_status(id, out))
             }
             Role::Destination(inc) => {
                 let deadline = Instant::now() + wait;
@@ -631,7 +649,7 @@ impl Migrations {
             )));
         };
         out.switchover().await.map_err(qemu)?;
-        Ok(source_status(id, &out.status()))
+        Ok(slot.source_status(id, out))
     }
 
     /// Source, once the final state is sent: takes the frames the stopped QEMU left unread on
@@ -764,7 +782,7 @@ impl Migrations {
 
     /// Destination: the center recorded this host as the owner: deliver the frames handed
     /// over, announce and run the guest. Idempotent.
-    pub async fn commit(&self, id: Uuid, req: Commit) -> Result<(), AgentError> {
+    pub async fn commit(&self, id: Uuid, req: Commit) -> Result<Committed, AgentError> {
         let slot = match self.slot(id) {
             Ok(s) => s,
             // Already committed (and forgotten), or the agent restarted: a running VM here with
@@ -772,13 +790,13 @@ impl Migrations {
             Err(e) => {
                 let rt = self.vms.get(id)?;
                 if rt.generation == req.generation && rt.state == tern_api::PowerState::Running {
-                    return Ok(());
+                    return Ok(Committed::default());
                 }
                 let vm = self.vms.live_qemu(id).map_err(|_| e)?;
                 vm.announce_self(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
                 vm.resume().await.map_err(qemu)?;
                 self.vms.set_generation(id, req.generation)?;
-                return Ok(());
+                return Ok(Committed::default());
             }
         };
         let _op = slot.op.lock().await;
@@ -795,11 +813,11 @@ impl Migrations {
         {
             self.deliver_handed(id, inc.vm().pid(), &req.frames);
         }
-        inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
+        let resumed_at = inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
         self.vms.set_generation(id, req.generation)?;
         self.forget(id, &slot);
         tracing::info!(vm = %id, generation = req.generation, "migration committed: the VM runs here");
-        Ok(())
+        Ok(Committed { resumed_at })
     }
 
     /// Source: cancel and run the guest again. Destination: kill the incoming QEMU.

@@ -25,6 +25,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tern_api::migration::{
@@ -1370,10 +1371,10 @@ impl Incoming {
     /// The center has recorded this host as the VM's owner: announce the VM's MACs (RARP and
     /// the virtio guest announce, so the LAN learns the new port at once) and run the guest.
     /// Idempotent: a guest already running is left alone.
-    pub async fn commit(&self, announce: &AnnounceParams) -> Result<()> {
+    pub async fn commit(&self, announce: &AnnounceParams) -> Result<Option<DateTime<Utc>>> {
         let s = self.status().await;
         match s.state {
-            AgentMigrationState::Running => return Ok(()),
+            AgentMigrationState::Running => return Ok(None),
             AgentMigrationState::Completed => {}
             other => {
                 return Err(Error::Migration(format!(
@@ -1385,14 +1386,28 @@ impl Incoming {
         // Announce first: frames for the VM then queue on this host's tap while the vCPUs
         // start, instead of going to the old port.
         self.vm.announce_self(announce).await?;
+        let mut events = self.vm.qmp().events();
         self.vm.resume().await?;
         // Everything is received: the key has no connection left to admit.
         remove_psk(&self.vm.paths().migration_tls_dir);
         self.vm
             .wait_status(|s| *s == RunState::Running, RUN_TIMEOUT)
             .await?;
-        tracing::info!(pid = self.vm.pid(), "destination committed and running");
-        Ok(())
+        // QEMU sends `RESUME` before it answers `cont`, so it is already queued here.
+        let mut resumed = None;
+        loop {
+            match events.try_recv() {
+                Ok(e) if e.name == "RESUME" => resumed = Some(e.timestamp),
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        tracing::info!(
+            pid = self.vm.pid(),
+            ?resumed,
+            "destination committed and running"
+        );
+        Ok(resumed)
     }
 
     /// Kills the destination QEMU and removes its runtime files. Refuses once the guest runs

@@ -4,6 +4,10 @@
 //! destination, so the guest answers every request, in order, on one connection, and no
 //! request waits for TCP's retransmission timer.
 //!
+//! Each switchover's pause is also taken from QEMU itself (the source's STOP, the
+//! destination's RESUME), and the client's stall around it must end before a retransmission
+//! timer could have fired.
+//!
 //! Not yet asserted: that the client never resends. A frame that reaches the source between
 //! QEMU's STOP and the agent's plug (a fraction of a millisecond) is still lost inside QEMU
 //! (see `tern_host::frames`); the guest's selective ACKs recover it within a round trip of
@@ -46,6 +50,8 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
     let client = lab.spawn_rr_client("10.78.0.120:7001", stats_addr, 2000);
 
     let mut pauses = Vec::new();
+    // QEMU's STOP at the source and RESUME at the destination (µs since the epoch).
+    let mut stop_resume: Vec<(i64, i64)> = Vec::new();
     let mut host = "h1";
     for i in 0..10 {
         let to = if host == "h1" { "h2" } else { "h1" };
@@ -54,6 +60,15 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         let task = task.expect("task JSON");
         assert_eq!(task["result"]["status"], "completed", "{task}");
         pauses.push(task["result"]["pause_ms"].as_u64().unwrap_or(0));
+        let at = |k: &str| {
+            let t = task["result"][k]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {k}: {task}"));
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap_or_else(|e| panic!("{k} {t:?}: {e}"))
+                .timestamp_micros()
+        };
+        stop_resume.push((at("stopped_at"), at("resumed_at")));
         host = to;
     }
     let report = client.finish();
@@ -135,6 +150,46 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         handed.iter().sum::<u64>() > 0,
         "no frame handed over: {handed:?}"
     );
+    // The pause as QEMU saw it (STOP at the source to RESUME at the destination, one clock
+    // here), and how long after each RESUME the client's stall around it ended: the guest
+    // answering what queued during the pause, not a retransmission timer (Linux's shortest
+    // is 200 ms).
+    let qemu_pauses: Vec<i64> = stop_resume.iter().map(|(s, r)| (r - s) / 1000).collect();
+    let stalls: Vec<(i64, f64)> = report["stalls"]
+        .as_array()
+        .expect("the client lists its stalls")
+        .iter()
+        .filter_map(|s| Some((s[0].as_i64()?, s[1].as_f64()?)))
+        .collect();
+    let after_resume: Vec<Option<i64>> = stop_resume
+        .iter()
+        .enumerate()
+        .map(|(i, (stop, resume))| {
+            // The stall of this switchover: the first whose longest wait ended after its
+            // STOP and before the next migration's (none if no wait here passed 50 ms).
+            let next = stop_resume.get(i + 1).map_or(i64::MAX, |n| n.0);
+            stalls
+                .iter()
+                .find(|(end, _)| end > stop && *end < next)
+                .map(|(end, _)| (end - resume) / 1000)
+        })
+        .collect();
+    eprintln!(
+        "MEASURED QEMU STOP→RESUME {qemu_pauses:?} ms; client stall ends after RESUME \
+         {after_resume:?} ms; stalls {stalls:?}"
+    );
+    for (i, (p, a)) in qemu_pauses.iter().zip(&after_resume).enumerate() {
+        assert!(
+            (0..10_000).contains(p),
+            "migration {i}: STOP→RESUME {p} ms: {stop_resume:?}"
+        );
+        if let Some(a) = a {
+            assert!(
+                *a < 200 || pauses[i] > 150,
+                "migration {i}: the client's stall ended {a} ms after RESUME: {stalls:?}"
+            );
+        }
+    }
     // No request waited for TCP's retransmission timer: what was lost at a switchover was
     // recovered from the guest's selective ACKs as soon as it ran. A timer may fire only
     // where the pause itself came near its 200 ms minimum (a starved machine).

@@ -31,9 +31,9 @@ use serde_json::json;
 use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Commit, HandedFrame, ListenIncoming,
-    Measurements, MigrateVm, MigrationKey, MigrationOutcome, MigrationPhase, MigrationResult,
-    MigrationSettings, MigrationUri, PrepareIncoming, StartOutgoing,
+    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Commit, Committed, HandedFrame,
+    ListenIncoming, Measurements, MigrateVm, MigrationKey, MigrationOutcome, MigrationPhase,
+    MigrationResult, MigrationSettings, MigrationUri, PrepareIncoming, StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
 use tern_motion::{
@@ -197,6 +197,8 @@ pub async fn migrate_vm_as(
             held: std::sync::Mutex::new(Vec::new()),
             timeline: Timeline::default(),
             handed: Vec::new(),
+            stopped_at: None,
+            resumed_at: None,
             ticket: std::sync::Mutex::new(ticket),
         };
         // A migration cannot be dropped halfway: it polls the cancel signal at safe points and
@@ -240,6 +242,9 @@ struct Mig {
     timeline: Timeline,
     /// Frames the paused source left on the VM's taps, for the destination's commit.
     handed: Vec<HandedFrame>,
+    /// QEMU's `STOP` at the source and `RESUME` at the destination, as the agents report them.
+    stopped_at: Option<chrono::DateTime<Utc>>,
+    resumed_at: Option<chrono::DateTime<Utc>>,
     /// The migration scheduler's ticket: queued at creation, holding the two hosts' slots
     /// from [`Mig::take_slots`] until the migration ends (`None`: a dry run, or a migration a
     /// restarted center drives on).

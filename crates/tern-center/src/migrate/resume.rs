@@ -132,6 +132,8 @@ impl Resumable {
                 held: std::sync::Mutex::new(Vec::new()),
                 timeline: Timeline::default(),
                 handed: Vec::new(),
+                stopped_at: None,
+                resumed_at: None,
                 ticket: std::sync::Mutex::new(None),
             };
             m.drive(Some(self.settings)).await;

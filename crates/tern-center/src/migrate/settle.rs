@@ -12,6 +12,7 @@ impl Mig {
         };
         let resumed = Instant::now();
         let running = self.run_destination(row.generation_to).await;
+        let resumed_at = running.as_ref().ok().and_then(|c| c.resumed_at);
         let pause_ms = self
             .paused_for
             .or_else(|| self.pause_started.map(|t| t.elapsed()))
@@ -44,10 +45,20 @@ impl Mig {
             self.app.spawn(converge(self.app.clone(), row));
             return;
         }
+        let by_qemu = match (self.stopped_at, resumed_at) {
+            (Some(stop), Some(resume)) => format!(
+                " (QEMU's STOP on {} to its RESUME on {}: {:.1} ms by the two hosts' clocks)",
+                self.source.name,
+                self.dest.name,
+                (resume - stop).num_microseconds().unwrap_or(0) as f64 / 1000.0
+            ),
+            _ => String::new(),
+        };
         self.event(
             EventLevel::Info,
             format!(
-                "destination {} runs the guest and announced its MAC; guest paused about {} ms",
+                "destination {} runs the guest and announced its MAC; guest paused about {} \
+                 ms{by_qemu}",
                 self.dest.name,
                 pause_ms.unwrap_or(0)
             ),
@@ -73,6 +84,7 @@ impl Mig {
             bytes: done.bytes.unwrap_or(0),
             passes: done.passes.unwrap_or(0),
             pause_ms,
+            resumed_at: resumed_at.or(self.resumed_at),
             ..self.result(MigrationOutcome::Completed, None)
         };
         let summary = format!(
@@ -125,7 +137,7 @@ impl Mig {
 
     /// Asks the destination to run the committed guest, a few times; says so after the first
     /// refusal.
-    async fn run_destination(&self, generation_to: u64) -> Result<(), String> {
+    async fn run_destination(&self, generation_to: u64) -> Result<Committed, String> {
         let dst = self.app.agent(&self.dest);
         DRIVER_RETRY
             .run(|failures| {
@@ -194,6 +206,8 @@ impl Mig {
             }),
             error,
             pause_ms: None,
+            stopped_at: self.stopped_at,
+            resumed_at: self.resumed_at,
         }
     }
 
@@ -375,6 +389,7 @@ pub(super) async fn redo_destination(
             },
         )
         .await
+        .map(drop)
         .map_err(|e| e.to_string())
 }
 

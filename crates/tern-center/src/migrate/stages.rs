@@ -452,6 +452,7 @@ impl Mig {
         let (recorded, sent, done) = handed?;
         timeline.step("record", recorded);
         timeline.step("final copy", sent);
+        self.stopped_at = done.stopped_at;
         let mut seen = self.events_seen;
         self.hold_agent_events(&done, &mut seen);
         self.events_seen = seen;
@@ -515,7 +516,8 @@ impl Mig {
             )
             .await
         {
-            Ok(()) => {
+            Ok(c) => {
+                self.resumed_at = c.resumed_at;
                 self.timeline.step(
                     "destination runs (post-copy, before the commit)",
                     t.elapsed(),
