@@ -19,6 +19,9 @@ use crate::qmp::{self, Qmp};
 
 /// How long QEMU may take to initialise before its launcher process exits.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a QEMU whose monitor closed during the launch may take to exit (then its failure
+/// is told with what it printed).
+const EXIT_AFTER_QMP_CLOSED: Duration = Duration::from_secs(2);
 /// How long to retry connecting to a fresh QMP socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After `quit`, how long QEMU may take to flush disks and exit before it is killed.
@@ -322,8 +325,10 @@ impl QemuVm {
                 Ok(vm)
             }
             Err(e) => {
-                // It ended while we connected: that is the launch's failure, with its words.
-                if let Ok(Some(status)) = child.try_wait() {
+                // It ended while we connected (its monitor closing a moment before it exits):
+                // that is the launch's failure, with its words.
+                let ended = tokio::time::timeout(EXIT_AFTER_QMP_CLOSED, child.wait()).await;
+                if let Ok(Ok(status)) = ended {
                     let tail = log_tail(&paths.start_log);
                     return Err(Error::Launch {
                         status: status.to_string(),
