@@ -11,9 +11,9 @@ use crate::center::StopVm;
 use crate::client::{ApiClient, HttpPool};
 use crate::error::ApiError;
 use crate::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, Committed, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate,
-    PrepareIncoming, QueuedFrames, StartOutgoing,
+    AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport,
+    BandwidthSink, Commit, Committed, DirtyRateReport, IncomingReady, ListenIncoming,
+    MeasureDirtyRate, PrepareIncoming, QueuedFrames, StartOutgoing,
 };
 use crate::routes::agent as route;
 
@@ -310,9 +310,9 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
-    pub async fn migration_abort(&self, id: Uuid) -> Result<(), AgentError> {
+    pub async fn migration_abort(&self, id: Uuid, req: &AbortMigration) -> Result<(), AgentError> {
         self.client(START)
-            .post(&route::MIGRATION_ABORT.with_id(id), &())
+            .post(&route::MIGRATION_ABORT.with_id(id), req)
             .await
             .map_err(|e| self.error(e))
     }

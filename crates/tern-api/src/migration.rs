@@ -594,6 +594,16 @@ pub struct AgentMigrationStatus {
     pub stopped_at: Option<DateTime<Utc>>,
 }
 
+/// A rollback, told to one end. The source may get the frames the destination's taps queued
+/// after the LAN was steered there ([`QueuedFrames`] taken at the destination): it delivers
+/// them to the guest, in order, before it resumes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AbortMigration {
+    #[serde(default)]
+    pub frames: Vec<HandedFrame>,
+}
+
 /// The destination's answer to a commit: the guest runs there.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Committed {

@@ -18,8 +18,8 @@ use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::{CreateVm, Event, Task, TaskState, Vm};
 use tern_api::evc::HostCpu;
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthReport, BandwidthSink, Commit, Committed,
-    IncomingReady, MigrateVm, PrepareIncoming,
+    AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthReport, BandwidthSink,
+    Commit, Committed, HandedFrame, IncomingReady, MigrateVm, PrepareIncoming, QueuedFrames,
 };
 use tern_api::routes::{agent as route, center};
 use tern_api::{ErrorBody, HostFacts, PowerState};
@@ -259,9 +259,32 @@ async fn commit(
     Ok(Json(Committed::default()))
 }
 
-async fn abort(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<StatusCode> {
+/// The destination's taps hold one frame for the VM when a rollback asks for them.
+async fn frames(State(s): State<Shared>) -> R<Json<QueuedFrames>> {
+    call(&s, "frames")?;
+    let mut data = vec![0u8; 60];
+    data[..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    Ok(Json(QueuedFrames {
+        frames: vec![HandedFrame {
+            nic: 0,
+            header: Default::default(),
+            data,
+        }],
+        ..QueuedFrames::default()
+    }))
+}
+
+async fn abort(
+    State(s): State<Shared>,
+    AxPath(id): AxPath<Uuid>,
+    Json(req): Json<AbortMigration>,
+) -> R<StatusCode> {
     call(&s, "abort")?;
     let mut s = s.lock().unwrap();
+    if !req.frames.is_empty() {
+        s.calls
+            .push(format!("abort with {} frame(s)", req.frames.len()));
+    }
     if s.source && s.postcopy {
         return Err((
             StatusCode::CONFLICT,
@@ -307,6 +330,7 @@ impl FakeAgent {
             .route(route::MIGRATION_SWITCHOVER.template(), post(switchover))
             .route(route::MIGRATION_COMMIT.template(), post(commit))
             .route(route::MIGRATION_ABORT.template(), post(abort))
+            .route(route::MIGRATION_FRAMES.template(), post(frames))
             .route(route::MIGRATION_FINISH.template(), post(finish))
             .with_state(state.clone());
         let url = common::serve_router(app).await;
@@ -539,6 +563,41 @@ async fn a_link_measured_once_is_not_probed_again() {
 #[tokio::test]
 async fn a_destination_that_cannot_listen_rolls_back() {
     rolls_back_when(2, "listen").await;
+}
+
+/// A switchover that fails after the destination steered the LAN: the source steers it back,
+/// then the destination hands over what its taps queued meanwhile, and the source gets those
+/// frames with its abort (to deliver before its guest resumes); only then is the destination
+/// removed.
+#[tokio::test]
+async fn a_rollback_after_the_steer_hands_the_steered_frames_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, _vm) = running_vm(dir.path()).await;
+    h1.with(|s| s.fail = Some("switchover"));
+    let t = migrate(&c, false, 60).await;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    let (c1, c2) = (h1.calls(), h2.calls());
+    let at = |calls: &[String], name: &str| {
+        calls
+            .iter()
+            .rposition(|c| c == name)
+            .unwrap_or_else(|| panic!("no {name}: {calls:?}"))
+    };
+    // The source steers back after the failed switchover, then aborts with the frame.
+    assert!(at(&c1, "switchover") < at(&c1, "steer"), "{c1:?}");
+    assert!(at(&c1, "steer") < at(&c1, "abort"), "{c1:?}");
+    assert!(c1.contains(&"abort with 1 frame(s)".to_string()), "{c1:?}");
+    // The destination steered first, gave its frames up, and was removed after.
+    assert!(at(&c2, "steer") < at(&c2, "frames"), "{c2:?}");
+    assert!(at(&c2, "frames") < at(&c2, "abort"), "{c2:?}");
+    let events = task_events(&c, t.id).await;
+    assert!(
+        events.iter().any(|e| e.contains(
+            "1 frame(s) that reached h2 after the LAN was steered there handed back to h1"
+        )),
+        "{events:#?}"
+    );
+    c.shutdown().await.unwrap();
 }
 
 #[tokio::test]

@@ -15,9 +15,9 @@ use serde::Deserialize;
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::StopVm;
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, Committed, DirtyRateReport, IncomingReady, ListenIncoming, MeasureDirtyRate,
-    PrepareIncoming, QueuedFrames, StartOutgoing,
+    AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport,
+    BandwidthSink, Commit, Committed, DirtyRateReport, IncomingReady, ListenIncoming,
+    MeasureDirtyRate, PrepareIncoming, QueuedFrames, StartOutgoing,
 };
 use tern_api::{ErrorBody, HostFacts, HostLoad};
 use uuid::Uuid;
@@ -317,8 +317,11 @@ async fn migration_commit(
 async fn migration_abort(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
+    req: Result<Json<Option<AbortMigration>>, JsonRejection>,
 ) -> Result<Json<()>, AgentError> {
-    agent.migrations.abort(vm_id(&id)?).await.map(Json)
+    let id = vm_id(&id)?;
+    let req = body(req)?.unwrap_or_default();
+    agent.migrations.abort(id, req).await.map(Json)
 }
 
 async fn migration_finish(

@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport, BandwidthSink,
-    Commit, Committed, DirtyRateReport, HandedFrame, IncomingReady, ListenIncoming, MigrationPhase,
-    PrepareIncoming, QueuedFrames, StartOutgoing, MAX_HANDED_BYTES, MAX_HANDED_FRAMES,
+    AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport,
+    BandwidthSink, Commit, Committed, DirtyRateReport, HandedFrame, IncomingReady, ListenIncoming,
+    MigrationPhase, PrepareIncoming, QueuedFrames, StartOutgoing, MAX_HANDED_BYTES,
+    MAX_HANDED_FRAMES,
 };
 use tern_qemu::{
     IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
@@ -178,22 +179,32 @@ fn qemu(e: tern_qemu::Error) -> AgentError {
     }
 }
 
-/// Writes frames taken off a VM's taps back into them (an aborted migration's source).
-fn give_back(id: Uuid, drained: Vec<(usize, Frame)>) {
-    if drained.is_empty() {
-        return;
-    }
-    let mut by_nic: HashMap<usize, Vec<Frame>> = HashMap::new();
-    for (i, f) in drained {
-        by_nic.entry(i).or_default().push(f);
-    }
-    for (i, frames) in by_nic {
-        let tap = crate::tap::tap_name(id, i);
-        match crate::frames::deliver(&tap, &frames) {
-            Ok(n) => tracing::info!(vm = %id, tap, n, "frames given back to the source's tap"),
-            Err(e) => tracing::warn!(vm = %id, tap, error = %e, "frames not given back"),
-        }
-    }
+/// The frames a resuming source's NIC `nic` gets, in arrival order: those taken off its tap
+/// for the destination (`own`, the oldest), those the destination's taps got after the steer
+/// and handed back (`handed`: only frames for this NIC's MAC), then those its tap got since
+/// the LAN was steered back (`queued`, the newest). Plugs are left out.
+pub(crate) fn hand_back_order(
+    nic: usize,
+    mac: [u8; 6],
+    own: Vec<Frame>,
+    handed: &[HandedFrame],
+    queued: Vec<Frame>,
+) -> Vec<Frame> {
+    let mut frames = own;
+    frames.extend(
+        handed
+            .iter()
+            .filter(|f| usize::from(f.nic) == nic)
+            .map(|f| Frame {
+                header: f.header,
+                data: f.data.clone(),
+            })
+            .filter(|f| f.data.len() >= 14 && f.destination() == Some(mac))
+            .take(MAX_HANDED_FRAMES),
+    );
+    frames.extend(queued);
+    frames.retain(|f| !f.is_plug());
+    frames
 }
 
 fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
@@ -448,6 +459,41 @@ impl Migrations {
         Ok(())
     }
 
+    /// Writes back into a resuming source's taps what it took off them for the destination,
+    /// what the destination hands back, and what arrived since ([`hand_back_order`]).
+    fn give_back(&self, id: Uuid, pid: u32, drained: Vec<(usize, Frame)>, handed: &[HandedFrame]) {
+        if drained.is_empty() && handed.is_empty() {
+            return;
+        }
+        let Ok(rt) = self.vms.get(id) else {
+            return;
+        };
+        let mut own: HashMap<usize, Vec<Frame>> = HashMap::new();
+        for (i, f) in drained {
+            own.entry(i).or_default().push(f);
+        }
+        for (i, nic) in rt.spec.nics.iter().enumerate() {
+            let Ok(mac) = crate::steer::parse_mac(&nic.mac) else {
+                continue;
+            };
+            let mine = own.remove(&i).unwrap_or_default();
+            if mine.is_empty() && !handed.iter().any(|f| usize::from(f.nic) == i) {
+                continue;
+            }
+            let tap = crate::tap::tap_name(id, i);
+            let result = TapQueue::of_process(pid, &tap)
+                .and_then(|q| q.drain())
+                .and_then(|queued| {
+                    let frames = hand_back_order(i, mac, mine, handed, queued);
+                    crate::frames::deliver(&tap, &frames)
+                });
+            match result {
+                Ok(n) => tracing::info!(vm = %id, tap, n, "frames given back to the source's tap"),
+                Err(e) => tracing::warn!(vm = %id, tap, error = %e, "frames not given back"),
+            }
+        }
+    }
+
     /// Source: the moment the guest pauses (QEMU's `STOP` event, read straight off the QMP
     /// socket: the driver's next status is a round trip later), writes a plug into each of the
     /// VM's taps for QEMU to park instead of a real frame ([`crate::frames`]).
@@ -561,10 +607,9 @@ impl Migrations {
         // No lock and no QMP: the destination QEMU's monitor does not answer while it loads
         // the stream, and this runs while the guest is paused. Racing an abort is harmless
         // (a removed tap fails the steering, and the source re-announces when it resumes).
-        let Role::Destination(inc) = &slot.role else {
-            return Err(AgentError::Conflict(format!(
-                "this host is the source of VM {id}'s migration: steer at the destination"
-            )));
+        let inc = match &slot.role {
+            Role::Destination(inc) => inc,
+            Role::Source(out) => return self.steer_back(id, slot.source_status(id, out)).await,
         };
         let ended = inc.vm().exit_reason();
         // Only a commit runs the guest here: alive means listening or holding it paused.
@@ -625,6 +670,35 @@ impl Migrations {
         Ok(status)
     }
 
+    /// Source, in a rollback after the destination steered the LAN: points the LAN back at
+    /// this host's taps (bridge entry and RARP), so frames for the VM queue here for the guest
+    /// that is about to resume instead of at the destination that is about to go.
+    async fn steer_back(
+        &self,
+        id: Uuid,
+        mut status: AgentMigrationStatus,
+    ) -> Result<AgentMigrationStatus, AgentError> {
+        let Some(bridge) = self.vms.bridge() else {
+            return Ok(status);
+        };
+        let spec = self.vms.get(id)?.spec;
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let tap = crate::tap::tap_name(id, i);
+            let r = match crate::steer::parse_mac(&nic.mac) {
+                Ok(mac) => self.steerer.steer(bridge, &tap, mac).await,
+                Err(e) => Err(e),
+            };
+            status.events.push(match r {
+                Ok(()) => format!("steered the LAN back to {tap} for MAC {}", nic.mac),
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %e, "steering back failed");
+                    format!("could not steer the LAN back to {tap} ({e}); the guest announces itself when it resumes")
+                }
+            });
+        }
+        Ok(status)
+    }
+
     /// Source: the guest's dirty rate, measured by QEMU over `duration_ms`.
     pub async fn measure(&self, id: Uuid, duration_ms: u32) -> Result<DirtyRateReport, AgentError> {
         let vm = self.vms.live_qemu(id)?;
@@ -658,11 +732,9 @@ impl Migrations {
     pub async fn frames(&self, id: Uuid) -> Result<QueuedFrames, AgentError> {
         let slot = self.slot(id)?;
         let _op = slot.op.lock().await;
-        let Role::Source(out) = &slot.role else {
-            return Err(AgentError::Conflict(format!(
-                "this host is the destination of VM {id}'s migration: frames are taken at the \
-                 source"
-            )));
+        let out = match &slot.role {
+            Role::Source(out) => out,
+            Role::Destination(inc) => return self.frames_to_hand_back(id, inc),
         };
         let state = out.status().state;
         if state != AgentMigrationState::Completed {
@@ -718,6 +790,52 @@ impl Migrations {
             over_limit = queued.skipped_over_limit,
             "took the frames the paused guest left on its taps"
         );
+        Ok(queued)
+    }
+
+    /// Destination, in a rollback: takes the frames for the VM's MACs that the LAN brought to
+    /// this host's taps since the steer (the paused QEMU here never read them), oldest first,
+    /// within the hand-over's limits, for the source to deliver. The destination is removed
+    /// next, so nothing is kept.
+    fn frames_to_hand_back(
+        &self,
+        id: Uuid,
+        inc: &IncomingMigration,
+    ) -> Result<QueuedFrames, AgentError> {
+        let spec = self.vms.get(id)?.spec;
+        let pid = inc.vm().pid();
+        let mut queued = QueuedFrames::default();
+        let mut bytes = 0usize;
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let tap = crate::tap::tap_name(id, i);
+            let mac = crate::steer::parse_mac(&nic.mac)
+                .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
+            let frames = TapQueue::of_process(pid, &tap)
+                .and_then(|q| q.drain())
+                .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
+            for f in frames {
+                if f.is_plug() {
+                    continue;
+                }
+                if f.is_flooded() {
+                    queued.skipped_flooded += 1;
+                } else if f.destination() != Some(mac) {
+                    queued.skipped_foreign += 1;
+                } else if queued.frames.len() >= MAX_HANDED_FRAMES
+                    || bytes + f.data.len() > MAX_HANDED_BYTES
+                {
+                    queued.skipped_over_limit += 1;
+                } else {
+                    bytes += f.data.len();
+                    queued.frames.push(HandedFrame {
+                        nic: i as u16,
+                        header: f.header,
+                        data: f.data,
+                    });
+                }
+            }
+        }
+        tracing::info!(vm = %id, handed_back = queued.frames.len(), "took the frames steered here for the source");
         Ok(queued)
     }
 
@@ -821,17 +939,20 @@ impl Migrations {
     }
 
     /// Source: cancel and run the guest again. Destination: kill the incoming QEMU.
-    pub async fn abort(&self, id: Uuid) -> Result<(), AgentError> {
+    pub async fn abort(&self, id: Uuid, req: AbortMigration) -> Result<(), AgentError> {
         let slot = self.slot(id)?;
         let _op = slot.op.lock().await;
         // Told to end it: a restart from here on must not re-attach to it.
         slot.record.remove();
         match &slot.role {
             Role::Source(out) => {
-                // Frames taken off the taps for the destination go back where the guest will
-                // read them when it resumes.
+                // Frames taken off the taps for the destination, and those the destination's
+                // taps got after the steer, go back where the guest will read them when it
+                // resumes, ahead of what arrived here since.
                 let drained = std::mem::take(&mut *lock(&slot.drained));
-                give_back(id, drained);
+                if out.vm().exit_reason().is_none() {
+                    self.give_back(id, out.vm().pid(), drained, &req.frames);
+                }
                 // A source QEMU that has ended has nothing left to cancel or resume (the VM's
                 // own state says how it ended); insisting would fail the rollback for ever.
                 if out.vm().exit_reason().is_none() {
@@ -1006,6 +1127,42 @@ mod tests {
     use crate::store::StateDir;
     use crate::vms::VmHostConfig;
 
+    /// A frame for `mac` numbered `n` (in its last byte).
+    fn frame_to(mac: [u8; 6], n: u8) -> Frame {
+        let mut data = vec![0u8; 60];
+        data[..6].copy_from_slice(&mac);
+        data[59] = n;
+        Frame {
+            header: Default::default(),
+            data,
+        }
+    }
+
+    #[test]
+    fn a_resuming_source_reads_its_own_frames_then_the_handed_back_then_the_newest() {
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let other = [0x52, 0x54, 0, 0, 0, 2];
+        let handed: Vec<HandedFrame> = [(0, mac, 3), (0, other, 99), (1, mac, 98), (0, mac, 4)]
+            .iter()
+            .map(|&(nic, to, n)| {
+                let f = frame_to(to, n);
+                HandedFrame {
+                    nic,
+                    header: f.header,
+                    data: f.data,
+                }
+            })
+            .collect();
+        let own = vec![frame_to(mac, 1), frame_to(mac, 2)];
+        let queued = vec![crate::frames::plug_frame(mac), frame_to(mac, 5)];
+        let order: Vec<u8> = hand_back_order(0, mac, own, &handed, queued)
+            .iter()
+            .map(|f| f.data[59])
+            .collect();
+        // Another MAC's frame and another NIC's are not this NIC's to read; plugs go.
+        assert_eq!(order, vec![1, 2, 3, 4, 5]);
+    }
+
     fn migrations(dir: &std::path::Path) -> Arc<Migrations> {
         let vms = VmManager::new(VmHostConfig {
             store: StateDir::open(dir).expect("state dir"),
@@ -1066,7 +1223,10 @@ mod tests {
             m.switchover(id).await,
             Err(AgentError::NotFound(_))
         ));
-        assert!(matches!(m.abort(id).await, Err(AgentError::NotFound(_))));
+        assert!(matches!(
+            m.abort(id, AbortMigration::default()).await,
+            Err(AgentError::NotFound(_))
+        ));
         assert!(matches!(m.finish(id).await, Err(AgentError::NotFound(_))));
         assert!(matches!(
             m.measure(id, 1000).await,

@@ -31,9 +31,10 @@ use serde_json::json;
 use tern_api::center::{EventLevel, Task, TaskKind, TaskState};
 use tern_api::evc::{CheckKind, MigrationCheck, MigrationCheckReport};
 use tern_api::migration::{
-    AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Commit, Committed, HandedFrame,
-    ListenIncoming, Measurements, MigrateVm, MigrationKey, MigrationOutcome, MigrationPhase,
-    MigrationResult, MigrationSettings, MigrationUri, PrepareIncoming, StartOutgoing,
+    AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthProbe, Commit, Committed,
+    HandedFrame, ListenIncoming, Measurements, MigrateVm, MigrationKey, MigrationOutcome,
+    MigrationPhase, MigrationResult, MigrationSettings, MigrationUri, PrepareIncoming,
+    StartOutgoing,
 };
 use tern_api::{HostState, PowerState};
 use tern_motion::{
@@ -197,6 +198,7 @@ pub async fn migrate_vm_as(
             held: std::sync::Mutex::new(Vec::new()),
             timeline: Timeline::default(),
             handed: Vec::new(),
+            steered: false,
             stopped_at: None,
             resumed_at: None,
             ticket: std::sync::Mutex::new(ticket),
@@ -242,6 +244,8 @@ struct Mig {
     timeline: Timeline,
     /// Frames the paused source left on the VM's taps, for the destination's commit.
     handed: Vec<HandedFrame>,
+    /// The destination was asked to steer the LAN to its taps (a rollback steers it back).
+    steered: bool,
     /// QEMU's `STOP` at the source and `RESUME` at the destination, as the agents report them.
     stopped_at: Option<chrono::DateTime<Utc>>,
     resumed_at: Option<chrono::DateTime<Utc>>,

@@ -132,6 +132,7 @@ impl Resumable {
                 held: std::sync::Mutex::new(Vec::new()),
                 timeline: Timeline::default(),
                 handed: Vec::new(),
+                steered: false,
                 stopped_at: None,
                 resumed_at: None,
                 ticket: std::sync::Mutex::new(None),

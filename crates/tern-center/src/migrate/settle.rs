@@ -221,8 +221,9 @@ impl Mig {
                 .await;
         }
         let mut ok = true;
+        let handed_back = self.take_back_steered_frames().await;
         if self.outgoing_attempted {
-            if let Err(e) = undo_source(&self.app, &self.source, self.vm.id).await {
+            if let Err(e) = undo_source(&self.app, &self.source, self.vm.id, handed_back).await {
                 ok = false;
                 self.event(
                     EventLevel::Error,
@@ -303,6 +304,60 @@ impl Mig {
         .await;
     }
 
+    /// A rollback after the destination steered the LAN to its taps: the source steers it
+    /// back first (so nothing more reaches the destination), then the destination gives up
+    /// what its taps queued meanwhile, for the source to deliver before its guest resumes.
+    /// Each step is best effort: a frame that is lost here is one its sender retransmits.
+    async fn take_back_steered_frames(&self) -> Vec<HandedFrame> {
+        if !self.steered {
+            return Vec::new();
+        }
+        let (src, dst) = (self.app.agent(&self.source), self.app.agent(&self.dest));
+        if let Err(e) = src.migration_steer(self.vm.id).await {
+            self.event(
+                EventLevel::Warning,
+                format!(
+                    "{} could not steer the LAN back to itself ({e}); the guest announces \
+                     itself when it resumes",
+                    self.source.name
+                ),
+            )
+            .await;
+        }
+        match dst.migration_frames(self.vm.id).await {
+            Ok(q) => {
+                self.event(
+                    EventLevel::Info,
+                    format!(
+                        "{} frame(s) that reached {} after the LAN was steered there handed \
+                         back to {} (left out: {} broadcast/multicast, {} for other MACs, {} \
+                         over the limit)",
+                        q.frames.len(),
+                        self.dest.name,
+                        self.source.name,
+                        q.skipped_flooded,
+                        q.skipped_foreign,
+                        q.skipped_over_limit
+                    ),
+                )
+                .await;
+                q.frames
+            }
+            Err(e) => {
+                self.event(
+                    EventLevel::Warning,
+                    format!(
+                        "the frames queued at {} could not be handed back ({e}); their senders \
+                         retransmit them",
+                        self.dest.name
+                    ),
+                )
+                .await;
+                Vec::new()
+            }
+        }
+    }
+
     /// Records the migration's end through the task runner. Its event is recorded even when
     /// the user cancelled the task first: a rollback or a commit still happened.
     pub(super) async fn finish_task(
@@ -331,10 +386,16 @@ impl Mig {
 }
 
 /// Source side of a rollback: cancel and resume (or, if the agent no longer knows the
-/// migration, resume a paused guest).
-pub(super) async fn undo_source(app: &App, host: &HostRecord, vm: Uuid) -> Result<(), String> {
+/// migration, resume a paused guest), delivering `frames` (the destination's, handed back)
+/// first.
+pub(super) async fn undo_source(
+    app: &App,
+    host: &HostRecord,
+    vm: Uuid,
+    frames: Vec<HandedFrame>,
+) -> Result<(), String> {
     let a = app.agent(host);
-    match a.migration_abort(vm).await {
+    match a.migration_abort(vm, &AbortMigration { frames }).await {
         Ok(()) => Ok(()),
         Err(e) if e.is_not_found() => match a.vm(vm).await.map_err(|e| e.to_string())? {
             Some(rt) if rt.state == PowerState::Paused => {
@@ -356,7 +417,7 @@ pub(super) async fn undo_destination(
     generation_to: u64,
 ) -> Result<(), String> {
     let a = app.agent(host);
-    match a.migration_abort(vm).await {
+    match a.migration_abort(vm, &AbortMigration::default()).await {
         Ok(()) => Ok(()),
         Err(e) if e.is_not_found() => match a.vm(vm).await.map_err(|e| e.to_string())? {
             None => Ok(()),
@@ -535,7 +596,7 @@ pub(super) async fn settle_step(
     step: SettleStep,
 ) -> Result<(), String> {
     match step {
-        SettleStep::ResumeSource => undo_source(app, src, vm).await,
+        SettleStep::ResumeSource => undo_source(app, src, vm, Vec::new()).await,
         SettleStep::RemoveDestination => undo_destination(app, dst, vm, generation_to).await,
         SettleStep::RunDestination => redo_destination(app, dst, vm, generation_to).await,
         SettleStep::QuitSource => redo_source(app, src, vm).await,

@@ -409,6 +409,7 @@ impl Mig {
         // The destination steers the LAN to its taps (frames sent during the switchover then
         // wait there instead of dying at the paused source) while the record says the state
         // may now leave the source and the source sends it.
+        self.steered = true;
         let steer = async {
             let t = Instant::now();
             let r = dst.migration_steer(self.vm.id).await;
