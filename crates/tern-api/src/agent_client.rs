@@ -299,14 +299,17 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
+    /// Runs the committed guest at the destination. An agent that answers nothing (one from
+    /// before `Committed`) committed all the same.
     pub async fn migration_commit(
         &self,
         id: Uuid,
         commit: &Commit,
     ) -> Result<Committed, AgentError> {
         self.client(QUICK)
-            .post(&route::MIGRATION_COMMIT.with_id(id), commit)
+            .post::<_, Option<Committed>>(&route::MIGRATION_COMMIT.with_id(id), commit)
             .await
+            .map(Option::unwrap_or_default)
             .map_err(|e| self.error(e))
     }
 

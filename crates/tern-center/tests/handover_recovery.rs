@@ -62,6 +62,7 @@ async fn abort(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<StatusCode
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Answers nothing, as agents did before `Committed`: the center takes it as a commit.
 async fn commit(
     State(s): State<Shared>,
     AxPath(_): AxPath<Uuid>,
