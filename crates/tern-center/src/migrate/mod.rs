@@ -263,6 +263,18 @@ impl Timeline {
     fn step(&mut self, what: &'static str, took: Duration) {
         self.0.push((what, took));
     }
+
+    /// Runs `step` and records how long it took as `what`.
+    async fn time<T>(
+        &mut self,
+        what: &'static str,
+        step: impl std::future::Future<Output = T>,
+    ) -> T {
+        let t = Instant::now();
+        let out = step.await;
+        self.step(what, t.elapsed());
+        out
+    }
 }
 
 impl std::fmt::Display for Timeline {

@@ -9,31 +9,20 @@ impl Mig {
     pub(super) async fn run(&mut self) -> Result<Finished, Abort> {
         let mut prep = Timeline::default();
         prep.step("queued", self.started.elapsed());
-        let t = Instant::now();
-        let report = self.stage_prechecks().await?;
-        prep.step("pre-checks", t.elapsed());
+        let report = prep.time("pre-checks", self.stage_prechecks()).await?;
         if self.req.dry_run {
             return Ok(Finished::DryRun(report));
         }
         self.check_cancel()?;
-        let t = Instant::now();
-        self.take_slots().await?;
-        prep.step("slot", t.elapsed());
-        let t = Instant::now();
-        let row = self.stage_intent().await?;
-        prep.step("intent", t.elapsed());
+        prep.time("slot", self.take_slots()).await?;
+        let row = prep.time("intent", self.stage_intent()).await?;
         let t = Instant::now();
         let (settings, listening) = self.stage_settings(&row, &mut prep).await?;
         prep.step("settings and destination", t.elapsed());
         self.check_cancel()?;
         let uri = match listening {
             Some(uri) => uri,
-            None => {
-                let t = Instant::now();
-                let uri = self.stage_prepare(&settings).await?;
-                prep.step("listen", t.elapsed());
-                uri
-            }
+            None => prep.time("listen", self.stage_prepare(&settings)).await?,
         };
         self.check_cancel()?;
         let at_switch = self.stage_precopy(uri, &settings, prep).await?;
