@@ -742,11 +742,45 @@ impl Migrations {
                 "VM {id}'s migration is {state:?}: frames are taken once the final state is sent"
             )));
         }
-        let pid = out.vm().pid();
+        let (queued, kept) = self.take_for_hand_over(id, out.vm().pid())?;
+        lock(&slot.drained).extend(kept);
+        tracing::info!(
+            vm = %id,
+            handed = queued.frames.len(),
+            flooded = queued.skipped_flooded,
+            foreign = queued.skipped_foreign,
+            over_limit = queued.skipped_over_limit,
+            "took the frames the paused guest left on its taps"
+        );
+        Ok(queued)
+    }
+
+    /// Destination, in a rollback: takes the frames for the VM's MACs that the LAN brought to
+    /// this host's taps since the steer (the paused QEMU here never read them), for the source
+    /// to deliver. The destination is removed next, so nothing is kept.
+    fn frames_to_hand_back(
+        &self,
+        id: Uuid,
+        inc: &IncomingMigration,
+    ) -> Result<QueuedFrames, AgentError> {
+        let (queued, _) = self.take_for_hand_over(id, inc.vm().pid())?;
+        tracing::info!(vm = %id, handed_back = queued.frames.len(), "took the frames steered here for the source");
+        Ok(queued)
+    }
+
+    /// Drains the VM's taps as QEMU `pid` left them (plugs left out): the frames for the VM's
+    /// MACs, oldest first, within the hand-over's limits, with what was left out counted; and
+    /// every frame for the VM's MACs taken (NIC index, frame), those over the limits included,
+    /// for a source to give back if the migration is aborted.
+    fn take_for_hand_over(
+        &self,
+        id: Uuid,
+        pid: u32,
+    ) -> Result<(QueuedFrames, Vec<(usize, Frame)>), AgentError> {
         let spec = self.vms.get(id)?.spec;
         let mut queued = QueuedFrames::default();
+        let mut taken = Vec::new();
         let mut bytes = 0usize;
-        let mut drained = lock(&slot.drained);
         for (i, nic) in spec.nics.iter().enumerate() {
             let tap = crate::tap::tap_name(id, i);
             let mac = crate::steer::parse_mac(&nic.mac)
@@ -770,73 +804,18 @@ impl Migrations {
                     || bytes + f.data.len() > MAX_HANDED_BYTES
                 {
                     queued.skipped_over_limit += 1;
-                    drained.push((i, f));
-                    continue;
-                }
-                bytes += f.data.len();
-                queued.frames.push(HandedFrame {
-                    nic: i as u16,
-                    header: f.header,
-                    data: f.data.clone(),
-                });
-                drained.push((i, f));
-            }
-        }
-        tracing::info!(
-            vm = %id,
-            handed = queued.frames.len(),
-            flooded = queued.skipped_flooded,
-            foreign = queued.skipped_foreign,
-            over_limit = queued.skipped_over_limit,
-            "took the frames the paused guest left on its taps"
-        );
-        Ok(queued)
-    }
-
-    /// Destination, in a rollback: takes the frames for the VM's MACs that the LAN brought to
-    /// this host's taps since the steer (the paused QEMU here never read them), oldest first,
-    /// within the hand-over's limits, for the source to deliver. The destination is removed
-    /// next, so nothing is kept.
-    fn frames_to_hand_back(
-        &self,
-        id: Uuid,
-        inc: &IncomingMigration,
-    ) -> Result<QueuedFrames, AgentError> {
-        let spec = self.vms.get(id)?.spec;
-        let pid = inc.vm().pid();
-        let mut queued = QueuedFrames::default();
-        let mut bytes = 0usize;
-        for (i, nic) in spec.nics.iter().enumerate() {
-            let tap = crate::tap::tap_name(id, i);
-            let mac = crate::steer::parse_mac(&nic.mac)
-                .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
-            let frames = TapQueue::of_process(pid, &tap)
-                .and_then(|q| q.drain())
-                .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
-            for f in frames {
-                if f.is_plug() {
-                    continue;
-                }
-                if f.is_flooded() {
-                    queued.skipped_flooded += 1;
-                } else if f.destination() != Some(mac) {
-                    queued.skipped_foreign += 1;
-                } else if queued.frames.len() >= MAX_HANDED_FRAMES
-                    || bytes + f.data.len() > MAX_HANDED_BYTES
-                {
-                    queued.skipped_over_limit += 1;
                 } else {
                     bytes += f.data.len();
                     queued.frames.push(HandedFrame {
                         nic: i as u16,
                         header: f.header,
-                        data: f.data,
+                        data: f.data.clone(),
                     });
                 }
+                taken.push((i, f));
             }
         }
-        tracing::info!(vm = %id, handed_back = queued.frames.len(), "took the frames steered here for the source");
-        Ok(queued)
+        Ok((queued, taken))
     }
 
     /// Destination, before the guest runs: delivers the frames handed over from the source
