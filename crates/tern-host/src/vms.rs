@@ -89,6 +89,10 @@ struct Slot {
     /// Serialises lifecycle operations on this VM.
     op: tokio::sync::Mutex<()>,
     st: Mutex<VmState>,
+    /// Held while an exit is recorded (taps, cgroups, run dir cleaned): a delete waits for it,
+    /// so the cleanup of a QEMU that just ended never meets the next QEMU of the same VM here
+    /// (an incoming migration right after), whose cgroups and run dir have the same names.
+    exit_cleanup: Mutex<()>,
 }
 
 impl Slot {
@@ -375,6 +379,7 @@ impl VmManager {
                         run: self.host.store.vm(id),
                         cgroup: self.cgroup_dir(id),
                         op: tokio::sync::Mutex::new(()),
+                        exit_cleanup: Mutex::new(()),
                         st: Mutex::new(VmState {
                             spec: req.spec.clone(),
                             generation: req.generation,
@@ -660,6 +665,7 @@ impl VmManager {
     }
 
     fn record_exit(&self, slot: &Slot, pid: u32, reason: &ExitReason) {
+        let _cleanup = slot.exit_cleanup.lock().unwrap_or_else(|p| p.into_inner());
         let (name, power, why, taps) = {
             let mut st = slot.st();
             if st.live.as_ref().map(|l| l.pid) != Some(pid) {
@@ -794,6 +800,18 @@ impl VmManager {
                 .map_err(|e| AgentError::Qemu(format!("killing VM {id}: {e}")))?;
             Self::wait_recorded(recorded).await?;
         }
+        // An exit being recorded right now (its QEMU ended by itself, or quit by a finished
+        // migration) completes its cleanup before the VM is gone from here.
+        let waiting = slot.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(
+                waiting
+                    .exit_cleanup
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            )
+        })
+        .await;
         let (taps, name) = {
             let mut st = slot.st();
             st.deleted = true;
@@ -851,6 +869,7 @@ impl VmManager {
                 run: run.clone(),
                 cgroup: self.cgroup_dir(id),
                 op: tokio::sync::Mutex::new(()),
+                exit_cleanup: Mutex::new(()),
                 st: Mutex::new(VmState {
                     taps: tap_names(id, &spec),
                     spec,
@@ -1025,6 +1044,7 @@ impl VmManager {
                 run: self.host.store.vm(id),
                 cgroup: self.cgroup_dir(id),
                 op: tokio::sync::Mutex::new(()),
+                exit_cleanup: Mutex::new(()),
                 st: Mutex::new(VmState {
                     spec: spec.clone(),
                     generation,
