@@ -65,26 +65,25 @@ fn stalls_json(stalls: &[(u64, f64)]) -> String {
     format!("[{}]", items.join(","))
 }
 
-/// CLOCK_REALTIME in µs (the clock QEMU stamps its events with).
-pub fn realtime_us() -> u64 {
+/// `clock` in µs.
+fn clock_us(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+}
+
+/// CLOCK_REALTIME in µs (the clock QEMU stamps its events with).
+pub fn realtime_us() -> u64 {
+    clock_us(libc::CLOCK_REALTIME)
 }
 
 /// CLOCK_MONOTONIC in µs: comparable across the processes of one machine.
 pub fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+    clock_us(libc::CLOCK_MONOTONIC)
 }
 
 /// A request line: `(seq, client_us)`.
