@@ -6,7 +6,11 @@ set -euo pipefail
 need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (it installs Debian packages)" >&2; exit 1; }; }
 
 backports=/etc/apt/sources.list.d/tern-bookworm-backports.sources
-pkgs=(qemu-system-x86 linux-image-cloud-amd64 busybox-static iproute2 iputils-ping cpio zstd xz-utils kmod bridge-utils)
+pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2 iputils-ping cpio zstd
+  xz-utils kmod bridge-utils
+  # The OS image (guest/build-os.sh) and its guests: firmware, boot loader, FAT tools, SSH.
+  mmdebstrap ovmf syslinux syslinux-common syslinux-efi mtools dosfstools fdisk e2fsprogs
+  openssh-client)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -28,5 +32,5 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 apt-get update -q
-apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86
+apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils
 apt-get install -y -q --no-install-recommends "${pkgs[@]}"

@@ -26,6 +26,8 @@ cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
 target=${CARGO_TARGET_DIR:-target}
 echo "== building the guest image"
 bash guest/build.sh "$target/guest"
+echo "== building the OS image"
+bash guest/build-os.sh "$target/os"
 echo "== running tests"
 log=${TERN_TEST_LOG:-$target/test-output.log}
 mkdir -p "$(dirname "$log")"

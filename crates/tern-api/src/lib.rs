@@ -18,6 +18,7 @@ pub mod client;
 pub mod drs;
 pub mod error;
 pub mod evc;
+pub mod guest;
 pub mod health;
 pub mod migration;
 pub mod pools;
@@ -34,6 +35,7 @@ pub use client::{ApiClient, Endpoint, HttpPool};
 #[cfg(feature = "client")]
 pub use error::ApiError;
 pub use error::ErrorBody;
+pub use guest::{CloudInit, Firmware, GuestNetwork};
 pub use resources::{CpuAmount, Resources, Shares};
 pub use spec::*;
 

@@ -30,6 +30,12 @@ pub struct VmSpec {
         skip_serializing_if = "crate::resources::Resources::is_default"
     )]
     pub resources: crate::resources::Resources,
+    /// Firmware (default: BIOS).
+    #[serde(default, skip_serializing_if = "crate::guest::Firmware::is_default")]
+    pub firmware: crate::guest::Firmware,
+    /// cloud-init configuration handed to the guest as a NoCloud seed volume; `None`: no seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::guest::CloudInit>,
 }
 
 /// How the guest boots.
@@ -175,6 +181,10 @@ pub struct HostFacts {
     /// under /tern/h1`; `None`: it cannot (no cgroup CPU controller), and says why at start.
     #[serde(default)]
     pub resource_control: Option<String>,
+    /// The host has UEFI firmware (OVMF) for VMs that boot with it. An agent that does not
+    /// say is taken to lack it.
+    #[serde(default)]
+    pub uefi: bool,
 }
 
 /// Load of one VM on a host, sampled by the agent.
@@ -255,6 +265,8 @@ mod tests {
     #[test]
     fn spec_roundtrip() {
         let spec = VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: "a".into(),
             vcpus: 1,

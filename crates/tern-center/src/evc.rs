@@ -741,7 +741,9 @@ pub fn encryption_check(
 }
 
 /// Asks the destination's agent whether it sees the VM's files on its shared storage.
+/// UEFI VMs also need the destination's UEFI firmware (their variables are a shared file).
 async fn storage_check(app: &App, vm: &VmRecord, dest: &HostRecord) -> Result<String, String> {
+    vmcheck::check_firmware(&dest.name, dest.facts.uefi, &vm.spec).map_err(|e| e.to_string())?;
     let files: Vec<String> = vmcheck::spec_files(&vm.spec)
         .into_iter()
         .map(|(_, p)| p.to_string())
@@ -842,6 +844,8 @@ mod tests {
 
     fn spec(name: &str, model: Option<&str>) -> VmSpec {
         VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: name.into(),
             vcpus: 1,

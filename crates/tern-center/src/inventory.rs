@@ -827,6 +827,7 @@ fn candidate(tx: &Tx, h: &HostRecord) -> Result<Candidate, StoreError> {
         cores: h.facts.cores,
         memory_mib: h.facts.memory_mib,
         placed_memory_mib: placed,
+        uefi: h.facts.uefi,
     })
 }
 

@@ -852,6 +852,8 @@ mod tests {
             host_id: Some(on.id),
             host: Some(on.name.clone()),
             spec: VmSpec {
+                firmware: Default::default(),
+                cloud_init: None,
                 resources: Default::default(),
                 name: name.into(),
                 vcpus: 1,

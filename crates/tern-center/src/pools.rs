@@ -796,6 +796,8 @@ mod tests {
             host_id: None,
             host: None,
             spec: tern_api::VmSpec {
+                firmware: Default::default(),
+                cloud_init: None,
                 resources,
                 name: name.into(),
                 vcpus: 1,

@@ -1989,6 +1989,8 @@ mod tests {
 
     fn spec(name: &str, mac: &str) -> VmSpec {
         VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: name.into(),
             vcpus: 1,

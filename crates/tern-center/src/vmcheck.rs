@@ -99,6 +99,14 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
             "boot from disk needs at least one disk: add one to disks, or boot a kernel",
         ));
     }
+    if let Some(ci) = &spec.cloud_init {
+        ci.check().map_err(CenterError::invalid)?;
+        if ci.network.is_some() && spec.nics.is_empty() {
+            return Err(CenterError::invalid(
+                "cloud_init.network configures the first NIC, and the VM has none",
+            ));
+        }
+    }
     if let Some(model) = &spec.cpu_model {
         if model.is_empty() || model.len() > 64 || model.chars().any(char::is_whitespace) {
             return Err(CenterError::invalid(format!(
@@ -153,6 +161,8 @@ pub struct Candidate {
     pub memory_mib: u64,
     /// Memory of the VMs placed on the host (running or not: they may start any time).
     pub placed_memory_mib: u64,
+    /// The host has UEFI firmware.
+    pub uefi: bool,
 }
 
 impl Candidate {
@@ -208,6 +218,18 @@ fn fits(host: &Candidate, spec: &VmSpec) -> Result<(), CenterError> {
         return Err(CenterError::unsatisfiable(format!(
             "memory_mib {} is more than host {} has ({} MiB)",
             spec.memory_mib, host.name, host.memory_mib
+        )));
+    }
+    check_firmware(&host.name, host.uefi, spec)
+}
+
+/// A UEFI VM runs only where the agent found UEFI firmware.
+pub fn check_firmware(host: &str, uefi: bool, spec: &VmSpec) -> Result<(), CenterError> {
+    if spec.firmware == tern_api::Firmware::Uefi && !uefi {
+        return Err(CenterError::unsatisfiable(format!(
+            "VM {} boots with UEFI and host {host} has no UEFI firmware: install Debian's ovmf \
+             there (or set the agent's --uefi-code), or pick another host",
+            spec.name
         )));
     }
     Ok(())
@@ -277,6 +299,8 @@ mod tests {
 
     fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
         VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: "vm".into(),
             vcpus,
@@ -304,6 +328,7 @@ mod tests {
             cores: 4,
             memory_mib: memory,
             placed_memory_mib: placed,
+            uefi: true,
         }
     }
 

@@ -232,6 +232,8 @@ fn client(c: &RunningCenter, token: &str) -> ApiClient {
 
 fn spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
     VmSpec {
+        firmware: Default::default(),
+        cloud_init: None,
         resources: Default::default(),
         name: name.into(),
         vcpus: 1,

@@ -683,6 +683,8 @@ mod tests {
 
     fn spec(vcpus: u32, resources: Resources) -> VmSpec {
         VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             name: "v".into(),
             vcpus,
             memory_mib: 256,

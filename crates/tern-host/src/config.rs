@@ -100,6 +100,14 @@ pub struct AgentArgs {
     /// read under: a lab or a test points it at a tree of its own [default: /sys].
     #[arg(long, value_name = "DIR")]
     pub health_sysfs: Option<PathBuf>,
+    /// UEFI firmware code for VMs with `firmware: uefi`: the same 4 MiB file on every host of
+    /// a cluster (it is part of what migrates) [default: /usr/share/OVMF/OVMF_CODE_4M.fd].
+    #[arg(long, value_name = "FILE")]
+    pub uefi_code: Option<PathBuf>,
+    /// Empty UEFI variables store a new UEFI VM's own copy is made from (kept on the shared
+    /// storage under .tern/nvram/) [default: /usr/share/OVMF/OVMF_VARS_4M.fd].
+    #[arg(long, value_name = "FILE")]
+    pub uefi_vars_template: Option<PathBuf>,
 }
 
 /// Default first id of the QEMU users' range: far above login users (1000+), systemd's
@@ -162,6 +170,8 @@ struct FileConfig {
     qemu_as_root: bool,
     cgroup_parent: Option<String>,
     health_sysfs: Option<PathBuf>,
+    uefi_code: Option<PathBuf>,
+    uefi_vars_template: Option<PathBuf>,
 }
 
 /// Where and how to reach the center.
@@ -197,6 +207,8 @@ pub struct AgentConfig {
     pub cgroup_parent: String,
     /// Root of the sysfs the health counters are read under.
     pub health_sysfs: PathBuf,
+    /// UEFI firmware code and the empty variables store new UEFI VMs start from.
+    pub uefi: crate::firmware::UefiFirmware,
 }
 
 impl AgentArgs {
@@ -283,6 +295,18 @@ impl AgentArgs {
         crate::cgroups::check_parent(&cgroup_parent).context("--cgroup-parent")?;
         Ok(AgentConfig {
             cgroup_parent,
+            uefi: crate::firmware::UefiFirmware {
+                code: self
+                    .uefi_code
+                    .clone()
+                    .or(file.uefi_code)
+                    .unwrap_or_else(|| PathBuf::from(crate::firmware::DEFAULT_CODE)),
+                vars_template: self
+                    .uefi_vars_template
+                    .clone()
+                    .or(file.uefi_vars_template)
+                    .unwrap_or_else(|| PathBuf::from(crate::firmware::DEFAULT_VARS)),
+            },
             health_sysfs: self
                 .health_sysfs
                 .clone()

@@ -257,6 +257,7 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
     };
     Ok(HostFacts {
         resource_control: None,
+        uefi: false,
         hostname: cfg.name.clone(),
         cores,
         memory_mib: mem.total_mib,

@@ -16,13 +16,16 @@ pub mod config;
 pub mod enrol;
 pub mod error;
 pub mod facts;
+pub mod firmware;
 pub mod frames;
 pub mod health;
 pub mod identity;
 pub mod load;
 pub mod migrations;
 pub mod paths;
+pub mod qcow2;
 pub mod qemu_user;
+pub mod seed;
 pub mod steer;
 pub mod store;
 pub mod tap;
@@ -182,6 +185,13 @@ pub async fn serve(
         tracing::warn!("{w}");
     }
     let mut facts = facts::gather(&cfg, accelerator).await?;
+    facts.uefi = cfg.uefi.available();
+    if !facts.uefi {
+        tracing::info!(
+            code = %cfg.uefi.code.display(),
+            "no UEFI firmware here: VMs with firmware uefi will not start on this host"
+        );
+    }
     let resource_control =
         match cgroups::ResourceControl::detect(&cfg.cgroup_parent, facts.cores, facts.cpu_mhz) {
             Ok(Some(rc)) => {
@@ -240,6 +250,7 @@ pub async fn serve(
         shared_storage: cfg.shared_storage.clone(),
         qemu_users,
         resource_control,
+        uefi: cfg.uefi.clone(),
     });
     vms.recover()
         .await

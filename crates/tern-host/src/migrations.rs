@@ -1152,6 +1152,10 @@ mod tests {
             shared_storage: None,
             qemu_users: None,
             resource_control: None,
+            uefi: crate::firmware::UefiFirmware {
+                code: crate::firmware::DEFAULT_CODE.into(),
+                vars_template: crate::firmware::DEFAULT_VARS.into(),
+            },
         });
         Migrations::new(vms, IpAddr::from([127, 0, 0, 1]))
     }

@@ -15,8 +15,8 @@ use nix::errno::Errno;
 use nix::fcntl::{open, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, Mode, SFlag};
 use tern_api::agent::PathsReport;
-use tern_api::{BootSource, VmSpec};
-use tern_qemu::OpenedFile;
+use tern_api::{BootSource, DiskFormat, VmSpec};
+use tern_qemu::{OpenedBacking, OpenedFile, SharedFd};
 
 /// Sorts `paths` into missing (absent or not a regular file) and outside the shared storage
 /// (after resolving symlinks and `..`, so a link cannot smuggle a local file in). Without a
@@ -52,7 +52,14 @@ pub enum OpenError {
     Outside(String, String),
     #[error("cannot open {0}: {1}")]
     Other(String, String),
+    #[error("disk {0}: {1}")]
+    Image(String, crate::qcow2::HeaderError),
+    #[error("disk {0}: its backing chain is deeper than {MAX_BACKING_DEPTH} images")]
+    ChainTooDeep(String),
 }
+
+/// Deepest backing chain a disk may have (a template, its clone, a snapshot or two).
+pub const MAX_BACKING_DEPTH: usize = 8;
 
 /// Opens `path`, which must lie under `root`, without its resolution leaving `root`: `..`,
 /// absolute symlinks, symlinks pointing out and magic links are refused. Must be a regular
@@ -125,6 +132,7 @@ pub fn open_for_qemu(spec: &VmSpec, root: &Path) -> Result<Vec<OpenedFile>, Open
                 path: p.clone(),
                 read: Arc::new(open_beneath(root, p, false, false)?),
                 write: None,
+                backing: Vec::new(),
             });
         }
     }
@@ -138,9 +146,45 @@ pub fn open_for_qemu(spec: &VmSpec, root: &Path) -> Result<Vec<OpenedFile>, Open
             path: d.path.clone(),
             read: Arc::new(open_beneath(root, &d.path, false, true)?),
             write,
+            backing: match d.format {
+                DiskFormat::Qcow2 => open_backing_chain(root, &d.path)?,
+                DiskFormat::Raw => Vec::new(),
+            },
         });
     }
     Ok(out)
+}
+
+/// Opens the images under the qcow2 image at `path`, nearest first, each beneath `root` like
+/// the disk itself: a header naming `/etc/shadow` or `../../elsewhere` is refused the same way
+/// a spec naming it would be.
+fn open_backing_chain(root: &Path, path: &str) -> Result<Vec<OpenedBacking>, OpenError> {
+    let mut chain = Vec::new();
+    let mut image = path.to_string();
+    let mut format = DiskFormat::Qcow2;
+    while format == DiskFormat::Qcow2 {
+        // A cached descriptor for the header: the disk's own are O_DIRECT (aligned reads only).
+        let header = std::fs::File::from(open_beneath(root, &image, false, false)?);
+        let Some(backing) =
+            crate::qcow2::backing(header).map_err(|e| OpenError::Image(image.clone(), e))?
+        else {
+            break;
+        };
+        if chain.len() == MAX_BACKING_DEPTH {
+            return Err(OpenError::ChainTooDeep(path.to_string()));
+        }
+        let next = Path::new(&image)
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(&backing.name);
+        image = next.to_string_lossy().into_owned();
+        format = backing.format;
+        chain.push(OpenedBacking {
+            read: SharedFd(Arc::new(open_beneath(root, &image, false, true)?)),
+            format,
+        });
+    }
+    Ok(chain)
 }
 
 #[cfg(test)]
@@ -255,6 +299,70 @@ mod tests {
         assert!(matches!(
             open_beneath(shared.path(), &s(&kernel), false, false),
             Err(OpenError::Outside(..))
+        ));
+    }
+
+    /// `qemu-img create` of a qcow2 image at `path` over `backing` (format `fmt`).
+    fn qcow2(path: &Path, backing: Option<(&str, &str)>) {
+        let mut cmd = std::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some((b, fmt)) = backing {
+            cmd.args(["-b", b, "-F", fmt]);
+        }
+        let out = cmd.arg(path).arg("64M").output().expect("run qemu-img");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn disk(path: &Path) -> VmSpec {
+        let mut spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "c", "vcpus": 1, "memory_mib": 64, "boot": {"kind": "disk"},
+            "disks": [{"path": s(path), "format": "qcow2"}]
+        }))
+        .expect("spec");
+        spec.disks[0].format = DiskFormat::Qcow2;
+        spec
+    }
+
+    #[test]
+    fn a_backing_chain_is_opened_beneath_the_storage_root_too() {
+        let shared = tempfile::tempdir().expect("tempdir");
+        let local = tempfile::tempdir().expect("tempdir");
+        let root = shared.path();
+        std::fs::create_dir(root.join("images")).expect("dir");
+        std::fs::create_dir(root.join("vms")).expect("dir");
+        qcow2(&root.join("images/base.qcow2"), None);
+        qcow2(
+            &root.join("images/mid.qcow2"),
+            Some(("base.qcow2", "qcow2")),
+        );
+        let clone = root.join("vms/clone.qcow2");
+        qcow2(&clone, Some(("../images/mid.qcow2", "qcow2")));
+        let files = open_for_qemu(&disk(&clone), root).expect("open the chain");
+        let formats: Vec<DiskFormat> = files[0].backing.iter().map(|b| b.format).collect();
+        assert_eq!(formats, vec![DiskFormat::Qcow2, DiskFormat::Qcow2]);
+
+        // A header naming a file outside, absolutely or through a link, is refused like a spec.
+        let secret = local.path().join("secret.raw");
+        std::fs::write(&secret, b"host secret").expect("write");
+        let evil = root.join("vms/evil.qcow2");
+        qcow2(&evil, Some((&s(&secret), "raw")));
+        assert!(matches!(
+            open_for_qemu(&disk(&evil), root),
+            Err(OpenError::Outside(..))
+        ));
+        std::os::unix::fs::symlink(&secret, root.join("images/link.raw")).expect("symlink");
+        let sneaky = root.join("vms/sneaky.qcow2");
+        qcow2(&sneaky, Some(("../images/link.raw", "raw")));
+        assert!(matches!(
+            open_for_qemu(&disk(&sneaky), root),
+            Err(OpenError::Outside(..))
+        ));
+        // An image that is not qcow2 at all.
+        let fake = root.join("vms/fake.qcow2");
+        std::fs::write(&fake, vec![0u8; 4096]).expect("write");
+        assert!(matches!(
+            open_for_qemu(&disk(&fake), root),
+            Err(OpenError::Image(_, crate::qcow2::HeaderError::NotQcow2))
         ));
     }
 }

@@ -328,6 +328,8 @@ mod tests {
 
     fn small_spec() -> VmSpec {
         VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: "a".into(),
             vcpus: 1,

@@ -48,6 +48,8 @@ pub struct VmHostConfig {
     pub qemu_users: Option<Arc<crate::qemu_user::QemuUsers>>,
     /// The VMs' cgroups; `None`: this host cannot enforce resource policies.
     pub resource_control: Option<Arc<crate::cgroups::ResourceControl>>,
+    /// UEFI firmware for VMs that boot with it.
+    pub uefi: crate::firmware::UefiFirmware,
 }
 
 /// A QEMU process the agent controls.
@@ -197,6 +199,9 @@ fn validate(
     resource_control: bool,
 ) -> Result<(), AgentError> {
     check_resources(spec, resource_control)?;
+    if let Some(ci) = &spec.cloud_init {
+        ci.check().map_err(AgentError::BadRequest)?;
+    }
     if !tern_api::valid_name(&spec.name) {
         return Err(AgentError::BadRequest(format!(
             "VM name {:?} is not [a-z0-9][a-z0-9-]{{0,31}}",
@@ -298,6 +303,43 @@ impl VmManager {
             crate::paths::OpenError::Other(..) => AgentError::Internal(anyhow::anyhow!(e)),
             _ => AgentError::BadRequest(e.to_string()),
         })
+    }
+
+    /// The files the spec implies: UEFI's code and the VM's variables (made at a first start
+    /// when `create`), and the cloud-init seed, written into the run dir.
+    fn guest_files(
+        &self,
+        id: Uuid,
+        spec: &VmSpec,
+        run_dir: &std::path::Path,
+        create: bool,
+    ) -> Result<tern_qemu::GuestFiles, AgentError> {
+        let mut files = tern_qemu::GuestFiles::default();
+        if spec.firmware == tern_api::Firmware::Uefi {
+            use crate::firmware::FirmwareError as F;
+            let root = self
+                .host
+                .shared_storage
+                .as_deref()
+                .ok_or(AgentError::BadRequest(F::NoSharedStorage.to_string()))?;
+            files.uefi = Some(self.host.uefi.open(root, id, create).map_err(|e| match e {
+                F::Io(..) => AgentError::Internal(anyhow::anyhow!(e)),
+                F::Open(crate::paths::OpenError::Other(..)) => {
+                    AgentError::Internal(anyhow::anyhow!(e))
+                }
+                _ => AgentError::BadRequest(e.to_string()),
+            })?);
+        }
+        let seed = crate::seed::write(run_dir, id, spec).map_err(|e| {
+            AgentError::Internal(anyhow::anyhow!("writing the cloud-init seed: {e}"))
+        })?;
+        if let Some(path) = seed {
+            let f = std::fs::File::open(&path).map_err(|e| {
+                AgentError::Internal(anyhow::anyhow!("opening {}: {e}", path.display()))
+            })?;
+            files.seed = Some(tern_qemu::SharedFd(Arc::new(f.into())));
+        }
+        Ok(files)
     }
 
     /// A uid for a QEMU about to start, none of the running QEMUs' (`None`: QEMU runs as
@@ -485,6 +527,13 @@ impl VmManager {
                 return Err(e);
             }
         };
+        let guest_files = match self.guest_files(id, &req.spec, &slot.run.dir, true) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_taps(&taps);
+                return Err(e);
+            }
+        };
         let cgroup_procs = match self.cgroup_procs(id) {
             Ok(p) => p,
             Err(e) => {
@@ -505,6 +554,7 @@ impl VmManager {
             start_paused: false,
             files,
             run_as: user.as_ref().map(|u| u.run_as()),
+            guest_files: guest_files.clone(),
         };
         let vm = match QemuVm::launch(cfg).await {
             Ok(vm) => Arc::new(vm),
@@ -1114,6 +1164,13 @@ impl VmManager {
                 return Err(e);
             }
         };
+        let guest_files = match self.guest_files(id, &spec, &slot.run.dir, false) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_taps(&taps);
+                return Err(e);
+            }
+        };
         let cgroup_procs = match self.cgroup_procs(id) {
             Ok(p) => p,
             Err(e) => {
@@ -1134,6 +1191,7 @@ impl VmManager {
             start_paused: true,
             files,
             run_as: user.as_ref().map(|u| u.run_as()),
+            guest_files: guest_files.clone(),
         };
         let prepared = match settings {
             Some(settings) => IncomingMigration::prepare(cfg, settings, key, listen).await,
@@ -1298,6 +1356,8 @@ mod tests {
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, b"k").expect("write");
         let mut spec = VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: "ok".into(),
             vcpus: 1,

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
-use tern_api::{Accelerator, BootSource, DiskFormat, VmSpec};
+use tern_api::{Accelerator, BootSource, DiskFormat, Firmware, VmSpec};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -89,6 +89,48 @@ pub struct LaunchConfig {
     /// `cgroup.procs` files QEMU joins before it runs (one per cgroup hierarchy), so all its
     /// memory and threads are charged to the VM's group from the first instruction.
     pub cgroup_procs: Vec<PathBuf>,
+    /// UEFI firmware and the cloud-init seed, opened by the agent.
+    pub guest_files: GuestFiles,
+}
+
+/// Files a VM's spec implies without naming them: the agent finds (or makes) and opens them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestFiles {
+    /// For [`tern_api::Firmware::Uefi`]: the host's firmware code and the VM's variables.
+    pub uefi: Option<UefiFiles>,
+    /// The cloud-init NoCloud seed volume (raw, attached read-only after the spec's disks).
+    pub seed: Option<SharedFd>,
+}
+
+/// A descriptor shared between the agent's bookkeeping and QEMU's launch.
+#[derive(Debug, Clone)]
+pub struct SharedFd(pub Arc<OwnedFd>);
+
+impl PartialEq for SharedFd {
+    fn eq(&self, other: &SharedFd) -> bool {
+        self.0.as_raw_fd() == other.0.as_raw_fd()
+    }
+}
+
+impl Eq for SharedFd {}
+
+/// UEFI's two flash devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UefiFiles {
+    /// The firmware code (OVMF_CODE_4M.fd), read-only: the same file on every host.
+    pub code: SharedFd,
+    /// The VM's own variables store on shared storage, read-only and read-write (O_DIRECT),
+    /// so it is handed over between hosts like a disk.
+    pub vars_read: SharedFd,
+    pub vars_write: SharedFd,
+}
+
+/// An image under a qcow2 disk (its backing file, then that one's, ...), opened read-only
+/// (O_DIRECT) by the agent: QEMU is never left to open a path written in an image header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedBacking {
+    pub read: SharedFd,
+    pub format: DiskFormat,
 }
 
 /// The user and groups a QEMU process runs as: set by the agent between fork and exec, so
@@ -110,18 +152,22 @@ pub struct OpenedFile {
     pub read: Arc<OwnedFd>,
     /// Opened read-write (O_DIRECT), for a disk the guest may write.
     pub write: Option<Arc<OwnedFd>>,
+    /// The disk's backing chain, nearest first; empty for an image without one.
+    pub backing: Vec<OpenedBacking>,
 }
 
 impl OpenedFile {
     /// The descriptors QEMU must inherit.
     pub fn fds(&self) -> impl Iterator<Item = i32> + '_ {
-        std::iter::once(self.read.as_raw_fd()).chain(self.write.iter().map(|f| f.as_raw_fd()))
+        std::iter::once(self.read.as_raw_fd())
+            .chain(self.write.iter().map(|f| f.as_raw_fd()))
+            .chain(self.backing.iter().map(|b| b.read.0.as_raw_fd()))
     }
 }
 
 impl PartialEq for OpenedFile {
     fn eq(&self, other: &OpenedFile) -> bool {
-        self.path == other.path && self.fds().eq(other.fds())
+        self.path == other.path && self.fds().eq(other.fds()) && self.backing == other.backing
     }
 }
 
@@ -178,7 +224,12 @@ impl LaunchConfig {
 
     /// Every descriptor QEMU must inherit.
     pub fn inherited_fds(&self) -> Vec<i32> {
-        self.files.iter().flat_map(OpenedFile::fds).collect()
+        let mut fds: Vec<i32> = self.files.iter().flat_map(OpenedFile::fds).collect();
+        if let Some(u) = &self.guest_files.uefi {
+            fds.extend([&u.code, &u.vars_read, &u.vars_write].map(|f| f.0.as_raw_fd()));
+        }
+        fds.extend(self.guest_files.seed.iter().map(|f| f.0.as_raw_fd()));
+        fds
     }
 
     /// The CPU model QEMU is given: a model name, or a full `-cpu` value with feature flags
@@ -272,6 +323,16 @@ impl LaunchConfig {
         if matches!(spec.boot, BootSource::Disk) && spec.disks.is_empty() {
             return Err(Error::Config("disk boot needs at least one disk".into()));
         }
+        if spec.firmware == Firmware::Uefi && self.guest_files.uefi.is_none() {
+            return Err(Error::Config(
+                "UEFI firmware needs its code and variables files, opened by the caller".into(),
+            ));
+        }
+        if spec.cloud_init.is_some() && self.guest_files.seed.is_none() {
+            return Err(Error::Config(
+                "cloud-init needs its seed volume, made and opened by the caller".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -315,7 +376,12 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         &format!("guest={},debug-threads=on", escape_opt(&spec.name)),
     ]);
     push(&["-uuid", &cfg.id.to_string()]);
-    push(&["-machine", MACHINE_TYPE]);
+    // UEFI: QEMU's two flash chips, backed by block nodes defined below.
+    let machine = match (&spec.firmware, &cfg.guest_files.uefi) {
+        (Firmware::Uefi, Some(_)) => format!("{MACHINE_TYPE},pflash0=fw-code,pflash1=fw-vars"),
+        _ => MACHINE_TYPE.to_string(),
+    };
+    push(&["-machine", &machine]);
     push(&[
         "-accel",
         match cfg.accel {
@@ -360,8 +426,55 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         BootSource::Disk => {}
     }
 
+    // Fd sets 1..=16 are the disks'; the others count up from here.
+    let mut next_set = 100;
+    // Puts `fds` in a new fd set: the `-add-fd` arguments go to `args`, the set's path back.
+    let mut fd_set = |args: &mut Vec<String>, fds: &[i32], opaque: &str| {
+        let set = next_set;
+        next_set += 1;
+        for fd in fds {
+            args.push("-add-fd".into());
+            args.push(format!("fd={fd},set={set},opaque={opaque}"));
+        }
+        format!("/dev/fdset/{set}")
+    };
+    let mut extra: Vec<String> = Vec::new();
+    // Moves what `extra` gathered onto the command line, keeping definition order (a node must
+    // be defined before one that names it).
+    macro_rules! flush {
+        () => {
+            push(&extra.iter().map(String::as_str).collect::<Vec<_>>());
+            extra.clear();
+        };
+    }
+    let cache = json!({"direct": true, "no-flush": false});
+    if let (Firmware::Uefi, Some(uefi)) = (&spec.firmware, &cfg.guest_files.uefi) {
+        let code = fd_set(&mut extra, &[uefi.code.0.as_raw_fd()], "fw-code");
+        let vars = fd_set(
+            &mut extra,
+            &[uefi.vars_read.0.as_raw_fd(), uefi.vars_write.0.as_raw_fd()],
+            "fw-vars",
+        );
+        let nodes = [
+            json!({"driver": "file", "node-name": "fw-code-file", "filename": code,
+                   "read-only": true}),
+            json!({"driver": "raw", "node-name": "fw-code", "file": "fw-code-file",
+                   "read-only": true}),
+            // The variables move between hosts like a disk: uncached, locked.
+            json!({"driver": "file", "node-name": "fw-vars-file", "filename": vars,
+                   "cache": cache, "aio": "native", "locking": "on"}),
+            json!({"driver": "raw", "node-name": "fw-vars", "file": "fw-vars-file",
+                   "cache": cache}),
+        ];
+        for n in nodes {
+            extra.extend(["-blockdev".into(), n.to_string()]);
+        }
+    }
+    let format_name = |f: DiskFormat| match f {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
     for (i, disk) in spec.disks.iter().enumerate() {
-        let cache = json!({"direct": true, "no-flush": false});
         let filename = match cfg.opened(&disk.path) {
             Some(f) => {
                 // One fd set per disk, holding the read-only and the read-write descriptor:
@@ -383,16 +496,38 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
             "locking": "on",
             "read-only": disk.readonly,
         });
-        let format = json!({
-            "driver": match disk.format {
-                DiskFormat::Raw => "raw",
-                DiskFormat::Qcow2 => "qcow2",
-            },
+        // The backing chain, deepest first, each image's format node naming the one below;
+        // `backing: null` ends the chain, so QEMU never opens a path from an image header.
+        let chain = cfg
+            .opened(&disk.path)
+            .map(|f| f.backing.as_slice())
+            .unwrap_or(&[]);
+        let mut below = serde_json::Value::Null;
+        for (j, b) in chain.iter().enumerate().rev() {
+            let path = fd_set(&mut extra, &[b.read.0.as_raw_fd()], &format!("disk{i}b{j}"));
+            let file = json!({"driver": "file", "node-name": format!("file{i}b{j}"),
+                "filename": path, "cache": cache, "aio": "native", "locking": "on",
+                "read-only": true});
+            let mut node = json!({"driver": format_name(b.format),
+                "node-name": format!("disk{i}b{j}"), "file": format!("file{i}b{j}"),
+                "cache": cache, "read-only": true});
+            if b.format == DiskFormat::Qcow2 {
+                node["backing"] = below;
+            }
+            extra.extend(["-blockdev".into(), file.to_string()]);
+            extra.extend(["-blockdev".into(), node.to_string()]);
+            below = json!(format!("disk{i}b{j}"));
+        }
+        let mut format = json!({
+            "driver": format_name(disk.format),
             "node-name": format!("disk{i}"),
             "file": format!("file{i}"),
             "cache": cache,
             "read-only": disk.readonly,
         });
+        if disk.format == DiskFormat::Qcow2 && cfg.opened(&disk.path).is_some() {
+            format["backing"] = below;
+        }
         let mut device = json!({
             "driver": "virtio-blk-pci",
             "id": format!("vdisk{i}"),
@@ -401,10 +536,27 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         if i == 0 && matches!(spec.boot, BootSource::Disk) {
             device["bootindex"] = json!(1);
         }
+        flush!();
         push(&["-blockdev", &file.to_string()]);
         push(&["-blockdev", &format.to_string()]);
         push(&["-device", &device.to_string()]);
     }
+
+    if let Some(seed) = &cfg.guest_files.seed {
+        // Made by the agent in the VM's run dir, the same bytes on every host: a local file,
+        // so its page cache is harmless.
+        let path = fd_set(&mut extra, &[seed.0.as_raw_fd()], "seed");
+        let nodes = [
+            json!({"driver": "file", "node-name": "seed-file", "filename": path,
+                   "read-only": true, "locking": "off"}),
+            json!({"driver": "raw", "node-name": "seed", "file": "seed-file", "read-only": true}),
+            json!({"driver": "virtio-blk-pci", "id": "vseed", "drive": "seed"}),
+        ];
+        for (n, flag) in nodes.iter().zip(["-blockdev", "-blockdev", "-device"]) {
+            extra.extend([flag.to_string(), n.to_string()]);
+        }
+    }
+    flush!();
 
     for (i, (nic, tap)) in spec.nics.iter().zip(&cfg.taps).enumerate() {
         let netdev = json!({
@@ -472,6 +624,8 @@ mod tests {
             cgroup_procs: Vec::new(),
             id: Uuid::parse_str("6b0c5f4e-6a8e-4f57-9d57-3d0f1f3b2a10").unwrap(),
             spec: VmSpec {
+                firmware: Default::default(),
+                cloud_init: None,
                 resources: Default::default(),
                 name: "web-1".into(),
                 vcpus: 2,
@@ -494,6 +648,7 @@ mod tests {
             start_paused: false,
             files: Vec::new(),
             run_as: None,
+            guest_files: Default::default(),
         }
     }
 
@@ -681,6 +836,93 @@ mod tests {
         assert_eq!(netdevs[1]["id"], "net1");
         assert_eq!(netdevs[0]["script"], "no");
         assert!(!argv.iter().any(|a| a == "-kernel"));
+    }
+
+    #[test]
+    fn uefi_seed_and_backing_chain_reach_qemu_as_descriptors_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            SharedFd(Arc::new(std::fs::File::open(p).unwrap().into()))
+        };
+        let mut cfg = config();
+        cfg.spec.boot = BootSource::Disk;
+        cfg.spec.firmware = Firmware::Uefi;
+        cfg.spec.cloud_init = Some(Default::default());
+        cfg.spec.disks = vec![DiskSpec {
+            path: "/shared/vms/clone.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            readonly: false,
+        }];
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("UEFI")));
+        cfg.files = vec![OpenedFile {
+            path: "/shared/vms/clone.qcow2".into(),
+            read: fd("r").0,
+            write: Some(fd("w").0),
+            backing: vec![
+                OpenedBacking {
+                    read: fd("b0"),
+                    format: DiskFormat::Qcow2,
+                },
+                OpenedBacking {
+                    read: fd("b1"),
+                    format: DiskFormat::Raw,
+                },
+            ],
+        }];
+        cfg.guest_files.uefi = Some(UefiFiles {
+            code: fd("code"),
+            vars_read: fd("vr"),
+            vars_write: fd("vw"),
+        });
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("seed")));
+        cfg.guest_files.seed = Some(fd("seed"));
+        cfg.validate().unwrap();
+        let argv = build_command(&cfg);
+        assert_eq!(
+            value(&argv, "-machine"),
+            format!("{MACHINE_TYPE},pflash0=fw-code,pflash1=fw-vars")
+        );
+        let nodes: Vec<serde_json::Value> = values(&argv, "-blockdev")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        let at = |name: &str| {
+            nodes
+                .iter()
+                .position(|n| n["node-name"] == name)
+                .unwrap_or_else(|| panic!("no node {name}: {nodes:?}"))
+        };
+        // Each node comes after the one it names, and the chain ends explicitly.
+        assert!(at("disk0b1") < at("disk0b0") && at("disk0b0") < at("disk0"));
+        assert_eq!(nodes[at("disk0")]["backing"], "disk0b0");
+        assert_eq!(nodes[at("disk0b0")]["backing"], "disk0b1");
+        assert!(nodes[at("disk0b1")].get("backing").is_none());
+        assert_eq!(nodes[at("disk0b1")]["driver"], "raw");
+        assert_eq!(nodes[at("file0b0")]["read-only"], true);
+        assert_eq!(nodes[at("fw-code")]["read-only"], true);
+        assert_eq!(nodes[at("fw-vars-file")]["locking"], "on");
+        for n in nodes.iter().filter(|n| n["driver"] == "file") {
+            let f = n["filename"].as_str().unwrap();
+            assert!(f.starts_with("/dev/fdset/"), "{n}");
+        }
+        let seed = values(&argv, "-device")
+            .into_iter()
+            .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+            .find(|d| d["drive"] == "seed")
+            .expect("the seed's device");
+        assert!(seed.get("bootindex").is_none());
+        let fds = cfg.inherited_fds();
+        assert_eq!(fds.len(), 8, "disk r/w, two backing, code, vars r/w, seed");
+        for fd in fds {
+            assert!(
+                values(&argv, "-add-fd")
+                    .iter()
+                    .any(|a| a.starts_with(&format!("fd={fd},"))),
+                "fd {fd} is not handed to QEMU"
+            );
+        }
     }
 
     #[test]

@@ -27,7 +27,10 @@ pub mod qmp;
 pub mod vm;
 
 pub use accel::{detect_accelerator, AccelChoice};
-pub use command::{build_command, Incoming, LaunchConfig, OpenedFile, RunAs, RunPaths};
+pub use command::{
+    build_command, GuestFiles, Incoming, LaunchConfig, OpenedBacking, OpenedFile, RunAs, RunPaths,
+    SharedFd, UefiFiles,
+};
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
     Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing, OutgoingOptions,

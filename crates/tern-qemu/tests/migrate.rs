@@ -998,6 +998,7 @@ fn opened_disk(path: &str) -> Vec<tern_qemu::OpenedFile> {
         path: path.to_string(),
         read: open(false),
         write: Some(open(true)),
+        backing: Vec::new(),
     }]
 }
 

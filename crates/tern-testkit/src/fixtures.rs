@@ -7,6 +7,7 @@ use tern_api::{Accelerator, HostFacts};
 pub fn host_facts(cores: u32, memory_mib: u64) -> HostFacts {
     HostFacts {
         resource_control: None,
+        uefi: false,
         hostname: "fake".into(),
         cores,
         memory_mib,

@@ -116,6 +116,8 @@ pub use tern_testkit::fixtures::host_facts as facts;
 /// A 1-vCPU VM booting a kernel from the shared storage, with one NIC.
 pub fn kernel_spec(name: &str, mac: &str, memory_mib: u64) -> VmSpec {
     VmSpec {
+        firmware: Default::default(),
+        cloud_init: None,
         resources: Default::default(),
         name: name.into(),
         vcpus: 1,

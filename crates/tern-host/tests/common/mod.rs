@@ -60,6 +60,8 @@ pub fn guest_boot(shared: &Path) -> BootSource {
 /// A 1-vCPU, 192 MiB VM booting the guest from the agent's shared storage `shared`.
 pub fn spec(name: &str, shared: &Path) -> VmSpec {
     VmSpec {
+        firmware: Default::default(),
+        cloud_init: None,
         resources: Default::default(),
         name: name.to_string(),
         vcpus: 1,

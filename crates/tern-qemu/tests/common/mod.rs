@@ -68,6 +68,8 @@ pub fn config(dir: &Path, name: &str, extra_cmdline: &str) -> LaunchConfig {
         cgroup_procs: Vec::new(),
         id: Uuid::new_v4(),
         spec: VmSpec {
+            firmware: Default::default(),
+            cloud_init: None,
             resources: Default::default(),
             name: name.to_string(),
             vcpus: 1,
@@ -90,6 +92,7 @@ pub fn config(dir: &Path, name: &str, extra_cmdline: &str) -> LaunchConfig {
         start_paused: false,
         files: Vec::new(),
         run_as: None,
+        guest_files: Default::default(),
     }
 }
 

@@ -135,8 +135,98 @@ pub struct CreateArgs {
     /// Create the VM without any NIC.
     #[arg(long, conflicts_with = "mac")]
     no_nic: bool,
+    /// Firmware: bios (SeaBIOS) or uefi (OVMF; the VM's variables store is kept on the
+    /// shared storage and moves with it).
+    #[arg(long, value_name = "bios|uefi", default_value = "bios")]
+    firmware: tern_api::Firmware,
+    #[command(flatten)]
+    cloud_init: CloudInitArgs,
     #[command(flatten)]
     resources: ResourceArgs,
+}
+
+/// What the guest's cloud-init is told (any of these attaches a NoCloud seed volume).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "cloud-init (a NoCloud seed volume the host writes)")]
+pub struct CloudInitArgs {
+    /// Attach a seed even without any of the options below (the guest's host name is then
+    /// the VM's name).
+    #[arg(long)]
+    cloud_init: bool,
+    /// Guest host name [default: the VM's name].
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// OpenSSH public key file for the image's default user (repeatable; one key per line).
+    #[arg(long, value_name = "FILE")]
+    ssh_key: Vec<PathBuf>,
+    /// Static address of the first NIC, with its prefix (10.78.0.100/24).
+    #[arg(long, value_name = "CIDR", conflicts_with = "dhcp")]
+    ip: Option<String>,
+    /// Default gateway, with --ip.
+    #[arg(long, value_name = "IP", requires = "ip")]
+    gateway: Option<String>,
+    /// DNS server, with --ip (repeatable).
+    #[arg(long, value_name = "IP", requires = "ip")]
+    dns: Vec<String>,
+    /// Configure the first NIC by DHCP.
+    #[arg(long)]
+    dhcp: bool,
+    /// User data handed to cloud-init as it is (`#cloud-config` YAML, a script…).
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+}
+
+impl CloudInitArgs {
+    /// The configuration, `None` when no option asks for one; files are read here.
+    fn build(&self) -> Result<Option<tern_api::CloudInit>, CliError> {
+        let wanted = self.cloud_init
+            || self.hostname.is_some()
+            || !self.ssh_key.is_empty()
+            || self.ip.is_some()
+            || self.dhcp
+            || self.user_data.is_some();
+        if !wanted {
+            return Ok(None);
+        }
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| CliError::usage(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut keys = Vec::new();
+        for f in &self.ssh_key {
+            let text = read(f)?;
+            let before = keys.len();
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+            if keys.len() == before {
+                return Err(CliError::usage(format!(
+                    "{} holds no public key (give the .pub file)",
+                    f.display()
+                )));
+            }
+        }
+        let network = match (&self.ip, self.dhcp) {
+            (Some(address), _) => Some(tern_api::GuestNetwork::Static {
+                address: address.clone(),
+                gateway: self.gateway.clone(),
+                dns: self.dns.clone(),
+            }),
+            (None, true) => Some(tern_api::GuestNetwork::Dhcp),
+            (None, false) => None,
+        };
+        let ci = tern_api::CloudInit {
+            hostname: self.hostname.clone(),
+            ssh_authorized_keys: keys,
+            network,
+            user_data: self.user_data.as_deref().map(read).transpose()?,
+        };
+        ci.check().map_err(CliError::usage)?;
+        Ok(Some(ci))
+    }
 }
 
 const RESOURCES_HELP: &str = "\
@@ -389,6 +479,8 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
     };
     let body = CreateVm {
         spec: VmSpec {
+            firmware: a.firmware,
+            cloud_init: a.cloud_init.build()?,
             resources: a.resources.apply(Resources::default()),
             name: a.name.clone(),
             vcpus: a.vcpus,
@@ -504,6 +596,30 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
         BootSource::Disk => {
             s.add("boot", "disk");
         }
+    }
+    s.add("firmware", s_.firmware);
+    if let Some(ci) = &s_.cloud_init {
+        let network = match &ci.network {
+            None => "(the image's default)".to_string(),
+            Some(tern_api::GuestNetwork::Dhcp) => "dhcp".to_string(),
+            Some(tern_api::GuestNetwork::Static {
+                address, gateway, ..
+            }) => match gateway {
+                Some(g) => format!("{address} via {g}"),
+                None => address.clone(),
+            },
+        };
+        s.add(
+            "cloud_init",
+            format!(
+                "hostname {}, {} ssh key(s), network {network}, user data {}",
+                ci.hostname.as_deref().unwrap_or(&s_.name),
+                ci.ssh_authorized_keys.len(),
+                ci.user_data
+                    .as_ref()
+                    .map_or("none".to_string(), |u| format!("{} bytes", u.len()))
+            ),
+        );
     }
     for (i, d) in s_.disks.iter().enumerate() {
         let fmt_name = match d.format {

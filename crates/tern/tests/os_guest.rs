@@ -1,0 +1,383 @@
+//! A real operating system, as users bring one: Debian 12 from the project's OS image
+//! (guest/build-os.sh), booted by firmware from a linked clone on the shared storage —
+//! SeaBIOS for one VM, UEFI for the other — and configured by cloud-init from a seed the host
+//! writes (host name, SSH key, static address, user data). The client logs in over SSH.
+//!
+//! Then both VMs move back and forth between two hosts while an SSH session stays open on each:
+//! after every move the guest's uptime has gone on, systemd says the system is running (not
+//! degraded), and the session still echoes what it is sent. The UEFI VM's variables store sits
+//! on the shared storage and moves with it.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{repo_root, tern_exe, text, wait_for, Lab};
+use serde_json::Value;
+
+/// The OS image (`target/os/debian-12.qcow2`), built with guest/build-os.sh when missing.
+fn os_image() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("os");
+    let image = dir.join("debian-12.qcow2");
+    if !image.is_file() || !dir.join("MANIFEST").is_file() {
+        let out = Command::new("bash")
+            .arg(repo_root().join("guest/build-os.sh"))
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run guest/build-os.sh");
+        assert!(
+            out.status.success(),
+            "guest/build-os.sh failed:\n{}",
+            text(&out)
+        );
+    }
+    image
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect("run");
+    assert!(out.status.success(), "{cmd:?}:\n{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One guest of the test: its name, address and firmware.
+struct Os {
+    name: &'static str,
+    ip: &'static str,
+    mac: &'static str,
+    firmware: &'static str,
+}
+
+const GUESTS: [Os; 2] = [
+    Os {
+        name: "deb-bios",
+        ip: "10.78.0.131",
+        mac: "52:54:00:0d:e0:01",
+        firmware: "bios",
+    },
+    Os {
+        name: "deb-uefi",
+        ip: "10.78.0.132",
+        mac: "52:54:00:0d:e0:02",
+        firmware: "uefi",
+    },
+];
+
+/// The SSH command line that logs into `ip` as the image's default user from the client
+/// namespace.
+fn ssh_args(lab: &Lab, key: &Path, ip: &str, remote: &str) -> Vec<String> {
+    let dir = lab.dir.display().to_string();
+    [
+        "lab",
+        "--dir",
+        &dir,
+        "client",
+        "--prefix",
+        &lab.prefix,
+        "--",
+        "ssh",
+        "-i",
+        &key.display().to_string(),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=5",
+        &format!("debian@{ip}"),
+        remote,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs `remote` in the guest over a fresh SSH login; `None` when the login or command fails.
+fn ssh(lab: &Lab, key: &Path, ip: &str, remote: &str) -> Option<String> {
+    let out = Command::new(tern_exe())
+        .args(ssh_args(lab, key, ip, remote))
+        .env("TERN_LAB_DIR", &lab.dir)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A login kept open for the whole test: the guest runs `cat`, so every line sent comes back.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Session {
+    fn open(lab: &Lab, key: &Path, ip: &str) -> Session {
+        let mut child = Command::new(tern_exe())
+            .args(ssh_args(lab, key, ip, "echo session-open; exec cat"))
+            .env("TERN_LAB_DIR", &lab.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ssh");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Session {
+            child,
+            stdin,
+            lines,
+        };
+        s.expect("session-open");
+        s
+    }
+
+    fn expect(&mut self, want: &str) {
+        match self.lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => assert_eq!(line, want),
+            Err(e) => panic!("the SSH session gave no {want:?} ({e}): it did not survive"),
+        }
+    }
+
+    /// Sends a line and waits for its echo.
+    fn echo(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("write to the SSH session");
+        self.stdin.flush().expect("flush");
+        self.expect(line);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Seconds the guest has been up.
+fn uptime(lab: &Lab, key: &Path, ip: &str) -> f64 {
+    let out = ssh(lab, key, ip, "cat /proc/uptime").expect("ssh: cat /proc/uptime");
+    out.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("uptime {out:?}"))
+}
+
+/// systemd's verdict once boot has settled (`running`, or `degraded` with its failed units).
+fn system_state(lab: &Lab, key: &Path, ip: &str) -> String {
+    wait_for(
+        &format!("{ip}'s boot to settle"),
+        Duration::from_secs(120),
+        || {
+            let s = ssh(lab, key, ip, "systemctl is-system-running || true")?;
+            match s.as_str() {
+                "starting" | "initializing" => None,
+                "running" => Some(s),
+                _ => Some(format!(
+                    "{s}; failed units: {}",
+                    ssh(lab, key, ip, "systemctl --failed --no-legend --plain").unwrap_or_default()
+                )),
+            }
+        },
+    )
+}
+
+#[test]
+fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_across_moves() {
+    let image = os_image();
+    let lab = Lab::up("os", 2);
+    let shared = lab.shared();
+    // The template on the shared storage, and a linked clone of it per VM.
+    std::fs::create_dir_all(shared.join("images")).expect("images dir");
+    std::fs::create_dir_all(shared.join("vms")).expect("vms dir");
+    let template = shared.join("images/debian-12.qcow2");
+    if std::fs::hard_link(&image, &template).is_err() {
+        std::fs::copy(&image, &template).expect("copy the OS image");
+    }
+    let key = lab.dir.join("id_ed25519");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "tern-test", "-f"])
+        .arg(&key));
+    let pub_key = lab.dir.join("id_ed25519.pub");
+    // User data passed through as it is: it marks the console once cloud-init has run it.
+    let user_data = lab.dir.join("user-data");
+    std::fs::write(
+        &user_data,
+        "#cloud-config\nruncmd:\n  - [ sh, -c, 'echo TERN-OS-READY > /dev/ttyS0' ]\n",
+    )
+    .expect("user data");
+
+    let started = Instant::now();
+    for g in &GUESTS {
+        let disk = shared.join(format!("vms/{}.qcow2", g.name));
+        run(Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                "../images/debian-12.qcow2",
+            ])
+            .arg(&disk)
+            .arg("4G"));
+        let disk_arg = format!("{},format=qcow2", disk.display());
+        let ip = format!("{}/24", g.ip);
+        lab.tern_ok(&[
+            "vm",
+            "create",
+            g.name,
+            "--cluster",
+            "lab",
+            "--host",
+            "h1",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "1024",
+            "--boot-disk",
+            "--disk",
+            &disk_arg,
+            "--mac",
+            g.mac,
+            "--firmware",
+            g.firmware,
+            "--ip",
+            &ip,
+            "--gateway",
+            "10.78.0.2",
+            "--ssh-key",
+            &pub_key.display().to_string(),
+            "--user-data",
+            &user_data.display().to_string(),
+        ]);
+        lab.tern_ok(&["vm", "start", g.name]);
+    }
+    for g in &GUESTS {
+        lab.wait_console(g.name, "TERN-OS-READY", Duration::from_secs(300));
+        eprintln!(
+            "{} ({}): cloud-init done {:.1?} after the starts",
+            g.name,
+            g.firmware,
+            started.elapsed()
+        );
+    }
+
+    // cloud-init did what the spec says: host name, key (the login itself), address.
+    let mut sessions = Vec::new();
+    let mut uptimes = Vec::new();
+    for g in &GUESTS {
+        let hostname = wait_for(
+            &format!("an SSH login to {}", g.name),
+            Duration::from_secs(120),
+            || ssh(&lab, &key, g.ip, "hostname"),
+        );
+        assert_eq!(hostname, g.name, "cloud-init's host name");
+        let addr = ssh(&lab, &key, g.ip, "ip -o -4 addr show scope global").expect("ip addr");
+        assert!(addr.contains(&format!("{}/24", g.ip)), "{addr}");
+        let fw = ssh(
+            &lab,
+            &key,
+            g.ip,
+            "test -d /sys/firmware/efi && echo uefi || echo bios",
+        )
+        .expect("firmware");
+        assert_eq!(
+            fw, g.firmware,
+            "the guest booted by the firmware its spec names"
+        );
+        let state = system_state(&lab, &key, g.ip);
+        assert_eq!(state, "running", "{}: systemd says {state}", g.name);
+        uptimes.push(uptime(&lab, &key, g.ip));
+        sessions.push(Session::open(&lab, &key, g.ip));
+    }
+    let uefi_id = {
+        let vm: Value = lab.tern_json(&["vm", "show", "deb-uefi"]);
+        vm["id"].as_str().expect("id").to_string()
+    };
+    let nvram = shared.join(format!(".tern/nvram/{uefi_id}.fd"));
+    let template_size = std::fs::metadata("/usr/share/OVMF/OVMF_VARS_4M.fd")
+        .expect("OVMF vars")
+        .len();
+    assert_eq!(
+        std::fs::metadata(&nvram)
+            .expect("the UEFI VM's variables store")
+            .len(),
+        template_size
+    );
+
+    // Moves: the UEFI VM ten times, the BIOS VM twice (its hand-over is the plain disk's).
+    let moves = [2usize, 10];
+    let mut host = ["h1", "h1"];
+    for round in 0..10 {
+        for (i, g) in GUESTS.iter().enumerate() {
+            if round >= moves[i] {
+                continue;
+            }
+            let to = if host[i] == "h1" { "h2" } else { "h1" };
+            let (out, task) = lab.migrate_json(&[g.name, "--to", to]);
+            assert!(
+                out.status.success(),
+                "{} move {round}: {}",
+                g.name,
+                text(&out)
+            );
+            let task = task.expect("task JSON");
+            assert_eq!(task["result"]["status"], "completed", "{task}");
+            host[i] = to;
+            let up = uptime(&lab, &key, g.ip);
+            assert!(
+                up > uptimes[i],
+                "{}: uptime {up} after move {round}, {} before: it rebooted",
+                g.name,
+                uptimes[i]
+            );
+            uptimes[i] = up;
+            let state = system_state(&lab, &key, g.ip);
+            assert_eq!(
+                state, "running",
+                "{} after move {round}: systemd says {state}",
+                g.name
+            );
+            sessions[i].echo(&format!("{} move {round} to {to}", g.name));
+            eprintln!(
+                "{} move {round} → {to}: pause {} ms, total {} ms",
+                g.name, task["result"]["pause_ms"], task["result"]["total_ms"]
+            );
+        }
+    }
+    for (i, g) in GUESTS.iter().enumerate() {
+        let vm: Value = lab.tern_json(&["vm", "show", g.name]);
+        lab.one_copy_on(g.name, vm["id"].as_str().expect("id"), host[i]);
+        sessions[i].echo("still here");
+    }
+    assert_eq!(
+        std::fs::metadata(&nvram).expect("variables store").len(),
+        template_size
+    );
+    drop(sessions);
+    lab.down();
+}
