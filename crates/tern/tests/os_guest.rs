@@ -381,3 +381,188 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
     drop(sessions);
     lab.down();
 }
+
+/// PostgreSQL in the guest (configured by the user data), pgbench's TPC-B-like load from the
+/// client namespace across ten migrations: no failed or aborted transaction, no reconnect, and
+/// afterwards the bank's books balance and every committed transaction is in the history.
+#[test]
+fn postgresql_loses_no_transaction_across_ten_migrations() {
+    let image = os_image();
+    let lab = Lab::up("pg", 2);
+    let shared = lab.shared();
+    std::fs::create_dir_all(shared.join("images")).expect("images dir");
+    let template = shared.join("images/debian-12.qcow2");
+    if std::fs::hard_link(&image, &template).is_err() {
+        std::fs::copy(&image, &template).expect("copy the OS image");
+    }
+    let disk = shared.join("images/db.qcow2");
+    run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "debian-12.qcow2",
+        ])
+        .arg(&disk)
+        .arg("4G"));
+    let user_data = lab.dir.join("user-data");
+    std::fs::write(
+        &user_data,
+        r#"#cloud-config
+write_files:
+  - path: /etc/postgresql/15/main/conf.d/tern.conf
+    content: |
+      listen_addresses = '*'
+  - path: /etc/postgresql/15/main/pg_hba.conf
+    append: true
+    content: |
+      host bench bench 10.78.0.0/24 scram-sha-256
+runcmd:
+  - [ systemctl, restart, postgresql ]
+  - [ runuser, -u, postgres, --, psql, -q, -c, "CREATE ROLE bench LOGIN PASSWORD 'bench'" ]
+  - [ runuser, -u, postgres, --, createdb, -O, bench, bench ]
+  - [ sh, -c, 'echo TERN-DB-READY > /dev/ttyS0' ]
+"#,
+    )
+    .expect("user data");
+    let disk_arg = format!("{},format=qcow2", disk.display());
+    let ip = "10.78.0.140";
+    lab.tern_ok(&[
+        "vm",
+        "create",
+        "db",
+        "--cluster",
+        "lab",
+        "--host",
+        "h1",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "1024",
+        "--boot-disk",
+        "--disk",
+        &disk_arg,
+        "--mac",
+        "52:54:00:0d:b0:01",
+        "--ip",
+        "10.78.0.140/24",
+        "--user-data",
+        &user_data.display().to_string(),
+    ]);
+    lab.tern_ok(&["vm", "start", "db"]);
+    lab.wait_console("db", "TERN-DB-READY", Duration::from_secs(300));
+
+    let pg = |args: &[&str]| -> std::process::Output {
+        let mut cmd = vec!["env", "PGPASSWORD=bench", "PGCONNECT_TIMEOUT=10"];
+        cmd.extend_from_slice(args);
+        lab.client(&cmd)
+    };
+    let conn = ["-h", ip, "-U", "bench", "bench"];
+    let init = pg(&[&["pgbench", "-i", "-s", "2", "-q"][..], &conn[..]].concat());
+    assert!(init.status.success(), "pgbench -i: {}", text(&init));
+
+    // The load: 2 clients for 75 s, progress every second; the moves happen inside it.
+    let load_s = 75;
+    let dir = lab.dir.display().to_string();
+    let load_secs = load_s.to_string();
+    let mut args: Vec<&str> = vec![
+        "lab",
+        "--dir",
+        &dir,
+        "client",
+        "--prefix",
+        &lab.prefix,
+        "--",
+        "env",
+        "PGPASSWORD=bench",
+        "pgbench",
+        "-c",
+        "2",
+        "-j",
+        "1",
+        "-T",
+        &load_secs,
+        "-P",
+        "1",
+    ];
+    args.extend_from_slice(&conn);
+    let load = Command::new(tern_exe())
+        .args(&args)
+        .env("TERN_LAB_DIR", &lab.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgbench");
+    let load_started = Instant::now();
+    // Let the load reach its pace before the first move.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut host = "h1";
+    for i in 0..10 {
+        let to = if host == "h1" { "h2" } else { "h1" };
+        let (out, task) = lab.migrate_json(&["db", "--to", to]);
+        assert!(out.status.success(), "move {i}: {}", text(&out));
+        let task = task.expect("task JSON");
+        assert_eq!(task["result"]["status"], "completed", "{task}");
+        eprintln!(
+            "db move {i} → {to}: pause {} ms",
+            task["result"]["pause_ms"]
+        );
+        host = to;
+    }
+    let moved_in = load_started.elapsed();
+    assert!(
+        moved_in < Duration::from_secs(load_s - 2),
+        "the ten moves took {moved_in:?}, longer than the load ran ({load_s} s): nothing \
+         proves they happened under it"
+    );
+    let out = load.wait_with_output().expect("pgbench");
+    let report = text(&out);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "pgbench failed (a client aborted): {report}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |name: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name:?} in pgbench's report: {report}"))
+    };
+    let committed = field("number of transactions actually processed: ");
+    assert_eq!(field("number of failed transactions: "), 0, "{report}");
+    assert!(committed > 0, "{report}");
+
+    let sql = |q: &str| -> String {
+        let out = pg(&[&["psql", "-At", "-c", q][..], &conn[..]].concat());
+        assert!(out.status.success(), "psql {q}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let history: u64 = sql("SELECT count(*) FROM pgbench_history")
+        .parse()
+        .expect("count");
+    assert_eq!(
+        history, committed,
+        "every committed transaction is in pgbench_history"
+    );
+    let accounts = sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let deltas = sql("SELECT sum(delta) FROM pgbench_history");
+    let branches = sql("SELECT sum(bbalance) FROM pgbench_branches");
+    let tellers = sql("SELECT sum(tbalance) FROM pgbench_tellers");
+    assert_eq!(accounts, deltas, "accounts against history");
+    assert_eq!(branches, tellers, "branches against tellers");
+    assert_eq!(branches, deltas, "branches against history");
+    eprintln!(
+        "pgbench: {committed} transactions committed across 10 moves, books balance ({deltas})"
+    );
+    let vm: Value = lab.tern_json(&["vm", "show", "db"]);
+    lab.one_copy_on("db", vm["id"].as_str().expect("id"), host);
+    lab.down();
+}
