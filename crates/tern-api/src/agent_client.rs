@@ -19,6 +19,8 @@ use crate::routes::agent as route;
 
 /// Time allowed for quick agent calls (facts, paths, state).
 const QUICK: Duration = Duration::from_secs(15);
+/// Image imports and full copies read and write whole images.
+const IMAGE_WORK: Duration = Duration::from_secs(1800);
 /// Time allowed for a VM start (the agent answers once QEMU reports `running`).
 const START: Duration = Duration::from_secs(120);
 /// Margin over a stop's own grace time.
@@ -135,6 +137,43 @@ impl AgentClient {
         self.client(QUICK)
             .post(&route::CHECK_PATHS.path(), &CheckPaths { paths })
             .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Stores an image on the shared storage (copy, check and checksum: minutes for a big one).
+    pub async fn import_image(
+        &self,
+        req: &crate::images::ImportImageFile,
+    ) -> Result<crate::images::ImageFile, AgentError> {
+        self.client(IMAGE_WORK)
+            .post(&route::IMAGE_IMPORT.path(), req)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Makes a VM's disk from an image.
+    pub async fn clone_volume(
+        &self,
+        req: &crate::images::CloneVolume,
+    ) -> Result<crate::images::Volume, AgentError> {
+        self.client(IMAGE_WORK)
+            .post(&route::VOLUME_CLONE.path(), req)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Removes an image's template (`image`) or a VM's disk made from one (`volume`).
+    pub async fn remove_image_file(&self, volume: bool, name: &str) -> Result<(), AgentError> {
+        let route = if volume {
+            route::VOLUME_REMOVE
+        } else {
+            route::IMAGE_REMOVE
+        };
+        let req = crate::images::RemoveFile { name: name.into() };
+        self.client(QUICK)
+            .post::<_, serde_json::Value>(&route.path(), &req)
+            .await
+            .map(|_| ())
             .map_err(|e| self.error(e))
     }
 

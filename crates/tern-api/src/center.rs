@@ -190,6 +190,10 @@ pub struct CreateVm {
     /// Host to run on; `None` lets the center place it.
     #[serde(default)]
     pub host: Option<String>,
+    /// Make the boot disk from an image: it goes first in `spec.disks` (as
+    /// `vms/<name>.qcow2` on the shared storage), and the VM boots from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::images::DiskFromImage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

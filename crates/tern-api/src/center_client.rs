@@ -167,6 +167,27 @@ impl CenterClient {
         self.api.put(&route::VM_POOL.with_name(vm)?, &body).await
     }
 
+    // ---- images ----
+
+    pub async fn images(&self) -> Result<Vec<crate::images::Image>, ApiError> {
+        self.api.get(&route::IMAGES.path()).await
+    }
+
+    pub async fn import_image(
+        &self,
+        req: &crate::images::ImportImage,
+    ) -> Result<crate::images::Image, ApiError> {
+        self.api.post(&route::IMAGES.path(), req).await
+    }
+
+    pub async fn image(&self, name: &str) -> Result<crate::images::Image, ApiError> {
+        self.api.get(&route::IMAGE.with_name(name)?).await
+    }
+
+    pub async fn remove_image(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::IMAGE.with_name(name)?).await
+    }
+
     // ---- hosts ----
 
     pub async fn hosts(&self) -> Result<Vec<Host>, ApiError> {

@@ -20,6 +20,7 @@ pub mod error;
 pub mod evc;
 pub mod guest;
 pub mod health;
+pub mod images;
 pub mod migration;
 pub mod pools;
 pub mod resources;

@@ -94,6 +94,10 @@ pub mod agent {
     pub const VM_RESOURCES: Route = Route::new("/v1/vms/{id}/resources");
     pub const VM_CONSOLE: Route = Route::new("/v1/vms/{id}/console");
     pub const CHECK_PATHS: Route = Route::new("/v1/check-paths");
+    pub const IMAGE_IMPORT: Route = Route::new("/v1/images/import");
+    pub const VOLUME_CLONE: Route = Route::new("/v1/volumes/clone");
+    pub const IMAGE_REMOVE: Route = Route::new("/v1/images/remove");
+    pub const VOLUME_REMOVE: Route = Route::new("/v1/volumes/remove");
     pub const MIGRATION: Route = Route::new("/v1/migrations/{id}");
     pub const MIGRATION_INCOMING: Route = Route::new("/v1/migrations/{id}/incoming");
     pub const MIGRATION_LISTEN: Route = Route::new("/v1/migrations/{id}/listen");
@@ -127,6 +131,8 @@ pub mod center {
     pub const RULE: Route = Route::new("/api/v1/rules/{name}");
     pub const CLUSTER_POOLS: Route = Route::new("/api/v1/clusters/{name}/pools");
     pub const POOL: Route = Route::new("/api/v1/pools/{name}");
+    pub const IMAGES: Route = Route::new("/api/v1/images");
+    pub const IMAGE: Route = Route::new("/api/v1/images/{name}");
     pub const CLUSTER_MIGRATION: Route = Route::new("/api/v1/clusters/{name}/migration");
     pub const CLUSTER_DRS_RECOMMENDATIONS: Route =
         Route::new("/api/v1/clusters/{name}/drs/recommendations");
@@ -166,6 +172,8 @@ pub mod center {
         RULE,
         CLUSTER_POOLS,
         POOL,
+        IMAGES,
+        IMAGE,
         CLUSTER_MIGRATION,
         CLUSTER_DRS_RECOMMENDATIONS,
         CLUSTER_DRS_APPLY,

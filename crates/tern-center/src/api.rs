@@ -23,6 +23,7 @@ use tern_api::center::{
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::health::DegradeHost;
+use tern_api::images::{Image, ImportImage};
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::pools::{CreatePool, PoolSettings, ResourcePool, SetVmPool};
 use tern_api::routes::center::{self as route, nested};
@@ -201,6 +202,8 @@ pub fn router(app: Arc<App>) -> Router {
             get(get_pool).put(update_pool).delete(remove_pool),
         )
         .route(nested(route::VM_POOL), put(set_vm_pool))
+        .route(nested(route::IMAGES), get(list_images).post(import_image))
+        .route(nested(route::IMAGE), get(get_image).delete(remove_image))
         .route(nested(route::HOSTS), get(list_hosts))
         .route(nested(route::HOST), get(get_host).delete(remove_host))
         .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
@@ -534,6 +537,65 @@ async fn remove_pool(
     Extension(by): Extension<Caller>,
 ) -> ApiResult<StatusCode> {
     crate::pools::remove(&app, name, by.name.clone()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/images", tag = "images",
+    responses(
+        (status = 200, description = "The image catalogue, by name", body = Vec<Image>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_images(State(app): AppState) -> ApiResult<Json<Vec<Image>>> {
+    Ok(axum::Json(crate::images::list(&app).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/images", tag = "images",
+    request_body = ImportImage,
+    responses(
+        (status = 201, description = "Stored on the shared storage as qcow2, checked and checksummed", body = Image),
+        (status = 400, description = "Invalid name or source path", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "Name taken, or no host to do the work", body = ErrorBody),
+        (status = 422, description = "The source is not a usable image (not qcow2 or raw, truncated, damaged, outside the shared storage, with a backing file): what is wrong", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn import_image(
+    State(app): AppState,
+    Extension(by): Extension<Caller>,
+    Body(req): Body<ImportImage>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    let img = crate::images::import(&app, req, by.name.clone()).await?;
+    Ok((StatusCode::CREATED, axum::Json(img)))
+}
+
+#[utoipa::path(get, path = "/api/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses(
+        (status = 200, description = "The image and the VMs using it", body = Image),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_image(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResult<Json<Image>> {
+    Ok(axum::Json(crate::images::get(&app, name).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses(
+        (status = 204, description = "Removed, and its template deleted"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+        (status = 409, description = "VMs use it (named)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn remove_image(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+) -> ApiResult<StatusCode> {
+    crate::images::remove(&app, name, by.name.clone()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1269,6 +1331,7 @@ impl Modify for BearerAuth {
         get_cluster_migration, set_cluster_migration,
         get_drs, set_drs, drs_recommendations, drs_apply, list_rules, create_rule, remove_rule,
         list_pools, create_pool, get_pool, update_pool, remove_pool, set_vm_pool,
+        list_images, import_image, get_image, remove_image,
         register_host, heartbeat, list_hosts, get_host, host_maintenance, host_evacuate,
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
@@ -1283,6 +1346,7 @@ impl Modify for BearerAuth {
         (name = "clusters", description = "Clusters of hosts"),
         (name = "hosts", description = "Host agents: enrolment, heartbeats, inventory, maintenance mode"),
         (name = "vms", description = "Virtual machines"),
+        (name = "images", description = "Disk templates on the shared storage, VMs' disks are made from"),
         (name = "tasks", description = "Long-running operations"),
         (name = "events", description = "History of state changes, with who asked for each"),
         (name = "tokens", description = "Named API tokens and their roles (admin only)"),
@@ -1373,6 +1437,10 @@ mod tests {
             ("put", "/api/v1/pools/{name}"),
             ("delete", "/api/v1/pools/{name}"),
             ("put", "/api/v1/vms/{name}/pool"),
+            ("get", "/api/v1/images"),
+            ("post", "/api/v1/images"),
+            ("get", "/api/v1/images/{name}"),
+            ("delete", "/api/v1/images/{name}"),
         ];
         for (method, path) in expected {
             assert!(

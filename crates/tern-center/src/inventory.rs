@@ -888,14 +888,48 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
         mut spec,
         cluster,
         host,
+        image,
     } = req;
+    // A disk made from an image goes first, and the VM boots from it. Its path is known once
+    // the host is chosen (that host's view of the shared storage); until then a placeholder
+    // lets the spec's checks count the disk.
+    if image.is_some() {
+        if !matches!(spec.boot, tern_api::BootSource::Disk) {
+            return Err(CenterError::invalid(
+                "a VM made from an image boots from its disk: leave out the kernel",
+            ));
+        }
+        spec.disks.insert(
+            0,
+            tern_api::DiskSpec {
+                path: format!("/pending/{}.qcow2", spec.name),
+                format: tern_api::DiskFormat::Qcow2,
+                readonly: false,
+            },
+        );
+    }
     vmcheck::check_spec(&mut spec)?;
 
     // 1. Read and check against a snapshot.
     let (spec2, cluster2, host2) = (spec.clone(), cluster.clone(), host.clone());
+    let image2 = image.clone();
     let snap = app
         .db
         .read(move |tx| {
+            if let Some(from) = &image2 {
+                let img = tx.image(&from.image)?.ok_or_else(|| {
+                    CenterError::not_found(format!(
+                        "no image named {}: see tern image list",
+                        from.image
+                    ))
+                })?;
+                if from.size_bytes.is_some_and(|s| s < img.virtual_size_bytes) {
+                    return Err(CenterError::invalid(format!(
+                        "the disk cannot be smaller than image {} ({} bytes)",
+                        img.name, img.virtual_size_bytes
+                    )));
+                }
+            }
             let cluster_id = tx.cluster_id(&cluster2)?.ok_or_else(|| {
                 CenterError::not_found(format!(
                     "cluster {c} does not exist: create it with: tern cluster create {c}",
@@ -1008,6 +1042,55 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
     let cpu = crate::evc::resolve(&spec, snap.evc_mode.as_deref(), &target)
         .map_err(|e| CenterError::unsatisfiable(format!("VM {}: {e}", spec.name)))?;
 
+    // 2b. Make the disk from the image on that host's shared storage.
+    if let Some(from) = &image {
+        let vol = app
+            .agent(&target)
+            .clone_volume(&tern_api::images::CloneVolume {
+                image: from.image.clone(),
+                vm: spec.name.clone(),
+                size_bytes: from.size_bytes,
+                full_copy: from.full_copy,
+            })
+            .await
+            .map_err(crate::images::from_agent)?;
+        spec.disks[0].path = vol.path;
+    }
+    let made_disk = image.as_ref().map(|_| (target.clone(), spec.name.clone()));
+    let recorded = record_new_vm(
+        app,
+        spec,
+        cluster,
+        snap,
+        (target, target_cand),
+        cpu,
+        placed_by_center,
+        drs_reason,
+        image.map(|i| i.image),
+    )
+    .await;
+    if let (Err(_), Some((host, name))) = (&recorded, made_disk) {
+        // Nothing records the disk: it goes.
+        if let Err(e) = app.agent(&host).remove_image_file(true, &name).await {
+            tracing::warn!(vm = %name, error = %e, "the disk made for a refused VM was not removed");
+        }
+    }
+    recorded
+}
+
+/// Steps 3 and 4 of [`create_vm`]: the host's file check, then the record.
+#[allow(clippy::too_many_arguments)]
+async fn record_new_vm(
+    app: &Arc<App>,
+    spec: VmSpec,
+    cluster: String,
+    snap: CreateSnapshot,
+    (target, target_cand): (HostRecord, Candidate),
+    cpu: tern_cpu::vm::VmCpu,
+    placed_by_center: bool,
+    drs_reason: Option<String>,
+    image: Option<String>,
+) -> Result<Vm, CenterError> {
     // 3. Ask the host whether it sees the VM's files on its shared storage.
     let files: Vec<String> = vmcheck::spec_files(&spec)
         .into_iter()
@@ -1076,6 +1159,9 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                 pool: None,
             };
             tx.insert_vm(&vm)?;
+            if let Some(image) = &image {
+                tx.set_vm_image(vm.id, image)?;
+            }
             tx.set_vm_cpu(vm.id, &crate::evc::creation_row(cpu, &host.name), now)?;
             if let Some(reason) = drs_reason.filter(|_| placed_by_center) {
                 tx.add_event(
@@ -1123,13 +1209,14 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
 }
 
 pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), CenterError> {
-    let (vm, host) = app
+    let (vm, host, from_image) = app
         .db
         .write(move |tx| {
             let now = Utc::now();
             let vm = tx
                 .vm_by_name(&name)?
                 .ok_or_else(|| CenterError::vm_not_found(&name))?;
+            let from_image = tx.vm_image(vm.id)?;
             if let Some(t) = tx.active_tasks(Some(vm.id))?.first() {
                 return Err(CenterError::conflict(format!(
                     "task {} is still {} on VM {name}: wait for it, or cancel it with: tern task \
@@ -1162,11 +1249,19 @@ pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), CenterError> 
                     .host(vm.host.as_deref()),
                 now,
             )?;
-            Ok((vm, host))
+            Ok((vm, host, from_image))
         })
         .await?;
-    // Remove its runtime files on the host; the inventory no longer has it either way.
+    // Remove its runtime files on the host, and the disk the center made for it from an
+    // image; the inventory no longer has it either way.
     if let Some(h) = host.filter(|h| h.link == Link::Connected) {
+        let disk = match from_image {
+            Some(_) => app.agent(&h).remove_image_file(true, vm.name()).await.err(),
+            None => None,
+        };
+        if let Some(e) = disk {
+            tracing::warn!(vm = %vm.name(), error = %e, "the VM's disk made from an image was not removed");
+        }
         if let Err(e) = app.agent(&h).delete(vm.id).await {
             let name = vm.name().to_string();
             let msg = format!(

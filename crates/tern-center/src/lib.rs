@@ -24,6 +24,7 @@ pub mod drs;
 pub mod error;
 pub mod evc;
 pub mod health;
+pub mod images;
 pub mod inventory;
 pub mod maintenance;
 pub mod migrate;

@@ -196,6 +196,14 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vms ADD COLUMN pool TEXT REFERENCES resource_pools(name);
     "#,
+    // 12: the image catalogue, and the image each VM's disk was made from.
+    r#"
+    CREATE TABLE images (
+        name          TEXT PRIMARY KEY,
+        record        TEXT NOT NULL              -- Image JSON (used_by left empty)
+    );
+    ALTER TABLE vms ADD COLUMN image TEXT REFERENCES images(name);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -1162,6 +1170,77 @@ impl Tx<'_> {
             .optional()?;
         row.map(|(c, s)| Ok((parse_uuid(&c)?, from_json("pool settings", &s)?)))
             .transpose()
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<tern_api::images::Image>, StoreError> {
+        let row: Option<String> = self
+            .tx
+            .query_row("SELECT record FROM images WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(raw) = row else { return Ok(None) };
+        let mut img: tern_api::images::Image = from_json("image", &raw)?;
+        img.used_by = self.vms_using_image(name)?;
+        Ok(Some(img))
+    }
+
+    /// The catalogue, by name.
+    pub fn images(&self) -> Result<Vec<tern_api::images::Image>, StoreError> {
+        let names: Vec<String> =
+            self.query_rows("SELECT name FROM images ORDER BY name", [], |[n]| {
+                n.unwrap_or_default()
+            })?;
+        let mut out = Vec::new();
+        for n in names {
+            out.extend(self.image(&n)?);
+        }
+        Ok(out)
+    }
+
+    /// Adds an image; `false` when the name is taken.
+    pub fn insert_image(&self, img: &tern_api::images::Image) -> Result<bool, StoreError> {
+        Ok(self.tx.execute(
+            "INSERT INTO images (name, record) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            params![img.name, to_json(img)?],
+        )? > 0)
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .execute("DELETE FROM images WHERE name = ?1", [name])?
+            > 0)
+    }
+
+    /// VMs whose disk was made from image `name`, by name.
+    pub fn vms_using_image(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        self.query_rows(
+            "SELECT name FROM vms WHERE image = ?1 ORDER BY name",
+            [name],
+            |[n]| n.unwrap_or_default(),
+        )
+    }
+
+    /// The image VM `id`'s disk was made from.
+    pub fn vm_image(&self, id: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT image FROM vms WHERE id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    pub fn set_vm_image(&self, id: Uuid, image: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE vms SET image = ?2 WHERE id = ?1",
+            params![id.to_string(), image],
+        )?;
+        Ok(())
     }
 
     /// Creates or replaces a pool.

@@ -718,6 +718,7 @@ async fn silent_hosts_are_marked_disconnected() {
         .post(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: spec("web-1", "52:54:00:00:00:01", 256),
                 cluster: "lab".into(),
                 host: None,
@@ -791,6 +792,7 @@ async fn vm_creation_checks_everything_before_changing_anything() {
     let create = |spec: VmSpec, cluster: &str, host: Option<&str>| {
         let api = api.clone();
         let req = CreateVm {
+            image: None,
             spec,
             cluster: cluster.into(),
             host: host.map(str::to_string),
@@ -965,6 +967,7 @@ async fn start_stop_delete_through_tasks() {
         .post(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: spec("web-1", "52:54:00:00:00:01", 256),
                 cluster: "lab".into(),
                 host: None,
@@ -1077,6 +1080,7 @@ async fn a_task_can_be_cancelled() {
         .post(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: spec("web-1", "52:54:00:00:00:01", 256),
                 cluster: "lab".into(),
                 host: None,
@@ -1126,6 +1130,7 @@ async fn a_restarted_center_keeps_its_inventory_and_ends_orphaned_tasks() {
         .post(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: spec("web-1", "52:54:00:00:00:01", 256),
                 cluster: "lab".into(),
                 host: None,
@@ -1198,6 +1203,7 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
             .post(
                 "/api/v1/vms",
                 &CreateVm {
+                    image: None,
                     spec: spec(name, mac, 256),
                     cluster: "lab".into(),
                     host: Some(host.into()),
@@ -1302,6 +1308,7 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
         .post::<_, Vm>(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: pol.clone(),
                 cluster: "lab".into(),
                 host: Some("h2".into()),
@@ -1316,6 +1323,7 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
         .post(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: pol,
                 cluster: "lab".into(),
                 host: Some("h1".into()),

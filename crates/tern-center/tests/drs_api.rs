@@ -101,6 +101,7 @@ async fn setup(c: &RunningCenter, hosts: &[(&str, u64)]) -> HashMap<String, Regi
 
 fn create_body(name: &str, host: Option<&str>, mac: &str, memory_mib: u64) -> CreateVm {
     CreateVm {
+        image: None,
         spec: kernel_spec(name, mac, memory_mib),
         cluster: "lab".into(),
         host: host.map(str::to_string),

@@ -133,6 +133,7 @@ async fn stopped_mid_handover(dir: &std::path::Path, h1: &FakeAgent, h2: &FakeAg
         .post(
             "/api/v1/vms",
             &CreateVm {
+                image: None,
                 spec: kernel_spec("web", "52:54:00:00:00:01", 256),
                 cluster: "lab".into(),
                 host: Some("h1".into()),

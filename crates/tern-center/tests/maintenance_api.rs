@@ -144,6 +144,7 @@ async fn create(c: &RunningCenter, name: &str, host: &str, mac: &str, memory_mib
 
 fn create_body(name: &str, host: &str, mac: &str, memory_mib: u64) -> CreateVm {
     CreateVm {
+        image: None,
         spec: kernel_spec(name, mac, memory_mib),
         cluster: "lab".into(),
         host: Some(host.into()),

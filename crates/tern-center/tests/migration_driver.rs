@@ -386,6 +386,7 @@ async fn running_vm(dir: &Path) -> (RunningCenter, FakeAgent, FakeAgent, Vm) {
         .post(
             &center::VMS.path(),
             &CreateVm {
+                image: None,
                 spec: kernel_spec("web", "52:54:00:00:00:01", 256),
                 cluster: "lab".into(),
                 host: Some("h1".into()),

@@ -45,6 +45,16 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::VM_RESOURCES.template(), put(set_resources))
         .route(route::VM_CONSOLE.template(), get(console))
         .route(route::CHECK_PATHS.template(), post(check_paths))
+        .route(route::IMAGE_IMPORT.template(), post(import_image))
+        .route(route::VOLUME_CLONE.template(), post(clone_volume))
+        .route(
+            route::IMAGE_REMOVE.template(),
+            post(|s, r| remove_file(s, r, false)),
+        )
+        .route(
+            route::VOLUME_REMOVE.template(),
+            post(|s, r| remove_file(s, r, true)),
+        )
         .route(route::MIGRATION.template(), get(migration_status))
         .route(
             route::MIGRATION_INCOMING.template(),
@@ -214,6 +224,61 @@ async fn check_paths(
             .await
             .map_err(|e| AgentError::Internal(anyhow::anyhow!("path check task failed: {e}")))?;
     Ok(Json(report))
+}
+
+/// Runs image file work on the blocking pool, beneath this host's shared storage.
+async fn image_work<T: Send + 'static>(
+    agent: &Agent,
+    work: impl FnOnce(&std::path::Path) -> Result<T, crate::images::ImageError> + Send + 'static,
+) -> Result<T, AgentError> {
+    use crate::images::ImageError as E;
+    let Some(root) = agent.cfg.shared_storage.clone() else {
+        return Err(AgentError::BadRequest(
+            "this host has no shared storage (--shared-storage): it keeps no images".into(),
+        ));
+    };
+    let done = tokio::task::spawn_blocking(move || work(&root))
+        .await
+        .map_err(|e| AgentError::Internal(anyhow::anyhow!("image task failed: {e}")))?;
+    done.map_err(|e| match e {
+        E::Invalid(_) | E::Open(_) => AgentError::BadRequest(e.to_string()),
+        E::Exists(_) => AgentError::Conflict(e.to_string()),
+        E::Failed(_) => AgentError::Internal(anyhow::anyhow!(e)),
+    })
+}
+
+async fn import_image(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<tern_api::images::ImportImageFile>, JsonRejection>,
+) -> Result<Json<tern_api::images::ImageFile>, AgentError> {
+    let req = body(req)?;
+    let name = req.name.clone();
+    let done = image_work(&agent, move |root| crate::images::import(root, &req)).await?;
+    tracing::info!(image = %name, path = %done.path, sha256 = %done.sha256, "image imported");
+    Ok(Json(done))
+}
+
+async fn clone_volume(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<tern_api::images::CloneVolume>, JsonRejection>,
+) -> Result<Json<tern_api::images::Volume>, AgentError> {
+    let req = body(req)?;
+    Ok(Json(
+        image_work(&agent, move |root| crate::images::clone(root, &req)).await?,
+    ))
+}
+
+async fn remove_file(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<tern_api::images::RemoveFile>, JsonRejection>,
+    volume: bool,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let req = body(req)?;
+    image_work(&agent, move |root| {
+        crate::images::remove(root, volume, &req.name)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({})))
 }
 
 // ---- migrations (tern_api::migration) ----

@@ -20,6 +20,7 @@ pub mod firmware;
 pub mod frames;
 pub mod health;
 pub mod identity;
+pub mod images;
 pub mod load;
 pub mod migrations;
 pub mod paths;

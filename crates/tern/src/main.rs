@@ -66,6 +66,7 @@ client_group!(EventArgs, cmd::event::EventCommand);
 client_group!(TokenArgs, cmd::token::TokenCommand);
 client_group!(RuleArgs, cmd::rule::RuleCommand);
 client_group!(PoolArgs, cmd::pool::PoolCommand);
+client_group!(ImageArgs, cmd::image::ImageCommand);
 client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +93,9 @@ enum Command {
     /// Resource pools of a cluster: a tree dividing its CPU and memory by shares,
     /// reservations and limits.
     Pool(PoolArgs),
+    /// Disk templates on the shared storage: import, list, show, remove; VMs' disks are made
+    /// from them (`tern vm create --image`).
+    Image(ImageArgs),
     /// DRS: a cluster's recommendations from the center (recommend, apply), or the engine
     /// offline (simulate, explain).
     #[command(subcommand)]
@@ -256,6 +260,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Token(g) => cmd::token::run(g.cmd, &g.connect.client()?, output).await,
             Command::Rule(g) => cmd::rule::run(g.cmd, &g.connect.client()?, output).await,
             Command::Pool(g) => cmd::pool::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Image(g) => cmd::image::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
             Command::Trust(a) => cmd::trust::run(a).await,

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -40,6 +40,27 @@ fn os_image() -> PathBuf {
         );
     }
     image
+}
+
+/// Puts the OS image on the lab's shared storage and imports it as `debian-12`, as an
+/// operator would.
+fn import_image(lab: &Lab) {
+    let incoming = lab.shared().join("incoming");
+    std::fs::create_dir_all(&incoming).expect("incoming dir");
+    let source = incoming.join("debian-12.qcow2");
+    if std::fs::hard_link(os_image(), &source).is_err() {
+        std::fs::copy(os_image(), &source).expect("copy the OS image");
+    }
+    let s = source.display().to_string();
+    lab.tern_ok(&["image", "import", &s, "--name", "debian-12"]);
+}
+
+/// `tern ARGS` fails, saying `why`.
+fn refused(lab: &Lab, args: &[&str], why: &str) {
+    let out = lab.tern(args);
+    let t = text(&out);
+    assert!(!out.status.success(), "tern {args:?} was not refused: {t}");
+    assert!(t.contains(why), "tern {args:?}: no {why:?} in {t}");
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -205,16 +226,50 @@ fn system_state(lab: &Lab, key: &Path, ip: &str) -> String {
 
 #[test]
 fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_across_moves() {
-    let image = os_image();
     let lab = Lab::up("os", 2);
     let shared = lab.shared();
-    // The template on the shared storage, and a linked clone of it per VM.
-    std::fs::create_dir_all(shared.join("images")).expect("images dir");
-    std::fs::create_dir_all(shared.join("vms")).expect("vms dir");
-    let template = shared.join("images/debian-12.qcow2");
-    if std::fs::hard_link(&image, &template).is_err() {
-        std::fs::copy(&image, &template).expect("copy the OS image");
+    import_image(&lab);
+
+    // Bad input, each refused with a clear error, the catalogue unchanged.
+    let source = shared
+        .join("incoming/debian-12.qcow2")
+        .display()
+        .to_string();
+    refused(
+        &lab,
+        &["image", "import", &source, "--name", "debian-12"],
+        "exists already",
+    );
+    refused(
+        &lab,
+        &["image", "import", "/etc/passwd", "--name", "x"],
+        "outside",
+    );
+    refused(
+        &lab,
+        &["image", "import", &source, "--name", "../x"],
+        "not valid",
+    );
+    let truncated = shared.join("incoming/truncated.qcow2");
+    {
+        let mut from = std::fs::File::open(&source).expect("image");
+        let mut to = std::fs::File::create(&truncated).expect("truncated copy");
+        std::io::copy(&mut (&mut from).take(64 << 20), &mut to).expect("copy");
     }
+    let t = truncated.display().to_string();
+    refused(
+        &lab,
+        &["image", "import", &t, "--name", "broken"],
+        "consistency check",
+    );
+    let raw = shared.join("incoming/disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("raw file");
+    let r = raw.display().to_string();
+    refused(&lab, &["image", "import", &r, "--name", "raw"], "--convert");
+    let images: Vec<Value> = lab.tern_json(&["image", "list"]);
+    let names: Vec<&str> = images.iter().filter_map(|i| i["name"].as_str()).collect();
+    assert_eq!(names, vec!["debian-12"]);
+
     let key = lab.dir.join("id_ed25519");
     run(Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "tern-test", "-f"])
@@ -228,25 +283,20 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
     )
     .expect("user data");
 
+    let (pub_s, user_s) = (
+        pub_key.display().to_string(),
+        user_data.display().to_string(),
+    );
     let started = Instant::now();
     for g in &GUESTS {
-        let disk = shared.join(format!("vms/{}.qcow2", g.name));
-        run(Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                "../images/debian-12.qcow2",
-            ])
-            .arg(&disk)
-            .arg("4G"));
-        let disk_arg = format!("{},format=qcow2", disk.display());
         let ip = format!("{}/24", g.ip);
-        lab.tern_ok(&[
+        // A linked clone grown to 4 GiB for one, a full copy for the other.
+        let disk: &[&str] = if g.firmware == "bios" {
+            &["--disk-size", "4G"]
+        } else {
+            &["--full-copy"]
+        };
+        let mut args = vec![
             "vm",
             "create",
             g.name,
@@ -258,9 +308,8 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
             "1",
             "--memory-mib",
             "1024",
-            "--boot-disk",
-            "--disk",
-            &disk_arg,
+            "--image",
+            "debian-12",
             "--mac",
             g.mac,
             "--firmware",
@@ -270,10 +319,12 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
             "--gateway",
             "10.78.0.2",
             "--ssh-key",
-            &pub_key.display().to_string(),
+            &pub_s,
             "--user-data",
-            &user_data.display().to_string(),
-        ]);
+            &user_s,
+        ];
+        args.extend_from_slice(disk);
+        lab.tern_ok(&args);
         lab.tern_ok(&["vm", "start", g.name]);
     }
     for g in &GUESTS {
@@ -379,6 +430,21 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         template_size
     );
     drop(sessions);
+
+    // An image in use cannot go; once its VMs are deleted (their disks with them), it can.
+    refused(
+        &lab,
+        &["image", "remove", "debian-12"],
+        "deb-bios, deb-uefi",
+    );
+    for g in &GUESTS {
+        lab.tern_ok(&["vm", "stop", g.name, "--force"]);
+        lab.tern_ok(&["vm", "delete", g.name]);
+        let disk = lab.shared().join(format!("vms/{}.qcow2", g.name));
+        assert!(!disk.exists(), "{} is left behind", disk.display());
+    }
+    lab.tern_ok(&["image", "remove", "debian-12"]);
+    assert!(!lab.shared().join("images/debian-12.qcow2").exists());
     lab.down();
 }
 
@@ -387,28 +453,8 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
 /// afterwards the bank's books balance and every committed transaction is in the history.
 #[test]
 fn postgresql_loses_no_transaction_across_ten_migrations() {
-    let image = os_image();
     let lab = Lab::up("pg", 2);
-    let shared = lab.shared();
-    std::fs::create_dir_all(shared.join("images")).expect("images dir");
-    let template = shared.join("images/debian-12.qcow2");
-    if std::fs::hard_link(&image, &template).is_err() {
-        std::fs::copy(&image, &template).expect("copy the OS image");
-    }
-    let disk = shared.join("images/db.qcow2");
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "debian-12.qcow2",
-        ])
-        .arg(&disk)
-        .arg("4G"));
+    import_image(&lab);
     let user_data = lab.dir.join("user-data");
     std::fs::write(
         &user_data,
@@ -429,7 +475,6 @@ runcmd:
 "#,
     )
     .expect("user data");
-    let disk_arg = format!("{},format=qcow2", disk.display());
     let ip = "10.78.0.140";
     lab.tern_ok(&[
         "vm",
@@ -443,9 +488,8 @@ runcmd:
         "1",
         "--memory-mib",
         "1024",
-        "--boot-disk",
-        "--disk",
-        &disk_arg,
+        "--image",
+        "debian-12",
         "--mac",
         "52:54:00:0d:b0:01",
         "--ip",

@@ -6,6 +6,7 @@ pub mod drs;
 pub mod evc;
 pub mod event;
 pub mod host;
+pub mod image;
 pub mod lab;
 pub mod migrate;
 pub mod output;

@@ -89,7 +89,7 @@ pub struct WaitArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("boot").required(true).args(["kernel", "boot_disk"])))]
+#[command(group(clap::ArgGroup::new("boot").required(true).args(["kernel", "boot_disk", "image"])))]
 pub struct CreateArgs {
     /// VM name: `[a-z0-9][a-z0-9-]{0,31}`.
     name: String,
@@ -126,6 +126,16 @@ pub struct CreateArgs {
     /// Boot from the first --disk.
     #[arg(long, requires = "disk")]
     boot_disk: bool,
+    /// Make the boot disk from this image (`tern image list`): a linked clone on the shared
+    /// storage (vms/NAME.qcow2), deleted with the VM.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+    /// Size of the disk made from --image (`8G`, `20G`, `512M`) [default: the image's].
+    #[arg(long, value_name = "SIZE", requires = "image", value_parser = parse_size)]
+    disk_size: Option<u64>,
+    /// A full, independent copy of the image instead of a linked clone.
+    #[arg(long, requires = "image")]
+    full_copy: bool,
     /// Disk image on shared storage: `PATH[,format=raw|qcow2][,readonly]` (repeatable).
     #[arg(long, value_name = "PATH[,format=qcow2]", value_parser = parse_disk)]
     disk: Vec<DiskSpec>,
@@ -268,6 +278,22 @@ fn parse_setting<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Setting<
     } else {
         s.parse().map(Setting::Set)
     }
+}
+
+/// A disk size: a number with K, M, G or T (powers of 1024), or bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        Some((i, 'T' | 't')) => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{s:?}: give a size like 8G, 512M or 20G"))
 }
 
 pub(crate) fn parse_mib_setting(s: &str) -> Result<Setting<u64>, String> {
@@ -492,6 +518,14 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
         },
         cluster: a.cluster.clone(),
         host: a.host.clone(),
+        image: a
+            .image
+            .clone()
+            .map(|image| tern_api::images::DiskFromImage {
+                image,
+                size_bytes: a.disk_size,
+                full_copy: a.full_copy,
+            }),
     };
     let vm: Vm = api.create_vm(&body).await.map_err(|e| {
         let nf = e.is_not_found();
