@@ -14,6 +14,9 @@ baseline (EXP_VARIANTS): QEMU's default flow; pause-before-switchover continued 
 is paused (a RARP from the destination bridge, with and without pointing that bridge's FDB
 entry at the new tap; QMP announce-self on the destination), then `migrate-continue`.
 
+`--workload pgbench` instead moves a Debian VM running PostgreSQL under pgbench's load, with an
+SSH session typing into it (pgbench.py), and prints its own table.
+
 Run as root from the repository: bench/migrate/run.sh [flags] (builds what it needs).
 `harness.py --render FILE.jsonl` prints the table of an earlier run again.
 """
@@ -33,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lab import CLEANUP, PROBE, ROOT, TERN_GUEST, BenchError, Lab, Proc, log  # noqa: E402
 from migrators import Baseline, Tern, TernPlain  # noqa: E402
+import pgbench  # noqa: E402
 
 VM_IP = "10.78.0.100"
 VM_MAC = "52:54:00:7e:00:01"
@@ -370,14 +374,20 @@ def parse_args():
     ap.add_argument("--memory-gib", type=int, nargs="+", default=[1])
     ap.add_argument("--dirty", type=int, nargs="+", default=[0, 64, 256, 1024],
                     help="dirty rates in MiB/s over the working set (0 = idle)")
-    ap.add_argument("--links", type=int, nargs="+", default=[0, 1000],
-                    help="migration link rates in Mbit/s (0 = unshaped)")
+    ap.add_argument("--links", type=int, nargs="+", default=None,
+                    help="migration link rates in Mbit/s (0 = unshaped; default 0 1000, "
+                    "with --workload pgbench 0)")
     ap.add_argument("--deadline-s-per-gib", type=float, default=120.0,
                     help="cancel a migration not done after this many seconds per GiB")
     ap.add_argument("--repeat-unconverged", action="store_true",
                     help="keep running a case after a run did not converge (default: skip)")
     ap.add_argument("--migrators", nargs="+", default=["baseline", "tern"], choices=sorted(MIGRATORS))
     ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument("--workload", choices=["cases", "pgbench"], default="cases",
+                    help="cases: the test guest's dirty-rate cases; pgbench: Debian + "
+                    "PostgreSQL under pgbench with an SSH session (see pgbench.py)")
+    ap.add_argument("--pg-seconds", type=int, default=40,
+                    help="pgbench: length of each run's load (the move starts 12 s in)")
     ap.add_argument("--experiment", action="store_true",
                     help="run the switchover-announce experiment instead of the cases")
     ap.add_argument("--exp-runs", type=int, default=6, help="runs per experiment variant")
@@ -394,13 +404,15 @@ def parse_args():
     ap.add_argument("--prefix", default="tmb")
     ap.add_argument("--lab-dir", default="/var/tmp/tern-bench-migrate")
     a = ap.parse_args()
+    if a.links is None:
+        a.links = [0] if a.workload == "pgbench" else [0, 1000]
     if a.quick:
         a.runs, a.memory_gib, a.dirty, a.links = 1, [1], [0, 256], [0]
     if a.big and 4 not in a.memory_gib:
         a.memory_gib.append(4)
     if a.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        kind = "experiment" if a.experiment else "cases"
+        kind = "experiment" if a.experiment else a.workload
         a.out = os.path.join(ROOT, "bench", "migrate", "out", f"{kind}-{stamp}.jsonl")
     return a
 
@@ -617,6 +629,8 @@ def render(path):
                      for r in recs if r["kind"] == "link"}
     defaults = [r for r in recs if r["kind"] == "defaults"]
     meta["qemu_defaults"] = defaults[0] if defaults else {}
+    if meta.get("workload") == "pgbench":
+        return pgbench.render(recs, meta)
     exp = [r for r in recs if r["kind"] == "experiment"]
     if exp:
         results = {}
@@ -647,7 +661,8 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     rundir = tempfile.mkdtemp(prefix="tern-bench-migrate-")
     lab = Lab(a.prefix, a.lab_dir)
-    meta = {"runs": a.runs, "vcpus": a.vcpus, "qemu_version": qemu_version(), "links": {}}
+    meta = {"runs": a.runs, "vcpus": a.vcpus, "qemu_version": qemu_version(), "links": {},
+            "workload": "experiment" if a.experiment else a.workload}
     status = 0
     try:
         with open(a.out, "w") as out:
@@ -660,6 +675,9 @@ def main():
             if a.experiment:
                 case, results = run_experiment(a, lab, rundir, out, meta)
                 table = experiment_table(case, results, meta)
+            elif a.workload == "pgbench":
+                rows = pgbench.run(a, lab, rundir, out, meta, MIGRATORS, VM_IP, VM_MAC)
+                table = pgbench.table(rows, meta)
             else:
                 rows = run_cases(a, lab, rundir, out, meta)
                 table = case_table(rows, meta)

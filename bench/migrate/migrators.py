@@ -13,8 +13,15 @@ wire_bytes, passes, mbps, t_cmd / t_stop / t_resume / t_done (CLOCK_MONOTONIC s)
 parameters, `migrate` to a destination started with `-incoming tcp:IP:PORT`. A `tern`
 migrator (`tern vm create/start`, `tern vm migrate` through the CLI) goes next to it once
 `tern vm migrate` exists; see README.md.
+
+A case with an `os` entry (the pgbench workload) boots the Debian OS image from a linked clone
+instead of the test guest's kernel: `os` = {disk: the clone, on the lab's shared storage;
+user_data, ssh_key_pub: files; ready: the console line that says the guest is ready}. tern
+writes its own cloud-init seed from `tern vm create`'s options; the baseline gets one made here
+with Debian's FAT tools, carrying the same documents.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -46,12 +53,22 @@ class QemuVm:
         self.console = None
         self.seq = 0
 
+    def boot_args(self):
+        """What the guest boots: the test guest's kernel, or (os cases) firmware booting the
+        clone, with the cloud-init seed as a second disk. Both sides open the same files (shared
+        storage); QEMU hands the disk over at the switchover."""
+        o = self.case.get("os")
+        if not o:
+            return ["-kernel", self.lab.kernel, "-initrd", self.lab.initrd,
+                    "-append", cmdline(self.case, self.ip)]
+        return ["-drive", f"file={o['disk']},if=virtio,cache=none,format=qcow2",
+                "-drive", f"file={o['seed']},if=virtio,format=raw,readonly=on"]
+
     def argv(self, tag, incoming=None):
         """The command line, identical on both sides but for the incoming URI and the paths."""
         a = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35",
              "-m", str(self.case["memory_mib"]), "-smp", str(self.vcpus),
-             "-kernel", self.lab.kernel, "-initrd", self.lab.initrd,
-             "-append", cmdline(self.case, self.ip),
+             *self.boot_args(),
              "-netdev", "tap,id=n0,ifname=vmtap0,script=no,downscript=no",
              "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
              "-serial", f"file:{self.rundir}/{tag}.console",
@@ -86,20 +103,62 @@ class QemuVm:
         CLEANUP.run_one(tap)
 
 
-def wait_ready(console, timeout_s=180.0):
+def wait_ready(console, marker="TERN-GUEST-READY", timeout_s=180.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with open(console, "rb") as f:
                 text = f.read()
-            if b"TERN-GUEST-READY" in text:
+            if marker.encode() in text:
                 return
             if b"TERN-GUEST-ERROR" in text:
                 raise BenchError(f"guest failed to start: see {console}")
         except FileNotFoundError:
             pass
         time.sleep(0.05)
-    raise BenchError(f"no TERN-GUEST-READY within {timeout_s}s (console: {console})")
+    raise BenchError(f"no {marker} within {timeout_s}s (console: {console})")
+
+
+def ready_wait(case):
+    """(marker, timeout) for wait_ready: a full OS under TCG boots in ~30 s alone, slower while
+    the machine is busy."""
+    o = case.get("os")
+    return (o["ready"], 300.0) if o else ("TERN-GUEST-READY", 180.0)
+
+
+def make_seed(o, ip, mac):
+    """A NoCloud seed for the baseline, with the documents tern's host writes for the same
+    options (host name, key, static address, user data); returns its path, next to the clone."""
+    seed = os.path.splitext(o["disk"])[0] + "-seed.img"
+    d = seed + ".d"
+    os.makedirs(d, exist_ok=True)
+    with open(o["ssh_key_pub"]) as f:
+        key = f.read().strip()
+    with open(o["user_data"]) as f:
+        user_data = f.read()
+    docs = {
+        "meta-data": {"instance-id": "bench-" + os.path.basename(os.path.splitext(o["disk"])[0]),
+                      "local-hostname": "db",
+                      "public-keys": [key]},
+        "network-config": {"version": 2, "ethernets": {"nic0": {
+            "match": {"macaddress": mac.lower()}, "addresses": [f"{ip}/24"]}}},
+    }
+    for name, doc in docs.items():
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(doc, f)  # JSON is YAML
+    with open(os.path.join(d, "user-data"), "w") as f:
+        f.write(user_data)
+    if os.path.exists(seed):
+        os.unlink(seed)
+    sh("truncate", "-s", "1M", seed)
+    sh("mkfs.vfat", "-n", "CIDATA", seed)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    r = subprocess.run(["mcopy", "-i", seed] + [os.path.join(d, n) for n in
+                       ("meta-data", "user-data", "network-config")] + ["::/"],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise BenchError(f"mcopy into the seed failed: {r.stderr}")
+    return seed
 
 
 class Baseline:
@@ -114,10 +173,12 @@ class Baseline:
     def boot(self, case, ip, mac):
         d = os.path.join(self.rundir, f"vm-{case['id']}")
         os.makedirs(d, exist_ok=True)
+        if case.get("os"):
+            case["os"]["seed"] = make_seed(case["os"], ip, mac)
         vm = QemuVm(self.lab, case, ip, mac, d, self.vcpus)
         vm.proc, vm.qmp, vm.tap_token, vm.console = vm.start(1)
         vm.host = 1
-        wait_ready(vm.console)
+        wait_ready(vm.console, *ready_wait(case))
         if self.defaults is None:
             self.defaults = {
                 "parameters": vm.qmp.cmd("query-migrate-parameters"),
@@ -279,7 +340,6 @@ class Tern:
                   check=check)
 
     def boot(self, case, ip, mac):
-        import json
         name = f"bench-{case['id']}"
 
         class Vm:
@@ -287,15 +347,21 @@ class Tern:
 
         vm = Vm()
         vm.name, vm.ip, vm.mac, vm.host, vm.qmp = name, ip, mac, 1, None
+        o = case.get("os")
+        if o:
+            boot = ["--boot-disk", "--disk", f"{o['disk']},format=qcow2", "--ip", f"{ip}/24",
+                    "--ssh-key", o["ssh_key_pub"], "--user-data", o["user_data"]]
+        else:
+            boot = ["--kernel", self.lab.kernel, "--initrd", self.lab.initrd, "--cmdline",
+                    cmdline(case, ip)]
         self.cli("vm", "create", name, "--cluster", "lab", "--host", "h1", "--vcpus",
-                 str(self.vcpus), "--memory-mib", str(case["memory_mib"]), "--kernel",
-                 self.lab.kernel, "--initrd", self.lab.initrd, "--cmdline", cmdline(case, ip),
+                 str(self.vcpus), "--memory-mib", str(case["memory_mib"]), *boot,
                  "--mac", mac)
         CLEANUP.push(f"tern vm {name}", lambda: self._delete(name))
         vm.id = json.loads(self.cli("vm", "show", name, "-o", "json"))["id"]
         self.cli("vm", "start", name)
         vm.console = self._console(vm)
-        wait_ready(vm.console)
+        wait_ready(vm.console, *ready_wait(case))
         return vm
 
     def _console(self, vm):
@@ -312,7 +378,6 @@ class Tern:
         self._delete(vm.name)
 
     def migrate(self, vm, dst, deadline_s, variant="default", on_pre_switchover=None):
-        import json
         if variant != "default" or on_pre_switchover is not None:
             raise BenchError("the tern migrator has no experiment variants")
         rec = {"variant": "tern", "from": f"h{vm.host}", "to": f"h{dst}", "converged": False,

@@ -20,6 +20,13 @@
       opens a raw socket on IF, prints `ready`, then for every line read on stdin (`go`, or
       `go PORT` to first point IF's bridge entry for MAC at PORT) sends one RARP frame with
       MAC as source (what QEMU's announce-self sends) and prints `sent <monotonic_s>`.
+  ssh-echo --key FILE --dest USER@IP [--interval-ms 10]
+      logs in with ssh and runs `cat` in the guest, prints `ready` once the session is open,
+      then sends a numbered line every --interval-ms (a typist's keystrokes) and timestamps
+      every echo on a reader thread until SIGTERM; then prints one JSON object: lines sent and
+      echoed, the longest gap between echoes (with its monotonic start), every gap above
+      30 ms, the longest round trip, lines never echoed, and whether the session is still
+      open.
 
 All times are CLOCK_MONOTONIC seconds, the same clock the harness and its QMP client use.
 """
@@ -350,6 +357,78 @@ def cmd_announce(ifname, mac):
         print(f"sent {time.monotonic():.6f}", flush=True)
 
 
+def ssh_echo_report(sent, echoes, alive):
+    """The figures of one ssh-echo session: sent = {n: send time}, echoes = [(time, n)]."""
+    r = {"sent": len(sent), "echoed": len(echoes), "alive": alive, "longest_gap_ms": 0.0,
+         "longest_gap_start": None, "gaps": [], "longest_rtt_ms": 0.0, "longest_rtt_sent_at": None}
+    for (a, _), (b, _) in zip(echoes, echoes[1:]):
+        ms = (b - a) * 1000.0
+        if ms > GAP_REPORT_MS:
+            r["gaps"].append([round(a, 6), round(b, 6)])
+        if ms > r["longest_gap_ms"]:
+            r["longest_gap_ms"], r["longest_gap_start"] = ms, a
+    for t, n in echoes:
+        rtt = (t - sent[n]) * 1000.0 if n in sent else 0.0
+        if rtt > r["longest_rtt_ms"]:
+            r["longest_rtt_ms"], r["longest_rtt_sent_at"] = rtt, sent[n]
+    got = {n for _, n in echoes}
+    # Lines sent after the last echo may still be in flight at the stop: not lost.
+    last = max(got) if got else -1
+    r["lost"] = sum(1 for n in sent if n < last and n not in got)
+    return r
+
+
+def cmd_ssh_echo(key, dest, interval_ms):
+    import subprocess
+    import threading
+    p = subprocess.Popen(["ssh", "-i", key, "-o", "BatchMode=yes", "-o",
+                          "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                          "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", dest,
+                          "echo session-open; exec cat"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    echoes, opened = [], threading.Event()
+
+    def reader():
+        # Raw reads, stamped as they arrive: lines held up together share one time.
+        buf = b""
+        while True:
+            data = os.read(p.stdout.fileno(), 65536)
+            if not data:
+                return
+            now = time.monotonic()
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line == b"session-open":
+                    opened.set()
+                elif line.isdigit():
+                    echoes.append((now, int(line)))
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not opened.wait(30.0) or Stop.flag:
+        p.kill()
+        print(json.dumps({"error": "the SSH session did not open within 30 s",
+                          "exit": p.wait()}), flush=True)
+        return
+    print("ready", flush=True)
+    sent, n, tick = {}, 0, time.monotonic()
+    while not Stop.flag and p.poll() is None:
+        try:
+            os.write(p.stdin.fileno(), f"{n}\n".encode())
+            sent[n] = time.monotonic()
+            n += 1
+        except OSError:
+            break
+        # On a fixed schedule, so a late tick does not shift the following ones.
+        tick += interval_ms / 1000.0
+        time.sleep(max(0.0, tick - time.monotonic()))
+    time.sleep(0.3)  # the echoes of the last lines sent
+    alive = p.poll() is None
+    p.kill()
+    p.wait()
+    print(json.dumps(ssh_echo_report(sent, list(echoes), alive)), flush=True)
+
+
 def main():
     a = sys.argv[1:]
     opts = {a[i][2:]: a[i + 1] for i in range(1, len(a) - 1, 2) if a[i].startswith("--")}
@@ -366,6 +445,8 @@ def main():
         cmd_blast_send(opts["addr"], float(opts["seconds"]))
     elif a[0] == "trace":
         cmd_trace(opts["ifnames"], opts["mac"])
+    elif a[0] == "ssh-echo":
+        cmd_ssh_echo(opts["key"], opts["dest"], float(opts.get("interval-ms", "10")))
     elif a[0] == "announce":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         cmd_announce(opts["ifname"], opts["mac"])
