@@ -191,6 +191,7 @@ mod tests {
             remaining_bytes: remaining_mib * 1024 * 1024,
             dirty_bytes_per_s: 0.0,
             sent_mbit_s: sent_mib_s * MIB * 8.0 / 1e6,
+            compression: 1.0,
             expected_downtime_ms: 300,
             cpu_throttle_pct: 0,
         }

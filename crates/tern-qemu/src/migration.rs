@@ -137,6 +137,8 @@ pub struct MigrationStats {
     pub postcopy_bytes: u64,
     pub downtime_bytes: u64,
     pub multifd_bytes: u64,
+    /// Guest bytes sent as whole pages (not zero pages), before compression.
+    pub normal_bytes: u64,
     /// Why the migration failed, when it did.
     pub error: Option<String>,
     /// Where an incoming migration listens (`tcp:127.0.0.1:4444`): with port 0 in the URI,
@@ -162,6 +164,13 @@ impl MigrationStats {
             remaining_bytes: self.remaining_bytes,
             dirty_bytes_per_s: self.dirty_pages_rate as f64 * self.page_size_bytes.max(1) as f64,
             sent_mbit_s: self.mbps,
+            // Multifd counts its pages in normal-bytes and its (compressed) packets in
+            // multifd-bytes; without multifd there is no compression to account for.
+            compression: if self.multifd_bytes > 0 && self.normal_bytes > 0 {
+                self.normal_bytes as f64 / self.multifd_bytes as f64
+            } else {
+                1.0
+            },
             expected_downtime_ms: self.expected_downtime_ms.unwrap_or(0),
             cpu_throttle_pct: self.cpu_throttle_percent.unwrap_or(0),
         }
@@ -193,6 +202,7 @@ impl MigrationStats {
             postcopy_bytes: u(&ram["postcopy-bytes"]),
             downtime_bytes: u(&ram["downtime-bytes"]),
             multifd_bytes: u(&ram["multifd-bytes"]),
+            normal_bytes: u(&ram["normal-bytes"]),
             error: v["error-desc"].as_str().map(str::to_string),
             socket_addresses: v["socket-address"]
                 .as_array()
