@@ -128,6 +128,14 @@ pub async fn show(api: &CenterClient, name: &str, fmt: Format) -> Result<(), Cli
         .add("migration_address", &f.migration_address)
         .add("shared_storage", &f.shared_storage)
         .add(
+            "uefi",
+            if f.uefi {
+                "yes (OVMF)"
+            } else {
+                "no: VMs with firmware uefi do not start here (install ovmf)"
+            },
+        )
+        .add(
             "resource_control",
             f.resource_control.as_deref().unwrap_or(
                 "none: no cgroup CPU controller, VMs with shares, reservations or limits do \
