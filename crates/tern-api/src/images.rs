@@ -54,6 +54,9 @@ pub struct DiskFromImage {
     /// A full, independent copy instead of a linked clone (qcow2 over the template).
     #[serde(default)]
     pub full_copy: bool,
+    /// How the guest sees the disk.
+    #[serde(default, skip_serializing_if = "crate::DiskBus::is_default")]
+    pub bus: crate::DiskBus,
 }
 
 /// Agent API: `POST /v1/images/import`.

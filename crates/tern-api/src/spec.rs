@@ -64,6 +64,27 @@ pub struct DiskSpec {
     pub format: DiskFormat,
     #[serde(default)]
     pub readonly: bool,
+    /// How the guest sees it (default: virtio-blk).
+    #[serde(default, skip_serializing_if = "DiskBus::is_default")]
+    pub bus: DiskBus,
+}
+
+/// The disk's controller in the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    /// A virtio-blk PCI device per disk (`/dev/vdX`).
+    #[default]
+    VirtioBlk,
+    /// A disk on the VM's one virtio-scsi controller (`/dev/sdX`): SCSI commands (unmap,
+    /// persistent names), what some guests and clustered file systems expect.
+    VirtioScsi,
+}
+
+impl DiskBus {
+    pub fn is_default(&self) -> bool {
+        *self == DiskBus::VirtioBlk
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

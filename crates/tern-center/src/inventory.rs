@@ -902,6 +902,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
         spec.disks.insert(
             0,
             tern_api::DiskSpec {
+                bus: image.as_ref().map(|i| i.bus).unwrap_or_default(),
                 path: format!("/pending/{}.qcow2", spec.name),
                 format: tern_api::DiskFormat::Qcow2,
                 readonly: false,

@@ -361,6 +361,7 @@ mod tests {
             .contains("two NICs"));
         let mut s = spec(1, 256);
         s.disks.push(DiskSpec {
+            bus: Default::default(),
             path: "/shared/../etc/passwd".into(),
             format: Default::default(),
             readonly: false,
@@ -392,6 +393,7 @@ mod tests {
             &|s| {
                 s.disks = (0..17)
                     .map(|i| DiskSpec {
+                        bus: Default::default(),
                         path: format!("/shared/d{i}"),
                         format: Default::default(),
                         readonly: false,

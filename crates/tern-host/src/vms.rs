@@ -1430,6 +1430,7 @@ mod tests {
             };
             if let Some(path) = disk {
                 bad.disks.push(tern_api::DiskSpec {
+                    bus: Default::default(),
                     path,
                     format: Default::default(),
                     readonly: false,

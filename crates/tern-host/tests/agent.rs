@@ -264,6 +264,7 @@ async fn registers_runs_vms_and_survives_restarts() {
     }
     let mut raw = spec("raw", &shared);
     raw.disks.push(tern_api::DiskSpec {
+        bus: Default::default(),
         path: "/dev/null".into(),
         format: Default::default(),
         readonly: false,

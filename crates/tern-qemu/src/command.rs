@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
-use tern_api::{Accelerator, BootSource, DiskFormat, Firmware, VmSpec};
+use tern_api::{Accelerator, BootSource, DiskBus, DiskFormat, Firmware, VmSpec};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -474,6 +474,10 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         DiskFormat::Raw => "raw",
         DiskFormat::Qcow2 => "qcow2",
     };
+    // One virtio-scsi controller holds every SCSI disk (a controller serves 255 targets).
+    if spec.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi) {
+        push(&["-device", r#"{"driver":"virtio-scsi-pci","id":"scsi0"}"#]);
+    }
     for (i, disk) in spec.disks.iter().enumerate() {
         let filename = match cfg.opened(&disk.path) {
             Some(f) => {
@@ -528,11 +532,24 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         if disk.format == DiskFormat::Qcow2 && cfg.opened(&disk.path).is_some() {
             format["backing"] = below;
         }
-        let mut device = json!({
-            "driver": "virtio-blk-pci",
-            "id": format!("vdisk{i}"),
-            "drive": format!("disk{i}"),
-        });
+        let mut device = match disk.bus {
+            DiskBus::VirtioBlk => json!({
+                "driver": "virtio-blk-pci",
+                "id": format!("vdisk{i}"),
+                "drive": format!("disk{i}"),
+            }),
+            // Target = the disk's index: the same disk keeps the same SCSI address on every
+            // host and across restarts.
+            DiskBus::VirtioScsi => json!({
+                "driver": "scsi-hd",
+                "id": format!("vdisk{i}"),
+                "drive": format!("disk{i}"),
+                "bus": "scsi0.0",
+                "channel": 0,
+                "scsi-id": i,
+                "lun": 0,
+            }),
+        };
         if i == 0 && matches!(spec.boot, BootSource::Disk) {
             device["bootindex"] = json!(1);
         }
@@ -773,11 +790,13 @@ mod tests {
         cfg.spec.boot = BootSource::Disk;
         cfg.spec.disks = vec![
             DiskSpec {
+                bus: Default::default(),
                 path: "/shared/a,b.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 readonly: false,
             },
             DiskSpec {
+                bus: Default::default(),
                 path: "/shared/data.raw".into(),
                 format: DiskFormat::Raw,
                 readonly: true,
@@ -851,6 +870,7 @@ mod tests {
         cfg.spec.firmware = Firmware::Uefi;
         cfg.spec.cloud_init = Some(Default::default());
         cfg.spec.disks = vec![DiskSpec {
+            bus: Default::default(),
             path: "/shared/vms/clone.qcow2".into(),
             format: DiskFormat::Qcow2,
             readonly: false,
@@ -923,6 +943,42 @@ mod tests {
                 "fd {fd} is not handed to QEMU"
             );
         }
+    }
+
+    #[test]
+    fn scsi_disks_share_one_controller_at_fixed_addresses() {
+        let mut cfg = config();
+        cfg.spec.boot = BootSource::Disk;
+        let disk = |path: &str, bus| DiskSpec {
+            path: path.into(),
+            format: DiskFormat::Raw,
+            readonly: false,
+            bus,
+        };
+        cfg.spec.disks = vec![
+            disk("/shared/boot.raw", DiskBus::VirtioScsi),
+            disk("/shared/data.raw", DiskBus::VirtioBlk),
+            disk("/shared/logs.raw", DiskBus::VirtioScsi),
+        ];
+        let argv = build_command(&cfg);
+        let devices: Vec<serde_json::Value> = values(&argv, "-device")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        let of = |driver: &str| -> Vec<&serde_json::Value> {
+            devices.iter().filter(|d| d["driver"] == driver).collect()
+        };
+        assert_eq!(of("virtio-scsi-pci").len(), 1);
+        let scsi = of("scsi-hd");
+        assert_eq!(scsi.len(), 2);
+        assert_eq!(scsi[0]["drive"], "disk0");
+        assert_eq!(scsi[0]["bootindex"], 1);
+        assert_eq!(scsi[1]["scsi-id"], 2);
+        assert_eq!(scsi[1]["bus"], "scsi0.0");
+        assert_eq!(of("virtio-blk-pci")[0]["drive"], "disk1");
+        // The controller is defined before the disks that name it.
+        let pos = |needle: &str| argv.iter().position(|a| a.contains(needle)).unwrap();
+        assert!(pos("virtio-scsi-pci") < pos("scsi-hd"));
     }
 
     #[test]

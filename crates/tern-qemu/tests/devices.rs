@@ -28,11 +28,13 @@ fn disks(dir: &std::path::Path) -> Vec<DiskSpec> {
     ]);
     vec![
         DiskSpec {
+            bus: Default::default(),
             path: raw.to_string_lossy().into_owned(),
             format: DiskFormat::Raw,
             readonly: false,
         },
         DiskSpec {
+            bus: Default::default(),
             path: qcow.to_string_lossy().into_owned(),
             format: DiskFormat::Qcow2,
             readonly: true,

@@ -904,6 +904,7 @@ async fn shared_disk_follows_the_hand_over_decision() {
     let disk_s = disk.to_string_lossy().into_owned();
     let mut src_cfg = config(dir.path(), "src", "");
     src_cfg.spec.disks = vec![tern_api::DiskSpec {
+        bus: Default::default(),
         path: disk_s.clone(),
         format: tern_api::DiskFormat::Raw,
         readonly: false,

@@ -291,8 +291,9 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
     for g in &GUESTS {
         let ip = format!("{}/24", g.ip);
         // A linked clone grown to 4 GiB for one, a full copy for the other.
+        // (The BIOS VM's disk on virtio-scsi, the UEFI VM's on virtio-blk.)
         let disk: &[&str] = if g.firmware == "bios" {
-            &["--disk-size", "4G"]
+            &["--disk-size", "4G", "--disk-bus", "scsi"]
         } else {
             &["--full-copy"]
         };
@@ -356,6 +357,17 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
             "test -d /sys/firmware/efi && echo uefi || echo bios",
         )
         .expect("firmware");
+        let root = ssh(&lab, &key, g.ip, "findmnt -no SOURCE /").expect("root device");
+        let want = if g.firmware == "bios" {
+            "/dev/sda2"
+        } else {
+            "/dev/vda2"
+        };
+        assert_eq!(
+            root, want,
+            "{}: the root disk is on the bus its spec names",
+            g.name
+        );
         assert_eq!(
             fw, g.firmware,
             "the guest booted by the firmware its spec names"

@@ -136,7 +136,12 @@ pub struct CreateArgs {
     /// A full, independent copy of the image instead of a linked clone.
     #[arg(long, requires = "image")]
     full_copy: bool,
-    /// Disk image on shared storage: `PATH[,format=raw|qcow2][,readonly]` (repeatable).
+    /// How the guest sees the disk made from --image: virtio (virtio-blk, /dev/vda) or scsi
+    /// (virtio-scsi, /dev/sda).
+    #[arg(long, value_name = "virtio|scsi", requires = "image", value_parser = parse_bus)]
+    disk_bus: Option<tern_api::DiskBus>,
+    /// Disk image on shared storage: `PATH[,format=raw|qcow2][,bus=virtio|scsi][,readonly]`
+    /// (repeatable).
     #[arg(long, value_name = "PATH[,format=qcow2]", value_parser = parse_disk)]
     disk: Vec<DiskSpec>,
     /// NIC MAC address (repeatable; one NIC each) [default: one NIC, random 52:54:00 MAC]
@@ -525,6 +530,7 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
                 image,
                 size_bytes: a.disk_size,
                 full_copy: a.full_copy,
+                bus: a.disk_bus.unwrap_or_default(),
             }),
     };
     let vm: Vm = api.create_vm(&body).await.map_err(|e| {
@@ -661,6 +667,10 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
             DiskFormat::Qcow2 => "qcow2",
         };
         let ro = if d.readonly { ",readonly" } else { "" };
+        let ro = match d.bus {
+            tern_api::DiskBus::VirtioBlk => ro.to_string(),
+            tern_api::DiskBus::VirtioScsi => format!(",bus=scsi{ro}"),
+        };
         s.add(
             &format!("disk{i}"),
             format!("{} (format={fmt_name}{ro})", d.path),
@@ -738,6 +748,7 @@ fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         return Err("empty disk path".into());
     }
     let mut d = DiskSpec {
+        bus: Default::default(),
         path: path.to_string(),
         format: DiskFormat::Raw,
         readonly: false,
@@ -747,11 +758,24 @@ fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             Some(("format", "raw")) => d.format = DiskFormat::Raw,
             Some(("format", "qcow2")) => d.format = DiskFormat::Qcow2,
             Some(("format", f)) => return Err(format!("unknown disk format `{f}` (raw, qcow2)")),
+            Some(("bus", b)) => d.bus = parse_bus(b)?,
             None if opt == "readonly" => d.readonly = true,
-            _ => return Err(format!("unknown disk option `{opt}` (format=…, readonly)")),
+            _ => {
+                return Err(format!(
+                    "unknown disk option `{opt}` (format=raw|qcow2, bus=virtio|scsi, readonly)"
+                ))
+            }
         }
     }
     Ok(d)
+}
+
+fn parse_bus(s: &str) -> Result<tern_api::DiskBus, String> {
+    match s {
+        "virtio" | "virtio-blk" => Ok(tern_api::DiskBus::VirtioBlk),
+        "scsi" | "virtio-scsi" => Ok(tern_api::DiskBus::VirtioScsi),
+        _ => Err(format!("unknown disk bus `{s}` (virtio, scsi)")),
+    }
 }
 
 fn parse_mac(s: &str) -> Result<String, String> {
