@@ -10,7 +10,11 @@ pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2
   xz-utils kmod bridge-utils
   # The OS image (guest/build-os.sh) and its guests: firmware, boot loader, FAT tools, SSH.
   mmdebstrap ovmf syslinux syslinux-common syslinux-efi mtools dosfstools fdisk e2fsprogs
-  openssh-client)
+  openssh-client
+  # The lab's SAN: an iSCSI target, and QEMU's own initiator (block-iscsi, from backports).
+  tgt qemu-block-extra
+  # The PostgreSQL test's client.
+  postgresql-client)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -32,5 +36,6 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 apt-get update -q
-apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils
+apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils \
+  qemu-block-extra
 apt-get install -y -q --no-install-recommends "${pkgs[@]}"

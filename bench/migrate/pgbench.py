@@ -36,24 +36,8 @@ AROUND_S = 5.0
 SSH_INTERVAL_MS = 10
 PROBE_NICE = -10  # as harness.PROBE_NICE: the users are not starved by the QEMUs
 
-# What os_guest.rs's PostgreSQL test gives cloud-init: PostgreSQL on every address, role and
-# database `bench` (password `bench`) reachable from the lab's VM network, and a console line
-# once that is done.
-USER_DATA = """#cloud-config
-write_files:
-  - path: /etc/postgresql/15/main/conf.d/tern.conf
-    content: |
-      listen_addresses = '*'
-  - path: /etc/postgresql/15/main/pg_hba.conf
-    append: true
-    content: |
-      host bench bench 10.78.0.0/24 scram-sha-256
-runcmd:
-  - [ systemctl, restart, postgresql ]
-  - [ runuser, -u, postgres, --, psql, -q, -c, "CREATE ROLE bench LOGIN PASSWORD 'bench'" ]
-  - [ runuser, -u, postgres, --, createdb, -O, bench, bench ]
-  - [ sh, -c, 'echo TERN-DB-READY > /dev/ttyS0' ]
-"""
+# What os_guest.rs's PostgreSQL test gives cloud-init (see the file).
+USER_DATA_FILE = os.path.join(ROOT, "guest", "cloud-init", "postgresql-bench.yaml")
 READY = "TERN-DB-READY"
 
 
@@ -79,9 +63,7 @@ def prepare(lab, rundir):
     key = os.path.join(rundir, "id_ed25519")
     if not os.path.exists(key):
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-migrate", "-f", key)
-    user_data = os.path.join(rundir, "user-data")
-    with open(user_data, "w") as f:
-        f.write(USER_DATA)
+    user_data = USER_DATA_FILE
     return {"shared": shared, "key": key, "ssh_key_pub": key + ".pub", "user_data": user_data,
             "ready": READY}
 

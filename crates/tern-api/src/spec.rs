@@ -69,6 +69,79 @@ pub struct DiskSpec {
     pub bus: DiskBus,
 }
 
+impl DiskSpec {
+    /// The iSCSI LUN this disk is, when its path is an `iscsi://` URL (see [`IscsiLun`]);
+    /// `None` for a file.
+    pub fn iscsi(&self) -> Option<IscsiLun> {
+        self.path
+            .starts_with(IscsiLun::SCHEME)
+            .then(|| IscsiLun::parse(&self.path))
+            .flatten()
+    }
+
+    /// The disk names an iSCSI LUN (well formed or not): it is not a file of the storage.
+    pub fn is_iscsi(&self) -> bool {
+        self.path.starts_with(IscsiLun::SCHEME)
+    }
+}
+
+/// A SAN LUN that QEMU opens itself with its userspace iSCSI initiator (libiscsi, Debian's
+/// `qemu-block-extra`): no kernel initiator on the host, and every host of a cluster opens the
+/// same LUN, handed over at the switchover like a shared file. Written
+/// `iscsi://IP:PORT/IQN/LUN`: an address, not a name, so no DNS answer can redirect a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IscsiLun {
+    pub portal: std::net::SocketAddr,
+    /// The target's IQN (`iqn.2026-12.com.example:san1`) or EUI/NAA name.
+    pub target: String,
+    pub lun: u16,
+}
+
+impl IscsiLun {
+    pub const SCHEME: &'static str = "iscsi://";
+
+    /// Parses `iscsi://IP:PORT/IQN/LUN`; `None` when any part is not what it should be.
+    pub fn parse(s: &str) -> Option<IscsiLun> {
+        let rest = s.strip_prefix(Self::SCHEME)?;
+        let mut parts = rest.split('/');
+        let portal = parts.next()?.parse().ok()?;
+        let target = parts.next()?;
+        let lun = parts.next()?;
+        if parts.next().is_some() || !valid_iscsi_name(target) {
+            return None;
+        }
+        if lun.is_empty() || lun.len() > 5 || !lun.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let lun: u16 = lun.parse().ok().filter(|l| *l < 16384)?;
+        Some(IscsiLun {
+            portal,
+            target: target.to_string(),
+            lun,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "{}{}/{}/{}",
+            Self::SCHEME,
+            self.portal,
+            self.target,
+            self.lun
+        )
+    }
+}
+
+/// iSCSI names (RFC 3720): `iqn.`, `eui.` or `naa.` and then lower-case letters, digits, '.',
+/// '-' and ':', at most 223 bytes.
+fn valid_iscsi_name(s: &str) -> bool {
+    (s.starts_with("iqn.") || s.starts_with("eui.") || s.starts_with("naa."))
+        && s.len() <= 223
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b':')
+        })
+}
+
 /// The disk's controller in the guest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -256,6 +329,33 @@ pub fn parse_unicast_mac(mac: &str) -> Option<[u8; 6]> {
         return None;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod iscsi_tests {
+    use super::*;
+
+    #[test]
+    fn iscsi_urls_parse_into_typed_parts_or_not_at_all() {
+        let l = IscsiLun::parse("iscsi://10.77.0.3:3260/iqn.2026-12.lab.tern:san/1").unwrap();
+        assert_eq!(l.portal.to_string(), "10.77.0.3:3260");
+        assert_eq!(l.target, "iqn.2026-12.lab.tern:san");
+        assert_eq!(l.lun, 1);
+        assert_eq!(IscsiLun::parse(&l.url()), Some(l));
+        for bad in [
+            "iscsi://san.example:3260/iqn.2026-12.x:y/1",
+            "iscsi://10.0.0.1/iqn.2026-12.x:y/1",
+            "iscsi://10.0.0.1:3260/iqn.2026-12.x:y/1/2",
+            "iscsi://10.0.0.1:3260/IQN.X/1",
+            "iscsi://10.0.0.1:3260/iqn.x\",/1",
+            "iscsi://10.0.0.1:3260/iqn.x:y/-1",
+            "iscsi://10.0.0.1:3260/iqn.x:y/99999",
+            "iscsi://10.0.0.1:3260/iqn.x:y/",
+            "/srv/shared/disk.raw",
+        ] {
+            assert_eq!(IscsiLun::parse(bad), None, "{bad}");
+        }
+    }
 }
 
 #[cfg(test)]

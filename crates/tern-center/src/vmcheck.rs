@@ -115,6 +115,21 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
             )));
         }
     }
+    for d in spec.disks.iter().filter(|d| d.is_iscsi()) {
+        if d.iscsi().is_none() {
+            return Err(CenterError::invalid(format!(
+                "disk {:?} is not an iSCSI LUN: write iscsi://IP:PORT/IQN/LUN (an address, \
+                 not a host name; e.g. iscsi://10.0.0.5:3260/iqn.2026-12.com.example:san1/1)",
+                d.path
+            )));
+        }
+        if d.format != tern_api::DiskFormat::Raw {
+            return Err(CenterError::invalid(format!(
+                "disk {}: an iSCSI LUN is a raw block device; give it format=raw",
+                d.path
+            )));
+        }
+    }
     for (what, path) in spec_files(spec) {
         if path.len() > MAX_PATH_BYTES {
             return Err(CenterError::invalid(format!(
@@ -142,7 +157,8 @@ pub fn spec_files(spec: &VmSpec) -> Vec<(&'static str, &str)> {
             out.push(("initrd", i.as_str()));
         }
     }
-    for d in &spec.disks {
+    // An iSCSI LUN is no file of the shared storage: QEMU opens it over the network.
+    for d in spec.disks.iter().filter(|d| !d.is_iscsi()) {
         out.push(("disk", d.path.as_str()));
     }
     out

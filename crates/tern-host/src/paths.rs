@@ -136,7 +136,8 @@ pub fn open_for_qemu(spec: &VmSpec, root: &Path) -> Result<Vec<OpenedFile>, Open
             });
         }
     }
-    for d in &spec.disks {
+    // iSCSI LUNs are opened by QEMU's own initiator, over the network.
+    for d in spec.disks.iter().filter(|d| !d.is_iscsi()) {
         let write = if d.readonly {
             None
         } else {

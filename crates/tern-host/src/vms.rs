@@ -229,9 +229,18 @@ fn validate(
                 .to_string(),
         ));
     }
+    for d in spec.disks.iter().filter(|d| d.is_iscsi()) {
+        if d.iscsi().is_none() || d.format != tern_api::DiskFormat::Raw {
+            return Err(AgentError::BadRequest(format!(
+                "disk {:?} is not a raw iSCSI LUN written iscsi://IP:PORT/IQN/LUN",
+                d.path
+            )));
+        }
+    }
     let mut files: Vec<(&str, &str)> = spec
         .disks
         .iter()
+        .filter(|d| !d.is_iscsi())
         .map(|d| ("disk", d.path.as_str()))
         .collect();
     if let BootSource::Kernel { kernel, initrd, .. } = &spec.boot {

@@ -312,7 +312,22 @@ impl LaunchConfig {
                 )));
             }
         }
-        let mut files: Vec<&str> = spec.disks.iter().map(|d| d.path.as_str()).collect();
+        if let Some(d) = spec
+            .disks
+            .iter()
+            .find(|d| d.is_iscsi() && (d.iscsi().is_none() || d.format != DiskFormat::Raw))
+        {
+            return Err(Error::Config(format!(
+                "disk `{}` is not a raw iSCSI LUN (iscsi://IP:PORT/IQN/LUN)",
+                d.path
+            )));
+        }
+        let mut files: Vec<&str> = spec
+            .disks
+            .iter()
+            .filter(|d| !d.is_iscsi())
+            .map(|d| d.path.as_str())
+            .collect();
         if let BootSource::Kernel { kernel, initrd, .. } = &spec.boot {
             files.push(kernel);
             files.extend(initrd.as_deref());
@@ -351,6 +366,16 @@ fn valid_cpu_arg(arg: &str) -> bool {
         && parts.all(|p| match p.split_once('=') {
             Some((f, v)) => word(f) && matches!(v, "on" | "off"),
             None => p == "enforce" || p.strip_prefix(['+', '-']).is_some_and(word),
+        })
+}
+
+/// A short tag of a run dir (FNV-1a): differs between the hosts a VM runs on.
+fn run_dir_tag(dir: &Path) -> u32 {
+    dir.as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
         })
 }
 
@@ -491,15 +516,35 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
             }
             None => disk.path.clone(),
         };
-        let file = json!({
-            "driver": "file",
-            "node-name": format!("file{i}"),
-            "filename": filename,
-            "cache": cache,
-            "aio": "native",
-            "locking": "on",
-            "read-only": disk.readonly,
-        });
+        let file = match disk.iscsi() {
+            // QEMU's own initiator. Each QEMU logs in under a name of its own (the VM and its
+            // run dir, which is per host): a source and destination sharing one would each
+            // end the other's session (session reinstatement) in the middle of the hand-over.
+            Some(lun) => json!({
+                "driver": "iscsi",
+                "node-name": format!("file{i}"),
+                "transport": "tcp",
+                "portal": lun.portal.to_string(),
+                "target": lun.target,
+                "lun": lun.lun,
+                "initiator-name": format!(
+                    "iqn.2026-12.org.tern:{}.{:08x}",
+                    cfg.id,
+                    run_dir_tag(&cfg.run_dir)
+                ),
+                "cache": cache,
+                "read-only": disk.readonly,
+            }),
+            None => json!({
+                "driver": "file",
+                "node-name": format!("file{i}"),
+                "filename": filename,
+                "cache": cache,
+                "aio": "native",
+                "locking": "on",
+                "read-only": disk.readonly,
+            }),
+        };
         // The backing chain, deepest first, each image's format node naming the one below;
         // `backing: null` ends the chain, so QEMU never opens a path from an image header.
         let chain = cfg
@@ -943,6 +988,35 @@ mod tests {
                 "fd {fd} is not handed to QEMU"
             );
         }
+    }
+
+    #[test]
+    fn an_iscsi_lun_is_opened_by_qemu_under_a_name_per_host() {
+        let mut cfg = config();
+        cfg.spec.disks = vec![DiskSpec {
+            path: "iscsi://10.77.0.3:3260/iqn.2026-12.lab.tern:san/1".into(),
+            format: DiskFormat::Raw,
+            readonly: false,
+            bus: DiskBus::VirtioBlk,
+        }];
+        cfg.validate().unwrap();
+        let node = |cfg: &LaunchConfig| -> serde_json::Value {
+            serde_json::from_str(values(&build_command(cfg), "-blockdev")[0]).unwrap()
+        };
+        let n = node(&cfg);
+        assert_eq!(n["driver"], "iscsi");
+        assert_eq!(n["portal"], "10.77.0.3:3260");
+        assert_eq!(n["target"], "iqn.2026-12.lab.tern:san");
+        assert_eq!(n["lun"], 1);
+        let mut other_host = cfg.clone();
+        other_host.run_dir = PathBuf::from("/var/lib/tern/h2/vms/x");
+        assert_ne!(n["initiator-name"], node(&other_host)["initiator-name"]);
+        assert_eq!(n["initiator-name"], node(&cfg)["initiator-name"]);
+        cfg.spec.disks[0].format = DiskFormat::Qcow2;
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("iSCSI")));
+        cfg.spec.disks[0].format = DiskFormat::Raw;
+        cfg.spec.disks[0].path = "iscsi://san.example:3260/iqn.x:y/1".into();
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("iSCSI")));
     }
 
     #[test]

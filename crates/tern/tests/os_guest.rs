@@ -55,6 +55,35 @@ fn import_image(lab: &Lab) {
     lab.tern_ok(&["image", "import", &s, "--name", "debian-12"]);
 }
 
+/// Creates VM `name` (1 vCPU, 1 GiB) on h1 from the imported image, with the NIC `mac` at
+/// `ip`/24 and the user data in `user_data`; `extra` adds options. Does not start it.
+fn create_os_vm(lab: &Lab, name: &str, mac: &str, ip: &str, user_data: &Path, extra: &[&str]) {
+    let (ip, ud) = (format!("{ip}/24"), user_data.display().to_string());
+    let mut args = vec![
+        "vm",
+        "create",
+        name,
+        "--cluster",
+        "lab",
+        "--host",
+        "h1",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "1024",
+        "--image",
+        "debian-12",
+        "--mac",
+        mac,
+        "--ip",
+        &ip,
+        "--user-data",
+        &ud,
+    ];
+    args.extend_from_slice(extra);
+    lab.tern_ok(&args);
+}
+
 /// `tern ARGS` fails, saying `why`.
 fn refused(lab: &Lab, args: &[&str], why: &str) {
     let out = lab.tern(args);
@@ -283,13 +312,9 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
     )
     .expect("user data");
 
-    let (pub_s, user_s) = (
-        pub_key.display().to_string(),
-        user_data.display().to_string(),
-    );
+    let pub_s = pub_key.display().to_string();
     let started = Instant::now();
     for g in &GUESTS {
-        let ip = format!("{}/24", g.ip);
         // A linked clone grown to 4 GiB for one, a full copy for the other.
         // (The BIOS VM's disk on virtio-scsi, the UEFI VM's on virtio-blk.)
         let disk: &[&str] = if g.firmware == "bios" {
@@ -297,35 +322,10 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         } else {
             &["--full-copy"]
         };
-        let mut args = vec![
-            "vm",
-            "create",
-            g.name,
-            "--cluster",
-            "lab",
-            "--host",
-            "h1",
-            "--vcpus",
-            "1",
-            "--memory-mib",
-            "1024",
-            "--image",
-            "debian-12",
-            "--mac",
-            g.mac,
-            "--firmware",
-            g.firmware,
-            "--ip",
-            &ip,
-            "--gateway",
-            "10.78.0.2",
-            "--ssh-key",
-            &pub_s,
-            "--user-data",
-            &user_s,
-        ];
-        args.extend_from_slice(disk);
-        lab.tern_ok(&args);
+        let mut extra = vec!["--firmware", g.firmware, "--gateway", "10.78.0.2"];
+        extra.extend(["--ssh-key", &pub_s]);
+        extra.extend_from_slice(disk);
+        create_os_vm(&lab, g.name, g.mac, g.ip, &user_data, &extra);
         lab.tern_ok(&["vm", "start", g.name]);
     }
     for g in &GUESTS {
@@ -467,48 +467,10 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
 fn postgresql_loses_no_transaction_across_ten_migrations() {
     let lab = Lab::up("pg", 2);
     import_image(&lab);
-    let user_data = lab.dir.join("user-data");
-    std::fs::write(
-        &user_data,
-        r#"#cloud-config
-write_files:
-  - path: /etc/postgresql/15/main/conf.d/tern.conf
-    content: |
-      listen_addresses = '*'
-  - path: /etc/postgresql/15/main/pg_hba.conf
-    append: true
-    content: |
-      host bench bench 10.78.0.0/24 scram-sha-256
-runcmd:
-  - [ systemctl, restart, postgresql ]
-  - [ runuser, -u, postgres, --, psql, -q, -c, "CREATE ROLE bench LOGIN PASSWORD 'bench'" ]
-  - [ runuser, -u, postgres, --, createdb, -O, bench, bench ]
-  - [ sh, -c, 'echo TERN-DB-READY > /dev/ttyS0' ]
-"#,
-    )
-    .expect("user data");
+    // The same user data as bench/migrate's pgbench workload.
+    let user_data = repo_root().join("guest/cloud-init/postgresql-bench.yaml");
     let ip = "10.78.0.140";
-    lab.tern_ok(&[
-        "vm",
-        "create",
-        "db",
-        "--cluster",
-        "lab",
-        "--host",
-        "h1",
-        "--vcpus",
-        "1",
-        "--memory-mib",
-        "1024",
-        "--image",
-        "debian-12",
-        "--mac",
-        "52:54:00:0d:b0:01",
-        "--ip",
-        "10.78.0.140/24",
-        "--user-data",
-        &user_data.display().to_string(),
-    ]);
+    create_os_vm(&lab, "db", "52:54:00:0d:b0:01", ip, &user_data, &[]);
     lab.tern_ok(&["vm", "start", "db"]);
     lab.wait_console("db", "TERN-DB-READY", Duration::from_secs(300));
 

@@ -30,6 +30,14 @@ pub enum LabCommand {
         /// `h2=Westmere`: the hosts share one CPU, so this makes one stand for an older one.
         #[arg(long, value_name = "HOST=MODEL", value_parser = lab::parse_host_ceiling)]
         cpu_ceiling: Vec<(String, String)>,
+        /// Add a SAN: an iSCSI target (Debian's tgt) in namespace <prefix>-san on a storage
+        /// network of its own (10.79.0.0/24), exporting this many LUNs; lab.json lists them as
+        /// iscsi:// URLs a VM's --disk takes.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        san_luns: u32,
+        /// Size of each SAN LUN (sparse files in the lab dir).
+        #[arg(long, value_name = "MIB", default_value_t = 256)]
+        san_lun_mib: u64,
     },
     /// Remove the lab: its processes (QEMU included), namespaces, links and directory.
     Down {
@@ -148,6 +156,8 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             guest_dir,
             network_only,
             cpu_ceiling,
+            san_luns,
+            san_lun_mib,
         } => {
             let o = UpOptions {
                 hosts,
@@ -157,6 +167,8 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
                 guest_dir,
                 network_only,
                 cpu_ceilings: cpu_ceiling,
+                san_luns,
+                san_lun_mib,
             };
             let st = lab::up(&o).await.map_err(|e| {
                 CliError::from(e).hint(format!(

@@ -140,7 +140,8 @@ pub struct CreateArgs {
     /// (virtio-scsi, /dev/sda).
     #[arg(long, value_name = "virtio|scsi", requires = "image", value_parser = parse_bus)]
     disk_bus: Option<tern_api::DiskBus>,
-    /// Disk image on shared storage: `PATH[,format=raw|qcow2][,bus=virtio|scsi][,readonly]`
+    /// Disk image on shared storage, or a SAN LUN QEMU opens itself
+    /// (`iscsi://IP:PORT/IQN/LUN`, raw): `PATH[,format=raw|qcow2][,bus=virtio|scsi][,readonly]`
     /// (repeatable).
     #[arg(long, value_name = "PATH[,format=qcow2]", value_parser = parse_disk)]
     disk: Vec<DiskSpec>,
@@ -498,7 +499,8 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
         None => BootSource::Disk,
     };
     let mut disks = a.disk.clone();
-    for d in &mut disks {
+    // Files are named from here; an iSCSI LUN (iscsi://IP:PORT/IQN/LUN) is taken as written.
+    for d in disks.iter_mut().filter(|d| !d.is_iscsi()) {
         d.path = absolute(Path::new(&d.path))?;
     }
     let nics = if a.no_nic {

@@ -22,6 +22,7 @@ mod daemons;
 mod faults;
 mod net;
 mod procs;
+mod san;
 mod teardown;
 mod topology;
 
@@ -76,6 +77,9 @@ pub struct UpOptions {
     /// `--cpu-ceiling` per host (`h2` → `Westmere`): lab hosts share one physical CPU, so a
     /// ceiling makes one stand for an older machine (EVC tests).
     pub cpu_ceilings: Vec<(String, String)>,
+    /// LUNs of a SAN to build (0: no SAN), and their size.
+    pub san_luns: u32,
+    pub san_lun_mib: u64,
 }
 
 /// Parses `HOST=MODEL` (a `lab up --cpu-ceiling` value).
@@ -144,7 +148,10 @@ fn write_secret(path: &Path, token: &str) -> anyhow::Result<()> {
 /// connected. On failure the partial lab is left for inspection (`lab down` removes it).
 pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
     require_root()?;
-    let plan = Plan::new(&o.prefix, o.hosts)?;
+    let mut plan = Plan::new(&o.prefix, o.hosts)?;
+    if o.san_luns > 0 {
+        plan = plan.with_san();
+    }
     let dir = absolute(&o.dir)?;
     let exe = current_exe()?;
     let guest_src = match &o.guest_dir {
@@ -187,6 +194,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         guest: None,
         center: None,
         hosts: Vec::new(),
+        san: None,
         created_at: Utc::now(),
     };
     st.save()?;
@@ -235,6 +243,20 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
     }
     st.save()?;
     topology::build_links(&plan)?;
+    if let Some(ns) = &plan.san {
+        say(&format!(
+            "starting the SAN: {} LUN(s) of {} MiB",
+            o.san_luns, o.san_lun_mib
+        ));
+        st.san = Some(san::start(
+            &dir,
+            &plan.prefix,
+            ns,
+            o.san_luns,
+            o.san_lun_mib,
+        )?);
+        st.save()?;
+    }
 
     if let Some(src) = guest_src {
         st.guest = copy_guest(&src, &st.shared_dir.join("guest"))?;

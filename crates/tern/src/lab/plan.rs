@@ -10,15 +10,23 @@ pub const CENTER_PORT: u16 = tern_api::CENTER_PORT;
 /// The VM LAN: the client plays the VMs' users from here; VMs use 10.78.0.100 and up.
 pub const CLIENT_IP: &str = "10.78.0.2";
 pub const VM_PREFIX_LEN: u8 = 24;
+/// The storage network (`lab up --san-luns`): the iSCSI target, and each host's `stor0`.
+pub const SAN_IP: &str = "10.79.0.2";
+pub const SAN_PORT: u16 = 3260;
+pub const STORAGE_PREFIX_LEN: u8 = 24;
+/// The lab SAN's target name.
+pub const SAN_TARGET: &str = "iqn.2026-12.lab.tern:san";
 
 /// Bridges of the fabric namespace, and each host's VM bridge.
 pub const SWITCH_BRIDGE: &str = "sw0";
 pub const MGMT_BRIDGE: &str = "mg0";
+pub const STORAGE_BRIDGE: &str = "st0";
 pub const HOST_BRIDGE: &str = "br0";
 /// Interface names inside the center/host/client namespaces.
 pub const MGMT_IF: &str = "mgmt0";
 pub const UPLINK_IF: &str = "uplink0";
 pub const CLIENT_IF: &str = "eth0";
+pub const STORAGE_IF: &str = "stor0";
 
 /// Cluster `lab up` creates and every agent joins.
 pub const CLUSTER: &str = "lab";
@@ -65,6 +73,8 @@ pub struct Plan {
     pub center: String,
     pub client: String,
     pub hosts: Vec<HostPlan>,
+    /// The SAN's namespace (`<p>-san`), when the lab has one.
+    pub san: Option<String>,
 }
 
 /// Checks a lab prefix: `[a-z0-9][a-z0-9-]*`, at most [`MAX_PREFIX_LEN`] characters.
@@ -89,7 +99,7 @@ pub fn namespace_belongs(prefix: &str, ns: &str) -> bool {
     let Some(rest) = ns.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
         return false;
     };
-    matches!(rest, "fab" | "center" | "client")
+    matches!(rest, "fab" | "center" | "client" | "san")
         || rest
             .strip_prefix('h')
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
@@ -97,6 +107,11 @@ pub fn namespace_belongs(prefix: &str, ns: &str) -> bool {
 
 pub fn host_name(i: u32) -> String {
     format!("h{i}")
+}
+
+/// Storage-network address of host `i` (1-based).
+pub fn host_storage_ip(i: u32) -> String {
+    format!("10.79.0.{}", 10 + i)
 }
 
 /// Management address of host `i` (1-based).
@@ -124,6 +139,7 @@ impl Plan {
                     fabric_mgmt_link: format!("h{i}-mg"),
                 })
                 .collect(),
+            san: None,
         };
         for v in plan.veths() {
             for end in [&v.fabric, &v.inner] {
@@ -135,6 +151,12 @@ impl Plan {
         Ok(plan)
     }
 
+    /// The same lab with a SAN: a storage namespace on a storage network of its own.
+    pub fn with_san(mut self) -> Plan {
+        self.san = Some(format!("{}-san", self.prefix));
+        self
+    }
+
     /// Every namespace, fabric first.
     pub fn namespaces(&self) -> Vec<String> {
         let mut v = vec![
@@ -143,6 +165,7 @@ impl Plan {
             self.client.clone(),
         ];
         v.extend(self.hosts.iter().map(|h| h.namespace.clone()));
+        v.extend(self.san.clone());
         v
     }
 
@@ -195,6 +218,28 @@ impl Plan {
                 },
             });
         }
+        if let Some(san) = &self.san {
+            v.push(Veth {
+                fabric: fab("san-st", STORAGE_BRIDGE),
+                inner: VethEnd {
+                    namespace: san.clone(),
+                    name: STORAGE_IF.into(),
+                    master: None,
+                    address: Some(format!("{SAN_IP}/{STORAGE_PREFIX_LEN}")),
+                },
+            });
+            for h in &self.hosts {
+                v.push(Veth {
+                    fabric: fab(&format!("h{}-st", h.index), STORAGE_BRIDGE),
+                    inner: VethEnd {
+                        namespace: h.namespace.clone(),
+                        name: STORAGE_IF.into(),
+                        master: None,
+                        address: Some(format!("{}/{STORAGE_PREFIX_LEN}", host_storage_ip(h.index))),
+                    },
+                });
+            }
+        }
         v
     }
 
@@ -209,6 +254,9 @@ impl Plan {
                 .iter()
                 .map(|h| (h.namespace.clone(), HOST_BRIDGE.to_string())),
         );
+        if self.san.is_some() {
+            v.push((self.fabric.clone(), STORAGE_BRIDGE.to_string()));
+        }
         v
     }
 
@@ -235,7 +283,9 @@ mod tests {
 
     #[test]
     fn interface_names_fit_and_are_unique_per_namespace() {
-        let plan = Plan::new(&"p".repeat(MAX_PREFIX_LEN), MAX_HOSTS).unwrap();
+        let plan = Plan::new(&"p".repeat(MAX_PREFIX_LEN), MAX_HOSTS)
+            .unwrap()
+            .with_san();
         let mut seen = HashSet::new();
         for v in plan.veths() {
             for end in [&v.fabric, &v.inner] {
@@ -247,7 +297,7 @@ mod tests {
             assert!(seen.insert((ns, b)));
         }
         let ns = plan.namespaces();
-        assert_eq!(ns.len(), 3 + MAX_HOSTS as usize);
+        assert_eq!(ns.len(), 4 + MAX_HOSTS as usize);
         assert!(ns.iter().all(|n| namespace_belongs(&plan.prefix, n)));
     }
 

@@ -39,6 +39,17 @@ pub struct LabHost {
     pub agent: LabProcess,
 }
 
+/// The lab's SAN (see `lab::san`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabSan {
+    /// tgtd, in the storage namespace.
+    pub process: LabProcess,
+    /// tgtd's control port (`tgtadm -C`).
+    pub control_port: u32,
+    /// The exported LUNs, as a VM's disk names them (`iscsi://10.79.0.2:3260/IQN/N`).
+    pub luns: Vec<String>,
+}
+
 /// Guest image files copied into shared storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabGuest {
@@ -69,6 +80,9 @@ pub struct LabState {
     pub guest: Option<LabGuest>,
     pub center: Option<LabProcess>,
     pub hosts: Vec<LabHost>,
+    /// The SAN, when the lab has one.
+    #[serde(default)]
+    pub san: Option<LabSan>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -159,6 +173,7 @@ mod tests {
             }),
             hosts: Vec::new(),
             created_at: chrono::Utc::now(),
+            san: None,
         };
         st.save().expect("save");
         assert_eq!(LabState::load(dir.path()).expect("load"), Some(st));
