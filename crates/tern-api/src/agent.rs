@@ -60,4 +60,7 @@ pub struct PathsReport {
     pub missing: Vec<String>,
     /// Paths that exist but are not under the host's shared storage.
     pub outside_shared_storage: Vec<String>,
+    /// iSCSI LUNs (`iscsi://…`) whose portal this host cannot reach, each with the reason.
+    #[serde(default)]
+    pub unreachable: Vec<String>,
 }

@@ -744,10 +744,7 @@ pub fn encryption_check(
 /// UEFI VMs also need the destination's UEFI firmware (their variables are a shared file).
 async fn storage_check(app: &App, vm: &VmRecord, dest: &HostRecord) -> Result<String, String> {
     vmcheck::check_firmware(&dest.name, dest.facts.uefi, &vm.spec).map_err(|e| e.to_string())?;
-    let files: Vec<String> = vmcheck::spec_files(&vm.spec)
-        .into_iter()
-        .map(|(_, p)| p.to_string())
-        .collect();
+    let files = vmcheck::spec_storage(&vm.spec);
     if files.is_empty() {
         return Ok("the VM has no files".into());
     }
@@ -775,9 +772,16 @@ async fn storage_check(app: &App, vm: &VmRecord, dest: &HostRecord) -> Result<St
             dest.facts.shared_storage
         ));
     }
+    if !report.unreachable.is_empty() {
+        problems.insert(format!(
+            "host {} cannot reach the SAN: {}",
+            dest.name,
+            report.unreachable.join(", ")
+        ));
+    }
     if problems.is_empty() {
         Ok(format!(
-            "host {} sees the VM's {} file(s) on its shared storage",
+            "host {} reaches the VM's {} file(s) and LUN(s)",
             dest.name,
             files.len()
         ))

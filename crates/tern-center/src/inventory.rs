@@ -1092,11 +1092,9 @@ async fn record_new_vm(
     drs_reason: Option<String>,
     image: Option<String>,
 ) -> Result<Vm, CenterError> {
-    // 3. Ask the host whether it sees the VM's files on its shared storage.
-    let files: Vec<String> = vmcheck::spec_files(&spec)
-        .into_iter()
-        .map(|(_, p)| p.to_string())
-        .collect();
+    // 3. Ask the host whether it sees the VM's files on its shared storage, and reaches its
+    // LUNs.
+    let files = vmcheck::spec_storage(&spec);
     if !files.is_empty() {
         let report = app
             .agent(&target)
@@ -1119,6 +1117,14 @@ async fn record_new_vm(
                  must live there so every host of the cluster can run it",
                 target.name,
                 report.outside_shared_storage.join(", ")
+            )));
+        }
+        if !report.unreachable.is_empty() {
+            return Err(CenterError::unsatisfiable(format!(
+                "host {} cannot reach the SAN: {}; check its storage network, or pick another \
+                 host",
+                target.name,
+                report.unreachable.join(", ")
             )));
         }
     }

@@ -148,6 +148,21 @@ pub fn check_spec(spec: &mut VmSpec) -> Result<(), CenterError> {
     Ok(())
 }
 
+/// What a destination must reach of a spec: its files and its iSCSI LUNs (each agent's path
+/// check tries the LUN's portal).
+pub fn spec_storage(spec: &VmSpec) -> Vec<String> {
+    spec_files(spec)
+        .into_iter()
+        .map(|(_, p)| p.to_string())
+        .chain(
+            spec.disks
+                .iter()
+                .filter(|d| d.is_iscsi())
+                .map(|d| d.path.clone()),
+        )
+        .collect()
+}
+
 /// Files a spec names, with what each is (kernel, initrd, disk).
 pub fn spec_files(spec: &VmSpec) -> Vec<(&'static str, &str)> {
     let mut out = Vec::new();

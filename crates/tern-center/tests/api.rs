@@ -84,6 +84,7 @@ async fn fake_check(
     agent_auth(&h)?;
     let s = s.lock().unwrap();
     Ok(Json(PathsReport {
+        unreachable: vec![],
         missing: req
             .paths
             .iter()

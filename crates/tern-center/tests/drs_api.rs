@@ -28,6 +28,7 @@ type Shared = Arc<Mutex<HashMap<Uuid, VmRuntime>>>;
 
 async fn check(Json(_): Json<CheckPaths>) -> Json<PathsReport> {
     Json(PathsReport {
+        unreachable: vec![],
         missing: vec![],
         outside_shared_storage: vec![],
     })

@@ -77,6 +77,7 @@ async fn commit(
 
 async fn check_paths(Json(_): Json<CheckPaths>) -> Json<PathsReport> {
     Json(PathsReport {
+        unreachable: vec![],
         missing: vec![],
         outside_shared_storage: vec![],
     })

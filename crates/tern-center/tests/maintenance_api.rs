@@ -52,6 +52,7 @@ fn gone() -> (StatusCode, Json<ErrorBody>) {
 async fn check(State(s): State<Shared>, Json(req): Json<CheckPaths>) -> Json<PathsReport> {
     let s = s.lock().unwrap();
     Json(PathsReport {
+        unreachable: vec![],
         missing: vec![],
         outside_shared_storage: req
             .paths

@@ -31,6 +31,12 @@ pub fn check(paths: &[String], shared_storage: Option<&Path>) -> PathsReport {
     });
     let mut report = PathsReport::default();
     for p in paths {
+        if p.starts_with(tern_api::IscsiLun::SCHEME) {
+            if let Some(why) = iscsi_unreachable(p) {
+                report.unreachable.push(why);
+            }
+            continue;
+        }
         match Path::new(p).canonicalize() {
             Ok(c) if c.is_file() => {
                 if !root.as_ref().is_some_and(|r| c.starts_with(r)) {
@@ -41,6 +47,22 @@ pub fn check(paths: &[String], shared_storage: Option<&Path>) -> PathsReport {
         }
     }
     report
+}
+
+/// How long a host waits for an iSCSI portal to accept a connection before calling it
+/// unreachable: a LAN answers in milliseconds; a silent one is as good as down.
+const PORTAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether this host reaches the portal of LUN `url` (a TCP connection to it, as QEMU's
+/// initiator would make from the same network namespace); `Some(reason)` when not.
+fn iscsi_unreachable(url: &str) -> Option<String> {
+    let Some(lun) = tern_api::IscsiLun::parse(url) else {
+        return Some(format!("{url} (not an iscsi://IP:PORT/IQN/LUN URL)"));
+    };
+    match std::net::TcpStream::connect_timeout(&lun.portal, PORTAL_TIMEOUT) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{url} (its portal {}: {e})", lun.portal)),
+    }
 }
 
 /// Why a file of a spec could not be opened for QEMU.
@@ -322,6 +344,25 @@ mod tests {
         .expect("spec");
         spec.disks[0].format = DiskFormat::Qcow2;
         spec
+    }
+
+    #[test]
+    fn an_iscsi_lun_counts_as_reachable_when_its_portal_accepts() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let open = listener.local_addr().expect("addr");
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let url = |a: std::net::SocketAddr| format!("iscsi://{a}/iqn.2026-12.lab.tern:san/1");
+        let r = check(
+            &[url(open), url(closed), "iscsi://nowhere/x".into()],
+            None,
+        );
+        assert_eq!(r.unreachable.len(), 2, "{r:?}");
+        assert!(r.unreachable[0].contains(&closed.to_string()), "{r:?}");
+        assert!(r.unreachable[1].contains("not an iscsi://"), "{r:?}");
+        assert!(r.missing.is_empty() && r.outside_shared_storage.is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! between two hosts with a client streaming from it: the journal verifies after every move
 //! (nothing written before a hand-over is lost or torn), the stream stays intact, and one copy
 //! runs. A disk naming a host name instead of an address, or a format other than raw, is
-//! refused before anything starts.
+//! refused before anything starts, and so is a move to a host whose storage link is down.
 
 mod common;
 
@@ -62,6 +62,36 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
     });
     let boot_id = first["boot_id"].clone();
     let client = lab.spawn_stream_client(&addr, 3000);
+
+    // A destination that cannot reach the SAN is refused before anything moves, naming the
+    // LUN: h2's storage link down.
+    let h2 = format!("{}-h2", lab.prefix);
+    let set_link = |state: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &h2, "link", "set", "stor0", state])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip link set stor0 {state}: {}",
+            text(&out)
+        );
+    };
+    set_link("down");
+    let (out, _) = lab.migrate_json(&["sanvm", "--to", "h2"]);
+    assert!(
+        !out.status.success(),
+        "a move to a host without the SAN: {}",
+        text(&out)
+    );
+    let t = text(&out);
+    assert!(
+        t.contains("cannot reach the SAN") && t.contains(&lun),
+        "{t}"
+    );
+    set_link("up");
+    let vm: Value = lab.tern_json(&["vm", "show", "sanvm"]);
+    assert_eq!(vm["host"], "h1", "{vm}");
 
     let mut host = "h1";
     let mut seq = first["disk"]["next_seq"].as_u64().unwrap_or(0);
