@@ -355,10 +355,7 @@ mod tests {
             l.local_addr().expect("addr")
         };
         let url = |a: std::net::SocketAddr| format!("iscsi://{a}/iqn.2026-12.lab.tern:san/1");
-        let r = check(
-            &[url(open), url(closed), "iscsi://nowhere/x".into()],
-            None,
-        );
+        let r = check(&[url(open), url(closed), "iscsi://nowhere/x".into()], None);
         assert_eq!(r.unreachable.len(), 2, "{r:?}");
         assert!(r.unreachable[0].contains(&closed.to_string()), "{r:?}");
         assert!(r.unreachable[1].contains("not an iscsi://"), "{r:?}");

@@ -10,13 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{qemus_of, text, wait_for, Lab, StreamClient};
+use common::{journal_records, qemus_of, text, wait_for, Lab, StreamClient};
 use serde_json::Value;
 
 const MOVES: u32 = 10;
-/// Journal record layout (crates/tern-guest/src/disk.rs).
-const RECORD_BYTES: usize = 4096;
-const JOURNAL_MAGIC: &[u8; 8] = b"TERNJRN1";
 
 /// Copies the lab's daemon logs to /tmp/tern-test-logs/<prefix>/ when the test fails (the lab's
 /// directory goes with `lab down`). Declare it after the `Lab` so it drops first.
@@ -191,13 +188,6 @@ fn verifier_and_journal_advance(lab: &Lab, g: &Guest, before: &Value) -> Value {
     s
 }
 
-/// FNV-1a 64 (the journal's checksum).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The guest's boot id as the journal stores it (16 bytes from the uuid's hex digits).
 fn boot_id_bytes(id: &str) -> Vec<u8> {
     let hex: String = id.chars().filter(char::is_ascii_hexdigit).collect();
@@ -221,30 +211,7 @@ fn journal_on_disk(lab: &Lab, image: &Path, format: &str, boot_id: &str) -> u64 
     assert!(out.status.success(), "qemu-img convert: {}", text(&out));
     let bytes = std::fs::read(&raw).expect("read the converted journal");
     let _ = std::fs::remove_file(&raw);
-    let boot = boot_id_bytes(boot_id);
-    let mut records = 0u64;
-    for (index, block) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
-        if &block[..8] != JOURNAL_MAGIC {
-            // The end: nothing may follow it.
-            let rest = &bytes[index * RECORD_BYTES..];
-            assert!(
-                rest.chunks_exact(RECORD_BYTES)
-                    .all(|b| &b[..8] != JOURNAL_MAGIC),
-                "journal records after the end at record {index}"
-            );
-            break;
-        }
-        let word = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
-        assert_eq!(word(8), index as u64, "record {index}: sequence number");
-        assert_eq!(
-            fnv1a64(&block[..RECORD_BYTES - 8]),
-            word(RECORD_BYTES - 8),
-            "record {index}: checksum"
-        );
-        assert_eq!(&block[24..40], boot.as_slice(), "record {index}: boot id");
-        records += 1;
-    }
-    records
+    journal_records(&bytes, Some(&boot_id_bytes(boot_id)))
 }
 
 /// The migration result of a finished `vm migrate` that must have completed `from` → `to`.

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{text, wait_for, Lab};
+use common::{journal_records, text, wait_for, Lab};
 use serde_json::Value;
 
 #[test]
@@ -127,33 +127,10 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
     lab.tern_ok(&["vm", "stop", "sanvm", "--force"]);
     let lun_file = lab.dir.join("san/lun1.img");
     let bytes = std::fs::read(&lun_file).expect("the LUN's backing file");
-    let mut records = 0u64;
-    for (index, block) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
-        if &block[..8] != JOURNAL_MAGIC {
-            break;
-        }
-        let word = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
-        assert_eq!(word(8), index as u64, "record {index}: sequence number");
-        assert_eq!(
-            fnv1a64(&block[..RECORD_BYTES - 8]),
-            word(RECORD_BYTES - 8),
-            "record {index}: checksum"
-        );
-        records += 1;
-    }
+    let records = journal_records(&bytes, None);
     assert!(
         records >= seq,
         "the LUN holds {records} journal records; the guest had written {seq}"
     );
     lab.down();
-}
-
-/// Journal record layout (crates/tern-guest/src/disk.rs).
-const RECORD_BYTES: usize = 4096;
-const JOURNAL_MAGIC: &[u8; 8] = b"TERNJRN1";
-
-fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }

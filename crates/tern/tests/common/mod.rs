@@ -800,3 +800,44 @@ pub fn wait_gone(pid: u32, what: &str, timeout: Duration) {
         (!alive(pid)).then_some(())
     });
 }
+
+/// Journal record layout of the test guest's disk journal (crates/tern-guest/src/disk.rs).
+pub const JOURNAL_RECORD_BYTES: usize = 4096;
+pub const JOURNAL_MAGIC: &[u8; 8] = b"TERNJRN1";
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Reads a journal from a raw device image: asserts that its records run in order from 0, each
+/// with its checksum (and the boot id `boot`, when given), and that none follows its end;
+/// returns how many there are.
+pub fn journal_records(bytes: &[u8], boot: Option<&[u8]>) -> u64 {
+    let mut records = 0u64;
+    for (index, block) in bytes.chunks_exact(JOURNAL_RECORD_BYTES).enumerate() {
+        if &block[..8] != JOURNAL_MAGIC {
+            // The end: nothing may follow it.
+            let rest = &bytes[index * JOURNAL_RECORD_BYTES..];
+            assert!(
+                rest.chunks_exact(JOURNAL_RECORD_BYTES)
+                    .all(|b| &b[..8] != JOURNAL_MAGIC),
+                "journal records after the end at record {index}"
+            );
+            break;
+        }
+        let word = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
+        assert_eq!(word(8), index as u64, "record {index}: sequence number");
+        assert_eq!(
+            fnv1a64(&block[..JOURNAL_RECORD_BYTES - 8]),
+            word(JOURNAL_RECORD_BYTES - 8),
+            "record {index}: checksum"
+        );
+        if let Some(boot) = boot {
+            assert_eq!(&block[24..40], boot, "record {index}: boot id");
+        }
+        records += 1;
+    }
+    records
+}
