@@ -16,30 +16,13 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{repo_root, tern_exe, text, wait_for, Lab};
+use common::{repo_root, text, wait_for, Lab};
 use serde_json::Value;
 
 /// The OS image (`target/os/debian-12.qcow2`), built with guest/build-os.sh when missing.
 fn os_image() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-        .join("os");
-    let image = dir.join("debian-12.qcow2");
-    if !image.is_file() || !dir.join("MANIFEST").is_file() {
-        let out = Command::new("bash")
-            .arg(repo_root().join("guest/build-os.sh"))
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run guest/build-os.sh");
-        assert!(
-            out.status.success(),
-            "guest/build-os.sh failed:\n{}",
-            text(&out)
-        );
-    }
-    image
+    common::built_image("guest/build-os.sh", "os", &["debian-12.qcow2", "MANIFEST"])
+        .join("debian-12.qcow2")
 }
 
 /// Puts the OS image on the lab's shared storage and imports it as `debian-12`, as an
@@ -123,16 +106,8 @@ const GUESTS: [Os; 2] = [
 
 /// The SSH command line that logs into `ip` as the image's default user from the client
 /// namespace.
-fn ssh_args(lab: &Lab, key: &Path, ip: &str, remote: &str) -> Vec<String> {
-    let dir = lab.dir.display().to_string();
+fn ssh_args(key: &Path, ip: &str, remote: &str) -> Vec<String> {
     [
-        "lab",
-        "--dir",
-        &dir,
-        "client",
-        "--prefix",
-        &lab.prefix,
-        "--",
         "ssh",
         "-i",
         &key.display().to_string(),
@@ -156,9 +131,10 @@ fn ssh_args(lab: &Lab, key: &Path, ip: &str, remote: &str) -> Vec<String> {
 
 /// Runs `remote` in the guest over a fresh SSH login; `None` when the login or command fails.
 fn ssh(lab: &Lab, key: &Path, ip: &str, remote: &str) -> Option<String> {
-    let out = Command::new(tern_exe())
-        .args(ssh_args(lab, key, ip, remote))
-        .env("TERN_LAB_DIR", &lab.dir)
+    let args = ssh_args(key, ip, remote);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab
+        .client_command(&args)
         .stdin(Stdio::null())
         .output()
         .ok()?;
@@ -176,9 +152,10 @@ struct Session {
 
 impl Session {
     fn open(lab: &Lab, key: &Path, ip: &str) -> Session {
-        let mut child = Command::new(tern_exe())
-            .args(ssh_args(lab, key, ip, "echo session-open; exec cat"))
-            .env("TERN_LAB_DIR", &lab.dir)
+        let args = ssh_args(key, ip, "echo session-open; exec cat");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = lab
+            .client_command(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -485,16 +462,8 @@ fn postgresql_loses_no_transaction_across_ten_migrations() {
 
     // The load: 2 clients for 75 s, progress every second; the moves happen inside it.
     let load_s = 75;
-    let dir = lab.dir.display().to_string();
     let load_secs = load_s.to_string();
     let mut args: Vec<&str> = vec![
-        "lab",
-        "--dir",
-        &dir,
-        "client",
-        "--prefix",
-        &lab.prefix,
-        "--",
         "env",
         "PGPASSWORD=bench",
         "pgbench",
@@ -508,9 +477,8 @@ fn postgresql_loses_no_transaction_across_ten_migrations() {
         "1",
     ];
     args.extend_from_slice(&conn);
-    let load = Command::new(tern_exe())
-        .args(&args)
-        .env("TERN_LAB_DIR", &lab.dir)
+    let load = lab
+        .client_command(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

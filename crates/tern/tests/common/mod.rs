@@ -32,32 +32,39 @@ pub fn guest_dir() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let root = repo_root();
-            let dir = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"))
-                .join("guest");
-            let ready = ["vmlinuz", "initramfs.img", "tern-guest"]
-                .iter()
-                .all(|f| dir.join(f).is_file());
-            if !ready {
-                eprintln!("building the guest image into {}", dir.display());
-                let out = Command::new("bash")
-                    .arg(root.join("guest/build.sh"))
-                    .arg(&dir)
-                    .stdin(Stdio::null())
-                    .output()
-                    .expect("run guest/build.sh");
-                assert!(
-                    out.status.success(),
-                    "guest/build.sh failed:\n{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            dir
+            built_image(
+                "guest/build.sh",
+                "guest",
+                &["vmlinuz", "initramfs.img", "tern-guest"],
+            )
         })
         .clone()
+}
+
+/// `target/SUBDIR`, made by the project's `script` (which caches) unless every file of
+/// `files` is there already.
+pub fn built_image(script: &str, subdir: &str, files: &[&str]) -> PathBuf {
+    let root = repo_root();
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join(subdir);
+    if !files.iter().all(|f| dir.join(f).is_file()) {
+        eprintln!("building {} with {script}", dir.display());
+        let out = Command::new("bash")
+            .arg(root.join(script))
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run {script}: {e}"));
+        assert!(
+            out.status.success(),
+            "{script} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
 }
 
 /// Holds the machine-wide lab lock: a process-wide mutex plus a file lock.
@@ -307,6 +314,26 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// `tern lab client -- CMD` as a command not yet run: the caller chooses its stdio.
+    pub fn client_command(&self, cmd: &[&str]) -> Command {
+        let dir = self.dir.display().to_string();
+        let mut c = Command::new(tern_exe());
+        c.args([
+            "lab",
+            "--dir",
+            &dir,
+            "client",
+            "--prefix",
+            &self.prefix,
+            "--",
+        ])
+        .args(cmd)
+        .env_remove("TERN_CENTER")
+        .env_remove("TERN_TOKEN")
+        .env("TERN_LAB_DIR", &self.dir);
+        c
     }
 
     /// Runs a command in the client namespace through `tern lab client`.
