@@ -151,6 +151,33 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
+    /// Which of these datastores the host reaches (an iSCSI portal may take seconds to time
+    /// out, hence the longer limit).
+    pub async fn probe_datastores(
+        &self,
+        datastores: Vec<crate::datastores::DatastoreProbe>,
+    ) -> Result<Vec<crate::datastores::DatastoreReach>, AgentError> {
+        self.client(PROBE)
+            .post(
+                &route::DATASTORES_PROBE.path(),
+                &crate::datastores::ProbeDatastores { datastores },
+            )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Writes a directory datastore's marker.
+    pub async fn mark_datastore(
+        &self,
+        req: &crate::datastores::MarkDatastore,
+    ) -> Result<(), AgentError> {
+        self.client(QUICK)
+            .post::<_, serde_json::Value>(&route::DATASTORES_MARK.path(), req)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(e))
+    }
+
     /// Makes a VM's disk from an image.
     pub async fn clone_volume(
         &self,

@@ -188,6 +188,27 @@ impl CenterClient {
         self.api.delete(&route::IMAGE.with_name(name)?).await
     }
 
+    // ---- datastores ----
+
+    pub async fn datastores(&self) -> Result<Vec<crate::datastores::Datastore>, ApiError> {
+        self.api.get(&route::DATASTORES.path()).await
+    }
+
+    pub async fn add_datastore(
+        &self,
+        req: &crate::datastores::AddDatastore,
+    ) -> Result<crate::datastores::Datastore, ApiError> {
+        self.api.post(&route::DATASTORES.path(), req).await
+    }
+
+    pub async fn datastore(&self, name: &str) -> Result<crate::datastores::Datastore, ApiError> {
+        self.api.get(&route::DATASTORE.with_name(name)?).await
+    }
+
+    pub async fn remove_datastore(&self, name: &str) -> Result<(), ApiError> {
+        self.api.delete(&route::DATASTORE.with_name(name)?).await
+    }
+
     // ---- hosts ----
 
     pub async fn hosts(&self) -> Result<Vec<Host>, ApiError> {

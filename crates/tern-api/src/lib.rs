@@ -15,6 +15,7 @@ pub mod center;
 pub mod center_client;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod datastores;
 pub mod drs;
 pub mod error;
 pub mod evc;

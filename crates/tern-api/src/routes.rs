@@ -98,6 +98,8 @@ pub mod agent {
     pub const VOLUME_CLONE: Route = Route::new("/v1/volumes/clone");
     pub const IMAGE_REMOVE: Route = Route::new("/v1/images/remove");
     pub const VOLUME_REMOVE: Route = Route::new("/v1/volumes/remove");
+    pub const DATASTORES_PROBE: Route = Route::new("/v1/datastores/probe");
+    pub const DATASTORES_MARK: Route = Route::new("/v1/datastores/mark");
     pub const MIGRATION: Route = Route::new("/v1/migrations/{id}");
     pub const MIGRATION_INCOMING: Route = Route::new("/v1/migrations/{id}/incoming");
     pub const MIGRATION_LISTEN: Route = Route::new("/v1/migrations/{id}/listen");
@@ -133,6 +135,8 @@ pub mod center {
     pub const POOL: Route = Route::new("/api/v1/pools/{name}");
     pub const IMAGES: Route = Route::new("/api/v1/images");
     pub const IMAGE: Route = Route::new("/api/v1/images/{name}");
+    pub const DATASTORES: Route = Route::new("/api/v1/datastores");
+    pub const DATASTORE: Route = Route::new("/api/v1/datastores/{name}");
     pub const CLUSTER_MIGRATION: Route = Route::new("/api/v1/clusters/{name}/migration");
     pub const CLUSTER_DRS_RECOMMENDATIONS: Route =
         Route::new("/api/v1/clusters/{name}/drs/recommendations");
@@ -174,6 +178,8 @@ pub mod center {
         POOL,
         IMAGES,
         IMAGE,
+        DATASTORES,
+        DATASTORE,
         CLUSTER_MIGRATION,
         CLUSTER_DRS_RECOMMENDATIONS,
         CLUSTER_DRS_APPLY,

@@ -58,7 +58,9 @@ pub enum BootSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// Absolute path of the image, on the cluster's shared storage.
+    /// Absolute path of the image on the cluster's shared storage, or an `iscsi://` URL;
+    /// may be left out when `datastore` and `volume` say where the disk is.
+    #[serde(default)]
     pub path: String,
     #[serde(default)]
     pub format: DiskFormat,
@@ -67,6 +69,14 @@ pub struct DiskSpec {
     /// How the guest sees it (default: virtio-blk).
     #[serde(default, skip_serializing_if = "DiskBus::is_default")]
     pub bus: DiskBus,
+    /// The datastore the disk is on. Given with `volume` instead of `path`, the center
+    /// works out the path; given a path, the center names the datastore holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
+    /// The volume in the datastore: a relative path (directory), a LUN number (iscsi), or
+    /// `disk` (block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 impl DiskSpec {
@@ -134,7 +144,7 @@ impl IscsiLun {
 
 /// iSCSI names (RFC 3720): `iqn.`, `eui.` or `naa.` and then lower-case letters, digits, '.',
 /// '-' and ':', at most 223 bytes.
-fn valid_iscsi_name(s: &str) -> bool {
+pub(crate) fn valid_iscsi_name(s: &str) -> bool {
     (s.starts_with("iqn.") || s.starts_with("eui.") || s.starts_with("naa."))
         && s.len() <= 223
         && s.bytes().all(|b| {

@@ -20,6 +20,7 @@ use tern_api::center::{
     Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost,
     Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm,
 };
+use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::health::DegradeHost;
@@ -204,6 +205,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::VM_POOL), put(set_vm_pool))
         .route(nested(route::IMAGES), get(list_images).post(import_image))
         .route(nested(route::IMAGE), get(get_image).delete(remove_image))
+        .route(
+            nested(route::DATASTORES),
+            get(list_datastores).post(add_datastore),
+        )
+        .route(
+            nested(route::DATASTORE),
+            get(get_datastore).delete(remove_datastore),
+        )
         .route(nested(route::HOSTS), get(list_hosts))
         .route(nested(route::HOST), get(get_host).delete(remove_host))
         .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
@@ -596,6 +605,68 @@ async fn remove_image(
     Extension(by): Extension<Caller>,
 ) -> ApiResult<StatusCode> {
     crate::images::remove(&app, name, by.name.clone()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/datastores", tag = "datastores",
+    responses(
+        (status = 200, description = "The datastores, with the VMs using each and what every host last said it reaches", body = Vec<Datastore>),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_datastores(State(app): AppState) -> ApiResult<Json<Vec<Datastore>>> {
+    Ok(axum::Json(crate::datastores::list(&app).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/datastores", tag = "datastores",
+    request_body = AddDatastore,
+    responses(
+        (status = 201, description = "Added (a directory is marked), and every connected host asked whether it reaches it", body = Datastore),
+        (status = 400, description = "Invalid name, path, portal, IQN or device id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "Name taken, the same storage is already a datastore, or no host to mark a directory", body = ErrorBody),
+        (status = 422, description = "No host sees the directory beneath its storage root", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn add_datastore(
+    State(app): AppState,
+    Extension(by): Extension<Caller>,
+    Body(req): Body<AddDatastore>,
+) -> ApiResult<(StatusCode, Json<Datastore>)> {
+    let ds = crate::datastores::add(&app, req, by.name.clone()).await?;
+    Ok((StatusCode::CREATED, axum::Json(ds)))
+}
+
+#[utoipa::path(get, path = "/api/v1/datastores/{name}", tag = "datastores",
+    params(("name" = String, Path, description = "Datastore name")),
+    responses(
+        (status = 200, description = "The datastore, the VMs using it, and each host's last answer", body = Datastore),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such datastore", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_datastore(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<Datastore>> {
+    Ok(axum::Json(crate::datastores::get(&app, name).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/datastores/{name}", tag = "datastores",
+    params(("name" = String, Path, description = "Datastore name")),
+    responses(
+        (status = 204, description = "Removed from the catalogue; its storage is untouched"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such datastore", body = ErrorBody),
+        (status = 409, description = "VMs or images use it (named)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn remove_datastore(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+    Extension(by): Extension<Caller>,
+) -> ApiResult<StatusCode> {
+    crate::datastores::remove(&app, name, by.name.clone()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1332,6 +1403,7 @@ impl Modify for BearerAuth {
         get_drs, set_drs, drs_recommendations, drs_apply, list_rules, create_rule, remove_rule,
         list_pools, create_pool, get_pool, update_pool, remove_pool, set_vm_pool,
         list_images, import_image, get_image, remove_image,
+        list_datastores, add_datastore, get_datastore, remove_datastore,
         register_host, heartbeat, list_hosts, get_host, host_maintenance, host_evacuate,
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
@@ -1346,6 +1418,7 @@ impl Modify for BearerAuth {
         (name = "clusters", description = "Clusters of hosts"),
         (name = "hosts", description = "Host agents: enrolment, heartbeats, inventory, maintenance mode"),
         (name = "vms", description = "Virtual machines"),
+        (name = "datastores", description = "Storage VMs' disks live on, and which hosts reach it"),
         (name = "images", description = "Disk templates on the shared storage, VMs' disks are made from"),
         (name = "tasks", description = "Long-running operations"),
         (name = "events", description = "History of state changes, with who asked for each"),
@@ -1441,6 +1514,10 @@ mod tests {
             ("post", "/api/v1/images"),
             ("get", "/api/v1/images/{name}"),
             ("delete", "/api/v1/images/{name}"),
+            ("get", "/api/v1/datastores"),
+            ("post", "/api/v1/datastores"),
+            ("get", "/api/v1/datastores/{name}"),
+            ("delete", "/api/v1/datastores/{name}"),
         ];
         for (method, path) in expected {
             assert!(

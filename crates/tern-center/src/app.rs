@@ -35,6 +35,57 @@ pub struct HealthTracker {
     pub(crate) pressure_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// The hosts' last answers, by (datastore, host id). In memory: a restarted center asks again.
+#[derive(Default)]
+pub struct ReachTable {
+    entries: Mutex<std::collections::BTreeMap<(String, Uuid), tern_api::datastores::HostReach>>,
+}
+
+impl ReachTable {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::BTreeMap<(String, Uuid), tern_api::datastores::HostReach>,
+    > {
+        // A panic while holding it leaves only answers that are re-asked anyway.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `host`'s answer; returns the reachability it replaced (`None`: first answer).
+    pub(crate) fn record(
+        &self,
+        ds: &str,
+        host: Uuid,
+        reach: tern_api::datastores::HostReach,
+    ) -> Option<bool> {
+        self.lock()
+            .insert((ds.to_string(), host), reach)
+            .map(|old| old.reachable)
+    }
+
+    /// Every host's last answer for datastore `ds`, by host name.
+    pub fn of_datastore(&self, ds: &str) -> Vec<tern_api::datastores::HostReach> {
+        let mut out: Vec<tern_api::datastores::HostReach> = self
+            .lock()
+            .iter()
+            .filter(|((d, _), _)| d == ds)
+            .map(|(_, r)| r.clone())
+            .collect();
+        out.sort_by(|a, b| a.host.cmp(&b.host));
+        out
+    }
+
+    /// The last known answer of host `host` for datastore `ds`.
+    pub fn get(&self, ds: &str, host: Uuid) -> Option<tern_api::datastores::HostReach> {
+        self.lock().get(&(ds.to_string(), host)).cloned()
+    }
+
+    pub(crate) fn forget_datastore(&self, ds: &str) {
+        self.lock().retain(|(d, _), _| d != ds);
+    }
+}
+
 /// Everything request handlers, task drivers and the monitor share.
 pub struct App {
     pub db: Db,
@@ -62,6 +113,8 @@ pub struct App {
     /// The cluster's CA and the center's certificate; `None` when the center serves plain
     /// HTTP (`--insecure-http`).
     pub pki: Option<Arc<crate::pki::CenterPki>>,
+    /// What each host last said it reaches of the datastores (see `datastores`).
+    pub datastore_reach: ReachTable,
 }
 
 impl App {
@@ -76,6 +129,7 @@ impl App {
         App {
             http,
             pki,
+            datastore_reach: Default::default(),
             db,
             config,
             admin_token,

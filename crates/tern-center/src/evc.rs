@@ -745,6 +745,13 @@ pub fn encryption_check(
 async fn storage_check(app: &App, vm: &VmRecord, dest: &HostRecord) -> Result<String, String> {
     vmcheck::check_firmware(&dest.name, dest.facts.uefi, &vm.spec).map_err(|e| e.to_string())?;
     let files = vmcheck::spec_storage(&vm.spec);
+    let datastores = crate::datastores::spec_datastores(&vm.spec);
+    if !datastores.is_empty() {
+        if dest.state() == HostState::Disconnected {
+            return Err(format!("not checked: host {} is disconnected", dest.name));
+        }
+        crate::datastores::check_host(app, dest, &vm.spec).await?;
+    }
     if files.is_empty() {
         return Ok("the VM has no files".into());
     }

@@ -834,7 +834,12 @@ fn candidate(tx: &Tx, h: &HostRecord) -> Result<Candidate, StoreError> {
 /// The DRS engine's host for a new VM (index into `snap.hosts`) and its reason, among the
 /// usable hosts of the cluster that pass the creation checks (size, free memory, CPU); `None`
 /// when the engine finds none (the caller keeps the simple rule's choice and its errors).
-fn drs_place(snap: &CreateSnapshot, cluster: &str, spec: &VmSpec) -> Option<(usize, String)> {
+fn drs_place(
+    app: &App,
+    snap: &CreateSnapshot,
+    cluster: &str,
+    spec: &VmSpec,
+) -> Option<(usize, String)> {
     let mut refused = crate::drs::Refused::new();
     let mut hosts = Vec::new();
     for (h, cand) in snap
@@ -848,6 +853,9 @@ fn drs_place(snap: &CreateSnapshot, cluster: &str, spec: &VmSpec) -> Option<(usi
         }
         if let Err(e) = crate::evc::resolve(spec, snap.evc_mode.as_deref(), h) {
             why.push(("cpu".to_string(), e));
+        }
+        if let Some(e) = crate::datastores::known_unreachable(app, h.id, spec) {
+            why.push(("storage".to_string(), e));
         }
         if !why.is_empty() {
             refused.insert(h.name.clone(), why);
@@ -906,9 +914,18 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                 path: format!("/pending/{}.qcow2", spec.name),
                 format: tern_api::DiskFormat::Qcow2,
                 readonly: false,
+                datastore: None,
+                volume: None,
             },
         );
     }
+    // Disks named by datastore and volume get their paths; disks given by path, their
+    // datastore.
+    let stores = app
+        .db
+        .read(|tx| Ok::<_, CenterError>(tx.datastores()?))
+        .await?;
+    crate::datastores::resolve_disks(&mut spec, &stores)?;
     vmcheck::check_spec(&mut spec)?;
 
     // 1. Read and check against a snapshot.
@@ -1001,13 +1018,14 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                     let h = &snap.hosts[i].0;
                     h.cluster != cluster
                         || (crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h).is_ok()
-                            && crate::evc::resources_check(&spec, h).is_ok())
+                            && crate::evc::resources_check(&spec, h).is_ok()
+                            && crate::datastores::known_unreachable(app, h.id, &spec).is_none())
                 })
                 .collect();
             let cands: Vec<Candidate> = fits_cpu.iter().map(|&i| snap.hosts[i].1.clone()).collect();
             match vmcheck::place(&cands, &cluster, &spec) {
                 // Some host fits: the engine chooses among those that do.
-                Ok(i) => match drs_place(&snap, &cluster, &spec) {
+                Ok(i) => match drs_place(app, &snap, &cluster, &spec) {
                     Some((idx, reason)) => {
                         drs_reason = Some(reason);
                         idx
@@ -1022,6 +1040,10 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                         .filter_map(|(h, _)| {
                             crate::evc::resolve(&spec, snap.evc_mode.as_deref(), h)
                                 .and_then(|_| crate::evc::resources_check(&spec, h))
+                                .and_then(|_| {
+                                    crate::datastores::known_unreachable(app, h.id, &spec)
+                                        .map_or(Ok(String::new()), Err)
+                                })
                                 .err()
                         })
                         .collect();
@@ -1056,6 +1078,10 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
             .await
             .map_err(crate::images::from_agent)?;
         spec.disks[0].path = vol.path;
+        if let Some((ds, volume)) = crate::datastores::locate_in(&stores, &spec.disks[0].path) {
+            spec.disks[0].datastore = Some(ds);
+            spec.disks[0].volume = Some(volume);
+        }
     }
     let made_disk = image.as_ref().map(|_| (target.clone(), spec.name.clone()));
     let recorded = record_new_vm(
@@ -1092,8 +1118,13 @@ async fn record_new_vm(
     drs_reason: Option<String>,
     image: Option<String>,
 ) -> Result<Vm, CenterError> {
-    // 3. Ask the host whether it sees the VM's files on its shared storage, and reaches its
-    // LUNs.
+    // 3. Ask the host whether it reaches the VM's datastores, sees the VM's files on its
+    // shared storage, and reaches its LUNs.
+    crate::datastores::check_host(app, &target, &spec)
+        .await
+        .map_err(|e| {
+            CenterError::unsatisfiable(format!("{e}; pick another host, or fix its storage"))
+        })?;
     let files = vmcheck::spec_storage(&spec);
     if !files.is_empty() {
         let report = app

@@ -20,6 +20,7 @@ pub mod api_error;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod datastores;
 pub mod drs;
 pub mod error;
 pub mod evc;

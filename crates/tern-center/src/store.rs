@@ -204,6 +204,13 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vms ADD COLUMN image TEXT REFERENCES images(name);
     "#,
+    // 13: the datastore catalogue (which VMs use one is read from their specs).
+    r#"
+    CREATE TABLE datastores (
+        name          TEXT PRIMARY KEY,
+        record        TEXT NOT NULL              -- Datastore JSON (used_by, hosts left empty)
+    );
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -1241,6 +1248,48 @@ impl Tx<'_> {
             params![id.to_string(), image],
         )?;
         Ok(())
+    }
+
+    /// Adds a datastore; `false` when the name is taken.
+    pub fn insert_datastore(
+        &self,
+        ds: &tern_api::datastores::Datastore,
+    ) -> Result<bool, StoreError> {
+        Ok(self.tx.execute(
+            "INSERT INTO datastores (name, record) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            params![ds.name, to_json(ds)?],
+        )? > 0)
+    }
+
+    /// A datastore's record (without `used_by` and `hosts`, which are not stored).
+    pub fn datastore(
+        &self,
+        name: &str,
+    ) -> Result<Option<tern_api::datastores::Datastore>, StoreError> {
+        let raw: Option<String> = self
+            .tx
+            .query_row(
+                "SELECT record FROM datastores WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        raw.map(|r| from_json("datastore", &r)).transpose()
+    }
+
+    /// The datastore catalogue, by name.
+    pub fn datastores(&self) -> Result<Vec<tern_api::datastores::Datastore>, StoreError> {
+        let raws = self.query_rows("SELECT record FROM datastores ORDER BY name", [], |[r]| {
+            r.unwrap_or_default()
+        })?;
+        raws.iter().map(|r| from_json("datastore", r)).collect()
+    }
+
+    pub fn delete_datastore(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .execute("DELETE FROM datastores WHERE name = ?1", [name])?
+            > 0)
     }
 
     /// Creates or replaces a pool.

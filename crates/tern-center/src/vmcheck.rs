@@ -396,6 +396,8 @@ mod tests {
             path: "/shared/../etc/passwd".into(),
             format: Default::default(),
             readonly: false,
+            datastore: None,
+            volume: None,
         });
         assert!(check_spec(&mut s)
             .unwrap_err()
@@ -428,6 +430,8 @@ mod tests {
                         path: format!("/shared/d{i}"),
                         format: Default::default(),
                         readonly: false,
+                        datastore: None,
+                        volume: None,
                     })
                     .collect()
             },

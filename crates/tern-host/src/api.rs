@@ -45,6 +45,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::VM_RESOURCES.template(), put(set_resources))
         .route(route::VM_CONSOLE.template(), get(console))
         .route(route::CHECK_PATHS.template(), post(check_paths))
+        .route(route::DATASTORES_PROBE.template(), post(probe_datastores))
+        .route(route::DATASTORES_MARK.template(), post(mark_datastore))
         .route(route::IMAGE_IMPORT.template(), post(import_image))
         .route(route::VOLUME_CLONE.template(), post(clone_volume))
         .route(
@@ -224,6 +226,38 @@ async fn check_paths(
             .await
             .map_err(|e| AgentError::Internal(anyhow::anyhow!("path check task failed: {e}")))?;
     Ok(Json(report))
+}
+
+async fn probe_datastores(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<tern_api::datastores::ProbeDatastores>, JsonRejection>,
+) -> Result<Json<Vec<tern_api::datastores::DatastoreReach>>, AgentError> {
+    let req = body(req)?;
+    if req.datastores.len() > 256 {
+        return Err(AgentError::BadRequest(
+            "at most 256 datastores per probe".into(),
+        ));
+    }
+    let root = agent.cfg.shared_storage.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        crate::datastores::probe(root.as_deref(), &req.datastores)
+    })
+    .await
+    .map_err(|e| AgentError::Internal(anyhow::anyhow!("datastore probe failed: {e}")))?;
+    Ok(Json(found))
+}
+
+async fn mark_datastore(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<tern_api::datastores::MarkDatastore>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let req = body(req)?;
+    let root = agent.cfg.shared_storage.clone();
+    tokio::task::spawn_blocking(move || crate::datastores::mark(root.as_deref(), &req))
+        .await
+        .map_err(|e| AgentError::Internal(anyhow::anyhow!("datastore mark failed: {e}")))?
+        .map_err(AgentError::BadRequest)?;
+    Ok(Json(serde_json::json!({})))
 }
 
 /// Runs image file work on the blocking pool, beneath this host's shared storage.

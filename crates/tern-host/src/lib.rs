@@ -13,6 +13,7 @@
 pub mod api;
 pub mod cgroups;
 pub mod config;
+pub mod datastores;
 pub mod enrol;
 pub mod error;
 pub mod facts;

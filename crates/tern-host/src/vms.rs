@@ -1443,6 +1443,8 @@ mod tests {
                     path,
                     format: Default::default(),
                     readonly: false,
+                    datastore: None,
+                    volume: None,
                 });
             }
             let e =

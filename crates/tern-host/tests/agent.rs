@@ -268,6 +268,8 @@ async fn registers_runs_vms_and_survives_restarts() {
         path: "/dev/null".into(),
         format: Default::default(),
         readonly: false,
+        datastore: None,
+        volume: None,
     });
     for bad in [leaky, raw] {
         let name = bad.name.clone();

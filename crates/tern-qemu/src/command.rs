@@ -839,12 +839,16 @@ mod tests {
                 path: "/shared/a,b.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                datastore: None,
+                volume: None,
             },
             DiskSpec {
                 bus: Default::default(),
                 path: "/shared/data.raw".into(),
                 format: DiskFormat::Raw,
                 readonly: true,
+                datastore: None,
+                volume: None,
             },
         ];
         cfg.spec.nics = vec![
@@ -919,6 +923,8 @@ mod tests {
             path: "/shared/vms/clone.qcow2".into(),
             format: DiskFormat::Qcow2,
             readonly: false,
+            datastore: None,
+            volume: None,
         }];
         assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("UEFI")));
         cfg.files = vec![OpenedFile {
@@ -997,6 +1003,8 @@ mod tests {
             path: "iscsi://10.77.0.3:3260/iqn.2026-12.lab.tern:san/1".into(),
             format: DiskFormat::Raw,
             readonly: false,
+            datastore: None,
+            volume: None,
             bus: DiskBus::VirtioBlk,
         }];
         cfg.validate().unwrap();
@@ -1027,6 +1035,8 @@ mod tests {
             path: path.into(),
             format: DiskFormat::Raw,
             readonly: false,
+            datastore: None,
+            volume: None,
             bus,
         };
         cfg.spec.disks = vec![

@@ -32,12 +32,16 @@ fn disks(dir: &std::path::Path) -> Vec<DiskSpec> {
             path: raw.to_string_lossy().into_owned(),
             format: DiskFormat::Raw,
             readonly: false,
+            datastore: None,
+            volume: None,
         },
         DiskSpec {
             bus: Default::default(),
             path: qcow.to_string_lossy().into_owned(),
             format: DiskFormat::Qcow2,
             readonly: true,
+            datastore: None,
+            volume: None,
         },
     ]
 }

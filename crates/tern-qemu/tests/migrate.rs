@@ -908,6 +908,8 @@ async fn shared_disk_follows_the_hand_over_decision() {
         path: disk_s.clone(),
         format: tern_api::DiskFormat::Raw,
         readonly: false,
+        datastore: None,
+        volume: None,
     }];
     // Each QEMU gets the disk as the agent hands it over: descriptors in an fd set, which the
     // caller closes once QEMU has started (its image lock lives on the open file, so a copy

@@ -67,6 +67,7 @@ client_group!(TokenArgs, cmd::token::TokenCommand);
 client_group!(RuleArgs, cmd::rule::RuleCommand);
 client_group!(PoolArgs, cmd::pool::PoolCommand);
 client_group!(ImageArgs, cmd::image::ImageCommand);
+client_group!(DatastoreArgs, cmd::datastore::DatastoreCommand);
 client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +97,9 @@ enum Command {
     /// Disk templates on the shared storage: import, list, show, remove; VMs' disks are made
     /// from them (`tern vm create --image`).
     Image(ImageArgs),
+    /// Datastores VMs' disks live on (directory, iSCSI target, block device), and which hosts
+    /// reach each: add, list, show, remove.
+    Datastore(DatastoreArgs),
     /// DRS: a cluster's recommendations from the center (recommend, apply), or the engine
     /// offline (simulate, explain).
     #[command(subcommand)]
@@ -261,6 +265,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Rule(g) => cmd::rule::run(g.cmd, &g.connect.client()?, output).await,
             Command::Pool(g) => cmd::pool::run(g.cmd, &g.connect.client()?, output).await,
             Command::Image(g) => cmd::image::run(g.cmd, &g.connect.client()?, output).await,
+            Command::Datastore(g) => cmd::datastore::run(g.cmd, &g.connect.client()?, output).await,
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
             Command::Trust(a) => cmd::trust::run(a).await,

@@ -1,10 +1,15 @@
 //! A VM whose disk is a LUN of a real iSCSI target: the lab's SAN (Debian's `tgt` in a storage
-//! namespace, on a storage network of its own), opened on each host by QEMU's userspace
-//! initiator. The guest appends a checksummed journal to the LUN while it moves four times
-//! between two hosts with a client streaming from it: the journal verifies after every move
-//! (nothing written before a hand-over is lost or torn), the stream stays intact, and one copy
-//! runs. A disk naming a host name instead of an address, or a format other than raw, is
-//! refused before anything starts, and so is a move to a host whose storage link is down.
+//! namespace, on a storage network of its own), registered as datastore `san` and opened on
+//! each host by QEMU's userspace initiator. The guest appends a checksummed journal to the LUN
+//! while it moves four times between two hosts with a client streaming from it: the journal
+//! verifies after every move (nothing written before a hand-over is lost or torn), the stream
+//! stays intact, and one copy runs.
+//!
+//! Around that: the datastore catalogue refuses bad input (a name reused, the same storage
+//! twice, a path outside the hosts' storage root, a volume climbing out, a datastore in use);
+//! a move to a host whose storage link is down is refused naming the datastore; and the target
+//! killed mid-run is noticed by the center (host and VM events), blocks every move, and once
+//! it is back the VM's journal goes on where it stopped and the VM moves again.
 
 mod common;
 
@@ -21,8 +26,78 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         .expect("lab.json lists the SAN's LUNs")
         .to_string();
 
-    // Bad input first: refused with the reason, nothing created.
+    // The lab registered its storage: both datastores, reached by both hosts.
+    let stores: Vec<Value> = wait_for("both hosts to report", Duration::from_secs(30), || {
+        let l: Vec<Value> = lab.tern_json(&["datastore", "list"]);
+        let all_reach = l.len() == 2
+            && l.iter().all(|d| {
+                d["hosts"]
+                    .as_array()
+                    .is_some_and(|h| h.len() == 2 && h.iter().all(|r| r["reachable"] == true))
+            });
+        all_reach.then_some(l)
+    });
+    let kinds: Vec<(&str, &str)> = stores
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap_or(""),
+                d["backend"]["kind"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("san", "iscsi"), ("shared", "directory")],
+        "{stores:?}"
+    );
+
+    // Bad datastores: refused with the reason, the catalogue unchanged.
+    let outside = lab.dir.join("not-shared");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    let outside = outside.display().to_string();
+    let shared = lab.shared().display().to_string();
+    for (args, why) in [
+        (vec!["shared2", "--directory", &shared], "already"),
+        (
+            vec!["shared", "--directory", "/srv/elsewhere"],
+            "exists already",
+        ),
+        (vec!["up", "--directory", "/srv/../etc"], "without '..'"),
+        (vec!["local", "--directory", &outside], "not beneath"),
+        (
+            vec![
+                "san2",
+                "--iscsi",
+                "10.79.0.2:3260",
+                "--iqn",
+                "iqn.2026-12.lab.tern:san",
+            ],
+            "already",
+        ),
+        (
+            vec!["bad", "--iscsi", "10.79.0.2:3260", "--iqn", "IQN;reboot"],
+            "not an iSCSI name",
+        ),
+        (vec!["Bad_Name", "--block", "wwn-0x1"], "not valid"),
+    ] {
+        let mut a = vec!["datastore", "add"];
+        a.extend(args.iter().copied());
+        let out = lab.tern(&a);
+        assert!(!out.status.success(), "{a:?} was accepted: {}", text(&out));
+        assert!(text(&out).contains(why), "{a:?}: {}", text(&out));
+    }
+    let after: Vec<Value> = lab.tern_json(&["datastore", "list"]);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(!std::path::Path::new(&outside)
+        .join(".tern-datastore")
+        .exists());
+
+    // Bad disks first: refused with the reason, nothing created.
     for (disk, why) in [
+        ("san:../1", "LUN number"),
+        ("shared:../../etc/passwd", "starting with '.'"),
+        ("nosuch:1", "no datastore named nosuch"),
         (
             "iscsi://san.example:3260/iqn.2026-12.lab.tern:san/1,format=raw",
             "not an iSCSI LUN",
@@ -44,7 +119,8 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         assert!(text(&out).contains(why), "{disk}: {}", text(&out));
     }
 
-    let disk = format!("{lun},format=raw");
+    // The VM's disk named by datastore and volume: LUN 1 of the SAN.
+    let disk = "san:1,format=raw".to_string();
     let ip = "10.78.0.151";
     let id = lab.create_vm(
         "sanvm",
@@ -61,6 +137,17 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         (s["disk"]["next_seq"].as_u64().unwrap_or(0) > 0).then_some(s)
     });
     let boot_id = first["boot_id"].clone();
+    let vm: Value = lab.tern_json(&["vm", "show", "sanvm"]);
+    assert_eq!(vm["spec"]["disks"][0]["path"], lun.as_str(), "{vm}");
+    assert_eq!(vm["spec"]["disks"][0]["datastore"], "san", "{vm}");
+    let san: Value = lab.tern_json(&["datastore", "show", "san"]);
+    assert_eq!(san["used_by"], serde_json::json!(["sanvm"]), "{san}");
+    let out = lab.tern(&["datastore", "remove", "san"]);
+    assert!(
+        !out.status.success() && text(&out).contains("in use by VM(s) sanvm"),
+        "{}",
+        text(&out)
+    );
     let client = lab.spawn_stream_client(&addr, 3000);
 
     // A destination that cannot reach the SAN is refused before anything moves, naming the
@@ -85,11 +172,11 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         text(&out)
     );
     let t = text(&out);
-    assert!(
-        t.contains("cannot reach the SAN") && t.contains(&lun),
-        "{t}"
-    );
+    assert!(t.contains("cannot reach datastore san"), "{t}");
+    // The center's own periodic check notices too, and says so once.
+    wait_event(&lab, "datastore san is unreachable from host h2");
     set_link("up");
+    wait_event(&lab, "datastore san is reachable again from host h2");
     let vm: Value = lab.tern_json(&["vm", "show", "sanvm"]);
     assert_eq!(vm["host"], "h1", "{vm}");
 
@@ -122,6 +209,62 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
     }
     lab.one_copy_on("sanvm", &id, host);
 
+    // The SAN fails under the running VM: the center raises it for the host and the VM, and no
+    // move is allowed while no host reaches the disk.
+    let out = lab.lab_cmd(&["lab", "san", "stop"]);
+    assert!(out.status.success(), "lab san stop: {}", text(&out));
+    wait_event(
+        &lab,
+        &format!("datastore san is unreachable from host {host}"),
+    );
+    wait_event(
+        &lab,
+        &format!("VM sanvm: its host {host} lost datastore san"),
+    );
+    let other = if host == "h1" { "h2" } else { "h1" };
+    let (out, _) = lab.migrate_json(&["sanvm", "--to", other]);
+    assert!(!out.status.success(), "moved without a SAN: {}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach datastore san"),
+        "{}",
+        text(&out)
+    );
+    // Back: the initiator logs in again, the journal goes on from where it was, and the VM
+    // moves again.
+    let out = lab.lab_cmd(&["lab", "san", "start"]);
+    assert!(out.status.success(), "lab san start: {}", text(&out));
+    wait_event(
+        &lab,
+        &format!("datastore san is reachable again from host {host}"),
+    );
+    let before = lab.guest_stats(&addr)["disk"]["next_seq"]
+        .as_u64()
+        .unwrap_or(0);
+    let s = wait_for("the journal to resume", Duration::from_secs(120), || {
+        let s = lab.guest_stats(&addr);
+        (s["disk"]["next_seq"].as_u64().unwrap_or(0) > before + 2).then_some(s)
+    });
+    assert_eq!(
+        s["disk"]["errors"], 0,
+        "journal after the SAN came back: {s}"
+    );
+    assert_eq!(s["boot_id"], boot_id, "{s}");
+    let (out, task) = lab.migrate_json(&["sanvm", "--to", other]);
+    assert!(
+        out.status.success(),
+        "move after the SAN returned: {}",
+        text(&out)
+    );
+    assert_eq!(task.expect("task")["result"]["status"], "completed");
+    host = other;
+    let s = wait_for("the journal to advance", Duration::from_secs(60), || {
+        let s = lab.guest_stats(&addr);
+        (s["disk"]["next_seq"].as_u64().unwrap_or(0) > before + 4).then_some(s)
+    });
+    assert_eq!(s["disk"]["errors"], 0, "{s}");
+    seq = s["disk"]["next_seq"].as_u64().unwrap_or(0);
+    lab.one_copy_on("sanvm", &id, host);
+
     // On the target's own backing file: every record the guest reported written is there, in
     // order, with its checksum (the layout of crates/tern-guest/src/disk.rs).
     lab.tern_ok(&["vm", "stop", "sanvm", "--force"]);
@@ -133,4 +276,19 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         "the LUN holds {records} journal records; the guest had written {seq}"
     );
     lab.down();
+}
+
+/// Waits until an event's message contains `needle` (the center's checks run every 2 s in the
+/// lab).
+fn wait_event(lab: &Lab, needle: &str) {
+    wait_for(
+        &format!("an event saying {needle:?}"),
+        Duration::from_secs(30),
+        || {
+            let ev: Vec<Value> = lab.tern_json(&["event", "list", "--limit", "200"]);
+            ev.iter()
+                .any(|e| e["message"].as_str().is_some_and(|m| m.contains(needle)))
+                .then_some(())
+        },
+    );
 }

@@ -59,6 +59,10 @@ pub enum LabCommand {
     /// Shape, cut or restore a host's management/migration link.
     #[command(subcommand)]
     Link(LinkCommand),
+    /// Stop (kill) or start again the lab SAN's iSCSI target: a SAN failing under its hosts,
+    /// and coming back with its LUNs' data.
+    #[command(subcommand)]
+    San(SanCommand),
     /// Set a host's fake EDAC memory-error counters (the lab's stand-in for failing
     /// memory): its agent reports them, and the center judges them (`tern host show`).
     MemoryErrors {
@@ -115,6 +119,14 @@ impl StartArgs {
             no_wait: self.no_wait,
         }
     }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SanCommand {
+    /// Kill the target (sessions drop, the portal stops answering); the LUN files stay.
+    Stop,
+    /// Start the target again, serving the same LUNs.
+    Start,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -285,6 +297,21 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             let ns = lab::client_namespace(dir, prefix.as_deref())?;
             // Only returns on failure: on success this process becomes the command.
             Err(lab::exec_client(&ns, &cmd).into())
+        }
+        LabCommand::San(c) => {
+            let what = match c {
+                SanCommand::Stop => match lab::san::stop_target(dir)? {
+                    Some(pid) => format!("SAN target stopped (pid {pid})"),
+                    None => "SAN target was not running".to_string(),
+                },
+                SanCommand::Start => {
+                    format!("SAN target started (pid {})", lab::san::start_target(dir)?)
+                }
+            };
+            if fmt == Format::Table {
+                println!("{what}");
+            }
+            Ok(())
         }
         LabCommand::Link(l) => {
             let (host, fault, what) = match l {

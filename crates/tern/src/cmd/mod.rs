@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod connect;
+pub mod datastore;
 pub mod drs;
 pub mod evc;
 pub mod event;

@@ -140,10 +140,11 @@ pub struct CreateArgs {
     /// (virtio-scsi, /dev/sda).
     #[arg(long, value_name = "virtio|scsi", requires = "image", value_parser = parse_bus)]
     disk_bus: Option<tern_api::DiskBus>,
-    /// Disk image on shared storage, or a SAN LUN QEMU opens itself
-    /// (`iscsi://IP:PORT/IQN/LUN`, raw): `PATH[,format=raw|qcow2][,bus=virtio|scsi][,readonly]`
-    /// (repeatable).
-    #[arg(long, value_name = "PATH[,format=qcow2]", value_parser = parse_disk)]
+    /// A disk: a volume of a datastore (`DATASTORE:VOLUME`, e.g. `shared:vms/db.qcow2` or
+    /// `san:2` for LUN 2), an image file on shared storage, or a SAN LUN QEMU opens itself
+    /// (`iscsi://IP:PORT/IQN/LUN`, raw); then `[,format=raw|qcow2][,bus=virtio|scsi]
+    /// [,readonly]` (repeatable).
+    #[arg(long, value_name = "DATASTORE:VOLUME|PATH[,format=qcow2]", value_parser = parse_disk)]
     disk: Vec<DiskSpec>,
     /// NIC MAC address (repeatable; one NIC each) [default: one NIC, random 52:54:00 MAC]
     #[arg(long, value_parser = parse_mac)]
@@ -500,7 +501,10 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
     };
     let mut disks = a.disk.clone();
     // Files are named from here; an iSCSI LUN (iscsi://IP:PORT/IQN/LUN) is taken as written.
-    for d in disks.iter_mut().filter(|d| !d.is_iscsi()) {
+    for d in disks
+        .iter_mut()
+        .filter(|d| !d.is_iscsi() && d.datastore.is_none())
+    {
         d.path = absolute(Path::new(&d.path))?;
     }
     let nics = if a.no_nic {
@@ -673,9 +677,13 @@ fn show(vm: &Vm, fmt: Format) -> Result<(), CliError> {
             tern_api::DiskBus::VirtioBlk => ro.to_string(),
             tern_api::DiskBus::VirtioScsi => format!(",bus=scsi{ro}"),
         };
+        let on = match (&d.datastore, &d.volume) {
+            (Some(ds), Some(v)) => format!(" on datastore {ds}, volume {v}"),
+            _ => String::new(),
+        };
         s.add(
             &format!("disk{i}"),
-            format!("{} (format={fmt_name}{ro})", d.path),
+            format!("{} (format={fmt_name}{ro}){on}", d.path),
         );
     }
     for (i, n) in s_.nics.iter().enumerate() {
@@ -742,7 +750,7 @@ fn absolute(p: &Path) -> Result<String, CliError> {
         .ok_or_else(|| CliError::usage(format!("path {} is not UTF-8", abs.display())))
 }
 
-/// `PATH[,format=raw|qcow2][,readonly]`.
+/// `PATH|DATASTORE:VOLUME[,format=raw|qcow2][,bus=virtio|scsi][,readonly]`.
 fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     let mut parts = s.split(',');
     let path = parts.next().unwrap_or_default();
@@ -754,7 +762,20 @@ fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         path: path.to_string(),
         format: DiskFormat::Raw,
         readonly: false,
+        datastore: None,
+        volume: None,
     };
+    // DATASTORE:VOLUME (a name cannot hold '/', so a path or an iscsi:// URL never matches).
+    if let Some((ds, volume)) = path.split_once(':') {
+        if !ds.contains('/') && !volume.starts_with("//") {
+            if !tern_api::datastores::valid_datastore_name(ds) || volume.is_empty() {
+                return Err(format!("`{path}` is not DATASTORE:VOLUME"));
+            }
+            d.path = String::new();
+            d.datastore = Some(ds.to_string());
+            d.volume = Some(volume.to_string());
+        }
+    }
     for opt in parts {
         match opt.split_once('=') {
             Some(("format", "raw")) => d.format = DiskFormat::Raw,
@@ -804,6 +825,15 @@ mod tests {
         assert_eq!(parse_disk("/s/a.raw").unwrap().format, DiskFormat::Raw);
         assert!(parse_disk("/s/a,format=vmdk").is_err());
         assert!(parse_disk(",format=raw").is_err());
+        let d = parse_disk("san:2,bus=scsi").unwrap();
+        assert_eq!(
+            (d.datastore.as_deref(), d.volume.as_deref()),
+            (Some("san"), Some("2"))
+        );
+        assert!(d.path.is_empty());
+        let u = parse_disk("iscsi://10.0.0.1:3260/iqn.2026-12.x:y/1").unwrap();
+        assert_eq!(u.datastore, None);
+        assert!(parse_disk("Bad Name:x").is_err());
     }
 
     #[test]

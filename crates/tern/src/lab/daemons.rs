@@ -39,6 +39,9 @@ pub(super) fn center_args(st: &LabState) -> Vec<String> {
         st.socket.display().to_string(),
         "--admin-token-file".into(),
         st.admin_token_file.display().to_string(),
+        // Lab tests take storage away and expect the center to notice within seconds.
+        "--datastore-check-ms".into(),
+        "2000".into(),
     ]
 }
 

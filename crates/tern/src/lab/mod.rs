@@ -22,7 +22,7 @@ mod daemons;
 mod faults;
 mod net;
 mod procs;
-mod san;
+pub mod san;
 mod teardown;
 mod topology;
 
@@ -310,7 +310,46 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         children.push((name.clone(), start_process(&mut st, &name)?));
     }
     wait_hosts(&st, &api, &mut children, since).await?;
+    register_datastores(&st, &api).await?;
     Ok(st)
+}
+
+/// The lab's storage as datastores: the shared directory (`shared`) and, with a SAN, its
+/// target (`san`, LUNs 1..N).
+async fn register_datastores(st: &LabState, api: &tern_api::CenterClient) -> anyhow::Result<()> {
+    use tern_api::datastores::{AddDatastore, DatastoreBackend};
+    let mut stores = vec![AddDatastore {
+        name: "shared".into(),
+        backend: DatastoreBackend::Directory {
+            path: st.shared_dir.display().to_string(),
+        },
+    }];
+    if st.san.is_some() {
+        stores.push(AddDatastore {
+            name: "san".into(),
+            backend: DatastoreBackend::Iscsi {
+                portal: std::net::SocketAddr::new(
+                    plan::SAN_IP.parse().context("the SAN's address")?,
+                    plan::SAN_PORT,
+                ),
+                iqn: plan::SAN_TARGET.into(),
+            },
+        });
+    }
+    for d in stores {
+        say(&format!(
+            "datastore {}: {} {}",
+            d.name,
+            d.backend.kind(),
+            d.backend.location()
+        ));
+        match api.add_datastore(&d).await {
+            Ok(_) => {}
+            Err(e) if e.is_conflict() => {}
+            Err(e) => return Err(e).with_context(|| format!("adding datastore {}", d.name)),
+        }
+    }
+    Ok(())
 }
 
 /// Copies vmlinuz, initramfs.img (and tern-guest when present) into shared storage.

@@ -106,8 +106,18 @@ pub fn start(
     let mut urls = Vec::new();
     for n in 1..=luns {
         let file = store.join(format!("lun{n}.img"));
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(lun_mib << 20))
+        // A restarted target serves the LUNs it had: never truncate one.
+        std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&file)
+            .and_then(|f| {
+                if f.metadata()?.len() == 0 {
+                    f.set_len(lun_mib << 20)?;
+                }
+                Ok(())
+            })
             .with_context(|| format!("making {}", file.display()))?;
         let (n_s, path) = (n.to_string(), file.display().to_string());
         tgtadm(
@@ -139,6 +149,55 @@ pub fn start(
         control_port: port,
         luns: urls,
     })
+}
+
+/// The lab's tgtd pid, when it is running (its command line names its control port).
+fn running_target(san: &LabSan) -> Option<u32> {
+    let port = san.control_port.to_string();
+    san.process
+        .pid
+        .filter(|pid| procs::cmdline(*pid).is_some_and(|c| c.contains("tgtd") && c.contains(&port)))
+}
+
+/// Kills the lab's target at once (a SAN that fails, as hosts see it: every session drops
+/// and no portal answers); its LUN files stay. Returns the pid it had.
+pub fn stop_target(dir: &Path) -> anyhow::Result<Option<u32>> {
+    let mut st = super::load(&super::absolute(dir)?)?;
+    let san = st
+        .san
+        .as_mut()
+        .context("this lab has no SAN (tern lab up --san-luns N)")?;
+    let pid = running_target(san);
+    if let Some(pid) = pid {
+        procs::kill_now(&[pid])?;
+    }
+    san.process.pid = None;
+    st.save()?;
+    Ok(pid)
+}
+
+/// Starts the lab's target again with the same LUNs and their data. Returns the new pid.
+pub fn start_target(dir: &Path) -> anyhow::Result<u32> {
+    let mut st = super::load(&super::absolute(dir)?)?;
+    let san = st
+        .san
+        .as_ref()
+        .context("this lab has no SAN (tern lab up --san-luns N)")?;
+    if let Some(pid) = running_target(san) {
+        bail!("the SAN's target is already running (pid {pid})");
+    }
+    let luns = u32::try_from(san.luns.len()).context("LUN count")?;
+    let lun1 = st.dir.join("san/lun1.img");
+    let lun_mib = std::fs::metadata(&lun1)
+        .with_context(|| format!("{}", lun1.display()))?
+        .len()
+        >> 20;
+    let namespace = san.process.namespace.clone();
+    let new = start(&st.dir, &st.prefix, &namespace, luns, lun_mib)?;
+    let pid = new.process.pid.context("tgtd's pid")?;
+    st.san = Some(new);
+    st.save()?;
+    Ok(pid)
 }
 
 #[cfg(test)]
