@@ -151,6 +151,18 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
+    /// Removes a deleted UEFI VM's variables store from the shared storage.
+    pub async fn remove_nvram(&self, id: Uuid) -> Result<(), AgentError> {
+        self.client(QUICK)
+            .post::<_, serde_json::Value>(
+                &route::NVRAM_REMOVE.path(),
+                &crate::images::RemoveNvram { id },
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(e))
+    }
+
     /// Which of these datastores the host reaches (an iSCSI portal may take seconds to time
     /// out, hence the longer limit).
     pub async fn probe_datastores(

@@ -57,6 +57,13 @@ pub struct DiskFromImage {
     /// How the guest sees the disk.
     #[serde(default, skip_serializing_if = "crate::DiskBus::is_default")]
     pub bus: crate::DiskBus,
+    /// The datastore the disk goes on [default: the image's]. On an iSCSI datastore the disk
+    /// is a LUN (`volume`) holding a full, raw copy of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
+    /// The volume on `datastore` (an iSCSI LUN number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 /// Agent API: `POST /v1/images/import`.
@@ -88,6 +95,9 @@ pub struct CloneVolume {
     pub vm: String,
     pub size_bytes: Option<u64>,
     pub full_copy: bool,
+    /// Write the copy onto this iSCSI LUN (`iscsi://IP:PORT/IQN/LUN`, raw) instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun: Option<String>,
 }
 
 /// Agent API: `POST /v1/images/remove` (the template) or `/v1/volumes/remove` (a VM's disk
@@ -96,6 +106,14 @@ pub struct CloneVolume {
 #[serde(deny_unknown_fields)]
 pub struct RemoveFile {
     pub name: String,
+}
+
+/// Agent API: `POST /v1/nvram/remove`: a deleted UEFI VM's variables store
+/// (`.tern/nvram/<id>.fd` on the shared storage), by the VM's id alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNvram {
+    pub id: uuid::Uuid,
 }
 
 /// Agent API: the disk a clone made.

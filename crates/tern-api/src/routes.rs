@@ -98,6 +98,7 @@ pub mod agent {
     pub const VOLUME_CLONE: Route = Route::new("/v1/volumes/clone");
     pub const IMAGE_REMOVE: Route = Route::new("/v1/images/remove");
     pub const VOLUME_REMOVE: Route = Route::new("/v1/volumes/remove");
+    pub const NVRAM_REMOVE: Route = Route::new("/v1/nvram/remove");
     pub const DATASTORES_PROBE: Route = Route::new("/v1/datastores/probe");
     pub const DATASTORES_MARK: Route = Route::new("/v1/datastores/mark");
     pub const MIGRATION: Route = Route::new("/v1/migrations/{id}");

@@ -891,6 +891,61 @@ fn drs_place(
     }
 }
 
+/// The LUN an image's disk is to be written onto (`--image-on san:2`), when it goes on an
+/// iSCSI datastore; `None` for the image's own directory datastore.
+fn image_on_lun(
+    from: &tern_api::images::DiskFromImage,
+    stores: &[tern_api::datastores::Datastore],
+) -> Result<Option<String>, CenterError> {
+    use tern_api::datastores::DatastoreBackend;
+    let Some(name) = &from.datastore else {
+        if from.volume.is_some() {
+            return Err(CenterError::invalid(
+                "a volume for the image's disk needs its datastore (DATASTORE:VOLUME)",
+            ));
+        }
+        return Ok(None);
+    };
+    let ds = stores.iter().find(|d| &d.name == name).ok_or_else(|| {
+        CenterError::unsatisfiable(format!(
+            "no datastore named {name} (see tern datastore list)"
+        ))
+    })?;
+    match &ds.backend {
+        DatastoreBackend::Iscsi { .. } => {
+            let volume = from.volume.as_deref().ok_or_else(|| {
+                CenterError::invalid(format!(
+                    "name the LUN of iSCSI datastore {name} the disk goes on ({name}:LUN)"
+                ))
+            })?;
+            if !from.full_copy {
+                return Err(CenterError::unsatisfiable(format!(
+                    "a disk on iSCSI datastore {name} is a full copy of the image written onto \
+                     the LUN (a linked clone keeps its template on a directory datastore): add \
+                     --full-copy"
+                )));
+            }
+            ds.backend
+                .locate(volume)
+                .map(Some)
+                .map_err(CenterError::invalid)
+        }
+        DatastoreBackend::Directory { .. } => {
+            if from.volume.is_some() {
+                return Err(CenterError::invalid(
+                    "on a directory datastore the disk made from an image is vms/VM.qcow2: leave \
+                     out the volume",
+                ));
+            }
+            Ok(None)
+        }
+        DatastoreBackend::Block { .. } => Err(CenterError::unsatisfiable(format!(
+            "datastore {name} is a block device; VM disks on block datastores are not supported \
+             yet"
+        ))),
+    }
+}
+
 pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError> {
     let CreateVm {
         mut spec,
@@ -901,30 +956,37 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
     // A disk made from an image goes first, and the VM boots from it. Its path is known once
     // the host is chosen (that host's view of the shared storage); until then a placeholder
     // lets the spec's checks count the disk.
-    if image.is_some() {
+    let stores = app
+        .db
+        .read(|tx| Ok::<_, CenterError>(tx.datastores()?))
+        .await?;
+    // An image's disk written onto an iSCSI LUN (a full, raw copy), when asked for.
+    let mut lun_target: Option<String> = None;
+    if let Some(from) = &image {
         if !matches!(spec.boot, tern_api::BootSource::Disk) {
             return Err(CenterError::invalid(
                 "a VM made from an image boots from its disk: leave out the kernel",
             ));
         }
-        spec.disks.insert(
-            0,
-            tern_api::DiskSpec {
-                bus: image.as_ref().map(|i| i.bus).unwrap_or_default(),
-                path: format!("/pending/{}.qcow2", spec.name),
-                format: tern_api::DiskFormat::Qcow2,
-                readonly: false,
-                datastore: None,
-                volume: None,
-            },
-        );
+        let mut disk = tern_api::DiskSpec {
+            bus: from.bus,
+            path: format!("/pending/{}.qcow2", spec.name),
+            format: tern_api::DiskFormat::Qcow2,
+            readonly: false,
+            datastore: None,
+            volume: None,
+        };
+        if let Some(url) = image_on_lun(from, &stores)? {
+            disk.path = url.clone();
+            disk.format = tern_api::DiskFormat::Raw;
+            disk.datastore = from.datastore.clone();
+            disk.volume = from.volume.clone();
+            lun_target = Some(url);
+        }
+        spec.disks.insert(0, disk);
     }
     // Disks named by datastore and volume get their paths; disks given by path, their
     // datastore.
-    let stores = app
-        .db
-        .read(|tx| Ok::<_, CenterError>(tx.datastores()?))
-        .await?;
     crate::datastores::resolve_disks(&mut spec, &stores)?;
     vmcheck::check_spec(&mut spec)?;
 
@@ -941,6 +1003,18 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                         from.image
                     ))
                 })?;
+                if let Some(ds) = &from.datastore {
+                    let on_image_store = tx
+                        .datastore(ds)?
+                        .is_some_and(|d| d.backend.volume_of(&img.path).is_some());
+                    if from.volume.is_none() && !on_image_store {
+                        return Err(CenterError::unsatisfiable(format!(
+                            "a disk made from image {} goes on the image's own datastore (or \
+                             onto an iSCSI LUN): {ds} does not hold the image",
+                            img.name
+                        )));
+                    }
+                }
                 if from.size_bytes.is_some_and(|s| s < img.virtual_size_bytes) {
                     return Err(CenterError::invalid(format!(
                         "the disk cannot be smaller than image {} ({} bytes)",
@@ -959,6 +1033,20 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                     "a VM named {} already exists; choose another name",
                     spec2.name
                 )));
+            }
+            // One writer per disk: two VMs writing one LUN or file corrupt it.
+            let others = tx.vms()?;
+            for d in spec2.disks.iter().filter(|d| !d.readonly) {
+                if let Some(v) = others
+                    .iter()
+                    .find(|v| v.spec.disks.iter().any(|o| o.path == d.path))
+                {
+                    return Err(CenterError::conflict(format!(
+                        "{} is already a disk of VM {}: a disk has one VM writing it",
+                        d.path,
+                        v.name()
+                    )));
+                }
             }
             for nic in &spec2.nics {
                 if let Some(other) = tx.vm_with_mac(&nic.mac)? {
@@ -1074,6 +1162,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
                 vm: spec.name.clone(),
                 size_bytes: from.size_bytes,
                 full_copy: from.full_copy,
+                lun: lun_target.clone(),
             })
             .await
             .map_err(crate::images::from_agent)?;
@@ -1083,7 +1172,11 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<Vm, CenterError>
             spec.disks[0].volume = Some(volume);
         }
     }
-    let made_disk = image.as_ref().map(|_| (target.clone(), spec.name.clone()));
+    // A file made for the VM goes if the VM is refused; a LUN is only overwritten.
+    let made_disk = image
+        .as_ref()
+        .filter(|_| lun_target.is_none())
+        .map(|_| (target.clone(), spec.name.clone()));
     let recorded = record_new_vm(
         app,
         spec,
@@ -1299,6 +1392,13 @@ pub async fn delete_vm(app: &Arc<App>, name: String) -> Result<(), CenterError> 
         };
         if let Some(e) = disk {
             tracing::warn!(vm = %vm.name(), error = %e, "the VM's disk made from an image was not removed");
+        }
+        // A UEFI VM's variables store is the VM's, like its disk (the agent's own delete,
+        // also used after a migration, leaves it: the VM lives on elsewhere then).
+        if vm.spec.firmware == tern_api::Firmware::Uefi {
+            if let Err(e) = app.agent(&h).remove_nvram(vm.id).await {
+                tracing::warn!(vm = %vm.name(), error = %e, "the VM's UEFI variables store was not removed");
+            }
         }
         if let Err(e) = app.agent(&h).delete(vm.id).await {
             let name = vm.name().to_string();

@@ -45,6 +45,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::VM_RESOURCES.template(), put(set_resources))
         .route(route::VM_CONSOLE.template(), get(console))
         .route(route::CHECK_PATHS.template(), post(check_paths))
+        .route(route::NVRAM_REMOVE.template(), post(remove_nvram))
         .route(route::DATASTORES_PROBE.template(), post(probe_datastores))
         .route(route::DATASTORES_MARK.template(), post(mark_datastore))
         .route(route::IMAGE_IMPORT.template(), post(import_image))
@@ -226,6 +227,29 @@ async fn check_paths(
             .await
             .map_err(|e| AgentError::Internal(anyhow::anyhow!("path check task failed: {e}")))?;
     Ok(Json(report))
+}
+
+async fn remove_nvram(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<tern_api::images::RemoveNvram>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let req = body(req)?;
+    let Some(root) = agent.cfg.shared_storage.clone() else {
+        return Ok(Json(serde_json::json!({})));
+    };
+    // Named by the VM's id alone (a UUID): no path comes from the request.
+    let path = crate::firmware::UefiFirmware::vars_path(&root, req.id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(vm = %req.id, "removed the UEFI variables store {}", path.display());
+            Ok(Json(serde_json::json!({})))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Json(serde_json::json!({}))),
+        Err(e) => Err(AgentError::Internal(anyhow::anyhow!(
+            "{}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 async fn probe_datastores(

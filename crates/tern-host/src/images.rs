@@ -242,6 +242,9 @@ pub fn clone(root: &Path, req: &CloneVolume) -> Result<Volume, ImageError> {
         )));
     }
     let image_size = virtual_size(&template)?;
+    if let Some(url) = &req.lun {
+        return copy_to_lun(&template, image_size, url, req);
+    }
     let size = req.size_bytes.unwrap_or(image_size);
     if size < image_size {
         return Err(ImageError::Invalid(format!(
@@ -297,6 +300,55 @@ pub fn clone(root: &Path, req: &CloneVolume) -> Result<Volume, ImageError> {
     Ok(Volume {
         path: dest.display().to_string(),
         virtual_size_bytes: size,
+    })
+}
+
+/// Writes a raw copy of `template` onto the iSCSI LUN `url`, with QEMU's own initiator (this
+/// host's namespace, as the VM's QEMU will): the disk is the whole LUN.
+fn copy_to_lun(
+    template: &Path,
+    image_size: u64,
+    url: &str,
+    req: &CloneVolume,
+) -> Result<Volume, ImageError> {
+    let lun = tern_api::IscsiLun::parse(url)
+        .ok_or_else(|| ImageError::Invalid(format!("{url:?} is not an iSCSI LUN URL")))?;
+    if !req.full_copy {
+        return Err(ImageError::Invalid(
+            "a disk on an iSCSI LUN is a full copy of the image (a linked clone keeps its \
+             template on a directory datastore): ask for a full copy"
+                .into(),
+        ));
+    }
+    let info = tool(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "raw"])
+            .arg(lun.url()),
+        "reading the LUN",
+    )?;
+    let lun_size = serde_json::from_str::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v["virtual-size"].as_u64())
+        .ok_or_else(|| ImageError::Failed(format!("qemu-img info gave no size: {info}")))?;
+    let want = req.size_bytes.unwrap_or(image_size).max(image_size);
+    if lun_size < want {
+        return Err(ImageError::Invalid(format!(
+            "LUN {} has {lun_size} bytes, less than the {want} the disk needs",
+            lun.lun
+        )));
+    }
+    tool(
+        Command::new("qemu-img")
+            .args([
+                "convert", "-q", "-n", "-t", "none", "-f", "qcow2", "-O", "raw",
+            ])
+            .arg(template)
+            .arg(lun.url()),
+        "copying the image onto the LUN",
+    )?;
+    Ok(Volume {
+        path: lun.url(),
+        virtual_size_bytes: lun_size,
     })
 }
 
@@ -415,6 +467,7 @@ mod tests {
                 vm: "a".into(),
                 size_bytes: Some(2 << 20),
                 full_copy: false,
+                lun: None,
             },
         )
         .unwrap();
@@ -430,6 +483,7 @@ mod tests {
                 vm: "b".into(),
                 size_bytes: None,
                 full_copy: true,
+                lun: None,
             },
         )
         .unwrap();
@@ -438,7 +492,7 @@ mod tests {
             None
         );
         assert!(
-            matches!(clone(root, &CloneVolume { image: "base".into(), vm: "c".into(), size_bytes: Some(4096), full_copy: false }), Err(ImageError::Invalid(m)) if m.contains("smaller"))
+            matches!(clone(root, &CloneVolume { image: "base".into(), vm: "c".into(), size_bytes: Some(4096), full_copy: false, lun: None }), Err(ImageError::Invalid(m)) if m.contains("smaller"))
         );
         assert!(matches!(
             clone(
@@ -447,7 +501,8 @@ mod tests {
                     image: "base".into(),
                     vm: "a".into(),
                     size_bytes: None,
-                    full_copy: false
+                    full_copy: false,
+                    lun: None,
                 }
             ),
             Err(ImageError::Exists(_))

@@ -81,26 +81,57 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// One guest of the test: its name, address and firmware.
+/// One guest of the test: its name, address, firmware, disk and how often it moves.
 struct Os {
     name: &'static str,
     ip: &'static str,
     mac: &'static str,
     firmware: &'static str,
+    /// How its disk is made from the image (`vm create` options).
+    disk: &'static [&'static str],
+    /// The root file system's device in the guest (the bus the spec names).
+    root: &'static str,
+    moves: usize,
 }
 
-const GUESTS: [Os; 2] = [
+/// Both firmwares on both kinds of datastore: a linked clone (grown, on virtio-scsi) and a
+/// full copy on the shared directory, and full copies written onto two LUNs of the SAN.
+const GUESTS: [Os; 4] = [
     Os {
         name: "deb-bios",
         ip: "10.78.0.131",
         mac: "52:54:00:0d:e0:01",
         firmware: "bios",
+        disk: &["--disk-size", "4G", "--disk-bus", "scsi"],
+        root: "/dev/sda2",
+        moves: 2,
     },
     Os {
         name: "deb-uefi",
         ip: "10.78.0.132",
         mac: "52:54:00:0d:e0:02",
         firmware: "uefi",
+        disk: &["--full-copy"],
+        root: "/dev/vda2",
+        moves: 10,
+    },
+    Os {
+        name: "deb-san-bios",
+        ip: "10.78.0.133",
+        mac: "52:54:00:0d:e0:03",
+        firmware: "bios",
+        disk: &["--full-copy", "--image-on", "san:1"],
+        root: "/dev/vda2",
+        moves: 10,
+    },
+    Os {
+        name: "deb-san-uefi",
+        ip: "10.78.0.134",
+        mac: "52:54:00:0d:e0:04",
+        firmware: "uefi",
+        disk: &["--full-copy", "--image-on", "san:2", "--disk-bus", "scsi"],
+        root: "/dev/sda2",
+        moves: 2,
     },
 ];
 
@@ -232,7 +263,8 @@ fn system_state(lab: &Lab, key: &Path, ip: &str) -> String {
 
 #[test]
 fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_across_moves() {
-    let lab = Lab::up("os", 2);
+    // Two LUNs big enough for the image (1.1 GiB).
+    let lab = Lab::up_with("os", 2, &["--san-luns", "2", "--san-lun-mib", "1280"]);
     let shared = lab.shared();
     import_image(&lab);
 
@@ -292,19 +324,44 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
     let pub_s = pub_key.display().to_string();
     let started = Instant::now();
     for g in &GUESTS {
-        // A linked clone grown to 4 GiB for one, a full copy for the other.
-        // (The BIOS VM's disk on virtio-scsi, the UEFI VM's on virtio-blk.)
-        let disk: &[&str] = if g.firmware == "bios" {
-            &["--disk-size", "4G", "--disk-bus", "scsi"]
-        } else {
-            &["--full-copy"]
-        };
         let mut extra = vec!["--firmware", g.firmware, "--gateway", "10.78.0.2"];
         extra.extend(["--ssh-key", &pub_s]);
-        extra.extend_from_slice(disk);
+        extra.extend_from_slice(g.disk);
         create_os_vm(&lab, g.name, g.mac, g.ip, &user_data, &extra);
         lab.tern_ok(&["vm", "start", g.name]);
     }
+    // A LUN takes a full copy only, and holds one VM's disk.
+    let ud = user_data.display().to_string();
+    let base = [
+        "vm",
+        "create",
+        "deb-x",
+        "--cluster",
+        "lab",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "512",
+        "--image",
+        "debian-12",
+        "--user-data",
+        &ud,
+    ];
+    refused(
+        &lab,
+        &[&base[..], &["--image-on", "san:1"]].concat(),
+        "add --full-copy",
+    );
+    refused(
+        &lab,
+        &[&base[..], &["--full-copy", "--image-on", "san:1"]].concat(),
+        "already a disk of VM deb-san-bios",
+    );
+    refused(
+        &lab,
+        &[&base[..], &["--full-copy", "--image-on", "san:9"]].concat(),
+        "reading the LUN",
+    );
     for g in &GUESTS {
         lab.wait_console(g.name, "TERN-OS-READY", Duration::from_secs(300));
         eprintln!(
@@ -335,13 +392,8 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         )
         .expect("firmware");
         let root = ssh(&lab, &key, g.ip, "findmnt -no SOURCE /").expect("root device");
-        let want = if g.firmware == "bios" {
-            "/dev/sda2"
-        } else {
-            "/dev/vda2"
-        };
         assert_eq!(
-            root, want,
+            root, g.root,
             "{}: the root disk is on the bus its spec names",
             g.name
         );
@@ -369,12 +421,11 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         template_size
     );
 
-    // Moves: the UEFI VM ten times, the BIOS VM twice (its hand-over is the plain disk's).
-    let moves = [2usize, 10];
-    let mut host = ["h1", "h1"];
+    // Moves: ten for one VM of each datastore, two for the other.
+    let mut host = ["h1"; GUESTS.len()];
     for round in 0..10 {
         for (i, g) in GUESTS.iter().enumerate() {
-            if round >= moves[i] {
+            if round >= g.moves {
                 continue;
             }
             let to = if host[i] == "h1" { "h2" } else { "h1" };
@@ -424,7 +475,7 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
     refused(
         &lab,
         &["image", "remove", "debian-12"],
-        "deb-bios, deb-uefi",
+        "deb-bios, deb-san-bios, deb-san-uefi, deb-uefi",
     );
     for g in &GUESTS {
         lab.tern_ok(&["vm", "stop", g.name, "--force"]);
@@ -432,6 +483,7 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         let disk = lab.shared().join(format!("vms/{}.qcow2", g.name));
         assert!(!disk.exists(), "{} is left behind", disk.display());
     }
+    assert!(!nvram.exists(), "{} is left behind", nvram.display());
     lab.tern_ok(&["image", "remove", "debian-12"]);
     assert!(!lab.shared().join("images/debian-12.qcow2").exists());
     lab.down();

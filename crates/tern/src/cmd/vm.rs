@@ -136,6 +136,11 @@ pub struct CreateArgs {
     /// A full, independent copy of the image instead of a linked clone.
     #[arg(long, requires = "image")]
     full_copy: bool,
+    /// Put the disk made from --image on this volume of a datastore instead of the image's
+    /// own: `san:2` writes a full, raw copy onto LUN 2 of iSCSI datastore san (with
+    /// --full-copy).
+    #[arg(long, value_name = "DATASTORE:VOLUME", requires = "image")]
+    image_on: Option<String>,
     /// How the guest sees the disk made from --image: virtio (virtio-blk, /dev/vda) or scsi
     /// (virtio-scsi, /dev/sda).
     #[arg(long, value_name = "virtio|scsi", requires = "image", value_parser = parse_bus)]
@@ -514,6 +519,17 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
     } else {
         a.mac.iter().map(|m| NicSpec { mac: m.clone() }).collect()
     };
+    let on = match &a.image_on {
+        Some(s) => Some(
+            s.split_once(':')
+                .filter(|(d, v)| tern_api::datastores::valid_datastore_name(d) && !v.is_empty())
+                .map(|(d, v)| (d.to_string(), v.to_string()))
+                .ok_or_else(|| {
+                    CliError::usage(format!("--image-on {s:?} is not DATASTORE:VOLUME"))
+                })?,
+        ),
+        None => None,
+    };
     let body = CreateVm {
         spec: VmSpec {
             firmware: a.firmware,
@@ -537,6 +553,8 @@ async fn create(api: &CenterClient, a: CreateArgs, fmt: Format) -> Result<(), Cl
                 size_bytes: a.disk_size,
                 full_copy: a.full_copy,
                 bus: a.disk_bus.unwrap_or_default(),
+                datastore: on.as_ref().map(|(d, _)| d.clone()),
+                volume: on.as_ref().map(|(_, v)| v.clone()),
             }),
     };
     let vm: Vm = api.create_vm(&body).await.map_err(|e| {
