@@ -187,6 +187,8 @@ pub struct RunPaths {
     pub qemu_log: PathBuf,
     /// QEMU's stdout/stderr (the reason a launch failed is there).
     pub start_log: PathBuf,
+    /// The VM's screen (VNC, RFB over a unix socket), for VMs that boot from a disk.
+    pub vnc_socket: PathBuf,
     /// The key file of a migration's TLS, while the migration needs it.
     pub migration_tls_dir: PathBuf,
 }
@@ -198,6 +200,7 @@ impl RunPaths {
     pub const CONSOLE_LOG: &'static str = "console.log";
     pub const QEMU_LOG: &'static str = "qemu.log";
     pub const MIGRATION_TLS_DIR: &'static str = "migration-tls";
+    pub const VNC_SOCKET: &'static str = "vnc.sock";
 
     pub fn new(run_dir: &Path) -> Self {
         RunPaths {
@@ -207,6 +210,7 @@ impl RunPaths {
             console_log: run_dir.join(Self::CONSOLE_LOG),
             qemu_log: run_dir.join(Self::QEMU_LOG),
             start_log: run_dir.join("qemu-start.log"),
+            vnc_socket: run_dir.join(Self::VNC_SOCKET),
             migration_tls_dir: run_dir.join(Self::MIGRATION_TLS_DIR),
         }
     }
@@ -421,7 +425,16 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
         &format!("{0},sockets=1,cores={0},threads=1", spec.vcpus),
     ]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-nodefaults", "-no-user-config"]);
+    if matches!(spec.boot, BootSource::Disk) {
+        // A guest booted by firmware has a screen (its boot menu, an installer, a login), served
+        // as VNC on a unix socket in the run dir: only the agent reaches it, and a console in
+        // the web client can be proxied from there. Kernel-booted test guests have none.
+        push(&["-display", &format!("vnc=unix:{}", RunPaths::VNC_SOCKET)]);
+        push(&["-device", r#"{"driver":"VGA","id":"video0"}"#]);
+    } else {
+        push(&["-display", "none"]);
+    }
     // Seccomp filter, every group denied: obsolete system calls; set*uid/gid and setsid
     // (elevateprivileges); fork and exec (spawn: no helper, no `exec:` migration); scheduling,
     // affinity and memory policy (resourcecontrol: the agent's cgroup decides those).
@@ -1025,6 +1038,26 @@ mod tests {
         cfg.spec.disks[0].format = DiskFormat::Raw;
         cfg.spec.disks[0].path = "iscsi://san.example:3260/iqn.x:y/1".into();
         assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("iSCSI")));
+    }
+
+    #[test]
+    fn a_firmware_booted_guest_has_a_screen_on_a_unix_socket_and_a_test_guest_none() {
+        let mut cfg = config();
+        assert_eq!(value(&build_command(&cfg), "-display"), "none");
+        cfg.spec.boot = BootSource::Disk;
+        cfg.spec.disks = vec![DiskSpec {
+            path: "/shared/boot.raw".into(),
+            format: DiskFormat::Raw,
+            readonly: false,
+            datastore: None,
+            volume: None,
+            bus: DiskBus::VirtioBlk,
+        }];
+        let argv = build_command(&cfg);
+        assert_eq!(value(&argv, "-display"), "vnc=unix:vnc.sock");
+        assert!(values(&argv, "-device")
+            .iter()
+            .any(|d| d.contains(r#""driver":"VGA""#)));
     }
 
     #[test]

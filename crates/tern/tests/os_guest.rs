@@ -1,12 +1,14 @@
 //! A real operating system, as users bring one: Debian 12 from the project's OS image
-//! (guest/build-os.sh), booted by firmware from a linked clone on the shared storage —
-//! SeaBIOS for one VM, UEFI for the other — and configured by cloud-init from a seed the host
-//! writes (host name, SSH key, static address, user data). The client logs in over SSH.
+//! (guest/build-os.sh), booted by firmware — SeaBIOS and UEFI — from both kinds of datastore:
+//! a linked clone and a full copy on the shared directory, and full copies written onto two
+//! LUNs of the lab's iSCSI SAN. cloud-init configures each from a seed the host writes (host
+//! name, SSH key, static address, user data); the client logs in over SSH, and each VM's screen
+//! answers on its VNC socket.
 //!
-//! Then both VMs move back and forth between two hosts while an SSH session stays open on each:
+//! Then the VMs move back and forth between two hosts while an SSH session stays open on each:
 //! after every move the guest's uptime has gone on, systemd says the system is running (not
-//! degraded), and the session still echoes what it is sent. The UEFI VM's variables store sits
-//! on the shared storage and moves with it.
+//! degraded), and the session still echoes what it is sent. A UEFI VM's variables store sits
+//! on the shared storage and moves with it; it goes when the VM is deleted.
 
 mod common;
 
@@ -122,7 +124,7 @@ const GUESTS: [Os; 4] = [
         firmware: "bios",
         disk: &["--full-copy", "--image-on", "san:1"],
         root: "/dev/vda2",
-        moves: 10,
+        moves: 2,
     },
     Os {
         name: "deb-san-uefi",
@@ -131,7 +133,7 @@ const GUESTS: [Os; 4] = [
         firmware: "uefi",
         disk: &["--full-copy", "--image-on", "san:2", "--disk-bus", "scsi"],
         root: "/dev/sda2",
-        moves: 2,
+        moves: 10,
     },
 ];
 
@@ -406,6 +408,21 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         uptimes.push(uptime(&lab, &key, g.ip));
         sessions.push(Session::open(&lab, &key, g.ip));
     }
+    // Each has a screen: VNC on a unix socket in its run dir, answering with RFB's greeting.
+    for g in &GUESTS {
+        let vm: Value = lab.tern_json(&["vm", "show", g.name]);
+        let id = vm["id"].as_str().expect("id");
+        let qemus = common::qemus_of(id);
+        assert_eq!(qemus.len(), 1, "{qemus:?}");
+        let sock = format!("/proc/{}/cwd/vnc.sock", qemus[0].0);
+        let mut conn = std::os::unix::net::UnixStream::connect(&sock)
+            .unwrap_or_else(|e| panic!("{}: {sock}: {e}", g.name));
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut hello = [0u8; 12];
+        conn.read_exact(&mut hello).expect("the VNC greeting");
+        assert_eq!(&hello[..4], b"RFB ", "{}: {hello:?}", g.name);
+    }
     let uefi_id = {
         let vm: Value = lab.tern_json(&["vm", "show", "deb-uefi"]);
         vm["id"].as_str().expect("id").to_string()
@@ -421,7 +438,8 @@ fn debian_boots_by_bios_and_uefi_with_cloud_init_and_keeps_its_ssh_session_acros
         template_size
     );
 
-    // Moves: ten for one VM of each datastore, two for the other.
+    // Moves: ten for the UEFI VM of each datastore (its variables store moving with it), two
+    // for the BIOS one.
     let mut host = ["h1"; GUESTS.len()];
     for round in 0..10 {
         for (i, g) in GUESTS.iter().enumerate() {
