@@ -14,7 +14,9 @@ pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2
   # The lab's SAN: an iSCSI target, and QEMU's own initiator (block-iscsi, from backports).
   tgt qemu-block-extra
   # The PostgreSQL test's client.
-  postgresql-client)
+  postgresql-client
+  # The web client's tests: a real, headless browser and its WebDriver.
+  chromium chromium-driver)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -511,3 +511,10 @@ pub struct CreatedToken {
     /// Present it as `Authorization: Bearer <token>`; it cannot be shown again.
     pub token: String,
 }
+
+/// `GET /api/v1/whoami`: who a token is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Whoami {
+    pub name: String,
+    pub role: Role,
+}

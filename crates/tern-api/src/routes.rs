@@ -163,6 +163,8 @@ pub mod center {
     pub const TASK: Route = Route::new("/api/v1/tasks/{id}");
     pub const TASK_CANCEL: Route = Route::new("/api/v1/tasks/{id}/cancel");
     pub const EVENTS: Route = Route::new("/api/v1/events");
+    pub const STREAM: Route = Route::new("/api/v1/stream");
+    pub const WHOAMI: Route = Route::new("/api/v1/whoami");
     pub const TOKENS: Route = Route::new("/api/v1/tokens");
     pub const TOKEN: Route = Route::new("/api/v1/tokens/{name}");
 
@@ -205,6 +207,8 @@ pub mod center {
         TASK,
         TASK_CANCEL,
         EVENTS,
+        STREAM,
+        WHOAMI,
         TOKENS,
         TOKEN,
     ];

@@ -18,7 +18,7 @@ use tern_api::center::{
     AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ConsoleQuery,
     CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat,
     Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost,
-    Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm,
+    Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
 };
 use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
@@ -234,6 +234,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::TASK), get(get_task))
         .route(nested(route::TASK_CANCEL), post(cancel_task))
         .route(nested(route::EVENTS), get(list_events))
+        .route(nested(route::STREAM), get(live_stream))
+        .route(nested(route::WHOAMI), get(whoami))
         .route(nested(route::TOKENS), post(create_token).get(list_tokens))
         .route(nested(route::TOKEN), delete(revoke_token))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
@@ -246,6 +248,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .nest(route::PREFIX, api)
         .route(route::OPENAPI.template(), get(openapi_json))
+        .merge(crate::web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(middleware::from_fn(log_request))
@@ -1201,6 +1204,47 @@ async fn migrate_vm(
 
 // ---- tasks and events ----
 
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "tokens",
+    responses(
+        (status = 200, description = "The token's name and role (what a client may show and do)", body = Whoami),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn whoami(Extension(by): Extension<Caller>) -> ApiResult<Json<Whoami>> {
+    Ok(axum::Json(Whoami {
+        name: by.name.clone(),
+        role: by.role,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/stream", tag = "events",
+    responses(
+        (status = 200, description = "Server-sent events, for as long as the client reads: `hello` (the caller's name and role), then `event` (each new Event, once), `task` (a Task whenever it is created or its state, progress, phase or result changes), `resync` (messages were missed: reload), and a keep-alive comment every 15 s", content_type = "text/event-stream", body = String),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn live_stream(
+    State(app): AppState,
+    Extension(by): Extension<Caller>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use futures::StreamExt;
+    use tokio::sync::broadcast::error::RecvError;
+    let hello = serde_json::json!({"name": by.name, "role": by.role}).to_string();
+    let first = futures::stream::once(async move { Ok(Sse::default().event("hello").data(hello)) });
+    let rest = futures::stream::unfold(app.feed.subscribe(), |mut rx| async move {
+        match rx.recv().await {
+            Ok((name, data)) => Some((Ok(Sse::default().event(name).data(&*data)), rx)),
+            Err(RecvError::Lagged(_)) => Some((Ok(Sse::default().event("resync").data("{}")), rx)),
+            Err(RecvError::Closed) => None,
+        }
+    });
+    axum::response::sse::Sse::new(first.chain(rest))
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+}
+
 /// Most tasks or events one list call returns.
 const MAX_LIST: u32 = 10_000;
 
@@ -1408,7 +1452,7 @@ impl Modify for BearerAuth {
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
-        list_tasks, get_task, cancel_task, list_events,
+        list_tasks, get_task, cancel_task, list_events, live_stream, whoami,
         create_token, list_tokens, revoke_token,
     ),
     components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult,
@@ -1518,6 +1562,8 @@ mod tests {
             ("post", "/api/v1/datastores"),
             ("get", "/api/v1/datastores/{name}"),
             ("delete", "/api/v1/datastores/{name}"),
+            ("get", "/api/v1/stream"),
+            ("get", "/api/v1/whoami"),
         ];
         for (method, path) in expected {
             assert!(

@@ -115,6 +115,9 @@ pub struct App {
     pub pki: Option<Arc<crate::pki::CenterPki>>,
     /// What each host last said it reaches of the datastores (see `datastores`).
     pub datastore_reach: ReachTable,
+    /// The live feed (`GET /api/v1/stream`): (SSE event name, JSON data), published by
+    /// `stream::publisher`, one receiver per open stream.
+    pub feed: tokio::sync::broadcast::Sender<(&'static str, Arc<str>)>,
 }
 
 impl App {
@@ -130,6 +133,8 @@ impl App {
             http,
             pki,
             datastore_reach: Default::default(),
+            // A slow reader that falls this far behind is told to resync instead.
+            feed: tokio::sync::broadcast::channel(1024).0,
             db,
             config,
             admin_token,

@@ -38,8 +38,10 @@ pub mod retry;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod stream;
 pub mod tasks;
 pub mod vmcheck;
+pub mod web;
 
 pub use config::{CenterArgs, CenterConfig};
 pub use server::{serve, RunningCenter};

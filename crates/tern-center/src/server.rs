@@ -245,6 +245,7 @@ async fn supervise(
     let monitor = tokio::spawn(inventory::monitor(app.clone(), rx.clone()));
     let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
     let datastores = tokio::spawn(crate::datastores::monitor(app.clone(), rx.clone()));
+    let feed = tokio::spawn(crate::stream::publisher(app.clone(), rx.clone()));
 
     // Serve until asked to stop, or until a listener fails. Shutdown is checked first: the
     // listeners also end when it is asked for, and that is no failure.
@@ -268,6 +269,7 @@ async fn supervise(
     monitor.abort();
     scheduler.abort();
     datastores.abort();
+    feed.abort();
     if let Some(r) = renewer {
         r.abort();
     }

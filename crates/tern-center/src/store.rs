@@ -1602,6 +1602,31 @@ impl Tx<'_> {
         Ok(self.tx.last_insert_rowid())
     }
 
+    /// The newest event's id (0 when there is none).
+    pub fn last_event_id(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .tx
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+    }
+
+    /// Events with an id above `after`, oldest first, at most `limit`.
+    pub fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let newest = self.last_event_id()?;
+        if newest <= after {
+            return Ok(Vec::new());
+        }
+        let span = u32::try_from(newest - after).unwrap_or(u32::MAX).min(limit);
+        Ok(self
+            .events(&EventFilter {
+                limit: span,
+                vm: None,
+                host: None,
+            })?
+            .into_iter()
+            .filter(|e| e.id > after)
+            .collect())
+    }
+
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         let sql = "SELECT * FROM (SELECT id, time, level, message, vm, host, task, actor \
                    FROM events WHERE (?1 IS NULL OR vm = ?1) AND (?2 IS NULL OR host = ?2) \

@@ -120,7 +120,7 @@ fn domain_modules_do_not_use_axum() {
         let name = path.file_stem().map(|s| s.to_string_lossy().to_string());
         let edge = matches!(
             name.as_deref(),
-            Some("api" | "api_error" | "server" | "auth" | "lib")
+            Some("api" | "api_error" | "server" | "auth" | "lib" | "web")
         );
         if edge || path.is_dir() {
             continue;

@@ -106,6 +106,9 @@ enum Command {
     Drs(cmd::drs::DrsCommand),
     /// Trust a center's CA once (shows its fingerprint first), for --center https://….
     Trust(cmd::trust::TrustArgs),
+    /// Open the web client: forwards a loopback port to the center's (or the lab's) unix
+    /// socket, for a browser on this machine.
+    Ui(cmd::ui::UiArgs),
 }
 
 // The daemons take their own flags (the agent has its own --center), so the CLI's
@@ -269,6 +272,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Lab(g) => cmd::lab::run(g.cmd, &g.connect.lab_dir(), output).await,
             Command::Drs(c) => cmd::drs::run_online(c, output).await,
             Command::Trust(a) => cmd::trust::run(a).await,
+            Command::Ui(a) => cmd::ui::run(a).await,
         }
     })
 }

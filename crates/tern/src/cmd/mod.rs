@@ -16,4 +16,5 @@ pub mod rule;
 pub mod task;
 pub mod token;
 pub mod trust;
+pub mod ui;
 pub mod vm;

@@ -1,0 +1,287 @@
+//! A real, headless Chromium for the web client's tests, driven over the W3C WebDriver
+//! protocol by Debian's `chromedriver`.
+//!
+//! The WebDriver calls are a handful of JSON requests over HTTP/1.1 on loopback, written here
+//! with std: the crates for it (fantoccini, thirtyfour) build the `webdriver` crate and ICU,
+//! minutes of compiling on a 2-core machine for eight requests.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The key under which WebDriver names an element.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A headless Chromium session; chromedriver and the browser end on drop.
+pub struct Browser {
+    driver: Child,
+    port: u16,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium with a fresh profile.
+    pub fn start() -> Browser {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("addr").port()
+        };
+        let driver = Command::new(chromedriver())
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver (Debian's chromium-driver; scripts/setup.sh installs it)");
+        let profile = tempfile::tempdir().expect("profile dir");
+        let mut b = Browser {
+            driver,
+            port,
+            session: String::new(),
+            _profile: profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while b.request("GET", "/status", None).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not answer in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium(),
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1400,1000",
+                         format!("--user-data-dir={}", b._profile.path().display())],
+            },
+        }}});
+        let v = b
+            .request("POST", "/session", Some(&caps))
+            .expect("a Chromium session");
+        b.session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session id in {v}"))
+            .to_string();
+        b
+    }
+
+    /// One WebDriver command; the answer's JSON, or the driver's error.
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        // chromedriver keeps the connection open whatever the request says: read the head,
+        // then exactly Content-Length bytes.
+        let mut resp = Vec::new();
+        let mut buf = [0u8; 8192];
+        let (head, body) = loop {
+            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed before a whole response".into());
+            }
+            resp.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&resp).into_owned();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                break (head.to_string(), body[..length].to_string());
+            }
+        };
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or("no status")?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if status >= 400 {
+            return Err(format!("{status}: {}", v["value"]));
+        }
+        Ok(v)
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        self.request(
+            method,
+            &format!("/session/{}{path}", self.session),
+            body.as_ref(),
+        )
+        .map(|v| v["value"].clone())
+    }
+
+    pub fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({ "url": url })))
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    }
+
+    /// The element `css` selects now, if any.
+    pub fn find(&self, css: &str) -> Option<String> {
+        self.cmd(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        )
+        .ok()
+        .and_then(|v| v[ELEMENT].as_str().map(str::to_string))
+    }
+
+    /// How many elements `css` selects now.
+    pub fn count(&self, css: &str) -> usize {
+        self.cmd(
+            "POST",
+            "/elements",
+            Some(json!({"using": "css selector", "value": css})),
+        )
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0)
+    }
+
+    /// The visible text of element `css` selects now.
+    pub fn text(&self, css: &str) -> Option<String> {
+        let id = self.find(css)?;
+        self.cmd("GET", &format!("/element/{id}/text"), None)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+    }
+
+    /// Waits until element `css` exists and its text satisfies `ok`; returns the text.
+    pub fn wait_text(&self, css: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            if let Some(t) = self.text(css) {
+                if ok(&t) {
+                    return t;
+                }
+                last = Some(t);
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{css}: not as expected within {timeout:?}; last text {last:?}; page:\n{}",
+                    self.page_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `css` selects an element; returns its id.
+    pub fn wait_for(&self, css: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(id) = self.find(css) {
+                return id;
+            }
+            if Instant::now() > deadline {
+                panic!("no {css} within {timeout:?}; page:\n{}", self.page_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn click(&self, css: &str) {
+        let id = self.wait_for(css, Duration::from_secs(10));
+        self.cmd("POST", &format!("/element/{id}/click"), Some(json!({})))
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    pub fn type_into(&self, css: &str, text: &str) {
+        let id = self.wait_for(css, Duration::from_secs(10));
+        self.cmd("POST", &format!("/element/{id}/clear"), Some(json!({})))
+            .unwrap_or_else(|e| panic!("clear {css}: {e}"));
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        )
+        .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
+    /// Whether element `css` is enabled (a button that may be clicked).
+    pub fn enabled(&self, css: &str) -> bool {
+        self.find(css).is_some_and(|id| {
+            self.cmd("GET", &format!("/element/{id}/enabled"), None)
+                .ok()
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        })
+    }
+
+    /// Runs `script` in the page (`return …` gives a value).
+    pub fn run(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+        .unwrap_or_else(|e| panic!("script: {e}"))
+    }
+
+    /// Saves a PNG of the page at `path` (for a person to look at).
+    pub fn screenshot(&self, path: &Path) {
+        use base64::Engine;
+        let v = self
+            .cmd("GET", "/screenshot", None)
+            .unwrap_or_else(|e| panic!("screenshot: {e}"));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or_default())
+            .expect("base64 PNG");
+        std::fs::write(path, png).expect("write the screenshot");
+    }
+
+    /// The page's text, for failure messages.
+    pub fn page_text(&self) -> String {
+        self.run("return document.body ? document.body.innerText : ''")
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(4000)
+            .collect()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.request("DELETE", &format!("/session/{}", self.session), None);
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn chromedriver() -> PathBuf {
+    ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("chromedriver"))
+}
+
+fn chromium() -> String {
+    // Debian's /usr/bin/chromium is a wrapper script; the binary is under /usr/lib.
+    ["/usr/lib/chromium/chromium", "/usr/bin/chromium"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or(&"chromium")
+        .to_string()
+}

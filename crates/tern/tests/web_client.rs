@@ -1,0 +1,146 @@
+//! The web client in a real, headless Chromium, against a real lab: sign in with a token (a
+//! wrong one refused with the API's reason), find the VM in the inventory tree under its host,
+//! open its page, migrate it from the dialog (which lists the other host with its pre-check
+//! verdict before anything moves), and watch the page follow the migration live — progress in
+//! the dialog, the result, and the VM's host changing — without reloading. A viewer's token
+//! shows the same pages without any button it could not use.
+//!
+//! The browser reaches the center the way an operator on its machine does: `tern ui`, a
+//! loopback forward to the center's unix socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::browser::Browser;
+use common::Lab;
+use serde_json::Value;
+
+#[test]
+fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
+    let lab = Lab::up("web", 2);
+    lab.create_vm(
+        "web1",
+        "h1",
+        "10.78.0.161",
+        "52:54:00:0e:b0:01",
+        128,
+        "",
+        &[],
+    );
+    let viewer: Value = lab.tern_json(&["token", "create", "vera", "--role", "viewer"]);
+    let viewer = viewer["token"].as_str().expect("token").to_string();
+
+    // `tern ui`: the loopback forward an operator on this machine opens.
+    let mut ui = std::process::Command::new(common::tern_exe())
+        .args(["ui", "--listen", "127.0.0.1:0", "--lab-dir"])
+        .arg(&lab.dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern ui");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(ui.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("tern ui's first line");
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_string();
+    let b = Browser::start();
+    b.goto(&base);
+
+    // A wrong token is refused with the API's own reason; nothing else shows.
+    b.type_into("#token", "not-a-token");
+    b.click("#login");
+    b.wait_text("#login-error", Duration::from_secs(10), |t| {
+        t.contains("wrong or revoked token")
+    });
+    assert_eq!(b.count("a.tree-vm"), 0);
+
+    // The admin: the inventory shows the VM under its host.
+    b.type_into("#token", &lab.token());
+    b.click("#login");
+    b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains("admin"));
+    b.wait_for("a.tree-host[data-host=h2]", Duration::from_secs(10));
+    b.wait_for("a.tree-vm[data-vm=web1]", Duration::from_secs(10));
+    let under_h1 = b.run(
+        "const h = document.querySelector('a.tree-host[data-host=h1]');\n\
+         const v = document.querySelector('a.tree-vm[data-vm=web1]');\n\
+         const li = h && h.closest('li');\n\
+         return !!(li && v && li.contains(v));",
+    );
+    assert_eq!(under_h1, true, "web1 is not under h1 in the tree");
+
+    // Its page, then the migrate dialog: h2 with its verdict, enabled.
+    b.click("a.tree-vm[data-vm=web1]");
+    b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h1"));
+    b.wait_text("#vm-state", Duration::from_secs(10), |t| {
+        t.contains("running")
+    });
+    b.click("#vm-migrate");
+    b.wait_for(
+        ".migrate-target[data-host=h2] button.migrate-to",
+        Duration::from_secs(30),
+    );
+    let verdict_wait = std::time::Instant::now();
+    while !b.enabled("button.migrate-to[data-host=h2]") {
+        assert!(
+            verdict_wait.elapsed() < Duration::from_secs(30),
+            "h2 is not offered: {}",
+            b.text(".migrate-target[data-host=h2]").unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The source is not offered as a destination.
+    assert_eq!(b.count(".migrate-target[data-host=h1] button:enabled"), 0);
+    b.click("button.migrate-to[data-host=h2]");
+
+    // Live: progress, then the result with its figures, and the page's host follows.
+    b.wait_for("#migrate-progress", Duration::from_secs(10));
+    let result = b.wait_text("#migrate-result", Duration::from_secs(120), |t| {
+        t.contains("succeeded") || t.contains("failed") || t.contains("cancelled")
+    });
+    assert!(result.contains("succeeded"), "{result}");
+    assert!(result.contains("ms"), "no figures in the result: {result}");
+    if let Some(dir) = std::env::var_os("TERN_WEB_SCREENSHOTS") {
+        b.screenshot(&std::path::Path::new(&dir).join("migrate-dialog.png"));
+    }
+    b.click("#migrate-close");
+    b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h2"));
+    let vm: Value = lab.tern_json(&["vm", "show", "web1"]);
+    assert_eq!(vm["host"], "h2", "{vm}");
+    b.wait_for("#tasks .task", Duration::from_secs(10));
+    let tasks = b.text("#tasks").unwrap_or_default();
+    assert!(tasks.contains("migrat"), "{tasks}");
+    // The tree moved it too, without a reload.
+    let under_h2 = b.run(
+        "const h = document.querySelector('a.tree-host[data-host=h2]');\n\
+         const v = document.querySelector('a.tree-vm[data-vm=web1]');\n\
+         const li = h && h.closest('li');\n\
+         return !!(li && v && li.contains(v));",
+    );
+    assert_eq!(under_h2, true, "the tree still shows web1 elsewhere");
+
+    if let Some(dir) = std::env::var_os("TERN_WEB_SCREENSHOTS") {
+        b.screenshot(&std::path::Path::new(&dir).join("vm-page.png"));
+    }
+
+    // A viewer sees the VM but no button to change it.
+    b.click("#logout");
+    b.wait_for("#login-form", Duration::from_secs(10));
+    b.type_into("#token", &viewer);
+    b.click("#login");
+    b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains("viewer"));
+    b.goto(&format!("{base}#/vm/web1"));
+    b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h2"));
+    for button in ["#vm-migrate", "#vm-stop", "#vm-start"] {
+        assert_eq!(b.count(button), 0, "a viewer is shown {button}");
+    }
+    drop(b);
+    let _ = ui.kill();
+    let _ = ui.wait();
+    lab.down();
+}
