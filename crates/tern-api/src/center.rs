@@ -266,6 +266,38 @@ pub struct HostMaintenance {
     pub action: MaintenanceAction,
 }
 
+/// `GET /api/v1/hosts/{name}/maintenance-plan`: what entering maintenance would do now,
+/// without doing it (the scheduler's plan for the running VMs, and who cannot leave).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MaintenancePlan {
+    pub host: String,
+    /// Live migrations, in the order they would start.
+    pub moves: Vec<PlannedMove>,
+    /// Running VMs that could not leave, with the reason: the host would not empty.
+    pub blockers: Vec<PlanBlocker>,
+    /// Stopped VMs, re-homed in the inventory to a host that can take them.
+    pub stopped: Vec<String>,
+    /// VMs in another state (paused, migrating…), which maintenance would leave in place.
+    pub other: Vec<PlanBlocker>,
+    /// Load imbalance of the hosts that stay, before and after the moves.
+    pub imbalance_before: f64,
+    pub imbalance_after: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlannedMove {
+    pub vm: String,
+    pub to: String,
+    /// Why the scheduler chose that host, in words.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlanBlocker {
+    pub vm: String,
+    pub why: String,
+}
+
 /// One VM a maintenance task moved (live) or re-homed (stopped).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MaintenanceMove {

@@ -145,6 +145,7 @@ pub mod center {
     pub const HOSTS: Route = Route::new("/api/v1/hosts");
     pub const HOST: Route = Route::new("/api/v1/hosts/{name}");
     pub const HOST_MAINTENANCE: Route = Route::new("/api/v1/hosts/{name}/maintenance");
+    pub const HOST_MAINTENANCE_PLAN: Route = Route::new("/api/v1/hosts/{name}/maintenance-plan");
     pub const HOST_EVACUATE: Route = Route::new("/api/v1/hosts/{name}/evacuate");
     pub const HOST_HEALTH: Route = Route::new("/api/v1/hosts/{name}/health");
     pub const HOST_JOIN_TOKEN: Route = Route::new("/api/v1/hosts/{name}/join-token");
@@ -189,6 +190,7 @@ pub mod center {
         HOSTS,
         HOST,
         HOST_MAINTENANCE,
+        HOST_MAINTENANCE_PLAN,
         HOST_EVACUATE,
         HOST_HEALTH,
         HOST_JOIN_TOKEN,

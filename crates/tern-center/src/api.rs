@@ -17,8 +17,8 @@ use uuid::Uuid;
 use tern_api::center::{
     AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ConsoleQuery,
     CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat,
-    Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenanceResult, RegisterHost,
-    Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
+    Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenancePlan, MaintenanceResult,
+    RegisterHost, Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
 };
 use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
@@ -217,6 +217,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::HOST), get(get_host).delete(remove_host))
         .route(nested(route::HOST_JOIN_TOKEN), post(add_host))
         .route(nested(route::HOST_MAINTENANCE), post(host_maintenance))
+        .route(nested(route::HOST_MAINTENANCE_PLAN), get(maintenance_plan))
         .route(nested(route::HOST_EVACUATE), post(host_evacuate))
         .route(
             nested(route::HOST_HEALTH),
@@ -248,17 +249,33 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .nest(route::PREFIX, api)
         .route(route::OPENAPI.template(), get(openapi_json))
+        .route("/metrics", get(metrics))
         .merge(crate::web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(app.clone(), log_request))
         .with_state(app)
 }
 
-async fn log_request(req: Request, next: Next) -> Response {
+async fn log_request(State(app): AppState, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // The route's template, not the path: one series per route, whatever the names in it.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "other".into());
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
+    // A live stream's time is how long it was watched, not a latency.
+    if route != route::STREAM.template() {
+        app.metrics.request(
+            method.as_str(),
+            &route,
+            resp.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
     tracing::debug!(
         %method,
         path,
@@ -943,6 +960,21 @@ async fn host_maintenance(
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/hosts/{name}/maintenance-plan", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "What entering maintenance would do now (nothing is moved): the scheduler's live migrations, the VMs that could not leave and why, the stopped VMs to re-home", body = MaintenancePlan),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn maintenance_plan(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<MaintenancePlan>> {
+    Ok(axum::Json(crate::maintenance::plan(&app, name).await?))
+}
+
 #[utoipa::path(post, path = "/api/v1/hosts/{name}/evacuate", tag = "hosts",
     params(("name" = String, Path, description = "Host name")),
     responses(
@@ -1202,6 +1234,80 @@ async fn migrate_vm(
     Ok((StatusCode::ACCEPTED, axum::Json(t)))
 }
 
+/// `GET /metrics`: Prometheus text format, for any valid token (a scraper's is a viewer's).
+async fn metrics(State(app): AppState, headers: HeaderMap) -> Response {
+    if let Err(e) = caller(&app, &headers).await {
+        return ApiErr::from(e).into_response();
+    }
+    let streams = i64::try_from(app.feed.receiver_count()).unwrap_or(0);
+    let read = app
+        .db
+        .read(move |tx| {
+            let count = |items: Vec<String>| {
+                let mut m: std::collections::BTreeMap<String, i64> = Default::default();
+                for i in items {
+                    *m.entry(i).or_default() += 1;
+                }
+                m.into_iter().collect::<Vec<_>>()
+            };
+            let text = |v: &dyn erased_text::Text| v.text();
+            let hosts = tx.hosts()?;
+            let vms = tx.vms()?;
+            let active = tx.active_tasks(None)?;
+            let mut by_kind: std::collections::BTreeMap<(String, String), i64> = Default::default();
+            for t in &active {
+                *by_kind
+                    .entry((text(&t.task.kind), text(&t.task.state)))
+                    .or_default() += 1;
+            }
+            Ok::<_, CenterError>(crate::metrics::Reading {
+                hosts_by_state: count(hosts.iter().map(|h| text(&h.state())).collect()),
+                vms_by_state: count(vms.iter().map(|v| text(&v.actual)).collect()),
+                active_tasks: by_kind.into_iter().map(|((k, s), n)| (k, s, n)).collect(),
+                host_load: hosts
+                    .iter()
+                    .filter_map(|h| {
+                        let l = h.load.as_ref()?;
+                        Some((
+                            h.name.clone(),
+                            l.cpu_percent / 100.0,
+                            i64::try_from(l.memory_used_mib << 20).unwrap_or(i64::MAX),
+                        ))
+                    })
+                    .collect(),
+                streams,
+            })
+        })
+        .await;
+    match read.map(|r| app.metrics.render(r)) {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => ApiErr::from(CenterError::internal(e.to_string())).into_response(),
+        Err(e) => ApiErr::from(e).into_response(),
+    }
+}
+
+/// Serde names of the enums metrics count by.
+mod erased_text {
+    pub trait Text {
+        fn text(&self) -> String;
+    }
+    impl<T: serde::Serialize> Text for T {
+        fn text(&self) -> String {
+            serde_json::to_value(self)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "unknown".into())
+        }
+    }
+}
+
 // ---- tasks and events ----
 
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "tokens",
@@ -1448,7 +1554,8 @@ impl Modify for BearerAuth {
         list_pools, create_pool, get_pool, update_pool, remove_pool, set_vm_pool,
         list_images, import_image, get_image, remove_image,
         list_datastores, add_datastore, get_datastore, remove_datastore,
-        register_host, heartbeat, list_hosts, get_host, host_maintenance, host_evacuate,
+        register_host, heartbeat, list_hosts, get_host, host_maintenance, maintenance_plan,
+        host_evacuate,
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
@@ -1562,6 +1669,7 @@ mod tests {
             ("post", "/api/v1/datastores"),
             ("get", "/api/v1/datastores/{name}"),
             ("delete", "/api/v1/datastores/{name}"),
+            ("get", "/api/v1/hosts/{name}/maintenance-plan"),
             ("get", "/api/v1/stream"),
             ("get", "/api/v1/whoami"),
         ];

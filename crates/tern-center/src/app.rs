@@ -118,6 +118,8 @@ pub struct App {
     /// The live feed (`GET /api/v1/stream`): (SSE event name, JSON data), published by
     /// `stream::publisher`, one receiver per open stream.
     pub feed: tokio::sync::broadcast::Sender<(&'static str, Arc<str>)>,
+    /// What `GET /metrics` reports.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl App {
@@ -135,6 +137,7 @@ impl App {
             datastore_reach: Default::default(),
             // A slow reader that falls this far behind is told to resync instead.
             feed: tokio::sync::broadcast::channel(1024).0,
+            metrics: crate::metrics::Metrics::new(),
             db,
             config,
             admin_token,

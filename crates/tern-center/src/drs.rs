@@ -627,6 +627,7 @@ pub async fn recommend(app: &Arc<App>, cluster: String) -> Result<DrsRecommendat
     let plan = tern_drs::balance(&snap, threshold).map_err(|e| {
         CenterError::internal(format!("the scheduler cannot read the cluster: {e}"))
     })?;
+    app.metrics.drs_pass(&cluster, plan.imbalance_before);
     Ok(recommendations(cluster, settings, &plan))
 }
 

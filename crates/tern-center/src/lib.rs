@@ -28,6 +28,7 @@ pub mod health;
 pub mod images;
 pub mod inventory;
 pub mod maintenance;
+pub mod metrics;
 pub mod migrate;
 pub mod migration_slots;
 pub mod pki;

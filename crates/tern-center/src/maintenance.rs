@@ -275,6 +275,90 @@ pub async fn exit(app: &Arc<App>, name: String) -> Result<Task, CenterError> {
         .await
 }
 
+/// What entering maintenance on host `name` would do now: the same pre-checks and scheduler
+/// plan the entry itself makes, without moving anything.
+pub async fn plan(
+    app: &Arc<App>,
+    name: String,
+) -> Result<tern_api::center::MaintenancePlan, CenterError> {
+    use tern_api::center::{MaintenancePlan, PlanBlocker, PlannedMove};
+    let n = name.clone();
+    let (host, vms) = app
+        .db
+        .read(move |tx| {
+            let host = tx
+                .host_by_name(&n)?
+                .ok_or_else(|| CenterError::not_found(format!("host {n} is not registered")))?;
+            let vms = tx.vms_on_host(host.id)?;
+            Ok::<_, CenterError>((host, vms))
+        })
+        .await?;
+    let mut out = MaintenancePlan {
+        host: name.clone(),
+        moves: Vec::new(),
+        blockers: Vec::new(),
+        stopped: Vec::new(),
+        other: Vec::new(),
+        imbalance_before: 0.0,
+        imbalance_after: 0.0,
+    };
+    let mut running = Vec::new();
+    for vm in vms {
+        match vm.actual {
+            PowerState::Running => running.push(vm),
+            PowerState::Stopped | PowerState::Crashed => out.stopped.push(vm.name().to_string()),
+            state => out.other.push(PlanBlocker {
+                vm: vm.name().to_string(),
+                why: format!(
+                    "it is {state}: only a running VM moves live and only a stopped one is \
+                     re-homed"
+                ),
+            }),
+        }
+    }
+    if running.is_empty() {
+        return Ok(out);
+    }
+    let mut on_host = Vec::new();
+    for vm in running {
+        let refused = crate::drs::prechecks(app, &vm, &name).await;
+        on_host.push(OnHost { vm, refused });
+    }
+    let rules = crate::drs::precheck_rules(on_host.iter().map(|o| (o.vm.name(), &o.refused)));
+    let snap = crate::drs::cluster_snapshot(app, host.cluster_id, rules, None)
+        .await
+        .map_err(CenterError::agent)?;
+    let p = tern_drs::evacuate(&snap, &name).map_err(|e| {
+        CenterError::conflict(format!("the scheduler cannot read the cluster: {e}"))
+    })?;
+    out.imbalance_before = p.imbalance_before;
+    out.imbalance_after = p.imbalance_after;
+    out.moves = p
+        .steps
+        .iter()
+        .map(|s| PlannedMove {
+            vm: s.migration.vm.clone(),
+            to: s.migration.to_host.clone(),
+            reason: explain::move_line(&s.migration),
+        })
+        .collect();
+    out.blockers = p
+        .blockers
+        .iter()
+        .map(|b| {
+            let mut why = explain::blocker(b);
+            if let Some(o) = on_host.iter().find(|o| o.vm.name() == b.vm) {
+                why.push_str(&precheck_text(&o.refused));
+            }
+            PlanBlocker {
+                vm: b.vm.clone(),
+                why,
+            }
+        })
+        .collect();
+    Ok(out)
+}
+
 /// One maintenance entry being driven.
 struct Entry {
     app: Arc<App>,

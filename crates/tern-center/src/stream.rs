@@ -1,6 +1,7 @@
 //! The live feed behind `GET /api/v1/stream`: one publisher reads the store for new events and
 //! for tasks whose state changed, and hands each to every open stream (server-sent events),
-//! so a browser learns of a change within half a second without polling the API itself.
+//! so a browser learns of a change within half a second without polling the API itself. Tasks
+//! seen ending are also counted in the metrics.
 //!
 //! The store is the source: whatever records an event or a task's progress (any module, any
 //! driver) reaches the feed without calling it. A stream that falls too far behind is told to
@@ -80,9 +81,15 @@ pub async fn publisher(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             };
             if tasks.get(&t.id) != Some(&json) {
+                let was_done = tasks
+                    .get(&t.id)
+                    .is_some_and(|old| old.contains("\"finished_at\":\""));
                 tasks.insert(t.id, json.clone());
                 // The first reading is the starting point, not news.
                 if !first {
+                    if t.finished_at.is_some() && !was_done {
+                        app.metrics.task_finished(t);
+                    }
                     publish(&app, "task", json);
                 }
             }

@@ -13,8 +13,44 @@ mod common;
 use std::time::Duration;
 
 use common::browser::Browser;
-use common::Lab;
+use common::{raw_http, Lab};
 use serde_json::Value;
+
+/// Where each view's screenshot goes, for review (CI keeps target/).
+fn shots_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::repo_root().join("target"))
+        .join("web-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// `tern_migrations_total{outcome="completed"}` as `/metrics` reports it, read with a
+/// Prometheus text-format parser (0 when absent).
+fn completed_migrations(lab: &Lab) -> f64 {
+    let (status, body) = raw_http(&lab.socket(), "GET", "/metrics", Some(&lab.token()), None);
+    assert_eq!(status, 200, "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{body}"));
+    assert!(
+        scrape.samples.iter().any(|s| s.metric == "tern_hosts"),
+        "no tern_hosts in {body}"
+    );
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "tern_migrations_total" && s.labels.get("outcome") == Some("completed")
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("tern_migrations_total is not a number: {:?}", s.value),
+        })
+        .unwrap_or(0.0)
+}
 
 #[test]
 fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
@@ -49,8 +85,12 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         .find(|w| w.starts_with("http://127.0.0.1:"))
         .unwrap_or_else(|| panic!("no URL in {line:?}"))
         .to_string();
+    let shots = shots_dir();
+    let migrations_before = completed_migrations(&lab);
     let b = Browser::start();
     b.goto(&base);
+    b.wait_for("#login-form", Duration::from_secs(10));
+    b.screenshot(&shots.join("sign-in.png"));
 
     // A wrong token is refused with the API's own reason; nothing else shows.
     b.type_into("#token", "not-a-token");
@@ -60,10 +100,19 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     });
     assert_eq!(b.count("a.tree-vm"), 0);
 
+    // The refused sign-in is the one failed request the page may log.
+    let expected: Vec<String> = b.console_errors();
+    assert!(
+        expected.iter().all(|e| e.contains("401")),
+        "console errors at sign-in: {expected:?}"
+    );
+
     // The admin: the inventory shows the VM under its host.
     b.type_into("#token", &lab.token());
     b.click("#login");
     b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains("admin"));
+    b.wait_for("#overview", Duration::from_secs(10));
+    b.screenshot(&shots.join("overview.png"));
     b.wait_for("a.tree-host[data-host=h2]", Duration::from_secs(10));
     b.wait_for("a.tree-vm[data-vm=web1]", Duration::from_secs(10));
     let under_h1 = b.run(
@@ -105,13 +154,18 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     });
     assert!(result.contains("succeeded"), "{result}");
     assert!(result.contains("ms"), "no figures in the result: {result}");
-    if let Some(dir) = std::env::var_os("TERN_WEB_SCREENSHOTS") {
-        b.screenshot(&std::path::Path::new(&dir).join("migrate-dialog.png"));
-    }
+    b.screenshot(&shots.join("migrate-dialog.png"));
     b.click("#migrate-close");
     b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h2"));
     let vm: Value = lab.tern_json(&["vm", "show", "web1"]);
     assert_eq!(vm["host"], "h2", "{vm}");
+    // The page shows the generation the hand-over moved the VM to.
+    let generation = vm["generation"].as_u64().expect("generation").to_string();
+    b.wait_text("#vm-generation", Duration::from_secs(10), |t| {
+        t.contains(&generation)
+    });
+    // The center's metrics counted it.
+    assert_eq!(completed_migrations(&lab), migrations_before + 1.0);
     b.wait_for("#tasks .task", Duration::from_secs(10));
     let tasks = b.text("#tasks").unwrap_or_default();
     assert!(tasks.contains("migrat"), "{tasks}");
@@ -124,9 +178,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     );
     assert_eq!(under_h2, true, "the tree still shows web1 elsewhere");
 
-    if let Some(dir) = std::env::var_os("TERN_WEB_SCREENSHOTS") {
-        b.screenshot(&std::path::Path::new(&dir).join("vm-page.png"));
-    }
+    b.screenshot(&shots.join("vm.png"));
 
     // A viewer sees the VM but no button to change it.
     b.click("#logout");
@@ -139,6 +191,18 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     for button in ["#vm-migrate", "#vm-stop", "#vm-start"] {
         assert_eq!(b.count(button), 0, "a viewer is shown {button}");
     }
+    // And a mutating request forced with the viewer's token is refused by the API.
+    let (status, body) = raw_http(
+        &lab.socket(),
+        "POST",
+        "/api/v1/vms/web1/migrate",
+        Some(&viewer),
+        Some(r#"{"to":"h1"}"#),
+    );
+    assert_eq!(status, 403, "{body}");
+    // Nothing failed in the page after sign-in: no script error, no failed request.
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
     drop(b);
     let _ = ui.kill();
     let _ = ui.wait();

@@ -54,6 +54,7 @@ impl Browser {
         }
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": chromium(),
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
@@ -248,6 +249,22 @@ impl Browser {
             .decode(v.as_str().unwrap_or_default())
             .expect("base64 PNG");
         std::fs::write(path, png).expect("write the screenshot");
+    }
+
+    /// The browser console's error lines since the last call (script errors, failed loads).
+    pub fn console_errors(&self) -> Vec<String> {
+        let v = self
+            .cmd("POST", "/se/log", Some(json!({"type": "browser"})))
+            .unwrap_or_else(|e| panic!("the browser's log: {e}"));
+        v.as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|e| e["level"] == "SEVERE")
+                    .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The page's text, for failure messages.
