@@ -2,6 +2,11 @@
 // (clusters, hosts, VMs), tasks and events from its REST API (/api/v1), and follows its live
 // stream (/api/v1/stream) so the page changes as the center does.
 //
+// Pages (the URL's hash): the overview (#/), a cluster (#/cluster/NAME: EVC, DRS settings and
+// recommendations, "apply all", a new VM), a host (#/host/NAME: health, facts, VMs, entering
+// maintenance after its evacuation plan) and a VM (#/vm/NAME: start, stop, migrate, console).
+// Operators and admins see the buttons that change things; viewers do not.
+//
 // Vanilla ES2020, no build step, no framework. The page's Content-Security-Policy forbids
 // inline code and styles, and every piece of data (names, messages, console text) is
 // untrusted: it reaches the page only through textContent and attributes, never as markup.
@@ -22,6 +27,8 @@ const STREAM_IDLE_MS = 45000; // the center sends a keep-alive every 15 s
 const STREAM_BACKOFF_MIN_MS = 500;
 const STREAM_BACKOFF_MAX_MS = 8000;
 const MIGRATE_POLL_MS = 1500;
+const TASK_POLL_MS = 1500;
+const RECS_DEBOUNCE_MS = 1000;
 
 const state = {
   session: 0, // bumped at each sign-in and sign-out: late answers of an old session are dropped
@@ -42,6 +49,14 @@ const state = {
   vmBusy: null, // name of the VM an action is being sent for
   migrate: null, // {vm, taskId, poll}
   noticeTimer: null,
+  cluster: null, // the open cluster page: {name, info, drs, recs, …} (see openCluster)
+  recsTimer: null,
+  maint: null, // the maintenance plan being shown: {host, loading, plan, fallback, …}
+  maintBusy: null, // name of the host a maintenance request is being sent for
+  maintTasks: new Map(), // host → id of the maintenance task started from this page
+  applyTasks: new Map(), // cluster → id of the DRS apply task started from this page
+  taskPoll: null, // asks for those tasks while the stream is down
+  create: null, // the new-VM dialog: {cluster, busy, bootTouched, session}
 };
 
 // ---- small helpers ----
@@ -127,6 +142,27 @@ function hostHref(name) {
   return '#/host/' + enc(name);
 }
 
+function clusterHref(name) {
+  return '#/cluster/' + enc(name);
+}
+
+function vmLink(name) {
+  return el('a', { href: vmHref(name), text: name });
+}
+
+function hostLink(name) {
+  return name ? el('a', { href: hostHref(name), text: name }) : el('span', { class: 'muted', text: '(no host)' });
+}
+
+function fmtBytes(n) {
+  if (typeof n !== 'number' || !isFinite(n)) return '–';
+  return n >= 1024 * 1024 ? fmtMiB(Math.round(n / (1024 * 1024))) : n + ' B';
+}
+
+function fmtImbalance(x) {
+  return typeof x === 'number' && isFinite(x) ? x.toFixed(3) : '–';
+}
+
 function canAct() {
   return !!state.me && (state.me.role === 'operator' || state.me.role === 'admin');
 }
@@ -146,6 +182,10 @@ function findVm(name) {
 
 function findHost(name) {
   return state.hosts.find((h) => h.name === name) || null;
+}
+
+function findCluster(name) {
+  return state.clusters.find((c) => c.name === name) || null;
 }
 
 function vmsOn(hostName) {
@@ -285,12 +325,18 @@ function signOut(message) {
   clearTimeout(state.refreshTimer);
   stopConsole();
   closeMigrate();
+  closeCreate();
+  clearTimeout(state.recsTimer);
+  clearInterval(state.taskPoll);
   sessionStorage.removeItem(TOKEN_KEY);
   Object.assign(state, {
     token: null, me: null, loaded: false, clusters: [], hosts: [], vms: [],
-    events: [], live: false, vmBusy: null,
+    events: [], live: false, vmBusy: null, cluster: null, maint: null, maintBusy: null,
+    taskPoll: null,
   });
   state.tasks = new Map();
+  state.maintTasks = new Map();
+  state.applyTasks = new Map();
   $('tree').replaceChildren();
   $('main').replaceChildren();
   delete $('main').dataset.key;
@@ -367,6 +413,7 @@ function upsertTask(t) {
   }
   schedule(renderTasks);
   if (state.migrate && state.migrate.taskId === t.id) renderMigrateTask(t);
+  if (isFollowed(t.id)) schedule(renderFollowed);
   return prev || null;
 }
 
@@ -374,7 +421,54 @@ function upsertTask(t) {
 function onTaskMessage(t) {
   const prev = state.tasks.get(t && t.id);
   upsertTask(t);
-  if (isDone(t) && (!prev || !isDone(prev))) refreshSoon();
+  if (isDone(t) && (!prev || !isDone(prev))) {
+    refreshSoon();
+    recsSoon();
+  }
+}
+
+// Tasks started from the host and cluster pages (maintenance, DRS apply): their pages show
+// them live; while the stream is down they are asked for.
+
+function isFollowed(id) {
+  for (const m of [state.maintTasks, state.applyTasks]) {
+    for (const v of m.values()) if (v === id) return true;
+  }
+  return false;
+}
+
+function followTask(map, key, t) {
+  map.set(key, t.id);
+  upsertTask(t);
+  schedule(renderFollowed);
+  if (!state.taskPoll) state.taskPoll = setInterval(pollFollowed, TASK_POLL_MS);
+}
+
+async function pollFollowed() {
+  const ids = [...state.maintTasks.values(), ...state.applyTasks.values()]
+    .filter((id) => !(state.tasks.get(id) && isDone(state.tasks.get(id))));
+  if (!ids.length) {
+    clearInterval(state.taskPoll);
+    state.taskPoll = null;
+    return;
+  }
+  if (state.live) return; // the stream tells
+  const session = state.session;
+  for (const id of ids) {
+    try {
+      const t = await api(`/tasks/${enc(id)}`);
+      if (session === state.session) onTaskMessage(t);
+    } catch (_) {
+      /* tried again at the next tick */
+    }
+  }
+}
+
+/** Shows the followed tasks on whichever page is open. */
+function renderFollowed() {
+  const r = currentRoute();
+  if (r.view === 'host') renderMaintStatus(r.name);
+  if (r.view === 'cluster') renderApplyStatus(r.name);
 }
 
 function byCreatedDesc(a, b) {
@@ -666,6 +760,7 @@ function currentRoute() {
   }
   if (kind === 'vm' && name) return { view: 'vm', name };
   if (kind === 'host' && name) return { view: 'host', name };
+  if (kind === 'cluster' && name) return { view: 'cluster', name };
   return { view: 'overview', name: '' };
 }
 
@@ -677,6 +772,10 @@ function onRoute() {
   } else {
     stopConsole();
   }
+  // A page opened again reads its figures again; a plan left behind is dropped.
+  if (r.view === 'cluster') openCluster(r.name);
+  else state.cluster = null;
+  if (!(r.view === 'host' && state.maint && state.maint.host === r.name)) state.maint = null;
   renderMain();
   $('main').scrollTop = 0;
 }
@@ -686,6 +785,7 @@ function renderMain() {
   const r = currentRoute();
   if (r.view === 'vm') renderVmView(r.name);
   else if (r.view === 'host') renderHostView(r.name);
+  else if (r.view === 'cluster') renderClusterView(r.name);
   else renderOverview();
   markTreeCurrent(r);
 }
@@ -699,8 +799,10 @@ function showMain(key, build) {
   return true;
 }
 
-function placeholder(id, text) {
-  return el('section', { id, class: 'view' }, el('p', { class: 'muted', text }));
+function placeholder(id, title, text) {
+  return el('section', { id, class: 'view' },
+    el('div', { class: 'view-head' }, el('h1', { text: title })),
+    el('p', { class: 'muted', text }));
 }
 
 // ---- the inventory tree ----
@@ -734,7 +836,8 @@ function vmTreeItem(v) {
       href: vmHref(name),
       dataset: { vm: name },
       title: `${name}: ${v.actual_state}`,
-    }, el('span', { class: `dot state-${v.actual_state}`, 'aria-hidden': 'true' }), name));
+    }, el('span', { class: `dot state-${v.actual_state}`, 'aria-hidden': 'true' }), name,
+    el('span', { class: 'visually-hidden', text: ` (${v.actual_state})` })));
 }
 
 function renderTree() {
@@ -761,13 +864,19 @@ function renderTree() {
         el('a', {
           class: cls, href: hostHref(h.name), dataset: { host: h.name },
           title: `${h.name}: ${h.state}${isDegraded(h) ? ', degraded' : ''}`,
-        }, el('span', { class: `dot state-${h.state}`, 'aria-hidden': 'true' }), h.name),
+        }, el('span', { class: `dot state-${h.state}`, 'aria-hidden': 'true' }), h.name,
+        el('span', { class: 'visually-hidden', text: ` (${h.state}${isDegraded(h) ? ', degraded' : ''})` })),
         vms.length ? el('ul', null, vms) : null));
     }
     for (const v of g.loose) if (match(vmName(v))) children.push(vmTreeItem(v));
     if (!match(g.name) && children.length === 0) continue;
     root.append(el('li', null,
-      el('span', { class: 'tree-cluster', text: g.name || '(no cluster)' }),
+      g.name
+        ? el('a', {
+          class: 'tree-cluster', href: clusterHref(g.name), dataset: { cluster: g.name },
+          title: `cluster ${g.name}`,
+        }, g.name)
+        : el('span', { class: 'tree-cluster', text: '(no cluster)' }),
       children.length ? el('ul', null, children) : null));
   }
   if (!root.children.length) {
@@ -786,6 +895,7 @@ function markTreeCurrent(r) {
   let sel = null;
   if (r.view === 'vm') sel = `a.tree-vm[data-vm="${CSS.escape(r.name)}"]`;
   else if (r.view === 'host') sel = `a.tree-host[data-host="${CSS.escape(r.name)}"]`;
+  else if (r.view === 'cluster') sel = `a.tree-cluster[data-cluster="${CSS.escape(r.name)}"]`;
   const a = sel && $('tree').querySelector(sel);
   if (a) a.setAttribute('aria-current', 'page');
   const ov = document.querySelector('.tree-overview');
@@ -868,13 +978,32 @@ function wide(node) {
   return node;
 }
 
-function vmLinkWithState(name) {
+function vmLinkWithState(name, linkClass) {
   const vm = findVm(name);
   const st = vm ? vm.actual_state : 'unknown';
   return el('span', { class: 'vm-link' },
     el('span', { class: `dot state-${st}`, 'aria-hidden': 'true' }),
-    el('a', { href: vmHref(name), text: name }),
+    el('a', { class: linkClass, href: vmHref(name), dataset: { vm: name }, text: name }),
     el('span', { class: 'muted', text: ' ' + (vm ? vmStateText(vm) : '') }));
+}
+
+/** The hosts of a cluster with their state, CPU and memory bars, and VM counts. */
+function hostTable(hosts, rowClass) {
+  if (!hosts.length) return el('p', { class: 'muted', text: 'No hosts.' });
+  const rows = hosts.map((h) => el('tr', { class: rowClass, dataset: { host: h.name } },
+    el('th', { scope: 'row' }, el('a', { href: hostHref(h.name), text: h.name })),
+    el('td', null, hostStateBadges(h)),
+    el('td', { class: 'cell-bar' }, cpuBar(h)),
+    el('td', { class: 'cell-bar' }, memBar(h)),
+    el('td', { class: 'num', text: String(vmsOn(h.name).length) })));
+  return el('table', { class: 'grid' },
+    el('thead', null, el('tr', null,
+      el('th', { scope: 'col', text: 'Host' }),
+      el('th', { scope: 'col', text: 'State' }),
+      el('th', { scope: 'col', text: 'CPU' }),
+      el('th', { scope: 'col', text: 'Memory' }),
+      el('th', { scope: 'col', class: 'num', text: 'VMs' }))),
+    el('tbody', null, rows));
 }
 
 // ---- overview ----
@@ -886,7 +1015,7 @@ function renderOverview() {
 }
 
 function buildOverview() {
-  if (!state.loaded) return placeholder('overview', 'Loading…');
+  if (!state.loaded) return placeholder('overview', 'Overview', 'Loading…');
   const running = state.vms.filter((v) => v.actual_state === 'running').length;
   const view = el('section', { id: 'overview', class: 'view' },
     el('div', { class: 'view-head' },
@@ -905,24 +1034,11 @@ function buildOverview() {
       meta.push(`EVC ${c.evc_mode || 'none'}`);
       if (c.migration_encryption) meta.push(`migration encryption ${c.migration_encryption}`);
     }
-    const rows = g.hosts.map((h) => el('tr', { class: 'overview-host', dataset: { host: h.name } },
-      el('th', { scope: 'row' }, el('a', { href: hostHref(h.name), text: h.name })),
-      el('td', null, hostStateBadges(h)),
-      el('td', { class: 'cell-bar' }, cpuBar(h)),
-      el('td', { class: 'cell-bar' }, memBar(h)),
-      el('td', { class: 'num', text: String(vmsOn(h.name).length) })));
     view.append(el('section', { class: 'card cluster-card', dataset: { cluster: g.name } },
-      el('h2', null, g.name || '(no cluster)', el('span', { class: 'muted h-meta', text: meta.join(' · ') })),
-      rows.length
-        ? el('table', { class: 'grid' },
-          el('thead', null, el('tr', null,
-            el('th', { scope: 'col', text: 'Host' }),
-            el('th', { scope: 'col', text: 'State' }),
-            el('th', { scope: 'col', text: 'CPU' }),
-            el('th', { scope: 'col', text: 'Memory' }),
-            el('th', { scope: 'col', class: 'num', text: 'VMs' }))),
-          el('tbody', null, rows))
-        : el('p', { class: 'muted', text: 'No hosts.' }),
+      el('h2', null,
+        g.name ? el('a', { href: clusterHref(g.name), text: g.name }) : '(no cluster)',
+        el('span', { class: 'muted h-meta', text: meta.join(' · ') })),
+      hostTable(g.hosts, 'overview-host'),
       g.loose.length
         ? el('p', { class: 'loose' }, 'Without a host: ',
           g.loose.map((v, i) => [i ? ', ' : '', el('a', { href: vmHref(vmName(v)), text: vmName(v) })]))
@@ -934,22 +1050,47 @@ function buildOverview() {
 // ---- host page ----
 
 function renderHostView(name) {
+  const main = $('main');
+  let view = $('host-view');
+  if (!view || view.dataset.host !== name) {
+    // The skeleton stays while the page is open: the maintenance controls keep their focus.
+    main.dataset.key = 'host\n' + name;
+    view = el('section', { id: 'host-view', class: 'view', dataset: { host: name } },
+      el('div', { class: 'view-head' },
+        el('h1', null, el('span', { class: 'muted kind', text: 'Host ' }), name),
+        el('span', { id: 'host-state', class: 'host-state' })),
+      el('div', { id: 'host-maintenance-box' }),
+      el('div', { id: 'host-details' }));
+    main.replaceChildren(view);
+  }
   const h = findHost(name);
-  const key = 'host\n' + name + '\n' + JSON.stringify([state.loaded, h,
+
+  const st = $('host-state');
+  const stKey = JSON.stringify(h ? [h.state, h.health, h.problems] : null);
+  if (st.dataset.key !== stKey) {
+    st.dataset.key = stKey;
+    st.replaceChildren(...(h ? hostStateBadges(h) : [el('span', { class: 'muted', text: '–' })]));
+  }
+
+  const details = $('host-details');
+  const key = JSON.stringify([state.loaded, h,
     state.vms.filter((v) => v.host === name).map((v) => [vmName(v), v.actual_state, v.desired_state])]);
-  showMain(key, () => buildHostView(name, h));
+  if (details.dataset.key !== key) {
+    details.dataset.key = key;
+    details.replaceChildren(h
+      ? buildHostDetails(name, h)
+      : el('p', { class: 'muted', text: state.loaded ? `No host is named ${name}.` : 'Loading…' }));
+  }
+  renderMaintenance(name, h);
 }
 
-function buildHostView(name, h) {
-  if (!h) {
-    return placeholder('host-view', state.loaded ? `No host is named ${name}.` : 'Loading…');
-  }
+function buildHostDetails(name, h) {
   const f = h.facts || {};
   const health = h.health || {};
   const cpu = f.cpu || {};
   const status = [
     ['State', el('span', null, hostStateBadges(h))],
-    ['Cluster', h.cluster],
+    ['Cluster', h.cluster ? el('a', { href: clusterHref(h.cluster), text: h.cluster }) : null],
     ['Last heartbeat', h.last_heartbeat ? `${fmtAgo(h.last_heartbeat)} (${fmtTime(h.last_heartbeat)})` : null],
     ['Agent', h.agent_url],
   ];
@@ -983,41 +1124,572 @@ function buildHostView(name, h) {
   }
   const vmNames = new Set([...(h.vms || []), ...vmsOn(name).map(vmName)]);
   const vms = [...vmNames].sort(byName);
-  return el('section', { id: 'host-view', class: 'view', dataset: { host: name } },
-    el('div', { class: 'view-head' },
-      el('h1', null, el('span', { class: 'muted kind', text: 'Host ' }), name),
-      el('span', null, hostStateBadges(h))),
-    el('div', { class: 'cards' },
-      card('Status', facts(status)),
-      card('Load',
-        facts([
-          ['CPU', cpuBar(h)],
-          ['Memory', memBar(h)],
-          ['QEMU processes', h.load && h.load.vms ? h.load.vms.length : null],
-        ])),
-      card('Health', healthBody),
-      card('Facts', facts([
-        ['Hostname', f.hostname],
-        ['Cores', f.cores],
-        ['Memory', fmtMiB(f.memory_mib)],
-        ['CPU model', f.cpu_model_name],
-        ['CPU MHz', f.cpu_mhz || null],
-        ['CPU vendor', cpu.vendor],
-        ['Best CPU baseline', cpu.best_baseline],
-        ['CPU ceiling', f.cpu_ceiling],
-        ['Accelerator', f.accelerator],
-        ['QEMU', f.qemu_version],
-        ['UEFI firmware', yesNo(f.uefi)],
-        ['Migration TLS', yesNo(f.migration_tls)],
-        ['Migration address', f.migration_address],
-        ['Shared storage', f.shared_storage],
-        ['Resource control', f.resource_control || 'none'],
-        ['Agent version', f.agent_version],
+  return el('div', { class: 'cards' },
+    card('Status', facts(status)),
+    card('Load',
+      facts([
+        ['CPU', cpuBar(h)],
+        ['Memory', memBar(h)],
+        ['QEMU processes', h.load && h.load.vms ? h.load.vms.length : null],
       ])),
-      card(`VMs (${vms.length})`,
-        vms.length
-          ? el('ul', { class: 'plain host-vms' }, vms.map((n) => el('li', null, vmLinkWithState(n))))
-          : el('p', { class: 'muted', text: 'No VMs.' }))));
+    card('Health', healthBody),
+    card('Facts', facts([
+      ['Hostname', f.hostname],
+      ['Cores', f.cores],
+      ['Memory', fmtMiB(f.memory_mib)],
+      ['CPU model', f.cpu_model_name],
+      ['CPU MHz', f.cpu_mhz || null],
+      ['CPU vendor', cpu.vendor],
+      ['Best CPU baseline', cpu.best_baseline],
+      ['CPU ceiling', f.cpu_ceiling],
+      ['Accelerator', f.accelerator],
+      ['QEMU', f.qemu_version],
+      ['UEFI firmware', yesNo(f.uefi)],
+      ['Migration TLS', yesNo(f.migration_tls)],
+      ['Migration address', f.migration_address],
+      ['Shared storage', f.shared_storage],
+      ['Resource control', f.resource_control || 'none'],
+      ['Agent version', f.agent_version],
+    ])),
+    card(`VMs (${vms.length})`,
+      el('ul', { id: 'host-vms', class: 'plain host-vms' }, vms.map((n) => el('li', null, vmLinkWithState(n, 'host-vm')))),
+      vms.length ? null : el('p', { class: 'muted', text: 'No VMs.' })));
+}
+
+// ---- host maintenance: the evacuation plan, then the task live ----
+
+function renderMaintenance(name, h) {
+  const box = $('host-maintenance-box');
+  if (!box) return;
+  if (!h || !canAct()) {
+    if (box.firstChild) box.replaceChildren();
+    return;
+  }
+  let sec = $('host-maintenance');
+  if (!sec) {
+    sec = el('section', { id: 'host-maintenance', class: 'card maint-card', 'aria-labelledby': 'host-maintenance-title' },
+      el('div', { class: 'card-head' },
+        el('h2', { id: 'host-maintenance-title', text: 'Maintenance' }),
+        el('span', { id: 'maintenance-note', class: 'muted' }),
+        el('div', { id: 'maintenance-actions', class: 'actions' })),
+      el('p', { id: 'maintenance-error', class: 'error', role: 'alert' }),
+      el('div', { id: 'maintenance-plan-box' }),
+      el('div', { id: 'maintenance-status', class: 'task-status', role: 'status' }));
+    box.replaceChildren(sec);
+  }
+  const m = state.maint && state.maint.host === name ? state.maint : null;
+  const busy = state.maintBusy === name;
+  const task = maintTaskFor(name);
+  const running = !!task && !isDone(task);
+  const key = JSON.stringify([h.state, busy, running, m && [m.loading, m.plan, m.fallback, m.planError]]);
+  if (sec.dataset.key !== key) {
+    sec.dataset.key = key;
+    $('maintenance-note').textContent = h.state === 'maintenance'
+      ? 'In maintenance: nothing new lands or starts here.'
+      : h.state === 'disconnected'
+        ? 'Disconnected: it cannot enter maintenance now.'
+        : 'In service.';
+    const actions = $('maintenance-actions');
+    actions.replaceChildren();
+    if (h.state === 'maintenance') {
+      actions.append(el('button', {
+        id: 'host-maintenance-exit', type: 'button', class: 'primary', disabled: busy,
+        text: 'Exit maintenance', onclick: () => exitMaintenance(name),
+      }));
+    } else {
+      actions.append(el('button', {
+        id: 'host-maintenance-enter', type: 'button', 'aria-expanded': m ? 'true' : 'false',
+        'aria-controls': 'maintenance-plan-box',
+        disabled: busy || running || !!m || h.state === 'disconnected',
+        text: 'Enter maintenance…', onclick: () => showMaintenancePlan(name),
+      }));
+    }
+    const planBox = $('maintenance-plan-box');
+    const hadFocus = planBox.contains(document.activeElement) ? document.activeElement.id : null;
+    planBox.replaceChildren(...(m ? [buildMaintenancePlan(name, m, busy)] : []));
+    if (hadFocus && $(hadFocus)) $(hadFocus).focus();
+  }
+  renderMaintStatus(name);
+}
+
+async function showMaintenancePlan(name) {
+  const m = { host: name, loading: true, plan: null, fallback: null, planError: null, session: state.session };
+  state.maint = m;
+  $('maintenance-error').textContent = '';
+  renderMain();
+  try {
+    const plan = await api(`/hosts/${enc(name)}/maintenance-plan`);
+    if (state.maint !== m) return;
+    m.plan = plan || {};
+  } catch (e) {
+    if (state.maint !== m) return;
+    // No plan from the center (an older one, or it failed): what is known here.
+    m.planError = e.message;
+    const vms = vmsOn(name);
+    m.fallback = {
+      moves: vms.filter((v) => v.actual_state === 'running' || v.actual_state === 'paused').map(vmName),
+      stopped: vms.filter((v) => v.actual_state !== 'running' && v.actual_state !== 'paused').map(vmName),
+    };
+  }
+  m.loading = false;
+  renderMain();
+  const sec = $('maintenance-plan');
+  if (sec) sec.focus();
+}
+
+function cancelMaintenancePlan() {
+  state.maint = null;
+  renderMain();
+  const b = $('host-maintenance-enter');
+  if (b) b.focus();
+}
+
+/** A list item per VM name or {vm, …} record. */
+function planName(x) {
+  return typeof x === 'string' ? x : (x && (x.vm || x.name)) || '';
+}
+
+function buildMaintenancePlan(name, m, busy) {
+  const body = [];
+  if (m.loading) {
+    body.push(el('p', { class: 'muted', text: 'Working out where its VMs go…' }));
+  } else if (m.plan) {
+    const p = m.plan;
+    const moves = Array.isArray(p.moves) ? p.moves : [];
+    const blockers = Array.isArray(p.blockers) ? p.blockers : [];
+    const stopped = Array.isArray(p.stopped) ? p.stopped : [];
+    if (typeof p.imbalance_before === 'number' || typeof p.imbalance_after === 'number') {
+      body.push(el('p', { id: 'maintenance-plan-imbalance', class: 'muted', text: `Cluster imbalance ${fmtImbalance(p.imbalance_before)} → ${fmtImbalance(p.imbalance_after)} once the host is empty.` }));
+    }
+    body.push(planSection(`Moved live (${moves.length})`, moves.map((mv) => el('li', { class: 'plan-move', dataset: { vm: planName(mv) } },
+      vmLink(planName(mv)), ' → ',
+      mv.to ? hostLink(mv.to) : el('em', { text: 'destination chosen by the scheduler' }),
+      mv.reason ? el('span', { class: 'plan-reason muted', text: ` — ${mv.reason}` }) : null))));
+    if (blockers.length) {
+      body.push(planSection(`Cannot leave (${blockers.length})`, blockers.map((b) => el('li', { class: 'plan-blocker', dataset: { vm: planName(b) } },
+        el('span', { class: 'badge state-failed', text: 'blocked' }), ' ', vmLink(planName(b)),
+        el('span', { class: 'error', text: `: ${b.why || b.reason || 'no host takes it'}` })))));
+      body.push(el('p', { class: 'error', text: 'A running VM that cannot leave makes the task fail; the host stays in maintenance (flagged) until you exit it.' }));
+    }
+    if (stopped.length) {
+      body.push(planSection(`Stopped, re-homed to another host (${stopped.length})`,
+        stopped.map((x) => el('li', { class: 'plan-stopped', dataset: { vm: planName(x) } }, vmLink(planName(x)),
+          x && x.to ? [' → ', hostLink(x.to)] : null))));
+    }
+    if (!moves.length && !blockers.length && !stopped.length) {
+      body.push(el('p', { class: 'muted', text: `No VM is on ${name}: it enters maintenance at once.` }));
+    }
+  } else if (m.fallback) {
+    const f = m.fallback;
+    body.push(el('p', { id: 'maintenance-plan-error', class: 'error', text: `No plan from the center: ${m.planError}` }));
+    body.push(planSection(`Moved live (${f.moves.length})`, f.moves.map((n) => el('li', { class: 'plan-move', dataset: { vm: n } },
+      vmLink(n), ' → ', el('em', { text: 'destination chosen by the scheduler' })))));
+    if (f.stopped.length) {
+      body.push(planSection(`Not running, re-homed to another host (${f.stopped.length})`,
+        f.stopped.map((n) => el('li', { class: 'plan-stopped', dataset: { vm: n } }, vmLink(n)))));
+    }
+  }
+  return el('section', {
+    id: 'maintenance-plan', class: 'maint-plan', tabindex: '-1', 'aria-labelledby': 'maintenance-plan-title',
+    'aria-busy': m.loading ? 'true' : 'false',
+  },
+  el('h3', { id: 'maintenance-plan-title', text: `Evacuation plan for ${name}` }),
+  body,
+  el('div', { class: 'plan-actions' },
+    el('button', {
+      id: 'maintenance-confirm', type: 'button', class: 'primary', disabled: m.loading || busy,
+      text: 'Enter maintenance', onclick: () => enterMaintenance(name),
+    }),
+    el('button', {
+      id: 'maintenance-cancel', type: 'button', disabled: busy, text: 'Cancel',
+      onclick: () => cancelMaintenancePlan(),
+    })));
+}
+
+function planSection(title, items) {
+  return [
+    el('p', { class: 'plan-head', text: title }),
+    items.length ? el('ul', { class: 'plain plan-list' }, items) : el('p', { class: 'muted plan-none', text: 'None.' }),
+  ];
+}
+
+async function enterMaintenance(name) {
+  const m = state.maint;
+  state.maintBusy = name;
+  $('maintenance-error').textContent = '';
+  renderMain();
+  try {
+    const t = await api(`/hosts/${enc(name)}/maintenance`, { method: 'POST', body: { action: 'enter' } });
+    if (state.maint === m) state.maint = null;
+    followTask(state.maintTasks, name, t);
+    notice(`${name}: entering maintenance`, false);
+    refreshSoon();
+  } catch (e) {
+    const line = $('maintenance-error');
+    if (line && currentRoute().name === name) line.textContent = e.message;
+    else notice(e.message);
+  } finally {
+    if (state.maintBusy === name) state.maintBusy = null;
+    renderMain();
+  }
+}
+
+async function exitMaintenance(name) {
+  state.maintBusy = name;
+  $('maintenance-error').textContent = '';
+  renderMain();
+  try {
+    const t = await api(`/hosts/${enc(name)}/maintenance`, { method: 'POST', body: { action: 'exit' } });
+    upsertTask(t);
+    state.maintTasks.delete(name); // the entry's report is over
+    notice(`${name} is back in service`, false);
+    await refreshInventory().catch((e) => notice(e.message));
+  } catch (e) {
+    const line = $('maintenance-error');
+    if (line && currentRoute().name === name) line.textContent = e.message;
+    else notice(e.message);
+  } finally {
+    if (state.maintBusy === name) state.maintBusy = null;
+    renderMain();
+    const b = $('host-maintenance-enter') || $('host-maintenance-exit');
+    if (b && currentRoute().name === name && document.activeElement === document.body) b.focus();
+  }
+}
+
+/** The maintenance task started from this page, or one running on the host. */
+function maintTaskFor(name) {
+  const id = state.maintTasks.get(name);
+  if (id && state.tasks.has(id)) return state.tasks.get(id);
+  let best = null;
+  for (const t of state.tasks.values()) {
+    if (t.host === name && (t.kind === 'host_maintenance_enter' || t.kind === 'host_evacuate') && !isDone(t)) {
+      if (!best || byCreatedDesc(t, best) < 0) best = t;
+    }
+  }
+  return best;
+}
+
+function renderMaintStatus(name) {
+  const box = $('maintenance-status');
+  if (!box || currentRoute().name !== name) return;
+  const t = maintTaskFor(name);
+  const key = JSON.stringify(t);
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren(...(t ? [taskStatus(t, maintenanceResultNodes)] : []));
+}
+
+function maintenanceResultNodes(r) {
+  const out = [];
+  const migrated = Array.isArray(r.migrated) ? r.migrated : [];
+  const rehomed = Array.isArray(r.rehomed) ? r.rehomed : [];
+  const left = Array.isArray(r.left) ? r.left : [];
+  const moveItem = (mv) => el('li', { class: 'moved-vm', dataset: { vm: mv.vm } },
+    vmLink(mv.vm), ' → ', hostLink(mv.to),
+    mv.reason ? el('span', { class: 'muted', text: ` — ${mv.reason}` }) : null);
+  if (migrated.length) out.push(planSection(`Moved live (${migrated.length})`, migrated.map(moveItem)));
+  if (rehomed.length) out.push(planSection(`Re-homed, stopped (${rehomed.length})`, rehomed.map(moveItem)));
+  if (left.length) {
+    out.push(planSection(`Left on the host (${left.length})`, left.map((x) => el('li', { class: 'left-vm', dataset: { vm: x.vm } },
+      vmLink(x.vm), el('span', { class: 'error', text: `: ${x.why}` })))));
+  }
+  if (!out.length) out.push(el('p', { class: 'muted', text: 'No VM had to move.' }));
+  return out;
+}
+
+/** A task's phase and progress while it runs, its outcome once done. */
+function taskStatus(t, resultNodes) {
+  const done = isDone(t);
+  const ok = t.state === 'succeeded' || t.state === 'completed';
+  const pct = ok ? 100 : Math.max(0, Math.min(100, Number(t.progress) || 0));
+  const progress = el('progress', { max: 100, 'aria-label': `${taskKindText(t.kind)} progress` });
+  progress.value = pct;
+  const r = t.result && typeof t.result === 'object' ? t.result : null;
+  const errors = [t.error, r && r.error].filter((x, i, a) => x && a.indexOf(x) === i);
+  return el('div', { class: `task-status-body state-${t.state}`, dataset: { task: t.id, state: t.state } },
+    el('div', { class: 'status-line' },
+      el('strong', { class: 'status-kind', text: taskKindText(t.kind) }),
+      el('span', { class: `badge state-${t.state}`, text: t.state }),
+      progress,
+      el('span', { class: 'status-percent', text: `${pct}%` }),
+      el('span', { class: 'status-phase', text: t.phase || '' }),
+      done && t.finished_at ? el('span', { class: 'muted status-time', text: `at ${fmtTime(t.finished_at)}` }) : null),
+    done && r ? resultNodes(r) : null,
+    errors.map((x) => el('p', { class: 'error', text: x })));
+}
+
+// ---- cluster page: EVC, DRS settings, hosts, DRS recommendations ----
+
+/** Opens (or opens again) a cluster page: its figures are read afresh. */
+function openCluster(name) {
+  const c = {
+    name, session: state.session,
+    info: null, infoError: null, drs: null, drsError: null,
+    recs: null, recsError: null, recsLoading: false, recsSeq: 0,
+    applyBusy: false, applyError: null,
+  };
+  state.cluster = c;
+  loadClusterInfo(c);
+  loadRecs(c);
+}
+
+function clusterOpen(c) {
+  return state.cluster === c && c.session === state.session;
+}
+
+async function loadClusterInfo(c) {
+  const [info, drs] = await Promise.all([
+    api(`/clusters/${enc(c.name)}`).then((v) => ({ v }), (e) => ({ e })),
+    api(`/clusters/${enc(c.name)}/drs`).then((v) => ({ v }), (e) => ({ e })),
+  ]);
+  if (!clusterOpen(c)) return;
+  c.info = info.v || null;
+  c.infoError = info.e ? info.e.message : null;
+  c.drs = drs.v || null;
+  c.drsError = drs.e ? drs.e.message : null;
+  renderMain();
+}
+
+async function loadRecs(c) {
+  const seq = ++c.recsSeq;
+  c.recsLoading = true;
+  if (clusterOpen(c)) schedule(renderMain);
+  let recs = null;
+  let error = null;
+  try {
+    recs = await api(`/clusters/${enc(c.name)}/drs/recommendations`);
+  } catch (e) {
+    error = e.message;
+  }
+  if (!clusterOpen(c) || seq !== c.recsSeq) return;
+  c.recsLoading = false;
+  if (error) {
+    c.recsError = error;
+  } else {
+    c.recs = recs || {};
+    c.recsError = null;
+  }
+  renderMain();
+}
+
+/** Reads the open cluster's recommendations again shortly (after tasks end). */
+function recsSoon() {
+  if (!state.cluster) return;
+  clearTimeout(state.recsTimer);
+  state.recsTimer = setTimeout(() => {
+    if (state.cluster) loadRecs(state.cluster);
+  }, RECS_DEBOUNCE_MS);
+}
+
+function refreshCluster() {
+  const c = state.cluster;
+  if (!c) return;
+  loadClusterInfo(c);
+  loadRecs(c);
+  refreshSoon();
+}
+
+function renderClusterView(name) {
+  const main = $('main');
+  let view = $('cluster-view');
+  if (!view || view.dataset.cluster !== name) {
+    main.dataset.key = 'cluster\n' + name;
+    view = el('section', { id: 'cluster-view', class: 'view', dataset: { cluster: name } },
+      el('div', { class: 'view-head' },
+        el('h1', null, el('span', { class: 'muted kind', text: 'Cluster ' }), name),
+        el('div', { id: 'cluster-actions', class: 'actions' })),
+      el('p', { id: 'cluster-error', class: 'error', role: 'alert' }),
+      el('div', { class: 'cards' },
+        el('section', { class: 'card', 'aria-labelledby': 'cluster-summary-title' },
+          el('h2', { id: 'cluster-summary-title', text: 'Summary' }),
+          el('div', { id: 'cluster-summary' })),
+        el('section', { class: 'card', 'aria-labelledby': 'cluster-drs-title' },
+          el('h2', { id: 'cluster-drs-title', text: 'DRS settings' }),
+          el('div', { id: 'cluster-drs' })),
+        el('section', { class: 'card card-wide', 'aria-labelledby': 'cluster-hosts-title' },
+          el('h2', { id: 'cluster-hosts-title', text: 'Hosts' }),
+          el('div', { id: 'cluster-hosts' })),
+        el('section', { id: 'drs-card', class: 'card card-wide', 'aria-labelledby': 'drs-title' },
+          el('div', { class: 'card-head' },
+            el('h2', { id: 'drs-title', text: 'DRS recommendations' }),
+            el('span', { id: 'drs-imbalance', class: 'muted', text: '–' }),
+            el('div', { id: 'drs-actions', class: 'actions' })),
+          el('div', { id: 'drs-recs' }),
+          el('div', { id: 'drs-apply-status', class: 'task-status', role: 'status' }))));
+    main.replaceChildren(view);
+  }
+  const c = state.cluster && state.cluster.name === name ? state.cluster : null;
+  if (!c) return;
+  const listed = findCluster(name);
+  const info = c.info || listed;
+  const hosts = state.hosts.filter((h) => h.cluster === name).sort((a, b) => byName(a.name, b.name));
+  const vms = state.vms.filter((v) => v.cluster === name);
+
+  keyed($('cluster-actions'), [canAct(), !!info], () => canAct() && info
+    ? [el('button', {
+      id: 'vm-create-open', type: 'button', class: 'primary', 'aria-haspopup': 'dialog',
+      text: 'New VM…', onclick: () => openCreate(name),
+    })]
+    : []);
+
+  const err = $('cluster-error');
+  const errText = c.infoError && !info ? c.infoError : '';
+  if (err.textContent !== errText) err.textContent = errText;
+
+  keyed($('cluster-summary'), [info, c.infoError, state.loaded, hosts.length,
+    vms.map((v) => v.actual_state)], () => {
+    if (!info) return [el('p', { class: 'muted', text: c.infoError ? 'Not available.' : 'Loading…' })];
+    const running = vms.filter((v) => v.actual_state === 'running').length;
+    return [facts([
+      ['EVC mode', info.evc_mode || 'none', { id: 'cluster-evc' }],
+      ['Migration encryption', info.migration_encryption || 'required'],
+      ['Hosts', String(hosts.length)],
+      ['VMs', `${vms.length} (${running} running)`],
+      ['Created', info.created_at ? fmtTime(info.created_at) : null],
+    ])];
+  });
+
+  const drs = c.drs || (c.recs && c.recs.settings) || null;
+  keyed($('cluster-drs'), [drs, c.drsError], () => {
+    if (!drs) return [el('p', { class: c.drsError ? 'error' : 'muted', text: c.drsError || 'Loading…' })];
+    return [facts([
+      ['Automation', drs.automation, { id: 'drs-automation' }],
+      ['Threshold', typeof drs.threshold === 'number' ? `${drs.threshold} of 5` : drs.threshold, { id: 'drs-threshold' }],
+      ['Proactive', drs.proactive || 'off', { id: 'drs-proactive' }],
+    ])];
+  });
+
+  keyed($('cluster-hosts'), [state.loaded, hosts, vms.map((v) => [vmName(v), v.host, v.actual_state])], () => {
+    if (!state.loaded) return [el('p', { class: 'muted', text: 'Loading…' })];
+    const loose = vms.filter((v) => !v.host || !findHost(v.host)).map(vmName).sort(byName);
+    return [hostTable(hosts, 'cluster-host'),
+      loose.length
+        ? el('p', { class: 'loose' }, 'Without a host: ', loose.map((n, i) => [i ? ', ' : '', vmLink(n)]))
+        : null];
+  });
+
+  renderDrs(c);
+  renderApplyStatus(name);
+}
+
+/** Replaces a container's content when what it shows changed (keeps focus otherwise). */
+function keyed(node, data, build) {
+  const key = JSON.stringify(data);
+  if (!node || node.dataset.key === key) return;
+  node.dataset.key = key;
+  const focused = node.contains(document.activeElement) ? document.activeElement.id : '';
+  node.replaceChildren(...build().filter((x) => x !== null && x !== undefined));
+  if (focused && $(focused) && node.contains($(focused))) $(focused).focus();
+}
+
+function applyTaskFor(name) {
+  const id = state.applyTasks.get(name);
+  return (id && state.tasks.get(id)) || null;
+}
+
+function renderDrs(c) {
+  const recs = c.recs;
+  const list = recs && Array.isArray(recs.recommendations) ? recs.recommendations : [];
+  const imb = $('drs-imbalance');
+  const imbText = recs ? `imbalance ${fmtImbalance(recs.imbalance_before)} → ${fmtImbalance(recs.imbalance_after)}` : '–';
+  if (imb.textContent !== imbText) imb.textContent = imbText;
+
+  const t = applyTaskFor(c.name);
+  const applying = c.applyBusy || (!!t && !isDone(t));
+  keyed($('drs-actions'), [canAct(), list.length, applying], () => {
+    const out = [el('button', {
+      id: 'drs-refresh', type: 'button', 'aria-label': 'Refresh the DRS recommendations',
+      text: 'Refresh', onclick: () => refreshCluster(),
+    })];
+    if (canAct()) {
+      out.push(el('button', {
+        id: 'drs-apply', type: 'button', class: 'primary', disabled: !list.length || applying,
+        'aria-label': 'Apply all DRS recommendations', text: 'Apply all',
+        onclick: () => applyDrs(c),
+      }));
+    }
+    return out;
+  });
+
+  keyed($('drs-recs'), [recs, c.recsError], () => {
+    const details = $('drs-pass'); // the one shown until now: it stays open if it was
+    const passOpen = !!(details && details.open);
+    const out = [];
+    if (c.recsError) out.push(el('p', { class: 'error', text: c.recsError }));
+    if (!recs) {
+      if (!c.recsError) out.push(el('p', { class: 'muted', text: 'Loading…' }));
+      return out;
+    }
+    out.push(list.length
+      ? el('ol', { id: 'drs-rec-list', class: 'drs-recs' }, list.map(drsRecItem))
+      : el('p', { id: 'drs-none', class: 'muted', text: 'No moves recommended: the cluster is as balanced as its threshold asks.' }));
+    if (recs.text) {
+      out.push(el('details', { id: 'drs-pass', class: 'drs-pass', open: passOpen },
+        el('summary', { text: 'The whole pass, in words' }),
+        el('pre', { class: 'drs-pass-text', tabindex: '0', 'aria-label': 'DRS pass', text: recs.text })));
+    }
+    return out;
+  });
+}
+
+function drsRecItem(r) {
+  return el('li', { class: 'drs-rec', dataset: { vm: r.vm, from: r.from_host, to: r.to_host } },
+    el('div', { class: 'drs-rec-head' },
+      vmLink(r.vm),
+      el('span', { class: 'drs-rec-move' }, ' from ', hostLink(r.from_host), ' → ', hostLink(r.to_host)),
+      typeof r.priority === 'number' ? el('span', { class: 'badge', text: `priority ${r.priority}` }) : null,
+      typeof r.imbalance_before === 'number'
+        ? el('span', { class: 'muted drs-rec-imbalance', text: `imbalance ${fmtImbalance(r.imbalance_before)} → ${fmtImbalance(r.imbalance_after)}` })
+        : null),
+    r.reason ? el('div', { class: 'drs-rec-reason', text: r.reason }) : null,
+    r.detail ? el('div', { class: 'drs-rec-detail mono muted', text: r.detail }) : null);
+}
+
+async function applyDrs(c) {
+  if (c.applyBusy) return;
+  c.applyBusy = true;
+  c.applyError = null;
+  renderMain();
+  try {
+    const t = await api(`/clusters/${enc(c.name)}/drs/apply`, { method: 'POST', body: {} });
+    followTask(state.applyTasks, c.name, t);
+    notice(`DRS apply on ${c.name} queued`, false);
+  } catch (e) {
+    if (clusterOpen(c)) c.applyError = e.message;
+    else notice(e.message);
+  } finally {
+    c.applyBusy = false;
+    if (clusterOpen(c)) renderMain();
+  }
+}
+
+function renderApplyStatus(name) {
+  const box = $('drs-apply-status');
+  const c = state.cluster;
+  if (!box || !c || c.name !== name) return;
+  const t = applyTaskFor(name);
+  const key = JSON.stringify([t, c.applyError]);
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren(...[
+    c.applyError ? el('p', { class: 'error', text: c.applyError }) : null,
+    t ? taskStatus(t, drsResultNodes) : null,
+  ].filter(Boolean));
+  // The apply button follows the task (enabled again once it ended).
+  renderDrs(c);
+}
+
+function drsResultNodes(r) {
+  const applied = Array.isArray(r.applied) ? r.applied : [];
+  if (!applied.length) return [el('p', { class: 'muted', text: 'Nothing was moved.' })];
+  return planSection(`Moves (${applied.length})`, applied.map((a) => el('li', {
+    class: 'applied-move' + (a.error ? ' failed' : ''), dataset: { vm: a.vm },
+  },
+  vmLink(a.vm), ' ', hostLink(a.from_host), ' → ', hostLink(a.to_host), ': ',
+  a.error
+    ? el('span', { class: 'error', text: a.error })
+    : el('span', { class: 'badge state-succeeded', text: 'moved' }),
+  a.reason ? el('span', { class: 'muted', text: ` — ${a.reason}` }) : null)));
 }
 
 // ---- VM page ----
@@ -1097,7 +1769,7 @@ function buildVmDetails(vm) {
     card('Summary', facts([
       ['State', vmStateText(vm), { id: 'vm-state', class: `state-${vm.actual_state}` }],
       ['Host', vm.host ? el('a', { href: hostHref(vm.host), text: vm.host }) : '–', { id: 'vm-host' }],
-      ['Cluster', vm.cluster],
+      ['Cluster', vm.cluster ? el('a', { href: clusterHref(vm.cluster), text: vm.cluster }) : null],
       ['Generation', vm.generation, { id: 'vm-generation' }],
       ['Pool', vm.pool || 'root'],
       ['Created', fmtTime(vm.created_at)],
@@ -1258,7 +1930,7 @@ function migrateTargetRow(m, { host, report, error }) {
       el('span', null, hostStateBadges(host)),
       el('button', {
         type: 'button', class: 'migrate-to primary small', dataset: { host: host.name },
-        disabled: !ok, 'aria-label': `Migrate ${m.vm} to ${host.name}`, text: 'Migrate here',
+        disabled: !ok, 'aria-label': `Migrate here: ${m.vm} to ${host.name}`, text: 'Migrate here',
         onclick: () => startMigration(m, host.name),
       })),
     verdict);
@@ -1349,6 +2021,185 @@ function closeMigrate() {
   if (dlg.open) dlg.close();
 }
 
+// ---- new-VM dialog ----
+
+function randomMac() {
+  const b = new Uint8Array(3);
+  crypto.getRandomValues(b);
+  return '52:54:00:' + [...b].map((x) => x.toString(16).padStart(2, '0')).join(':');
+}
+
+function openCreate(cluster) {
+  const cr = { cluster, busy: false, bootTouched: false, session: state.session };
+  state.create = cr;
+  const form = $('vm-create-form');
+  form.reset();
+  for (const i of form.querySelectorAll('[aria-invalid]')) i.removeAttribute('aria-invalid');
+  $('vm-create-error').textContent = '';
+  $('vm-create-cluster').textContent = cluster;
+  $('vm-create-title').textContent = `New VM in ${cluster}`;
+  $('vm-create-submit').disabled = false;
+
+  const hostSel = $('vm-create-host');
+  hostSel.replaceChildren(el('option', { value: '', text: 'let the center place it' }),
+    ...state.hosts.filter((h) => h.cluster === cluster).sort((a, b) => byName(a.name, b.name))
+      .map((h) => el('option', {
+        value: h.name,
+        text: h.state === 'connected' && !isDegraded(h) ? h.name : `${h.name} (${h.state}${isDegraded(h) ? ', degraded' : ''})`,
+      })));
+  hostSel.value = '';
+  $('vm-create-image').replaceChildren(el('option', { value: '', text: 'loading…' }));
+  setImageNote('The boot disk is made from it (a linked clone unless “full copy”).', false);
+  syncBoot();
+
+  const dlg = $('vm-create-dialog');
+  if (!dlg.open) dlg.showModal();
+  $('vm-create-name').focus();
+  loadImages(cr);
+}
+
+function setImageNote(text, isError) {
+  const note = $('vm-create-image-note');
+  note.textContent = text;
+  note.classList.toggle('error', isError);
+  note.classList.toggle('muted', !isError);
+}
+
+async function loadImages(cr) {
+  let images;
+  try {
+    images = (await api('/images')) || [];
+  } catch (e) {
+    if (state.create !== cr) return;
+    $('vm-create-image').replaceChildren(el('option', { value: '', text: '(could not list the images)' }));
+    setImageNote(e.message, true);
+    return;
+  }
+  if (state.create !== cr) return;
+  const sel = $('vm-create-image');
+  const chosen = sel.value;
+  images.sort((a, b) => byName(a.name, b.name));
+  if (!images.length) {
+    sel.replaceChildren(el('option', { value: '', text: '(no images)' }));
+    setImageNote('The center has no image yet (tern image import): boot a kernel instead.', false);
+    if (!cr.bootTouched) {
+      $('vm-create-boot').value = 'kernel';
+      syncBoot();
+    }
+    return;
+  }
+  sel.replaceChildren(...images.map((i) => el('option', {
+    value: i.name,
+    text: `${i.name} (${fmtBytes(i.virtual_size_bytes)})`,
+  })));
+  if (chosen && images.some((i) => i.name === chosen)) sel.value = chosen;
+}
+
+/** Shows the fields of the chosen boot source. */
+function syncBoot() {
+  const kernel = $('vm-create-boot').value === 'kernel';
+  $('vm-create-image-fields').hidden = kernel;
+  $('vm-create-kernel-fields').hidden = !kernel;
+}
+
+function closeCreate() {
+  state.create = null;
+  const dlg = $('vm-create-dialog');
+  if (dlg && dlg.open) dlg.close();
+}
+
+/** A whole number from a field, or NaN. */
+function intField(id) {
+  const v = $(id).value.trim();
+  return /^\d+$/.test(v) ? Number(v) : NaN;
+}
+
+function createProblem(id, text) {
+  const field = $(id);
+  field.setAttribute('aria-invalid', 'true');
+  $('vm-create-error').textContent = text;
+  if (field.closest('[hidden]') === null) field.focus();
+}
+
+/** The CreateVm body from the form, or null after saying what is missing. */
+function createBody(cr) {
+  const form = $('vm-create-form');
+  for (const i of form.querySelectorAll('[aria-invalid]')) i.removeAttribute('aria-invalid');
+  const name = $('vm-create-name').value.trim();
+  const vcpus = intField('vm-create-vcpus');
+  const memory = intField('vm-create-memory');
+  if (!name) { createProblem('vm-create-name', 'Give the VM a name.'); return null; }
+  if (!(vcpus >= 1)) { createProblem('vm-create-vcpus', 'vCPUs: give a whole number, 1 or more.'); return null; }
+  if (!(memory >= 1)) { createProblem('vm-create-memory', 'Memory: give a whole number of MiB.'); return null; }
+  const spec = { name, vcpus, memory_mib: memory };
+  const body = { spec, cluster: cr.cluster };
+  if ($('vm-create-boot').value === 'kernel') {
+    const kernel = $('vm-create-kernel').value.trim();
+    if (!kernel) { createProblem('vm-create-kernel', 'Give the kernel’s path on the shared storage (or boot from an image).'); return null; }
+    const initrd = $('vm-create-initrd').value.trim();
+    spec.boot = { kind: 'kernel', kernel, initrd: initrd || null, cmdline: $('vm-create-cmdline').value.trim() };
+  } else {
+    const image = $('vm-create-image').value;
+    if (!image) { createProblem('vm-create-image', 'Choose an image (or boot a kernel).'); return null; }
+    spec.boot = { kind: 'disk' };
+    body.image = { image, full_copy: $('vm-create-full-copy').checked };
+  }
+  const mac = $('vm-create-mac').value.trim();
+  if (mac) spec.nics = [{ mac }];
+  const host = $('vm-create-host').value;
+  if (host) body.host = host;
+  return body;
+}
+
+async function submitCreate() {
+  const cr = state.create;
+  if (!cr || cr.busy) return;
+  $('vm-create-error').textContent = '';
+  const body = createBody(cr);
+  if (!body) return;
+  const name = body.spec.name;
+  const start = $('vm-create-start').checked;
+  cr.busy = true;
+  const submit = $('vm-create-submit');
+  submit.disabled = true;
+  submit.textContent = 'Creating…';
+  let vm;
+  try {
+    vm = await api('/vms', { method: 'POST', body });
+  } catch (e) {
+    if (state.create === cr) {
+      $('vm-create-error').textContent = e.message;
+      cr.busy = false;
+      submit.disabled = false;
+      submit.textContent = 'Create';
+    }
+    return;
+  }
+  if (cr.session !== state.session) return;
+  if (state.create !== cr) {
+    refreshSoon(); // closed meanwhile: the VM shows in the tree all the same
+    return;
+  }
+  const created = (vm && vmName(vm)) || name;
+  if (vm && vm.spec && !findVm(created)) state.vms.push(vm); // shown at once, read again below
+  let startError = null;
+  if (start) {
+    submit.textContent = 'Starting…';
+    try {
+      upsertTask(await api(`/vms/${enc(created)}/start`, { method: 'POST', body: {} }));
+    } catch (e) {
+      startError = e.message;
+    }
+  }
+  submit.textContent = 'Create';
+  closeCreate();
+  renderTree();
+  location.hash = vmHref(created);
+  refreshSoon();
+  if (startError) notice(`${created} was created but not started: ${startError}`);
+  else notice(start ? `${created} created, starting` : `${created} created`, false);
+}
+
 // ---- wiring ----
 
 function init() {
@@ -1369,6 +2220,24 @@ function init() {
   // (The event comes after the fact: a dialog opened again meanwhile is left alone.)
   $('migrate-dialog').addEventListener('close', () => {
     if (state.migrate && !$('migrate-dialog').open) closeMigrate();
+  });
+  $('vm-create-close').addEventListener('click', () => closeCreate());
+  $('vm-create-cancel').addEventListener('click', () => closeCreate());
+  $('vm-create-dialog').addEventListener('close', () => {
+    if (state.create && !$('vm-create-dialog').open) state.create = null;
+  });
+  $('vm-create-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    submitCreate();
+  });
+  for (const type of ['change', 'input']) {
+    $('vm-create-boot').addEventListener(type, () => {
+      if (state.create) state.create.bootTouched = true;
+      syncBoot();
+    });
+  }
+  $('vm-create-mac-random').addEventListener('click', () => {
+    $('vm-create-mac').value = randomMac();
   });
   window.addEventListener('hashchange', onRoute);
   // A page shown again after a while: its figures (ages, console) are read again.

@@ -2,8 +2,12 @@
 //! wrong one refused with the API's reason), find the VM in the inventory tree under its host,
 //! open its page, migrate it from the dialog (which lists the other host with its pre-check
 //! verdict before anything moves), and watch the page follow the migration live — progress in
-//! the dialog, the result, and the VM's host changing — without reloading. A viewer's token
-//! shows the same pages without any button it could not use.
+//! the dialog, the result, and the VM's host and generation changing — without reloading.
+//! Then the cluster page (EVC, DRS), a VM created and started from the page, and a host put
+//! into maintenance from its page (the plan shown first) and emptied live, then returned. A
+//! viewer's token shows the same pages without any button it could not use, and a request it
+//! forces is refused. The page logs no error; `/metrics` counts the migration; each view's
+//! screenshot is kept under target/web-screenshots.
 //!
 //! The browser reaches the center the way an operator on its machine does: `tern ui`, a
 //! loopback forward to the center's unix socket.
@@ -180,6 +184,77 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
 
     b.screenshot(&shots.join("vm.png"));
 
+    // The cluster page: EVC mode, DRS settings and the engine's current verdict.
+    b.click("a.tree-cluster[data-cluster=lab]");
+    b.wait_for("#cluster-view", Duration::from_secs(10));
+    b.wait_text("#drs-imbalance", Duration::from_secs(30), |t| {
+        t.contains('→')
+    });
+    b.wait_text("#cluster-evc", Duration::from_secs(10), |t| !t.is_empty());
+    b.screenshot(&shots.join("cluster.png"));
+
+    // A VM created and started from the page (the lab's test guest, by kernel).
+    b.click("#vm-create-open");
+    b.wait_for("#vm-create-form", Duration::from_secs(10));
+    b.type_into("#vm-create-name", "web2");
+    b.type_into("#vm-create-memory", "128");
+    b.run(
+        "const s = document.querySelector('#vm-create-boot'); s.value = 'kernel';\n\
+         s.dispatchEvent(new Event('change', {bubbles: true}));\n\
+         const h = document.querySelector('#vm-create-host'); h.value = 'h1';\n\
+         h.dispatchEvent(new Event('change', {bubbles: true}));",
+    );
+    b.type_into("#vm-create-kernel", &lab.guest_kernel());
+    b.type_into("#vm-create-initrd", &lab.guest_initrd());
+    b.type_into(
+        "#vm-create-cmdline",
+        "console=ttyS0 ipv6.disable=1 tern.ip=10.78.0.162/24 tern.serve=7000",
+    );
+    b.type_into("#vm-create-mac", "52:54:00:0e:b0:02");
+    b.screenshot(&shots.join("vm-create.png"));
+    b.click("#vm-create-submit");
+    b.wait_text("#vm-view h1", Duration::from_secs(30), |t| {
+        t.contains("web2")
+    });
+    b.wait_text("#vm-state", Duration::from_secs(60), |t| {
+        t.contains("running")
+    });
+    lab.wait_console("web2", "TERN-GUEST-READY", Duration::from_secs(120));
+    let web2: Value = lab.tern_json(&["vm", "show", "web2"]);
+    assert_eq!(web2["host"], "h1", "{web2}");
+    assert_eq!(web2["actual_state"], "running", "{web2}");
+
+    // Maintenance from the host page: the plan first, then the host empties live.
+    b.click("a.tree-host[data-host=h2]");
+    b.wait_for("#host-view", Duration::from_secs(10));
+    b.wait_text("#host-vms", Duration::from_secs(10), |t| t.contains("web1"));
+    b.click("#host-maintenance-enter");
+    b.wait_for(".plan-move[data-vm=web1]", Duration::from_secs(60));
+    let plan = b.text("#maintenance-plan").unwrap_or_default();
+    assert!(plan.contains("h1"), "the plan names no destination: {plan}");
+    b.screenshot(&shots.join("maintenance-plan.png"));
+    b.click("#maintenance-confirm");
+    let status = b.wait_text("#maintenance-status", Duration::from_secs(180), |t| {
+        t.contains("succeeded") || t.contains("failed") || t.contains("cancelled")
+    });
+    assert!(status.contains("succeeded"), "{status}");
+    b.wait_text("#host-state", Duration::from_secs(10), |t| {
+        t.contains("maintenance")
+    });
+    b.wait_text("#host-vms", Duration::from_secs(10), |t| {
+        !t.contains("web1")
+    });
+    b.screenshot(&shots.join("host-maintenance.png"));
+    let vm: Value = lab.tern_json(&["vm", "show", "web1"]);
+    assert_eq!(vm["host"], "h1", "{vm}");
+    assert_eq!(vm["actual_state"], "running", "{vm}");
+    b.click("#host-maintenance-exit");
+    b.wait_text("#host-state", Duration::from_secs(10), |t| {
+        !t.contains("maintenance")
+    });
+    let h2: Value = lab.tern_json(&["host", "show", "h2"]);
+    assert_eq!(h2["state"], "connected", "{h2}");
+
     // A viewer sees the VM but no button to change it.
     b.click("#logout");
     b.wait_for("#login-form", Duration::from_secs(10));
@@ -187,7 +262,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.click("#login");
     b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains("viewer"));
     b.goto(&format!("{base}#/vm/web1"));
-    b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h2"));
+    b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h1"));
     for button in ["#vm-migrate", "#vm-stop", "#vm-start"] {
         assert_eq!(b.count(button), 0, "a viewer is shown {button}");
     }
