@@ -7,7 +7,7 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (it installs D
 
 backports=/etc/apt/sources.list.d/tern-bookworm-backports.sources
 pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2 iputils-ping cpio zstd
-  xz-utils kmod bridge-utils
+  xz-utils kmod bridge-utils mount
   # The OS image (guest/build-os.sh) and its guests: firmware, boot loader, FAT tools, SSH.
   mmdebstrap ovmf syslinux syslinux-common syslinux-efi mtools dosfstools fdisk e2fsprogs
   openssh-client

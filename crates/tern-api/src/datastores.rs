@@ -35,7 +35,7 @@ pub enum DatastoreBackend {
         iqn: String,
     },
     /// A multipath or FC LUN every host sees, by its `/dev/disk/by-id` name; the one volume is
-    /// the whole device (`"disk"`).
+    /// the whole device (`"disk"`, raw), opened by the agent and handed to QEMU.
     Block { device_id: String },
 }
 
@@ -60,7 +60,9 @@ impl DatastoreBackend {
         match self {
             DatastoreBackend::Directory { path } => path.clone(),
             DatastoreBackend::Iscsi { portal, iqn } => format!("{portal} {iqn}"),
-            DatastoreBackend::Block { device_id } => format!("/dev/disk/by-id/{device_id}"),
+            DatastoreBackend::Block { device_id } => {
+                format!("{}/{device_id}", crate::spec::BY_ID_DIR)
+            }
         }
     }
 
@@ -95,13 +97,7 @@ impl DatastoreBackend {
                 Ok(())
             }
             DatastoreBackend::Block { device_id } => {
-                let ok = !device_id.is_empty()
-                    && device_id.len() <= 255
-                    && !device_id.starts_with('.')
-                    && device_id.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+')
-                    });
-                if !ok {
+                if !crate::spec::valid_device_id(device_id) {
                     return Err(format!(
                         "device id {device_id:?} must be one /dev/disk/by-id name: letters, \
                          digits, '-', '_', '.', ':' and '+', not starting with '.'"
@@ -158,7 +154,7 @@ impl DatastoreBackend {
                         "a block datastore has one volume, {BLOCK_VOLUME:?} (the whole device)"
                     ));
                 }
-                Ok(format!("/dev/disk/by-id/{device_id}"))
+                Ok(format!("{}/{device_id}", crate::spec::BY_ID_DIR))
             }
         }
     }

@@ -93,6 +93,15 @@ impl DiskSpec {
     pub fn is_iscsi(&self) -> bool {
         self.path.starts_with(IscsiLun::SCHEME)
     }
+
+    /// The disk is a whole block device named by its stable id (`/dev/disk/by-id/ID`, a
+    /// block datastore): its id, when the path is one.
+    pub fn block_device(&self) -> Option<&str> {
+        self.path
+            .strip_prefix(BY_ID_DIR)
+            .and_then(|r| r.strip_prefix('/'))
+            .filter(|id| valid_device_id(id))
+    }
 }
 
 /// A SAN LUN that QEMU opens itself with its userspace iSCSI initiator (libiscsi, Debian's
@@ -140,6 +149,20 @@ impl IscsiLun {
             self.lun
         )
     }
+}
+
+/// Where a block datastore's device is named: udev's stable names.
+pub const BY_ID_DIR: &str = "/dev/disk/by-id";
+
+/// One `/dev/disk/by-id` name: letters, digits, '-', '_', '.', ':' and '+', not starting with
+/// '.', so it is always a single path component.
+pub fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 255
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+'))
 }
 
 /// iSCSI names (RFC 3720): `iqn.`, `eui.` or `naa.` and then lower-case letters, digits, '.',

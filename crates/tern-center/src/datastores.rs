@@ -55,10 +55,11 @@ pub fn resolve_disks(spec: &mut VmSpec, stores: &[Datastore]) -> Result<(), Cent
                         "disk {i}: no datastore named {name} (see tern datastore list)"
                     ))
                 })?;
-                if matches!(ds.backend, DatastoreBackend::Block { .. }) {
-                    return Err(CenterError::unsatisfiable(format!(
-                        "disk {i}: datastore {name} is a block device; VM disks on block \
-                         datastores are not supported yet (use a directory or iscsi datastore)"
+                if matches!(ds.backend, DatastoreBackend::Block { .. })
+                    && disk.format != tern_api::DiskFormat::Raw
+                {
+                    return Err(CenterError::invalid(format!(
+                        "disk {i}: a block datastore's device is a raw disk: format=raw"
                     )));
                 }
                 let located = ds

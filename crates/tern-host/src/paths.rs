@@ -37,6 +37,13 @@ pub fn check(paths: &[String], shared_storage: Option<&Path>) -> PathsReport {
             }
             continue;
         }
+        if p.starts_with(tern_api::BY_ID_DIR) {
+            // A block datastore's device: present here, and a block device.
+            if open_device(p, false).is_err() {
+                report.missing.push(p.clone());
+            }
+            continue;
+        }
         match Path::new(p).canonicalize() {
             Ok(c) if c.is_file() => {
                 if !root.as_ref().is_some_and(|r| c.starts_with(r)) {
@@ -144,6 +151,47 @@ pub fn open_beneath(
     Ok(fd)
 }
 
+/// Opens the block device `path` (`/dev/disk/by-id/ID`) without its resolution leaving
+/// `/dev`: udev's by-id names are relative links to the device (`../../sdb`); anything else
+/// (a link out of /dev, a magic link, a file that is not a block device) is refused. `write`
+/// opens it read-write; both are O_DIRECT (QEMU uses the disk uncached).
+pub fn open_device(path: &str, write: bool) -> Result<OwnedFd, OpenError> {
+    let other = |e: Errno| OpenError::Other(path.to_string(), e.desc().to_string());
+    let id = path
+        .strip_prefix(tern_api::BY_ID_DIR)
+        .and_then(|r| r.strip_prefix('/'))
+        .filter(|id| tern_api::valid_device_id(id))
+        .ok_or_else(|| OpenError::Missing(path.to_string()))?;
+    let dev = open(
+        "/dev",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(other)?;
+    let mut flags = OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_DIRECT;
+    flags |= if write {
+        OFlag::O_RDWR
+    } else {
+        OFlag::O_RDONLY
+    };
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let rel = format!("disk/by-id/{id}");
+    let fd = match openat2(&dev, rel.as_str(), how) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EXDEV | Errno::ELOOP) => {
+            return Err(OpenError::Missing(path.to_string()))
+        }
+        Err(e) => return Err(other(e)),
+    };
+    let st = fstat(&fd).map_err(other)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFBLK {
+        return Err(OpenError::Missing(path.to_string()));
+    }
+    Ok(fd)
+}
+
 /// Opens every file of `spec` for QEMU under `root` (see [`open_beneath`]): kernel and initrd
 /// read-only, each disk read-only and, unless it is read-only, read-write, both O_DIRECT.
 pub fn open_for_qemu(spec: &VmSpec, root: &Path) -> Result<Vec<OpenedFile>, OpenError> {
@@ -155,11 +203,29 @@ pub fn open_for_qemu(spec: &VmSpec, root: &Path) -> Result<Vec<OpenedFile>, Open
                 read: Arc::new(open_beneath(root, p, false, false)?),
                 write: None,
                 backing: Vec::new(),
+                block_device: false,
             });
         }
     }
     // iSCSI LUNs are opened by QEMU's own initiator, over the network.
-    for d in spec.disks.iter().filter(|d| !d.is_iscsi()) {
+    for d in spec.disks.iter().filter(|d| d.block_device().is_some()) {
+        out.push(OpenedFile {
+            path: d.path.clone(),
+            read: Arc::new(open_device(&d.path, false)?),
+            write: if d.readonly {
+                None
+            } else {
+                Some(Arc::new(open_device(&d.path, true)?))
+            },
+            backing: Vec::new(),
+            block_device: true,
+        });
+    }
+    for d in spec
+        .disks
+        .iter()
+        .filter(|d| !d.is_iscsi() && d.block_device().is_none())
+    {
         let write = if d.readonly {
             None
         } else {
@@ -173,6 +239,7 @@ pub fn open_for_qemu(spec: &VmSpec, root: &Path) -> Result<Vec<OpenedFile>, Open
                 DiskFormat::Qcow2 => open_backing_chain(root, &d.path)?,
                 DiskFormat::Raw => Vec::new(),
             },
+            block_device: false,
         });
     }
     Ok(out)

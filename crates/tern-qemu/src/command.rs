@@ -154,6 +154,8 @@ pub struct OpenedFile {
     pub write: Option<Arc<OwnedFd>>,
     /// The disk's backing chain, nearest first; empty for an image without one.
     pub backing: Vec<OpenedBacking>,
+    /// A whole block device (a block datastore's LUN), not a file: QEMU's `host_device`.
+    pub block_device: bool,
 }
 
 impl OpenedFile {
@@ -549,7 +551,11 @@ pub fn build_command(cfg: &LaunchConfig) -> Vec<String> {
                 "read-only": disk.readonly,
             }),
             None => json!({
-                "driver": "file",
+                "driver": if cfg.opened(&disk.path).is_some_and(|f| f.block_device) {
+                    "host_device"
+                } else {
+                    "file"
+                },
                 "node-name": format!("file{i}"),
                 "filename": filename,
                 "cache": cache,
@@ -954,6 +960,7 @@ mod tests {
                     format: DiskFormat::Raw,
                 },
             ],
+            block_device: false,
         }];
         cfg.guest_files.uefi = Some(UefiFiles {
             code: fd("code"),

@@ -1002,6 +1002,7 @@ fn opened_disk(path: &str) -> Vec<tern_qemu::OpenedFile> {
         read: open(false),
         write: Some(open(true)),
         backing: Vec::new(),
+        block_device: false,
     }]
 }
 

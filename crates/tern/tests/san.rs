@@ -292,3 +292,93 @@ fn wait_event(lab: &Lab, needle: &str) {
         },
     );
 }
+
+/// A VM whose disk is a block LUN named by its stable id, as a multipath or FC LUN is on a
+/// real host (`/dev/disk/by-id/…`; the lab's are loop devices every host namespace sees),
+/// registered as a block datastore: the agent opens the device beneath /dev and QEMU gets the
+/// descriptor (`host_device`). The guest's journal on it survives three moves, checked on the
+/// LUN's backing file. A block datastore naming a device no host has is reported unreachable
+/// by every host.
+#[test]
+fn a_vm_on_a_block_lun_moves_with_its_journal_intact() {
+    let lab = Lab::up_with("blk", 2, &["--block-luns", "1", "--block-lun-mib", "64"]);
+    let block: Value = wait_for("both hosts to report", Duration::from_secs(30), || {
+        let d: Value = lab.tern_json(&["datastore", "show", "block1"]);
+        let reached = d["hosts"]
+            .as_array()
+            .is_some_and(|h| h.len() == 2 && h.iter().all(|r| r["reachable"] == true));
+        reached.then_some(d)
+    });
+    assert_eq!(block["backend"]["kind"], "block", "{block}");
+
+    // A device no host has: added, and every host says it does not reach it.
+    lab.tern_ok(&["datastore", "add", "ghost", "--block", "wwn-0xdeadbeef"]);
+    let ghost: Value = wait_for("both hosts to answer", Duration::from_secs(30), || {
+        let d: Value = lab.tern_json(&["datastore", "show", "ghost"]);
+        (d["hosts"].as_array().map(Vec::len) == Some(2)).then_some(d)
+    });
+    for h in ghost["hosts"].as_array().into_iter().flatten() {
+        assert_eq!(h["reachable"], false, "{ghost}");
+    }
+    // A VM cannot be put on it, naming why.
+    let args = lab.vm_create_args(
+        "ghostvm",
+        "h1",
+        "10.78.0.170",
+        "52:54:00:5b:00:09",
+        128,
+        "",
+        &["ghost:disk,format=raw"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.tern(&args);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach datastore ghost"),
+        "{}",
+        text(&out)
+    );
+    lab.tern_ok(&["datastore", "remove", "ghost"]);
+
+    let ip = "10.78.0.171";
+    let id = lab.create_vm(
+        "blkvm",
+        "h1",
+        ip,
+        "52:54:00:5b:00:01",
+        256,
+        "tern.mem=64 tern.dirty=8 tern.disk=/dev/vda",
+        &["block1:disk,format=raw"],
+    );
+    let addr = format!("{ip}:7000");
+    let first = wait_for("the journal to append", Duration::from_secs(60), || {
+        let s = lab.guest_stats(&addr);
+        (s["disk"]["next_seq"].as_u64().unwrap_or(0) > 0).then_some(s)
+    });
+    let boot_id = first["boot_id"].clone();
+    let mut seq = first["disk"]["next_seq"].as_u64().unwrap_or(0);
+    let mut host = "h1";
+    for i in 0..3 {
+        let to = if host == "h1" { "h2" } else { "h1" };
+        let (out, task) = lab.migrate_json(&["blkvm", "--to", to]);
+        assert!(out.status.success(), "move {i}: {}", text(&out));
+        assert_eq!(task.expect("task")["result"]["status"], "completed");
+        host = to;
+        let s = wait_for("the journal to advance", Duration::from_secs(60), || {
+            let s = lab.guest_stats(&addr);
+            (s["disk"]["next_seq"].as_u64().unwrap_or(0) > seq).then_some(s)
+        });
+        assert_eq!(s["boot_id"], boot_id, "the guest rebooted: {s}");
+        assert_eq!(s["disk"]["errors"], 0, "disk journal after move {i}: {s}");
+        seq = s["disk"]["next_seq"].as_u64().unwrap_or(0);
+    }
+    lab.one_copy_on("blkvm", &id, host);
+    lab.tern_ok(&["vm", "stop", "blkvm", "--force"]);
+    let bytes = std::fs::read(lab.dir.join("block/lun1.img")).expect("the LUN's backing file");
+    let records = journal_records(&bytes, None);
+    assert!(
+        records >= seq,
+        "the LUN holds {records} journal records; the guest had written {seq}"
+    );
+    lab.down();
+}

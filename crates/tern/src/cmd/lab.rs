@@ -38,6 +38,13 @@ pub enum LabCommand {
         /// Size of each SAN LUN (sparse files in the lab dir).
         #[arg(long, value_name = "MIB", default_value_t = 256)]
         san_lun_mib: u64,
+        /// Add block LUNs, as a multipath or FC LUN appears on every host: loop devices named
+        /// /dev/disk/by-id/tern-<prefix>-<n>, registered as block datastores block1…
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        block_luns: u32,
+        /// Size of each block LUN (files in the lab dir).
+        #[arg(long, value_name = "MIB", default_value_t = 256)]
+        block_lun_mib: u64,
     },
     /// Remove the lab: its processes (QEMU included), namespaces, links and directory.
     Down {
@@ -170,6 +177,8 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             cpu_ceiling,
             san_luns,
             san_lun_mib,
+            block_luns,
+            block_lun_mib,
         } => {
             let o = UpOptions {
                 hosts,
@@ -181,6 +190,8 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
                 cpu_ceilings: cpu_ceiling,
                 san_luns,
                 san_lun_mib,
+                block_luns,
+                block_lun_mib,
             };
             let st = lab::up(&o).await.map_err(|e| {
                 CliError::from(e).hint(format!(

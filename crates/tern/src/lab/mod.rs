@@ -18,6 +18,7 @@
 pub mod plan;
 pub mod state;
 
+pub mod block;
 mod daemons;
 mod faults;
 mod net;
@@ -80,6 +81,10 @@ pub struct UpOptions {
     /// LUNs of a SAN to build (0: no SAN), and their size.
     pub san_luns: u32,
     pub san_lun_mib: u64,
+    /// Block LUNs (loop devices named under /dev/disk/by-id), registered as datastores
+    /// `block1`…; 0 for none.
+    pub block_luns: u32,
+    pub block_lun_mib: u64,
 }
 
 /// Parses `HOST=MODEL` (a `lab up --cpu-ceiling` value).
@@ -195,6 +200,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         center: None,
         hosts: Vec::new(),
         san: None,
+        block_luns: Vec::new(),
         created_at: Utc::now(),
     };
     st.save()?;
@@ -255,6 +261,15 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
             o.san_luns,
             o.san_lun_mib,
         )?);
+        st.save()?;
+    }
+
+    if o.block_luns > 0 {
+        say(&format!(
+            "making {} block LUN(s) of {} MiB",
+            o.block_luns, o.block_lun_mib
+        ));
+        st.block_luns = block::create(&dir, &plan.prefix, o.block_luns, o.block_lun_mib)?;
         st.save()?;
     }
 
@@ -324,6 +339,14 @@ async fn register_datastores(st: &LabState, api: &tern_api::CenterClient) -> any
             path: st.shared_dir.display().to_string(),
         },
     }];
+    for (i, id) in st.block_luns.iter().enumerate() {
+        stores.push(AddDatastore {
+            name: format!("block{}", i + 1),
+            backend: DatastoreBackend::Block {
+                device_id: id.clone(),
+            },
+        });
+    }
     if st.san.is_some() {
         stores.push(AddDatastore {
             name: "san".into(),

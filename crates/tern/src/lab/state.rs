@@ -83,6 +83,9 @@ pub struct LabState {
     /// The SAN, when the lab has one.
     #[serde(default)]
     pub san: Option<LabSan>,
+    /// The block LUNs' /dev/disk/by-id names (`tern-<prefix>-<n>`).
+    #[serde(default)]
+    pub block_luns: Vec<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -174,6 +177,7 @@ mod tests {
             hosts: Vec::new(),
             created_at: chrono::Utc::now(),
             san: None,
+            block_luns: Vec::new(),
         };
         st.save().expect("save");
         assert_eq!(LabState::load(dir.path()).expect("load"), Some(st));

@@ -104,6 +104,8 @@ pub fn teardown(dir: &Path, prefixes: &[String]) -> anyhow::Result<Removed> {
             say(&format!("cannot remove the lab's cgroups {parent}: {e:#}"));
         }
     }
+    // Block LUNs: the by-id links and loop devices (their QEMUs are gone).
+    super::block::remove(&dir, &prefixes);
     let dir_removed = remove_lab_dir(&dir)?;
     Ok(Removed {
         processes: killed,
