@@ -18,11 +18,22 @@ pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2
   # The web client's tests: a real, headless browser and its WebDriver.
   chromium chromium-driver)
 
+# The web client test's accessibility check: axe-core from npm, pinned, cached per version.
+axe_version=4.14.1
+axe_dir=${XDG_CACHE_HOME:-$HOME/.cache}/tern/npm/axe-core-$axe_version
+install_axe() {
+  [ -f "$axe_dir/node_modules/axe-core/axe.min.js" ] && return 0
+  command -v npm >/dev/null || apt-get install -y -q --no-install-recommends npm
+  mkdir -p "$axe_dir"
+  npm install --prefix "$axe_dir" --no-audit --no-fund --loglevel=error "axe-core@$axe_version"
+}
+
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ] && command -v qemu-system-x86_64 >/dev/null; then
+  install_axe
   exit 0
 fi
 need_root
@@ -41,3 +52,4 @@ apt-get update -q
 apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils \
   qemu-block-extra
 apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+install_axe

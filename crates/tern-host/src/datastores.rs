@@ -202,35 +202,29 @@ mod tests {
 
     #[test]
     fn a_closed_portal_is_unreachable() {
+        let ask = |portal| {
+            probe(
+                None,
+                &[DatastoreProbe {
+                    name: "san".into(),
+                    id: "x".into(),
+                    backend: DatastoreBackend::Iscsi {
+                        portal,
+                        iqn: "iqn.2026-12.lab.tern:san".into(),
+                    },
+                }],
+            )
+            .remove(0)
+        };
         // A port nobody listens on: bind one, learn its number, close it.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let portal = l.local_addr().unwrap();
-        let open = probe(
-            None,
-            &[DatastoreProbe {
-                name: "san".into(),
-                id: "x".into(),
-                backend: DatastoreBackend::Iscsi {
-                    portal,
-                    iqn: "iqn.2026-12.lab.tern:san".into(),
-                },
-            }],
-        );
-        assert!(open[0].reachable, "{open:?}");
+        let open = ask(portal);
+        assert!(open.reachable, "{open:?}");
         drop(l);
-        let closed = probe(
-            None,
-            &[DatastoreProbe {
-                name: "san".into(),
-                id: "x".into(),
-                backend: DatastoreBackend::Iscsi {
-                    portal,
-                    iqn: "iqn.2026-12.lab.tern:san".into(),
-                },
-            }],
-        );
+        let closed = ask(portal);
         assert!(
-            !closed[0].reachable && closed[0].detail.contains("refused"),
+            !closed.reachable && closed.detail.contains("refused"),
             "{closed:?}"
         );
     }

@@ -183,25 +183,9 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
     let mut host = "h1";
     let mut seq = first["disk"]["next_seq"].as_u64().unwrap_or(0);
     for i in 0..4 {
-        let to = if host == "h1" { "h2" } else { "h1" };
-        let (out, task) = lab.migrate_json(&["sanvm", "--to", to]);
-        assert!(out.status.success(), "move {i}: {}", text(&out));
-        let task = task.expect("task JSON");
-        assert_eq!(task["result"]["status"], "completed", "{task}");
-        host = to;
-        // The journal goes on appending on the new host, on top of everything written before.
-        let s = wait_for("the journal to advance", Duration::from_secs(60), || {
-            let s = lab.guest_stats(&addr);
-            (s["disk"]["next_seq"].as_u64().unwrap_or(0) > seq).then_some(s)
-        });
-        assert_eq!(s["boot_id"], boot_id, "the guest rebooted: {s}");
-        assert_eq!(s["disk"]["errors"], 0, "disk journal after move {i}: {s}");
-        assert_eq!(s["mem"]["errors"], 0, "memory verifier after move {i}: {s}");
-        seq = s["disk"]["next_seq"].as_u64().unwrap_or(0);
-        eprintln!(
-            "move {i} → {to}: pause {} ms, journal at record {seq}",
-            task["result"]["pause_ms"]
-        );
+        host = if host == "h1" { "h2" } else { "h1" };
+        seq = move_keeping_the_journal(&lab, "sanvm", host, &addr, seq, &boot_id);
+        eprintln!("move {i} → {host}: journal at record {seq}");
     }
     let report: Value = client.finish();
     for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
@@ -249,20 +233,9 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         "journal after the SAN came back: {s}"
     );
     assert_eq!(s["boot_id"], boot_id, "{s}");
-    let (out, task) = lab.migrate_json(&["sanvm", "--to", other]);
-    assert!(
-        out.status.success(),
-        "move after the SAN returned: {}",
-        text(&out)
-    );
-    assert_eq!(task.expect("task")["result"]["status"], "completed");
+    let resumed = s["disk"]["next_seq"].as_u64().unwrap_or(0);
     host = other;
-    let s = wait_for("the journal to advance", Duration::from_secs(60), || {
-        let s = lab.guest_stats(&addr);
-        (s["disk"]["next_seq"].as_u64().unwrap_or(0) > before + 4).then_some(s)
-    });
-    assert_eq!(s["disk"]["errors"], 0, "{s}");
-    seq = s["disk"]["next_seq"].as_u64().unwrap_or(0);
+    seq = move_keeping_the_journal(&lab, "sanvm", host, &addr, resumed, &boot_id);
     lab.one_copy_on("sanvm", &id, host);
 
     // On the target's own backing file: every record the guest reported written is there, in
@@ -276,6 +249,37 @@ fn a_vm_on_an_iscsi_lun_moves_with_its_journal_intact() {
         "the LUN holds {records} journal records; the guest had written {seq}"
     );
     lab.down();
+}
+
+/// Moves `vm` to `to` and waits for its journal (served at `addr`) to append past `seq` on
+/// the new host, on top of everything written before: the same boot, no journal or memory
+/// error. Returns the journal's next record.
+fn move_keeping_the_journal(
+    lab: &Lab,
+    vm: &str,
+    to: &str,
+    addr: &str,
+    seq: u64,
+    boot_id: &Value,
+) -> u64 {
+    let (out, task) = lab.migrate_json(&[vm, "--to", to]);
+    assert!(out.status.success(), "{vm} → {to}: {}", text(&out));
+    let task = task.expect("task JSON");
+    assert_eq!(task["result"]["status"], "completed", "{task}");
+    let s = wait_for("the journal to advance", Duration::from_secs(60), || {
+        let s = lab.guest_stats(addr);
+        (s["disk"]["next_seq"].as_u64().unwrap_or(0) > seq).then_some(s)
+    });
+    assert_eq!(&s["boot_id"], boot_id, "the guest rebooted: {s}");
+    assert_eq!(
+        s["disk"]["errors"], 0,
+        "disk journal after {vm} → {to}: {s}"
+    );
+    assert_eq!(
+        s["mem"]["errors"], 0,
+        "memory verifier after {vm} → {to}: {s}"
+    );
+    s["disk"]["next_seq"].as_u64().unwrap_or(0)
 }
 
 /// Waits until an event's message contains `needle` (the center's checks run every 2 s in the
@@ -358,19 +362,9 @@ fn a_vm_on_a_block_lun_moves_with_its_journal_intact() {
     let boot_id = first["boot_id"].clone();
     let mut seq = first["disk"]["next_seq"].as_u64().unwrap_or(0);
     let mut host = "h1";
-    for i in 0..3 {
-        let to = if host == "h1" { "h2" } else { "h1" };
-        let (out, task) = lab.migrate_json(&["blkvm", "--to", to]);
-        assert!(out.status.success(), "move {i}: {}", text(&out));
-        assert_eq!(task.expect("task")["result"]["status"], "completed");
-        host = to;
-        let s = wait_for("the journal to advance", Duration::from_secs(60), || {
-            let s = lab.guest_stats(&addr);
-            (s["disk"]["next_seq"].as_u64().unwrap_or(0) > seq).then_some(s)
-        });
-        assert_eq!(s["boot_id"], boot_id, "the guest rebooted: {s}");
-        assert_eq!(s["disk"]["errors"], 0, "disk journal after move {i}: {s}");
-        seq = s["disk"]["next_seq"].as_u64().unwrap_or(0);
+    for _ in 0..3 {
+        host = if host == "h1" { "h2" } else { "h1" };
+        seq = move_keeping_the_journal(&lab, "blkvm", host, &addr, seq, &boot_id);
     }
     lab.one_copy_on("blkvm", &id, host);
     lab.tern_ok(&["vm", "stop", "blkvm", "--force"]);

@@ -30,6 +30,18 @@ fn shots_dir() -> std::path::PathBuf {
     dir
 }
 
+/// Saves a screenshot of the view as `name`.png and checks it has no serious accessibility
+/// violation.
+fn view(b: &Browser, shots: &std::path::Path, name: &str) {
+    b.screenshot(&shots.join(format!("{name}.png")));
+    let found = b.accessibility_violations();
+    assert!(
+        found.is_empty(),
+        "{name}: serious accessibility violations: {}",
+        serde_json::to_string_pretty(&found).unwrap_or_default()
+    );
+}
+
 /// `tern_migrations_total{outcome="completed"}` as `/metrics` reports it, read with a
 /// Prometheus text-format parser (0 when absent).
 fn completed_migrations(lab: &Lab) -> f64 {
@@ -94,7 +106,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     let b = Browser::start();
     b.goto(&base);
     b.wait_for("#login-form", Duration::from_secs(10));
-    b.screenshot(&shots.join("sign-in.png"));
+    view(&b, &shots, "sign-in");
 
     // A wrong token is refused with the API's own reason; nothing else shows.
     b.type_into("#token", "not-a-token");
@@ -116,7 +128,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.click("#login");
     b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains("admin"));
     b.wait_for("#overview", Duration::from_secs(10));
-    b.screenshot(&shots.join("overview.png"));
+    view(&b, &shots, "overview");
     b.wait_for("a.tree-host[data-host=h2]", Duration::from_secs(10));
     b.wait_for("a.tree-vm[data-vm=web1]", Duration::from_secs(10));
     let under_h1 = b.run(
@@ -158,7 +170,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     });
     assert!(result.contains("succeeded"), "{result}");
     assert!(result.contains("ms"), "no figures in the result: {result}");
-    b.screenshot(&shots.join("migrate-dialog.png"));
+    view(&b, &shots, "migrate-dialog");
     b.click("#migrate-close");
     b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h2"));
     let vm: Value = lab.tern_json(&["vm", "show", "web1"]);
@@ -182,7 +194,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     );
     assert_eq!(under_h2, true, "the tree still shows web1 elsewhere");
 
-    b.screenshot(&shots.join("vm.png"));
+    view(&b, &shots, "vm");
 
     // The cluster page: EVC mode, DRS settings and the engine's current verdict.
     b.click("a.tree-cluster[data-cluster=lab]");
@@ -191,7 +203,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         t.contains('→')
     });
     b.wait_text("#cluster-evc", Duration::from_secs(10), |t| !t.is_empty());
-    b.screenshot(&shots.join("cluster.png"));
+    view(&b, &shots, "cluster");
 
     // A VM created and started from the page (the lab's test guest, by kernel).
     b.click("#vm-create-open");
@@ -211,7 +223,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         "console=ttyS0 ipv6.disable=1 tern.ip=10.78.0.162/24 tern.serve=7000",
     );
     b.type_into("#vm-create-mac", "52:54:00:0e:b0:02");
-    b.screenshot(&shots.join("vm-create.png"));
+    view(&b, &shots, "vm-create");
     b.click("#vm-create-submit");
     b.wait_text("#vm-view h1", Duration::from_secs(30), |t| {
         t.contains("web2")
@@ -232,7 +244,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.wait_for(".plan-move[data-vm=web1]", Duration::from_secs(60));
     let plan = b.text("#maintenance-plan").unwrap_or_default();
     assert!(plan.contains("h1"), "the plan names no destination: {plan}");
-    b.screenshot(&shots.join("maintenance-plan.png"));
+    view(&b, &shots, "maintenance-plan");
     b.click("#maintenance-confirm");
     let status = b.wait_text("#maintenance-status", Duration::from_secs(180), |t| {
         t.contains("succeeded") || t.contains("failed") || t.contains("cancelled")
@@ -244,7 +256,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.wait_text("#host-vms", Duration::from_secs(10), |t| {
         !t.contains("web1")
     });
-    b.screenshot(&shots.join("host-maintenance.png"));
+    view(&b, &shots, "host-maintenance");
     let vm: Value = lab.tern_json(&["vm", "show", "web1"]);
     assert_eq!(vm["host"], "h1", "{vm}");
     assert_eq!(vm["actual_state"], "running", "{vm}");
@@ -254,6 +266,24 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     });
     let h2: Value = lab.tern_json(&["host", "show", "h2"]);
     assert_eq!(h2["state"], "connected", "{h2}");
+
+    // A host that cannot take the VM is listed with its reason, and cannot be picked.
+    lab.tern_ok(&["host", "maintenance", "enter", "h2"]);
+    b.click("a.tree-vm[data-vm=web1]");
+    b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h1"));
+    b.click("#vm-migrate");
+    let refused = b.wait_text(
+        ".migrate-target[data-host=h2]",
+        Duration::from_secs(30),
+        |t| t.contains("maintenance"),
+    );
+    assert!(
+        !b.enabled("button.migrate-to[data-host=h2]"),
+        "a host in maintenance is offered: {refused}"
+    );
+    view(&b, &shots, "migrate-refused");
+    b.click("#migrate-close");
+    lab.tern_ok(&["host", "maintenance", "exit", "h2"]);
 
     // A viewer sees the VM but no button to change it.
     b.click("#logout");
@@ -278,6 +308,13 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     // Nothing failed in the page after sign-in: no script error, no failed request.
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    // The accessibility check can fail: a page with an unlabelled image and input does.
+    b.goto("data:text/html,<html><body><img src='x.png'><input type='text'></body></html>");
+    let found = b.accessibility_violations();
+    assert!(
+        found.iter().any(|v| v["id"] == "image-alt"),
+        "axe-core missed an image without alt text: {found:?}"
+    );
     drop(b);
     let _ = ui.kill();
     let _ = ui.wait();

@@ -267,6 +267,42 @@ impl Browser {
             .unwrap_or_default()
     }
 
+    /// Runs `script` in the page asynchronously: it ends by calling its last argument with
+    /// the value to return.
+    pub fn run_async(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({"script": script, "args": []})),
+        )
+        .unwrap_or_else(|e| panic!("async script: {e}"))
+    }
+
+    /// The serious and critical accessibility violations axe-core finds in the page as it is
+    /// now (`[]` when none), with up to three offending elements each. axe-core is the one
+    /// scripts/setup.sh installs from npm.
+    pub fn accessibility_violations(&self) -> Vec<Value> {
+        if self.run("return typeof axe") != "object" {
+            let src = std::fs::read_to_string(axe_core()).unwrap_or_else(|e| {
+                panic!("axe-core is not installed ({e}): run scripts/setup.sh")
+            });
+            self.run(&format!("{src}\n;return typeof axe;"));
+        }
+        let found = self.run_async(
+            "const done = arguments[arguments.length - 1];\n\
+             axe.run(document, {resultTypes: ['violations']}).then(r => done(JSON.stringify(\n\
+               r.violations.filter(v => v.impact === 'serious' || v.impact === 'critical')\n\
+                 .map(v => ({id: v.id, impact: v.impact, help: v.help,\n\
+                   nodes: v.nodes.slice(0, 3).map(n => n.target.join(' '))})))))\n\
+               .catch(e => done('\"axe failed: ' + e + '\"'));",
+        );
+        let text = found.as_str().unwrap_or("[]");
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Array(v)) => v,
+            other => panic!("axe-core answered {other:?}"),
+        }
+    }
+
     /// The page's text, for failure messages.
     pub fn page_text(&self) -> String {
         self.run("return document.body ? document.body.innerText : ''")
@@ -301,4 +337,21 @@ fn chromium() -> String {
         .find(|p| Path::new(p).exists())
         .unwrap_or(&"chromium")
         .to_string()
+}
+
+/// axe.min.js as scripts/setup.sh caches it (`~/.cache/tern/npm/axe-core-<version>/`).
+fn axe_core() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+        .join("tern/npm");
+    std::fs::read_dir(&cache)
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("node_modules/axe-core/axe.min.js"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| cache.join("axe-core-?/node_modules/axe-core/axe.min.js"))
 }
