@@ -455,6 +455,47 @@ pub struct TaskQuery {
     pub vm: Option<String>,
 }
 
+/// `GET /api/v1/vms` and `/api/v1/hosts`: a page of the listing, by name. Without any field
+/// the whole listing comes back (as before paging existed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only names containing this (case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Names after this one (the last name of the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most this many (1–10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl ListQuery {
+    /// Largest page.
+    pub const MAX_LIMIT: u32 = 10_000;
+
+    /// Keeps the names this page holds, in name order: matching `q`, after `after`, at most
+    /// `limit`.
+    pub fn page<T>(&self, mut items: Vec<T>, name: impl Fn(&T) -> &str) -> Vec<T> {
+        items.sort_by(|a, b| name(a).cmp(name(b)));
+        let q = self.q.as_deref().map(str::to_lowercase);
+        let limit = self
+            .limit
+            .map_or(usize::MAX, |l| l.min(Self::MAX_LIMIT) as usize);
+        items
+            .into_iter()
+            .filter(|i| self.after.as_deref().is_none_or(|a| name(i) > a))
+            .filter(|i| {
+                q.as_deref()
+                    .is_none_or(|q| name(i).to_lowercase().contains(q))
+            })
+            .take(limit)
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]

@@ -17,8 +17,9 @@ use uuid::Uuid;
 use tern_api::center::{
     AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ConsoleQuery,
     CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat,
-    Host, HostMaintenance, JoinToken, MaintenanceAction, MaintenancePlan, MaintenanceResult,
-    RegisterHost, Registered, Role, StopVm, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
+    Host, HostMaintenance, JoinToken, ListQuery, MaintenanceAction, MaintenancePlan,
+    MaintenanceResult, RegisterHost, Registered, Role, StopVm, Task, TaskKind, TaskQuery,
+    TaskState, Vm, Whoami,
 };
 use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
@@ -892,16 +893,22 @@ async fn heartbeat(
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
+    params(ListQuery),
     responses(
-        (status = 200, description = "All hosts", body = Vec<Host>),
+        (status = 200, description = "The hosts, by name: all of them, or the page asked for", body = Vec<Host>),
+        (status = 400, description = "limit is 0", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn list_hosts(State(app): AppState) -> ApiResult<Json<Vec<Host>>> {
+async fn list_hosts(
+    State(app): AppState,
+    QueryArg(q): QueryArg<ListQuery>,
+) -> ApiResult<Json<Vec<Host>>> {
+    check_page(&q)?;
     let hosts = app
         .db
-        .read(|tx| {
-            tx.hosts()?
+        .read(move |tx| {
+            q.page(tx.hosts()?, |h| h.name.as_str())
                 .iter()
                 .map(|h| tx.host_view(h))
                 .collect::<Result<Vec<_>, _>>()
@@ -1059,22 +1066,39 @@ async fn create_vm(
 }
 
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    params(ListQuery),
     responses(
-        (status = 200, description = "All VMs", body = Vec<Vm>),
+        (status = 200, description = "The VMs, by name: all of them, or the page asked for", body = Vec<Vm>),
+        (status = 400, description = "limit is 0", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn list_vms(State(app): AppState) -> ApiResult<Json<Vec<Vm>>> {
+async fn list_vms(
+    State(app): AppState,
+    QueryArg(q): QueryArg<ListQuery>,
+) -> ApiResult<Json<Vec<Vm>>> {
+    check_page(&q)?;
     let vms = app
         .db
-        .read(|tx| {
-            tx.vms()?
+        .read(move |tx| {
+            // The page is chosen first: only its VMs are turned into views.
+            q.page(tx.vms()?, |v| v.name())
                 .iter()
                 .map(|v| crate::evc::vm_view(tx, v))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
     Ok(axum::Json(vms))
+}
+
+fn check_page(q: &ListQuery) -> Result<(), CenterError> {
+    if q.limit == Some(0) {
+        return Err(CenterError::invalid(format!(
+            "limit must be 1 to {}",
+            ListQuery::MAX_LIMIT
+        )));
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms",

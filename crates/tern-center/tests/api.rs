@@ -1365,3 +1365,51 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
     assert_eq!(get_vm(&c, "web-3").await.host.as_deref(), Some("h1"));
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn listings_come_in_pages_by_name_with_a_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let agent = FakeAgent::start().await;
+    create_cluster(&c, "lab").await;
+    register(&c, "h1", &agent, facts(4, 8192)).await;
+    let api = admin(&c);
+    for (i, name) in ["db-2", "web-1", "db-1", "web-3", "web-2"]
+        .iter()
+        .enumerate()
+    {
+        let _: Vm = api
+            .post(
+                "/api/v1/vms",
+                &CreateVm {
+                    image: None,
+                    spec: spec(name, &format!("52:54:00:00:01:{i:02x}"), 64),
+                    cluster: "lab".into(),
+                    host: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let names = |vms: Vec<Vm>| -> Vec<String> { vms.into_iter().map(|v| v.spec.name).collect() };
+    // No query: everything, by name.
+    let all: Vec<Vm> = api.get("/api/v1/vms").await.unwrap();
+    assert_eq!(names(all), ["db-1", "db-2", "web-1", "web-2", "web-3"]);
+    // Pages of two, each after the last name of the one before.
+    let p1: Vec<Vm> = api.get("/api/v1/vms?limit=2").await.unwrap();
+    assert_eq!(names(p1), ["db-1", "db-2"]);
+    let p2: Vec<Vm> = api.get("/api/v1/vms?limit=2&after=db-2").await.unwrap();
+    assert_eq!(names(p2), ["web-1", "web-2"]);
+    let p3: Vec<Vm> = api.get("/api/v1/vms?limit=2&after=web-2").await.unwrap();
+    assert_eq!(names(p3), ["web-3"]);
+    // A search, paged too.
+    let found: Vec<Vm> = api.get("/api/v1/vms?q=WEB&limit=2").await.unwrap();
+    assert_eq!(names(found), ["web-1", "web-2"]);
+    let hosts: Vec<Host> = api.get("/api/v1/hosts?q=h&limit=1").await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    // A page of nothing, and an unknown parameter, are refused.
+    let r = api.get::<Vec<Vm>>("/api/v1/vms?limit=0").await;
+    expect_status(r, 400, "limit").await;
+    let r = api.get::<Vec<Vm>>("/api/v1/vms?page=2").await;
+    expect_status(r, 400, "page").await;
+}
