@@ -80,6 +80,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::MIGRATION_FINISH.template(), post(migration_finish))
         .route(route::BANDWIDTH_SINK.template(), post(bandwidth_sink))
         .route(route::BANDWIDTH_PROBE.template(), post(bandwidth_probe))
+        .route(route::METRICS.template(), get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -130,6 +131,29 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AgentError> {
 
 async fn facts(State(agent): State<Arc<Agent>>) -> Json<HostFacts> {
     Json(agent.facts())
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    let reading = crate::metrics::Reading {
+        vm_states: agent.vms.list().into_iter().map(|v| v.state).collect(),
+        active: agent.migrations.active(),
+        ended: &agent.migrations.ended,
+        load: agent.load().await,
+    };
+    match crate::metrics::render(reading) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            AgentError::Internal(anyhow::anyhow!("encoding the metrics: {e}")).into_response()
+        }
+    }
 }
 
 async fn load(State(agent): State<Arc<Agent>>) -> Json<HostLoad> {

@@ -23,6 +23,7 @@ pub mod health;
 pub mod identity;
 pub mod images;
 pub mod load;
+pub mod metrics;
 pub mod migrations;
 pub mod paths;
 pub mod qcow2;

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,6 +167,30 @@ pub struct Migrations {
     migration_address: IpAddr,
     slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
     steerer: crate::steer::Steerer,
+    /// How this host's migrations ended since the agent started (for `/metrics`).
+    pub ended: MigrationCounts,
+}
+
+/// Migrations that ended on this host, by how, since the agent started.
+#[derive(Debug, Default)]
+pub struct MigrationCounts {
+    /// Source: committed elsewhere and finished here.
+    pub sent: AtomicU64,
+    /// Destination: committed here.
+    pub received: AtomicU64,
+    /// Source: aborted (the guest runs here again).
+    pub aborted_as_source: AtomicU64,
+    /// Destination: aborted (the incoming QEMU was removed).
+    pub aborted_as_destination: AtomicU64,
+    /// Bytes of guest state sent by migrations that completed from here.
+    pub bytes_sent: AtomicU64,
+}
+
+/// Migrations in progress on this host, by its role in them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveMigrations {
+    pub outgoing: u64,
+    pub incoming: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,7 +258,20 @@ impl Migrations {
             migration_address,
             slots: Mutex::new(HashMap::new()),
             steerer: crate::steer::Steerer::default(),
+            ended: MigrationCounts::default(),
         })
+    }
+
+    /// The migrations in progress here now.
+    pub fn active(&self) -> ActiveMigrations {
+        let mut a = ActiveMigrations::default();
+        for slot in lock(&self.slots).values() {
+            match slot.role {
+                Role::Source(_) => a.outgoing += 1,
+                Role::Destination(_) => a.incoming += 1,
+            }
+        }
+        a
     }
 
     fn slot(&self, id: Uuid) -> Result<Arc<Slot>, AgentError> {
@@ -913,6 +951,7 @@ impl Migrations {
         let resumed_at = inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
         self.vms.set_generation(id, req.generation)?;
         self.forget(id, &slot);
+        self.ended.received.fetch_add(1, Ordering::Relaxed);
         tracing::info!(vm = %id, generation = req.generation, "migration committed: the VM runs here");
         Ok(Committed { resumed_at })
     }
@@ -947,6 +986,11 @@ impl Migrations {
             },
         }
         self.forget(id, &slot);
+        match &slot.role {
+            Role::Source(_) => &self.ended.aborted_as_source,
+            Role::Destination(_) => &self.ended.aborted_as_destination,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         tracing::info!(vm = %id, "migration aborted");
         Ok(())
     }
@@ -976,6 +1020,10 @@ impl Migrations {
             Err(e) => return Err(e),
         }
         self.forget(id, &slot);
+        self.ended.sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = &out.status().report {
+            self.ended.bytes_sent.fetch_add(r.bytes, Ordering::Relaxed);
+        }
         tracing::info!(vm = %id, "migrated away: removed from this host");
         Ok(())
     }
