@@ -104,6 +104,19 @@ pub enum LabCommand {
         #[command(flatten)]
         start: StartArgs,
     },
+    /// Fill the lab center's store with a synthetic inventory for scale tests and
+    /// benchmarks: a new cluster of N hosts (s0001…, disconnected: no agent runs them) and
+    /// M VMs (v00001…) spread over them. The center is stopped while its store is written,
+    /// then started again.
+    Seed {
+        /// The new cluster's name.
+        #[arg(long, default_value = "scale")]
+        cluster: String,
+        #[arg(long, default_value_t = 1000)]
+        hosts: u32,
+        #[arg(long, default_value_t = 20000)]
+        vms: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -378,6 +391,50 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
                     Some(pid) => println!("{name} stopped (pid {pid})"),
                     None => println!("{name} was not running"),
                 }
+            }
+            Ok(())
+        }
+        LabCommand::Seed {
+            cluster,
+            hosts,
+            vms,
+        } => {
+            if !tern_api::valid_name(&cluster) {
+                return Err(CliError::usage(format!(
+                    "cluster name {cluster:?} is not valid: use [a-z0-9][a-z0-9-]{{0,31}}"
+                )));
+            }
+            let plan = tern_center::seed::SeedPlan {
+                cluster,
+                hosts,
+                vms,
+            };
+            let t = std::time::Instant::now();
+            lab::stop(dir, "center", false)?;
+            let db = dir.join("center").join("center.db");
+            let seeded = tokio::task::spawn_blocking({
+                let plan = plan.clone();
+                move || -> Result<(), String> {
+                    let mut store = tern_center::store::Store::open(&db)
+                        .map_err(|e| format!("opening {}: {e}", db.display()))?;
+                    tern_center::seed::seed(&mut store, &plan, chrono::Utc::now())
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await
+            .map_err(|e| CliError::failed(format!("seeding: {e}")))?;
+            // Started again whatever happened: a failed seed wrote nothing.
+            let started = lab::start(dir, "center", &lab::StartOptions::default()).await;
+            seeded.map_err(|e| CliError::failed(format!("seeding the store: {e}")))?;
+            started?;
+            if fmt == Format::Table {
+                println!(
+                    "cluster {} seeded with {} hosts and {} VMs in {:.1} s",
+                    plan.cluster,
+                    plan.hosts,
+                    plan.vms,
+                    t.elapsed().as_secs_f64()
+                );
             }
             Ok(())
         }
