@@ -470,6 +470,15 @@ pub struct ListQuery {
     /// At most this many (1–10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Only those of this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// VMs only: those this host owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// VMs only: `true` for those no host owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unplaced: Option<bool>,
 }
 
 impl ListQuery {
@@ -494,6 +503,32 @@ impl ListQuery {
             .take(limit)
             .collect()
     }
+}
+
+/// `GET /api/v1/summary`: the inventory's counts, without listing it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Summary {
+    pub hosts: u64,
+    pub vms: u64,
+    /// Hosts by state (`connected`, `disconnected`, `maintenance`, …); states with none are
+    /// left out.
+    pub hosts_by_state: std::collections::BTreeMap<String, u64>,
+    /// VMs by actual state (`running`, `stopped`, `unknown`, …).
+    pub vms_by_state: std::collections::BTreeMap<String, u64>,
+    /// Hosts that are degraded (take no new VMs).
+    pub degraded_hosts: u64,
+    /// Tasks queued or running.
+    pub active_tasks: u64,
+    pub clusters: Vec<ClusterSummary>,
+}
+
+/// One cluster's counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterSummary {
+    pub name: String,
+    pub hosts: u64,
+    pub vms: u64,
+    pub running_vms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]

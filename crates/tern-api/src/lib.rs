@@ -21,6 +21,7 @@ pub mod error;
 pub mod evc;
 pub mod guest;
 pub mod health;
+pub mod history;
 pub mod images;
 pub mod migration;
 pub mod pools;

@@ -114,6 +114,8 @@ pub mod agent {
     pub const MIGRATION_FINISH: Route = Route::new("/v1/migrations/{id}/finish");
     pub const BANDWIDTH_SINK: Route = Route::new("/v1/bandwidth-sink");
     pub const BANDWIDTH_PROBE: Route = Route::new("/v1/bandwidth-probe");
+    /// Prometheus metrics (outside `/v1`, where scrapers look; behind the agent token too).
+    pub const METRICS: Route = Route::new("/metrics");
 }
 
 /// The center's REST API; every path lies under [`center::PREFIX`].
@@ -163,6 +165,10 @@ pub mod center {
     pub const TASKS: Route = Route::new("/api/v1/tasks");
     pub const TASK: Route = Route::new("/api/v1/tasks/{id}");
     pub const TASK_CANCEL: Route = Route::new("/api/v1/tasks/{id}/cancel");
+    pub const TASK_TIMELINE: Route = Route::new("/api/v1/tasks/{id}/timeline");
+    pub const HOST_LOAD_HISTORY: Route = Route::new("/api/v1/hosts/{name}/load-history");
+    pub const CLUSTER_DRS_HISTORY: Route = Route::new("/api/v1/clusters/{name}/drs/history");
+    pub const SUMMARY: Route = Route::new("/api/v1/summary");
     pub const EVENTS: Route = Route::new("/api/v1/events");
     pub const STREAM: Route = Route::new("/api/v1/stream");
     pub const WHOAMI: Route = Route::new("/api/v1/whoami");
@@ -208,6 +214,10 @@ pub mod center {
         TASKS,
         TASK,
         TASK_CANCEL,
+        TASK_TIMELINE,
+        HOST_LOAD_HISTORY,
+        CLUSTER_DRS_HISTORY,
+        SUMMARY,
         EVENTS,
         STREAM,
         WHOAMI,

@@ -15,16 +15,17 @@ use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ConsoleQuery,
-    CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel, EventQuery, Heartbeat,
-    Host, HostMaintenance, JoinToken, ListQuery, MaintenanceAction, MaintenancePlan,
-    MaintenanceResult, RegisterHost, Registered, Role, StopVm, Task, TaskKind, TaskQuery,
-    TaskState, Vm, Whoami,
+    AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ClusterSummary,
+    ConsoleQuery, CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel,
+    EventQuery, Heartbeat, Host, HostMaintenance, JoinToken, ListQuery, MaintenanceAction,
+    MaintenancePlan, MaintenanceResult, RegisterHost, Registered, Role, StopVm, Summary, Task,
+    TaskKind, TaskQuery, TaskState, Vm, Whoami,
 };
 use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
 use tern_api::evc::{EvcModeChange, EvcModes, MigrationCheckReport, SetEvcMode};
 use tern_api::health::DegradeHost;
+use tern_api::history::{DrsHistory, HostLoadHistory, MigrationTimeline};
 use tern_api::images::{Image, ImportImage};
 use tern_api::migration::{MigrateVm, MigrationResult};
 use tern_api::pools::{CreatePool, PoolSettings, ResourcePool, SetVmPool};
@@ -235,6 +236,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::TASKS), get(list_tasks))
         .route(nested(route::TASK), get(get_task))
         .route(nested(route::TASK_CANCEL), post(cancel_task))
+        .route(nested(route::TASK_TIMELINE), get(task_timeline))
+        .route(nested(route::HOST_LOAD_HISTORY), get(host_load_history))
+        .route(nested(route::CLUSTER_DRS_HISTORY), get(drs_history))
+        .route(nested(route::SUMMARY), get(summary))
         .route(nested(route::EVENTS), get(list_events))
         .route(nested(route::STREAM), get(live_stream))
         .route(nested(route::WHOAMI), get(whoami))
@@ -896,7 +901,7 @@ async fn heartbeat(
     params(ListQuery),
     responses(
         (status = 200, description = "The hosts, by name: all of them, or the page asked for", body = Vec<Host>),
-        (status = 400, description = "limit is 0", body = ErrorBody),
+        (status = 400, description = "limit is 0, or a VM filter (host, unplaced) was given", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -905,10 +910,20 @@ async fn list_hosts(
     QueryArg(q): QueryArg<ListQuery>,
 ) -> ApiResult<Json<Vec<Host>>> {
     check_page(&q)?;
+    if q.host.is_some() || q.unplaced.is_some() {
+        return Err(CenterError::invalid(
+            "host= and unplaced= filter VMs; hosts take q, after, limit and cluster",
+        )
+        .into());
+    }
     let hosts = app
         .db
         .read(move |tx| {
-            q.page(tx.hosts()?, |h| h.name.as_str())
+            let mut hosts = tx.hosts()?;
+            if let Some(c) = &q.cluster {
+                hosts.retain(|h| &h.cluster == c);
+            }
+            q.page(hosts, |h| h.name.as_str())
                 .iter()
                 .map(|h| tx.host_view(h))
                 .collect::<Result<Vec<_>, _>>()
@@ -1081,8 +1096,14 @@ async fn list_vms(
     let vms = app
         .db
         .read(move |tx| {
+            let mut vms = tx.vms()?;
+            vms.retain(|v| {
+                q.cluster.as_ref().is_none_or(|c| &v.cluster == c)
+                    && q.host.as_ref().is_none_or(|h| v.host.as_ref() == Some(h))
+                    && q.unplaced.is_none_or(|u| u == v.host.is_none())
+            });
             // The page is chosen first: only its VMs are turned into views.
-            q.page(tx.vms()?, |v| v.name())
+            q.page(vms, |v| v.name())
                 .iter()
                 .map(|v| crate::evc::vm_view(tx, v))
                 .collect::<Result<Vec<_>, _>>()
@@ -1418,6 +1439,155 @@ async fn get_task(State(app): AppState, PathArg(id): PathArg<Uuid>) -> ApiResult
     Ok(axum::Json(t))
 }
 
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/timeline", tag = "tasks",
+    params(("id" = Uuid, Path, description = "Task id (a vm_migrate task)")),
+    responses(
+        (status = 200, description = "The migration's pre-copy readings and, once it switched over, its pause", body = MigrationTimeline),
+        (status = 400, description = "Not a task id, or not a migration task", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn task_timeline(
+    State(app): AppState,
+    PathArg(id): PathArg<Uuid>,
+) -> ApiResult<Json<MigrationTimeline>> {
+    let t = app
+        .db
+        .read(move |tx| {
+            let t = tx.task(id)?.map(|t| t.task).ok_or_else(|| {
+                CenterError::not_found(format!("task {id} does not exist: see tern task list"))
+            })?;
+            if t.kind != TaskKind::VmMigrate {
+                return Err(CenterError::invalid(format!(
+                    "task {id} is a {} task: only migrations have a timeline",
+                    serde_json::to_value(t.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                )));
+            }
+            let samples = tx.migration_samples(id)?;
+            let result: Option<MigrationResult> = t
+                .result
+                .clone()
+                .and_then(|r| serde_json::from_value(r).ok());
+            let since_start = |at: chrono::DateTime<chrono::Utc>| {
+                u64::try_from((at - t.created_at).num_milliseconds()).ok()
+            };
+            Ok(MigrationTimeline {
+                task: id,
+                vm: t.vm.clone(),
+                state: t.state,
+                samples,
+                pause_at_ms: result
+                    .as_ref()
+                    .and_then(|r| r.stopped_at)
+                    .and_then(since_start),
+                pause_ms: result.as_ref().and_then(|r| r.pause_ms),
+                downtime_ms: result.as_ref().map(|r| r.downtime_ms),
+                total_ms: result.as_ref().map(|r| r.total_ms),
+            })
+        })
+        .await?;
+    Ok(axum::Json(t))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts/{name}/load-history", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "The host's load over the last hour, oldest first (kept in the center's memory)", body = HostLoadHistory),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn host_load_history(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<HostLoadHistory>> {
+    let n = name.clone();
+    let known = app.db.read(move |tx| tx.host_by_name(&n)).await?.is_some();
+    if !known {
+        return Err(CenterError::host_not_found(&name).into());
+    }
+    let period = std::time::Duration::from_millis(app.config.history_period_ms);
+    Ok(axum::Json(app.history.host(&name, period)))
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/drs/history", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster's DRS imbalance and target over the last hour, oldest first (kept in the center's memory)", body = DrsHistory),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such cluster", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn drs_history(
+    State(app): AppState,
+    PathArg(name): PathArg<String>,
+) -> ApiResult<Json<DrsHistory>> {
+    let settings = crate::drs::settings(&app, name.clone()).await?;
+    let period = std::time::Duration::from_millis(app.config.history_period_ms);
+    Ok(axum::Json(app.history.cluster(
+        &name,
+        settings.threshold,
+        period,
+    )))
+}
+
+#[utoipa::path(get, path = "/api/v1/summary", tag = "inventory",
+    responses(
+        (status = 200, description = "The inventory's counts: hosts and VMs by state, per cluster", body = Summary),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn summary(State(app): AppState) -> ApiResult<Json<Summary>> {
+    let s = app
+        .db
+        .read(|tx| {
+            let text = |v: &dyn erased_text::Text| v.text();
+            let hosts = tx.hosts()?;
+            let vms = tx.vms()?;
+            let mut out = Summary {
+                hosts: hosts.len() as u64,
+                vms: vms.len() as u64,
+                degraded_hosts: hosts.iter().filter(|h| h.health.is_degraded()).count() as u64,
+                active_tasks: tx.active_tasks(None)?.len() as u64,
+                ..Summary::default()
+            };
+            let mut clusters: std::collections::BTreeMap<String, ClusterSummary> = tx
+                .clusters()?
+                .into_iter()
+                .map(|c| {
+                    let s = ClusterSummary {
+                        name: c.name.clone(),
+                        ..Default::default()
+                    };
+                    (c.name, s)
+                })
+                .collect();
+            for h in &hosts {
+                *out.hosts_by_state.entry(text(&h.state())).or_default() += 1;
+                if let Some(c) = clusters.get_mut(&h.cluster) {
+                    c.hosts += 1;
+                }
+            }
+            for v in &vms {
+                *out.vms_by_state.entry(text(&v.actual)).or_default() += 1;
+                if let Some(c) = clusters.get_mut(&v.cluster) {
+                    c.vms += 1;
+                    if v.actual == tern_api::PowerState::Running {
+                        c.running_vms += 1;
+                    }
+                }
+            }
+            out.clusters = clusters.into_values().collect();
+            Ok::<_, CenterError>(out)
+        })
+        .await?;
+    Ok(axum::Json(s))
+}
+
 #[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", tag = "tasks",
     params(("id" = Uuid, Path, description = "Task id")),
     responses(
@@ -1583,7 +1753,8 @@ impl Modify for BearerAuth {
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
-        list_tasks, get_task, cancel_task, list_events, live_stream, whoami,
+        list_tasks, get_task, cancel_task, task_timeline, host_load_history, drs_history,
+        summary, list_events, live_stream, whoami,
         create_token, list_tokens, revoke_token,
     ),
     components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult,
@@ -1595,6 +1766,7 @@ impl Modify for BearerAuth {
         (name = "vms", description = "Virtual machines"),
         (name = "datastores", description = "Storage VMs' disks live on, and which hosts reach it"),
         (name = "images", description = "Disk templates on the shared storage, VMs' disks are made from"),
+        (name = "inventory", description = "The inventory at a glance: counts by state and cluster"),
         (name = "tasks", description = "Long-running operations"),
         (name = "events", description = "History of state changes, with who asked for each"),
         (name = "tokens", description = "Named API tokens and their roles (admin only)"),
@@ -1696,6 +1868,10 @@ mod tests {
             ("get", "/api/v1/hosts/{name}/maintenance-plan"),
             ("get", "/api/v1/stream"),
             ("get", "/api/v1/whoami"),
+            ("get", "/api/v1/tasks/{id}/timeline"),
+            ("get", "/api/v1/hosts/{name}/load-history"),
+            ("get", "/api/v1/clusters/{name}/drs/history"),
+            ("get", "/api/v1/summary"),
         ];
         for (method, path) in expected {
             assert!(

@@ -120,6 +120,8 @@ pub struct App {
     pub feed: tokio::sync::broadcast::Sender<(&'static str, Arc<str>)>,
     /// What `GET /metrics` reports.
     pub metrics: crate::metrics::Metrics,
+    /// Host load and DRS imbalance over the last hour, for charts.
+    pub history: crate::history::History,
 }
 
 impl App {
@@ -138,6 +140,7 @@ impl App {
             // A slow reader that falls this far behind is told to resync instead.
             feed: tokio::sync::broadcast::channel(1024).0,
             metrics: crate::metrics::Metrics::new(),
+            history: Default::default(),
             db,
             config,
             admin_token,

@@ -22,6 +22,7 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
 pub const DEFAULT_DRS_PERIOD_MS: u64 = 300_000;
 /// How often hosts are asked which datastores they reach.
 pub const DEFAULT_DATASTORE_CHECK_MS: u64 = 10_000;
+pub const DEFAULT_HISTORY_PERIOD_MS: u64 = 10_000;
 /// Default lifetime of the certificates the center issues (30 days); they renew after two
 /// thirds of it, so a host that is down for up to ten days comes back with a valid one.
 pub const DEFAULT_CERT_LIFETIME_S: u64 = 30 * 24 * 3600;
@@ -118,6 +119,11 @@ pub struct CenterArgs {
     #[arg(long, value_name = "MS")]
     pub datastore_check_ms: Option<u64>,
 
+    /// How often the center samples each host's load and each cluster's DRS imbalance for
+    /// the last hour's charts (kept in memory only) [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub history_period_ms: Option<u64>,
+
     /// Serve the TCP API as plain HTTP: no TLS, no host certificates, tokens in clear. For a
     /// closed test network only; off by default.
     #[arg(long)]
@@ -150,6 +156,7 @@ pub struct CenterConfig {
     pub heartbeat_interval_ms: u64,
     pub drs_period_ms: u64,
     pub datastore_check_ms: u64,
+    pub history_period_ms: u64,
     /// Whether the TCP API speaks TLS (see [`CenterArgs::insecure_http`]).
     pub tls: bool,
     pub tls_names: Vec<String>,
@@ -172,6 +179,7 @@ impl CenterConfig {
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             drs_period_ms: DEFAULT_DRS_PERIOD_MS,
             datastore_check_ms: DEFAULT_DATASTORE_CHECK_MS,
+            history_period_ms: DEFAULT_HISTORY_PERIOD_MS,
             tls: true,
             tls_names: Vec::new(),
             cert_lifetime_s: DEFAULT_CERT_LIFETIME_S,
@@ -214,6 +222,9 @@ impl CenterConfig {
         if let Some(ms) = args.datastore_check_ms.or(file.datastore_check_ms) {
             cfg.datastore_check_ms = ms;
         }
+        if let Some(ms) = args.history_period_ms.or(file.history_period_ms) {
+            cfg.history_period_ms = ms;
+        }
         cfg.tls = !(args.insecure_http || file.insecure_http);
         cfg.tls_names = if args.tls_names.is_empty() {
             file.tls_names.clone()
@@ -251,6 +262,9 @@ impl CenterConfig {
         }
         if self.datastore_check_ms < 100 {
             bail!("datastore_check_ms must be at least 100 (default {DEFAULT_DATASTORE_CHECK_MS})");
+        }
+        if self.history_period_ms < 100 {
+            bail!("history_period_ms must be at least 100 (default {DEFAULT_HISTORY_PERIOD_MS})");
         }
         if self.drs_period_ms == 0 {
             bail!("drs_period_ms must be more than 0 (default {DEFAULT_DRS_PERIOD_MS})");

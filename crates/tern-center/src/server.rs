@@ -246,6 +246,7 @@ async fn supervise(
     let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
     let datastores = tokio::spawn(crate::datastores::monitor(app.clone(), rx.clone()));
     let feed = tokio::spawn(crate::stream::publisher(app.clone(), rx.clone()));
+    let history = tokio::spawn(crate::history::sampler(app.clone(), rx.clone()));
 
     // Serve until asked to stop, or until a listener fails. Shutdown is checked first: the
     // listeners also end when it is asked for, and that is no failure.
@@ -270,6 +271,7 @@ async fn supervise(
     scheduler.abort();
     datastores.abort();
     feed.abort();
+    history.abort();
     if let Some(r) = renewer {
         r.abort();
     }

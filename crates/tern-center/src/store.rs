@@ -211,7 +211,20 @@ const MIGRATIONS: &[&str] = &[
         record        TEXT NOT NULL              -- Datastore JSON (used_by, hosts left empty)
     );
     "#,
+    // 14: a migration's pre-copy readings, for its timeline chart.
+    r#"
+    CREATE TABLE migration_samples (
+        task_id TEXT NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+        seq     INTEGER NOT NULL,
+        sample  TEXT NOT NULL,                  -- MigrationSample JSON
+        PRIMARY KEY (task_id, seq)
+    );
+    "#,
 ];
+
+/// Most pre-copy readings kept per migration (at one per 0.5 s: over 16 minutes of pre-copy;
+/// a longer one keeps its first readings and its end shows in its result).
+pub const MAX_MIGRATION_SAMPLES: u32 = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -1673,6 +1686,43 @@ impl Tx<'_> {
 
     /// Forgets finished tasks beyond the newest `keep` and those that ended before
     /// `max_age`; running ones always stay. Returns how many went.
+    /// Adds a reading to a migration task's timeline (nothing once it holds
+    /// [`MAX_MIGRATION_SAMPLES`]); `at_ms` is filled from the task's start.
+    pub fn add_migration_sample(
+        &self,
+        task: Uuid,
+        mut sample: tern_api::history::MigrationSample,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let Some(t) = self.task(task)? else {
+            return Ok(());
+        };
+        sample.at_ms = u64::try_from((now - t.task.created_at).num_milliseconds()).unwrap_or(0);
+        let json = to_json(&sample)?;
+        self.tx.execute(
+            "INSERT INTO migration_samples (task_id, seq, sample) \
+             SELECT ?1, COUNT(*), ?2 FROM migration_samples WHERE task_id = ?1 \
+             HAVING COUNT(*) < ?3",
+            params![task.to_string(), json, MAX_MIGRATION_SAMPLES],
+        )?;
+        Ok(())
+    }
+
+    /// A migration task's readings, oldest first.
+    pub fn migration_samples(
+        &self,
+        task: Uuid,
+    ) -> Result<Vec<tern_api::history::MigrationSample>, StoreError> {
+        let rows: Vec<[Option<String>; 1]> = self.query_rows(
+            "SELECT sample FROM migration_samples WHERE task_id = ?1 ORDER BY seq",
+            [task.to_string()],
+            |r| r,
+        )?;
+        rows.into_iter()
+            .map(|[s]| from_json("migration sample", s.as_deref().unwrap_or_default()))
+            .collect()
+    }
+
     pub fn prune_tasks(
         &self,
         keep: u32,

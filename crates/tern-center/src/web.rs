@@ -1,5 +1,5 @@
-//! The web client's files, embedded in the binary and served at `/ui/`: one page and its
-//! script and style sheet. The page is a client of the public REST API and its live stream
+//! The web client's files, embedded in the binary and served at `/ui/`: one page, its
+//! scripts and its style sheet. The page is a client of the public REST API and its live stream
 //! only (no route of its own reads the store), so what a browser may do is exactly what its
 //! token may do through the API.
 //!
@@ -21,18 +21,19 @@ use crate::app::App;
 
 const INDEX: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
+const CHARTS_JS: &str = include_str!("../web/charts.js");
 const APP_CSS: &str = include_str!("../web/app.css");
 
 /// The policy every web client response carries.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-/// The first 16 hex digits of the sha256 of the three files.
+/// The first 16 hex digits of the sha256 of the files.
 fn version() -> &'static str {
     static V: OnceLock<String> = OnceLock::new();
     V.get_or_init(|| {
         let mut h = Sha256::new();
-        for f in [INDEX, APP_JS, APP_CSS] {
+        for f in [INDEX, APP_JS, CHARTS_JS, APP_CSS] {
             h.update(f.as_bytes());
             h.update([0]);
         }
@@ -56,6 +57,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(|req: Request| async move { asset(req.headers(), index_html(), "text/html; charset=utf-8") }))
         .route("/ui/app.js", get(|req: Request| async move { asset(req.headers(), APP_JS, "text/javascript; charset=utf-8") }))
+        .route("/ui/charts.js", get(|req: Request| async move { asset(req.headers(), CHARTS_JS, "text/javascript; charset=utf-8") }))
         .route("/ui/app.css", get(|req: Request| async move { asset(req.headers(), APP_CSS, "text/css; charset=utf-8") }))
 }
 
@@ -102,6 +104,7 @@ mod tests {
         assert!(!page.contains("__VERSION__"));
         assert!(page.contains(&format!("app.js?v={}", version())));
         assert!(page.contains(&format!("app.css?v={}", version())));
+        assert!(page.contains(&format!("charts.js?v={}", version())));
         // The policy forbids inline code; the page must not depend on any.
         let lower = page.to_ascii_lowercase();
         assert!(!lower.contains("<script>"), "an inline script");

@@ -13,8 +13,9 @@ use axum::{Json, Router};
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::{
     AddHost, Cluster, CreateCluster, CreateVm, Event, Heartbeat, Host, JoinToken, RegisterHost,
-    Registered, StopVm, Task, TaskState, Vm,
+    Registered, StopVm, Summary, Task, TaskState, Vm,
 };
+use tern_api::history::{DrsHistory, HostLoadHistory, MigrationTimeline};
 use tern_api::{
     ApiClient, ApiError, BootSource, Endpoint, ErrorBody, HostFacts, HostLoad, HostState, NicSpec,
     PowerState, Resources, VmLoad, VmSpec,
@@ -1412,4 +1413,135 @@ async fn listings_come_in_pages_by_name_with_a_search() {
     expect_status(r, 400, "limit").await;
     let r = api.get::<Vec<Vm>>("/api/v1/vms?page=2").await;
     expect_status(r, 400, "page").await;
+
+    // Filters: by host, by cluster, and the VMs no host owns (none here).
+    let on_h1: Vec<Vm> = api.get("/api/v1/vms?host=h1&limit=3").await.unwrap();
+    assert_eq!(names(on_h1), ["db-1", "db-2", "web-1"]);
+    let on_h2: Vec<Vm> = api.get("/api/v1/vms?host=h2").await.unwrap();
+    assert!(on_h2.is_empty());
+    let in_lab: Vec<Vm> = api.get("/api/v1/vms?cluster=lab&q=db").await.unwrap();
+    assert_eq!(names(in_lab), ["db-1", "db-2"]);
+    let elsewhere: Vec<Vm> = api.get("/api/v1/vms?cluster=other").await.unwrap();
+    assert!(elsewhere.is_empty());
+    let unplaced: Vec<Vm> = api.get("/api/v1/vms?unplaced=true").await.unwrap();
+    assert!(unplaced.is_empty());
+    let placed: Vec<Vm> = api.get("/api/v1/vms?unplaced=false").await.unwrap();
+    assert_eq!(placed.len(), 5);
+    let hosts: Vec<Host> = api.get("/api/v1/hosts?cluster=lab").await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    // A VM filter on hosts is a mistake, said so.
+    let r = api.get::<Vec<Host>>("/api/v1/hosts?host=h1").await;
+    expect_status(r, 400, "filter VMs").await;
+
+    // The counts, without listing anything.
+    let s: Summary = api.get("/api/v1/summary").await.unwrap();
+    assert_eq!((s.hosts, s.vms), (1, 5));
+    assert_eq!(s.hosts_by_state.get("connected"), Some(&1));
+    assert_eq!(s.vms_by_state.get("stopped"), Some(&5));
+    assert_eq!(s.clusters.len(), 1);
+    assert_eq!(
+        (
+            s.clusters[0].name.as_str(),
+            s.clusters[0].hosts,
+            s.clusters[0].vms
+        ),
+        ("lab", 1, 5)
+    );
+    assert_eq!(s.clusters[0].running_vms, 0);
+}
+
+#[tokio::test]
+async fn host_load_and_drs_imbalance_are_kept_for_an_hour_of_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 10_000);
+    cfg.history_period_ms = 200;
+    let c = serve(cfg).await.unwrap();
+    let agent = FakeAgent::start().await;
+    create_cluster(&c, "lab").await;
+    let h1 = register(&c, "h1", &agent, facts(4, 8192)).await;
+    let h2 = register(&c, "h2", &agent, facts(4, 8192)).await;
+    let api = admin(&c);
+    let load = |cpu: f64, used: u64| HostLoad {
+        cpu_percent: cpu,
+        memory_used_mib: used,
+        memory_total_mib: 8192,
+        vms: vec![],
+    };
+    heartbeat(&c, &h1, load(75.0, 2048)).await.unwrap();
+    heartbeat(&c, &h2, load(5.0, 4096)).await.unwrap();
+    // Sampled each period: h1's figures appear, as percentages.
+    let history: HostLoadHistory = wait_for("h1's load in its history", 20, || async {
+        let h: HostLoadHistory = admin(&c).get("/api/v1/hosts/h1/load-history").await.ok()?;
+        (h.samples.len() >= 2).then_some(h)
+    })
+    .await;
+    assert_eq!(history.period_ms, 200);
+    let last = history.samples.last().unwrap();
+    assert_eq!((last.cpu_percent, last.memory_used_percent), (75.0, 25.0));
+    assert!(history.samples.windows(2).all(|w| w[0].at <= w[1].at));
+    let h2_history: HostLoadHistory = api.get("/api/v1/hosts/h2/load-history").await.unwrap();
+    assert!(h2_history
+        .samples
+        .iter()
+        .all(|s| s.cpu_percent == 5.0 && s.memory_used_percent == 50.0));
+    // The cluster's imbalance, with the threshold it is judged at.
+    let drs: DrsHistory = wait_for("the imbalance history", 20, || async {
+        let h: DrsHistory = admin(&c)
+            .get("/api/v1/clusters/lab/drs/history")
+            .await
+            .ok()?;
+        (!h.samples.is_empty()).then_some(h)
+    })
+    .await;
+    assert_eq!(drs.threshold, 3);
+    assert!(drs
+        .samples
+        .iter()
+        .all(|s| s.imbalance >= s.target && s.target >= 0.0));
+    // Unknown names are 404s; a task that is not a migration has no timeline.
+    let r = api
+        .get::<HostLoadHistory>("/api/v1/hosts/h9/load-history")
+        .await;
+    expect_status(r, 404, "h9").await;
+    let r = api
+        .get::<DrsHistory>("/api/v1/clusters/nope/drs/history")
+        .await;
+    expect_status(r, 404, "nope").await;
+    let _: Vm = api
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                image: None,
+                spec: spec("web-1", "52:54:00:00:02:01", 256),
+                cluster: "lab".into(),
+                host: Some("h1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let t: Task = api.post("/api/v1/vms/web-1/start", &()).await.unwrap();
+    let r = api
+        .get::<MigrationTimeline>(&format!("/api/v1/tasks/{}/timeline", t.id))
+        .await;
+    expect_status(r, 400, "only migrations").await;
+    let r = api
+        .get::<MigrationTimeline>(&format!("/api/v1/tasks/{}/timeline", Uuid::new_v4()))
+        .await;
+    expect_status(r, 404, "does not exist").await;
+    // A viewer may look: these are reads.
+    let viewer: tern_api::center::CreatedToken = api
+        .post(
+            "/api/v1/tokens",
+            &tern_api::center::CreateToken {
+                name: "vera".into(),
+                role: tern_api::center::Role::Viewer,
+            },
+        )
+        .await
+        .unwrap();
+    let seen: HostLoadHistory = client(&c, &viewer.token)
+        .get("/api/v1/hosts/h1/load-history")
+        .await
+        .unwrap();
+    assert!(!seen.samples.is_empty());
 }

@@ -389,6 +389,30 @@ impl Mig {
         }
     }
 
+    /// Adds a pre-copy reading to the task's timeline (a failure to record it costs the
+    /// chart a point, not the migration).
+    async fn record_sample(&self, p: &tern_api::migration::MigrationProgress) {
+        let sample = tern_api::history::MigrationSample {
+            at_ms: 0,
+            pass: p.pass,
+            transferred_bytes: p.transferred_bytes,
+            remaining_bytes: p.remaining_bytes,
+            mbit_s: p.mbit_s,
+            dirty_rate_mib_s: p.dirty_rate_mib_s,
+            expected_downtime_ms: p.expected_downtime_ms,
+            throttle_percent: p.cpu_throttle_pct,
+        };
+        let task = self.task;
+        let r = self
+            .app
+            .db
+            .write(move |tx| tx.add_migration_sample(task, sample, Utc::now()))
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(task = %self.task, "cannot record a migration sample: {e}");
+        }
+    }
+
     fn check_cancel(&self) -> Result<(), Abort> {
         if self.ctl.is_cancelled() {
             Err(Abort::Cancelled)

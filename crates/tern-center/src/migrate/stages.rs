@@ -773,6 +773,7 @@ impl Mig {
             match s.state {
                 AgentMigrationState::Active => {
                     if let Some(p) = &s.progress {
+                        self.record_sample(p).await;
                         let left = p.remaining_bytes as f64;
                         self.phase(
                             Stage::Precopy {

@@ -42,6 +42,9 @@ pub(super) fn center_args(st: &LabState) -> Vec<String> {
         // Lab tests take storage away and expect the center to notice within seconds.
         "--datastore-check-ms".into(),
         "2000".into(),
+        // Charts in the web client's tests fill within seconds.
+        "--history-period-ms".into(),
+        "1000".into(),
     ]
 }
 
