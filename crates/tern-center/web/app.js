@@ -2,10 +2,21 @@
 // (clusters, hosts, VMs), tasks and events from its REST API (/api/v1), and follows its live
 // stream (/api/v1/stream) so the page changes as the center does.
 //
-// Pages (the URL's hash): the overview (#/), a cluster (#/cluster/NAME: EVC, DRS settings and
-// recommendations, "apply all", a new VM), a host (#/host/NAME: health, facts, VMs, entering
-// maintenance after its evacuation plan) and a VM (#/vm/NAME: start, stop, migrate, console).
-// Operators and admins see the buttons that change things; viewers do not.
+// Pages (the URL's hash): the overview (#/: the center's counts and a first page of hosts), a
+// cluster (#/cluster/NAME: EVC, DRS settings, recommendations and the last hour of imbalance,
+// "apply all", a new VM), a host (#/host/NAME: health, facts, VMs, the last hour of load,
+// entering maintenance after its evacuation plan) and a VM (#/vm/NAME: start, stop, migrate
+// with the pre-copy drawn live, its last migration, console). Operators and admins see the
+// buttons that change things; viewers do not.
+//
+// Made for centers of a thousand hosts and tens of thousands of VMs: nothing is ever listed
+// whole. Every /hosts and /vms request asks for a page (limit, after); the counts come from
+// /summary; the tree holds each cluster's hosts a page at a time and draws their VMs from the
+// names each host carries; each page reads what it shows. The stream only tells that something
+// changed: what is on screen is read again, debounced, one read of each thing at a time.
+//
+// Charts are drawn by charts.js (window.TernCharts) when it is there; without it the page works
+// all the same, without charts.
 //
 // Vanilla ES2020, no build step, no framework. The page's Content-Security-Policy forbids
 // inline code and styles, and every piece of data (names, messages, console text) is
@@ -22,34 +33,59 @@ const MAX_TASKS_SHOWN = 50;
 const MAX_TASKS_KEPT = 300;
 const CONSOLE_BYTES = 8192;
 const CONSOLE_PERIOD_MS = 3000;
+const CONSOLE_STATES = new Set(['running', 'paused', 'crashed']); // its host has its log
 const REFRESH_DEBOUNCE_MS = 300;
+const FIRST_LOAD_WAIT_MS = 1000; // at sign-in, the stream's hello starts the reads (or this)
 const STREAM_IDLE_MS = 45000; // the center sends a keep-alive every 15 s
 const STREAM_BACKOFF_MIN_MS = 500;
 const STREAM_BACKOFF_MAX_MS = 8000;
 const MIGRATE_POLL_MS = 1500;
 const TASK_POLL_MS = 1500;
 const RECS_DEBOUNCE_MS = 1000;
+const HOST_PAGE = 100; // hosts per request (tree, cluster page, migrate dialog)
+const VM_PAGE = 500; // a host's VMs per request
+const LOOSE_PAGE = 100; // VMs without a host shown per cluster
+const OVERVIEW_HOSTS = 50;
+const SEARCH_LIMIT = 50; // per kind (hosts, VMs)
+const SEARCH_DEBOUNCE_MS = 250;
+const SMALL_CLUSTER = 20; // a cluster showing at most this many hosts shows their VMs at once
+const VM_CACHE_MAX = 5000;
+const CHECKS_IN_FLIGHT = 8; // migration dry runs asked at once
+const TIMELINE_POLL_MS = 1000;
+const HISTORY_PERIOD_MS = 10000; // the charts of the last hour (host load, DRS imbalance)
+const VM_TASKS = 20; // a VM's newest tasks, read for its last migration
 
 const state = {
   session: 0, // bumped at each sign-in and sign-out: late answers of an old session are dropped
   token: null,
   me: null, // {name, role}
-  loaded: false, // the inventory was read at least once
-  clusters: [],
-  hosts: [],
-  vms: [],
+  routed: false, // the page of the URL was opened in this session (after the first reads)
+  firstLoad: null, // reads everything if the stream has not said hello by then
+  reads: new Map(), // what is being read now: one read of each thing at a time (readOnce)
+  summary: null, // GET /summary: the inventory's counts
+  summaryError: null,
+  clusters: null, // GET /clusters (a short list); null until read
+  tree: new Map(), // cluster name → its group in the tree: pages of hosts, loose VMs (newGroup)
+  expanded: new Map(), // host name → shown open (true) or closed by the user
+  vmsRead: new Set(), // hosts whose VMs were read for the tree since sign-in
+  vmCache: new Map(), // VM name → its newest copy read (state dots, links with state)
+  treeFocus: null, // what gets the focus once the tree is drawn again (a CSS selector)
+  search: null, // the search shown instead of the tree: {q, loading, hosts, vms, error}
+  searchTimer: null,
+  overview: null, // the overview's first page of hosts: {hosts, error}
+  vmPage: null, // the open VM page (openVmPage)
+  hostPage: null, // the open host page (openHostPage)
   tasks: new Map(), // id → Task
   events: [], // newest first
   live: false,
   hellos: 0,
   streamAbort: null,
   refreshTimer: null,
-  refreshSeq: 0,
   console: null, // {vm, timer, busy}
   vmBusy: null, // name of the VM an action is being sent for
-  migrate: null, // {vm, taskId, poll}
+  migrate: null, // the migrate dialog (openMigrate)
   noticeTimer: null,
-  cluster: null, // the open cluster page: {name, info, drs, recs, …} (see openCluster)
+  cluster: null, // the open cluster page: {name, info, drs, recs, pages, …} (see openCluster)
   recsTimer: null,
   maint: null, // the maintenance plan being shown: {host, loading, plan, fallback, …}
   maintBusy: null, // name of the host a maintenance request is being sent for
@@ -177,19 +213,54 @@ function isDegraded(host) {
 }
 
 function findVm(name) {
-  return state.vms.find((v) => vmName(v) === name) || null;
+  return state.vmCache.get(name) || null;
 }
 
-function findHost(name) {
-  return state.hosts.find((h) => h.name === name) || null;
+/** Keeps the newest copy of each VM read; past VM_CACHE_MAX the least recently read go. */
+function cacheVms(list) {
+  for (const vm of list || []) {
+    const name = vm && vmName(vm);
+    if (!name) continue;
+    state.vmCache.delete(name);
+    state.vmCache.set(name, vm);
+  }
+  while (state.vmCache.size > VM_CACHE_MAX) state.vmCache.delete(state.vmCache.keys().next().value);
+}
+
+/** A VM's state as last read, or null when it was not read (drawn neutral). */
+function vmStateOf(name) {
+  const vm = findVm(name);
+  return vm && vm.actual_state ? String(vm.actual_state) : null;
 }
 
 function findCluster(name) {
-  return state.clusters.find((c) => c.name === name) || null;
+  return (state.clusters || []).find((c) => c.name === name) || null;
 }
 
-function vmsOn(hostName) {
-  return state.vms.filter((v) => v.host === hostName).sort((a, b) => byName(vmName(a), vmName(b)));
+/** A cluster's counts from the summary, or null. */
+function clusterCounts(name) {
+  const list = state.summary && Array.isArray(state.summary.clusters) ? state.summary.clusters : [];
+  return list.find((c) => c.name === name) || null;
+}
+
+/**
+ * A listing's path: /hosts or /vms with its query. Every listing asks for a page (limit); a
+ * parameter that is undefined, null or false is left out (an empty cluster name is not).
+ */
+function listPath(what, params) {
+  const qs = Object.entries(params)
+    .filter(([, v]) => v !== undefined && v !== null && v !== false)
+    .map(([k, v]) => `${k}=${enc(v)}`);
+  return `/${what}?${qs.join('&')}`;
+}
+
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many || one + 's'}`;
+}
+
+/** HH:MM of a time in ms (the charts of the last hour). */
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', hour12: false });
 }
 
 /** Runs fn once soon, however many times it is asked before then. */
@@ -307,14 +378,17 @@ function startSession(token, me) {
   state.token = token;
   state.me = me;
   state.hellos = 0;
+  state.routed = false;
   $('token').value = '';
   $('login-view').hidden = true;
   $('app-view').hidden = false;
   renderWhoami();
   setLive(false, 'connecting…');
   renderTree();
-  onRoute();
-  loadAll();
+  // The reads start when the stream is open (its hello): then no change can fall between
+  // what was read and what the stream tells. A stream slow to open does not hold them up.
+  clearTimeout(state.firstLoad);
+  state.firstLoad = setTimeout(loadAll, FIRST_LOAD_WAIT_MS);
   runStream(state.session);
 }
 
@@ -323,21 +397,31 @@ function signOut(message) {
   if (state.streamAbort) state.streamAbort.abort();
   state.streamAbort = null;
   clearTimeout(state.refreshTimer);
+  clearTimeout(state.firstLoad);
+  clearTimeout(state.searchTimer);
   stopConsole();
   closeMigrate();
   closeCreate();
+  closePages();
   clearTimeout(state.recsTimer);
   clearInterval(state.taskPoll);
   sessionStorage.removeItem(TOKEN_KEY);
   Object.assign(state, {
-    token: null, me: null, loaded: false, clusters: [], hosts: [], vms: [],
-    events: [], live: false, vmBusy: null, cluster: null, maint: null, maintBusy: null,
-    taskPoll: null,
+    token: null, me: null, routed: false, firstLoad: null, summary: null, summaryError: null,
+    clusters: null, search: null, treeFocus: null, events: [], live: false, vmBusy: null,
+    maint: null, maintBusy: null, taskPoll: null,
   });
+  state.reads = new Map();
+  state.tree = new Map();
+  state.expanded = new Map();
+  state.vmsRead = new Set();
+  state.vmCache = new Map();
   state.tasks = new Map();
   state.maintTasks = new Map();
   state.applyTasks = new Map();
+  $('search').value = '';
   $('tree').replaceChildren();
+  delete $('tree').dataset.key;
   $('main').replaceChildren();
   delete $('main').dataset.key;
   $('task-list').replaceChildren();
@@ -352,37 +436,104 @@ function renderWhoami() {
   document.body.dataset.role = me ? me.role : '';
 }
 
-// ---- loading ----
+// ---- loading: what is on screen, and only that ----
 
-/** Everything the page shows, read again (at sign-in, on `resync`, after reconnecting). */
+/**
+ * Runs read() unless the same read (key) is under way; then it runs once more when that one
+ * ends (it may have begun before the change that asks for it), with the newest read() given.
+ * So each thing shown has at most one request in flight, and the last starts after the last
+ * change. Returns a promise that settles once the reads asked for so far are done.
+ */
+function readOnce(key, read) {
+  const k = state.session + '\n' + key;
+  const cur = state.reads.get(k);
+  if (cur) {
+    cur.next = read;
+    return cur.done;
+  }
+  const session = state.session;
+  const entry = { next: null, done: null };
+  state.reads.set(k, entry);
+  entry.done = (async () => {
+    try {
+      await read();
+    } catch (e) {
+      if (session === state.session) notice(e.message);
+    } finally {
+      if (state.reads.get(k) === entry) state.reads.delete(k);
+    }
+    if (entry.next && session === state.session) await readOnce(key, entry.next);
+  })();
+  return entry.done;
+}
+
+/**
+ * Everything the page shows, read again: once the stream is open (at sign-in, after
+ * reconnecting) and on `resync`.
+ */
 function loadAll() {
-  refreshInventory().catch((e) => notice(e.message));
+  clearTimeout(state.firstLoad);
+  state.firstLoad = null;
+  if (!state.me) return;
+  readOnce('clusters', readClusters);
+  refreshVisible(true);
+  if (!state.routed) onRoute(); // opens the URL's page, which reads what it shows
   loadTasks().catch((e) => notice(e.message));
   loadEvents().catch((e) => notice(e.message));
 }
 
-async function refreshInventory() {
-  const seq = ++state.refreshSeq;
-  const session = state.session;
-  const [clusters, hosts, vms] = await Promise.all([
-    api('/clusters'), api('/hosts'), api('/vms'),
-  ]);
-  // A newer read is under way (it will render), or the user signed out.
-  if (seq !== state.refreshSeq || session !== state.session) return;
-  state.clusters = clusters || [];
-  state.hosts = hosts || [];
-  state.vms = vms || [];
-  state.loaded = true;
-  renderTree();
-  renderMain();
-}
-
-/** Re-reads hosts and VMs shortly: many stream messages in a burst make one read. */
+/** Reads what is on screen shortly: many stream messages in a burst make one read. */
 function refreshSoon() {
   clearTimeout(state.refreshTimer);
-  state.refreshTimer = setTimeout(() => {
-    refreshInventory().catch((e) => notice(e.message));
-  }, REFRESH_DEBOUNCE_MS);
+  state.refreshTimer = setTimeout(() => refreshVisible(false), REFRESH_DEBOUNCE_MS);
+}
+
+/**
+ * Reads again what is on screen: the counts, each page of hosts the tree holds (with its own
+ * `after`), its VMs without a host, the VMs of the hosts it shows open in small clusters, the
+ * search shown, and the open page's objects. `all` adds what changes without telling the
+ * stream (the charts' history, a cluster's settings): at sign-in and after the stream was down.
+ */
+function refreshVisible(all) {
+  if (!state.me) return;
+  readOnce('summary', readSummary);
+  const hp = state.hostPage; // its VMs are read by its page, for the tree too
+  for (const g of state.tree.values()) {
+    g.pages.forEach((_, i) => readTreePage(g, i));
+    readLoose(g);
+    for (const h of openHostsWithVms(g)) if (!(hp && hp.name === h)) readHostVms(h);
+  }
+  if (state.search) readSearch(state.search);
+  refreshPage(all);
+}
+
+async function readSummary() {
+  const session = state.session;
+  let summary;
+  try {
+    summary = await api('/summary');
+  } catch (e) {
+    if (session !== state.session) return;
+    state.summaryError = e.message;
+    schedule(renderMain);
+    throw e;
+  }
+  if (session !== state.session) return;
+  state.summary = summary || {};
+  state.summaryError = null;
+  syncGroups();
+  schedule(renderTree);
+  schedule(renderMain);
+}
+
+async function readClusters() {
+  const session = state.session;
+  const clusters = await api('/clusters');
+  if (session !== state.session) return;
+  state.clusters = clusters || [];
+  syncGroups();
+  schedule(renderTree);
+  schedule(renderMain);
 }
 
 async function loadTasks() {
@@ -419,11 +570,15 @@ function upsertTask(t) {
 
 /** A `task` message of the stream. */
 function onTaskMessage(t) {
-  const prev = state.tasks.get(t && t.id);
+  if (!t || !t.id) return;
+  const prev = state.tasks.get(t.id);
   upsertTask(t);
+  // A task that begins or ends may have changed the inventory; its progress alone has not.
+  if (!prev || prev.state !== t.state) refreshSoon();
   if (isDone(t) && (!prev || !isDone(prev))) {
-    refreshSoon();
     recsSoon();
+    const p = state.vmPage;
+    if (t.kind === 'vm_migrate' && p && p.name === t.vm) readLastMigration(p);
   }
 }
 
@@ -766,22 +921,60 @@ function currentRoute() {
 
 function onRoute() {
   if (!state.me) return;
+  state.routed = true;
   const r = currentRoute();
   if (r.view === 'vm') {
     if (!state.console || state.console.vm !== r.name) startConsole(r.name);
   } else {
     stopConsole();
   }
-  // A page opened again reads its figures again; a plan left behind is dropped.
-  if (r.view === 'cluster') openCluster(r.name);
-  else state.cluster = null;
+  // A page opened (again) reads what it shows afresh; the one left stops reading.
+  closePages();
+  if (r.view === 'vm') openVmPage(r.name);
+  else if (r.view === 'host') openHostPage(r.name);
+  else if (r.view === 'cluster') openCluster(r.name);
+  else openOverview();
   if (!(r.view === 'host' && state.maint && state.maint.host === r.name)) state.maint = null;
   renderMain();
   $('main').scrollTop = 0;
 }
 
+/** Stops the open page's reading (its timers); its answers still on their way are dropped. */
+function closePages() {
+  if (state.hostPage) clearInterval(state.hostPage.timer);
+  if (state.cluster) clearInterval(state.cluster.timer);
+  state.vmPage = null;
+  state.hostPage = null;
+  state.cluster = null;
+  state.overview = null;
+}
+
+/** Reads the open page's objects again; `all`: its charts' history and settings too. */
+function refreshPage(all) {
+  const r = currentRoute();
+  if (r.view === 'overview' && state.overview) readOverview(state.overview);
+  const v = state.vmPage;
+  if (r.view === 'vm' && v && v.name === r.name) {
+    readVmPage(v);
+    if (all && v.vm) readLastMigration(v);
+  }
+  const h = state.hostPage;
+  if (r.view === 'host' && h && h.name === r.name) {
+    readHostPage(h);
+    if (all && h.host) readHostLoad(h);
+  }
+  const c = state.cluster;
+  if (r.view === 'cluster' && c && c.name === r.name) {
+    readClusterHosts(c);
+    if (all) {
+      loadClusterInfo(c); // and the imbalance's history once the cluster is known
+      loadRecs(c);
+    }
+  }
+}
+
 function renderMain() {
-  if (!state.me) return;
+  if (!state.me || !state.routed) return;
   const r = currentRoute();
   if (r.view === 'vm') renderVmView(r.name);
   else if (r.view === 'host') renderHostView(r.name);
@@ -805,87 +998,430 @@ function placeholder(id, title, text) {
     el('p', { class: 'muted', text }));
 }
 
-// ---- the inventory tree ----
+// ---- the inventory tree: clusters, their hosts a page at a time, each host's VMs by name ----
 
-/** Clusters with their hosts and the VMs that have no (known) host, in name order. */
-function clusterGroups() {
-  const groups = new Map();
-  const group = (name) => {
-    if (!groups.has(name)) groups.set(name, { name, cluster: null, hosts: [], loose: [] });
-    return groups.get(name);
+/**
+ * A cluster's group in the tree: the pages of its hosts read so far (each read again with the
+ * `after` it was first read with; hosts null until its first answer) and its VMs without a host.
+ */
+function newGroup(name) {
+  return {
+    name, pages: [{ after: null, hosts: null, full: false }], loose: [], looseFull: false,
+    error: null, moreFocus: false,
   };
-  for (const c of [...state.clusters].sort((a, b) => byName(a.name, b.name))) {
-    group(c.name).cluster = c;
-  }
-  const hostNames = new Set();
-  for (const h of [...state.hosts].sort((a, b) => byName(a.name, b.name))) {
-    group(h.cluster || '').hosts.push(h);
-    hostNames.add(h.name);
-  }
-  for (const v of [...state.vms].sort((a, b) => byName(vmName(a), vmName(b)))) {
-    if (!v.host || !hostNames.has(v.host)) group(v.cluster || '').loose.push(v);
-  }
-  return [...groups.values()];
 }
 
-function vmTreeItem(v) {
-  const name = vmName(v);
+function groupAlive(g) {
+  return state.tree.get(g.name) === g;
+}
+
+/** The tree's clusters are those /clusters and /summary name; a new one has its first page read. */
+function syncGroups() {
+  const names = new Set();
+  for (const c of state.clusters || []) names.add(c.name);
+  for (const c of (state.summary && state.summary.clusters) || []) names.add(c.name);
+  // A cluster leaves once neither list names it (a list not read yet says nothing).
+  if (state.clusters && state.summary) {
+    for (const name of [...state.tree.keys()]) if (!names.has(name)) state.tree.delete(name);
+  }
+  for (const name of names) {
+    if (state.tree.has(name)) continue;
+    const g = newGroup(name);
+    state.tree.set(name, g);
+    readTreePage(g, 0);
+    readLoose(g);
+  }
+}
+
+/** Reads page i of a cluster's hosts (again), with the `after` it was first read with. */
+function readTreePage(g, i) {
+  readOnce(`tree-page\n${g.name}\n${i}`, async () => {
+    const p = g.pages[i];
+    if (!p || !groupAlive(g)) return;
+    let hosts;
+    try {
+      hosts = await api(listPath('hosts', { cluster: g.name, after: p.after, limit: HOST_PAGE }));
+    } catch (e) {
+      if (groupAlive(g)) {
+        g.error = e.message;
+        schedule(renderTree);
+      }
+      throw e;
+    }
+    if (!groupAlive(g) || g.pages[i] !== p) return;
+    const first = p.hosts === null;
+    p.hosts = hosts || [];
+    p.full = p.hosts.length >= HOST_PAGE;
+    g.error = null;
+    // Asked for from a focused "Show more" button that now goes: its first host takes the focus.
+    if (first && i > 0 && g.moreFocus) {
+      g.moreFocus = false;
+      if (!p.full && p.hosts.length) state.treeFocus = `a.tree-host[data-host="${CSS.escape(p.hosts[0].name)}"]`;
+    }
+    // The open hosts of a small cluster have their VMs read once here; refreshes read them again.
+    for (const h of openHostsWithVms(g)) if (!state.vmsRead.has(h)) readHostVms(h);
+    schedule(renderTree);
+  });
+}
+
+/** A cluster's VMs that no host owns (the first LOOSE_PAGE). */
+function readLoose(g) {
+  readOnce(`tree-loose\n${g.name}`, async () => {
+    if (!groupAlive(g)) return;
+    const vms = await api(listPath('vms', { cluster: g.name, unplaced: true, limit: LOOSE_PAGE }));
+    if (!groupAlive(g)) return;
+    cacheVms(vms);
+    g.loose = (vms || []).map(vmName);
+    g.looseFull = g.loose.length >= LOOSE_PAGE;
+    schedule(renderTree);
+    schedule(renderMain); // the cluster page lists them too
+  });
+}
+
+/** A host's VMs, for the state dots of its open node in the tree. */
+function readHostVms(name) {
+  state.vmsRead.add(name);
+  readOnce('host-vms\n' + name, async () => {
+    const session = state.session;
+    const vms = await api(listPath('vms', { host: name, limit: VM_PAGE }));
+    if (session !== state.session) return;
+    cacheVms(vms);
+    schedule(renderTree);
+  });
+}
+
+/** A cluster's next page of hosts, after the last one shown. */
+function moreHosts(name, button) {
+  const g = state.tree.get(name);
+  if (!g) return;
+  const last = g.pages[g.pages.length - 1];
+  if (!last.full || !last.hosts || !last.hosts.length) return; // under way, or none left
+  g.moreFocus = !!button && document.activeElement === button;
+  g.pages.push({ after: last.hosts[last.hosts.length - 1].name, hosts: null, full: false });
+  readTreePage(g, g.pages.length - 1);
+  renderTree();
+}
+
+/** The hosts of a group's pages, in the center's order, each once (pages may overlap). */
+function groupHosts(g) {
+  const seen = new Set();
+  const out = [];
+  for (const p of g.pages) {
+    for (const h of p.hosts || []) {
+      if (seen.has(h.name)) continue;
+      seen.add(h.name);
+      out.push(h);
+    }
+  }
+  return out;
+}
+
+/** A cluster showing few hosts shows their VMs at once, with their states read. */
+function isSmall(g) {
+  return groupHosts(g).length <= SMALL_CLUSTER;
+}
+
+/** Whether a host shows its VMs: as the user left it, else open in a small cluster. */
+function isOpen(host, small) {
+  const v = state.expanded.get(host);
+  return v === undefined ? small : v;
+}
+
+/** The hosts whose VMs the tree reads: the open ones of a small cluster (big ones: names only). */
+function openHostsWithVms(g) {
+  if (!isSmall(g)) return [];
+  return groupHosts(g)
+    .filter((h) => Array.isArray(h.vms) && h.vms.length && isOpen(h.name, true))
+    .map((h) => h.name);
+}
+
+function toggleHost(group, host) {
+  const g = state.tree.get(group);
+  if (!g) return;
+  const small = isSmall(g);
+  const open = !isOpen(host, small);
+  state.expanded.set(host, open);
+  if (open && small) readHostVms(host);
+  renderTree();
+}
+
+/**
+ * A VM read on its own (its page) may be newer than the pages of hosts: the tree follows it
+ * at once rather than at their next read.
+ */
+function placeVm(vm) {
+  const name = vmName(vm);
+  for (const g of state.tree.values()) {
+    for (const h of groupHosts(g)) {
+      if (!Array.isArray(h.vms)) h.vms = [];
+      const i = h.vms.indexOf(name);
+      if (h.name === vm.host && i < 0) h.vms.push(name);
+      else if (h.name !== vm.host && i >= 0) h.vms.splice(i, 1);
+    }
+    const i = g.loose.indexOf(name);
+    if (!vm.host && g.name === vm.cluster && i < 0) g.loose.push(name);
+    else if ((vm.host || g.name !== vm.cluster) && i >= 0) g.loose.splice(i, 1);
+  }
+}
+
+/** What a cluster's item shows, as plain data: it is drawn again only when this changes. */
+function groupModel(g) {
+  const counts = clusterCounts(g.name);
+  const hosts = groupHosts(g);
+  const small = hosts.length <= SMALL_CLUSTER;
+  const last = g.pages[g.pages.length - 1];
+  const total = counts ? Number(counts.hosts) : null;
+  let more = '';
+  if (g.pages.length > 1 && last.hosts === null) more = 'loading';
+  else if (last.full && !(total !== null && hosts.length >= total)) more = 'more';
+  return {
+    name: g.name,
+    total,
+    loading: g.pages[0].hosts === null,
+    error: g.error,
+    hosts: hosts.map((h) => {
+      const names = Array.isArray(h.vms) ? h.vms : [];
+      const open = isOpen(h.name, small) && names.length > 0;
+      return {
+        name: h.name, state: h.state, degraded: !!isDegraded(h), n: names.length, open,
+        vms: open ? [...names].sort(byName).map((n) => [n, vmStateOf(n)]) : null,
+      };
+    }),
+    shown: hosts.length,
+    more,
+    loose: [...g.loose].sort(byName).map((n) => [n, vmStateOf(n)]),
+    looseFull: g.looseFull,
+  };
+}
+
+function groupItem(m) {
+  const items = m.hosts.map((h) => hostTreeItem(m.name, h));
+  if (m.more) {
+    const loading = m.more === 'loading';
+    // aria-disabled, not disabled: a disabled button would drop the focus while it loads.
+    items.push(el('li', { class: 'tree-more-item' },
+      el('button', {
+        type: 'button', class: 'tree-more small', dataset: { cluster: m.name },
+        'aria-disabled': loading ? 'true' : null,
+        onclick: (ev) => moreHosts(m.name, ev.currentTarget),
+      }, loading ? 'Loading…' : 'Show more hosts',
+      el('span', { class: 'visually-hidden', text: m.name ? ` of ${m.name}` : '' })),
+      el('span', {
+        class: 'muted tree-note',
+        text: m.total !== null ? `${m.shown} of ${m.total}` : `${m.shown} shown`,
+      })));
+  }
+  for (const [n, st] of m.loose) {
+    const li = vmTreeItem(n, st);
+    li.classList.add('tree-loose');
+    items.push(li);
+  }
+  if (m.looseFull) {
+    items.push(el('li', { class: 'muted tree-note', text: `the first ${LOOSE_PAGE} VMs without a host` }));
+  }
+  if (m.loading && !m.error) items.push(el('li', { class: 'muted tree-note', text: 'Loading…' }));
+  if (m.error) items.push(el('li', { class: 'error tree-note', text: m.error }));
+  const count = m.total !== null ? plural(m.total, 'host') : '';
+  return el('li', { dataset: { group: m.name } },
+    m.name
+      ? el('a', {
+        class: 'tree-cluster', href: clusterHref(m.name), dataset: { cluster: m.name },
+        title: `cluster ${m.name}${count ? ', ' + count : ''}`,
+      }, el('span', { class: 'tree-cluster-name', text: m.name }),
+      count ? el('span', { class: 'tree-count', text: count }) : null)
+      : el('span', { class: 'tree-cluster', text: '(no cluster)' }),
+    items.length ? el('ul', null, items) : null);
+}
+
+function hostTreeLink(name, hostState, degraded) {
+  const st = hostState + (degraded ? ', degraded' : '');
+  return el('a', {
+    class: `tree-host state-${hostState}` + (degraded ? ' degraded' : ''),
+    href: hostHref(name), dataset: { host: name }, title: `${name}: ${st}`,
+  }, el('span', { class: `dot state-${hostState}`, 'aria-hidden': 'true' }), name,
+  el('span', { class: 'visually-hidden', text: ` (${st})` }));
+}
+
+function hostTreeItem(group, h) {
+  const toggle = h.n
+    ? el('button', {
+      type: 'button', class: 'tree-toggle', 'aria-expanded': h.open ? 'true' : 'false',
+      'aria-label': `Show VMs of ${h.name}`, title: plural(h.n, 'VM'), dataset: { host: h.name },
+      onclick: () => toggleHost(group, h.name),
+    })
+    : el('span', { class: 'tree-toggle-gap', 'aria-hidden': 'true' });
+  return el('li', null,
+    el('div', { class: 'tree-row' }, toggle, hostTreeLink(h.name, h.state, h.degraded)),
+    h.open ? el('ul', null, h.vms.map(([n, st]) => vmTreeItem(n, st))) : null);
+}
+
+/** A VM's link; its state only when a copy was read (a neutral dot otherwise). */
+function vmTreeItem(name, st) {
   return el('li', null,
     el('a', {
-      class: `tree-vm state-${v.actual_state}`,
-      href: vmHref(name),
-      dataset: { vm: name },
-      title: `${name}: ${v.actual_state}`,
-    }, el('span', { class: `dot state-${v.actual_state}`, 'aria-hidden': 'true' }), name,
-    el('span', { class: 'visually-hidden', text: ` (${v.actual_state})` })));
+      class: 'tree-vm' + (st ? ` state-${st}` : ''), href: vmHref(name), dataset: { vm: name },
+      title: st ? `${name}: ${st}` : name,
+    }, el('span', { class: `dot state-${st || 'none'}`, 'aria-hidden': 'true' }), name,
+    st ? el('span', { class: 'visually-hidden', text: ` (${st})` }) : null));
+}
+
+/** A selector for a focused element of the tree, to find it again once drawn anew. */
+function focusKey(node) {
+  if (!node || !node.matches) return null;
+  if (node.id) return '#' + CSS.escape(node.id);
+  if (node.matches('button.tree-toggle')) return `button.tree-toggle[data-host="${CSS.escape(node.dataset.host)}"]`;
+  if (node.matches('button.tree-more')) return `button.tree-more[data-cluster="${CSS.escape(node.dataset.cluster)}"]`;
+  if (node.matches('a[href]')) return `a[href="${CSS.escape(node.getAttribute('href'))}"]`;
+  return null;
+}
+
+function restoreFocus(container, selector) {
+  if (!selector) return;
+  const active = document.activeElement;
+  if (active && active !== document.body && document.contains(active)) return;
+  const node = container.querySelector(selector);
+  if (node) node.focus();
 }
 
 function renderTree() {
-  const q = $('search').value.trim().toLowerCase();
-  const match = (name) => !q || name.toLowerCase().includes(q);
-  const key = q + '\n' + JSON.stringify([
-    state.clusters.map((c) => c.name),
-    state.hosts.map((h) => [h.name, h.cluster, h.state, isDegraded(h)]),
-    state.vms.map((v) => [vmName(v), v.cluster, v.host, v.actual_state]),
-    state.loaded,
-  ]);
-  const tree = $('tree');
-  if (tree.dataset.key === key) return;
-  tree.dataset.key = key;
-
-  const root = el('ul', { class: 'tree-root' });
-  for (const g of clusterGroups()) {
-    const children = [];
-    for (const h of g.hosts) {
-      const vms = vmsOn(h.name).filter((v) => match(vmName(v))).map(vmTreeItem);
-      if (!match(h.name) && vms.length === 0) continue;
-      const cls = `tree-host state-${h.state}` + (isDegraded(h) ? ' degraded' : '');
-      children.push(el('li', null,
-        el('a', {
-          class: cls, href: hostHref(h.name), dataset: { host: h.name },
-          title: `${h.name}: ${h.state}${isDegraded(h) ? ', degraded' : ''}`,
-        }, el('span', { class: `dot state-${h.state}`, 'aria-hidden': 'true' }), h.name,
-        el('span', { class: 'visually-hidden', text: ` (${h.state}${isDegraded(h) ? ', degraded' : ''})` })),
-        vms.length ? el('ul', null, vms) : null));
-    }
-    for (const v of g.loose) if (match(vmName(v))) children.push(vmTreeItem(v));
-    if (!match(g.name) && children.length === 0) continue;
-    root.append(el('li', null,
-      g.name
-        ? el('a', {
-          class: 'tree-cluster', href: clusterHref(g.name), dataset: { cluster: g.name },
-          title: `cluster ${g.name}`,
-        }, g.name)
-        : el('span', { class: 'tree-cluster', text: '(no cluster)' }),
-      children.length ? el('ul', null, children) : null));
+  if (state.search) {
+    renderSearch();
+    return;
   }
-  if (!root.children.length) {
-    const text = !state.loaded ? 'Loading…' : q ? 'Nothing matches.' : 'No clusters yet.';
-    tree.replaceChildren(el('p', { class: 'muted tree-empty', text }));
-  } else {
+  const tree = $('tree');
+  delete tree.dataset.key; // the search's
+  const focus = tree.contains(document.activeElement) ? focusKey(document.activeElement) : null;
+  const groups = [...state.tree.values()].sort((a, b) => byName(a.name, b.name));
+  let root = tree.firstElementChild;
+  if (!groups.length) {
+    const text = state.clusters === null && !state.summary ? 'Loading…' : 'No clusters yet.';
+    if (!root || root.textContent !== text) tree.replaceChildren(el('p', { class: 'muted tree-empty', text }));
+    return;
+  }
+  if (!root || !root.classList.contains('tree-root')) {
+    root = el('ul', { class: 'tree-root' });
     tree.replaceChildren(root);
   }
+  // One item per cluster, built again only when what it shows changed.
+  const existing = new Map();
+  for (const li of root.children) existing.set(li.dataset.group, li);
+  let prev = null;
+  for (const g of groups) {
+    const m = groupModel(g);
+    const key = JSON.stringify(m);
+    let li = existing.get(g.name);
+    existing.delete(g.name);
+    if (!li || li.dataset.key !== key) {
+      const fresh = groupItem(m);
+      fresh.dataset.key = key;
+      if (li) li.replaceWith(fresh);
+      li = fresh;
+    }
+    const want = prev ? prev.nextSibling : root.firstChild;
+    if (want !== li) root.insertBefore(li, want);
+    prev = li;
+  }
+  for (const li of existing.values()) li.remove();
+  // The focus stays on what had it (a toggle, "Show more") when its item was built again.
+  const next = state.treeFocus || focus;
+  state.treeFocus = null;
+  restoreFocus(tree, next);
   markTreeCurrent(currentRoute());
+}
+
+// ---- search: a page of the hosts and one of the VMs whose names hold the text ----
+
+function onSearchInput() {
+  clearTimeout(state.searchTimer);
+  const q = $('search').value.trim();
+  if (!q) {
+    if (state.search) {
+      state.search = null;
+      renderTree();
+    }
+    return;
+  }
+  state.searchTimer = setTimeout(() => {
+    if (!state.me || (state.search && state.search.q === q)) return;
+    // The results shown stay, marked busy, until the new ones arrive.
+    const prev = state.search;
+    state.search = {
+      q, loading: true, error: null, hosts: prev ? prev.hosts : null, vms: prev ? prev.vms : null,
+    };
+    readSearch(state.search);
+    renderTree();
+  }, SEARCH_DEBOUNCE_MS);
+}
+
+function readSearch(s) {
+  readOnce('search\n' + s.q, async () => {
+    if (state.search !== s) return;
+    let hosts = null;
+    let vms = null;
+    let error = null;
+    try {
+      [hosts, vms] = await Promise.all([
+        api(listPath('hosts', { q: s.q, limit: SEARCH_LIMIT })),
+        api(listPath('vms', { q: s.q, limit: SEARCH_LIMIT })),
+      ]);
+    } catch (e) {
+      error = e.message;
+    }
+    // Another search was typed meanwhile (or the text cleared): this answer is dropped.
+    if (state.search !== s) return;
+    s.loading = false;
+    if (error) {
+      s.error = error;
+    } else {
+      s.hosts = hosts || [];
+      s.vms = vms || [];
+      s.error = null;
+      cacheVms(s.vms);
+    }
+    schedule(renderTree);
+  });
+}
+
+function renderSearch() {
+  const s = state.search;
+  const tree = $('tree');
+  const key = JSON.stringify([s.q, s.loading, s.error,
+    s.hosts && s.hosts.map((h) => [h.name, h.state, isDegraded(h)]),
+    s.vms && s.vms.map((v) => [vmName(v), v.actual_state])]);
+  if (tree.dataset.key === key && $('search-results')) return;
+  tree.dataset.key = key;
+  const focus = tree.contains(document.activeElement) ? focusKey(document.activeElement) : null;
+  const body = [];
+  if (s.error) body.push(el('p', { class: 'error tree-empty', text: s.error }));
+  if (s.hosts && s.vms) {
+    if (!s.hosts.length && !s.vms.length) {
+      body.push(el('p', { class: 'muted tree-empty', text: 'Nothing matches.' }));
+    }
+    if (s.hosts.length) {
+      body.push(searchGroup('Hosts', 'search-hosts-title',
+        s.hosts.map((h) => el('li', null, hostTreeLink(h.name, h.state, !!isDegraded(h))))));
+    }
+    if (s.vms.length) {
+      body.push(searchGroup('VMs', 'search-vms-title',
+        s.vms.map((v) => vmTreeItem(vmName(v), String(v.actual_state)))));
+    }
+  } else if (!s.error) {
+    body.push(el('p', { class: 'muted tree-empty', text: 'Searching…' }));
+  }
+  tree.replaceChildren(el('div', {
+    id: 'search-results', class: 'search-results', 'aria-busy': s.loading ? 'true' : 'false',
+  }, body));
+  restoreFocus(tree, focus);
+  markTreeCurrent(currentRoute());
+}
+
+function searchGroup(title, id, items) {
+  return el('div', { class: 'search-group' },
+    el('h2', { id, class: 'search-group-title', text: title }),
+    el('ul', { class: 'search-list', 'aria-labelledby': id }, items),
+    items.length >= SEARCH_LIMIT
+      ? el('p', { class: 'muted search-note', text: `${SEARCH_LIMIT} shown — refine the search` })
+      : null);
 }
 
 function markTreeCurrent(r) {
@@ -995,7 +1531,7 @@ function hostTable(hosts, rowClass) {
     el('td', null, hostStateBadges(h)),
     el('td', { class: 'cell-bar' }, cpuBar(h)),
     el('td', { class: 'cell-bar' }, memBar(h)),
-    el('td', { class: 'num', text: String(vmsOn(h.name).length) })));
+    el('td', { class: 'num', text: String(Array.isArray(h.vms) ? h.vms.length : 0) })));
   return el('table', { class: 'grid' },
     el('thead', null, el('tr', null,
       el('th', { scope: 'col', text: 'Host' }),
@@ -1006,48 +1542,279 @@ function hostTable(hosts, rowClass) {
     el('tbody', null, rows));
 }
 
-// ---- overview ----
+// ---- charts: drawn by charts.js when it is there ----
+
+const MIB = 1024 * 1024;
+
+/**
+ * Draws a line chart into box (opts as TernCharts.line takes them; it says itself when there
+ * are no points yet) unless the same data is drawn there already. `opts` null: a line of text
+ * instead (nothing read yet). Without charts.js a line of text says so, and a chart that
+ * cannot be drawn says why: the rest of the page goes on either way.
+ */
+function drawLine(box, data, opts, text) {
+  if (!box) return;
+  const key = JSON.stringify([data, !!opts]);
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  const say = (t, cls) => box.replaceChildren(el('p', { class: cls || 'muted chart-note', text: t }));
+  if (!opts) return say(text || 'Loading…');
+  if (!window.TernCharts) return say('Charts are not available.');
+  try {
+    window.TernCharts.line(box, opts);
+  } catch (e) {
+    say(`The chart could not be drawn: ${e.message}`, 'error chart-note');
+  }
+}
+
+/** Mbit/s (10⁶ bits) as MiB/s, to share the dirty rate's axis. */
+function mbitToMiB(mbit) {
+  return (Number(mbit) * 1e6) / 8 / MIB;
+}
+
+function fmtRate(v, unit) {
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${unit}`;
+}
+
+/** A migration's timeline as a chart: what is left to copy, and the rates, per second. */
+function migrationChart(tl, title, id) {
+  if (!tl) return null;
+  const samples = Array.isArray(tl.samples) ? tl.samples : [];
+  const x = (s) => s.at_ms / 1000;
+  const bands = [];
+  let xMax = samples.length ? x(samples[samples.length - 1]) : 0;
+  if (typeof tl.pause_at_ms === 'number' && typeof tl.pause_ms === 'number') {
+    const x1 = (tl.pause_at_ms + tl.pause_ms) / 1000;
+    bands.push({ x0: tl.pause_at_ms / 1000, x1, label: `pause ${tl.pause_ms} ms` });
+    xMax = Math.max(xMax, x1);
+  }
+  if (typeof tl.total_ms === 'number') xMax = Math.max(xMax, tl.total_ms / 1000);
+  return {
+    title,
+    id,
+    series: [
+      {
+        name: 'Remaining', unit: 'MiB', axis: 'left', area: true,
+        points: samples.map((s) => ({ x: x(s), y: s.remaining_bytes / MIB })),
+      },
+      {
+        name: 'Dirty rate', unit: 'MiB/s', axis: 'right',
+        points: samples.map((s) => ({ x: x(s), y: Number(s.dirty_rate_mib_s) })),
+      },
+      {
+        name: 'Link rate', unit: 'MiB/s', axis: 'right',
+        points: samples.map((s) => ({ x: x(s), y: mbitToMiB(s.mbit_s) })),
+      },
+    ],
+    bands,
+    xMin: 0,
+    xMax: xMax > 0 ? xMax : undefined,
+    leftMin: 0,
+    rightMin: 0,
+    xFormat: (v) => `${v < 10 ? v.toFixed(1) : Math.round(v)} s`,
+    leftFormat: (v) => fmtRate(v, 'MiB'),
+    rightFormat: (v) => fmtRate(v, 'MiB/s'),
+  };
+}
+
+/** A pre-copy reading in words: pass, what is left, the rates, the pause it would take now. */
+function sampleText(s) {
+  const parts = [
+    `pass ${s.pass}`,
+    `${(s.remaining_bytes / MIB).toFixed(1)} MiB remaining`,
+    `${Math.round(Number(s.mbit_s))} Mbit/s`,
+    `dirty ${Number(s.dirty_rate_mib_s).toFixed(1)} MiB/s`,
+    `expected downtime ${s.expected_downtime_ms} ms`,
+  ];
+  if (s.throttle_percent) parts.push(`throttled ${s.throttle_percent}%`);
+  return parts.join(' · ');
+}
+
+// ---- overview: the counts of the whole center, and its first hosts ----
+
+function openOverview() {
+  state.overview = { hosts: null, error: null };
+  readOverview(state.overview);
+}
+
+function readOverview(o) {
+  readOnce('overview-hosts', async () => {
+    if (state.overview !== o) return;
+    try {
+      const hosts = await api(listPath('hosts', { limit: OVERVIEW_HOSTS }));
+      if (state.overview !== o) return;
+      o.hosts = hosts || [];
+      o.error = null;
+    } catch (e) {
+      if (state.overview !== o) return;
+      o.error = e.message;
+    }
+    schedule(renderMain);
+  });
+}
 
 function renderOverview() {
-  const key = 'overview\n' + JSON.stringify([state.loaded, state.clusters, state.hosts,
-    state.vms.map((v) => [vmName(v), v.cluster, v.host, v.actual_state])]);
+  const o = state.overview;
+  const key = 'overview\n' + JSON.stringify([state.summary, state.summaryError, state.clusters,
+    o && o.error, o && o.hosts && o.hosts.map(hostRowData)]);
   showMain(key, buildOverview);
 }
 
+/** What a row of a host table shows (to tell whether it changed). */
+function hostRowData(h) {
+  return [h.name, h.state, isDegraded(h), h.load, h.facts && h.facts.cores,
+    Array.isArray(h.vms) ? h.vms.length : 0];
+}
+
+/** Counts by state, largest first, each with its state's dot. */
+function stateCounts(map, label) {
+  const entries = Object.entries(map || {}).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+  if (!entries.length) return null;
+  return el('ul', { class: 'plain state-counts', 'aria-label': label },
+    entries.map(([st, n]) => el('li', null,
+      el('span', { class: `dot state-${st}`, 'aria-hidden': 'true' }), `${n} ${st}`)));
+}
+
 function buildOverview() {
-  if (!state.loaded) return placeholder('overview', 'Overview', 'Loading…');
-  const running = state.vms.filter((v) => v.actual_state === 'running').length;
-  const view = el('section', { id: 'overview', class: 'view' },
+  const s = state.summary;
+  if (!s) {
+    return placeholder('overview', 'Overview',
+      state.summaryError ? `The center's counts are not available: ${state.summaryError}` : 'Loading…');
+  }
+  const running = Number((s.vms_by_state || {}).running) || 0;
+  const clusters = (Array.isArray(s.clusters) ? [...s.clusters] : []).sort((a, b) => byName(a.name, b.name));
+  const o = state.overview;
+  const hosts = o && o.hosts;
+  let hostsBody;
+  if (hosts) {
+    hostsBody = [hostTable(hosts, 'overview-host'),
+      s.hosts > hosts.length
+        ? el('p', { id: 'overview-hosts-note', class: 'muted', text: `showing ${hosts.length} of ${s.hosts} hosts` })
+        : null];
+  } else {
+    hostsBody = [el('p', { class: o && o.error ? 'error' : 'muted', text: (o && o.error) || 'Loading…' })];
+  }
+  return el('section', { id: 'overview', class: 'view' },
     el('div', { class: 'view-head' },
       el('h1', { text: 'Overview' }),
       el('span', {
         class: 'muted',
-        text: `${state.clusters.length} clusters · ${state.hosts.length} hosts · ` +
-          `${state.vms.length} VMs (${running} running)`,
-      })));
-  const groups = clusterGroups();
-  if (!groups.length) view.append(el('p', { class: 'muted', text: 'No clusters yet.' }));
-  for (const g of groups) {
-    const c = g.cluster;
-    const meta = [];
-    if (c) {
-      meta.push(`EVC ${c.evc_mode || 'none'}`);
-      if (c.migration_encryption) meta.push(`migration encryption ${c.migration_encryption}`);
-    }
-    view.append(el('section', { class: 'card cluster-card', dataset: { cluster: g.name } },
-      el('h2', null,
-        g.name ? el('a', { href: clusterHref(g.name), text: g.name }) : '(no cluster)',
-        el('span', { class: 'muted h-meta', text: meta.join(' · ') })),
-      hostTable(g.hosts, 'overview-host'),
-      g.loose.length
-        ? el('p', { class: 'loose' }, 'Without a host: ',
-          g.loose.map((v, i) => [i ? ', ' : '', el('a', { href: vmHref(vmName(v)), text: vmName(v) })]))
-        : null));
-  }
-  return view;
+        text: `${plural(clusters.length, 'cluster')} · ${plural(Number(s.active_tasks) || 0, 'active task')}`,
+      })),
+    el('div', { class: 'cards' },
+      el('section', { class: 'card stat-card', 'aria-labelledby': 'overview-hosts-title' },
+        el('h2', { id: 'overview-hosts-title', text: 'Hosts' }),
+        el('p', { class: 'stat' }, el('span', { id: 'overview-hosts', class: 'stat-num', text: String(Number(s.hosts) || 0) })),
+        stateCounts(s.hosts_by_state, 'Hosts by state'),
+        s.degraded_hosts
+          ? el('p', { class: 'stat-line' }, el('span', { class: 'badge degraded', text: `${s.degraded_hosts} degraded` }))
+          : null),
+      el('section', { class: 'card stat-card', 'aria-labelledby': 'overview-vms-title' },
+        el('h2', { id: 'overview-vms-title', text: 'VMs' }),
+        el('p', { class: 'stat' },
+          el('span', { id: 'overview-vms', class: 'stat-num', text: String(Number(s.vms) || 0) }),
+          el('span', { class: 'stat-sub' },
+            el('span', { id: 'overview-running', text: String(running) }), ' running')),
+        stateCounts(s.vms_by_state, 'VMs by state')),
+      wide(el('section', { class: 'card', 'aria-labelledby': 'overview-clusters-title' },
+        el('h2', { id: 'overview-clusters-title', text: 'Clusters' }),
+        clusters.length ? clusterTable(clusters) : el('p', { class: 'muted', text: 'No clusters yet.' }))),
+      wide(el('section', { class: 'card', 'aria-labelledby': 'overview-hostlist-title' },
+        el('h2', { id: 'overview-hostlist-title', text: 'Hosts by name' }),
+        hostsBody))));
+}
+
+function clusterTable(clusters) {
+  return el('table', { id: 'overview-clusters', class: 'grid' },
+    el('thead', null, el('tr', null,
+      el('th', { scope: 'col', text: 'Cluster' }),
+      el('th', { scope: 'col', text: 'EVC' }),
+      el('th', { scope: 'col', class: 'num', text: 'Hosts' }),
+      el('th', { scope: 'col', class: 'num', text: 'VMs' }),
+      el('th', { scope: 'col', class: 'num', text: 'Running' }))),
+    el('tbody', null, clusters.map((c) => {
+      const info = findCluster(c.name);
+      const meta = info
+        ? [info.evc_mode || 'none', info.migration_encryption ? `encryption ${info.migration_encryption}` : '']
+          .filter(Boolean).join(' · ')
+        : '–';
+      return el('tr', { class: 'overview-cluster', dataset: { cluster: c.name } },
+        el('th', { scope: 'row' }, c.name ? el('a', { href: clusterHref(c.name), text: c.name }) : '(no cluster)'),
+        el('td', { class: 'muted', text: meta }),
+        el('td', { class: 'num', text: String(c.hosts) }),
+        el('td', { class: 'num', text: String(c.vms) }),
+        el('td', { class: 'num', text: String(c.running_vms) }));
+    })));
 }
 
 // ---- host page ----
+
+/** Opens a host's page: it reads the host and its VMs, then the last hour of its load. */
+function openHostPage(name) {
+  const p = {
+    name, session: state.session, host: null, notFound: false, error: null, vms: null,
+    load: null, loadError: null, timer: null, loadCard: null,
+  };
+  state.hostPage = p;
+  readHostPage(p);
+}
+
+function hostPageOpen(p) {
+  return state.hostPage === p && p.session === state.session;
+}
+
+/** The host and the VMs it owns (their states), read together; the promise ends once read. */
+function readHostPage(p) {
+  return readOnce('host-page\n' + p.name, async () => {
+    if (!hostPageOpen(p)) return;
+    const [host, vms] = await Promise.all([
+      api(`/hosts/${enc(p.name)}`).then((v) => ({ v }), (e) => ({ e })),
+      api(listPath('vms', { host: p.name, limit: VM_PAGE })).then((v) => ({ v }), (e) => ({ e })),
+    ]);
+    if (!hostPageOpen(p)) return;
+    if (host.e) {
+      // No such host is said on the page, quietly; other failures as errors.
+      p.notFound = host.e.status === 404;
+      p.error = p.notFound ? null : host.e.message;
+      if (p.notFound) p.host = null;
+    } else {
+      p.host = host.v;
+      p.notFound = false;
+      p.error = null;
+      // Its load's history is read once the host is known, then every HISTORY_PERIOD_MS
+      // (with the host itself: its bars and heartbeat age change without any event).
+      if (!p.timer) {
+        readHostLoad(p);
+        p.timer = setInterval(() => {
+          readHostLoad(p);
+          readHostPage(p);
+        }, HISTORY_PERIOD_MS);
+      }
+    }
+    if (vms.v) {
+      p.vms = vms.v;
+      cacheVms(vms.v);
+      schedule(renderTree);
+    }
+    schedule(renderMain);
+  });
+}
+
+function readHostLoad(p) {
+  readOnce('host-load\n' + p.name, async () => {
+    if (!hostPageOpen(p)) return;
+    try {
+      const history = await api(`/hosts/${enc(p.name)}/load-history`);
+      if (!hostPageOpen(p)) return;
+      p.load = history || {};
+      p.loadError = null;
+    } catch (e) {
+      if (!hostPageOpen(p)) return;
+      p.loadError = e.message;
+    }
+    schedule(renderMain);
+  });
+}
 
 function renderHostView(name) {
   const main = $('main');
@@ -1063,7 +1830,8 @@ function renderHostView(name) {
       el('div', { id: 'host-details' }));
     main.replaceChildren(view);
   }
-  const h = findHost(name);
+  const p = state.hostPage && state.hostPage.name === name ? state.hostPage : null;
+  const h = p ? p.host : null;
 
   const st = $('host-state');
   const stKey = JSON.stringify(h ? [h.state, h.health, h.problems] : null);
@@ -1073,18 +1841,75 @@ function renderHostView(name) {
   }
 
   const details = $('host-details');
-  const key = JSON.stringify([state.loaded, h,
-    state.vms.filter((v) => v.host === name).map((v) => [vmName(v), v.actual_state, v.desired_state])]);
+  const key = JSON.stringify([p && [p.notFound, p.error], h,
+    p && p.vms && p.vms.map((v) => [vmName(v), v.actual_state, v.desired_state])]);
   if (details.dataset.key !== key) {
     details.dataset.key = key;
-    details.replaceChildren(h
-      ? buildHostDetails(name, h)
-      : el('p', { class: 'muted', text: state.loaded ? `No host is named ${name}.` : 'Loading…' }));
+    let body;
+    if (h) body = buildHostDetails(p, h);
+    else if (p && p.notFound) body = el('p', { id: 'host-missing', class: 'muted', text: `No host is named ${name}.` });
+    else if (p && p.error) body = el('p', { class: 'error', text: p.error });
+    else body = el('p', { class: 'muted', text: 'Loading…' });
+    details.replaceChildren(body);
   }
+  if (p && h) renderHostLoad(p);
   renderMaintenance(name, h);
 }
 
-function buildHostDetails(name, h) {
+/** The "Load, last hour" card: one node for as long as the page is open (its chart stays). */
+function hostLoadCard(p) {
+  if (!p.loadCard) {
+    p.loadCard = el('section', { id: 'host-load-card', class: 'card card-wide', 'aria-labelledby': 'host-load-title' },
+      el('div', { class: 'card-head' },
+        el('h2', { id: 'host-load-title', text: 'Load, last hour' }),
+        el('span', { id: 'host-load-note', class: 'muted' })),
+      el('div', { id: 'host-load-chart', class: 'chart-box' }));
+  }
+  return p.loadCard;
+}
+
+function renderHostLoad(p) {
+  const card = p.loadCard;
+  if (!card || !document.contains(card)) return;
+  const box = card.querySelector('#host-load-chart');
+  const note = card.querySelector('#host-load-note');
+  const h = p.load;
+  const samples = h && Array.isArray(h.samples) ? h.samples : [];
+  const noteText = p.loadError
+    ? `not available: ${p.loadError}`
+    : h && typeof h.period_ms === 'number' ? `a sample every ${Math.round(h.period_ms / 1000)} s` : '';
+  if (note.textContent !== noteText) note.textContent = noteText;
+  note.classList.toggle('error', !!p.loadError);
+  note.classList.toggle('muted', !p.loadError);
+  if (!h) {
+    drawLine(box, p.loadError, null, p.loadError ? 'No samples.' : 'Loading…');
+    return;
+  }
+  const now = Date.now();
+  const pts = (f) => samples.map((s) => ({ x: Date.parse(s.at), y: Number(s[f]) }));
+  drawLine(box, samples, {
+    title: `Load of ${p.name}, last hour`,
+    id: 'host-load-svg',
+    series: [
+      { name: 'CPU', unit: '%', axis: 'left', points: pts('cpu_percent') },
+      { name: 'Memory', unit: '%', axis: 'left', points: pts('memory_used_percent') },
+    ],
+    xFormat: clock,
+    leftFormat: (y) => `${Math.round(y)}%`,
+    leftMin: 0,
+    leftMax: 100,
+    ...lastHour(samples, now),
+  });
+}
+
+/** The x range of a chart of the last hour: the hour to now, widened to its samples. */
+function lastHour(samples, now) {
+  const first = samples.length ? Date.parse(samples[0].at) : now;
+  const last = samples.length ? Date.parse(samples[samples.length - 1].at) : now;
+  return { xMin: Math.min(now - 3600 * 1000, first || now), xMax: Math.max(now, last || now) };
+}
+
+function buildHostDetails(p, h) {
   const f = h.facts || {};
   const health = h.health || {};
   const cpu = f.cpu || {};
@@ -1122,8 +1947,10 @@ function buildHostDetails(name, h) {
       ['Run queue per core', typeof rep.run_queue_per_core === 'number' ? rep.run_queue_per_core.toFixed(2) : null],
     ]));
   }
-  const vmNames = new Set([...(h.vms || []), ...vmsOn(name).map(vmName)]);
+  // The host names its VMs; their states come from the page's read of them.
+  const vmNames = new Set([...(Array.isArray(h.vms) ? h.vms : []), ...(p.vms || []).map(vmName)]);
   const vms = [...vmNames].sort(byName);
+  const shown = vms.slice(0, VM_PAGE);
   return el('div', { class: 'cards' },
     card('Status', facts(status)),
     card('Load',
@@ -1152,8 +1979,10 @@ function buildHostDetails(name, h) {
       ['Agent version', f.agent_version],
     ])),
     card(`VMs (${vms.length})`,
-      el('ul', { id: 'host-vms', class: 'plain host-vms' }, vms.map((n) => el('li', null, vmLinkWithState(n, 'host-vm')))),
-      vms.length ? null : el('p', { class: 'muted', text: 'No VMs.' })));
+      el('ul', { id: 'host-vms', class: 'plain host-vms' }, shown.map((n) => el('li', null, vmLinkWithState(n, 'host-vm')))),
+      vms.length > shown.length ? el('p', { class: 'muted', text: `the first ${shown.length} shown` }) : null,
+      vms.length ? null : el('p', { class: 'muted', text: 'No VMs.' })),
+    hostLoadCard(p));
 }
 
 // ---- host maintenance: the evacuation plan, then the task live ----
@@ -1225,7 +2054,8 @@ async function showMaintenancePlan(name) {
     if (state.maint !== m) return;
     // No plan from the center (an older one, or it failed): what is known here.
     m.planError = e.message;
-    const vms = vmsOn(name);
+    const p = state.hostPage && state.hostPage.name === name ? state.hostPage : null;
+    const vms = (p && p.vms) || [];
     m.fallback = {
       moves: vms.filter((v) => v.actual_state === 'running' || v.actual_state === 'paused').map(vmName),
       stopped: vms.filter((v) => v.actual_state !== 'running' && v.actual_state !== 'paused').map(vmName),
@@ -1343,7 +2173,8 @@ async function exitMaintenance(name) {
     upsertTask(t);
     state.maintTasks.delete(name); // the entry's report is over
     notice(`${name} is back in service`, false);
-    await refreshInventory().catch((e) => notice(e.message));
+    refreshVisible(false);
+    if (state.hostPage && state.hostPage.name === name) await readHostPage(state.hostPage);
   } catch (e) {
     const line = $('maintenance-error');
     if (line && currentRoute().name === name) line.textContent = e.message;
@@ -1427,10 +2258,13 @@ function openCluster(name) {
     info: null, infoError: null, drs: null, drsError: null,
     recs: null, recsError: null, recsLoading: false, recsSeq: 0,
     applyBusy: false, applyError: null,
+    pages: [{ after: null, hosts: null, full: false }], hostsError: null, moreFocus: false,
+    history: null, historyError: null, timer: null,
   };
   state.cluster = c;
   loadClusterInfo(c);
   loadRecs(c);
+  readClusterHosts(c);
 }
 
 function clusterOpen(c) {
@@ -1447,7 +2281,80 @@ async function loadClusterInfo(c) {
   c.infoError = info.e ? info.e.message : null;
   c.drs = drs.v || null;
   c.drsError = drs.e ? drs.e.message : null;
+  // The imbalance's last hour, once the cluster is known to be there; then every period.
+  if (c.info) {
+    readDrsHistory(c);
+    if (!c.timer) c.timer = setInterval(() => readDrsHistory(c), HISTORY_PERIOD_MS);
+  }
   renderMain();
+}
+
+/** The cluster's pages of hosts (each again with its own `after`), for its host table. */
+function readClusterHosts(c) {
+  c.pages.forEach((p, i) => {
+    readOnce(`cluster-hosts\n${c.name}\n${i}`, async () => {
+      if (!clusterOpen(c) || c.pages[i] !== p) return;
+      let hosts;
+      try {
+        hosts = await api(listPath('hosts', { cluster: c.name, after: p.after, limit: HOST_PAGE }));
+      } catch (e) {
+        if (!clusterOpen(c)) return;
+        c.hostsError = e.message;
+        schedule(renderMain);
+        return;
+      }
+      if (!clusterOpen(c) || c.pages[i] !== p) return;
+      const first = p.hosts === null;
+      p.hosts = hosts || [];
+      p.full = p.hosts.length >= HOST_PAGE;
+      c.hostsError = null;
+      if (first && i > 0 && c.moreFocus) {
+        c.moreFocus = false;
+        c.focusHost = !p.full && p.hosts.length ? p.hosts[0].name : null;
+      }
+      schedule(renderMain);
+    });
+  });
+}
+
+function moreClusterHosts(c, button) {
+  const last = c.pages[c.pages.length - 1];
+  if (!last.full || !last.hosts || !last.hosts.length) return; // under way, or none left
+  c.moreFocus = !!button && document.activeElement === button;
+  c.pages.push({ after: last.hosts[last.hosts.length - 1].name, hosts: null, full: false });
+  readClusterHosts(c);
+  renderMain();
+}
+
+/** The hosts of the cluster page's pages, each once. */
+function clusterHosts(c) {
+  const seen = new Set();
+  const out = [];
+  for (const p of c.pages) {
+    for (const h of p.hosts || []) {
+      if (!seen.has(h.name)) {
+        seen.add(h.name);
+        out.push(h);
+      }
+    }
+  }
+  return out;
+}
+
+function readDrsHistory(c) {
+  readOnce('drs-history\n' + c.name, async () => {
+    if (!clusterOpen(c)) return;
+    try {
+      const history = await api(`/clusters/${enc(c.name)}/drs/history`);
+      if (!clusterOpen(c)) return;
+      c.history = history || {};
+      c.historyError = null;
+    } catch (e) {
+      if (!clusterOpen(c)) return;
+      c.historyError = e.message;
+    }
+    schedule(renderMain);
+  });
 }
 
 async function loadRecs(c) {
@@ -1515,15 +2422,25 @@ function renderClusterView(name) {
             el('span', { id: 'drs-imbalance', class: 'muted', text: '–' }),
             el('div', { id: 'drs-actions', class: 'actions' })),
           el('div', { id: 'drs-recs' }),
-          el('div', { id: 'drs-apply-status', class: 'task-status', role: 'status' }))));
+          el('div', { id: 'drs-apply-status', class: 'task-status', role: 'status' })),
+        el('section', { id: 'drs-history-card', class: 'card card-wide', 'aria-labelledby': 'drs-history-title' },
+          el('div', { class: 'card-head' },
+            el('h2', { id: 'drs-history-title', text: 'DRS imbalance, last hour' }),
+            el('span', { id: 'drs-history-note', class: 'muted' })),
+          el('div', { id: 'drs-history-chart', class: 'chart-box' }))));
     main.replaceChildren(view);
   }
   const c = state.cluster && state.cluster.name === name ? state.cluster : null;
   if (!c) return;
   const listed = findCluster(name);
   const info = c.info || listed;
-  const hosts = state.hosts.filter((h) => h.cluster === name).sort((a, b) => byName(a.name, b.name));
-  const vms = state.vms.filter((v) => v.cluster === name);
+  const counts = clusterCounts(name);
+  const hosts = clusterHosts(c);
+  const first = c.pages[0];
+  const last = c.pages[c.pages.length - 1];
+  const total = counts ? Number(counts.hosts) : null;
+  const g = state.tree.get(name);
+  const loose = g ? [...g.loose].sort(byName) : [];
 
   keyed($('cluster-actions'), [canAct(), !!info], () => canAct() && info
     ? [el('button', {
@@ -1536,15 +2453,13 @@ function renderClusterView(name) {
   const errText = c.infoError && !info ? c.infoError : '';
   if (err.textContent !== errText) err.textContent = errText;
 
-  keyed($('cluster-summary'), [info, c.infoError, state.loaded, hosts.length,
-    vms.map((v) => v.actual_state)], () => {
+  keyed($('cluster-summary'), [info, c.infoError, counts], () => {
     if (!info) return [el('p', { class: 'muted', text: c.infoError ? 'Not available.' : 'Loading…' })];
-    const running = vms.filter((v) => v.actual_state === 'running').length;
     return [facts([
       ['EVC mode', info.evc_mode || 'none', { id: 'cluster-evc' }],
       ['Migration encryption', info.migration_encryption || 'required'],
-      ['Hosts', String(hosts.length)],
-      ['VMs', `${vms.length} (${running} running)`],
+      ['Hosts', counts ? String(counts.hosts) : null, { id: 'cluster-host-count' }],
+      ['VMs', counts ? `${counts.vms} (${counts.running_vms} running)` : null, { id: 'cluster-vm-count' }],
       ['Created', info.created_at ? fmtTime(info.created_at) : null],
     ])];
   });
@@ -1559,17 +2474,79 @@ function renderClusterView(name) {
     ])];
   });
 
-  keyed($('cluster-hosts'), [state.loaded, hosts, vms.map((v) => [vmName(v), v.host, v.actual_state])], () => {
-    if (!state.loaded) return [el('p', { class: 'muted', text: 'Loading…' })];
-    const loose = vms.filter((v) => !v.host || !findHost(v.host)).map(vmName).sort(byName);
-    return [hostTable(hosts, 'cluster-host'),
+  const loadingMore = c.pages.length > 1 && last.hosts === null;
+  const more = loadingMore || (last.full && !(total !== null && hosts.length >= total));
+  keyed($('cluster-hosts'), [first.hosts === null, c.hostsError, hosts.map(hostRowData), total,
+    more, loadingMore, loose], () => {
+    if (first.hosts === null) {
+      return [el('p', { class: c.hostsError ? 'error' : 'muted', text: c.hostsError || 'Loading…' })];
+    }
+    return [
+      c.hostsError ? el('p', { class: 'error', text: c.hostsError }) : null,
+      hostTable(hosts, 'cluster-host'),
+      more || (total !== null && total > hosts.length)
+        ? el('div', { class: 'more-row' },
+          more
+            ? el('button', {
+              id: 'cluster-hosts-more', type: 'button', class: 'small',
+              'aria-disabled': loadingMore ? 'true' : null, text: loadingMore ? 'Loading…' : 'Show more hosts',
+              onclick: (ev) => moreClusterHosts(c, ev.currentTarget),
+            })
+            : null,
+          el('span', { id: 'cluster-hosts-note', class: 'muted', text: `showing ${hosts.length}${total !== null ? ` of ${total}` : ''} hosts` }))
+        : null,
       loose.length
-        ? el('p', { class: 'loose' }, 'Without a host: ', loose.map((n, i) => [i ? ', ' : '', vmLink(n)]))
-        : null];
+        ? el('p', { class: 'loose' }, 'Without a host: ', loose.map((n, i) => [i ? ', ' : '', vmLink(n)]),
+          g && g.looseFull ? el('span', { class: 'muted', text: ` (the first ${LOOSE_PAGE})` }) : null)
+        : null,
+    ];
   });
+  if (c.focusHost) {
+    const a = $('cluster-hosts').querySelector(`a[href="${CSS.escape(hostHref(c.focusHost))}"]`);
+    c.focusHost = null;
+    if (a && (document.activeElement === document.body || !document.activeElement)) a.focus();
+  }
 
+  renderDrsHistory(c);
   renderDrs(c);
   renderApplyStatus(name);
+}
+
+/** The "DRS imbalance, last hour" card: the imbalance, the target it works towards. */
+function renderDrsHistory(c) {
+  const box = $('drs-history-chart');
+  const note = $('drs-history-note');
+  if (!box || !note) return;
+  const h = c.history;
+  const samples = h && Array.isArray(h.samples) ? h.samples : [];
+  let noteText = '';
+  if (c.historyError) noteText = `not available: ${c.historyError}`;
+  else if (h && h.threshold !== undefined) noteText = `threshold ${h.threshold} of 5`;
+  if (h && samples.length && !c.historyError) {
+    const lastSample = samples[samples.length - 1];
+    noteText += ` · now ${fmtImbalance(lastSample.imbalance)}, ${plural(Number(lastSample.moves) || 0, 'move')} recommended`;
+  }
+  if (note.textContent !== noteText) note.textContent = noteText;
+  note.classList.toggle('error', !!c.historyError);
+  note.classList.toggle('muted', !c.historyError);
+  if (!h) {
+    drawLine(box, c.historyError, null, c.historyError ? 'No samples.' : 'Loading…');
+    return;
+  }
+  const now = Date.now();
+  const pts = (f) => samples.map((s) => ({ x: Date.parse(s.at), y: Number(s[f]) }));
+  drawLine(box, samples, {
+    title: `DRS imbalance of ${c.name}, last hour`,
+    id: 'drs-history-svg',
+    series: [
+      { name: 'Imbalance', unit: '', axis: 'left', points: pts('imbalance') },
+      { name: 'Target', unit: '', axis: 'left', dashed: true, points: pts('target') },
+    ],
+    xFormat: clock,
+    leftFormat: (y) => y.toFixed(3),
+    leftMin: 0,
+    ...lastHour(samples, now),
+  });
 }
 
 /** Replaces a container's content when what it shows changed (keeps focus otherwise). */
@@ -1694,6 +2671,84 @@ function drsResultNodes(r) {
 
 // ---- VM page ----
 
+/** Opens a VM's page: it reads the VM, then its last migration. */
+function openVmPage(name) {
+  const p = {
+    name, session: state.session, vm: null, notFound: false, error: null,
+    mig: null, migAsked: false, migLoaded: false, migError: null,
+  };
+  state.vmPage = p;
+  readVmPage(p);
+}
+
+function vmPageOpen(p) {
+  return state.vmPage === p && p.session === state.session;
+}
+
+function readVmPage(p) {
+  return readOnce('vm-page\n' + p.name, async () => {
+    if (!vmPageOpen(p)) return;
+    let vm = null;
+    let error = null;
+    try {
+      vm = await api(`/vms/${enc(p.name)}`);
+    } catch (e) {
+      error = e;
+    }
+    if (!vmPageOpen(p)) return;
+    if (error) {
+      // No such VM (a name typed, a VM deleted) is said on the page, quietly; other failures
+      // as errors.
+      p.notFound = error.status === 404;
+      p.error = p.notFound ? null : error.message;
+      if (p.notFound) p.vm = null;
+    } else if (vm) {
+      const was = p.vm && p.vm.actual_state;
+      p.vm = vm;
+      p.notFound = false;
+      p.error = null;
+      cacheVms([vm]);
+      placeVm(vm);
+      schedule(renderTree);
+      if (!p.migAsked) {
+        p.migAsked = true;
+        readLastMigration(p);
+      }
+      // Its console is asked for once the VM is known to be there, and as it starts.
+      if (was !== vm.actual_state && state.console && state.console.vm === p.name) fetchConsole(state.console);
+    }
+    schedule(renderMain);
+  });
+}
+
+/** The VM's newest finished migration and its timeline (a finished one's does not change). */
+function readLastMigration(p) {
+  readOnce('vm-migration\n' + p.name, async () => {
+    if (!vmPageOpen(p)) return;
+    try {
+      const tasks = await api(`/tasks?vm=${enc(p.name)}&limit=${VM_TASKS}`);
+      if (!vmPageOpen(p)) return;
+      const t = (tasks || [])
+        .filter((x) => x.kind === 'vm_migrate' && isDone(x))
+        .sort(byCreatedDesc)[0] || null;
+      let timeline = null;
+      if (t) {
+        timeline = p.mig && p.mig.task.id === t.id && p.mig.timeline
+          ? p.mig.timeline
+          : await api(`/tasks/${enc(t.id)}/timeline`);
+      }
+      if (!vmPageOpen(p)) return;
+      p.mig = t ? { task: t, timeline } : null;
+      p.migError = null;
+    } catch (e) {
+      if (!vmPageOpen(p)) return;
+      p.migError = e.message;
+    }
+    p.migLoaded = true;
+    schedule(renderMain);
+  });
+}
+
 function renderVmView(name) {
   const main = $('main');
   let view = $('vm-view');
@@ -1706,27 +2761,79 @@ function renderVmView(name) {
         el('div', { id: 'vm-actions', class: 'actions' })),
       el('p', { id: 'vm-action-error', class: 'error', role: 'alert' }),
       el('div', { id: 'vm-details' }),
-      el('section', { class: 'card console-card' },
+      el('div', { id: 'vm-migration-box' }),
+      el('section', { id: 'vm-console-card', class: 'card console-card' },
         el('div', { class: 'card-head' },
           el('h2', { text: 'Console' }),
           el('span', { id: 'vm-console-note', class: 'muted', text: 'serial console, refreshed every 3 s' })),
-        el('pre', { id: 'vm-console', class: 'console', tabindex: '0', 'aria-label': `Serial console of ${name}` })));
+        // A log (not announced as it grows): named even while it is empty.
+        el('pre', {
+          id: 'vm-console', class: 'console', role: 'log', 'aria-live': 'off', tabindex: '0',
+          'aria-label': `Serial console of ${name}`,
+        })));
     main.replaceChildren(view);
     if (state.console && state.console.text !== undefined && state.console.vm === name) {
       setConsoleText(state.console.text);
     }
   }
-  const vm = findVm(name);
-  const key = JSON.stringify([state.loaded, vm, canAct(), state.vmBusy === name]);
+  const p = state.vmPage && state.vmPage.name === name ? state.vmPage : null;
+  const vm = p ? p.vm : null;
+  const key = JSON.stringify([p && [p.notFound, p.error], vm, canAct(), state.vmBusy === name]);
   const details = $('vm-details');
-  if (details.dataset.key === key) return;
-  details.dataset.key = key;
-  renderVmActions(name, vm);
-  if (!vm) {
-    details.replaceChildren(el('p', { class: 'muted', text: state.loaded ? `No VM is named ${name}.` : 'Loading…' }));
-    return;
+  if (details.dataset.key !== key) {
+    details.dataset.key = key;
+    renderVmActions(name, vm);
+    if (vm) details.replaceChildren(buildVmDetails(vm));
+    else if (p && p.notFound) details.replaceChildren(el('p', { id: 'vm-missing', class: 'muted', text: `No VM is named ${name}.` }));
+    else if (p && p.error) details.replaceChildren(el('p', { class: 'error', text: p.error }));
+    else details.replaceChildren(el('p', { class: 'muted', text: 'Loading…' }));
   }
-  details.replaceChildren(buildVmDetails(vm));
+  // No console for a VM that is not there.
+  const consoleCard = $('vm-console-card');
+  if (consoleCard.hidden !== !!(p && p.notFound)) consoleCard.hidden = !!(p && p.notFound);
+  renderLastMigration(p);
+}
+
+/** The "Last migration" card: its outcome, figures and pre-copy chart. */
+function renderLastMigration(p) {
+  const box = $('vm-migration-box');
+  if (!box) return;
+  const m = p && p.mig;
+  keyed(box, [!!(p && p.vm), p && p.migLoaded, p && p.migError, m && m.task, m && m.timeline], () => {
+    if (!p || !p.vm) return [];
+    const body = [];
+    if (!p.migLoaded) {
+      body.push(el('p', { class: 'muted', text: 'Loading…' }));
+    } else if (!m) {
+      body.push(p.migError
+        ? el('p', { class: 'error', text: p.migError })
+        : el('p', { id: 'vm-migration-none', class: 'muted', text: 'Not migrated yet.' }));
+    } else {
+      const t = m.task;
+      const tl = m.timeline || {};
+      const r = t.result && typeof t.result === 'object' ? t.result : {};
+      const ms = (a, b) => (typeof a === 'number' ? `${a} ms` : typeof b === 'number' ? `${b} ms` : null);
+      const samples = Array.isArray(tl.samples) ? tl.samples : [];
+      body.push(facts([
+        ['Outcome', el('span', { class: `badge state-${t.state}`, text: t.state }), { id: 'vm-migration-state' }],
+        ['When', fmtTime(t.finished_at || t.created_at)],
+        ['Moved', r.from || r.to ? `${r.from || '?'} → ${r.to || '?'}` : null],
+        ['Total', ms(tl.total_ms, r.total_ms), { dataset: { field: 'total_ms' } }],
+        ['Pause', ms(tl.pause_ms, r.pause_ms), { dataset: { field: 'pause_ms' } }],
+        ['Downtime', ms(tl.downtime_ms, r.downtime_ms), { dataset: { field: 'downtime_ms' } }],
+        ['Pre-copy passes', samples.length ? samples[samples.length - 1].pass : null],
+      ]));
+      if (t.error) body.push(el('p', { class: 'error', text: t.error }));
+      body.push(el('div', { id: 'vm-migration-chart', class: 'chart-box' }));
+    }
+    return [el('section', { id: 'vm-last-migration', class: 'card migration-card', 'aria-labelledby': 'vm-last-migration-title' },
+      el('h2', { id: 'vm-last-migration-title', text: 'Last migration' }),
+      body)];
+  });
+  const chart = $('vm-migration-chart');
+  if (chart && m) {
+    drawLine(chart, m.timeline, migrationChart(m.timeline, `Migration of ${p.name}`, 'vm-migration-svg'));
+  }
 }
 
 function renderVmActions(name, vm) {
@@ -1838,6 +2945,14 @@ function stopConsole() {
 
 async function fetchConsole(c) {
   if (c.busy || state.console !== c || document.hidden) return;
+  // Not before the VM is known to be there (its read starts it), and only while its host
+  // has its log: a VM never started, or on a host out of reach, has none to give.
+  const p = state.vmPage;
+  if (!p || p.name !== c.vm || !p.vm) return;
+  if (!p.vm.host || !CONSOLE_STATES.has(p.vm.actual_state)) {
+    setConsoleNote(`serial console, read while the VM runs (it is ${p.vm.actual_state})`, false);
+    return;
+  }
   c.busy = true;
   try {
     const text = await api(`/vms/${enc(c.vm)}/console?bytes=${CONSOLE_BYTES}`, { text: true });
@@ -1880,38 +2995,139 @@ function setConsoleNote(text, isError) {
 
 // ---- migrate dialog ----
 
-async function openMigrate(name) {
-  const vm = findVm(name);
+/**
+ * Opens the migrate dialog of the VM shown: the other hosts of its cluster, a page at a time,
+ * each usable one (connected, not degraded) with the center's dry run of the move.
+ */
+function openMigrate(name) {
+  const p = state.vmPage;
+  const vm = p && p.name === name ? p.vm : findVm(name);
   if (!vm) return;
   closeMigrate();
-  const m = { vm: name, taskId: null, poll: null, session: state.session };
+  const m = {
+    vm: name, cluster: vm.cluster || '', from: vm.host || null, session: state.session,
+    taskId: null, poll: null, starting: false,
+    after: null, more: false, loading: false, listed: 0, // the hosts' pages
+    queue: [], checking: 0, verdicts: new Map(), // the dry runs: to ask, under way, ok or not
+    tl: null, tlTimer: null, tlBusy: false, tlAgain: false, tlAt: 0, // the task's timeline
+  };
   state.migrate = m;
   $('migrate-title').textContent = `Migrate ${name}`;
-  const body = $('migrate-body');
-  body.replaceChildren(el('p', { id: 'migrate-checking', class: 'muted', text: 'checking…' }));
-  const dlg = $('migrate-dialog');
-  if (!dlg.open) dlg.showModal();
-
-  const targets = state.hosts
-    .filter((h) => h.name !== vm.host)
-    .sort((a, b) => (a.cluster === vm.cluster ? 0 : 1) - (b.cluster === vm.cluster ? 0 : 1) || byName(a.name, b.name));
-  const verdicts = await Promise.all(targets.map((h) =>
-    api(`/vms/${enc(name)}/can-migrate?to=${enc(h.name)}`).then(
-      (report) => ({ host: h, report }),
-      (e) => ({ host: h, error: e.message }))));
-  if (state.migrate !== m) return;
-
-  body.replaceChildren(
-    el('p', { class: 'muted', text: `From ${vm.host || '(no host)'}: the pre-checks of each destination.` }),
-    targets.length
-      ? el('ul', { id: 'migrate-targets', class: 'migrate-targets' }, verdicts.map((v) => migrateTargetRow(m, v)))
-      : el('p', { class: 'muted', text: 'There is no other host.' }),
+  $('migrate-body').replaceChildren(
+    el('p', { class: 'muted', text: `From ${vm.host || '(no host)'} to another host of ${m.cluster ? `cluster ${m.cluster}` : 'its cluster'}: the pre-checks of each.` }),
+    el('p', { id: 'migrate-checking', class: 'muted', text: 'checking…' }),
+    el('ul', { id: 'migrate-targets', class: 'migrate-targets', 'aria-label': 'Destinations', hidden: true }),
+    el('div', { id: 'migrate-more-box' }),
     el('p', { id: 'migrate-error', class: 'error', role: 'alert' }),
     el('div', { id: 'migrate-task' }));
+  const dlg = $('migrate-dialog');
+  if (!dlg.open) dlg.showModal();
+  loadMigrateHosts(m);
 }
 
-function migrateTargetRow(m, { host, report, error }) {
-  const ok = !!(report && report.ok);
+/** The next page of the cluster's hosts: listed at once, the usable ones checked. */
+async function loadMigrateHosts(m) {
+  if (state.migrate !== m || m.loading) return;
+  m.loading = true;
+  renderMigrateMore(m);
+  let hosts;
+  try {
+    hosts = (await api(listPath('hosts', { cluster: m.cluster, after: m.after, limit: HOST_PAGE }))) || [];
+  } catch (e) {
+    if (state.migrate !== m) return;
+    m.loading = false;
+    $('migrate-error').textContent = e.message;
+    renderMigrateMore(m);
+    updateChecking(m);
+    return;
+  }
+  if (state.migrate !== m) return;
+  m.loading = false;
+  m.more = hosts.length >= HOST_PAGE;
+  if (hosts.length) m.after = hosts[hosts.length - 1].name;
+  const list = $('migrate-targets');
+  for (const h of hosts) {
+    if (h.name === m.from) continue; // the source is no destination
+    const usable = h.state === 'connected' && !isDegraded(h);
+    list.append(migrateTargetRow(m, h, usable));
+    m.listed += 1;
+    if (usable) m.queue.push(h.name);
+  }
+  list.hidden = m.listed === 0;
+  renderMigrateMore(m);
+  pumpChecks(m);
+}
+
+/** Asks the dry runs waiting, at most CHECKS_IN_FLIGHT at a time. */
+function pumpChecks(m) {
+  while (state.migrate === m && m.checking < CHECKS_IN_FLIGHT && m.queue.length) {
+    const host = m.queue.shift();
+    m.checking += 1;
+    api(`/vms/${enc(m.vm)}/can-migrate?to=${enc(host)}`)
+      .then((report) => ({ report }), (e) => ({ error: e.message }))
+      .then((v) => {
+        m.checking -= 1;
+        if (state.migrate !== m) return;
+        setVerdict(m, host, v);
+        pumpChecks(m);
+      });
+  }
+  updateChecking(m);
+}
+
+function updateChecking(m) {
+  const line = $('migrate-checking');
+  if (!line || state.migrate !== m) return;
+  const pending = m.queue.length + m.checking;
+  let text = '';
+  if (m.loading) text = 'listing the hosts…';
+  else if (pending) text = `checking ${plural(pending, 'host')}…`;
+  else if (!m.listed && !m.more) text = `There is no other host in ${m.cluster ? `cluster ${m.cluster}` : 'the cluster'}.`;
+  line.textContent = text;
+  line.hidden = !text;
+}
+
+function renderMigrateMore(m) {
+  const box = $('migrate-more-box');
+  if (!box || state.migrate !== m) return;
+  const had = document.activeElement && document.activeElement.id === 'migrate-more';
+  box.replaceChildren(...(m.more || (m.loading && m.after)
+    ? [el('button', {
+      id: 'migrate-more', type: 'button', class: 'small', 'aria-disabled': m.loading ? 'true' : null,
+      text: m.loading ? 'Loading…' : 'Show more hosts', onclick: () => loadMigrateHosts(m),
+    })]
+    : []));
+  if (had && $('migrate-more')) $('migrate-more').focus();
+  updateChecking(m);
+}
+
+function migrateTargetRow(m, host, usable) {
+  let verdict;
+  if (usable) {
+    verdict = el('div', { class: 'verdict verdict-pending muted', text: 'checking…' });
+  } else {
+    const why = host.state === 'maintenance' ? 'in maintenance: nothing new lands there'
+      : host.state !== 'connected' ? `${host.state}: it cannot take the VM`
+        : `degraded (${(host.problems || []).join('; ') || 'health'}): nothing new lands there`;
+    verdict = el('div', { class: 'verdict verdict-skip muted', text: `not checked, ${why}` });
+  }
+  return el('li', { class: 'migrate-target not-ok', dataset: { host: host.name } },
+    el('div', { class: 'migrate-target-head' },
+      el('strong', { text: host.name }),
+      el('span', null, hostStateBadges(host)),
+      el('button', {
+        type: 'button', class: 'migrate-to primary small', dataset: { host: host.name },
+        disabled: true, 'aria-label': `Migrate here: ${m.vm} to ${host.name}`, text: 'Migrate here',
+        onclick: () => startMigration(m, host.name),
+      })),
+    verdict);
+}
+
+function setVerdict(m, host, { report, error }) {
+  const row = document.querySelector(`#migrate-targets .migrate-target[data-host="${CSS.escape(host)}"]`);
+  if (!row) return;
+  const ok = !error && !!(report && report.ok);
+  m.verdicts.set(host, ok);
   let verdict;
   if (error) {
     verdict = el('div', { class: 'verdict verdict-bad error', text: error });
@@ -1923,24 +3139,16 @@ function migrateTargetRow(m, { host, report, error }) {
       ? el('ul', { class: 'verdict verdict-bad' }, failed.map((c) => el('li', { text: `${c.check}: ${c.detail}` })))
       : el('div', { class: 'verdict verdict-bad', text: 'not ok' });
   }
-  return el('li', { class: 'migrate-target' + (ok ? ' ok' : ' not-ok'), dataset: { host: host.name } },
-    el('div', { class: 'migrate-target-head' },
-      el('strong', { text: host.name }),
-      el('span', { class: 'muted', text: host.cluster }),
-      el('span', null, hostStateBadges(host)),
-      el('button', {
-        type: 'button', class: 'migrate-to primary small', dataset: { host: host.name },
-        disabled: !ok, 'aria-label': `Migrate here: ${m.vm} to ${host.name}`, text: 'Migrate here',
-        onclick: () => startMigration(m, host.name),
-      })),
-    verdict);
+  row.querySelector('.verdict').replaceWith(verdict);
+  row.classList.toggle('ok', ok);
+  row.classList.toggle('not-ok', !ok);
+  row.querySelector('button.migrate-to').disabled = !ok || m.starting || !!m.taskId;
 }
 
 async function startMigration(m, to) {
-  if (state.migrate !== m || m.taskId) return;
-  const buttons = [...document.querySelectorAll('#migrate-targets button.migrate-to')];
-  const wasEnabled = buttons.filter((b) => !b.disabled);
-  for (const b of buttons) b.disabled = true;
+  if (state.migrate !== m || m.taskId || m.starting) return;
+  m.starting = true;
+  for (const b of document.querySelectorAll('#migrate-targets button.migrate-to')) b.disabled = true;
   $('migrate-error').textContent = '';
   try {
     const t = await api(`/vms/${enc(m.vm)}/migrate`, { method: 'POST', body: { to } });
@@ -1948,14 +3156,22 @@ async function startMigration(m, to) {
     m.taskId = t.id;
     const row = document.querySelector(`#migrate-targets .migrate-target[data-host="${CSS.escape(to)}"]`);
     if (row) row.classList.add('chosen');
+    // Its pre-copy is read about every second while it runs (the task's own messages may
+    // ask sooner), once more when it ends.
+    m.tlTimer = setInterval(() => readTimeline(m), TIMELINE_POLL_MS);
+    m.poll = setInterval(() => pollMigrateTask(m), MIGRATE_POLL_MS);
     upsertTask(t);
     // The stream may have told of this task before its id was known here.
     renderMigrateTask(state.tasks.get(t.id) || t);
-    m.poll = setInterval(() => pollMigrateTask(m), MIGRATE_POLL_MS);
   } catch (e) {
     if (state.migrate !== m) return;
     $('migrate-error').textContent = e.message;
-    for (const b of wasEnabled) b.disabled = false;
+    for (const [host, ok] of m.verdicts) {
+      const b = document.querySelector(`#migrate-targets button.migrate-to[data-host="${CSS.escape(host)}"]`);
+      if (b && ok) b.disabled = false;
+    }
+  } finally {
+    m.starting = false;
   }
 }
 
@@ -1971,6 +3187,51 @@ async function pollMigrateTask(m) {
   }
 }
 
+/**
+ * Reads the running migration's timeline: one request at a time; `last`, once the task ended,
+ * is made after any under way (so the chart ends with the pause).
+ */
+async function readTimeline(m, last) {
+  if (state.migrate !== m || !m.taskId || (m.tl && isDone(m.tl))) return;
+  if (m.tlBusy) {
+    if (last) m.tlAgain = true;
+    return;
+  }
+  m.tlBusy = true;
+  m.tlAt = Date.now();
+  try {
+    const tl = await api(`/tasks/${enc(m.taskId)}/timeline`);
+    if (state.migrate !== m) return;
+    m.tl = tl || {};
+    renderMigrateTimeline(m);
+  } catch (e) {
+    if (state.migrate !== m) return;
+    // Not asked again every second: once more at the end, at most.
+    clearInterval(m.tlTimer);
+    m.tlTimer = null;
+    const stats = $('migrate-stats');
+    if (stats) stats.textContent = `No pre-copy readings: ${e.message}`;
+  } finally {
+    m.tlBusy = false;
+    if (m.tlAgain && state.migrate === m) {
+      m.tlAgain = false;
+      readTimeline(m, true);
+    }
+  }
+}
+
+function renderMigrateTimeline(m) {
+  const tl = m.tl;
+  const stats = $('migrate-stats');
+  if (!tl || !stats) return;
+  const samples = Array.isArray(tl.samples) ? tl.samples : [];
+  const newest = samples[samples.length - 1];
+  let text = newest ? sampleText(newest) : isDone(tl) ? 'No pre-copy readings.' : 'waiting for the first pre-copy reading…';
+  if (typeof tl.pause_ms === 'number') text += ` · paused ${tl.pause_ms} ms`;
+  stats.textContent = text;
+  drawLine($('migrate-chart'), tl, migrationChart(tl, `Pre-copy of ${m.vm}`, 'migrate-chart-svg'));
+}
+
 function renderMigrateTask(t) {
   const m = state.migrate;
   const box = $('migrate-task');
@@ -1981,7 +3242,10 @@ function renderMigrateTask(t) {
       el('progress', { max: 100, 'aria-label': 'Migration progress' }),
       el('span', { class: 'migrate-percent' }),
       el('span', { class: 'migrate-phase' }));
-    box.append(prog);
+    box.append(prog,
+      el('p', { id: 'migrate-stats', class: 'migrate-stats muted', text: 'waiting for the first pre-copy reading…' }),
+      el('div', { id: 'migrate-chart', class: 'chart-box migrate-chart' }));
+    readTimeline(m);
   }
   const done = isDone(t);
   const pct = t.state === 'succeeded' || t.state === 'completed' ? 100 : Number(t.progress) || 0;
@@ -1989,9 +3253,16 @@ function renderMigrateTask(t) {
   prog.querySelector('.migrate-percent').textContent = `${pct}%`;
   prog.querySelector('.migrate-phase').textContent = t.phase || t.state;
   prog.classList.toggle('done', done);
-  if (!done) return;
+  if (!done) {
+    // A message of the task itself: its timeline too, unless it was read just now.
+    if (Date.now() - m.tlAt >= TIMELINE_POLL_MS / 2 && m.tlTimer) readTimeline(m);
+    return;
+  }
   if (m.poll) clearInterval(m.poll);
   m.poll = null;
+  if (m.tlTimer) clearInterval(m.tlTimer);
+  m.tlTimer = null;
+  readTimeline(m, true);
 
   const r = t.result && typeof t.result === 'object' ? t.result : null;
   const rows = [];
@@ -2015,7 +3286,10 @@ function renderMigrateTask(t) {
 
 function closeMigrate() {
   const m = state.migrate;
-  if (m && m.poll) clearInterval(m.poll);
+  if (m) {
+    clearInterval(m.poll);
+    clearInterval(m.tlTimer);
+  }
   state.migrate = null;
   const dlg = $('migrate-dialog');
   if (dlg.open) dlg.close();
@@ -2040,14 +3314,11 @@ function openCreate(cluster) {
   $('vm-create-title').textContent = `New VM in ${cluster}`;
   $('vm-create-submit').disabled = false;
 
-  const hostSel = $('vm-create-host');
-  hostSel.replaceChildren(el('option', { value: '', text: 'let the center place it' }),
-    ...state.hosts.filter((h) => h.cluster === cluster).sort((a, b) => byName(a.name, b.name))
-      .map((h) => el('option', {
-        value: h.name,
-        text: h.state === 'connected' && !isDegraded(h) ? h.name : `${h.name} (${h.state}${isDegraded(h) ? ', degraded' : ''})`,
-      })));
-  hostSel.value = '';
+  // The hosts the cluster page holds, at once; read here when it holds none yet.
+  const c = state.cluster && state.cluster.name === cluster ? state.cluster : null;
+  const hosts = c ? clusterHosts(c) : [];
+  fillCreateHosts(hosts, c ? c.pages[c.pages.length - 1].full : false);
+  $('vm-create-host').value = '';
   $('vm-create-image').replaceChildren(el('option', { value: '', text: 'loading…' }));
   setImageNote('The boot disk is made from it (a linked clone unless “full copy”).', false);
   syncBoot();
@@ -2056,6 +3327,32 @@ function openCreate(cluster) {
   if (!dlg.open) dlg.showModal();
   $('vm-create-name').focus();
   loadImages(cr);
+  if (!hosts.length) loadCreateHosts(cr);
+}
+
+/** The host choices: the cluster's hosts (a page of them), the one chosen kept. */
+function fillCreateHosts(hosts, more) {
+  const sel = $('vm-create-host');
+  const chosen = sel.value;
+  sel.replaceChildren(el('option', { value: '', text: 'let the center place it' }),
+    ...hosts.map((h) => el('option', {
+      value: h.name,
+      text: h.state === 'connected' && !isDegraded(h) ? h.name : `${h.name} (${h.state}${isDegraded(h) ? ', degraded' : ''})`,
+    })),
+    more ? el('option', { value: '', disabled: true, text: `(the first ${hosts.length} hosts)` }) : null);
+  if (chosen && hosts.some((h) => h.name === chosen)) sel.value = chosen;
+}
+
+async function loadCreateHosts(cr) {
+  let hosts;
+  try {
+    hosts = (await api(listPath('hosts', { cluster: cr.cluster, limit: HOST_PAGE }))) || [];
+  } catch (e) {
+    if (state.create === cr) notice(e.message);
+    return;
+  }
+  if (state.create !== cr) return;
+  fillCreateHosts(hosts, hosts.length >= HOST_PAGE);
 }
 
 function setImageNote(text, isError) {
@@ -2181,7 +3478,11 @@ async function submitCreate() {
     return;
   }
   const created = (vm && vmName(vm)) || name;
-  if (vm && vm.spec && !findVm(created)) state.vms.push(vm); // shown at once, read again below
+  if (vm && vm.spec) {
+    // Shown at once (in the tree under its host), read again below.
+    cacheVms([vm]);
+    placeVm(vm);
+  }
   let startError = null;
   if (start) {
     submit.textContent = 'Starting…';
@@ -2213,7 +3514,7 @@ function init() {
     signIn(token, false);
   });
   $('logout').addEventListener('click', () => signOut(''));
-  $('search').addEventListener('input', () => renderTree());
+  $('search').addEventListener('input', () => onSearchInput());
   $('events-filter').addEventListener('input', () => schedule(renderEvents));
   $('migrate-close').addEventListener('click', () => closeMigrate());
   // Esc or the close button: the task goes on, the tasks panel follows it.
