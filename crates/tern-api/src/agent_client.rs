@@ -422,6 +422,14 @@ impl AgentClient {
             .map_err(|e| self.error(e))
     }
 
+    /// The agent's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> Result<String, AgentError> {
+        self.client(QUICK)
+            .get_text(route::METRICS.template())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     pub async fn console(&self, id: Uuid, bytes: Option<u64>) -> Result<String, AgentError> {
         let path = match bytes {
             Some(n) => format!("{}?bytes={n}", route::VM_CONSOLE.with_id(id)),

@@ -167,6 +167,7 @@ pub mod center {
     pub const TASK_CANCEL: Route = Route::new("/api/v1/tasks/{id}/cancel");
     pub const TASK_TIMELINE: Route = Route::new("/api/v1/tasks/{id}/timeline");
     pub const HOST_LOAD_HISTORY: Route = Route::new("/api/v1/hosts/{name}/load-history");
+    pub const HOST_METRICS: Route = Route::new("/api/v1/hosts/{name}/metrics");
     pub const CLUSTER_DRS_HISTORY: Route = Route::new("/api/v1/clusters/{name}/drs/history");
     pub const SUMMARY: Route = Route::new("/api/v1/summary");
     pub const EVENTS: Route = Route::new("/api/v1/events");
@@ -216,6 +217,7 @@ pub mod center {
         TASK_CANCEL,
         TASK_TIMELINE,
         HOST_LOAD_HISTORY,
+        HOST_METRICS,
         CLUSTER_DRS_HISTORY,
         SUMMARY,
         EVENTS,

@@ -238,6 +238,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::TASK_CANCEL), post(cancel_task))
         .route(nested(route::TASK_TIMELINE), get(task_timeline))
         .route(nested(route::HOST_LOAD_HISTORY), get(host_load_history))
+        .route(nested(route::HOST_METRICS), get(host_metrics))
         .route(nested(route::CLUSTER_DRS_HISTORY), get(drs_history))
         .route(nested(route::SUMMARY), get(summary))
         .route(nested(route::EVENTS), get(list_events))
@@ -1242,6 +1243,35 @@ async fn vm_console(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/hosts/{name}/metrics", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "The host agent's Prometheus metrics, fetched through the center (QEMU processes by state, migrations in progress and ended)", body = String, content_type = "application/openmetrics-text"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such host", body = ErrorBody),
+        (status = 502, description = "The host's agent could not be asked", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn host_metrics(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResult<Response> {
+    let n = name.clone();
+    let host = app
+        .db
+        .read(move |tx| tx.host_by_name(&n))
+        .await?
+        .ok_or_else(|| CenterError::host_not_found(&name))?;
+    let text = app.agent(&host).metrics().await.map_err(|e| {
+        CenterError::agent(format!("could not read the metrics of host {name}: {e}"))
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 #[utoipa::path(get, path = "/api/v1/vms/{name}/can-migrate", tag = "vms",
     params(("name" = String, Path, description = "VM name"), CanMigrateQuery),
     responses(
@@ -1753,7 +1783,8 @@ impl Modify for BearerAuth {
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
         migrate_vm,
-        list_tasks, get_task, cancel_task, task_timeline, host_load_history, drs_history,
+        list_tasks, get_task, cancel_task, task_timeline, host_load_history, host_metrics,
+        drs_history,
         summary, list_events, live_stream, whoami,
         create_token, list_tokens, revoke_token,
     ),
@@ -1870,6 +1901,7 @@ mod tests {
             ("get", "/api/v1/whoami"),
             ("get", "/api/v1/tasks/{id}/timeline"),
             ("get", "/api/v1/hosts/{name}/load-history"),
+            ("get", "/api/v1/hosts/{name}/metrics"),
             ("get", "/api/v1/clusters/{name}/drs/history"),
             ("get", "/api/v1/summary"),
         ];

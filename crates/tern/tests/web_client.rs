@@ -16,7 +16,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::browser::Browser;
+use common::browser::{open_ui, sign_in, Browser};
 use common::{raw_http, Lab};
 use serde_json::Value;
 
@@ -68,6 +68,55 @@ fn completed_migrations(lab: &Lab) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A sample's value from a Prometheus text scrape (`None` when the series is absent).
+fn sample(body: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("metrics do not parse: {e}\n{body}"));
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{metric} is not a number: {:?}", s.value),
+        })
+}
+
+/// A host agent's metrics, fetched through the center.
+fn agent_metrics(lab: &Lab, host: &str) -> String {
+    let (status, body) = raw_http(
+        &lab.socket(),
+        "GET",
+        &format!("/api/v1/hosts/{host}/metrics"),
+        Some(&lab.token()),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Listings of hosts or VMs the page asked for without a page size (none may be: the
+/// inventory can hold 20,000 VMs).
+fn unbounded_listings(b: &Browser) -> Vec<String> {
+    let listing = |u: &str| {
+        let path = u.split_once("/api/v1/").map_or("", |(_, p)| p);
+        let (what, query) = path.split_once('?').unwrap_or((path, ""));
+        (what == "vms" || what == "hosts") && !query.split('&').any(|kv| kv.starts_with("limit="))
+    };
+    let requests = b.requests();
+    assert!(
+        !requests.is_empty(),
+        "the page's requests were not recorded"
+    );
+    requests
+        .into_iter()
+        .filter(|(m, u)| m == "GET" && listing(u))
+        .map(|(_, u)| u)
+        .collect()
+}
+
 #[test]
 fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     let lab = Lab::up("web", 2);
@@ -83,24 +132,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     let viewer: Value = lab.tern_json(&["token", "create", "vera", "--role", "viewer"]);
     let viewer = viewer["token"].as_str().expect("token").to_string();
 
-    // `tern ui`: the loopback forward an operator on this machine opens.
-    let mut ui = std::process::Command::new(common::tern_exe())
-        .args(["ui", "--listen", "127.0.0.1:0", "--lab-dir"])
-        .arg(&lab.dir)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("tern ui");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(ui.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("tern ui's first line");
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .to_string();
+    let (mut ui, base) = open_ui(&lab);
     let shots = shots_dir();
     let migrations_before = completed_migrations(&lab);
     let b = Browser::start();
@@ -170,6 +202,50 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     });
     assert!(result.contains("succeeded"), "{result}");
     assert!(result.contains("ms"), "no figures in the result: {result}");
+    // The timeline: the pre-copy's readings and the pause, drawn in the dialog.
+    let (status, body) = raw_http(
+        &lab.socket(),
+        "GET",
+        "/api/v1/tasks?vm=web1&limit=20",
+        Some(&lab.token()),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let migrations: Value = serde_json::from_str(&body).expect("tasks JSON");
+    let migrate_task = migrations
+        .as_array()
+        .and_then(|ts| ts.iter().rev().find(|t| t["kind"] == "vm_migrate"))
+        .unwrap_or_else(|| panic!("no migration task in {migrations}"))
+        .clone();
+    let (status, body) = raw_http(
+        &lab.socket(),
+        "GET",
+        &format!(
+            "/api/v1/tasks/{}/timeline",
+            migrate_task["id"].as_str().expect("id")
+        ),
+        Some(&lab.token()),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let timeline: Value = serde_json::from_str(&body).expect("timeline JSON");
+    let samples = timeline["samples"].as_array().cloned().unwrap_or_default();
+    assert!(!samples.is_empty(), "no pre-copy reading: {timeline}");
+    assert!(
+        samples.iter().all(|s| s["pass"].as_u64().is_some()),
+        "{timeline}"
+    );
+    assert!(timeline["pause_ms"].as_u64().is_some(), "{timeline}");
+    assert!(timeline["pause_at_ms"].as_u64().is_some(), "{timeline}");
+    let chart = b.wait_for("#migrate-chart svg[role=img]", Duration::from_secs(10));
+    assert!(!chart.is_empty());
+    let label = b.wait_text_attr(
+        "#migrate-chart svg[role=img]",
+        "aria-label",
+        Duration::from_secs(10),
+        |l| l.contains("pause"),
+    );
+    assert!(label.contains("pause"), "{label}");
     view(&b, &shots, "migrate-dialog");
     b.click("#migrate-close");
     b.wait_text("#vm-host", Duration::from_secs(10), |t| t.contains("h2"));
@@ -180,8 +256,33 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.wait_text("#vm-generation", Duration::from_secs(10), |t| {
         t.contains(&generation)
     });
-    // The center's metrics counted it.
+    // The center's metrics counted it, and so did each host's agent, by its role.
     assert_eq!(completed_migrations(&lab), migrations_before + 1.0);
+    let h1 = agent_metrics(&lab, "h1");
+    let sent = [("role", "source"), ("outcome", "completed")];
+    assert_eq!(
+        sample(&h1, "tern_agent_migrations_total", &sent),
+        Some(1.0),
+        "{h1}"
+    );
+    assert!(
+        sample(&h1, "tern_agent_migration_sent_bytes_total", &[]).is_some_and(|b| b > 0.0),
+        "{h1}"
+    );
+    let h2 = agent_metrics(&lab, "h2");
+    let received = [("role", "destination"), ("outcome", "completed")];
+    assert_eq!(
+        sample(&h2, "tern_agent_migrations_total", &received),
+        Some(1.0),
+        "{h2}"
+    );
+    assert_eq!(
+        sample(&h2, "tern_agent_vms", &[("state", "running")]),
+        Some(1.0),
+        "{h2}"
+    );
+    // The VM page draws its last migration.
+    b.wait_for("#vm-migration-chart svg[role=img]", Duration::from_secs(10));
     b.wait_for("#tasks .task", Duration::from_secs(10));
     let tasks = b.text("#tasks").unwrap_or_default();
     assert!(tasks.contains("migrat"), "{tasks}");
@@ -203,6 +304,8 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         t.contains('→')
     });
     b.wait_text("#cluster-evc", Duration::from_secs(10), |t| !t.is_empty());
+    // The imbalance over time, sampled every second in the lab.
+    b.wait_for("#drs-history-chart svg[role=img]", Duration::from_secs(20));
     view(&b, &shots, "cluster");
 
     // A VM created and started from the page (the lab's test guest, by kernel).
@@ -240,6 +343,13 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.click("a.tree-host[data-host=h2]");
     b.wait_for("#host-view", Duration::from_secs(10));
     b.wait_text("#host-vms", Duration::from_secs(10), |t| t.contains("web1"));
+    // Its load over the last hour.
+    b.wait_text_attr(
+        "#host-load-chart svg[role=img]",
+        "aria-label",
+        Duration::from_secs(20),
+        |l| l.contains('%'),
+    );
     b.click("#host-maintenance-enter");
     b.wait_for(".plan-move[data-vm=web1]", Duration::from_secs(60));
     let plan = b.text("#maintenance-plan").unwrap_or_default();
@@ -305,9 +415,11 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         Some(r#"{"to":"h1"}"#),
     );
     assert_eq!(status, 403, "{body}");
-    // Nothing failed in the page after sign-in: no script error, no failed request.
+    // Nothing failed in the page after sign-in: no script error, no failed request, and no
+    // listing asked for without a page size.
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    assert_eq!(unbounded_listings(&b), Vec::<String>::new());
     // The accessibility check can fail: a page with an unlabelled image and input does.
     b.goto("data:text/html,<html><body><img src='x.png'><input type='text'></body></html>");
     let found = b.accessibility_violations();
@@ -315,6 +427,153 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         found.iter().any(|v| v["id"] == "image-alt"),
         "axe-core missed an image without alt text: {found:?}"
     );
+    drop(b);
+    let _ = ui.kill();
+    let _ = ui.wait();
+    lab.down();
+}
+
+/// The inventory of a large center: 1,000 hosts and 20,000 VMs seeded into the store. The
+/// page shows the counts, one page of hosts per cluster (more on demand), finds any VM by
+/// name through the API's search, opens it, and never asks for a whole listing.
+#[test]
+fn a_thousand_hosts_and_twenty_thousand_vms_render_in_pages_and_search() {
+    let lab = Lab::up("webscale", 1);
+    let seeded = lab.lab_cmd(&["lab", "seed", "--hosts", "1000", "--vms", "20000"]);
+    assert!(seeded.status.success(), "{}", common::text(&seeded));
+    let (mut ui, base) = open_ui(&lab);
+    let shots = shots_dir();
+    let b = Browser::start();
+    sign_in(&b, &base, &lab.token(), "admin");
+    let digits = |t: &str| t.chars().filter(char::is_ascii_digit).collect::<String>();
+    // The lab's own host and the seeded ones, and every VM, counted without a listing.
+    b.wait_text("#overview-hosts", Duration::from_secs(30), |t| {
+        digits(t) == "1001"
+    });
+    b.wait_text("#overview-vms", Duration::from_secs(10), |t| {
+        digits(t) == "20000"
+    });
+    // One page of the seeded cluster's hosts, with their VMs by name.
+    b.wait_for("a.tree-host[data-host=s0001]", Duration::from_secs(30));
+    let shown = b.count("a.tree-host[data-host^=s]");
+    assert!(
+        (1..=100).contains(&shown),
+        "{shown} seeded hosts in the tree"
+    );
+    assert_eq!(b.count("a.tree-host[data-host=s0101]"), 0);
+    view(&b, &shots, "scale-overview");
+    b.click(".tree-more[data-cluster=scale]");
+    b.wait_for("a.tree-host[data-host=s0101]", Duration::from_secs(30));
+    let shown = b.count("a.tree-host[data-host^=s]");
+    assert!(
+        (101..=200).contains(&shown),
+        "{shown} seeded hosts after one more page"
+    );
+    // A search reaches a VM no page shows, and its page opens.
+    b.type_into("#search", "v19999");
+    b.wait_for(
+        "#search-results a.tree-vm[data-vm=v19999]",
+        Duration::from_secs(30),
+    );
+    view(&b, &shots, "scale-search");
+    b.click("#search-results a.tree-vm[data-vm=v19999]");
+    b.wait_text("#vm-host", Duration::from_secs(30), |t| t.contains("s0999"));
+    // A search that matches nothing says so.
+    b.type_into("#search", "no-such-vm");
+    b.wait_text("#search-results", Duration::from_secs(30), |t| {
+        t.contains("Nothing matches")
+    });
+    assert_eq!(unbounded_listings(&b), Vec::<String>::new());
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    drop(b);
+    let _ = ui.kill();
+    let _ = ui.wait();
+    lab.down();
+}
+
+/// DRS from the cluster page: h1 runs two VMs burning CPU, h2 none; the page lists the
+/// engine's recommendation to move one to h2, "Apply all" runs it live, and the page then
+/// shows the move done and no further recommendation.
+#[test]
+fn drs_recommendations_show_and_apply_from_the_cluster_page() {
+    let lab = Lab::up("webdrs", 2);
+    lab.tern_ok(&[
+        "cluster",
+        "set-drs",
+        "lab",
+        "--automation",
+        "manual",
+        "--threshold",
+        "3",
+    ]);
+    for (name, ip, mac) in [
+        ("burn1", "10.78.0.170", "52:54:00:0e:d5:01"),
+        ("burn2", "10.78.0.171", "52:54:00:0e:d5:02"),
+    ] {
+        lab.create_vm(name, "h1", ip, mac, 128, "tern.burn=90", &[]);
+    }
+    let (mut ui, base) = open_ui(&lab);
+    let shots = shots_dir();
+    let b = Browser::start();
+    sign_in(&b, &base, &lab.token(), "admin");
+    b.goto(&format!("{base}#/cluster/lab"));
+    b.wait_for("#cluster-view", Duration::from_secs(10));
+    // The agents report the burn in their heartbeats; the page refreshes its
+    // recommendations as the load changes.
+    let wait = std::time::Instant::now();
+    while b.count(".drs-rec[data-to=h2]") == 0 {
+        assert!(
+            wait.elapsed() < Duration::from_secs(120),
+            "no move to h2 recommended: {}",
+            b.text("#drs-recs").unwrap_or_default()
+        );
+        if b.count("#drs-refresh") > 0 {
+            b.click("#drs-refresh");
+        }
+        b.wait_text("#drs-imbalance", Duration::from_secs(30), |t| {
+            t.contains('→')
+        });
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    view(&b, &shots, "drs-recommendations");
+    b.click("#drs-apply");
+    let status = b.wait_text("#drs-apply-status", Duration::from_secs(180), |t| {
+        t.contains("succeeded") || t.contains("failed") || t.contains("cancelled")
+    });
+    assert!(status.contains("succeeded"), "{status}");
+    // The apply runs the engine's pass as it stands then: one of the two burners moved, live,
+    // and the page's result names it.
+    let on_h2: Vec<String> = ["burn1", "burn2"]
+        .into_iter()
+        .filter(|vm| {
+            let v: Value = lab.tern_json(&["vm", "show", vm]);
+            assert_eq!(v["actual_state"], "running", "{v}");
+            v["host"] == "h2"
+        })
+        .map(str::to_string)
+        .collect();
+    assert_eq!(on_h2.len(), 1, "burners on h2 after the apply: {on_h2:?}");
+    assert!(
+        status.contains(&on_h2[0]),
+        "the result does not name {}: {status}",
+        on_h2[0]
+    );
+    // The recommendations are read again once the apply ended: that move is done.
+    let moved = format!(".drs-rec[data-vm={}]", on_h2[0]);
+    let wait = std::time::Instant::now();
+    while b.count(&moved) > 0 {
+        assert!(
+            wait.elapsed() < Duration::from_secs(30),
+            "the page still recommends moving {}: {}",
+            on_h2[0],
+            b.text("#drs-recs").unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    view(&b, &shots, "drs-applied");
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
     drop(b);
     let _ = ui.kill();
     let _ = ui.wait();

@@ -196,6 +196,7 @@ pub async fn migrate_vm_as(
             paused_for: None,
             events_seen: 0,
             held: std::sync::Mutex::new(Vec::new()),
+            held_sample: std::sync::Mutex::new(None),
             timeline: Timeline::default(),
             handed: Vec::new(),
             steered: false,
@@ -240,6 +241,9 @@ struct Mig {
     /// Events noted while the guest is paused, written once it runs again (on either side):
     /// the pause is no time for store writes.
     held: std::sync::Mutex<Vec<NewEvent>>,
+    /// The pre-copy reading at the pause, written with the held events (see
+    /// [`Mig::hold_sample`]).
+    held_sample: std::sync::Mutex<Option<tern_api::history::MigrationSample>>,
     /// Where the guest's pause went, step by step.
     timeline: Timeline,
     /// Frames the paused source left on the VM's taps, for the destination's commit.
@@ -328,6 +332,20 @@ enum Finished {
     Committed(AgentMigrationStatus),
 }
 
+/// A pre-copy reading for the timeline (`at_ms` is filled in when stored).
+fn sample_of(p: &tern_api::migration::MigrationProgress) -> tern_api::history::MigrationSample {
+    tern_api::history::MigrationSample {
+        at_ms: 0,
+        pass: p.pass,
+        transferred_bytes: p.transferred_bytes,
+        remaining_bytes: p.remaining_bytes,
+        mbit_s: p.mbit_s,
+        dirty_rate_mib_s: p.dirty_rate_mib_s,
+        expected_downtime_ms: p.expected_downtime_ms,
+        throttle_percent: p.cpu_throttle_pct,
+    }
+}
+
 impl Mig {
     fn name(&self) -> &str {
         self.vm.name()
@@ -344,18 +362,33 @@ impl Mig {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).push(e);
     }
 
-    /// Writes the held events, in one transaction.
+    /// Notes the reading at the pause, to be added to the timeline by [`Mig::flush_held`]
+    /// (nothing is written while the guest is paused).
+    fn hold_sample(&self, p: &tern_api::migration::MigrationProgress) {
+        *self.held_sample.lock().unwrap_or_else(|e| e.into_inner()) = Some(sample_of(p));
+    }
+
+    /// Writes the held events and sample, in one transaction.
     async fn flush_held(&self) {
         let held: Vec<NewEvent> =
             std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
-        if held.is_empty() {
+        let sample = self
+            .held_sample
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if held.is_empty() && sample.is_none() {
             return;
         }
+        let task = self.task;
         let r = self
             .app
             .db
             .write(move |tx| {
                 let now = Utc::now();
+                if let Some(s) = sample {
+                    tx.add_migration_sample(task, s, now)?;
+                }
                 for e in held {
                     tx.add_event(e, now)?;
                 }
@@ -392,16 +425,7 @@ impl Mig {
     /// Adds a pre-copy reading to the task's timeline (a failure to record it costs the
     /// chart a point, not the migration).
     async fn record_sample(&self, p: &tern_api::migration::MigrationProgress) {
-        let sample = tern_api::history::MigrationSample {
-            at_ms: 0,
-            pass: p.pass,
-            transferred_bytes: p.transferred_bytes,
-            remaining_bytes: p.remaining_bytes,
-            mbit_s: p.mbit_s,
-            dirty_rate_mib_s: p.dirty_rate_mib_s,
-            expected_downtime_ms: p.expected_downtime_ms,
-            throttle_percent: p.cpu_throttle_pct,
-        };
+        let sample = sample_of(p);
         let task = self.task;
         let r = self
             .app

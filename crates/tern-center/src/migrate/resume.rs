@@ -130,6 +130,7 @@ impl Resumable {
                 paused_for: None,
                 events_seen: self.events_seen,
                 held: std::sync::Mutex::new(Vec::new()),
+                held_sample: std::sync::Mutex::new(None),
                 timeline: Timeline::default(),
                 handed: Vec::new(),
                 steered: false,

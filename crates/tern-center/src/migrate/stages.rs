@@ -48,8 +48,20 @@ impl Mig {
         self.hand_over(at_switch).await
     }
 
-    /// From the source paused at pre-switchover to the commit.
+    /// From the source paused at pre-switchover to the commit. The reading at the pause
+    /// ends the timeline's pre-copy (a short migration may have no other); it is written
+    /// with the held events, once the guest runs.
     async fn hand_over(&mut self, at_switch: AgentMigrationStatus) -> Result<Finished, Abort> {
+        if let Some(p) = &at_switch.progress {
+            self.hold_sample(p);
+        }
+        self.switch_and_commit(at_switch).await
+    }
+
+    async fn switch_and_commit(
+        &mut self,
+        at_switch: AgentMigrationStatus,
+    ) -> Result<Finished, Abort> {
         self.check_cancel()?;
         match self.stage_switchover(at_switch).await? {
             Switched::PostCopy(done) => {

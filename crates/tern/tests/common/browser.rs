@@ -16,6 +16,21 @@ use serde_json::{json, Value};
 /// The key under which WebDriver names an element.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// Wraps `fetch` to note each request's method and URL in `window.__ternRequests`
+/// (installed through the DevTools protocol, which the page's CSP does not govern).
+const RECORD_REQUESTS: &str = "(() => {\n\
+  const real = window.fetch;\n\
+  window.__ternRequests = [];\n\
+  window.fetch = function (input, init) {\n\
+    try {\n\
+      const method = (init && init.method) || (input && input.method) || 'GET';\n\
+      const url = typeof input === 'string' ? input : String(input && input.url);\n\
+      window.__ternRequests.push([String(method).toUpperCase(), url]);\n\
+    } catch (_) { /* recording must never break the page */ }\n\
+    return real.apply(this, arguments);\n\
+  };\n\
+})();";
+
 /// A headless Chromium session; chromedriver and the browser end on drop.
 pub struct Browser {
     driver: Child,
@@ -69,7 +84,31 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("no session id in {v}"))
             .to_string();
+        // Every page records the requests it makes (method and URL), from its first script
+        // on: the performance timeline has URLs but not methods.
+        b.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            Some(json!({"cmd": "Page.addScriptToEvaluateOnNewDocument",
+                        "params": {"source": RECORD_REQUESTS}})),
+        )
+        .expect("install the request recorder");
         b
+    }
+
+    /// `[method, url]` of every `fetch` the page made since it loaded.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        let v = self.run("return window.__ternRequests || [];");
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                Some((
+                    r.get(0)?.as_str()?.to_string(),
+                    r.get(1)?.as_str()?.to_string(),
+                ))
+            })
+            .collect()
     }
 
     /// One WebDriver command; the answer's JSON, or the driver's error.
@@ -180,6 +219,42 @@ impl Browser {
             if Instant::now() > deadline {
                 panic!(
                     "{css}: not as expected within {timeout:?}; last text {last:?}; page:\n{}",
+                    self.page_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The value of attribute `name` of the element `css` selects now.
+    pub fn attribute(&self, css: &str, name: &str) -> Option<String> {
+        let id = self.find(css)?;
+        self.cmd("GET", &format!("/element/{id}/attribute/{name}"), None)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+    }
+
+    /// Waits until element `css` exists and its attribute `name` satisfies `ok`; returns
+    /// the attribute.
+    pub fn wait_text_attr(
+        &self,
+        css: &str,
+        name: &str,
+        timeout: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            if let Some(t) = self.attribute(css, name) {
+                if ok(&t) {
+                    return t;
+                }
+                last = Some(t);
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{css} [{name}]: not as expected within {timeout:?}; last {last:?}; page:\n{}",
                     self.page_text()
                 );
             }
@@ -354,4 +429,35 @@ fn axe_core() -> PathBuf {
         .map(|e| e.path().join("node_modules/axe-core/axe.min.js"))
         .find(|p| p.exists())
         .unwrap_or_else(|| cache.join("axe-core-?/node_modules/axe-core/axe.min.js"))
+}
+
+/// `tern ui` (the loopback forward an operator on this machine opens) and its URL.
+pub fn open_ui(lab: &super::Lab) -> (std::process::Child, String) {
+    let mut ui = std::process::Command::new(super::tern_exe())
+        .args(["ui", "--listen", "127.0.0.1:0", "--lab-dir"])
+        .arg(&lab.dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern ui");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(ui.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("tern ui's first line");
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_string();
+    (ui, base)
+}
+
+/// Signs in with `token` and waits for the role to show.
+pub fn sign_in(b: &Browser, base: &str, token: &str, role: &str) {
+    b.goto(base);
+    b.wait_for("#login-form", Duration::from_secs(10));
+    b.type_into("#token", token);
+    b.click("#login");
+    b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains(role));
 }
