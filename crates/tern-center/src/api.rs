@@ -1097,17 +1097,20 @@ async fn list_vms(
     let vms = app
         .db
         .read(move |tx| {
-            let mut vms = tx.vms()?;
-            vms.retain(|v| {
+            let mut index = tx.vm_index()?;
+            index.retain(|v| {
                 q.cluster.as_ref().is_none_or(|c| &v.cluster == c)
                     && q.host.as_ref().is_none_or(|h| v.host.as_ref() == Some(h))
                     && q.unplaced.is_none_or(|u| u == v.host.is_none())
             });
-            // The page is chosen first: only its VMs are turned into views.
-            q.page(vms, |v| v.name())
-                .iter()
-                .map(|v| crate::evc::vm_view(tx, v))
-                .collect::<Result<Vec<_>, _>>()
+            // The page is chosen on the index first: only its VMs are read whole.
+            let mut out = Vec::new();
+            for row in q.page(index, |v| v.name.as_str()) {
+                if let Some(vm) = tx.vm_by_name(&row.name)? {
+                    out.push(crate::evc::vm_view(tx, &vm)?);
+                }
+            }
+            Ok::<_, CenterError>(out)
         })
         .await?;
     Ok(axum::Json(vms))
@@ -1577,7 +1580,7 @@ async fn summary(State(app): AppState) -> ApiResult<Json<Summary>> {
         .read(|tx| {
             let text = |v: &dyn erased_text::Text| v.text();
             let hosts = tx.hosts()?;
-            let vms = tx.vms()?;
+            let vms = tx.vm_index()?;
             let mut out = Summary {
                 hosts: hosts.len() as u64,
                 vms: vms.len() as u64,
@@ -1603,10 +1606,10 @@ async fn summary(State(app): AppState) -> ApiResult<Json<Summary>> {
                 }
             }
             for v in &vms {
-                *out.vms_by_state.entry(text(&v.actual)).or_default() += 1;
+                *out.vms_by_state.entry(v.actual_state.clone()).or_default() += 1;
                 if let Some(c) = clusters.get_mut(&v.cluster) {
                     c.vms += 1;
-                    if v.actual == tern_api::PowerState::Running {
+                    if v.actual_state == text(&tern_api::PowerState::Running) {
                         c.running_vms += 1;
                     }
                 }
