@@ -1,6 +1,7 @@
 // tern web client (app.js): signs in with an API token, shows a tern center's inventory
 // (clusters, hosts, VMs), tasks and events from its REST API (/api/v1), and follows its live
-// stream (/api/v1/stream) so the page changes as the center does.
+// stream (/api/v1/stream) so the page changes as the center does. The tasks panel filters by
+// state and text, the events panel by text.
 //
 // Pages (the URL's hash): the overview (#/: the center's counts and a first page of hosts), a
 // cluster (#/cluster/NAME: EVC, DRS settings, recommendations and the last hour of imbalance,
@@ -645,9 +646,38 @@ function taskKindText(kind) {
   return TASK_KINDS[kind] || String(kind || 'task').replace(/_/g, ' ');
 }
 
+// The panel's filters (#tasks-state, #tasks-filter) apply to the tasks this page holds (up to
+// MAX_TASKS_KEPT): the newest few read at each (re)connect and those the stream told of since.
+const TASK_STATE_FILTERS = {
+  active: new Set(['queued', 'running']),
+  failed: new Set(['failed', 'cancelled']),
+  succeeded: new Set(['succeeded', 'completed']),
+};
+
+/** Whether a task passes the state filter (a TASK_STATE_FILTERS key, or all) and the text q. */
+function taskMatches(t, which, q) {
+  const states = TASK_STATE_FILTERS[which];
+  if (states && !states.has(t.state)) return false;
+  if (!q) return true;
+  return [taskKindText(t.kind), t.vm, t.host, t.phase, t.error]
+    .map((s) => String(s || ''))
+    .join(' ')
+    .toLowerCase()
+    .includes(q);
+}
+
 function renderTasks() {
   const list = $('task-list');
-  const tasks = [...state.tasks.values()].sort(byCreatedDesc).slice(0, MAX_TASKS_SHOWN);
+  const which = $('tasks-state').value;
+  const q = $('tasks-filter').value.trim().toLowerCase();
+  const tasks = [...state.tasks.values()]
+    .filter((t) => taskMatches(t, which, q))
+    .sort(byCreatedDesc)
+    .slice(0, MAX_TASKS_SHOWN);
+  // A filter that leaves nothing says so; without one an empty list shows its data-empty text.
+  const none = tasks.length === 0 && (Boolean(TASK_STATE_FILTERS[which]) || q !== '');
+  list.hidden = none;
+  $('tasks-none').hidden = !none;
   const existing = new Map();
   for (const li of list.children) existing.set(li.dataset.id, li);
   const act = canAct();
@@ -3516,6 +3546,11 @@ function init() {
   $('logout').addEventListener('click', () => signOut(''));
   $('search').addEventListener('input', () => onSearchInput());
   $('events-filter').addEventListener('input', () => schedule(renderEvents));
+  for (const id of ['tasks-state', 'tasks-filter']) {
+    for (const type of ['input', 'change']) {
+      $(id).addEventListener(type, () => schedule(renderTasks));
+    }
+  }
   $('migrate-close').addEventListener('click', () => closeMigrate());
   // Esc or the close button: the task goes on, the tasks panel follows it.
   // (The event comes after the fact: a dialog opened again meanwhile is left alone.)

@@ -286,6 +286,26 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.wait_for("#tasks .task", Duration::from_secs(10));
     let tasks = b.text("#tasks").unwrap_or_default();
     assert!(tasks.contains("migrat"), "{tasks}");
+    // The tasks panel's filters: none failed, the migration found by text.
+    b.run(
+        "const s = document.querySelector('#tasks-state'); s.value = 'failed';\n\
+         s.dispatchEvent(new Event('change', {bubbles: true})); return 1;",
+    );
+    b.wait_text("#tasks-none", Duration::from_secs(10), |t| {
+        t.contains("No task matches")
+    });
+    b.run(
+        "const s = document.querySelector('#tasks-state'); s.value = 'all';\n\
+         s.dispatchEvent(new Event('change', {bubbles: true})); return 1;",
+    );
+    b.type_into("#tasks-filter", "migrat");
+    b.wait_text("#tasks", Duration::from_secs(10), |t| !t.contains("start"));
+    assert!(b.count("#tasks .task") >= 1);
+    b.type_into("#tasks-filter", "");
+    b.run(
+        "const f = document.querySelector('#tasks-filter');\n\
+         f.dispatchEvent(new Event('input', {bubbles: true})); return 1;",
+    );
     // The tree moved it too, without a reload.
     let under_h2 = b.run(
         "const h = document.querySelector('a.tree-host[data-host=h2]');\n\
