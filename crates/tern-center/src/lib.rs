@@ -27,6 +27,7 @@ pub mod evc;
 pub mod health;
 pub mod history;
 pub mod images;
+pub mod init;
 pub mod inventory;
 pub mod maintenance;
 pub mod metrics;

@@ -294,7 +294,7 @@ async fn supervise(
 }
 
 /// Holds `DATA_DIR/center.lock` so two centers never share one store.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     let path = dir.join("center.lock");
     let f = File::options()
         .create(true)

@@ -72,8 +72,8 @@ client_group!(LabArgs, cmd::lab::LabCommand, LabDirArgs);
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the cluster manager daemon.
-    Center(Box<tern_center::CenterArgs>),
+    /// Run the cluster manager daemon, or prepare one (`tern center init`).
+    Center(CenterCmd),
     /// Hosts: run the agent, add (join token) and remove, list and show, maintenance mode.
     #[command(subcommand)]
     Host(HostCommand),
@@ -111,12 +111,32 @@ enum Command {
     Ui(cmd::ui::UiArgs),
 }
 
+/// `tern center [FLAGS]` runs the daemon; `tern center init` prepares a machine for it.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct CenterCmd {
+    #[command(subcommand)]
+    sub: Option<CenterSub>,
+    #[command(flatten)]
+    run: Box<tern_center::CenterArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CenterSub {
+    /// Prepare this machine to run the center: its config file, data directory, admin token
+    /// and cluster CA, and the tern-center service enabled.
+    Init(cmd::install::CenterInitArgs),
+}
+
 // The daemons take their own flags (the agent has its own --center), so the CLI's
 // connection flags live in each client command, not on `tern` itself.
 #[derive(Debug, Subcommand)]
 enum HostCommand {
     /// Run the host agent daemon (one per host).
     Agent(Box<tern_host::AgentArgs>),
+    /// Make this machine a host of a center: the agent's config file, the join token, and
+    /// the tern-host service enabled.
+    Join(Box<cmd::install::HostJoinArgs>),
     /// Print a one-time join token for a host: its agent registers with it once (given
     /// with --enrol-token-file), then with its own secret. Re-issue one to re-join a host
     /// that lost its state dir.
@@ -193,7 +213,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,
-        Command::Center(_) | Command::Host(HostCommand::Agent(_))
+        Command::Center(CenterCmd { sub: None, .. }) | Command::Host(HostCommand::Agent(_))
     );
     // Daemons log at info; the CLI only says more when asked (RUST_LOG).
     let default_filter = if daemon { "info" } else { "warn" };
@@ -228,7 +248,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
         .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
         match command {
-            Command::Center(a) => tern_center::run(*a).await.map_err(CliError::from),
+            Command::Center(CenterCmd { sub: None, run }) => {
+                tern_center::run(*run).await.map_err(CliError::from)
+            }
+            Command::Center(CenterCmd {
+                sub: Some(CenterSub::Init(a)),
+                ..
+            }) => cmd::install::center_init(a, output),
+            Command::Host(HostCommand::Join(a)) => cmd::install::host_join(*a, output),
             Command::Host(HostCommand::Agent(a)) => {
                 tern_host::run(*a).await.map_err(CliError::from)
             }

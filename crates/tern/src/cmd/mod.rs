@@ -8,6 +8,7 @@ pub mod evc;
 pub mod event;
 pub mod host;
 pub mod image;
+pub mod install;
 pub mod lab;
 pub mod migrate;
 pub mod output;

@@ -1,0 +1,398 @@
+//! Installing tern the way its packages do: `tern center init` and `tern host join` write
+//! configs a real center and a real agent start from and connect with (TLS, the join token's
+//! CA fingerprint); both refuse to overwrite a machine already set up and refuse bad input;
+//! `scripts/package.sh` builds the three .debs with the binary, the systemd units (verified
+//! by systemd-analyze, the center's sandbox scored) and the config files as conffiles.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{raw_http, tern_exe, text};
+use serde_json::Value;
+
+/// A daemon killed when the test ends, whatever happens.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], log: &Path) -> Daemon {
+    let log = std::fs::File::create(log).expect("log file");
+    let err = log.try_clone().expect("log file");
+    Daemon(
+        Command::new(tern_exe())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("spawn tern"),
+    )
+}
+
+fn tern(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(tern_exe());
+    c.args(args)
+        .env_remove("TERN_CENTER")
+        .env_remove("TERN_TOKEN")
+        .env_remove("TERN_LAB_DIR")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run tern")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// A loopback address of this test's own (all of 127/8 is loopback): fixed ports on it
+/// cannot collide with anything else on the machine.
+fn own_loopback() -> String {
+    let pid = std::process::id();
+    format!("127.66.{}.{}", (pid >> 8) % 250 + 1, pid % 250 + 1)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Option<String>, log: &Path) {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        match ok() {
+            None => return,
+            Some(why) => last = Some(why),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{what}: not within {timeout:?} ({last:?}); log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn init_and_join_make_a_center_and_a_host_that_connect() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etc = tmp.path().join("etc/tern");
+    let data = tmp.path().join("var/center");
+    let state = tmp.path().join("var/host");
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("shared dir");
+    let socket = tmp.path().join("run/center.sock");
+    let ip = own_loopback();
+    let listen = format!("{ip}:8700");
+    let center_conf = etc.join("center.toml");
+
+    // The center: config, data dir, tokens and CA, made before it ever runs.
+    let init = |extra: &[&str]| {
+        let mut args = vec!["center", "init", "--no-enable", "-o", "json", "--config"];
+        let (c, d, so) = (s(&center_conf), s(&data), s(&socket));
+        let mut rest = vec![c, "--data-dir".into(), d, "--listen".into(), listen.clone()];
+        rest.extend(["--socket".into(), so]);
+        rest.extend(extra.iter().map(|e| e.to_string()));
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        args.extend(rest);
+        tern(&args, &[])
+    };
+    let out = init(&[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let made: Value = serde_json::from_slice(&out.stdout).expect("init's JSON");
+    let admin_file = PathBuf::from(made["admin_token_file"].as_str().expect("token file"));
+    let fingerprint = made["ca_fingerprint"].as_str().expect("a CA").to_string();
+    assert_eq!(fingerprint.len(), 64, "{made}");
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&admin_file), 0o600);
+    let written = std::fs::read_to_string(&center_conf).expect("center.toml");
+    assert!(
+        written.contains(&format!("listen = \"{listen}\"")),
+        "{written}"
+    );
+    // A machine set up already is not set up again.
+    let again = init(&[]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("set up already"), "{}", text(&again));
+    assert_eq!(
+        std::fs::read_to_string(&center_conf).expect("center.toml"),
+        written
+    );
+
+    // The center runs from that config alone.
+    let center_log = tmp.path().join("center.log");
+    let _center = spawn(&["center", "--config", &s(&center_conf)], &center_log);
+    let admin = std::fs::read_to_string(&admin_file).expect("admin token");
+    let admin = admin.trim().to_string();
+    wait_until(
+        "the center answers on its socket",
+        Duration::from_secs(30),
+        || {
+            if !socket.exists() {
+                return Some("no socket yet".into());
+            }
+            let (status, body) = raw_http(&socket, "GET", "/api/v1/whoami", Some(&admin), None);
+            (status != 200).then(|| format!("{status} {body}"))
+        },
+        &center_log,
+    );
+    let center_env = [
+        ("TERN_CENTER", format!("unix:{}", s(&socket))),
+        ("TERN_TOKEN", admin.clone()),
+    ];
+    let env: Vec<(&str, &str)> = center_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = tern(&["cluster", "create", "prod"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = tern(&["host", "add", "h1", "-o", "json"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let join: Value = serde_json::from_slice(&out.stdout).expect("join token JSON");
+    let token = join["token"].as_str().expect("token").to_string();
+    assert!(
+        token.ends_with(&fingerprint),
+        "{token} does not carry {fingerprint}"
+    );
+
+    // The host: bad input refused, with nothing written.
+    let host_conf = etc.join("host.toml");
+    let center_url = format!("https://{listen}");
+    let join_args = |center: &str, token: &str| -> Vec<String> {
+        [
+            "host",
+            "join",
+            center,
+            "--token",
+            token,
+            "--name",
+            "h1",
+            "--cluster",
+            "prod",
+            "--listen",
+            &format!("{ip}:0"),
+            "--shared-storage",
+            &s(&shared),
+            "--state-dir",
+            &s(&state),
+            "--config",
+            &s(&host_conf),
+            "--no-enable",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let run_join = |center: &str, token: &str| {
+        let args = join_args(center, token);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tern(&args, &[])
+    };
+    let secret_only = token
+        .split(tern_api::center::JOIN_TOKEN_CA_MARK)
+        .next()
+        .expect("secret");
+    for (center, token, why) in [
+        (center_url.as_str(), secret_only, "no CA fingerprint"),
+        ("ftp://10.0.0.1:21", token.as_str(), "https://IP:PORT"),
+        (center_url.as_str(), "two words", "has spaces"),
+    ] {
+        let out = run_join(center, token);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains(why), "{}", text(&out));
+        assert!(
+            !host_conf.exists(),
+            "a refused join wrote {}",
+            host_conf.display()
+        );
+    }
+    let out = run_join(&center_url, &token);
+    assert!(out.status.success(), "{}", text(&out));
+    let token_file = etc.join("join.token");
+    assert_eq!(mode(&token_file), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&token_file)
+            .expect("token file")
+            .trim(),
+        token
+    );
+
+    // The agent runs from that config alone, checks the center against the token's CA, and
+    // the host shows up connected.
+    let agent_log = tmp.path().join("agent.log");
+    let _agent = spawn(
+        &[
+            "host",
+            "agent",
+            "--config",
+            &s(&host_conf),
+            "--accel",
+            "tcg",
+        ],
+        &agent_log,
+    );
+    wait_until(
+        "h1 connected",
+        Duration::from_secs(60),
+        || {
+            let out = tern(&["host", "show", "h1", "-o", "json"], &env);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            (v["state"] != "connected").then(|| format!("{}", v["state"]))
+        },
+        &agent_log,
+    );
+    let out = tern(&["host", "show", "h1", "-o", "json"], &env);
+    let h1: Value = serde_json::from_slice(&out.stdout).expect("host JSON");
+    assert_eq!(h1["cluster"], "prod", "{h1}");
+    assert!(
+        h1["certificate"]["serial"].as_str().is_some(),
+        "no certificate issued: {h1}"
+    );
+    // Joining twice is refused: the config has settings now.
+    let out = run_join(&center_url, &token);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("set up already"), "{}", text(&out));
+}
+
+#[test]
+fn packages_carry_the_binary_the_services_and_their_config_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("bash")
+        .arg(common::repo_root().join("scripts/package.sh"))
+        .args([
+            "--binary",
+            &s(&tern_exe()),
+            "--out",
+            &s(tmp.path()),
+            "--fast",
+        ])
+        .output()
+        .expect("run package.sh");
+    assert!(out.status.success(), "{}", text(&out));
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = |name: &str, arch: &str| tmp.path().join(format!("{name}_{version}_{arch}.deb"));
+    let arch = String::from_utf8(
+        Command::new("dpkg")
+            .arg("--print-architecture")
+            .output()
+            .expect("dpkg")
+            .stdout,
+    )
+    .expect("utf-8")
+    .trim()
+    .to_string();
+    let dpkg_deb = |args: &[&str]| -> String {
+        let o = Command::new("dpkg-deb")
+            .args(args)
+            .output()
+            .expect("dpkg-deb");
+        assert!(o.status.success(), "dpkg-deb {args:?}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let unpack = |deb: &Path| -> PathBuf {
+        let dir = tmp.path().join(deb.file_stem().expect("name"));
+        dpkg_deb(&["-x", &s(deb), &s(&dir)]);
+        dpkg_deb(&["-e", &s(deb), &s(&dir.join("DEBIAN"))]);
+        dir
+    };
+
+    // The binary package: the binary as built.
+    let tern_deb = deb("tern", &arch);
+    assert_eq!(dpkg_deb(&["-f", &s(&tern_deb), "Package"]).trim(), "tern");
+    let t = unpack(&tern_deb);
+    let packaged = t.join("usr/bin/tern");
+    assert_eq!(mode(&packaged), 0o755);
+    assert_eq!(
+        std::fs::metadata(&packaged).expect("binary").len(),
+        std::fs::metadata(tern_exe()).expect("binary").len()
+    );
+
+    // The service packages: their unit, their conffile, their dependencies.
+    for (name, unit, conf, needs) in [
+        (
+            "tern-center",
+            "tern-center.service",
+            "center.toml",
+            "adduser",
+        ),
+        (
+            "tern-host",
+            "tern-host.service",
+            "host.toml",
+            "qemu-system-x86",
+        ),
+    ] {
+        let d = unpack(&deb(name, "all"));
+        let depends = dpkg_deb(&["-f", &s(&deb(name, "all")), "Depends"]);
+        assert!(
+            depends.contains(&format!("tern (= {version})")),
+            "{depends}"
+        );
+        assert!(depends.contains(needs), "{depends}");
+        let conffiles = std::fs::read_to_string(d.join("DEBIAN/conffiles")).expect("conffiles");
+        assert_eq!(conffiles.trim(), format!("/etc/tern/{conf}"));
+        assert!(d.join("etc/tern").join(conf).exists());
+        assert_eq!(mode(&d.join("DEBIAN/postinst")), 0o755);
+        // The unit, pointed at the binary under test, passes systemd's own checks.
+        let unit_text =
+            std::fs::read_to_string(d.join("lib/systemd/system").join(unit)).expect("unit");
+        let units = tmp.path().join("units");
+        std::fs::create_dir_all(&units).expect("units dir");
+        let verified = units.join(unit);
+        std::fs::write(
+            &verified,
+            unit_text.replace("/usr/bin/tern", &s(&tern_exe())),
+        )
+        .expect("unit copy");
+        let o = Command::new("systemd-analyze")
+            .args(["verify", "--man=no", &s(&verified)])
+            .output()
+            .expect("systemd-analyze");
+        assert!(o.status.success(), "{unit}: {}", text(&o));
+        // Each daemon reads its packaged config (comments only) as a valid, empty one, and
+        // init or join fills that template in.
+        let template = std::fs::read_to_string(d.join("etc/tern").join(conf)).expect("conf");
+        assert!(template
+            .lines()
+            .all(|l| l.trim().is_empty() || l.starts_with('#')));
+        if name == "tern-center" {
+            // A strict sandbox: systemd scores its exposure 2.0 or less of 10 (--threshold counts
+            // tenths).
+            let o = Command::new("systemd-analyze")
+                .args(["security", "--offline=yes", "--threshold=20", &s(&verified)])
+                .output()
+                .expect("systemd-analyze security");
+            assert!(o.status.success(), "{}", text(&o));
+            let conf_path = d.join("etc/tern").join(conf);
+            let o = tern(
+                &[
+                    "center",
+                    "init",
+                    "--no-enable",
+                    "--config",
+                    &s(&conf_path),
+                    "--data-dir",
+                    &s(&tmp.path().join("center-data")),
+                    "--socket",
+                    &s(&tmp.path().join("c.sock")),
+                ],
+                &[],
+            );
+            assert!(o.status.success(), "{}", text(&o));
+            let filled = std::fs::read_to_string(&conf_path).expect("conf");
+            assert!(filled.contains("data_dir = "), "{filled}");
+        } else {
+            // VMs outlive the agent; QEMU keeps its devices and its generated code.
+            assert!(unit_text.contains("\nKillMode=process\n"), "{unit_text}");
+            for forbidden in ["PrivateDevices=yes", "MemoryDenyWriteExecute=yes"] {
+                assert!(!unit_text.contains(forbidden), "{forbidden} breaks QEMU");
+            }
+        }
+    }
+}
