@@ -241,3 +241,15 @@ impl App {
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Waits one `period` of a background loop; `false` once shutdown is asked (the loop ends).
+pub async fn tick(
+    period: std::time::Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => {}
+        _ = shutdown.changed() => return false,
+    }
+    !*shutdown.borrow()
+}

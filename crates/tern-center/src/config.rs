@@ -140,6 +140,28 @@ pub struct CenterArgs {
     /// after two thirds of it [default: 2592000, 30 days].
     #[arg(long, value_name = "SECONDS")]
     pub cert_lifetime_s: Option<u64>,
+
+    /// Testing aid, never for production: every migration fails at this point and rolls back
+    /// (`after-steer`: the guest paused, the destination holding all of it, the LAN steered
+    /// there). Also read from TERN_INJECT_FAULT, so a lab's restarted center can get it.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "POINT",
+        hide = true,
+        env = "TERN_INJECT_FAULT"
+    )]
+    #[serde(default)]
+    pub inject_fault: Option<FaultPoint>,
+}
+
+/// Where `--inject-fault` makes migrations fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultPoint {
+    /// After the switchover and before the commit: the rollback with the LAN steered to the
+    /// destination and frames waiting on its taps.
+    AfterSteer,
 }
 
 /// The center's settings, every default filled in.
@@ -161,6 +183,8 @@ pub struct CenterConfig {
     pub tls: bool,
     pub tls_names: Vec<String>,
     pub cert_lifetime_s: u64,
+    /// See [`CenterArgs::inject_fault`].
+    pub inject_fault: Option<FaultPoint>,
 }
 
 impl CenterConfig {
@@ -183,6 +207,7 @@ impl CenterConfig {
             tls: true,
             tls_names: Vec::new(),
             cert_lifetime_s: DEFAULT_CERT_LIFETIME_S,
+            inject_fault: None,
             data_dir,
         }
     }
@@ -234,6 +259,7 @@ impl CenterConfig {
         if let Some(s) = args.cert_lifetime_s.or(file.cert_lifetime_s) {
             cfg.cert_lifetime_s = s;
         }
+        cfg.inject_fault = args.inject_fault.or(file.inject_fault);
         cfg.check()?;
         Ok(cfg)
     }

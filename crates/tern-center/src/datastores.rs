@@ -256,11 +256,7 @@ pub async fn check_host(app: &App, host: &HostRecord, spec: &VmSpec) -> Result<(
 pub async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let period = Duration::from_millis(app.config.datastore_check_ms);
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
+        if !crate::app::tick(period, &mut shutdown).await {
             return;
         }
         let read = app

@@ -6,7 +6,6 @@
 //! install step give the operator the admin token's path and the CA's fingerprint before the
 //! service runs, and fail early (a data directory in use, a bad setting) with nothing started.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -33,15 +32,7 @@ pub fn init(config: &CenterConfig) -> anyhow::Result<Initialised> {
     let _lock = crate::server::lock_data_dir(&config.data_dir)?;
     load_or_create_token(&config.admin_token_file)?;
     load_or_create_token(&config.enrol_token_file)?;
-    let store = config.data_dir.join("center.db");
-    if !store.exists() {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&store)
-            .with_context(|| format!("creating {}", store.display()))?;
-    }
+    let store = crate::server::store_file(&config.data_dir)?;
     drop(Store::open(&store).with_context(|| format!("opening the store {}", store.display()))?);
     let ca_fingerprint = if config.tls {
         let pki = crate::pki::CenterPki::open(config)?;

@@ -718,11 +718,7 @@ pub async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             next_prune = std::time::Instant::now() + PRUNE_EVERY;
             prune_history(&app).await;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
+        if !crate::app::tick(tick, &mut shutdown).await {
             return;
         }
         let app2 = app.clone();

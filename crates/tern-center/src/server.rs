@@ -94,6 +94,13 @@ impl RunningCenter {
 /// Starts a center: returns once it listens on both the TCP address and the unix socket.
 pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     config.check()?;
+    if let Some(f) = config.inject_fault {
+        tracing::warn!(
+            fault = ?f,
+            "FAULT INJECTION ON: every migration fails and rolls back (a testing aid; unset \
+             --inject-fault / TERN_INJECT_FAULT)"
+        );
+    }
     let open_files = tern_serve::raise_open_files_limit().unwrap_or_else(|e| {
         tracing::warn!("cannot raise the open files limit: {e}");
         1024
@@ -103,17 +110,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     let admin_token = load_or_create_token(&config.admin_token_file)?;
     let enrol_token = load_or_create_token(&config.enrol_token_file)?;
 
-    let db_path = config.data_dir.join("center.db");
-    // The store holds host and agent tokens: owner only. SQLite gives its -wal and -shm files
-    // the database file's mode, and takes an empty file as a new database.
-    if !db_path.exists() {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&db_path)
-            .with_context(|| format!("creating {}", db_path.display()))?;
-    }
+    let db_path = store_file(&config.data_dir)?;
     let store = tokio::task::spawn_blocking({
         let p = db_path.clone();
         move || Store::open(&p)
@@ -246,7 +243,7 @@ async fn supervise(
     let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
     let datastores = tokio::spawn(crate::datastores::monitor(app.clone(), rx.clone()));
     let feed = tokio::spawn(crate::stream::publisher(app.clone(), rx.clone()));
-    let history = tokio::spawn(crate::history::sampler(app.clone(), rx.clone()));
+    let history = tokio::spawn(crate::history_sampler::sampler(app.clone(), rx.clone()));
 
     // Serve until asked to stop, or until a listener fails. Shutdown is checked first: the
     // listeners also end when it is asked for, and that is no failure.
@@ -294,6 +291,22 @@ async fn supervise(
 }
 
 /// Holds `DATA_DIR/center.lock` so two centers never share one store.
+/// The store's file in `data_dir`, created empty (owner only) if missing: the store holds host
+/// and agent tokens, SQLite gives its -wal and -shm files the database file's mode, and takes
+/// an empty file as a new database.
+pub(crate) fn store_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("center.db");
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+    }
+    Ok(path)
+}
+
 pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     let path = dir.join("center.lock");
     let f = File::options()

@@ -40,11 +40,7 @@ pub async fn publisher(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut tasks: HashMap<Uuid, String> = HashMap::new();
     let mut first = true;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(PERIOD) => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
+        if !crate::app::tick(PERIOD, &mut shutdown).await {
             return;
         }
         let after = last_event;

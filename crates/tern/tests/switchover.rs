@@ -203,3 +203,114 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         "{timeouts} retransmission timeouts with {long_pauses} pause(s) over 150 ms: {tcp:?}"
     );
 }
+
+/// Restarts the lab's center, with fault injection at `fault` or without any.
+fn restart_center(lab: &Lab, fault: Option<&str>) {
+    let mut c = std::process::Command::new(common::tern_exe());
+    c.args(["lab", "--dir"])
+        .arg(&lab.dir)
+        .args(["restart", "center"])
+        .env_remove("TERN_CENTER")
+        .env_remove("TERN_TOKEN")
+        .env_remove("TERN_INJECT_FAULT");
+    if let Some(f) = fault {
+        c.env("TERN_INJECT_FAULT", f);
+    }
+    let out = c.output().expect("tern lab restart center");
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// A rollback after the LAN was steered to the destination, forced at that very point
+/// (`--inject-fault after-steer`): the guest was paused, the destination held all of it, and
+/// requests sent every millisecond went to the destination's taps. The source runs the guest
+/// again, the LAN comes back to it with those frames handed back, and the client sees its
+/// requests all answered, in order, on its one connection, with no retransmission timeout.
+/// Then, the fault gone, the same VM migrates.
+#[test]
+fn a_rollback_after_the_steer_loses_no_request() {
+    let lab = Lab::up("swrb", 2);
+    let id = lab.create_vm("rb", "h1", "10.78.0.121", "52:54:00:7e:02:02", 256, "", &[]);
+    let stats_addr = "10.78.0.121:7000";
+    let before = lab.guest_stats(stats_addr);
+    let generation = |lab: &Lab| {
+        let vm: Value = lab.tern_json(&["vm", "show", "rb"]);
+        vm["generation"].as_u64().expect("generation")
+    };
+    let gen_before = generation(&lab);
+    restart_center(&lab, Some("after-steer"));
+    let tcp_before = client_tcp_counters(&lab);
+    let client = lab.spawn_rr_client("10.78.0.121:7001", stats_addr, 2000);
+    let mut pauses = Vec::new();
+    for i in 0..3 {
+        let (out, task) = lab.migrate_json(&["rb", "--to", "h2"]);
+        assert!(
+            !out.status.success(),
+            "rollback {i} succeeded: {}",
+            text(&out)
+        );
+        let task = task.unwrap_or_else(|| panic!("no task JSON: {}", text(&out)));
+        assert_eq!(task["result"]["status"], "rolled_back", "{task}");
+        assert!(
+            task["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("fault injected after the steer"),
+            "{task}"
+        );
+        pauses.push(task["result"]["pause_ms"].as_u64().unwrap_or(0));
+        lab.one_copy_on("rb", &id, "h1");
+    }
+    let report = client.finish();
+    let tcp_after = client_tcp_counters(&lab);
+    let after = lab.guest_stats(stats_addr);
+    let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "rb", "--limit", "1000"]);
+    let handed_back: Vec<u64> = events
+        .iter()
+        .filter_map(|e| {
+            count_before(
+                e["message"].as_str()?,
+                "frame(s) that reached h2 after the LAN",
+            )
+        })
+        .collect();
+    let timeouts = tcp_after.get("TCPTimeouts").copied().unwrap_or(-1)
+        - tcp_before.get("TCPTimeouts").copied().unwrap_or(0);
+    eprintln!(
+        "MEASURED 3 rollbacks after the steer: guest paused {pauses:?} ms; frames handed back \
+         {handed_back:?}; client: {} requests, longest wait {} ms, retransmits {}; TCP \
+         timeouts {timeouts}; guest: {}",
+        report["requests"], report["longest_wait_ms"], report["retransmits"], after["rr"]
+    );
+    // The same guest, never restarted, on its source, at the generation it had.
+    assert_eq!(after["boot_id"], before["boot_id"]);
+    assert_eq!(generation(&lab), gen_before);
+    // Every request answered, in order, on the one connection.
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(after["rr"]["connections"], 1, "{after}");
+    assert_eq!(
+        after["rr"]["requests"], report["requests"],
+        "{after} {report}"
+    );
+    for k in ["lost", "repeated", "malformed"] {
+        assert_eq!(after["rr"][k], 0, "{k}: {after}");
+    }
+    // Each rollback said what it took back from the destination's taps.
+    assert_eq!(
+        handed_back.len(),
+        3,
+        "one hand-back event per rollback: {events:#?}"
+    );
+    // No request waited for TCP's retransmission timer (unless a pause itself came near it).
+    let long_pauses = pauses.iter().filter(|p| **p > 150).count() as i64;
+    assert!(
+        (0..=long_pauses).contains(&timeouts),
+        "{timeouts} retransmission timeouts with {long_pauses} pause(s) over 150 ms"
+    );
+    // Without the fault, the same VM moves.
+    restart_center(&lab, None);
+    let (out, task) = lab.migrate_json(&["rb", "--to", "h2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(task.expect("task")["result"]["status"], "completed");
+    lab.one_copy_on("rb", &id, "h2");
+    lab.down();
+}

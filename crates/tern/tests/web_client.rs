@@ -117,6 +117,20 @@ fn unbounded_listings(b: &Browser) -> Vec<String> {
         .collect()
 }
 
+/// Fails on any error the page logged (a failed request logs one).
+fn no_console_errors(b: &Browser) {
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// Ends a test: the browser, `tern ui` and the lab go.
+fn shut(b: Browser, mut ui: std::process::Child, lab: Lab) {
+    drop(b);
+    let _ = ui.kill();
+    let _ = ui.wait();
+    lab.down();
+}
+
 #[test]
 fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     let lab = Lab::up("web", 2);
@@ -132,7 +146,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     let viewer: Value = lab.tern_json(&["token", "create", "vera", "--role", "viewer"]);
     let viewer = viewer["token"].as_str().expect("token").to_string();
 
-    let (mut ui, base) = open_ui(&lab);
+    let (ui, base) = open_ui(&lab);
     let shots = shots_dir();
     let migrations_before = completed_migrations(&lab);
     let b = Browser::start();
@@ -437,8 +451,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     assert_eq!(status, 403, "{body}");
     // Nothing failed in the page after sign-in: no script error, no failed request, and no
     // listing asked for without a page size.
-    let errors = b.console_errors();
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    no_console_errors(&b);
     assert_eq!(unbounded_listings(&b), Vec::<String>::new());
     // The accessibility check can fail: a page with an unlabelled image and input does.
     b.goto("data:text/html,<html><body><img src='x.png'><input type='text'></body></html>");
@@ -447,10 +460,7 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
         found.iter().any(|v| v["id"] == "image-alt"),
         "axe-core missed an image without alt text: {found:?}"
     );
-    drop(b);
-    let _ = ui.kill();
-    let _ = ui.wait();
-    lab.down();
+    shut(b, ui, lab);
 }
 
 /// The inventory of a large center: 1,000 hosts and 20,000 VMs seeded into the store. The
@@ -461,7 +471,7 @@ fn a_thousand_hosts_and_twenty_thousand_vms_render_in_pages_and_search() {
     let lab = Lab::up("webscale", 1);
     let seeded = lab.lab_cmd(&["lab", "seed", "--hosts", "1000", "--vms", "20000"]);
     assert!(seeded.status.success(), "{}", common::text(&seeded));
-    let (mut ui, base) = open_ui(&lab);
+    let (ui, base) = open_ui(&lab);
     let shots = shots_dir();
     let b = Browser::start();
     sign_in(&b, &base, &lab.token(), "admin");
@@ -504,12 +514,8 @@ fn a_thousand_hosts_and_twenty_thousand_vms_render_in_pages_and_search() {
         t.contains("Nothing matches")
     });
     assert_eq!(unbounded_listings(&b), Vec::<String>::new());
-    let errors = b.console_errors();
-    assert!(errors.is_empty(), "console errors: {errors:?}");
-    drop(b);
-    let _ = ui.kill();
-    let _ = ui.wait();
-    lab.down();
+    no_console_errors(&b);
+    shut(b, ui, lab);
 }
 
 /// DRS from the cluster page: h1 runs two VMs burning CPU, h2 none; the page lists the
@@ -533,7 +539,7 @@ fn drs_recommendations_show_and_apply_from_the_cluster_page() {
     ] {
         lab.create_vm(name, "h1", ip, mac, 128, "tern.burn=90", &[]);
     }
-    let (mut ui, base) = open_ui(&lab);
+    let (ui, base) = open_ui(&lab);
     let shots = shots_dir();
     let b = Browser::start();
     sign_in(&b, &base, &lab.token(), "admin");
@@ -592,10 +598,6 @@ fn drs_recommendations_show_and_apply_from_the_cluster_page() {
         std::thread::sleep(Duration::from_millis(100));
     }
     view(&b, &shots, "drs-applied");
-    let errors = b.console_errors();
-    assert!(errors.is_empty(), "console errors: {errors:?}");
-    drop(b);
-    let _ = ui.kill();
-    let _ = ui.wait();
-    lab.down();
+    no_console_errors(&b);
+    shut(b, ui, lab);
 }

@@ -213,27 +213,36 @@ impl Mig {
 
     /// Before the commit: cancel on the source (the guest runs there as before), remove the
     /// destination, record why.
+    ///
+    /// The guest may be paused at the source (a switchover got this far): it runs again
+    /// before anything is written to the store; the events of these steps are held until then.
     pub(super) async fn rollback(&self, why: &Abort) {
-        self.flush_held().await;
         let touched = self.incoming_attempted || self.outgoing_attempted;
         if touched {
-            self.event(EventLevel::Warning, format!("rolling back: {why}"))
-                .await;
+            self.hold(EventLevel::Warning, format!("rolling back: {why}"));
         }
         let mut ok = true;
         let handed_back = self.take_back_steered_frames().await;
+        let mut undone = Ok(());
         if self.outgoing_attempted {
-            if let Err(e) = undo_source(&self.app, &self.source, self.vm.id, handed_back).await {
-                ok = false;
-                self.event(
-                    EventLevel::Error,
-                    format!(
-                        "could not make {} run the guest again yet: {e}",
-                        self.source.name
-                    ),
-                )
-                .await;
-            }
+            undone = undo_source(&self.app, &self.source, self.vm.id, handed_back).await;
+        }
+        // How long the guest was paused, when a switchover had paused it.
+        let pause_ms = self
+            .pause_started
+            .filter(|_| undone.is_ok())
+            .map(|t| t.elapsed().as_millis() as u64);
+        self.flush_held().await;
+        if let Err(e) = undone {
+            ok = false;
+            self.event(
+                EventLevel::Error,
+                format!(
+                    "could not make {} run the guest again yet: {e}",
+                    self.source.name
+                ),
+            )
+            .await;
         }
         // The destination goes only once the source runs the guest again: a source that
         // refused (its migration went post-copy after all) leaves the destination holding
@@ -263,10 +272,10 @@ impl Mig {
             }
         }
         // Only a migration that got as far as its settings has figures worth a result.
-        let result = self
-            .settings
-            .is_some()
-            .then(|| self.result(MigrationOutcome::RolledBack, Some(why.to_string())));
+        let result = self.settings.is_some().then(|| MigrationResult {
+            pause_ms,
+            ..self.result(MigrationOutcome::RolledBack, Some(why.to_string()))
+        });
         let state = match why {
             Abort::Cancelled => TaskState::Cancelled,
             Abort::Failed(_) => TaskState::Failed,
@@ -313,20 +322,20 @@ impl Mig {
             return Vec::new();
         }
         let (src, dst) = (self.app.agent(&self.source), self.app.agent(&self.dest));
+        // Held, not written: the guest is paused at the source until the rollback resumes it.
         if let Err(e) = src.migration_steer(self.vm.id).await {
-            self.event(
+            self.hold(
                 EventLevel::Warning,
                 format!(
                     "{} could not steer the LAN back to itself ({e}); the guest announces \
                      itself when it resumes",
                     self.source.name
                 ),
-            )
-            .await;
+            );
         }
         match dst.migration_frames(self.vm.id).await {
             Ok(q) => {
-                self.event(
+                self.hold(
                     EventLevel::Info,
                     format!(
                         "{} frame(s) that reached {} after the LAN was steered there handed \
@@ -339,20 +348,18 @@ impl Mig {
                         q.skipped_foreign,
                         q.skipped_over_limit
                     ),
-                )
-                .await;
+                );
                 q.frames
             }
             Err(e) => {
-                self.event(
+                self.hold(
                     EventLevel::Warning,
                     format!(
                         "the frames queued at {} could not be handed back ({e}); their senders \
                          retransmit them",
                         self.dest.name
                     ),
-                )
-                .await;
+                );
                 Vec::new()
             }
         }

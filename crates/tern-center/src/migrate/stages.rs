@@ -68,6 +68,14 @@ impl Mig {
                 self.stage_commit_after_postcopy().await;
                 Ok(Finished::Committed(done))
             }
+            Switched::Whole(_)
+                if self.app.config.inject_fault == Some(crate::config::FaultPoint::AfterSteer) =>
+            {
+                Err(Abort::Failed(
+                    "fault injected after the steer (--inject-fault after-steer): rolling back"
+                        .into(),
+                ))
+            }
             Switched::Whole(done) => {
                 // The guest is paused: the commit is the one store write it waits for (no
                 // progress line first). Meanwhile the source gives up the frames its taps
