@@ -1,6 +1,5 @@
 //! Fills [`crate::history`] each `history_period_ms`: every connected host's load and every
-//! cluster's DRS imbalance; and gives freed heap memory back each period (see
-//! [`crate::memory`]).
+//! cluster's DRS imbalance.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +37,6 @@ pub async fn sampler(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = sample(&app, period).await {
             tracing::warn!("history: {e}");
         }
-        crate::memory::trim();
     }
 }
 

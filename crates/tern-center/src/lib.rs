@@ -31,7 +31,6 @@ pub mod images;
 pub mod init;
 pub mod inventory;
 pub mod maintenance;
-pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod migration_slots;
