@@ -39,6 +39,20 @@ instead of '-'; a flag given on the command line wins over the file. Example:
     socket = \"/run/tern/center.sock\"
     heartbeat_timeout_ms = 10000
 
+    [health]                # when a host's health signals degrade it (these are the defaults)
+    memory_uncorrected = 1  # uncorrected memory errors (EDAC), since the center first saw it
+    memory_corrected = 10
+    machine_checks = 1
+    disk_errors = 1
+    nic_errors = 100
+    qemu_crashes = 3
+    disconnections = 3
+    steal_percent = 25.0    # CPU steal above this, and steal_margin points above its peers,
+    steal_margin = 20.0     # for pressure_s seconds
+    run_queue = 4.0         # runnable tasks per core, likewise
+    run_queue_margin = 2.0
+    pressure_s = 120
+
 Tokens: the admin token (--admin-token-file, created with a random token if missing) is the
 first user's; read it on the center host, set TERN_TOKEN to it, and create a named token per
 user with a role (tern token create NAME --role viewer|operator|admin). Hosts join with a
@@ -153,6 +167,12 @@ pub struct CenterArgs {
     )]
     #[serde(default)]
     pub inject_fault: Option<FaultPoint>,
+
+    /// When a host's health signals degrade it (config file only: a `[health]` table; see
+    /// tern center --help).
+    #[arg(skip)]
+    #[serde(default)]
+    pub health: Option<crate::health::Limits>,
 }
 
 /// Where `--inject-fault` makes migrations fail.
@@ -165,7 +185,7 @@ pub enum FaultPoint {
 }
 
 /// The center's settings, every default filled in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CenterConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
@@ -185,6 +205,8 @@ pub struct CenterConfig {
     pub cert_lifetime_s: u64,
     /// See [`CenterArgs::inject_fault`].
     pub inject_fault: Option<FaultPoint>,
+    /// When health signals degrade a host.
+    pub health_limits: crate::health::Limits,
 }
 
 impl CenterConfig {
@@ -208,6 +230,7 @@ impl CenterConfig {
             tls_names: Vec::new(),
             cert_lifetime_s: DEFAULT_CERT_LIFETIME_S,
             inject_fault: None,
+            health_limits: crate::health::LIMITS,
             data_dir,
         }
     }
@@ -260,6 +283,9 @@ impl CenterConfig {
             cfg.cert_lifetime_s = s;
         }
         cfg.inject_fault = args.inject_fault.or(file.inject_fault);
+        if let Some(l) = file.health {
+            cfg.health_limits = l;
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -289,6 +315,7 @@ impl CenterConfig {
         if self.datastore_check_ms < 100 {
             bail!("datastore_check_ms must be at least 100 (default {DEFAULT_DATASTORE_CHECK_MS})");
         }
+        self.health_limits.check().map_err(anyhow::Error::msg)?;
         if self.history_period_ms < 100 {
             bail!("history_period_ms must be at least 100 (default {DEFAULT_HISTORY_PERIOD_MS})");
         }
@@ -411,6 +438,39 @@ mod tests {
         std::fs::write(&file, "listn = \"127.0.0.1:9000\"\n").unwrap();
         let err = CenterConfig::from_args(&args).unwrap_err();
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
+    }
+
+    #[test]
+    fn health_limits_come_from_the_file_and_absurd_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("center.toml");
+        let args = CenterArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        std::fs::write(&file, "[health]\nmemory_corrected = 50\npressure_s = 300\n").unwrap();
+        let cfg = CenterConfig::from_args(&args).unwrap();
+        assert_eq!(cfg.health_limits.memory_corrected, 50);
+        assert_eq!(cfg.health_limits.pressure_s, 300);
+        // The rest keep their defaults.
+        assert_eq!(
+            cfg.health_limits.memory_uncorrected,
+            crate::health::LIMITS.memory_uncorrected
+        );
+        assert_eq!(
+            CenterConfig::with_data_dir("/x").health_limits,
+            crate::health::LIMITS
+        );
+        for (bad, says) in [
+            ("[health]\nmachine_checks = 0\n", "machine_checks = 0"),
+            ("[health]\nsteal_percent = 150.0\n", "steal_percent"),
+            ("[health]\npressure_s = 1\n", "pressure_s"),
+            ("[health]\nmemory_correctd = 5\n", "memory_correctd"),
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let err = CenterConfig::from_args(&args).unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{bad}: {err:#}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! nothing, so a restarted center does not re-degrade a repaired host, and a counter that goes
 //! down (a reboot reset it) becomes the new baseline.
 //!
-//! The limits are fixed for now (see [`LIMITS`]): an uncorrected memory error, a machine
+//! The default limits ([`LIMITS`]; the config file's `[health]` table sets others): an
+//! uncorrected memory error, a machine
 //! check or a disk I/O error degrade at once; corrected memory errors and NIC errors only in
 //! numbers; CPU pressure only when the host stands out from the others of its cluster for
 //! two minutes (pressure that every host shares is not fixed by moving VMs around).
@@ -24,8 +25,10 @@ use crate::app::{lock, App, HealthTracker as Tracker};
 use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, Tx};
 
-/// When a signal degrades a host.
-#[derive(Debug, Clone, Copy)]
+/// When a signal degrades a host: the defaults are [`LIMITS`]; the center's config file may
+/// set any of them in a `[health]` table.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub memory_uncorrected: u64,
     pub memory_corrected: u64,
@@ -59,6 +62,54 @@ pub const LIMITS: Limits = Limits {
     run_queue_margin: 2.0,
     pressure_s: 120,
 };
+
+impl Default for Limits {
+    fn default() -> Limits {
+        LIMITS
+    }
+}
+
+impl Limits {
+    /// Refuses limits that would degrade every host, or none.
+    pub fn check(&self) -> Result<(), String> {
+        let counters = [
+            ("memory_uncorrected", self.memory_uncorrected),
+            ("memory_corrected", self.memory_corrected),
+            ("machine_checks", self.machine_checks),
+            ("disk_errors", self.disk_errors),
+            ("nic_errors", self.nic_errors),
+            ("qemu_crashes", self.qemu_crashes),
+            ("disconnections", self.disconnections),
+        ];
+        for (name, v) in counters {
+            if v == 0 {
+                return Err(format!(
+                    "[health] {name} = 0 would degrade every host: give 1 or more"
+                ));
+            }
+        }
+        let shares = [
+            ("steal_percent", self.steal_percent, 100.0),
+            ("steal_margin", self.steal_margin, 100.0),
+            ("run_queue", self.run_queue, 1000.0),
+            ("run_queue_margin", self.run_queue_margin, 1000.0),
+        ];
+        for (name, v, max) in shares {
+            if !(v.is_finite() && v > 0.0 && v <= max) {
+                return Err(format!(
+                    "[health] {name} = {v} is out of range: give 0 < x <= {max}"
+                ));
+            }
+        }
+        if !(10..=86_400).contains(&self.pressure_s) {
+            return Err(format!(
+                "[health] pressure_s = {} is out of range: give 10 to 86400 seconds",
+                self.pressure_s
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl Tracker {
     fn new(cluster: Uuid, first: HealthReport) -> Tracker {
@@ -251,7 +302,7 @@ pub fn on_heartbeat(
             .map(|(_, o)| o.last.clone())
             .collect();
         let t = trackers.get_mut(&host.id).expect("inserted above");
-        assess(t, &others, &LIMITS, now)
+        assess(t, &others, &app.config.health_limits, now)
     };
     let mode = tx.drs_settings(host.cluster_id)?.proactive;
     let mut health = host.health.clone();
@@ -500,6 +551,30 @@ mod tests {
         // A restore starts over from the values now.
         t.rebase();
         assert!(assess(&mut t, &[], &LIMITS, now).is_empty());
+    }
+
+    #[test]
+    fn the_configured_limits_decide() {
+        let now = Utc::now();
+        let lenient = Limits {
+            memory_corrected: 50,
+            ..LIMITS
+        };
+        let mut t = Tracker::new(Uuid::nil(), report(0, 0));
+        t.observe(&report(0, 20));
+        // 20 corrected errors degrade by default, not under a limit of 50.
+        assert_eq!(
+            signals(&assess(&mut t, &[], &LIMITS, now)),
+            vec![HealthSignal::MemoryCorrected]
+        );
+        let mut t = Tracker::new(Uuid::nil(), report(0, 0));
+        t.observe(&report(0, 20));
+        assert!(assess(&mut t, &[], &lenient, now).is_empty());
+        t.observe(&report(0, 50));
+        assert_eq!(
+            signals(&assess(&mut t, &[], &lenient, now)),
+            vec![HealthSignal::MemoryCorrected]
+        );
     }
 
     #[test]
