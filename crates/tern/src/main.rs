@@ -255,7 +255,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 sub: Some(CenterSub::Init(a)),
                 ..
             }) => cmd::install::center_init(a, output),
-            Command::Host(HostCommand::Join(a)) => cmd::install::host_join(*a, output),
+            Command::Host(HostCommand::Join(a)) => cmd::install::host_join(*a, output).await,
             Command::Host(HostCommand::Agent(a)) => {
                 tern_host::run(*a).await.map_err(CliError::from)
             }

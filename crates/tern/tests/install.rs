@@ -1,6 +1,7 @@
 //! Installing tern the way its packages do: `tern center init` and `tern host join` write
 //! configs a real center and a real agent start from and connect with (TLS, the join token's
-//! CA fingerprint); both refuse to overwrite a machine already set up and refuse bad input;
+//! CA fingerprint); join checks the center against the token first; both refuse to overwrite
+//! a machine already set up and refuse bad input;
 //! `scripts/package.sh` builds the three .debs with the binary, the systemd units (verified
 //! by systemd-analyze, the center's sandbox scored) and the config files as conffiles.
 
@@ -206,6 +207,31 @@ fn init_and_join_make_a_center_and_a_host_that_connect() {
         let out = run_join(center, token);
         assert_eq!(out.status.code(), Some(2), "{}", text(&out));
         assert!(text(&out).contains(why), "{}", text(&out));
+        assert!(
+            !host_conf.exists(),
+            "a refused join wrote {}",
+            host_conf.display()
+        );
+    }
+    // Another center's token (its CA's fingerprint differs), and a wrong port: the join
+    // checks the center first and says so, writing nothing.
+    let last = token.chars().last().expect("a fingerprint");
+    let other_ca = format!(
+        "{}{}",
+        &token[..token.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    );
+    for (center, token) in [
+        (center_url.as_str(), other_ca.as_str()),
+        (&format!("https://{ip}:8799"), token.as_str()),
+    ] {
+        let out = run_join(center, token);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            text(&out).contains("did not answer over TLS with the cluster CA"),
+            "{}",
+            text(&out)
+        );
         assert!(
             !host_conf.exists(),
             "a refused join wrote {}",

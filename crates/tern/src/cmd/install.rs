@@ -88,6 +88,55 @@ pub struct HostJoinArgs {
     /// Do not enable tern-host.service.
     #[arg(long)]
     no_enable: bool,
+    /// Write the config without first checking that the center answers with the CA the token
+    /// names (a machine prepared before its center is up).
+    #[arg(long)]
+    offline: bool,
+}
+
+/// Asks the center for its API document (no token needed) over TLS that trusts only the CA
+/// the join token names: a wrong address, a wrong port or the token of another center is said
+/// now, not in the agent's log later.
+async fn check_center(center: &str, token: &str) -> Result<(), CliError> {
+    let timeout = std::time::Duration::from_secs(5);
+    let endpoint = tern_api::Endpoint::Tcp(center.to_string());
+    let client = match tern_api::center::join_token_ca(token) {
+        Some(fp) => {
+            let ca: tern_pki::Fingerprint = fp
+                .parse()
+                .map_err(|e| CliError::usage(format!("the token's CA fingerprint: {e}")))?;
+            let tls = tern_pki::tls::client_config(
+                &tern_pki::tls::ServerTrust::Pinned {
+                    ca,
+                    name: tern_pki::CENTER_NAME.into(),
+                },
+                None,
+            )
+            .map_err(|e| CliError::failed(format!("TLS settings: {e}")))?;
+            tern_api::ApiClient::with_tls(endpoint, "", timeout, tls)
+        }
+        None => tern_api::ApiClient::with_timeout(endpoint, "", timeout),
+    }
+    .map_err(|e| CliError::failed(format!("a client for {center}: {e}")))?;
+    match client.get::<serde_json::Value>("/openapi.json").await {
+        Ok(_) => Ok(()),
+        Err(tern_api::ApiError::Transport { .. }) if token_has_ca(token) => {
+            Err(CliError::failed(format!(
+                "the center at {center} did not answer over TLS with the cluster CA this token \
+                 names (sha256 {}): check the address and port, and that the token comes from \
+                 that center's `tern host add` (or give --offline to write the config anyway)",
+                tern_api::center::join_token_ca(token).unwrap_or_default()
+            )))
+        }
+        Err(e) => Err(CliError::failed(format!(
+            "cannot check the center at {center}: {e} (give --offline to write the config \
+             anyway)"
+        ))),
+    }
+}
+
+fn token_has_ca(token: &str) -> bool {
+    tern_api::center::join_token_ca(token).is_some()
 }
 
 fn path_text(p: &Path) -> Result<String, CliError> {
@@ -268,7 +317,7 @@ fn chown_tree(dir: &Path, user: &nix::unistd::User) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn host_join(a: HostJoinArgs, fmt: Format) -> Result<(), CliError> {
+pub async fn host_join(a: HostJoinArgs, fmt: Format) -> Result<(), CliError> {
     let center = a.center.trim_end_matches('/').to_string();
     let https = center.starts_with("https://");
     let authority = center
@@ -312,6 +361,9 @@ pub fn host_join(a: HostJoinArgs, fmt: Format) -> Result<(), CliError> {
         }
     }
     refuse_configured(&a.config)?;
+    if !a.offline {
+        check_center(&center, &token).await?;
+    }
     let token_file = a
         .config
         .parent()
