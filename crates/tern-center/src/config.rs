@@ -172,7 +172,7 @@ pub struct CenterArgs {
     /// tern center --help).
     #[arg(skip)]
     #[serde(default)]
-    pub health: Option<crate::health::Limits>,
+    pub health: Option<HealthLimits>,
 }
 
 /// Where `--inject-fault` makes migrations fail.
@@ -206,7 +206,7 @@ pub struct CenterConfig {
     /// See [`CenterArgs::inject_fault`].
     pub inject_fault: Option<FaultPoint>,
     /// When health signals degrade a host.
-    pub health_limits: crate::health::Limits,
+    pub health_limits: HealthLimits,
 }
 
 impl CenterConfig {
@@ -230,7 +230,7 @@ impl CenterConfig {
             tls_names: Vec::new(),
             cert_lifetime_s: DEFAULT_CERT_LIFETIME_S,
             inject_fault: None,
-            health_limits: crate::health::LIMITS,
+            health_limits: DEFAULT_HEALTH_LIMITS,
             data_dir,
         }
     }
@@ -399,6 +399,92 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// When a health signal degrades a host: the defaults are [`DEFAULT_HEALTH_LIMITS`]; the center's config file may
+/// set any of them in a `[health]` table.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthLimits {
+    pub memory_uncorrected: u64,
+    pub memory_corrected: u64,
+    pub machine_checks: u64,
+    pub disk_errors: u64,
+    pub nic_errors: u64,
+    pub qemu_crashes: u64,
+    /// Disconnections (heartbeats missing for the whole timeout) since the baseline.
+    pub disconnections: u64,
+    /// Steal above this percent, and this many points above the cluster's other hosts.
+    pub steal_percent: f64,
+    pub steal_margin: f64,
+    /// Run queue per core above this, and this much above the cluster's other hosts.
+    pub run_queue: f64,
+    pub run_queue_margin: f64,
+    /// How long the pressure must last.
+    pub pressure_s: i64,
+}
+
+pub const DEFAULT_HEALTH_LIMITS: HealthLimits = HealthLimits {
+    memory_uncorrected: 1,
+    memory_corrected: 10,
+    machine_checks: 1,
+    disk_errors: 1,
+    nic_errors: 100,
+    qemu_crashes: 3,
+    disconnections: 3,
+    steal_percent: 25.0,
+    steal_margin: 20.0,
+    run_queue: 4.0,
+    run_queue_margin: 2.0,
+    pressure_s: 120,
+};
+
+impl Default for HealthLimits {
+    fn default() -> HealthLimits {
+        DEFAULT_HEALTH_LIMITS
+    }
+}
+
+impl HealthLimits {
+    /// Refuses limits that would degrade every host, or none.
+    pub fn check(&self) -> Result<(), String> {
+        let counters = [
+            ("memory_uncorrected", self.memory_uncorrected),
+            ("memory_corrected", self.memory_corrected),
+            ("machine_checks", self.machine_checks),
+            ("disk_errors", self.disk_errors),
+            ("nic_errors", self.nic_errors),
+            ("qemu_crashes", self.qemu_crashes),
+            ("disconnections", self.disconnections),
+        ];
+        for (name, v) in counters {
+            if v == 0 {
+                return Err(format!(
+                    "[health] {name} = 0 would degrade every host: give 1 or more"
+                ));
+            }
+        }
+        let shares = [
+            ("steal_percent", self.steal_percent, 100.0),
+            ("steal_margin", self.steal_margin, 100.0),
+            ("run_queue", self.run_queue, 1000.0),
+            ("run_queue_margin", self.run_queue_margin, 1000.0),
+        ];
+        for (name, v, max) in shares {
+            if !(v.is_finite() && v > 0.0 && v <= max) {
+                return Err(format!(
+                    "[health] {name} = {v} is out of range: give 0 < x <= {max}"
+                ));
+            }
+        }
+        if !(10..=86_400).contains(&self.pressure_s) {
+            return Err(format!(
+                "[health] pressure_s = {} is out of range: give 10 to 86400 seconds",
+                self.pressure_s
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,11 +541,11 @@ mod tests {
         // The rest keep their defaults.
         assert_eq!(
             cfg.health_limits.memory_uncorrected,
-            crate::health::LIMITS.memory_uncorrected
+            DEFAULT_HEALTH_LIMITS.memory_uncorrected
         );
         assert_eq!(
             CenterConfig::with_data_dir("/x").health_limits,
-            crate::health::LIMITS
+            DEFAULT_HEALTH_LIMITS
         );
         for (bad, says) in [
             ("[health]\nmachine_checks = 0\n", "machine_checks = 0"),

@@ -26,11 +26,28 @@ impl Drop for Daemon {
 }
 
 fn spawn(args: &[&str], log: &Path) -> Daemon {
+    spawn_as(None, &tern_exe(), args, log)
+}
+
+/// Runs `exe ARGS` as `user` (through util-linux's setpriv), or as this test's user.
+fn spawn_as(user: Option<(&str, &str)>, exe: &Path, args: &[&str], log: &Path) -> Daemon {
     let log = std::fs::File::create(log).expect("log file");
     let err = log.try_clone().expect("log file");
+    let mut c = match user {
+        Some((u, g)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={u}"),
+                &format!("--regid={g}"),
+                "--clear-groups",
+            ])
+            .arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     Daemon(
-        Command::new(tern_exe())
-            .args(args)
+        c.args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -85,7 +102,12 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Option<Stri
 
 #[test]
 fn init_and_join_make_a_center_and_a_host_that_connect() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    // /var/tmp (1777, as every Debian has it) rather than $TMPDIR, which may be closed to the
+    // center's unprivileged user.
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    // The center runs as an unprivileged user (as the package's `tern`): it must reach its
+    // files through the test's directory.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let etc = tmp.path().join("etc/tern");
     let data = tmp.path().join("var/center");
     let state = tmp.path().join("var/host");
@@ -107,14 +129,24 @@ fn init_and_join_make_a_center_and_a_host_that_connect() {
         args.extend(rest);
         tern(&args, &[])
     };
-    let out = init(&[]);
+    let out = init(&["--user", "nobody"]);
     assert!(out.status.success(), "{}", text(&out));
     let made: Value = serde_json::from_slice(&out.stdout).expect("init's JSON");
+    assert_eq!(made["user"], "nobody", "{made}");
     let admin_file = PathBuf::from(made["admin_token_file"].as_str().expect("token file"));
     let fingerprint = made["ca_fingerprint"].as_str().expect("a CA").to_string();
     assert_eq!(fingerprint.len(), 64, "{made}");
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&admin_file), 0o600);
+    use std::os::unix::fs::MetadataExt;
+    for p in [&data, &admin_file, &data.join("center.db")] {
+        assert_eq!(
+            std::fs::metadata(p).expect("metadata").uid(),
+            65534,
+            "{}",
+            p.display()
+        );
+    }
     let written = std::fs::read_to_string(&center_conf).expect("center.toml");
     assert!(
         written.contains(&format!("listen = \"{listen}\"")),
@@ -129,9 +161,23 @@ fn init_and_join_make_a_center_and_a_host_that_connect() {
         written
     );
 
-    // The center runs from that config alone.
+    // The center runs from that config alone, and without root.
+    let run = socket.parent().expect("run dir");
+    std::fs::create_dir_all(run).expect("run dir");
+    nix::unistd::chown(run, Some(65534.into()), Some(65534.into())).expect("chown run dir");
+    // A copy of the binary it may run wherever the build lives (a checkout under /root is
+    // closed to other users).
+    let exe = tmp.path().join("bin/tern");
+    std::fs::create_dir_all(exe.parent().expect("bin")).expect("bin dir");
+    std::fs::copy(tern_exe(), &exe).expect("copy tern");
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let center_log = tmp.path().join("center.log");
-    let _center = spawn(&["center", "--config", &s(&center_conf)], &center_log);
+    let center = spawn_as(
+        Some(("nobody", "nogroup")),
+        &exe,
+        &["center", "--config", &s(&center_conf)],
+        &center_log,
+    );
     let admin = std::fs::read_to_string(&admin_file).expect("admin token");
     let admin = admin.trim().to_string();
     wait_until(
@@ -145,6 +191,16 @@ fn init_and_join_make_a_center_and_a_host_that_connect() {
             (status != 200).then(|| format!("{status} {body}"))
         },
         &center_log,
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", center.0.id()))
+        .expect("the center's status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default();
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid}"
     );
     let center_env = [
         ("TERN_CENTER", format!("unix:{}", s(&socket))),

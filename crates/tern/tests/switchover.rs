@@ -40,6 +40,21 @@ fn count_before(text: &str, marker: &str) -> Option<u64> {
     head.split_whitespace().last()?.parse().ok()
 }
 
+/// Every request the client sent was answered, in order, on its one connection, by the same
+/// guest (never restarted): the client's `report` and the guest's stats `before` and `after`.
+fn all_answered_by_the_same_guest(report: &Value, before: &Value, after: &Value) {
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(after["boot_id"], before["boot_id"]);
+    assert_eq!(after["rr"]["connections"], 1, "{after}");
+    assert_eq!(
+        after["rr"]["requests"], report["requests"],
+        "{after} {report}"
+    );
+    for k in ["lost", "repeated", "malformed"] {
+        assert_eq!(after["rr"][k], 0, "{k}: {after}");
+    }
+}
+
 #[test]
 fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
     let lab = Lab::up("swo", 2);
@@ -128,17 +143,7 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         after["rr"]
     );
 
-    // Every request answered, in order, on the one connection, by the same guest.
-    assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(after["boot_id"], before["boot_id"]);
-    assert_eq!(after["rr"]["connections"], 1, "{after}");
-    assert_eq!(
-        after["rr"]["requests"], report["requests"],
-        "{after} {report}"
-    );
-    for k in ["lost", "repeated", "malformed"] {
-        assert_eq!(after["rr"][k], 0, "{k}: {after}");
-    }
+    all_answered_by_the_same_guest(&report, &before, &after);
     // Each migration said what it handed over; with a request every ms, some reached a
     // stopped source before the LAN was steered, and were delivered at the destination.
     assert_eq!(
@@ -281,19 +286,9 @@ fn a_rollback_after_the_steer_loses_no_request() {
          timeouts {timeouts}; guest: {}",
         report["requests"], report["longest_wait_ms"], report["retransmits"], after["rr"]
     );
-    // The same guest, never restarted, on its source, at the generation it had.
-    assert_eq!(after["boot_id"], before["boot_id"]);
+    // The same guest on its source, at the generation it had, answered every request.
     assert_eq!(generation(&lab), gen_before);
-    // Every request answered, in order, on the one connection.
-    assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(after["rr"]["connections"], 1, "{after}");
-    assert_eq!(
-        after["rr"]["requests"], report["requests"],
-        "{after} {report}"
-    );
-    for k in ["lost", "repeated", "malformed"] {
-        assert_eq!(after["rr"][k], 0, "{k}: {after}");
-    }
+    all_answered_by_the_same_guest(&report, &before, &after);
     // Each rollback said what it took back from the destination's taps.
     assert_eq!(
         handed_back.len(),
