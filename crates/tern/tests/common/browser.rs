@@ -207,10 +207,22 @@ impl Browser {
 
     /// Waits until element `css` exists and its text satisfies `ok`; returns the text.
     pub fn wait_text(&self, css: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+        self.wait_value(css, timeout, || self.text(css), ok)
+    }
+
+    /// Waits until `read` gives a value that satisfies `ok`; returns it. `what` names the
+    /// value in the failure message.
+    fn wait_value(
+        &self,
+        what: &str,
+        timeout: Duration,
+        read: impl Fn() -> Option<String>,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
-            if let Some(t) = self.text(css) {
+            if let Some(t) = read() {
                 if ok(&t) {
                     return t;
                 }
@@ -218,7 +230,7 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{css}: not as expected within {timeout:?}; last text {last:?}; page:\n{}",
+                    "{what}: not as expected within {timeout:?}; last {last:?}; page:\n{}",
                     self.page_text()
                 );
             }
@@ -243,23 +255,8 @@ impl Browser {
         timeout: Duration,
         ok: impl Fn(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut last = None;
-        loop {
-            if let Some(t) = self.attribute(css, name) {
-                if ok(&t) {
-                    return t;
-                }
-                last = Some(t);
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{css} [{name}]: not as expected within {timeout:?}; last {last:?}; page:\n{}",
-                    self.page_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = format!("{css} [{name}]");
+        self.wait_value(&what, timeout, || self.attribute(css, name), ok)
     }
 
     /// Waits until `css` selects an element; returns its id.
@@ -276,10 +273,20 @@ impl Browser {
         }
     }
 
+    /// Clicks the element `css` selects. A live page may rebuild it between finding and
+    /// clicking (the driver then calls the element stale): it is found again.
     pub fn click(&self, css: &str) {
-        let id = self.wait_for(css, Duration::from_secs(10));
-        self.cmd("POST", &format!("/element/{id}/click"), Some(json!({})))
-            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let id = self.wait_for(css, Duration::from_secs(10));
+            match self.cmd("POST", &format!("/element/{id}/click"), Some(json!({}))) {
+                Ok(_) => return,
+                Err(e) if e.contains("stale element reference") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
     }
 
     pub fn type_into(&self, css: &str, text: &str) {
