@@ -16,7 +16,10 @@ pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2
   # The PostgreSQL test's client.
   postgresql-client
   # The web client's tests: a real, headless browser and its WebDriver.
-  chromium chromium-driver)
+  chromium chromium-driver
+  # HA mode: etcd for the lab's three-member store, and protoc (with its well-known types)
+  # for the etcd client's generated gRPC code.
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 
 # The web client test's accessibility check: axe-core from npm, pinned, cached per version.
 axe_version=4.14.1

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +65,9 @@ impl std::fmt::Display for Endpoint {
 pub struct HttpPool {
     plain: reqwest::Client,
     tls: Option<Arc<PoolTls>>,
+    /// The caller's HA leader term, sent with every call when above 0 (see
+    /// [`crate::LEADER_TERM_HEADER`]).
+    term: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Debug)]
@@ -97,7 +101,15 @@ impl HttpPool {
                 "(HTTP client)",
             )?,
             tls: None,
+            term: None,
         })
+    }
+
+    /// Calls made through this pool carry the term `term` holds (when above 0), so agents
+    /// refuse a leader that was deposed since.
+    pub fn with_leader_term(mut self, term: Arc<AtomicU64>) -> HttpPool {
+        self.term = Some(term);
+        self
     }
 
     /// A pool for peers that are hosts of the cluster whose CA is `ca_pem`, presenting
@@ -163,6 +175,8 @@ pub struct ApiClient {
     token: String,
     /// Time allowed for each call (connect, send, answer).
     timeout: Duration,
+    /// The HA leader term sent with each call (see [`HttpPool::with_leader_term`]).
+    term: Option<Arc<AtomicU64>>,
 }
 
 impl ApiClient {
@@ -180,6 +194,7 @@ impl ApiClient {
             endpoint: Endpoint::Tcp(url),
             token: token.into(),
             timeout: DEFAULT_TIMEOUT,
+            term: pool.term.clone(),
         }
     }
 
@@ -228,6 +243,7 @@ impl ApiClient {
             endpoint,
             token: token.into(),
             timeout,
+            term: None,
         })
     }
 
@@ -240,15 +256,16 @@ impl ApiClient {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
-        let resp = req
-            .timeout(self.timeout)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| ApiError::Transport {
-                endpoint: self.endpoint.to_string(),
-                source: e,
-            })?;
+        let mut req = req.timeout(self.timeout).bearer_auth(&self.token);
+        if let Some(term) = self.term.as_ref().map(|t| t.load(Ordering::SeqCst)) {
+            if term > 0 {
+                req = req.header(crate::LEADER_TERM_HEADER, term);
+            }
+        }
+        let resp = req.send().await.map_err(|e| ApiError::Transport {
+            endpoint: self.endpoint.to_string(),
+            source: e,
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);

@@ -45,6 +45,14 @@ pub use spec::*;
 /// Header carrying the bearer token on every call (`Authorization: Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";
 
+/// Header of every center → agent call in HA mode: the calling leader's term (a decimal
+/// integer, the etcd revision that elected it). An agent refuses a term below the highest it
+/// has seen, so a deposed leader that wakes up cannot drive it.
+pub const LEADER_TERM_HEADER: &str = "tern-leader-term";
+
+/// Header of a standby center's refusal: the leader's URL, where the change should go.
+pub const LEADER_URL_HEADER: &str = "tern-leader";
+
 /// Default TCP port of `tern center`'s REST API.
 pub const CENTER_PORT: u16 = 8700;
 /// Default TCP port of a `tern host` agent's API.

@@ -260,8 +260,35 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(crate::web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
+        .layer(middleware::from_fn_with_state(app.clone(), leader_gate))
         .layer(middleware::from_fn_with_state(app.clone(), log_request))
         .with_state(app)
+}
+
+/// HA mode: a standby (or a leader still taking over) serves reads from its copy of the
+/// store and refuses every change with 503, naming the leader in the message and in the
+/// `tern-leader` header, so agents and clients go there.
+async fn leader_gate(State(app): AppState, req: Request, next: Next) -> Response {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if reads || app.leadership.writable() {
+        return next.run(req).await;
+    }
+    // Not through ApiErr: a standby refusing is no server error worth a log line.
+    let mut resp = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(ErrorBody {
+            error: app.leadership.refusal(),
+        }),
+    )
+        .into_response();
+    if let Some(url) = app
+        .leadership
+        .leader()
+        .and_then(|l| header::HeaderValue::from_str(&l.url).ok())
+    {
+        resp.headers_mut().insert(tern_api::LEADER_URL_HEADER, url);
+    }
+    resp
 }
 
 async fn log_request(State(app): AppState, req: Request, next: Next) -> Response {

@@ -36,6 +36,7 @@ pub fn status_of(e: &CenterError) -> StatusCode {
         CenterError::Unsatisfiable(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CenterError::Agent(_) => StatusCode::BAD_GATEWAY,
         CenterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        CenterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -122,6 +122,8 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// Host load and DRS imbalance over the last hour, for charts.
     pub history: crate::history::History,
+    /// Whether this center may change anything (always, unless it is an HA standby).
+    pub leadership: Arc<crate::leadership::Leadership>,
 }
 
 impl App {
@@ -152,7 +154,14 @@ impl App {
             drs: DrsState::default(),
             health: Mutex::new(HashMap::new()),
             slots: Arc::default(),
+            leadership: Arc::new(crate::leadership::Leadership::single()),
         }
+    }
+
+    /// The same app with HA mode's standing (see [`crate::leadership`]).
+    pub fn with_leadership(mut self, leadership: Arc<crate::leadership::Leadership>) -> App {
+        self.leadership = leadership;
+        self
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

@@ -168,6 +168,32 @@ pub struct CenterArgs {
     #[serde(default)]
     pub inject_fault: Option<FaultPoint>,
 
+    /// HA mode: an etcd client URL (http://IP:PORT); repeat for each member. Centers given
+    /// the same etcd and prefix share the cluster's state there and elect one leader; the
+    /// others serve reads and refuse changes, naming the leader. Without it the center is
+    /// alone, with its state in DATA_DIR/center.db.
+    #[arg(long = "etcd", value_name = "URL")]
+    #[serde(default)]
+    pub etcd: Vec<String>,
+
+    /// HA mode: the key prefix of this tern cluster in etcd [default: /tern].
+    #[arg(long, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+
+    /// HA mode: this center's name in the group, unique [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub ha_name: Option<String>,
+
+    /// HA mode: the URL of this center's API that standbys and agents are told while it
+    /// leads [default: https://LISTEN].
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+
+    /// HA mode: the leader's lease in seconds: a leader that cannot renew it for two thirds
+    /// of this stops, and another takes over after it expires [default: 15].
+    #[arg(long, value_name = "SECONDS")]
+    pub lease_ttl_s: Option<u64>,
+
     /// When a host's health signals degrade it (config file only: a `[health]` table; see
     /// tern center --help).
     #[arg(skip)]
@@ -207,7 +233,81 @@ pub struct CenterConfig {
     pub inject_fault: Option<FaultPoint>,
     /// When health signals degrade a host.
     pub health_limits: HealthLimits,
+    /// HA mode's settings; `None`: a single center.
+    pub ha: Option<HaSettings>,
 }
+
+/// HA mode: where the shared state is and how this center takes part (see `ha`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaSettings {
+    /// etcd client URLs (`http://IP:PORT`).
+    pub endpoints: Vec<String>,
+    /// Key prefix, so several tern clusters may share one etcd.
+    pub prefix: String,
+    /// This center's name in the group (unique).
+    pub name: String,
+    /// The URL others are told to send changes to while this center leads.
+    pub advertise_url: String,
+    /// The leader's lease.
+    pub lease_ttl: std::time::Duration,
+}
+
+pub const DEFAULT_ETCD_PREFIX: &str = "/tern";
+
+impl HaSettings {
+    /// Refuses what etcd or the agents could not use: every value is typed here, before it
+    /// reaches a URL, a key or a message.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for e in &self.endpoints {
+            let ok = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .is_some_and(|rest| {
+                    rest.parse::<SocketAddr>().is_ok()
+                        || rest.rsplit_once(':').is_some_and(|(h, p)| {
+                            !h.is_empty()
+                                && h.bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                                && p.parse::<u16>().is_ok()
+                        })
+                });
+            if !ok {
+                bail!("--etcd {e:?} is not an etcd client URL (http://HOST:PORT)");
+            }
+        }
+        let p = &self.prefix;
+        if !p.starts_with('/')
+            || p.len() < 2
+            || p.ends_with('/')
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+        {
+            bail!("--etcd-prefix {p:?} must look like /tern (letters, digits, / - _ .; no trailing /)");
+        }
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 63
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            bail!("--ha-name {n:?} must be 1-63 letters, digits, - _ .");
+        }
+        let u = &self.advertise_url;
+        let rest = u
+            .strip_prefix("https://")
+            .or_else(|| u.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.is_empty() || r.contains(['/', ' ', '?', '#', '@'])) {
+            bail!("--advertise-url {u:?} must be https://HOST:PORT");
+        }
+        if !(2..=600).contains(&self.lease_ttl.as_secs()) {
+            bail!("lease_ttl_s must be 2 to 600 seconds (default {DEFAULT_LEASE_TTL_S})");
+        }
+        Ok(())
+    }
+}
+pub const DEFAULT_LEASE_TTL_S: u64 = 15;
 
 impl CenterConfig {
     /// Defaults for a data directory: everything lives inside it.
@@ -231,6 +331,7 @@ impl CenterConfig {
             cert_lifetime_s: DEFAULT_CERT_LIFETIME_S,
             inject_fault: None,
             health_limits: DEFAULT_HEALTH_LIMITS,
+            ha: None,
             data_dir,
         }
     }
@@ -286,6 +387,39 @@ impl CenterConfig {
         if let Some(l) = file.health {
             cfg.health_limits = l;
         }
+        let etcd = if args.etcd.is_empty() {
+            file.etcd.clone()
+        } else {
+            args.etcd.clone()
+        };
+        if !etcd.is_empty() {
+            let scheme = if cfg.tls { "https" } else { "http" };
+            cfg.ha = Some(HaSettings {
+                endpoints: etcd,
+                prefix: args
+                    .etcd_prefix
+                    .clone()
+                    .or(file.etcd_prefix.clone())
+                    .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string()),
+                name: match args.ha_name.clone().or(file.ha_name.clone()) {
+                    Some(n) => n,
+                    None => nix::unistd::gethostname()
+                        .context("reading the host name (give --ha-name)")?
+                        .to_string_lossy()
+                        .into_owned(),
+                },
+                advertise_url: args
+                    .advertise_url
+                    .clone()
+                    .or(file.advertise_url.clone())
+                    .unwrap_or_else(|| format!("{scheme}://{}", cfg.listen)),
+                lease_ttl: std::time::Duration::from_secs(
+                    args.lease_ttl_s
+                        .or(file.lease_ttl_s)
+                        .unwrap_or(DEFAULT_LEASE_TTL_S),
+                ),
+            });
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -318,6 +452,9 @@ impl CenterConfig {
         self.health_limits.check().map_err(anyhow::Error::msg)?;
         if self.history_period_ms < 100 {
             bail!("history_period_ms must be at least 100 (default {DEFAULT_HISTORY_PERIOD_MS})");
+        }
+        if let Some(ha) = &self.ha {
+            ha.check()?;
         }
         if self.drs_period_ms == 0 {
             bail!("drs_period_ms must be more than 0 (default {DEFAULT_DRS_PERIOD_MS})");

@@ -31,6 +31,10 @@ pub enum CenterError {
     /// The center itself failed (its store, a broken invariant).
     #[error("{0}")]
     Internal(String),
+    /// This center cannot change anything now: it is a standby of an HA group (the message
+    /// names the leader), or it lost the shared store. Retrying later, or at the leader, works.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CenterError {
@@ -69,7 +73,8 @@ impl CenterError {
             | CenterError::Conflict(m)
             | CenterError::Unsatisfiable(m)
             | CenterError::Agent(m)
-            | CenterError::Internal(m) => m,
+            | CenterError::Internal(m)
+            | CenterError::Unavailable(m) => m,
         }
     }
 
@@ -82,7 +87,8 @@ impl CenterError {
             | CenterError::Conflict(m)
             | CenterError::Unsatisfiable(m)
             | CenterError::Agent(m)
-            | CenterError::Internal(m) => m,
+            | CenterError::Internal(m)
+            | CenterError::Unavailable(m) => m,
         }
     }
 
@@ -105,6 +111,8 @@ impl From<StoreError> for CenterError {
             StoreError::NotFound(m) => CenterError::NotFound(m),
             StoreError::Conflict(m) => CenterError::Conflict(m),
             StoreError::Unprocessable(m) => CenterError::Unsatisfiable(m),
+            StoreError::NotLeader(m) => CenterError::Unavailable(m),
+            e @ StoreError::Shared(_) => CenterError::Unavailable(e.to_string()),
             other => CenterError::Internal(other.to_string()),
         }
     }

@@ -740,21 +740,34 @@ const KEEP_TASKS: u32 = 20_000;
 const KEEP_DAYS: i64 = 90;
 
 async fn prune_history(app: &App) {
-    let r = app
-        .db
-        .write(|tx| {
-            let now = Utc::now();
-            let age = chrono::Duration::days(KEEP_DAYS);
-            Ok::<_, StoreError>((
-                tx.prune_events(KEEP_EVENTS, age, now)?,
-                tx.prune_tasks(KEEP_TASKS, age, now)?,
-            ))
-        })
-        .await;
-    match r {
-        Ok((0, 0)) => {}
-        Ok((events, tasks)) => tracing::info!(events, tasks, "pruned old history"),
-        Err(e) => tracing::error!("pruning the history: {e}"),
+    let (mut events, mut tasks) = (0, 0);
+    // In batches (see PRUNE_BATCH), each its own transaction.
+    loop {
+        let r = app
+            .db
+            .write(|tx| {
+                let now = Utc::now();
+                let age = chrono::Duration::days(KEEP_DAYS);
+                Ok::<_, StoreError>((
+                    tx.prune_events(KEEP_EVENTS, age, now)?,
+                    tx.prune_tasks(KEEP_TASKS, age, now)?,
+                ))
+            })
+            .await;
+        match r {
+            Ok((0, 0)) => break,
+            Ok((e, t)) => {
+                events += e;
+                tasks += t;
+            }
+            Err(e) => {
+                tracing::error!("pruning the history: {e}");
+                break;
+            }
+        }
+    }
+    if events + tasks > 0 {
+        tracing::info!(events, tasks, "pruned old history");
     }
 }
 
@@ -1449,6 +1462,28 @@ pub async fn console(
                 vm.name()
             )),
         })
+}
+
+/// HA mode: tells every connected host this leader's term at once (any call carries it), so
+/// from here on each one refuses the leader before it, even if that one wakes up.
+pub async fn announce_term(app: &Arc<App>) {
+    let hosts = match app.db.read(|tx| tx.hosts()).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("announcing the term: reading the hosts: {e}");
+            return;
+        }
+    };
+    let calls = hosts.iter().filter(|h| h.link == Link::Connected).map(|h| {
+        let agent = app.agent(h);
+        let name = h.name.clone();
+        async move {
+            if let Err(e) = agent.vms().await {
+                tracing::warn!(host = name, "announcing the term: {e}");
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 
 use crate::app::App;
 use crate::config::{create_private_dir, load_or_create_token, CenterConfig};
+use crate::leadership::Leadership;
 use crate::store::{Db, Store};
-use crate::{api, inventory, tasks};
+use crate::{api, ha, inventory, tasks};
 
 /// How long shutdown waits for open connections and for task drivers.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -111,13 +112,32 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     let enrol_token = load_or_create_token(&config.enrol_token_file)?;
 
     let db_path = store_file(&config.data_dir)?;
-    let store = tokio::task::spawn_blocking({
+    let mut store = tokio::task::spawn_blocking({
         let p = db_path.clone();
         move || Store::open(&p)
     })
     .await
     .context("store worker")?
     .with_context(|| format!("opening the store {}", db_path.display()))?;
+    let leadership = Arc::new(match &config.ha {
+        Some(ha) => Leadership::standby(&ha.name),
+        None => Leadership::single(),
+    });
+    // HA mode: this store becomes a copy of the shared one, and writes go through etcd.
+    let etcd = match &config.ha {
+        Some(settings) => {
+            let etcd = ha::Etcd::connect(settings)
+                .await
+                .with_context(|| format!("connecting to etcd at {:?}", settings.endpoints))?;
+            let schema = store.replica_schema()?;
+            store.replicate_to(Box::new(ha::EtcdSink::new(
+                etcd.clone(),
+                leadership.clone(),
+            )))?;
+            Some((etcd, schema))
+        }
+        None => None,
+    };
 
     let pki = if config.tls {
         Some(Arc::new(crate::pki::CenterPki::open(&config)?))
@@ -132,18 +152,124 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
         Some(p) => tern_api::HttpPool::with_tls(p.ca.cert_pem(), p.identity.clone()),
         None => tern_api::HttpPool::new(),
     }
-    .context("HTTP client for the agents")?;
+    .context("HTTP client for the agents")?
+    .with_leader_term(leadership.term_cell());
     let ca_pem = pki.as_ref().map(|p| p.ca.cert_pem().to_string());
-    let app = Arc::new(App::new(
-        Db::new(store),
-        config.clone(),
-        admin_token.clone(),
-        enrol_token.clone(),
-        http,
-        pki,
+    let app = Arc::new(
+        App::new(
+            Db::new(store),
+            config.clone(),
+            admin_token.clone(),
+            enrol_token.clone(),
+            http,
+            pki,
+        )
+        .with_leadership(leadership.clone()),
+    );
+    let (tx, rx) = watch::channel(false);
+    let role = match etcd {
+        None => {
+            recover(&app).await?;
+            Role::Single
+        }
+        Some((etcd, schema)) => {
+            let applied = first_load(&etcd, &app, &schema).await?;
+            let applied_rx = applied.subscribe();
+            tokio::spawn(ha::follow(
+                etcd.clone(),
+                app.db.clone(),
+                schema,
+                leadership.clone(),
+                applied,
+                rx.clone(),
+            ));
+            Role::Ha {
+                etcd: Box::new(etcd),
+                applied_rx,
+            }
+        }
+    };
+
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", config.listen))?;
+    let tcp_addr = tcp.local_addr()?;
+    let unix = bind_unix(&config.socket)?;
+    tracing::info!(
+        tcp = %tcp_addr,
+        socket = %config.socket.display(),
+        data_dir = %config.data_dir.display(),
+        ha = config.ha.as_ref().map(|h| h.name.as_str()),
+        "tern center serving"
+    );
+
+    let listeners = Listeners {
+        tcp,
+        unix,
+        open_files,
+    };
+    let done = tokio::spawn(supervise(
+        app,
+        listeners,
+        role,
+        config.socket.clone(),
+        lock,
+        rx,
     ));
-    // Migrations first: their ownership records decide which way each one ends.
-    let migrations = crate::migrate::recover(&app)
+    Ok(RunningCenter {
+        tcp_addr,
+        socket_path: config.socket.clone(),
+        admin_token,
+        enrol_token,
+        config,
+        ca_pem,
+        shutdown: tx,
+        done: Some(done),
+    })
+}
+
+/// How this center takes part: alone, or in an HA group.
+enum Role {
+    Single,
+    Ha {
+        etcd: Box<ha::Etcd>,
+        applied_rx: watch::Receiver<i64>,
+    },
+}
+
+/// How long a starting HA center keeps trying to read the shared state.
+const FIRST_LOAD_PATIENCE: Duration = Duration::from_secs(30);
+
+/// HA mode: loads the shared state into this center's copy before it serves anything.
+async fn first_load(
+    etcd: &ha::Etcd,
+    app: &App,
+    schema: &crate::store::replica::Schema,
+) -> anyhow::Result<watch::Sender<i64>> {
+    let started = std::time::Instant::now();
+    let (rows, revision) = loop {
+        match etcd.load(schema).await {
+            Ok(r) => break r,
+            Err(e) if started.elapsed() < FIRST_LOAD_PATIENCE => {
+                tracing::warn!("reading the shared state: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => bail!("reading the shared state from etcd: {e}"),
+        }
+    };
+    let n = rows.len();
+    app.db
+        .run(move |s| s.apply_replicated(&rows, true))
+        .await
+        .context("loading the shared state into this center's store")?;
+    tracing::info!(rows = n, revision, "loaded the cluster's state from etcd");
+    Ok(watch::channel(revision).0)
+}
+
+/// Settles what the previous center (or leader) left going: migrations first, as their
+/// ownership records decide which way each one ends, then tasks.
+async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
+    let migrations = crate::migrate::recover(app)
         .await
         .map_err(|e| anyhow::anyhow!("recovering migrations: {}", e))?;
     if migrations.settled > 0 {
@@ -158,7 +284,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
             "migrations left in pre-copy by the previous center are driven on"
         );
     }
-    let recovered = tasks::recover(&app, &migrations.resumed)
+    let recovered = tasks::recover(app, &migrations.resumed)
         .await
         .map_err(|e| anyhow::anyhow!("recovering tasks: {}", e))?;
     if recovered > 0 {
@@ -167,36 +293,45 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
             "tasks left going by the previous center were marked failed"
         );
     }
+    Ok(())
+}
 
-    let tcp = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {} (--listen)", config.listen))?;
-    let tcp_addr = tcp.local_addr()?;
-    let unix = bind_unix(&config.socket)?;
-    tracing::info!(
-        tcp = %tcp_addr,
-        socket = %config.socket.display(),
-        data_dir = %config.data_dir.display(),
-        "tern center serving"
-    );
+/// The leader's own work: the host monitor, the DRS scheduler, the datastore checks and the
+/// history sampler. Dropping the set stops them.
+fn duties(app: &Arc<App>, rx: &watch::Receiver<bool>) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    set.spawn(inventory::monitor(app.clone(), rx.clone()));
+    set.spawn(crate::drs::scheduler(app.clone(), rx.clone()));
+    set.spawn(crate::datastores::monitor(app.clone(), rx.clone()));
+    set.spawn(crate::history_sampler::sampler(app.clone(), rx.clone()));
+    set
+}
 
-    let (tx, rx) = watch::channel(false);
-    let listeners = Listeners {
-        tcp,
-        unix,
-        open_files,
+/// HA mode: stands for election; once elected, recovers, starts the leader's work, and
+/// tells every host the new term. Runs until shutdown (the duties stop with it).
+async fn lead(
+    app: Arc<App>,
+    etcd: ha::Etcd,
+    applied_rx: watch::Receiver<i64>,
+    rx: watch::Receiver<bool>,
+) {
+    let leadership = app.leadership.clone();
+    let Some(term) = ha::campaign(etcd.clone(), leadership.clone(), applied_rx, rx.clone()).await
+    else {
+        return;
     };
-    let done = tokio::spawn(supervise(app, listeners, config.socket.clone(), lock, rx));
-    Ok(RunningCenter {
-        tcp_addr,
-        socket_path: config.socket.clone(),
-        admin_token,
-        enrol_token,
-        config,
-        ca_pem,
-        shutdown: tx,
-        done: Some(done),
-    })
+    if let Err(e) = recover(&app).await {
+        leadership.lose(&format!("taking over failed: {e:#}"));
+        return;
+    }
+    let mut work = duties(&app, &rx);
+    work.spawn(ha::compactor(etcd, rx.clone()));
+    leadership.ready();
+    tracing::info!(term, "leading: taking changes");
+    crate::inventory::announce_term(&app).await;
+    let mut rx = rx;
+    let _ = rx.wait_for(|v| *v).await;
+    drop(work);
 }
 
 async fn until_true(mut rx: watch::Receiver<bool>) {
@@ -217,6 +352,7 @@ async fn supervise(
         unix,
         open_files,
     }: Listeners,
+    role: Role,
     socket: PathBuf,
     lock: Flock<File>,
     rx: watch::Receiver<bool>,
@@ -239,19 +375,36 @@ async fn supervise(
         .pki
         .clone()
         .map(|p| tokio::spawn(crate::pki::renewer(p, rx.clone())));
-    let monitor = tokio::spawn(inventory::monitor(app.clone(), rx.clone()));
-    let scheduler = tokio::spawn(crate::drs::scheduler(app.clone(), rx.clone()));
-    let datastores = tokio::spawn(crate::datastores::monitor(app.clone(), rx.clone()));
     let feed = tokio::spawn(crate::stream::publisher(app.clone(), rx.clone()));
-    let history = tokio::spawn(crate::history_sampler::sampler(app.clone(), rx.clone()));
+    let leader = match role {
+        Role::Single => {
+            let work = duties(&app, &rx);
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let _ = rx.wait_for(|v| *v).await;
+                drop(work);
+            })
+        }
+        Role::Ha { etcd, applied_rx } => {
+            tokio::spawn(lead(app.clone(), *etcd, applied_rx, rx.clone()))
+        }
+    };
+    let mut lost = app.leadership.lost();
 
-    // Serve until asked to stop, or until a listener fails. Shutdown is checked first: the
-    // listeners also end when it is asked for, and that is no failure.
+    // Serve until asked to stop, until a listener fails, or until this center loses the
+    // leadership it held. Shutdown is checked first: the listeners also end when it is asked
+    // for, and that is no failure.
     let (failure, still_serving) = tokio::select! {
         biased;
         _ = until_true(rx.clone()) => (None, vec![tcp_srv, unix_srv]),
         r = &mut tcp_srv => (Some(format!("the TCP listener stopped: {r:?}")), vec![unix_srv]),
         r = &mut unix_srv => (Some(format!("the unix socket listener stopped: {r:?}")), vec![tcp_srv]),
+        _ = lost.wait_for(|l| *l) => (
+            Some("this center lost the leadership of its HA group; it stops so that its \
+                  service manager starts it again as a standby (the new leader finishes or \
+                  rolls back its work)".to_string()),
+            vec![tcp_srv, unix_srv],
+        ),
     };
     // A listener that ended because shutdown was asked (it may be seen first) did not fail.
     let failure = failure.filter(|_| !*rx.borrow());
@@ -264,11 +417,8 @@ async fn supervise(
         // Each listener gives open requests the grace time, then cuts them itself.
         let _ = srv.await;
     }
-    monitor.abort();
-    scheduler.abort();
-    datastores.abort();
+    leader.abort();
     feed.abort();
-    history.abort();
     if let Some(r) = renewer {
         r.abort();
     }

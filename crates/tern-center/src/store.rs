@@ -8,6 +8,8 @@
 //! "no duplicate name or MAC" hold under concurrent calls. Inventory queries are small, so the
 //! lock is held for well under a millisecond in practice.
 
+pub mod replica;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -222,6 +224,10 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// Most rows one prune call deletes of each kind: a pass is repeated until nothing goes, and
+/// each stays one etcd transaction in HA mode (2 × 60 rows, under etcd's 128 operations).
+pub const PRUNE_BATCH: u32 = 60;
+
 /// Most pre-copy readings kept per migration (at one per 0.5 s: over 16 minutes of pre-copy;
 /// a longer one keeps its first readings and its end shows in its result).
 pub const MAX_MIGRATION_SAMPLES: u32 = 2000;
@@ -249,6 +255,15 @@ pub enum StoreError {
     },
     #[error("store worker failed: {0}")]
     Worker(String),
+    /// HA mode: this center does not lead (or no longer does), so it changes nothing.
+    #[error("{0}")]
+    NotLeader(String),
+    /// HA mode: the shared store (etcd) did not take the change.
+    #[error("the shared store: {0}")]
+    Shared(String),
+    /// HA mode: the shared store took a change this center's copy then refused.
+    #[error("this center's copy of the store diverged from the shared store: {0}")]
+    Diverged(String),
 }
 
 /// Connection state of a host (maintenance is a separate flag, so it survives a disconnect).
@@ -490,6 +505,19 @@ pub struct EventFilter {
 /// The SQLite store (synchronous; see [`Db`] for the async handle).
 pub struct Store {
     conn: rusqlite::Connection,
+    /// In HA mode: where each write transaction's rows go before SQLite commits them.
+    replication: Option<Replication>,
+}
+
+/// Where a replicated store sends the rows each write transaction changed. `commit` returns
+/// once they are durable in the shared store, or fails, and then the transaction rolls back.
+pub trait CommitSink: Send {
+    fn commit(&self, changes: Vec<replica::RowChange>) -> Result<(), StoreError>;
+}
+
+struct Replication {
+    schema: replica::Schema,
+    sink: Box<dyn CommitSink>,
 }
 
 impl Store {
@@ -513,7 +541,10 @@ impl Store {
         conn.execute_batch(
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
         )?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            replication: None,
+        };
         store.migrate(name)?;
         Ok(store)
     }
@@ -571,8 +602,74 @@ impl Store {
             .map_err(StoreError::from)?;
         let tx = Tx { tx };
         let out = f(&tx)?;
-        tx.tx.commit().map_err(StoreError::from)?;
+        let Some(replication) = &self.replication else {
+            tx.tx.commit().map_err(StoreError::from)?;
+            return Ok(out);
+        };
+        let changes = replica::Schema::take_changes(&tx.tx)?;
+        if changes.is_empty() {
+            tx.tx.commit().map_err(StoreError::from)?;
+            return Ok(out);
+        }
+        replication.sink.commit(changes)?;
+        if let Err(e) = tx.tx.commit() {
+            // The shared store has rows this copy could not keep: the copy is wrong from here
+            // on, and only a reload from the shared store mends it. A center restarts for that.
+            tracing::error!("the shared store took a change this center's copy refused: {e}");
+            return Err(StoreError::Diverged(e.to_string()).into());
+        }
         Ok(out)
+    }
+
+    /// Makes this store a replica: its write transactions send their rows to `sink` first.
+    pub fn replicate_to(&mut self, sink: Box<dyn CommitSink>) -> Result<(), StoreError> {
+        let schema = replica::Schema::read(&self.conn)?;
+        schema.install_capture(&self.conn)?;
+        self.replication = Some(Replication { schema, sink });
+        Ok(())
+    }
+
+    /// The replicated tables' shapes.
+    pub fn replica_schema(&self) -> Result<replica::Schema, StoreError> {
+        replica::Schema::read(&self.conn)
+    }
+
+    /// Applies rows the leader committed (one revision of the shared store), or with `reload`
+    /// replaces every replicated row with `changes` (a first load, or after falling behind).
+    pub fn apply_replicated(
+        &mut self,
+        changes: &[replica::RowChange],
+        reload: bool,
+    ) -> Result<(), StoreError> {
+        let schema = match &self.replication {
+            Some(r) => r.schema.clone(),
+            None => replica::Schema::read(&self.conn)?,
+        };
+        // Rows arrive in any order within a revision, so foreign keys are checked by the
+        // leader only; the pragma cannot change inside a transaction.
+        self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        let r = (|| -> Result<(), StoreError> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if reload {
+                schema.load(&tx, changes)?;
+            } else {
+                schema.apply(&tx, changes)?;
+            }
+            if replica::capturing(&tx)? {
+                tx.execute("DELETE FROM temp.tern_changes", [])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
+        r
+    }
+
+    /// Every replicated row (tests compare replicas with it).
+    pub fn replicated_rows(&self) -> Result<Vec<replica::RowChange>, StoreError> {
+        replica::Schema::read(&self.conn)?.dump(&self.conn)
     }
 }
 
@@ -611,7 +708,8 @@ impl Db {
         self.run(move |s| s.write(f)).await
     }
 
-    async fn run<R, E>(
+    /// Runs `f` on the store itself (outside any transaction) on the blocking pool.
+    pub async fn run<R, E>(
         &self,
         f: impl FnOnce(&mut Store) -> Result<R, E> + Send + 'static,
     ) -> Result<R, E>
@@ -1706,13 +1804,15 @@ impl Tx<'_> {
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
         let by_count = self.tx.execute(
-            "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC \
-             LIMIT 1 OFFSET ?1)",
-            [keep],
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= (SELECT id \
+             FROM events ORDER BY id DESC LIMIT 1 OFFSET ?1) ORDER BY id LIMIT ?2)",
+            params![keep, PRUNE_BATCH],
         )?;
-        let by_age = self
-            .tx
-            .execute("DELETE FROM events WHERE time < ?1", [ts(now - max_age)])?;
+        let by_age = self.tx.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE time < ?1 \
+             ORDER BY id LIMIT ?2)",
+            params![ts(now - max_age), PRUNE_BATCH],
+        )?;
         Ok(by_count + by_age)
     }
 
@@ -1762,15 +1862,16 @@ impl Tx<'_> {
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
         let by_count = self.tx.execute(
-            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND id IN (SELECT id FROM tasks \
-             WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT -1 OFFSET ?1) \
-             AND id NOT IN (SELECT task_id FROM migrations)",
-            [keep],
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at IS NOT NULL \
+             AND id IN (SELECT id FROM tasks WHERE finished_at IS NOT NULL \
+             ORDER BY finished_at DESC LIMIT -1 OFFSET ?1) \
+             AND id NOT IN (SELECT task_id FROM migrations) LIMIT ?2)",
+            params![keep, PRUNE_BATCH],
         )?;
         let by_age = self.tx.execute(
-            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1 \
-             AND id NOT IN (SELECT task_id FROM migrations)",
-            [ts(now - max_age)],
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at IS NOT NULL \
+             AND finished_at < ?1 AND id NOT IN (SELECT task_id FROM migrations) LIMIT ?2)",
+            params![ts(now - max_age), PRUNE_BATCH],
         )?;
         Ok(by_count + by_age)
     }
@@ -2276,6 +2377,135 @@ mod tests {
                 Ok::<_, StoreError>((host.id, vm.id))
             })
             .unwrap()
+    }
+
+    /// Collects what a replicated store sends, as etcd would, one batch per transaction.
+    #[derive(Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<Vec<replica::RowChange>>>>);
+
+    impl CommitSink for Collect {
+        fn commit(&self, changes: Vec<replica::RowChange>) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push(changes);
+            Ok(())
+        }
+    }
+
+    struct Refuse;
+    impl CommitSink for Refuse {
+        fn commit(&self, _: Vec<replica::RowChange>) -> Result<(), StoreError> {
+            Err(StoreError::NotLeader("deposed".into()))
+        }
+    }
+
+    /// Applies every batch collected so far to `replica`, each as one revision.
+    fn ship(sent: &Collect, replica: &mut Store) -> usize {
+        let batches: Vec<_> = sent.0.lock().unwrap().drain(..).collect();
+        for b in &batches {
+            replica.apply_replicated(b, false).unwrap();
+        }
+        batches.len()
+    }
+
+    #[test]
+    fn a_replica_fed_the_leaders_rows_holds_the_same_store() {
+        let mut leader = Store::open_in_memory().unwrap();
+        let sent = Collect::default();
+        leader.replicate_to(Box::new(sent.clone())).unwrap();
+        let mut replica = Store::open_in_memory().unwrap();
+
+        let (host_id, vm_id) = fill(&mut leader);
+        assert_eq!(ship(&sent, &mut replica), 1, "one transaction, one batch");
+        assert_eq!(
+            leader.replicated_rows().unwrap(),
+            replica.replicated_rows().unwrap()
+        );
+
+        // A heartbeat rewrites only local columns: nothing is sent.
+        let load = HostLoad {
+            cpu_percent: 12.0,
+            memory_used_mib: 100,
+            memory_total_mib: 4096,
+            vms: vec![],
+        };
+        leader
+            .write(|tx| tx.record_heartbeat(host_id, &facts(4, 4096), &load, Utc::now()))
+            .unwrap();
+        assert_eq!(
+            ship(&sent, &mut replica),
+            0,
+            "a heartbeat is not replicated"
+        );
+
+        // A change and a delete (its MAC row goes by cascade on the leader, by its own
+        // delete on the replica), then a VM of the same name under a new id.
+        leader
+            .write(|tx| {
+                tx.set_host_link(host_id, Link::Disconnected)?;
+                tx.delete_vm(vm_id)?;
+                let c = tx.cluster("lab")?.expect("cluster");
+                let vm = VmRecord {
+                    id: Uuid::new_v4(),
+                    cluster_id: c.id,
+                    cluster: c.name,
+                    host_id: Some(host_id),
+                    host: Some("h1".into()),
+                    spec: spec("web-1", "52:54:00:00:00:01"),
+                    desired: PowerState::Running,
+                    actual: PowerState::Stopped,
+                    generation: 1,
+                    created_at: Utc::now(),
+                    pool: None,
+                };
+                tx.insert_vm(&vm)?;
+                tx.add_event(NewEvent::info("replaced").vm("web-1"), Utc::now())?;
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        assert_eq!(ship(&sent, &mut replica), 1);
+        let rows = replica.replicated_rows().unwrap();
+        assert_eq!(leader.replicated_rows().unwrap(), rows);
+        let macs: Vec<_> = rows.iter().filter(|r| r.table == "vm_macs").collect();
+        assert_eq!(macs.len(), 1, "{macs:?}");
+        replica
+            .read(|tx| {
+                let h = tx.host_by_id(host_id)?.expect("host");
+                assert_eq!(h.link, Link::Disconnected);
+                assert_eq!(
+                    tx.events(&EventFilter {
+                        limit: 10,
+                        ..Default::default()
+                    })?
+                    .len(),
+                    2
+                );
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+
+        // A reload replaces everything, rows the replica had that the leader lost included.
+        let mut stale = Store::open_in_memory().unwrap();
+        fill(&mut stale);
+        stale
+            .apply_replicated(&leader.replicated_rows().unwrap(), true)
+            .unwrap();
+        assert_eq!(
+            stale.replicated_rows().unwrap(),
+            leader.replicated_rows().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_write_the_shared_store_refuses_changes_nothing() {
+        let mut store = Store::open_in_memory().unwrap();
+        store.replicate_to(Box::new(Refuse)).unwrap();
+        let r = store.write(|tx| tx.insert_cluster("lab", None, Utc::now()));
+        assert!(matches!(r, Err(StoreError::NotLeader(_))), "{r:?}");
+        let n = store
+            .read(|tx| Ok::<_, StoreError>(tx.clusters()?.len()))
+            .unwrap();
+        assert_eq!(n, 0, "rolled back");
+        // A read-only transaction sends nothing, so it works on a standby.
+        store.write(|tx| tx.clusters()).unwrap();
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::BANDWIDTH_PROBE.template(), post(bandwidth_probe))
         .route(route::METRICS.template(), get(metrics))
         .fallback(not_found)
+        // Inside the token check: only a caller holding the agent token can raise the term.
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), fence))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
             require_token,
@@ -112,6 +114,27 @@ async fn require_token(State(agent): State<Arc<Agent>>, req: Request, next: Next
             }),
         )
             .into_response(),
+    }
+}
+
+/// Refuses a call from an HA leader older than the newest one seen (see [`crate::fence`]).
+async fn fence(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let Some(raw) = req.headers().get(tern_api::LEADER_TERM_HEADER) else {
+        return next.run(req).await;
+    };
+    let term = match raw.to_str().ok().and_then(|t| t.parse::<u64>().ok()) {
+        Some(t) => t,
+        None => {
+            return AgentError::BadRequest(format!(
+                "the {} header must be a decimal number",
+                tern_api::LEADER_TERM_HEADER
+            ))
+            .into_response()
+        }
+    };
+    match agent.fence.admit(term) {
+        Ok(()) => next.run(req).await,
+        Err(why) => AgentError::Conflict(why).into_response(),
     }
 }
 

@@ -36,8 +36,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
     /// Center to register with, `https://IP:PORT` (the agent then speaks only mutual TLS;
-    /// an `http://` center, started with --insecure-http, makes it plain too). Without it the
-    /// agent runs alone, serving its API only (plain HTTP, for tests).
+    /// an `http://` center, started with --insecure-http, makes it plain too); for an HA
+    /// group, every center's URL, comma-separated: the agent finds the leader among them.
+    /// Without it the agent runs alone, serving its API only (plain HTTP, for tests).
     #[arg(long, value_name = "URL")]
     pub center: Option<String>,
     /// File holding this host's one-time join token (`tern host add NAME` on the center
@@ -177,9 +178,22 @@ struct FileConfig {
 /// Where and how to reach the center.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CenterLink {
-    /// `https://IP:PORT` (or `http://` for a center with --insecure-http), no trailing slash.
+    /// `https://IP:PORT` (or `http://` for a center with --insecure-http), no trailing slash:
+    /// the center the agent talks to now.
     pub url: String,
+    /// Every center of an HA group (`url` among them), in the order given: the agent moves
+    /// to the next when the one it talks to is down or a standby.
+    pub urls: Vec<String>,
     pub enrol_token_file: PathBuf,
+}
+
+impl CenterLink {
+    /// Moves to the next center of the group (no change with one center).
+    pub fn next_center(&mut self) {
+        if let Some(i) = self.urls.iter().position(|u| *u == self.url) {
+            self.url = self.urls[(i + 1) % self.urls.len()].clone();
+        }
+    }
 }
 
 /// The agent's settings once flags, file and defaults are merged.
@@ -244,16 +258,23 @@ impl AgentArgs {
         let center_url = self.center.clone().or(file.center);
         let enrol_token_file = self.enrol_token_file.clone().or(file.enrol_token_file);
         let center = match center_url {
-            Some(url) => {
-                let url = url.trim_end_matches('/').to_string();
-                if !url.starts_with("https://") && !url.starts_with("http://") {
-                    bail!("--center must be an https://IP:PORT URL, not {url:?}");
+            Some(list) => {
+                let mut urls = Vec::new();
+                for url in list.split(',').map(str::trim) {
+                    let url = url.trim_end_matches('/').to_string();
+                    if !url.starts_with("https://") && !url.starts_with("http://") {
+                        bail!("--center must be an https://IP:PORT URL (or several, comma-separated, for an HA group), not {url:?}");
+                    }
+                    if !urls.contains(&url) {
+                        urls.push(url);
+                    }
                 }
                 let Some(enrol_token_file) = enrol_token_file else {
                     bail!("--center needs --enrol-token-file (the file the center wrote its enrolment token to)");
                 };
                 Some(CenterLink {
-                    url,
+                    url: urls[0].clone(),
+                    urls,
                     enrol_token_file,
                 })
             }

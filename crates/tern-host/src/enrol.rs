@@ -162,7 +162,7 @@ async fn register_once(
 /// Registers, retrying with back-off until it works or `shutdown` fires.
 async fn register(
     agent: &Agent,
-    link: &CenterLink,
+    link: &mut CenterLink,
     agent_url: &str,
     shutdown: &CancellationToken,
 ) -> Option<Registered> {
@@ -184,6 +184,8 @@ async fn register(
                     retry_in_ms = backoff.as_millis() as u64,
                     "cannot register: {why}"
                 );
+                // In an HA group the next center may be the leader.
+                link.next_center();
             }
         }
         tokio::select! {
@@ -201,6 +203,8 @@ enum HeartbeatEnd {
     Renew,
     /// The center no longer knows this host (or its token): register again.
     Forgotten(String),
+    /// The center is down or a standby, and there are others in its HA group.
+    Failover(String),
 }
 
 async fn heartbeats(
@@ -253,6 +257,11 @@ async fn heartbeats(
             }) => {
                 return HeartbeatEnd::Forgotten(format!("HTTP {status}: {message}"));
             }
+            Err(e @ (ApiError::Transport { .. } | ApiError::Status { status: 503, .. }))
+                if link.urls.len() > 1 =>
+            {
+                return HeartbeatEnd::Failover(e.to_string());
+            }
             Err(e) => {
                 if !failing {
                     tracing::warn!(center = %link.url, error = %e, "heartbeat failed; still trying");
@@ -270,12 +279,27 @@ pub async fn run(
     agent_url: String,
     shutdown: CancellationToken,
 ) {
+    let mut link = link;
+    let mut registered = None;
     loop {
-        let Some(reg) = register(&agent, &link, &agent_url, &shutdown).await else {
-            return;
+        let reg = match registered.take() {
+            Some(r) => r,
+            None => match register(&agent, &mut link, &agent_url, &shutdown).await {
+                Some(r) => r,
+                None => return,
+            },
         };
         match heartbeats(&agent, &link, &reg, &shutdown).await {
             HeartbeatEnd::Shutdown => return,
+            HeartbeatEnd::Failover(why) => {
+                let from = link.url.clone();
+                link.next_center();
+                tracing::warn!(from, to = %link.url, "the center does not take heartbeats ({why}); trying the next of its group");
+                // The group shares the host's registration: heartbeats go on at the next.
+                registered = Some(reg);
+                tokio::time::sleep(BACKOFF_MIN.min(Duration::from_millis(agent.cfg.heartbeat_ms)))
+                    .await;
+            }
             HeartbeatEnd::Renew => {
                 tracing::info!("the host certificate is due for renewal: registering again");
             }
@@ -296,6 +320,7 @@ mod tests {
     fn registration_errors_say_what_to_do() {
         let link = CenterLink {
             url: "http://10.0.0.2:8700".into(),
+            urls: vec!["http://10.0.0.2:8700".into()],
             enrol_token_file: "/etc/tern/enrol.token".into(),
         };
         let refused = ApiError::Status {

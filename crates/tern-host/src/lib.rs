@@ -17,6 +17,7 @@ pub mod datastores;
 pub mod enrol;
 pub mod error;
 pub mod facts;
+pub mod fence;
 pub mod firmware;
 pub mod frames;
 pub mod health;
@@ -80,6 +81,8 @@ pub struct Agent {
     load: tokio::sync::Mutex<LoadCache>,
     /// Hardware and pressure counters, sent with every heartbeat.
     health: std::sync::Mutex<health::HealthProbe>,
+    /// Refuses calls from a deposed HA leader.
+    pub fence: fence::Fence,
 }
 
 impl Agent {
@@ -297,6 +300,7 @@ pub async fn serve(
         migrations,
         load: tokio::sync::Mutex::new(LoadCache::default()),
         health: std::sync::Mutex::new(health_probe),
+        fence: fence::Fence::open(&store.root)?,
     });
     let stop = CancellationToken::new();
     if probe_again {

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod etcd;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
