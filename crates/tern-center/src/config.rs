@@ -208,6 +208,10 @@ pub enum FaultPoint {
     /// After the switchover and before the commit: the rollback with the LAN steered to the
     /// destination and frames waiting on its taps.
     AfterSteer,
+    /// The center kills itself (SIGKILL) the moment a migration's commit is durable, before
+    /// it tells either host: whoever runs next (a restarted center, or an HA group's next
+    /// leader) must finish the hand-over from the record.
+    CrashAfterCommit,
 }
 
 /// The center's settings, every default filled in.

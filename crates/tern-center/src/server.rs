@@ -98,7 +98,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
     if let Some(f) = config.inject_fault {
         tracing::warn!(
             fault = ?f,
-            "FAULT INJECTION ON: every migration fails and rolls back (a testing aid; unset \
+            "FAULT INJECTION ON: every migration fails there (a testing aid; unset \
              --inject-fault / TERN_INJECT_FAULT)"
         );
     }

@@ -1,7 +1,8 @@
 //! HA centers on a real three-member etcd: one leader takes changes, standbys serve reads and
 //! name it; a killed leader is replaced within its lease and nothing it committed is lost; a
 //! leader paused past its lease is fenced out and stops when it wakes; a restarted center
-//! rejoins as a standby; the group survives losing etcd's own leader.
+//! rejoins as a standby; the group survives losing etcd's own leader. In a lab (`lab up
+//! --ha`), live migrations outlive their leader's death.
 
 mod common;
 
@@ -290,4 +291,196 @@ fn a_group_of_three_centers_survives_losing_its_leader_and_fences_a_paused_one()
             .contains(&"zeta".to_string())
             .then_some(())
     });
+}
+
+/// The lab's centers as `lab up --ha` names them.
+const LAB_CENTERS: [&str; 3] = ["center", "center2", "center3"];
+
+/// Which lab center takes changes now: the one whose `cluster create` of a new, unused name
+/// works.
+fn lab_leader(lab: &common::Lab) -> Option<&'static str> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    for name in LAB_CENTERS {
+        lab.use_center(name);
+        let probe = format!(
+            "probe{}",
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        if lab.tern(&["cluster", "create", &probe]).status.success() {
+            return Some(name);
+        }
+    }
+    None
+}
+
+/// The leader center dies (SIGKILL) while a live migration is in pre-copy, and then (another
+/// migration) the moment its commit is durable: each time another center takes over within
+/// the lease, finishes the migration by the record, exactly one copy of the VM runs, and the
+/// client's TCP stream through it is intact.
+#[test]
+fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit() {
+    let mut lab = common::Lab::up_with("ha", 2, &["--ha"]);
+    lab.use_center("center");
+    let id = lab.create_vm(
+        "web",
+        "h1",
+        "10.78.0.100",
+        "52:54:00:7e:0a:01",
+        256,
+        "",
+        &[],
+    );
+    let streamer = lab.spawn_stream_client("10.78.0.100:7000", 20_000);
+    let task = lab
+        .tern_ok(&[
+            "vm",
+            "migrate",
+            "web",
+            "--to",
+            "h2",
+            "--bandwidth",
+            "16",
+            "--detach",
+        ])
+        .trim()
+        .to_string();
+    let pidfile = lab.dir.join(format!("hosts/h2/vms/{id}/qemu.pid"));
+    wait_for("pre-copy to run", Duration::from_secs(60), || {
+        let t: Value = lab.tern_json(&["task", "show", &task]);
+        (pidfile.exists() && t["phase"].as_str().unwrap_or("").starts_with("pre-copy"))
+            .then_some(())
+    });
+
+    let leader = lab.pid("center");
+    kill(Pid::from_raw(leader as i32), Signal::SIGKILL).expect("kill the leader center");
+    common::wait_gone(leader, "the killed leader", Duration::from_secs(10));
+    let killed = Instant::now();
+    let next = wait_for("a new leader", Duration::from_secs(30), || lab_leader(&lab));
+    eprintln!(
+        "MEASURED leader killed in pre-copy: {next} leads after {:?}",
+        killed.elapsed()
+    );
+    lab.use_center(next);
+
+    let t = wait_for(
+        &format!("task {task} to end"),
+        Duration::from_secs(240),
+        || {
+            let t: Value = lab.tern_json(&["task", "show", &task]);
+            matches!(
+                t["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(t)
+        },
+    );
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["result"]["status"], "completed", "{t}");
+    lab.one_copy_on("web", &id, "h2");
+    let report = streamer.finish();
+    eprintln!(
+        "MEASURED client across the takeover: longest gap {} ms, {} records",
+        report["longest_gap_ms"], report["records"]
+    );
+    for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
+    assert!(report["records"].as_u64().unwrap_or(0) > 100, "{report}");
+    let events: Vec<Value> = lab.tern_json(&["event", "list", "--vm", "web"]);
+    assert!(
+        events.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("driven on from there")),
+        "the new leader does not say it drove the migration on: {events:#?}"
+    );
+    // Every host heartbeats to the new leader.
+    wait_for(
+        "both hosts connected to the new leader",
+        Duration::from_secs(30),
+        || {
+            let hosts: Vec<Value> = lab.tern_json(&["host", "list"]);
+            hosts
+                .iter()
+                .all(|h| h["state"] == "connected")
+                .then_some(())
+        },
+    );
+
+    // The leader dies the moment a migration's commit is durable, before either host hears
+    // of it (the guest is paused on both). The first center comes back with that fault set
+    // and is made the leader: the other standby stops, the leader is killed.
+    let lab_dir = lab.dir.clone();
+    let lab_start = |name: &str, fault: Option<&str>| {
+        let mut cmd = std::process::Command::new(tern_exe());
+        cmd.args(["lab", "--dir"])
+            .arg(&lab_dir)
+            .args(["start", name])
+            .env_remove("TERN_INJECT_FAULT")
+            .stdin(Stdio::null());
+        if let Some(f) = fault {
+            cmd.env("TERN_INJECT_FAULT", f);
+        }
+        let out = cmd.output().expect("tern lab start");
+        assert!(out.status.success(), "lab start {name}: {}", text(&out));
+    };
+    let other = if next == "center2" {
+        "center3"
+    } else {
+        "center2"
+    };
+    let out = lab.lab_cmd(&["lab", "stop", other]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab_start("center", Some("crash-after-commit"));
+    let leading = lab.pid(next);
+    kill(Pid::from_raw(leading as i32), Signal::SIGKILL).expect("kill the leader");
+    common::wait_gone(leading, next, Duration::from_secs(10));
+    wait_for(
+        "the first center to lead again",
+        Duration::from_secs(30),
+        || (lab_leader(&lab) == Some("center")).then_some(()),
+    );
+    lab_start("center2", None);
+    lab_start("center3", None);
+
+    let streamer = lab.spawn_stream_client("10.78.0.100:7000", 15_000);
+    let first = lab.pid("center");
+    lab.use_center("center");
+    let task = lab
+        .tern_ok(&["vm", "migrate", "web", "--to", "h1", "--detach"])
+        .trim()
+        .to_string();
+    common::wait_gone(first, "the center that committed", Duration::from_secs(120));
+    let died = Instant::now();
+    let next = wait_for("a new leader", Duration::from_secs(30), || lab_leader(&lab));
+    eprintln!(
+        "MEASURED leader killed right after a commit: {next} leads after {:?}",
+        died.elapsed()
+    );
+    lab.use_center(next);
+    let t = wait_for(
+        &format!("task {task} to end"),
+        Duration::from_secs(120),
+        || {
+            let t: Value = lab.tern_json(&["task", "show", &task]);
+            matches!(
+                t["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(t)
+        },
+    );
+    assert_eq!(
+        t["state"], "succeeded",
+        "committed, so it goes forward: {t}"
+    );
+    lab.one_copy_on("web", &id, "h1");
+    let report = streamer.finish();
+    eprintln!(
+        "MEASURED client across a takeover after the commit: longest gap {} ms, {} records",
+        report["longest_gap_ms"], report["records"]
+    );
+    for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
 }

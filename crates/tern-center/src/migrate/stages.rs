@@ -85,6 +85,11 @@ impl Mig {
                 let (committed, queued) =
                     tokio::join!(self.commit(false), src.migration_frames(self.vm.id));
                 committed?;
+                if self.app.config.inject_fault == Some(crate::config::FaultPoint::CrashAfterCommit)
+                {
+                    tracing::error!("fault injected: the center dies right after the commit");
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                }
                 self.timeline.step("commit", t.elapsed());
                 match queued {
                     Ok(q) => {

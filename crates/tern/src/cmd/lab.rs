@@ -45,6 +45,11 @@ pub enum LabCommand {
         /// Size of each block LUN (files in the lab dir).
         #[arg(long, value_name = "MIB", default_value_t = 256)]
         block_lun_mib: u64,
+        /// An HA control plane: three centers (`center`, `center2`, `center3`, on ports
+        /// 8700, 8710, 8720) sharing a three-member etcd (`etcd1`…`etcd3`); one leads, the
+        /// others stand by. `tern lab stop --kill center` takes the leader down.
+        #[arg(long)]
+        ha: bool,
     },
     /// Remove the lab: its processes (QEMU included), namespaces, links and directory.
     Down {
@@ -192,6 +197,7 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
             san_lun_mib,
             block_luns,
             block_lun_mib,
+            ha,
         } => {
             let o = UpOptions {
                 hosts,
@@ -205,6 +211,7 @@ pub async fn run(cmd: LabCommand, dir: &Path, fmt: Format) -> Result<(), CliErro
                 san_lun_mib,
                 block_luns,
                 block_lun_mib,
+                ha,
             };
             let st = lab::up(&o).await.map_err(|e| {
                 CliError::from(e).hint(format!(

@@ -27,16 +27,78 @@ pub(super) fn api_client(st: &LabState, timeout: Duration) -> anyhow::Result<Cen
     )?))
 }
 
-pub(super) fn center_args(st: &LabState) -> Vec<String> {
+/// An HA lab's centers (`lab up --ha`), all in the center namespace on their own ports.
+pub(super) const HA_CENTERS: [&str; 3] = ["center", "center2", "center3"];
+
+/// The API port of center `name` (8700, 8710, 8720).
+fn center_port(name: &str) -> u16 {
+    let i = HA_CENTERS.iter().position(|n| *n == name).unwrap_or(0) as u16;
+    plan::CENTER_PORT + 10 * i
+}
+
+/// The URL of center `name` (inside the lab).
+pub(super) fn center_url(name: &str) -> String {
+    format!("https://{}:{}", plan::CENTER_IP, center_port(name))
+}
+
+/// etcd member `i`'s client and peer URLs (in the center namespace).
+pub(super) fn etcd_urls(i: usize) -> (String, String) {
+    let port = 2379 + 10 * i as u16;
+    (
+        format!("http://{}:{port}", plan::CENTER_IP),
+        format!("http://{}:{}", plan::CENTER_IP, port + 1),
+    )
+}
+
+/// The arguments of etcd member `i` of `n`.
+pub(super) fn etcd_args(st: &LabState, i: usize, n: usize) -> Vec<String> {
+    let (client, peer) = etcd_urls(i);
+    let initial: Vec<String> = (0..n)
+        .map(|j| format!("etcd{}={}", j + 1, etcd_urls(j).1))
+        .collect();
+    [
+        "--name",
+        &format!("etcd{}", i + 1),
+        "--data-dir",
+        &st.dir.join(format!("etcd{}", i + 1)).display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &initial.join(","),
+        "--initial-cluster-token",
+        &st.prefix,
+        "--initial-cluster-state",
+        "new",
+        // One machine: fast heartbeats, so a lost etcd leader is replaced within seconds.
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+pub(super) fn center_args(st: &LabState, name: &str) -> Vec<String> {
     let d = &st.dir;
-    vec![
+    let mut args: Vec<String> = vec![
         "center".into(),
         "--data-dir".into(),
-        d.join("center").display().to_string(),
+        d.join(name).display().to_string(),
         "--listen".into(),
-        format!("{}:{}", plan::CENTER_IP, plan::CENTER_PORT),
+        format!("{}:{}", plan::CENTER_IP, center_port(name)),
         "--socket".into(),
-        st.socket.display().to_string(),
+        st.center_socket(name).display().to_string(),
         "--admin-token-file".into(),
         st.admin_token_file.display().to_string(),
         // Lab tests take storage away and expect the center to notice within seconds.
@@ -45,7 +107,17 @@ pub(super) fn center_args(st: &LabState) -> Vec<String> {
         // Charts in the web client's tests fill within seconds.
         "--history-period-ms".into(),
         "1000".into(),
-    ]
+    ];
+    if !st.etcd.is_empty() {
+        args.extend(["--ha-name".into(), name.into()]);
+        args.extend(["--advertise-url".into(), center_url(name)]);
+        // A lab's takeovers take seconds, not the production lease of 15 s.
+        args.extend(["--lease-ttl-s".into(), "5".into()]);
+        for i in 0..st.etcd.len() {
+            args.extend(["--etcd".into(), etcd_urls(i).0]);
+        }
+    }
+    args
 }
 
 pub(super) fn agent_args(st: &LabState, h: &LabHost) -> Vec<String> {
@@ -57,7 +129,11 @@ pub(super) fn agent_args(st: &LabState, h: &LabHost) -> Vec<String> {
         "--cluster".into(),
         CLUSTER.into(),
         "--center".into(),
-        st.center_url.clone(),
+        if st.etcd.is_empty() {
+            st.center_url.clone()
+        } else {
+            HA_CENTERS.map(center_url).join(",")
+        },
         "--enrol-token-file".into(),
         st.join_token_file(&h.name).display().to_string(),
         "--listen".into(),
@@ -108,7 +184,26 @@ fn process_mut<'a>(st: &'a mut LabState, name: &str) -> anyhow::Result<&'a mut L
     if name == "center" {
         return st.center.as_mut().context("the lab has no center");
     }
-    let names: Vec<String> = st.hosts.iter().map(|h| h.name.clone()).collect();
+    let names: Vec<String> = st
+        .standbys
+        .iter()
+        .chain(st.etcd.iter())
+        .map(|p| p.name.clone())
+        .chain(st.hosts.iter().map(|h| h.name.clone()))
+        .collect();
+    if let Some(i) = st
+        .standbys
+        .iter()
+        .chain(st.etcd.iter())
+        .position(|p| p.name == name)
+    {
+        let n = st.standbys.len();
+        return Ok(if i < n {
+            &mut st.standbys[i]
+        } else {
+            &mut st.etcd[i - n]
+        });
+    }
     st.hosts
         .iter_mut()
         .find(|h| h.name == name)
@@ -125,7 +220,7 @@ fn process_mut<'a>(st: &'a mut LabState, name: &str) -> anyhow::Result<&'a mut L
 pub(super) fn start_process(st: &mut LabState, name: &str) -> anyhow::Result<Child> {
     let exe = st.exe.clone();
     let p = process_mut(st, name)?;
-    let child = procs::spawn(&exe, p)?;
+    let child = procs::spawn(p.exe.as_deref().unwrap_or(&exe), p)?;
     p.pid = Some(child.id());
     st.save()?;
     Ok(child)
@@ -144,23 +239,43 @@ fn exited(child: &mut Child, p: Option<&LabProcess>) -> anyhow::Result<()> {
 
 /// Waits until the center answers on its socket.
 pub(super) async fn wait_center(st: &LabState, child: &mut Child) -> anyhow::Result<CenterClient> {
-    let api = api_client(st, Duration::from_secs(3))?;
+    wait_center_named(st, "center", child).await
+}
+
+/// Waits until center `name` answers on its socket.
+pub(super) async fn wait_center_named(
+    st: &LabState,
+    name: &str,
+    child: &mut Child,
+) -> anyhow::Result<CenterClient> {
+    let token = st.admin_token()?;
+    let client = |timeout| -> anyhow::Result<CenterClient> {
+        Ok(CenterClient::new(ApiClient::with_timeout(
+            Endpoint::Unix(st.center_socket(name)),
+            token.clone(),
+            timeout,
+        )?))
+    };
+    let api = client(Duration::from_secs(3))?;
+    let process = if name == "center" {
+        st.center.as_ref()
+    } else {
+        st.standbys.iter().find(|p| p.name == name)
+    };
     let deadline = Instant::now() + CENTER_READY_TIMEOUT;
     loop {
-        exited(child, st.center.as_ref())?;
+        exited(child, process)?;
         let err = match api.clusters().await {
-            Ok(_) => return api_client(st, Duration::from_secs(30)),
+            Ok(_) => return client(Duration::from_secs(30)),
             Err(e) => e,
         };
         if Instant::now() >= deadline {
-            let tail = st
-                .center
-                .as_ref()
+            let tail = process
                 .map(|p| procs::log_tail(&p.log, 30))
                 .unwrap_or_default();
             bail!(
-                "the center did not answer on {} within {} s: {err}\n{tail}",
-                st.socket.display(),
+                "{name} did not answer on {} within {} s: {err}\n{tail}",
+                st.center_socket(name).display(),
                 CENTER_READY_TIMEOUT.as_secs()
             );
         }
@@ -289,8 +404,10 @@ pub async fn start(dir: &Path, name: &str, o: &StartOptions) -> anyhow::Result<u
         drop(child);
         return Ok(pid);
     }
-    if name == "center" {
-        wait_center(&st, &mut child).await?;
+    if HA_CENTERS.contains(&name) {
+        wait_center_named(&st, name, &mut child).await?;
+    } else if name.starts_with("etcd") {
+        drop(child);
     } else {
         let api = api_client(&st, Duration::from_secs(10))?;
         let mut children = [(name.to_string(), child)];

@@ -85,6 +85,9 @@ pub struct UpOptions {
     /// `block1`…; 0 for none.
     pub block_luns: u32,
     pub block_lun_mib: u64,
+    /// An HA group: three centers (`center`, `center2`, `center3`) sharing a three-member
+    /// etcd, all in the center namespace.
+    pub ha: bool,
 }
 
 /// Parses `HOST=MODEL` (a `lab up --cpu-ceiling` value).
@@ -125,6 +128,115 @@ fn current_exe() -> anyhow::Result<PathBuf> {
         Some(orig) if Path::new(orig).exists() => Ok(PathBuf::from(orig)),
         _ => bail!("the tern executable {} is gone", exe.display()),
     }
+}
+
+/// HA labs: starts three etcd members in the center namespace and waits until they elect a
+/// leader.
+async fn start_etcd(st: &mut LabState, namespace: &str) -> anyhow::Result<()> {
+    say("starting a three-member etcd");
+    let etcd = which("etcd").context("etcd is missing: run scripts/setup.sh")?;
+    let n = 3;
+    for i in 0..n {
+        let p = LabProcess {
+            name: format!("etcd{}", i + 1),
+            namespace: namespace.to_string(),
+            args: daemons::etcd_args(st, i, n),
+            log: st.dir.join(format!("logs/etcd{}.log", i + 1)),
+            pid: None,
+            exe: Some(etcd.clone()),
+        };
+        st.etcd.push(p);
+        st.save()?;
+        let name = format!("etcd{}", i + 1);
+        drop(start_process(st, &name)?);
+    }
+    let endpoints: Vec<String> = (0..n).map(|i| daemons::etcd_urls(i).0).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", namespace, "etcdctl", "--endpoints"])
+            .arg(endpoints.join(","))
+            .args(["--command-timeout", "2s", "endpoint", "health"])
+            .env("ETCDCTL_API", "3")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            // The agents were planned before the group existed: they get every center.
+            let centers = daemons::HA_CENTERS.map(daemons::center_url).join(",");
+            for h in &mut st.hosts {
+                if let Some(i) = h.agent.args.iter().position(|a| a == "--center") {
+                    if let Some(v) = h.agent.args.get_mut(i + 1) {
+                        *v = centers.clone();
+                    }
+                }
+            }
+            st.save()?;
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "etcd did not become healthy within 30 s (logs in {}/logs)",
+                st.dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// HA labs: gives the other centers the first one's CA (as an operator copies the pki
+/// directory to each center machine) and starts them; they stand by.
+async fn start_standbys(st: &mut LabState, namespace: &str) -> anyhow::Result<()> {
+    say("starting two standby centers");
+    for name in &daemons::HA_CENTERS[1..] {
+        let data = st.dir.join(name);
+        copy_tree(&st.dir.join("center/pki"), &data.join("pki"))?;
+        let mut p = LabProcess {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            args: Vec::new(),
+            log: st.dir.join(format!("logs/{name}.log")),
+            pid: None,
+            exe: None,
+        };
+        p.args = center_args(st, name);
+        st.standbys.push(p);
+        st.save()?;
+        let mut child = start_process(st, name)?;
+        daemons::wait_center_named(st, name, &mut child).await?;
+    }
+    Ok(())
+}
+
+/// Copies a directory tree, keeping file modes (the CA key stays owner-only).
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to)
+        .with_context(|| format!("creating {}", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let dest = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &dest)?;
+        } else {
+            std::fs::copy(e.path(), &dest)
+                .with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A program on the PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
 }
 
 /// A fresh random token (hex), written to a 0600 file.
@@ -198,6 +310,8 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         shared_dir: dir.join("shared"),
         guest: None,
         center: None,
+        standbys: Vec::new(),
+        etcd: Vec::new(),
         hosts: Vec::new(),
         san: None,
         block_luns: Vec::new(),
@@ -239,6 +353,7 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
                 args: Vec::new(),
                 log: dir.join(format!("logs/{}.log", h.name)),
                 pid: None,
+                exe: None,
             },
         };
         host.agent.args = agent_args(&st, &host);
@@ -281,29 +396,47 @@ pub async fn up(o: &UpOptions) -> anyhow::Result<LabState> {
         return Ok(st);
     }
 
+    if o.ha {
+        start_etcd(&mut st, &plan.center).await?;
+    }
     say("starting the center");
     let center = LabProcess {
         name: "center".into(),
         namespace: plan.center.clone(),
-        args: center_args(&st),
+        args: Vec::new(),
         log: dir.join("logs/center.log"),
         pid: None,
+        exe: None,
     };
     st.center = Some(center);
+    let args = center_args(&st, "center");
+    if let Some(c) = st.center.as_mut() {
+        c.args = args;
+    }
     let mut child = start_process(&mut st, "center")?;
     let api = wait_center(&st, &mut child).await?;
-    match api
-        .create_cluster(&CreateCluster {
-            name: CLUSTER.into(),
-            evc_mode: None,
-            // The default, said here because the lab shows the secure path.
-            migration_encryption: Some(MigrationEncryption::Required),
-        })
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.is_conflict() => {}
-        Err(e) => return Err(e).context("creating cluster `lab`"),
+    // In an HA lab the first center answers reads before it has won its election.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = api
+            .create_cluster(&CreateCluster {
+                name: CLUSTER.into(),
+                evc_mode: None,
+                // The default, said here because the lab shows the secure path.
+                migration_encryption: Some(MigrationEncryption::Required),
+            })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if e.is_conflict() => break,
+            Err(e) if e.status() == Some(503) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).context("creating cluster `lab`"),
+        }
+    }
+    if o.ha {
+        start_standbys(&mut st, &plan.center).await?;
     }
 
     // Each host joins with its own one-time token, as on a real network.

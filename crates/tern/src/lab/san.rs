@@ -86,6 +86,7 @@ pub fn start(
         args: vec!["-f".into(), "-C".into(), port.to_string()],
         log: dir.join("logs/san.log"),
         pid: None,
+        exe: None,
     };
     let child = procs::spawn(&sbin("tgtd"), &process).context("starting tgtd (Debian's tgt)")?;
     process.pid = Some(child.id());

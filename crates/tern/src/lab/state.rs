@@ -20,6 +20,9 @@ pub struct LabProcess {
     pub log: PathBuf,
     /// Pid of the running process (the `ip netns exec` process execs into `tern`).
     pub pid: Option<u32>,
+    /// The program, when it is not the lab's `tern` (etcd members).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<PathBuf>,
 }
 
 /// One host of the lab.
@@ -79,6 +82,12 @@ pub struct LabState {
     pub shared_dir: PathBuf,
     pub guest: Option<LabGuest>,
     pub center: Option<LabProcess>,
+    /// HA labs (`lab up --ha`): the other centers of the group (`center2`, `center3`)…
+    #[serde(default)]
+    pub standbys: Vec<LabProcess>,
+    /// …and the etcd members they share (`etcd1`…`etcd3`).
+    #[serde(default)]
+    pub etcd: Vec<LabProcess>,
     pub hosts: Vec<LabHost>,
     /// The SAN, when the lab has one.
     #[serde(default)]
@@ -122,11 +131,22 @@ impl LabState {
         Ok(())
     }
 
-    /// Every process the lab started (center first).
+    /// Every process the lab started (centers first, etcd members after the hosts).
     pub fn processes(&self) -> impl Iterator<Item = &LabProcess> {
         self.center
             .iter()
+            .chain(self.standbys.iter())
             .chain(self.hosts.iter().map(|h| &h.agent))
+            .chain(self.etcd.iter())
+    }
+
+    /// The socket of center `name` (`center`, `center2`…).
+    pub fn center_socket(&self, name: &str) -> PathBuf {
+        if name == "center" {
+            self.socket.clone()
+        } else {
+            self.dir.join(name).join("center.sock")
+        }
     }
 
     pub fn admin_token(&self) -> anyhow::Result<String> {
@@ -173,7 +193,10 @@ mod tests {
                 args: vec!["center".into()],
                 log: dir.path().join("logs/center.log"),
                 pid: Some(42),
+                exe: None,
             }),
+            standbys: Vec::new(),
+            etcd: Vec::new(),
             hosts: Vec::new(),
             created_at: chrono::Utc::now(),
             san: None,

@@ -148,6 +148,8 @@ pub struct Lab {
     /// lab.json as written by `lab up`.
     pub state: Value,
     down: bool,
+    /// HA labs: the center `tern` talks to, when not the first (see [`Lab::use_center`]).
+    center: Mutex<Option<String>>,
     _lock: LabLock,
 }
 
@@ -168,6 +170,7 @@ impl Lab {
             hosts,
             state: Value::Null,
             down: false,
+            center: Mutex::new(None),
             _lock: lock,
         };
         let started = Instant::now();
@@ -207,16 +210,33 @@ impl Lab {
             .expect("run tern")
     }
 
-    /// Runs `tern ARGS` against this lab's center (found through lab.json).
+    /// Runs `tern ARGS` against this lab's center (found through lab.json, or the one
+    /// [`Lab::use_center`] chose).
     pub fn tern(&self, args: &[&str]) -> Output {
-        Command::new(tern_exe())
-            .args(args)
+        let mut cmd = Command::new(tern_exe());
+        cmd.args(args)
             .env_remove("TERN_CENTER")
             .env_remove("TERN_TOKEN")
             .env("TERN_LAB_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tern")
+            .stdin(Stdio::null());
+        if let Some(name) = self
+            .center
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            cmd.env(
+                "TERN_CENTER",
+                format!("unix:{}", self.dir.join(name).join("center.sock").display()),
+            )
+            .env("TERN_TOKEN", self.token());
+        }
+        cmd.output().expect("run tern")
+    }
+
+    /// HA labs: `tern` talks to center `name` (`center`, `center2`, `center3`) from now on.
+    pub fn use_center(&self, name: &str) {
+        *self.center.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
     }
 
     /// Runs `tern ARGS`, asserting success; returns stdout.
@@ -269,8 +289,13 @@ impl Lab {
     /// Pid of a lab process (`center`, `h1`…) from lab.json.
     pub fn pid(&mut self, name: &str) -> u32 {
         self.reload_state();
+        let standby = self.state["standbys"]
+            .as_array()
+            .and_then(|s| s.iter().find(|p| p["name"] == name));
         let p = if name == "center" {
             &self.state["center"]
+        } else if let Some(s) = standby {
+            s
         } else {
             self.state["hosts"]
                 .as_array()
