@@ -208,6 +208,7 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
         unix,
         open_files,
     };
+    let leadership = app.leadership.clone();
     let done = tokio::spawn(supervise(
         app,
         listeners,
@@ -216,6 +217,9 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
         lock,
         rx,
     ));
+    if let Some(ha) = &config.ha {
+        settle_role(&leadership, ha).await;
+    }
     Ok(RunningCenter {
         tcp_addr,
         socket_path: config.socket.clone(),
@@ -235,6 +239,20 @@ enum Role {
         etcd: Box<ha::Etcd>,
         applied_rx: watch::Receiver<i64>,
     },
+}
+
+/// HA mode: waits (at most a lease and a few seconds) until this center leads and takes
+/// changes, or knows another leader, so that a caller of [`serve`] meets a settled center.
+async fn settle_role(leadership: &Leadership, ha: &crate::config::HaSettings) {
+    let deadline = std::time::Instant::now() + ha.lease_ttl + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let other = leadership.leader().is_some_and(|l| l.name != ha.name);
+        if leadership.writable() || other {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!("no center leads yet; serving as a standby meanwhile");
 }
 
 /// How long a starting HA center keeps trying to read the shared state.

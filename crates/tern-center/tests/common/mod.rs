@@ -34,6 +34,23 @@ pub fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
     c.tls = false;
     c.heartbeat_timeout_ms = heartbeat_timeout_ms;
     c.heartbeat_interval_ms = (heartbeat_timeout_ms / 4).clamp(1, 100);
+    // The same suite on the HA store: scripts/test.sh runs it again with an etcd.
+    if let Ok(endpoints) = std::env::var("TERN_TEST_ETCD") {
+        let unique = dir
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+            })
+            .unwrap_or_default();
+        c.ha = Some(tern_center::config::HaSettings {
+            endpoints: endpoints.split(',').map(String::from).collect(),
+            prefix: format!("/tern-test-{unique}"),
+            name: "c1".into(),
+            advertise_url: "http://127.0.0.1:1".into(),
+            lease_ttl: Duration::from_secs(3),
+        });
+    }
     c
 }
 
