@@ -620,6 +620,28 @@ pub struct CreatedToken {
     pub token: String,
 }
 
+/// `GET /api/v1/control-plane`: the centers and which one leads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ControlPlane {
+    /// Whether this center belongs to an HA group sharing its state in etcd.
+    pub ha: bool,
+    /// This center's name in the group (`None` for a single center).
+    pub center: Option<String>,
+    /// The leader as etcd names it (`None` for a single center, or during an election).
+    pub leader: Option<CenterRef>,
+    /// The leader's term when this center leads (0 otherwise and for a single center).
+    pub term: u64,
+    /// Whether this center takes changes now (a single center always does).
+    pub takes_changes: bool,
+}
+
+/// A center of an HA group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CenterRef {
+    pub name: String,
+    pub url: String,
+}
+
 /// `GET /api/v1/whoami`: who a token is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Whoami {

@@ -348,6 +348,10 @@ impl CenterClient {
         self.api.post(&route::TOKENS.path(), req).await
     }
 
+    pub async fn control_plane(&self) -> Result<crate::center::ControlPlane, ApiError> {
+        self.api.get(&route::CONTROL_PLANE.path()).await
+    }
+
     pub async fn tokens(&self) -> Result<Vec<ApiToken>, ApiError> {
         self.api.get(&route::TOKENS.path()).await
     }

@@ -170,6 +170,7 @@ pub mod center {
     pub const HOST_METRICS: Route = Route::new("/api/v1/hosts/{name}/metrics");
     pub const CLUSTER_DRS_HISTORY: Route = Route::new("/api/v1/clusters/{name}/drs/history");
     pub const SUMMARY: Route = Route::new("/api/v1/summary");
+    pub const CONTROL_PLANE: Route = Route::new("/api/v1/control-plane");
     pub const EVENTS: Route = Route::new("/api/v1/events");
     pub const STREAM: Route = Route::new("/api/v1/stream");
     pub const WHOAMI: Route = Route::new("/api/v1/whoami");
@@ -220,6 +221,7 @@ pub mod center {
         HOST_METRICS,
         CLUSTER_DRS_HISTORY,
         SUMMARY,
+        CONTROL_PLANE,
         EVENTS,
         STREAM,
         WHOAMI,

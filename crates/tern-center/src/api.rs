@@ -15,11 +15,11 @@ use utoipa::{Modify, OpenApi};
 use uuid::Uuid;
 
 use tern_api::center::{
-    AddHost, ApiToken, CanMigrateQuery, Cluster, ClusterMigrationSettings, ClusterSummary,
-    ConsoleQuery, CreateCluster, CreateToken, CreateVm, CreatedToken, Event, EventLevel,
-    EventQuery, Heartbeat, Host, HostMaintenance, JoinToken, ListQuery, MaintenanceAction,
-    MaintenancePlan, MaintenanceResult, RegisterHost, Registered, Role, StopVm, Summary, Task,
-    TaskKind, TaskQuery, TaskState, Vm, Whoami,
+    AddHost, ApiToken, CanMigrateQuery, CenterRef, Cluster, ClusterMigrationSettings,
+    ClusterSummary, ConsoleQuery, ControlPlane, CreateCluster, CreateToken, CreateVm, CreatedToken,
+    Event, EventLevel, EventQuery, Heartbeat, Host, HostMaintenance, JoinToken, ListQuery,
+    MaintenanceAction, MaintenancePlan, MaintenanceResult, RegisterHost, Registered, Role, StopVm,
+    Summary, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
 };
 use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
@@ -241,6 +241,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(nested(route::HOST_METRICS), get(host_metrics))
         .route(nested(route::CLUSTER_DRS_HISTORY), get(drs_history))
         .route(nested(route::SUMMARY), get(summary))
+        .route(nested(route::CONTROL_PLANE), get(control_plane))
         .route(nested(route::EVENTS), get(list_events))
         .route(nested(route::STREAM), get(live_stream))
         .route(nested(route::WHOAMI), get(whoami))
@@ -1595,6 +1596,26 @@ async fn drs_history(
     )))
 }
 
+#[utoipa::path(get, path = "/api/v1/control-plane", tag = "inventory",
+    responses(
+        (status = 200, description = "This center, whether it belongs to an HA group, which center leads and whether this one takes changes", body = ControlPlane),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn control_plane(State(app): AppState) -> ApiResult<Json<ControlPlane>> {
+    let l = &app.leadership;
+    Ok(axum::Json(ControlPlane {
+        ha: l.is_ha(),
+        center: app.config.ha.as_ref().map(|h| h.name.clone()),
+        leader: l.leader().map(|i| CenterRef {
+            name: i.name,
+            url: i.url,
+        }),
+        term: l.term(),
+        takes_changes: l.writable(),
+    }))
+}
+
 #[utoipa::path(get, path = "/api/v1/summary", tag = "inventory",
     responses(
         (status = 200, description = "The inventory's counts: hosts and VMs by state, per cluster", body = Summary),
@@ -1815,7 +1836,7 @@ impl Modify for BearerAuth {
         migrate_vm,
         list_tasks, get_task, cancel_task, task_timeline, host_load_history, host_metrics,
         drs_history,
-        summary, list_events, live_stream, whoami,
+        summary, control_plane, list_events, live_stream, whoami,
         create_token, list_tokens, revoke_token,
     ),
     components(schemas(ErrorBody, TaskKind, TaskState, EventLevel, MigrationResult,
@@ -1934,6 +1955,7 @@ mod tests {
             ("get", "/api/v1/hosts/{name}/metrics"),
             ("get", "/api/v1/clusters/{name}/drs/history"),
             ("get", "/api/v1/summary"),
+            ("get", "/api/v1/control-plane"),
         ];
         for (method, path) in expected {
             assert!(

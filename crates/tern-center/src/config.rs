@@ -194,6 +194,20 @@ pub struct CenterArgs {
     #[arg(long, value_name = "SECONDS")]
     pub lease_ttl_s: Option<u64>,
 
+    /// HA mode: the CA (PEM) that signed the etcd members' certificates, for https:// etcd
+    /// URLs.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// HA mode: this center's client certificate (PEM) for etcd (with --etcd-key-file), when
+    /// etcd checks its clients' certificates (--client-cert-auth).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// HA mode: the key (PEM) of --etcd-cert-file.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+
     /// When a host's health signals degrade it (config file only: a `[health]` table; see
     /// tern center --help).
     #[arg(skip)]
@@ -254,6 +268,15 @@ pub struct HaSettings {
     pub advertise_url: String,
     /// The leader's lease.
     pub lease_ttl: std::time::Duration,
+    /// TLS to etcd: the CA of its members, and this center's certificate and key, if any.
+    pub tls: Option<EtcdTls>,
+}
+
+/// Files of TLS to etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/tern";
@@ -277,6 +300,12 @@ impl HaSettings {
                 });
             if !ok {
                 bail!("--etcd {e:?} is not an etcd client URL (http://HOST:PORT)");
+            }
+            if e.starts_with("https://") && self.tls.is_none() {
+                bail!("--etcd {e:?} speaks TLS: give --etcd-ca-file (the CA of etcd's members)");
+            }
+            if e.starts_with("http://") && self.tls.is_some() {
+                bail!("--etcd {e:?} is plain http, but TLS files are given: use https:// URLs");
             }
         }
         let p = &self.prefix;
@@ -422,6 +451,27 @@ impl CenterConfig {
                         .or(file.lease_ttl_s)
                         .unwrap_or(DEFAULT_LEASE_TTL_S),
                 ),
+                tls: {
+                    let ca = pick(&args.etcd_ca_file, &file.etcd_ca_file);
+                    let cert = pick(&args.etcd_cert_file, &file.etcd_cert_file);
+                    let key = pick(&args.etcd_key_file, &file.etcd_key_file);
+                    match (ca, cert, key) {
+                        (None, None, None) => None,
+                        (Some(ca_file), None, None) => Some(EtcdTls {
+                            ca_file,
+                            client: None,
+                        }),
+                        (Some(ca_file), Some(c), Some(k)) => Some(EtcdTls {
+                            ca_file,
+                            client: Some((c, k)),
+                        }),
+                        (None, _, _) => bail!(
+                            "--etcd-cert-file and --etcd-key-file need --etcd-ca-file (the CA \
+                             of etcd's members)"
+                        ),
+                        _ => bail!("--etcd-cert-file and --etcd-key-file go together"),
+                    }
+                },
             });
         }
         cfg.check()?;
@@ -697,6 +747,67 @@ mod tests {
             std::fs::write(&file, bad).unwrap();
             let err = CenterConfig::from_args(&args).unwrap_err();
             assert!(format!("{err:#}").contains(says), "{bad}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn ha_settings_are_checked_before_they_reach_etcd() {
+        let ha = |f: &dyn Fn(&mut CenterArgs)| {
+            let mut a = CenterArgs {
+                etcd: vec!["http://10.0.0.2:2379".into()],
+                ha_name: Some("center-a".into()),
+                ..Default::default()
+            };
+            f(&mut a);
+            CenterConfig::from_args(&a)
+        };
+        let ok = ha(&|_| {}).unwrap().ha.expect("HA settings");
+        assert_eq!(ok.prefix, DEFAULT_ETCD_PREFIX);
+        assert_eq!(ok.lease_ttl.as_secs(), DEFAULT_LEASE_TTL_S);
+        assert_eq!(ok.advertise_url, "https://127.0.0.1:8700");
+        for (bad, says) in [
+            (
+                Box::new(|a: &mut CenterArgs| a.etcd = vec!["10.0.0.2:2379".into()])
+                    as Box<dyn Fn(&mut CenterArgs)>,
+                "not an etcd client URL",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| a.etcd = vec!["https://10.0.0.2:2379".into()]),
+                "--etcd-ca-file",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| a.etcd_cert_file = Some("c.pem".into())),
+                "--etcd-ca-file",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| {
+                    a.etcd = vec!["https://10.0.0.2:2379".into()];
+                    a.etcd_ca_file = Some("ca.pem".into());
+                    a.etcd_cert_file = Some("c.pem".into());
+                }),
+                "go together",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| a.etcd_prefix = Some("tern/../x".into())),
+                "--etcd-prefix",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| a.ha_name = Some("a b".into())),
+                "--ha-name",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| {
+                    a.advertise_url = Some("https://evil.example/x?y".into())
+                }),
+                "--advertise-url",
+            ),
+            (
+                Box::new(|a: &mut CenterArgs| a.lease_ttl_s = Some(1)),
+                "lease_ttl_s",
+            ),
+        ] {
+            let err = ha(&*bad).unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{says}: {err:#}");
         }
     }
 

@@ -78,9 +78,20 @@ impl Etcd {
     /// A client of the etcd cluster (it connects on first use and fails over between
     /// endpoints by itself).
     pub async fn connect(settings: &HaSettings) -> Result<Etcd, StoreError> {
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(tls) = &settings.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| shared(&format!("reading {}", p.display()), e))
+            };
+            let mut t = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca_file)?));
+            if let Some((cert, key)) = &tls.client {
+                t = t.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(t);
+        }
         let client = timed(
             "connecting to etcd",
             Client::connect(settings.endpoints.clone(), Some(opts)),

@@ -269,7 +269,7 @@ async fn first_load(
         match etcd.load(schema).await {
             Ok(r) => break r,
             Err(e) if started.elapsed() < FIRST_LOAD_PATIENCE => {
-                tracing::warn!("reading the shared state: {e}; retrying");
+                tracing::warn!("reading the shared state from etcd: {e}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => bail!("reading the shared state from etcd: {e}"),

@@ -126,6 +126,12 @@ enum CenterSub {
     /// Prepare this machine to run the center: its config file, data directory, admin token
     /// and cluster CA, and the tern-center service enabled.
     Init(cmd::install::CenterInitArgs),
+    /// Show the control plane: this center, whether it is one of an HA group, which center
+    /// leads and whether this one takes changes.
+    Status {
+        #[command(flatten)]
+        connect: cmd::connect::ConnectArgs,
+    },
 }
 
 // The daemons take their own flags (the agent has its own --center), so the CLI's
@@ -255,6 +261,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 sub: Some(CenterSub::Init(a)),
                 ..
             }) => cmd::install::center_init(a, output),
+            Command::Center(CenterCmd {
+                sub: Some(CenterSub::Status { connect }),
+                ..
+            }) => cmd::host::control_plane(&connect.client()?, output).await,
             Command::Host(HostCommand::Join(a)) => cmd::install::host_join(*a, output).await,
             Command::Host(HostCommand::Agent(a)) => {
                 tern_host::run(*a).await.map_err(CliError::from)

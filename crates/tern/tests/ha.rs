@@ -197,6 +197,13 @@ fn a_group_of_three_centers_survives_losing_its_leader_and_fences_a_paused_one()
     c2.start(&etcd);
 
     // Standbys serve what the leader wrote, and refuse changes naming the leader.
+    let status: Value =
+        serde_json::from_slice(&c1.tern(&token, &["center", "status", "-o", "json"]).stdout)
+            .expect("center status");
+    assert_eq!(status["ha"], true, "{status}");
+    assert_eq!(status["center"], "c1", "{status}");
+    assert_eq!(status["leader"]["name"], "c0", "{status}");
+    assert_eq!(status["takes_changes"], false, "{status}");
     for c in [&c1, &c2] {
         assert!(c.clusters(&token).contains(&"alpha".to_string()));
         let refused = c
@@ -296,17 +303,15 @@ fn a_group_of_three_centers_survives_losing_its_leader_and_fences_a_paused_one()
 /// The lab's centers as `lab up --ha` names them.
 const LAB_CENTERS: [&str; 3] = ["center", "center2", "center3"];
 
-/// Which lab center takes changes now: the one whose `cluster create` of a new, unused name
-/// works.
+/// Which lab center takes changes now (`tern center status`, asked of each live one).
 fn lab_leader(lab: &common::Lab) -> Option<&'static str> {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     for name in LAB_CENTERS {
         lab.use_center(name);
-        let probe = format!(
-            "probe{}",
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        if lab.tern(&["cluster", "create", &probe]).status.success() {
+        let out = lab.tern(&["center", "status", "-o", "json"]);
+        let Ok(cp) = serde_json::from_slice::<Value>(&out.stdout) else {
+            continue;
+        };
+        if cp["takes_changes"] == true && cp["leader"]["name"] == name {
             return Some(name);
         }
     }
@@ -482,5 +487,149 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
     );
     for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
         assert_eq!(report[k], 0, "{k}: {report}");
+    }
+}
+
+/// etcd with TLS and client certificates (as production runs it): a center given the CA and
+/// its client certificate keeps its state there; one without a client certificate never
+/// serves, and says why.
+#[test]
+fn a_center_reaches_etcd_over_mutual_tls_and_one_without_a_certificate_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let ca = tern_pki::Ca::new("etcd-test").expect("CA");
+    let life = Duration::from_secs(3600);
+    let server = ca
+        .issue_identity(&["127.0.0.1".into()], life)
+        .expect("server certificate");
+    let client = ca
+        .issue_identity(&["center-a".into()], life)
+        .expect("client certificate");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write PEM");
+        p
+    };
+    let ca_file = write("ca.pem", ca.cert_pem());
+    let server_crt = write("server.pem", &server.chain_pem);
+    let server_key = write("server.key", &server.key_pem);
+    let client_crt = write("client.pem", &client.chain_pem);
+    let client_key = write("client.key", &client.key_pem);
+    let url = format!("https://127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("log");
+    let etcd = Command::new("etcd")
+        .args(["--name", "tls", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("tls={peer}")])
+        .arg("--cert-file")
+        .arg(&server_crt)
+        .arg("--key-file")
+        .arg(&server_key)
+        .arg("--trusted-ca-file")
+        .arg(&ca_file)
+        .args([
+            "--client-cert-auth",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start etcd");
+    let _etcd = Reap(etcd);
+    let start = |name: &str, with_cert: bool| {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).expect("data dir");
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+        let mut cmd = Command::new(tern_exe());
+        cmd.arg("center")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--etcd", &url, "--ha-name", name, "--lease-ttl-s", "4"])
+            .arg("--etcd-ca-file")
+            .arg(&ca_file);
+        if with_cert {
+            cmd.arg("--etcd-cert-file")
+                .arg(&client_crt)
+                .arg("--etcd-key-file")
+                .arg(&client_key);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start a center");
+        (Reap(child), data.join("center.sock"))
+    };
+    let (_a, sock) = start("center-a", true);
+    wait_for("center-a to serve", Duration::from_secs(40), || {
+        sock.exists().then_some(())
+    });
+    let token = std::fs::read_to_string(dir.join("center-a/admin.token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let out = Command::new(tern_exe())
+        .args(["cluster", "create", "tls1", "--center"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--token", &token])
+        .env("TERN_LAB_DIR", dir.join("no-lab"))
+        .output()
+        .expect("tern");
+    assert!(out.status.success(), "{}", text(&out));
+    let keys = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &url, "--cacert"])
+        .arg(&ca_file)
+        .arg("--cert")
+        .arg(&client_crt)
+        .arg("--key")
+        .arg(&client_key)
+        .args(["get", "--prefix", "/tern/rows/clusters/", "--keys-only"])
+        .output()
+        .expect("etcdctl");
+    assert!(keys.status.success(), "{}", text(&keys));
+    assert!(
+        !String::from_utf8_lossy(&keys.stdout).trim().is_empty(),
+        "the cluster's row is not in etcd"
+    );
+
+    // Without a client certificate: etcd refuses the handshake, the center never serves.
+    let (mut b, sock_b) = start("center-b", false);
+    let log_b = dir.join("center-b.log");
+    wait_for("center-b to say why", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log_b)
+            .ok()
+            .filter(|l| l.contains("from etcd"))
+            .map(|_| ())
+    });
+    assert!(!sock_b.exists(), "a center etcd refused serves anyway");
+    let _ = b.0.kill();
+}
+
+/// Kills and reaps a child on drop.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -49,6 +49,7 @@ pub fn config(dir: &Path, heartbeat_timeout_ms: u64) -> CenterConfig {
             name: "c1".into(),
             advertise_url: "http://127.0.0.1:1".into(),
             lease_ttl: Duration::from_secs(3),
+            tls: None,
         });
     }
     c

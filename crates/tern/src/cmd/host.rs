@@ -401,6 +401,35 @@ async fn follow_emptying(
     Ok(())
 }
 
+/// `tern center status`.
+pub async fn control_plane(api: &CenterClient, fmt: Format) -> Result<(), CliError> {
+    let cp = api.control_plane().await.or_list("tern center status")?;
+    match fmt {
+        Format::Json => print_json(&cp),
+        Format::Table => {
+            if !cp.ha {
+                println!("a single center (state in its own SQLite store); it takes changes");
+                return Ok(());
+            }
+            let me = cp.center.clone().unwrap_or_default();
+            match &cp.leader {
+                Some(l) if l.name == me && cp.takes_changes => {
+                    println!("center {me} leads (term {}) and takes changes", cp.term)
+                }
+                Some(l) if l.name == me => println!("center {me} was elected and is taking over"),
+                Some(l) => println!(
+                    "center {me} stands by; the leader is {} at {} (send changes there)",
+                    l.name, l.url
+                ),
+                None => {
+                    println!("center {me} stands by; no center leads (an election is under way)")
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_ttl;

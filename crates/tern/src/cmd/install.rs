@@ -52,7 +52,8 @@ On the center, `tern host add NAME` prints the token. Then `systemctl start tern
 `tern host agent --config FILE`): the agent checks the center against the CA fingerprint the
 token ends in, registers once with the token, and keeps the certificate the center signs.")]
 pub struct HostJoinArgs {
-    /// The center's API: https://IP:PORT (as its --listen).
+    /// The center's API: https://IP:PORT (as its --listen); for an HA group, every center's,
+    /// comma-separated.
     center: String,
     /// The join token `tern host add NAME` printed on the center.
     #[arg(long, env = "TERN_JOIN_TOKEN", hide_env_values = true)]
@@ -318,21 +319,32 @@ fn chown_tree(dir: &Path, user: &nix::unistd::User) -> Result<(), CliError> {
 }
 
 pub async fn host_join(a: HostJoinArgs, fmt: Format) -> Result<(), CliError> {
-    let center = a.center.trim_end_matches('/').to_string();
-    let https = center.starts_with("https://");
-    let authority = center
-        .strip_prefix("https://")
-        .or_else(|| center.strip_prefix("http://"))
-        .ok_or_else(|| {
-            CliError::usage(format!(
-                "the center must be https://IP:PORT, not {center:?}"
-            ))
-        })?;
-    if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
-        return Err(CliError::usage(format!(
-            "the center must be https://IP:PORT (its --listen), not {center:?}"
-        )));
+    // One center, or every center of an HA group, comma-separated.
+    let centers: Vec<String> = a
+        .center
+        .split(',')
+        .map(|c| c.trim().trim_end_matches('/').to_string())
+        .collect();
+    for c in &centers {
+        let authority = c
+            .strip_prefix("https://")
+            .or_else(|| c.strip_prefix("http://"))
+            .ok_or_else(|| {
+                CliError::usage(format!("the center must be https://IP:PORT, not {c:?}"))
+            })?;
+        if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
+            return Err(CliError::usage(format!(
+                "the center must be https://IP:PORT (its --listen), not {c:?}"
+            )));
+        }
     }
+    let https = centers.iter().all(|c| c.starts_with("https://"));
+    if !https && centers.iter().any(|c| c.starts_with("https://")) {
+        return Err(CliError::usage(
+            "the centers of one group all speak https, or (--insecure-http) all http",
+        ));
+    }
+    let center = centers.join(",");
     let token = a.token.trim().to_string();
     if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(CliError::usage(
@@ -362,7 +374,20 @@ pub async fn host_join(a: HostJoinArgs, fmt: Format) -> Result<(), CliError> {
     }
     refuse_configured(&a.config)?;
     if !a.offline {
-        check_center(&center, &token).await?;
+        // Any center of the group answering with the token's CA will do (one may be down).
+        let mut failed = None;
+        for c in &centers {
+            match check_center(c, &token).await {
+                Ok(()) => {
+                    failed = None;
+                    break;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
     }
     let token_file = a
         .config
