@@ -39,7 +39,9 @@ status=${PIPESTATUS[0]}
 set -e
 # The center's API suites again, on the HA store: one etcd member on loopback, each test's
 # center in a key prefix of its own. (handover_recovery edits the SQLite file between two
-# runs of a center, which HA mode reloads from etcd: tests/ha.rs covers its ground there.)
+# runs of a center, which HA mode reloads from etcd: tests/ha.rs covers its ground there.
+# --workspace, as above, so that no dependency is built again with other features; it adds
+# tern-host's own tls test, which needs no center.)
 echo "== the center's API suites on the HA store (etcd)" | tee -a "$log"
 etcd_dir=$(mktemp -d)
 etcd_url=http://127.0.0.1:23479
@@ -55,7 +57,7 @@ for _ in $(seq 100); do
 done
 set +e
 TERN_TEST_ETCD=$etcd_url timeout --kill-after=30 600 \
-  cargo test -p tern-center --locked --no-fail-fast --test api --test drs_api \
+  cargo test --workspace --locked --no-fail-fast --test api --test drs_api \
   --test maintenance_api --test tokens --test hostile_clients --test host_identity --test tls \
   --test migration_driver -- --test-threads=2 2>&1 | tee -a "$log"
 ha_status=${PIPESTATUS[0]}

@@ -381,17 +381,7 @@ fn vm_lifecycle_restarts_and_bad_input_in_the_lab() {
         inv,
         "the center lost inventory in a restart"
     );
-    wait_for(
-        "hosts connected after a center restart",
-        Duration::from_secs(30),
-        || {
-            let hosts: Vec<Value> = lab.tern_json(&["host", "list"]);
-            hosts
-                .iter()
-                .all(|h| h["state"] == "connected")
-                .then_some(())
-        },
-    );
+    lab.wait_hosts_connected("hosts connected after a center restart");
     assert_eq!(vm_json(&lab)["actual_state"], "running");
 
     // The agent restarts: it re-adopts the same QEMU, which keeps serving.

@@ -607,6 +607,29 @@ impl Lab {
         );
     }
 
+    /// Waits until task `id` ends (succeeded, failed or cancelled); returns it.
+    pub fn wait_task_end(&self, id: &str, timeout: Duration) -> Value {
+        wait_for(&format!("task {id} to end"), timeout, || {
+            let t: Value = self.tern_json(&["task", "show", id]);
+            matches!(
+                t["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(t)
+        })
+    }
+
+    /// Waits until the center sees every host connected.
+    pub fn wait_hosts_connected(&self, what: &str) {
+        wait_for(what, Duration::from_secs(30), || {
+            let hosts: Vec<Value> = self.tern_json(&["host", "list"]);
+            hosts
+                .iter()
+                .all(|h| h["state"] == "connected")
+                .then_some(())
+        });
+    }
+
     /// `tern vm migrate ARGS -o json` (it follows the task to its end): the command's output
     /// and the task it printed.
     pub fn migrate_json(&self, args: &[&str]) -> (Output, Option<Value>) {
@@ -854,6 +877,15 @@ pub fn wait_gone(pid: u32, what: &str, timeout: Duration) {
     wait_for(&format!("{what} (pid {pid}) to be gone"), timeout, || {
         (!alive(pid)).then_some(())
     });
+}
+
+/// Asserts a stream client's report shows an intact stream: no reset, nothing missing,
+/// duplicated or corrupt, the same boot, and more than 100 records.
+pub fn assert_stream_intact(report: &Value) {
+    for k in ["resets", "missing", "duplicates", "corrupt", "boot_changes"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
+    assert!(report["records"].as_u64().unwrap_or(0) > 100, "{report}");
 }
 
 /// Journal record layout of the test guest's disk journal (crates/tern-guest/src/disk.rs).
