@@ -175,6 +175,8 @@ struct Row {
     heartbeat_failures: u64,
     cpu_percent: f64,
     rss_mib: f64,
+    small_p50_ms: f64,
+    small_p99_ms: f64,
     create_p50_ms: f64,
     create_p99_ms: f64,
     creates_per_s: f64,
@@ -228,17 +230,20 @@ async fn run_store(root: &Path, ha: bool, hosts: u64, window_s: u64) -> Row {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Every simulated host's agent is one stand-in that finds every file (a VM create asks
+    // the chosen host whether the VM's files are there).
+    let agent_url = fake_agent().await;
     // Hosts join (16 at a time), then heartbeat every 2 s, spread over the period.
     let register = api(&leader_url, &enrol);
     let mut regs: Vec<Registered> = Vec::new();
     for chunk in (0..hosts).collect::<Vec<_>>().chunks(16) {
         let calls = chunk.iter().map(|i| {
-            let register = register.clone();
+            let (register, agent_url) = (register.clone(), agent_url.clone());
             async move {
                 let body = RegisterHost {
                     name: format!("sim{i}"),
                     cluster: "bench".into(),
-                    agent_url: format!("http://127.0.0.1:{}", 1 + i % 1000),
+                    agent_url: agent_url.clone(),
                     agent_token: "x".into(),
                     facts: tern_testkit::fixtures::host_facts(32, 262_144),
                     csr: None,
@@ -335,6 +340,23 @@ async fn run_store(root: &Path, ha: bool, hosts: u64, window_s: u64) -> Row {
     lat.sort_by(f64::total_cmp);
     row.create_p50_ms = percentile(&lat, 0.5);
     row.create_p99_ms = percentile(&lat, 0.99);
+    // A write with no placement: the store's own cost (a cluster and its event).
+    let mut lat = Vec::new();
+    for i in 0..n_seq {
+        let t = Instant::now();
+        client
+            .create_cluster(&CreateCluster {
+                name: format!("k{i}"),
+                evc_mode: None,
+                migration_encryption: None,
+            })
+            .await
+            .expect("create a cluster");
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    row.small_p50_ms = percentile(&lat, 0.5);
+    row.small_p99_ms = percentile(&lat, 0.99);
     // Throughput: 8 clients at once.
     let n_par = n_seq * 2;
     let t = Instant::now();
@@ -391,6 +413,57 @@ async fn run_store(root: &Path, ha: bool, hosts: u64, window_s: u64) -> Row {
     row
 }
 
+/// A stand-in agent on loopback: every path of the file check is there; any other call gets
+/// an empty JSON list. One request per connection. Returns its URL.
+async fn fake_agent() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut n = 0;
+                // Headers, then as much body as Content-Length says.
+                loop {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                            })
+                            .unwrap_or(0);
+                        if n >= end + 4 + len || n == buf.len() {
+                            break;
+                        }
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let body = if head.contains("check-paths") {
+                    r#"{"missing":[],"outside_shared_storage":[],"unreachable":[]}"#
+                } else {
+                    "[]"
+                };
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
 fn tokio_util_stop() -> Arc<std::sync::atomic::AtomicBool> {
     Arc::new(std::sync::atomic::AtomicBool::new(false))
 }
@@ -417,16 +490,19 @@ fn center_store_benchmark() {
         "center store benchmark: {hosts} simulated hosts heartbeating every 2 s; VM creates placed by the center"
     );
     println!();
-    println!("| store | heartbeats/s (failed) | leader CPU % | leader RSS MiB | create p50 ms | create p99 ms | creates/s (8 clients) | leader back after | how |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| store | heartbeats/s (failed) | leader CPU % | leader RSS MiB | cluster create p50 / p99 ms | VM create p50 ms | VM create p99 ms | VM creates/s (8 clients) | leader back after | how |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.0} ({}) | {:.0} | {:.0} | {:.1} ({:.2}×) | {:.1} ({:.2}×) | {:.0} ({:.2}×) | {:.1} s | {} |",
+            "| {} | {:.0} ({}) | {:.0} | {:.0} | {:.1} / {:.1} ({:.2}×) | {:.1} ({:.2}×) | {:.1} ({:.2}×) | {:.0} ({:.2}×) | {:.1} s | {} |",
             r.store,
             r.heartbeats_per_s,
             r.heartbeat_failures,
             r.cpu_percent,
             r.rss_mib,
+            r.small_p50_ms,
+            r.small_p99_ms,
+            r.small_p50_ms / base.small_p50_ms,
             r.create_p50_ms,
             r.create_p50_ms / base.create_p50_ms,
             r.create_p99_ms,
