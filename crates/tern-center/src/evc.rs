@@ -44,6 +44,23 @@ pub fn capability(facts: &HostFacts) -> Result<Option<HostCapability>, CpuError>
     let Some(cpu) = &facts.cpu else {
         return Ok(None);
     };
+    // Placing one VM among 1,000 hosts asks this of every host, twice; hosts of one
+    // generation report the same CPU, and working the capability out (feature sets, the
+    // catalogue's baselines) costs far more than recognising a CPU seen before.
+    type Key = (String, String, Option<String>);
+    static SEEN: std::sync::Mutex<Option<std::collections::HashMap<Key, HostCapability>>> =
+        std::sync::Mutex::new(None);
+    let key: Key = (
+        serde_json::to_string(cpu).unwrap_or_default(),
+        format!("{:?}", facts.accelerator),
+        facts.cpu_ceiling.clone(),
+    );
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = seen.get_or_insert_with(Default::default);
+    if let Some(cap) = cache.get(&key) {
+        return Ok(Some(cap.clone()));
+    }
+    drop(seen);
     let identity = CpuIdentity {
         vendor: cpu.vendor.as_deref().and_then(tern_cpu::Vendor::from_cpuid),
         family: cpu.family,
@@ -51,13 +68,20 @@ pub fn capability(facts: &HostFacts) -> Result<Option<HostCapability>, CpuError>
         stepping: cpu.stepping,
         model_id: cpu.model_id.clone(),
     };
-    HostCapability::from_features(
+    let cap = HostCapability::from_features(
         accel_of(facts.accelerator),
         identity,
         FeatureSet::from_names(&cpu.uncapped),
         facts.cpu_ceiling.as_deref(),
-    )
-    .map(Some)
+    )?;
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = seen.get_or_insert_with(Default::default);
+    // A bound, should hosts report many different CPUs: start over.
+    if cache.len() >= 256 {
+        cache.clear();
+    }
+    cache.insert(key, cap.clone());
+    Ok(Some(cap))
 }
 
 /// A catalogue baseline by name; unknown names answer 400 with the known ones.
@@ -374,10 +398,17 @@ pub fn creation_mode(mode: Option<&str>) -> Result<Option<String>, CenterError> 
 /// so a VM's model is still checked against the cluster's mode (QEMU's `enforce` then refuses
 /// what the host cannot give).
 fn unchecked_capability(accel: Accel) -> HostCapability {
-    let all = catalogue()
-        .all()
-        .iter()
-        .fold(FeatureSet::new(), |acc, b| acc.union(&b.features));
+    // Every feature the catalogue knows: the same set each time, and a costly union of every
+    // baseline, so it is made once (placing a VM asks it of each unprobed host).
+    static ALL: std::sync::OnceLock<FeatureSet> = std::sync::OnceLock::new();
+    let all = ALL
+        .get_or_init(|| {
+            catalogue()
+                .all()
+                .iter()
+                .fold(FeatureSet::new(), |acc, b| acc.union(&b.features))
+        })
+        .clone();
     HostCapability {
         accel,
         identity: CpuIdentity::default(),

@@ -479,12 +479,22 @@ fn center_store_benchmark() {
         .build()
         .expect("runtime");
     let mut rows = Vec::new();
+    // TERN_BENCH_STORES=sqlite (or etcd) runs one store alone (profiling).
+    let stores = std::env::var("TERN_BENCH_STORES").unwrap_or_else(|_| "sqlite,etcd".into());
     for ha in [false, true] {
+        if !stores
+            .split(',')
+            .any(|s| s == if ha { "etcd" } else { "sqlite" })
+        {
+            continue;
+        }
         let tmp = tempfile::tempdir().expect("tempdir");
         let root: PathBuf = tmp.path().to_path_buf();
         rows.push(rt.block_on(run_store(&root, ha, hosts, window)));
     }
-    let base = rows[0].clone();
+    let Some(base) = rows.first().cloned() else {
+        panic!("TERN_BENCH_STORES names no store (sqlite, etcd)");
+    };
     println!();
     println!(
         "center store benchmark: {hosts} simulated hosts heartbeating every 2 s; VM creates placed by the center"
