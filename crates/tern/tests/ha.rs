@@ -366,6 +366,16 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
         killed.elapsed()
     );
     lab.use_center(next);
+    // Fencing at the agents: the new leader told every host its term; a call under any lower
+    // term (the dead leader's) is refused, one under the new term goes through.
+    let cp: Value = lab.tern_json(&["center", "status"]);
+    let term = cp["term"].as_u64().expect("the new leader's term");
+    assert_eq!(
+        agent_answer_under_term(&lab, term - 1),
+        409,
+        "a stale term was let through"
+    );
+    assert_eq!(agent_answer_under_term(&lab, term), 200);
 
     let t = lab.wait_task_end(&task, Duration::from_secs(240));
     assert_eq!(t["state"], "succeeded", "{t}");
@@ -595,4 +605,50 @@ impl Drop for Reap {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Calls h1's agent the way a center does (a certificate from the lab's CA naming the center,
+/// the agent's token), under leader term `term`, from the center namespace; returns the HTTP
+/// status.
+fn agent_answer_under_term(lab: &common::Lab, term: u64) -> u16 {
+    let pki = lab.dir.join("center/pki");
+    let ca = tern_pki::Ca::load_or_create(&pki, "lab").expect("the lab's CA");
+    let id = ca
+        .issue_center(&[], Duration::from_secs(600))
+        .expect("a center certificate");
+    let (crt, key) = (
+        lab.dir.join("fence-test.crt"),
+        lab.dir.join("fence-test.key"),
+    );
+    std::fs::write(&crt, &id.chain_pem).expect("write the certificate");
+    std::fs::write(&key, &id.key_pem).expect("write the key");
+    let token = std::fs::read_to_string(lab.dir.join("hosts/h1/agent.token"))
+        .expect("h1's agent token")
+        .trim()
+        .to_string();
+    let name = tern_pki::host_cert_name("h1");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-center", lab.prefix),
+            "curl",
+            "-s",
+        ])
+        .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(&crt)
+        .arg("--key")
+        .arg(&key)
+        .args(["--resolve", &format!("{name}:8701:10.77.0.11")])
+        .args(["-H", &format!("authorization: Bearer {token}")])
+        .args(["-H", &format!("{}: {term}", tern_api::LEADER_TERM_HEADER)])
+        .arg(format!("https://{name}:8701/v1/vms"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no HTTP status from curl: {}", text(&out)))
 }
