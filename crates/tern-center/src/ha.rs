@@ -9,7 +9,8 @@
 //!   SQLite commits ([`EtcdSink`]): one etcd transaction per store transaction, which succeeds
 //!   only while the leader key is still the one this center created. That compare is the
 //!   fence: a center that lost its lease (paused, cut off) can change nothing in etcd, whatever
-//!   it still believes.
+//!   it still believes. A write etcd did not answer may have been taken while this copy rolls
+//!   it back: the leader then stops, and comes back as a standby that reloads every row.
 //! - **Election** ([`campaign`]): create the leader key if absent, attached to a lease of
 //!   `lease_ttl` renewed every third of it. The term is the revision that created the key: it
 //!   grows with every election. The winner catches up to that revision, then the caller
@@ -186,15 +187,8 @@ impl Etcd {
         format!("{}{}/{}", self.settings.rows_prefix(), c.table, c.key)
     }
 
-    /// Sends one store transaction's rows, fenced by `term`.
+    /// Sends one store transaction's rows (at most [`MAX_TXN_OPS`]), fenced by `term`.
     async fn commit(&self, changes: Vec<RowChange>, term: u64) -> Result<(), StoreError> {
-        if changes.len() > MAX_TXN_OPS {
-            return Err(StoreError::Shared(format!(
-                "one change touches {} rows, more than etcd takes in one transaction \
-                 ({MAX_TXN_OPS})",
-                changes.len()
-            )));
-        }
         let ops: Vec<TxnOp> = changes
             .iter()
             .map(|c| match &c.row {
@@ -261,9 +255,24 @@ impl CommitSink for EtcdSink {
         if term == 0 {
             return Err(StoreError::NotLeader(self.leadership.refusal()));
         }
+        if changes.len() > MAX_TXN_OPS {
+            return Err(StoreError::Shared(format!(
+                "one change touches {} rows, more than etcd takes in one transaction \
+                 ({MAX_TXN_OPS})",
+                changes.len()
+            )));
+        }
         let r = self.runtime.block_on(self.etcd.commit(changes, term));
-        if let Err(StoreError::NotLeader(why)) = &r {
-            self.leadership.lose(why);
+        match &r {
+            Err(StoreError::NotLeader(why)) => self.leadership.lose(why),
+            // No answer (a timeout, a broken connection): etcd may have taken the rows that
+            // this copy now rolls back. Only a reload mends that, so the leader stops and
+            // comes back as a standby that loads every row.
+            Err(StoreError::Shared(why)) => self.leadership.lose(&format!(
+                "a write's outcome in etcd is unknown ({why}), so this center's copy may \
+                 differ from it"
+            )),
+            _ => {}
         }
         r
     }
