@@ -336,25 +336,7 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
         &[],
     );
     let streamer = lab.spawn_stream_client("10.78.0.100:7000", 20_000);
-    let task = lab
-        .tern_ok(&[
-            "vm",
-            "migrate",
-            "web",
-            "--to",
-            "h2",
-            "--bandwidth",
-            "16",
-            "--detach",
-        ])
-        .trim()
-        .to_string();
-    let pidfile = lab.dir.join(format!("hosts/h2/vms/{id}/qemu.pid"));
-    wait_for("pre-copy to run", Duration::from_secs(60), || {
-        let t: Value = lab.tern_json(&["task", "show", &task]);
-        (pidfile.exists() && t["phase"].as_str().unwrap_or("").starts_with("pre-copy"))
-            .then_some(())
-    });
+    let task = lab.start_slow_migration("web", "h2", &id);
 
     let leader = lab.pid("center");
     kill(Pid::from_raw(leader as i32), Signal::SIGKILL).expect("kill the leader center");

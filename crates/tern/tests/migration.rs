@@ -51,31 +51,6 @@ fn verifier_clean_after(lab: &Lab, addr: &str, before: &Value) {
     assert_eq!(after["mem"]["errors"], 0, "{after}");
 }
 
-/// Starts a slow migration (2 MiB/s) in the background; returns its task id once pre-copy
-/// runs and the destination QEMU exists.
-fn start_slow(lab: &Lab, name: &str, to: &str, id: &str) -> String {
-    let task = lab
-        .tern_ok(&[
-            "vm",
-            "migrate",
-            name,
-            "--to",
-            to,
-            "--bandwidth",
-            "16",
-            "--detach",
-        ])
-        .trim()
-        .to_string();
-    let pidfile = lab.dir.join(format!("hosts/{to}/vms/{id}/qemu.pid"));
-    wait_for("pre-copy to run", Duration::from_secs(60), || {
-        let t: Value = lab.tern_json(&["task", "show", &task]);
-        (pidfile.exists() && t["phase"].as_str().unwrap_or("").starts_with("pre-copy"))
-            .then_some(())
-    });
-    task
-}
-
 /// `tern task cancel` on a running migration: the task ends cancelled, its result says rolled
 /// back, and the VM runs on `source` alone.
 fn cancel_rolls_back(lab: &Lab, task: &str, name: &str, id: &str, source: &str) {
@@ -195,7 +170,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
 
     // 3. Faults, each on a slow migration back to h1; the VM must stay on h2, alone.
     // 3a. The destination QEMU dies during pre-copy.
-    let task = start_slow(&lab, "busy", "h1", &busy);
+    let task = lab.start_slow_migration("busy", "h1", &busy);
     let pid: i32 = std::fs::read_to_string(lab.dir.join(format!("hosts/h1/vms/{busy}/qemu.pid")))
         .expect("destination pidfile")
         .trim()
@@ -212,7 +187,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     lab.one_copy_on("busy", &busy, "h2");
 
     // 3b. The user cancels.
-    let task = start_slow(&lab, "busy", "h1", &busy);
+    let task = lab.start_slow_migration("busy", "h1", &busy);
     cancel_rolls_back(&lab, &task, "busy", &busy, "h2");
 
     // 3c. The deadline passes.
@@ -237,7 +212,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
     // restarted center drives the migration on from the record and the source's word: the
     // task is still running, in pre-copy, and says so. It can still be cancelled: the
     // rollback then undoes both ends.
-    let task = start_slow(&lab, "busy", "h1", &busy);
+    let task = lab.start_slow_migration("busy", "h1", &busy);
     let center = lab.pid("center");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(center as i32),

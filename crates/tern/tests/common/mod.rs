@@ -607,6 +607,31 @@ impl Lab {
         );
     }
 
+    /// Starts a slow migration (2 MiB/s) of VM `name` (id `id`) to `to` in the background;
+    /// returns its task id once pre-copy runs and the destination QEMU exists.
+    pub fn start_slow_migration(&self, name: &str, to: &str, id: &str) -> String {
+        let task = self
+            .tern_ok(&[
+                "vm",
+                "migrate",
+                name,
+                "--to",
+                to,
+                "--bandwidth",
+                "16",
+                "--detach",
+            ])
+            .trim()
+            .to_string();
+        let pidfile = self.dir.join(format!("hosts/{to}/vms/{id}/qemu.pid"));
+        wait_for("pre-copy to run", Duration::from_secs(60), || {
+            let t: Value = self.tern_json(&["task", "show", &task]);
+            (pidfile.exists() && t["phase"].as_str().unwrap_or("").starts_with("pre-copy"))
+                .then_some(())
+        });
+        task
+    }
+
     /// Waits until task `id` ends (succeeded, failed or cancelled); returns it.
     pub fn wait_task_end(&self, id: &str, timeout: Duration) -> Value {
         wait_for(&format!("task {id} to end"), timeout, || {
