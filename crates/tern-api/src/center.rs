@@ -148,6 +148,27 @@ pub struct Heartbeat {
     pub health: Option<crate::health::HealthReport>,
 }
 
+/// Which VM a host asks about (`GET /api/v1/hosts/{id}/ownership?vm=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct OwnershipQuery {
+    pub vm: Uuid,
+}
+
+/// What the store records of a VM's owner, as far as the asking host is concerned. A
+/// destination whose commit call never came (the leader died after committing) asks any center
+/// of the group, standbys included: `owned_here` with the generation it was prepared for means
+/// the commit is durable and it may run the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Ownership {
+    pub vm: Uuid,
+    /// The store names the asking host as the VM's owner.
+    pub owned_here: bool,
+    /// The generation the VM is owned under; only given to its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Host {
     pub id: Uuid,

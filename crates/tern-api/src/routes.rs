@@ -153,6 +153,7 @@ pub mod center {
     pub const HOST_JOIN_TOKEN: Route = Route::new("/api/v1/hosts/{name}/join-token");
     pub const HOST_REGISTER: Route = Route::new("/api/v1/hosts/register");
     pub const HOST_HEARTBEAT: Route = Route::new("/api/v1/hosts/{id}/heartbeat");
+    pub const HOST_OWNERSHIP: Route = Route::new("/api/v1/hosts/{id}/ownership");
     pub const VMS: Route = Route::new("/api/v1/vms");
     pub const VM: Route = Route::new("/api/v1/vms/{name}");
     pub const VM_START: Route = Route::new("/api/v1/vms/{name}/start");
@@ -204,6 +205,7 @@ pub mod center {
         HOST_JOIN_TOKEN,
         HOST_REGISTER,
         HOST_HEARTBEAT,
+        HOST_OWNERSHIP,
         VMS,
         VM,
         VM_START,

@@ -18,8 +18,8 @@ use tern_api::center::{
     AddHost, ApiToken, CanMigrateQuery, CenterRef, Cluster, ClusterMigrationSettings,
     ClusterSummary, ConsoleQuery, ControlPlane, CreateCluster, CreateToken, CreateVm, CreatedToken,
     Event, EventLevel, EventQuery, Heartbeat, Host, HostMaintenance, JoinToken, ListQuery,
-    MaintenanceAction, MaintenancePlan, MaintenanceResult, RegisterHost, Registered, Role, StopVm,
-    Summary, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
+    MaintenanceAction, MaintenancePlan, MaintenanceResult, Ownership, OwnershipQuery, RegisterHost,
+    Registered, Role, StopVm, Summary, Task, TaskKind, TaskQuery, TaskState, Vm, Whoami,
 };
 use tern_api::datastores::{AddDatastore, Datastore};
 use tern_api::drs::{DrsApplyResult, DrsRecommendations, DrsRule, DrsSettings};
@@ -252,7 +252,8 @@ pub fn router(app: Arc<App>) -> Router {
     // against the name or id they are for.
     let hosts = Router::new()
         .route(nested(route::HOST_REGISTER), post(register_host))
-        .route(nested(route::HOST_HEARTBEAT), post(heartbeat));
+        .route(nested(route::HOST_HEARTBEAT), post(heartbeat))
+        .route(nested(route::HOST_OWNERSHIP), get(ownership));
     let api = users.merge(hosts);
     Router::new()
         .nest(route::PREFIX, api)
@@ -924,6 +925,30 @@ async fn heartbeat(
     let peer = crate::pki::peer_host(peer.as_ref().map(|p| &p.0));
     inventory::heartbeat(&app, id, bearer(&headers), peer, hb).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Answered by standbys too (a read): the destination of a migration whose leader died right
+/// after committing learns the commit here and runs the guest without waiting for the next
+/// leader.
+#[utoipa::path(get, path = "/api/v1/hosts/{id}/ownership", tag = "hosts",
+    params(("id" = Uuid, Path, description = "Host id from the registration"), OwnershipQuery),
+    responses(
+        (status = 200, description = "Whether the store names this host the VM's owner", body = Ownership),
+        (status = 401, description = "Missing or wrong host token (register again)", body = ErrorBody),
+        (status = 404, description = "Unknown host (register again)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn ownership(
+    State(app): AppState,
+    PathArg(id): PathArg<Uuid>,
+    QueryArg(q): QueryArg<OwnershipQuery>,
+    headers: HeaderMap,
+    peer: Option<Extension<PeerCertificate>>,
+) -> ApiResult<Json<Ownership>> {
+    let peer = crate::pki::peer_host(peer.as_ref().map(|p| &p.0));
+    Ok(axum::Json(
+        inventory::ownership(&app, id, bearer(&headers), peer, q.vm).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
@@ -1829,7 +1854,7 @@ impl Modify for BearerAuth {
         list_pools, create_pool, get_pool, update_pool, remove_pool, set_vm_pool,
         list_images, import_image, get_image, remove_image,
         list_datastores, add_datastore, get_datastore, remove_datastore,
-        register_host, heartbeat, list_hosts, get_host, host_maintenance, maintenance_plan,
+        register_host, heartbeat, ownership, list_hosts, get_host, host_maintenance, maintenance_plan,
         host_evacuate,
         degrade_host, restore_host, add_host, remove_host,
         create_vm, list_vms, get_vm, delete_vm, start_vm, stop_vm, set_vm_resources, vm_console, can_migrate,
@@ -1907,6 +1932,7 @@ mod tests {
             ("post", "/api/v1/vms/{name}/migrate"),
             ("post", "/api/v1/hosts/register"),
             ("post", "/api/v1/hosts/{id}/heartbeat"),
+            ("get", "/api/v1/hosts/{id}/ownership"),
             ("get", "/api/v1/hosts"),
             ("get", "/api/v1/hosts/{name}"),
             ("post", "/api/v1/hosts/{name}/maintenance"),

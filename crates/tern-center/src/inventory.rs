@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tern_api::center::{
-    Cluster, ClusterMigrationSettings, CreateCluster, CreateVm, Heartbeat, RegisterHost,
+    Cluster, ClusterMigrationSettings, CreateCluster, CreateVm, Heartbeat, Ownership, RegisterHost,
     Registered, Vm,
 };
 use tern_api::{valid_name, HostState, PowerState, VmSpec};
@@ -620,23 +620,7 @@ pub async fn heartbeat(
         .db
         .write(move |tx| {
             let now = Utc::now();
-            let host = tx.host_by_id(host_id)?.ok_or_else(|| {
-                CenterError::not_found(format!(
-                    "host {host_id} is not registered with this center: register again"
-                ))
-            })?;
-            let Some(token) = token else {
-                return Err(CenterError::unauthorized(
-                    "missing Authorization: Bearer <host token> (the token registration gave)",
-                ));
-            };
-            if !crate::auth::token_eq(&crate::auth::token_hash(&token), &host.host_token) {
-                return Err(CenterError::unauthorized(format!(
-                    "wrong token for host {}: register again to get a new host token",
-                    host.name
-                )));
-            }
-            check_host_cert(&app2, tx, &host.name, &peer)?;
+            let host = authenticated_host(&app2, tx, host_id, token.as_deref(), &peer)?;
             tx.record_heartbeat(host.id, &hb.facts, &hb.load, now)?;
             app2.mark_alive(host.id);
             if host.link == Link::Disconnected {
@@ -649,7 +633,7 @@ pub async fn heartbeat(
             }
             let crashes = apply_vm_reports(&app2, tx, &host, &hb, now)?;
             let reconnected = host.link == Link::Disconnected;
-            Ok(crate::health::on_heartbeat(
+            Ok::<_, CenterError>(crate::health::on_heartbeat(
                 &app2,
                 tx,
                 &host,
@@ -664,6 +648,59 @@ pub async fn heartbeat(
         crate::health::start_evacuation(app, e).await;
     }
     Ok(())
+}
+
+/// Host `host_id`, when `token` is its host token and `peer` its current certificate: the
+/// credential of every call an agent makes for itself after registering.
+fn authenticated_host(
+    app: &App,
+    tx: &Tx,
+    host_id: Uuid,
+    token: Option<&str>,
+    peer: &PeerHost,
+) -> Result<HostRecord, CenterError> {
+    let host = tx.host_by_id(host_id)?.ok_or_else(|| {
+        CenterError::not_found(format!(
+            "host {host_id} is not registered with this center: register again"
+        ))
+    })?;
+    let Some(token) = token else {
+        return Err(CenterError::unauthorized(
+            "missing Authorization: Bearer <host token> (the token registration gave)",
+        ));
+    };
+    if !crate::auth::token_eq(&crate::auth::token_hash(token), &host.host_token) {
+        return Err(CenterError::unauthorized(format!(
+            "wrong token for host {}: register again to get a new host token",
+            host.name
+        )));
+    }
+    check_host_cert(app, tx, &host.name, peer)?;
+    Ok(host)
+}
+
+/// Whether the store names host `host_id` the owner of VM `vm` (read from this center's copy,
+/// so a standby answers too). Only the owner learns the generation; any other host, or a VM
+/// that does not exist, gets "not owned here".
+pub async fn ownership(
+    app: &Arc<App>,
+    host_id: Uuid,
+    token: Option<String>,
+    peer: PeerHost,
+    vm: Uuid,
+) -> Result<Ownership, CenterError> {
+    let app2 = app.clone();
+    app.db
+        .read(move |tx| {
+            let host = authenticated_host(&app2, tx, host_id, token.as_deref(), &peer)?;
+            let owned = tx.vm_by_id(vm)?.filter(|r| r.host_id == Some(host.id));
+            Ok::<_, CenterError>(Ownership {
+                vm,
+                owned_here: owned.is_some(),
+                generation: owned.map(|r| r.generation),
+            })
+        })
+        .await
 }
 
 fn apply_vm_reports(

@@ -12,8 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tern_api::agent::{CheckPaths, PathsReport, StartVm, VmRuntime};
 use tern_api::center::{
-    AddHost, Cluster, CreateCluster, CreateVm, Event, Heartbeat, Host, JoinToken, RegisterHost,
-    Registered, StopVm, Summary, Task, TaskState, Vm,
+    AddHost, Cluster, CreateCluster, CreateVm, Event, Heartbeat, Host, JoinToken, Ownership,
+    OwnershipQuery, RegisterHost, Registered, StopVm, Summary, Task, TaskState, Vm,
 };
 use tern_api::history::{DrsHistory, HostLoadHistory, MigrationTimeline};
 use tern_api::{
@@ -777,6 +777,80 @@ async fn silent_hosts_are_marked_disconnected() {
         "{ev:?}"
     );
     assert_eq!(vm.generation, 1);
+    c.shutdown().await.unwrap();
+}
+
+/// A destination whose commit call never came asks whether the store names it the VM's owner:
+/// only with its own host token, and only the owner learns the generation.
+#[tokio::test]
+async fn a_host_learns_whether_the_store_names_it_a_vms_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = serve(config(dir.path(), 10_000)).await.unwrap();
+    let (a1, a2) = (FakeAgent::start().await, FakeAgent::start().await);
+    create_cluster(&c, "lab").await;
+    let r1 = register(&c, "h1", &a1, facts(4, 8192)).await;
+    let r2 = register(&c, "h2", &a2, facts(4, 8192)).await;
+    let vm: Vm = admin(&c)
+        .post(
+            "/api/v1/vms",
+            &CreateVm {
+                image: None,
+                spec: spec("web-1", "52:54:00:00:00:01", 256),
+                cluster: "lab".into(),
+                host: Some("h1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let ask = |reg: &Registered, token: &str, vm: Uuid| {
+        let (api, path) = (
+            client(&c, token),
+            format!("/api/v1/hosts/{}/ownership", reg.host_id),
+        );
+        async move {
+            api.get_query::<_, Ownership>(&path, &OwnershipQuery { vm })
+                .await
+        }
+    };
+    let owner = ask(&r1, &r1.host_token, vm.id).await.unwrap();
+    assert_eq!(
+        owner,
+        Ownership {
+            vm: vm.id,
+            owned_here: true,
+            generation: Some(vm.generation),
+        }
+    );
+    let other = ask(&r2, &r2.host_token, vm.id).await.unwrap();
+    assert!(!other.owned_here && other.generation.is_none(), "{other:?}");
+    let unknown = ask(&r1, &r1.host_token, Uuid::new_v4()).await.unwrap();
+    assert!(!unknown.owned_here, "{unknown:?}");
+    // Another host's token, the admin's, or none at all: refused.
+    expect_status(ask(&r1, &r2.host_token, vm.id).await, 401, "wrong token").await;
+    expect_status(ask(&r1, &c.admin_token, vm.id).await, 401, "wrong token").await;
+    let r = raw()
+        .get(format!(
+            "{}/api/v1/hosts/{}/ownership?vm={}",
+            c.url(),
+            r1.host_id,
+            vm.id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A VM id that is not one is refused before any lookup.
+    let r = raw()
+        .get(format!(
+            "{}/api/v1/hosts/{}/ownership?vm=..%2Fetc",
+            c.url(),
+            r1.host_id
+        ))
+        .bearer_auth(&r1.host_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     c.shutdown().await.unwrap();
 }
 

@@ -457,7 +457,12 @@ async fn migration_steer(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentMigrationStatus>, AgentError> {
-    agent.migrations.steer(vm_id(&id)?).await.map(Json)
+    let id = vm_id(&id)?;
+    let status = agent.migrations.steer(id).await?;
+    // From here the guest is paused at the source: if the commit call does not come, the
+    // store is asked whether it was made.
+    crate::commit_watch::after_steer(agent.clone(), id);
+    Ok(Json(status))
 }
 
 async fn migration_frames(

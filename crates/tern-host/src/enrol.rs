@@ -62,7 +62,12 @@ fn read_enrol_token(link: &CenterLink) -> Result<String, String> {
 
 /// A client of the center presenting `token`: over TLS when the center speaks it (checked
 /// against the known CA, or the fingerprint the enrolment token carries).
-fn center_client(agent: &Agent, link: &CenterLink, token: String) -> Result<ApiClient, String> {
+pub(crate) fn center_client(
+    agent: &Agent,
+    link: &CenterLink,
+    token: String,
+    timeout: Duration,
+) -> Result<ApiClient, String> {
     let endpoint = Endpoint::Tcp(link.url.clone());
     let client = match &agent.tls {
         Some(tls) => {
@@ -72,9 +77,9 @@ fn center_client(agent: &Agent, link: &CenterLink, token: String) -> Result<ApiC
                     tern_api::center::join_token_ca(t.trim()).and_then(|fp| fp.parse().ok())
                 });
             let cfg = tls.client_config(pin).map_err(|e| format!("{e:#}"))?;
-            ApiClient::with_tls(endpoint, token, CALL_TIMEOUT, cfg)
+            ApiClient::with_tls(endpoint, token, timeout, cfg)
         }
-        None => ApiClient::with_timeout(endpoint, token, CALL_TIMEOUT),
+        None => ApiClient::with_timeout(endpoint, token, timeout),
     };
     client.map_err(|e| e.to_string())
 }
@@ -88,7 +93,7 @@ async fn register_with(
     token: String,
     joining: bool,
 ) -> Result<Result<Registered, ApiError>, String> {
-    let client = center_client(agent, link, token)?;
+    let client = center_client(agent, link, token, CALL_TIMEOUT)?;
     let csr = match &agent.tls {
         Some(tls) => tls.request_if_due_or(joining),
         None => Ok(None),
@@ -223,7 +228,7 @@ async fn heartbeats(
     }
     // Made after each registration: connections opened with a replaced certificate are not
     // reused.
-    let client = match center_client(agent, link, reg.host_token.clone()) {
+    let client = match center_client(agent, link, reg.host_token.clone(), CALL_TIMEOUT) {
         Ok(c) => c,
         Err(e) => return HeartbeatEnd::Forgotten(e),
     };
@@ -289,6 +294,7 @@ pub async fn run(
                 None => return,
             },
         };
+        agent.set_center_host_id(reg.host_id);
         match heartbeats(&agent, &link, &reg, &shutdown).await {
             HeartbeatEnd::Shutdown => return,
             HeartbeatEnd::Failover(why) => {

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cgroups;
+pub mod commit_watch;
 pub mod config;
 pub mod datastores;
 pub mod enrol;
@@ -83,12 +84,29 @@ pub struct Agent {
     health: std::sync::Mutex<health::HealthProbe>,
     /// Refuses calls from a deposed HA leader.
     pub fence: fence::Fence,
+    /// The id the center gave this host at registration.
+    center_host_id: std::sync::Mutex<Option<uuid::Uuid>>,
 }
 
 impl Agent {
     /// The host's facts as known now.
     pub fn facts(&self) -> HostFacts {
         self.facts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The id the center registered this host under, once registered.
+    pub fn center_host_id(&self) -> Option<uuid::Uuid> {
+        *self
+            .center_host_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_center_host_id(&self, id: uuid::Uuid) {
+        *self
+            .center_host_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(id);
     }
 
     /// The health counters now.
@@ -301,6 +319,7 @@ pub async fn serve(
         load: tokio::sync::Mutex::new(LoadCache::default()),
         health: std::sync::Mutex::new(health_probe),
         fence: fence::Fence::open(&store.root)?,
+        center_host_id: std::sync::Mutex::new(None),
     });
     let stop = CancellationToken::new();
     if probe_again {

@@ -106,6 +106,15 @@ pub fn render(r: Reading<'_>) -> Result<String, std::fmt::Error> {
         ended,
     );
 
+    let from_store: Counter = Counter::default();
+    from_store.inc_by(read(&r.ended.committed_from_store));
+    reg.register(
+        "migrations_committed_from_store",
+        "Incoming migrations this host ran on the store's word because no center's commit call \
+         came (its leader died after committing)",
+        from_store,
+    );
+
     let sent: Counter = Counter::default();
     sent.inc_by(read(&r.ended.bytes_sent));
     reg.register(

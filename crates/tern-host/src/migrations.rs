@@ -70,6 +70,10 @@ struct Slot {
     delivered: std::sync::atomic::AtomicBool,
     /// Source: when QEMU stopped the guest for the switchover (its `STOP` event).
     stopped_at: Arc<Mutex<Option<chrono::DateTime<chrono::Utc>>>>,
+    /// Destination: the generation it will own the VM under (unknown after an agent restart).
+    generation: std::sync::OnceLock<u64>,
+    /// Destination: a [`crate::commit_watch`] runs for it.
+    watched: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
@@ -82,6 +86,8 @@ impl Slot {
             drained: Mutex::new(Vec::new()),
             delivered: std::sync::atomic::AtomicBool::new(false),
             stopped_at: Arc::new(Mutex::new(None)),
+            generation: std::sync::OnceLock::new(),
+            watched: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -182,6 +188,9 @@ pub struct MigrationCounts {
     pub aborted_as_source: AtomicU64,
     /// Destination: aborted (the incoming QEMU was removed).
     pub aborted_as_destination: AtomicU64,
+    /// Destination: run on the store's word, the commit call having not come
+    /// ([`crate::commit_watch`]); also counted in `received`.
+    pub committed_from_store: AtomicU64,
     /// Bytes of guest state sent by migrations that completed from here.
     pub bytes_sent: AtomicU64,
 }
@@ -306,6 +315,30 @@ impl Migrations {
     }
 
     /// Ends this host's part in a migration: no restart re-attaches to it.
+    /// Destination: the generation a [`crate::commit_watch`] should look for, the first time
+    /// it is asked for this migration (`None` after that, for a source, or when unknown).
+    pub fn watch_for_commit(&self, id: Uuid) -> Option<u64> {
+        let slot = self.slot(id).ok()?;
+        if !matches!(slot.role, Role::Destination(_)) || slot.watched.swap(true, Ordering::Relaxed)
+        {
+            return None;
+        }
+        slot.generation.get().copied()
+    }
+
+    /// Destination: the migration is neither committed nor aborted yet.
+    pub fn awaits_commit(&self, id: Uuid) -> bool {
+        self.slot(id)
+            .is_ok_and(|s| matches!(s.role, Role::Destination(_)))
+    }
+
+    /// Counts a commit [`crate::commit_watch`] made from the store's word.
+    pub fn count_self_commit(&self) {
+        self.ended
+            .committed_from_store
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     fn forget(&self, id: Uuid, slot: &Slot) {
         slot.record.remove();
         let mut slots = lock(&self.slots);
@@ -432,7 +465,9 @@ impl Migrations {
         let uri = incoming.uri();
         let record = RecordFile::new(self.vms.run_dir(id));
         record.write(&MigrationRecord::Destination { uri });
-        lock(&self.slots).insert(id, Slot::new(Role::Destination(incoming), record));
+        let slot = Slot::new(Role::Destination(incoming), record);
+        let _ = slot.generation.set(req.generation);
+        lock(&self.slots).insert(id, slot);
         // This host will steer the LAN at switchover: have the netlink connection ready.
         self.steerer.warm_up().await;
         Ok(IncomingReady { uri })

@@ -300,6 +300,10 @@ fn a_group_of_three_centers_survives_losing_its_leader_and_fences_a_paused_one()
     });
 }
 
+/// The lease of the center that dies after a commit: long enough that no standby leads
+/// before the destination has found the commit on its own.
+const LONG_LEASE_S: u64 = 20;
+
 /// The lab's centers as `lab up --ha` names them.
 const LAB_CENTERS: [&str; 3] = ["center", "center2", "center3"];
 
@@ -381,8 +385,9 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
     lab.wait_hosts_connected("both hosts connected to the new leader");
 
     // The leader dies the moment a migration's commit is durable, before either host hears
-    // of it (the guest is paused on both). The first center comes back with that fault set
-    // and is made the leader: the other standby stops, the leader is killed.
+    // of it (the guest is paused on both). The first center comes back with that fault set,
+    // and a lease long enough that no other center can lead for seconds after it dies, and is
+    // made the leader: the other standby stops, the leader is killed.
     let lab_dir = lab.dir.clone();
     let lab_start = |name: &str, fault: Option<&str>| {
         let mut cmd = std::process::Command::new(tern_exe());
@@ -390,9 +395,11 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
             .arg(&lab_dir)
             .args(["start", name])
             .env_remove("TERN_INJECT_FAULT")
+            .env_remove("TERN_LAB_LEASE_TTL_S")
             .stdin(Stdio::null());
         if let Some(f) = fault {
             cmd.env("TERN_INJECT_FAULT", f);
+            cmd.env("TERN_LAB_LEASE_TTL_S", LONG_LEASE_S.to_string());
         }
         let out = cmd.output().expect("tern lab start");
         assert!(out.status.success(), "lab start {name}: {}", text(&out));
@@ -425,6 +432,28 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
         .to_string();
     common::wait_gone(first, "the center that committed", Duration::from_secs(120));
     let died = Instant::now();
+    // The destination does not wait for the next leader: it asks the standbys, whose copies
+    // of the store hold the commit, and runs the guest itself. The dead leader's lease keeps
+    // every other center from leading for at least two thirds of LONG_LEASE_S, so a guest
+    // running before any center leads again was run on the store's word.
+    wait_for(
+        "h1's agent to run web after the leader died",
+        Duration::from_secs(LONG_LEASE_S / 2),
+        || {
+            let (status, body) = agent_get(&lab, "h1", &format!("/v1/vms/{id}"), None);
+            let vm: Value = serde_json::from_str(&body).unwrap_or_default();
+            (status == 200 && vm["state"] == "running").then_some(())
+        },
+    );
+    eprintln!(
+        "MEASURED leader killed right after a commit: the destination ran the guest {:?} after",
+        died.elapsed()
+    );
+    assert_eq!(
+        lab_leader(&lab),
+        None,
+        "a center leads already: the guest may have waited for it"
+    );
     let next = wait_for("a new leader", Duration::from_secs(30), || lab_leader(&lab));
     eprintln!(
         "MEASURED leader killed right after a commit: {next} leads after {:?}",
@@ -589,10 +618,20 @@ impl Drop for Reap {
     }
 }
 
-/// Calls h1's agent the way a center does (a certificate from the lab's CA naming the center,
-/// the agent's token), under leader term `term`, from the center namespace; returns the HTTP
-/// status.
+/// Calls h1's agent the way a center does, under leader term `term`; returns the HTTP status.
 fn agent_answer_under_term(lab: &common::Lab, term: u64) -> u16 {
+    agent_get(lab, "h1", "/v1/vms", Some(term)).0
+}
+
+/// GETs `path` from `host`'s agent the way a center does (a certificate from the lab's CA
+/// naming the center, the agent's token), under leader term `term` if given, from the center
+/// namespace; returns the HTTP status and the body.
+fn agent_get(lab: &common::Lab, host: &str, path: &str, term: Option<u64>) -> (u16, String) {
+    let ip = match host {
+        "h1" => "10.77.0.11",
+        "h2" => "10.77.0.12",
+        other => panic!("no address known for lab host {other}"),
+    };
     let pki = lab.dir.join("center/pki");
     let ca = tern_pki::Ca::load_or_create(&pki, "lab").expect("the lab's CA");
     let id = ca
@@ -604,33 +643,39 @@ fn agent_answer_under_term(lab: &common::Lab, term: u64) -> u16 {
     );
     std::fs::write(&crt, &id.chain_pem).expect("write the certificate");
     std::fs::write(&key, &id.key_pem).expect("write the key");
-    let token = std::fs::read_to_string(lab.dir.join("hosts/h1/agent.token"))
-        .expect("h1's agent token")
+    let token = std::fs::read_to_string(lab.dir.join(format!("hosts/{host}/agent.token")))
+        .expect("the agent's token")
         .trim()
         .to_string();
-    let name = tern_pki::host_cert_name("h1");
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("{}-center", lab.prefix),
-            "curl",
-            "-s",
-        ])
-        .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(&crt)
-        .arg("--key")
-        .arg(&key)
-        .args(["--resolve", &format!("{name}:8701:10.77.0.11")])
-        .args(["-H", &format!("authorization: Bearer {token}")])
-        .args(["-H", &format!("{}: {term}", tern_api::LEADER_TERM_HEADER)])
-        .arg(format!("https://{name}:8701/v1/vms"))
+    let name = tern_pki::host_cert_name(host);
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &format!("{}-center", lab.prefix),
+        "curl",
+        "-s",
+    ])
+    .args(["-w", "\n%{http_code}", "--cacert"])
+    .arg(pki.join("ca.crt"))
+    .arg("--cert")
+    .arg(&crt)
+    .arg("--key")
+    .arg(&key)
+    .args(["--resolve", &format!("{name}:8701:{ip}")])
+    .args(["-H", &format!("authorization: Bearer {token}")]);
+    if let Some(term) = term {
+        cmd.args(["-H", &format!("{}: {term}", tern_api::LEADER_TERM_HEADER)]);
+    }
+    let out = cmd
+        .arg(format!("https://{name}:8701{path}"))
         .output()
         .expect("curl");
-    String::from_utf8_lossy(&out.stdout)
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status = status
         .trim()
         .parse()
-        .unwrap_or_else(|_| panic!("no HTTP status from curl: {}", text(&out)))
+        .unwrap_or_else(|_| panic!("no HTTP status from curl: {}", text(&out)));
+    (status, body.to_string())
 }

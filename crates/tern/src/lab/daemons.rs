@@ -111,8 +111,14 @@ pub(super) fn center_args(st: &LabState, name: &str) -> Vec<String> {
     if !st.etcd.is_empty() {
         args.extend(["--ha-name".into(), name.into()]);
         args.extend(["--advertise-url".into(), center_url(name)]);
-        // A lab's takeovers take seconds, not the production lease of 15 s.
-        args.extend(["--lease-ttl-s".into(), "5".into()]);
+        // A lab's takeovers take seconds, not the production lease of 15 s. A test that needs
+        // a longer lease for one center (no takeover for a while after it dies) sets
+        // TERN_LAB_LEASE_TTL_S when it starts that center.
+        let ttl = std::env::var("TERN_LAB_LEASE_TTL_S")
+            .ok()
+            .and_then(|v| v.parse::<u16>().ok())
+            .unwrap_or(5);
+        args.extend(["--lease-ttl-s".into(), ttl.to_string()]);
         for i in 0..st.etcd.len() {
             args.extend(["--etcd".into(), etcd_urls(i).0]);
         }
