@@ -19,7 +19,9 @@ pkgs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static iproute2
   chromium chromium-driver
   # HA mode: etcd for the lab's three-member store, and protoc (with its well-known types)
   # for the etcd client's generated gRPC code.
-  etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev
+  # The agent-under-systemd test: a booted systemd in a container of this machine's /usr.
+  systemd-container)
 
 # The web client test's accessibility check: axe-core from npm, pinned, cached per version.
 axe_version=4.14.1

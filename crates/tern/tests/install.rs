@@ -4,6 +4,8 @@
 //! a machine already set up and refuse bad input;
 //! `scripts/package.sh` builds the three .debs with the binary, the systemd units (verified
 //! by systemd-analyze, the center's sandbox scored) and the config files as conffiles.
+//! Under a booted systemd (a container), the packaged agent unit keeps the VMs running across
+//! a restart, a stop and a start.
 
 mod common;
 
@@ -477,4 +479,247 @@ fn packages_carry_the_binary_the_services_and_their_config_files() {
             }
         }
     }
+}
+
+/// A container of this machine's own /usr booted by systemd (systemd-nspawn, an empty /etc
+/// and /var, no network but its loopback), killed with everything in it when dropped.
+struct BootedSystemd {
+    nspawn: Child,
+    /// The container's PID 1, as this machine sees it.
+    init: u32,
+}
+
+impl BootedSystemd {
+    /// Boots `tern-test.target` (basic.target and nothing else: the host's enabled services
+    /// stay down) with `binds` (`--bind` or `--bind-ro` arguments).
+    fn boot(name: &str, binds: &[String], log: &Path) -> BootedSystemd {
+        let logfile = std::fs::File::create(log).expect("container log");
+        let nspawn = Command::new("systemd-nspawn")
+            .args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit"])
+            .args(["--private-network", "-M", name, "--quiet", "-b"])
+            .args(binds)
+            .args(["systemd.unit=tern-test.target", "systemd.firstboot=off"])
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().expect("log"))
+            .stderr(logfile)
+            .spawn()
+            .expect("systemd-nspawn (scripts/setup.sh installs systemd-container)");
+        let pid = nspawn.id();
+        let mut booted = BootedSystemd { nspawn, init: 0 };
+        booted.init = common::wait_for("the container's init", Duration::from_secs(30), || {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        common::wait_for("systemd to boot", Duration::from_secs(60), || {
+            let state = booted.systemctl(&["is-system-running"]);
+            let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            matches!(state.as_str(), "running" | "degraded").then_some(())
+        });
+        booted
+    }
+
+    /// `cmd` inside the container's namespaces.
+    fn run(&self, ns: &[&str], cmd: &[&str]) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.init.to_string()])
+            .args(ns)
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .expect("nsenter")
+    }
+
+    fn systemctl(&self, args: &[&str]) -> Output {
+        let mut cmd = vec!["systemctl"];
+        cmd.extend(args);
+        self.run(&["-m", "-p"], &cmd)
+    }
+
+    /// One property of the agent's unit.
+    fn agent_unit(&self, property: &str) -> String {
+        let out = self.systemctl(&["show", "tern-host", "-p", property, "--value"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A file of the container.
+    fn read(&self, path: &str) -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{}/root{path}", self.init)).ok()
+    }
+}
+
+impl Drop for BootedSystemd {
+    fn drop(&mut self) {
+        // Killing the container's PID 1 kills every process of its PID namespace (the VMs).
+        if self.init != 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.init as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// The packaged agent unit under a booted systemd: `systemctl restart`, and a stop and a
+/// start (an upgrade), leave the VM's QEMU running, and each new agent adopts it. The unit's
+/// `KillMode=process` is what keeps the VMs; systemd's default would kill them.
+#[test]
+fn the_packaged_agent_unit_keeps_vms_running_across_restart_stop_and_start() {
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let dir = tmp.path();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("dir");
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let target = write(
+        "tern-test.target",
+        "[Unit]\nDescription=tern test: basic.target only\nRequires=basic.target\n\
+         After=basic.target\nAllowIsolate=yes\n",
+    );
+    // The shipped unit as it is; only the binary's path differs (the container's /usr is this
+    // machine's, read-only, without /usr/bin/tern).
+    write(
+        "dropin/binary.conf",
+        "[Service]\nExecStart=\nExecStart=/opt/tern/tern host agent --config /etc/tern/host.toml\n",
+    );
+    // Shared storage outside /tmp and /var/tmp: the unit gives the agent private ones.
+    let config = write(
+        "host.toml",
+        "name = \"h1\"\ncluster = \"lab\"\nlisten = \"127.0.0.1:8701\"\n\
+         shared_storage = \"/srv/tern/shared\"\naccel = \"tcg\"\n",
+    );
+    let guest = common::guest_dir();
+    let shared = dir.join("shared/guest");
+    std::fs::create_dir_all(&shared).expect("shared dir");
+    for f in ["vmlinuz", "initramfs.img"] {
+        std::fs::copy(guest.join(f), shared.join(f)).expect("copy the guest");
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let unit = common::repo_root().join("packaging/systemd/tern-host.service");
+    let binds = [
+        format!(
+            "--bind-ro={}:/etc/systemd/system/tern-test.target",
+            s(&target)
+        ),
+        format!(
+            "--bind-ro={}:/etc/systemd/system/tern-host.service",
+            s(&unit)
+        ),
+        format!(
+            "--bind-ro={}:/etc/systemd/system/tern-host.service.d",
+            s(&dir.join("dropin"))
+        ),
+        format!("--bind-ro={}:/opt/tern/tern", s(&tern_exe())),
+        format!("--bind-ro={}:/etc/tern/host.toml", s(&config)),
+        format!("--bind={}:/srv/tern/shared", s(&dir.join("shared"))),
+        // Masked: with no network configuration in the container, the unit's
+        // network-online.target would wait for it for two minutes.
+        "--bind-ro=/dev/null:/etc/systemd/system/systemd-networkd-wait-online.service".into(),
+    ];
+    let name = format!("tern-sd-{}", std::process::id());
+    let log = dir.join("container.log");
+    let c = BootedSystemd::boot(&name, &binds, &log);
+    let out = c.systemctl(&["start", "tern-host"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let token = common::wait_for("the agent's token", Duration::from_secs(30), || {
+        c.read("/var/lib/tern/host/agent.token")
+            .filter(|t| !t.trim().is_empty())
+    });
+    let token = token.trim().to_string();
+    let call = |method: &str, path: &str, body: Option<&str>| -> (u16, Value) {
+        let auth = format!("authorization: Bearer {token}");
+        let url = format!("http://127.0.0.1:8701{path}");
+        let mut cmd = vec![
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-X",
+            method,
+            "-H",
+            &auth,
+            "-w",
+            "\n%{http_code}",
+        ];
+        if let Some(b) = body {
+            cmd.extend(["-H", "content-type: application/json", "--data", b]);
+        }
+        cmd.push(&url);
+        let out = c.run(&["-n"], &cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        (
+            status.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    };
+    let id = uuid::Uuid::new_v4();
+    let vm_path = format!("/v1/vms/{id}");
+    let start = serde_json::json!({
+        "spec": {
+            "name": "sd1", "vcpus": 1, "memory_mib": 128,
+            "boot": {
+                "kind": "kernel",
+                "kernel": "/srv/tern/shared/guest/vmlinuz",
+                "initrd": "/srv/tern/shared/guest/initramfs.img",
+                "cmdline": "console=ttyS0",
+            },
+            "disks": [], "nics": [],
+        },
+        "generation": 1,
+    });
+    let qemu = common::wait_for("the VM started", Duration::from_secs(60), || {
+        let (status, vm) = call("PUT", &vm_path, Some(&start.to_string()));
+        (status == 200 && vm["state"] == "running").then(|| vm["pid"].as_u64())?
+    });
+    // Where the unit put QEMU: with the agent, in its own cgroup (what KillMode governs).
+    let cgroup = c.read(&format!("/proc/{qemu}/cgroup")).unwrap_or_default();
+    assert!(cgroup.contains("tern-host.service"), "{cgroup}");
+
+    let agent_adopts = |what: &str, old_agent: &str| {
+        common::wait_for(what, Duration::from_secs(60), || {
+            let pid = c.agent_unit("MainPID");
+            (pid != "0" && pid != old_agent).then_some(())?;
+            let (status, vm) = call("GET", &vm_path, None);
+            (status == 200).then_some(vm)
+        })
+    };
+
+    let before = c.agent_unit("MainPID");
+    let out = c.systemctl(&["restart", "tern-host"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let vm = agent_adopts("the restarted agent", &before);
+    assert_eq!(vm["state"], "running", "the restart lost the VM: {vm}");
+    assert_eq!(vm["pid"].as_u64(), Some(qemu), "{vm}");
+
+    let before = c.agent_unit("MainPID");
+    let out = c.systemctl(&["stop", "tern-host"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(c.agent_unit("ActiveState"), "inactive");
+    assert!(
+        c.read(&format!("/proc/{qemu}/cmdline"))
+            .is_some_and(|cmd| cmd.starts_with("qemu-system")),
+        "stopping the agent stopped the VM"
+    );
+    let out = c.systemctl(&["start", "tern-host"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let vm = agent_adopts("the agent started again", &before);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["pid"].as_u64(), Some(qemu), "{vm}");
+    let journal = c.run(
+        &["-m", "-p"],
+        &["journalctl", "-u", "tern-host", "--no-pager", "-o", "cat"],
+    );
+    let adopted = String::from_utf8_lossy(&journal.stdout)
+        .matches("re-adopted running VM")
+        .count();
+    assert_eq!(adopted, 2, "{}", text(&journal));
 }
