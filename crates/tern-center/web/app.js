@@ -8,7 +8,9 @@
 // "apply all", a new VM), a host (#/host/NAME: health, facts, VMs, the last hour of load,
 // entering maintenance after its evacuation plan) and a VM (#/vm/NAME: start, stop, migrate
 // with the pre-copy drawn live, its last migration, console). Operators and admins see the
-// buttons that change things; viewers do not.
+// buttons that change things; viewers do not. In an HA group of centers the header tells this
+// center's role (leader or standby, GET /control-plane, read again every 10 s and after any
+// 503), and a standby shows a banner pointing to the leader: it takes no changes.
 //
 // Made for centers of a thousand hosts and tens of thousands of VMs: nothing is ever listed
 // whole. Every /hosts and /vms request asks for a page (limit, after); the counts come from
@@ -55,6 +57,7 @@ const CHECKS_IN_FLIGHT = 8; // migration dry runs asked at once
 const TIMELINE_POLL_MS = 1000;
 const HISTORY_PERIOD_MS = 10000; // the charts of the last hour (host load, DRS imbalance)
 const VM_TASKS = 20; // a VM's newest tasks, read for its last migration
+const CONTROL_PLANE_PERIOD_MS = 10000; // the HA group's leader, read again while signed in
 
 const state = {
   session: 0, // bumped at each sign-in and sign-out: late answers of an old session are dropped
@@ -94,6 +97,9 @@ const state = {
   applyTasks: new Map(), // cluster → id of the DRS apply task started from this page
   taskPoll: null, // asks for those tasks while the stream is down
   create: null, // the new-VM dialog: {cluster, busy, bootTouched, session}
+  controlPlane: null, // GET /control-plane: {ha, center, leader, term, takes_changes}; null until read
+  controlPlaneError: null,
+  controlPlaneTimer: null, // reads it again every CONTROL_PLANE_PERIOD_MS while signed in
 };
 
 // ---- small helpers ----
@@ -337,6 +343,11 @@ async function api(path, opts = {}) {
   if (!res.ok) {
     const msg = await errorText(res);
     if (res.status === 401 && !opts.token && token === state.token && state.me) signOut(msg);
+    // A standby refuses changes (503): this center's role changed, or it never led. The
+    // control plane is read again to tell; the caller still gets the error.
+    if (res.status === 503 && !opts.token && token === state.token && state.me && path !== '/control-plane') {
+      readControlPlaneSoon();
+    }
     throw new ApiError(res.status, msg);
   }
   const text = await res.text();
@@ -384,12 +395,15 @@ function startSession(token, me) {
   $('login-view').hidden = true;
   $('app-view').hidden = false;
   renderWhoami();
+  renderControlPlane();
   setLive(false, 'connecting…');
   renderTree();
   // The reads start when the stream is open (its hello): then no change can fall between
   // what was read and what the stream tells. A stream slow to open does not hold them up.
   clearTimeout(state.firstLoad);
   state.firstLoad = setTimeout(loadAll, FIRST_LOAD_WAIT_MS);
+  clearInterval(state.controlPlaneTimer);
+  state.controlPlaneTimer = setInterval(readControlPlaneSoon, CONTROL_PLANE_PERIOD_MS);
   runStream(state.session);
 }
 
@@ -406,11 +420,13 @@ function signOut(message) {
   closePages();
   clearTimeout(state.recsTimer);
   clearInterval(state.taskPoll);
+  clearInterval(state.controlPlaneTimer);
   sessionStorage.removeItem(TOKEN_KEY);
   Object.assign(state, {
     token: null, me: null, routed: false, firstLoad: null, summary: null, summaryError: null,
     clusters: null, search: null, treeFocus: null, events: [], live: false, vmBusy: null,
-    maint: null, maintBusy: null, taskPoll: null,
+    maint: null, maintBusy: null, taskPoll: null, controlPlane: null, controlPlaneError: null,
+    controlPlaneTimer: null,
   });
   state.reads = new Map();
   state.tree = new Map();
@@ -427,6 +443,7 @@ function signOut(message) {
   delete $('main').dataset.key;
   $('task-list').replaceChildren();
   $('event-list').replaceChildren();
+  renderControlPlane();
   notice('');
   showLogin(message);
 }
@@ -435,6 +452,77 @@ function renderWhoami() {
   const me = state.me;
   $('whoami').textContent = me ? `${me.name} (${me.role})` : '';
   document.body.dataset.role = me ? me.role : '';
+}
+
+// ---- the control plane: this center in its HA group (the header, the standby banner) ----
+
+/**
+ * The control plane as last read, its fields checked: whatever is missing reads as a single
+ * center, which always takes changes. role: single, leader or standby.
+ */
+function controlPlaneView() {
+  const cp = state.controlPlane || {};
+  const ha = cp.ha === true;
+  const l = cp.leader;
+  const leader = ha && l && typeof l.name === 'string' && l.name
+    ? { name: l.name, url: typeof l.url === 'string' ? l.url : '' }
+    : null;
+  return {
+    read: state.controlPlane !== null,
+    ha,
+    center: typeof cp.center === 'string' && cp.center ? cp.center : null,
+    leader,
+    term: typeof cp.term === 'number' && isFinite(cp.term) ? cp.term : null,
+    role: !ha ? 'single' : cp.takes_changes === false ? 'standby' : 'leader',
+  };
+}
+
+/** The leader's web client, or null unless its URL is http(s) (it is shown as text then). */
+function leaderUiHref(url) {
+  if (typeof url !== 'string' || !(url.startsWith('https://') || url.startsWith('http://'))) return null;
+  return url.replace(/\/+$/, '') + '/ui/';
+}
+
+/** The header's indicator and the standby banner; hidden for a single center. */
+function renderControlPlane() {
+  const v = controlPlaneView();
+  const b = $('control-plane');
+  let text = '';
+  if (v.role === 'leader') {
+    text = `leader ${v.center || '—'} · term ${v.term === null ? '—' : v.term}`;
+  } else if (v.role === 'standby') {
+    text = `standby ${v.center || '—'}` +
+      (v.leader ? ` — changes go to ${v.leader.name}` : ' — no leader (election under way)');
+  }
+  // Only a change is written: the indicator is a live region.
+  if (b.textContent !== text) b.textContent = text;
+  b.hidden = !v.ha;
+  if (v.ha) b.dataset.role = v.role;
+  else delete b.dataset.role;
+  if (v.leader && v.leader.url) b.title = v.leader.url;
+  else b.removeAttribute('title');
+  document.body.dataset.standby = String(v.role === 'standby');
+  renderStandbyBanner(v);
+}
+
+function renderStandbyBanner(v) {
+  const banner = $('standby-banner');
+  const standby = v.role === 'standby';
+  const href = standby && v.leader ? leaderUiHref(v.leader.url) : null;
+  const key = standby ? JSON.stringify([v.leader && v.leader.name, href]) : '';
+  banner.hidden = !standby;
+  if (banner.dataset.key === key) return; // an alert: written again only when it changes
+  banner.dataset.key = key;
+  if (!standby) {
+    banner.replaceChildren();
+    return;
+  }
+  const parts = ['This center is a standby: it shows the inventory but takes no changes.'];
+  if (v.leader) {
+    parts.push(' Make changes at ',
+      href ? el('a', { id: 'standby-leader-link', href, text: v.leader.name }) : v.leader.name);
+  }
+  banner.replaceChildren(...parts);
 }
 
 // ---- loading: what is on screen, and only that ----
@@ -498,6 +586,7 @@ function refreshSoon() {
 function refreshVisible(all) {
   if (!state.me) return;
   readOnce('summary', readSummary);
+  readControlPlaneSoon();
   const hp = state.hostPage; // its VMs are read by its page, for the tree too
   for (const g of state.tree.values()) {
     g.pages.forEach((_, i) => readTreePage(g, i));
@@ -524,6 +613,34 @@ async function readSummary() {
   state.summaryError = null;
   syncGroups();
   schedule(renderTree);
+  schedule(renderMain);
+}
+
+/** Reads the control plane (the HA group's leader) unless a read of it is under way. */
+function readControlPlaneSoon() {
+  if (!state.me) return;
+  readOnce('control-plane', readControlPlane);
+}
+
+/**
+ * GET /control-plane. A failed read keeps what was last read (shown with the error on the
+ * overview); it is tried again at the next tick, so it raises no notice.
+ */
+async function readControlPlane() {
+  const session = state.session;
+  let cp;
+  try {
+    cp = await api('/control-plane');
+  } catch (e) {
+    if (session !== state.session) return;
+    state.controlPlaneError = e.message;
+    schedule(renderMain);
+    return;
+  }
+  if (session !== state.session) return;
+  state.controlPlane = cp || {};
+  state.controlPlaneError = null;
+  schedule(renderControlPlane);
   schedule(renderMain);
 }
 
@@ -1686,7 +1803,8 @@ function readOverview(o) {
 function renderOverview() {
   const o = state.overview;
   const key = 'overview\n' + JSON.stringify([state.summary, state.summaryError, state.clusters,
-    o && o.error, o && o.hosts && o.hosts.map(hostRowData)]);
+    o && o.error, o && o.hosts && o.hosts.map(hostRowData), state.controlPlane,
+    state.controlPlaneError]);
   showMain(key, buildOverview);
 }
 
@@ -1746,12 +1864,35 @@ function buildOverview() {
           el('span', { class: 'stat-sub' },
             el('span', { id: 'overview-running', text: String(running) }), ' running')),
         stateCounts(s.vms_by_state, 'VMs by state')),
+      controlPlaneCard(),
       wide(el('section', { class: 'card', 'aria-labelledby': 'overview-clusters-title' },
         el('h2', { id: 'overview-clusters-title', text: 'Clusters' }),
         clusters.length ? clusterTable(clusters) : el('p', { class: 'muted', text: 'No clusters yet.' }))),
       wide(el('section', { class: 'card', 'aria-labelledby': 'overview-hostlist-title' },
         el('h2', { id: 'overview-hostlist-title', text: 'Hosts by name' }),
         hostsBody))));
+}
+
+/** The overview's card of the control plane: this center, its role, the group's leader. */
+function controlPlaneCard() {
+  const v = controlPlaneView();
+  const err = state.controlPlaneError;
+  let dl = null;
+  if (v.read) {
+    dl = facts([
+      ['Mode', v.ha ? 'HA group (etcd)' : 'single center'],
+      ['This center', v.center || '—'],
+      ['Role', v.role],
+      ['Leader', v.leader ? v.leader.name : '—'],
+      ['Term', v.role === 'leader' && v.term !== null ? String(v.term) : '—'],
+    ]);
+    dl.id = 'overview-control-plane';
+  }
+  return el('section', { class: 'card', 'aria-labelledby': 'overview-cp-title' },
+    el('h2', { id: 'overview-cp-title', text: 'Control plane' }),
+    dl,
+    err ? el('p', { id: 'overview-control-plane-error', class: 'error', text: `The control plane is not available: ${err}` }) : null,
+    !dl && !err ? el('p', { class: 'muted', text: 'Loading…' }) : null);
 }
 
 function clusterTable(clusters) {

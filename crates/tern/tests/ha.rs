@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::browser::{sign_in, Browser};
 use common::etcd::{free_port, EtcdCluster};
 use common::{tern_exe, text};
 use nix::sys::signal::{kill, Signal};
@@ -454,7 +455,11 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
         None,
         "a center leads already: the guest may have waited for it"
     );
-    let next = wait_for("a new leader", Duration::from_secs(30), || lab_leader(&lab));
+    let next = wait_for(
+        "a new leader once the dead one's lease is over",
+        Duration::from_secs(LONG_LEASE_S + 25),
+        || lab_leader(&lab),
+    );
     eprintln!(
         "MEASURED leader killed right after a commit: {next} leads after {:?}",
         died.elapsed()
@@ -472,6 +477,64 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
         report["longest_gap_ms"], report["records"]
     );
     common::assert_stream_intact(&report);
+
+    // The web client of a standby says what it is and where changes go; the leader's says it
+    // leads.
+    let standby = if next == "center2" {
+        "center3"
+    } else {
+        "center2"
+    };
+    let b = Browser::start();
+    let ui_of = |name: &str| -> (Child, String) {
+        let mut ui = Command::new(tern_exe())
+            .args(["ui", "--listen", "127.0.0.1:0", "--socket"])
+            .arg(lab.dir.join(name).join("center.sock"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tern ui");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(ui.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("tern ui's first line");
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://127.0.0.1:"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_string();
+        (ui, base)
+    };
+    let (mut ui, base) = ui_of(standby);
+    sign_in(&b, &base, &lab.token(), "admin");
+    let banner = b.wait_text("#standby-banner", Duration::from_secs(20), |t| {
+        t.contains("standby")
+    });
+    assert!(banner.contains("takes no changes"), "{banner}");
+    assert_eq!(b.text("#standby-leader-link").as_deref(), Some(next));
+    let indicator = b.wait_text("#control-plane", Duration::from_secs(10), |t| {
+        t.starts_with("standby")
+    });
+    assert!(
+        indicator.contains(standby) && indicator.contains(next),
+        "{indicator}"
+    );
+    let violations = b.accessibility_violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let _ = ui.kill();
+    let _ = ui.wait();
+    let (mut ui, base) = ui_of(next);
+    sign_in(&b, &base, &lab.token(), "admin");
+    b.wait_text("#control-plane", Duration::from_secs(20), |t| {
+        t.starts_with(&format!("leader {next} · term"))
+    });
+    assert!(
+        b.attribute("#standby-banner", "hidden").is_some(),
+        "the leader shows the standby banner"
+    );
+    let _ = ui.kill();
+    let _ = ui.wait();
 }
 
 /// etcd with TLS and client certificates (as production runs it): a center given the CA and

@@ -175,6 +175,14 @@ fn an_operator_migrates_a_vm_from_the_browser_and_watches_it_live() {
     b.wait_text("#whoami", Duration::from_secs(10), |t| t.contains("admin"));
     b.wait_for("#overview", Duration::from_secs(10));
     view(&b, &shots, "overview");
+    // A single center: the overview says so, and the header shows no HA role.
+    b.wait_text("#overview-control-plane", Duration::from_secs(10), |t| {
+        t.contains("single center")
+    });
+    assert!(
+        b.attribute("#control-plane", "hidden").is_some(),
+        "a single center shows an HA role"
+    );
     b.wait_for("a.tree-host[data-host=h2]", Duration::from_secs(10));
     b.wait_for("a.tree-vm[data-vm=web1]", Duration::from_secs(10));
     let under_h1 = b.run(

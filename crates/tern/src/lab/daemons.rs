@@ -111,14 +111,9 @@ pub(super) fn center_args(st: &LabState, name: &str) -> Vec<String> {
     if !st.etcd.is_empty() {
         args.extend(["--ha-name".into(), name.into()]);
         args.extend(["--advertise-url".into(), center_url(name)]);
-        // A lab's takeovers take seconds, not the production lease of 15 s. A test that needs
-        // a longer lease for one center (no takeover for a while after it dies) sets
-        // TERN_LAB_LEASE_TTL_S when it starts that center.
-        let ttl = std::env::var("TERN_LAB_LEASE_TTL_S")
-            .ok()
-            .and_then(|v| v.parse::<u16>().ok())
-            .unwrap_or(5);
-        args.extend(["--lease-ttl-s".into(), ttl.to_string()]);
+        // A lab's takeovers take seconds, not the production lease of 15 s (see also
+        // [`LEASE_OVERRIDE_ENV`]).
+        args.extend([LEASE_FLAG.into(), "5".into()]);
         for i in 0..st.etcd.len() {
             args.extend(["--etcd".into(), etcd_urls(i).0]);
         }
@@ -223,10 +218,36 @@ fn process_mut<'a>(st: &'a mut LabState, name: &str) -> anyhow::Result<&'a mut L
 }
 
 /// Spawns the named process and records its pid.
+/// The centers' lease flag in a lab's HA group.
+const LEASE_FLAG: &str = "--lease-ttl-s";
+/// Set when `tern lab start CENTER` runs, the lease (seconds) that center runs with this time
+/// instead of the lab's: a test that needs no takeover for a while after a center dies.
+const LEASE_OVERRIDE_ENV: &str = "TERN_LAB_LEASE_TTL_S";
+
+/// A center's recorded flags, with the lease of [`LEASE_OVERRIDE_ENV`] if that is set (and a
+/// number).
+fn with_lease_override(args: &[String]) -> Vec<String> {
+    let mut args = args.to_vec();
+    let ttl = std::env::var(LEASE_OVERRIDE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok());
+    if let (Some(ttl), Some(i)) = (ttl, args.iter().position(|a| a == LEASE_FLAG)) {
+        if let Some(v) = args.get_mut(i + 1) {
+            *v = ttl.to_string();
+        }
+    }
+    args
+}
+
 pub(super) fn start_process(st: &mut LabState, name: &str) -> anyhow::Result<Child> {
     let exe = st.exe.clone();
     let p = process_mut(st, name)?;
-    let child = procs::spawn(p.exe.as_deref().unwrap_or(&exe), p)?;
+    let recorded = p.args.clone();
+    p.args = with_lease_override(&recorded);
+    let spawned = procs::spawn(p.exe.as_deref().unwrap_or(&exe), p);
+    // The override is for this start only.
+    p.args = recorded;
+    let child = spawned?;
     p.pid = Some(child.id());
     st.save()?;
     Ok(child)
