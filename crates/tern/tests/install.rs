@@ -4,8 +4,9 @@
 //! a machine already set up and refuse bad input;
 //! `scripts/package.sh` builds the three .debs with the binary, the systemd units (verified
 //! by systemd-analyze, the center's sandbox scored) and the config files as conffiles.
-//! Under a booted systemd (a container), the packaged agent unit keeps the VMs running across
-//! a restart, a stop and a start.
+//! Under a booted systemd (a container over a copy of this machine's root), the packages
+//! install and purge with dpkg, and the agent's unit keeps the VMs running across a restart, a
+//! stop and a start, and the agent package's removal.
 
 mod common;
 
@@ -481,31 +482,77 @@ fn packages_carry_the_binary_the_services_and_their_config_files() {
     }
 }
 
-/// A container of this machine's own /usr booted by systemd (systemd-nspawn, an empty /etc
-/// and /var, no network but its loopback), killed with everything in it when dropped.
+/// A writable copy of this machine's root (an overlay on a tmpfs: nothing reaches the real
+/// one) booted by systemd in a container (systemd-nspawn, no network but its loopback), to
+/// `basic.target` only: the machine's own enabled services stay down. Dropped: the container
+/// and everything in it are killed and the overlay goes.
 struct BootedSystemd {
-    nspawn: Child,
+    nspawn: Option<Child>,
     /// The container's PID 1, as this machine sees it.
     init: u32,
+    /// The tmpfs holding the overlay's upper layer; the root is `base/root`.
+    base: PathBuf,
 }
 
 impl BootedSystemd {
-    /// Boots `tern-test.target` (basic.target and nothing else: the host's enabled services
-    /// stay down) with `binds` (`--bind` or `--bind-ro` arguments).
-    fn boot(name: &str, binds: &[String], log: &Path) -> BootedSystemd {
+    fn boot(name: &str, log: &Path) -> BootedSystemd {
+        let base = PathBuf::from(format!("/run/{name}"));
+        let mut booted = BootedSystemd {
+            nspawn: None,
+            init: 0,
+            base: base.clone(),
+        };
+        let mount = |args: &[&str]| {
+            let out = Command::new("mount").args(args).output().expect("mount");
+            assert!(out.status.success(), "mount {args:?}: {}", text(&out));
+        };
+        std::fs::create_dir_all(&base).expect("overlay base");
+        mount(&["-t", "tmpfs", "tmpfs", &s(&base)]);
+        for d in ["upper", "work", "root"] {
+            std::fs::create_dir_all(base.join(d)).expect("overlay dirs");
+        }
+        let layers = format!(
+            "lowerdir=/,upperdir={},workdir={}",
+            s(&base.join("upper")),
+            s(&base.join("work"))
+        );
+        mount(&[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &layers,
+            &s(&booted.root()),
+        ]);
+        // The root file system's own /dev holds a few static nodes (under the machine's
+        // devtmpfs); nspawn wants an empty one.
+        mount(&["-t", "tmpfs", "tmpfs", &s(&booted.root().join("dev"))]);
+        let units = booted.root().join("etc/systemd/system");
+        std::fs::write(
+            units.join("tern-test.target"),
+            "[Unit]\nDescription=tern test: basic.target only\nRequires=basic.target\n\
+             After=basic.target\nAllowIsolate=yes\n",
+        )
+        .expect("test target");
+        // Masked: with no network configuration in the container, network-online.target (which
+        // the units want) would wait two minutes for it.
+        let wait_online = units.join("systemd-networkd-wait-online.service");
+        let _ = std::fs::remove_file(&wait_online);
+        std::os::unix::fs::symlink("/dev/null", wait_online).expect("mask wait-online");
+
         let logfile = std::fs::File::create(log).expect("container log");
         let nspawn = Command::new("systemd-nspawn")
-            .args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit"])
-            .args(["--private-network", "-M", name, "--quiet", "-b"])
-            .args(binds)
-            .args(["systemd.unit=tern-test.target", "systemd.firstboot=off"])
+            .arg("-D")
+            .arg(booted.root())
+            .args(["--register=no", "--keep-unit", "--private-network"])
+            .args(["-M", name, "--quiet", "-b", "systemd.unit=tern-test.target"])
             .stdin(Stdio::null())
             .stdout(logfile.try_clone().expect("log"))
             .stderr(logfile)
             .spawn()
             .expect("systemd-nspawn (scripts/setup.sh installs systemd-container)");
         let pid = nspawn.id();
-        let mut booted = BootedSystemd { nspawn, init: 0 };
+        booted.nspawn = Some(nspawn);
         booted.init = common::wait_for("the container's init", Duration::from_secs(30), || {
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
                 .ok()?
@@ -515,14 +562,18 @@ impl BootedSystemd {
                 .ok()
         });
         common::wait_for("systemd to boot", Duration::from_secs(60), || {
-            let state = booted.systemctl(&["is-system-running"]);
-            let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            let out = booted.systemctl(&["is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
             matches!(state.as_str(), "running" | "degraded").then_some(())
         });
         booted
     }
 
-    /// `cmd` inside the container's namespaces.
+    fn root(&self) -> PathBuf {
+        self.base.join("root")
+    }
+
+    /// `cmd` inside the container's namespaces `ns` (nsenter's flags).
     fn run(&self, ns: &[&str], cmd: &[&str]) -> Output {
         Command::new("nsenter")
             .args(["-t", &self.init.to_string()])
@@ -531,6 +582,13 @@ impl BootedSystemd {
             .stdin(Stdio::null())
             .output()
             .expect("nsenter")
+    }
+
+    /// `cmd` in the container, asserting success.
+    fn ok(&self, cmd: &[&str]) -> String {
+        let out = self.run(&["-m", "-p"], cmd);
+        assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
     }
 
     fn systemctl(&self, args: &[&str]) -> Output {
@@ -545,7 +603,7 @@ impl BootedSystemd {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// A file of the container.
+    /// A file of the container, read through its PID 1 (its /proc too).
     fn read(&self, path: &str) -> Option<String> {
         std::fs::read_to_string(format!("/proc/{}/root{path}", self.init)).ok()
     }
@@ -560,74 +618,88 @@ impl Drop for BootedSystemd {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        let _ = self.nspawn.kill();
-        let _ = self.nspawn.wait();
+        if let Some(mut n) = self.nspawn.take() {
+            let _ = n.wait();
+        }
+        for m in [self.root().join("dev"), self.root(), self.base.clone()] {
+            let _ = Command::new("umount").arg(&m).output();
+        }
+        let _ = std::fs::remove_dir(&self.base);
     }
 }
 
-/// The packaged agent unit under a booted systemd: `systemctl restart`, and a stop and a
-/// start (an upgrade), leave the VM's QEMU running, and each new agent adopts it. The unit's
-/// `KillMode=process` is what keeps the VMs; systemd's default would kill them.
+/// The packages' whole life on a booted systemd (a container over a copy of this machine's
+/// root): `dpkg -i` installs the binary, the disabled units and a system user; the agent,
+/// enabled and started from its unit, runs a VM; `systemctl restart`, and a stop and a start
+/// (an upgrade), leave the VM's QEMU running and each new agent adopts it (the unit's
+/// `KillMode=process`: systemd's default would kill the VMs); `dpkg -r` stops the agent, not the
+/// VM, and keeps the config; `dpkg -P` removes the config and the binary.
 #[test]
-fn the_packaged_agent_unit_keeps_vms_running_across_restart_stop_and_start() {
-    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let dir = tmp.path();
-    let write = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::create_dir_all(p.parent().expect("a parent")).expect("dir");
-        std::fs::write(&p, text).expect("write");
-        p
-    };
-    let target = write(
-        "tern-test.target",
-        "[Unit]\nDescription=tern test: basic.target only\nRequires=basic.target\n\
-         After=basic.target\nAllowIsolate=yes\n",
+fn packages_install_and_the_agent_unit_keeps_vms_across_restart_stop_and_removal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("bash")
+        .arg(common::repo_root().join("scripts/package.sh"))
+        .args([
+            "--binary",
+            &s(&tern_exe()),
+            "--out",
+            &s(tmp.path()),
+            "--fast",
+        ])
+        .output()
+        .expect("run package.sh");
+    assert!(out.status.success(), "{}", text(&out));
+    let name = format!("tern-sd-{}", std::process::id());
+    let c = BootedSystemd::boot(&name, &tmp.path().join("container.log"));
+    let root = c.root();
+    assert!(
+        !Path::new("/usr/bin/tern").exists() || root.join("usr/bin/tern").exists(),
+        "test precondition"
     );
-    // The shipped unit as it is; only the binary's path differs (the container's /usr is this
-    // machine's, read-only, without /usr/bin/tern).
-    write(
-        "dropin/binary.conf",
-        "[Service]\nExecStart=\nExecStart=/opt/tern/tern host agent --config /etc/tern/host.toml\n",
+    let debs = root.join("var/tmp/tern-debs");
+    std::fs::create_dir_all(&debs).expect("debs dir");
+    let version = env!("CARGO_PKG_VERSION");
+    let mut install = vec!["dpkg".to_string(), "-i".into()];
+    for deb in [
+        format!("tern_{version}_amd64.deb"),
+        format!("tern-center_{version}_all.deb"),
+        format!("tern-host_{version}_all.deb"),
+    ] {
+        std::fs::copy(tmp.path().join(&deb), debs.join(&deb)).expect("copy a package");
+        install.push(format!("/var/tmp/tern-debs/{deb}"));
+    }
+    let install: Vec<&str> = install.iter().map(String::as_str).collect();
+    c.ok(&install);
+    assert!(
+        !Path::new("/usr/bin/tern").exists(),
+        "the package reached this machine's own root"
     );
-    // Shared storage outside /tmp and /var/tmp: the unit gives the agent private ones.
-    let config = write(
-        "host.toml",
+    let units = c.ok(&["systemctl", "list-unit-files", "tern-*", "--no-legend"]);
+    for unit in ["tern-center.service", "tern-host.service"] {
+        assert!(
+            units
+                .lines()
+                .any(|l| l.starts_with(unit) && l.contains("disabled")),
+            "{unit} not shipped disabled: {units}"
+        );
+    }
+    assert!(c.ok(&["getent", "passwd", "tern"]).contains("nologin"));
+
+    // The agent's config, as an operator (or `tern host join`) writes it; shared storage
+    // outside /tmp and /var/tmp, which the unit makes private to the agent.
+    std::fs::write(
+        root.join("etc/tern/host.toml"),
         "name = \"h1\"\ncluster = \"lab\"\nlisten = \"127.0.0.1:8701\"\n\
          shared_storage = \"/srv/tern/shared\"\naccel = \"tcg\"\n",
-    );
-    let guest = common::guest_dir();
-    let shared = dir.join("shared/guest");
+    )
+    .expect("host.toml");
+    let shared = root.join("srv/tern/shared/guest");
     std::fs::create_dir_all(&shared).expect("shared dir");
+    let guest = common::guest_dir();
     for f in ["vmlinuz", "initramfs.img"] {
         std::fs::copy(guest.join(f), shared.join(f)).expect("copy the guest");
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let unit = common::repo_root().join("packaging/systemd/tern-host.service");
-    let binds = [
-        format!(
-            "--bind-ro={}:/etc/systemd/system/tern-test.target",
-            s(&target)
-        ),
-        format!(
-            "--bind-ro={}:/etc/systemd/system/tern-host.service",
-            s(&unit)
-        ),
-        format!(
-            "--bind-ro={}:/etc/systemd/system/tern-host.service.d",
-            s(&dir.join("dropin"))
-        ),
-        format!("--bind-ro={}:/opt/tern/tern", s(&tern_exe())),
-        format!("--bind-ro={}:/etc/tern/host.toml", s(&config)),
-        format!("--bind={}:/srv/tern/shared", s(&dir.join("shared"))),
-        // Masked: with no network configuration in the container, the unit's
-        // network-online.target would wait for it for two minutes.
-        "--bind-ro=/dev/null:/etc/systemd/system/systemd-networkd-wait-online.service".into(),
-    ];
-    let name = format!("tern-sd-{}", std::process::id());
-    let log = dir.join("container.log");
-    let c = BootedSystemd::boot(&name, &binds, &log);
-    let out = c.systemctl(&["start", "tern-host"]);
-    assert!(out.status.success(), "{}", text(&out));
+    c.ok(&["systemctl", "enable", "--now", "tern-host"]);
 
     let token = common::wait_for("the agent's token", Duration::from_secs(30), || {
         c.read("/var/lib/tern/host/agent.token")
@@ -680,9 +752,13 @@ fn the_packaged_agent_unit_keeps_vms_running_across_restart_stop_and_start() {
         let (status, vm) = call("PUT", &vm_path, Some(&start.to_string()));
         (status == 200 && vm["state"] == "running").then(|| vm["pid"].as_u64())?
     });
-    // Where the unit put QEMU: with the agent, in its own cgroup (what KillMode governs).
+    // Where the unit put QEMU: with the agent, in its cgroup (what KillMode governs).
     let cgroup = c.read(&format!("/proc/{qemu}/cgroup")).unwrap_or_default();
     assert!(cgroup.contains("tern-host.service"), "{cgroup}");
+    let qemu_alive = || {
+        c.read(&format!("/proc/{qemu}/cmdline"))
+            .is_some_and(|cmd| cmd.starts_with("qemu-system"))
+    };
 
     let agent_adopts = |what: &str, old_agent: &str| {
         common::wait_for(what, Duration::from_secs(60), || {
@@ -692,34 +768,44 @@ fn the_packaged_agent_unit_keeps_vms_running_across_restart_stop_and_start() {
             (status == 200).then_some(vm)
         })
     };
-
     let before = c.agent_unit("MainPID");
-    let out = c.systemctl(&["restart", "tern-host"]);
-    assert!(out.status.success(), "{}", text(&out));
+    c.ok(&["systemctl", "restart", "tern-host"]);
     let vm = agent_adopts("the restarted agent", &before);
     assert_eq!(vm["state"], "running", "the restart lost the VM: {vm}");
     assert_eq!(vm["pid"].as_u64(), Some(qemu), "{vm}");
 
     let before = c.agent_unit("MainPID");
-    let out = c.systemctl(&["stop", "tern-host"]);
-    assert!(out.status.success(), "{}", text(&out));
+    c.ok(&["systemctl", "stop", "tern-host"]);
     assert_eq!(c.agent_unit("ActiveState"), "inactive");
-    assert!(
-        c.read(&format!("/proc/{qemu}/cmdline"))
-            .is_some_and(|cmd| cmd.starts_with("qemu-system")),
-        "stopping the agent stopped the VM"
-    );
-    let out = c.systemctl(&["start", "tern-host"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(qemu_alive(), "stopping the agent stopped the VM");
+    c.ok(&["systemctl", "start", "tern-host"]);
     let vm = agent_adopts("the agent started again", &before);
     assert_eq!(vm["state"], "running", "{vm}");
     assert_eq!(vm["pid"].as_u64(), Some(qemu), "{vm}");
-    let journal = c.run(
-        &["-m", "-p"],
-        &["journalctl", "-u", "tern-host", "--no-pager", "-o", "cat"],
+    let journal = c.ok(&["journalctl", "-u", "tern-host", "--no-pager", "-o", "cat"]);
+    assert_eq!(
+        journal.matches("re-adopted running VM").count(),
+        2,
+        "{journal}"
     );
-    let adopted = String::from_utf8_lossy(&journal.stdout)
-        .matches("re-adopted running VM")
-        .count();
-    assert_eq!(adopted, 2, "{}", text(&journal));
+
+    // Removal stops the agent, not its VM, and keeps the operator's config; purge takes that.
+    c.ok(&["dpkg", "-r", "tern-host"]);
+    assert_eq!(c.agent_unit("ActiveState"), "inactive");
+    assert!(qemu_alive(), "removing the agent's package stopped the VM");
+    assert!(root.join("etc/tern/host.toml").exists());
+    assert!(!root.join("lib/systemd/system/tern-host.service").exists());
+    c.ok(&["dpkg", "-P", "tern-host"]);
+    assert!(!root.join("etc/tern/host.toml").exists());
+    c.ok(&["dpkg", "-P", "tern-center", "tern"]);
+    assert!(!root.join("usr/bin/tern").exists());
+    let left = c.run(
+        &["-m", "-p"],
+        &["dpkg-query", "-W", "-f", "${Package} ${Status}\\n", "tern*"],
+    );
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains("ok installed"),
+        "packages left after purge: {}",
+        text(&left)
+    );
 }
