@@ -44,6 +44,15 @@ const LOAD_PAGE: i64 = 500;
 pub const MAX_TXN_OPS: usize = 128;
 /// How much of etcd's history the leader keeps (older revisions are compacted away).
 pub const COMPACT_EVERY: Duration = Duration::from_secs(300);
+/// Compaction frees space inside a member's database file but never shrinks the file, which
+/// counts against etcd's quota (2 GiB by default): a member is defragmented once this much of
+/// its file is free...
+const DEFRAG_MIN_FREE: i64 = 64 << 20;
+/// ...and that is at least this share of the file. A defragmentation blocks the member while
+/// it rewrites the file, so members are done one after the other, and only when it pays.
+const DEFRAG_FREE_SHARE: f64 = 0.5;
+/// How long one member's defragmentation may take.
+const DEFRAG_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl HaSettings {
     fn leader_key(&self) -> String {
@@ -637,14 +646,93 @@ pub async fn compactor(etcd: Etcd, mut shutdown: watch::Receiver<bool>) {
                 Ok(_) => tracing::debug!(revision = rev, "compacted etcd's history"),
                 Err(e) => tracing::warn!("{e}"),
             }
+            defragment_members(&etcd, DEFRAG_MIN_FREE).await;
         }
         previous = now;
     }
 }
 
+/// What [`defragment_members`] did to one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defragmented {
+    pub endpoint: String,
+    pub before: i64,
+    pub after: i64,
+}
+
+/// Whether a member whose database file is `size` bytes with `in_use` bytes in use is worth
+/// defragmenting (at least `min_free` bytes and [`DEFRAG_FREE_SHARE`] of it free).
+fn worth_defragmenting(size: i64, in_use: i64, min_free: i64) -> bool {
+    let free = size - in_use;
+    free >= min_free && free as f64 >= size as f64 * DEFRAG_FREE_SHARE
+}
+
+/// Defragments, one after the other, the members whose files are mostly free space (at least
+/// `min_free` bytes); says what each one did. A member that does not answer is left for the
+/// next round.
+pub async fn defragment_members(etcd: &Etcd, min_free: i64) -> Vec<Defragmented> {
+    let mut done = Vec::new();
+    for endpoint in &etcd.settings.endpoints {
+        let one = HaSettings {
+            endpoints: vec![endpoint.clone()],
+            ..etcd.settings.clone()
+        };
+        let mut client = match Etcd::connect(&one).await {
+            Ok(e) => e.client,
+            Err(e) => {
+                tracing::debug!(endpoint, "no defragmentation check: {e}");
+                continue;
+            }
+        };
+        let Ok(before) = timed("reading a member's status", client.status()).await else {
+            continue;
+        };
+        if !worth_defragmenting(before.db_size(), before.raft_used_db_size(), min_free) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(DEFRAG_TIMEOUT, client.defragment()).await {
+            Ok(Ok(_)) => {
+                let after = timed("reading a member's status", client.status())
+                    .await
+                    .map(|s| s.db_size())
+                    .unwrap_or(0);
+                tracing::info!(
+                    endpoint,
+                    before_bytes = before.db_size(),
+                    after_bytes = after,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "defragmented an etcd member's database"
+                );
+                done.push(Defragmented {
+                    endpoint: endpoint.clone(),
+                    before: before.db_size(),
+                    after,
+                });
+            }
+            Ok(Err(e)) => tracing::warn!(endpoint, "defragmenting an etcd member: {e}"),
+            Err(_) => tracing::warn!(
+                endpoint,
+                "defragmenting an etcd member took over {DEFRAG_TIMEOUT:?}; left for the next round"
+            ),
+        }
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_mostly_free_file_is_worth_a_members_pause() {
+        let mib = 1 << 20;
+        assert!(worth_defragmenting(200 * mib, 50 * mib, DEFRAG_MIN_FREE));
+        // Little free in absolute terms, or a small share of a big file: left alone.
+        assert!(!worth_defragmenting(100 * mib, 50 * mib, DEFRAG_MIN_FREE));
+        assert!(!worth_defragmenting(1000 * mib, 800 * mib, DEFRAG_MIN_FREE));
+        assert!(!worth_defragmenting(mib, 0, DEFRAG_MIN_FREE));
+    }
 
     #[test]
     fn prefix_end_is_the_next_key() {
