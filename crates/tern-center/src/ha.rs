@@ -61,6 +61,31 @@ impl HaSettings {
     fn rows_prefix(&self) -> String {
         format!("{}/rows/", self.prefix)
     }
+    /// The store layout the group's rows are written in (see [`Etcd::check_layout`]).
+    fn layout_key(&self) -> String {
+        format!("{}/layout", self.prefix)
+    }
+}
+
+/// Whether a center whose store layout is `ours` may join a group whose rows are written in
+/// layout `group`; the refusal says what to do.
+fn layout_verdict(group: u32, ours: u32) -> Result<(), String> {
+    match group.cmp(&ours) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(format!(
+            "the cluster's state in etcd is written in store layout {group}, newer than this \
+             center's {ours} (tern {}): run this center at the version of the group's other \
+             centers",
+            env!("CARGO_PKG_VERSION")
+        )),
+        std::cmp::Ordering::Less => Err(format!(
+            "the cluster's state in etcd is written in store layout {group}, older than this \
+             center's {ours} (tern {}): every center of a group must read and write one \
+             layout, and this version cannot convert the group's rows yet; run this center at \
+             the group's version",
+            env!("CARGO_PKG_VERSION")
+        )),
+    }
 }
 
 /// etcd, as this center uses it.
@@ -111,6 +136,55 @@ impl Etcd {
             client,
             settings: settings.clone(),
         })
+    }
+
+    /// Checks that the group's rows are written in this center's store layout `ours` (the
+    /// number of store migrations it knows); the first center of a group records its own.
+    /// Versions of tern with the same layout mix freely in a group (a rolling upgrade); a
+    /// center of another layout would write rows the others misread, so it is refused with
+    /// the reason. The outer error is etcd's (worth retrying), the inner one the refusal.
+    pub async fn check_layout(&self, ours: u32) -> Result<Result<(), String>, StoreError> {
+        let key = self.settings.layout_key();
+        let mut client = self.client.clone();
+        // Claimed if absent; either way the answer holds what is recorded now.
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(key.clone(), ours.to_string(), None)])
+            .or_else(vec![TxnOp::get(key.clone(), None)]);
+        let resp = timed(
+            "reading the group's store layout from etcd",
+            client.txn(txn),
+        )
+        .await?;
+        if resp.succeeded() {
+            tracing::info!(layout = ours, "recorded the group's store layout in etcd");
+            return Ok(Ok(()));
+        }
+        let recorded = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let Some(recorded) = recorded else {
+            return Err(shared(
+                "reading the group's store layout from etcd",
+                "no value",
+            ));
+        };
+        let Some(group) = std::str::from_utf8(&recorded)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        else {
+            return Ok(Err(format!(
+                "etcd's {key} holds {:?}, not a store layout number: is this prefix another \
+                 program's?",
+                String::from_utf8_lossy(&recorded)
+            )));
+        };
+        Ok(layout_verdict(group, ours))
     }
 
     /// Every row at one revision: (rows, revision).
@@ -723,6 +797,15 @@ pub async fn defragment_members(etcd: &Etcd, min_free: i64) -> Vec<Defragmented>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_store_layout_per_group() {
+        assert_eq!(layout_verdict(30, 30), Ok(()));
+        let newer = layout_verdict(31, 30).unwrap_err();
+        assert!(newer.contains("newer than this center's 30"), "{newer}");
+        let older = layout_verdict(29, 30).unwrap_err();
+        assert!(older.contains("older than this center's 30"), "{older}");
+    }
 
     #[test]
     fn only_a_mostly_free_file_is_worth_a_members_pause() {

@@ -130,11 +130,12 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
                 .await
                 .with_context(|| format!("connecting to etcd at {:?}", settings.endpoints))?;
             let schema = store.replica_schema()?;
+            let layout = store.schema_version()?;
             store.replicate_to(Box::new(ha::EtcdSink::new(
                 etcd.clone(),
                 leadership.clone(),
             )))?;
-            Some((etcd, schema))
+            Some((etcd, schema, layout))
         }
         None => None,
     };
@@ -172,8 +173,8 @@ pub async fn serve(config: CenterConfig) -> anyhow::Result<RunningCenter> {
             recover(&app).await?;
             Role::Single
         }
-        Some((etcd, schema)) => {
-            let applied = first_load(&etcd, &app, &schema).await?;
+        Some((etcd, schema, layout)) => {
+            let applied = first_load(&etcd, &app, &schema, layout).await?;
             let applied_rx = applied.subscribe();
             tokio::spawn(ha::follow(
                 etcd.clone(),
@@ -263,8 +264,20 @@ async fn first_load(
     etcd: &ha::Etcd,
     app: &App,
     schema: &crate::store::replica::Schema,
+    layout: u32,
 ) -> anyhow::Result<watch::Sender<i64>> {
     let started = std::time::Instant::now();
+    loop {
+        match etcd.check_layout(layout).await {
+            Ok(Ok(())) => break,
+            Ok(Err(refused)) => bail!("{refused}"),
+            Err(e) if started.elapsed() < FIRST_LOAD_PATIENCE => {
+                tracing::warn!("{e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => bail!("{e}"),
+        }
+    }
     let (rows, revision) = loop {
         match etcd.load(schema).await {
             Ok(r) => break r,

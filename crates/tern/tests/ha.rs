@@ -47,6 +47,30 @@ impl Center {
     }
 
     fn start(&mut self, etcd: &EtcdCluster) {
+        self.spawn(etcd);
+        let sock = self.socket();
+        wait_for(
+            &format!("{} to serve", self.name),
+            Duration::from_secs(40),
+            || sock.exists().then_some(()),
+        );
+    }
+
+    /// Starts a center that must refuse to run: waits for it to exit, returns its log.
+    fn refused(&mut self, etcd: &EtcdCluster) -> String {
+        self.spawn(etcd);
+        let mut child = self.child.take().expect("started");
+        let status = wait_for(
+            &format!("{} to give up", self.name),
+            Duration::from_secs(40),
+            || child.try_wait().ok().flatten(),
+        );
+        assert!(!status.success(), "{} ran", self.name);
+        assert!(!self.socket().exists(), "{} served", self.name);
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, etcd: &EtcdCluster) {
         std::fs::create_dir_all(&self.dir).expect("data dir");
         let _ = std::fs::remove_file(self.socket());
         let log = std::fs::OpenOptions::new()
@@ -76,12 +100,6 @@ impl Center {
             .spawn()
             .expect("start tern center");
         self.child = Some(child);
-        let sock = self.socket();
-        wait_for(
-            &format!("{} to serve", self.name),
-            Duration::from_secs(40),
-            || sock.exists().then_some(()),
-        );
     }
 
     fn pid(&self) -> Pid {
@@ -608,7 +626,7 @@ fn a_center_reaches_etcd_over_mutual_tls_and_one_without_a_certificate_is_refuse
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--etcd", &url, "--ha-name", name, "--lease-ttl-s", "4"])
+            .args(["--etcd", &url, "--ha-name", name])
             .arg("--etcd-ca-file")
             .arg(&ca_file);
         if with_cert {
@@ -640,7 +658,12 @@ fn a_center_reaches_etcd_over_mutual_tls_and_one_without_a_certificate_is_refuse
         .env("TERN_LAB_DIR", dir.join("no-lab"))
         .output()
         .expect("tern");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.status.success(),
+        "{}\ncenter-a's log:\n{}",
+        text(&out),
+        std::fs::read_to_string(dir.join("center-a.log")).unwrap_or_default()
+    );
     let keys = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", &url, "--cacert"])
@@ -846,4 +869,46 @@ fn members_whose_files_are_mostly_free_are_defragmented() {
         tern_center::ha::defragment_members(&client, 16 << 20).await
     });
     assert!(again.is_empty(), "{again:?}");
+}
+
+/// Every center of a group reads and writes one store layout: the first records it in etcd,
+/// a center of another layout (an older or newer tern with other store migrations) is refused
+/// at start with the reason, and one of the same layout joins.
+#[test]
+fn a_center_of_another_store_layout_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdCluster::start(tmp.path(), 1);
+    let ctl = |args: &[&str]| -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &etcd.endpoints().join(",")])
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let mut first = Center::new(tmp.path(), "first");
+    first.start(&etcd);
+    let layout: u32 = ctl(&["get", "/tern/layout", "--print-value-only"])
+        .parse()
+        .expect("the first center recorded its layout");
+    first.kill9();
+    for (i, (recorded, says)) in [
+        ((layout + 1).to_string(), "newer than this center's"),
+        ((layout - 1).to_string(), "older than this center's"),
+        ("two".to_string(), "not a store layout number"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ctl(&["put", "/tern/layout", &recorded]);
+        let mut other = Center::new(tmp.path(), &format!("other{i}"));
+        let log = other.refused(&etcd);
+        assert!(log.contains(says), "layout {recorded}: {log}");
+    }
+    ctl(&["put", "/tern/layout", &layout.to_string()]);
+    let mut same = Center::new(tmp.path(), "same");
+    same.start(&etcd);
+    same.kill9();
 }
