@@ -289,6 +289,21 @@ async fn register(c: &RunningCenter, name: &str, agent: &FakeAgent, f: HostFacts
         .unwrap()
 }
 
+/// Creates VM `name` (256 MiB, one NIC with `mac`) in cluster `lab` on `host`.
+async fn create_vm_on(api: &ApiClient, name: &str, mac: &str, host: &str) -> Vm {
+    api.post(
+        "/api/v1/vms",
+        &CreateVm {
+            image: None,
+            spec: spec(name, mac, 256),
+            cluster: "lab".into(),
+            host: Some(host.into()),
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn heartbeat(c: &RunningCenter, reg: &Registered, load: HostLoad) -> Result<(), ApiError> {
     client(c, &reg.host_token)
         .post(
@@ -790,18 +805,7 @@ async fn a_host_learns_whether_the_store_names_it_a_vms_owner() {
     create_cluster(&c, "lab").await;
     let r1 = register(&c, "h1", &a1, facts(4, 8192)).await;
     let r2 = register(&c, "h2", &a2, facts(4, 8192)).await;
-    let vm: Vm = admin(&c)
-        .post(
-            "/api/v1/vms",
-            &CreateVm {
-                image: None,
-                spec: spec("web-1", "52:54:00:00:00:01", 256),
-                cluster: "lab".into(),
-                host: Some("h1".into()),
-            },
-        )
-        .await
-        .unwrap();
+    let vm = create_vm_on(&admin(&c), "web-1", "52:54:00:00:00:01", "h1").await;
     let ask = |reg: &Registered, token: &str, vm: Uuid| {
         let (api, path) = (
             client(&c, token),
@@ -1581,18 +1585,7 @@ async fn host_load_and_drs_imbalance_are_kept_for_an_hour_of_charts() {
         .get::<DrsHistory>("/api/v1/clusters/nope/drs/history")
         .await;
     expect_status(r, 404, "nope").await;
-    let _: Vm = api
-        .post(
-            "/api/v1/vms",
-            &CreateVm {
-                image: None,
-                spec: spec("web-1", "52:54:00:00:02:01", 256),
-                cluster: "lab".into(),
-                host: Some("h1".into()),
-            },
-        )
-        .await
-        .unwrap();
+    create_vm_on(&api, "web-1", "52:54:00:00:02:01", "h1").await;
     let t: Task = api.post("/api/v1/vms/web-1/start", &()).await.unwrap();
     let r = api
         .get::<MigrationTimeline>(&format!("/api/v1/tasks/{}/timeline", t.id))

@@ -167,6 +167,24 @@ pub fn check_parent(parent: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks that a parent group takes new groups. One that exists but does not (a read-only
+/// cgroup mount, as a container gets) is found when the agent starts, instead of failing the
+/// first VM's start.
+fn check_takes_groups(dir: &Path) -> anyhow::Result<()> {
+    let probe = dir.join(format!("tern-probe-{}", std::process::id()));
+    match std::fs::create_dir(&probe) {
+        Ok(()) => {}
+        // Left by an earlier agent of the same pid that died between the two calls.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("creating cgroup {} (a group for each VM)", probe.display())
+            })
+        }
+    }
+    std::fs::remove_dir(&probe).with_context(|| format!("removing cgroup {}", probe.display()))
+}
+
 impl ResourceControl {
     /// Finds the host's cgroup hierarchy and makes the VMs' parent group `parent` (relative,
     /// see the module doc). `Ok(None)`: this host has no cgroup CPU controller, so policies
@@ -189,6 +207,7 @@ impl ResourceControl {
                 enable_v2_controllers(&m.point, rel, memory)?;
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating cgroup {}", dir.display()))?;
+                check_takes_groups(&dir)?;
                 return Ok(Some(ResourceControl {
                     version: Version::V2,
                     description: format!(
@@ -215,6 +234,7 @@ impl ResourceControl {
             let dir = join_relative(&join_relative(&m.point, &own)?, rel)?;
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("creating cgroup {}", dir.display()))?;
+            check_takes_groups(&dir)?;
             Ok(Some(dir))
         };
         let Some(cpu) = v1("cpu")? else {

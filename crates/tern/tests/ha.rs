@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::browser::{sign_in, Browser};
+use common::browser::{open_ui_at, sign_in, Browser};
 use common::etcd::{free_port, EtcdCluster};
 use common::{tern_exe, text};
 use nix::sys::signal::{kill, Signal};
@@ -504,26 +504,7 @@ fn migrations_outlive_the_leader_center_killed_in_pre_copy_and_after_the_commit(
         "center2"
     };
     let b = Browser::start();
-    let ui_of = |name: &str| -> (Child, String) {
-        let mut ui = Command::new(tern_exe())
-            .args(["ui", "--listen", "127.0.0.1:0", "--socket"])
-            .arg(lab.dir.join(name).join("center.sock"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tern ui");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(ui.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("tern ui's first line");
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://127.0.0.1:"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .to_string();
-        (ui, base)
-    };
+    let ui_of = |name: &str| open_ui_at(&lab.dir.join(name).join("center.sock"));
     let (mut ui, base) = ui_of(standby);
     sign_in(&b, &base, &lab.token(), "admin");
     let banner = b.wait_text("#standby-banner", Duration::from_secs(20), |t| {

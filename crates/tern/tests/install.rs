@@ -345,21 +345,20 @@ fn init_and_join_make_a_center_and_a_host_that_connect() {
     assert!(text(&out).contains("set up already"), "{}", text(&out));
 }
 
+/// The three .debs of this build, made by `scripts/package.sh` into `out`.
+fn build_packages(out: &Path) {
+    let run = Command::new("bash")
+        .arg(common::repo_root().join("scripts/package.sh"))
+        .args(["--binary", &s(&tern_exe()), "--out", &s(out), "--fast"])
+        .output()
+        .expect("run package.sh");
+    assert!(run.status.success(), "{}", text(&run));
+}
+
 #[test]
 fn packages_carry_the_binary_the_services_and_their_config_files() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out = Command::new("bash")
-        .arg(common::repo_root().join("scripts/package.sh"))
-        .args([
-            "--binary",
-            &s(&tern_exe()),
-            "--out",
-            &s(tmp.path()),
-            "--fast",
-        ])
-        .output()
-        .expect("run package.sh");
-    assert!(out.status.success(), "{}", text(&out));
+    build_packages(tmp.path());
     let version = env!("CARGO_PKG_VERSION");
     let deb = |name: &str, arch: &str| tmp.path().join(format!("{name}_{version}_{arch}.deb"));
     let arch = String::from_utf8(
@@ -637,18 +636,7 @@ impl Drop for BootedSystemd {
 #[test]
 fn packages_install_and_the_agent_unit_keeps_vms_across_restart_stop_and_removal() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out = Command::new("bash")
-        .arg(common::repo_root().join("scripts/package.sh"))
-        .args([
-            "--binary",
-            &s(&tern_exe()),
-            "--out",
-            &s(tmp.path()),
-            "--fast",
-        ])
-        .output()
-        .expect("run package.sh");
-    assert!(out.status.success(), "{}", text(&out));
+    build_packages(tmp.path());
     let name = format!("tern-sd-{}", std::process::id());
     let c = BootedSystemd::boot(&name, &tmp.path().join("container.log"));
     let root = c.root();
@@ -713,7 +701,7 @@ fn packages_install_and_the_agent_unit_keeps_vms_across_restart_stop_and_removal
             "curl",
             "-s",
             "-m",
-            "10",
+            "60",
             "-X",
             method,
             "-H",
@@ -748,8 +736,13 @@ fn packages_install_and_the_agent_unit_keeps_vms_across_restart_stop_and_removal
         },
         "generation": 1,
     });
-    let qemu = common::wait_for("the VM started", Duration::from_secs(60), || {
-        let (status, vm) = call("PUT", &vm_path, Some(&start.to_string()));
+    common::wait_for("the agent's API", Duration::from_secs(60), || {
+        (call("GET", "/v1/facts", None).0 == 200).then_some(())
+    });
+    let (status, vm) = call("PUT", &vm_path, Some(&start.to_string()));
+    assert_eq!(status, 200, "starting the VM: {vm}");
+    let qemu = common::wait_for("the VM running", Duration::from_secs(60), || {
+        let (status, vm) = call("GET", &vm_path, None);
         (status == 200 && vm["state"] == "running").then(|| vm["pid"].as_u64())?
     });
     // Where the unit put QEMU: with the agent, in its cgroup (what KillMode governs).

@@ -440,9 +440,18 @@ fn axe_core() -> PathBuf {
 
 /// `tern ui` (the loopback forward an operator on this machine opens) and its URL.
 pub fn open_ui(lab: &super::Lab) -> (std::process::Child, String) {
+    open_ui_with(&["--lab-dir".as_ref(), lab.dir.as_os_str()])
+}
+
+/// `tern ui` forwarding to the center on unix socket `socket` (an HA lab's standby, say).
+pub fn open_ui_at(socket: &Path) -> (std::process::Child, String) {
+    open_ui_with(&["--socket".as_ref(), socket.as_os_str()])
+}
+
+fn open_ui_with(args: &[&std::ffi::OsStr]) -> (std::process::Child, String) {
     let mut ui = std::process::Command::new(super::tern_exe())
-        .args(["ui", "--listen", "127.0.0.1:0", "--lab-dir"])
-        .arg(&lab.dir)
+        .args(["ui", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("tern ui");
