@@ -1279,18 +1279,7 @@ async fn resource_policies_are_checked_stored_and_applied_by_the_running_vms_hos
         ("web-1", "52:54:00:00:00:01", "h1"),
         ("web-2", "52:54:00:00:00:02", "h2"),
     ] {
-        let _: Vm = api
-            .post(
-                "/api/v1/vms",
-                &CreateVm {
-                    image: None,
-                    spec: spec(name, mac, 256),
-                    cluster: "lab".into(),
-                    host: Some(host.into()),
-                },
-            )
-            .await
-            .unwrap();
+        create_vm_on(&api, name, mac, host).await;
     }
 
     // Stopped: stored only, applied when it starts.
