@@ -632,13 +632,23 @@ fn a_center_reaches_etcd_over_mutual_tls_and_one_without_a_certificate_is_refuse
         .expect("token")
         .trim()
         .to_string();
-    let out = Command::new(tern_exe())
-        .args(["cluster", "create", "tls1", "--center"])
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--token", &token])
-        .env("TERN_LAB_DIR", dir.join("no-lab"))
-        .output()
-        .expect("tern");
+    let tern = |args: &[&str]| {
+        Command::new(tern_exe())
+            .args(args)
+            .arg("--center")
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--token", &token])
+            .env("TERN_LAB_DIR", dir.join("no-lab"))
+            .output()
+            .expect("tern")
+    };
+    // It serves (as a standby) before it has taken over as the leader.
+    wait_for("center-a to take changes", Duration::from_secs(40), || {
+        let out = tern(&["center", "status", "-o", "json"]);
+        let cp: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (cp["takes_changes"] == true).then_some(())
+    });
+    let out = tern(&["cluster", "create", "tls1"]);
     assert!(
         out.status.success(),
         "{}\ncenter-a's log:\n{}",
