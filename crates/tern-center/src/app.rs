@@ -108,6 +108,9 @@ pub struct App {
     pub health: Mutex<HashMap<Uuid, HealthTracker>>,
     /// The migration scheduler: per-host concurrent migration limits, across all tasks.
     pub slots: Arc<crate::migration_slots::MigrationSlots>,
+    /// The CPU limit (MHz) the pools' division last gave each running VM under a pool
+    /// limit, as its host was told (`crate::pools`).
+    pub pool_limits: Mutex<HashMap<Uuid, u32>>,
     /// Connections to the agents, reused from call to call (see [`App::agent`]).
     pub http: tern_api::HttpPool,
     /// The cluster's CA and the center's certificate; `None` when the center serves plain
@@ -154,6 +157,7 @@ impl App {
             drs: DrsState::default(),
             health: Mutex::new(HashMap::new()),
             slots: Arc::default(),
+            pool_limits: Mutex::new(HashMap::new()),
             leadership: Arc::new(crate::leadership::Leadership::single()),
         }
     }

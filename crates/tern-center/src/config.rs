@@ -20,6 +20,8 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
 /// Default period of the DRS scheduler's pass (5 min).
 pub const DEFAULT_DRS_PERIOD_MS: u64 = 300_000;
+/// Default period of the pools' division of CPU limits by demand.
+pub const DEFAULT_POOL_DIVISION_PERIOD_MS: u64 = 10_000;
 /// How often hosts are asked which datastores they reach.
 pub const DEFAULT_DATASTORE_CHECK_MS: u64 = 10_000;
 pub const DEFAULT_HISTORY_PERIOD_MS: u64 = 10_000;
@@ -127,6 +129,11 @@ pub struct CenterArgs {
     /// joins) [default: 300000].
     #[arg(long, value_name = "MS")]
     pub drs_period_ms: Option<u64>,
+
+    /// Period of the pools' division: each pool's CPU limit is divided among its running
+    /// VMs by their demand, so what idle VMs leave goes to busy ones [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub pool_division_period_ms: Option<u64>,
 
     /// How often every connected host is asked which datastores it reaches (also asked
     /// before each placement and migration) [default: 10000].
@@ -241,6 +248,7 @@ pub struct CenterConfig {
     pub heartbeat_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub drs_period_ms: u64,
+    pub pool_division_period_ms: u64,
     pub datastore_check_ms: u64,
     pub history_period_ms: u64,
     /// Whether the TCP API speaks TLS (see [`CenterArgs::insecure_http`]).
@@ -357,6 +365,7 @@ impl CenterConfig {
             heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             drs_period_ms: DEFAULT_DRS_PERIOD_MS,
+            pool_division_period_ms: DEFAULT_POOL_DIVISION_PERIOD_MS,
             datastore_check_ms: DEFAULT_DATASTORE_CHECK_MS,
             history_period_ms: DEFAULT_HISTORY_PERIOD_MS,
             tls: true,
@@ -400,6 +409,12 @@ impl CenterConfig {
         }
         if let Some(ms) = args.drs_period_ms.or(file.drs_period_ms) {
             cfg.drs_period_ms = ms;
+        }
+        if let Some(ms) = args
+            .pool_division_period_ms
+            .or(file.pool_division_period_ms)
+        {
+            cfg.pool_division_period_ms = ms;
         }
         if let Some(ms) = args.datastore_check_ms.or(file.datastore_check_ms) {
             cfg.datastore_check_ms = ms;
@@ -512,6 +527,12 @@ impl CenterConfig {
         }
         if self.drs_period_ms == 0 {
             bail!("drs_period_ms must be more than 0 (default {DEFAULT_DRS_PERIOD_MS})");
+        }
+        if self.pool_division_period_ms == 0 {
+            bail!(
+                "pool_division_period_ms must be more than 0 (default \
+                 {DEFAULT_POOL_DIVISION_PERIOD_MS})"
+            );
         }
         if self.heartbeat_interval_ms == 0 {
             bail!("heartbeat_interval_ms must be more than 0 (default {DEFAULT_HEARTBEAT_INTERVAL_MS})");

@@ -143,7 +143,7 @@ pub async fn cluster_snapshot(
     rules: Vec<Rule>,
     placing: Option<Uuid>,
 ) -> Result<Snapshot, String> {
-    let (hosts, vms, user_rules, in_flight, pools) = app
+    let (hosts, vms, user_rules, in_flight, pools, cpus) = app
         .db
         .read(move |tx| {
             let hosts = tx.hosts_in_cluster(cluster_id)?;
@@ -158,15 +158,52 @@ pub async fn cluster_snapshot(
                 tx.drs_rules(cluster_id)?,
                 tx.unfinished_migrations()?,
                 tx.pools(cluster_id)?,
+                tx.vm_cpus()?,
             ))
         })
         .await
         .map_err(|e| format!("center store: {e}"))?;
     let mut snap = drs_snapshot(&hosts, &vms, placing, rules);
+    add_cpu_fit(&mut snap, &hosts, &vms, &cpus);
     add_user_rules(&mut snap, &user_rules);
     add_pools(&mut snap, &vms, &pools);
     add_in_flight(&mut snap, &hosts, &vms, &in_flight);
     Ok(snap)
+}
+
+/// CPU fit in a snapshot: what each host's CPU offers and what each powered-on VM's recorded
+/// CPU needs, as the tokens the migration pre-check agrees with (`tern_cpu::migrate`). A VM
+/// with no CPU record (or not started with it) needs nothing: its CPU is resolved at start;
+/// a host that reported no capability offers nothing, so no recorded CPU goes there.
+pub fn add_cpu_fit(
+    snap: &mut Snapshot,
+    hosts: &[HostRecord],
+    vms: &[VmRecord],
+    cpus: &HashMap<Uuid, crate::store::VmCpuRow>,
+) {
+    let offered: HashMap<&str, Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let tokens = match crate::evc::capability(&h.facts) {
+                Ok(Some(cap)) => tern_cpu::migrate::host_fit_tokens(&cap),
+                _ => Vec::new(),
+            };
+            (h.name.as_str(), tokens)
+        })
+        .collect();
+    for h in &mut snap.hosts {
+        h.cpu_features = offered.get(h.name.as_str()).cloned();
+    }
+    let by_name: HashMap<&str, Uuid> = vms.iter().map(|v| (v.name(), v.id)).collect();
+    for v in &mut snap.vms {
+        if v.host.is_none() {
+            continue;
+        }
+        let row = by_name.get(v.name.as_str()).and_then(|id| cpus.get(id));
+        if let Some(row) = row.filter(|r| r.powered_on) {
+            v.cpu_features = tern_cpu::migrate::vm_fit_tokens(&row.cpu);
+        }
+    }
 }
 
 /// The cluster's resource pools in a snapshot, and each VM's pool.
@@ -358,6 +395,7 @@ pub fn drs_snapshot(
                     HostState::Disconnected => tern_drs::HostState::Disconnected,
                 },
                 groups: vec![h.name.clone()],
+                cpu_features: None,
             }
         })
         .collect();

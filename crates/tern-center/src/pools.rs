@@ -15,9 +15,13 @@
 //!   among siblings), and a CPU and memory reservation no lower than its part of each
 //!   ancestor's reservation.
 //!
-//! The division is by shares over every member, running or not, so it changes only when the
-//! tree, a policy or a membership does; the center then pushes the new figures to the
-//! running members' hosts. A pool's memory limit cannot be held by cgroups without a balloon
+//! A VM starts with that division by shares over every member. From then on the leader
+//! re-divides every pool CPU limit by demand ([`divide_limits`], every
+//! `pool_division_period_ms` and on every change): among the running members only, each
+//! gets its shares' part but no more than it wants (its demand from the heartbeats plus a
+//! margin; all it can use while it runs at the limit it was given), and what the idle leave
+//! goes to the busy, by shares, like vSphere's division by entitlement. A VM that wakes up
+//! gets its part back within a period. Hosts are told only of changes. A pool's memory limit cannot be held by cgroups without a balloon
 //! (a QEMU held below its guest's RAM is killed), so it is held at power-on instead: a start
 //! that would take the pool's running members beyond it is refused, naming the pool.
 
@@ -357,6 +361,331 @@ pub fn effective(
         out.insert(v.id, e);
     }
     out
+}
+
+/// A VM counts as wanting all it can use when it runs at this fraction of its limit or more.
+const AT_LIMIT: f64 = 0.9;
+/// What a VM below its limit is given beyond its demand: this factor…
+const DEMAND_MARGIN: f64 = 1.25;
+/// …plus this part of a core, so an idle VM can still wake up.
+const IDLE_FLOOR_CORES: f64 = 0.05;
+
+/// One child of a node in the division: a running VM or a pool with running VMs below it.
+struct Part {
+    shares: f64,
+    /// The most it takes (MHz): its own limit, or for a VM all its vCPUs.
+    cap: f64,
+    /// What it asks for now (≤ cap).
+    want: f64,
+    kind: PartKind,
+}
+
+enum PartKind {
+    Vm(Uuid),
+    Pool(usize),
+}
+
+/// Whether a VM takes part in the division: it runs, or `now` says it just started (true)
+/// or stopped (false) and the store does not show it yet.
+fn member_runs(v: &VmRecord, now: Option<(Uuid, bool)>) -> bool {
+    match now {
+        Some((id, runs)) if id == v.id => runs,
+        _ => matches!(v.actual, PowerState::Running | PowerState::Paused),
+    }
+}
+
+/// The CPU limits (MHz) of the running VMs under a pool CPU limit, divided by demand (see
+/// the module doc). `demand_mhz` is each VM's latest CPU use; `given_mhz` the limit the last
+/// division gave it (missing: none yet, so it is treated as running at its limit); `now` a VM
+/// that just started or stopped.
+pub fn divide_limits(
+    pools: &[(String, PoolSettings)],
+    vms: &[VmRecord],
+    core_mhz: u32,
+    demand_mhz: &HashMap<Uuid, f64>,
+    given_mhz: &HashMap<Uuid, u32>,
+    now: Option<(Uuid, bool)>,
+) -> HashMap<Uuid, u32> {
+    let running: Vec<VmRecord> = vms
+        .iter()
+        .filter(|v| member_runs(v, now))
+        .cloned()
+        .collect();
+    let t = Tree {
+        pools,
+        vms: &running,
+        core_mhz: core_mhz.max(1),
+    };
+    let mut out = HashMap::new();
+    divide_node(&t, None, f64::INFINITY, demand_mhz, given_mhz, &mut out);
+    out
+}
+
+/// What node `n`'s subtree asks for and can take at most: `(want, cap)` in MHz; `None`
+/// when no VM runs below it.
+fn node_want(
+    t: &Tree,
+    n: Node,
+    demand: &HashMap<Uuid, f64>,
+    given: &HashMap<Uuid, u32>,
+) -> Option<(f64, f64)> {
+    let parts = parts_of(t, n, demand, given);
+    if parts.is_empty() {
+        return None;
+    }
+    let want: f64 = parts.iter().map(|p| p.want).sum();
+    let cap: f64 = parts.iter().map(|p| p.cap).sum();
+    let own = n
+        .and_then(|p| t.pools[p].1.cpu.limit_mhz)
+        .map_or(f64::INFINITY, |l| l as f64);
+    Some((want.min(own), cap.min(own)))
+}
+
+fn parts_of(
+    t: &Tree,
+    n: Node,
+    demand: &HashMap<Uuid, f64>,
+    given: &HashMap<Uuid, u32>,
+) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for p in t.child_pools(n) {
+        if let Some((want, cap)) = node_want(t, Some(p), demand, given) {
+            parts.push(Part {
+                shares: pool_cpu_shares(t.pools[p].1.cpu.shares),
+                cap,
+                want,
+                kind: PartKind::Pool(p),
+            });
+        }
+    }
+    for v in t.child_vms(n) {
+        let r = &v.spec.resources;
+        let vcpu_mhz = f64::from(v.spec.vcpus.max(1)) * f64::from(t.core_mhz);
+        let cap = r
+            .cpu_limit
+            .map_or(vcpu_mhz, |a| t.vm_cpu_mhz(a).min(vcpu_mhz));
+        let used = demand.get(&v.id).copied();
+        let at_limit = match (used, given.get(&v.id)) {
+            (Some(u), Some(&g)) => u >= AT_LIMIT * f64::from(g),
+            _ => true,
+        };
+        let want = if at_limit {
+            cap
+        } else {
+            let u = used.unwrap_or(0.0);
+            (u * DEMAND_MARGIN + IDLE_FLOOR_CORES * f64::from(t.core_mhz)).min(cap)
+        };
+        parts.push(Part {
+            shares: r.cpu_shares.cpu_shares(v.spec.vcpus) as f64,
+            cap,
+            want,
+            kind: PartKind::Vm(v.id),
+        });
+    }
+    parts
+}
+
+/// Divides `budget` MHz among node `n`'s parts and recurses into its pools.
+fn divide_node(
+    t: &Tree,
+    n: Node,
+    budget: f64,
+    demand: &HashMap<Uuid, f64>,
+    given: &HashMap<Uuid, u32>,
+    out: &mut HashMap<Uuid, u32>,
+) {
+    let own = n
+        .and_then(|p| t.pools[p].1.cpu.limit_mhz)
+        .map_or(f64::INFINITY, |l| l as f64);
+    let budget = budget.min(own);
+    let parts = parts_of(t, n, demand, given);
+    let alloc: Vec<f64> = if budget.is_finite() {
+        // First what each wants, then the rest by shares up to what each can take.
+        let wants: Vec<f64> = parts.iter().map(|p| p.want).collect();
+        let first = water_fill(&parts, &wants, budget);
+        let left = budget - first.iter().sum::<f64>();
+        let room: Vec<f64> = parts
+            .iter()
+            .zip(&first)
+            .map(|(p, a)| (p.cap - a).max(0.0))
+            .collect();
+        let extra = water_fill(&parts, &room, left.max(0.0));
+        first.iter().zip(&extra).map(|(a, b)| a + b).collect()
+    } else {
+        vec![f64::INFINITY; parts.len()]
+    };
+    for (p, a) in parts.iter().zip(alloc) {
+        match p.kind {
+            PartKind::Pool(c) => divide_node(t, Some(c), a, demand, given, out),
+            PartKind::Vm(id) if a.is_finite() => {
+                out.insert(id, (a.round() as u32).max(1));
+            }
+            PartKind::Vm(_) => {}
+        }
+    }
+}
+
+/// Splits `budget` among parts by their shares, none beyond its `limit`; what a capped part
+/// leaves goes to the others. Returns each part's amount.
+fn water_fill(parts: &[Part], limit: &[f64], budget: f64) -> Vec<f64> {
+    let mut got = vec![0.0; parts.len()];
+    let mut open: Vec<usize> = (0..parts.len()).filter(|&i| limit[i] > 0.0).collect();
+    let mut left = budget;
+    while left > 1e-6 && !open.is_empty() {
+        let total: f64 = open.iter().map(|&i| parts[i].shares.max(1e-9)).sum();
+        let mut next = Vec::with_capacity(open.len());
+        let mut spent = 0.0;
+        for &i in &open {
+            let offer = left * parts[i].shares.max(1e-9) / total;
+            let take = offer.min(limit[i] - got[i]);
+            got[i] += take;
+            spent += take;
+            if limit[i] - got[i] > 1e-6 {
+                next.push(i);
+            }
+        }
+        left -= spent;
+        if next.len() == open.len() {
+            break; // nobody was capped: the budget is spent
+        }
+        open = next;
+    }
+    got
+}
+
+/// Re-divides every pool CPU limit of the cluster by demand and tells the hosts of the VMs
+/// whose limit changed (by more than 2 % of a core). `force` tells every host (after a
+/// change of the tree or a policy, which also reset the other figures); `now` is a VM that
+/// just started or stopped (see [`divide_limits`]).
+pub async fn redivide(
+    app: &Arc<App>,
+    cluster_id: Uuid,
+    force: bool,
+    now: Option<(Uuid, bool)>,
+) -> Result<(), CenterError> {
+    let (pools, hosts, vms) = app
+        .db
+        .read(move |tx| {
+            Ok::<_, StoreError>((
+                tx.pools(cluster_id)?,
+                tx.hosts_in_cluster(cluster_id)?,
+                cluster_vms(tx, cluster_id)?,
+            ))
+        })
+        .await?;
+    let core = core_mhz(&hosts);
+    let mut demand = HashMap::new();
+    for h in &hosts {
+        let mhz = f64::from(if h.facts.cpu_mhz > 0 { h.facts.cpu_mhz } else { core });
+        for l in h.load.iter().flat_map(|l| &l.vms) {
+            demand.insert(l.vm_id, l.cpu_percent / 100.0 * mhz);
+        }
+    }
+    // A start or a stop changes who shares: every member starts again from its part by
+    // shares (as if it wanted all), and demand moves the parts from the next division on.
+    let given = if now.is_some() {
+        HashMap::new()
+    } else {
+        lock(&app.pool_limits).clone()
+    };
+    if let Some((id, false)) = now {
+        lock(&app.pool_limits).remove(&id);
+    }
+    let limits = divide_limits(&pools, &vms, core, &demand, &given, now);
+    let base = effective(&pools, &vms, core);
+    let step = (f64::from(core) * 0.02).max(1.0);
+    for vm in vms.iter().filter(|v| member_runs(v, now)) {
+        let Some(mut e) = base.get(&vm.id).cloned() else {
+            continue;
+        };
+        let limit = limits.get(&vm.id).copied();
+        let told = lock(&app.pool_limits).get(&vm.id).copied();
+        let changed = match (limit, told.as_ref()) {
+            (Some(l), Some(&g)) => (f64::from(l) - f64::from(g)).abs() >= step,
+            (None, None) => false,
+            _ => true,
+        };
+        if !force && !changed {
+            continue;
+        }
+        if let Some(l) = limit {
+            e.cpu_limit = Some(CpuAmount::Mhz(l));
+            if let Some(r) = e.cpu_reservation {
+                e.cpu_reservation = Some(CpuAmount::Mhz((r.mhz(core).round() as u32).min(l)));
+            }
+        }
+        let Some(h) = hosts.iter().find(|h| Some(h.id) == vm.host_id) else {
+            continue;
+        };
+        if h.facts.resource_control.is_none() {
+            continue;
+        }
+        match app.agent(h).set_resources(vm.id, &e).await {
+            Ok(_) => {
+                let mut g = lock(&app.pool_limits);
+                match limit {
+                    Some(l) => g.insert(vm.id, l),
+                    None => g.remove(&vm.id),
+                };
+            }
+            Err(err) => {
+                app.add_event(
+                    NewEvent::warning(format!(
+                        "host {} could not apply VM {}'s policy from its pools ({e}): {err}",
+                        h.name,
+                        vm.name()
+                    ))
+                    .vm(vm.name())
+                    .host(Some(&h.name)),
+                )
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The leader's pool division loop: every cluster with pools, every `period`.
+pub async fn divider(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let period = std::time::Duration::from_millis(app.config.pool_division_period_ms);
+    // Every so often every host is told again, whatever the leader thinks it holds: a VM
+    // that migrated started on its new host with its division by shares.
+    const FORCE_EVERY: u64 = 6;
+    let mut round: u64 = 0;
+    loop {
+        round += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let clusters = match app.db.read(|tx| tx.clusters()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("pool division: {e}");
+                continue;
+            }
+        };
+        for c in clusters {
+            let has_pools = app
+                .db
+                .read(move |tx| Ok::<_, StoreError>(!tx.pools(c.id)?.is_empty()))
+                .await
+                .unwrap_or(false);
+            if has_pools {
+                let force = round % FORCE_EVERY == 0;
+                if let Err(e) = redivide(&app, c.id, force, None).await {
+                    tracing::warn!(cluster = %c.name, "pool division: {e}");
+                }
+            }
+        }
+    }
 }
 
 /// MHz of one core in the cluster: its hosts' (the first that says), else 2 GHz.
@@ -741,46 +1070,23 @@ pub fn effective_for(tx: &Tx, vm: &VmRecord) -> Result<Resources, StoreError> {
         .unwrap_or_else(|| vm.spec.resources.clone()))
 }
 
-/// Pushes the cluster's current division to the hosts of its running VMs. A host that
-/// cannot take it is recorded in a warning event (the next change tries again); the change
-/// that led here stays.
+/// Pushes the cluster's current division to the hosts of its running VMs (after a change
+/// of the tree, a policy or a membership). A host that cannot take it is recorded in a
+/// warning event (the next division tries again); the change that led here stays.
 pub async fn apply(app: &Arc<App>, cluster_id: Uuid) -> Result<(), CenterError> {
-    let (plans, hosts) = app
-        .db
-        .read(move |tx| {
-            let pools = tx.pools(cluster_id)?;
-            let hosts = tx.hosts_in_cluster(cluster_id)?;
-            let vms = cluster_vms(tx, cluster_id)?;
-            let eff = effective(&pools, &vms, core_mhz(&hosts));
-            let plans: Vec<(VmRecord, Resources)> = vms
-                .into_iter()
-                .filter(|v| matches!(v.actual, PowerState::Running | PowerState::Paused))
-                .filter_map(|v| eff.get(&v.id).cloned().map(|e| (v, e)))
-                .collect();
-            Ok::<_, StoreError>((plans, hosts))
-        })
-        .await?;
-    for (vm, e) in plans {
-        let Some(h) = hosts.iter().find(|h| Some(h.id) == vm.host_id) else {
-            continue;
-        };
-        if h.facts.resource_control.is_none() {
-            continue;
-        }
-        if let Err(err) = app.agent(h).set_resources(vm.id, &e).await {
-            app.add_event(
-                NewEvent::warning(format!(
-                    "host {} could not apply VM {}'s policy from its pools ({e}): {err}",
-                    h.name,
-                    vm.name()
-                ))
-                .vm(vm.name())
-                .host(Some(&h.name)),
-            )
-            .await;
-        }
+    redivide(app, cluster_id, true, None).await
+}
+
+/// After VM `vm` started (`runs`) or stopped: its pool's members are divided again, so a
+/// start never finds its siblings holding what was its part. Failures are logged: the next
+/// division tries again.
+pub async fn member_changed(app: &Arc<App>, vm: &VmRecord, runs: bool) {
+    if vm.pool.is_none() {
+        return;
     }
-    Ok(())
+    if let Err(e) = redivide(app, vm.cluster_id, false, Some((vm.id, runs))).await {
+        tracing::warn!(vm = %vm.name(), "pool division: {e}");
+    }
 }
 
 #[cfg(test)]
@@ -968,5 +1274,94 @@ mod tests {
         assert!(memory_limit_breach(&pools, &vms, &vms[0])
             .unwrap()
             .is_none());
+    }
+
+    fn two_vcpus(mut v: VmRecord) -> VmRecord {
+        v.spec.vcpus = 2;
+        v
+    }
+
+    fn capped(name: &str, parent: Option<&str>, limit: u64, shares: Shares) -> (String, PoolSettings) {
+        pool(
+            name,
+            parent,
+            PoolCpu {
+                limit_mhz: Some(limit),
+                shares,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// What idle members leave goes to busy ones; busy members split by shares; a stopped
+    /// member holds nothing; the parts never add up to more than the limit.
+    #[test]
+    fn a_pools_cpu_limit_is_divided_by_demand() {
+        let core = 2000;
+        let pools = vec![capped("p", None, 1000, Shares::Normal)];
+        let busy = two_vcpus(vm("busy", Some("p"), Resources::default()));
+        let idle = two_vcpus(vm("idle", Some("p"), Resources::default()));
+        let mut off = two_vcpus(vm("off", Some("p"), Resources::default()));
+        off.actual = PowerState::Stopped;
+        let vms = vec![busy.clone(), idle.clone(), off.clone()];
+        // First division: nothing known, every running member is taken to want all: halves.
+        let none: HashMap<Uuid, f64> = HashMap::new();
+        let no_limits: HashMap<Uuid, u32> = HashMap::new();
+        let l = divide_limits(&pools, &vms, core, &none, &no_limits, None);
+        assert_eq!((l[&busy.id], l[&idle.id]), (500, 500));
+        assert!(!l.contains_key(&off.id));
+        // busy runs at its part, idle uses 20 MHz: idle keeps 20 × 1.25 + 100, busy the rest.
+        let demand = HashMap::from([(busy.id, 495.0), (idle.id, 20.0)]);
+        let l2 = divide_limits(&pools, &vms, core, &demand, &l, None);
+        assert_eq!(l2[&idle.id], 125, "{l2:?}");
+        assert_eq!(l2[&busy.id], 875, "{l2:?}");
+        // idle wakes up and runs at its small part: it wants all again, and gets half back.
+        let demand = HashMap::from([(busy.id, 870.0), (idle.id, 124.0)]);
+        let l3 = divide_limits(&pools, &vms, core, &demand, &l2, None);
+        assert_eq!((l3[&busy.id], l3[&idle.id]), (500, 500), "{l3:?}");
+        // Shares weigh when both want all: high (2 vCPUs: 4000) against normal (2000).
+        let mut high = busy.clone();
+        high.spec.resources.cpu_shares = Shares::High;
+        let vms = vec![high.clone(), idle.clone()];
+        let l4 = divide_limits(&pools, &vms, core, &none, &no_limits, None);
+        assert_eq!((l4[&high.id], l4[&idle.id]), (667, 333), "{l4:?}");
+        // A VM that just started counts before the store says it runs; one that stopped not.
+        let vms = vec![busy.clone(), idle.clone(), off.clone()];
+        let l5 = divide_limits(&pools, &vms, core, &none, &no_limits, Some((off.id, true)));
+        assert_eq!(l5.len(), 3);
+        assert!(l5.values().all(|&x| x == 333), "{l5:?}");
+        let l6 = divide_limits(&pools, &vms, core, &none, &no_limits, Some((idle.id, false)));
+        assert_eq!(l6.get(&busy.id), Some(&1000));
+        assert!(!l6.contains_key(&idle.id));
+    }
+
+    /// A parent's limit goes to its child pools by their demand, then down to their VMs; a
+    /// VM's own limit caps what it is given, and the rest goes to its siblings.
+    #[test]
+    fn nested_pools_divide_the_parents_limit_by_their_demand() {
+        let core = 2000;
+        let pools = vec![
+            capped("top", None, 3000, Shares::Normal),
+            pool("a", Some("top"), PoolCpu::default()),
+            pool("b", Some("top"), PoolCpu::default()),
+        ];
+        let a1 = two_vcpus(vm("a1", Some("a"), Resources::default()));
+        let mut a2 = two_vcpus(vm("a2", Some("a"), Resources::default()));
+        a2.spec.resources.cpu_limit = Some(CpuAmount::Mhz(200));
+        let b1 = two_vcpus(vm("b1", Some("b"), Resources::default()));
+        let vms = vec![a1.clone(), a2.clone(), b1.clone()];
+        let none: HashMap<Uuid, f64> = HashMap::new();
+        let no_limits: HashMap<Uuid, u32> = HashMap::new();
+        let l = divide_limits(&pools, &vms, core, &none, &no_limits, None);
+        // a and b get 1500 each; in a, a2 takes 200 (its own limit) and a1 the other 1300.
+        assert_eq!((l[&a1.id], l[&a2.id], l[&b1.id]), (1300, 200, 1500), "{l:?}");
+        // b idles: a's VMs get what b leaves, up to what they can use (a1: 2 cores).
+        let demand = HashMap::from([(a1.id, 1290.0), (a2.id, 199.0), (b1.id, 0.0)]);
+        let l2 = divide_limits(&pools, &vms, core, &demand, &l, None);
+        assert_eq!(l2[&b1.id], 100, "{l2:?}");
+        assert_eq!(l2[&a2.id], 200, "{l2:?}");
+        assert_eq!(l2[&a1.id], 2700, "{l2:?}");
+        let total: u32 = l2.values().sum();
+        assert!(total <= 3000, "{l2:?}");
     }
 }

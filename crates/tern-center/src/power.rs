@@ -202,11 +202,14 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
                 generation: vm.generation,
             };
             match agent.start(vm.id, &req).await {
-                Ok(rt) if rt.state == PowerState::Running => Outcome::Done {
-                    actual: rt.state,
-                    phase: format!("running on {}", host.name),
-                    result: runtime_summary(&rt),
-                },
+                Ok(rt) if rt.state == PowerState::Running => {
+                    crate::pools::member_changed(app, &vm, true).await;
+                    Outcome::Done {
+                        actual: rt.state,
+                        phase: format!("running on {}", host.name),
+                        result: runtime_summary(&rt),
+                    }
+                }
                 Ok(rt) => Outcome::Failed(format!(
                     "host {} started the VM but it is {}{}",
                     host.name,
@@ -220,6 +223,7 @@ async fn work(app: &Arc<App>, id: Uuid) -> Outcome {
             let req = t.intent.stop.clone().unwrap_or_default();
             match agent.stop(vm.id, &req).await {
                 Ok(rt) if matches!(rt.state, PowerState::Stopped | PowerState::Crashed) => {
+                    crate::pools::member_changed(app, &vm, false).await;
                     Outcome::Done {
                         actual: PowerState::Stopped,
                         phase: format!("stopped on {}", host.name),

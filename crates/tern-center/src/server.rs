@@ -327,12 +327,13 @@ async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The leader's own work: the host monitor, the DRS scheduler, the datastore checks and the
-/// history sampler. Dropping the set stops them.
+/// The leader's own work: the host monitor, the DRS scheduler, the pools' division, the
+/// datastore checks and the history sampler. Dropping the set stops them.
 fn duties(app: &Arc<App>, rx: &watch::Receiver<bool>) -> tokio::task::JoinSet<()> {
     let mut set = tokio::task::JoinSet::new();
     set.spawn(inventory::monitor(app.clone(), rx.clone()));
     set.spawn(crate::drs::scheduler(app.clone(), rx.clone()));
+    set.spawn(crate::pools::divider(app.clone(), rx.clone()));
     set.spawn(crate::datastores::monitor(app.clone(), rx.clone()));
     set.spawn(crate::history_sampler::sampler(app.clone(), rx.clone()));
     set

@@ -1581,6 +1581,28 @@ impl Tx<'_> {
             .transpose()
     }
 
+    /// Every VM's recorded CPU, by VM (one query for a whole cluster's snapshot).
+    pub fn vm_cpus(&self) -> Result<HashMap<Uuid, VmCpuRow>, StoreError> {
+        let rows: Vec<[Option<String>; 4]> = self.query_rows(
+            "SELECT vm_id, cpu, host, powered_on FROM vm_cpus",
+            [],
+            |c| c,
+        )?;
+        rows.into_iter()
+            .map(|c| {
+                let id = parse_uuid(need(&c[0], "vm cpu vm_id")?)?;
+                Ok((
+                    id,
+                    VmCpuRow {
+                        cpu: from_json("vm cpu", need(&c[1], "vm cpu")?)?,
+                        host: need(&c[2], "vm cpu host")?.to_string(),
+                        powered_on: need(&c[3], "vm cpu powered_on")? != "0",
+                    },
+                ))
+            })
+            .collect()
+    }
+
     pub fn set_cluster_evc_mode(&self, name: &str, mode: Option<&str>) -> Result<(), StoreError> {
         let n = self.tx.execute(
             "UPDATE clusters SET evc_mode = ?2 WHERE name = ?1",

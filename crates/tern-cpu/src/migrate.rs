@@ -87,6 +87,51 @@ pub fn precheck(vm: &VmCpu, dest_name: &str, dest: &HostCapability) -> Result<()
     }
 }
 
+/// What a host offers a VM's CPU, as tokens a scheduler can match by set inclusion (the DRS
+/// engine's CPU fit): the features guests can be given, the accelerator, the vendor guests
+/// see, and a digest of the whole CPU (what a host-passthrough VM must find again).
+/// [`precheck`] passes exactly when [`vm_fit_tokens`] ⊆ these.
+pub fn host_fit_tokens(host: &HostCapability) -> Vec<String> {
+    let mut out: Vec<String> = host.features.iter().map(str::to_string).collect();
+    out.push(format!("accel:{}", host.accel));
+    if let Some(v) = host.guest_vendor() {
+        out.push(format!("vendor:{}", v.cpuid()));
+    }
+    out.push(passthrough_token(&host.identity, &host.uncapped, &host.features));
+    out
+}
+
+/// What a VM's CPU needs from a host, as tokens (see [`host_fit_tokens`]).
+pub fn vm_fit_tokens(vm: &VmCpu) -> Vec<String> {
+    let mut out = vec![format!("accel:{}", vm.accel)];
+    if vm.kind == VmCpuKind::HostPassthrough {
+        match &vm.passthrough_source {
+            Some(src) => out.push(passthrough_token(&src.identity, &src.uncapped, &vm.features)),
+            // No record of the source: no host matches (as `precheck` refuses every one).
+            None => out.push("passthrough:unknown-source".to_string()),
+        }
+        return out;
+    }
+    out.extend(vm.features.iter().map(str::to_string));
+    if let Some(v) = &vm.guest_vendor {
+        out.push(format!("vendor:{}", v.cpuid()));
+    }
+    out
+}
+
+/// One token for a whole CPU: identity, features before and after the ceiling.
+fn passthrough_token(
+    identity: &crate::host::CpuIdentity,
+    uncapped: &crate::FeatureSet,
+    features: &crate::FeatureSet,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_string(&(identity, uncapped, features)).unwrap_or_default();
+    let digest = Sha256::digest(text.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("passthrough:{hex}")
+}
+
 fn vendor_name(v: Option<&crate::Vendor>) -> String {
     v.map(|v| v.to_string())
         .unwrap_or_else(|| "unknown vendor".to_string())
@@ -153,5 +198,54 @@ mod tests {
             precheck(&vm, "h4", &host(Vendor::Intel, "Broadwell", Accel::Kvm, 2)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("adds") && msg.contains("adx"), "{msg}");
+    }
+
+    /// The scheduler's token match and the migration pre-check agree on every pair of a grid
+    /// of hosts (vendors, accelerators, generations, steppings) and VM CPUs resolved on them
+    /// (named baselines, psABI levels, host-passthrough).
+    #[test]
+    fn fit_tokens_agree_with_the_precheck() {
+        let mut hosts = Vec::new();
+        for (vendor, models) in [
+            (Vendor::Intel, &["IvyBridge", "Haswell", "Broadwell", "Skylake-Server"][..]),
+            (Vendor::Amd, &["EPYC", "EPYC-Rome"][..]),
+        ] {
+            for model in models {
+                for accel in [Accel::Kvm, Accel::Tcg] {
+                    for stepping in [1, 2] {
+                        hosts.push(host(vendor.clone(), model, accel, stepping));
+                    }
+                }
+            }
+        }
+        let requests = [
+            CpuRequest::Named("IvyBridge".into()),
+            CpuRequest::Named("Haswell".into()),
+            CpuRequest::Named("x86-64-v2".into()),
+            CpuRequest::Named("x86-64-v3".into()),
+            CpuRequest::HostPassthrough,
+        ];
+        let (mut agree_ok, mut agree_refused) = (0, 0);
+        for src in &hosts {
+            for req in &requests {
+                let Ok(vm) = resolve(req, None, "src", src) else {
+                    continue;
+                };
+                let needed = vm_fit_tokens(&vm);
+                for dest in &hosts {
+                    let offered = host_fit_tokens(dest);
+                    let fits = needed.iter().all(|t| offered.contains(t));
+                    let ok = precheck(&vm, "d", dest).is_ok();
+                    assert_eq!(fits, ok, "{req:?} from {:?} to {:?}", src.identity, dest.identity);
+                    if ok {
+                        agree_ok += 1;
+                    } else {
+                        agree_refused += 1;
+                    }
+                }
+            }
+        }
+        // Both outcomes occur, so the agreement means something.
+        assert!(agree_ok > 50 && agree_refused > 50, "{agree_ok} {agree_refused}");
     }
 }

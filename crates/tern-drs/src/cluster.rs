@@ -74,6 +74,37 @@ pub(crate) struct Cluster<'s> {
     pub unit_of: Vec<usize>,
     pub units: Vec<Vec<usize>>,
     pub unit_rule: Vec<Option<usize>>,
+    // CPU fit: feature sets interned into classes, and which VM class runs on which host
+    // class (a cluster has few CPU generations, so the matrix is small).
+    host_cpu: Vec<Option<usize>>,
+    vm_cpu: Vec<Option<usize>>,
+    cpu_fit: Vec<Vec<bool>>,
+}
+
+/// Distinct CPU feature sets of a snapshot: `class` interns a set (sorted, deduplicated).
+#[derive(Default)]
+struct CpuClasses<'s> {
+    index: HashMap<Vec<&'s str>, usize>,
+    sets: Vec<Vec<&'s str>>,
+}
+
+impl<'s> CpuClasses<'s> {
+    fn class(&mut self, features: &'s [String]) -> usize {
+        let mut key: Vec<&str> = features.iter().map(String::as_str).collect();
+        key.sort_unstable();
+        key.dedup();
+        let next = self.sets.len();
+        *self.index.entry(key.clone()).or_insert_with(|| {
+            self.sets.push(key);
+            next
+        })
+    }
+}
+
+/// Whether sorted `needed` ⊆ sorted `offered`.
+fn sorted_subset(needed: &[&str], offered: &[&str]) -> bool {
+    let mut it = offered.iter();
+    needed.iter().all(|n| it.any(|o| o == n))
 }
 
 impl<'s> Cluster<'s> {
@@ -307,6 +338,31 @@ impl<'s> Cluster<'s> {
             unit_rule[unit_of[root]] = Some(ri);
         }
 
+        // CPU fit.
+        let mut vm_classes = CpuClasses::default();
+        let mut host_classes = CpuClasses::default();
+        let host_cpu: Vec<Option<usize>> = snap
+            .hosts
+            .iter()
+            .map(|h| h.cpu_features.as_deref().map(|f| host_classes.class(f)))
+            .collect();
+        let vm_cpu: Vec<Option<usize>> = snap
+            .vms
+            .iter()
+            .map(|v| (!v.cpu_features.is_empty()).then(|| vm_classes.class(&v.cpu_features)))
+            .collect();
+        let cpu_fit = vm_classes
+            .sets
+            .iter()
+            .map(|needed| {
+                host_classes
+                    .sets
+                    .iter()
+                    .map(|offered| sorted_subset(needed, offered))
+                    .collect()
+            })
+            .collect();
+
         let mut c = Cluster {
             snap,
             cfg,
@@ -342,6 +398,9 @@ impl<'s> Cluster<'s> {
             unit_of,
             units,
             unit_rule,
+            host_cpu,
+            vm_cpu,
+            cpu_fit,
         };
         c.anti_count = vec![vec![0; nh]; c.anti_members.len()];
         for v in 0..nv {
@@ -547,6 +606,11 @@ impl<'s> Cluster<'s> {
                 state: self.snap.hosts[d].state,
             });
         }
+        if !self.cpu_fits(v, d) {
+            return Err(Rejection::Cpu {
+                missing: self.cpu_missing(v, d),
+            });
+        }
         for &hr in &self.vm_host_rules[v] {
             let rule = &self.host_rules[hr];
             if rule.relation.is_must() && !rule.relation.allows(rule.in_group[d]) {
@@ -568,6 +632,28 @@ impl<'s> Cluster<'s> {
             }
         }
         Ok(())
+    }
+
+    /// Whether host `d`'s CPU offers every feature VM `v`'s CPU needs.
+    pub fn cpu_fits(&self, v: usize, d: usize) -> bool {
+        match (self.vm_cpu[v], self.host_cpu[d]) {
+            (Some(vc), Some(hc)) => self.cpu_fit[vc][hc],
+            _ => true,
+        }
+    }
+
+    /// The features VM `v` needs that host `d` lacks, sorted.
+    fn cpu_missing(&self, v: usize, d: usize) -> Vec<String> {
+        let offered = self.snap.hosts[d].cpu_features.as_deref().unwrap_or(&[]);
+        let mut missing: Vec<String> = self.snap.vms[v]
+            .cpu_features
+            .iter()
+            .filter(|f| !offered.contains(f))
+            .cloned()
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        missing
     }
 
     fn must_rejection(&self, hr: usize) -> Rejection {

@@ -148,6 +148,8 @@ pub struct Move {
 pub enum Rejection {
     /// Not connected (maintenance or disconnected).
     HostState { state: HostState },
+    /// The host's CPU lacks features the VM's CPU needs (`missing`, sorted).
+    Cpu { missing: Vec<String> },
     /// The VM is already there (or it is the host being emptied).
     Source,
     MustRule {

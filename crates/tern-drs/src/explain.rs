@@ -81,6 +81,20 @@ pub fn rejection(r: &Rejection) -> String {
             }
         ),
         Rejection::Source => "it is the source".to_string(),
+        Rejection::Cpu { missing } => {
+            const SHOWN: usize = 6;
+            let more = missing.len().saturating_sub(SHOWN);
+            let names = missing.iter().take(SHOWN).cloned().collect::<Vec<_>>();
+            format!(
+                "its CPU lacks {}{}",
+                names.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )
+        }
         Rejection::MustRule {
             rule,
             relation,

@@ -58,6 +58,11 @@ pub struct Host {
     /// Host groups this host belongs to (targets of VM-host rules).
     #[serde(default)]
     pub groups: Vec<String>,
+    /// CPU features the host can give a guest (under an EVC mode: the mode's features), for
+    /// CPU fit: a VM runs here only if its [`Vm::cpu_features`] are all in this list.
+    /// `None`: not modelled, any VM's CPU runs here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<Vec<String>>,
 }
 
 /// Proportional share of a resource under contention.
@@ -218,6 +223,10 @@ pub struct Vm {
     /// `calc-dirty-rate`); drives the migration cost.
     #[serde(default)]
     pub dirty_mib_per_s: f64,
+    /// CPU features the VM's CPU model needs from its host (its baseline's or, for a
+    /// host-passthrough CPU, the host's it started on). Empty: runs on any host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<String>,
 }
 
 impl Vm {
@@ -242,6 +251,7 @@ impl Vm {
             automation: None,
             last_migration: None,
             dirty_mib_per_s: 0.0,
+            cpu_features: Vec::new(),
         }
     }
 

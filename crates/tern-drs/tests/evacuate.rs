@@ -288,3 +288,56 @@ fn an_affinity_group_moves_together() {
     };
     assert_eq!(dest("a"), dest("b"));
 }
+
+/// CPU fit: a VM needing the newest CPU level leaves only for a host of that level, a VM of
+/// an older level may go anywhere modelled at or above it, and with no such host left the
+/// blocker names the missing features.
+#[test]
+fn vms_leave_only_for_hosts_whose_cpu_offers_their_features() {
+    let mut snap = snapshot(
+        vec![
+            host("new1", 50_000.0, 65_536.0),
+            host("old", 50_000.0, 65_536.0),
+            host("new2", 50_000.0, 65_536.0),
+            host("mid", 50_000.0, 65_536.0),
+        ],
+        vec![
+            vm("needs-new", Some("new1"), 1000.0, 2000.0),
+            vm("needs-mid", Some("new1"), 1000.0, 2000.0),
+            vm("any", Some("new1"), 1000.0, 2000.0),
+            // Loads new2 so plain balance would rather use old and mid.
+            vm("busy", Some("new2"), 30_000.0, 30_000.0),
+        ],
+    );
+    snap.hosts[0].cpu_features = Some(common::cpu_level(2));
+    snap.hosts[1].cpu_features = Some(common::cpu_level(0));
+    snap.hosts[2].cpu_features = Some(common::cpu_level(2));
+    snap.hosts[3].cpu_features = Some(common::cpu_level(1));
+    snap.vms[0].cpu_features = common::cpu_level(2);
+    snap.vms[1].cpu_features = common::cpu_level(1);
+    let plan = evacuate(&snap, "new1").unwrap();
+    assert!(plan.blockers.is_empty(), "{:?}", plan.blockers);
+    let to: HashMap<&str, &str> = plan
+        .steps
+        .iter()
+        .map(|s| (s.migration.vm.as_str(), s.migration.to_host.as_str()))
+        .collect();
+    assert_eq!(to["needs-new"], "new2");
+    assert!(["new2", "mid"].contains(&to["needs-mid"]), "{to:?}");
+
+    // Without another host of the newest level, the VM is blocked and told why.
+    snap.hosts[2].cpu_features = Some(common::cpu_level(1));
+    let plan = evacuate(&snap, "new1").unwrap();
+    let blocked: Vec<&str> = plan.blockers.iter().map(|b| b.vm.as_str()).collect();
+    assert_eq!(blocked, ["needs-new"]);
+    let BlockReason::NoHost { hosts, .. } = &plan.blockers[0].reason else {
+        panic!("{:?}", plan.blockers[0].reason)
+    };
+    assert!(hosts.iter().all(|r| matches!(
+        &r.rejection,
+        Rejection::Cpu { missing } if missing == &["cpu-2".to_string()]
+            || (r.host == "old" && missing == &["cpu-1".to_string(), "cpu-2".to_string()])
+    )), "{hosts:?}");
+    let text = tern_drs::explain::evacuation_plan(&plan);
+    assert!(text.contains("its CPU lacks cpu-2"), "{text}");
+}

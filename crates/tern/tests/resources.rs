@@ -229,7 +229,8 @@ fn shares_limits_and_their_live_changes_hold_on_the_host_and_move_with_the_vm() 
 }
 
 /// Resource pools on the hosts: a pool's CPU limit is divided among its VMs by their shares
-/// and each VM's host holds its part (changed live when the pool changes); a pool's memory
+/// and each VM's host holds its part (changed live when the pool changes); then by demand: a
+/// stopped member holds nothing and an idle one's part goes to the busy one; a pool's memory
 /// limit refuses the start that would go beyond it, naming the pool; the tree's checks refuse
 /// what cannot hold.
 #[test]
@@ -287,6 +288,42 @@ fn a_pools_limits_divide_down_to_its_vms_and_hold_on_the_hosts() {
     for c in &split {
         assert!((0.06..=0.14).contains(c), "each holds 10% ± 4: {split:?}");
     }
+
+    // Division by demand. A stopped member holds nothing: pa alone gets the pool's half core.
+    lab.tern_ok(&["pool", "set", "capped", "--cpu-limit", &half]);
+    lab.tern_ok(&["vm", "stop", "pb"]);
+    let q = groups(pids[0]).cpu_quota_cores.expect("a CPU quota");
+    assert!((0.49..=0.51).contains(&q), "pa alone holds the pool's half core: {q}");
+    // A member that starts takes its part by shares at once (a quarter)…
+    let args = lab.vm_create_args("pe", "h1", "10.78.0.139", "52:54:00:7e:03:15", 256, "", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.tern_ok(&args);
+    lab.tern_ok(&["vm", "set", "pe", "--pool", "capped"]);
+    lab.tern_ok(&["vm", "start", "pe"]);
+    let pe: Value = lab.tern_json(&["vm", "show", "pe"]);
+    let pe_pid = qemu_pid(pe["id"].as_str().expect("vm id"));
+    for p in [pids[0], pe_pid] {
+        let q = groups(p).cpu_quota_cores.expect("a CPU quota");
+        assert!((0.24..=0.26).contains(&q), "a quarter each after the start: {q}");
+    }
+    // …and once it idles, the leader's division lends its part to the busy pa, keeping pe a
+    // little above its demand.
+    lab.wait_console("pe", "TERN-GUEST-READY", Duration::from_secs(180));
+    let lent = wait_for(
+        "the idle member's part lent to the busy one",
+        Duration::from_secs(120),
+        || {
+            let pa = groups(pids[0]).cpu_quota_cores?;
+            let pe = groups(pe_pid).cpu_quota_cores?;
+            // Well above its quarter by shares (pe keeps 1.25 × its use + 5% of a core).
+            (pa >= 0.32).then_some((pa, pe))
+        },
+    );
+    assert!(lent.0 + lent.1 <= 0.51, "the parts stay within the pool's limit: {lent:?}");
+    let used = cores_used(&[pids[0], pe_pid]);
+    eprintln!("pool limit {half}, pa busy and pe idle → quotas {lent:?}, cores {used:?}");
+    assert!(used[0] >= 0.29, "pa uses what pe leaves: {used:?}");
+    lab.tern_ok(&["vm", "stop", "pe"]);
 
     // A pool's memory limit holds at power-on, naming the pool.
     lab.tern_ok(&[

@@ -15,14 +15,14 @@ pub struct Row {
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(
-        "| scenario | policy | mean imbalance | p95 imbalance | overload (% host-time) | overload host-h | migrations | GiB moved | ping-pongs | rule violations (VM-steps) | should-rule breaks | unplaced VMs | pass ms mean | pass ms max |\n",
+        "| scenario | policy | mean imbalance | p95 imbalance | overload (% host-time) | overload host-h | migrations | GiB moved | ping-pongs | rule violations (VM-steps) | should-rule breaks | unplaced VMs | CPU refusals | pass ms mean | pass ms max |\n",
     );
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let p = &r.report;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.4} | {:.4} | {:.3} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {:.2} | {:.1} |",
+            "| {} | {} | {:.4} | {:.4} | {:.3} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.1} |",
             r.scenario,
             p.policy,
             p.imbalance_mean,
@@ -35,6 +35,7 @@ pub fn markdown(rows: &[Row]) -> String {
             p.violations,
             p.should_violations,
             p.placement_failures,
+            p.cpu_refused,
             p.pass_ms_mean,
             p.pass_ms_max,
         );

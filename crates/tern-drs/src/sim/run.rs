@@ -72,6 +72,11 @@ pub struct SimReport {
     /// VM-steps breaking a should-rule.
     pub should_violations: usize,
     pub placement_failures: usize,
+    /// Placements and migrations that failed because the host's CPU lacks features the VM
+    /// needs (QEMU refuses such a start or migration); not applied. Also counted in
+    /// `placement_failures` for placements.
+    #[serde(default)]
+    pub cpu_refused: usize,
     pub passes: usize,
     pub pass_ms_mean: f64,
     pub pass_ms_max: f64,
@@ -229,7 +234,14 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
     let mut violations = 0usize;
     let mut should_violations = 0usize;
     let mut placement_failures = 0usize;
+    let mut cpu_refused = 0usize;
     let mut pass_ms: Vec<f64> = Vec::new();
+    let cpu_ok = |v: usize, h: usize| -> bool {
+        match &w.hosts[h].cpu_features {
+            None => true,
+            Some(offered) => w.vms[v].vm.cpu_features.iter().all(|f| offered.contains(f)),
+        }
+    };
 
     for (k, arriving) in arrivals.iter().enumerate().take(w.steps) {
         let t = (k as u64 * step_s) as f64;
@@ -271,7 +283,11 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
             let placed = policy.place(&snap, &new);
             for (i, h) in new.iter().zip(placed) {
                 match h {
-                    Some(h) => host_of[map[*i]] = Some(h),
+                    Some(h) if cpu_ok(map[*i], h) => host_of[map[*i]] = Some(h),
+                    Some(_) => {
+                        cpu_refused += 1;
+                        placement_failures += 1;
+                    }
                     None => placement_failures += 1,
                 }
             }
@@ -336,6 +352,10 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
                 if flight[v].is_some() || from == to || to >= nh {
                     continue;
                 }
+                if !cpu_ok(v, to) {
+                    cpu_refused += 1;
+                    continue;
+                }
                 let vm = &w.vms[v].vm;
                 let c = cost::estimate(
                     vm.memory_mib,
@@ -392,6 +412,7 @@ pub fn simulate(w: &Workload, policy: Policy, opts: &SimOptions) -> SimReport {
         violations,
         should_violations,
         placement_failures,
+        cpu_refused,
         passes: pass_ms.len(),
         pass_ms_mean: pass_ms.iter().sum::<f64>() / pass_ms.len().max(1) as f64,
         pass_ms_max: pass_ms.iter().copied().fold(0.0, f64::max),

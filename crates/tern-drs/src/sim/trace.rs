@@ -22,6 +22,7 @@
 //! | `affinity` | no | affinity group name: VMs sharing it run together |
 //! | `host_rule` | no | `RELATION:GROUP`, e.g. `must_run_on:licensed`, `should_not_run_on:rack-b` |
 //! | `host` | no (placed) | the host the VM runs on when it arrives (a real cluster's placement, to replay it); needs `hosts.csv` |
+//! | `cpu_features` | no (any host) | CPU features the VM's CPU needs, separated by `;` (its EVC baseline's) |
 //!
 //! `demand.csv` — one line per VM per sample: `timestamp_s,vm,cpu_mhz,memory_mib`.
 //! Timestamps are seconds on any clock; samples are bucketed into steps of `step_s` from the
@@ -32,8 +33,11 @@
 //! steps); the line of the timestamp that goes beyond is named.
 //!
 //! `hosts.csv` (optional: without it the caller sizes hosts, see
-//! [`super::workload::size_hosts`]) — `host,cpu_mhz,memory_mib[,groups][,state]`, `groups`
-//! separated by `;`, `state` one of `connected`, `maintenance`, `disconnected`.
+//! [`super::workload::size_hosts`]) — `host,cpu_mhz,memory_mib[,groups][,state][,cpu_features]`,
+//! `groups` separated by `;`, `state` one of `connected`, `maintenance`, `disconnected`,
+//! `degraded`; `cpu_features` (separated by `;`) are what the host's CPU offers a guest
+//! (empty: not modelled, any VM runs there). A migration or placement onto a host that lacks
+//! a VM's features fails in the simulator, as QEMU's would.
 //!
 //! Converting Azure's public VM traces (AzurePublicDataset v1/v2): take `vmtable.csv`
 //! (vm id, subscription, deployment, created, deleted, max/avg/p95 CPU, category, core
@@ -165,6 +169,22 @@ fn shares(t: &Table, line: usize, s: &str) -> Result<Shares, TraceError> {
     })
 }
 
+/// A `;`-separated list of CPU feature names (letters, digits, `_`, `-`, `.`).
+fn features(t: &Table, line: usize, s: &str) -> Result<Vec<String>, TraceError> {
+    let mut out = Vec::new();
+    for f in s.split(';').map(str::trim).filter(|f| !f.is_empty()) {
+        if f.len() > 64
+            || !f
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(t.bad(line, format!("cpu_features: {f:?} is not a feature name")));
+        }
+        out.push(f.to_string());
+    }
+    Ok(out)
+}
+
 fn relation(s: &str) -> Option<VmHostRelation> {
     Some(match s {
         "must_run_on" => VmHostRelation::MustRunOn,
@@ -266,6 +286,9 @@ pub fn read(
                 .entry((rel, group))
                 .or_default()
                 .push(name.to_string());
+        }
+        if let Some(s) = f("cpu_features") {
+            vm.cpu_features = features(&vt, line, s)?;
         }
         if let Some(h) = f("host") {
             if host_list.is_empty() {
@@ -448,7 +471,7 @@ fn rel_name(r: VmHostRelation) -> &'static str {
 fn read_hosts(r: impl BufRead) -> Result<Vec<Host>, TraceError> {
     let t = Table::read("hosts.csv", r)?;
     let (c_h, c_c, c_m) = (t.col("host")?, t.col("cpu_mhz")?, t.col("memory_mib")?);
-    let (c_g, c_s) = (t.opt("groups"), t.opt("state"));
+    let (c_g, c_s, c_f) = (t.opt("groups"), t.opt("state"), t.opt("cpu_features"));
     let mut out = Vec::new();
     for (line, row) in &t.rows {
         let line = *line;
@@ -473,6 +496,9 @@ fn read_hosts(r: impl BufRead) -> Result<Vec<Host>, TraceError> {
             Some("degraded") => HostState::Degraded,
             Some(x) => return Err(t.bad(line, format!("state: unknown {x:?}"))),
         };
+        let cpu_features = cell(row, c_f)
+            .map(|s| features(&t, line, s))
+            .transpose()?;
         if out.iter().any(|h: &Host| h.name == name) {
             return Err(t.bad(line, format!("duplicate host {name:?}")));
         }
@@ -482,6 +508,7 @@ fn read_hosts(r: impl BufRead) -> Result<Vec<Host>, TraceError> {
             memory_mib: mem,
             state,
             groups,
+            cpu_features,
         });
     }
     Ok(out)
@@ -498,7 +525,7 @@ pub struct TraceFiles {
 /// Writes a workload in the trace format (rules become group columns; pools keep only
 /// their names).
 pub fn write(w: &Workload) -> TraceFiles {
-    let mut hosts_csv = String::from("host,cpu_mhz,memory_mib,groups,state\n");
+    let mut hosts_csv = String::from("host,cpu_mhz,memory_mib,groups,state,cpu_features\n");
     for h in &w.hosts {
         let state = match h.state {
             HostState::Connected => "connected",
@@ -508,12 +535,13 @@ pub fn write(w: &Workload) -> TraceFiles {
         };
         let _ = writeln!(
             hosts_csv,
-            "{},{},{},{},{}",
+            "{},{},{},{},{},{}",
             h.name,
             h.cpu_mhz,
             h.memory_mib,
             h.groups.join(";"),
-            state
+            state,
+            h.cpu_features.as_deref().unwrap_or(&[]).join(";"),
         );
     }
     let mut anti: HashMap<&str, &str> = HashMap::new();
@@ -538,7 +566,7 @@ pub fn write(w: &Workload) -> TraceFiles {
         }
     }
     let mut vms_csv = String::from(
-        "vm,vcpus,memory_mib,dirty_mib_per_s,cpu_reservation_mhz,memory_reservation_mib,cpu_shares,memory_shares,pool,automation,anti_affinity,affinity,host_rule,host\n",
+        "vm,vcpus,memory_mib,dirty_mib_per_s,cpu_reservation_mhz,memory_reservation_mib,cpu_shares,memory_shares,pool,automation,anti_affinity,affinity,host_rule,host,cpu_features\n",
     );
     let sh = |s: Shares| match s {
         Shares::Low => "low".to_string(),
@@ -557,7 +585,7 @@ pub fn write(w: &Workload) -> TraceFiles {
         };
         let _ = writeln!(
             vms_csv,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             v.name,
             v.vcpus,
             v.memory_mib,
@@ -572,6 +600,7 @@ pub fn write(w: &Workload) -> TraceFiles {
             aff.get(v.name.as_str()).copied().unwrap_or(""),
             hrule.get(v.name.as_str()).map(String::as_str).unwrap_or(""),
             v.host.as_deref().unwrap_or(""),
+            v.cpu_features.join(";"),
         );
     }
     let mut demand_csv = String::from("timestamp_s,vm,cpu_mhz,memory_mib\n");
@@ -685,6 +714,39 @@ mod tests {
     }
 
     #[test]
+    fn cpu_features_are_read_written_and_checked() {
+        let hosts = "host,cpu_mhz,memory_mib,cpu_features\nh1,8000,16384,sse2;avx2\nh2,8000,16384,\n";
+        let vms = "vm,vcpus,memory_mib,cpu_features\na,2,4096,avx2; sse2\nb,2,4096,\n";
+        let demand = "timestamp_s,vm,cpu_mhz\n0,a,100\n0,b,100\n";
+        let w = read(
+            Some(hosts.as_bytes()),
+            vms.as_bytes(),
+            demand.as_bytes(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(w.hosts[0].cpu_features, Some(vec!["sse2".into(), "avx2".into()]));
+        assert_eq!(w.hosts[1].cpu_features, None);
+        assert_eq!(w.vms[0].vm.cpu_features, ["avx2", "sse2"]);
+        assert!(w.vms[1].vm.cpu_features.is_empty());
+        let again = write(&w);
+        let back = read(
+            Some(again.hosts_csv.as_bytes()),
+            again.vms_csv.as_bytes(),
+            again.demand_csv.as_bytes(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(back.hosts, w.hosts);
+        assert_eq!(back.vms[0].vm.cpu_features, w.vms[0].vm.cpu_features);
+        let bad = "vm,vcpus,memory_mib,cpu_features\na,2,4096,sse2\nb,2,4096,avx2;$(id)\n";
+        let err = read(None::<&[u8]>, bad.as_bytes(), demand.as_bytes(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3") && err.contains("not a feature name"), "{err}");
+    }
+
+    #[test]
     fn a_host_column_places_vms_where_the_cluster_ran_them() {
         let hosts = "host,cpu_mhz,memory_mib\nh1,8000,16384\nh2,8000,16384\n";
         let vms = "vm,vcpus,memory_mib,host\na,2,4096,h2\nb,2,4096,\n";
@@ -700,7 +762,7 @@ mod tests {
         assert_eq!(w.vms[1].vm.host, None);
         let again = write(&w);
         assert!(
-            again.vms_csv.lines().nth(1).unwrap().ends_with(",h2"),
+            again.vms_csv.lines().nth(1).unwrap().ends_with(",h2,"),
             "{}",
             again.vms_csv
         );

@@ -143,6 +143,12 @@ pub struct SyntheticSpec {
     pub churn_per_day: f64,
     /// Generate rules, pools, reservations and automation overrides.
     pub rules: bool,
+    /// CPU generations among the hosts (0: no CPU model). With `g` > 0 the hosts are spread
+    /// over `g` generations (x86-64 psABI levels v1…v4, each adding features), and each VM
+    /// needs the features of a host it could have been created on (a host-model CPU, no EVC
+    /// mode): a VM of the newest generation only runs on the newest hosts.
+    #[serde(default)]
+    pub cpu_generations: usize,
 }
 
 impl SyntheticSpec {
@@ -160,6 +166,7 @@ impl SyntheticSpec {
             mix: ShapeMix::standard(),
             churn_per_day: 0.2,
             rules: true,
+            cpu_generations: 0,
         }
     }
 }
@@ -214,7 +221,43 @@ pub fn synthetic(spec: &SyntheticSpec) -> Workload {
     if spec.rules {
         add_rules(&mut w, &mut rng.fork(2));
     }
+    if spec.cpu_generations > 0 {
+        add_cpu_generations(&mut w, spec.cpu_generations, &mut rng.fork(4));
+    }
     w
+}
+
+/// Features each x86-64 psABI level adds to the one before.
+const CPU_LEVELS: [&[&str]; 4] = [
+    &["cx8", "cmov", "fxsr", "mmx", "sse", "sse2"],
+    &["cx16", "lahf_lm", "popcnt", "sse3", "sse4.1", "sse4.2", "ssse3"],
+    &["avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"],
+    &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"],
+];
+
+fn level_features(level: usize) -> Vec<String> {
+    CPU_LEVELS[..=level.min(CPU_LEVELS.len() - 1)]
+        .iter()
+        .flat_map(|l| l.iter().map(|f| f.to_string()))
+        .collect()
+}
+
+/// Spreads the hosts over `generations` CPU levels (the newest fewest: a cluster being
+/// refreshed) and gives each VM the level of a host drawn at random.
+fn add_cpu_generations(w: &mut Workload, generations: usize, rng: &mut Rng) {
+    let g = generations.min(CPU_LEVELS.len());
+    let nh = w.hosts.len();
+    let mut levels = Vec::with_capacity(nh);
+    for (i, h) in w.hosts.iter_mut().enumerate() {
+        // Oldest generation first: host i of n gets level ⌊i·g/n⌋.
+        let level = i * g / nh.max(1);
+        h.cpu_features = Some(level_features(level));
+        levels.push(level);
+    }
+    for wv in &mut w.vms {
+        let level = levels[rng.below(nh.max(1))];
+        wv.vm.cpu_features = level_features(level);
+    }
 }
 
 fn generate_vm(
@@ -366,6 +409,7 @@ pub fn size_hosts(
                 memory_mib: (mem_gib * 1024.0).max(largest * 2.0),
                 state: HostState::Connected,
                 groups: Vec::new(),
+                cpu_features: None,
             }
         })
         .collect()

@@ -18,6 +18,7 @@ pub fn host(name: &str, cpu_mhz: f64, memory_mib: f64) -> Host {
         memory_mib,
         state: HostState::Connected,
         groups: Vec::new(),
+        cpu_features: None,
     }
 }
 
@@ -200,6 +201,7 @@ pub fn random_cluster(seed: u64) -> Snapshot {
             }
         }
     }
+    add_cpu_generations(seed, &mut hosts, &mut vms);
     Snapshot {
         now_s: 1_000_000,
         config: Default::default(),
@@ -207,6 +209,39 @@ pub fn random_cluster(seed: u64) -> Snapshot {
         vms,
         rules,
         pools,
+    }
+}
+
+/// Features of CPU level `l`: `cpu-0` … `cpu-l` (each level adds one).
+pub fn cpu_level(l: usize) -> Vec<String> {
+    (0..=l).map(|i| format!("cpu-{i}")).collect()
+}
+
+/// In some clusters, hosts of up to three CPU levels (one host possibly unmodelled) and VMs
+/// needing at most their host's level (as they run there now); unplaced VMs any level. Its own
+/// random stream, so the rest of a seed's cluster stays what it was.
+fn add_cpu_generations(seed: u64, hosts: &mut [Host], vms: &mut [Vm]) {
+    let mut r = Rng::new(seed ^ 0x5eed_c0de);
+    if !r.chance(0.5) {
+        return;
+    }
+    let mut level = HashMap::new();
+    for h in hosts.iter_mut() {
+        if r.chance(0.1) {
+            continue; // not modelled: runs any CPU
+        }
+        let l = r.below(3);
+        h.cpu_features = Some(cpu_level(l));
+        level.insert(h.name.clone(), l);
+    }
+    for v in vms.iter_mut() {
+        let max = match &v.host {
+            Some(h) => level.get(h).copied().unwrap_or(2),
+            None => 2,
+        };
+        if r.chance(0.8) {
+            v.cpu_features = cpu_level(r.below(max + 1));
+        }
     }
 }
 
@@ -292,6 +327,18 @@ pub fn hard_violations(snap: &Snapshot) -> Vec<String> {
                 }
             }
             _ => {}
+        }
+    }
+    for v in &snap.vms {
+        let Some(h) = &v.host else { continue };
+        let host = host_by_name(snap, h);
+        if host.state == HostState::Disconnected {
+            continue;
+        }
+        if let Some(offered) = &host.cpu_features {
+            if let Some(f) = v.cpu_features.iter().find(|f| !offered.contains(f)) {
+                out.push(format!("cpu: {} on {h} lacking {f}", v.name));
+            }
         }
     }
     out

@@ -198,6 +198,12 @@ pub struct SimulateArgs {
     /// Run the policy every this many steps.
     #[arg(long, default_value_t = 1)]
     period_steps: usize,
+    /// Spread the synthetic cluster's hosts over this many CPU generations (0 to 4; 0: no
+    /// CPU model). Each VM then needs the CPU features of the generation it was created on,
+    /// as a host-model CPU without an EVC mode does; a move onto an older host fails, and
+    /// the report counts such failures as CPU refusals.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=4))]
+    cpu_generations: u8,
     /// Write the simulated workload as a trace (hosts.csv, vms.csv, demand.csv) to DIR.
     #[arg(long, value_name = "DIR")]
     save_trace: Option<PathBuf>,
@@ -330,6 +336,7 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
             let mut spec = SyntheticSpec::new(a.hosts, a.vms, a.steps, a.seed);
             spec.step_s = a.step_s.unwrap_or(spec.step_s);
             spec.cpu_utilization = a.cpu_utilization;
+            spec.cpu_generations = usize::from(a.cpu_generations);
             spec.memory_utilization = a.memory_utilization;
             spec.mix = match a.mix.as_str() {
                 "standard" => ShapeMix::standard(),
