@@ -173,8 +173,9 @@ pub async fn cluster_snapshot(
 
 /// CPU fit in a snapshot: what each host's CPU offers and what each powered-on VM's recorded
 /// CPU needs, as the tokens the migration pre-check agrees with (`tern_cpu::migrate`). A VM
-/// with no CPU record (or not started with it) needs nothing: its CPU is resolved at start;
-/// a host that reported no capability offers nothing, so no recorded CPU goes there.
+/// with no CPU record (or not started with it) needs nothing: its CPU is resolved at start.
+/// A host that reported no capability is left unmodelled: the pre-checks refuse it, with
+/// that reason, as a rule.
 pub fn add_cpu_fit(
     snap: &mut Snapshot,
     hosts: &[HostRecord],
@@ -183,12 +184,9 @@ pub fn add_cpu_fit(
 ) {
     let offered: HashMap<&str, Vec<String>> = hosts
         .iter()
-        .map(|h| {
-            let tokens = match crate::evc::capability(&h.facts) {
-                Ok(Some(cap)) => tern_cpu::migrate::host_fit_tokens(&cap),
-                _ => Vec::new(),
-            };
-            (h.name.as_str(), tokens)
+        .filter_map(|h| match crate::evc::capability(&h.facts) {
+            Ok(Some(cap)) => Some((h.name.as_str(), tern_cpu::migrate::host_fit_tokens(&cap))),
+            _ => None,
         })
         .collect();
     for h in &mut snap.hosts {

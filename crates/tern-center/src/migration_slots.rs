@@ -12,6 +12,11 @@
 //! below or while unmeasured), from the fastest link this center measured to or from the
 //! host, capped by its cores: a stream costs about a core (more with encryption), which
 //! vSphere's hosts offload and QEMU's do not.
+//!
+//! A link between two hosts has a budget of its own, from the bandwidth last measured
+//! between them: each migration over it keeps at least 250 Mbit/s (vSphere's share at 1 GbE
+//! with 4 at once), so a slow link between two otherwise fast hosts (another rack, a WAN
+//! hop) carries one or two at a time instead of starving four that then never converge.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -40,6 +45,18 @@ pub fn host_limit(link_mbit: Option<f64>, cores: u32) -> usize {
     by_link.min((cores as usize).max(2))
 }
 
+/// Bandwidth each migration over a link keeps at least (Mbit/s).
+const LINK_SHARE_MBIT: f64 = 250.0;
+
+/// Concurrent migrations over the link between two hosts, from its last measured bandwidth
+/// (`None`: never measured, so only the hosts' limits count).
+pub fn link_limit(pair_mbit: Option<f64>) -> usize {
+    match pair_mbit {
+        Some(m) if m.is_finite() && m > 0.0 => ((m / LINK_SHARE_MBIT) as usize).clamp(1, 8),
+        _ => usize::MAX,
+    }
+}
+
 /// What one migration asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotRequest {
@@ -47,6 +64,8 @@ pub struct SlotRequest {
     pub source_limit: usize,
     pub dest: Uuid,
     pub dest_limit: usize,
+    /// Migrations the link between source and destination carries at once ([`link_limit`]).
+    pub link_limit: usize,
     pub class: MoveClass,
 }
 
@@ -57,12 +76,17 @@ pub struct SlotCounts {
     pub send_limit: usize,
     pub receiving: usize,
     pub receive_limit: usize,
+    /// Migrations over the link between the two hosts, and its limit (`usize::MAX`: none).
+    pub on_link: usize,
+    pub link_limit: usize,
 }
 
 #[derive(Default)]
 struct State {
     sending: HashMap<Uuid, usize>,
     receiving: HashMap<Uuid, usize>,
+    /// Migrations over each link (host pair, either way).
+    on_link: HashMap<(Uuid, Uuid), usize>,
     /// Waiting tickets by (class, arrival).
     waiting: BTreeMap<(MoveClass, u64), SlotRequest>,
     next: u64,
@@ -147,21 +171,29 @@ impl MigrationSlots {
     /// Whether ticket `key` may take its slots now: both have room, and no ticket ahead of
     /// it waits for one of the same slots.
     fn may_take(st: &State, key: (MoveClass, u64), req: &SlotRequest) -> bool {
-        let ahead_competes = st
-            .waiting
-            .range(..key)
-            .any(|(_, a)| a.source == req.source || a.dest == req.dest);
+        let link = pair(req.source, req.dest);
+        let ahead_competes = st.waiting.range(..key).any(|(_, a)| {
+            a.source == req.source || a.dest == req.dest || pair(a.source, a.dest) == link
+        });
         !ahead_competes
             && st.sending.get(&req.source).copied().unwrap_or(0) < req.source_limit
             && st.receiving.get(&req.dest).copied().unwrap_or(0) < req.dest_limit
+            && st.on_link.get(&link).copied().unwrap_or(0) < req.link_limit
     }
 
     fn counts(st: &State, req: &SlotRequest) -> (SlotCounts, SlotCounts) {
+        let on_link = st
+            .on_link
+            .get(&pair(req.source, req.dest))
+            .copied()
+            .unwrap_or(0);
         let c = |h: Uuid, send_limit: usize, receive_limit: usize| SlotCounts {
             sending: st.sending.get(&h).copied().unwrap_or(0),
             send_limit,
             receiving: st.receiving.get(&h).copied().unwrap_or(0),
             receive_limit,
+            on_link,
+            link_limit: req.link_limit,
         };
         (
             c(req.source, req.source_limit, req.source_limit),
@@ -190,6 +222,9 @@ impl Ticket {
                     st.waiting.remove(&self.key);
                     *st.sending.entry(self.req.source).or_default() += 1;
                     *st.receiving.entry(self.req.dest).or_default() += 1;
+                    *st.on_link
+                        .entry(pair(self.req.source, self.req.dest))
+                        .or_default() += 1;
                     self.held = true;
                     let counts = MigrationSlots::counts(&st, &self.req);
                     drop(st);
@@ -217,6 +252,8 @@ impl Ticket {
         let (mut src, mut dst) = MigrationSlots::counts(&st, &self.req);
         src.sending = src.sending.saturating_sub(1);
         dst.receiving = dst.receiving.saturating_sub(1);
+        src.on_link = src.on_link.saturating_sub(1);
+        dst.on_link = dst.on_link.saturating_sub(1);
         Some((src, dst))
     }
 
@@ -239,6 +276,13 @@ impl Ticket {
                     if *n == 0 {
                         map.remove(&h);
                     }
+                }
+            }
+            let link = pair(self.req.source, self.req.dest);
+            if let Some(n) = st.on_link.get_mut(&link) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.on_link.remove(&link);
                 }
             }
             Some(MigrationSlots::counts(st, &self.req))
@@ -268,8 +312,43 @@ mod tests {
             source_limit: limit,
             dest,
             dest_limit: limit,
+            link_limit: usize::MAX,
             class,
         }
+    }
+
+    #[test]
+    fn a_link_carries_a_migration_per_250_mbit() {
+        assert_eq!(link_limit(None), usize::MAX);
+        assert_eq!(link_limit(Some(f64::NAN)), usize::MAX);
+        assert_eq!(link_limit(Some(90.0)), 1);
+        assert_eq!(link_limit(Some(600.0)), 2);
+        assert_eq!(link_limit(Some(1_000.0)), 4);
+        assert_eq!(link_limit(Some(40_000.0)), 8);
+    }
+
+    /// A slow link between fast hosts carries one migration at a time, in either direction,
+    /// while the same hosts go on migrating over their other links.
+    #[tokio::test]
+    async fn a_slow_link_carries_no_more_than_its_budget() {
+        let s = Arc::new(MigrationSlots::default());
+        let (h1, h2, h3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let slow = |source, dest| SlotRequest {
+            link_limit: link_limit(Some(200.0)),
+            ..req(source, dest, 4, MoveClass::Mandatory)
+        };
+        let mut a = s.ticket(slow(h1, h2));
+        let mut back = s.ticket(slow(h2, h1));
+        let mut other = s.ticket(req(h1, h3, 4, MoveClass::Mandatory));
+        let (src, _) = a.wait().await;
+        assert_eq!((src.on_link, src.link_limit), (1, 1));
+        assert!(!taken(&mut back).await, "the slow link carried two at once");
+        assert!(
+            taken(&mut other).await,
+            "h1's other link waited on the slow one"
+        );
+        drop(a);
+        assert!(taken(&mut back).await);
     }
 
     #[test]

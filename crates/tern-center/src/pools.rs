@@ -576,7 +576,11 @@ pub async fn redivide(
     let core = core_mhz(&hosts);
     let mut demand = HashMap::new();
     for h in &hosts {
-        let mhz = f64::from(if h.facts.cpu_mhz > 0 { h.facts.cpu_mhz } else { core });
+        let mhz = f64::from(if h.facts.cpu_mhz > 0 {
+            h.facts.cpu_mhz
+        } else {
+            core
+        });
         for l in h.load.iter().flat_map(|l| &l.vms) {
             demand.insert(l.vm_id, l.cpu_percent / 100.0 * mhz);
         }
@@ -1281,7 +1285,12 @@ mod tests {
         v
     }
 
-    fn capped(name: &str, parent: Option<&str>, limit: u64, shares: Shares) -> (String, PoolSettings) {
+    fn capped(
+        name: &str,
+        parent: Option<&str>,
+        limit: u64,
+        shares: Shares,
+    ) -> (String, PoolSettings) {
         pool(
             name,
             parent,
@@ -1330,7 +1339,14 @@ mod tests {
         let l5 = divide_limits(&pools, &vms, core, &none, &no_limits, Some((off.id, true)));
         assert_eq!(l5.len(), 3);
         assert!(l5.values().all(|&x| x == 333), "{l5:?}");
-        let l6 = divide_limits(&pools, &vms, core, &none, &no_limits, Some((idle.id, false)));
+        let l6 = divide_limits(
+            &pools,
+            &vms,
+            core,
+            &none,
+            &no_limits,
+            Some((idle.id, false)),
+        );
         assert_eq!(l6.get(&busy.id), Some(&1000));
         assert!(!l6.contains_key(&idle.id));
     }
@@ -1354,7 +1370,11 @@ mod tests {
         let no_limits: HashMap<Uuid, u32> = HashMap::new();
         let l = divide_limits(&pools, &vms, core, &none, &no_limits, None);
         // a and b get 1500 each; in a, a2 takes 200 (its own limit) and a1 the other 1300.
-        assert_eq!((l[&a1.id], l[&a2.id], l[&b1.id]), (1300, 200, 1500), "{l:?}");
+        assert_eq!(
+            (l[&a1.id], l[&a2.id], l[&b1.id]),
+            (1300, 200, 1500),
+            "{l:?}"
+        );
         // b idles: a's VMs get what b leaves, up to what they can use (a1: 2 cores).
         let demand = HashMap::from([(a1.id, 1290.0), (a2.id, 199.0), (b1.id, 0.0)]);
         let l2 = divide_limits(&pools, &vms, core, &demand, &l, None);

@@ -97,7 +97,11 @@ pub fn host_fit_tokens(host: &HostCapability) -> Vec<String> {
     if let Some(v) = host.guest_vendor() {
         out.push(format!("vendor:{}", v.cpuid()));
     }
-    out.push(passthrough_token(&host.identity, &host.uncapped, &host.features));
+    out.push(passthrough_token(
+        &host.identity,
+        &host.uncapped,
+        &host.features,
+    ));
     out
 }
 
@@ -106,7 +110,11 @@ pub fn vm_fit_tokens(vm: &VmCpu) -> Vec<String> {
     let mut out = vec![format!("accel:{}", vm.accel)];
     if vm.kind == VmCpuKind::HostPassthrough {
         match &vm.passthrough_source {
-            Some(src) => out.push(passthrough_token(&src.identity, &src.uncapped, &vm.features)),
+            Some(src) => out.push(passthrough_token(
+                &src.identity,
+                &src.uncapped,
+                &vm.features,
+            )),
             // No record of the source: no host matches (as `precheck` refuses every one).
             None => out.push("passthrough:unknown-source".to_string()),
         }
@@ -207,7 +215,10 @@ mod tests {
     fn fit_tokens_agree_with_the_precheck() {
         let mut hosts = Vec::new();
         for (vendor, models) in [
-            (Vendor::Intel, &["IvyBridge", "Haswell", "Broadwell", "Skylake-Server"][..]),
+            (
+                Vendor::Intel,
+                &["IvyBridge", "Haswell", "Broadwell", "Skylake-Server"][..],
+            ),
             (Vendor::Amd, &["EPYC", "EPYC-Rome"][..]),
         ] {
             for model in models {
@@ -236,7 +247,11 @@ mod tests {
                     let offered = host_fit_tokens(dest);
                     let fits = needed.iter().all(|t| offered.contains(t));
                     let ok = precheck(&vm, "d", dest).is_ok();
-                    assert_eq!(fits, ok, "{req:?} from {:?} to {:?}", src.identity, dest.identity);
+                    assert_eq!(
+                        fits, ok,
+                        "{req:?} from {:?} to {:?}",
+                        src.identity, dest.identity
+                    );
                     if ok {
                         agree_ok += 1;
                     } else {
@@ -246,6 +261,9 @@ mod tests {
             }
         }
         // Both outcomes occur, so the agreement means something.
-        assert!(agree_ok > 50 && agree_refused > 50, "{agree_ok} {agree_refused}");
+        assert!(
+            agree_ok > 50 && agree_refused > 50,
+            "{agree_ok} {agree_refused}"
+        );
     }
 }

@@ -333,11 +333,14 @@ fn vms_leave_only_for_hosts_whose_cpu_offers_their_features() {
     let BlockReason::NoHost { hosts, .. } = &plan.blockers[0].reason else {
         panic!("{:?}", plan.blockers[0].reason)
     };
-    assert!(hosts.iter().all(|r| matches!(
-        &r.rejection,
-        Rejection::Cpu { missing } if missing == &["cpu-2".to_string()]
-            || (r.host == "old" && missing == &["cpu-1".to_string(), "cpu-2".to_string()])
-    )), "{hosts:?}");
+    assert!(
+        hosts.iter().all(|r| matches!(
+            &r.rejection,
+            Rejection::Cpu { missing } if missing == &["cpu-2".to_string()]
+                || (r.host == "old" && missing == &["cpu-1".to_string(), "cpu-2".to_string()])
+        )),
+        "{hosts:?}"
+    );
     let text = tern_drs::explain::evacuation_plan(&plan);
     assert!(text.contains("its CPU lacks cpu-2"), "{text}");
 }

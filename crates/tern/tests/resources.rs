@@ -293,7 +293,10 @@ fn a_pools_limits_divide_down_to_its_vms_and_hold_on_the_hosts() {
     lab.tern_ok(&["pool", "set", "capped", "--cpu-limit", &half]);
     lab.tern_ok(&["vm", "stop", "pb"]);
     let q = groups(pids[0]).cpu_quota_cores.expect("a CPU quota");
-    assert!((0.49..=0.51).contains(&q), "pa alone holds the pool's half core: {q}");
+    assert!(
+        (0.49..=0.51).contains(&q),
+        "pa alone holds the pool's half core: {q}"
+    );
     // A member that starts takes its part by shares at once (a quarter)…
     let args = lab.vm_create_args("pe", "h1", "10.78.0.139", "52:54:00:7e:03:15", 256, "", &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -304,7 +307,10 @@ fn a_pools_limits_divide_down_to_its_vms_and_hold_on_the_hosts() {
     let pe_pid = qemu_pid(pe["id"].as_str().expect("vm id"));
     for p in [pids[0], pe_pid] {
         let q = groups(p).cpu_quota_cores.expect("a CPU quota");
-        assert!((0.24..=0.26).contains(&q), "a quarter each after the start: {q}");
+        assert!(
+            (0.24..=0.26).contains(&q),
+            "a quarter each after the start: {q}"
+        );
     }
     // …and once it idles, the leader's division lends its part to the busy pa, keeping pe a
     // little above its demand.
@@ -319,7 +325,10 @@ fn a_pools_limits_divide_down_to_its_vms_and_hold_on_the_hosts() {
             (pa >= 0.32).then_some((pa, pe))
         },
     );
-    assert!(lent.0 + lent.1 <= 0.51, "the parts stay within the pool's limit: {lent:?}");
+    assert!(
+        lent.0 + lent.1 <= 0.51,
+        "the parts stay within the pool's limit: {lent:?}"
+    );
     let used = cores_used(&[pids[0], pe_pid]);
     eprintln!("pool limit {half}, pa busy and pe idle → quotas {lent:?}, cores {used:?}");
     assert!(used[0] >= 0.29, "pa uses what pe leaves: {used:?}");

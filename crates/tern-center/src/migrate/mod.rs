@@ -47,7 +47,7 @@ use crate::agent::{Agent, AgentError};
 use crate::app::{lock, App};
 use crate::error::CenterError;
 pub use crate::migration_slots::MoveClass;
-use crate::migration_slots::{host_limit, SlotCounts, SlotRequest, Ticket};
+use crate::migration_slots::{host_limit, link_limit, SlotCounts, SlotRequest, Ticket};
 use crate::retry::Retry;
 use crate::store::{
     HostRecord, MigrationRecordState as Rec, MigrationRow, NewEvent, StoreError, TaskIntent,
@@ -172,6 +172,11 @@ pub async fn migrate_vm_as(
             source_limit: host_limit(app.slots.link_mbit(source.id), source.facts.cores),
             dest: dest.id,
             dest_limit: host_limit(app.slots.link_mbit(dest.id), dest.facts.cores),
+            link_limit: link_limit(
+                app.slots
+                    .pair_link(source.id, dest.id, LINK_MEMORY)
+                    .map(|l| l.0),
+            ),
             class,
         })
     });
@@ -503,10 +508,15 @@ impl Mig {
     /// `migration slot taken|freed: h1 sends 2 of 2, h2 receives 1 of 2`: the counts tests
     /// and the benchmark replay.
     async fn slot_event(&self, what: &str, src: SlotCounts, dst: SlotCounts) {
+        let link = if src.link_limit == usize::MAX {
+            String::new()
+        } else {
+            format!(", the link carries {} of {}", src.on_link, src.link_limit)
+        };
         self.event(
             EventLevel::Info,
             format!(
-                "migration slot {what}: {} sends {} of {}, {} receives {} of {}",
+                "migration slot {what}: {} sends {} of {}, {} receives {} of {}{link}",
                 self.source.name,
                 src.sending,
                 src.send_limit,

@@ -496,9 +496,7 @@ fn read_hosts(r: impl BufRead) -> Result<Vec<Host>, TraceError> {
             Some("degraded") => HostState::Degraded,
             Some(x) => return Err(t.bad(line, format!("state: unknown {x:?}"))),
         };
-        let cpu_features = cell(row, c_f)
-            .map(|s| features(&t, line, s))
-            .transpose()?;
+        let cpu_features = cell(row, c_f).map(|s| features(&t, line, s)).transpose()?;
         if out.iter().any(|h: &Host| h.name == name) {
             return Err(t.bad(line, format!("duplicate host {name:?}")));
         }
@@ -715,7 +713,8 @@ mod tests {
 
     #[test]
     fn cpu_features_are_read_written_and_checked() {
-        let hosts = "host,cpu_mhz,memory_mib,cpu_features\nh1,8000,16384,sse2;avx2\nh2,8000,16384,\n";
+        let hosts =
+            "host,cpu_mhz,memory_mib,cpu_features\nh1,8000,16384,sse2;avx2\nh2,8000,16384,\n";
         let vms = "vm,vcpus,memory_mib,cpu_features\na,2,4096,avx2; sse2\nb,2,4096,\n";
         let demand = "timestamp_s,vm,cpu_mhz\n0,a,100\n0,b,100\n";
         let w = read(
@@ -725,7 +724,10 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(w.hosts[0].cpu_features, Some(vec!["sse2".into(), "avx2".into()]));
+        assert_eq!(
+            w.hosts[0].cpu_features,
+            Some(vec!["sse2".into(), "avx2".into()])
+        );
         assert_eq!(w.hosts[1].cpu_features, None);
         assert_eq!(w.vms[0].vm.cpu_features, ["avx2", "sse2"]);
         assert!(w.vms[1].vm.cpu_features.is_empty());
@@ -743,7 +745,10 @@ mod tests {
         let err = read(None::<&[u8]>, bad.as_bytes(), demand.as_bytes(), None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 3") && err.contains("not a feature name"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("not a feature name"),
+            "{err}"
+        );
     }
 
     #[test]

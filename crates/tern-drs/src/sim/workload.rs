@@ -230,8 +230,12 @@ pub fn synthetic(spec: &SyntheticSpec) -> Workload {
 /// Features each x86-64 psABI level adds to the one before.
 const CPU_LEVELS: [&[&str]; 4] = [
     &["cx8", "cmov", "fxsr", "mmx", "sse", "sse2"],
-    &["cx16", "lahf_lm", "popcnt", "sse3", "sse4.1", "sse4.2", "ssse3"],
-    &["avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"],
+    &[
+        "cx16", "lahf_lm", "popcnt", "sse3", "sse4.1", "sse4.2", "ssse3",
+    ],
+    &[
+        "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave",
+    ],
     &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"],
 ];
 
