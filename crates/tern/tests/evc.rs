@@ -259,6 +259,25 @@ fn evc_end_to_end() {
         assert_eq!(after.vendor_id, v2_info.vendor_id);
     }
 
+    // Maintenance of h1: v3's CPU fits nowhere else, so the scheduler keeps it there and the
+    // blocker names what h2's CPU lacks; h1 goes back to service and v3 never stopped.
+    let o = lab.tern(&["host", "maintenance", "enter", "h1"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let why = text(&o);
+    assert!(
+        why.contains("v3 on h1 cannot move")
+            && why.contains("h2: its CPU lacks")
+            && why.contains("avx2"),
+        "{why}"
+    );
+    eprintln!("maintenance of h1 blocked: {why}");
+    lab.tern_ok(&["host", "maintenance", "exit", "h1"]);
+    let v3: Value = lab.tern_json(&["vm", "show", "v3"]);
+    assert_eq!(
+        (v3["host"].as_str(), v3["actual_state"].as_str()),
+        (Some("h1"), Some("running"))
+    );
+
     // Setting a mode is refused while a running VM uses features above it (v3: AVX2).
     refused(
         &lab,
