@@ -16,14 +16,17 @@
 //!   ancestor's reservation.
 //!
 //! A VM starts with that division by shares over every member. From then on the leader
-//! re-divides every pool CPU limit by demand ([`divide_limits`], every
-//! `pool_division_period_ms` and on every change): among the running members only, each
-//! gets its shares' part but no more than it wants (its demand from the heartbeats plus a
-//! margin; all it can use while it runs at the limit it was given), and what the idle leave
-//! goes to the busy, by shares, like vSphere's division by entitlement. A VM that wakes up
-//! gets its part back within a period. Hosts are told only of changes. A pool's memory limit cannot be held by cgroups without a balloon
-//! (a QEMU held below its guest's RAM is killed), so it is held at power-on instead: a start
-//! that would take the pool's running members beyond it is refused, naming the pool.
+//! divides among the running members only (a stopped VM holds no part of a reservation or a
+//! limit), on every start, stop and change, and re-divides every pool CPU limit by demand
+//! every `pool_division_period_ms` ([`divide_limits`]): each member gets its shares' part
+//! but no more than it wants (its demand from the heartbeats plus a margin; all it can use
+//! while it runs at the limit it was given), and what the idle leave goes to the busy, by
+//! shares, like vSphere's division by entitlement. A VM that wakes up gets its part back
+//! within a period. Between starts and stops, hosts are told only of changed limits.
+//!
+//! A pool's memory limit cannot be held by cgroups without a balloon (a QEMU held below its
+//! guest's RAM is killed), so it is held at power-on instead: a start that would take the
+//! pool's running members beyond it is refused, naming the pool.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -587,6 +590,8 @@ pub async fn redivide(
     }
     // A start or a stop changes who shares: every member starts again from its part by
     // shares (as if it wanted all), and demand moves the parts from the next division on.
+    // A start or a stop moves shares and reservations too: every member is told.
+    let force = force || now.is_some();
     let given = if now.is_some() {
         HashMap::new()
     } else {
@@ -596,7 +601,14 @@ pub async fn redivide(
         lock(&app.pool_limits).remove(&id);
     }
     let limits = divide_limits(&pools, &vms, core, &demand, &given, now);
-    let base = effective(&pools, &vms, core);
+    // Shares and reservations among the running members only: a stopped VM holds no part
+    // of its pools' reservations (it gets one again when it starts).
+    let members: Vec<VmRecord> = vms
+        .iter()
+        .filter(|v| member_runs(v, now))
+        .cloned()
+        .collect();
+    let base = effective(&pools, &members, core);
     let step = (f64::from(core) * 0.02).max(1.0);
     for vm in vms.iter().filter(|v| member_runs(v, now)) {
         let Some(mut e) = base.get(&vm.id).cloned() else {
