@@ -623,17 +623,21 @@ mod tests {
     use super::*;
     use crate::sim::workload::{synthetic, SyntheticSpec};
 
+    /// Reads the three tables from text (`hosts.csv` given).
+    fn read_text(hosts: &str, vms: &str, demand: &str) -> Result<Workload, TraceError> {
+        read(
+            Some(hosts.as_bytes()),
+            vms.as_bytes(),
+            demand.as_bytes(),
+            None,
+        )
+    }
+
     #[test]
     fn write_then_read_round_trips() {
         let w = synthetic(&SyntheticSpec::new(4, 60, 24, 5));
         let files = write(&w);
-        let r = read(
-            Some(files.hosts_csv.as_bytes()),
-            files.vms_csv.as_bytes(),
-            files.demand_csv.as_bytes(),
-            None,
-        )
-        .unwrap();
+        let r = read_text(&files.hosts_csv, &files.vms_csv, &files.demand_csv).unwrap();
         assert_eq!(r.step_s, w.step_s);
         assert_eq!(r.steps, w.steps);
         assert_eq!(r.hosts, w.hosts);
@@ -669,14 +673,7 @@ mod tests {
         let hosts = "host,cpu_mhz,memory_mib\nh1,8000,16384\nh1,8000,16384\n";
         let vms = "vm,vcpus,memory_mib\na,2,4096\n";
         let demand = "timestamp_s,vm,cpu_mhz,memory_mib\n0,a,100,\n";
-        let err = read(
-            Some(hosts.as_bytes()),
-            vms.as_bytes(),
-            demand.as_bytes(),
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = read_text(hosts, vms, demand).unwrap_err().to_string();
         assert!(
             err.contains("hosts.csv: line 3") && err.contains("duplicate host"),
             "{err}"
@@ -717,13 +714,7 @@ mod tests {
             "host,cpu_mhz,memory_mib,cpu_features\nh1,8000,16384,sse2;avx2\nh2,8000,16384,\n";
         let vms = "vm,vcpus,memory_mib,cpu_features\na,2,4096,avx2; sse2\nb,2,4096,\n";
         let demand = "timestamp_s,vm,cpu_mhz\n0,a,100\n0,b,100\n";
-        let w = read(
-            Some(hosts.as_bytes()),
-            vms.as_bytes(),
-            demand.as_bytes(),
-            None,
-        )
-        .unwrap();
+        let w = read_text(hosts, vms, demand).unwrap();
         assert_eq!(
             w.hosts[0].cpu_features,
             Some(vec!["sse2".into(), "avx2".into()])
@@ -732,13 +723,7 @@ mod tests {
         assert_eq!(w.vms[0].vm.cpu_features, ["avx2", "sse2"]);
         assert!(w.vms[1].vm.cpu_features.is_empty());
         let again = write(&w);
-        let back = read(
-            Some(again.hosts_csv.as_bytes()),
-            again.vms_csv.as_bytes(),
-            again.demand_csv.as_bytes(),
-            None,
-        )
-        .unwrap();
+        let back = read_text(&again.hosts_csv, &again.vms_csv, &again.demand_csv).unwrap();
         assert_eq!(back.hosts, w.hosts);
         assert_eq!(back.vms[0].vm.cpu_features, w.vms[0].vm.cpu_features);
         let bad = "vm,vcpus,memory_mib,cpu_features\na,2,4096,sse2\nb,2,4096,avx2;$(id)\n";
@@ -756,13 +741,7 @@ mod tests {
         let hosts = "host,cpu_mhz,memory_mib\nh1,8000,16384\nh2,8000,16384\n";
         let vms = "vm,vcpus,memory_mib,host\na,2,4096,h2\nb,2,4096,\n";
         let demand = "timestamp_s,vm,cpu_mhz\n0,a,100\n0,b,100\n";
-        let w = read(
-            Some(hosts.as_bytes()),
-            vms.as_bytes(),
-            demand.as_bytes(),
-            None,
-        )
-        .unwrap();
+        let w = read_text(hosts, vms, demand).unwrap();
         assert_eq!(w.vms[0].vm.host.as_deref(), Some("h2"));
         assert_eq!(w.vms[1].vm.host, None);
         let again = write(&w);
@@ -772,14 +751,7 @@ mod tests {
             again.vms_csv
         );
         let bad = "vm,vcpus,memory_mib,host\na,2,4096,h9\n";
-        let err = read(
-            Some(hosts.as_bytes()),
-            bad.as_bytes(),
-            demand.as_bytes(),
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = read_text(hosts, bad, demand).unwrap_err().to_string();
         assert!(
             err.contains("vms.csv: line 2") && err.contains("h9"),
             "{err}"
