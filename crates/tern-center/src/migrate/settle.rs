@@ -12,6 +12,11 @@ impl Mig {
         };
         let resumed = Instant::now();
         let running = self.run_destination(row.generation_to).await;
+        if running.is_ok() {
+            // The stream is over and the guest runs on the destination: the slots go to the
+            // next migration now, not after the source's QEMU is gone and the records written.
+            self.free_slots().await;
+        }
         let resumed_at = running.as_ref().ok().and_then(|c| c.resumed_at);
         let pause_ms = self
             .paused_for
