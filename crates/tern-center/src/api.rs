@@ -1166,6 +1166,10 @@ async fn list_vms(
             Ok::<_, CenterError>(out)
         })
         .await?;
+    let mut vms = vms;
+    for v in &mut vms {
+        crate::pools::show_enforced(&app, v);
+    }
     Ok(axum::Json(vms))
 }
 
@@ -1197,6 +1201,8 @@ async fn get_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResu
             Ok::<_, ApiErr>(crate::evc::vm_view(tx, &vm)?)
         })
         .await?;
+    let mut vm = vm;
+    crate::pools::show_enforced(&app, &mut vm);
     Ok(axum::Json(vm))
 }
 

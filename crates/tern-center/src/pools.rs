@@ -661,6 +661,21 @@ pub async fn redivide(
     Ok(())
 }
 
+/// Shows in the API's view of a VM the CPU limit its host holds now when the pools'
+/// division by demand set it (known to the leader, which divides; a standby shows the
+/// division by shares the VM started with).
+pub fn show_enforced(app: &App, vm: &mut tern_api::center::Vm) {
+    let Some(limit) = lock(&app.pool_limits).get(&vm.id).copied() else {
+        return;
+    };
+    if let Some(e) = vm.effective_resources.as_mut() {
+        e.cpu_limit = Some(CpuAmount::Mhz(limit));
+        if let Some(CpuAmount::Mhz(r)) = e.cpu_reservation {
+            e.cpu_reservation = Some(CpuAmount::Mhz(r.min(limit)));
+        }
+    }
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
