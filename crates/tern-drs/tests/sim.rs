@@ -124,3 +124,27 @@ fn a_replayed_placement_is_where_the_vms_start_and_balancing_undoes_it() {
         "{tern:?}\n{stay:?}"
     );
 }
+
+/// Across CPU generations tern never proposes a move or placement QEMU would refuse, still
+/// balances, and the CPU-blind greedy baseline's refused moves are counted, not applied.
+#[test]
+fn tern_keeps_vms_on_hosts_whose_cpu_runs_them() {
+    let mut spec = SyntheticSpec::new(9, 200, 96, 3);
+    spec.cpu_generations = 3;
+    let w = synthetic(&spec);
+    assert!(w.hosts.iter().all(|h| h.cpu_features.is_some()));
+    let levels: std::collections::HashSet<usize> =
+        w.vms.iter().map(|v| v.vm.cpu_features.len()).collect();
+    assert_eq!(levels.len(), 3, "VMs of three generations: {levels:?}");
+    let opts = SimOptions::default();
+    let none = simulate(&w, Policy::NoBalancing, &opts);
+    let greedy = simulate(&w, Policy::Greedy, &opts);
+    let tern = simulate(&w, Policy::Tern(Threshold::DEFAULT), &opts);
+    assert_eq!(tern.cpu_refused, 0, "{tern:?}");
+    assert!(tern.migrations > 0, "{tern:?}");
+    assert!(greedy.cpu_refused > 0, "greedy is CPU-blind: {greedy:?}");
+    assert!(
+        none.cpu_refused > 0,
+        "least-loaded placement is CPU-blind: {none:?}"
+    );
+}
