@@ -1147,7 +1147,7 @@ async fn list_vms(
     QueryArg(q): QueryArg<ListQuery>,
 ) -> ApiResult<Json<Vec<Vm>>> {
     check_page(&q)?;
-    let vms = app
+    let mut vms = app
         .db
         .read(move |tx| {
             let mut index = tx.vm_index()?;
@@ -1166,7 +1166,6 @@ async fn list_vms(
             Ok::<_, CenterError>(out)
         })
         .await?;
-    let mut vms = vms;
     for v in &mut vms {
         crate::pools::show_enforced(&app, v);
     }
@@ -1192,7 +1191,7 @@ fn check_page(q: &ListQuery) -> Result<(), CenterError> {
     ),
     security(("bearer" = [])))]
 async fn get_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResult<Json<Vm>> {
-    let vm = app
+    let mut vm = app
         .db
         .read(move |tx| {
             let vm = tx
@@ -1201,7 +1200,6 @@ async fn get_vm(State(app): AppState, PathArg(name): PathArg<String>) -> ApiResu
             Ok::<_, ApiErr>(crate::evc::vm_view(tx, &vm)?)
         })
         .await?;
-    let mut vm = vm;
     crate::pools::show_enforced(&app, &mut vm);
     Ok(axum::Json(vm))
 }
