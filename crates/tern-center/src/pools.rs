@@ -36,7 +36,7 @@ use tern_api::pools::{CreatePool, PoolSettings, ResourcePool};
 use tern_api::{CpuAmount, PowerState, Resources, Shares};
 use uuid::Uuid;
 
-use crate::app::App;
+use crate::app::{lock, App};
 use crate::error::CenterError;
 use crate::store::{HostRecord, NewEvent, StoreError, Tx, VmRecord};
 
@@ -674,10 +674,6 @@ pub fn show_enforced(app: &App, vm: &mut tern_api::center::Vm) {
             e.cpu_reservation = Some(CpuAmount::Mhz(r.min(limit)));
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The leader's pool division loop: every cluster with pools, every `period`.
