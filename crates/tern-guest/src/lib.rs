@@ -6,8 +6,10 @@
 //! answers numbered requests ([`rr`]). On the
 //! host side, [`client`] reads that stream and reports gaps, resets, losses and duplicates; it
 //! also fetches the guest's stats (the JSON object documented on
-//! [`services::Services::stats_json`]).
+//! [`services::Services::stats_json`]); [`arp`] asks for a guest's address as a client without
+//! an ARP entry for it does, and times the answers.
 
+pub mod arp;
 pub mod burn;
 pub mod client;
 pub mod disk;

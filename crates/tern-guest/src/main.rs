@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tern_guest::client::{self, ClientOptions};
 use tern_guest::services::{boot_id_bytes, Services};
-use tern_guest::{burn, disk, init, mem, proto, rr, serve};
+use tern_guest::{arp, burn, disk, init, mem, proto, rr, serve};
 
 const USAGE: &str = "\
 usage: tern-guest <command> [options]
@@ -33,6 +33,13 @@ usage: tern-guest <command> [options]
                                     (longest wait, TCP retransmits); exit 1 if any request
                                     went unanswered or the connection broke
   client --addr IP:PORT --cpuinfo   print the guest's /proc/cpuinfo
+  arp --iface IF --source IP --target IP [--interval-ms 2] --duration-ms N [--stop-file F]
+      [--ready-file F]
+                                    broadcast an ARP request for TARGET every interval, as a
+                                    client without an entry for it would, and note when each
+                                    answer came; prints a JSON report (answering MACs, gaps
+                                    between answers on CLOCK_REALTIME µs; F made at the first
+                                    answer); exit 1 if nothing answered or two MACs did
 ";
 
 /// `--key value` / `--key=value` options; flags without a value map to "".
@@ -216,6 +223,28 @@ fn cmd_rr(o: &Opts) -> Result<ExitCode, String> {
     })
 }
 
+fn cmd_arp(o: &Opts) -> Result<ExitCode, String> {
+    let options = arp::ArpOptions {
+        iface: o.need("iface")?,
+        source: o.need("source")?,
+        target: o.need("target")?,
+        interval: Duration::from_millis(o.get("interval-ms")?.unwrap_or(2)),
+        duration: Duration::from_millis(o.need("duration-ms")?),
+        stop_file: o.values.get("stop-file").map(std::path::PathBuf::from),
+        ready_file: o.values.get("ready-file").map(std::path::PathBuf::from),
+    };
+    if options.interval.is_zero() {
+        return Err("--interval-ms must be at least 1".into());
+    }
+    let report = arp::run(&options).map_err(|e| format!("{}: {e}", options.iface))?;
+    println!("{}", report.to_json());
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn main() -> ExitCode {
     if std::process::id() == 1 {
         init::run();
@@ -262,6 +291,20 @@ fn main() -> ExitCode {
             ],
         )
         .and_then(|o| cmd_rr(&o)),
+        "arp" => Opts::parse(
+            rest,
+            &[],
+            &[
+                "iface",
+                "source",
+                "target",
+                "interval-ms",
+                "duration-ms",
+                "stop-file",
+                "ready-file",
+            ],
+        )
+        .and_then(|o| cmd_arp(&o)),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -489,6 +489,49 @@ impl Lab {
         })
     }
 
+    /// Runs `tern-guest arp` in the client namespace: an ARP request for `ip` every 2 ms, as
+    /// clients without an entry for the guest send. Returns once the guest has answered one.
+    pub fn spawn_arp_prober(&self, ip: &str) -> StreamClient {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let stop_file = self.dir.join(format!("arp-stop-{n}"));
+        let ready = self.dir.join(format!("arp-ready-{n}"));
+        let _ = std::fs::remove_file(&stop_file);
+        let _ = std::fs::remove_file(&ready);
+        let ready_arg = ready.display().to_string();
+        let args = [
+            "arp",
+            "--iface",
+            "eth0",
+            "--source",
+            "10.78.0.2",
+            "--target",
+            ip,
+            "--interval-ms",
+            "2",
+            "--ready-file",
+            &ready_arg,
+        ];
+        let handle = self.spawn_guest_client_unwatched(&args, &stop_file);
+        wait_for(
+            "the guest's first answer to the ARP prober",
+            Duration::from_secs(30),
+            || {
+                assert!(
+                    !handle.is_finished(),
+                    "the ARP prober ended before any answer"
+                );
+                ready.exists().then_some(())
+            },
+        );
+        StreamClient {
+            handle,
+            stop_file,
+            started: Instant::now(),
+            min: Duration::ZERO,
+        }
+    }
+
     /// Runs a `tern-guest` client (`args`, to which the duration and stop file are added) in
     /// the client namespace on its own thread; returns once `connections` (read from the
     /// guest's stats at `stats_addr`, which count each query too when `queries_count`) shows
