@@ -701,10 +701,12 @@ pub const MAX_HANDED_BYTES: usize = 128 * 1024;
 /// Source, after the final state was sent: what the guest's taps held, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct QueuedFrames {
-    /// Unicast frames to one of the VM's MACs, to be delivered at the destination.
+    /// Frames to one of the VM's MACs, and (from a source) broadcast and multicast frames: a
+    /// destination's taps take no floods before its steer, and merges the copies both got
+    /// after it.
     pub frames: Vec<HandedFrame>,
-    /// Broadcast and multicast frames left out: the destination's taps received their own
-    /// copies (the bridge floods them to every port).
+    /// Broadcast and multicast frames left out by a destination handing frames back in a
+    /// rollback: the source's taps received their own copies.
     pub skipped_flooded: u32,
     /// Frames to other MACs (flooded unknown unicast) left out: not the VM's.
     pub skipped_foreign: u32,

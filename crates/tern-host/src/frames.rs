@@ -25,6 +25,14 @@
 //! is harmless wherever it ends up: a guest drops its unknown EtherType, and the hand-over
 //! leaves it out.
 //!
+//! Broadcast and multicast (what a bridge floods to every port): a destination's taps take no
+//! floods from their creation until the steer, since the guest still runs at the source and
+//! reads its own copies there. So what the source's taps queued after the pause goes over,
+//! broadcasts included; and the ones both hosts got between the steer and the source's drain
+//! reach the guest once (the commit drops the destination's copies: the run of broadcasts that
+//! ends the handed frames and begins its own queue). Unicast to other MACs (flooded when a
+//! bridge has not learned them) is not the guest's and is left out.
+//!
 //! Offloads: a frame whose checksum the sender left to the NIC, or a segment larger than the
 //! MTU, is correct only with its virtio-net header, so the header travels with the frame and
 //! the packet socket is given it back (`PACKET_VNET_HDR`; the kernel checks it). Headers are

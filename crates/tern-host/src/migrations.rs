@@ -66,6 +66,9 @@ struct Slot {
     /// Source: the frames taken off the paused VM's taps for the destination (NIC index,
     /// frame), given back to the taps here if the migration is aborted.
     drained: Mutex<Vec<(usize, Frame)>>,
+    /// Destination: the VM's taps take the bridge's floods again (they take none from their
+    /// creation until the steer).
+    flooded: std::sync::atomic::AtomicBool,
     /// Destination: handed-over frames were delivered (a retried commit must not repeat it).
     delivered: std::sync::atomic::AtomicBool,
     /// Source: when QEMU stopped the guest for the switchover (its `STOP` event).
@@ -84,6 +87,7 @@ impl Slot {
             record,
             reattached: std::sync::atomic::AtomicBool::new(false),
             drained: Mutex::new(Vec::new()),
+            flooded: std::sync::atomic::AtomicBool::new(false),
             delivered: std::sync::atomic::AtomicBool::new(false),
             stopped_at: Arc::new(Mutex::new(None)),
             generation: std::sync::OnceLock::new(),
@@ -239,6 +243,35 @@ pub(crate) fn hand_back_order(
     frames.extend(queued);
     frames.retain(|f| !f.is_plug());
     frames
+}
+
+/// What a destination's guest reads at the commit on one NIC: the frames `handed` over from
+/// the source, then those this host's tap queued since the steer (`own`, oldest first), less
+/// the broadcasts and multicasts both taps got (from the steer until the source's were
+/// drained): the longest run of flooded frames that ends the handed ones and begins this
+/// tap's own. Returns the frames and how many copies were left out.
+pub(crate) fn merge_handed(handed: Vec<Frame>, own: Vec<Frame>) -> (Vec<Frame>, usize) {
+    let theirs: Vec<&[u8]> = handed
+        .iter()
+        .filter(|f| f.is_flooded())
+        .map(|f| f.data.as_slice())
+        .collect();
+    let ours: Vec<usize> = (0..own.len()).filter(|&i| own[i].is_flooded()).collect();
+    let mut overlap = theirs.len().min(ours.len());
+    while overlap > 0
+        && !(0..overlap).all(|k| theirs[theirs.len() - overlap + k] == own[ours[k]].data.as_slice())
+    {
+        overlap -= 1;
+    }
+    let copies = &ours[..overlap];
+    let mut frames = handed;
+    frames.extend(
+        own.into_iter()
+            .enumerate()
+            .filter(|(i, _)| !copies.contains(i))
+            .map(|(_, f)| f),
+    );
+    (frames, overlap)
 }
 
 fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
@@ -712,6 +745,7 @@ impl Migrations {
             return Ok(status);
         };
         let spec = self.vms.get(id)?.spec;
+        let mut flooded = true;
         for (i, nic) in spec.nics.iter().enumerate() {
             let tap = crate::tap::tap_name(id, i);
             let started = Instant::now();
@@ -722,6 +756,12 @@ impl Migrations {
                     if let Err(e) = crate::frames::deliver(&tap, &[crate::frames::plug_frame(mac)])
                     {
                         tracing::warn!(vm = %id, tap, error = %e, "no plug for the destination's tap");
+                    }
+                    // From here broadcasts queue for the guest here too (the paused source
+                    // still gets its copies: the commit's hand-over merges the two).
+                    if let Err(e) = self.steerer.set_flooding(&tap, true).await {
+                        flooded = false;
+                        tracing::warn!(vm = %id, tap, error = %e, "floods not let through at the steer");
                     }
                     self.steerer.steer(bridge, &tap, mac).await
                 }
@@ -740,7 +780,27 @@ impl Migrations {
                 }
             });
         }
+        slot.flooded
+            .store(flooded, std::sync::atomic::Ordering::Relaxed);
         Ok(status)
+    }
+
+    /// Destination, before the guest runs: its taps take the bridge's floods (the steer does
+    /// it; this is for a commit without one, or after one that failed). Best effort: a guest
+    /// that gets no broadcasts cannot be found by new clients, so failures are logged loudly.
+    async fn let_floods_in(&self, id: Uuid) {
+        if self.vms.bridge().is_none() {
+            return;
+        }
+        let Ok(rt) = self.vms.get(id) else {
+            return;
+        };
+        for i in 0..rt.spec.nics.len() {
+            let tap = crate::tap::tap_name(id, i);
+            if let Err(e) = self.steerer.set_flooding(&tap, true).await {
+                tracing::error!(vm = %id, tap, error = %e, "the guest's tap takes no floods: it gets no broadcasts");
+            }
+        }
     }
 
     /// Source, in a rollback after the destination steered the LAN: points the LAN back at
@@ -815,7 +875,7 @@ impl Migrations {
                 "VM {id}'s migration is {state:?}: frames are taken once the final state is sent"
             )));
         }
-        let (queued, kept) = self.take_for_hand_over(id, out.vm().pid())?;
+        let (queued, kept) = self.take_for_hand_over(id, out.vm().pid(), true)?;
         lock(&slot.drained).extend(kept);
         tracing::info!(
             vm = %id,
@@ -836,19 +896,25 @@ impl Migrations {
         id: Uuid,
         inc: &IncomingMigration,
     ) -> Result<QueuedFrames, AgentError> {
-        let (queued, _) = self.take_for_hand_over(id, inc.vm().pid())?;
+        let (queued, _) = self.take_for_hand_over(id, inc.vm().pid(), false)?;
         tracing::info!(vm = %id, handed_back = queued.frames.len(), "took the frames steered here for the source");
         Ok(queued)
     }
 
     /// Drains the VM's taps as QEMU `pid` left them (plugs left out): the frames for the VM's
-    /// MACs, oldest first, within the hand-over's limits, with what was left out counted; and
-    /// every frame for the VM's MACs taken (NIC index, frame), those over the limits included,
-    /// for a source to give back if the migration is aborted.
+    /// MACs (and broadcast and multicast ones, with `keep_flooded`), oldest first, within the
+    /// hand-over's limits, with what was left out counted; and every frame kept taken (NIC
+    /// index, frame), those over the limits included, for a source to give back if the
+    /// migration is aborted.
+    ///
+    /// A source keeps broadcasts: they reached it after its guest stopped, and the
+    /// destination's taps took none before its steer (the commit drops those both got after
+    /// it). A destination handing frames back keeps none: the source's taps got their own.
     fn take_for_hand_over(
         &self,
         id: Uuid,
         pid: u32,
+        keep_flooded: bool,
     ) -> Result<(QueuedFrames, Vec<(usize, Frame)>), AgentError> {
         let spec = self.vms.get(id)?.spec;
         let mut queued = QueuedFrames::default();
@@ -865,11 +931,11 @@ impl Migrations {
                 if f.is_plug() {
                     continue;
                 }
-                if f.is_flooded() {
+                if f.is_flooded() && !keep_flooded {
                     queued.skipped_flooded += 1;
                     continue;
                 }
-                if f.destination() != Some(mac) {
+                if !f.is_flooded() && f.destination() != Some(mac) {
                     queued.skipped_foreign += 1;
                     continue;
                 }
@@ -916,7 +982,7 @@ impl Migrations {
                 };
                 bytes += f.data.len();
                 if frame.data.len() < 14
-                    || frame.destination() != Some(mac)
+                    || (!frame.is_flooded() && frame.destination() != Some(mac))
                     || frames.len() >= MAX_HANDED_FRAMES
                     || bytes > MAX_HANDED_BYTES
                 {
@@ -935,12 +1001,12 @@ impl Migrations {
                 .and_then(|mut own| {
                     own.retain(|f| !f.is_plug());
                     let own_count = own.len();
-                    frames.extend(own);
-                    crate::frames::deliver(&tap, &frames).map(|n| (n, own_count))
+                    let (frames, copies) = merge_handed(std::mem::take(&mut frames), own);
+                    crate::frames::deliver(&tap, &frames).map(|n| (n, own_count, copies))
                 });
             match result {
-                Ok((n, own)) => tracing::info!(
-                    vm = %id, tap, handed = handed_count, queued_here = own, delivered = n, refused,
+                Ok((n, own, copies)) => tracing::info!(
+                    vm = %id, tap, handed = handed_count, queued_here = own, copies, delivered = n, refused,
                     "delivered the handed-over frames ahead of this tap's own"
                 ),
                 Err(e) => {
@@ -963,6 +1029,7 @@ impl Migrations {
                     return Ok(Committed::default());
                 }
                 let vm = self.vms.live_qemu(id).map_err(|_| e)?;
+                self.let_floods_in(id).await;
                 vm.announce_self(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
                 vm.resume().await.map_err(qemu)?;
                 self.vms.set_generation(id, req.generation)?;
@@ -982,6 +1049,11 @@ impl Migrations {
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
             self.deliver_handed(id, inc.vm().pid(), &req.frames);
+        }
+        if !slot.flooded.load(std::sync::atomic::Ordering::Relaxed) {
+            self.let_floods_in(id).await;
+            slot.flooded
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let resumed_at = inc.commit(&COMMIT_ANNOUNCE).await.map_err(qemu)?;
         self.vms.set_generation(id, req.generation)?;
@@ -1223,6 +1295,58 @@ mod tests {
             .collect();
         // Another MAC's frame and another NIC's are not this NIC's to read; plugs go.
         assert_eq!(order, vec![1, 2, 3, 4, 5]);
+    }
+
+    /// A broadcast numbered `n`.
+    fn broadcast(n: u8) -> Frame {
+        frame_to([0xff; 6], n)
+    }
+
+    #[test]
+    fn broadcasts_both_hosts_got_reach_the_destination_guest_once() {
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let numbers = |frames: &[Frame]| frames.iter().map(|f| f.data[59]).collect::<Vec<u8>>();
+        // The source got broadcasts 10 and 11 before the steer, 12 and 13 after it; the
+        // destination got 12 and 13 and, after the source's drain, 14. Unicast 1 reached the
+        // source, 2 the destination.
+        let handed = vec![
+            frame_to(mac, 1),
+            broadcast(10),
+            broadcast(11),
+            broadcast(12),
+            broadcast(13),
+        ];
+        let own = vec![
+            broadcast(12),
+            frame_to(mac, 2),
+            broadcast(13),
+            broadcast(14),
+        ];
+        let (frames, copies) = merge_handed(handed.clone(), own);
+        assert_eq!(numbers(&frames), vec![1, 10, 11, 12, 13, 2, 14]);
+        assert_eq!(copies, 2);
+        // Nothing in common: everything, in order.
+        let (frames, copies) = merge_handed(handed.clone(), vec![broadcast(20), frame_to(mac, 3)]);
+        assert_eq!(numbers(&frames), vec![1, 10, 11, 12, 13, 20, 3]);
+        assert_eq!(copies, 0);
+        // The same broadcast twice (an ARP request retried): only the overlap is one copy.
+        let (frames, copies) = merge_handed(
+            vec![broadcast(7), broadcast(7)],
+            vec![broadcast(7), broadcast(8)],
+        );
+        assert_eq!(numbers(&frames), vec![7, 7, 8]);
+        assert_eq!(copies, 1);
+        // Only the end of the handed run can be in the destination's queue, not the middle.
+        let (frames, copies) = merge_handed(
+            vec![broadcast(10), broadcast(11), broadcast(12)],
+            vec![broadcast(11), broadcast(13)],
+        );
+        assert_eq!(numbers(&frames), vec![10, 11, 12, 11, 13]);
+        assert_eq!(copies, 0);
+        // Nothing handed: the tap's own, untouched.
+        let (frames, copies) = merge_handed(Vec::new(), vec![broadcast(1), frame_to(mac, 2)]);
+        assert_eq!(numbers(&frames), vec![1, 2]);
+        assert_eq!(copies, 0);
     }
 
     fn migrations(dir: &std::path::Path) -> Arc<Migrations> {

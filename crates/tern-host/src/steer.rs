@@ -40,6 +40,13 @@ pub enum SteerError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error("turning the bridge's flooding to {tap} {state}: {source}")]
+    Flooding {
+        tap: String,
+        state: &'static str,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
     #[error("{what} on {ifname}: {source}")]
     Sys {
         what: &'static str,
@@ -177,6 +184,33 @@ impl Steerer {
             .execute()
             .await
             .map_err(|e| fdb(Box::new(e)))
+    }
+
+    /// Lets bridge port `tap` receive what its bridge floods (broadcast, multicast, and unicast
+    /// for addresses it has not learned), or stops that: like `ip link set TAP type
+    /// bridge_slave flood on|off mcast_flood on|off bcast_flood on|off`.
+    ///
+    /// A destination's taps take no floods until the steer: the guest still runs at the source
+    /// and gets every broadcast there, so copies queued here would reach it twice, and late
+    /// (all of them at once when it resumes).
+    pub async fn set_flooding(&self, tap: &str, on: bool) -> Result<(), SteerError> {
+        let index = ifindex(tap)?;
+        let message = rtnetlink::LinkBridgePort::new(index)
+            .flood(on)
+            .mcast_flood(on)
+            .bcast_flood(on)
+            .build();
+        self.handle()
+            .await?
+            .link()
+            .change(message)
+            .execute()
+            .await
+            .map_err(|e| SteerError::Flooding {
+                tap: tap.into(),
+                state: if on { "on" } else { "off" },
+                source: Box::new(e),
+            })
     }
 
     /// Steers the LAN to a destination's tap: the bridge's entry first, then the RARP that

@@ -208,7 +208,8 @@ fn attach_to_bridge(tap: &str, bridge: &str) -> Result<(), TapError> {
     Ok(())
 }
 
-fn bring_up(name: &str) -> Result<(), TapError> {
+/// Sets interface `name` up (nothing if it is).
+pub fn bring_up(name: &str) -> Result<(), TapError> {
     let sock = control_socket()?;
     let mut req = ifreq_for(name)?;
     // SAFETY: SIOCGIFFLAGS fills the flags of the ifreq we own.
@@ -248,6 +249,17 @@ fn set_queue_len(name: &str, len: u32) -> Result<(), TapError> {
 /// Makes sure tap `name` exists, is a port of `bridge` and is up. Idempotent: an existing tap
 /// (left by a crashed agent, or held by a running QEMU) is reused as it is.
 pub fn ensure_tap(name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<(), TapError> {
+    ensure_tap_down(name, bridge, owner)?;
+    bring_up(name)
+}
+
+/// [`ensure_tap`] but leaves a new tap down (a port that is down gets nothing from its
+/// bridge), for its port to be set up before the first frame arrives; [`bring_up`] follows.
+pub fn ensure_tap_down(
+    name: &str,
+    bridge: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(), TapError> {
     ifreq_for(name)?;
     if ifindex(bridge).is_none() {
         return Err(TapError::NoBridge(bridge.to_string()));
@@ -262,8 +274,7 @@ pub fn ensure_tap(name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result
         }
     }
     attach_to_bridge(name, bridge)?;
-    set_queue_len(name, TAP_QUEUE_LEN)?;
-    bring_up(name)
+    set_queue_len(name, TAP_QUEUE_LEN)
 }
 
 /// Removes tap `name`; a missing tap is not an error. Fails with [`TapError::Busy`] while a

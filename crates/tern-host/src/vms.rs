@@ -145,6 +145,8 @@ pub struct VmManager {
     slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
     /// Stops the supervisors when the agent shuts down (QEMU processes keep running).
     shutdown: CancellationToken,
+    /// Sets up the bridge ports of incoming VMs' taps.
+    ports: crate::steer::Steerer,
 }
 
 /// One VM's pid and identity, for load sampling.
@@ -298,6 +300,7 @@ impl VmManager {
             host,
             slots: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            ports: crate::steer::Steerer::default(),
         })
     }
 
@@ -1158,7 +1161,15 @@ impl VmManager {
         let owner = user.as_ref().map(|u| u.owner());
         if let Some(bridge) = &self.host.bridge {
             for t in &taps {
-                if let Err(e) = tap::ensure_tap(t, bridge, owner) {
+                // Up only once its port takes no floods: the guest runs at the source until
+                // the steer, and gets every broadcast there ([`crate::steer::Steerer::set_flooding`]).
+                let made = tap::ensure_tap_down(t, bridge, owner);
+                if made.is_ok() {
+                    if let Err(e) = self.ports.set_flooding(t, false).await {
+                        tracing::warn!(vm = %id, tap = %t, error = %e, "the incoming VM's tap takes floods before the steer: the guest may get broadcasts twice");
+                    }
+                }
+                if let Err(e) = made.and_then(|()| tap::bring_up(t)) {
                     remove_taps(&taps);
                     return Err(AgentError::Internal(anyhow::anyhow!(
                         "creating tap {t}: {e}"

@@ -309,3 +309,95 @@ fn a_rollback_after_the_steer_loses_no_request() {
     lab.one_copy_on("rb", &id, "h2");
     lab.down();
 }
+
+/// An idle guest, moved five times, is reachable by a client that has no ARP entry for it
+/// within 100 ms of running on its new host. The client broadcasts an ARP request every 2 ms
+/// (`tern-guest arp`, as each new client does before its first packet); the answers stop at
+/// each switchover, and the first answer after it must come within 100 ms of QEMU's RESUME at
+/// the destination, from the VM's own MAC.
+///
+/// Broadcasts reach the guest once: no request is answered twice (a destination's taps took
+/// every broadcast of the whole copy before, and the guest answered them all again when it
+/// resumed), and at most one per switchover goes unanswered (the frame QEMU parks between the
+/// pause and its plug, [`tern_host::frames`]).
+#[test]
+fn an_idle_guest_answers_a_client_without_its_arp_entry_within_100_ms_of_resuming() {
+    let lab = Lab::up("swarp", 2);
+    let mac = "52:54:00:7e:02:03";
+    let id = lab.create_vm("idle", "h1", "10.78.0.122", mac, 256, "", &[]);
+    let prober = lab.spawn_arp_prober("10.78.0.122");
+    let mut stop_resume: Vec<(i64, i64)> = Vec::new();
+    let mut host = "h1";
+    for i in 0..5 {
+        let to = if host == "h1" { "h2" } else { "h1" };
+        let (out, task) = lab.migrate_json(&["idle", "--to", to]);
+        assert!(out.status.success(), "migration {i}: {}", text(&out));
+        let task = task.expect("task JSON");
+        assert_eq!(task["result"]["status"], "completed", "{task}");
+        let at = |k: &str| {
+            let t = task["result"][k]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {k}: {task}"));
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap_or_else(|e| panic!("{k} {t:?}: {e}"))
+                .timestamp_micros()
+        };
+        stop_resume.push((at("stopped_at"), at("resumed_at")));
+        host = to;
+    }
+    let report = prober.finish();
+    lab.one_copy_on("idle", &id, host);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["macs"], serde_json::json!([mac]), "{report}");
+    let (requests, replies) = (
+        report["requests"].as_i64().expect("requests"),
+        report["replies"].as_i64().expect("replies"),
+    );
+    assert!(
+        replies <= requests,
+        "{replies} answers to {requests} requests: broadcasts reached the guest twice"
+    );
+    assert!(
+        requests - replies <= stop_resume.len() as i64,
+        "{} of {requests} requests unanswered over {} switchovers",
+        requests - replies,
+        stop_resume.len()
+    );
+    let gaps: Vec<(i64, i64)> = report["gaps"]
+        .as_array()
+        .expect("the prober lists its gaps")
+        .iter()
+        .filter_map(|g| Some((g[0].as_i64()?, g[1].as_i64()?)))
+        .collect();
+    // For each switchover, the gap in the answers around its pause: the first that ends after
+    // its STOP (and before the next one's).
+    let mut reachable_after_ms = Vec::new();
+    for (i, (stop, resume)) in stop_resume.iter().enumerate() {
+        let next = stop_resume.get(i + 1).map_or(i64::MAX, |n| n.0);
+        match gaps.iter().find(|(_, end)| end > stop && *end < next) {
+            Some((_, end)) => reachable_after_ms.push((end - resume) as f64 / 1000.0),
+            None => {
+                // Answers never stopped for more than the prober's 10 ms: so short a pause.
+                let pause_ms = (resume - stop) / 1000;
+                assert!(
+                    pause_ms < 12,
+                    "switchover {i}: paused {pause_ms} ms but no gap in the answers: {report}"
+                );
+                reachable_after_ms.push(0.0);
+            }
+        }
+    }
+    let pauses: Vec<i64> = stop_resume.iter().map(|(s, r)| (r - s) / 1000).collect();
+    eprintln!(
+        "MEASURED idle guest, 5 moves: QEMU STOP→RESUME {pauses:?} ms; first ARP answer \
+         {reachable_after_ms:?} ms after RESUME; {} requests, {} answers, longest gap {} ms",
+        report["requests"], report["replies"], report["longest_gap_ms"]
+    );
+    for (i, ms) in reachable_after_ms.iter().enumerate() {
+        assert!(
+            (-1.0..=100.0).contains(ms),
+            "switchover {i}: the first answer came {ms} ms after RESUME: {reachable_after_ms:?}"
+        );
+    }
+    lab.down();
+}

@@ -96,13 +96,12 @@ impl Mig {
                         self.hold(
                             EventLevel::Info,
                             format!(
-                                "{} frame(s) that reached {} after the guest stopped handed to {} (left \
-                                 out: {} broadcast/multicast, {} for other MACs, {} over the \
-                                 limit)",
+                                "{} frame(s) that reached {} after the guest stopped, broadcasts \
+                                 included, handed to {} (left out: {} for other MACs, {} over \
+                                 the limit)",
                                 q.frames.len(),
                                 self.source.name,
                                 self.dest.name,
-                                q.skipped_flooded,
                                 q.skipped_foreign,
                                 q.skipped_over_limit
                             ),
