@@ -17,6 +17,16 @@
 //! the sum of its VMs', so the VMs together compete with the host's other work as if each
 //! stood on its own.
 //!
+//! A migration's threads (QEMU's migration thread, its multifd channels compressing and
+//! sealing pages, or receiving them) run in the VM's group too, beside its vCPUs: while a VM
+//! migrates, its group on either host weighs one normal vCPU more per migration thread, and a
+//! limited one gets a core more of quota each ([`ResourceControl::set_migration_threads`]).
+//! The copy then competes with the host's other work as if its threads stood on their own, as
+//! vMotion's helpers do in ESXi's VMkernel, instead of taking its CPU from the guest it moves
+//! (or being held to the VM's limit). The groups the configured parent path makes above the
+//! VMs' parent weigh what they hold as well: at the kernel's default, one of them would hold
+//! every VM below it to a single task's share.
+//!
 //! QEMU joins its groups between fork and exec (`tern_qemu::LaunchConfig::cgroup_procs`), so
 //! every page and thread it makes is charged to the VM from the start.
 
@@ -56,6 +66,29 @@ pub struct ResourceControl {
     cores: u32,
     core_mhz: u32,
     description: String,
+    /// How many groups the configured parent path makes (`tern/h1`: 2): the parent and the
+    /// groups above it that tern made, each weighted by what it holds.
+    parent_depth: usize,
+    /// Migration threads of each VM migrating out ([`Self::set_migration_threads`]).
+    migration_threads: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, u32>>>,
+}
+
+/// One normal vCPU's shares: what each migration thread adds to its VM's weight.
+const MIGRATION_THREAD_SHARES: u64 = 1000;
+
+/// `limits` of a VM whose migration runs `threads` threads in its group: each adds a normal
+/// vCPU's shares and, to a limited VM, a core of quota.
+pub fn with_migration_threads(limits: GroupLimits, threads: u32) -> GroupLimits {
+    if threads == 0 {
+        return limits;
+    }
+    GroupLimits {
+        cpu_shares: limits
+            .cpu_shares
+            .saturating_add(MIGRATION_THREAD_SHARES * u64::from(threads)),
+        cpu_quota_cores: limits.cpu_quota_cores.map(|q| q + f64::from(threads)),
+        ..limits
+    }
 }
 
 /// The limits of one VM's group, in kernel-neutral terms.
@@ -220,6 +253,8 @@ impl ResourceControl {
                     cpuacct_parent: None,
                     cores,
                     core_mhz,
+                    parent_depth: rel.components().count(),
+                    migration_threads: Default::default(),
                 }));
             }
         }
@@ -257,6 +292,8 @@ impl ResourceControl {
             memory_parent: memory,
             cores,
             core_mhz,
+            parent_depth: rel.components().count(),
+            migration_threads: Default::default(),
         }))
     }
 
@@ -353,10 +390,44 @@ impl ResourceControl {
         }
     }
 
+    /// Whether VM `id` migrates (its group's limits are written even before its QEMU runs
+    /// the guest: a destination's threads receive into it).
+    pub fn is_migrating(&self, id: Uuid) -> bool {
+        self.migration_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
+    /// Says that VM `id` migrates with `threads` migration threads in its group (0: no
+    /// longer); the next [`Self::enforce`] writes its limits with them.
+    pub fn set_migration_threads(&self, id: Uuid, threads: u32) {
+        let mut m = self
+            .migration_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if threads == 0 {
+            m.remove(&id);
+        } else {
+            m.insert(id, threads);
+        }
+    }
+
     /// Writes every VM's limits (and the parent's weight), from the policies of the VMs
     /// running here. One VM's failure does not stop the others'; the errors are returned by VM.
     pub fn enforce(&self, vms: &[(Uuid, &VmSpec)]) -> Vec<(Uuid, anyhow::Error)> {
-        let plan = plan(self.cores, self.core_mhz, vms);
+        let threads = self
+            .migration_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let plan: Vec<(Uuid, GroupLimits)> = plan(self.cores, self.core_mhz, vms)
+            .into_iter()
+            .map(|(id, l)| {
+                let n = threads.get(&id).copied().unwrap_or(0);
+                (id, with_migration_threads(l, n))
+            })
+            .collect();
         let mut errors = Vec::new();
         let mut total = 0u64;
         for (id, limits) in &plan {
@@ -370,7 +441,42 @@ impl ResourceControl {
         if let Err(e) = self.write_weight(&self.cpu_parent, parent) {
             tracing::warn!(error = %format!("{e:#}"), "cannot set the VM parent group's CPU weight");
         }
+        // And so up the groups the configured path made: left at the kernel's default, one of
+        // them would hold every VM below it to one task's share (a lab's `tern-lab` holds all
+        // its hosts' VMs; a host's `tern` all of its own).
+        let mut dir = self.cpu_parent.parent();
+        for _ in 1..self.parent_depth {
+            let Some(d) = dir else { break };
+            if let Err(e) = self.weigh_by_children(d) {
+                tracing::warn!(cgroup = %d.display(), error = %format!("{e:#}"), "cannot set a VM group's ancestor's CPU weight");
+            }
+            dir = d.parent();
+        }
         errors
+    }
+
+    /// Sets group `dir`'s CPU weight to the sum of its child groups' (as the kernel holds
+    /// them), within the kernel's range.
+    fn weigh_by_children(&self, dir: &Path) -> anyhow::Result<()> {
+        let (file, max) = match self.version {
+            Version::V2 => ("cpu.weight", 10_000u64),
+            Version::V1 => ("cpu.shares", 262_144u64),
+        };
+        let mut sum = 0u64;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            // A group going away meanwhile simply does not count.
+            if let Ok(w) = read_file(&entry.path().join(file)) {
+                sum = sum.saturating_add(w.trim().parse::<u64>().unwrap_or(0));
+            }
+        }
+        if sum == 0 {
+            return Ok(());
+        }
+        write_file(&dir.join(file), &sum.clamp(1, max).to_string())
     }
 
     fn write_weight(&self, dir: &Path, shares: u64) -> anyhow::Result<()> {
@@ -691,6 +797,30 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use tern_api::{CpuAmount, Resources, Shares};
+
+    #[test]
+    fn a_migrating_vm_weighs_one_normal_vcpu_more_per_migration_thread() {
+        let limited = GroupLimits {
+            cpu_shares: 1000,
+            cpu_quota_cores: Some(0.5),
+            memory_min_bytes: None,
+            memory_max_bytes: Some(1 << 30),
+        };
+        let moving = with_migration_threads(limited.clone(), 2);
+        assert_eq!(moving.cpu_shares, 3000);
+        assert_eq!(moving.cpu_quota_cores, Some(2.5));
+        assert_eq!(
+            moving.memory_max_bytes,
+            Some(1 << 30),
+            "memory stays the VM's"
+        );
+        assert_eq!(with_migration_threads(limited.clone(), 0), limited);
+        let unlimited = GroupLimits {
+            cpu_quota_cores: None,
+            ..limited
+        };
+        assert_eq!(with_migration_threads(unlimited, 1).cpu_quota_cores, None);
+    }
 
     /// The plan by VM.
     fn plan_by_id(

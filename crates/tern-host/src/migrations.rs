@@ -374,6 +374,7 @@ impl Migrations {
 
     fn forget(&self, id: Uuid, slot: &Slot) {
         slot.record.remove();
+        self.vms.set_migration_threads(id, 0);
         let mut slots = lock(&self.slots);
         if slots
             .get(&id)
@@ -501,6 +502,10 @@ impl Migrations {
         let slot = Slot::new(Role::Destination(incoming), record);
         let _ = slot.generation.set(req.generation);
         lock(&self.slots).insert(id, slot);
+        // QEMU's incoming coroutine and each multifd channel's thread work in the VM's
+        // cgroup (a destination prepared without settings gets its channels at `listen`).
+        let channels = req.settings.as_ref().map_or(0, |s| s.multifd_channels);
+        self.vms.set_migration_threads(id, 1 + channels);
         // This host will steer the LAN at switchover: have the netlink connection ready.
         self.steerer.warm_up().await;
         Ok(IncomingReady { uri })
@@ -519,6 +524,8 @@ impl Migrations {
             .listen(&req.settings, req.key.as_ref(), self.migration_address)
             .await
             .map_err(qemu)?;
+        self.vms
+            .set_migration_threads(id, 1 + req.settings.multifd_channels);
         slot.record
             .write(&MigrationRecord::Destination { uri: Some(uri) });
         Ok(IncomingReady { uri: Some(uri) })
@@ -557,6 +564,9 @@ impl Migrations {
             }
         };
         record.clone().follow(base, out.watch());
+        // QEMU's migration thread and each multifd channel's work in the VM's cgroup.
+        self.vms
+            .set_migration_threads(id, 1 + req.settings.multifd_channels);
         let slot = Slot::new(Role::Source(out), record);
         if let Role::Source(out) = &slot.role {
             self.plug_at_pause(id, out, slot.stopped_at.clone());

@@ -648,7 +648,17 @@ impl VmManager {
             .values()
             .filter_map(|s| {
                 let st = s.st();
-                st.live.as_ref().map(|_| (s.run.id, st.spec.clone()))
+                if st.live.is_some() {
+                    return Some((s.run.id, st.spec.clone()));
+                }
+                // An incoming VM's vCPUs are paused: its group weighs its migration threads
+                // alone (a weight for its vCPUs would go to those threads).
+                (!st.deleted && rc.is_migrating(s.run.id)).then(|| {
+                    let mut spec = st.spec.clone();
+                    spec.resources.cpu_shares = tern_api::Shares::Custom(1);
+                    spec.resources.cpu_reservation = None;
+                    (s.run.id, spec)
+                })
             })
             .collect();
         let refs: Vec<(Uuid, &VmSpec)> = live.iter().map(|(id, s)| (*id, s)).collect();
@@ -657,6 +667,15 @@ impl VmManager {
             tracing::warn!(vm = %id, error = %format!("{e:#}"), "cannot apply the VM's resource policy");
         }
         errors
+    }
+
+    /// VM `id` migrates (out, or in) with `threads` migration threads in its cgroup (0: no
+    /// longer): its weight and quota grow by theirs ([`crate::cgroups::ResourceControl::set_migration_threads`]).
+    pub fn set_migration_threads(&self, id: Uuid, threads: u32) {
+        if let Some(rc) = &self.host.resource_control {
+            rc.set_migration_threads(id, threads);
+            self.enforce_resources();
+        }
     }
 
     /// Changes a VM's resource policy; a running VM's cgroup follows at once. A policy the
