@@ -55,6 +55,44 @@ fn all_answered_by_the_same_guest(report: &Value, before: &Value, after: &Value)
     }
 }
 
+/// One completed move of a migration between h1 and h2, as its task reported it.
+struct Move {
+    /// The guest's pause as the center measured it.
+    pause_ms: u64,
+    /// QEMU's STOP at the source and RESUME at the destination (µs since the epoch).
+    stop_us: i64,
+    resume_us: i64,
+}
+
+/// Moves VM `name` (on h1) `n` times between h1 and h2, each move asserted completed; returns
+/// the moves and the host it ends on.
+fn move_back_and_forth(lab: &Lab, name: &str, n: usize) -> (Vec<Move>, &'static str) {
+    let mut moves = Vec::new();
+    let mut host = "h1";
+    for i in 0..n {
+        let to = if host == "h1" { "h2" } else { "h1" };
+        let (out, task) = lab.migrate_json(&[name, "--to", to]);
+        assert!(out.status.success(), "migration {i}: {}", text(&out));
+        let task = task.expect("task JSON");
+        assert_eq!(task["result"]["status"], "completed", "{task}");
+        let at = |k: &str| {
+            let t = task["result"][k]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {k}: {task}"));
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap_or_else(|e| panic!("{k} {t:?}: {e}"))
+                .timestamp_micros()
+        };
+        moves.push(Move {
+            pause_ms: task["result"]["pause_ms"].as_u64().unwrap_or(0),
+            stop_us: at("stopped_at"),
+            resume_us: at("resumed_at"),
+        });
+        host = to;
+    }
+    (moves, host)
+}
+
 #[test]
 fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
     let lab = Lab::up("swo", 2);
@@ -64,28 +102,10 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
     let tcp_before = client_tcp_counters(&lab);
     let client = lab.spawn_rr_client("10.78.0.120:7001", stats_addr, 2000);
 
-    let mut pauses = Vec::new();
+    let (moves, host) = move_back_and_forth(&lab, "rr", 10);
+    let pauses: Vec<u64> = moves.iter().map(|m| m.pause_ms).collect();
     // QEMU's STOP at the source and RESUME at the destination (µs since the epoch).
-    let mut stop_resume: Vec<(i64, i64)> = Vec::new();
-    let mut host = "h1";
-    for i in 0..10 {
-        let to = if host == "h1" { "h2" } else { "h1" };
-        let (out, task) = lab.migrate_json(&["rr", "--to", to]);
-        assert!(out.status.success(), "migration {i}: {}", text(&out));
-        let task = task.expect("task JSON");
-        assert_eq!(task["result"]["status"], "completed", "{task}");
-        pauses.push(task["result"]["pause_ms"].as_u64().unwrap_or(0));
-        let at = |k: &str| {
-            let t = task["result"][k]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {k}: {task}"));
-            chrono::DateTime::parse_from_rfc3339(t)
-                .unwrap_or_else(|e| panic!("{k} {t:?}: {e}"))
-                .timestamp_micros()
-        };
-        stop_resume.push((at("stopped_at"), at("resumed_at")));
-        host = to;
-    }
+    let stop_resume: Vec<(i64, i64)> = moves.iter().map(|m| (m.stop_us, m.resume_us)).collect();
     let report = client.finish();
     let tcp_after = client_tcp_counters(&lab);
     let after = lab.guest_stats(stats_addr);
@@ -326,25 +346,8 @@ fn an_idle_guest_answers_a_client_without_its_arp_entry_within_100_ms_of_resumin
     let mac = "52:54:00:7e:02:03";
     let id = lab.create_vm("idle", "h1", "10.78.0.122", mac, 256, "", &[]);
     let prober = lab.spawn_arp_prober("10.78.0.122");
-    let mut stop_resume: Vec<(i64, i64)> = Vec::new();
-    let mut host = "h1";
-    for i in 0..5 {
-        let to = if host == "h1" { "h2" } else { "h1" };
-        let (out, task) = lab.migrate_json(&["idle", "--to", to]);
-        assert!(out.status.success(), "migration {i}: {}", text(&out));
-        let task = task.expect("task JSON");
-        assert_eq!(task["result"]["status"], "completed", "{task}");
-        let at = |k: &str| {
-            let t = task["result"][k]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {k}: {task}"));
-            chrono::DateTime::parse_from_rfc3339(t)
-                .unwrap_or_else(|e| panic!("{k} {t:?}: {e}"))
-                .timestamp_micros()
-        };
-        stop_resume.push((at("stopped_at"), at("resumed_at")));
-        host = to;
-    }
+    let (moves, host) = move_back_and_forth(&lab, "idle", 5);
+    let stop_resume: Vec<(i64, i64)> = moves.iter().map(|m| (m.stop_us, m.resume_us)).collect();
     let report = prober.finish();
     lab.one_copy_on("idle", &id, host);
     assert_eq!(report["ok"], true, "{report}");
