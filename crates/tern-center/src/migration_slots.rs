@@ -101,6 +101,8 @@ pub struct MigrationSlots {
     links: Mutex<HashMap<Uuid, f64>>,
     /// The last link measured between two hosts (either way), Mbit/s, and when.
     pairs: Mutex<HashMap<(Uuid, Uuid), (f64, Instant)>>,
+    /// Held while a slot event is recorded ([`Ticket::record_order`]).
+    record: tokio::sync::Mutex<()>,
 }
 
 /// Two hosts in a fixed order: a link is measured one way and used both ways.
@@ -239,6 +241,23 @@ impl Ticket {
             };
             notified.await;
         }
+    }
+
+    /// Held while a slot event is written, with the counts read under it: events of takes and
+    /// frees are then logged one at a time, each with the counts as they stand when it is
+    /// written. Without it two migrations taking slots at once could log their takes in the
+    /// other order, the second logged showing fewer than the log already held.
+    pub async fn record_order(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.slots.record.lock().await
+    }
+
+    /// The counts the two hosts have now, this ticket's slots included (`None` while it
+    /// holds none).
+    pub fn counts_now(&self) -> Option<(SlotCounts, SlotCounts)> {
+        if !self.held {
+            return None;
+        }
+        Some(MigrationSlots::counts(&self.slots.lock(), &self.req))
     }
 
     /// The counts the two hosts will have once this ticket's slots are freed (`None` while

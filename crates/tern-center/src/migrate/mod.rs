@@ -497,11 +497,17 @@ impl Mig {
         )
         .await?;
         let counts = self.ctl.until_cancelled(ticket.wait()).await;
-        let Some((src, dst)) = counts else {
+        if counts.is_none() {
             return Err(Abort::Cancelled);
-        };
+        }
+        {
+            // Logged with the counts as they stand now, one slot event at a time.
+            let _order = ticket.record_order().await;
+            if let Some((src, dst)) = ticket.counts_now() {
+                self.slot_event("taken", src, dst).await;
+            }
+        }
         *lock(&self.ticket) = Some(ticket);
-        self.slot_event("taken", src, dst).await;
         Ok(())
     }
 
@@ -536,10 +542,12 @@ impl Mig {
         };
         // The event first, the slots after: a migration that takes a freed slot records it
         // after this, so the log never shows more at once than ran.
+        let order = ticket.record_order().await;
         let Some((src, dst)) = ticket.counts_after_release() else {
             return;
         };
         self.slot_event("freed", src, dst).await;
+        drop(order);
         drop(ticket);
     }
 }
