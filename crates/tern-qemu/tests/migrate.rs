@@ -1332,10 +1332,11 @@ async fn an_encrypted_stream_admits_only_the_key_holder_and_shows_no_guest_memor
         .expect("the DH group beside the key");
     assert!(dh.starts_with("-----BEGIN DH PARAMETERS-----"), "{dh}");
 
-    // Junk from another process: before TLS, 64 such bytes killed the destination.
+    // Junk from another process: before TLS, 64 such bytes killed the destination. The
+    // destination may refuse it and reset the connection before all of it is written: that
+    // is its right, so only the connection must succeed.
     let mut junk = tokio::net::TcpStream::connect(uri.addr()).await.unwrap();
-    junk.write_all(&rand::random::<[u8; 32]>()).await.unwrap();
-    junk.write_all(&rand::random::<[u8; 32]>()).await.unwrap();
+    let _ = junk.write_all(&rand::random::<[u8; 64]>()).await;
     drop(junk);
     // A source that holds another key fails its handshake, and its guest runs on.
     let other = MigrationKey::from_bytes(rand::random());
