@@ -652,11 +652,14 @@ impl VmManager {
                     return Some((s.run.id, st.spec.clone()));
                 }
                 // An incoming VM's vCPUs are paused: its group weighs its migration threads
-                // alone (a weight for its vCPUs would go to those threads).
+                // alone (a weight for its vCPUs would go to those threads). Its memory
+                // policy waits for the commit, as before: QEMU is still filling its memory.
                 (!st.deleted && rc.is_migrating(s.run.id)).then(|| {
                     let mut spec = st.spec.clone();
                     spec.resources.cpu_shares = tern_api::Shares::Custom(1);
                     spec.resources.cpu_reservation = None;
+                    spec.resources.memory_limit_mib = None;
+                    spec.resources.memory_reservation_mib = None;
                     (s.run.id, spec)
                 })
             })
