@@ -166,6 +166,11 @@ pub struct MigrationSettings {
     /// migration alone ([`MigrationKey`]); the reason is among `reasons`.
     #[serde(default)]
     pub encrypted: bool,
+    /// An encrypted stream is carried by the two hosts' relays (`tern host relay`): each QEMU
+    /// streams in clear to a relay on its own host, and the relays speak TLS 1.3 between
+    /// the hosts, authenticated by the same key. Else QEMU's own TLS carries it.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 /// Whether a cluster's migrations are encrypted: `migration_encryption` of the cluster.
@@ -227,6 +232,11 @@ pub struct MigrationKey([u8; 32]);
 impl MigrationKey {
     pub fn from_bytes(bytes: [u8; 32]) -> MigrationKey {
         MigrationKey(bytes)
+    }
+
+    /// The key itself (what a migration relay proves it holds).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     /// Lower-case hex, the form QEMU's `keys.psk` file takes.

@@ -304,6 +304,11 @@ pub struct HostFacts {
     /// that does not say is taken to lack it.
     #[serde(default)]
     pub migration_tls: bool,
+    /// The agent carries encrypted migration streams with its own relays (`tern host
+    /// relay`), which need nothing of QEMU; between two such hosts they are used instead of
+    /// QEMU's TLS. An agent that does not say has none.
+    #[serde(default)]
+    pub migration_relay: bool,
     /// How this host enforces VM resource policies, e.g. `cgroup v1 (cpu, cpuacct, memory)
     /// under /tern/h1`; `None`: it cannot (no cgroup CPU controller), and says why at start.
     #[serde(default)]

@@ -765,7 +765,7 @@ pub fn encryption_check(
     let lacking: Vec<&str> = source
         .into_iter()
         .chain([dest])
-        .filter(|h| !h.facts.migration_tls)
+        .filter(|h| !h.facts.migration_tls && !h.facts.migration_relay)
         .map(|h| h.name.as_str())
         .collect();
     tern_motion::choose_encryption(policy, &lacking)

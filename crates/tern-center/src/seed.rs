@@ -65,6 +65,7 @@ fn facts(name: &str) -> HostFacts {
         cpu: None,
         agent_version: "seeded".into(),
         migration_tls: true,
+        migration_relay: true,
     }
 }
 

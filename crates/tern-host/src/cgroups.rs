@@ -342,6 +342,15 @@ impl ResourceControl {
         Ok(procs)
     }
 
+    /// Puts a helper of the VM's migration (its relay) into the VM's CPU group, so the copy's
+    /// CPU counts to the VM being moved, with the weight given to its migration threads. Not
+    /// into a v1 memory group: a helper's buffers must not count against the guest's limit.
+    pub fn join_cpu(&self, id: Uuid, pid: u32) -> anyhow::Result<()> {
+        let procs = self.cpu_dir(id).join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string())
+            .with_context(|| format!("moving process {pid} into {}", procs.display()))
+    }
+
     /// Puts a running QEMU (adopted after an agent restart, or started before tern had
     /// resource control) into the VM's groups.
     pub fn adopt(&self, id: Uuid, pid: u32) -> anyhow::Result<()> {

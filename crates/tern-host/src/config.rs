@@ -92,6 +92,11 @@ pub struct AgentArgs {
     /// QEMU stays under its seccomp filter either way.
     #[arg(long)]
     pub qemu_as_root: bool,
+    /// Encrypt migration streams with QEMU's own TLS instead of relays run by the agents.
+    /// QEMU writes a TLS record per guest page: on the lab machine its copy of a 1 GiB guest
+    /// took 2.8 times as long as through the relays.
+    #[arg(long)]
+    pub qemu_migration_tls: bool,
     /// cgroup (relative path) holding one group per VM, where the VMs' shares, reservations
     /// and limits are enforced: at the root of cgroup v2, or under the agent's own group in
     /// each cgroup v1 hierarchy [default: tern/<name>].
@@ -169,6 +174,8 @@ struct FileConfig {
     qemu_uid_base: Option<u32>,
     #[serde(default)]
     qemu_as_root: bool,
+    #[serde(default)]
+    qemu_migration_tls: bool,
     cgroup_parent: Option<String>,
     health_sysfs: Option<PathBuf>,
     uefi_code: Option<PathBuf>,
@@ -217,6 +224,8 @@ pub struct AgentConfig {
     pub heartbeat_ms: u64,
     /// First id of the QEMU users' range; `None`: QEMU runs as root (`--qemu-as-root`).
     pub qemu_uid_base: Option<u32>,
+    /// Encrypted migration streams use QEMU's TLS, not the agents' relays.
+    pub qemu_migration_tls: bool,
     /// Relative cgroup path of the VMs' groups (checked: plain names only).
     pub cgroup_parent: String,
     /// Root of the sysfs the health counters are read under.
@@ -363,6 +372,7 @@ impl AgentArgs {
                 .or(file.qemu)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)),
             heartbeat_ms,
+            qemu_migration_tls: self.qemu_migration_tls || file.qemu_migration_tls,
             qemu_uid_base: if self.qemu_as_root || file.qemu_as_root {
                 None
             } else {

@@ -30,6 +30,7 @@ pub mod migrations;
 pub mod paths;
 pub mod qcow2;
 pub mod qemu_user;
+pub mod relay;
 pub mod seed;
 pub mod steer;
 pub mod store;
@@ -46,6 +47,7 @@ use tern_api::{HostFacts, HostLoad, VmLoad};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AgentArgs, AgentConfig};
+pub use relay::RelayArgs;
 
 use load::{HostFigures, LoadSampler, ProcLoad};
 use vms::{VmHostConfig, VmManager};
@@ -287,7 +289,12 @@ pub async fn serve(
     let agent_url = cfg.agent_url(bound);
     tracing::info!(listen = %bound, %agent_url, "agent API listening");
 
-    let migrations = migrations::Migrations::new(vms.clone(), cfg.migration_address);
+    // Relayed streams go through `tern host relay`, this very program (whether the center
+    // asks for relays follows the facts: `--qemu-migration-tls` says this host has none).
+    let relay_program =
+        Some(std::env::current_exe().context("finding the agent's own program for its relays")?);
+    let migrations =
+        migrations::Migrations::with_relay(vms.clone(), cfg.migration_address, relay_program);
     migrations.recover().await;
     let probe_again = facts.cpu_capability.is_empty();
     let tls = if cfg.tls() {

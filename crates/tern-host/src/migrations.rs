@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tern_api::migration::{
     AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthProbe, BandwidthReport,
     BandwidthSink, Commit, Committed, DirtyRateReport, HandedFrame, IncomingReady, ListenIncoming,
-    MigrationPhase, PrepareIncoming, QueuedFrames, StartOutgoing, MAX_HANDED_BYTES,
+    MigrationPhase, MigrationUri, PrepareIncoming, QueuedFrames, StartOutgoing, MAX_HANDED_BYTES,
     MAX_HANDED_FRAMES,
 };
 use tern_qemu::{
@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 use crate::error::AgentError;
 use crate::frames::{Frame, TapQueue};
+use crate::relay::{Relay, RelayCommand};
 use crate::store::{MigrationRecord, RunDir};
 use crate::vms::VmManager;
 
@@ -77,6 +78,9 @@ struct Slot {
     generation: std::sync::OnceLock<u64>,
     /// Destination: a [`crate::commit_watch`] runs for it.
     watched: std::sync::atomic::AtomicBool,
+    /// The relay carrying this migration's encrypted stream, when this agent started one
+    /// (stopped if the migration is aborted; it also ends by itself with its streams).
+    relay: Mutex<Option<Relay>>,
 }
 
 impl Slot {
@@ -92,6 +96,7 @@ impl Slot {
             stopped_at: Arc::new(Mutex::new(None)),
             generation: std::sync::OnceLock::new(),
             watched: std::sync::atomic::AtomicBool::new(false),
+            relay: Mutex::new(None),
         })
     }
 
@@ -175,6 +180,8 @@ fn unix_ms_now() -> u64 {
 pub struct Migrations {
     vms: Arc<VmManager>,
     migration_address: IpAddr,
+    /// The program whose `host relay` carries encrypted streams; `None`: QEMU's own TLS.
+    relay_program: Option<std::path::PathBuf>,
     slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
     steerer: crate::steer::Steerer,
     /// How this host's migrations ended since the agent started (for `/metrics`).
@@ -295,9 +302,20 @@ fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
 
 impl Migrations {
     pub fn new(vms: Arc<VmManager>, migration_address: IpAddr) -> Arc<Migrations> {
+        Migrations::with_relay(vms, migration_address, None)
+    }
+
+    /// Like [`Migrations::new`], with encrypted streams carried by `relay_program host relay`
+    /// (the agent's own binary) instead of QEMU's TLS when it is given.
+    pub fn with_relay(
+        vms: Arc<VmManager>,
+        migration_address: IpAddr,
+        relay_program: Option<std::path::PathBuf>,
+    ) -> Arc<Migrations> {
         Arc::new(Migrations {
             vms,
             migration_address,
+            relay_program,
             slots: Mutex::new(HashMap::new()),
             steerer: crate::steer::Steerer::default(),
             ended: MigrationCounts::default(),
@@ -485,21 +503,46 @@ impl Migrations {
         req: PrepareIncoming,
     ) -> Result<IncomingReady, AgentError> {
         self.make_room(id).await?;
+        // A relayed destination's QEMU listens once its relay is set up, below.
+        let relayed = req
+            .settings
+            .as_ref()
+            .filter(|s| self.relay_for(s, req.key.as_ref()).is_some());
         let incoming = self
             .vms
             .prepare_incoming(
                 id,
                 req.spec,
                 req.generation,
-                req.settings.as_ref(),
+                if relayed.is_some() {
+                    None
+                } else {
+                    req.settings.as_ref()
+                },
                 req.key.as_ref(),
                 self.migration_address,
             )
             .await?;
+        let mut relay = None;
+        if let Some(settings) = relayed {
+            match self
+                .listen_relayed(id, &incoming, settings, req.key.as_ref())
+                .await
+            {
+                Ok(r) => relay = Some(r),
+                Err(e) => {
+                    if let Err(e) = self.vms.remove_idle(id).await {
+                        tracing::warn!(vm = %id, error = %e, "removing the destination whose relay did not start");
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let uri = incoming.uri();
         let record = RecordFile::new(self.vms.run_dir(id));
         record.write(&MigrationRecord::Destination { uri });
         let slot = Slot::new(Role::Destination(incoming), record);
+        *lock(&slot.relay) = relay;
         let _ = slot.generation.set(req.generation);
         lock(&self.slots).insert(id, slot);
         // QEMU's incoming coroutine and each multifd channel's thread work in the VM's
@@ -520,10 +563,20 @@ impl Migrations {
                 "VM {id} is the source of its migration here, not the destination"
             )));
         };
-        let uri = incoming
-            .listen(&req.settings, req.key.as_ref(), self.migration_address)
-            .await
-            .map_err(qemu)?;
+        let uri = if self.relay_for(&req.settings, req.key.as_ref()).is_some() {
+            let relay = self
+                .listen_relayed(id, incoming, &req.settings, req.key.as_ref())
+                .await?;
+            *lock(&slot.relay) = Some(relay);
+            incoming.uri().ok_or_else(|| {
+                AgentError::Internal(anyhow::anyhow!("the relayed destination has no address"))
+            })?
+        } else {
+            incoming
+                .listen(&req.settings, req.key.as_ref(), self.migration_address)
+                .await
+                .map_err(qemu)?
+        };
         self.vms
             .set_migration_threads(id, 1 + req.settings.multifd_channels);
         slot.record
@@ -548,18 +601,40 @@ impl Migrations {
             events: Vec::new(),
         };
         record.write(&base);
-        let out = match Outgoing::start(
-            vm,
-            &req.uri,
-            &req.settings,
+        let mut opts = OutgoingOptions::default();
+        let mut relay = None;
+        if let (Some(program), Some(key)) = (
+            self.relay_for(&req.settings, req.key.as_ref()),
             req.key.as_ref(),
-            OutgoingOptions::default(),
-        )
-        .await
-        {
+        ) {
+            let socket = match tern_qemu::relay_socket(&vm) {
+                Ok(s) => s,
+                Err(e) => {
+                    record.remove();
+                    return Err(qemu(e));
+                }
+            };
+            let command = RelayCommand::Send {
+                from: socket.clone(),
+                owner: tern_qemu::process_owner(vm.pid()),
+                to: req.uri.addr(),
+            };
+            match self.start_relay(id, program, &command, key).await {
+                Ok(r) => relay = Some(r),
+                Err(e) => {
+                    record.remove();
+                    return Err(e);
+                }
+            }
+            opts.relay = Some(socket);
+        }
+        let out = match Outgoing::start(vm, &req.uri, &req.settings, req.key.as_ref(), opts).await {
             Ok(out) => out,
             Err(e) => {
                 record.remove();
+                if let Some(r) = relay {
+                    r.stop();
+                }
                 return Err(qemu(e));
             }
         };
@@ -568,11 +643,78 @@ impl Migrations {
         self.vms
             .set_migration_threads(id, 1 + req.settings.multifd_channels);
         let slot = Slot::new(Role::Source(out), record);
+        *lock(&slot.relay) = relay;
         if let Role::Source(out) = &slot.role {
             self.plug_at_pause(id, out, slot.stopped_at.clone());
         }
         lock(&self.slots).insert(id, slot);
         Ok(())
+    }
+
+    /// The relay program that carries a migration with these settings, if one does: a
+    /// relayed encrypted stream (else QEMU's TLS carries it, or it is clear).
+    fn relay_for(
+        &self,
+        settings: &tern_api::migration::MigrationSettings,
+        key: Option<&tern_api::migration::MigrationKey>,
+    ) -> Option<&std::path::Path> {
+        (settings.encrypted && settings.relayed && key.is_some())
+            .then_some(self.relay_program.as_deref())
+            .flatten()
+    }
+
+    /// Starts a relay for VM `id`'s migration, logging to its run dir, in the VM's CPU group.
+    async fn start_relay(
+        &self,
+        id: Uuid,
+        program: &std::path::Path,
+        command: &RelayCommand,
+        key: &tern_api::migration::MigrationKey,
+    ) -> Result<Relay, AgentError> {
+        let log = self.vms.run_dir(id).dir.join("relay.log");
+        let relay = Relay::spawn(program, command, key, &log)
+            .await
+            .map_err(|e| AgentError::Internal(e.context("starting the migration relay")))?;
+        self.vms.join_migration_cpu(id, relay.pid);
+        tracing::info!(vm = %id, pid = relay.pid, endpoint = %relay.endpoint, "migration relay started");
+        Ok(relay)
+    }
+
+    /// Destination: QEMU listens in clear on its run dir's socket, and a relay on the
+    /// migration address receives the encrypted stream for it; the relay's address is the
+    /// destination's URI.
+    async fn listen_relayed(
+        &self,
+        id: Uuid,
+        incoming: &IncomingMigration,
+        settings: &tern_api::migration::MigrationSettings,
+        key: Option<&tern_api::migration::MigrationKey>,
+    ) -> Result<Relay, AgentError> {
+        let (Some(program), Some(key)) = (self.relay_for(settings, key), key) else {
+            return Err(AgentError::Internal(anyhow::anyhow!(
+                "a relayed destination needs encrypted settings and a key"
+            )));
+        };
+        let socket = incoming.listen_for_relay(settings).await.map_err(qemu)?;
+        let command = RelayCommand::Receive {
+            on: self.migration_address,
+            to: socket,
+        };
+        let relay = self.start_relay(id, program, &command, key).await?;
+        let uri = relay
+            .endpoint
+            .parse::<SocketAddr>()
+            .map_err(|e| e.to_string())
+            .and_then(MigrationUri::new)
+            .map_err(|e| {
+                relay.stop();
+                AgentError::Internal(anyhow::anyhow!(
+                    "the relay's address {:?}: {e}",
+                    relay.endpoint
+                ))
+            })?;
+        incoming.relayed_at(uri);
+        Ok(relay)
     }
 
     /// Writes back into a resuming source's taps what it took off them for the destination,
@@ -1101,6 +1243,12 @@ impl Migrations {
                 Err(AgentError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             },
+        }
+        // An aborted migration's relay may still wait for its first stream. A committed
+        // one's ends with its streams: post-copy still fetches pages through it after the
+        // commit.
+        if let Some(relay) = lock(&slot.relay).take() {
+            relay.stop();
         }
         self.forget(id, &slot);
         match &slot.role {

@@ -416,6 +416,7 @@ mod tests {
                 throttle: Default::default(),
                 paced_from_link_mbit: Some(400.0),
                 encrypted: true,
+                relayed: false,
             },
             started_unix_ms: 1_700_000_000_000,
             was_running: true,

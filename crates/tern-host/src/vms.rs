@@ -674,6 +674,15 @@ impl VmManager {
 
     /// VM `id` migrates (out, or in) with `threads` migration threads in its cgroup (0: no
     /// longer): its weight and quota grow by theirs ([`crate::cgroups::ResourceControl::set_migration_threads`]).
+    /// Puts a helper process of VM `id`'s migration (its relay) into the VM's CPU group.
+    pub fn join_migration_cpu(&self, id: Uuid, pid: u32) {
+        if let Some(rc) = &self.host.resource_control {
+            if let Err(e) = rc.join_cpu(id, pid) {
+                tracing::warn!(vm = %id, "the migration relay runs outside the VM's group: {e:#}");
+            }
+        }
+    }
+
     pub fn set_migration_threads(&self, id: Uuid, threads: u32) {
         if let Some(rc) = &self.host.resource_control {
             rc.set_migration_threads(id, threads);

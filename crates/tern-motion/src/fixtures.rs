@@ -37,5 +37,6 @@ pub fn hosts(cores: u32) -> HostBudget {
         spare_cores: cores,
         qemu: V10,
         encrypted: false,
+        relayed: false,
     }
 }

@@ -193,6 +193,8 @@ pub struct RunPaths {
     pub vnc_socket: PathBuf,
     /// The key file of a migration's TLS, while the migration needs it.
     pub migration_tls_dir: PathBuf,
+    /// Where a relayed migration's QEMU and relay meet ([`RunPaths::MIGRATION_SOCKET`]).
+    pub migration_socket: PathBuf,
 }
 
 impl RunPaths {
@@ -202,6 +204,9 @@ impl RunPaths {
     pub const CONSOLE_LOG: &'static str = "console.log";
     pub const QEMU_LOG: &'static str = "qemu.log";
     pub const MIGRATION_TLS_DIR: &'static str = "migration-tls";
+    /// A relayed migration's clear stream between QEMU and its relay, in a directory of
+    /// QEMU's user: shorter than [`RunPaths::QMP_SOCKET`], so it fits wherever that does.
+    pub const MIGRATION_SOCKET: &'static str = "mig/s";
     pub const VNC_SOCKET: &'static str = "vnc.sock";
 
     pub fn new(run_dir: &Path) -> Self {
@@ -214,6 +219,7 @@ impl RunPaths {
             start_log: run_dir.join("qemu-start.log"),
             vnc_socket: run_dir.join(Self::VNC_SOCKET),
             migration_tls_dir: run_dir.join(Self::MIGRATION_TLS_DIR),
+            migration_socket: run_dir.join(Self::MIGRATION_SOCKET),
         }
     }
 }

@@ -33,8 +33,8 @@ pub use command::{
 };
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
-    Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing, OutgoingOptions,
-    OutgoingStatus, Resume, COMMIT_ANNOUNCE,
+    relay_socket, Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing,
+    OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
 };
 pub use migration::{
     AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,

@@ -114,16 +114,23 @@ pub fn parameters(settings: &MigrationSettings, side: Side) -> Value {
     p
 }
 
+/// `relayed`: QEMU streams in clear to a relay on its own host, which encrypts between the
+/// hosts (`tern_host::relay`), so QEMU gets no TLS credentials whatever the settings say.
 async fn configure(
     vm: &QemuVm,
     settings: &MigrationSettings,
     key: Option<&MigrationKey>,
     side: Side,
+    relayed: bool,
 ) -> Result<()> {
     vm.set_migration_capabilities(&capabilities(settings, side))
         .await?;
     let mut params = parameters(settings, side);
-    params["tls-creds"] = json!(set_tls(vm, settings, key, side).await?);
+    params["tls-creds"] = json!(if relayed {
+        ""
+    } else {
+        set_tls(vm, settings, key, side).await?
+    });
     vm.set_migration_parameters(params).await
 }
 
@@ -200,6 +207,47 @@ async fn set_tls(
     }
     added?;
     Ok(TLS_CREDS_ID)
+}
+
+/// QEMU's URI for a unix socket in its run dir: relative to its working directory (the run
+/// dir), because QEMU's user may not search the run dir's parents.
+fn qemu_unix_uri(vm: &QemuVm, socket: &std::path::Path) -> String {
+    let paths = vm.paths();
+    let path = socket.strip_prefix(&paths.run_dir).unwrap_or(socket);
+    format!("unix:{}", path.display())
+}
+
+/// Makes the directory of the VM's relay socket afresh (0700, owned by QEMU's user, who
+/// creates the destination's socket and connects to the source's) and returns the socket's
+/// path ([`RunPaths::migration_socket`]).
+pub fn relay_socket(vm: &QemuVm) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let socket = vm.paths().migration_socket.clone();
+    let Some(dir) = socket.parent() else {
+        return Err(Error::Migration(format!(
+            "{} has no directory",
+            socket.display()
+        )));
+    };
+    let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove", e)),
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io("create", e))?;
+    if let Some((uid, gid)) = crate::process::owner(vm.pid()).filter(|(uid, _)| *uid != 0) {
+        nix::unistd::chown(
+            dir,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| io("give QEMU's user", e.into()))?;
+    }
+    Ok(socket)
 }
 
 /// Writes `keys.psk` (0600) in `dir` (0700), created afresh.
@@ -282,6 +330,11 @@ pub struct OutgoingOptions {
     /// the downtime budget plus this; then a pending decision is refused, or a final copy
     /// that has not finished is cut (its sockets shut), and the guest runs on the source.
     pub pause_margin: Duration,
+    /// Stream in clear to a relay listening on this host's unix socket (the VM's
+    /// [`RunPaths::migration_socket`]) instead of to the destination's URI: the relay encrypts
+    /// and carries it there. `None`: QEMU sends to the URI itself, with its own TLS when the
+    /// settings encrypt.
+    pub relay: Option<std::path::PathBuf>,
 }
 
 impl Default for OutgoingOptions {
@@ -290,6 +343,7 @@ impl Default for OutgoingOptions {
             sample_interval: SAMPLE_INTERVAL,
             switchover_wait: SWITCHOVER_WAIT,
             pause_margin: PAUSE_MARGIN,
+            relay: None,
         }
     }
 }
@@ -350,15 +404,23 @@ impl Outgoing {
             )));
         }
         let was_running = vm.status().await? == RunState::Running;
-        configure(&vm, settings, key, Side::Source).await?;
+        let relayed = opts.relay.is_some();
+        configure(&vm, settings, key, Side::Source, relayed).await?;
         let started = Instant::now();
-        vm.migrate(&uri.to_string()).await?;
+        match &opts.relay {
+            Some(socket) => vm.migrate(&qemu_unix_uri(&vm, socket)).await?,
+            None => vm.migrate(&uri.to_string()).await?,
+        }
         let mut events = Vec::new();
         let line = format!(
             "started to {uri}: {} channel(s){}, compression {}, downtime limit {} ms (budget {} \
              ms), max-bandwidth {}, deadline {} s",
             settings.multifd_channels.max(1),
-            if settings.encrypted { " encrypted" } else { "" },
+            match (settings.encrypted, relayed) {
+                (true, true) => " encrypted by the hosts' relays",
+                (true, false) => " encrypted by QEMU",
+                (false, _) => "",
+            },
             settings.compression,
             settings.downtime_limit_ms,
             settings.downtime_budget_ms,
@@ -1263,7 +1325,7 @@ impl Incoming {
             IpAddr::V4(a) => format!("tcp:{a}:0"),
             IpAddr::V6(a) => format!("tcp:[{a}]:0"),
         };
-        configure(&self.vm, settings, key, Side::Destination).await?;
+        configure(&self.vm, settings, key, Side::Destination, false).await?;
         self.vm.migrate_incoming(&listen_uri).await?;
         let stats = self.vm.query_migrate().await?;
         let uri = stats
@@ -1279,6 +1341,34 @@ impl Incoming {
             })?;
         tracing::info!(pid = self.vm.pid(), %uri, "destination listening");
         Ok(*self.uri.get_or_init(|| uri))
+    }
+
+    /// Gives the destination the source's capabilities and parameters and makes it listen
+    /// in clear on its run dir's [`RunPaths::migration_socket`], for a relay on this host
+    /// that receives the encrypted stream; [`Incoming::relayed_at`] then records where the
+    /// source must send to. The caller removes the QEMU if this fails.
+    pub async fn listen_for_relay(
+        &self,
+        settings: &MigrationSettings,
+    ) -> Result<std::path::PathBuf> {
+        if let Some(uri) = self.uri.get() {
+            return Err(Error::Migration(format!(
+                "the destination already listens on {uri}"
+            )));
+        }
+        let socket = relay_socket(&self.vm)?;
+        configure(&self.vm, settings, None, Side::Destination, true).await?;
+        self.vm
+            .migrate_incoming(&qemu_unix_uri(&self.vm, &socket))
+            .await?;
+        tracing::info!(pid = self.vm.pid(), socket = %socket.display(), "destination listening for its relay");
+        Ok(socket)
+    }
+
+    /// Records the relay's address as where the source sends to (after
+    /// [`Incoming::listen_for_relay`]); the first one recorded stays.
+    pub fn relayed_at(&self, uri: MigrationUri) -> MigrationUri {
+        *self.uri.get_or_init(|| uri)
     }
 
     /// Takes back a destination QEMU (after an agent restart).
@@ -1448,6 +1538,7 @@ mod tests {
             throttle: ThrottlePlan::default(),
             paced_from_link_mbit: None,
             encrypted: false,
+            relayed: false,
         }
     }
 

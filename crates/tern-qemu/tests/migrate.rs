@@ -82,6 +82,7 @@ async fn plan(src: &QemuVm, memory_mib: u64, req: MigrateVm) -> MigrationSetting
         spare_cores: cores,
         qemu: src.qmp().greeting().version,
         encrypted: false,
+        relayed: false,
     };
     let s = choose_settings(&req, &m, &hosts);
     eprintln!("measured {m:?}");

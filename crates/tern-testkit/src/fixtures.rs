@@ -23,5 +23,6 @@ pub fn host_facts(cores: u32, memory_mib: u64) -> HostFacts {
         cpu: None,
         agent_version: "test".into(),
         migration_tls: true,
+        migration_relay: true,
     }
 }

@@ -140,6 +140,9 @@ enum CenterSub {
 enum HostCommand {
     /// Run the host agent daemon (one per host).
     Agent(Box<tern_host::AgentArgs>),
+    /// Carry one migration's encrypted stream between this host's QEMU and another host's
+    /// relay (started by the agent, one per migration and side; the key comes on stdin).
+    Relay(tern_host::RelayArgs),
     /// Make this machine a host of a center: the agent's config file, the join token, and
     /// the tern-host service enabled.
     Join(Box<cmd::install::HostJoinArgs>),
@@ -219,7 +222,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,
-        Command::Center(CenterCmd { sub: None, .. }) | Command::Host(HostCommand::Agent(_))
+        Command::Center(CenterCmd { sub: None, .. })
+            | Command::Host(HostCommand::Agent(_) | HostCommand::Relay(_))
     );
     // Daemons log at info; the CLI only says more when asked (RUST_LOG).
     let default_filter = if daemon { "info" } else { "warn" };
@@ -268,6 +272,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Host(HostCommand::Join(a)) => cmd::install::host_join(*a, output).await,
             Command::Host(HostCommand::Agent(a)) => {
                 tern_host::run(*a).await.map_err(CliError::from)
+            }
+            Command::Host(HostCommand::Relay(a)) => {
+                tern_host::relay::run(a).await.map_err(CliError::from)
             }
             Command::Host(HostCommand::Add { name, ttl, connect }) => {
                 cmd::host::add(&connect.client()?, &name, ttl, output).await

@@ -116,7 +116,7 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
         "pre-check encryption: ok",
         // The lab's cluster keeps the default policy: every stream encrypted.
         "setting: encryption: on (cluster policy required)",
-        "encrypted, compression",
+        "encrypted by the hosts' relays, compression",
         "setting: max-bandwidth",
         "ownership intent recorded",
         "steered the LAN to",

@@ -755,5 +755,6 @@ pub(super) fn empty_settings() -> MigrationSettings {
         throttle: Default::default(),
         paced_from_link_mbit: None,
         encrypted: false,
+        relayed: false,
     }
 }

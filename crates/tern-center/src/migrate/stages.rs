@@ -253,6 +253,7 @@ impl Mig {
                 .await;
                 let mut settings = self.choose(&m, encrypted);
                 settings.encrypted = encrypted;
+                settings.relayed = encrypted && self.both_relay();
                 self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
                 prepare.settings = Some(settings.clone());
                 prepare.key = self.key.clone();
@@ -289,6 +290,7 @@ impl Mig {
                 started.map_err(|e| format!("starting the destination: {e}"))?;
                 let mut settings = self.choose(&m, encrypted);
                 settings.encrypted = encrypted;
+                settings.relayed = encrypted && self.both_relay();
                 self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
                 (settings, m, None)
             }
@@ -642,6 +644,11 @@ impl Mig {
         }
     }
 
+    /// Both hosts' agents carry encrypted streams with their relays.
+    fn both_relay(&self) -> bool {
+        self.source.facts.migration_relay && self.dest.facts.migration_relay
+    }
+
     /// The settings for what is known (`m`) and what the two hosts can spare.
     fn choose(&self, m: &Measurements, encrypted: bool) -> MigrationSettings {
         let budget = HostBudget {
@@ -654,6 +661,7 @@ impl Mig {
                     micro: 0,
                 }),
             encrypted,
+            relayed: encrypted && self.both_relay(),
         };
         choose_settings(&self.req, m, &budget)
     }
