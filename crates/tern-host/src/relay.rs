@@ -462,6 +462,10 @@ mod tests {
         MigrationKey::from_bytes([b; 32])
     }
 
+    fn client() -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(Arc::new(tern_pki::tls::relay_client_config().unwrap()))
+    }
+
     /// A stand-in for the destination QEMU: echoes what it reads, reversed per chunk, so
     /// the test sees both directions carried.
     async fn qemu_stand_in(path: PathBuf) -> tokio::task::JoinHandle<Vec<u8>> {
@@ -538,9 +542,7 @@ mod tests {
         let (addr, receiver) = start_receiver(dir.path(), key(7)).await;
         // No QEMU stand-in: a connection that got through would fail at the unix socket,
         // but the proof fails first.
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(
-            tern_pki::tls::relay_client_config().unwrap(),
-        ));
+        let connector = client();
         let (a, b) = UnixStream::pair().unwrap();
         let err = send_one(a, &connector, addr, &key(8)).await.unwrap_err();
         drop(b);
@@ -566,9 +568,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // An impostor receiver with another key.
         let (addr, receiver) = start_receiver(dir.path(), key(9)).await;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(
-            tern_pki::tls::relay_client_config().unwrap(),
-        ));
+        let connector = client();
         let (a, mut b) = UnixStream::pair().unwrap();
         // QEMU's side writes guest memory at once; the relay must not forward it.
         b.write_all(&[0x55; 4096]).await.unwrap();
