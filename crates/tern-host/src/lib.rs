@@ -292,9 +292,8 @@ pub async fn serve(
     // Relayed streams go through `tern host relay`, this very program (whether the center
     // asks for relays follows the facts: `--qemu-migration-tls` says this host has none).
     let relay_program =
-        Some(std::env::current_exe().context("finding the agent's own program for its relays")?);
-    let migrations =
-        migrations::Migrations::with_relay(vms.clone(), cfg.migration_address, relay_program);
+        std::env::current_exe().context("finding the agent's own program for its relays")?;
+    let migrations = migrations::Migrations::new(vms.clone(), cfg.migration_address, relay_program);
     migrations.recover().await;
     let probe_again = facts.cpu_capability.is_empty();
     let tls = if cfg.tls() {

@@ -180,8 +180,8 @@ fn unix_ms_now() -> u64 {
 pub struct Migrations {
     vms: Arc<VmManager>,
     migration_address: IpAddr,
-    /// The program whose `host relay` carries encrypted streams; `None`: QEMU's own TLS.
-    relay_program: Option<std::path::PathBuf>,
+    /// The program whose `host relay` carries relayed streams (the agent's own binary).
+    relay_program: std::path::PathBuf,
     slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
     steerer: crate::steer::Steerer,
     /// How this host's migrations ended since the agent started (for `/metrics`).
@@ -301,16 +301,11 @@ fn source_status(id: Uuid, s: &OutgoingStatus) -> AgentMigrationStatus {
 }
 
 impl Migrations {
-    pub fn new(vms: Arc<VmManager>, migration_address: IpAddr) -> Arc<Migrations> {
-        Migrations::with_relay(vms, migration_address, None)
-    }
-
-    /// Like [`Migrations::new`], with encrypted streams carried by `relay_program host relay`
-    /// (the agent's own binary) instead of QEMU's TLS when it is given.
-    pub fn with_relay(
+    /// `relay_program host relay` carries the streams the settings say are relayed.
+    pub fn new(
         vms: Arc<VmManager>,
         migration_address: IpAddr,
-        relay_program: Option<std::path::PathBuf>,
+        relay_program: std::path::PathBuf,
     ) -> Arc<Migrations> {
         Arc::new(Migrations {
             vms,
@@ -659,8 +654,7 @@ impl Migrations {
         key: Option<&tern_api::migration::MigrationKey>,
     ) -> Option<&std::path::Path> {
         (settings.encrypted && settings.relayed && key.is_some())
-            .then_some(self.relay_program.as_deref())
-            .flatten()
+            .then_some(self.relay_program.as_path())
     }
 
     /// Starts a relay for VM `id`'s migration, logging to its run dir, in the VM's CPU group.
@@ -1522,7 +1516,11 @@ mod tests {
                 vars_template: crate::firmware::DEFAULT_VARS.into(),
             },
         });
-        Migrations::new(vms, IpAddr::from([127, 0, 0, 1]))
+        Migrations::new(
+            vms,
+            IpAddr::from([127, 0, 0, 1]),
+            std::path::PathBuf::from("tern"),
+        )
     }
 
     #[tokio::test]
