@@ -221,7 +221,6 @@ fn qemu_unix_uri(vm: &QemuVm, socket: &std::path::Path) -> String {
 /// creates the destination's socket and connects to the source's) and returns the socket's
 /// path ([`RunPaths::migration_socket`]).
 pub fn relay_socket(vm: &QemuVm) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
     let socket = vm.paths().migration_socket.clone();
     let Some(dir) = socket.parent() else {
         return Err(Error::Migration(format!(
@@ -229,6 +228,14 @@ pub fn relay_socket(vm: &QemuVm) -> Result<std::path::PathBuf> {
             socket.display()
         )));
     };
+    fresh_dir_for_qemu(dir, crate::process::owner(vm.pid()))?;
+    Ok(socket)
+}
+
+/// Makes `dir` afresh, 0700 and owned by QEMU's user (`owner`) when it is not root: where a
+/// migration's files for QEMU go (the TLS key, the relay socket).
+fn fresh_dir_for_qemu(dir: &std::path::Path, owner: Option<(u32, u32)>) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
@@ -239,7 +246,7 @@ pub fn relay_socket(vm: &QemuVm) -> Result<std::path::PathBuf> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| io("create", e))?;
-    if let Some((uid, gid)) = crate::process::owner(vm.pid()).filter(|(uid, _)| *uid != 0) {
+    if let Some((uid, gid)) = owner.filter(|(uid, _)| *uid != 0) {
         nix::unistd::chown(
             dir,
             Some(nix::unistd::Uid::from_raw(uid)),
@@ -247,7 +254,7 @@ pub fn relay_socket(vm: &QemuVm) -> Result<std::path::PathBuf> {
         )
         .map_err(|e| io("give QEMU's user", e.into()))?;
     }
-    Ok(socket)
+    Ok(())
 }
 
 /// Writes `keys.psk` (0600) in `dir` (0700), created afresh.
@@ -255,13 +262,9 @@ pub fn relay_socket(vm: &QemuVm) -> Result<std::path::PathBuf> {
 /// user (`owner`) when it is not root.
 fn write_psk(dir: &std::path::Path, key: &MigrationKey, owner: Option<(u32, u32)>) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
-    remove_psk(dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| io("create", e))?;
+    fresh_dir_for_qemu(dir, owner)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -279,7 +282,6 @@ fn write_psk(dir: &std::path::Path, key: &MigrationKey, owner: Option<(u32, u32)
             Some(nix::unistd::Gid::from_raw(gid)),
         );
         nix::unistd::fchown(&f, ids.0, ids.1)
-            .and_then(|()| nix::unistd::chown(dir, ids.0, ids.1))
             .map_err(|e| io("give QEMU's user the migration key in", e.into()))?;
     }
     Ok(())
