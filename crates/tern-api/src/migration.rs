@@ -722,6 +722,10 @@ pub struct QueuedFrames {
     pub skipped_foreign: u32,
     /// Frames left out beyond [`MAX_HANDED_FRAMES`] / [`MAX_HANDED_BYTES`].
     pub skipped_over_limit: u32,
+    /// Of `frames`, those the source's QEMU had read around the pause and not given the guest
+    /// (at most two per tap), named from the source's recording of its taps.
+    #[serde(default)]
+    pub recovered: u32,
 }
 
 /// Frame bytes as base64 text in JSON.

@@ -20,10 +20,25 @@
 //! frame from its tap, finds the guest cannot take it, and parks it in a queue of its own
 //! (not migrated, lost with the source) before it stops reading. So the moment the source
 //! pauses, its agent writes a [`plug_frame`] into each of the VM's taps: QEMU parks that one
-//! instead, and the frames behind it stay in the tap's queue for the hand-over. A frame that
-//! arrives between the pause and the plug (well under a millisecond) is still lost. The plug
-//! is harmless wherever it ends up: a guest drops its unknown EtherType, and the hand-over
+//! instead, and the frames behind it stay in the tap's queue for the hand-over. The plug is
+//! harmless wherever it ends up: a guest drops its unknown EtherType, and the hand-over
 //! leaves it out.
+//!
+//! QEMU can still lose a frame or two at the pause, and the source names them from what it
+//! recorded ([`TapRecorder`]: from the migration's start, a packet socket on each tap sees
+//! every frame as it is queued for QEMU, plug included, since the plug goes through the tap's
+//! transmit path like the bridge's frames), what its drain finds, and the guest's receive
+//! ring ([`at_pause`]):
+//! - QEMU can read a real frame before the plug lands (its main loop runs the moment the
+//!   migration thread lets go of the guest, 40–1000 µs before the agent hears of the pause).
+//!   The plug is then still queued, and the frame QEMU keeps is the one recorded just before
+//!   the first frame still queued. It goes to the destination; a resuming source's QEMU
+//!   delivers it itself.
+//! - While QEMU stops the guest it waits for the vCPUs without its big lock, and its main loop
+//!   may read a frame then; once the guest is stopped QEMU throws that frame away, and reads
+//!   the next. That frame is the one read before the kept one (or before the plug), and it was
+//!   lost exactly when the guest's ring ends with the frame read before it
+//!   ([`dropped_at_pause`]). It goes to the destination, and back to a resuming source.
 //!
 //! Broadcast and multicast (what a bridge floods to every port): a destination's taps take no
 //! floods from their creation until the steer, since the guest still runs at the source and
@@ -82,13 +97,16 @@ const PLUG_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const PLUG_SOURCE: [u8; 6] = [0x02, 0x74, 0x65, 0x72, 0x6e, 0x00];
 
 /// The frame written into a VM's taps when its guest pauses at the source, for QEMU to park
-/// in place of a frame that matters (see the module docs).
+/// in place of a frame that matters (see the module docs). Each plug carries a fresh random
+/// tag, so a source can tell its own plug from any other frame (one sent from outside that
+/// merely looks like a plug included).
 pub fn plug_frame(mac: [u8; 6]) -> Frame {
     let mut data = vec![0u8; 60];
     data[0..6].copy_from_slice(&mac);
     data[6..12].copy_from_slice(&PLUG_SOURCE);
     data[12..14].copy_from_slice(&PLUG_ETHERTYPE);
     data[14..34].copy_from_slice(b"tern switchover plug");
+    data[34..50].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     Frame {
         header: VnetHeader::default(),
         data,
@@ -207,6 +225,10 @@ impl TapQueue {
     }
 
     /// Whether a frame is queued now.
+    pub fn has_frames(&self) -> Result<bool, FrameError> {
+        self.ready()
+    }
+
     fn ready(&self) -> Result<bool, FrameError> {
         let mut p = libc::pollfd {
             fd: self.fd.as_raw_fd(),
@@ -380,34 +402,29 @@ pub struct TapWriter {
 }
 
 impl TapWriter {
+    /// A writer whose frames go straight into the tap's queue (see [`TapWriter`]).
     pub fn open(tap: &str) -> Result<TapWriter, FrameError> {
-        let c = CString::new(tap).map_err(|_| FrameError::NoInterface(tap.into()))?;
-        // SAFETY: `c` is a valid NUL-terminated string that lives across the call.
-        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if index == 0 {
-            return Err(FrameError::NoInterface(tap.into()));
-        }
+        TapWriter::open_with(tap, true)
+    }
+
+    /// A writer whose frames take the path the bridge's frames take (the tap's qdisc, then its
+    /// queue; a tap never holds frames in its qdisc), so that a [`TapRecorder`] sees them in
+    /// their place among the bridge's: for the source's plug.
+    pub fn open_recorded(tap: &str) -> Result<TapWriter, FrameError> {
+        TapWriter::open_with(tap, false)
+    }
+
+    fn open_with(tap: &str, bypass_qdisc: bool) -> Result<TapWriter, FrameError> {
+        let index = if_index(tap)?;
         let sock = PacketSocket::for_sending().map_err(|_| sys("opening a packet socket", tap))?;
         switch_on(&sock, PACKET_VNET_HDR, "PACKET_VNET_HDR", tap)?;
         // Straight into the tap's queue, not through its qdisc: the frame is queued when
-        // `send` returns (a plug must be there at once), and ahead of anything the bridge
-        // forwarded that still waits in the qdisc (handed-over frames are older).
-        switch_on(&sock, PACKET_QDISC_BYPASS, "PACKET_QDISC_BYPASS", tap)?;
-        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = index as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(sys("binding a packet socket", tap));
+        // `send` returns, and ahead of anything the bridge forwarded that still waits in the
+        // qdisc (handed-over frames are older).
+        if bypass_qdisc {
+            switch_on(&sock, PACKET_QDISC_BYPASS, "PACKET_QDISC_BYPASS", tap)?;
         }
+        bind_to(&sock, index, 0, tap)?;
         Ok(TapWriter {
             sock,
             tap: tap.to_string(),
@@ -433,6 +450,316 @@ impl TapWriter {
         }
         sent
     }
+}
+
+/// The interface index of `tap` in this network namespace.
+fn if_index(tap: &str) -> Result<u32, FrameError> {
+    let c = CString::new(tap).map_err(|_| FrameError::NoInterface(tap.into()))?;
+    // SAFETY: `c` is a valid NUL-terminated string that lives across the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(FrameError::NoInterface(tap.into()));
+    }
+    Ok(index)
+}
+
+/// Binds packet socket `sock` to interface `index`, receiving frames of EtherType `protocol`
+/// (network order; 0: none).
+fn bind_to(sock: &PacketSocket, index: u32, protocol: u16, tap: &str) -> Result<(), FrameError> {
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(sys("binding a packet socket", tap));
+    }
+    Ok(())
+}
+
+/// The most frames, and frame bytes, a [`TapRecorder`] keeps: far more than a tap's queue holds
+/// while its guest is paused, which is what the recording must reach back over.
+const MAX_RECORDED_FRAMES: usize = 4096;
+const MAX_RECORDED_BYTES: usize = 16 << 20;
+
+/// What the LAN gave one tap during a migration, newest last, as the kernel queued it for the
+/// tap's reader: a packet socket on the tap that takes only the frames the tap transmits
+/// (those its reader, QEMU, receives), read by a task as they come. Used by a source to name
+/// the frames QEMU kept or dropped at the pause ([`at_pause`]). Dropping it ends the task.
+pub struct TapRecorder {
+    recorded: std::sync::Arc<Recorded>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Recorded {
+    sock: tokio::io::unix::AsyncFd<PacketSocket>,
+    tap: String,
+    header_len: usize,
+    frames: std::sync::Mutex<(std::collections::VecDeque<Frame>, usize)>,
+}
+
+impl TapRecorder {
+    /// Starts recording tap `tap` (within a tokio runtime).
+    pub fn start(tap: &str) -> Result<TapRecorder, FrameError> {
+        let index = if_index(tap)?;
+        // Protocol 0 until bound: a socket that took every EtherType from its creation would
+        // see every interface's frames until the bind.
+        let sock = PacketSocket::for_sending().map_err(|_| sys("opening a packet socket", tap))?;
+        switch_on(&sock, PACKET_VNET_HDR, "PACKET_VNET_HDR", tap)?;
+        only_transmitted(&sock, tap)?;
+        // Room for a burst while the task is not scheduled (best effort: the kernel caps
+        // a plain SO_RCVBUF; only root may force more).
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: the option takes an int we own, of the size passed; the socket is open.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        bind_to(&sock, index, (libc::ETH_P_ALL as u16).to_be(), tap)?;
+        // SAFETY: fcntl(2) on the socket we own.
+        if unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(sys("O_NONBLOCK", tap));
+        }
+        // SAFETY: a PacketSocket's descriptor stays open, and the same, until it is dropped.
+        let sock = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| FrameError::Sys {
+            what: "watching a packet socket",
+            name: tap.to_string(),
+            source: e.into_parts().1,
+        })?;
+        let recorded = std::sync::Arc::new(Recorded {
+            sock,
+            tap: tap.to_string(),
+            header_len: VNET_HDR_LEN,
+            frames: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)),
+        });
+        let r = recorded.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = r.sock.readable().await else {
+                    return;
+                };
+                r.read_pending();
+                ready.clear_ready();
+            }
+        });
+        Ok(TapRecorder { recorded, task })
+    }
+
+    /// Calls `f` with every frame recorded so far, oldest first (within the recorder's
+    /// limits), without copying them: it runs on the switchover's path.
+    pub fn with_recorded<R>(&self, f: impl FnOnce(&[Frame]) -> R) -> R {
+        self.recorded.read_pending();
+        let mut frames = self
+            .recorded
+            .frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(frames.0.make_contiguous())
+    }
+}
+
+impl Drop for TapRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Recorded {
+    /// Moves every frame the socket holds into the recording. Reads under the recording's
+    /// lock, so frames keep their order whoever reads.
+    fn read_pending(&self) {
+        let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = vec![0u8; MAX_FRAME + self.header_len];
+        loop {
+            // SAFETY: reads at most buf.len() bytes into the buffer we own.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::warn!(tap = %self.tap, error = %e, "recording the tap's frames");
+                }
+                return;
+            }
+            let n = n as usize;
+            if n < self.header_len {
+                continue;
+            }
+            let frame = Frame {
+                header: parse_header(&buf[..VNET_HDR_LEN]),
+                data: buf[self.header_len..n].to_vec(),
+            };
+            frames.1 += frame.data.len();
+            frames.0.push_back(frame);
+            while frames.0.len() > MAX_RECORDED_FRAMES || frames.1 > MAX_RECORDED_BYTES {
+                match frames.0.pop_front() {
+                    Some(old) => frames.1 -= old.data.len(),
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+/// A classic BPF program on `sock` that keeps only the frames the interface transmits
+/// (`PACKET_OUTGOING`): for a tap, what its reader receives. A guest's own traffic (the tap
+/// receives it from QEMU) is never copied to the recorder.
+fn only_transmitted(sock: &PacketSocket, tap: &str) -> Result<(), FrameError> {
+    const SKF_AD_PKTTYPE: u32 = 0xffff_f000 + 4; // SKF_AD_OFF + SKF_AD_PKTTYPE
+    const PACKET_OUTGOING: u32 = 4;
+    let mut program = [
+        // A = skb->pkt_type
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: SKF_AD_PKTTYPE,
+        },
+        // if A == PACKET_OUTGOING: keep it whole, else drop it
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: PACKET_OUTGOING,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: the option takes a sock_fprog pointing at `program`, both alive across the call
+    // (the kernel copies the program).
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(sys("SO_ATTACH_FILTER", tap));
+    }
+    Ok(())
+}
+
+/// What a source's QEMU did with the last frames it read off a tap around the pause, as the
+/// tap's recording and its queue after the pause tell it ([`at_pause`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AtPause {
+    /// The frame QEMU read after the pause and keeps (never delivered; a resuming QEMU
+    /// delivers it); None when it kept the plug.
+    pub kept: Option<Frame>,
+    /// The frame QEMU read just before the one it keeps. If it read it while the guest was
+    /// being stopped, it dropped it (see the module docs); else the guest has it.
+    pub last_read: Option<Frame>,
+    /// The frame QEMU read before `last_read`: the guest's newest if `last_read` was dropped.
+    pub read_before: Option<Frame>,
+}
+
+/// The last frames a source's QEMU read off a tap, and the one it keeps (see the module docs):
+/// `drained` is the tap's queue as the source's drain found it, `plug` the plug this source
+/// wrote, `recorded` what the tap was given, oldest first ([`TapRecorder`]).
+///
+/// A plug still queued means QEMU kept something else before reaching it: the last frame it
+/// read, which the recording holds right before the first frame still queued. A plug gone
+/// means QEMU kept the plug, and read everything recorded before it.
+///
+/// None if the recording does not agree with the queue (frames it missed, or a race that put
+/// the plug out of its place): nothing is then named, so nothing is ever delivered twice.
+pub fn at_pause(recorded: &[Frame], plug: &Frame, drained: &[Frame]) -> Option<AtPause> {
+    let at = recorded.iter().rposition(|f| f.data == plug.data)?;
+    let agree = |recorded: &[Frame], queued: &[Frame]| {
+        recorded.len() >= queued.len() && recorded.iter().zip(queued).all(|(r, d)| r.data == d.data)
+    };
+    let (first_unread, kept) = match drained.iter().position(|f| f.data == plug.data) {
+        Some(queued_before) => {
+            let first_unread = at.checked_sub(queued_before)?;
+            // The frames queued before and after the plug are those recorded around it.
+            if !agree(&recorded[first_unread..at], &drained[..queued_before])
+                || !agree(&recorded[at + 1..], &drained[queued_before + 1..])
+            {
+                return None;
+            }
+            let kept = recorded.get(first_unread.checked_sub(1)?)?;
+            if kept.is_plug() {
+                return None;
+            }
+            (first_unread - 1, Some(kept.clone()))
+        }
+        None => {
+            if !agree(&recorded[at + 1..], drained) {
+                return None;
+            }
+            (at, None)
+        }
+    };
+    // `first_unread` now indexes the frame QEMU keeps (or the plug): what it read before.
+    let read = |back: usize| {
+        first_unread
+            .checked_sub(back)
+            .and_then(|i| recorded.get(i))
+            .filter(|f| !f.is_plug())
+            .cloned()
+    };
+    Some(AtPause {
+        kept,
+        last_read: read(1),
+        read_before: read(2),
+    })
+}
+
+/// The frame QEMU dropped at the pause, if the guest's receive ring shows it did:
+/// `last_buffer` is the start of the buffer the guest's NIC filled last (its virtio-net
+/// header first). If that holds the frame read before `at.last_read`, `last_read` never
+/// reached the guest; if it holds `last_read` itself, or anything else, nothing is named.
+pub fn dropped_at_pause(at: &AtPause, last_buffer: &[u8]) -> Option<Frame> {
+    let last_read = at.last_read.as_ref()?;
+    let read_before = at.read_before.as_ref()?;
+    // The header is 12 bytes with merged buffers or virtio 1.0, else 10; a frame that fills
+    // more than one buffer does not start in the last.
+    let holds = |f: &Frame| {
+        [12usize, 10].iter().any(|&h| {
+            let single = h == 10 || last_buffer.get(10..12) == Some(&[1, 0]);
+            single && last_buffer.get(h..h + f.data.len()) == Some(f.data.as_slice())
+        })
+    };
+    (holds(read_before) && !holds(last_read)).then(|| last_read.clone())
 }
 
 /// Writes `frames`, in order, into tap `tap`'s transmit path ([`TapWriter`]). Returns how
@@ -461,6 +788,118 @@ mod tests {
         let b = header_bytes(&h);
         assert_eq!(&b[2..4], &[0x02, 0x01]);
         assert_eq!(parse_header(&b), h);
+    }
+
+    fn frame(tag: u8) -> Frame {
+        let mut data = vec![0u8; 60];
+        data[..6].copy_from_slice(&[0x52, 0x54, 0, 1, 2, 3]);
+        data[14] = tag;
+        Frame {
+            header: VnetHeader::default(),
+            data,
+        }
+    }
+
+    /// A guest's receive buffer holding `f`: a merged-buffers header, then the frame.
+    fn buffer_with(f: &Frame) -> Vec<u8> {
+        let mut b = vec![0u8; 12];
+        b[10] = 1;
+        b.extend_from_slice(&f.data);
+        b.extend_from_slice(&[0xee; 40]);
+        b
+    }
+
+    #[test]
+    fn the_kept_frame_is_the_one_recorded_before_the_first_still_queued() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let plug = plug_frame(mac);
+        let [a, b, kept, e, g, late] = [1, 2, 3, 4, 5, 6].map(frame);
+        // Frames after the kept one and before the plug stay queued ahead of it; a frame
+        // recorded after the drain (`late`) changes nothing.
+        let recorded = [&a, &b, &kept, &e, &plug, &g, &late].map(Frame::clone);
+        let found = at_pause(&recorded, &plug, &[e.clone(), plug.clone(), g.clone()]);
+        let expected = AtPause {
+            kept: Some(kept.clone()),
+            last_read: Some(b.clone()),
+            read_before: Some(a.clone()),
+        };
+        assert_eq!(found, Some(expected.clone()));
+        // The plug first in the queue, or alone in it.
+        let recorded = [&a, &b, &kept, &plug, &g].map(Frame::clone);
+        let found = at_pause(&recorded, &plug, &[plug.clone(), g.clone()]);
+        assert_eq!(found, Some(expected.clone()));
+        let found = at_pause(&recorded[..4], &plug, std::slice::from_ref(&plug));
+        assert_eq!(found, Some(expected));
+        // QEMU kept the plug: it read everything recorded before it.
+        let found = at_pause(&recorded, &plug, std::slice::from_ref(&g));
+        let expected = AtPause {
+            kept: None,
+            last_read: Some(kept.clone()),
+            read_before: Some(b.clone()),
+        };
+        assert_eq!(found, Some(expected));
+    }
+
+    #[test]
+    fn nothing_is_named_where_the_recording_and_the_queue_disagree() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let plug = plug_frame(mac);
+        let [a, b, e, g] = [1, 2, 3, 4].map(frame);
+        let recorded = [&a, &b, &plug, &g].map(Frame::clone);
+        // A frame queued before the plug that the recording lacks: out of step.
+        let drained = [e.clone(), plug.clone(), g.clone()];
+        assert_eq!(at_pause(&recorded, &plug, &drained), None);
+        // A frame queued after the plug that the recording lacks, or holds elsewhere.
+        assert_eq!(at_pause(&recorded, &plug, &[plug.clone(), e.clone()]), None);
+        assert_eq!(at_pause(&recorded, &plug, std::slice::from_ref(&e)), None);
+        // A recording that does not reach back to the kept frame.
+        assert_eq!(
+            at_pause(&recorded[2..], &plug, &[plug.clone(), g.clone()]),
+            None
+        );
+        // Our plug is not in the recording at all.
+        assert_eq!(at_pause(&[a.clone(), b.clone()], &plug, &[]), None);
+        // Another plug (an earlier one, or a look-alike from outside) is neither ours nor a
+        // frame to hand over.
+        let other = plug_frame(mac);
+        assert_ne!(other.data, plug.data);
+        let recorded = [&a, &other, &plug].map(Frame::clone);
+        assert_eq!(
+            at_pause(&recorded, &plug, std::slice::from_ref(&plug)),
+            None
+        );
+        let found = at_pause(&recorded, &plug, &[]).expect("QEMU kept our plug");
+        assert_eq!((found.kept, found.last_read), (None, None));
+    }
+
+    #[test]
+    fn a_frame_is_dropped_only_if_the_guest_got_the_one_before_it() {
+        let [a, b] = [1, 2].map(frame);
+        let at = AtPause {
+            kept: None,
+            last_read: Some(b.clone()),
+            read_before: Some(a.clone()),
+        };
+        assert_eq!(dropped_at_pause(&at, &buffer_with(&a)), Some(b.clone()));
+        // The guest got `b`: nothing was dropped.
+        assert_eq!(dropped_at_pause(&at, &buffer_with(&b)), None);
+        // A ring that shows anything else says nothing: no frame twice.
+        assert_eq!(dropped_at_pause(&at, &buffer_with(&frame(9))), None);
+        assert_eq!(dropped_at_pause(&at, &[]), None);
+        // A buffer that continues a larger frame does not start one.
+        let mut continued = buffer_with(&a);
+        continued[10] = 0;
+        assert_eq!(dropped_at_pause(&at, &continued), None);
+        // A 10-byte header (no merged buffers) works too.
+        let mut short = vec![0u8; 10];
+        short.extend_from_slice(&a.data);
+        assert_eq!(dropped_at_pause(&at, &short), Some(b.clone()));
+        // Two identical frames cannot be told apart.
+        let same = AtPause {
+            read_before: Some(b.clone()),
+            ..at
+        };
+        assert_eq!(dropped_at_pause(&same, &buffer_with(&b)), None);
     }
 
     #[test]

@@ -74,6 +74,12 @@ struct Slot {
     delivered: std::sync::atomic::AtomicBool,
     /// Source: when QEMU stopped the guest for the switchover (its `STOP` event).
     stopped_at: Arc<Mutex<Option<chrono::DateTime<chrono::Utc>>>>,
+    /// Source: each tap's recording and the plug written into it at the pause, to name the
+    /// frames QEMU loses there ([`crate::frames::at_pause`]).
+    watched_taps: Mutex<Vec<WatchedTap>>,
+    /// Source: the buffer each NIC's receive ring filled last, read once the guest paused
+    /// (locked by the reader until then).
+    rings: Arc<tokio::sync::Mutex<HashMap<usize, Vec<u8>>>>,
     /// Destination: the generation it will own the VM under (unknown after an agent restart).
     generation: std::sync::OnceLock<u64>,
     /// Destination: a [`crate::commit_watch`] runs for it.
@@ -94,6 +100,8 @@ impl Slot {
             flooded: std::sync::atomic::AtomicBool::new(false),
             delivered: std::sync::atomic::AtomicBool::new(false),
             stopped_at: Arc::new(Mutex::new(None)),
+            watched_taps: Mutex::new(Vec::new()),
+            rings: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
             generation: std::sync::OnceLock::new(),
             watched: std::sync::atomic::AtomicBool::new(false),
             relay: Mutex::new(None),
@@ -206,6 +214,13 @@ pub struct MigrationCounts {
     pub bytes_sent: AtomicU64,
 }
 
+/// A source's tap during a migration: what the LAN gave it, and the plug for its pause.
+struct WatchedTap {
+    nic: usize,
+    recorder: crate::frames::TapRecorder,
+    plug: Frame,
+}
+
 /// Migrations in progress on this host, by its role in them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveMigrations {
@@ -222,6 +237,122 @@ fn qemu(e: tern_qemu::Error) -> AgentError {
         tern_qemu::Error::Migration(m) => AgentError::Conflict(m),
         other => AgentError::Qemu(other.to_string()),
     }
+}
+
+/// How much of a receive buffer a source reads at the pause: a virtio-net header and a full
+/// Ethernet frame (with a VLAN tag). A larger frame spans buffers and is never named.
+const LAST_BUFFER_BYTES: usize = 12 + 1518 + 4;
+
+/// How long a source's hand-over waits for the rings read at the pause (read in well under a
+/// millisecond; a longer wait only means no dropped frame is recovered).
+const RING_WAIT: Duration = Duration::from_millis(20);
+
+/// One tap's queue as a drain found it.
+pub(crate) struct DrainedTap {
+    nic: usize,
+    mac: [u8; 6],
+    frames: Vec<Frame>,
+}
+
+/// The frames a source's QEMU lost on one tap at the pause ([`crate::frames`]).
+#[derive(Default)]
+pub(crate) struct RecoveredAtPause {
+    /// Read and thrown away while the guest was being stopped: handed over, and given back to
+    /// a resuming source.
+    dropped: Option<Frame>,
+    /// Read after the pause and kept by QEMU: handed over only (a resuming QEMU delivers it).
+    kept: Option<Frame>,
+}
+
+/// Source, the guest stopped and its taps drained: the frames its QEMU lost on each watched
+/// tap, from the tap's recording, its queue, and (for a frame QEMU may have dropped) the
+/// buffer the guest's receive ring filled last (`rings`, by NIC).
+fn recover_at_pause(
+    id: Uuid,
+    watched: &[WatchedTap],
+    drained: &[DrainedTap],
+    rings: &HashMap<usize, Vec<u8>>,
+) -> HashMap<usize, RecoveredAtPause> {
+    let mut recovered = HashMap::new();
+    for w in watched {
+        let Some(tap) = drained.iter().find(|d| d.nic == w.nic) else {
+            continue;
+        };
+        let Some(at) = w
+            .recorder
+            .with_recorded(|r| crate::frames::at_pause(r, &w.plug, &tap.frames))
+        else {
+            tracing::info!(vm = %id, nic = w.nic, "the tap's recording does not match its queue: no frame recovered from QEMU");
+            continue;
+        };
+        let dropped = rings
+            .get(&w.nic)
+            .and_then(|buffer| crate::frames::dropped_at_pause(&at, buffer));
+        recovered.insert(
+            w.nic,
+            RecoveredAtPause {
+                dropped,
+                kept: at.kept,
+            },
+        );
+    }
+    recovered
+}
+
+/// From drained taps: the frames for the VM's MACs (and broadcast and multicast ones, with
+/// `keep_flooded`), oldest first, within the hand-over's limits, with what was left out
+/// counted; and every frame kept that came off a tap or that QEMU dropped (NIC index,
+/// frame), those over the limits included, for a source to give back if the migration is
+/// aborted. Plugs are left out. What QEMU lost on a NIC (`recovered`) is older than its queue.
+///
+/// A source keeps broadcasts: they reached it after its guest stopped, and the
+/// destination's taps took none before its steer (the commit drops those both got after
+/// it). A destination handing frames back keeps none: the source's taps got their own.
+pub(crate) fn select_for_hand_over(
+    drained: Vec<DrainedTap>,
+    recovered: &HashMap<usize, RecoveredAtPause>,
+    keep_flooded: bool,
+) -> (QueuedFrames, Vec<(usize, Frame)>) {
+    let mut queued = QueuedFrames::default();
+    let mut taken = Vec::new();
+    let mut bytes = 0usize;
+    for DrainedTap { nic, mac, frames } in drained {
+        let lost = recovered.get(&nic);
+        // (frame, recovered from QEMU, given back on an abort)
+        let from_qemu = lost.into_iter().flat_map(|l| {
+            let dropped = l.dropped.iter().map(|f| (f.clone(), true, true));
+            dropped.chain(l.kept.iter().map(|f| (f.clone(), true, false)))
+        });
+        let all = from_qemu.chain(frames.into_iter().map(|f| (f, false, true)));
+        for (f, recovered_here, give_back) in all {
+            if f.is_plug() {
+                continue;
+            }
+            if f.is_flooded() && !keep_flooded {
+                queued.skipped_flooded += 1;
+                continue;
+            }
+            if !f.is_flooded() && f.destination() != Some(mac) {
+                queued.skipped_foreign += 1;
+                continue;
+            }
+            if queued.frames.len() >= MAX_HANDED_FRAMES || bytes + f.data.len() > MAX_HANDED_BYTES {
+                queued.skipped_over_limit += 1;
+            } else {
+                bytes += f.data.len();
+                queued.recovered += u32::from(recovered_here);
+                queued.frames.push(HandedFrame {
+                    nic: nic as u16,
+                    header: f.header,
+                    data: f.data.clone(),
+                });
+            }
+            if give_back {
+                taken.push((nic, f));
+            }
+        }
+    }
+    (queued, taken)
 }
 
 /// The frames a resuming source's NIC `nic` gets, in arrival order: those taken off its tap
@@ -640,7 +771,7 @@ impl Migrations {
         let slot = Slot::new(Role::Source(out), record);
         *lock(&slot.relay) = relay;
         if let Role::Source(out) = &slot.role {
-            self.plug_at_pause(id, out, slot.stopped_at.clone());
+            self.plug_at_pause(id, out, &slot);
         }
         lock(&self.slots).insert(id, slot);
         Ok(())
@@ -746,43 +877,52 @@ impl Migrations {
         }
     }
 
-    /// Source: the moment the guest pauses (QEMU's `STOP` event, read straight off the QMP
-    /// socket: the driver's next status is a round trip later), writes a plug into each of the
-    /// VM's taps for QEMU to park instead of a real frame ([`crate::frames`]).
-    fn plug_at_pause(
-        &self,
-        id: Uuid,
-        out: &Outgoing,
-        stopped_at: Arc<Mutex<Option<chrono::DateTime<chrono::Utc>>>>,
-    ) {
+    /// Source: from now on, records what the LAN gives each of the VM's taps; and the moment
+    /// the guest pauses (QEMU's `STOP` event, read straight off the QMP socket: the driver's
+    /// next status is a round trip later), writes a plug into each of them for QEMU to park
+    /// instead of a real frame ([`crate::frames`]).
+    fn plug_at_pause(&self, id: Uuid, out: &Outgoing, slot: &Slot) {
         let Ok(rt) = self.vms.get(id) else {
             return;
         };
-        let taps: Vec<(String, [u8; 6])> = rt
-            .spec
-            .nics
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| {
-                Some((
-                    crate::tap::tap_name(id, i),
-                    crate::steer::parse_mac(&n.mac).ok()?,
-                ))
-            })
-            .collect();
+        let stopped_at = slot.stopped_at.clone();
+        let mut watched = Vec::new();
         // Bound now: at the pause there is no time for it.
-        let writers: Vec<(crate::frames::TapWriter, [u8; 6])> = taps
-            .iter()
-            .filter_map(|(tap, mac)| match crate::frames::TapWriter::open(tap) {
-                Ok(w) => Some((w, *mac)),
+        let mut writers: Vec<(crate::frames::TapWriter, Frame)> = Vec::new();
+        for (nic, n) in rt.spec.nics.iter().enumerate() {
+            let Ok(mac) = crate::steer::parse_mac(&n.mac) else {
+                continue;
+            };
+            let tap = crate::tap::tap_name(id, nic);
+            let plug = crate::frames::plug_frame(mac);
+            // The plug takes the bridge's path, so the recording holds it in its place.
+            match crate::frames::TapWriter::open_recorded(&tap) {
+                Ok(w) => writers.push((w, plug.clone())),
                 Err(e) => {
                     tracing::warn!(vm = %id, tap, error = %e, "no plug for this tap");
-                    None
+                    continue;
                 }
-            })
-            .collect();
+            }
+            match crate::frames::TapRecorder::start(&tap) {
+                Ok(recorder) => watched.push(WatchedTap {
+                    nic,
+                    recorder,
+                    plug,
+                }),
+                Err(e) => {
+                    tracing::warn!(vm = %id, tap, error = %e, "this tap's frames are not recorded")
+                }
+            }
+        }
+        *lock(&slot.watched_taps) = watched;
         let mut events = out.vm().qmp().events();
         let mut status = out.watch();
+        let vm = out.vm().clone();
+        let nics: Vec<usize> = lock(&slot.watched_taps).iter().map(|w| w.nic).collect();
+        // Held until the rings are read (or the migration ends without a pause).
+        let Ok(mut rings) = slot.rings.clone().try_lock_owned() else {
+            return;
+        };
         tokio::spawn(async move {
             let stopped = loop {
                 tokio::select! {
@@ -803,14 +943,27 @@ impl Migrations {
                     }
                 }
             };
-            for (writer, mac) in &writers {
-                writer.write(&[crate::frames::plug_frame(*mac)]);
+            for (writer, plug) in &writers {
+                writer.write(std::slice::from_ref(plug));
             }
             let (stopped, heard) = stopped;
             *lock(&stopped_at) = Some(stopped);
             let us = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(-1);
             let (after_us, heard_us) = (us(chrono::Utc::now() - stopped), us(heard - stopped));
             tracing::info!(vm = %id, after_us, heard_us, "plugged the paused guest's taps");
+            // The guest's receive rings no longer move: read each NIC's last buffer now, while
+            // the source waits for the hand-over decision, not on the way to the commit.
+            for nic in nics {
+                match vm.last_received(nic, LAST_BUFFER_BYTES).await {
+                    Ok(Some(buffer)) => {
+                        rings.insert(nic, buffer);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::info!(vm = %id, nic, error = %e, "cannot read the guest's receive ring: a frame QEMU dropped at the pause is not recovered")
+                    }
+                }
+            }
         });
     }
 
@@ -1021,11 +1174,20 @@ impl Migrations {
                 "VM {id}'s migration is {state:?}: frames are taken once the final state is sent"
             )));
         }
-        let (queued, kept) = self.take_for_hand_over(id, out.vm().pid(), true)?;
+        let drained = self.drain_taps(id, out.vm().pid())?;
+        let watched = std::mem::take(&mut *lock(&slot.watched_taps));
+        let rings = match tokio::time::timeout(RING_WAIT, slot.rings.lock()).await {
+            Ok(rings) => rings.clone(),
+            Err(_) => HashMap::new(),
+        };
+        let recovered = recover_at_pause(id, &watched, &drained, &rings);
+        drop(watched);
+        let (queued, kept) = select_for_hand_over(drained, &recovered, true);
         lock(&slot.drained).extend(kept);
         tracing::info!(
             vm = %id,
             handed = queued.frames.len(),
+            recovered = queued.recovered,
             flooded = queued.skipped_flooded,
             foreign = queued.skipped_foreign,
             over_limit = queued.skipped_over_limit,
@@ -1042,65 +1204,27 @@ impl Migrations {
         id: Uuid,
         inc: &IncomingMigration,
     ) -> Result<QueuedFrames, AgentError> {
-        let (queued, _) = self.take_for_hand_over(id, inc.vm().pid(), false)?;
+        let drained = self.drain_taps(id, inc.vm().pid())?;
+        let (queued, _) = select_for_hand_over(drained, &HashMap::new(), false);
         tracing::info!(vm = %id, handed_back = queued.frames.len(), "took the frames steered here for the source");
         Ok(queued)
     }
 
-    /// Drains the VM's taps as QEMU `pid` left them (plugs left out): the frames for the VM's
-    /// MACs (and broadcast and multicast ones, with `keep_flooded`), oldest first, within the
-    /// hand-over's limits, with what was left out counted; and every frame kept taken (NIC
-    /// index, frame), those over the limits included, for a source to give back if the
-    /// migration is aborted.
-    ///
-    /// A source keeps broadcasts: they reached it after its guest stopped, and the
-    /// destination's taps took none before its steer (the commit drops those both got after
-    /// it). A destination handing frames back keeps none: the source's taps got their own.
-    fn take_for_hand_over(
-        &self,
-        id: Uuid,
-        pid: u32,
-        keep_flooded: bool,
-    ) -> Result<(QueuedFrames, Vec<(usize, Frame)>), AgentError> {
+    /// Drains the VM's taps as QEMU `pid` left them: each NIC's index, MAC and queued frames,
+    /// oldest first.
+    fn drain_taps(&self, id: Uuid, pid: u32) -> Result<Vec<DrainedTap>, AgentError> {
         let spec = self.vms.get(id)?.spec;
-        let mut queued = QueuedFrames::default();
-        let mut taken = Vec::new();
-        let mut bytes = 0usize;
-        for (i, nic) in spec.nics.iter().enumerate() {
-            let tap = crate::tap::tap_name(id, i);
-            let mac = crate::steer::parse_mac(&nic.mac)
+        let mut drained = Vec::new();
+        for (nic, n) in spec.nics.iter().enumerate() {
+            let tap = crate::tap::tap_name(id, nic);
+            let mac = crate::steer::parse_mac(&n.mac)
                 .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
             let frames = TapQueue::of_process(pid, &tap)
                 .and_then(|q| q.drain())
                 .map_err(|e| AgentError::Internal(anyhow::anyhow!("{e}")))?;
-            for f in frames {
-                if f.is_plug() {
-                    continue;
-                }
-                if f.is_flooded() && !keep_flooded {
-                    queued.skipped_flooded += 1;
-                    continue;
-                }
-                if !f.is_flooded() && f.destination() != Some(mac) {
-                    queued.skipped_foreign += 1;
-                    continue;
-                }
-                if queued.frames.len() >= MAX_HANDED_FRAMES
-                    || bytes + f.data.len() > MAX_HANDED_BYTES
-                {
-                    queued.skipped_over_limit += 1;
-                } else {
-                    bytes += f.data.len();
-                    queued.frames.push(HandedFrame {
-                        nic: i as u16,
-                        header: f.header,
-                        data: f.data.clone(),
-                    });
-                }
-                taken.push((i, f));
-            }
+            drained.push(DrainedTap { nic, mac, frames });
         }
-        Ok((queued, taken))
+        Ok(drained)
     }
 
     /// Destination, before the guest runs: delivers the frames handed over from the source

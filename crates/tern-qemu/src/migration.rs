@@ -460,6 +460,68 @@ impl QemuVm {
         }
     }
 
+    /// The start of the receive buffer that NIC `nic` (`nic<N>`, virtio-net) last filled for
+    /// the guest: `len` bytes at most, its virtio-net header first. Only meaningful while the
+    /// guest is stopped (the ring does not move then). None when the NIC has received nothing,
+    /// or is still filling a buffer.
+    ///
+    /// Read through QEMU's own view of the ring (`x-query-virtio-queue-status`, then
+    /// `x-query-virtio-queue-element` for the buffer's address, then the monitor's `xp` for its
+    /// bytes): a source uses it to tell whether the frame it read last reached the guest.
+    pub async fn last_received(&self, nic: usize, len: usize) -> Result<Option<Vec<u8>>> {
+        let path = format!("/machine/peripheral/nic{nic}/virtio-backend");
+        let status = self
+            .qmp()
+            .execute(
+                "x-query-virtio-queue-status",
+                Some(json!({ "path": path, "queue": 0 })),
+            )
+            .await?;
+        let field = |k: &str| status.get(k).and_then(Value::as_u64);
+        let (Some(avail), Some(used), Some(inuse)) =
+            (field("last-avail-idx"), field("used-idx"), field("inuse"))
+        else {
+            return Err(Error::Protocol(format!(
+                "x-query-virtio-queue-status answered {status}"
+            )));
+        };
+        if avail == 0 || avail != used || inuse != 0 {
+            return Ok(None);
+        }
+        let element = self
+            .qmp()
+            .execute(
+                "x-query-virtio-queue-element",
+                Some(json!({ "path": path, "queue": 0, "index": (avail - 1) & 0xffff })),
+            )
+            .await?;
+        let desc = element.get("descs").and_then(|d| d.get(0));
+        let (Some(addr), Some(size)) = (
+            desc.and_then(|d| d.get("addr")).and_then(Value::as_u64),
+            desc.and_then(|d| d.get("len")).and_then(Value::as_u64),
+        ) else {
+            return Err(Error::Protocol(format!(
+                "x-query-virtio-queue-element answered {element}"
+            )));
+        };
+        let count = (len as u64).min(size);
+        if count == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let text = self
+            .qmp()
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": format!("xp /{count}xb {addr:#x}") })),
+            )
+            .await?;
+        let text = text.as_str().unwrap_or_default();
+        let bytes = parse_xp_bytes(text)
+            .filter(|b| b.len() as u64 == count)
+            .ok_or_else(|| Error::Protocol(format!("the monitor's xp answered {text:?}")))?;
+        Ok(Some(bytes))
+    }
+
     /// Sends self-announcements from every NIC (`announce-self`).
     pub async fn announce_self(&self, params: &AnnounceParams) -> Result<()> {
         self.qmp()
@@ -492,9 +554,32 @@ impl QemuVm {
     }
 }
 
+/// The bytes of the monitor's `xp /Nxb` output (`ADDRESS: 0x12 0x34 ...` lines), or None if a
+/// line does not read so.
+fn parse_xp_bytes(text: &str) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (_, values) = line.split_once(": ")?;
+        for v in values.split_whitespace() {
+            bytes.push(u8::from_str_radix(v.strip_prefix("0x")?, 16).ok()?);
+        }
+    }
+    Some(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitor_memory_dumps_read_as_bytes() {
+        let text = "00000000031eb000: 0x00 0x01 0xff 0x52\r\n00000000031eb004: 0x54 \r\n";
+        assert_eq!(parse_xp_bytes(text), Some(vec![0, 1, 0xff, 0x52, 0x54]));
+        assert_eq!(parse_xp_bytes(""), Some(vec![]));
+        for bad in ["Cannot access memory", "0000: 0xzz", "0000: 12"] {
+            assert_eq!(parse_xp_bytes(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn samples_for_the_watcher() {

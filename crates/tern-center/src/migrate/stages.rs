@@ -97,11 +97,13 @@ impl Mig {
                             EventLevel::Info,
                             format!(
                                 "{} frame(s) that reached {} after the guest stopped, broadcasts \
-                                 included, handed to {} (left out: {} for other MACs, {} over \
+                                 included, handed to {} ({} of them recovered from QEMU, which \
+                                 read them after the pause; left out: {} for other MACs, {} over \
                                  the limit)",
                                 q.frames.len(),
                                 self.source.name,
                                 self.dest.name,
+                                q.recovered,
                                 q.skipped_foreign,
                                 q.skipped_over_limit
                             ),
