@@ -171,6 +171,12 @@ pub struct MigrationSettings {
     /// the hosts, authenticated by the same key. Else QEMU's own TLS carries it.
     #[serde(default)]
     pub relayed: bool,
+    /// A relayed stream's source address (the source host's migration address): its relay
+    /// connects from it, and the destination's relay takes connections from it alone,
+    /// closing any other before TLS. None: any peer may try (and must prove the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10.77.0.11")]
+    pub relay_source: Option<std::net::IpAddr>,
 }
 
 /// Whether a cluster's migrations are encrypted: `migration_encryption` of the cluster.

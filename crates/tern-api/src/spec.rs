@@ -309,6 +309,10 @@ pub struct HostFacts {
     /// QEMU's TLS. An agent that does not say has none.
     #[serde(default)]
     pub migration_relay: bool,
+    /// The agent's relays can be held to one source address
+    /// (`MigrationSettings::relay_source`). An agent that does not say cannot.
+    #[serde(default)]
+    pub relay_source_checked: bool,
     /// How this host enforces VM resource policies, e.g. `cgroup v1 (cpu, cpuacct, memory)
     /// under /tern/h1`; `None`: it cannot (no cgroup CPU controller), and says why at start.
     #[serde(default)]

@@ -66,6 +66,7 @@ fn facts(name: &str) -> HostFacts {
         agent_version: "seeded".into(),
         migration_tls: true,
         migration_relay: true,
+        relay_source_checked: true,
     }
 }
 

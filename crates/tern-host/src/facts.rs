@@ -281,6 +281,7 @@ pub async fn gather(cfg: &AgentConfig, accelerator: Accelerator) -> anyhow::Resu
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         migration_tls: qemu_has_object(&cfg.qemu, "tls-creds-psk").await,
         migration_relay: !cfg.qemu_migration_tls,
+        relay_source_checked: !cfg.qemu_migration_tls,
     })
 }
 

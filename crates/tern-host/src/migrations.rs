@@ -744,6 +744,7 @@ impl Migrations {
                 from: socket.clone(),
                 owner: tern_qemu::process_owner(vm.pid()),
                 to: req.uri.addr(),
+                bind: req.settings.relay_source,
             };
             match self.start_relay(id, program, &command, key).await {
                 Ok(r) => relay = Some(r),
@@ -824,6 +825,7 @@ impl Migrations {
         let command = RelayCommand::Receive {
             on: self.migration_address,
             to: socket,
+            from: settings.relay_source,
         };
         let relay = self.start_relay(id, program, &command, key).await?;
         let uri = relay

@@ -14,7 +14,10 @@
 //! different keying material and cannot forward a proof from one to the other, so the
 //! receiver's certificate (made afresh by each receiving relay) needs no checking; a
 //! connection without the proof never reaches the destination's QEMU, and the source sends
-//! nothing of the guest to a peer that has not proved the key.
+//! nothing of the guest to a peer that has not proved the key. Where the center names the
+//! source's migration address, the sender connects from it and the receiver closes any
+//! connection from elsewhere before TLS: a stranger on the migration network cannot hold the
+//! receiver's places (it handles [`MAX_CONNECTIONS`] at once) to keep the source out.
 //!
 //! A relay is a process of its own, not a task of the agent, so that an agent restart leaves
 //! the stream going as it leaves QEMU. It ends when the last of its streams closes, or when
@@ -42,7 +45,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS layer cuts them into 16 KiB records and writes many records per system call).
 const COPY_BUFFER: usize = 256 * 1024;
 /// Most connections a receiver handles at once, proven or not: QEMU opens at most 1 + 16
-/// multifd channels + 1 post-copy channel; more is someone else.
+/// multifd channels + 1 post-copy channel; more is someone else. A receiver told the source's
+/// address counts only connections from it, so strangers cannot use up these places.
 const MAX_CONNECTIONS: usize = 32;
 /// How long the agent waits for a relay it started to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,6 +74,10 @@ pub enum RelayCommand {
         /// The receiving relay.
         #[arg(long, value_name = "IP:PORT")]
         to: SocketAddr,
+        /// Connect from this address of the host (its migration address): the one the
+        /// receiving relay takes connections from.
+        #[arg(long, value_name = "IP")]
+        bind: Option<IpAddr>,
     },
     /// Destination side: listen on an ephemeral TCP port of --on (printed once ready) and
     /// carry each connection that proves the key, in clear, to the destination QEMU's socket.
@@ -80,6 +88,11 @@ pub enum RelayCommand {
         /// The unix socket the destination QEMU listens on.
         #[arg(long, value_name = "SOCKET")]
         to: PathBuf,
+        /// Take connections from this address only (the source host's migration address);
+        /// any other is closed at once, before TLS, and holds no place among the
+        /// connections a relay handles at once.
+        #[arg(long, value_name = "IP")]
+        from: Option<IpAddr>,
     },
 }
 
@@ -118,16 +131,29 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         println!("{READY_PREFIX}{endpoint}");
     };
     match args.command {
-        RelayCommand::Send { from, owner, to } => send(&from, owner, to, key, announce).await,
-        RelayCommand::Receive { on, to } => receive(on, &to, key, announce).await,
+        RelayCommand::Send {
+            from,
+            owner,
+            to,
+            bind,
+        } => send(&from, owner, Peer { addr: to, bind }, key, announce).await,
+        RelayCommand::Receive { on, to, from } => receive(on, from, &to, key, announce).await,
     }
+}
+
+/// Where a sending relay carries QEMU's connections: the receiving relay's address, and the
+/// local address to connect from (None: the one routing picks).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub bind: Option<IpAddr>,
 }
 
 /// Source side: QEMU connects to `socket`; each connection is carried to `to`.
 pub async fn send(
     socket: &Path,
     owner: Option<(u32, u32)>,
-    to: SocketAddr,
+    to: Peer,
     key: MigrationKey,
     ready: impl FnOnce(String),
 ) -> Result<()> {
@@ -164,7 +190,7 @@ pub async fn send(
                 streams.spawn(async move { send_one(qemu, &connector, to, &key).await });
             }
             Some(done) = streams.join_next(), if !streams.is_empty() => {
-                log_stream_end(done, to);
+                log_stream_end(done, to.addr);
                 if streams.is_empty() {
                     tracing::info!(streams = served, "every stream closed: the relay ends");
                     return Ok(());
@@ -175,10 +201,11 @@ pub async fn send(
     }
 }
 
-/// Destination side: listens on an ephemeral port of `on`; each connection that proves the
-/// key is carried to QEMU's unix socket `qemu`.
+/// Destination side: listens on an ephemeral port of `on`; each connection (from `from`
+/// alone, when given) that proves the key is carried to QEMU's unix socket `qemu`.
 pub async fn receive(
     on: IpAddr,
+    from: Option<IpAddr>,
     qemu: &Path,
     key: MigrationKey,
     ready: impl FnOnce(String),
@@ -200,6 +227,11 @@ pub async fn receive(
         tokio::select! {
             accepted = listener.accept() => {
                 let (tcp, peer) = accepted.context("accepting a connection")?;
+                if from.is_some_and(|from| !same_ip(from, peer.ip())) {
+                    tracing::warn!(%peer, "refused: not the source's address");
+                    drop(tcp);
+                    continue;
+                }
                 if streams.len() >= MAX_CONNECTIONS {
                     tracing::warn!(%peer, "refused: {MAX_CONNECTIONS} connections already");
                     continue;
@@ -234,16 +266,41 @@ fn log_stream_end(done: Result<Result<(u64, u64)>, tokio::task::JoinError>, peer
     }
 }
 
+/// Whether two addresses are one, an IPv4 address and its IPv6-mapped form included (a
+/// dual-stack listener sees IPv4 peers so).
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+/// A TCP connection to `to.addr`, from `to.bind` when given.
+async fn connect(to: Peer) -> Result<TcpStream> {
+    let connecting = async {
+        match to.bind {
+            None => TcpStream::connect(to.addr).await,
+            Some(ip) => {
+                let socket = match to.addr {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(to.addr).await
+            }
+        }
+    };
+    let from = to.bind.map(|ip| format!(" from {ip}")).unwrap_or_default();
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow!("{} did not answer within {CONNECT_TIMEOUT:?}", to.addr))?
+        .with_context(|| format!("connecting to {}{from}", to.addr))
+}
+
 async fn send_one(
     mut qemu: UnixStream,
     connector: &tokio_rustls::TlsConnector,
-    to: SocketAddr,
+    to: Peer,
     key: &MigrationKey,
 ) -> Result<(u64, u64)> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
-        .await
-        .map_err(|_| anyhow!("{to} did not answer within {CONNECT_TIMEOUT:?}"))?
-        .with_context(|| format!("connecting to {to}"))?;
+    let tcp = connect(to).await?;
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
     let name = rustls::pki_types::ServerName::try_from(tern_pki::tls::RELAY_SERVER_NAME)
         .context("the relay's server name")?;
@@ -358,16 +415,27 @@ impl Relay {
     ) -> Result<Relay> {
         let mut args: Vec<std::ffi::OsString> = vec!["host".into(), "relay".into()];
         match command {
-            RelayCommand::Send { from, owner, to } => {
+            RelayCommand::Send {
+                from,
+                owner,
+                to,
+                bind,
+            } => {
                 args.extend(["send".into(), "--from".into(), from.into()]);
                 if let Some((u, g)) = owner {
                     args.extend(["--owner".into(), format!("{u}:{g}").into()]);
                 }
                 args.extend(["--to".into(), to.to_string().into()]);
+                if let Some(bind) = bind {
+                    args.extend(["--bind".into(), bind.to_string().into()]);
+                }
             }
-            RelayCommand::Receive { on, to } => {
+            RelayCommand::Receive { on, to, from } => {
                 args.extend(["receive".into(), "--on".into(), on.to_string().into()]);
                 args.extend(["--to".into(), to.into()]);
+                if let Some(from) = from {
+                    args.extend(["--from".into(), from.to_string().into()]);
+                }
             }
         }
         let stderr = std::fs::OpenOptions::new()
@@ -484,10 +552,18 @@ mod tests {
         dir: &Path,
         k: MigrationKey,
     ) -> (SocketAddr, tokio::task::JoinHandle<Result<()>>) {
+        start_receiver_from(dir, k, None).await
+    }
+
+    async fn start_receiver_from(
+        dir: &Path,
+        k: MigrationKey,
+        from: Option<IpAddr>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Result<()>>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let qemu = dir.join("in.sock");
         let task = tokio::spawn(async move {
-            receive(IpAddr::from([127, 0, 0, 1]), &qemu, k, |e| {
+            receive(IpAddr::from([127, 0, 0, 1]), from, &qemu, k, |e| {
                 let _ = tx.send(e);
             })
             .await
@@ -505,7 +581,8 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let o = out.clone();
         let sender = tokio::spawn(async move {
-            send(&o, None, addr, key(7), |e| {
+            let to = Peer { addr, bind: None };
+            send(&o, None, to, key(7), |e| {
                 let _ = tx.send(e);
             })
             .await
@@ -544,7 +621,8 @@ mod tests {
         // but the proof fails first.
         let connector = client();
         let (a, b) = UnixStream::pair().unwrap();
-        let err = send_one(a, &connector, addr, &key(8)).await.unwrap_err();
+        let to = Peer { addr, bind: None };
+        let err = send_one(a, &connector, to, &key(8)).await.unwrap_err();
         drop(b);
         assert!(
             format!("{err:#}").contains("the receiver's key proof"),
@@ -572,12 +650,64 @@ mod tests {
         let (a, mut b) = UnixStream::pair().unwrap();
         // QEMU's side writes guest memory at once; the relay must not forward it.
         b.write_all(&[0x55; 4096]).await.unwrap();
-        let err = send_one(a, &connector, addr, &key(7)).await.unwrap_err();
+        let to = Peer { addr, bind: None };
+        let err = send_one(a, &connector, to, &key(7)).await.unwrap_err();
         assert!(format!("{err:#}").contains("key"), "{err:#}");
         // The impostor closed the connection after the bad proof; nothing reached its QEMU
         // socket, which does not even exist.
         assert!(!dir.path().join("in.sock").exists());
         receiver.abort();
+    }
+
+    /// The attack the connection limit invites: a stranger on the migration network holds
+    /// more connections open than a receiver takes, before the source connects. A receiver
+    /// told the source's address closes the stranger's at once; the source, connecting from
+    /// that address, gets through and its stream is carried.
+    #[tokio::test]
+    async fn strangers_holding_connections_cannot_keep_the_source_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = qemu_stand_in(dir.path().join("in.sock")).await;
+        let source = IpAddr::from([127, 0, 0, 2]);
+        let (addr, receiver) = start_receiver_from(dir.path(), key(7), Some(source)).await;
+        let mut strangers = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 8 {
+            strangers.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Each was closed before any TLS: it reads its end at once.
+        for s in &mut strangers {
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest));
+            let _ = read.await.expect("a stranger's connection stayed open");
+            assert!(rest.is_empty(), "a stranger was answered: {rest:?}");
+        }
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let carried = tokio::spawn(async move {
+            let to = Peer {
+                addr,
+                bind: Some(source),
+            };
+            send_one(a, &client(), to, &key(7)).await
+        });
+        b.write_all(b"guest pages").await.unwrap();
+        b.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        b.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"guest pages", "the source's stream was not carried");
+        carried.await.unwrap().unwrap();
+        assert_eq!(qemu.await.unwrap(), b"guest pages");
+        tokio::time::timeout(Duration::from_secs(10), receiver)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn ipv4_peers_seen_through_a_dual_stack_listener_are_the_same_address() {
+        let v4 = IpAddr::from([10, 77, 0, 11]);
+        let mapped: IpAddr = "::ffff:10.77.0.11".parse().unwrap();
+        assert!(same_ip(v4, mapped) && same_ip(mapped, v4) && same_ip(v4, v4));
+        assert!(!same_ip(v4, IpAddr::from([10, 77, 0, 12])));
     }
 
     #[test]

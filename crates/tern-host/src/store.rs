@@ -417,6 +417,7 @@ mod tests {
                 paced_from_link_mbit: Some(400.0),
                 encrypted: true,
                 relayed: false,
+                relay_source: None,
             },
             started_unix_ms: 1_700_000_000_000,
             was_running: true,

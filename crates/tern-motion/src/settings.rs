@@ -395,6 +395,7 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         // their relays carry it.
         encrypted: false,
         relayed: false,
+        relay_source: None,
     }
 }
 

@@ -418,10 +418,13 @@ impl Outgoing {
             "started to {uri}: {} channel(s){}, compression {}, downtime limit {} ms (budget {} \
              ms), max-bandwidth {}, deadline {} s",
             settings.multifd_channels.max(1),
-            match (settings.encrypted, relayed) {
-                (true, true) => " encrypted by the hosts' relays",
-                (true, false) => " encrypted by QEMU",
-                (false, _) => "",
+            match (settings.encrypted, relayed, settings.relay_source) {
+                (true, true, Some(from)) => {
+                    format!(" encrypted by the hosts' relays (taken from {from} only)")
+                }
+                (true, true, None) => " encrypted by the hosts' relays".into(),
+                (true, false, _) => " encrypted by QEMU".into(),
+                (false, ..) => String::new(),
             },
             settings.compression,
             settings.downtime_limit_ms,
@@ -1541,6 +1544,7 @@ mod tests {
             paced_from_link_mbit: None,
             encrypted: false,
             relayed: false,
+            relay_source: None,
         }
     }
 

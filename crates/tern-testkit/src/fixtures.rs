@@ -24,5 +24,6 @@ pub fn host_facts(cores: u32, memory_mib: u64) -> HostFacts {
         agent_version: "test".into(),
         migration_tls: true,
         migration_relay: true,
+        relay_source_checked: true,
     }
 }

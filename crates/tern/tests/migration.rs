@@ -116,7 +116,8 @@ fn live_migration_moves_vms_and_every_fault_leaves_one_copy() {
         "pre-check encryption: ok",
         // The lab's cluster keeps the default policy: every stream encrypted.
         "setting: encryption: on (cluster policy required)",
-        "encrypted by the hosts' relays, compression",
+        // The destination's relay takes the stream from the source's address alone.
+        "encrypted by the hosts' relays (taken from 10.77.0.11 only), compression",
         "setting: max-bandwidth",
         "ownership intent recorded",
         "steered the LAN to",

@@ -756,5 +756,6 @@ pub(super) fn empty_settings() -> MigrationSettings {
         paced_from_link_mbit: None,
         encrypted: false,
         relayed: false,
+        relay_source: None,
     }
 }

@@ -255,7 +255,7 @@ impl Mig {
                 .await;
                 let mut settings = self.choose(&m, encrypted);
                 settings.encrypted = encrypted;
-                settings.relayed = encrypted && self.both_relay();
+                self.relay(&mut settings);
                 self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
                 prepare.settings = Some(settings.clone());
                 prepare.key = self.key.clone();
@@ -292,7 +292,7 @@ impl Mig {
                 started.map_err(|e| format!("starting the destination: {e}"))?;
                 let mut settings = self.choose(&m, encrypted);
                 settings.encrypted = encrypted;
-                settings.relayed = encrypted && self.both_relay();
+                self.relay(&mut settings);
                 self.key = encrypted.then(|| MigrationKey::from_bytes(rand::random()));
                 (settings, m, None)
             }
@@ -649,6 +649,17 @@ impl Mig {
     /// Both hosts' agents carry encrypted streams with their relays.
     fn both_relay(&self) -> bool {
         self.source.facts.migration_relay && self.dest.facts.migration_relay
+    }
+
+    /// Sets how `settings` (encrypted or not) are carried: by the hosts' relays when both
+    /// have them, held to the source's migration address when both can be.
+    fn relay(&self, settings: &mut MigrationSettings) {
+        settings.relayed = settings.encrypted && self.both_relay();
+        let checked =
+            self.source.facts.relay_source_checked && self.dest.facts.relay_source_checked;
+        settings.relay_source = (settings.relayed && checked)
+            .then(|| self.source.facts.migration_address.parse().ok())
+            .flatten();
     }
 
     /// The settings for what is known (`m`) and what the two hosts can spare.
