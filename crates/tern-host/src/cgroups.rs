@@ -361,8 +361,11 @@ impl ResourceControl {
     }
 
     /// Removes the VM's groups once its QEMU has ended (a group still holding a process is
-    /// left, with a warning).
+    /// left, with a warning). A migration's threads ended with it: the VM no longer counts as
+    /// migrating (else the next [`Self::enforce`] would write into the groups just removed,
+    /// as it did for every source whose QEMU quit after its migration).
     pub fn remove(&self, id: Uuid) {
+        self.set_migration_threads(id, 0);
         for d in self.dirs(id) {
             match std::fs::remove_dir(&d) {
                 Ok(()) => {}
