@@ -53,7 +53,6 @@
 //! the packet socket is given it back (`PACKET_VNET_HDR`; the kernel checks it). Headers are
 //! little-endian, as on every host tern runs on (x86-64).
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tern_api::migration::VnetHeader;
@@ -454,13 +453,7 @@ impl TapWriter {
 
 /// The interface index of `tap` in this network namespace.
 fn if_index(tap: &str) -> Result<u32, FrameError> {
-    let c = CString::new(tap).map_err(|_| FrameError::NoInterface(tap.into()))?;
-    // SAFETY: `c` is a valid NUL-terminated string that lives across the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        return Err(FrameError::NoInterface(tap.into()));
-    }
-    Ok(index)
+    crate::steer::ifindex(tap).map_err(|_| FrameError::NoInterface(tap.into()))
 }
 
 /// Binds packet socket `sock` to interface `index`, receiving frames of EtherType `protocol`

@@ -75,7 +75,8 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], SteerError> {
     Ok(mac)
 }
 
-fn ifindex(name: &str) -> Result<u32, SteerError> {
+/// The index of interface `name` in this network namespace.
+pub(crate) fn ifindex(name: &str) -> Result<u32, SteerError> {
     let c = CString::new(name).map_err(|_| SteerError::NoInterface(name.into()))?;
     // SAFETY: `c` is a valid NUL-terminated string that lives across the call.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
