@@ -310,7 +310,6 @@ fn find_tap_fd(pid: u32, tap: &str) -> Result<i32, FrameError> {
     })
 }
 
-/// Sets the packet-socket option `option` (an int flag) to 1.
 /// An `AF_PACKET` socket whose close happens on a background thread. Closing a packet socket
 /// waits for a kernel RCU grace period (`synchronize_net` in `packet_release`): measured at
 /// 8–24 ms on the lab machine, which on the switchover path (a plug, the RARP, handed-over
@@ -369,27 +368,38 @@ fn close_later(fd: OwnedFd) {
     }
 }
 
+/// Sets the packet-socket option `option` (an int flag) to 1.
 fn switch_on(
     sock: &PacketSocket,
     option: libc::c_int,
     name: &'static str,
     tap: &str,
 ) -> Result<(), FrameError> {
-    let on: libc::c_int = 1;
+    if !set_int(sock, libc::SOL_PACKET, option, 1) {
+        return Err(sys(name, tap));
+    }
+    Ok(())
+}
+
+/// Sets the int-valued socket option `option` of `level` on `sock`; whether the kernel took it
+/// (its error is left in errno).
+fn set_int(
+    sock: &PacketSocket,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> bool {
     // SAFETY: the option takes an int we own, of the size passed; the socket is open.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::SOL_PACKET,
+            level,
             option,
-            (&on as *const libc::c_int).cast(),
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc < 0 {
-        return Err(sys(name, tap));
-    }
-    Ok(())
+    rc == 0
 }
 
 /// A packet socket bound to a tap, for writing frames into its transmit path: its reader (the
@@ -514,17 +524,7 @@ impl TapRecorder {
         // Room for what comes between two reads (best effort: the kernel caps a plain
         // SO_RCVBUF; only root may force more). Frames beyond it are dropped by the kernel,
         // and a recording with a gap names nothing ([`at_pause`]).
-        let size: libc::c_int = 16 << 20;
-        // SAFETY: the option takes an int we own, of the size passed; the socket is open.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
         bind_to(&sock, index, (libc::ETH_P_ALL as u16).to_be(), tap)?;
         let recorded = std::sync::Arc::new(Recorded {
             sock,

@@ -255,7 +255,6 @@ pub(crate) struct DrainedTap {
 }
 
 /// The frames a source's QEMU lost on one tap at the pause ([`crate::frames`]).
-#[derive(Default)]
 pub(crate) struct RecoveredAtPause {
     /// Read and thrown away while the guest was being stopped: handed over, and given back to
     /// a resuming source.
@@ -916,11 +915,11 @@ impl Migrations {
                 }
             }
         }
+        let nics: Vec<usize> = watched.iter().map(|w| w.nic).collect();
         *lock(&slot.watched_taps) = watched;
         let mut events = out.vm().qmp().events();
         let mut status = out.watch();
         let vm = out.vm().clone();
-        let nics: Vec<usize> = lock(&slot.watched_taps).iter().map(|w| w.nic).collect();
         // Held until the rings are read (or the migration ends without a pause).
         let Ok(mut rings) = slot.rings.clone().try_lock_owned() else {
             return;
@@ -1179,7 +1178,7 @@ impl Migrations {
         let drained = self.drain_taps(id, out.vm().pid())?;
         let watched = std::mem::take(&mut *lock(&slot.watched_taps));
         let rings = match tokio::time::timeout(RING_WAIT, slot.rings.lock()).await {
-            Ok(rings) => rings.clone(),
+            Ok(mut rings) => std::mem::take(&mut *rings),
             Err(_) => HashMap::new(),
         };
         let recovered = recover_at_pause(id, &watched, &drained, &rings);
