@@ -38,7 +38,12 @@
 //!   may read a frame then; once the guest is stopped QEMU throws that frame away, and reads
 //!   the next. That frame is the one read before the kept one (or before the plug), and it was
 //!   lost exactly when the guest's ring ends with the frame read before it
-//!   ([`dropped_at_pause`]). It goes to the destination, and back to a resuming source.
+//!   ([`dropped_at_pause`]). It goes to the destination, and back to a resuming source. The
+//!   ring tells it by the last buffer's bytes (the frame's end, where it filled several), or,
+//!   where the guest already took that buffer back and refilled its ring, by the lengths of
+//!   its newest buffers against what QEMU read; where even those cannot tell, a plain TCP
+//!   segment goes over all the same (a copy too many costs a duplicate ACK, one too few a
+//!   resend), anything else only when known lost.
 //!
 //! Broadcast and multicast (what a bridge floods to every port): a destination's taps take no
 //! floods from their creation until the steer, since the guest still runs at the source and
@@ -56,6 +61,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tern_api::migration::VnetHeader;
+use tern_qemu::ReceiveRingTail;
 
 /// `PACKET_VNET_HDR` and `PACKET_QDISC_BYPASS` from linux/if_packet.h (not exported by libc).
 const PACKET_VNET_HDR: libc::c_int = 15;
@@ -129,6 +135,40 @@ impl Frame {
     /// Broadcast or multicast: a bridge floods these to every port.
     pub fn is_flooded(&self) -> bool {
         self.destination().is_some_and(|d| d[0] & 1 == 1)
+    }
+
+    /// A TCP segment that carries no SYN, FIN or RST (data or a bare ACK), over IPv4 or IPv6
+    /// (without extension headers), VLAN-tagged or not: a second copy of one costs its receiver
+    /// a duplicate ACK and nothing else, as any duplicate the network makes.
+    pub fn is_plain_tcp_segment(&self) -> bool {
+        let d = &self.data;
+        let mut at = 12;
+        if d.get(at..at + 2) == Some(&[0x81, 0x00]) {
+            at += 4;
+        }
+        let tcp = match d.get(at..at + 2) {
+            Some([0x08, 0x00]) => {
+                let ip = at + 2;
+                let Some(&vihl) = d.get(ip) else { return false };
+                let fragment = d
+                    .get(ip + 6..ip + 8)
+                    .is_some_and(|f| f[0] & 0x3f != 0 || f[1] != 0);
+                if vihl >> 4 != 4 || d.get(ip + 9) != Some(&6) || fragment {
+                    return false;
+                }
+                ip + usize::from(vihl & 0x0f) * 4
+            }
+            Some([0x86, 0xdd]) => {
+                let ip = at + 2;
+                if d.get(ip).map(|v| v >> 4) != Some(6) || d.get(ip + 6) != Some(&6) {
+                    return false;
+                }
+                ip + 40
+            }
+            _ => return false,
+        };
+        // SYN 0x02, RST 0x04, FIN 0x01.
+        d.get(tcp + 13).is_some_and(|flags| flags & 0x07 == 0)
     }
 
     /// A [`plug_frame`].
@@ -686,7 +726,20 @@ pub struct AtPause {
     pub last_read: Option<Frame>,
     /// The frame QEMU read before `last_read`: the guest's newest if `last_read` was dropped.
     pub read_before: Option<Frame>,
+    /// The newest frames QEMU read, `last_read` last (at most [`READ_HISTORY`]): each one's
+    /// length and destination, to match against the lengths the guest's ring took.
+    pub read: Vec<(usize, [u8; 6])>,
 }
+
+/// How many of the frames a QEMU read before the pause [`AtPause::read`] keeps.
+pub const READ_HISTORY: usize = 64;
+
+/// The fewest ring entries a length match needs before it names a frame.
+const MIN_LENGTH_MATCH: usize = 8;
+
+/// The largest frame that always fits one receive buffer (a Linux guest's smallest merged
+/// buffer takes a full 1500-byte MTU frame and its header).
+const ONE_BUFFER_FRAME: usize = 1514;
 
 /// The last frames a source's QEMU read off a tap, and the one it keeps (see the module docs):
 /// `drained` is the tap's queue as the source's drain found it, `plug` the plug this source
@@ -733,29 +786,126 @@ pub fn at_pause(recorded: &[Frame], plug: &Frame, drained: &[Frame]) -> Option<A
             .filter(|f| !f.is_plug())
             .cloned()
     };
+    let history = recorded[..first_unread]
+        .iter()
+        .rev()
+        .filter(|f| !f.is_plug())
+        .take(READ_HISTORY)
+        .map(|f| (f.data.len(), f.destination().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     Some(AtPause {
         kept,
         last_read: read(1),
         read_before: read(2),
+        read: history,
     })
 }
 
-/// The frame QEMU dropped at the pause, if the guest's receive ring shows it did:
-/// `last_buffer` is the start of the buffer the guest's NIC filled last (its virtio-net
-/// header first). If that holds the frame read before `at.last_read`, `last_read` never
-/// reached the guest; if it holds `last_read` itself, or anything else, nothing is named.
-pub fn dropped_at_pause(at: &AtPause, last_buffer: &[u8]) -> Option<Frame> {
+/// The frame QEMU dropped at the pause, if the guest's receive ring shows it did: `ring` is
+/// the ring's newest end (the used lengths of its last buffers, and the start of the last),
+/// `mac` the NIC's address. If the ring ends with the frame read before `at.last_read`,
+/// `last_read` never reached the guest; if it ends with `last_read` itself, or anything else,
+/// nothing is named.
+///
+/// Where the last buffer's bytes are out of reach or hold neither frame (the guest took the
+/// frame and refilled its ring, putting a fresh buffer where it was), the ring's used lengths
+/// decide: they must match the lengths of what QEMU read up to
+/// the frame before `last_read` and not up to `last_read` itself, over at least
+/// [`MIN_LENGTH_MATCH`] frames (those the NIC takes: for its MAC, multicast and broadcast).
+/// Where they cannot tell (frames of one length, as a stream of equal requests sends), a plain
+/// TCP segment is named all the same: if the guest had it, the copy costs one duplicate ACK;
+/// if not, its sender need not resend it. Anything else is named only when known lost, so the
+/// guest never sees it twice.
+pub fn dropped_at_pause(at: &AtPause, ring: &ReceiveRingTail, mac: [u8; 6]) -> Option<Frame> {
     let last_read = at.last_read.as_ref()?;
     let read_before = at.read_before.as_ref()?;
-    // The header is 12 bytes with merged buffers or virtio 1.0, else 10; a frame that fills
-    // more than one buffer does not start in the last.
-    let holds = |f: &Frame| {
-        [12usize, 10].iter().any(|&h| {
-            let single = h == 10 || last_buffer.get(10..12) == Some(&[1, 0]);
-            single && last_buffer.get(h..h + f.data.len()) == Some(f.data.as_slice())
-        })
+    let (has_before, has_last) = (
+        ring_ends_with(ring, read_before),
+        ring_ends_with(ring, last_read),
+    );
+    let dropped = if has_before || has_last {
+        has_before && !has_last
+    } else {
+        match lengths_show(at, ring, mac) {
+            Some(dropped) => dropped,
+            None => last_read.is_plain_tcp_segment() && last_read.destination() == Some(mac),
+        }
     };
-    (holds(read_before) && !holds(last_read)).then(|| last_read.clone())
+    dropped.then(|| last_read.clone())
+}
+
+/// Do the ring's used lengths show the guest missing QEMU's last read frame (see
+/// [`dropped_at_pause`])? Some(true) if they fit what QEMU read without it and not with it,
+/// Some(false) the other way round or when the NIC would not take it, None if they cannot
+/// tell. Each frame the NIC takes, up to [`ONE_BUFFER_FRAME`] bytes, fills one buffer with its
+/// 12-byte header.
+fn lengths_show(at: &AtPause, ring: &ReceiveRingTail, mac: [u8; 6]) -> Option<bool> {
+    let taken = |to: &[u8; 6]| *to == mac || to[0] & 1 == 1;
+    // The last frame read must be one the NIC takes, else it was not the guest's anyway.
+    match at.read.last() {
+        Some((_, to)) if taken(to) => {}
+        _ => return Some(false),
+    }
+    // Newest first, up to the first frame that might have filled more than one buffer.
+    let read: Vec<u32> = at
+        .read
+        .iter()
+        .rev()
+        .filter(|(_, to)| taken(to))
+        .take_while(|(len, _)| *len <= ONE_BUFFER_FRAME)
+        .map(|(len, _)| (12 + len) as u32)
+        .collect();
+    let used: Vec<u32> = ring
+        .used_lens
+        .iter()
+        .rev()
+        .take_while(|l| **l != 0)
+        .copied()
+        .collect();
+    let n = used.len().min(read.len().saturating_sub(1));
+    if n < MIN_LENGTH_MATCH {
+        return None;
+    }
+    let got_it = used[..n] == read[..n];
+    let missed_it = used[..n] == read[1..=n];
+    (got_it != missed_it).then_some(missed_it)
+}
+
+/// Does the guest's receive ring end with frame `f`? In one buffer, the frame follows the
+/// virtio-net header (12 bytes with merged buffers or virtio 1.0, a merged header counting one
+/// buffer; else 10). In several (merged buffers), the newest buffers' used lengths add up to
+/// exactly the header and the frame, and the last buffer holds the frame's end.
+fn ring_ends_with(ring: &ReceiveRingTail, f: &Frame) -> bool {
+    let buffer = &ring.last_buffer;
+    let in_one = [12usize, 10].iter().any(|&h| {
+        let single = h == 10 || buffer.get(10..12) == Some(&[1, 0]);
+        single && buffer.get(h..h + f.data.len()) == Some(f.data.as_slice())
+    });
+    if in_one {
+        return true;
+    }
+    let total = 12 + f.data.len();
+    let mut sum = 0usize;
+    let mut buffers = 0usize;
+    for len in ring.used_lens.iter().rev() {
+        sum += *len as usize;
+        buffers += 1;
+        if sum >= total {
+            break;
+        }
+    }
+    let Some(&last) = ring.used_lens.last() else {
+        return false;
+    };
+    let Some(start) = f.data.len().checked_sub(last as usize) else {
+        return false;
+    };
+    let end = &f.data[start..];
+    let seen = buffer.len().min(end.len());
+    sum == total && buffers > 1 && seen > 0 && buffer[..seen] == end[..seen]
 }
 
 /// Writes `frames`, in order, into tap `tap`'s transmit path ([`TapWriter`]). Returns how
@@ -818,6 +968,7 @@ mod tests {
             kept: Some(kept.clone()),
             last_read: Some(b.clone()),
             read_before: Some(a.clone()),
+            read: vec![(60, mac); 2],
         };
         assert_eq!(found, Some(expected.clone()));
         // The plug first in the queue, or alone in it.
@@ -832,6 +983,7 @@ mod tests {
             kept: None,
             last_read: Some(kept.clone()),
             read_before: Some(b.clone()),
+            read: vec![(60, mac); 3],
         };
         assert_eq!(found, Some(expected));
     }
@@ -868,6 +1020,21 @@ mod tests {
         assert_eq!((found.kept, found.last_read), (None, None));
     }
 
+    /// The MAC of [`frame`]'s destination: the NIC's.
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+    fn dropped(at: &AtPause, ring: &ReceiveRingTail) -> Option<Frame> {
+        dropped_at_pause(at, ring, MAC)
+    }
+
+    /// A ring whose last buffer is `buffer` (used lengths unknown).
+    fn ring(buffer: Vec<u8>) -> ReceiveRingTail {
+        ReceiveRingTail {
+            used_lens: Vec::new(),
+            last_buffer: buffer,
+        }
+    }
+
     #[test]
     fn a_frame_is_dropped_only_if_the_guest_got_the_one_before_it() {
         let [a, b] = [1, 2].map(frame);
@@ -875,27 +1042,236 @@ mod tests {
             kept: None,
             last_read: Some(b.clone()),
             read_before: Some(a.clone()),
+            read: Vec::new(),
         };
-        assert_eq!(dropped_at_pause(&at, &buffer_with(&a)), Some(b.clone()));
+        assert_eq!(dropped(&at, &ring(buffer_with(&a))), Some(b.clone()));
         // The guest got `b`: nothing was dropped.
-        assert_eq!(dropped_at_pause(&at, &buffer_with(&b)), None);
+        assert_eq!(dropped(&at, &ring(buffer_with(&b))), None);
         // A ring that shows anything else says nothing: no frame twice.
-        assert_eq!(dropped_at_pause(&at, &buffer_with(&frame(9))), None);
-        assert_eq!(dropped_at_pause(&at, &[]), None);
+        assert_eq!(dropped(&at, &ring(buffer_with(&frame(9)))), None);
+        assert_eq!(dropped(&at, &ring(Vec::new())), None);
         // A buffer that continues a larger frame does not start one.
         let mut continued = buffer_with(&a);
         continued[10] = 0;
-        assert_eq!(dropped_at_pause(&at, &continued), None);
+        assert_eq!(dropped(&at, &ring(continued)), None);
         // A 10-byte header (no merged buffers) works too.
         let mut short = vec![0u8; 10];
         short.extend_from_slice(&a.data);
-        assert_eq!(dropped_at_pause(&at, &short), Some(b.clone()));
+        assert_eq!(dropped(&at, &ring(short)), Some(b.clone()));
         // Two identical frames cannot be told apart.
         let same = AtPause {
             read_before: Some(b.clone()),
             ..at
         };
-        assert_eq!(dropped_at_pause(&same, &buffer_with(&b)), None);
+        assert_eq!(dropped(&same, &ring(buffer_with(&b))), None);
+    }
+
+    /// A frame of `len` bytes (a TCP segment of a bulk transfer: distinct bytes throughout).
+    fn large_frame(len: usize, seed: u8) -> Frame {
+        let mut f = frame(seed);
+        f.data = (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect();
+        f.data[..6].copy_from_slice(&[0x52, 0x54, 0, 1, 2, 3]);
+        f
+    }
+
+    /// The ring after the guest's NIC put `frames` in buffers of `size` bytes (the first
+    /// holding the 12-byte header): every used length, and the start of the last buffer.
+    fn ring_after(frames: &[&Frame], size: usize) -> ReceiveRingTail {
+        let mut used_lens = Vec::new();
+        let mut last = Vec::new();
+        for f in frames {
+            let mut bytes = vec![0u8; 12];
+            bytes.extend_from_slice(&f.data);
+            let chunks: Vec<&[u8]> = bytes.chunks(size).collect();
+            bytes[10] = chunks.len() as u8;
+            for chunk in bytes.chunks(size) {
+                used_lens.push(chunk.len() as u32);
+                last = chunk.to_vec();
+            }
+        }
+        last.truncate(12 + 1518 + 4);
+        ReceiveRingTail {
+            used_lens,
+            last_buffer: last,
+        }
+    }
+
+    /// An IPv4 TCP segment to [`MAC`] with TCP `flags`.
+    fn tcp_frame(flags: u8) -> Frame {
+        let mut f = frame(0);
+        f.data = vec![0u8; 14 + 20 + 20 + 36];
+        f.data[..6].copy_from_slice(&MAC);
+        f.data[12..14].copy_from_slice(&[0x08, 0x00]);
+        f.data[14] = 0x45;
+        f.data[23] = 6;
+        f.data[14 + 20 + 12] = 0x50;
+        f.data[14 + 20 + 13] = flags;
+        f
+    }
+
+    #[test]
+    fn plain_tcp_segments_are_told_apart() {
+        assert!(tcp_frame(0x10).is_plain_tcp_segment());
+        assert!(tcp_frame(0x18).is_plain_tcp_segment());
+        for control in [0x02, 0x12, 0x04, 0x14, 0x11] {
+            assert!(!tcp_frame(control).is_plain_tcp_segment(), "{control:#x}");
+        }
+        // VLAN-tagged and IPv6 segments too; UDP, fragments and other frames are not.
+        let mut tagged = tcp_frame(0x10);
+        tagged.data.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+        assert!(tagged.is_plain_tcp_segment());
+        let mut v6 = frame(0);
+        v6.data = vec![0u8; 14 + 40 + 20];
+        v6.data[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6.data[14] = 0x60;
+        v6.data[14 + 6] = 6;
+        v6.data[14 + 40 + 13] = 0x10;
+        assert!(v6.is_plain_tcp_segment());
+        let mut udp = tcp_frame(0x10);
+        udp.data[23] = 17;
+        assert!(!udp.is_plain_tcp_segment());
+        let mut fragment = tcp_frame(0x10);
+        fragment.data[14 + 7] = 1;
+        assert!(!fragment.is_plain_tcp_segment());
+        assert!(!frame(1).is_plain_tcp_segment());
+        assert!(!Frame {
+            header: VnetHeader::default(),
+            data: vec![0; 13]
+        }
+        .is_plain_tcp_segment());
+    }
+
+    #[test]
+    fn a_refilled_ring_is_told_from_its_lengths() {
+        // What QEMU read, oldest first: requests (102 bytes) and pure ACKs (66) for the NIC, a
+        // broadcast, and a frame for another MAC that the NIC throws away without a buffer.
+        let other = [0x52, 0x54, 0, 9, 9, 9];
+        let mut read: Vec<(usize, [u8; 6])> = Vec::new();
+        for i in 0..20 {
+            read.push((if i % 5 == 3 { 66 } else { 102 }, MAC));
+            if i == 7 {
+                read.push((60, [0xff; 6]));
+                read.push((102, other));
+            }
+        }
+        let (b, a) = (frame(2), frame(1));
+        let at = AtPause {
+            kept: None,
+            last_read: Some(b.clone()),
+            read_before: Some(a.clone()),
+            read: read.clone(),
+        };
+        // The lengths the guest's ring took for the frames up to `upto` (exclusive).
+        let ring_upto = |upto: usize| ReceiveRingTail {
+            used_lens: read[..upto]
+                .iter()
+                .filter(|(_, to)| *to != other)
+                .map(|(len, _)| (12 + len) as u32)
+                .collect(),
+            last_buffer: Vec::new(),
+        };
+        let n = read.len();
+        // The guest took everything but the last frame read: that one was dropped.
+        assert_eq!(dropped(&at, &ring_upto(n - 1)), Some(b.clone()));
+        // It took the last one too: nothing is named.
+        assert_eq!(dropped(&at, &ring_upto(n)), None);
+        // Lengths that fit both (every frame alike) or too few to judge name nothing.
+        let alike = AtPause {
+            read: vec![(102, MAC); 20],
+            ..at.clone()
+        };
+        let ring_alike = ReceiveRingTail {
+            used_lens: vec![114; 19],
+            last_buffer: Vec::new(),
+        };
+        assert_eq!(dropped(&alike, &ring_alike), None);
+        // ... except a plain TCP segment for the NIC: a copy too many costs a duplicate ACK.
+        let segment = tcp_frame(0x18);
+        let tcp_alike = AtPause {
+            last_read: Some(segment.clone()),
+            ..alike.clone()
+        };
+        assert_eq!(dropped(&tcp_alike, &ring_alike), Some(segment));
+        for control in [0x02, 0x12, 0x04, 0x11] {
+            let at = AtPause {
+                last_read: Some(tcp_frame(control)),
+                ..alike.clone()
+            };
+            assert_eq!(dropped(&at, &ring_alike), None, "flags {control:#x}");
+        }
+        let short = AtPause {
+            read: read[n - 6..].to_vec(),
+            ..at.clone()
+        };
+        assert_eq!(dropped(&short, &ring_upto(n - 1)), None);
+        // A last frame for another MAC was never the guest's to miss.
+        let mut foreign = at.clone();
+        foreign.read.push((102, other));
+        assert_eq!(dropped(&foreign, &ring_upto(n)), None);
+        // A fresh buffer where the frame was (the guest reused the slot): the lengths decide.
+        let mut fresh = ring_upto(n - 1);
+        fresh.last_buffer = vec![0; 64];
+        assert_eq!(dropped(&at, &fresh), Some(b.clone()));
+        let mut fresh = ring_upto(n);
+        fresh.last_buffer = vec![0; 64];
+        assert_eq!(dropped(&at, &fresh), None);
+        // Where the last buffer's bytes are there, they decide.
+        let mut with_bytes = ring_upto(n - 1);
+        with_bytes.last_buffer = buffer_with(&b);
+        assert_eq!(dropped(&at, &with_bytes), None);
+    }
+
+    #[test]
+    fn a_frame_larger_than_a_buffer_is_told_from_its_end() {
+        let small = frame(1);
+        let [a, b] = [(20_000, 3), (9_000, 4)].map(|(n, s)| large_frame(n, s));
+        let at = AtPause {
+            kept: None,
+            last_read: Some(b.clone()),
+            read_before: Some(a.clone()),
+            read: Vec::new(),
+        };
+        // The guest got `a` in 1.5 KiB buffers (14 of them), not `b`: `b` was dropped.
+        let got_a = ring_after(&[&small, &a], 1536);
+        assert_eq!(got_a.used_lens.len(), 15);
+        assert_eq!(dropped(&at, &got_a), Some(b.clone()));
+        // In 4 KiB buffers too, and with the last buffer read only in part.
+        assert_eq!(dropped(&at, &ring_after(&[&a], 4096)), Some(b.clone()));
+        // The guest got `b` after `a`: nothing was dropped.
+        assert_eq!(dropped(&at, &ring_after(&[&a, &b], 1536)), None);
+        // A small frame dropped after a large one, and the other way round.
+        let at_small = AtPause {
+            last_read: Some(small.clone()),
+            ..at.clone()
+        };
+        assert_eq!(
+            dropped(&at_small, &ring_after(&[&a], 1536)),
+            Some(small.clone())
+        );
+        let at_large = AtPause {
+            last_read: Some(a.clone()),
+            read_before: Some(small.clone()),
+            kept: None,
+            read: Vec::new(),
+        };
+        assert_eq!(
+            dropped(&at_large, &ring_after(&[&small], 1536)),
+            Some(a.clone())
+        );
+        // Lengths that add up but an end that differs (only the end is read: the ring
+        // ends with the frame read last or the one before it, and those two differ there), or bytes that match but lengths that do
+        // not add up (a buffer missing from the tail read): nothing is named.
+        let mut other = a.clone();
+        let n = other.data.len();
+        other.data[n - 10] ^= 0xff;
+        assert_eq!(dropped(&at, &ring_after(&[&other], 1536)), None);
+        let mut cut = ring_after(&[&a], 1536);
+        cut.used_lens.drain(..3);
+        assert_eq!(dropped(&at, &cut), None);
+        // An empty tail names nothing.
+        assert_eq!(dropped(&at, &ReceiveRingTail::default()), None);
     }
 
     #[test]

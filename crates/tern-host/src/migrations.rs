@@ -77,9 +77,9 @@ struct Slot {
     /// Source: each tap's recording and the plug written into it at the pause, to name the
     /// frames QEMU loses there ([`crate::frames::at_pause`]).
     watched_taps: Mutex<Vec<WatchedTap>>,
-    /// Source: the buffer each NIC's receive ring filled last, read once the guest paused
-    /// (locked by the reader until then).
-    rings: Arc<tokio::sync::Mutex<HashMap<usize, Vec<u8>>>>,
+    /// Source: the newest end of each NIC's receive ring, read once the guest paused (locked
+    /// by the reader until then).
+    rings: Arc<tokio::sync::Mutex<HashMap<usize, tern_qemu::ReceiveRingTail>>>,
     /// Destination: the generation it will own the VM under (unknown after an agent restart).
     generation: std::sync::OnceLock<u64>,
     /// Destination: a [`crate::commit_watch`] runs for it.
@@ -239,8 +239,9 @@ fn qemu(e: tern_qemu::Error) -> AgentError {
     }
 }
 
-/// How much of a receive buffer a source reads at the pause: a virtio-net header and a full
-/// Ethernet frame (with a VLAN tag). A larger frame spans buffers and is never named.
+/// How much of a receive ring's last buffer a source reads at the pause: a virtio-net header
+/// and a full Ethernet frame (with a VLAN tag). A larger frame spans buffers, and the end it
+/// leaves in the last one is told from as much of it.
 const LAST_BUFFER_BYTES: usize = 12 + 1518 + 4;
 
 /// How long a source's hand-over waits for the rings read at the pause (read in well under a
@@ -265,12 +266,12 @@ pub(crate) struct RecoveredAtPause {
 
 /// Source, the guest stopped and its taps drained: the frames its QEMU lost on each watched
 /// tap, from the tap's recording, its queue, and (for a frame QEMU may have dropped) the
-/// buffer the guest's receive ring filled last (`rings`, by NIC).
+/// newest end of the guest's receive ring (`rings`, by NIC).
 fn recover_at_pause(
     id: Uuid,
     watched: &[WatchedTap],
     drained: &[DrainedTap],
-    rings: &HashMap<usize, Vec<u8>>,
+    rings: &HashMap<usize, tern_qemu::ReceiveRingTail>,
 ) -> HashMap<usize, RecoveredAtPause> {
     let mut recovered = HashMap::new();
     for w in watched {
@@ -286,7 +287,7 @@ fn recover_at_pause(
         };
         let dropped = rings
             .get(&w.nic)
-            .and_then(|buffer| crate::frames::dropped_at_pause(&at, buffer));
+            .and_then(|ring| crate::frames::dropped_at_pause(&at, ring, tap.mac));
         recovered.insert(
             w.nic,
             RecoveredAtPause {
@@ -952,12 +953,12 @@ impl Migrations {
             let us = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(-1);
             let (after_us, heard_us) = (us(chrono::Utc::now() - stopped), us(heard - stopped));
             tracing::info!(vm = %id, after_us, heard_us, "plugged the paused guest's taps");
-            // The guest's receive rings no longer move: read each NIC's last buffer now, while
+            // The guest's receive rings no longer move: read each NIC's newest buffers now, while
             // the source waits for the hand-over decision, not on the way to the commit.
             for nic in nics {
-                match vm.last_received(nic, LAST_BUFFER_BYTES).await {
-                    Ok(Some(buffer)) => {
-                        rings.insert(nic, buffer);
+                match vm.receive_ring_tail(nic, LAST_BUFFER_BYTES).await {
+                    Ok(Some(ring)) => {
+                        rings.insert(nic, ring);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -1267,14 +1268,17 @@ impl Migrations {
             }
             let tap = crate::tap::tap_name(id, i);
             let handed_count = frames.len();
-            let result = TapQueue::of_process(pid, &tap)
-                .and_then(|q| q.drain())
-                .and_then(|mut own| {
-                    own.retain(|f| !f.is_plug());
-                    let own_count = own.len();
-                    let (frames, copies) = merge_handed(std::mem::take(&mut frames), own);
-                    crate::frames::deliver(&tap, &frames).map(|n| (n, own_count, copies))
-                });
+            // The writer is ready before the drain: a frame the LAN brings between the drain
+            // and the end of the write lands ahead of some of ours though it is newer (the
+            // guest's TCP then takes it out of order), so that stretch is kept short.
+            let result = TapQueue::of_process(pid, &tap).and_then(|q| {
+                let writer = crate::frames::TapWriter::open(&tap)?;
+                let mut own = q.drain()?;
+                own.retain(|f| !f.is_plug());
+                let own_count = own.len();
+                let (frames, copies) = merge_handed(std::mem::take(&mut frames), own);
+                Ok((writer.write(&frames), own_count, copies))
+            });
             match result {
                 Ok((n, own, copies)) => tracing::info!(
                     vm = %id, tap, handed = handed_count, queued_here = own, copies, delivered = n, refused,

@@ -109,6 +109,7 @@ fn the_frame_a_stopped_qemu_keeps_ahead_of_the_plug_is_named_from_the_recording(
                     kept: Some(first),
                     last_read: None,
                     read_before: None,
+                    read: Vec::new(),
                 };
                 assert_eq!(named, Some(expected), "the kept frame is named");
             } else {
@@ -125,6 +126,7 @@ fn the_frame_a_stopped_qemu_keeps_ahead_of_the_plug_is_named_from_the_recording(
                     kept: None,
                     last_read: None,
                     read_before: None,
+                    read: Vec::new(),
                 };
                 assert_eq!(
                     named,

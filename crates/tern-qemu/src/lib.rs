@@ -38,6 +38,7 @@ pub use migrate::{
 };
 pub use migration::{
     AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,
+    ReceiveRingTail, RING_TAIL_BUFFERS,
 };
 pub use probe::{probe_cpu, CpuModelInfo, CpuProbe, QemuProbe};
 pub use process::{owner as process_owner, VmStats};

@@ -19,6 +19,22 @@ use tern_motion::{PrecopySample, SamplePhase};
 /// samples 8× more: hashing 4096 pages twice is still well under a millisecond.
 pub const DIRTY_SAMPLE_PAGES_PER_GIB: u32 = 4096;
 
+/// How many of a receive ring's newest buffers [`QemuVm::receive_ring_tail`] reports: a
+/// 64 KiB frame in buffers of 1.5 KiB (the smallest a Linux guest gives) takes 44.
+pub const RING_TAIL_BUFFERS: u64 = 48;
+
+/// The newest end of a virtio-net receive ring, as a stopped guest left it
+/// ([`QemuVm::receive_ring_tail`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiveRingTail {
+    /// The bytes the NIC wrote into each of its newest buffers, oldest first (at most
+    /// [`RING_TAIL_BUFFERS`]; slots the NIC never filled read as 0).
+    pub used_lens: Vec<u32>,
+    /// The start of the newest buffer; empty when the guest has already given that buffer
+    /// back and put a fresh one where it was (its bytes are then out of reach).
+    pub last_buffer: Vec<u8>,
+}
+
 /// Status of a migration (QMP `MigrationStatus`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
@@ -460,15 +476,22 @@ impl QemuVm {
         }
     }
 
-    /// The start of the receive buffer that NIC `nic` (`nic<N>`, virtio-net) last filled for
-    /// the guest: `len` bytes at most, its virtio-net header first. Only meaningful while the
-    /// guest is stopped (the ring does not move then). None when the NIC has received nothing,
-    /// or is still filling a buffer.
+    /// The newest end of NIC `nic`'s receive ring (`nic<N>`, virtio-net): how many bytes
+    /// each of the last buffers the NIC filled took, and the start (`len` bytes at most) of
+    /// the last one, its virtio-net header first when a frame starts there. Only meaningful
+    /// while the guest is stopped (the ring does not move then). None when the NIC has
+    /// received nothing, or is still filling a buffer.
     ///
-    /// Read through QEMU's own view of the ring (`x-query-virtio-queue-status`, then
-    /// `x-query-virtio-queue-element` for the buffer's address, then the monitor's `xp` for its
-    /// bytes): a source uses it to tell whether the frame it read last reached the guest.
-    pub async fn last_received(&self, nic: usize, len: usize) -> Result<Option<Vec<u8>>> {
+    /// Read through QEMU's own view of the ring (`x-query-virtio-queue-status` for the ring's
+    /// place and indices, `x-query-virtio-queue-element` for the last buffer's address, and
+    /// the monitor's `xp` for the used lengths and the buffer's bytes): a source uses it to
+    /// tell whether the frame it read last reached the guest, a frame larger than one buffer
+    /// included (merged receive buffers).
+    pub async fn receive_ring_tail(
+        &self,
+        nic: usize,
+        len: usize,
+    ) -> Result<Option<ReceiveRingTail>> {
         let path = format!("/machine/peripheral/nic{nic}/virtio-backend");
         let status = self
             .qmp()
@@ -478,14 +501,18 @@ impl QemuVm {
             )
             .await?;
         let field = |k: &str| status.get(k).and_then(Value::as_u64);
-        let (Some(avail), Some(used), Some(inuse)) =
-            (field("last-avail-idx"), field("used-idx"), field("inuse"))
-        else {
+        let (Some(avail), Some(used), Some(inuse), Some(num), Some(used_ring)) = (
+            field("last-avail-idx"),
+            field("used-idx"),
+            field("inuse"),
+            field("vring-num"),
+            field("vring-used"),
+        ) else {
             return Err(Error::Protocol(format!(
                 "x-query-virtio-queue-status answered {status}"
             )));
         };
-        if avail == 0 || avail != used || inuse != 0 {
+        if avail == 0 || avail != used || inuse != 0 || num == 0 || num > 32_768 {
             return Ok(None);
         }
         let element = self
@@ -504,10 +531,50 @@ impl QemuVm {
                 "x-query-virtio-queue-element answered {element}"
             )));
         };
-        let count = (len as u64).min(size);
-        if count == 0 {
-            return Ok(Some(Vec::new()));
+        // The used ring: flags and index (2 bytes each), then one {id, len} (4 bytes each,
+        // little-endian) per slot; the newest `count` entries end at slot (used - 1) % num,
+        // and may wrap around the ring's end.
+        let count = RING_TAIL_BUFFERS.min(num);
+        let first = (used + num * 0x1_0000 - count) % num;
+        let mut entries = Vec::with_capacity(8 * count as usize);
+        let head = count.min(num - first);
+        for (slot, n) in [(first, head), (0, count - head)] {
+            if n > 0 {
+                entries.extend(
+                    self.read_guest_bytes(used_ring + 4 + 8 * slot, 8 * n)
+                        .await?,
+                );
+            }
         }
+        let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let used_lens: Vec<u32> = entries.chunks_exact(8).map(|e| word(&e[4..])).collect();
+        let last_used_id = entries.chunks_exact(8).next_back().map(word);
+        // The avail slot QEMU took its last buffer from holds that buffer's descriptor only
+        // until the guest refills its ring to the brim: a guest that already took the frame
+        // and gave the buffer back may have put a fresh, empty one there. Its bytes then say
+        // nothing about the last frame.
+        let head = element
+            .get("avail")
+            .and_then(|a| a.get("ring"))
+            .and_then(Value::as_u64);
+        let take = if head.is_some() && head == last_used_id.map(u64::from) {
+            (len as u64).min(size)
+        } else {
+            0
+        };
+        let last_buffer = if take == 0 {
+            Vec::new()
+        } else {
+            self.read_guest_bytes(addr, take).await?
+        };
+        Ok(Some(ReceiveRingTail {
+            used_lens,
+            last_buffer,
+        }))
+    }
+
+    /// `count` bytes of guest memory at guest-physical `addr` (the monitor's `xp`).
+    async fn read_guest_bytes(&self, addr: u64, count: u64) -> Result<Vec<u8>> {
         let text = self
             .qmp()
             .execute(
@@ -516,10 +583,9 @@ impl QemuVm {
             )
             .await?;
         let text = text.as_str().unwrap_or_default();
-        let bytes = parse_xp_bytes(text)
+        parse_xp_bytes(text)
             .filter(|b| b.len() as u64 == count)
-            .ok_or_else(|| Error::Protocol(format!("the monitor's xp answered {text:?}")))?;
-        Ok(Some(bytes))
+            .ok_or_else(|| Error::Protocol(format!("the monitor's xp answered {text:?}")))
     }
 
     /// Sends self-announcements from every NIC (`announce-self`).

@@ -231,14 +231,26 @@ async fn the_last_frame_the_guest_received_is_read_from_its_ring() {
         ])
         .expect("the guest answers a ping");
         vm.qmp().execute("stop", None).await.unwrap();
-        let buffer = vm.last_received(0, 12 + 98).await.unwrap();
-        if let Some(b) = buffer.filter(|b| b.len() == 110 && b[46] == 8 && b.ends_with(b"tern")) {
-            last = Some(b);
+        let ring = vm.receive_ring_tail(0, 12 + 98).await.unwrap();
+        if let Some(r) = ring.filter(|r| {
+            let b = &r.last_buffer;
+            b.len() == 110 && b[46] == 8 && b.ends_with(b"tern")
+        }) {
+            last = Some(r);
             break;
         }
         vm.qmp().execute("cont", None).await.unwrap();
     }
-    let last = last.expect("the guest's last buffer holds the echo request");
+    let ring = last.expect("the guest's last buffer holds the echo request");
+    // One buffer took the header and the 98-byte frame.
+    assert_eq!(ring.used_lens.len() as u64, tern_qemu::RING_TAIL_BUFFERS);
+    assert_eq!(
+        ring.used_lens.last(),
+        Some(&(12 + 98)),
+        "{:?}",
+        ring.used_lens
+    );
+    let last = ring.last_buffer;
     // A merged-buffers header of one buffer, then the frame to the NIC's MAC.
     assert_eq!(&last[10..12], &[1, 0], "{last:02x?}");
     assert_eq!(
@@ -247,7 +259,62 @@ async fn the_last_frame_the_guest_received_is_read_from_its_ring() {
         "{last:02x?}"
     );
     assert_eq!(&last[24..26], &[0x08, 0x00], "IPv4: {last:02x?}");
+    // A frame larger than a receive buffer: a jumbo echo request (the tap's MTU allows it;
+    // the guest answers in fragments) fills several buffers, whose used lengths add up to the
+    // header and the frame, and the last holds the frame's end: the pattern.
+    vm.qmp().execute("cont", None).await.unwrap();
+    ns.ip(&["link", "set", "tqtap1", "mtu", "9000"])
+        .expect("ip");
+    let frame_len = 14 + 20 + 8 + 8000;
+    let mut large = None;
+    for _ in 0..5 {
+        tern_testkit::netns::ip(&[
+            "netns",
+            "exec",
+            &ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-w",
+            "60",
+            "-M",
+            "dont",
+            "-s",
+            "8000",
+            "-p",
+            "7465726e",
+            "10.99.0.2",
+        ])
+        .expect("the guest answers a jumbo ping");
+        vm.qmp().execute("stop", None).await.unwrap();
+        let ring = vm.receive_ring_tail(0, 64).await.unwrap().expect("a ring");
+        // The newest buffers, until they hold the header and the frame.
+        let (mut sum, mut buffers) = (0, 0);
+        for len in ring.used_lens.iter().rev() {
+            if sum >= 12 + frame_len {
+                break;
+            }
+            sum += *len as usize;
+            buffers += 1;
+        }
+        if sum == 12 + frame_len {
+            large = Some((buffers, ring));
+            break;
+        }
+        vm.qmp().execute("cont", None).await.unwrap();
+    }
+    let (buffers, ring) = large.expect("the ring ends with the jumbo echo request");
+    assert!(buffers > 1, "{buffers} buffer(s): {:?}", ring.used_lens);
+    let tail = ring.last_buffer;
+    assert!(!tail.is_empty() && tail.len() <= 64, "{tail:02x?}");
+    let pattern = b"terntern";
+    assert!(
+        tail.windows(4).all(|w| pattern.windows(4).any(|p| p == w)),
+        "the last buffer holds the pattern's end: {tail:02x?}"
+    );
     // A NIC that does not exist has no ring.
-    assert!(vm.last_received(7, 64).await.is_err());
+    assert!(vm.receive_ring_tail(7, 64).await.is_err());
     vm.kill().await.unwrap();
 }
