@@ -96,7 +96,7 @@ impl Services {
     /// "rr":{connections,requests,lost,repeated,malformed},
     /// "mem":{mib,dirty_mib_s,pages,pages_verified,errors,passes,bytes_dirtied,filled}|null,
     /// "disk":{dev,verified,appended,errors,next_seq,capacity_records,full}|null,
-    /// "burn_percent":n|null}`
+    /// "burn_percent":n|null,"tcp":{ofo_queued,dsack_sent}|null}`
     pub fn stats_json(&self) -> String {
         let streams = JsonObject::new()
             .u64("open", self.streams.open.load(Ordering::Relaxed))
@@ -112,6 +112,16 @@ impl Services {
             .f64("longest_gap_ms", self.gap.longest_gap_ms())
             .raw("streams", &streams)
             .raw("rr", &self.rr.to_json());
+        o = match tcp_counters() {
+            Some(c) => o.raw(
+                "tcp",
+                &JsonObject::new()
+                    .u64("ofo_queued", c.ofo_queued)
+                    .u64("dsack_sent", c.dsack_sent)
+                    .finish(),
+            ),
+            None => o.null("tcp"),
+        };
         o = match &self.mem {
             Some(m) => o.raw("mem", &m.to_json()),
             None => o.null("mem"),
@@ -126,6 +136,37 @@ impl Services {
         };
         o.finish()
     }
+}
+
+/// This kernel's TCP receive counters (`TcpExt` of /proc/net/netstat), all connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// Segments that arrived ahead of a missing one (`TCPOFOQueue`): each run of them means
+    /// the guest saw a hole, a segment lost (or overtaken) on its way in.
+    pub ofo_queued: u64,
+    /// Duplicates the guest reported to their senders (`TCPDSACKOldSent` + `TCPDSACKOfoSent`).
+    pub dsack_sent: u64,
+}
+
+/// Reads [`TcpCounters`], if /proc/net/netstat is there.
+pub fn tcp_counters() -> Option<TcpCounters> {
+    parse_tcp_counters(&std::fs::read_to_string("/proc/net/netstat").ok()?)
+}
+
+fn parse_tcp_counters(netstat: &str) -> Option<TcpCounters> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let get = |key: &str| {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    Some(TcpCounters {
+        ofo_queued: get("TCPOFOQueue")?,
+        dsack_sent: get("TCPDSACKOldSent").unwrap_or(0) + get("TCPDSACKOfoSent").unwrap_or(0),
+    })
 }
 
 /// Kernel uptime in ms (/proc/uptime), if readable.
@@ -161,4 +202,25 @@ pub fn boot_id_bytes(id: &str) -> [u8; 16] {
         out[8..].copy_from_slice(&h);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_receive_counters_are_read_from_netstat() {
+        let text = "TcpExt: SyncookiesSent TCPOFOQueue TCPDSACKOldSent TCPDSACKOfoSent\n\
+                    TcpExt: 0 7 3 1\n\
+                    IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(
+            parse_tcp_counters(text),
+            Some(TcpCounters {
+                ofo_queued: 7,
+                dsack_sent: 4
+            })
+        );
+        assert_eq!(parse_tcp_counters("IpExt: a\nIpExt: 1\n"), None);
+        assert_eq!(parse_tcp_counters("TcpExt: TCPOFOQueue\nTcpExt: x\n"), None);
+    }
 }
