@@ -162,6 +162,17 @@ async fn shared_disk_changes_owner_during_migration() {
     assert!(!second_writer_refused(&src_cfg.spec.disks[0].path));
 }
 
+/// One ping from namespace `ns` to the ring test's guest (10.99.0.2), its payload the
+/// pattern "tern", with `extra` options; waits (a minute at most) until it is answered.
+fn ping_with_pattern(ns: &NetNs, extra: &[&str]) {
+    let mut args = vec![
+        "netns", "exec", &ns.name, "ping", "-c", "1", "-W", "1", "-w", "60",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["-p", "7465726e", "10.99.0.2"]);
+    tern_testkit::netns::ip(&args).expect("the guest answers a ping");
+}
+
 /// The guest's receive ring as QEMU shows it: with the guest stopped, the buffer its NIC filled
 /// last holds the last frame sent to it (here: a ping's echo request), after the virtio-net
 /// header. A source tells from it whether a frame it read at the pause reached the guest.
@@ -214,22 +225,7 @@ async fn the_last_frame_the_guest_received_is_read_from_its_ring() {
     // last buffer holds that request; a stray frame in between only makes the test ping again.
     let mut last = None;
     for _ in 0..5 {
-        tern_testkit::netns::ip(&[
-            "netns",
-            "exec",
-            &ns.name,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-w",
-            "60",
-            "-p",
-            "7465726e",
-            "10.99.0.2",
-        ])
-        .expect("the guest answers a ping");
+        ping_with_pattern(&ns, &[]);
         vm.qmp().execute("stop", None).await.unwrap();
         let ring = vm.receive_ring_tail(0, 12 + 98).await.unwrap();
         if let Some(r) = ring.filter(|r| {
@@ -268,26 +264,7 @@ async fn the_last_frame_the_guest_received_is_read_from_its_ring() {
     let frame_len = 14 + 20 + 8 + 8000;
     let mut large = None;
     for _ in 0..5 {
-        tern_testkit::netns::ip(&[
-            "netns",
-            "exec",
-            &ns.name,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-w",
-            "60",
-            "-M",
-            "dont",
-            "-s",
-            "8000",
-            "-p",
-            "7465726e",
-            "10.99.0.2",
-        ])
-        .expect("the guest answers a jumbo ping");
+        ping_with_pattern(&ns, &["-M", "dont", "-s", "8000"]);
         vm.qmp().execute("stop", None).await.unwrap();
         let ring = vm.receive_ring_tail(0, 64).await.unwrap().expect("a ring");
         // The newest buffers, until they hold the header and the frame.
