@@ -537,8 +537,8 @@ impl QemuVm {
         let count = RING_TAIL_BUFFERS.min(num);
         let first = (used + num * 0x1_0000 - count) % num;
         let mut entries = Vec::with_capacity(8 * count as usize);
-        let head = count.min(num - first);
-        for (slot, n) in [(first, head), (0, count - head)] {
+        let to_end = count.min(num - first);
+        for (slot, n) in [(first, to_end), (0, count - to_end)] {
             if n > 0 {
                 entries.extend(
                     self.read_guest_bytes(used_ring + 4 + 8 * slot, 8 * n)
