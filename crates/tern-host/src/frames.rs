@@ -786,16 +786,12 @@ pub fn at_pause(recorded: &[Frame], plug: &Frame, drained: &[Frame]) -> Option<A
             .filter(|f| !f.is_plug())
             .cloned()
     };
-    let history = recorded[..first_unread]
+    let read_all: Vec<(usize, [u8; 6])> = recorded[..first_unread]
         .iter()
-        .rev()
         .filter(|f| !f.is_plug())
-        .take(READ_HISTORY)
         .map(|f| (f.data.len(), f.destination().unwrap_or_default()))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
         .collect();
+    let history = read_all[read_all.len().saturating_sub(READ_HISTORY)..].to_vec();
     Some(AtPause {
         kept,
         last_read: read(1),
@@ -812,9 +808,9 @@ pub fn at_pause(recorded: &[Frame], plug: &Frame, drained: &[Frame]) -> Option<A
 ///
 /// Where the last buffer's bytes are out of reach or hold neither frame (the guest took the
 /// frame and refilled its ring, putting a fresh buffer where it was), the ring's used lengths
-/// decide: they must match the lengths of what QEMU read up to
-/// the frame before `last_read` and not up to `last_read` itself, over at least
-/// [`MIN_LENGTH_MATCH`] frames (those the NIC takes: for its MAC, multicast and broadcast).
+/// decide: they must match the lengths of what QEMU read up to the frame before `last_read`
+/// and not up to `last_read` itself, over at least [`MIN_LENGTH_MATCH`] frames (those the NIC
+/// takes: for its MAC, multicast and broadcast).
 /// Where they cannot tell (frames of one length, as a stream of equal requests sends), a plain
 /// TCP segment is named all the same: if the guest had it, the copy costs one duplicate ACK;
 /// if not, its sender need not resend it. Anything else is named only when known lost, so the
