@@ -223,17 +223,32 @@ mod tests {
         let host = s.sample_host();
         assert!(host.memory_total_mib > 0);
         assert!(host.memory_used_mib <= host.memory_total_mib);
+        let own_ticks = || {
+            let stat = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+            parse_pid_stat(&stat).expect("own stat parses").cpu_ticks
+        };
+        let wall = Instant::now();
         let first = s.sample_procs(&[pid]);
         assert!(first.get(&pid).expect("own pid sampled").rss_mib > 0);
-        // Burn some CPU, then the delta must show it.
-        let start = Instant::now();
+        // Burn 20 ticks of CPU time (not of wall time: a loaded machine may lend this thread
+        // little of it), then the delta must show at least those ticks over the wall time
+        // that enclosed both samples.
+        let (from, burn) = (own_ticks(), 20);
         let mut x: u64 = 0;
-        while start.elapsed().as_millis() < 200 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        while own_ticks() < from + burn {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            assert!(
+                wall.elapsed().as_secs() < 60,
+                "20 ticks of CPU not burnt in 60 s"
+            );
         }
         std::hint::black_box(x);
         let second = s.sample_procs(&[pid]);
-        assert!(second.get(&pid).expect("own pid").cpu_percent > 10.0);
+        let at_least = burn as f64 / s.ticks_per_s / wall.elapsed().as_secs_f64() * 100.0;
+        let got = second.get(&pid).expect("own pid").cpu_percent;
+        assert!(got >= at_least, "{got}% CPU, at least {at_least}% burnt");
         assert!(s.sample_procs(&[]).is_empty());
     }
 }
