@@ -58,6 +58,7 @@
 //! the packet socket is given it back (`PACKET_VNET_HDR`; the kernel checks it). Headers are
 //! little-endian, as on every host tern runs on (x86-64).
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tern_api::migration::VnetHeader;
@@ -458,7 +459,7 @@ impl TapWriter {
 
     /// A writer whose frames take the path the bridge's frames take (the tap's qdisc, then its
     /// queue; a tap never holds frames in its qdisc), so that a [`TapRecorder`] sees them in
-    /// their place among the bridge's: for the source's plug.
+    /// their place among the bridge's: for the source's plug, and [`queue_first`].
     pub fn open_recorded(tap: &str) -> Result<TapWriter, FrameError> {
         TapWriter::open_with(tap, false)
     }
@@ -555,23 +556,7 @@ struct Recorded {
 impl TapRecorder {
     /// Starts recording tap `tap` (within a tokio runtime).
     pub fn start(tap: &str) -> Result<TapRecorder, FrameError> {
-        let index = if_index(tap)?;
-        // Protocol 0 until bound: a socket that took every EtherType from its creation would
-        // see every interface's frames until the bind.
-        let sock = PacketSocket::for_sending().map_err(|_| sys("opening a packet socket", tap))?;
-        switch_on(&sock, PACKET_VNET_HDR, "PACKET_VNET_HDR", tap)?;
-        only_transmitted(&sock, tap)?;
-        // Room for what comes between two reads (best effort: the kernel caps a plain
-        // SO_RCVBUF; only root may force more). Frames beyond it are dropped by the kernel,
-        // and a recording with a gap names nothing ([`at_pause`]).
-        set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
-        bind_to(&sock, index, (libc::ETH_P_ALL as u16).to_be(), tap)?;
-        let recorded = std::sync::Arc::new(Recorded {
-            sock,
-            tap: tap.to_string(),
-            header_len: VNET_HDR_LEN,
-            frames: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)),
-        });
+        let recorded = std::sync::Arc::new(Recorded::open(tap)?);
         // Read in batches, not on each frame's arrival: a migrating guest under a stream of
         // ACKs would otherwise wake the agent tens of thousands of times a second, on a host
         // whose cores the migration itself needs (measured: a 1 Gbit/s compressed migration
@@ -608,6 +593,35 @@ impl Drop for TapRecorder {
 }
 
 impl Recorded {
+    /// Starts recording what tap `tap` transmits; frames are read by [`Recorded::read_pending`].
+    fn open(tap: &str) -> Result<Recorded, FrameError> {
+        let index = if_index(tap)?;
+        // Protocol 0 until bound: a socket that took every EtherType from its creation would
+        // see every interface's frames until the bind.
+        let sock = PacketSocket::for_sending().map_err(|_| sys("opening a packet socket", tap))?;
+        switch_on(&sock, PACKET_VNET_HDR, "PACKET_VNET_HDR", tap)?;
+        only_transmitted(&sock, tap)?;
+        // Room for what comes between two reads (best effort: the kernel caps a plain
+        // SO_RCVBUF; only root may force more). Frames beyond it are dropped by the kernel,
+        // and a recording with a gap names nothing ([`at_pause`]).
+        set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
+        bind_to(&sock, index, (libc::ETH_P_ALL as u16).to_be(), tap)?;
+        Ok(Recorded {
+            sock,
+            tap: tap.to_string(),
+            header_len: VNET_HDR_LEN,
+            frames: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)),
+        })
+    }
+
+    /// Every frame recorded since the last take, oldest first.
+    fn take(&self) -> Vec<Frame> {
+        self.read_pending();
+        let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        frames.1 = 0;
+        std::mem::take(&mut frames.0).into()
+    }
+
     /// Moves every frame the socket holds into the recording. Reads under the recording's
     /// lock, so frames keep their order whoever reads.
     fn read_pending(&self) {
@@ -913,6 +927,142 @@ pub fn deliver(tap: &str, frames: &[Frame]) -> Result<usize, FrameError> {
     Ok(TapWriter::open(tap)?.write(frames))
 }
 
+/// Most times [`queue_first`] takes a tap's queue back to put behind its frames those the
+/// bridge slipped among them: on a LAN that brings a frame faster than the queue is written
+/// again, no number of tries settles it.
+const MAX_REQUEUES: usize = 3;
+
+/// What [`queue_first`] did on one tap.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedFirst {
+    /// Frames the tap's queue held when it was first taken.
+    pub held: usize,
+    /// Frames the kernel took in the last write.
+    pub written: usize,
+    /// Times the queue was taken back because the bridge slipped frames among ours.
+    pub requeued: usize,
+    /// Whether the last write was seen in order: no frame of the bridge's ahead of ours.
+    pub in_order: bool,
+}
+
+/// Puts frames at the head of tap `tap`'s queue, whose reader (a paused QEMU) reads nothing
+/// meanwhile: takes what the queue holds, and writes back `order(held)` (the frames to go
+/// first, then those held).
+///
+/// The bridge keeps forwarding to the tap all the while, and a frame it brings after the
+/// queue was taken lands ahead of some of ours though it is newer (the guest's TCP would take
+/// it out of order). So the writing goes through the tap's own transmit path, where a packet
+/// socket sees our frames and the bridge's in the order the tap queued them; where the
+/// bridge's came before our last, the queue is taken back and written again with them
+/// behind, up to [`MAX_REQUEUES`] times. Where the socket does not see all of ours (a tap
+/// whose carrier came up moments ago may drop them on that path, without a word), they go
+/// straight into the queue, unwatched.
+pub fn queue_first(
+    queue: &TapQueue,
+    tap: &str,
+    order: impl FnOnce(Vec<Frame>) -> Vec<Frame>,
+) -> Result<QueuedFirst, FrameError> {
+    let watch = Recorded::open(tap)?;
+    let writer = TapWriter::open_recorded(tap)?;
+    let mut taken = queue.drain()?;
+    taken.retain(|f| !f.is_plug());
+    let mut done = QueuedFirst {
+        held: taken.len(),
+        ..QueuedFirst::default()
+    };
+    let mut ours = order(taken.clone());
+    loop {
+        // What the bridge brought after the queue was taken is ahead of ours.
+        let early = !not_in(watch.take(), &taken).is_empty();
+        done.written = writer.write(&ours);
+        match look(&watch.take(), &ours) {
+            Some(slipped) if !(early || slipped) => {
+                done.in_order = true;
+                return Ok(done);
+            }
+            Some(_) if done.requeued < MAX_REQUEUES => {}
+            Some(_) => return Ok(done),
+            None => {
+                let mut all = ours.clone();
+                all.extend(not_in(queue.drain()?, &ours));
+                done.written = TapWriter::open(tap)?.write(&all);
+                return Ok(done);
+            }
+        }
+        taken = queue.drain()?;
+        ours = ours_first(taken.clone(), &ours);
+        done.requeued += 1;
+    }
+}
+
+/// Counts of frames by their bytes.
+fn tally<'a>(frames: impl IntoIterator<Item = &'a Frame>) -> HashMap<&'a [u8], usize> {
+    let mut counts = HashMap::new();
+    for f in frames {
+        *counts.entry(f.data.as_slice()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Takes one of `f` from `counts`; whether there was one.
+fn take_one(counts: &mut HashMap<&[u8], usize>, f: &Frame) -> bool {
+    match counts.get_mut(f.data.as_slice()) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// What `recorded` (what the tap queued since the last look, in its order) says of `ours`,
+/// just written: whether a frame of the bridge's came before the last of them; None where the
+/// recording does not hold them all.
+fn look(recorded: &[Frame], ours: &[Frame]) -> Option<bool> {
+    let mut left = tally(ours);
+    let mut missing = ours.len();
+    let mut slipped = false;
+    for f in recorded {
+        if missing == 0 {
+            break;
+        }
+        if take_one(&mut left, f) {
+            missing -= 1;
+        } else {
+            slipped = true;
+        }
+    }
+    (missing == 0).then_some(slipped)
+}
+
+/// The frames of `frames` that are not among `known` (each of `known` accounts for one), in
+/// their order.
+fn not_in(frames: Vec<Frame>, known: &[Frame]) -> Vec<Frame> {
+    split_ours(frames, known).1
+}
+
+/// `queue` (a tap's queue taken back after `ours` were written) with `ours` first, in their
+/// order, and the bridge's frames behind them, in theirs.
+fn ours_first(queue: Vec<Frame>, ours: &[Frame]) -> Vec<Frame> {
+    let (mut first, theirs) = split_ours(queue, ours);
+    first.extend(theirs);
+    first
+}
+
+/// `queue` split into the frames that are `ours` and the bridge's, each in queue order.
+fn split_ours(queue: Vec<Frame>, ours: &[Frame]) -> (Vec<Frame>, Vec<Frame>) {
+    let mut wanted = tally(ours);
+    let (mut mine, mut theirs) = (Vec::with_capacity(queue.len()), Vec::new());
+    for f in queue {
+        if take_one(&mut wanted, &f) {
+            mine.push(f);
+        } else {
+            theirs.push(f);
+        }
+    }
+    (mine, theirs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,6 +1090,37 @@ mod tests {
             header: VnetHeader::default(),
             data,
         }
+    }
+
+    #[test]
+    fn a_frame_of_the_bridges_ahead_of_our_last_is_out_of_order() {
+        let ours: Vec<Frame> = (10..13).map(frame).collect();
+        let with = |at: usize, extra: &[u8]| {
+            let mut r = ours.clone();
+            for (k, t) in extra.iter().enumerate() {
+                r.insert(at + k, frame(*t));
+            }
+            r
+        };
+        assert_eq!(look(&ours, &ours), Some(false));
+        // One the bridge brought after ours: behind them, in order.
+        assert_eq!(look(&with(3, &[20]), &ours), Some(false));
+        // One it brought before the last of ours, or before the first.
+        assert_eq!(look(&with(2, &[21]), &ours), Some(true));
+        assert_eq!(look(&with(0, &[21]), &ours), Some(true));
+        // A second copy of one of ours counts as the bridge's.
+        assert_eq!(look(&with(1, &[10]), &ours), Some(true));
+        // Not all of ours in the recording: it cannot tell.
+        assert_eq!(look(&ours[..2], &ours), None);
+        assert_eq!(look(&[frame(21)], &ours), None);
+        // What the bridge brought besides what the queue held, once each.
+        let tags = |fs: Vec<Frame>| fs.iter().map(|f| f.data[14]).collect::<Vec<u8>>();
+        let held = vec![frame(1), frame(2), frame(2)];
+        let recorded = vec![frame(2), frame(5), frame(2), frame(2), frame(1)];
+        assert_eq!(tags(not_in(recorded, &held)), vec![5, 2]);
+        // Taken back: ours first in their order, the bridge's behind in theirs.
+        let queue = vec![frame(10), frame(21), frame(11), frame(22), frame(12)];
+        assert_eq!(tags(ours_first(queue, &ours)), vec![10, 11, 12, 21, 22]);
     }
 
     /// A guest's receive buffer holding `f`: a merged-buffers header, then the frame.

@@ -1268,20 +1268,18 @@ impl Migrations {
             }
             let tap = crate::tap::tap_name(id, i);
             let handed_count = frames.len();
-            // The writer is ready before the drain: a frame the LAN brings between the drain
-            // and the end of the write lands ahead of some of ours though it is newer (the
-            // guest's TCP then takes it out of order), so that stretch is kept short.
+            let mut copies = 0;
             let result = TapQueue::of_process(pid, &tap).and_then(|q| {
-                let writer = crate::frames::TapWriter::open(&tap)?;
-                let mut own = q.drain()?;
-                own.retain(|f| !f.is_plug());
-                let own_count = own.len();
-                let (frames, copies) = merge_handed(std::mem::take(&mut frames), own);
-                Ok((writer.write(&frames), own_count, copies))
+                crate::frames::queue_first(&q, &tap, |own| {
+                    let merged;
+                    (merged, copies) = merge_handed(std::mem::take(&mut frames), own);
+                    merged
+                })
             });
             match result {
-                Ok((n, own, copies)) => tracing::info!(
-                    vm = %id, tap, handed = handed_count, queued_here = own, copies, delivered = n, refused,
+                Ok(done) => tracing::info!(
+                    vm = %id, tap, handed = handed_count, queued_here = done.held, copies,
+                    delivered = done.written, refused, requeued = done.requeued, in_order = done.in_order,
                     "delivered the handed-over frames ahead of this tap's own"
                 ),
                 Err(e) => {

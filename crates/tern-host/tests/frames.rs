@@ -8,12 +8,20 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use tern_api::migration::VnetHeader;
-use tern_host::frames::{deliver, Frame, TapQueue};
+use tern_host::frames::{deliver, queue_first, Frame, TapQueue, TapWriter};
 use tern_host::tap::{ensure_tap, tap_name};
 use tern_testkit::NetNs;
 
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUN_F_CSUM: libc::c_uint = 0x01;
+
+/// Holds the tests that use a namespace to one at a time: one test's `ip` child, forked while
+/// another test holds a tap's descriptor, holds that tap too until it execs (its removal then
+/// fails as busy).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Attaches to tap `name` the way QEMU does (virtio-net header of 12 bytes, checksum offload
 /// on) and keeps the descriptor, as QEMU keeps its.
@@ -70,6 +78,7 @@ fn udp_frame(dst: [u8; 6], payload: &[u8]) -> Frame {
 
 #[test]
 fn delivered_frames_reach_the_taps_reader_in_order_with_their_headers() {
+    let _serial = one_at_a_time();
     let ns = NetNs::new("th-frames").with_bridge("br0");
     let tap = tap_name(uuid::Uuid::new_v4(), 0);
     let mac = [0x52, 0x54, 0, 1, 2, 3];
@@ -98,6 +107,81 @@ fn delivered_frames_reach_the_taps_reader_in_order_with_their_headers() {
         assert_eq!(g.header.csum_start, 34);
         assert_eq!(g.header.csum_offset, 6);
     }
+}
+
+/// The hand-over at a destination: the frames handed over go ahead of those the tap queued
+/// since the steer, also where the bridge brings one more while they are being written.
+#[test]
+fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() {
+    let _serial = one_at_a_time();
+    let ns = NetNs::new("th-first").with_bridge("br0");
+    let tap = tap_name(uuid::Uuid::new_v4(), 0);
+    let mac = [0x52, 0x54, 0, 1, 2, 4];
+    let handed: Vec<Frame> = (0..20u8).map(|i| udp_frame(mac, &[0xa0, i])).collect();
+    let lan = |i: u8| udp_frame(mac, &[0xb0, i]);
+    let (done, calm, got) = ns.run_in(|| {
+        ensure_tap(&tap, "br0", None).expect("tap");
+        let qemu = attach_like_qemu(&tap);
+        // The LAN: frames for the guest's MAC sent into the bridge, which floods them to the tap.
+        let bridge = TapWriter::open_recorded("br0").expect("a writer on the bridge");
+        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
+        // The bridge forwards to a port once the kernel has seen its carrier come up (after
+        // the attach, asynchronously): until a frame of the LAN's reaches the queue.
+        let ready = std::time::Instant::now();
+        while !queue
+            .drain()
+            .expect("drain")
+            .iter()
+            .any(|f| f.data == lan(0).data)
+        {
+            assert!(
+                ready.elapsed().as_secs() < 10,
+                "the bridge never forwarded to the tap"
+            );
+            bridge.write(&[lan(0)]);
+            std::thread::yield_now();
+        }
+        assert_eq!(bridge.write(&[lan(1), lan(2)]), 2, "queued since the steer");
+        let done = queue_first(&queue, &tap, |held| {
+            // After the queue was taken, before ours are written: without a second look it
+            // would be read first.
+            assert_eq!(bridge.write(&[lan(3)]), 1, "brought meanwhile");
+            handed.iter().cloned().chain(held).collect()
+        })
+        .expect("queued first");
+        let got = queue.drain().expect("drain");
+        // Nothing brought meanwhile: ours go first at once.
+        let calm = queue_first(&queue, &tap, |held| {
+            handed.iter().cloned().chain(held).collect()
+        })
+        .expect("queued first");
+        drop(queue);
+        drop(qemu);
+        tern_host::tap::remove_tap(&tap).expect("remove");
+        (done, calm, got)
+    });
+    // The tap's own IPv6 neighbour discovery (multicast) may queue too: not ours. Each of
+    // ours ends in its two tag bytes.
+    let data = |frames: Vec<Frame>| -> Vec<Vec<u8>> {
+        frames
+            .into_iter()
+            .filter(|f| !f.is_flooded())
+            .map(|f| f.data[f.data.len() - 2..].to_vec())
+            .collect()
+    };
+    let want: Vec<Frame> = handed
+        .iter()
+        .cloned()
+        .chain([lan(1), lan(2), lan(3)])
+        .collect();
+    assert_eq!(
+        data(got),
+        data(want),
+        "handed over first, then the LAN's in order"
+    );
+    assert!(done.requeued >= 1 && done.in_order, "{done:?}");
+    assert!(done.held >= 2, "{done:?}");
+    assert!(calm.in_order && calm.written >= handed.len(), "{calm:?}");
 }
 
 #[test]

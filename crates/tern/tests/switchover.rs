@@ -198,13 +198,12 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
     );
 
     all_answered_by_the_same_guest(&report, &before, &after);
-    // Nothing the client sent was lost on its way in. A lost request shows twice: the guest's
-    // TCP sees a hole (segments arriving ahead of the missing one), and the client resends
-    // it without the guest reporting a duplicate. Each alone has an innocent cause: a frame
-    // the LAN brought while the destination re-queued its tap overtakes a few of ours (a
-    // hole, no resend), and a probe the client sends before a guest just resumed answers may
-    // go unreported (a resend, no hole). A pause the starved machine stretched near TCP's
-    // timers (over 150 ms, seen once in some twenty runs) may cost one.
+    // Nothing the client sent was lost on its way in, nor reordered: the guest's TCP saw no
+    // segment arrive ahead of one it lacked (a hole). A frame the LAN brought to the
+    // destination's tap while the handed-over ones were written is put behind them (its agent
+    // logs `in_order=false` where a LAN faster than the rewrite kept it from that). A pause the
+    // starved machine stretched near TCP's timers (over 150 ms, seen once in some twenty runs)
+    // may cost one.
     let stretched = pauses.iter().filter(|p| **p > 150).count() as u64;
     let holes = |s: &Value| s["tcp"]["ofo_queued"].as_u64();
     let (Some(holes_before), Some(holes_after)) = (holes(&before), holes(&after)) else {
@@ -230,12 +229,12 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         "the guest got {duplicates} segment(s) twice, the client sent {sent_twice} again: \
          {report}; {tcp:?}; recovered from QEMU {parked:?}"
     );
-    let unreported = report["lost_segments"].as_u64().unwrap_or(u64::MAX);
+    let unsettled = agent_logs.matches("in_order=false").count() as u64;
     assert!(
-        holes.min(unreported) <= stretched,
-        "the guest saw {holes} segment(s) arrive ahead of a missing one and the client resent \
-         {unreported} it did not report as duplicates ({stretched} pause(s) over 150 ms): \
-         {report}; {tcp:?}; recovered from QEMU {parked:?}"
+        holes <= stretched + unsettled,
+        "the guest saw {holes} segment(s) arrive ahead of a missing one ({stretched} pause(s) \
+         over 150 ms, {unsettled} hand-over(s) not in order): {report}; {tcp:?}; recovered \
+         from QEMU {parked:?}"
     );
     // Each migration said what it handed over; with a request every ms, some reached a
     // stopped source before the LAN was steered, and were delivered at the destination.
