@@ -184,6 +184,46 @@ fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() 
     assert!(calm.in_order && calm.written >= handed.len(), "{calm:?}");
 }
 
+/// Where the tap's transmit path loses frames (here a qdisc that drops all; a tap whose
+/// carrier came up moments ago has none yet), the handed-over frames still go first: straight
+/// into the queue.
+#[test]
+fn handed_frames_go_first_though_the_taps_transmit_path_loses_them() {
+    let _serial = one_at_a_time();
+    let ns = NetNs::new("th-lossy").with_bridge("br0");
+    let tap = tap_name(uuid::Uuid::new_v4(), 0);
+    let mac = [0x52, 0x54, 0, 1, 2, 5];
+    let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[0xa0, i])).collect();
+    let (done, got) = ns.run_in(|| {
+        ensure_tap(&tap, "br0", None).expect("tap");
+        let qemu = attach_like_qemu(&tap);
+        let tc = std::process::Command::new("tc")
+            .args(["qdisc", "add", "dev", &tap, "root", "tbf"])
+            .args(["rate", "8bit", "burst", "1600", "limit", "1"])
+            .status()
+            .expect("run tc");
+        assert!(tc.success(), "tc: {tc}");
+        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
+        let done = queue_first(&queue, &tap, |held| {
+            handed.iter().cloned().chain(held).collect()
+        })
+        .expect("queued first");
+        let got = queue.drain().expect("drain");
+        drop(queue);
+        drop(qemu);
+        tern_host::tap::remove_tap(&tap).expect("remove");
+        (done, got)
+    });
+    let got: Vec<Vec<u8>> = got
+        .into_iter()
+        .filter(|f| !f.is_flooded())
+        .map(|f| f.data)
+        .collect();
+    let want: Vec<Vec<u8>> = handed.into_iter().map(|f| f.data).collect();
+    assert_eq!(got, want, "{done:?}");
+    assert!(!done.in_order && done.written == want.len(), "{done:?}");
+}
+
 #[test]
 fn a_process_without_the_tap_has_no_queue_of_it() {
     let e = TapQueue::of_process(std::process::id(), "tn-none-0")
