@@ -14,7 +14,10 @@
 //! Order: frames steered to the destination since the steer already wait in its tap's queue
 //! and are newer than everything handed over. The destination reads them out, then writes the
 //! handed-over frames and its own back behind them, so the guest receives one queue in arrival
-//! order. A frame arriving during that re-write (microseconds) can overtake part of it.
+//! order ([`queue_first`]). A frame the bridge brings during that re-write lands among them;
+//! the re-write goes through the tap's own transmit path, where a packet socket sees both in
+//! the tap's order, and is done again with such a frame behind. (Linux's plug qdisc would hold
+//! the bridge's frames instead, but not every kernel has it; this one has not.)
 //!
 //! QEMU itself keeps one frame from this: a QEMU whose guest is stopped still reads the next
 //! frame from its tap, finds the guest cannot take it, and parks it in a queue of its own
