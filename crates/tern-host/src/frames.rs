@@ -957,7 +957,7 @@ pub struct QueuedFirst {
 /// it out of order). So the writing goes through the tap's own transmit path, where a packet
 /// socket sees our frames and the bridge's in the order the tap queued them; where the
 /// bridge's came before our last, the queue is taken back and written again with them
-/// behind, up to [`MAX_REQUEUES`] times. Where the socket does not see all of ours (a tap
+/// behind, up to `MAX_REQUEUES` (3) times. Where the socket does not see all of ours (a tap
 /// whose carrier came up moments ago may drop them on that path, without a word), they go
 /// straight into the queue, unwatched.
 pub fn queue_first(
