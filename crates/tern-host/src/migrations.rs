@@ -245,7 +245,8 @@ fn qemu(e: tern_qemu::Error) -> AgentError {
 const LAST_BUFFER_BYTES: usize = 12 + 1518 + 4;
 
 /// How long a source's hand-over waits for the rings read at the pause (read in well under a
-/// millisecond; a longer wait only means no dropped frame is recovered).
+/// millisecond; past it, the frame QEMU dropped is judged without them: see
+/// [`recover_at_pause`]).
 const RING_WAIT: Duration = Duration::from_millis(20);
 
 /// One tap's queue as a drain found it.
@@ -285,9 +286,11 @@ fn recover_at_pause(
             tracing::info!(vm = %id, nic = w.nic, "the tap's recording does not match its queue: no frame recovered from QEMU");
             continue;
         };
-        let dropped = rings
-            .get(&w.nic)
-            .and_then(|ring| crate::frames::dropped_at_pause(&at, ring, tap.mac));
+        // A ring QEMU could not show (the commands are experimental, and time-boxed) is read
+        // as one that cannot tell: only a plain TCP segment is then named.
+        let unknown = tern_qemu::ReceiveRingTail::default();
+        let ring = rings.get(&w.nic).unwrap_or(&unknown);
+        let dropped = crate::frames::dropped_at_pause(&at, ring, tap.mac);
         recovered.insert(
             w.nic,
             RecoveredAtPause {
@@ -962,7 +965,7 @@ impl Migrations {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        tracing::info!(vm = %id, nic, error = %e, "cannot read the guest's receive ring: a frame QEMU dropped at the pause is not recovered")
+                        tracing::info!(vm = %id, nic, error = %e, "cannot read the guest's receive ring: of what QEMU dropped at the pause, only a plain TCP segment is recovered")
                     }
                 }
             }
