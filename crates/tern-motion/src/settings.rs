@@ -52,6 +52,8 @@ pub const DEADLINE_FLOOR_MS: u64 = 60_000;
 pub const DEADLINE_CAP_MS: u64 = 4 * 3600 * 1000;
 /// Dirty rate / bandwidth above which pre-copy is expected to need throttling.
 pub const THROTTLE_EXPECTED_RATIO: f64 = 0.5;
+/// How long QEMU's throttle lets a vCPU run between two sleeps (`CPU_THROTTLE_TIMESLICE_NS`).
+pub const THROTTLE_RUN_MS: f64 = 10.0;
 /// First QEMU release whose post-copy works together with multifd.
 pub const POSTCOPY_WITH_MULTIFD: QemuVersion = QemuVersion {
     major: 10,
@@ -351,6 +353,20 @@ pub fn choose_settings(req: &MigrateVm, m: &Measurements, hosts: &HostBudget) ->
         }
     };
 
+    // A throttled vCPU sleeps between its 10 ms runs, and its clients see each sleep as a
+    // stall: none may outlast the downtime budget, the longest stall the user accepted.
+    let max_pct = max_throttle_pct(budget);
+    let throttle = ThrottlePlan {
+        max_pct,
+        initial_pct: throttle.initial_pct.min(max_pct),
+        ..throttle
+    };
+    reasons.push(format!(
+        "throttle ceiling: {max_pct}%, where the guest runs 10 ms and sleeps {:.0} ms, within \
+         the {budget} ms downtime budget (QEMU's own 99% sleeps 990 ms at a time)",
+        throttle_sleep_ms(max_pct)
+    ));
+
     // Deadline.
     let copy_ms = m.memory_mib as f64 / bw_mib_s * 1000.0;
     let deadline_ms = match req.deadline_ms.filter(|d| *d > 0) {
@@ -484,6 +500,20 @@ pub fn downtime_start(budget: u64, shrink: f64) -> (u64, String) {
     }
 }
 
+/// How long QEMU's throttle at `pct`% sleeps a vCPU after each 10 ms it lets it run.
+pub fn throttle_sleep_ms(pct: u8) -> f64 {
+    let t = f64::from(pct.min(99)) / 100.0;
+    t / (1.0 - t) * THROTTLE_RUN_MS
+}
+
+/// The steepest throttle (percent) whose sleeps ([`throttle_sleep_ms`]) fit `budget_ms`;
+/// never below 50% (a 10 ms sleep), never above QEMU's 99%.
+pub fn max_throttle_pct(budget_ms: u64) -> u8 {
+    let budget = budget_ms as f64;
+    let t = budget / (budget + THROTTLE_RUN_MS);
+    ((t * 100.0).floor() as u8).clamp(50, 99)
+}
+
 /// The throttle plan for a guest dirtying `dirty_mib_s` against a stream of `sent_mib_s`, when
 /// throttling is to be expected (the guest dirties at least [`THROTTLE_EXPECTED_RATIO`] of it),
 /// and why; `None`: auto-converge stays a safety net.
@@ -555,6 +585,7 @@ mod tests {
             "zero pages",
             "downtime",
             "throttling",
+            "throttle ceiling",
             "deadline",
         ] {
             has(&s, p);
@@ -815,6 +846,38 @@ mod tests {
         // A faster link too: one encrypted stream would carry less than one core compresses.
         let s = choose_settings(&req(), &meas(1024, 10.0, 15_000.0), &one);
         assert_eq!((s.compression, s.multifd_channels), (Compression::Zstd, 1));
+    }
+
+    #[test]
+    fn no_throttle_sleep_outlasts_the_downtime_budget() {
+        for budget in [
+            MIN_DOWNTIME_MS,
+            100,
+            DEFAULT_DOWNTIME_MS,
+            1000,
+            MAX_DOWNTIME_MS,
+        ] {
+            let pct = max_throttle_pct(budget);
+            assert!(
+                throttle_sleep_ms(pct) <= budget as f64,
+                "{budget} ms: {pct}%"
+            );
+            // One step steeper would outlast it (or QEMU's ceiling is reached).
+            assert!(
+                pct == 99 || throttle_sleep_ms(pct + 1) > budget as f64,
+                "{budget} ms: {pct}%"
+            );
+        }
+        assert_eq!(max_throttle_pct(DEFAULT_DOWNTIME_MS), 96);
+        assert_eq!(max_throttle_pct(MAX_DOWNTIME_MS), 99);
+        let s = choose_settings(&req(), &meas(8192, 500.0, 1000.0), &hosts(8));
+        assert_eq!(s.throttle.max_pct, 96);
+        assert!(s.throttle.initial_pct <= s.throttle.max_pct);
+        assert!(
+            has(&s, "throttle ceiling").contains("96%"),
+            "{:?}",
+            s.reasons
+        );
     }
 
     #[test]
