@@ -23,6 +23,30 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs `f` in a namespace of its own, with bridge `br0` and one tap on it attached as QEMU
+/// attaches: `f` gets the tap's name and its queue, seen through a duplicate of that
+/// descriptor found by the tap's name (as an agent sees QEMU's). The tap is removed after.
+fn with_attached_tap<R: Send>(prefix: &str, f: impl FnOnce(&str, &TapQueue) -> R + Send) -> R {
+    let _serial = one_at_a_time();
+    let ns = NetNs::new(prefix).with_bridge("br0");
+    let tap = tap_name(uuid::Uuid::new_v4(), 0);
+    ns.run_in(|| {
+        ensure_tap(&tap, "br0", None).expect("tap");
+        let qemu = attach_like_qemu(&tap);
+        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
+        let r = f(&tap, &queue);
+        drop(queue);
+        drop(qemu);
+        tern_host::tap::remove_tap(&tap).expect("remove");
+        r
+    })
+}
+
+/// `frames` without those the tap's own IPv6 neighbour discovery (multicast) may queue.
+fn unicast(frames: Vec<Frame>) -> Vec<Frame> {
+    frames.into_iter().filter(|f| !f.is_flooded()).collect()
+}
+
 /// Attaches to tap `name` the way QEMU does (virtio-net header of 12 bytes, checksum offload
 /// on) and keeps the descriptor, as QEMU keeps its.
 fn attach_like_qemu(name: &str) -> OwnedFd {
@@ -78,28 +102,17 @@ fn udp_frame(dst: [u8; 6], payload: &[u8]) -> Frame {
 
 #[test]
 fn delivered_frames_reach_the_taps_reader_in_order_with_their_headers() {
-    let _serial = one_at_a_time();
-    let ns = NetNs::new("th-frames").with_bridge("br0");
-    let tap = tap_name(uuid::Uuid::new_v4(), 0);
     let mac = [0x52, 0x54, 0, 1, 2, 3];
     let sent: Vec<Frame> = (0..50u8).map(|i| udp_frame(mac, &[i; 40])).collect();
-    let got = ns.run_in(|| {
-        ensure_tap(&tap, "br0", None).expect("tap");
-        let qemu = attach_like_qemu(&tap);
-        let delivered = deliver(&tap, &sent).expect("deliver");
+    let got = with_attached_tap("th-frames", |tap, queue| {
+        let delivered = deliver(tap, &sent).expect("deliver");
         assert_eq!(delivered, sent.len(), "the kernel took every frame");
-        // The queue seen through a duplicate of the "QEMU's" descriptor, found by tap name.
         // The frames are queued when `deliver` returns (no qdisc in between).
-        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
         let got = queue.drain().expect("drain");
         assert!(queue.drain().expect("drain again").is_empty(), "drained");
-        drop(queue);
-        drop(qemu);
-        tern_host::tap::remove_tap(&tap).expect("remove");
         got
     });
-    // The tap's own IPv6 neighbour discovery (multicast) may queue too: not ours.
-    let got: Vec<Frame> = got.into_iter().filter(|f| !f.is_flooded()).collect();
+    let got = unicast(got);
     assert_eq!(got.len(), sent.len());
     for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
         assert_eq!(g.data, s.data, "frame {i} unchanged and in order");
@@ -113,18 +126,12 @@ fn delivered_frames_reach_the_taps_reader_in_order_with_their_headers() {
 /// since the steer, also where the bridge brings one more while they are being written.
 #[test]
 fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() {
-    let _serial = one_at_a_time();
-    let ns = NetNs::new("th-first").with_bridge("br0");
-    let tap = tap_name(uuid::Uuid::new_v4(), 0);
     let mac = [0x52, 0x54, 0, 1, 2, 4];
     let handed: Vec<Frame> = (0..20u8).map(|i| udp_frame(mac, &[0xa0, i])).collect();
     let lan = |i: u8| udp_frame(mac, &[0xb0, i]);
-    let (done, calm, got) = ns.run_in(|| {
-        ensure_tap(&tap, "br0", None).expect("tap");
-        let qemu = attach_like_qemu(&tap);
+    let (done, calm, got) = with_attached_tap("th-first", |tap, queue| {
         // The LAN: frames for the guest's MAC sent into the bridge, which floods them to the tap.
         let bridge = TapWriter::open_recorded("br0").expect("a writer on the bridge");
-        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
         // The bridge forwards to a port once the kernel has seen its carrier come up (after
         // the attach, asynchronously): until a frame of the LAN's reaches the queue.
         let ready = std::time::Instant::now();
@@ -142,7 +149,7 @@ fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() 
             std::thread::yield_now();
         }
         assert_eq!(bridge.write(&[lan(1), lan(2)]), 2, "queued since the steer");
-        let done = queue_first(&queue, &tap, |held| {
+        let done = queue_first(queue, tap, |held| {
             // After the queue was taken, before ours are written: without a second look it
             // would be read first.
             assert_eq!(bridge.write(&[lan(3)]), 1, "brought meanwhile");
@@ -151,21 +158,16 @@ fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() 
         .expect("queued first");
         let got = queue.drain().expect("drain");
         // Nothing brought meanwhile: ours go first at once.
-        let calm = queue_first(&queue, &tap, |held| {
+        let calm = queue_first(queue, tap, |held| {
             handed.iter().cloned().chain(held).collect()
         })
         .expect("queued first");
-        drop(queue);
-        drop(qemu);
-        tern_host::tap::remove_tap(&tap).expect("remove");
         (done, calm, got)
     });
-    // The tap's own IPv6 neighbour discovery (multicast) may queue too: not ours. Each of
-    // ours ends in its two tag bytes.
+    // Each of ours ends in its two tag bytes.
     let data = |frames: Vec<Frame>| -> Vec<Vec<u8>> {
-        frames
+        unicast(frames)
             .into_iter()
-            .filter(|f| !f.is_flooded())
             .map(|f| f.data[f.data.len() - 2..].to_vec())
             .collect()
     };
@@ -189,36 +191,22 @@ fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() 
 /// into the queue.
 #[test]
 fn handed_frames_go_first_though_the_taps_transmit_path_loses_them() {
-    let _serial = one_at_a_time();
-    let ns = NetNs::new("th-lossy").with_bridge("br0");
-    let tap = tap_name(uuid::Uuid::new_v4(), 0);
     let mac = [0x52, 0x54, 0, 1, 2, 5];
     let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[0xa0, i])).collect();
-    let (done, got) = ns.run_in(|| {
-        ensure_tap(&tap, "br0", None).expect("tap");
-        let qemu = attach_like_qemu(&tap);
+    let (done, got) = with_attached_tap("th-lossy", |tap, queue| {
         let tc = std::process::Command::new("tc")
-            .args(["qdisc", "add", "dev", &tap, "root", "tbf"])
+            .args(["qdisc", "add", "dev", tap, "root", "tbf"])
             .args(["rate", "8bit", "burst", "1600", "limit", "1"])
             .status()
             .expect("run tc");
         assert!(tc.success(), "tc: {tc}");
-        let queue = TapQueue::of_process(std::process::id(), &tap).expect("queue of our fd");
-        let done = queue_first(&queue, &tap, |held| {
+        let done = queue_first(queue, tap, |held| {
             handed.iter().cloned().chain(held).collect()
         })
         .expect("queued first");
-        let got = queue.drain().expect("drain");
-        drop(queue);
-        drop(qemu);
-        tern_host::tap::remove_tap(&tap).expect("remove");
-        (done, got)
+        (done, queue.drain().expect("drain"))
     });
-    let got: Vec<Vec<u8>> = got
-        .into_iter()
-        .filter(|f| !f.is_flooded())
-        .map(|f| f.data)
-        .collect();
+    let got: Vec<Vec<u8>> = unicast(got).into_iter().map(|f| f.data).collect();
     let want: Vec<Vec<u8>> = handed.into_iter().map(|f| f.data).collect();
     assert_eq!(got, want, "{done:?}");
     assert!(!done.in_order && done.written == want.len(), "{done:?}");
