@@ -617,6 +617,19 @@ impl Recorded {
         })
     }
 
+    /// Waits up to `timeout` for a frame to reach the socket; whether one did.
+    fn wait(&self, timeout: std::time::Duration) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: polls one descriptor we own, through a slice that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+        n > 0
+    }
+
     /// Every frame recorded since the last take, oldest first.
     fn take(&self) -> Vec<Frame> {
         self.read_pending();
@@ -832,22 +845,51 @@ pub fn at_pause(recorded: &[Frame], plug: &Frame, drained: &[Frame]) -> Option<A
 /// TCP segment is named all the same: if the guest had it, the copy costs one duplicate ACK;
 /// if not, its sender need not resend it. Anything else is named only when known lost, so the
 /// guest never sees it twice.
-pub fn dropped_at_pause(at: &AtPause, ring: &ReceiveRingTail, mac: [u8; 6]) -> Option<Frame> {
+pub fn dropped_at_pause(
+    at: &AtPause,
+    ring: &ReceiveRingTail,
+    mac: [u8; 6],
+) -> Option<DroppedAtPause> {
     let last_read = at.last_read.as_ref()?;
     let read_before = at.read_before.as_ref()?;
     let (has_before, has_last) = (
         ring_ends_with(ring, read_before),
         ring_ends_with(ring, last_read),
     );
-    let dropped = if has_before || has_last {
-        has_before && !has_last
+    let (dropped, proof) = if has_before || has_last {
+        (has_before && !has_last, DropProof::RingBytes)
     } else {
         match lengths_show(at, ring, mac) {
-            Some(dropped) => dropped,
-            None => last_read.is_plain_tcp_segment() && last_read.destination() == Some(mac),
+            Some(dropped) => (dropped, DropProof::RingLengths),
+            None => (
+                last_read.is_plain_tcp_segment() && last_read.destination() == Some(mac),
+                DropProof::Presumed,
+            ),
         }
     };
-    dropped.then(|| last_read.clone())
+    dropped.then(|| DroppedAtPause {
+        frame: last_read.clone(),
+        proof,
+    })
+}
+
+/// A frame [`dropped_at_pause`] names, and how it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedAtPause {
+    pub frame: Frame,
+    pub proof: DropProof,
+}
+
+/// How the guest's receive ring showed a frame dropped at the pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropProof {
+    /// Its last buffer ends with the frame read before the dropped one.
+    RingBytes,
+    /// Its newest used lengths match what QEMU read without the dropped one.
+    RingLengths,
+    /// It could not tell: a plain TCP segment is handed over all the same, and the guest may
+    /// then get it twice (its TCP drops the copy and reports it in a duplicate ACK).
+    Presumed,
 }
 
 /// Do the ring's used lengths show the guest missing QEMU's last read frame (see
@@ -946,7 +988,15 @@ pub struct QueuedFirst {
     pub requeued: usize,
     /// Whether the last write was seen in order: no frame of the bridge's ahead of ours.
     pub in_order: bool,
+    /// Whether the tap's transmit path lost some of ours, so they went straight into the
+    /// queue, unwatched.
+    pub unwatched: bool,
 }
+
+/// How long [`queue_first`] waits for the last of our frames to pass the tap's qdisc, where
+/// one is late (the qdisc queued it behind a frame another core is sending, or a shaper
+/// held it): written again past that, it would reach the guest twice.
+const WATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Puts frames at the head of tap `tap`'s queue, whose reader (a paused QEMU) reads nothing
 /// meanwhile: takes what the queue holds, and writes back `order(held)` (the frames to go
@@ -978,7 +1028,18 @@ pub fn queue_first(
         // What the bridge brought after the queue was taken is ahead of ours.
         let early = !not_in(watch.take(), &taken).is_empty();
         done.written = writer.write(&ours);
-        match look(&watch.take(), &ours) {
+        let mut seen = watch.take();
+        let mut verdict = look(&seen, &ours);
+        let deadline = std::time::Instant::now() + WATCH_WAIT;
+        while verdict.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || !watch.wait(left) {
+                break;
+            }
+            seen.extend(watch.take());
+            verdict = look(&seen, &ours);
+        }
+        match verdict {
             Some(slipped) if !(early || slipped) => {
                 done.in_order = true;
                 return Ok(done);
@@ -986,6 +1047,7 @@ pub fn queue_first(
             Some(_) if done.requeued < MAX_REQUEUES => {}
             Some(_) => return Ok(done),
             None => {
+                done.unwatched = true;
                 let mut all = ours.clone();
                 all.extend(not_in(queue.drain()?, &ours));
                 done.written = TapWriter::open(tap)?.write(&all);
@@ -1204,7 +1266,11 @@ mod tests {
     const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
 
     fn dropped(at: &AtPause, ring: &ReceiveRingTail) -> Option<Frame> {
-        dropped_at_pause(at, ring, MAC)
+        dropped_at_pause(at, ring, MAC).map(|d| d.frame)
+    }
+
+    fn proof(at: &AtPause, ring: &ReceiveRingTail) -> Option<DropProof> {
+        dropped_at_pause(at, ring, MAC).map(|d| d.proof)
     }
 
     /// A ring whose last buffer is `buffer` (used lengths unknown).
@@ -1225,6 +1291,10 @@ mod tests {
             read: Vec::new(),
         };
         assert_eq!(dropped(&at, &ring(buffer_with(&a))), Some(b.clone()));
+        assert_eq!(
+            proof(&at, &ring(buffer_with(&a))),
+            Some(DropProof::RingBytes)
+        );
         // The guest got `b`: nothing was dropped.
         assert_eq!(dropped(&at, &ring(buffer_with(&b))), None);
         // A ring that shows anything else says nothing: no frame twice.
@@ -1355,6 +1425,7 @@ mod tests {
         let n = read.len();
         // The guest took everything but the last frame read: that one was dropped.
         assert_eq!(dropped(&at, &ring_upto(n - 1)), Some(b.clone()));
+        assert_eq!(proof(&at, &ring_upto(n - 1)), Some(DropProof::RingLengths));
         // It took the last one too: nothing is named.
         assert_eq!(dropped(&at, &ring_upto(n)), None);
         // Lengths that fit both (every frame alike) or too few to judge name nothing.
@@ -1374,6 +1445,7 @@ mod tests {
             ..alike.clone()
         };
         assert_eq!(dropped(&tcp_alike, &ring_alike), Some(segment.clone()));
+        assert_eq!(proof(&tcp_alike, &ring_alike), Some(DropProof::Presumed));
         // So does a ring out of reach (QEMU's commands that show it are experimental), which a
         // source reads as an empty one: no frame but a plain TCP segment is named.
         assert_eq!(

@@ -261,6 +261,9 @@ pub(crate) struct RecoveredAtPause {
     /// Read and thrown away while the guest was being stopped: handed over, and given back to
     /// a resuming source.
     dropped: Option<Frame>,
+    /// `dropped` is presumed, not shown by the guest's receive ring: the guest may get it
+    /// twice.
+    presumed: bool,
     /// Read after the pause and kept by QEMU: handed over only (a resuming QEMU delivers it).
     kept: Option<Frame>,
 }
@@ -291,10 +294,14 @@ fn recover_at_pause(
         let unknown = tern_qemu::ReceiveRingTail::default();
         let ring = rings.get(&w.nic).unwrap_or(&unknown);
         let dropped = crate::frames::dropped_at_pause(&at, ring, tap.mac);
+        let presumed = dropped
+            .as_ref()
+            .is_some_and(|d| d.proof == crate::frames::DropProof::Presumed);
         recovered.insert(
             w.nic,
             RecoveredAtPause {
-                dropped,
+                dropped: dropped.map(|d| d.frame),
+                presumed,
                 kept: at.kept,
             },
         );
@@ -1187,12 +1194,15 @@ impl Migrations {
         };
         let recovered = recover_at_pause(id, &watched, &drained, &rings);
         drop(watched);
+        // Recovered frames whose drop the ring could not show (a duplicate at worst).
+        let presumed = recovered.values().filter(|r| r.presumed).count();
         let (queued, kept) = select_for_hand_over(drained, &recovered, true);
         lock(&slot.drained).extend(kept);
         tracing::info!(
             vm = %id,
             handed = queued.frames.len(),
             recovered = queued.recovered,
+            presumed,
             flooded = queued.skipped_flooded,
             foreign = queued.skipped_foreign,
             over_limit = queued.skipped_over_limit,
@@ -1282,7 +1292,7 @@ impl Migrations {
             match result {
                 Ok(done) => tracing::info!(
                     vm = %id, tap, handed = handed_count, queued_here = done.held, copies,
-                    delivered = done.written, refused, requeued = done.requeued, in_order = done.in_order,
+                    delivered = done.written, refused, requeued = done.requeued, in_order = done.in_order, unwatched = done.unwatched,
                     "delivered the handed-over frames ahead of this tap's own"
                 ),
                 Err(e) => {

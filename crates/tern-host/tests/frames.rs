@@ -212,6 +212,56 @@ fn handed_frames_go_first_though_the_taps_transmit_path_loses_them() {
     assert!(!done.in_order && done.written == want.len(), "{done:?}");
 }
 
+/// Where the tap's qdisc holds some of the handed-over frames back (here a shaper; on a host,
+/// a frame queued behind one another core is sending), they still go first, each once: a
+/// frame written again while its first copy waits in the qdisc would reach the guest twice.
+#[test]
+fn handed_frames_a_qdisc_holds_back_go_first_and_once() {
+    let mac = [0x52, 0x54, 0, 1, 2, 6];
+    let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[i; 1000])).collect();
+    let (done, got) = with_attached_tap("th-late", |tap, queue| {
+        // The first frame passes at once, each next one about 1 ms later.
+        let tc = std::process::Command::new("tc")
+            .args(["qdisc", "add", "dev", tap, "root", "tbf"])
+            .args(["rate", "8mbit", "burst", "1600", "limit", "100000"])
+            .status()
+            .expect("run tc");
+        assert!(tc.success(), "tc: {tc}");
+        let done = queue_first(queue, tap, |held| {
+            handed.iter().cloned().chain(held).collect()
+        })
+        .expect("queued first");
+        wait_for_empty_qdisc(tap);
+        (done, queue.drain().expect("drain"))
+    });
+    // Each frame by its payload's first byte (after the Ethernet, IPv4 and UDP headers).
+    let tags = |frames: Vec<Frame>| -> Vec<Option<u8>> {
+        frames.iter().map(|f| f.data.get(42).copied()).collect()
+    };
+    assert_eq!(tags(unicast(got)), tags(handed), "{done:?}");
+    assert!(done.in_order && !done.unwatched, "{done:?}");
+}
+
+/// Waits (up to 10 s) until tap `tap`'s root qdisc holds no frame.
+fn wait_for_empty_qdisc(tap: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("tc")
+            .args(["-s", "qdisc", "show", "dev", tap])
+            .output()
+            .expect("run tc");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("backlog 0b 0p") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the qdisc keeps frames: {text}"
+        );
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn a_process_without_the_tap_has_no_queue_of_it() {
     let e = TapQueue::of_process(std::process::id(), "tn-none-0")

@@ -216,18 +216,39 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         "MEASURED guest TCP during the moves: {holes} hole(s), {duplicates} duplicate(s) reported"
     );
     // Exactly once: every segment the guest got twice is one the client's TCP sent twice (a
-    // tail-loss probe into the stall of a just-resumed guest, or a retransmission). One more
-    // is a frame a switchover delivered twice (handed over though QEMU had read it).
+    // tail-loss probe into the stall of a just-resumed guest, or a retransmission; the
+    // namespace's counters, as the probes also resend the FIN of a stats connection to the
+    // slow guest), or the TCP segment a source handed over as dropped at the pause where the
+    // guest's receive ring could not show it (its agent logs `presumed=1`).
+    let presumed: Vec<u64> = agent_logs
+        .lines()
+        .filter(|l| l.contains("took the frames the paused guest left"))
+        .filter_map(|l| {
+            l.split("presumed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(
+        presumed.len(),
+        10,
+        "one hand-over per migration: {agent_logs}"
+    );
+    let presumed: u64 = presumed.iter().sum();
     let client_counter = |k: &str| {
         tcp.iter()
             .find(|(name, _)| name == k)
             .map_or(0, |(_, v)| u64::try_from(*v).unwrap_or(0))
     };
     let sent_twice = client_counter("TCPLossProbes") + report["retransmits"].as_u64().unwrap_or(0);
+    eprintln!("MEASURED handed over as dropped without the ring's proof: {presumed}");
     assert!(
-        duplicates <= sent_twice,
-        "the guest got {duplicates} segment(s) twice, the client sent {sent_twice} again: \
-         {report}; {tcp:?}; recovered from QEMU {parked:?}"
+        duplicates <= sent_twice + presumed,
+        "the guest got {duplicates} segment(s) twice, the client sent {sent_twice} again, \
+         {presumed} presumed dropped: {report}; {tcp:?}; recovered from QEMU {parked:?}"
     );
     let unsettled = agent_logs.matches("in_order=false").count() as u64;
     assert!(
