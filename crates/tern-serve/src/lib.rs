@@ -40,8 +40,10 @@ use tokio_rustls::rustls::ServerConfig;
 use tower::ServiceExt;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
-/// Where a TCP listener gets its TLS settings: `None` while it has none yet (connections are
-/// then closed at once; an agent before it joined).
+/// Where a TCP listener gets its TLS settings: `None` while it has none yet (an agent before
+/// it joined). A connection then waits for them within the handshake's time, so a client that
+/// learnt of the listener from its owner's enrolment (whose answer the owner may not have read
+/// yet) is served, not cut.
 pub type TlsSource = tokio::sync::watch::Receiver<Option<Arc<ServerConfig>>>;
 
 /// The leaf certificate a TLS client presented, verified by the listener's settings; handlers
@@ -197,12 +199,9 @@ impl Server {
                     Ok(Accepted::Tcp(stream, peer)) => {
                         if let Some(slots) = self.slots(Some(peer)) {
                             let _ = stream.set_nodelay(true);
-                            match self.tls.as_ref().map(|t| t.borrow().clone()) {
+                            match self.tls.clone() {
                                 None => self.spawn(stream, slots),
-                                Some(Some(cfg)) => self.spawn_tls(stream, slots, cfg),
-                                Some(None) => {
-                                    tracing::debug!(%peer, "no TLS certificate yet: closing");
-                                }
+                                Some(tls) => self.spawn_tls(stream, slots, tls),
                             }
                         } else {
                             self.refuse(stream, Some(peer));
@@ -297,22 +296,34 @@ impl Server {
 }
 
 impl Server {
-    /// Completes the TLS handshake (within the header timeout) in the connection's own task,
-    /// then serves it with the client's certificate attached to every request.
-    fn spawn_tls(&mut self, stream: tokio::net::TcpStream, slots: Slots, cfg: Arc<ServerConfig>) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    /// Completes the TLS handshake (within the header timeout, waiting for the listener's
+    /// first settings if it has none yet) in the connection's own task, then serves it with
+    /// the client's certificate attached to every request.
+    fn spawn_tls(&mut self, stream: tokio::net::TcpStream, slots: Slots, mut tls: TlsSource) {
         let (http, router) = (self.http.clone(), self.router.clone());
         let watcher = self.graceful.watcher();
         let timeout = self.handshake_timeout;
         self.conns.spawn(async move {
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            let handshake = async {
+                let cfg = match tls.wait_for(Option::is_some).await {
+                    Ok(cfg) => cfg.clone(),
+                    Err(_) => None,
+                };
+                let Some(cfg) = cfg else {
+                    return Err(io::Error::other("the listener's TLS settings are gone"));
+                };
+                tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+            };
+            let tls = match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!("TLS handshake refused: {e}");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!("TLS handshake not done within {timeout:?}: closing");
+                    tracing::debug!(
+                        "TLS handshake not done within {timeout:?} (or no certificate yet): closing"
+                    );
                     return;
                 }
             };

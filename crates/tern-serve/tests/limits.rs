@@ -236,15 +236,17 @@ async fn stop(mut srv: Running) {
         .unwrap();
 }
 
-/// A TLS listener with `identity`, letting in any client (or, with `None` settings, none).
+type TlsSettings = Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>;
+
+/// A TLS listener with settings `cfg` (`None`: none yet), and the sender that changes them.
 async fn start_tls(
     limits: Limits,
-    cfg: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
-) -> Running {
+    cfg: TlsSettings,
+) -> (Running, tokio::sync::watch::Sender<TlsSettings>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
-    let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg);
+    let (cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg);
     let router = router().route(
         "/whoami",
         get(
@@ -260,17 +262,17 @@ async fn start_tls(
         ),
     );
     let done = tokio::spawn(async move {
-        let _keep = _cfg_tx;
         serve(l, router, &limits, Some(cfg_rx), async {
             let _ = rx.await;
         })
         .await
     });
-    Running {
+    let running = Running {
         addr,
         stop: Some(tx),
         done,
-    }
+    };
+    (running, cfg_tx)
 }
 
 #[tokio::test]
@@ -285,7 +287,7 @@ async fn tls_handshakes_are_bounded_and_client_certificates_reach_handlers() {
         },
     )
     .unwrap();
-    let srv = start_tls(limits(), Some(cfg)).await;
+    let (srv, _settings) = start_tls(limits(), Some(cfg.clone())).await;
 
     // A client that connects and never starts its handshake is closed by the header timer.
     let mut silent = connect_from([127, 0, 0, 20], srv.addr).await;
@@ -300,12 +302,11 @@ async fn tls_handshakes_are_bounded_and_client_certificates_reach_handlers() {
     assert!(!said.contains("hello"), "{said}");
 
     // A TLS client is served; its certificate, when it shows one, reaches the handler.
-    let url = format!("https://{}", srv.addr);
     let trust = tern_pki::tls::ServerTrust::Ca {
         ca_pem: ca.cert_pem().into(),
         name: tern_pki::CENTER_NAME.into(),
     };
-    let call = |id: Option<tern_pki::Identity>| {
+    let call = |addr: SocketAddr, id: Option<tern_pki::Identity>| {
         let cfg = tern_pki::tls::client_config(
             &trust,
             id.map(|i| tern_pki::LiveIdentity::new(&i).unwrap()),
@@ -315,17 +316,45 @@ async fn tls_handshakes_are_bounded_and_client_certificates_reach_handlers() {
             .use_preconfigured_tls(cfg)
             .build()
             .unwrap();
-        let url = format!("{url}/whoami");
+        let url = format!("https://{addr}/whoami");
         async move { client.get(url).send().await.unwrap().text().await.unwrap() }
     };
-    assert_eq!(call(None).await, "anonymous");
+    assert_eq!(call(srv.addr, None).await, "anonymous");
     let host = ca.issue_identity(&["h1.host.tern".into()], life).unwrap();
-    assert_eq!(call(Some(host)).await, "h1.host.tern");
+    assert_eq!(call(srv.addr, Some(host)).await, "h1.host.tern");
     stop(srv).await;
 
-    // Without settings yet (an agent before it joined), connections are closed at once.
-    let srv = start_tls(limits(), None).await;
+    // Without settings yet (an agent before it joined), a connection waits for them within
+    // the handshake's time: closed when none come...
+    let (srv, _settings) = start_tls(limits(), None).await;
     let mut c = connect_from([127, 0, 0, 22], srv.addr).await;
-    until_closed(&mut c, Duration::from_secs(1)).await;
+    until_closed(&mut c, Duration::from_secs(5)).await;
+    stop(srv).await;
+    let patient = Limits {
+        header_timeout: Duration::from_secs(60),
+        ..limits()
+    };
+    let (srv, settings) = start_tls(patient, None).await;
+    // ... and served when they do (an agent reading the answer to its enrolment while the
+    // center already calls it). The listener holds a peer's ten connections (its cap) while
+    // it waits: the eleventh is refused.
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        tern_pki::tls::client_config(&trust, None).unwrap(),
+    ));
+    let mut waiting = Vec::new();
+    for _ in 0..limits().max_connections_per_peer {
+        let stream = connect_from([127, 0, 0, 23], srv.addr).await;
+        let (connector, name) = (connector.clone(), tern_pki::CENTER_NAME.try_into().unwrap());
+        waiting.push(tokio::spawn(async move {
+            connector.connect(name, stream).await.map(|_| ())
+        }));
+    }
+    let mut over = connect_from([127, 0, 0, 23], srv.addr).await;
+    let said = until_closed(&mut over, Duration::from_secs(5)).await;
+    assert!(said.contains("503"), "{said}");
+    settings.send_replace(Some(cfg));
+    for w in waiting {
+        w.await.unwrap().expect("handshake once the settings came");
+    }
     stop(srv).await;
 }
