@@ -249,6 +249,10 @@ const LAST_BUFFER_BYTES: usize = 12 + 1518 + 4;
 /// [`recover_at_pause`]).
 const RING_WAIT: Duration = Duration::from_millis(20);
 
+/// How long a source's status waits for the moment its paused guest stopped, where the
+/// task that hears it has not yet run.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
 /// One tap's queue as a drain found it.
 pub(crate) struct DrainedTap {
     nic: usize,
@@ -307,6 +311,20 @@ fn recover_at_pause(
         );
     }
     recovered
+}
+
+/// The time of the STOP among the QMP events `events` already holds, if any.
+fn queued_stop(
+    events: &mut tokio::sync::broadcast::Receiver<tern_qemu::QmpEvent>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        match events.try_recv() {
+            Ok(e) if e.name == "STOP" => return Some(e.timestamp),
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+        }
+    }
 }
 
 /// From drained taps: the frames for the VM's MACs (and broadcast and multicast ones, with
@@ -937,20 +955,28 @@ impl Migrations {
         };
         tokio::spawn(async move {
             let stopped = loop {
+                // QEMU's events first: a starved agent may run this task only once the
+                // migration has ended, with its STOP queued all the while.
                 tokio::select! {
+                    biased;
                     ev = events.recv() => match ev {
                         Ok(e) if e.name == "STOP" => break (e.timestamp, chrono::Utc::now()),
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
-                    // The migration ended without a pause: nothing to plug.
                     changed = status.changed() => {
                         let ended = changed.is_err() || !matches!(
                             status.borrow().state,
                             AgentMigrationState::Active | AgentMigrationState::PreSwitchover
                         );
                         if ended {
-                            return;
+                            // QEMU sends its STOP before it reports the migration over, so a
+                            // pause is among what has come in by now; without one, the
+                            // migration ended unpaused: nothing to plug.
+                            match queued_stop(&mut events) {
+                                Some(at) => break (at, chrono::Utc::now()),
+                                None => return,
+                            }
                         }
                     }
                 }
@@ -994,6 +1020,16 @@ impl Migrations {
                 if let Some(unless) = unless {
                     let mut rx = out.watch();
                     let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.state != unless)).await;
+                }
+                // Past the pause, the moment the guest stopped is set by the task that heard
+                // QEMU's STOP, which holds the rings until it is done; a starved agent may run
+                // it after the state moved on.
+                let paused = matches!(
+                    out.status().state,
+                    AgentMigrationState::PreSwitchover | AgentMigrationState::Completed
+                );
+                if paused && lock(&slot.stopped_at).is_none() {
+                    let _ = tokio::time::timeout(STOP_WAIT, slot.rings.lock()).await;
                 }
                 Ok(slot.source_status(id, out))
             }
