@@ -100,19 +100,23 @@ fn move_back_and_forth(lab: &Lab, name: &str, n: usize) -> (Vec<Move>, &'static 
     (moves, host)
 }
 
-/// The first of `ends` (µs since the epoch, in order) that belongs to the switchover paused
-/// from `stop` to `resume`: ending at or after its RESUME (1 ms of slack between the two
-/// clocks' readings) and before the `next` switchover's STOP. An end between STOP and RESUME
-/// is not this pause's: the paused guest answers nothing, so that answer was already on its
-/// way at STOP and closed an earlier wait (a loaded machine delays answers before a pause too).
+/// The end of the first of `waits` ((start, end), µs since the epoch, in order) that belongs
+/// to the switchover paused from `stop` to `resume`: begun by its RESUME and ending at or
+/// after it (1 ms of slack between the two clocks' readings), before the `next` switchover's
+/// STOP. An end between STOP and RESUME is not this pause's: the paused guest answers
+/// nothing, so that answer was already on its way at STOP and closed an earlier wait (a
+/// loaded machine delays answers before a pause too); nor is a wait begun after RESUME (the
+/// machine's load alone stalled that one).
 fn first_end_after_resume(
-    mut ends: impl Iterator<Item = i64>,
+    mut waits: impl Iterator<Item = (i64, i64)>,
     stop: i64,
     resume: i64,
     next: i64,
 ) -> Option<i64> {
     let from = stop.max(resume - 1_000);
-    ends.find(|end| *end >= from && *end < next)
+    waits
+        .find(|(start, end)| *start <= resume + 1_000 && *end >= from && *end < next)
+        .map(|(_, end)| end)
 }
 
 #[test]
@@ -285,8 +289,11 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
         .map(|(i, (stop, resume))| {
             // The stall of this switchover (none if no wait here passed 50 ms).
             let next = stop_resume.get(i + 1).map_or(i64::MAX, |n| n.0);
-            first_end_after_resume(stalls.iter().map(|(end, _)| *end), *stop, *resume, next)
-                .map(|end| (end - resume) / 1000)
+            // Each stall's longest wait, from when its request was sent.
+            let waits = stalls
+                .iter()
+                .map(|(end, ms)| (end - (ms * 1000.0) as i64, *end));
+            first_end_after_resume(waits, *stop, *resume, next).map(|end| (end - resume) / 1000)
         })
         .collect();
     eprintln!(
@@ -466,7 +473,7 @@ fn an_idle_guest_answers_a_client_without_its_arp_entry_within_100_ms_of_resumin
     let mut reachable_after_ms = Vec::new();
     for (i, (stop, resume)) in stop_resume.iter().enumerate() {
         let next = stop_resume.get(i + 1).map_or(i64::MAX, |n| n.0);
-        match first_end_after_resume(gaps.iter().map(|(_, end)| *end), *stop, *resume, next) {
+        match first_end_after_resume(gaps.iter().copied(), *stop, *resume, next) {
             Some(end) => reachable_after_ms.push((end - resume) as f64 / 1000.0),
             None => {
                 // Answers never stopped for more than the prober's 10 ms: so short a pause.
