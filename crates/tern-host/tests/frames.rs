@@ -186,44 +186,18 @@ fn handed_frames_go_first_though_the_bridge_brings_one_while_they_are_written() 
     assert!(calm.in_order && calm.written >= handed.len(), "{calm:?}");
 }
 
-/// Where the tap's transmit path loses frames (here a qdisc that drops all; a tap whose
-/// carrier came up moments ago has none yet), the handed-over frames still go first: straight
-/// into the queue.
-#[test]
-fn handed_frames_go_first_though_the_taps_transmit_path_loses_them() {
-    let mac = [0x52, 0x54, 0, 1, 2, 5];
-    let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[0xa0, i])).collect();
-    let (done, got) = with_attached_tap("th-lossy", |tap, queue| {
+/// Runs [`queue_first`] with `handed` first on a tap whose root qdisc is a token bucket of
+/// `tbf` (`tc` words: rate, burst, limit); returns what it did and the queue once the qdisc
+/// let everything through.
+fn queue_first_behind_tbf(
+    prefix: &str,
+    tbf: &[&str],
+    handed: &[Frame],
+) -> (tern_host::frames::QueuedFirst, Vec<Frame>) {
+    with_attached_tap(prefix, |tap, queue| {
         let tc = std::process::Command::new("tc")
             .args(["qdisc", "add", "dev", tap, "root", "tbf"])
-            .args(["rate", "8bit", "burst", "1600", "limit", "1"])
-            .status()
-            .expect("run tc");
-        assert!(tc.success(), "tc: {tc}");
-        let done = queue_first(queue, tap, |held| {
-            handed.iter().cloned().chain(held).collect()
-        })
-        .expect("queued first");
-        (done, queue.drain().expect("drain"))
-    });
-    let got: Vec<Vec<u8>> = unicast(got).into_iter().map(|f| f.data).collect();
-    let want: Vec<Vec<u8>> = handed.into_iter().map(|f| f.data).collect();
-    assert_eq!(got, want, "{done:?}");
-    assert!(!done.in_order && done.written == want.len(), "{done:?}");
-}
-
-/// Where the tap's qdisc holds some of the handed-over frames back (here a shaper; on a host,
-/// a frame queued behind one another core is sending), they still go first, each once: a
-/// frame written again while its first copy waits in the qdisc would reach the guest twice.
-#[test]
-fn handed_frames_a_qdisc_holds_back_go_first_and_once() {
-    let mac = [0x52, 0x54, 0, 1, 2, 6];
-    let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[i; 1000])).collect();
-    let (done, got) = with_attached_tap("th-late", |tap, queue| {
-        // The first frame passes at once, each next one about 1 ms later.
-        let tc = std::process::Command::new("tc")
-            .args(["qdisc", "add", "dev", tap, "root", "tbf"])
-            .args(["rate", "8mbit", "burst", "1600", "limit", "100000"])
+            .args(tbf)
             .status()
             .expect("run tc");
         assert!(tc.success(), "tc: {tc}");
@@ -233,12 +207,39 @@ fn handed_frames_a_qdisc_holds_back_go_first_and_once() {
         .expect("queued first");
         wait_for_empty_qdisc(tap);
         (done, queue.drain().expect("drain"))
-    });
-    // Each frame by its payload's first byte (after the Ethernet, IPv4 and UDP headers).
-    let tags = |frames: Vec<Frame>| -> Vec<Option<u8>> {
-        frames.iter().map(|f| f.data.get(42).copied()).collect()
-    };
-    assert_eq!(tags(unicast(got)), tags(handed), "{done:?}");
+    })
+}
+
+/// Each frame by its payload's first byte (after the Ethernet, IPv4 and UDP headers).
+fn tags(frames: &[Frame]) -> Vec<Option<u8>> {
+    frames.iter().map(|f| f.data.get(42).copied()).collect()
+}
+
+/// Where the tap's transmit path loses frames (here a qdisc that drops all; a tap whose
+/// carrier came up moments ago has none yet), the handed-over frames still go first: straight
+/// into the queue.
+#[test]
+fn handed_frames_go_first_though_the_taps_transmit_path_loses_them() {
+    let mac = [0x52, 0x54, 0, 1, 2, 5];
+    let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[i, 0xa0])).collect();
+    let tbf = ["rate", "8bit", "burst", "1600", "limit", "1"];
+    let (done, got) = queue_first_behind_tbf("th-lossy", &tbf, &handed);
+    assert_eq!(tags(&unicast(got)), tags(&handed), "{done:?}");
+    assert!(!done.in_order && done.unwatched, "{done:?}");
+    assert_eq!(done.written, handed.len(), "{done:?}");
+}
+
+/// Where the tap's qdisc holds some of the handed-over frames back (here a shaper; on a host,
+/// a frame queued behind one another core is sending), they still go first, each once: a
+/// frame written again while its first copy waits in the qdisc would reach the guest twice.
+#[test]
+fn handed_frames_a_qdisc_holds_back_go_first_and_once() {
+    let mac = [0x52, 0x54, 0, 1, 2, 6];
+    let handed: Vec<Frame> = (0..5u8).map(|i| udp_frame(mac, &[i; 1000])).collect();
+    // The first frame passes at once, each next one about 1 ms later.
+    let tbf = ["rate", "8mbit", "burst", "1600", "limit", "100000"];
+    let (done, got) = queue_first_behind_tbf("th-late", &tbf, &handed);
+    assert_eq!(tags(&unicast(got)), tags(&handed), "{done:?}");
     assert!(done.in_order && !done.unwatched, "{done:?}");
 }
 
