@@ -610,7 +610,16 @@ pub async fn redivide(
         .collect();
     let base = effective(&pools, &members, core);
     let step = (f64::from(core) * 0.02).max(1.0);
-    for vm in vms.iter().filter(|v| member_runs(v, now)) {
+    // Parts that shrink are told first, then those that grow: the pool's members never hold
+    // more than its limit between two of the hosts' writes.
+    let growth = |vm: &VmRecord| {
+        let told = lock(&app.pool_limits).get(&vm.id).copied();
+        let limit = limits.get(&vm.id).copied().unwrap_or(u32::MAX);
+        i64::from(limit) - i64::from(told.unwrap_or(0))
+    };
+    let mut running: Vec<&VmRecord> = vms.iter().filter(|v| member_runs(v, now)).collect();
+    running.sort_by_cached_key(|vm| growth(vm));
+    for vm in running {
         let Some(mut e) = base.get(&vm.id).cloned() else {
             continue;
         };
