@@ -1021,14 +1021,12 @@ impl Migrations {
                     let mut rx = out.watch();
                     let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.state != unless)).await;
                 }
-                // Past the pause, the moment the guest stopped is set by the task that heard
+                // Once all is sent, the moment the guest stopped is set by the task that heard
                 // QEMU's STOP, which holds the rings until it is done; a starved agent may run
-                // it after the state moved on.
-                let paused = matches!(
-                    out.status().state,
-                    AgentMigrationState::PreSwitchover | AgentMigrationState::Completed
-                );
-                if paused && lock(&slot.stopped_at).is_none() {
+                // it after the state moved on. (Not at pre-switchover: that answer is on the
+                // pause's path and needs no stop time.)
+                let sent = out.status().state == AgentMigrationState::Completed;
+                if sent && lock(&slot.stopped_at).is_none() {
                     let _ = tokio::time::timeout(STOP_WAIT, slot.rings.lock()).await;
                 }
                 Ok(slot.source_status(id, out))
