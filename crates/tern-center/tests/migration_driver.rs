@@ -48,6 +48,14 @@ struct FakeState {
     lock_store: Option<(PathBuf, Duration)>,
     /// True while that lock is held (shared by both fakes).
     store_locked: Arc<AtomicBool>,
+    /// (Source) the first time it reports the guest paused at pre-switchover, lock the
+    /// center's store for this long first (the center's writes of that moment then fail).
+    lock_store_at_pause: Option<(PathBuf, Duration)>,
+    /// (Source) the switchover answers (or fails) only after this long.
+    switchover_takes: Option<Duration>,
+    /// (Destination) its status answers `listening` after holding the question this long
+    /// (a long poll whose wait ran out), noting `status answered`.
+    listening_for: Option<Duration>,
     /// (Source) the migration stays in pre-copy (status `active`) while set.
     hold_precopy: bool,
     /// (Source) the agent knows no migration (status 404), as after a restart without a
@@ -186,7 +194,42 @@ async fn status(
         (true, false) => AgentMigrationState::PreSwitchover,
         (false, _) => AgentMigrationState::Completed,
     };
+    let (lock, listening_for) = {
+        let mut s = s.lock().unwrap();
+        let lock = match state {
+            AgentMigrationState::PreSwitchover => s.lock_store_at_pause.take(),
+            _ => None,
+        };
+        (lock, s.listening_for.filter(|_| !source))
+    };
+    if let Some((db, hold)) = lock {
+        lock_store(db, hold, Arc::new(AtomicBool::new(false)));
+    }
+    if let Some(held) = listening_for {
+        tokio::time::sleep(held).await;
+        s.lock().unwrap().calls.push("status answered".into());
+        return Ok(Json(AgentMigrationStatus::new(
+            id,
+            AgentMigrationState::Listening,
+        )));
+    }
     Ok(Json(AgentMigrationStatus::new(id, state)))
+}
+
+/// Locks the center's store (`db`) for `hold` from another connection, as another writer
+/// would; returns once the lock is held. `flag` says while it is.
+fn lock_store(db: PathBuf, hold: Duration, flag: Arc<AtomicBool>) {
+    let locked = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        flag.store(true, Ordering::SeqCst);
+        locked.0.send(()).unwrap();
+        std::thread::sleep(hold);
+        flag.store(false, Ordering::SeqCst);
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked.1.recv().unwrap();
 }
 
 async fn steer(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<Json<AgentMigrationStatus>> {
@@ -201,6 +244,10 @@ async fn switchover(
     State(s): State<Shared>,
     AxPath(id): AxPath<Uuid>,
 ) -> R<Json<AgentMigrationStatus>> {
+    let takes = s.lock().unwrap().switchover_takes;
+    if let Some(takes) = takes {
+        tokio::time::sleep(takes).await;
+    }
     call(&s, "switchover")?;
     {
         let mut s = s.lock().unwrap();
@@ -224,17 +271,7 @@ async fn switchover(
     };
     if let Some((db, hold)) = lock {
         // Taken before answering, so the center's commit starts while the store is locked.
-        let locked = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let conn = rusqlite::Connection::open(&db).unwrap();
-            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-            flag.store(true, Ordering::SeqCst);
-            locked.0.send(()).unwrap();
-            std::thread::sleep(hold);
-            flag.store(false, Ordering::SeqCst);
-            conn.execute_batch("COMMIT").unwrap();
-        });
-        locked.1.recv().unwrap();
+        lock_store(db, hold, flag);
     }
     Ok(Json(AgentMigrationStatus {
         postcopy,
@@ -614,6 +651,71 @@ async fn a_failed_switchover_rolls_back() {
 #[tokio::test]
 async fn a_destination_that_did_not_load_the_state_rolls_back() {
     rolls_back_when(2, "status").await;
+}
+
+/// The source fails the switchover while the destination holds the center's question
+/// whether it loaded the state (asked during the final copy): the rollback goes ahead without
+/// waiting for that answer.
+#[tokio::test]
+async fn a_failed_switchover_does_not_wait_for_the_destinations_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, _vm) = running_vm(dir.path()).await;
+    // The source fails after a second of final copy; the destination holds its answer four.
+    h1.with(|s| {
+        s.fail = Some("switchover");
+        s.switchover_takes = Some(Duration::from_secs(1));
+    });
+    h2.with(|s| s.listening_for = Some(Duration::from_secs(4)));
+    let t = migrate(&c, false, 60).await;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::RolledBack
+    );
+    let c2 = h2.calls();
+    let asked = c2.iter().position(|c| c == "status");
+    let aborted = c2.iter().position(|c| c == "abort");
+    let answered = c2.iter().position(|c| c == "status answered");
+    assert!(asked.is_some() && aborted.is_some(), "{c2:?}");
+    assert!(
+        answered.is_none_or(|a| Some(a) > aborted),
+        "the rollback waited for the destination's answer: {c2:?}"
+    );
+    c.shutdown().await.unwrap();
+}
+
+/// The store is locked (another writer) when the source pauses the guest, longer than the
+/// store waits: the record cannot say the state is being sent. That write guards nothing —
+/// the commit moves the record from where it is — so the migration goes on, says so, and
+/// commits once the store is free.
+#[tokio::test]
+async fn a_record_the_store_refuses_at_the_pause_leaves_the_decision_to_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    // The store waits 5 s for a lock: held 8 s, the record's write fails whatever the
+    // scheduling, and the commit after it finds the store free within its own wait.
+    let db = dir.path().join("center/center.db");
+    h1.with(|s| s.lock_store_at_pause = Some((db, Duration::from_secs(8))));
+    let t = migrate(&c, false, 90).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    let now: Vm = admin(&c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
+    assert_eq!(now.generation, vm.generation + 1);
+    assert_eq!(
+        migration_record(dir.path(), t.id),
+        MigrationRecordState::Done
+    );
+    assert!(h2.calls().contains(&"commit".to_string()));
+    let events = task_events(&c, t.id).await;
+    let said = events
+        .iter()
+        .find(|m| m.contains("the record could not say"))
+        .unwrap_or_else(|| panic!("no event tells of the refused record: {events:#?}"));
+    assert!(said.contains("database is locked"), "{said}");
+    c.shutdown().await.unwrap();
 }
 
 /// The source QEMU itself dies at the switchover: the migration rolls back (nothing was

@@ -28,6 +28,7 @@ use tern_qemu::{
     IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use crate::error::AgentError;
@@ -248,6 +249,10 @@ const LAST_BUFFER_BYTES: usize = 12 + 1518 + 4;
 /// millisecond; past it, the frame QEMU dropped is judged without them: see
 /// [`recover_at_pause`]).
 const RING_WAIT: Duration = Duration::from_millis(20);
+
+/// How often a destination's status is read again while the center waits for it to change
+/// (QEMU's events wake it sooner).
+const DESTINATION_POLL: Duration = Duration::from_millis(5);
 
 /// How long a source's status waits for the moment its paused guest stopped, where the
 /// task that hears it has not yet run.
@@ -1033,6 +1038,11 @@ impl Migrations {
             }
             Role::Destination(inc) => {
                 let deadline = Instant::now() + wait;
+                // QEMU's MIGRATION event says the stream is in the moment it is: the center
+                // asks while the final state is still on its way, and that answer is on the
+                // pause's path. The poll is the fallback for an event missed.
+                let mut events = inc.vm().qmp().events();
+                let mut events_open = true;
                 loop {
                     let s = inc.status().await;
                     if unless.is_none_or(|u| u != s.state) || Instant::now() >= deadline {
@@ -1041,7 +1051,13 @@ impl Migrations {
                             ..AgentMigrationStatus::new(id, s.state)
                         });
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep(DESTINATION_POLL.min(left)) => {}
+                        e = events.recv(), if events_open => {
+                            events_open = !matches!(e, Err(RecvError::Closed));
+                        }
+                    }
                 }
             }
         }

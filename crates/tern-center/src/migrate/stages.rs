@@ -427,12 +427,20 @@ impl Mig {
         // wait there instead of dying at the paused source) while the record says the state
         // may now leave the source and the source sends it.
         self.steered = true;
+        let steer_answered = tokio::sync::Notify::new();
         let steer = async {
             let t = Instant::now();
             let r = dst.migration_steer(self.vm.id).await;
+            steer_answered.notify_one();
             (r, t.elapsed())
         };
-        let hand_over = async {
+        // Neither the record nor the destination's answer holds the final copy up. A record
+        // that says Preparing is settled the same way as one that says Switching
+        // (`tern_motion::settle`), and the commit, not this write, guards the hand-over: it
+        // moves the record from either, and fails on one that someone else ended. The
+        // destination is asked while the state is on its way, so its answer comes the moment
+        // it has loaded it.
+        let record = async {
             let t = Instant::now();
             self.set_record(&[Rec::Preparing], Rec::Switching).await?;
             self.phase(
@@ -440,14 +448,12 @@ impl Mig {
                 format!("switchover: final {final_mib:.1} MiB"),
             )
             .await?;
-            let recorded = t.elapsed();
-            let done = src
-                .migration_switchover(self.vm.id)
-                .await
-                .map_err(|e| format!("switchover: {e}"))?;
-            Ok::<_, Abort>((recorded, t.elapsed() - recorded, done))
+            Ok::<_, Abort>(t.elapsed())
         };
-        let ((steered, steer_time), handed) = tokio::join!(steer, hand_over);
+        let ((steered, steer_time), sent) = tokio::join!(
+            steer,
+            self.send_final_state(&src, &dst, &steer_answered, record)
+        );
         timeline.step("steer (in parallel)", steer_time);
         match steered {
             Ok(s) => {
@@ -467,8 +473,26 @@ impl Mig {
                 ),
             ),
         }
-        let (recorded, sent, done) = handed?;
-        timeline.step("record", recorded);
+        let FinalState {
+            sent,
+            done,
+            loaded,
+            recorded,
+        } = sent?;
+        match recorded {
+            Some(Ok(took)) => timeline.step("record (in parallel)", took),
+            // A cancel that came with the pause is honoured, unless the guest went post-copy
+            // (its only way is forward).
+            Some(Err(Abort::Cancelled)) if !went_postcopy(&done) => return Err(Abort::Cancelled),
+            Some(Err(Abort::Cancelled)) => {}
+            Some(Err(Abort::Failed(e))) => self.hold(
+                EventLevel::Warning,
+                format!(
+                    "the record could not say the state is being sent ({e}); the commit decides"
+                ),
+            ),
+            None => {}
+        }
         timeline.step("final copy", sent);
         self.stopped_at = done.stopped_at;
         let mut seen = self.events_seen;
@@ -481,24 +505,24 @@ impl Mig {
                 done.error.clone().unwrap_or_default()
             )));
         }
-        let postcopy = done.postcopy
-            || done
-                .progress
-                .as_ref()
-                .is_some_and(|p| p.phase == MigrationPhase::PostCopy);
-        if postcopy {
+        if went_postcopy(&done) {
             self.timeline = timeline;
             return Ok(Switched::PostCopy(done));
         }
         let t = Instant::now();
-        let received = dst
-            .migration_status(
-                self.vm.id,
-                Some(AgentMigrationState::Listening),
-                RECEIVE_WAIT,
-            )
-            .await
-            .map_err(|e| format!("destination after switchover: {e}"))?;
+        let received = match loaded {
+            Some(r) => Ok(r),
+            // Not in by then (an answer lost, or a final copy longer than the wait): ask again.
+            None => {
+                dst.migration_status(
+                    self.vm.id,
+                    Some(AgentMigrationState::Listening),
+                    RECEIVE_WAIT,
+                )
+                .await
+            }
+        }
+        .map_err(|e| format!("destination after switchover: {e}"))?;
         timeline.step("destination loaded", t.elapsed());
         self.timeline = timeline;
         if received.state != AgentMigrationState::Completed {
@@ -510,6 +534,67 @@ impl Mig {
             )));
         }
         Ok(Switched::Whole(done))
+    }
+
+    /// The source sends its final state while, in the same breath, the destination is asked
+    /// whether it holds it and `record` is written. The destination's question is put once
+    /// the steer (`steered`) has answered, down the connection the steer used: a second TLS
+    /// handshake would take the CPU the final copy needs. Neither is waited for where it
+    /// cannot matter: not after a failed switchover, not after a post-copy one (the guest
+    /// waits for the destination to run it, not for the store).
+    async fn send_final_state(
+        &self,
+        src: &Agent,
+        dst: &Agent,
+        steered: &tokio::sync::Notify,
+        record: impl std::future::Future<Output = Result<Duration, Abort>>,
+    ) -> Result<FinalState, Abort> {
+        let t = Instant::now();
+        let switchover = src.migration_switchover(self.vm.id);
+        let loaded = async {
+            steered.notified().await;
+            dst.migration_status(
+                self.vm.id,
+                Some(AgentMigrationState::Listening),
+                RECEIVE_WAIT,
+            )
+            .await
+        };
+        tokio::pin!(switchover, loaded, record);
+        let (mut early, mut recorded) = (None, None);
+        let done = loop {
+            tokio::select! {
+                done = &mut switchover => break done,
+                l = &mut loaded, if early.is_none() => early = Some(l),
+                r = &mut record, if recorded.is_none() => recorded = Some(r),
+            }
+        };
+        let done = done.map_err(|e| format!("switchover: {e}"))?;
+        let sent = t.elapsed();
+        if done.state != AgentMigrationState::Completed || went_postcopy(&done) {
+            return Ok(FinalState {
+                sent,
+                done,
+                loaded: None,
+                recorded,
+            });
+        }
+        let answer = match early {
+            Some(answer) => answer,
+            None => loaded.await,
+        };
+        let recorded = match recorded {
+            Some(r) => r,
+            None => record.await,
+        };
+        Ok(FinalState {
+            sent,
+            done,
+            loaded: answer
+                .ok()
+                .filter(|s| s.state != AgentMigrationState::Listening),
+            recorded: Some(recorded),
+        })
     }
 
     /// After a post-copy switchover the source's memory is no longer whole: the only way is
@@ -912,6 +997,27 @@ pub(super) fn migration_target(
         registered,
         answered.addr().port(),
     ))
+}
+
+/// What [`Mig::send_final_state`] found.
+struct FinalState {
+    /// How long the source took to send it.
+    sent: Duration,
+    /// The source's answer.
+    done: AgentMigrationStatus,
+    /// The destination's answer, once it left `Listening` (`None`: ask again if needed).
+    loaded: Option<AgentMigrationStatus>,
+    /// The record's write, where it was waited for.
+    recorded: Option<Result<Duration, Abort>>,
+}
+
+/// Did the source's switchover end in post-copy (the destination runs the guest already)?
+fn went_postcopy(done: &AgentMigrationStatus) -> bool {
+    done.postcopy
+        || done
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.phase == MigrationPhase::PostCopy)
 }
 
 #[cfg(test)]
