@@ -653,6 +653,19 @@ async fn a_destination_that_did_not_load_the_state_rolls_back() {
     rolls_back_when(2, "status").await;
 }
 
+/// Task `t` succeeded: VM `web` (as `vm` was before) is owned by h2 under the next
+/// generation, and its migration record is done.
+async fn moved_to_h2(c: &RunningCenter, dir: &Path, t: &Task, vm: &Vm) {
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    let now: Vm = admin(c)
+        .get(&center::VM.with_name("web").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
+    assert_eq!(now.generation, vm.generation + 1);
+    assert_eq!(migration_record(dir, t.id), MigrationRecordState::Done);
+}
+
 /// The source fails the switchover while the destination holds the center's question
 /// whether it loaded the state (asked during the final copy): the rollback goes ahead without
 /// waiting for that answer.
@@ -697,17 +710,7 @@ async fn a_record_the_store_refuses_at_the_pause_leaves_the_decision_to_the_comm
     let db = dir.path().join("center/center.db");
     h1.with(|s| s.lock_store_at_pause = Some((db, Duration::from_secs(8))));
     let t = migrate(&c, false, 90).await;
-    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
-    let now: Vm = admin(&c)
-        .get(&center::VM.with_name("web").unwrap())
-        .await
-        .unwrap();
-    assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
-    assert_eq!(now.generation, vm.generation + 1);
-    assert_eq!(
-        migration_record(dir.path(), t.id),
-        MigrationRecordState::Done
-    );
+    moved_to_h2(&c, dir.path(), &t, &vm).await;
     assert!(h2.calls().contains(&"commit".to_string()));
     let events = task_events(&c, t.id).await;
     let said = events
@@ -792,17 +795,7 @@ async fn after_postcopy_a_commit_the_store_refuses_is_retried_never_rolled_back(
     h2.with(|s| s.store_locked = locked.clone());
 
     let t = migrate(&c, true, 90).await;
-    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
-    let now: Vm = admin(&c)
-        .get(&center::VM.with_name("web").unwrap())
-        .await
-        .unwrap();
-    assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
-    assert_eq!(now.generation, vm.generation + 1);
-    assert_eq!(
-        migration_record(dir.path(), t.id),
-        MigrationRecordState::Done
-    );
+    moved_to_h2(&c, dir.path(), &t, &vm).await;
     let (c1, c2) = (h1.calls(), h2.calls());
     assert!(!c2.contains(&"abort".to_string()), "{c2:?}");
     assert!(!c2.contains(&"delete".to_string()), "{c2:?}");
