@@ -218,6 +218,7 @@ def measured_run(lab, mig, vm, dst, deadline_s, rundir, tag, variant="default", 
         rec["frames"] = [f for f in frames if lo <= f[0] <= hi]
         rec["switch"] = analyze_frames(rec, rec["frames"])
     rec["rr"] = rr
+    rec["wall_to_mono"] = probes.wall_to_mono
     rec["rr_wait_ms"] = rr["longest_wait_ms"]
     rec["rr_resent"] = rr["retransmits"]
     rec["tcp_gap_ms"] = stream["longest_gap_ms"]
@@ -273,6 +274,57 @@ def pause_of(rec):
         return rec["pause_ms"]
     return (rec.get("tern_result") or {}).get("pause_ms")
 
+def waits_around_pause(rec):
+    """The request client's waits over 50 ms split at the switchover: the longest begun by
+    RESUME and ended at or after STOP (the pause's, as the lab test takes it), when it ended
+    after RESUME (ms), and the longest of the others (pre-copy, or the machine's load after).
+    `None` where the run has no STOP/RESUME."""
+    rr, stop, res = rec.get("rr") or {}, rec.get("t_stop"), rec.get("t_resume")
+    if stop is None or res is None:
+        return None
+    offset = rec.get("wall_to_mono")
+    if offset is None:
+        # Records before the offset was kept: the longest wait's end is on both clocks.
+        lw = rr.get("longest_wait_ms")
+        same = [e for e, w in rr.get("stalls", []) if lw is not None and abs(w - lw) < 0.001]
+        if not same or not rr.get("longest_wait_end_us"):
+            return None
+        offset = same[0] / 1e6 - rr["longest_wait_end_us"] / 1e6
+    around, other = None, 0.0
+    for end_wall_us, ms in rr.get("stalls", []):
+        end = end_wall_us / 1e6 - offset
+        if end - ms / 1000 <= res + 0.001 and end >= stop:
+            if around is None or ms > around[0]:
+                around = (ms, (end - res) * 1000)
+        else:
+            other = max(other, ms)
+    return {"pause_wait_ms": around[0] if around else None,
+            "ends_after_resume_ms": around[1] if around else None,
+            "other_longest_ms": other}
+
+
+def waits_table(rows):
+    """Where each case's request waits were: at the switchover, and elsewhere."""
+    out = ["Where the request client waited (waits over 50 ms; median (min–max)): the longest "
+           "wait begun by RESUME and ended after STOP, how long after RESUME it ended, and the "
+           "longest wait elsewhere in the run (pre-copy, or after the switchover).", "",
+           "| memory | dirty MiB/s | link | migrator | wait at the switchover ms "
+           "| it ended after RESUME ms | longest wait elsewhere ms |",
+           "|" + " --- |" * 7]
+    for r in rows:
+        c = r["case"]
+        w = [x for x in (waits_around_pause(x) for x in r["runs"] if x["converged"]) if x]
+        if not w:
+            continue
+        out.append(
+            f"| {c['memory_mib'] // 1024} GiB | {c['dirty_mib_s'] or 'idle'} "
+            f"| {link_name(c['link_mbit'])} | {r['migrator']} "
+            f"| {med([x['pause_wait_ms'] for x in w])} "
+            f"| {med([x['ends_after_resume_ms'] for x in w])} "
+            f"| {med([x['other_longest_ms'] for x in w])} |")
+    return out if len(out) > 4 else []
+
+
 def case_table(rows, meta):
     out = [f"### bench/migrate — median (min–max) over converged runs; "
            f"{meta['runs']} run(s) per case, {meta['vcpus']} vCPU, TCG, "
@@ -315,6 +367,10 @@ def case_table(rows, meta):
             f"| {c['memory_mib'] * 8 * 1.048576 / c['link_measured_mbit']:.1f} "
             f"| {sum(x['stream_errors'] for x in runs)} "
             f"| {sum(x['verifier_errors'] for x in runs)} |")
+    waits = waits_table(rows)
+    if waits:
+        out.append("")
+        out.extend(waits)
     cost = encryption_cost(rows)
     if cost:
         out.append("")

@@ -723,6 +723,13 @@ impl Outgoing {
                 _ => break,
             }
         }
+        // Freeing the guest's memory takes the CPU for a while: it must yield to the VMs
+        // still running here.
+        let pid = self.vm.pid();
+        match crate::process::lowest_priority(pid) {
+            Ok(n) => tracing::debug!(pid, threads = n, "migrated source lowered to nice 19"),
+            Err(e) => tracing::debug!(pid, error = %e, "migrated source kept its priority"),
+        }
         self.vm.shutdown(Duration::ZERO).await.map(drop)
     }
 }

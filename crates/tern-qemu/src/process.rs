@@ -55,6 +55,30 @@ pub(crate) fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()
     Ok(())
 }
 
+/// The weakest CPU priority (nice 19).
+pub(crate) const NICE_LOWEST: i32 = 19;
+
+/// Gives every thread of process `pid` the weakest CPU priority (nice is per thread on Linux,
+/// and the threads that exit last do the teardown); returns how many threads took it.
+pub(crate) fn lowest_priority(pid: u32) -> std::io::Result<usize> {
+    let mut done = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Some(tid) = task?
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::id_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: setpriority takes plain integers and touches no memory of ours.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, NICE_LOWEST) };
+        if rc == 0 {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
 /// The state letter of /proc/PID/stat (`R`, `S`, `Z`…), `None` when there is no such pid.
 fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -189,6 +213,44 @@ mod tests {
         let fd = pidfd_open(me).unwrap();
         // Signal 0 only checks the target exists.
         pidfd_send_signal(&fd, 0).unwrap();
+    }
+
+    /// Every thread of a process takes the weakest priority, not only its main thread.
+    #[test]
+    fn lowest_priority_reaches_every_thread() {
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import threading, time\n\
+                 for _ in range(3): threading.Thread(target=time.sleep, args=(60,)).start()\n\
+                 time.sleep(60)",
+            ])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let tasks = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while tasks() < 4 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never had 4 threads"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(lowest_priority(pid).unwrap(), 4);
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+            // The fields after the command's closing parenthesis; nice is the 19th of stat.
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let nice: i32 = after.split(' ').nth(16).unwrap().parse().unwrap();
+            assert_eq!(nice, NICE_LOWEST, "{stat}");
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
