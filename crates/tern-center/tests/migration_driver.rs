@@ -203,7 +203,7 @@ async fn status(
         (lock, s.listening_for.filter(|_| !source))
     };
     if let Some((db, hold)) = lock {
-        lock_store(db, hold, Arc::new(AtomicBool::new(false)));
+        lock_store(db, hold, Arc::new(AtomicBool::new(false))).await;
     }
     if let Some(held) = listening_for {
         tokio::time::sleep(held).await;
@@ -217,19 +217,22 @@ async fn status(
 }
 
 /// Locks the center's store (`db`) for `hold` from another connection, as another writer
-/// would; returns once the lock is held. `flag` says while it is.
-fn lock_store(db: PathBuf, hold: Duration, flag: Arc<AtomicBool>) {
-    let locked = std::sync::mpsc::channel::<()>();
+/// would; returns once the lock is held. `flag` says while it is. The lock is taken on a
+/// thread of its own and awaited, so that the center (on this runtime) can finish a write it
+/// is in the middle of (its record goes beside the switchover).
+async fn lock_store(db: PathBuf, hold: Duration, flag: Arc<AtomicBool>) {
+    let (locked, taken) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.busy_timeout(Duration::from_secs(30)).unwrap();
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
         flag.store(true, Ordering::SeqCst);
-        locked.0.send(()).unwrap();
+        locked.send(()).unwrap();
         std::thread::sleep(hold);
         flag.store(false, Ordering::SeqCst);
         conn.execute_batch("COMMIT").unwrap();
     });
-    locked.1.recv().unwrap();
+    taken.await.unwrap();
 }
 
 async fn steer(State(s): State<Shared>, AxPath(id): AxPath<Uuid>) -> R<Json<AgentMigrationStatus>> {
@@ -271,7 +274,7 @@ async fn switchover(
     };
     if let Some((db, hold)) = lock {
         // Taken before answering, so the center's commit starts while the store is locked.
-        lock_store(db, hold, flag);
+        lock_store(db, hold, flag).await;
     }
     Ok(Json(AgentMigrationStatus {
         postcopy,
