@@ -560,6 +560,12 @@ pub struct StartOutgoing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub key: Option<MigrationKey>,
+    /// Send the final state the moment the guest pauses at pre-switchover, without waiting
+    /// for `switchover`: the round trip to the center then leaves the guest's pause. The
+    /// center still decides: nothing runs at the destination before its commit, and an abort
+    /// resumes the source even once everything is sent. Absent: wait for `switchover`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub switch_over_at_pause: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -917,6 +923,7 @@ mod key_tests {
             }))
             .unwrap(),
             key: Some(key),
+            switch_over_at_pause: false,
         };
         assert!(
             !format!("{req:?}").contains("a5a5"),

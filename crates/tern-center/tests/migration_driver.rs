@@ -20,6 +20,7 @@ use tern_api::evc::HostCpu;
 use tern_api::migration::{
     AbortMigration, AgentMigrationState, AgentMigrationStatus, BandwidthReport, BandwidthSink,
     Commit, Committed, HandedFrame, IncomingReady, MigrateVm, PrepareIncoming, QueuedFrames,
+    StartOutgoing,
 };
 use tern_api::routes::{agent as route, center};
 use tern_api::{ErrorBody, HostFacts, PowerState};
@@ -61,6 +62,11 @@ struct FakeState {
     /// (Source) the agent knows no migration (status 404), as after a restart without a
     /// record.
     forgot: bool,
+    /// (Source) it sends its final state at the pause when asked to, and has sent it all by
+    /// the time its status answers (status `completed`, never `pre_switchover`).
+    sent_at_pause: bool,
+    /// (Source) what the center's `outgoing` call asked: to switch over at the pause.
+    asked_to_switch_over_at_pause: Option<bool>,
     vms: Vec<VmRuntime>,
     /// Migration calls in the order they came.
     calls: Vec<String>,
@@ -166,8 +172,13 @@ async fn listen(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<Json<Inco
     }))
 }
 
-async fn outgoing(State(s): State<Shared>, AxPath(_): AxPath<Uuid>) -> R<StatusCode> {
+async fn outgoing(
+    State(s): State<Shared>,
+    AxPath(_): AxPath<Uuid>,
+    Json(req): Json<StartOutgoing>,
+) -> R<StatusCode> {
     call(&s, "outgoing")?;
+    s.lock().unwrap().asked_to_switch_over_at_pause = Some(req.switch_over_at_pause);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -177,9 +188,10 @@ async fn status(
     AxPath(id): AxPath<Uuid>,
 ) -> R<Json<AgentMigrationStatus>> {
     call(&s, "status")?;
-    let (source, hold, forgot) = {
+    let (source, hold, forgot, sent) = {
         let s = s.lock().unwrap();
-        (s.source, s.hold_precopy, s.forgot)
+        let sent = s.sent_at_pause && s.asked_to_switch_over_at_pause == Some(true);
+        (s.source, s.hold_precopy, s.forgot, sent)
     };
     if source && forgot {
         return Err((
@@ -191,6 +203,7 @@ async fn status(
     }
     let state = match (source, hold) {
         (true, true) => AgentMigrationState::Active,
+        (true, false) if sent => AgentMigrationState::Completed,
         (true, false) => AgentMigrationState::PreSwitchover,
         (false, _) => AgentMigrationState::Completed,
     };
@@ -381,7 +394,7 @@ impl FakeAgent {
         self.state.lock().unwrap().calls.clone()
     }
 
-    fn with(&self, f: impl FnOnce(&mut FakeState)) {
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
         f(&mut self.state.lock().unwrap())
     }
 }
@@ -721,6 +734,29 @@ async fn a_record_the_store_refuses_at_the_pause_leaves_the_decision_to_the_comm
         .find(|m| m.contains("the record could not say"))
         .unwrap_or_else(|| panic!("no event tells of the refused record: {events:#?}"));
     assert!(said.contains("database is locked"), "{said}");
+    c.shutdown().await.unwrap();
+}
+
+/// The center asks the source to send its final state the moment it pauses (its word at the
+/// pause would cost the guest a round trip), and a source that has sent it all before the
+/// center heard of the pause is switched over and committed like one caught at the pause.
+#[tokio::test]
+async fn a_source_that_sent_everything_before_the_center_heard_of_its_pause_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, h1, h2, vm) = running_vm(dir.path()).await;
+    h1.with(|s| s.sent_at_pause = true);
+    let t = migrate(&c, false, 60).await;
+    assert_eq!(
+        h1.with(|s| s.asked_to_switch_over_at_pause),
+        Some(true),
+        "the center did not ask the source to switch over at its pause"
+    );
+    moved_to_h2(&c, dir.path(), &t, &vm).await;
+    assert!(
+        h2.calls().contains(&"commit".to_string()),
+        "{:?}",
+        h2.calls()
+    );
     c.shutdown().await.unwrap();
 }
 

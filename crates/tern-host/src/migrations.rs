@@ -2,10 +2,11 @@
 //! [`Outgoing`] or the destination's [`IncomingMigration`] of each VM being moved, the guest
 //! dirty-rate measurement, and the bandwidth probe between two agents.
 //!
-//! The agent obeys the center and decides nothing about ownership: it switches over, commits,
-//! aborts and finishes only when told. The one thing it does alone is what `tern_qemu`'s
-//! drivers do (a source paused at pre-switchover with nobody deciding resumes itself). At most
-//! one migration per VM; each VM's calls run one at a time.
+//! The agent obeys the center and decides nothing about ownership: it commits, aborts and
+//! finishes only when told, and switches over when told or, where the center asked for it, at
+//! the pause while the center has been asking within [`SWITCHOVER_LEAVE`]. The one thing it
+//! does alone is what `tern_qemu`'s drivers do (a source paused at pre-switchover with nobody
+//! deciding resumes itself). At most one migration per VM; each VM's calls run one at a time.
 //!
 //! Each side of a migration is written to the VM's run dir ([`MigrationRecord`]) while it is
 //! under way. QEMU does not need its agent to go on migrating, so a restarted agent
@@ -25,7 +26,8 @@ use tern_api::migration::{
     MAX_HANDED_FRAMES,
 };
 use tern_qemu::{
-    IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
+    IncomingMigration, Outgoing, OutgoingOptions, OutgoingStatus, Resume, SwitchoverLeave,
+    COMMIT_ANNOUNCE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast::error::RecvError;
@@ -39,6 +41,11 @@ use crate::vms::VmManager;
 
 /// Longest a status call waits for a state change.
 const MAX_WAIT: Duration = Duration::from_secs(10);
+/// How recently the center must have asked for a source's status for the source to send its
+/// final state at the pause unasked ([`SwitchoverLeave`]): the center asks at least every
+/// 0.5 s while it follows pre-copy, so a center silent for longer is hung or gone, and the
+/// source then waits for a decision (or its watchdog) as before.
+const SWITCHOVER_LEAVE: Duration = Duration::from_secs(1);
 /// How long a bandwidth sink waits for its one connection.
 const SINK_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the probe sends at most: short, because the user waits for it. The sink leaves
@@ -760,7 +767,12 @@ impl Migrations {
             events: Vec::new(),
         };
         record.write(&base);
-        let mut opts = OutgoingOptions::default();
+        let mut opts = OutgoingOptions {
+            switchover_leave: req
+                .switch_over_at_pause
+                .then(|| SwitchoverLeave::new(SWITCHOVER_LEAVE)),
+            ..OutgoingOptions::default()
+        };
         let mut relay = None;
         if let (Some(program), Some(key)) = (
             self.relay_for(&req.settings, req.key.as_ref()),
@@ -1022,6 +1034,8 @@ impl Migrations {
         let wait = wait.min(MAX_WAIT);
         match &slot.role {
             Role::Source(out) => {
+                // The center asks, so it is there: the source may switch over at its pause.
+                out.decider_heard();
                 if let Some(unless) = unless {
                     let mut rx = out.watch();
                     let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.state != unless)).await;

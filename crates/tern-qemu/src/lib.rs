@@ -34,7 +34,7 @@ pub use command::{
 pub use error::{Error, QmpErrorClass, Result};
 pub use migrate::{
     relay_socket, Incoming as IncomingMigration, IncomingStatus, MigrationReport, Outgoing,
-    OutgoingOptions, OutgoingStatus, Resume, COMMIT_ANNOUNCE,
+    OutgoingOptions, OutgoingStatus, Resume, SwitchoverLeave, COMMIT_ANNOUNCE,
 };
 pub use migration::{
     AnnounceParams, CpuExpansion, DirtyRate, DirtyRateStatus, MigrationStats, MigrationStatus,

@@ -6,7 +6,9 @@
 //! - The source stops at `pre-switchover` with its guest paused and waits for an explicit
 //!   [`Outgoing::switchover`] or [`Outgoing::abort`]. If neither comes within
 //!   [`OutgoingOptions::switchover_wait`] it aborts on its own: a guest must not stay paused
-//!   for a center that is gone, and nothing can have been committed before switchover.
+//!   for a center that is gone, and nothing can have been committed before switchover. On a
+//!   [`SwitchoverLeave`] that holds (its center was heard from just before) it sends its
+//!   final state at once instead, and the switchover only waits for the end of the copy.
 //! - Until the source has sent everything, any failure (destination gone, deadline, cancel)
 //!   leaves the source running as before: QEMU restarts a guest whose migration failed, and
 //!   the driver checks and `cont`s it if needed.
@@ -337,7 +339,63 @@ pub struct OutgoingOptions {
     /// and carries it there. `None`: QEMU sends to the URI itself, with its own TLS when the
     /// settings encrypt.
     pub relay: Option<std::path::PathBuf>,
+    /// Leave to send the final state the moment the guest pauses at pre-switchover, while
+    /// it holds ([`SwitchoverLeave`]), instead of waiting for [`Outgoing::switchover`], which
+    /// then only waits for the end of the copy. `None`: always wait for the decision.
+    pub switchover_leave: Option<Arc<SwitchoverLeave>>,
 }
+
+/// Leave for a source to send its final state at the pause without waiting for the decision:
+/// the decision's round trip then leaves the guest's pause. It holds while whoever decides
+/// the hand-over has been heard from within `max_age` ([`SwitchoverLeave::renew`]).
+///
+/// Why a lease: a source paused at pre-switchover can give its guest back on its own when
+/// nobody decides (the switchover watchdog), since nothing can have run elsewhere; once it
+/// has sent everything it cannot, since the decider may have committed the destination. So
+/// a source whose decider has gone quiet waits for the decision as without leave, and a
+/// decider lost after the leave was used holds the guest paused until it (or its successor)
+/// commits or rolls back — the same as one lost just after it said to switch over.
+#[derive(Debug)]
+pub struct SwitchoverLeave {
+    heard: std::sync::Mutex<Instant>,
+    max_age: Duration,
+}
+
+impl SwitchoverLeave {
+    /// A leave heard from now, holding for `max_age` after each renewal.
+    pub fn new(max_age: Duration) -> Arc<SwitchoverLeave> {
+        Arc::new(SwitchoverLeave {
+            heard: std::sync::Mutex::new(Instant::now()),
+            max_age,
+        })
+    }
+
+    /// The decider was heard from just now.
+    pub fn renew(&self) {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// How long ago the decider was last heard from.
+    pub fn silent_for(&self) -> Duration {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+
+    /// Whether the leave holds now.
+    pub fn holds(&self) -> bool {
+        self.silent_for() <= self.max_age
+    }
+}
+
+impl PartialEq for SwitchoverLeave {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for SwitchoverLeave {}
 
 impl Default for OutgoingOptions {
     fn default() -> Self {
@@ -346,6 +404,7 @@ impl Default for OutgoingOptions {
             switchover_wait: SWITCHOVER_WAIT,
             pause_margin: PAUSE_MARGIN,
             relay: None,
+            switchover_leave: None,
         }
     }
 }
@@ -376,6 +435,8 @@ pub struct Outgoing {
     status: Arc<watch::Sender<OutgoingStatus>>,
     ctl: mpsc::Sender<Control>,
     was_running: bool,
+    /// The driver's [`OutgoingOptions::switchover_leave`].
+    leave: Option<Arc<SwitchoverLeave>>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -450,6 +511,7 @@ impl Outgoing {
             error: None,
         }));
         let (ctl, ctl_rx) = mpsc::channel(4);
+        let leave = opts.switchover_leave.clone();
         let driver = Driver::new(&vm, settings, opts, started, &status, was_running);
         tokio::spawn(driver.run(ctl_rx));
         Ok(Outgoing {
@@ -457,6 +519,7 @@ impl Outgoing {
             status,
             ctl,
             was_running,
+            leave,
         })
     }
 
@@ -505,6 +568,7 @@ impl Outgoing {
             error: None,
         }));
         let (ctl, ctl_rx) = mpsc::channel(4);
+        let leave = opts.switchover_leave.clone();
         let mut driver = Driver::new(&vm, settings, opts, started, &status, resume.was_running);
         driver.event(format!(
             "re-attached after the agent restarted: QEMU kept the migration going ({}, pass {}, {:.1} MiB left)",
@@ -550,6 +614,7 @@ impl Outgoing {
             status,
             ctl,
             was_running: resume.was_running,
+            leave,
         })
     }
 
@@ -565,6 +630,14 @@ impl Outgoing {
         let (tx, rx) = oneshot::channel();
         if self.ctl.send(Control::Detach(tx)).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+
+    /// Whoever decides the hand-over was heard from just now: renews the leave to switch over
+    /// at the pause, if there is one ([`SwitchoverLeave`]).
+    pub fn decider_heard(&self) {
+        if let Some(l) = &self.leave {
+            l.renew();
         }
     }
 
@@ -615,7 +688,8 @@ impl Outgoing {
     }
 
     /// Lets a migration paused at pre-switchover send its final state (`migrate-continue`)
-    /// and waits until the source has sent everything. The guest then stays paused on both
+    /// and waits until the source has sent everything (on [`OutgoingOptions::switchover_leave`]
+    /// it may be sending already: this then only waits). The guest then stays paused on both
     /// ends until the destination is committed ([`Incoming::commit`]) or this end aborted.
     pub async fn switchover(&self) -> Result<MigrationReport> {
         let (tx, rx) = oneshot::channel();
@@ -998,10 +1072,32 @@ impl Driver {
                             .send_modify(|s| s.state = AgentMigrationState::PreSwitchover);
                         self.event(format!(
                             "pre-switchover: guest paused in pass {} with {:.1} MiB left for \
-                             the final copy; waiting for the hand-over decision",
+                             the final copy; {}",
                             stats.dirty_sync_count,
-                            stats.remaining_bytes as f64 / 1048576.0
+                            stats.remaining_bytes as f64 / 1048576.0,
+                            match &self.opts.switchover_leave {
+                                Some(l) if l.holds() => "sending it at once (the center \
+                                    commits or rolls back after)"
+                                    .to_string(),
+                                Some(l) => format!(
+                                    "the center was last heard {} ms ago: waiting for its \
+                                     decision",
+                                    l.silent_for().as_millis()
+                                ),
+                                None => "waiting for the hand-over decision".to_string(),
+                            }
                         ));
+                        if self
+                            .opts
+                            .switchover_leave
+                            .as_ref()
+                            .is_some_and(|l| l.holds())
+                        {
+                            if let Err(e) = self.send_final_state(now).await {
+                                // The decision (or the watchdog) comes as without leave.
+                                self.event(format!("sending the final state at once failed: {e}"));
+                            }
+                        }
                         now
                     }
                 };
@@ -1156,6 +1252,15 @@ impl Driver {
 
     async fn switchover(&mut self, reply: oneshot::Sender<Result<MigrationReport>>) -> Result<()> {
         let state = self.status_tx.borrow().state;
+        if state == AgentMigrationState::PreSwitchover
+            && self.continued_at.is_some()
+            && self.switchover_reply.is_none()
+        {
+            // Already sending (since the pause, on leave; or a driver taken over mid-copy): the
+            // answer comes with the end of the copy.
+            self.switchover_reply = Some(reply);
+            return Ok(());
+        }
         if state != AgentMigrationState::PreSwitchover || self.continued_at.is_some() {
             let e = Error::Migration(format!(
                 "switchover needs the migration paused at pre-switchover; it is {state:?}"
@@ -1164,17 +1269,21 @@ impl Driver {
             let _ = reply.send(Err(e));
             return Err(Error::Migration(msg));
         }
-        // Armed before `migrate-continue`: QEMU may answer it only once the final copy lets go
-        // of its main loop, which on a silent link is never.
-        let now = Instant::now();
-        self.arm_watchdog(self.pre_switchover_since.unwrap_or(now) + self.pause_limit);
-        if let Err(e) = self.vm.migrate_continue().await {
+        if let Err(e) = self.send_final_state(Instant::now()).await {
             let msg = e.to_string();
             let _ = reply.send(Err(e));
             return Err(Error::Migration(msg));
         }
-        self.continued_at = Some(now);
         self.switchover_reply = Some(reply);
+        Ok(())
+    }
+
+    /// `migrate-continue`, with the switchover watchdog armed first: QEMU may answer it only
+    /// once the final copy lets go of its main loop, which on a silent link is never.
+    async fn send_final_state(&mut self, now: Instant) -> Result<()> {
+        self.arm_watchdog(self.pre_switchover_since.unwrap_or(now) + self.pause_limit);
+        self.vm.migrate_continue().await?;
+        self.continued_at = Some(now);
         self.event("switchover: sending the final state".into());
         Ok(())
     }

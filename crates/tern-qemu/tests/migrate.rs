@@ -18,7 +18,7 @@ use tern_api::NicSpec;
 use tern_motion::{choose_settings, HostBudget};
 use tern_qemu::{
     IncomingMigration, LaunchConfig, Outgoing, OutgoingOptions, OutgoingStatus, QemuVm, RunState,
-    COMMIT_ANNOUNCE,
+    SwitchoverLeave, COMMIT_ANNOUNCE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard};
@@ -574,6 +574,118 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     out.finish().await.unwrap();
     wait_tick(&dst_cfg.run_dir, tick + 2, Duration::from_secs(30)).await;
     incoming.vm().kill().await.unwrap();
+}
+
+/// On leave to switch over at its pause, a source sends its final state unasked (the
+/// decision's round trip leaves the pause), answers a late `switchover` with the report, and
+/// still gives the guest back on an abort: the destination never ran it. A leave its decider
+/// let lapse is not used: that source waits for the decision, and without one gives the
+/// guest back itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_on_leave_switches_over_at_its_pause_and_still_rolls_back() {
+    let _serial = serial().await;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (src_cfg, _g1, src) = tick_source(dir.path()).await;
+    let settings = plan(&src, 192, request()).await;
+
+    // 1. The decider went quiet: the leave has lapsed by the pause (it holds 0 ms).
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
+    let _g2 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
+        .await
+        .unwrap();
+    let opts = OutgoingOptions {
+        switchover_wait: Duration::from_millis(500),
+        switchover_leave: Some(SwitchoverLeave::new(Duration::ZERO)),
+        ..OutgoingOptions::default()
+    };
+    let out = Outgoing::start(
+        src.clone(),
+        &incoming.uri().expect("the destination listens"),
+        &settings,
+        None,
+        opts,
+    )
+    .await
+    .unwrap();
+    let s = wait_state(
+        &out,
+        |st| {
+            !matches!(
+                st,
+                AgentMigrationState::Active | AgentMigrationState::PreSwitchover
+            )
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    print_events(&s);
+    assert_eq!(s.state, AgentMigrationState::Cancelled, "{s:?}");
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no switchover decision"),
+        "{s:?}"
+    );
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    incoming.abort().await.unwrap();
+
+    // 2. On leave (renewed, as the agent does on each of the center's calls).
+    let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
+    let _g3 = KillGuard(dst_cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
+        .await
+        .unwrap();
+    // A source that waited for a decision would give up after 500 ms, cancelled.
+    let opts = OutgoingOptions {
+        switchover_wait: Duration::from_millis(500),
+        switchover_leave: Some(SwitchoverLeave::new(Duration::from_secs(3600))),
+        ..OutgoingOptions::default()
+    };
+    let out = Outgoing::start(
+        src.clone(),
+        &incoming.uri().expect("the destination listens"),
+        &settings,
+        None,
+        opts,
+    )
+    .await
+    .unwrap();
+    let s = wait_state(
+        &out,
+        |st| {
+            !matches!(
+                st,
+                AgentMigrationState::Active | AgentMigrationState::PreSwitchover
+            )
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    print_events(&s);
+    assert_eq!(s.state, AgentMigrationState::Completed, "{s:?}");
+    assert!(
+        s.events.iter().any(|e| e.contains("sending it at once")),
+        "{:?}",
+        s.events
+    );
+    incoming
+        .wait_received(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::PostMigrate);
+    // The center's switchover, late, gets the report of what was sent.
+    let report = out.switchover().await.unwrap();
+    assert!(report.downtime_ms > 0 && !report.postcopy, "{report:?}");
+    // No commit came: the rollback resumes the source.
+    let tick = last_tick(&console(&src_cfg.run_dir)).unwrap();
+    incoming.abort().await.unwrap();
+    out.abort("test: no commit").await.unwrap();
+    assert_eq!(src.status().await.unwrap(), RunState::Running);
+    wait_tick(&src_cfg.run_dir, tick + 1, Duration::from_secs(30)).await;
+    assert_eq!(out.status().state, AgentMigrationState::Cancelled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
