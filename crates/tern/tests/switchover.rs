@@ -5,8 +5,8 @@
 //! request waits for TCP's retransmission timer.
 //!
 //! Each switchover's pause is also taken from QEMU itself (the source's STOP, the
-//! destination's RESUME), and the client's stall around it must end before a retransmission
-//! timer could have fired.
+//! destination's RESUME), and the client's stall around it must end soon after RESUME (TCG
+//! translates the guest's code again then), with no retransmission timer fired.
 //!
 //! No request is lost on its way in, so the guest's TCP never sees a hole (a segment that
 //! arrives ahead of a missing one, which its sender would have to resend): the frames QEMU
@@ -20,6 +20,10 @@ mod common;
 
 use common::{text, Lab};
 use serde_json::Value;
+
+/// Latest end of a client's stall after RESUME, in ms (TCG's translation after RESUME, on a
+/// busy 2-core machine, with room).
+const STALL_AFTER_RESUME_MS: i64 = 400;
 
 /// The client namespace's TCP counters (`TcpExt` of /proc/net/netstat): the truth about
 /// retransmit timeouts and loss probes there.
@@ -305,9 +309,13 @@ fn requests_sent_during_ten_switchovers_are_all_answered_without_loss() {
             (0..10_000).contains(p),
             "migration {i}: STOP→RESUME {p} ms: {stop_resume:?}"
         );
+        // Under TCG the freshly resumed guest first translates its code again (~10k blocks,
+        // 80–220 ms measured on the 2-core lab, for plain QEMU as for tern), so the bound here
+        // is for gross failures; whether a retransmission timer fired is the counters' to say
+        // (below).
         if let Some(a) = a {
             assert!(
-                *a < 200 || pauses[i] > 150,
+                *a < STALL_AFTER_RESUME_MS || pauses[i] > 150,
                 "migration {i}: the client's stall ended {a} ms after RESUME: {stalls:?}"
             );
         }
