@@ -412,6 +412,10 @@ class Tern:
         else:
             rec["error"] = task.get("error") or res.get("error") or "rolled back"
         rec["encrypted"] = bool((res.get("settings") or {}).get("encrypted"))
+        # The task's events (timed decisions, passes), to place the client's waits in the move.
+        events = json.loads(self.cli("event", "list", "--vm", vm.name, "--limit", "200", "-o",
+                                     "json", check=False) or "[]")
+        rec["events"] = [[e["time"], e["message"]] for e in events if e.get("task") == task["id"]]
         return rec
 
 
