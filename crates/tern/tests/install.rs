@@ -552,13 +552,21 @@ impl BootedSystemd {
             .expect("systemd-nspawn (scripts/setup.sh installs systemd-container)");
         let pid = nspawn.id();
         booted.nspawn = Some(nspawn);
+        // The container's PID 1 is the child of nspawn in a PID namespace of its own, running
+        // systemd: nspawn's first child may be a helper that forks it and exits, and a test
+        // that took the helper entered a dead process's namespaces.
+        let own_ns = std::fs::read_link("/proc/self/ns/pid").expect("own PID namespace");
         booted.init = common::wait_for("the container's init", Duration::from_secs(30), || {
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
                 .ok()?
                 .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .find(|c| {
+                    let ns = std::fs::read_link(format!("/proc/{c}/ns/pid")).ok();
+                    let comm = std::fs::read_to_string(format!("/proc/{c}/comm")).ok();
+                    ns.is_some_and(|ns| ns != own_ns)
+                        && comm.is_some_and(|comm| comm.trim() == "systemd")
+                })
         });
         common::wait_for("systemd to boot", Duration::from_secs(60), || {
             let out = booted.systemctl(&["is-system-running"]);
@@ -618,6 +626,11 @@ impl Drop for BootedSystemd {
             );
         }
         if let Some(mut n) = self.nspawn.take() {
+            // Without a known init (the test failed before it was found), nspawn itself goes:
+            // waiting for it would hang the test instead of failing it.
+            if self.init == 0 {
+                let _ = n.kill();
+            }
             let _ = n.wait();
         }
         for m in [self.root().join("dev"), self.root(), self.base.clone()] {
