@@ -576,6 +576,42 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     incoming.vm().kill().await.unwrap();
 }
 
+/// Starts sending `src` on a leave to switch over at the pause that holds for `max_age`, with
+/// a 500 ms wait for a decision, and waits until the migration has left pre-copy and the pause.
+async fn send_on_leave(
+    src: &Arc<QemuVm>,
+    incoming: &IncomingMigration,
+    settings: &MigrationSettings,
+    max_age: Duration,
+) -> (Outgoing, OutgoingStatus) {
+    let opts = OutgoingOptions {
+        switchover_wait: Duration::from_millis(500),
+        switchover_leave: Some(SwitchoverLeave::new(max_age)),
+        ..OutgoingOptions::default()
+    };
+    let out = Outgoing::start(
+        src.clone(),
+        &incoming.uri().expect("the destination listens"),
+        settings,
+        None,
+        opts,
+    )
+    .await
+    .unwrap();
+    let s = wait_state(
+        &out,
+        |st| {
+            !matches!(
+                st,
+                AgentMigrationState::Active | AgentMigrationState::PreSwitchover
+            )
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    (out, s)
+}
+
 /// On leave to switch over at its pause, a source sends its final state unasked (the
 /// decision's round trip leaves the pause), answers a late `switchover` with the report, and
 /// still gives the guest back on an abort: the destination never ran it. A leave its decider
@@ -595,31 +631,7 @@ async fn a_source_on_leave_switches_over_at_its_pause_and_still_rolls_back() {
     let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
         .await
         .unwrap();
-    let opts = OutgoingOptions {
-        switchover_wait: Duration::from_millis(500),
-        switchover_leave: Some(SwitchoverLeave::new(Duration::ZERO)),
-        ..OutgoingOptions::default()
-    };
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        None,
-        opts,
-    )
-    .await
-    .unwrap();
-    let s = wait_state(
-        &out,
-        |st| {
-            !matches!(
-                st,
-                AgentMigrationState::Active | AgentMigrationState::PreSwitchover
-            )
-        },
-        Duration::from_secs(60),
-    )
-    .await;
+    let (_out, s) = send_on_leave(&src, &incoming, &settings, Duration::ZERO).await;
     print_events(&s);
     assert_eq!(s.state, AgentMigrationState::Cancelled, "{s:?}");
     assert!(
@@ -639,31 +651,7 @@ async fn a_source_on_leave_switches_over_at_its_pause_and_still_rolls_back() {
         .await
         .unwrap();
     // A source that waited for a decision would give up after 500 ms, cancelled.
-    let opts = OutgoingOptions {
-        switchover_wait: Duration::from_millis(500),
-        switchover_leave: Some(SwitchoverLeave::new(Duration::from_secs(3600))),
-        ..OutgoingOptions::default()
-    };
-    let out = Outgoing::start(
-        src.clone(),
-        &incoming.uri().expect("the destination listens"),
-        &settings,
-        None,
-        opts,
-    )
-    .await
-    .unwrap();
-    let s = wait_state(
-        &out,
-        |st| {
-            !matches!(
-                st,
-                AgentMigrationState::Active | AgentMigrationState::PreSwitchover
-            )
-        },
-        Duration::from_secs(60),
-    )
-    .await;
+    let (out, s) = send_on_leave(&src, &incoming, &settings, Duration::from_secs(3600)).await;
     print_events(&s);
     assert_eq!(s.state, AgentMigrationState::Completed, "{s:?}");
     assert!(
