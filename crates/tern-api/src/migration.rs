@@ -564,6 +564,8 @@ pub struct StartOutgoing {
     /// for `switchover`: the round trip to the center then leaves the guest's pause. The
     /// center still decides: nothing runs at the destination before its commit, and an abort
     /// resumes the source even once everything is sent. Absent: wait for `switchover`.
+    /// The cost: once everything is sent, a caller that hangs holds the guest paused until it
+    /// decides, past the switchover watchdog's bound; tern's own center does not ask it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub switch_over_at_pause: bool,
 }
