@@ -16,19 +16,23 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the lab needs network namespaces)" >&2; exit 1; }
 
 started=$(date +%s)
+# Each stage says when it began (seconds into the run): CI must end within 60 minutes, and
+# this shows which stage a slower run spent its time in.
+stage() { echo "== $1 (at $(( $(date +%s) - started )) s)"; }
 bash scripts/setup.sh
-echo "== checking formatting"
+stage "checking formatting"
 cargo fmt --all -- --check
-echo "== linting"
+stage "linting"
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
-echo "== building"
+stage "building"
 cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
 target=${CARGO_TARGET_DIR:-target}
-echo "== building the guest image"
+stage "building the guest image"
 bash guest/build.sh "$target/guest"
-echo "== building the OS image"
+stage "building the OS image"
 bash guest/build-os.sh "$target/os"
-echo "== running tests"
+stage "running tests"
+tests_started=$(date +%s)
 log=${TERN_TEST_LOG:-$target/test-output.log}
 mkdir -p "$(dirname "$log")"
 # Lab tests take a machine-wide lock, so one lab runs at a time; unit tests run in parallel.
@@ -42,7 +46,8 @@ set -e
 # runs of a center, which HA mode reloads from etcd: tests/ha.rs covers its ground there.
 # --workspace, as above, so that no dependency is built again with other features; it adds
 # tern-host's own tls test, which needs no center.)
-echo "== the center's API suites on the HA store (etcd)" | tee -a "$log"
+ha_started=$(date +%s)
+stage "the center's API suites on the HA store (etcd)" | tee -a "$log"
 etcd_dir=$(mktemp -d)
 etcd_url=http://127.0.0.1:23479
 etcd --name suite --data-dir "$etcd_dir/data" --listen-client-urls "$etcd_url" \
@@ -73,5 +78,7 @@ if [ "$status" = 124 ] || [ "$status" = 137 ]; then
     [ -f "$d/lab.json" ] && "$target/debug/tern" lab --dir "$d" down >/dev/null 2>&1 || true
   done
 fi
+echo "stages: setup, lint and builds $(( tests_started - started )) s; tests" \
+  "$(( ha_started - tests_started )) s; API suites on etcd $(( $(date +%s) - ha_started )) s"
 bash scripts/test-summary.sh "$log" "$started"
 exit "$status"
