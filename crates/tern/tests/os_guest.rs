@@ -555,8 +555,17 @@ fn postgresql_loses_no_transaction_across_ten_migrations() {
         .spawn()
         .expect("spawn pgbench");
     let load_started = Instant::now();
-    // Let the load reach its pace before the first move.
-    std::thread::sleep(Duration::from_secs(3));
+    // The first move waits until the load commits: its transactions are rows in the history.
+    let history = [
+        &["psql", "-At", "-c", "select count(*) from pgbench_history"][..],
+        &conn[..],
+    ]
+    .concat();
+    wait_for("pgbench's load to commit", Duration::from_secs(60), || {
+        let out = pg(&history);
+        let rows: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (rows >= 20).then_some(())
+    });
     let mut host = "h1";
     for i in 0..10 {
         let to = if host == "h1" { "h2" } else { "h1" };
