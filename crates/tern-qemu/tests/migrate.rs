@@ -114,6 +114,22 @@ fn capped(mbit: u64) -> MigrateVm {
 
 /// Boots the tick guest as a migration source in `dir` and waits for its first tick; the
 /// guard kills it when the test ends.
+/// A paused destination `name` of `src`, listening for `settings` on loopback; its guard
+/// kills its QEMU when the test ends (dropped after the migration, declared before it).
+async fn listening(
+    src: &LaunchConfig,
+    dir: &Path,
+    name: &str,
+    settings: &MigrationSettings,
+) -> (LaunchConfig, KillGuard, IncomingMigration) {
+    let cfg = destination(src, dir, name, true);
+    let guard = KillGuard(cfg.run_dir.clone());
+    let incoming = IncomingMigration::prepare(cfg.clone(), settings, None, LOOPBACK)
+        .await
+        .unwrap();
+    (cfg, guard, incoming)
+}
+
 async fn tick_source(dir: &Path) -> (LaunchConfig, KillGuard, Arc<QemuVm>) {
     let cfg = config(dir, "src", "");
     let guard = KillGuard(cfg.run_dir.clone());
@@ -466,11 +482,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     let settings = plan(&src, 192, request()).await;
 
     // 1. Abort while paused at pre-switchover.
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
-    let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (dst_cfg, _g2, incoming) = listening(&src_cfg, dir.path(), "dst1", &settings).await;
     let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
@@ -493,11 +505,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     assert!(out.switchover().await.is_err());
 
     // 2. Nobody decides: the source resumes itself after switchover_wait.
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
-    let _g3 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (_, _g3, incoming) = listening(&src_cfg, dir.path(), "dst2", &settings).await;
     let opts = OutgoingOptions {
         switchover_wait: Duration::from_millis(500),
         ..OutgoingOptions::default()
@@ -528,11 +536,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     incoming.abort().await.unwrap();
 
     // 3. Switchover done, commit never made (the destination never ran): roll back.
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst3", true);
-    let _g4 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (_, _g4, incoming) = listening(&src_cfg, dir.path(), "dst3", &settings).await;
     let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
@@ -552,11 +556,7 @@ async fn abort_before_commit_always_leaves_the_source_running() {
     assert_eq!(out.status().state, AgentMigrationState::Cancelled);
 
     // 4. A committed destination is never killed by an abort.
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst4", true);
-    let _g5 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (dst_cfg, _g5, incoming) = listening(&src_cfg, dir.path(), "dst4", &settings).await;
     let out = send(&src, &incoming, &settings).await;
     out.wait_pre_switchover(Duration::from_secs(60))
         .await
@@ -626,11 +626,7 @@ async fn a_source_on_leave_switches_over_at_its_pause_and_still_rolls_back() {
     let settings = plan(&src, 192, request()).await;
 
     // 1. The decider went quiet: the leave has lapsed by the pause (it holds 0 ms).
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
-    let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (_, _g2, incoming) = listening(&src_cfg, dir.path(), "dst1", &settings).await;
     let (_out, s) = send_on_leave(&src, &incoming, &settings, Duration::ZERO).await;
     print_events(&s);
     assert_eq!(s.state, AgentMigrationState::Cancelled, "{s:?}");
@@ -645,11 +641,7 @@ async fn a_source_on_leave_switches_over_at_its_pause_and_still_rolls_back() {
     incoming.abort().await.unwrap();
 
     // 2. On leave (renewed, as the agent does on each of the center's calls).
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst2", true);
-    let _g3 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (_, _g3, incoming) = listening(&src_cfg, dir.path(), "dst2", &settings).await;
     // A source that waited for a decision would give up after 500 ms, cancelled.
     let (out, s) = send_on_leave(&src, &incoming, &settings, Duration::from_secs(3600)).await;
     print_events(&s);
@@ -1178,11 +1170,7 @@ async fn a_link_gone_silent_at_switchover_gives_the_guest_back_within_its_pause_
     settings.zero_page_detection = tern_api::migration::ZeroPageDetection::Legacy;
     settings.downtime_budget_ms = 300;
     settings.downtime_limit_ms = 300;
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst", true);
-    let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (_, _g2, incoming) = listening(&src_cfg, dir.path(), "dst", &settings).await;
     let link = SilenceableLink::to(incoming.uri().expect("the destination listens")).await;
     let margin = Duration::from_secs(1);
     let opts = OutgoingOptions {
@@ -1245,11 +1233,7 @@ async fn a_migration_whose_driver_was_lost_is_taken_over() {
     };
 
     // 1. Lost in pre-copy: taken over, and completed.
-    let dst_cfg = destination(&src_cfg, dir.path(), "dst1", true);
-    let _g2 = KillGuard(dst_cfg.run_dir.clone());
-    let incoming = IncomingMigration::prepare(dst_cfg.clone(), &settings, None, LOOPBACK)
-        .await
-        .unwrap();
+    let (dst_cfg, _g2, incoming) = listening(&src_cfg, dir.path(), "dst1", &settings).await;
     let started = Instant::now();
     let lost = send(&src, &incoming, &settings).await;
     precopy_going(&lost).await;
